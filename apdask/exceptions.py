@@ -1,0 +1,111 @@
+"""Exceptions with documented process exit codes (see ``docs/errors.md``).
+
+Every error apdask raises for bad input or an unavailable service derives from
+:class:`ApdaskError` and carries ``exit_code``; the CLI turns it into a one-line
+message on stderr and that exit status.  Nothing is written to the PPDB or the
+alert sink before the checks that raise these errors have passed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ApdaskError",
+    "ConfigurationError",
+    "UnknownDetectorError",
+    "UnknownFilterError",
+    "CoordinateError",
+    "RawFormatError",
+    "HeaderMismatchError",
+    "ImageTimeoutError",
+    "DistributorUnavailableError",
+    "NoTemplateCoverageError",
+    "PsfFitError",
+    "PpdbError",
+    "AlertDeliveryError",
+    "NoDetectionsWarning",
+]
+
+
+class ApdaskError(Exception):
+    """Base class; ``exit_code`` is the CLI's exit status for this error."""
+
+    exit_code = 1
+
+
+class ConfigurationError(ApdaskError):
+    """A missing or inconsistent setting (repository, PPDB URL, sink URI)."""
+
+    exit_code = 78  # EX_CONFIG
+
+
+class UnknownDetectorError(ApdaskError, KeyError):
+    """A CCD name or id that the camera does not have."""
+
+    exit_code = 64  # EX_USAGE
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownFilterError(ApdaskError, ValueError):
+    """A filter name outside u, g, r, i, z, y."""
+
+    exit_code = 64
+
+
+class CoordinateError(ApdaskError, ValueError):
+    """RA or Dec out of range."""
+
+    exit_code = 64
+
+
+class RawFormatError(ApdaskError):
+    """A raw file that is missing, unreadable or lacks required keywords."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class HeaderMismatchError(ApdaskError):
+    """A raw header that contradicts the invocation (DETNAME, filter...)."""
+
+    exit_code = 65
+
+
+class ImageTimeoutError(ApdaskError, TimeoutError):
+    """The science image did not arrive at the distributor in time."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class DistributorUnavailableError(ApdaskError):
+    """The distributor could not be reached at all."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class NoTemplateCoverageError(ApdaskError):
+    """No template tile overlaps the CCD."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class PsfFitError(ApdaskError):
+    """The PSF or matching kernel could not be determined."""
+
+    exit_code = 70  # EX_SOFTWARE
+
+
+class PpdbError(ApdaskError):
+    """The PPDB is unreachable or its schema does not match."""
+
+    exit_code = 69
+
+
+class AlertDeliveryError(ApdaskError):
+    """Alerts could neither be delivered nor spooled."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class NoDetectionsWarning(UserWarning):
+    """A CCD produced no DIASources; that is a result, not a failure."""
