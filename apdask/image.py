@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-__all__ = ["MASK", "Exposure", "mask_bits"]
+__all__ = ["MASK", "Exposure", "TemplateTile", "mask_bits"]
 
 #: Mask plane bits.
 MASK = {
@@ -75,3 +75,27 @@ class Exposure:
     def copy_with(self, **changes):
         """A shallow copy with some attributes replaced."""
         return replace(self, **changes)
+
+
+@dataclass
+class TemplateTile:
+    """One template sky tile as the Butler returns it.
+
+    Attributes
+    ----------
+    image, variance : numpy.ndarray
+        float32 ``(ny, nx)``; nJy per pixel and nJy².  Non-finite pixels have no data.
+    wcs : astropy.wcs.WCS
+        Celestial WCS of the tile.
+    band : str
+    tile_id : str
+    psf : numpy.ndarray or None
+        PSF stamp (sum 1) of the template, when known.
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    wcs: object
+    band: str
+    tile_id: str = ""
+    psf: np.ndarray | None = None
