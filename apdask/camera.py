@@ -345,7 +345,9 @@ _SENSORS = {
     "E2V": (512, 2002, 10, 32),
 }
 
-_RAFTS = [f"R{r}{c}" for r in range(5) for c in range(5) if (r, c) not in {(0, 0), (0, 4), (4, 0), (4, 4)}]
+_RAFTS = [
+    f"R{r}{c}" for r in range(5) for c in range(5) if (r, c) not in {(0, 0), (0, 4), (4, 0), (4, 4)}
+]
 _SLOTS = [f"S{r}{c}" for r in range(3) for c in range(3)]
 _ITL_RAFTS = {"R01", "R02", "R03", "R10", "R20", "R41", "R42", "R43"}
 _RAFT_PITCH_MM = 127.0
@@ -396,8 +398,16 @@ def _testcam():
         fx = (k - 0.5) * (512 + 40) * 10e-3  # 40 px gap between the CCDs
         dets.append(
             Detector(
-                name=f"T0{k}", id=k, nx=512, ny=512, amplifiers=amps,
-                fp_x=fx, fp_y=0.0, rotation=0.0, pixel_size=10.0, sensor="TEST",
+                name=f"T0{k}",
+                id=k,
+                nx=512,
+                ny=512,
+                amplifiers=amps,
+                fp_x=fx,
+                fp_y=0.0,
+                rotation=0.0,
+                pixel_size=10.0,
+                sensor="TEST",
             )  # fmt: skip
         )
     return Camera("TestCam", tuple(dets))

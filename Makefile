@@ -1,0 +1,36 @@
+# apdask: `make demo` runs the main job, `make test` runs lint and the tests.
+# Both create or refresh .venv by themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,postgres,jobqueue]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/apdask demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check apdask tests benchmarks
+	$(BIN)/ruff format --check apdask tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format apdask tests benchmarks
+	$(BIN)/ruff check --fix apdask tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -m "not slow" -q
+
+bench: $(STAMP)
+	$(BIN)/apdask bench
+
+clean:
+	rm -rf $(VENV) apdask-demo .pytest_cache .ruff_cache

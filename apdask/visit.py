@@ -1,0 +1,611 @@
+"""The nextVisit model and the visit graph: the one place that wires stages together.
+
+``build_visit_graph`` returns a lazy ``dask.delayed`` object whose result is the
+visit report.  For each CCD it builds an independent chain::
+
+    prefetch (templates, calibs, PPDB history)      ─┐  no pixels needed
+    fetch (blocking distributor get) → header check  │
+      → ISR per amplifier chunk (dask.array)         │
+      → calibrate + astrometry → warp template       │
+      → subtract → detect + measure                  │
+      → associate + PPDB store → alerts  ◄───────────┘
+    gather → visit report
+
+Building the graph reads no pixels and opens no database: every I/O call happens
+inside a task.  Task keys are ``<stage>-<visit>-<detector>`` so per-stage timings
+can be read off the scheduler's task stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import config
+from .camera import check_band, check_pointing, get_camera
+from .exceptions import ConfigurationError, HeaderMismatchError
+
+__all__ = ["NextVisit", "build_visit_graph", "ccd_tasks", "visit_time_window"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NextVisit:
+    """A nextVisit event, after Rubin's prompt-processing message.
+
+    Attributes
+    ----------
+    instrument : str
+        Camera name (``LSSTCam``, ``LSSTComCam``, ``TestCam``).
+    groupId : str
+        Unique id of the visit group; duplicates are processed once.
+    visit : int
+        Visit (exposure) id.
+    position : tuple of float
+        Boresight ``(ra, dec)`` in degrees.
+    rotationAngle : float
+        Camera rotation angle on the sky, degrees.
+    filters : str
+        Band ``u g r i z y``.
+    duration : float
+        Anticipated exposure time per image, seconds.
+    nimages : int
+        Number of snaps (1 or 2).
+    detectors : tuple of str
+        CCD names to process.
+    timestamp : float
+        Unix time of the announcement.
+    mjd : float or None
+        Anticipated exposure start, MJD TAI (informational).
+    coordinateSystem : str
+        Only ``"ICRS"`` is supported.
+    """
+
+    instrument: str
+    groupId: str
+    visit: int
+    position: tuple
+    rotationAngle: float
+    filters: str
+    duration: float
+    nimages: int = 1
+    detectors: tuple = field(default_factory=tuple)
+    timestamp: float = 0.0
+    mjd: float | None = None
+    coordinateSystem: str = "ICRS"
+
+    def __post_init__(self):
+        camera = get_camera(self.instrument)
+        check_pointing(*self.position)
+        check_band(self.filters)
+        for name in self.detectors:
+            camera[name]  # raises UnknownDetectorError with the valid names
+        if self.nimages not in (1, 2):
+            msg = f"nimages must be 1 or 2, got {self.nimages!r}"
+            raise ValueError(msg)
+        if not self.duration > 0:
+            msg = f"duration must be > 0 s, got {self.duration!r}"
+            raise ValueError(msg)
+        if self.coordinateSystem != "ICRS":
+            msg = f"coordinateSystem must be ICRS, got {self.coordinateSystem!r}"
+            raise ValueError(msg)
+
+    @property
+    def camera(self):
+        """The :class:`~apdask.camera.Camera` of this visit."""
+        return get_camera(self.instrument)
+
+    @property
+    def ra(self):
+        return float(self.position[0])
+
+    @property
+    def dec(self):
+        return float(self.position[1])
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a decoded JSON message; unknown keys are ignored."""
+        required = ("instrument", "groupId", "visit", "position", "filters", "duration")
+        missing = [k for k in required if k not in d]
+        if missing:
+            msg = f"nextVisit message lacks {', '.join(missing)}; see docs/formats.md"
+            raise ValueError(msg)
+        camera = get_camera(d["instrument"])
+        detectors = d.get("detectors") or camera.names
+        return cls(
+            instrument=camera.name,
+            groupId=str(d["groupId"]),
+            visit=int(d["visit"]),
+            position=(float(d["position"][0]), float(d["position"][1])),
+            rotationAngle=float(d.get("rotationAngle", 0.0)),
+            filters=str(d["filters"]),
+            duration=float(d["duration"]),
+            nimages=int(d.get("nimages", 1)),
+            detectors=tuple(detectors),
+            timestamp=float(d.get("timestamp", 0.0)),
+            mjd=None if d.get("mjd") is None else float(d["mjd"]),
+            coordinateSystem=d.get("coordinateSystem", "ICRS"),
+        )
+
+    @classmethod
+    def from_json(cls, path_or_text):
+        """Read a nextVisit message from a JSON file path or string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            with open(text) as f:
+                text = f.read()
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            msg = f"nextVisit message is not valid JSON: {e}"
+            raise ValueError(msg) from None
+        return cls.from_dict(d)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["position"] = list(self.position)
+        d["detectors"] = list(self.detectors)
+        return d
+
+    def image_names(self, detector_name):
+        """Raw image names of one CCD (one per snap), by the simulator's convention."""
+        from .rawio import raw_name
+
+        return [
+            raw_name(self.instrument, self.visit, detector_name, s) for s in range(self.nimages)
+        ]
+
+
+def visit_time_window(mjd, months=None):
+    """Start of the history window (MJD) for a visit at ``mjd``."""
+    months = config.get("ppdb.history_months", months)
+    return mjd - 30.4375 * months
+
+
+# --------------------------------------------------------------------------------------
+# Task functions.  Each runs inside the graph; arguments are small (paths, ids, tables).
+
+
+def _fetch(distributor_url, name, timeout):
+    from .distributor import open_distributor
+
+    t0 = time.time()
+    path = open_distributor(distributor_url).get(name, timeout=timeout)
+    return {"path": path, "name": name, "registered": time.time(), "waited": time.time() - t0}
+
+
+def _check_header(fetched, detector, band, anticipated_exptime, visit):
+    """Read the raw headers of all snaps and check them against the invocation."""
+    from .rawio import effective_exptime, read_raw
+
+    metas = []
+    for f in fetched:
+        meta = read_raw(f["path"]).meta
+        if meta.detector_name != detector.name:
+            msg = (
+                f"raw {f['name']} has DETNAME={meta.detector_name} but CCD {detector.name} was "
+                "requested; pass the image of that CCD"
+            )
+            raise HeaderMismatchError(msg)
+        if meta.band != band:
+            msg = f"raw {f['name']} has FILTBAND={meta.band} but --filter {band} was given"
+            raise HeaderMismatchError(msg)
+        if visit is not None and meta.visit != visit:
+            msg = f"raw {f['name']} belongs to visit {meta.visit}, expected {visit}"
+            raise HeaderMismatchError(msg)
+        metas.append(meta)
+    exptime = sum(effective_exptime(m) for m in metas)
+    anticipated = anticipated_exptime * len(metas)
+    if anticipated and abs(exptime - anticipated) > 0.01 * anticipated:
+        log.warning(
+            "effective exposure time %.3f s (from shutter motion) differs from the anticipated "
+            "%.3f s by more than 1%%; using the effective one",
+            exptime,
+            anticipated,
+        )
+    return {
+        "metas": metas,
+        "exptime": exptime,
+        "darktimes": [m.darktime for m in metas],
+        "mjd": float(np.mean([m.mjd_mid for m in metas])),
+        "visit": metas[0].visit,
+        "ra": metas[0].ra,
+        "dec": metas[0].dec,
+        "rotpa": metas[0].rotpa,
+        "fetched": fetched,
+    }
+
+
+def _read_amp(fetched, index):
+    from astropy.io import fits
+
+    with fits.open(fetched["path"], memmap=False) as hdul:
+        return np.asarray(hdul[index + 1].data, dtype=np.float32)
+
+
+def _darktime(header, snap):
+    return header["darktimes"][snap]
+
+
+def _prefetch(repo, ppdb_url, detector, band, ra, dec, rotpa, mjd):
+    """Templates, calibrations, reference catalog and PPDB history: no pixels needed."""
+    from .butler import Butler
+    from .ppdb import Ppdb, region_for
+
+    t0 = time.time()
+    butler = Butler(repo)
+    corners = detector.footprint(ra, dec, rotpa, padding_arcsec=60.0)
+    tiles = butler.get_templates(band, corners)
+    calibs = {
+        "bias": butler.get_calib("bias", detector.id, None, mjd),
+        "dark": butler.get_calib("dark", detector.id, None, mjd),
+        "flat": butler.get_calib("flat", detector.id, band, mjd),
+    }
+    refcat = butler.get_drp_objects(corners)
+    t1 = time.time()
+    ppdb = Ppdb.open(ppdb_url)
+    region = region_for(detector, ra, dec, rotpa)
+    objects = ppdb.get_dia_objects(region)
+    ids = list(objects["diaObjectId"]) if len(objects) else []
+    sources = ppdb.get_dia_sources(region, ids, mjd)
+    forced = ppdb.get_dia_forced_sources(region, ids, mjd)
+    t2 = time.time()
+    return {
+        "tiles": tiles,
+        "calibs": calibs,
+        "refcat": refcat,
+        "objects": objects,
+        "sources": sources,
+        "forced": forced,
+        "timings": {"prefetch_butler": t1 - t0, "prefetch_ppdb": t2 - t1},
+    }
+
+
+def _calib(pre, kind):
+    return pre["calibs"][kind]
+
+
+def _science(images, header, detector, band, prefetch):
+    """Combine snaps, calibrate to nJy, mask cosmic rays and refine the WCS."""
+    from . import astrometry, isr
+
+    t0 = time.time()
+    image_e = sum(i[0] for i in images)
+    variance = sum(i[1] for i in images)
+    mask = np.bitwise_or.reduce([i[2] for i in images])
+    wcs = detector.predicted_wcs(header["ra"], header["dec"], header["rotpa"])
+    meta = {
+        "visit": header["visit"],
+        "detector": detector.id,
+        "detector_name": detector.name,
+        "band": band,
+        "mjd": header["mjd"],
+        "exptime": header["exptime"],
+    }
+    exp = isr.calibrate(image_e, variance, mask, band, header["exptime"], wcs, meta)
+    refcat = prefetch["refcat"]
+    new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
+    exp = exp.copy_with(wcs=new_wcs)
+    exp.meta["astrometry"] = info
+    exp.meta["timings"] = {"calibrate": time.time() - t0}
+    return exp
+
+
+def _template(science, prefetch):
+    from .templates import warp_template
+
+    t0 = time.time()
+    tmpl = warp_template(prefetch["tiles"], science.wcs, science.shape)
+    tmpl.meta["timings"] = {"warp": time.time() - t0}
+    return tmpl
+
+
+def _subtract(science, template):
+    from .isr import mask_cosmic_rays
+    from .subtract import estimate_psf, subtract
+
+    t0 = time.time()
+    psf = estimate_psf(science)
+    science = science.copy_with(psf=psf)
+    fwhm = _fwhm_px(psf)
+    science = mask_cosmic_rays(science, fwhm)
+    if template.psf is None:
+        template = template.copy_with(psf=estimate_psf(template))
+    diff, info = subtract(science, template)
+    t1 = time.time()
+    info["timings"] = {"psf+subtract": t1 - t0}
+    return {"science": science, "template": template, "difference": diff, "info": info}
+
+
+def _fwhm_px(psf):
+    y, x = np.indices(psf.shape)
+    c = (psf.shape[0] - 1) / 2.0
+    r2 = ((x - c) ** 2 + (y - c) ** 2) * psf
+    sigma = math.sqrt(max(r2.sum() / psf.sum() / 2.0, 1e-6))
+    return 2.3548 * sigma
+
+
+def _detect(sub, visit, detector, band, mjd_of):
+    from .detect import detect_sources, measure_sources
+
+    t0 = time.time()
+    diff = sub["difference"]
+    dets = detect_sources(diff)
+    table = measure_sources(
+        diff, sub["science"], sub["template"], dets,
+        visit=visit, detector=detector.id, band=band, mjd=mjd_of["mjd"],
+    )  # fmt: skip
+    return {"sources": table, "timings": {"detect+measure": time.time() - t0}}
+
+
+def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb_url, sink_uri):
+    """Association, PPDB write and alert packaging for one CCD."""
+    from astropy.table import vstack
+
+    from . import alerts, associate, detect, ids
+    from .ppdb import Ppdb
+
+    t0 = time.time()
+    visit, mjd = header["visit"], header["mjd"]
+    sources = measured["sources"]
+    n = len(sources)
+    sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
+    objects = prefetch["objects"]
+    matched = associate.associate(sources, objects)
+    history = prefetch["sources"]
+    new_objects, sources = associate.update_objects(
+        matched, sources, objects, history, prefetch["forced"], mjd=mjd
+    )
+    t1 = time.time()
+    # Forced photometry at every known DIAObject in the CCD (plus the new ones).
+    diff, sci = sub["difference"], sub["science"]
+    known = objects if len(objects) else None
+    forced = None
+    if known is not None:
+        fp = detect.forced_photometry(diff, sci, np.asarray(known["ra"]), np.asarray(known["dec"]))
+        keep = ~np.asarray(fp["flag_edge"], dtype=bool)
+        forced = fp[keep]
+        forced["diaObjectId"] = np.asarray(known["diaObjectId"])[keep]
+        forced["ra"] = np.asarray(known["ra"])[keep]
+        forced["dec"] = np.asarray(known["dec"])[keep]
+        forced["diaForcedSourceId"] = ids.dia_forced_source_ids(visit, detector.id, len(forced))
+        forced["visit"] = visit
+        forced["detector"] = detector.id
+        forced["midpointMjdTai"] = mjd
+        forced["band"] = band
+        forced["timeProcessedMjdTai"] = _now_mjd()
+    t2 = time.time()
+    # Alerts: one per DIASource, with 12-month history and the three cutouts.  Packets
+    # are built before the PPDB write and written to the sink after it; the sink write is
+    # idempotent (same ids, same file), so a re-run after a failed sink write is safe.
+    all_history = vstack([history, sources]) if len(history) else sources
+    packets = _make_alerts(sources, new_objects, all_history, prefetch["forced"], sub)
+    t4 = time.time()
+    ppdb = Ppdb.open(ppdb_url)
+    stored = ppdb.store(mjd, new_objects, sources, forced)
+    t5 = time.time()
+    path = alerts.sink_from_uri(sink_uri).write(visit, detector.id, packets)
+    t6 = time.time()
+    return {
+        "detector": detector.name,
+        "detector_id": detector.id,
+        "visit": visit,
+        "n_sources": n,
+        "n_new_objects": int(np.sum(matched < 0)) if n else 0,
+        "n_forced": 0 if forced is None else len(forced),
+        "n_alerts": len(packets),
+        "stored": bool(stored),
+        "alert_file": str(path),
+        "alert_written": time.time(),
+        "timings": {
+            "associate": t1 - t0,
+            "forced": t2 - t1,
+            "alert_packets": t4 - t2,
+            "ppdb_store": t5 - t4,
+            "alert_sink": t6 - t5,
+        },
+    }
+
+
+def _rows(table):
+    """Rows of an astropy Table as plain dicts (fast path through column lists)."""
+    if table is None or len(table) == 0:
+        return []
+    names = table.colnames
+    cols = [table[c].tolist() for c in names]
+    return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
+def _group_rows(table, key):
+    groups = {}
+    for row in _rows(table):
+        groups.setdefault(row[key], []).append(row)
+    return groups
+
+
+def _make_alerts(sources, objects, history, forced_history, sub):
+    """One alert packet per DIASource, in the official schema."""
+    from . import alerts, detect
+
+    schema = alerts.load_schema(config.get("alerts.schema_version"))
+    by_object = {row["diaObjectId"]: row for row in _rows(objects)}
+    prv = _group_rows(history, "diaObjectId")
+    prv_forced = _group_rows(forced_history, "diaObjectId")
+    images = (sub["difference"], sub["science"], sub["template"])
+    packets = []
+    for row in _rows(sources):
+        oid = row["diaObjectId"]
+        size = detect.cutout_size(row["bboxSize"])
+        cutouts = tuple(detect.make_cutout(e, row["x"], row["y"], size) for e in images)
+        earlier = [h for h in prv.get(oid, []) if h["diaSourceId"] != row["diaSourceId"]]
+        packets.append(
+            alerts.make_alert(
+                row, earlier, prv_forced.get(oid, []), by_object.get(oid), cutouts, schema=schema
+            )
+        )
+    return packets
+
+
+def _now_mjd():
+    return 40587.0 + time.time() / 86400.0 + 37.0 / 86400.0  # unix → MJD (TAI ≈ UTC + 37 s)
+
+
+def _ccd_report(result, fetched, header, science, sub, measured, prefetch):
+    timings = {}
+    for part in (prefetch, science.meta, sub["info"], measured, result):
+        timings.update(part.get("timings", {}))
+    registered = max(f["registered"] for f in fetched)
+    out = dict(result)
+    out["timings"] = timings
+    out["image_registered"] = registered
+    out["latency_s"] = result["alert_written"] - registered
+    out["exptime"] = header["exptime"]
+    out["astrometry"] = science.meta.get("astrometry", {})
+    out["subtraction"] = {k: v for k, v in sub["info"].items() if k != "timings"}
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Graph construction
+
+
+def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributor, timeout,
+              image_names=None):  # fmt: skip
+    """The lazy chain of one CCD; returns a Delayed of its report dict."""
+    from . import isr
+
+    det = next_visit.camera[detector_name]
+    band, v = next_visit.filters, next_visit.visit
+    tag = f"{v}-{det.name}"
+
+    def d(fn, stage, nout=None):
+        return dask.delayed(fn, pure=True, nout=nout, name=f"{stage}-{tag}")
+
+    mjd_guess = next_visit.mjd if next_visit.mjd is not None else _now_mjd()
+    prefetch = d(_prefetch, "prefetch")(
+        repo,
+        ppdb_url,
+        det,
+        band,
+        next_visit.ra,
+        next_visit.dec,
+        next_visit.rotationAngle,
+        mjd_guess,
+    )
+    fetched = [
+        dask.delayed(_fetch, pure=False, name=f"fetch-{tag}-{k}")(distributor, name, timeout)
+        for k, name in enumerate(image_names or next_visit.image_names(det.name))
+    ]
+    header = d(_check_header, "header")(fetched, det, band, next_visit.duration, v)
+    bias = da.from_delayed(d(_calib, "calib-bias")(prefetch, "bias"), det.shape, np.float32)
+    dark = da.from_delayed(d(_calib, "calib-dark")(prefetch, "dark"), det.shape, np.float32)
+    flat = da.from_delayed(d(_calib, "calib-flat")(prefetch, "flat"), det.shape, np.float32)
+    images = []
+    for k, f in enumerate(fetched):
+        amps = [
+            da.from_delayed(
+                dask.delayed(_read_amp, pure=True, name=f"read-{tag}-{k}-{a.index}")(f, a.index),
+                a.raw_shape,
+                np.float32,
+            )
+            for a in det.amplifiers
+        ]
+        darktime = d(_darktime, f"darktime{k}")(header, k)
+        images.append(isr.isr_arrays(amps, det, bias, dark, flat, darktime=darktime))
+    science = d(_science, "calibrate")(images, header, det, band, prefetch)
+    template = d(_template, "warp")(science, prefetch)
+    sub = d(_subtract, "subtract")(science, template)
+    measured = d(_detect, "detect")(sub, v, det, band, header)
+    result = d(_associate_store_alert, "associate")(
+        sub, measured, prefetch, header, det, band, ppdb_url, sink_uri
+    )
+    return d(_ccd_report, "report")(result, fetched, header, science, sub, measured, prefetch)
+
+
+def _gather(next_visit, ccd_reports):
+    return {
+        "visit": next_visit.visit,
+        "groupId": next_visit.groupId,
+        "instrument": next_visit.instrument,
+        "band": next_visit.filters,
+        "n_alerts": int(sum(r["n_alerts"] for r in ccd_reports)),
+        "ccds": list(ccd_reports),
+    }
+
+
+def build_visit_graph(
+    next_visit,
+    *,
+    repo=None,
+    ppdb=None,
+    alerts=None,
+    distributor=None,
+    timeout=None,
+    detectors=None,
+    images=None,
+):
+    """Build the lazy graph of one visit; computing it returns the visit report.
+
+    Parameters
+    ----------
+    next_visit : NextVisit
+        The announced visit.
+    repo : str, optional
+        Butler repository; default ``apdask.repo`` from configuration.
+    ppdb : str, optional
+        PPDB config file; default ``apdask.ppdb.url`` or ``<repo>/ppdb/apdb.yaml``.
+    alerts : str, optional
+        Alert sink URI; default ``apdask.alerts.sink`` or ``file://<repo>/alerts``.
+    distributor : str, optional
+        Distributor URL; default ``apdask.distributor.url`` or ``file://<repo>/raw``.
+    timeout : float, optional
+        Seconds each image fetch blocks; default ``apdask.distributor.timeout``.
+    detectors : sequence of str, optional
+        Subset of the visit's detectors to process.
+    images : dict, optional
+        Image names per CCD name (one per snap); default ``NextVisit.image_names``.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Computing it runs the visit and returns a report dict with one entry per CCD.
+
+    Notes
+    -----
+    Building the graph computes nothing and touches no pixels, database or sink.
+    """
+    repo = config.get("repo", repo)
+    if repo is None:
+        msg = "no Butler repository given; pass --repo DIR or set apdask.repo"
+        raise ConfigurationError(msg)
+    ppdb = config.get("ppdb.url", ppdb) or f"{repo}/ppdb/apdb.yaml"
+    alerts = config.get("alerts.sink", alerts) or f"file://{repo}/alerts"
+    distributor = config.get("distributor.url", distributor) or f"file://{repo}/raw"
+    timeout = float(config.get("distributor.timeout", timeout))
+    if not timeout > 0:
+        msg = f"timeout must be > 0 seconds, got {timeout!r}; e.g. --timeout 120"
+        raise ValueError(msg)
+    names = next_visit.detectors if detectors is None else tuple(detectors)
+    reports = [
+        ccd_tasks(
+            next_visit,
+            name,
+            repo=repo,
+            ppdb_url=ppdb,
+            sink_uri=alerts,
+            distributor=distributor,
+            timeout=timeout,
+            image_names=(images or {}).get(name),
+        )  # fmt: skip
+        for name in names
+    ]
+    return dask.delayed(_gather, pure=True, name=f"gather-{next_visit.visit}")(next_visit, reports)
