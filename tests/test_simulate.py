@@ -1,0 +1,136 @@
+"""Tests of apdask.simulate on the test camera."""
+
+import filecmp
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from apdask.butler import Butler
+from apdask.camera import get_camera
+from apdask.rawio import assembled_amp, raw_name, read_raw
+from apdask.simulate import simulate_repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sim") / "repo"
+    t0 = time.perf_counter()
+    msgs = simulate_repo("testcam", path, n_visits=2, seed=3)
+    elapsed = time.perf_counter() - t0
+    return path, msgs, elapsed
+
+
+def test_fast_enough(repo):
+    assert repo[2] < 5.0
+
+
+def test_next_visit_messages(repo):
+    path, msgs, _ = repo
+    assert [m["visit"] for m in msgs] == [1000, 1001]
+    on_disk = json.loads((path / "visits" / "visit_1001.json").read_text())
+    assert on_disk == msgs[1]
+    m = msgs[0]
+    assert m["instrument"] == "TestCam" and m["detectors"] == ["T00", "T01"]
+    assert m["filters"] == "r" and m["duration"] == 30.0 and m["coordinateSystem"] == "ICRS"
+    ra, dec = m["position"]
+    assert abs(ra - 150.0) < 0.01 and abs(dec + 30.0) < 0.01
+
+
+def test_deterministic(repo, tmp_path):
+    path, _, _ = repo
+    other = tmp_path / "again"
+    simulate_repo("testcam", other, n_visits=2, seed=3)
+    for sub in ("raw", "truth", "visits"):
+        names = sorted(os.listdir(path / sub))
+        assert names == sorted(os.listdir(other / sub)) and names
+        for n in names:
+            assert filecmp.cmp(path / sub / n, other / sub / n, shallow=False), n
+    third = tmp_path / "seed4"
+    simulate_repo("testcam", third, n_visits=1, seed=4)
+    n = raw_name("TestCam", 1000, "T00")
+    assert not filecmp.cmp(path / "raw" / n, third / "raw" / n, shallow=False)
+
+
+def _assembled_electrons(raw):
+    det = raw.detector
+    img = np.zeros(det.shape, np.float32)
+    for seg, amp in zip(raw.amps, det.amplifiers, strict=True):
+        s = seg.compute()
+        level = np.median(s[amp.overscan_slice])
+        img[amp.y0 : amp.y1, amp.x0 : amp.x1] = (assembled_amp(s, amp) - level) * amp.gain
+    return img
+
+
+def test_truth_and_transients(repo):
+    path, msgs, _ = repo
+    for m in msgs:
+        truth = Table.read(path / "truth" / f"visit_{m['visit']}.ecsv")
+        assert {"source_id", "kind", "detector", "ra", "dec", "x", "y", "flux",
+                "template_flux"} <= set(truth.colnames)  # fmt: skip
+        assert len(truth.meta["pointing_error_arcsec"]) == 2
+        assert np.all(np.abs(truth.meta["pointing_error_arcsec"]) <= 1.0)
+        tr = truth[truth["kind"] == "transient"]
+        assert np.all(tr["template_flux"] == 0)
+        for det in get_camera("testcam"):
+            on = tr[tr["detector"] == det.name]
+            assert len(on) >= 12
+            assert np.all((on["x"] > 30) & (on["x"] < det.nx - 31))
+            assert np.all((on["y"] > 30) & (on["y"] < det.ny - 31))
+    # persistence: transients of the first visit are seen again
+    t0 = Table.read(path / "truth" / "visit_1000.ecsv")
+    t1 = Table.read(path / "truth" / "visit_1001.ecsv")
+    ids0 = set(t0["source_id"][t0["kind"] == "transient"])
+    ids1 = set(t1["source_id"][t1["kind"] == "transient"])
+    assert ids0 < ids1
+    assert {"star", "galaxy", "variable", "transient"} <= set(t0["kind"])
+
+
+def test_transients_are_bright_pixels(repo):
+    path, _, _ = repo
+    truth = Table.read(path / "truth" / "visit_1001.ecsv")
+    raw = read_raw(path / "raw" / raw_name("TestCam", 1001, "T01"))
+    img = _assembled_electrons(raw)
+    sky = np.median(img)
+    noise = 1.4826 * np.median(np.abs(img - sky))
+    tr = truth[(truth["kind"] == "transient") & (truth["detector"] == "T01")]
+    bright = tr[tr["flux"] > np.median(tr["flux"])]
+    assert len(bright) >= 5
+    for r in bright:
+        x, y = int(round(r["x"])), int(round(r["y"]))
+        assert img[y - 1 : y + 2, x - 1 : x + 2].max() - sky > 3 * noise
+
+
+def test_templates_cover_ccds(repo):
+    path, msgs, _ = repo
+    b = Butler(path)
+    cam = get_camera("testcam")
+    for m in msgs:
+        for det in cam:
+            corners = det.footprint(*m["position"], padding_arcsec=10.0)
+            tiles = b.get_templates("r", corners)
+            assert tiles
+            for ra, dec in corners:
+                assert any(
+                    0 <= px < t.image.shape[1] - 0.5 and 0 <= py < t.image.shape[0] - 0.5
+                    for t in tiles
+                    for px, py in [t.wcs.world_to_pixel_values(ra, dec)]
+                )
+            assert all(t.psf is not None and abs(t.psf.sum() - 1) < 1e-5 for t in tiles)
+
+
+def test_calibs(repo):
+    path, msgs, _ = repo
+    b = Butler(path)
+    for det in get_camera("testcam"):
+        bias = b.get_calib("bias", det.id, None, msgs[0]["mjd"])
+        dark = b.get_calib("dark", det.id, None, msgs[0]["mjd"])
+        flat = b.get_calib("flat", det.id, "r", msgs[1]["mjd"])
+        assert bias.shape == dark.shape == flat.shape == det.shape
+        assert abs(flat.mean() - 1) < 1e-4 and flat.min() > 0.95 and flat.max() < 1.05
+        assert (dark > 10).any(axis=0).sum() == 1  # one hot column
+        assert np.median(dark) == pytest.approx(0.002)
+    assert len(b.get_drp_objects()) > 50
