@@ -106,14 +106,24 @@ def _cmd_simulate(args):
 
 
 def _repo_camera(repo):
-    from .butler import Butler
+    import os
 
-    return Butler(repo).instrument
+    from .butler import Butler
+    from .exceptions import ConfigurationError
+
+    if "://" not in repo and not os.path.isdir(os.path.join(repo, "butler.zarr")):
+        msg = f"no Butler repository at {repo}; create one with `apdask simulate --repo {repo}`"
+        raise ConfigurationError(msg)
+    camera = Butler(repo).camera
+    if camera is None:
+        msg = f"repository {repo} records no camera; re-create it with `apdask simulate`"
+        raise ConfigurationError(msg)
+    return camera
 
 
 def _cmd_process_ccd(args):
     from . import config
-    from .camera import check_band, check_pointing, get_camera
+    from .camera import check_band, check_pointing
     from .exceptions import ConfigurationError
     from .run import run_visit
     from .visit import NextVisit
@@ -121,7 +131,7 @@ def _cmd_process_ccd(args):
     repo = config.get("repo", args.repo)
     if repo is None:
         raise ConfigurationError("no Butler repository; pass --repo DIR or set apdask.repo")
-    camera = get_camera(_repo_camera(repo))
+    camera = _repo_camera(repo)
     detector = camera[args.ccd]  # UnknownDetectorError names valid CCDs
     ra, dec = check_pointing(args.ra, args.dec)
     check_band(args.band)
