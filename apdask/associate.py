@@ -1,0 +1,459 @@
+"""Association of DiaSources with DiaObjects and DiaObject aggregates.
+
+As in Rubin's ``ap_association``: candidate pairs within the matching radius come
+from a ``cKDTree`` on unit vectors, and the assignment is an optimal bipartite
+matching on a χ² cost (squared separation over the summed positional
+variances), solved per connected component of the candidate graph so that it
+stays fast for 1e5 objects.  :func:`update_objects` recomputes the DPDD
+aggregates of every touched DiaObject from its full source history.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy.table import Table, vstack
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from . import config
+
+__all__ = ["associate", "update_objects", "nearest_drp_objects", "BANDS"]
+
+BANDS = ("u", "g", "r", "i", "z", "y")
+_DEFAULT_SIGMA_ARCSEC = 0.1
+_ARCSEC = np.pi / (180.0 * 3600.0)
+_FORBIDDEN = 1e12
+
+
+def _unit_vectors(ra, dec):
+    ra = np.radians(np.ma.filled(np.ma.asarray(ra, dtype=np.float64), np.nan))
+    dec = np.radians(np.ma.filled(np.ma.asarray(dec, dtype=np.float64), np.nan))
+    cd = np.cos(dec)
+    return np.column_stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)])
+
+
+def _chord(radius_arcsec):
+    return 2.0 * np.sin(0.5 * radius_arcsec * _ARCSEC)
+
+
+def _col(table, name, n, fill=np.nan):
+    """Column as float64 with masked entries as NaN (``fill`` if absent)."""
+    if name not in table.colnames:
+        return np.full(n, fill, dtype=np.float64)
+    col = table[name]
+    if isinstance(col, np.ma.MaskedArray):
+        return np.ma.filled(col.astype(np.float64), np.nan).view(np.ndarray)
+    return np.asarray(col, dtype=np.float64)
+
+
+def _sigma2_arcsec(table, rows):
+    """Positional variance (arcsec²) of ``rows`` from raErr/decErr (deg), default 0.1″."""
+    n = len(table)
+    ra_err = _col(table, "raErr", n)[rows] * 3600.0
+    dec_err = _col(table, "decErr", n)[rows] * 3600.0
+    ra_err = np.where(np.isfinite(ra_err) & (ra_err > 0), ra_err, _DEFAULT_SIGMA_ARCSEC)
+    dec_err = np.where(np.isfinite(dec_err) & (dec_err > 0), dec_err, _DEFAULT_SIGMA_ARCSEC)
+    return 0.5 * (ra_err**2 + dec_err**2)
+
+
+def _near_sources(src_ra, src_dec, obj_ra, obj_dec, radius_arcsec):
+    """Indices of objects that may lie within ``radius_arcsec`` of a source.
+
+    A cheap (ra, dec) grid prefilter: cells no smaller than the radius, the 3x3
+    cells around each source marked in a bitmap over the sources' bounding box.
+    Only the objects it keeps get unit vectors and a KD-tree, so 1e5 objects
+    of a preloaded region cost a few vectorised comparisons.  Returns all
+    (finite) objects when the prefilter does not apply (near the poles, huge
+    footprints or few objects).
+    """
+    n_obj = obj_ra.size
+    finite = np.isfinite(obj_ra) & np.isfinite(obj_dec)
+    if n_obj < 4 * src_ra.size + 64:
+        return np.flatnonzero(finite)
+    h_dec = max(radius_arcsec, 0.01) / 3600.0 * 1.0001
+    dec_lo, dec_hi = src_dec.min() - h_dec, src_dec.max() + h_dec
+    ra0 = src_ra[0]
+    src_dra = (src_ra - ra0 + 180.0) % 360.0 - 180.0
+    max_abs_dec = max(abs(dec_lo), abs(dec_hi))
+    if max_abs_dec > 85.0 or np.ptp(src_dra) > 90.0:
+        return np.flatnonzero(finite)
+    h_ra = h_dec / np.cos(np.radians(max_abs_dec))
+    ra_lo, ra_hi = src_dra.min() - h_ra, src_dra.max() + h_ra
+    n_ra = int((ra_hi - ra_lo) / h_ra) + 3
+    n_dec = int((dec_hi - dec_lo) / h_dec) + 3
+    if n_ra * n_dec > 2e7:
+        return np.flatnonzero(finite)
+    occupied = np.zeros((n_dec, n_ra), dtype=bool)
+    si = np.floor((src_dec - dec_lo) / h_dec).astype(np.int64) + 1
+    sj = np.floor((src_dra - ra_lo) / h_ra).astype(np.int64) + 1
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            occupied[si + di, sj + dj] = True
+    obj_dra = (obj_ra - ra0 + 180.0) % 360.0 - 180.0
+    inside = (
+        finite & (obj_dec >= dec_lo) & (obj_dec < dec_hi) & (obj_dra >= ra_lo) & (obj_dra < ra_hi)
+    )
+    idx = np.flatnonzero(inside)
+    oi = ((obj_dec[idx] - dec_lo) / h_dec).astype(np.int64) + 1
+    oj = ((obj_dra[idx] - ra_lo) / h_ra).astype(np.int64) + 1
+    return idx[occupied[oi, oj]]
+
+
+def associate(sources, objects, radius_arcsec=None):
+    """Match DiaSources to DiaObjects by an optimal χ² assignment.
+
+    Parameters
+    ----------
+    sources : astropy.table.Table
+        DiaSources with ``ra``, ``dec`` (deg), optionally ``raErr``/``decErr``.
+    objects : astropy.table.Table
+        DiaObjects with ``diaObjectId``, ``ra``, ``dec``, optional errors.
+    radius_arcsec : float, optional
+        Matching radius; defaults to configuration ``association.radius_arcsec``.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 of length ``len(sources)``: the matched ``diaObjectId`` or -1.
+    """
+    radius = float(config.get("association.radius_arcsec", radius_arcsec))
+    n_src, n_obj = len(sources), len(objects)
+    out = np.full(n_src, -1, dtype=np.int64)
+    if n_src == 0 or n_obj == 0:
+        return out
+    src_ra, src_dec = _col(sources, "ra", n_src), _col(sources, "dec", n_src)
+    obj_ra, obj_dec = _col(objects, "ra", n_obj), _col(objects, "dec", n_obj)
+    src_ok = np.isfinite(src_ra) & np.isfinite(src_dec)  # others never match
+    if not src_ok.any():
+        return out
+    src_idx = np.flatnonzero(src_ok)
+    keep = _near_sources(src_ra[src_ok], src_dec[src_ok], obj_ra, obj_dec, radius)
+    if keep.size == 0:
+        return out
+    src_xyz = _unit_vectors(src_ra[src_ok], src_dec[src_ok])
+    obj_xyz = _unit_vectors(obj_ra[keep], obj_dec[keep])
+    chord_radius = _chord(radius)
+    # unbalanced, non-compact trees build faster; queries are few
+    tree = cKDTree(obj_xyz, balanced_tree=False, compact_nodes=False)
+    neigh = tree.query_ball_point(src_xyz, chord_radius)
+    local_rows = np.repeat(np.arange(src_idx.size), [len(x) for x in neigh])
+    if local_rows.size == 0:
+        return out
+    local_cols = np.fromiter((j for x in neigh for j in x), dtype=np.int64, count=local_rows.size)
+    chord = np.linalg.norm(src_xyz[local_rows] - obj_xyz[local_cols], axis=1)
+    rows, cols = src_idx[local_rows], keep[local_cols]
+    sep_arcsec = 2.0 * np.arcsin(np.clip(0.5 * chord, 0.0, 1.0)) / _ARCSEC
+    cost = sep_arcsec**2 / (_sigma2_arcsec(sources, rows) + _sigma2_arcsec(objects, cols))
+
+    obj_ids = np.asarray(objects["diaObjectId"], dtype=np.int64)
+    # connected components of the bipartite candidate graph (involved nodes only)
+    used_obj, cols_local = np.unique(cols, return_inverse=True)
+    n_nodes = n_src + used_obj.size
+    graph = coo_matrix(
+        (np.ones(rows.size), (rows, n_src + cols_local)), shape=(n_nodes, n_nodes)
+    ).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    comp = labels[rows]
+    pairs_per_comp = np.bincount(comp)
+    single = pairs_per_comp[comp] == 1
+    out[rows[single]] = obj_ids[cols[single]]
+    multi = ~single
+    if not multi.any():
+        return out
+    rows, cols, cost, comp = rows[multi], cols[multi], cost[multi], comp[multi]
+    # local (per-component) row/column indices, computed once for all components
+    n_obj_all = np.int64(n_obj)
+    ukr, inv_r = np.unique(comp * np.int64(n_src) + rows, return_inverse=True)
+    ukc, inv_c = np.unique(comp * n_obj_all + cols, return_inverse=True)
+    comp_r, comp_c = ukr // n_src, ukc // n_obj_all
+    local_r = inv_r - np.searchsorted(comp_r, comp)
+    local_c = inv_c - np.searchsorted(comp_c, comp)
+    order = np.argsort(comp, kind="stable")
+    comp_sorted = comp[order]
+    bounds = np.flatnonzero(np.diff(comp_sorted)) + 1
+    starts = np.concatenate([[0], bounds])
+    stops = np.concatenate([bounds, [comp_sorted.size]])
+    for lo, hi in zip(starts.tolist(), stops.tolist(), strict=True):
+        sel = order[lo:hi]
+        c_id = comp_sorted[lo]
+        r0 = np.searchsorted(comp_r, c_id)
+        c0 = np.searchsorted(comp_c, c_id)
+        lr, lc = local_r[sel], local_c[sel]
+        mat = np.full((lr.max() + 1, lc.max() + 1), _FORBIDDEN)
+        mat[lr, lc] = cost[sel]
+        a, b = linear_sum_assignment(mat)
+        ok = mat[a, b] < _FORBIDDEN
+        out[ukr[r0 + a[ok]] % n_src] = obj_ids[ukc[c0 + b[ok]] % n_obj_all]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# aggregates
+
+
+def _weighted_mean(values, errors):
+    """Inverse-variance weighted mean and its error; plain mean when no errors."""
+    good = np.isfinite(values)
+    v = values[good]
+    if v.size == 0:
+        return np.nan, np.nan
+    e = errors[good]
+    if np.all(np.isfinite(e) & (e > 0)):
+        w = 1.0 / e**2
+        return float(np.sum(w * v) / np.sum(w)), float(np.sqrt(1.0 / np.sum(w)))
+    mean = float(np.mean(v))
+    err = float(np.std(v, ddof=1) / np.sqrt(v.size)) if v.size > 1 else np.nan
+    return mean, err
+
+
+def _flux_aggregates(mjd, flux, err):
+    """DPDD per-band psfFlux aggregates of one object."""
+    good = np.isfinite(flux)
+    mjd, flux, err = mjd[good], flux[good], err[good]
+    n = int(flux.size)
+    out = {"psfFluxNdata": n}
+    if n == 0:
+        for key in ("Mean", "MeanErr", "Sigma", "Min", "Max", "MaxSlope", "ErrMean"):
+            out[f"psfFlux{key}"] = np.nan
+        return out
+    out["psfFluxMean"], out["psfFluxMeanErr"] = _weighted_mean(flux, err)
+    out["psfFluxSigma"] = float(np.std(flux, ddof=1)) if n > 1 else np.nan
+    out["psfFluxMin"] = float(np.min(flux))
+    out["psfFluxMax"] = float(np.max(flux))
+    finite_err = err[np.isfinite(err)]
+    out["psfFluxErrMean"] = float(np.mean(finite_err)) if finite_err.size else np.nan
+    slope = np.nan
+    if n > 1:
+        o = np.argsort(mjd, kind="stable")
+        dt = np.diff(mjd[o])
+        df = np.diff(flux[o])
+        ok = dt > 0
+        if ok.any():
+            s = df[ok] / dt[ok]
+            slope = float(s[np.argmax(np.abs(s))])
+    out["psfFluxMaxSlope"] = slope
+    return out
+
+
+def _group(ids):
+    """Row indices per id: dict id -> index array."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0:
+        return {}
+    order = np.argsort(ids, kind="stable")
+    uniq, starts = np.unique(ids[order], return_index=True)
+    return dict(zip(uniq.tolist(), np.split(order, starts[1:]), strict=True))
+
+
+def _bands(table, n):
+    if "band" not in table.colnames:
+        return np.full(n, "", dtype="U1")
+    return np.asarray(np.ma.filled(table["band"], "")).astype(str)
+
+
+def update_objects(matched_ids, sources, objects, history, forced_history=None, mjd=None):
+    """Assign DiaObject ids to this visit's sources and rebuild touched objects.
+
+    Parameters
+    ----------
+    matched_ids : numpy.ndarray
+        Output of :func:`associate` (diaObjectId or -1 per source).
+    sources : astropy.table.Table
+        This visit's DiaSources (``diaSourceId``, ``ra``, ``dec``,
+        ``midpointMjdTai``, ``band``, ``psfFlux``, ``psfFluxErr``...).
+    objects : astropy.table.Table
+        Current DiaObjects of the region (latest versions).
+    history : astropy.table.Table or None
+        Previous DiaSources of these objects (from the PPDB).  Rows of this
+        visit's sources are appended here, so they must not be in it already.
+    forced_history : astropy.table.Table, optional
+        DiaForcedSources (previous and current) for ``{b}_fpFluxMean``.
+    mjd : float, optional
+        Visit time (MJD TAI), used as ``validityStartMjdTai``; defaults to the
+        sources' ``midpointMjdTai``.
+
+    Returns
+    -------
+    objects_out : astropy.table.Table
+        One new version per touched DiaObject (matched or new).
+    sources_out : astropy.table.Table
+        Copy of ``sources`` with ``diaObjectId`` filled; an unmatched source
+        creates a DiaObject whose id is the source's own ``diaSourceId``.
+    """
+    matched = np.asarray(matched_ids, dtype=np.int64)
+    if matched.shape != (len(sources),):
+        msg = f"matched_ids has {matched.size} entries for {len(sources)} sources"
+        raise ValueError(msg)
+    sources_out = Table(sources, copy=True)
+    src_ids = np.asarray(sources["diaSourceId"], dtype=np.int64)
+    object_ids = np.where(matched >= 0, matched, src_ids)
+    sources_out["diaObjectId"] = object_ids
+    if mjd is None:
+        times = _col(sources, "midpointMjdTai", len(sources))
+        times = times[np.isfinite(times)]
+        mjd = float(times.max()) if times.size else np.nan
+
+    keep = ["diaObjectId", "ra", "dec", "raErr", "decErr", "midpointMjdTai", "band"]
+    keep += ["psfFlux", "psfFluxErr"]
+    parts = []
+    for cat in (history, sources_out):
+        if cat is None or len(cat) == 0:
+            continue
+        parts.append(Table({k: cat[k] for k in keep if k in cat.colnames}))
+    allsrc = vstack(parts, metadata_conflicts="silent") if parts else Table()
+    n_all = len(allsrc)
+    a_ids = np.asarray(allsrc["diaObjectId"], dtype=np.int64) if n_all else np.zeros(0, int)
+    a_ra = _col(allsrc, "ra", n_all)
+    a_dec = _col(allsrc, "dec", n_all)
+    a_rae = _col(allsrc, "raErr", n_all)
+    a_dece = _col(allsrc, "decErr", n_all)
+    a_mjd = _col(allsrc, "midpointMjdTai", n_all)
+    a_flux = _col(allsrc, "psfFlux", n_all)
+    a_ferr = _col(allsrc, "psfFluxErr", n_all)
+    a_band = _bands(allsrc, n_all)
+
+    if forced_history is not None and len(forced_history):
+        nf = len(forced_history)
+        f_groups = _group(forced_history["diaObjectId"])
+        f_flux = _col(forced_history, "psfFlux", nf)
+        f_err = _col(forced_history, "psfFluxErr", nf)
+        f_band = _bands(forced_history, nf)
+    else:
+        f_groups = {}
+
+    previous_first = {}
+    if objects is not None and len(objects) and "firstDiaSourceMjdTai" in objects.colnames:
+        first = _col(objects, "firstDiaSourceMjdTai", len(objects))
+        previous_first = dict(
+            zip(np.asarray(objects["diaObjectId"], dtype=np.int64).tolist(), first, strict=True)
+        )
+    touched = list(dict.fromkeys(object_ids.tolist()))
+    groups = _group(a_ids)
+    rows = []
+    for oid in touched:
+        idx = groups.get(oid, np.zeros(0, dtype=np.int64))
+        row = {"diaObjectId": oid, "validityStartMjdTai": mjd}
+        ra_deg, dec_deg, ra_err, dec_err = _mean_position(
+            a_ra[idx], a_dec[idx], a_rae[idx], a_dece[idx]
+        )
+        row.update(ra=ra_deg, dec=dec_deg, raErr=ra_err, decErr=dec_err)
+        row["nDiaSources"] = int(idx.size)
+        times = a_mjd[idx][np.isfinite(a_mjd[idx])]
+        first = float(times.min()) if times.size else np.nan
+        # keep an older first detection that fell out of the history window
+        row["firstDiaSourceMjdTai"] = float(np.fmin(first, previous_first.get(oid, np.nan)))
+        row["lastDiaSourceMjdTai"] = float(times.max()) if times.size else np.nan
+        fidx = f_groups.get(oid)
+        for b in BANDS:
+            sel = idx[a_band[idx] == b]
+            for key, val in _flux_aggregates(a_mjd[sel], a_flux[sel], a_ferr[sel]).items():
+                row[f"{b}_{key}"] = val
+            if fidx is not None:
+                fsel = fidx[f_band[fidx] == b]
+                mean, err = _weighted_mean(f_flux[fsel], f_err[fsel])
+            else:
+                mean, err = np.nan, np.nan
+            row[f"{b}_fpFluxMean"], row[f"{b}_fpFluxMeanErr"] = mean, err
+        rows.append(row)
+
+    objects_out = _objects_table(rows)
+    return objects_out, sources_out
+
+
+def _mean_position(ra, dec, ra_err, dec_err):
+    """Weighted mean position (deg) and its errors (deg) via unit vectors."""
+    if ra.size == 0:
+        return np.nan, np.nan, np.nan, np.nan
+    ok = np.isfinite(ra_err) & np.isfinite(dec_err) & (ra_err > 0) & (dec_err > 0)
+    if ok.all():
+        w = 2.0 / (ra_err**2 + dec_err**2)
+    else:
+        w = np.ones(ra.size)
+    xyz = _unit_vectors(ra, dec)
+    v = (w[:, None] * xyz).sum(axis=0)
+    mra = float(np.degrees(np.arctan2(v[1], v[0])) % 360.0)
+    mdec = float(np.degrees(np.arctan2(v[2], np.hypot(v[0], v[1]))))
+    if ok.all():
+        ra_e = float(np.sqrt(1.0 / np.sum(1.0 / ra_err**2)))
+        dec_e = float(np.sqrt(1.0 / np.sum(1.0 / dec_err**2)))
+    else:
+        ra_e = dec_e = np.nan
+    return mra, mdec, ra_e, dec_e
+
+
+def _objects_table(rows):
+    names = ["diaObjectId", "validityStartMjdTai", "ra", "raErr", "dec", "decErr"]
+    for b in BANDS:
+        names += [
+            f"{b}_psfFluxMean",
+            f"{b}_psfFluxMeanErr",
+            f"{b}_psfFluxSigma",
+            f"{b}_psfFluxNdata",
+            f"{b}_fpFluxMean",
+            f"{b}_fpFluxMeanErr",
+            f"{b}_psfFluxMin",
+            f"{b}_psfFluxMax",
+            f"{b}_psfFluxMaxSlope",
+            f"{b}_psfFluxErrMean",
+        ]
+    names += ["firstDiaSourceMjdTai", "lastDiaSourceMjdTai", "nDiaSources"]
+    out = Table()
+    for name in names:
+        if name == "diaObjectId":
+            dtype = np.int64
+        elif name.endswith("Ndata") or name == "nDiaSources":
+            dtype = np.int32
+        else:
+            dtype = np.float64
+        out[name] = np.array([r[name] for r in rows], dtype=dtype).reshape(len(rows))
+    for name in ("ra", "dec", "raErr", "decErr"):
+        out[name].unit = "deg"
+    return out
+
+
+# ---------------------------------------------------------------------------
+# DRP objects
+
+
+def nearest_drp_objects(ra, dec, drp_ra, drp_dec, drp_ids, k=3, radius_arcsec=5.0):
+    """Up to ``k`` nearest DRP Objects of each position (DMTN-092 DRP ids).
+
+    Parameters
+    ----------
+    ra, dec : array_like
+        Positions in degrees.
+    drp_ra, drp_dec : array_like
+        DRP Object positions in degrees.
+    drp_ids : array_like of int
+        DRP Object ids.
+    k : int
+        Maximum number of neighbours.
+    radius_arcsec : float
+        Search radius.
+
+    Returns
+    -------
+    ids : numpy.ndarray
+        int64, shape ``(n, k)``, nearest first; -1 where fewer are in range.
+    dist_arcsec : numpy.ndarray
+        float64, shape ``(n, k)``; NaN where no neighbour.
+    """
+    ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
+    dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
+    n = ra.size
+    ids = np.full((n, k), -1, dtype=np.int64)
+    dist = np.full((n, k), np.nan)
+    drp_ids = np.asarray(drp_ids, dtype=np.int64)
+    if n == 0 or drp_ids.size == 0 or k <= 0:
+        return ids, dist
+    tree = cKDTree(_unit_vectors(drp_ra, drp_dec))
+    kk = min(k, drp_ids.size)
+    chord, j = tree.query(_unit_vectors(ra, dec), k=kk, distance_upper_bound=_chord(radius_arcsec))
+    chord = chord.reshape(n, kk)
+    j = j.reshape(n, kk)
+    ok = np.isfinite(chord)
+    ids[:, :kk][ok] = drp_ids[j[ok]]
+    dist[:, :kk][ok] = 2.0 * np.arcsin(np.clip(0.5 * chord[ok], 0.0, 1.0)) / _ARCSEC
+    return ids, dist
