@@ -1,0 +1,737 @@
+"""Detection and measurement of DIASources on a difference image.
+
+Detection is a PSF matched filter: the difference image and its variance are
+convolved with the PSF (and PSF²) and the ratio gives a signal-to-noise map on
+which photutils' ``detect_sources`` finds footprints above ``threshold_sigma``,
+separately for positive and negative sources.  Masked pixels (EDGE, NO_DATA,
+BAD, SAT, CR) are zeroed before filtering, so they can neither trigger nor
+contribute to a detection.
+
+Measurement uses the official Rubin DiaSource column names (APDB schema v11):
+PSF-fit fluxes on the difference, science and (warped) template images at the
+centroid, aperture fluxes, second moments, pixel flags and dipole / trail
+flags.  ``diaSourceId`` is not assigned here.
+
+The module also hosts small pixel helpers shared by the other pixel stages
+(FFT convolution, background map, bright-star finder).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+import scipy.fft as sfft
+from astropy.io import fits
+from astropy.table import Table
+from photutils.aperture import CircularAperture, aperture_photometry
+from photutils.segmentation import detect_sources as _ph_detect_sources
+from photutils.utils.exceptions import NoDetectionsWarning as PhotutilsNoDetectionsWarning
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from . import config
+from .exceptions import PsfFitError
+from .image import MASK, mask_bits
+
+__all__ = [
+    "detect_sources",
+    "measure_sources",
+    "forced_photometry",
+    "make_cutout",
+    "cutout_size",
+    "DIASOURCE_COLUMNS",
+]
+
+#: Mask planes that exclude a pixel from detection and fitting.
+_IGNORE = mask_bits("EDGE", "NO_DATA", "BAD", "SAT", "CR")
+
+#: Columns of the table that :func:`measure_sources` returns, in order.
+DIASOURCE_COLUMNS = (
+    "visit", "detector", "band", "midpointMjdTai",
+    "x", "y", "xErr", "yErr", "ra", "dec", "raErr", "decErr",
+    "psfFlux", "psfFluxErr", "psfNdata", "psfChi2", "snr",
+    "apFlux", "apFluxErr",
+    "scienceFlux", "scienceFluxErr", "templateFlux", "templateFluxErr",
+    "isNegative", "ixx", "iyy", "ixy", "ixxPSF", "iyyPSF", "ixyPSF",
+    "bboxSize", "extendedness",
+    "centroid_flag", "psfFlux_flag", "psfFlux_flag_edge",
+    "pixelFlags", "pixelFlags_bad", "pixelFlags_cr", "pixelFlags_crCenter",
+    "pixelFlags_edge", "pixelFlags_saturated", "pixelFlags_saturatedCenter",
+    "pixelFlags_nodata",
+    "isDipole", "dipoleNdata", "trailNdata", "trail_flag",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# shared pixel helpers
+# --------------------------------------------------------------------------------------
+def _workers():
+    return os.cpu_count() or 1
+
+
+def _fft_convolve(image, kernels, *, fill=0.0):
+    """Convolve ``image`` with one or several odd kernels ('same' output, zero padded).
+
+    The image is transformed once; the padding goes to a 5-smooth size so that
+    no wrap-around occurs.  Non-finite pixels are replaced by ``fill``.
+
+    Returns a single array if ``kernels`` is one 2-D array, else a list.
+    """
+    single = np.ndim(kernels) == 2
+    if single:
+        kernels = [kernels]
+    image = np.asarray(image, dtype=np.float32)
+    if not np.all(np.isfinite(image)):
+        image = np.where(np.isfinite(image), image, np.float32(fill))
+    ny, nx = image.shape
+    ky = max(k.shape[0] for k in kernels)
+    kx = max(k.shape[1] for k in kernels)
+    fy = sfft.next_fast_len(ny + ky - 1, real=True)
+    fx = sfft.next_fast_len(nx + kx - 1, real=True)
+    w = _workers()
+    fim = sfft.rfft2(image, s=(fy, fx), workers=w)
+    out = []
+    for k in kernels:
+        k = np.asarray(k, dtype=np.float32)
+        hy, hx = k.shape[0] // 2, k.shape[1] // 2
+        fk = sfft.rfft2(k, s=(fy, fx), workers=w)
+        res = sfft.irfft2(fim * fk, s=(fy, fx), workers=w)
+        out.append(np.ascontiguousarray(res[hy : hy + ny, hx : hx + nx]))
+    return out[0] if single else out
+
+
+def _interp_matrix(nodes, n):
+    """Dense (n, len(nodes)) matrix that linearly interpolates node values to 0..n-1."""
+    nodes = np.asarray(nodes, dtype=float)
+    x = np.arange(n, dtype=float)
+    m = np.zeros((n, len(nodes)))
+    if len(nodes) == 1:
+        m[:, 0] = 1.0
+        return m
+    j = np.clip(np.searchsorted(nodes, x, side="right") - 1, 0, len(nodes) - 2)
+    t = np.clip((x - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0)
+    m[np.arange(n), j] = 1.0 - t
+    m[np.arange(n), j + 1] += t
+    return m
+
+
+def _upsample(coarse, ynodes, xnodes, shape):
+    """Bilinear interpolation of a coarse grid (values at ``ynodes x xnodes``) to ``shape``."""
+    my = _interp_matrix(ynodes, shape[0])
+    mx = _interp_matrix(xnodes, shape[1])
+    return (my @ coarse @ mx.T).astype(np.float32)
+
+
+def _background(image, mask=None, box=64):
+    """Smooth background map: block medians (masked pixels ignored), bilinear upsampled."""
+    ny, nx = image.shape
+    data = np.array(image, dtype=np.float32)
+    bad = ~np.isfinite(data)
+    if mask is not None:
+        bad |= (mask & mask_bits("BAD", "SAT", "CR", "NO_DATA")) != 0
+    data[bad] = np.nan
+    nby, nbx = max(1, ny // box), max(1, nx // box)
+    by, bx = ny // nby, nx // nbx
+    sub = data[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::2, :, ::2]
+    blocks = sub.transpose(0, 2, 1, 3).reshape(nby, nbx, -1)
+    allnan = np.all(np.isnan(blocks), axis=2)
+    blocks[allnan] = 0.0
+    coarse = np.nanmedian(blocks, axis=2)
+    if np.all(allnan):
+        return np.zeros(image.shape, np.float32)
+    coarse[allnan] = np.median(coarse[~allnan])
+    if min(nby, nbx) >= 3:
+        coarse = ndimage.median_filter(coarse, size=3, mode="nearest")
+    ynodes = (np.arange(nby) + 0.5) * by - 0.5
+    xnodes = (np.arange(nbx) + 0.5) * bx - 0.5
+    return _upsample(coarse, ynodes, xnodes, image.shape)
+
+
+def _gaussian_psf(sigma, size=None):
+    """Pixel-sampled circular Gaussian stamp of sum 1."""
+    if size is None:
+        size = 2 * int(np.ceil(4 * sigma)) + 1
+    h = size // 2
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    g = np.exp(-0.5 * (x * x + y * y) / sigma**2)
+    return g / g.sum()
+
+
+def _moments(stamp, xc=None, yc=None):
+    """Unweighted first and second moments of a stamp: (x, y, ixx, iyy, ixy)."""
+    ny, nx = stamp.shape
+    y, x = np.mgrid[0:ny, 0:nx]
+    s = stamp.sum()
+    if xc is None:
+        xc = (stamp * x).sum() / s
+        yc = (stamp * y).sum() / s
+    dx, dy = x - xc, y - yc
+    return (
+        xc,
+        yc,
+        (stamp * dx * dx).sum() / s,
+        (stamp * dy * dy).sum() / s,
+        (stamp * dx * dy).sum() / s,
+    )
+
+
+def _psf_fwhm(psf):
+    """FWHM in pixels of a PSF stamp from its second moments (Gaussian equivalent)."""
+    _, _, ixx, iyy, _ = _moments(np.asarray(psf, dtype=float))
+    return 2.3548 * np.sqrt(0.5 * (ixx + iyy))
+
+
+def _subpixel_peak(img, iy, ix):
+    """Log-parabola sub-pixel refinement of local maxima at integer (iy, ix)."""
+    ny, nx = img.shape
+    iy = np.clip(iy, 1, ny - 2)
+    ix = np.clip(ix, 1, nx - 2)
+    c = img[iy, ix]
+    tiny = np.maximum(np.abs(c) * 1e-6, 1e-30)
+
+    def _off(m, p):
+        lm = np.log(np.maximum(m, tiny))
+        lc = np.log(np.maximum(c, tiny))
+        lp = np.log(np.maximum(p, tiny))
+        den = lm - 2 * lc + lp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            off = 0.5 * (lm - lp) / den
+        off = np.where(np.isfinite(off) & (den < 0), off, 0.0)
+        return np.clip(off, -0.5, 0.5)
+
+    dx = _off(img[iy, ix - 1], img[iy, ix + 1])
+    dy = _off(img[iy - 1, ix], img[iy + 1, ix])
+    return ix + dx, iy + dy
+
+
+def _find_stars(
+    image, variance, mask, *, fwhm=4.5, nsigma=10.0, isolation=10.0, border=12, max_stars=None,
+    avoid=None,
+):  # fmt: skip
+    """Bright, isolated, unmasked point-like peaks.
+
+    Returns a dict of arrays ``x``, ``y`` (sub-pixel), ``snr`` (matched-filter) and
+    ``flux`` (peak of the Gaussian-filtered, background-subtracted image), sorted by
+    decreasing ``snr``.  ``avoid`` is a boolean image of pixels a star may not touch
+    within ``border`` pixels.
+    """
+    ny, nx = image.shape
+    bad = ~np.isfinite(image) | ((mask & _IGNORE) != 0)
+    bkg = _background(image, mask)
+    data = np.where(bad, 0.0, image - bkg).astype(np.float32)
+    sigma = fwhm / 2.3548
+    sm = ndimage.gaussian_filter(data, sigma, mode="constant", truncate=3.0)
+    var = np.where(bad | ~np.isfinite(variance), np.nan, variance)
+    v0 = np.nanmedian(var[::4, ::4]) if np.any(np.isfinite(var[::4, ::4])) else 1.0
+    noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
+    allp = (sm == ndimage.maximum_filter(sm, size=3)) & (sm > 5 * noise)
+    ay, ax = np.nonzero(allp)
+    strong = sm[ay, ax] > nsigma * noise
+    iy, ix = ay[strong], ax[strong]
+    keep = (ix >= border) & (ix < nx - border) & (iy >= border) & (iy < ny - border)
+    iy, ix = iy[keep], ix[keep]
+    # isolation against all peaks above 5 sigma
+    if len(ix) and len(ax) > 1:
+        tree = cKDTree(np.column_stack([ax, ay]))
+        counts = np.array(
+            [len(n) for n in tree.query_ball_point(np.column_stack([ix, iy]), isolation)]
+        )
+        iy, ix = iy[counts <= 1], ix[counts <= 1]
+    if len(ix):
+        bad_any = bad if avoid is None else (bad | avoid)
+        nbad_pix = int(np.count_nonzero(bad_any))
+        if 0 < nbad_pix <= 200_000:
+            by, bx = np.nonzero(bad_any)
+            btree = cKDTree(np.column_stack([bx, by]))
+            # Chebyshev distance: no bad pixel in the (2 border + 1)^2 box
+            d, _ = btree.query(np.column_stack([ix, iy]), p=np.inf)
+            iy, ix = iy[d > border], ix[d > border]
+        elif nbad_pix:
+            bad_int = np.pad(bad_any, ((1, 0), (1, 0))).cumsum(0, dtype=np.int32).cumsum(1)
+            y0, y1 = iy - border, iy + border + 1
+            x0, x1 = ix - border, ix + border + 1
+            nbad = bad_int[y1, x1] - bad_int[y0, x1] - bad_int[y1, x0] + bad_int[y0, x0]
+            iy, ix = iy[nbad == 0], ix[nbad == 0]
+    snr = sm[iy, ix] / noise
+    order = np.argsort(-snr)
+    if max_stars is not None:
+        order = order[:max_stars]
+    iy, ix, snr = iy[order], ix[order], snr[order]
+    x, y = _subpixel_peak(sm, iy, ix)
+    return {"x": x, "y": y, "snr": snr, "flux": sm[iy, ix] * 4 * np.pi * sigma**2, "bkg": bkg}
+
+
+def _shifted_psf(psf, dx, dy):
+    """PSF stamp shifted by a sub-pixel (dx, dy) with a Fourier phase ramp."""
+    ny, nx = psf.shape
+    f = np.fft.rfft2(psf)
+    ky = np.fft.fftfreq(ny)[:, None]
+    kx = np.fft.rfftfreq(nx)[None, :]
+    f = f * np.exp(-2j * np.pi * (kx * dx + ky * dy))
+    return np.fft.irfft2(f, s=(ny, nx))
+
+
+def _cutout(arr, ix, iy, half, fill):
+    """Window ``[iy-half:iy+half+1, ix-half:ix+half+1]`` padded with ``fill`` off the image."""
+    ny, nx = arr.shape
+    size = 2 * half + 1
+    out = np.full((size, size), fill, dtype=arr.dtype)
+    y0, x0 = iy - half, ix - half
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y0 + size, ny), min(x0 + size, nx)
+    if sy1 > sy0 and sx1 > sx0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    return out
+
+
+def _psf_fit(image, variance, mask, psf, x, y, bkg=None):
+    """Linear PSF-flux fit at a fixed position (uniform weights).
+
+    Returns ``(flux, flux_err, ndata, chi2, edge, dpsf2)`` where ``dpsf2`` is
+    ``(sum (dP/dx)^2, sum (dP/dy)^2, sum P^2)`` over the used pixels for centroid errors.
+    """
+    half = psf.shape[0] // 2
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    p = _shifted_psf(psf, x - ix, y - iy)
+    d = _cutout(image, ix, iy, half, np.float32(np.nan)).astype(float)
+    if bkg is not None:
+        d = d - _cutout(bkg, ix, iy, half, np.float32(0.0))
+    v = _cutout(variance, ix, iy, half, np.float32(np.nan)).astype(float)
+    m = _cutout(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
+    ok = np.isfinite(d) & np.isfinite(v) & ((m & _IGNORE) == 0)
+    edge = not bool(ok.all())
+    # only pixels where the PSF carries signal count towards ndata
+    ok &= p > 1e-4 * p.max()
+    n = int(ok.sum())
+    if n < 3:
+        return np.nan, np.nan, n, np.nan, True, (np.nan, np.nan, np.nan)
+    pp = p[ok]
+    s2 = (pp * pp).sum()
+    flux = (pp * d[ok]).sum() / s2
+    err = np.sqrt((pp * pp * v[ok]).sum()) / s2
+    chi2 = (((d[ok] - flux * pp) ** 2) / np.maximum(v[ok], 1e-30)).sum()
+    gy, gx = np.gradient(p)
+    return flux, err, n, chi2, edge, ((gx[ok] ** 2).sum(), (gy[ok] ** 2).sum(), s2)
+
+
+def _weighted_moments(image, x, y, sigma_w, half, sign=1):
+    """Gaussian-weighted second moments, corrected for the weight (Gaussian assumption)."""
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    d = sign * _cutout(image, ix, iy, half, np.float32(0.0)).astype(float)
+    d[~np.isfinite(d)] = 0.0
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    dx, dy = xx - (x - ix), yy - (y - iy)
+    w = np.exp(-0.5 * (dx * dx + dy * dy) / sigma_w**2) * d
+    s = w.sum()
+    if not s > 0:
+        return np.nan, np.nan, np.nan
+    mxx, myy, mxy = (w * dx * dx).sum() / s, (w * dy * dy).sum() / s, (w * dx * dy).sum() / s
+    # invert the Gaussian weighting: M_true = (M^-1 - W^-1)^-1
+    m = np.array([[mxx, mxy], [mxy, myy]])
+    try:
+        inv = np.linalg.inv(m) - np.eye(2) / sigma_w**2
+        t = np.linalg.inv(inv)
+    except np.linalg.LinAlgError:
+        return np.nan, np.nan, np.nan
+    if not (t[0, 0] > 0 and t[1, 1] > 0):
+        return mxx, myy, mxy
+    return t[0, 0], t[1, 1], t[0, 1]
+
+
+def _require_psf(exposure, what):
+    if exposure.psf is None:
+        msg = f"the {what} exposure has no PSF; run subtract.estimate_psf first"
+        raise PsfFitError(msg)
+    return np.asarray(exposure.psf, dtype=float)
+
+
+def _filtered(difference, psf):
+    """Matched-filter image and its standard deviation, masked pixels zeroed."""
+    bad = ((difference.mask & _IGNORE) != 0) | ~np.isfinite(difference.image)
+    bad |= ~np.isfinite(difference.variance)
+    img = np.where(bad, 0.0, difference.image).astype(np.float32)
+    var = np.where(bad, 0.0, difference.variance).astype(np.float32)
+    p = psf[::-1, ::-1]  # correlation with the PSF
+    filt = _fft_convolve(img, p)
+    vfilt = _fft_convolve(var, p * p)
+    vfilt = np.maximum(vfilt, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.where((vfilt > 0) & ~bad, filt / np.sqrt(vfilt), 0.0).astype(np.float32)
+    return filt, snr, bad
+
+
+# --------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------
+def detect_sources(difference, *, threshold_sigma=None, n_pixels=None):
+    """Find positive and negative sources on a difference image.
+
+    Parameters
+    ----------
+    difference : apdask.image.Exposure
+        Difference image (nJy) with variance, mask and PSF stamp.
+    threshold_sigma : float, optional
+        Detection threshold on the PSF-matched-filter S/N map; default
+        ``apdask.detection.threshold_sigma`` (5).
+    n_pixels : int, optional
+        Minimum connected pixels above threshold; default ``apdask.detection.n_pixels``.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per footprint: ``x``, ``y`` (int peak pixel of the S/N map), ``sign``
+        (+1/-1), ``bbox_x0``, ``bbox_x1``, ``bbox_y0``, ``bbox_y1`` (half-open),
+        ``n_pixels`` and ``peak_snr``.  Empty (zero rows) when nothing is found.
+    """
+    threshold_sigma = float(config.get("detection.threshold_sigma", threshold_sigma))
+    n_pixels = int(config.get("detection.n_pixels", n_pixels))
+    psf = _require_psf(difference, "difference")
+    _, snr, _ = _filtered(difference, psf)
+    rows = []
+    for sign in (1, -1):
+        s = snr if sign > 0 else -snr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PhotutilsNoDetectionsWarning)
+            segm = _ph_detect_sources(s, threshold_sigma, n_pixels=n_pixels)
+        if segm is None:
+            continue
+        data = segm.data
+        for lab, sl, area in zip(segm.labels, segm.slices, segm.areas, strict=True):
+            win = np.where(data[sl] == lab, s[sl], -np.inf)
+            py, px = np.unravel_index(int(np.argmax(win)), win.shape)
+            rows.append(
+                (int(px + sl[1].start), int(py + sl[0].start), sign, sl[1].start, sl[1].stop,
+                 sl[0].start, sl[0].stop, int(area), float(win[py, px]) * sign)
+            )  # fmt: skip
+    names = ("x", "y", "sign", "bbox_x0", "bbox_x1", "bbox_y0", "bbox_y1", "n_pixels", "peak_snr")
+    dtypes = (int, int, int, int, int, int, int, int, float)
+    if not rows:
+        return Table(names=names, dtype=dtypes)
+    return Table(rows=rows, names=names, dtype=dtypes)
+
+
+def _pixel_flags(mask, x0, x1, y0, y1, ix, iy):
+    ny, nx = mask.shape
+    box = mask[max(y0, 0) : min(y1, ny), max(x0, 0) : min(x1, nx)]
+    cen = mask[max(iy - 1, 0) : min(iy + 2, ny), max(ix - 1, 0) : min(ix + 2, nx)]
+    anyb = np.bitwise_or.reduce(box, axis=None) if box.size else 0
+    anyc = np.bitwise_or.reduce(cen, axis=None) if cen.size else 0
+    return int(anyb), int(anyc)
+
+
+def measure_sources(
+    difference, science, template, detections, *, visit, detector, band, mjd, aperture_radius=12.0,
+    dipole_radius=None,
+):  # fmt: skip
+    """Measure detections into a DiaSource table with official Rubin column names.
+
+    Parameters
+    ----------
+    difference, science, template : apdask.image.Exposure
+        The difference image (nJy, PSF = science PSF), the calibrated science
+        exposure and the warped template on the same pixel grid.
+    detections : astropy.table.Table
+        Output of :func:`detect_sources`.
+    visit, detector : int
+    band : str
+    mjd : float
+        Exposure midpoint, MJD TAI.
+    aperture_radius : float, optional
+        Radius in pixels of the circular aperture flux on the difference image.
+    dipole_radius : float, optional
+        Opposite-sign detections closer than this (pixels) are flagged ``isDipole``;
+        default 2 x PSF FWHM.
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns :data:`DIASOURCE_COLUMNS`; fluxes in nJy, positions in pixels and
+        degrees, moments in px².  Unknown floats are NaN.  ``diaSourceId`` is absent.
+    """
+    psf = _require_psf(difference, "difference")
+    n = len(detections)
+    cols = {c: [] for c in DIASOURCE_COLUMNS}
+    if n == 0:
+        return _empty_table()
+    psf_sci = science.psf if science is not None and science.psf is not None else psf
+    psf_tpl = template.psf if template is not None and template.psf is not None else psf_sci
+    psf_sci, psf_tpl = np.asarray(psf_sci, float), np.asarray(psf_tpl, float)
+    filt, _, _ = _filtered(difference, psf)
+    sci_bkg = _background(science.image, science.mask) if science is not None else None
+    tpl_bkg = _background(template.image, template.mask) if template is not None else None
+    fwhm = _psf_fwhm(psf)
+    sig_w = max(fwhm / 2.3548, 1.0)
+    mom_half = int(np.ceil(4 * sig_w))
+    pxx, pyy, pxy = _moments(psf)[2:]
+    dipole_radius = 2.0 * fwhm if dipole_radius is None else dipole_radius
+
+    sign = np.asarray(detections["sign"])
+    dx0 = np.asarray(detections["x"])
+    dy0 = np.asarray(detections["y"])
+    is_dipole = np.zeros(n, bool)
+    pos, neg = np.nonzero(sign > 0)[0], np.nonzero(sign < 0)[0]
+    if len(pos) and len(neg):
+        tp = cKDTree(np.column_stack([dx0[pos], dy0[pos]]))
+        tn = cKDTree(np.column_stack([dx0[neg], dy0[neg]]))
+        for i, nb in zip(pos, tp.query_ball_tree(tn, dipole_radius), strict=True):
+            if nb:
+                is_dipole[i] = True
+                is_dipole[neg[nb]] = True
+    dipole_ndata = np.zeros(n, int)
+    if is_dipole.any():
+        tree = cKDTree(np.column_stack([dx0, dy0]))
+        npix = np.asarray(detections["n_pixels"])
+        for i in np.nonzero(is_dipole)[0]:
+            nb = tree.query_ball_point([dx0[i], dy0[i]], dipole_radius)
+            dipole_ndata[i] = int(npix[[j for j in nb if is_dipole[j]]].sum())
+
+    ny, nx = difference.shape
+    xs = np.empty(n)
+    ys = np.empty(n)
+    cflag = np.zeros(n, bool)
+    for i in range(n):
+        s = sign[i]
+        ix, iy = int(dx0[i]), int(dy0[i])
+        if 1 <= ix < nx - 1 and 1 <= iy < ny - 1:
+            local = s * filt[iy - 1 : iy + 2, ix - 1 : ix + 2]
+            x, y = _subpixel_peak(local, np.array([1]), np.array([1]))
+            x, y = x + ix - 1, y + iy - 1
+            xs[i], ys[i] = float(x[0]), float(y[0])
+        else:
+            xs[i], ys[i] = float(ix), float(iy)
+            cflag[i] = True
+    for i in range(n):
+        s = sign[i]
+        f, fe, nd, chi2, edge, (gx2, gy2, s2) = _psf_fit(
+            difference.image, difference.variance, difference.mask, psf, xs[i], ys[i]
+        )
+        # Cramér-Rao centroid errors for the fitted flux and the pixel noise
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vloc = fe * fe * s2
+            xe = np.sqrt(vloc / (f * f * gx2)) if np.isfinite(f) and f != 0 else np.nan
+            ye = np.sqrt(vloc / (f * f * gy2)) if np.isfinite(f) and f != 0 else np.nan
+        if science is not None:
+            sf, sfe = _psf_fit(science.image, science.variance, science.mask, psf_sci, xs[i], ys[i],
+                               sci_bkg)[:2]  # fmt: skip
+        else:
+            sf, sfe = np.nan, np.nan
+        if template is not None:
+            tf, tfe = _psf_fit(template.image, template.variance, template.mask, psf_tpl, xs[i],
+                               ys[i], tpl_bkg)[:2]  # fmt: skip
+        else:
+            tf, tfe = np.nan, np.nan
+        ixx, iyy, ixy = _weighted_moments(difference.image, xs[i], ys[i], sig_w, mom_half, s)
+        x0, x1 = int(detections["bbox_x0"][i]), int(detections["bbox_x1"][i])
+        y0, y1 = int(detections["bbox_y0"][i]), int(detections["bbox_y1"][i])
+        ix, iy = int(np.floor(xs[i] + 0.5)), int(np.floor(ys[i] + 0.5))
+        half = psf.shape[0] // 2
+        anyb, anyc = _pixel_flags(
+            difference.mask, min(x0, ix - half), max(x1, ix + half + 1),
+            min(y0, iy - half), max(y1, iy + half + 1), ix, iy,
+        )  # fmt: skip
+        flags = {
+            "pixelFlags_bad": bool(anyb & MASK["BAD"]),
+            "pixelFlags_cr": bool(anyb & MASK["CR"]),
+            "pixelFlags_crCenter": bool(anyc & MASK["CR"]),
+            "pixelFlags_edge": bool(anyb & MASK["EDGE"]),
+            "pixelFlags_saturated": bool(anyb & MASK["SAT"]),
+            "pixelFlags_saturatedCenter": bool(anyc & MASK["SAT"]),
+            "pixelFlags_nodata": bool(anyb & MASK["NO_DATA"]),
+        }
+        # trail: strongly elongated compared with the PSF
+        trail = False
+        if np.isfinite(ixx) and np.isfinite(iyy):
+            tr = ixx + iyy
+            det = np.sqrt(max((ixx - iyy) ** 2 + 4 * ixy * ixy, 0.0))
+            l1, l2 = 0.5 * (tr + det), 0.5 * (tr - det)
+            trail = bool(l2 > 0 and l1 / l2 > 4.0 and l1 > 4.0 * 0.5 * (pxx + pyy))
+        bbox = max(x1 - x0, y1 - y0)
+        ra, dec = difference.wcs.pixel_to_world_values(xs[i], ys[i])
+        rae, dece = _sky_errors(difference.wcs, xs[i], ys[i], xe, ye, float(dec))
+        row = {
+            "visit": int(visit), "detector": int(detector), "band": str(band),
+            "midpointMjdTai": float(mjd),
+            "x": xs[i], "y": ys[i], "xErr": xe, "yErr": ye,
+            "ra": float(np.mod(ra, 360.0)), "dec": float(dec), "raErr": rae, "decErr": dece,
+            "psfFlux": f, "psfFluxErr": fe, "psfNdata": int(nd), "psfChi2": chi2,
+            "snr": f / fe if fe > 0 else np.nan,
+            "apFlux": np.nan, "apFluxErr": np.nan,
+            "scienceFlux": sf, "scienceFluxErr": sfe, "templateFlux": tf, "templateFluxErr": tfe,
+            "isNegative": bool(s < 0), "ixx": ixx, "iyy": iyy, "ixy": ixy,
+            "ixxPSF": pxx, "iyyPSF": pyy, "ixyPSF": pxy,
+            "bboxSize": int(bbox), "extendedness": np.nan,
+            "centroid_flag": bool(cflag[i]),
+            "psfFlux_flag": bool(not np.isfinite(f) or not np.isfinite(fe)),
+            "psfFlux_flag_edge": bool(edge),
+            "pixelFlags": any(flags.values()), **flags,
+            "isDipole": bool(is_dipole[i]), "dipoleNdata": int(dipole_ndata[i]),
+            "trailNdata": 0, "trail_flag": trail,
+        }  # fmt: skip
+        for c in DIASOURCE_COLUMNS:
+            cols[c].append(row[c])
+    tab = Table(cols, names=DIASOURCE_COLUMNS)
+    _aperture_fluxes(tab, difference, aperture_radius)
+    for c in ("ra", "dec", "raErr", "decErr", "midpointMjdTai"):
+        tab[c] = tab[c].astype(np.float64)
+    return tab
+
+
+def _sky_errors(wcs, x, y, xe, ye, dec):
+    """Propagate pixel errors to RA/Dec errors in degrees (RA error in RA degrees)."""
+    if not (np.isfinite(xe) and np.isfinite(ye)):
+        return np.nan, np.nan
+    cd = wcs.pixel_scale_matrix
+    e_ra = np.sqrt((cd[0, 0] * xe) ** 2 + (cd[0, 1] * ye) ** 2)
+    e_dec = np.sqrt((cd[1, 0] * xe) ** 2 + (cd[1, 1] * ye) ** 2)
+    return float(e_ra / max(np.cos(np.deg2rad(dec)), 1e-6)), float(e_dec)
+
+
+def _aperture_fluxes(tab, difference, radius):
+    bad = ((difference.mask & _IGNORE) != 0) | ~np.isfinite(difference.image)
+    bad |= ~np.isfinite(difference.variance)
+    img = np.where(bad, 0.0, difference.image)
+    err = np.sqrt(np.where(bad, 0.0, np.maximum(difference.variance, 0.0)))
+    ap = CircularAperture(np.column_stack([tab["x"], tab["y"]]), r=radius)
+    res = aperture_photometry(img, ap, error=err, mask=bad)
+    tab["apFlux"] = np.asarray(res["aperture_sum"], dtype=float)
+    tab["apFluxErr"] = np.asarray(res["aperture_sum_err"], dtype=float)
+
+
+def _empty_table():
+    types = {
+        "visit": int, "detector": int, "band": str, "psfNdata": int, "bboxSize": int,
+        "dipoleNdata": int, "trailNdata": int,
+    }  # fmt: skip
+    dt = []
+    for c in DIASOURCE_COLUMNS:
+        if c in types:
+            dt.append(types[c])
+        elif c.startswith(("is", "pixelFlags")) or c.endswith("_flag") or "_flag_" in c:
+            dt.append(bool)
+        else:
+            dt.append(float)
+    return Table(names=DIASOURCE_COLUMNS, dtype=dt)
+
+
+def forced_photometry(difference, science, ra, dec):
+    """PSF-fit fluxes at given sky positions on the difference and science images.
+
+    Parameters
+    ----------
+    difference, science : apdask.image.Exposure
+        Same pixel grid; the difference PSF is used for both unless the science
+        exposure has its own.
+    ra, dec : array_like
+        Positions in degrees.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``psfFlux``, ``psfFluxErr``, ``scienceFlux``, ``scienceFluxErr`` (nJy), ``x``,
+        ``y`` (pixels) and ``flag_edge`` (fit window off the image or on masked pixels).
+    """
+    psf = _require_psf(difference, "difference")
+    psf_sci = np.asarray(science.psf, float) if science.psf is not None else psf
+    ra = np.atleast_1d(np.asarray(ra, float))
+    dec = np.atleast_1d(np.asarray(dec, float))
+    x, y = difference.wcs.world_to_pixel_values(ra, dec)
+    x, y = np.atleast_1d(x), np.atleast_1d(y)
+    bkg = _background(science.image, science.mask) if len(ra) else None
+    out = {k: [] for k in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr", "flag_edge")}
+    ny, nx = difference.shape
+    for xi, yi in zip(x, y, strict=True):
+        if not (np.isfinite(xi) and -0.5 <= xi < nx - 0.5 and -0.5 <= yi < ny - 0.5):
+            for k in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr"):
+                out[k].append(np.nan)
+            out["flag_edge"].append(True)
+            continue
+        f, fe, _, _, edge, _ = _psf_fit(difference.image, difference.variance, difference.mask,
+                                        psf, xi, yi)  # fmt: skip
+        sf, sfe = _psf_fit(science.image, science.variance, science.mask, psf_sci, xi, yi, bkg)[:2]
+        out["psfFlux"].append(f)
+        out["psfFluxErr"].append(fe)
+        out["scienceFlux"].append(sf)
+        out["scienceFluxErr"].append(sfe)
+        out["flag_edge"].append(bool(edge))
+    tab = Table(
+        {
+            "psfFlux": np.asarray(out["psfFlux"], float),
+            "psfFluxErr": np.asarray(out["psfFluxErr"], float),
+            "scienceFlux": np.asarray(out["scienceFlux"], float),
+            "scienceFluxErr": np.asarray(out["scienceFluxErr"], float),
+            "x": np.asarray(x, float),
+            "y": np.asarray(y, float),
+            "flag_edge": np.asarray(out["flag_edge"], bool),
+        }
+    )
+    return tab
+
+
+def cutout_size(bbox_size):
+    """Side of an alert cutout: ``bboxSize`` clamped to the configured 30..102, made odd.
+
+    Parameters
+    ----------
+    bbox_size : int
+
+    Returns
+    -------
+    int
+        Odd side length within ``[cutouts.min_size, cutouts.max_size]``.
+    """
+    lo = int(config.get("cutouts.min_size"))
+    hi = int(config.get("cutouts.max_size"))
+    s = int(min(max(int(bbox_size), lo), hi))
+    if s % 2 == 0:
+        s = s + 1 if s + 1 <= hi else s - 1
+    return s
+
+
+def make_cutout(exposure, x, y, size):
+    """FITS bytes of a CCDData-compatible stamp centred on pixel ``(x, y)``.
+
+    Parameters
+    ----------
+    exposure : apdask.image.Exposure
+    x, y : float
+        Centre in pixels; the stamp is centred on the nearest pixel.
+    size : int
+        Side length in pixels; an even size is increased by one.
+
+    Returns
+    -------
+    bytes
+        A FITS file: primary HDU = image (``BUNIT = 'nJy'``, local WCS), ``UNCERT``
+        (variance, ``UTYPE = 'VarianceUncertainty'``), ``MASK`` (uint32 mask planes)
+        and ``PSF`` (PSF stamp, if known).  Pixels off the exposure are NaN in image
+        and variance and NO_DATA in the mask.  Read it back with
+        ``CCDData.read(io.BytesIO(b), format="fits")``.
+    """
+    size = int(size)
+    if size % 2 == 0:
+        size += 1
+    half = size // 2
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    img = _cutout(np.asarray(exposure.image, np.float32), ix, iy, half, np.float32(np.nan))
+    var = _cutout(np.asarray(exposure.variance, np.float32), ix, iy, half, np.float32(np.nan))
+    msk = _cutout(np.asarray(exposure.mask, np.uint32), ix, iy, half, np.uint32(MASK["NO_DATA"]))
+    hdr = fits.Header()
+    if exposure.wcs is not None:
+        w = exposure.wcs.deepcopy()
+        w.wcs.crpix = w.wcs.crpix - np.array([ix - half, iy - half], dtype=float)
+        w.pixel_shape = (size, size)
+        hdr.update(w.to_header())
+    hdr["BUNIT"] = "nJy"
+    hdus = [
+        fits.PrimaryHDU(img, header=hdr),
+        fits.ImageHDU(var, header=fits.Header([("UTYPE", "VarianceUncertainty")]), name="UNCERT"),
+        fits.ImageHDU(msk, name="MASK"),
+    ]
+    if exposure.psf is not None:
+        hdus.append(fits.ImageHDU(np.asarray(exposure.psf, np.float32), name="PSF"))
+    buf = io.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()

@@ -1,0 +1,211 @@
+"""Tests of apdask.detect: detection, DiaSource measurement, forced photometry, cutouts."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from astropy.nddata import CCDData, VarianceUncertainty
+
+from apdask.detect import (
+    DIASOURCE_COLUMNS,
+    cutout_size,
+    detect_sources,
+    forced_photometry,
+    make_cutout,
+    measure_sources,
+)
+from apdask.image import MASK
+from apdask.subtract import estimate_psf
+from tests._pixels import add_stars, exposure_from, gaussian_psf, make_wcs
+
+SHAPE = (800, 800)
+FWHM = 5.0
+SIGMA = 30.0  # background noise per pixel
+
+
+def make_scene():
+    """Difference, science and template exposures with known injected sources."""
+    rng = np.random.default_rng(11)
+    # a grid of isolated sources, alternating signs, fluxes giving SNR ~ 15..80
+    gx, gy = np.meshgrid(np.arange(60, 760, 70.0), np.arange(60, 760, 70.0))
+    xs = gx.ravel() + rng.uniform(-0.5, 0.5, gx.size)
+    ys = gy.ravel() + rng.uniform(-0.5, 0.5, gx.size)
+    fl = 4000 * 15 ** rng.uniform(0, 1, xs.size) * np.where(np.arange(xs.size) % 3 == 0, -1, 1)
+    truth = np.zeros(SHAPE)
+    add_stars(truth, xs, ys, fl, FWHM)
+    # a dipole pair near (400, 30)
+    add_stars(truth, [397.0, 403.0], [30.0, 30.0], [9000.0, -9000.0], FWHM)
+    var = np.full(SHAPE, SIGMA**2)
+    img = truth + rng.normal(0, SIGMA, SHAPE)
+    mask = np.zeros(SHAPE, np.uint32)
+    # a masked cosmic ray and a masked bad column
+    img[745:748, 20:23] += 5000.0
+    mask[745:748, 20:23] |= MASK["CR"]
+    img[:, 790] += 3000.0
+    mask[:, 790] |= MASK["BAD"]
+    w = make_wcs(SHAPE)
+    diff = exposure_from(img, var, wcs=w, psf=gaussian_psf(FWHM), mask=mask)
+    # science: the same sources (abs flux) on sky; template: empty
+    sci_img = 900 + np.abs(truth) + rng.normal(0, 1, SHAPE) * np.sqrt(900 + np.abs(truth))
+    sci = exposure_from(sci_img, 900 + np.abs(truth), wcs=w, psf=gaussian_psf(FWHM))
+    tpl = exposure_from(rng.normal(0, 3, SHAPE), np.full(SHAPE, 9.0), wcs=w, psf=gaussian_psf(FWHM))
+    return diff, sci, tpl, xs, ys, fl
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene()
+
+
+@pytest.fixture(scope="module")
+def measured(scene):
+    diff, sci, tpl, *_ = scene
+    det = detect_sources(diff)
+    tab = measure_sources(diff, sci, tpl, det, visit=3, detector=5, band="g", mjd=60123.5)
+    return det, tab
+
+
+def _match(tab, x, y):
+    d = np.hypot(tab["x"] - x, tab["y"] - y)
+    i = int(np.argmin(d))
+    return i, d[i]
+
+
+def test_detects_positive_and_negative(scene, measured):
+    diff, sci, tpl, xs, ys, fl = scene
+    det, tab = measured
+    assert set(DIASOURCE_COLUMNS) <= set(tab.colnames)
+    assert "diaSourceId" not in tab.colnames
+    assert len(tab) == len(xs) + 2  # grid + dipole lobes, nothing from the CR or bad column
+    for x, y, f in zip(xs, ys, fl, strict=True):
+        i, d = _match(tab, x, y)
+        assert d * 0.2 < 0.1  # arcsec
+        assert bool(tab["isNegative"][i]) == (f < 0)
+        assert not tab["isDipole"][i]
+
+
+def test_fluxes_and_pulls(scene, measured):
+    diff, sci, tpl, xs, ys, fl = scene
+    det, tab = measured
+    pulls, rel = [], []
+    for x, y, f in zip(xs, ys, fl, strict=True):
+        i, _ = _match(tab, x, y)
+        snr = tab["snr"][i] * np.sign(f)
+        if snr > 20:
+            rel.append(tab["psfFlux"][i] / f - 1)
+        if snr > 100:  # 3 % is > 3 sigma here
+            assert tab["psfFlux"][i] == pytest.approx(f, rel=0.03)
+        pulls.append((tab["psfFlux"][i] - f) / tab["psfFluxErr"][i])
+        assert tab["apFlux"][i] == pytest.approx(f, rel=0.15, abs=5 * tab["apFluxErr"][i])
+        assert tab["scienceFlux"][i] == pytest.approx(abs(f), abs=4 * tab["scienceFluxErr"][i])
+        assert abs(tab["templateFlux"][i]) < 5 * tab["templateFluxErr"][i]
+    assert len(rel) > 50
+    assert abs(np.mean(rel)) < 0.01  # no flux bias at SNR > 20
+    assert np.percentile(np.abs(rel), 68) < 0.03
+    pulls = np.array(pulls)
+    assert abs(np.mean(pulls)) < 0.35
+    assert np.std(pulls) == pytest.approx(1.0, abs=0.3)
+    xpull = [(tab["x"][_match(tab, x, y)[0]] - x) / tab["xErr"][_match(tab, x, y)[0]]
+             for x, y in zip(xs, ys, strict=True)]  # fmt: skip
+    assert np.std(xpull) == pytest.approx(1.0, abs=0.35)
+
+
+def test_columns_and_moments(scene, measured):
+    diff, *_ = scene
+    det, tab = measured
+    assert (tab["visit"] == 3).all() and (tab["detector"] == 5).all()
+    assert (tab["band"] == "g").all() and (tab["midpointMjdTai"] == 60123.5).all()
+    good = ~tab["isDipole"] & (np.abs(tab["snr"]) > 30)
+    sig2 = (FWHM / 2.3548) ** 2
+    assert np.median(tab["ixx"][good]) == pytest.approx(sig2, rel=0.15)
+    assert np.median(tab["iyy"][good]) == pytest.approx(sig2, rel=0.15)
+    assert tab["ixxPSF"][0] == pytest.approx(sig2 + 1 / 12, rel=0.05)
+    assert (tab["bboxSize"] > 0).all()
+    assert not tab["trail_flag"].any()
+    ra, dec = diff.wcs.pixel_to_world_values(tab["x"], tab["y"])
+    np.testing.assert_allclose(tab["dec"], dec)
+    assert np.all(tab["decErr"] > 0) and np.all(tab["raErr"] > 0)
+
+
+def test_dipole_flagged(measured):
+    det, tab = measured
+    sel = tab["isDipole"]
+    assert sel.sum() == 2
+    assert sorted(tab["isNegative"][sel]) == [False, True]
+    assert (tab["dipoleNdata"][sel] > 0).all()
+
+
+def test_masked_pixels_not_detected(measured):
+    det, tab = measured
+    assert not np.any((np.abs(tab["x"] - 21) < 5) & (np.abs(tab["y"] - 746) < 5))
+    assert not np.any(np.abs(tab["x"] - 790) < 3)
+
+
+def test_empty_detections(scene):
+    diff, sci, tpl, *_ = scene
+    quiet = diff.copy_with(image=np.zeros(SHAPE, np.float32))
+    det = detect_sources(quiet)
+    assert len(det) == 0
+    tab = measure_sources(quiet, sci, tpl, det, visit=1, detector=0, band="r", mjd=6e4)
+    assert len(tab) == 0 and set(DIASOURCE_COLUMNS) <= set(tab.colnames)
+
+
+def test_forced_photometry(scene):
+    diff, sci, tpl, xs, ys, fl = scene
+    ra, dec = diff.wcs.pixel_to_world_values(xs[:10], ys[:10])
+    ra = np.append(ra, 10.0)  # off the CCD
+    dec = np.append(dec, 10.0)
+    tab = forced_photometry(diff, sci, ra, dec)
+    assert tab.colnames == ["psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr", "x", "y",
+                            "flag_edge"]  # fmt: skip
+    np.testing.assert_allclose(tab["x"][:10], xs[:10], atol=1e-6)
+    for k in range(10):
+        assert tab["psfFlux"][k] == pytest.approx(fl[k], abs=4 * tab["psfFluxErr"][k])
+        assert not tab["flag_edge"][k]
+    assert tab["flag_edge"][10] and np.isnan(tab["psfFlux"][10])
+
+
+def test_cutout_round_trip(scene):
+    diff, *_ = scene
+    b = make_cutout(diff, 400.2, 300.7, 31)
+    ccd = CCDData.read(io.BytesIO(b), format="fits")
+    assert ccd.shape == (31, 31)
+    assert str(ccd.unit) == "nJy"
+    assert isinstance(ccd.uncertainty, VarianceUncertainty)
+    np.testing.assert_array_equal(ccd.data, diff.image[301 - 15 : 301 + 16, 400 - 15 : 400 + 16])
+    np.testing.assert_array_equal(ccd.uncertainty.array, diff.variance[286:317, 385:416])
+    ra, dec = diff.wcs.pixel_to_world_values(400, 301)
+    r2, d2 = ccd.wcs.pixel_to_world_values(15, 15)
+    assert r2 == pytest.approx(ra, abs=1e-9) and d2 == pytest.approx(dec, abs=1e-9)
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(b)) as hdul:
+        np.testing.assert_allclose(hdul["PSF"].data, diff.psf, rtol=1e-6)
+        assert hdul["MASK"].data.dtype.kind in "ui"
+    # edge: padded with NaN and NO_DATA
+    b = make_cutout(diff, 2.0, 5.0, 30)
+    ccd = CCDData.read(io.BytesIO(b), format="fits")
+    assert ccd.shape == (31, 31)
+    assert np.isnan(ccd.data[0, 0]) and np.isfinite(ccd.data[15, 15])
+    t0 = time.perf_counter()
+    for _ in range(20):
+        make_cutout(diff, 400.2, 300.7, 51)
+    assert (time.perf_counter() - t0) / 20 < 0.05
+
+
+def test_cutout_size():
+    assert cutout_size(5) == 31
+    assert cutout_size(30) == 31
+    assert cutout_size(45) == 45
+    assert cutout_size(64) == 65
+    assert cutout_size(500) == 101
+
+
+def test_psf_from_difference_scene_not_needed(scene):
+    diff, *_ = scene
+    with pytest.raises(Exception, match="PSF"):
+        detect_sources(diff.copy_with(psf=None))
+    assert estimate_psf is not None

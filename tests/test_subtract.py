@@ -1,0 +1,111 @@
+"""Tests of apdask.subtract: PSF estimation and PSF-matched subtraction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apdask.detect import detect_sources, measure_sources
+from apdask.exceptions import PsfFitError
+from apdask.image import MASK
+from apdask.subtract import estimate_psf, subtract
+from tests._pixels import add_stars, exposure_from, gaussian_psf, make_wcs, star_field
+
+SHAPE = (1024, 1024)
+SCALE = 1.2  # science / template photometric ratio
+INJECTED = [(300.3, 400.7, 25000.0), (700.2, 200.5, -20000.0), (512.5, 800.1, 15000.0),
+            (150.8, 850.2, 40000.0)]  # fmt: skip
+
+
+def _pair(fwhm_sci, fwhm_tpl, seed=1, inject=True, tpl_nodata=False):
+    rng = np.random.default_rng(seed)
+    xs, ys, fl = star_field(SHAPE, 600, seed, fmin=5e3, fmax=3e5)
+    w = make_wcs(SHAPE)
+    tt = np.zeros(SHAPE)
+    add_stars(tt, xs, ys, fl, fwhm_tpl)
+    tv = np.full(SHAPE, 90.0)
+    timg = tt + rng.normal(0, 1, SHAPE) * np.sqrt(tv)
+    tmask = np.zeros(SHAPE, np.uint32)
+    if tpl_nodata:
+        timg[:, 900:] = 0.0
+        tmask[:, 900:] = MASK["NO_DATA"]
+    tpl = exposure_from(timg, tv, wcs=w, mask=tmask)
+    # science: the same sky, broader PSF, scaled, plus a sloped background
+    st = 900.0 + 0.05 * np.arange(SHAPE[1])[None, :] + np.zeros(SHAPE)
+    add_stars(st, xs, ys, SCALE * fl, fwhm_sci)
+    if inject:
+        for x, y, f in INJECTED:
+            add_stars(st, [x], [y], [f], fwhm_sci)
+    sv = st + 25.0
+    simg = st + rng.normal(0, 1, SHAPE) * np.sqrt(np.maximum(sv, 1.0))
+    sci = exposure_from(simg, sv, wcs=w, meta={"visit": 7, "band": "r"})
+    return sci, tpl
+
+
+@pytest.fixture(scope="module")
+def normal_case():
+    sci, tpl = _pair(5.0, 3.5)
+    diff, info = subtract(sci, tpl)
+    return sci, tpl, diff, info
+
+
+def test_estimate_psf_matches_truth():
+    sci, _ = _pair(5.0, 3.5, inject=False)
+    psf = estimate_psf(sci)
+    assert psf.shape == (25, 25)
+    assert psf.sum() == pytest.approx(1.0)
+    truth = gaussian_psf(5.0)
+    assert np.abs(psf - truth).max() < 0.05 * truth.max()
+    assert np.unravel_index(np.argmax(psf), psf.shape) == (12, 12)
+
+
+def test_estimate_psf_too_few_stars():
+    rng = np.random.default_rng(0)
+    e = exposure_from(rng.normal(900, 30, (200, 200)), np.full((200, 200), 900.0))
+    with pytest.raises(PsfFitError, match="stars"):
+        estimate_psf(e)
+
+
+def test_subtraction_leaves_only_injected_sources(normal_case):
+    sci, tpl, diff, info = normal_case
+    assert info["direction"] == "convolve_template"
+    assert info["kernel_sum"] == pytest.approx(SCALE, rel=0.01)
+    assert info["n_stamps"] >= 50
+    assert info["fwhm_science"] > info["fwhm_template"]
+    assert diff.meta["visit"] == 7
+    good = diff.mask == 0
+    pull = diff.image[good] / np.sqrt(diff.variance[good])
+    # (injected sources are a negligible fraction of pixels)
+    assert np.std(pull) == pytest.approx(1.0, abs=0.1)
+    assert abs(np.median(pull)) < 0.05
+    det = detect_sources(diff)
+    found = sorted((int(r["x"]), int(r["y"])) for r in det)
+    assert len(det) == len(INJECTED), found
+    tab = measure_sources(diff, sci, tpl, det, visit=7, detector=0, band="r", mjd=60000.0)
+    for x, y, f in INJECTED:
+        i = np.argmin(np.hypot(tab["x"] - x, tab["y"] - y))
+        assert np.hypot(tab["x"][i] - x, tab["y"][i] - y) < 0.3
+        assert tab["psfFlux"][i] == pytest.approx(f, rel=0.05)
+
+
+def test_edge_mask_and_template_nodata():
+    sci, tpl = _pair(5.0, 3.5, seed=2, tpl_nodata=True)
+    diff, info = subtract(sci, tpl, spatial_order=0)
+    h = info["kernel_size"] // 2
+    assert (diff.mask[:, :h] & MASK["EDGE"]).all()
+    assert (diff.mask[:, 900 - h : 900] & MASK["EDGE"]).all()
+    assert (diff.mask[:, 900:] & MASK["NO_DATA"]).all()
+    assert not (diff.mask[h:-h, h : 900 - h] & (MASK["EDGE"] | MASK["NO_DATA"])).any()
+    assert np.isfinite(diff.image).all() and np.isfinite(diff.variance).all()
+
+
+def test_reversed_direction_does_not_crash():
+    sci, tpl = _pair(3.5, 5.0, seed=3)
+    diff, info = subtract(sci, tpl)
+    assert info["direction"] == "convolve_science"
+    assert info["kernel_sum"] == pytest.approx(SCALE, rel=0.02)
+    good = diff.mask == 0
+    pull = diff.image[good] / np.sqrt(diff.variance[good])
+    assert np.std(pull) == pytest.approx(1.0, abs=0.15)
+    det = detect_sources(diff)
+    assert len(det) >= len(INJECTED)

@@ -1,0 +1,75 @@
+"""Tests of apdask.templates.warp_template."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apdask.exceptions import NoTemplateCoverageError
+from apdask.image import MASK, TemplateTile
+from apdask.templates import warp_template
+from tests._pixels import add_stars, gaussian_psf, make_wcs, star_field
+
+FWHM = 3.5
+
+
+def _tile(shape, wcs, seed, tile_id="t0", n=300):
+    xs, ys, fl = star_field(shape, n, seed, fmin=1e3, fmax=1e5)
+    img = np.zeros(shape)
+    add_stars(img, xs, ys, fl, FWHM)
+    tile = TemplateTile(img.astype(np.float32), np.full(shape, 4.0, np.float32), wcs, "r",
+                        tile_id, gaussian_psf(FWHM))  # fmt: skip
+    return tile, xs, ys, fl
+
+
+def test_warp_matches_analytic_rendering():
+    tshape = (700, 700)
+    tw = make_wcs(tshape)
+    tile, xs, ys, fl = _tile(tshape, tw, 1)
+    shape = (500, 520)
+    target = make_wcs(shape, rot_deg=0.7)
+    target.wcs.crval = [150.0 + 3e-4, 2.0 - 2e-4]
+    out = warp_template([tile], target, shape)
+    assert out.image.shape == shape and out.image.dtype == np.float32
+    assert not (out.mask & MASK["NO_DATA"]).any()
+    ra, dec = tw.pixel_to_world_values(xs, ys)
+    x2, y2 = target.world_to_pixel_values(ra, dec)
+    ref = np.zeros(shape)
+    add_stars(ref, x2, y2, fl, FWHM)
+    inner = (slice(20, -20), slice(20, -20))
+    # flux conserved
+    assert out.image[inner].sum() == pytest.approx(ref[inner].sum(), rel=0.01)
+    # per-star aperture fluxes and pixel residuals
+    assert np.abs(out.image - ref)[inner].max() < 0.02 * ref.max()
+    assert np.allclose(out.variance, 4.0, rtol=1e-3)
+    np.testing.assert_allclose(out.psf, gaussian_psf(FWHM))
+    assert out.meta["tiles"] == ["t0"]
+
+
+def test_partial_coverage_and_two_tiles():
+    shape = (400, 400)
+    target = make_wcs(shape)
+    # tile A covers the left ~half of the CCD, tile B (with NaNs) a band further right
+    ta = make_wcs((400, 220), crpix=(200.5 + 0, 200.5))
+    tile_a, *_ = _tile((400, 220), ta, 2, "a")
+    tb = make_wcs((400, 100), crpix=(200.5 - 220, 200.5))
+    tile_b, *_ = _tile((400, 100), tb, 3, "b")
+    tile_b.image[100:110, 40:50] = np.nan
+    out = warp_template([tile_a, tile_b], target, shape)
+    nodata = (out.mask & MASK["NO_DATA"]) != 0
+    assert not nodata[:, :215].any()
+    assert nodata[:, 330:].all()
+    assert nodata[100:110, 260:270].all()
+    assert not nodata[200:300, 230:310].any()
+    assert np.isfinite(out.image).all()
+    assert out.meta["tiles"] == ["a", "b"]
+
+
+def test_no_coverage_raises():
+    shape = (200, 200)
+    far = make_wcs(shape, ra=10.0, dec=-40.0)
+    tile, *_ = _tile(shape, make_wcs(shape), 4, n=10)
+    with pytest.raises(NoTemplateCoverageError):
+        warp_template([tile], far, shape)
+    with pytest.raises(NoTemplateCoverageError):
+        warp_template([], far, shape)
