@@ -126,7 +126,7 @@ def _cmd_process_ccd(args):
     from .camera import check_band, check_pointing
     from .exceptions import ConfigurationError
     from .run import run_visit
-    from .visit import NextVisit
+    from .visit import NextVisit, check_raw_header
 
     repo = config.get("repo", args.repo)
     if repo is None:
@@ -143,7 +143,7 @@ def _cmd_process_ccd(args):
     dist = open_distributor(args.distributor)
     timeout = config.get("distributor.timeout", args.timeout)
     first = dist.get(args.image[0], timeout=timeout)
-    meta = read_raw(first).meta
+    meta = check_raw_header(read_raw(first).meta, detector, args.band, name=args.image[0])
     nv = NextVisit(
         instrument=camera.name, groupId=str(meta.visit), visit=meta.visit, position=(ra, dec),
         rotationAngle=meta.rotpa, filters=args.band, duration=args.exptime,

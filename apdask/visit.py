@@ -32,7 +32,13 @@ from . import config
 from .camera import check_band, check_pointing, get_camera
 from .exceptions import ConfigurationError, HeaderMismatchError
 
-__all__ = ["NextVisit", "build_visit_graph", "ccd_tasks", "visit_time_window"]
+__all__ = [
+    "NextVisit",
+    "build_visit_graph",
+    "ccd_tasks",
+    "check_raw_header",
+    "visit_time_window",
+]
 
 log = logging.getLogger(__name__)
 
@@ -183,26 +189,32 @@ def _fetch(distributor_url, name, timeout):
     return {"path": path, "name": name, "registered": time.time(), "waited": time.time() - t0}
 
 
+def check_raw_header(meta, detector, band, visit=None, name=None):
+    """Check a raw's header against the invocation; raise HeaderMismatchError if it differs."""
+    name = name or meta.detector_name
+    if meta.detector_name != detector.name:
+        msg = (
+            f"raw {name} has DETNAME={meta.detector_name} but CCD {detector.name} was "
+            "requested; pass the image of that CCD"
+        )
+        raise HeaderMismatchError(msg)
+    if meta.band != band:
+        msg = f"raw {name} has FILTBAND={meta.band} but --filter {band} was given"
+        raise HeaderMismatchError(msg)
+    if visit is not None and meta.visit != visit:
+        msg = f"raw {name} belongs to visit {meta.visit}, expected {visit}"
+        raise HeaderMismatchError(msg)
+    return meta
+
+
 def _check_header(fetched, detector, band, anticipated_exptime, visit):
     """Read the raw headers of all snaps and check them against the invocation."""
     from .rawio import effective_exptime, read_raw
 
-    metas = []
-    for f in fetched:
-        meta = read_raw(f["path"]).meta
-        if meta.detector_name != detector.name:
-            msg = (
-                f"raw {f['name']} has DETNAME={meta.detector_name} but CCD {detector.name} was "
-                "requested; pass the image of that CCD"
-            )
-            raise HeaderMismatchError(msg)
-        if meta.band != band:
-            msg = f"raw {f['name']} has FILTBAND={meta.band} but --filter {band} was given"
-            raise HeaderMismatchError(msg)
-        if visit is not None and meta.visit != visit:
-            msg = f"raw {f['name']} belongs to visit {meta.visit}, expected {visit}"
-            raise HeaderMismatchError(msg)
-        metas.append(meta)
+    metas = [
+        check_raw_header(read_raw(f["path"]).meta, detector, band, visit, f["name"])
+        for f in fetched
+    ]
     exptime = sum(effective_exptime(m) for m in metas)
     anticipated = anticipated_exptime * len(metas)
     if anticipated and abs(exptime - anticipated) > 0.01 * anticipated:

@@ -1,0 +1,89 @@
+"""The apdask command: DMTN-092 invocation, bad input and exit codes."""
+
+import os
+import shutil
+
+import pytest
+
+from apdask.cli import main
+
+
+def _ccd_args(repo, ccd="T00", ra="150.0", dec="-30.0", band="r", image=None, timeout="2"):
+    image = image or f"TestCam_1000_{ccd}_0.fits"
+    return [
+        "process-ccd", "--ccd", ccd, "--ra", ra, "--dec", dec, "--filter", band,
+        "--exptime", "30", "--distributor", f"file://{repo}/raw", "--image", image,
+        "--repo", repo, "--timeout", timeout,
+    ]  # fmt: skip
+
+
+def _nothing_written(repo):
+    alerts = os.path.join(repo, "alerts")
+    files = [f for _, _, fs in os.walk(alerts) for f in fs] if os.path.isdir(alerts) else []
+    assert files == []
+    db = os.path.join(repo, "ppdb", "apdb.db")
+    if os.path.exists(db):
+        from apdask.ppdb import Ppdb
+
+        counts = Ppdb.open(os.path.join(repo, "ppdb", "apdb.yaml")).apdb.tableRowCount()
+        assert counts.get("DiaSource", 0) == 0 and counts.get("DiaObject", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "words"),
+    [
+        ({"ccd": "R22_S11"}, 64, ["unknown CCD", "T00"]),
+        ({"ra": "361"}, 64, ["RA", "[0, 360)"]),
+        ({"dec": "-95"}, 64, ["Dec"]),
+        ({"band": "H"}, 64, ["unknown filter", "--filter"]),
+        ({"image": "TestCam_9999_T00_0.fits", "timeout": "0.5"}, 75, ["TestCam_9999_T00_0.fits"]),
+        ({"image": "TestCam_1000_T01_0.fits"}, 65, ["DETNAME=T01", "T00"]),
+        ({"band": "g"}, 65, ["FILTBAND=r"]),
+    ],
+)
+def test_process_ccd_bad_input(repo, capsys, kwargs, code, words):
+    assert main(_ccd_args(repo, **kwargs)) == code
+    err = capsys.readouterr().err
+    assert err.startswith("apdask: error:") and err.count("\n") == 1
+    for w in words:
+        assert w in err
+    _nothing_written(repo)
+
+
+def test_process_ccd_corrupt_raw(repo, capsys):
+    src = os.path.join(repo, "raw", "TestCam_1000_T00_0.fits")
+    with open(src, "rb") as fh:
+        data = fh.read()
+    with open(os.path.join(repo, "raw", "broken.fits"), "wb") as fh:
+        fh.write(data[: len(data) // 3])
+    assert main(_ccd_args(repo, image="broken.fits")) == 65
+    assert "broken.fits" in capsys.readouterr().err
+    _nothing_written(repo)
+
+
+def test_process_ccd_unknown_repo(tmp_path, capsys):
+    assert main(_ccd_args(str(tmp_path / "nowhere"))) == 78
+    assert "simulate" in capsys.readouterr().err
+
+
+def test_process_ccd_writes_alerts_and_validate(repo, capsys):
+    assert main(_ccd_args(repo)) == 0
+    capsys.readouterr()
+    assert os.path.exists(os.path.join(repo, "alerts", "visit_1000", "1000_0.avro"))
+    assert main(["alerts", "validate", f"file://{repo}/alerts"]) == 0
+    out = capsys.readouterr().out
+    assert '"problems": []' in out
+    assert main(["alerts", "tail", f"{repo}/alerts"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines and all("diaSourceId=" in line for line in lines)
+
+
+def test_simulate_and_ingest_commands(tmp_path, capsys):
+    repo = str(tmp_path / "r")
+    assert main(["simulate", "--camera", "testcam", "--repo", repo, "--visits", "1"]) == 0
+    assert os.path.exists(os.path.join(repo, "visits", "visit_1000.json"))
+    # A corrupt FITS cannot be ingested as a template.
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(b"not fits at all")
+    assert main(["butler", "ingest-template", str(bad), "--filter", "r", "--repo", repo]) != 0
+    shutil.rmtree(repo)
