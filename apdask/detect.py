@@ -209,14 +209,15 @@ def _subpixel_peak(img, iy, ix):
 
 def _find_stars(
     image, variance, mask, *, fwhm=4.5, nsigma=10.0, isolation=10.0, border=12, max_stars=None,
-    avoid=None,
+    avoid=None, contrast=0.0,
 ):  # fmt: skip
     """Bright, isolated, unmasked point-like peaks.
 
     Returns a dict of arrays ``x``, ``y`` (sub-pixel), ``snr`` (matched-filter) and
     ``flux`` (peak of the Gaussian-filtered, background-subtracted image), sorted by
     decreasing ``snr``.  ``avoid`` is a boolean image of pixels a star may not touch
-    within ``border`` pixels.
+    within ``border`` pixels.  A star is isolated when no other peak above 5 sigma
+    and brighter than ``contrast`` times its own peak lies within ``isolation`` pixels.
     """
     ny, nx = image.shape
     bad = ~np.isfinite(image) | ((mask & _IGNORE) != 0)
@@ -233,11 +234,14 @@ def _find_stars(
     iy, ix = ay[strong], ax[strong]
     keep = (ix >= border) & (ix < nx - border) & (iy >= border) & (iy < ny - border)
     iy, ix = iy[keep], ix[keep]
-    # isolation against all peaks above 5 sigma
+    # isolation against all peaks above 5 sigma brighter than contrast x this one
     if len(ix) and len(ax) > 1:
         tree = cKDTree(np.column_stack([ax, ay]))
+        apk = sm[ay, ax]
+        nbrs = tree.query_ball_point(np.column_stack([ix, iy]), isolation)
+        own = sm[iy, ix]
         counts = np.array(
-            [len(n) for n in tree.query_ball_point(np.column_stack([ix, iy]), isolation)]
+            [int(np.count_nonzero(apk[n] > contrast * o)) for n, o in zip(nbrs, own, strict=True)]
         )
         iy, ix = iy[counts <= 1], ix[counts <= 1]
     if len(ix):

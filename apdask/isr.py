@@ -82,7 +82,7 @@ def isr_amp(raw, amp, bias=None, dark=None, flat=None, darktime=0.0):
         img -= np.nan_to_num(np.asarray(bias, np.float32))
     if dark is not None:
         dark = np.asarray(dark, np.float32)
-        img -= np.nan_to_num(dark) * np.float32(darktime)
+        img -= np.nan_to_num(dark) * np.float32(float(darktime))
         mask[~np.isfinite(dark) | (dark > DARK_HOT)] |= MASK["BAD"]
     if flat is not None:
         flat = np.asarray(flat, np.float32)
@@ -116,8 +116,8 @@ def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
     bias, dark, flat : array_like, optional
         Assembled calibration arrays (numpy or dask): bias in e-, dark in e-/s,
         flat normalised to 1.
-    darktime : float, optional
-        Dark time in seconds.
+    darktime : float or dask.delayed.Delayed, optional
+        Dark time in seconds (may be a Delayed, e.g. read from a header lazily).
 
     Returns
     -------
@@ -148,7 +148,7 @@ def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
         for amp in row:
             raw = amps[by_index[amp.index]]
             out = task(raw, amp, _section(bias, amp), _section(dark, amp), _section(flat, amp),
-                       float(darktime), dask_key_name=None)  # fmt: skip
+                       darktime)  # fmt: skip
             shp = (amp.ny, amp.nx)
             brow["img"].append(da.from_delayed(out[0], shp, dtype=np.float32))
             brow["var"].append(da.from_delayed(out[1], shp, dtype=np.float32))

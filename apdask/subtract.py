@@ -53,8 +53,8 @@ def estimate_psf(exposure, stamp_size=25, max_stars=200):
     half = stamp_size // 2
     fwhm0 = _guess_fwhm(exposure)
     stars = _find_stars(
-        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=30.0,
-        isolation=1.5 * stamp_size, border=half + 2, max_stars=None,
+        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
+        isolation=stamp_size, border=half + 2, max_stars=None, contrast=0.02,
     )  # fmt: skip
     n_found = len(stars["x"])
     # skip the very brightest few percent (possible non-linearity), keep max_stars
@@ -335,7 +335,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     bad_any = (bad_any != 0) | nodata_t | nodata_s
     stars = _find_stars(
         sci_img, science.variance, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
-        border=border, max_stars=None, avoid=bad_any,
+        border=border, max_stars=None, avoid=bad_any, contrast=0.01,
     )  # fmt: skip
     n_all = len(stars["x"])
     idx = np.arange(n_all)
