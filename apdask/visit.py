@@ -371,6 +371,7 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
     sources = measured["sources"]
     n = len(sources)
     sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
+    sources["timeProcessedMjdTai"] = _now_mjd()
     objects = prefetch["objects"]
     matched = associate.associate(sources, objects)
     history = prefetch["sources"]
@@ -499,8 +500,11 @@ def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributo
     band, v = next_visit.filters, next_visit.visit
     tag = f"{v}-{det.name}"
 
-    def d(fn, stage, nout=None):
-        return dask.delayed(fn, pure=True, nout=nout, name=f"{stage}-{tag}")
+    def d(fn, stage):
+        def call(*args):
+            return dask.delayed(fn, pure=False)(*args, dask_key_name=f"{stage}-{tag}")
+
+        return call
 
     mjd_guess = next_visit.mjd if next_visit.mjd is not None else _now_mjd()
     prefetch = d(_prefetch, "prefetch")(
@@ -514,7 +518,7 @@ def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributo
         mjd_guess,
     )
     fetched = [
-        dask.delayed(_fetch, pure=False, name=f"fetch-{tag}-{k}")(distributor, name, timeout)
+        dask.delayed(_fetch)(distributor, name, timeout, dask_key_name=f"fetch-{tag}-{k}")
         for k, name in enumerate(image_names or next_visit.image_names(det.name))
     ]
     header = d(_check_header, "header")(fetched, det, band, next_visit.duration, v)
@@ -525,7 +529,7 @@ def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributo
     for k, f in enumerate(fetched):
         amps = [
             da.from_delayed(
-                dask.delayed(_read_amp, pure=True, name=f"read-{tag}-{k}-{a.index}")(f, a.index),
+                dask.delayed(_read_amp)(f, a.index, dask_key_name=f"read-{tag}-{k}-{a.index}"),
                 a.raw_shape,
                 np.float32,
             )
@@ -620,4 +624,4 @@ def build_visit_graph(
         )  # fmt: skip
         for name in names
     ]
-    return dask.delayed(_gather, pure=True, name=f"gather-{next_visit.visit}")(next_visit, reports)
+    return dask.delayed(_gather)(next_visit, reports, dask_key_name=f"gather-{next_visit.visit}")
