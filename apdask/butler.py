@@ -28,7 +28,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from .camera import check_band, get_camera
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError, RawFormatError
 from .image import TemplateTile
 
 __all__ = ["Butler", "CALIB_KINDS", "wcs_to_attrs", "wcs_from_attrs", "polygons_overlap"]
@@ -154,6 +154,18 @@ def _open_store(path, read_only=False):
     if path.startswith("file://"):
         path = path[len("file://") :]
     return zarr.storage.LocalStore(path, read_only=read_only)
+
+
+def _open_fits(path):
+    """Open a FITS file for ingest, turning unreadable input into a clear error."""
+    if not os.path.isfile(path):
+        msg = f"{path}: no such file; give the path of a FITS image to ingest"
+        raise RawFormatError(msg)
+    try:
+        return fits.open(path)
+    except OSError as e:
+        msg = f"{path} is not a readable FITS file ({e}); give a FITS image to ingest"
+        raise RawFormatError(msg) from None
 
 
 class Butler:
@@ -324,7 +336,7 @@ class Butler:
         path = os.fspath(path)
         if tile_id is None:
             tile_id = os.path.basename(path).split(".")[0]
-        with fits.open(path) as hdul:
+        with _open_fits(path) as hdul:
             hdu = next(
                 (h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2),
                 None,
@@ -457,7 +469,7 @@ class Butler:
         The image must already be in the stored units (see :meth:`put_calib`).
         """
         path = os.fspath(path)
-        with fits.open(path) as hdul:
+        with _open_fits(path) as hdul:
             hdu = next(
                 (h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2),
                 None,

@@ -60,7 +60,8 @@ class CoordinateError(ApdaskError, ValueError):
 
 
 class RawFormatError(ApdaskError):
-    """A raw file that is missing, unreadable or lacks required keywords."""
+    """An input FITS file (raw, template or calibration) that is missing, unreadable
+    or lacks required keywords."""
 
     exit_code = 65  # EX_DATAERR
 

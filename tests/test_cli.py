@@ -85,5 +85,5 @@ def test_simulate_and_ingest_commands(tmp_path, capsys):
     # A corrupt FITS cannot be ingested as a template.
     bad = tmp_path / "bad.fits"
     bad.write_bytes(b"not fits at all")
-    assert main(["butler", "ingest-template", str(bad), "--filter", "r", "--repo", repo]) != 0
+    assert main(["butler", "ingest-template", str(bad), "--filter", "r", "--repo", repo]) == 65
     shutil.rmtree(repo)
