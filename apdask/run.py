@@ -9,6 +9,7 @@ on a scheduler and collects per-stage timings from the task stream.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 
@@ -67,8 +68,9 @@ def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
             memory_limit=memory_limit,
-            dashboard_address=None,
+            dashboard_address=":0",
             processes=True,
+            silence_logs=logging.WARNING,
         ) as cluster,
         Client(cluster) as client,
     ):
