@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import os
 import struct
 import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fastavro
@@ -23,11 +27,18 @@ import fastavro.validation
 import numpy as np
 
 from . import config
+from ._avrovec import RecordEncoder, encode_bytes, encode_long
 from .exceptions import ConfigurationError
+from .stamps import StampMaker
 
 __all__ = [
     "load_schema",
     "make_alert",
+    "EncodedAlert",
+    "package_alerts",
+    "encode_alert",
+    "StampMaker",
+    "SinkResult",
     "FileSink",
     "sink_from_uri",
     "read_alerts",
@@ -301,7 +312,291 @@ def make_alert(
 
 
 # ---------------------------------------------------------------------------
+# fast, column-wise packaging
+
+
+class EncodedAlert:
+    """One alert already serialised as a schemaless Avro body.
+
+    Attributes
+    ----------
+    diaSourceId, diaObjectId : int or None
+        Ids of the triggering DiaSource and its DiaObject (the Kafka key).
+    body : bytes
+        Schemaless Avro encoding in the schema it was built with.
+    trimmed : str or None
+        What was cut to make the alert fit the broker's size limit, if anything.
+    """
+
+    __slots__ = ("diaSourceId", "diaObjectId", "body", "trimmed")
+
+    def __init__(self, diaSourceId, diaObjectId, body, trimmed=None):
+        self.diaSourceId = diaSourceId
+        self.diaObjectId = diaObjectId
+        self.body = body
+        self.trimmed = trimmed
+
+    def __repr__(self):
+        return (
+            f"EncodedAlert(diaSourceId={self.diaSourceId}, diaObjectId={self.diaObjectId}, "
+            f"{len(self.body)} bytes)"
+        )
+
+    def decode(self, schema=None):
+        """Return the packet as a dict (fastavro)."""
+        parsed = _parsed(load_schema() if schema is None else schema)
+        return fastavro.schemaless_reader(io.BytesIO(self.body), parsed, parsed)
+
+
+def encode_alert(alert, schema=None):
+    """Return an :class:`EncodedAlert` of a packet dict (or pass one through).
+
+    Parameters
+    ----------
+    alert : dict or EncodedAlert
+    schema : lsst.alert.packet.Schema, optional
+
+    Returns
+    -------
+    EncodedAlert
+    """
+    if isinstance(alert, EncodedAlert):
+        return alert
+    schema = load_schema() if schema is None else schema
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, _parsed(schema), alert)
+    src = alert.get("diaSource") or {}
+    oid = src.get("diaObjectId")
+    return EncodedAlert(alert["diaSourceId"], oid, buf.getvalue())
+
+
+class _Packager:
+    """Per-schema encoders and the layout of the top-level alert record."""
+
+    def __init__(self, schema):
+        definition = schema.definition
+        named = {}
+        _collect_named(definition, named)
+        self.source = RecordEncoder(named["diaSource"])
+        self.forced = RecordEncoder(named["diaForcedSource"])
+        self.object = RecordEncoder(named["diaObject"])
+        self.top = []
+        for f in definition["fields"]:
+            t = f["type"]
+            null_first = isinstance(t, list) and t[0] == "null"
+            self.top.append((f["name"], null_first))
+
+
+def _packager(schema):
+    entry = _per_schema(schema)
+    if len(entry) == 3:
+        entry = (*entry, _Packager(schema))
+        _PER_SCHEMA[id(schema)] = entry
+    return entry[3]
+
+
+def _column(table, name):
+    if table is None:
+        return None
+    if hasattr(table, "colnames"):
+        return np.asarray(table[name]) if name in table.colnames else None
+    col = table.get(name)
+    return None if col is None else np.asarray(col)
+
+
+def _n_rows(table):
+    if table is None:
+        return 0
+    if hasattr(table, "colnames"):
+        return len(table)
+    return len(next(iter(table.values()))) if table else 0
+
+
+def _row_bytes(encoder, table):
+    n = _n_rows(table)
+    if n == 0:
+        return []
+    flat, off = encoder.encode(table, n)
+    off = off.tolist()
+    return [flat[off[i] : off[i + 1]] for i in range(n)]
+
+
+def _groups(ids):
+    """``{id: [row indices]}`` of an integer column, rows in table order (nulls skipped)."""
+    if ids is None or len(ids) == 0:
+        return {}
+    ids = np.asarray(ids)
+    if ids.dtype.kind == "f":
+        keep = np.flatnonzero(~np.isnan(ids))
+        ids = ids[keep].astype(np.int64)
+    else:
+        keep = np.arange(len(ids))
+        ids = ids.astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    cuts = np.flatnonzero(np.diff(sorted_ids)) + 1
+    rows = keep[order].tolist()
+    starts = [0, *cuts.tolist()]
+    ends = [*cuts.tolist(), len(rows)]
+    keys = sorted_ids[starts].tolist()
+    return {k: rows[a:b] for k, a, b in zip(keys, starts, ends, strict=True)}
+
+
+def _array_block(items):
+    if not items:
+        return b"\x02\x00"  # union branch 1 (array), empty array
+    return b"\x02" + encode_long(len(items)) + b"".join(items) + b"\x00"
+
+
+def _nullable_bytes(b):
+    return b"\x00" if b is None else b"\x02" + encode_bytes(bytes(b))
+
+
+def package_alerts(
+    sources, history=None, forced_history=None, objects=None, cutouts=None, schema=None
+):
+    """Build and serialise the alerts of one CCD, column-wise.
+
+    Byte-identical to ``make_alert`` followed by ``fastavro.schemaless_writer``,
+    but about 20 times faster for realistic histories: every table is encoded
+    once with numpy (see ``apdask._avrovec``) and each alert is assembled from
+    byte slices.
+
+    Parameters
+    ----------
+    sources : astropy.table.Table or mapping of columns
+        The triggering DiaSources, one alert each (schema column names).
+    history : Table or mapping, optional
+        Previous DiaSources (may include ``sources``); rows of the alert's
+        ``diaObjectId`` other than the alert's own ``diaSourceId`` become
+        ``prvDiaSources``.
+    forced_history : Table or mapping, optional
+        Previous DiaForcedSources, grouped by ``diaObjectId`` into
+        ``prvDiaForcedSources``.
+    objects : Table or mapping, optional
+        The (updated) DiaObjects, matched by ``diaObjectId``.
+    cutouts : sequence of (bytes or None) triples, optional
+        ``(difference, science, template)`` FITS stamps per source.
+    schema : lsst.alert.packet.Schema, optional
+
+    Returns
+    -------
+    list of EncodedAlert
+        In the order of ``sources``.
+
+    Raises
+    ------
+    ValueError
+        If a required field is missing or NaN; the message names it.
+    """
+    schema = load_schema() if schema is None else schema
+    pk = _packager(schema)
+    n = _n_rows(sources)
+    if n == 0:
+        return []
+    src_bytes = _row_bytes(pk.source, sources)
+    src_ids = _column(sources, "diaSourceId").astype(np.int64).tolist()
+    oid_col = _column(sources, "diaObjectId")
+    src_oids = [None] * n if oid_col is None else oid_col.tolist()
+    hist_bytes = _row_bytes(pk.source, history)
+    hist_groups = _groups(_column(history, "diaObjectId")) if hist_bytes else {}
+    hist_ids = _column(history, "diaSourceId").tolist() if hist_bytes else []
+    forced_bytes = _row_bytes(pk.forced, forced_history)
+    forced_groups = _groups(_column(forced_history, "diaObjectId")) if forced_bytes else {}
+    obj_bytes = _row_bytes(pk.object, objects)
+    obj_index = {}
+    if obj_bytes:
+        for i, v in enumerate(_column(objects, "diaObjectId").tolist()):
+            obj_index[int(v)] = i
+    if cutouts is None:
+        cutouts = [(None, None, None)] * n
+    elif len(cutouts) != n:
+        msg = f"got {len(cutouts)} cutout triples for {n} sources; give one per source"
+        raise ValueError(msg)
+    out = []
+    for i in range(n):
+        sid = src_ids[i]
+        oid = src_oids[i]
+        if oid is not None and oid == oid:
+            oid = int(oid)
+        else:
+            oid = None
+        diff, sci, tmpl = cutouts[i]
+        prv = [hist_bytes[j] for j in hist_groups.get(oid, ()) if hist_ids[j] != sid]
+        frc = [forced_bytes[j] for j in forced_groups.get(oid, ())]
+        oi = obj_index.get(oid)
+        parts = []
+        for name, null_first in pk.top:
+            if name == "diaSourceId":
+                parts.append(encode_long(sid))
+            elif name == "diaSource":
+                parts.append(src_bytes[i])
+            elif name == "prvDiaSources":
+                parts.append(_array_block(prv))
+            elif name == "prvDiaForcedSources":
+                parts.append(_array_block(frc))
+            elif name == "diaObject":
+                parts.append(b"\x00" if oi is None else b"\x02" + obj_bytes[oi])
+            elif name == "cutoutDifference":
+                parts.append(_nullable_bytes(diff))
+            elif name == "cutoutScience":
+                parts.append(_nullable_bytes(sci))
+            elif name == "cutoutTemplate":
+                parts.append(_nullable_bytes(tmpl))
+            elif null_first:
+                parts.append(b"\x00")
+            else:
+                msg = f"alert field {name!r} is required by the schema but apdask cannot fill it"
+                raise ValueError(msg)
+        out.append(EncodedAlert(sid, oid, b"".join(parts)))
+    return out
+
+
+# ---------------------------------------------------------------------------
 # sinks
+
+
+@dataclass
+class SinkResult:
+    """What one ``sink.write(visit, detector, alerts)`` did.
+
+    Attributes
+    ----------
+    delivered : int
+        Alerts written (file sink) or acknowledged by the broker (Kafka).
+    spooled : int
+        Alerts not acknowledged in time and written to the spool.
+    trimmed : list of (int, str)
+        ``(diaSourceId, what was trimmed)`` of oversize alerts.
+    path : pathlib.Path or None
+        The file written by a file sink.
+    spool_path : pathlib.Path or None
+        The spool file, if anything was spooled.
+    problems : list of str
+        Distinct reasons for spooling.
+    seconds : float
+        Wall time of the write.
+    """
+
+    delivered: int = 0
+    spooled: int = 0
+    trimmed: list = field(default_factory=list)
+    path: Path | None = None
+    spool_path: Path | None = None
+    problems: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self):
+        """JSON-friendly summary for reports."""
+        return {
+            "delivered": self.delivered,
+            "spooled": self.spooled,
+            "trimmed": len(self.trimmed),
+            "trimmed_ids": [[int(i), t] for i, t in self.trimmed],
+            "path": None if self.path is None else str(self.path),
+            "spool_path": None if self.spool_path is None else str(self.spool_path),
+            "problems": list(self.problems),
+        }
 
 
 class FileSink:
@@ -333,26 +628,34 @@ class FileSink:
         return self.root / f"visit_{int(visit)}" / f"{int(visit)}_{int(detector)}.avro"
 
     def write(self, visit, detector, alerts):
-        """Write all alerts of one CCD atomically and return the file path.
+        """Write all alerts of one CCD atomically.
 
         Parameters
         ----------
         visit, detector : int
             Identify the CCD exposure.
-        alerts : iterable of dict
-            Packets from :func:`make_alert`.
+        alerts : iterable of dict or EncodedAlert
+            Packets from :func:`make_alert` or :func:`package_alerts`.
 
         Returns
         -------
-        pathlib.Path
-            The written file.
+        SinkResult
+            ``path`` is the written file; ``delivered`` the number of alerts.
         """
+        t0 = time.monotonic()
+        alerts = list(alerts)
         path = self.path_for(visit, detector)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fastavro.writer(fh, _parsed(self.schema), alerts, codec=self.codec)
+                if alerts and all(isinstance(a, EncodedAlert) for a in alerts):
+                    _write_bodies(fh, self.schema, [a.body for a in alerts], self.codec)
+                else:
+                    records = [
+                        a.decode(self.schema) if isinstance(a, EncodedAlert) else a for a in alerts
+                    ]
+                    fastavro.writer(fh, _parsed(self.schema), records, codec=self.codec)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -360,7 +663,30 @@ class FileSink:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
-        return path
+        return SinkResult(delivered=len(alerts), path=path, seconds=time.monotonic() - t0)
+
+    def close(self):
+        """Nothing to release (API symmetry with the Kafka sink)."""
+
+
+def _write_bodies(fh, schema, bodies, codec, per_block=256):
+    """Write pre-encoded record bodies as an Avro object-container file."""
+    meta = {"avro.schema": json.dumps(schema.definition).encode(), "avro.codec": codec.encode()}
+    sync = os.urandom(16)
+    head = [b"Obj\x01", encode_long(len(meta))]
+    for k, v in meta.items():
+        head += [encode_bytes(k.encode()), encode_bytes(v)]
+    fh.write(b"".join(head) + b"\x00" + sync)
+    for i in range(0, len(bodies), per_block):
+        chunk = bodies[i : i + per_block]
+        data = b"".join(chunk)
+        if codec == "deflate":
+            c = zlib.compressobj(wbits=-15)
+            data = c.compress(data) + c.flush()
+        elif codec != "null":
+            msg = f"unsupported Avro codec {codec!r}; use deflate or null"
+            raise ConfigurationError(msg)
+        fh.write(encode_long(len(chunk)) + encode_long(len(data)) + data + sync)
 
 
 def _fsync_dir(directory):
@@ -376,28 +702,35 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def sink_from_uri(uri, schema=None):
+def sink_from_uri(uri, schema=None, spool_dir=None):
     """Return the alert sink for ``uri``.
 
     Parameters
     ----------
     uri : str
-        ``file://DIR`` (or a plain directory path).  ``kafka://`` is not yet
-        implemented.
+        ``file://DIR`` (or a plain directory path) for :class:`FileSink`;
+        ``kafka://HOST:PORT/TOPIC[?spool_dir=...&compression=...&delivery_timeout=...
+        &max_message_bytes=...]`` for :class:`apdask.kafka.KafkaSink`.
     schema : lsst.alert.packet.Schema, optional
         Passed to the sink.
+    spool_dir : str, optional
+        Spool directory of a Kafka sink when the URI does not name one.
 
     Returns
     -------
-    FileSink
+    FileSink or apdask.kafka.KafkaSink
+        Both have ``write(visit, detector, alerts) -> SinkResult`` and ``close()``.
     """
     if uri is None:
         msg = "no alert sink configured; set apdask.alerts.sink to file://DIR or kafka://..."
         raise ConfigurationError(msg)
     uri = str(uri)
     if uri.startswith("kafka://"):
-        msg = "the Kafka alert sink is not implemented yet; use a file:// sink"
-        raise NotImplementedError(msg)
+        from .kafka import KafkaSink, parse_kafka_uri
+
+        bootstrap, topic, options = parse_kafka_uri(uri)
+        options.setdefault("spool_dir", spool_dir)
+        return KafkaSink(bootstrap, topic, schema=schema, **options)
     if uri.startswith("file://"):
         return FileSink(uri[len("file://") :], schema=schema)
     if "://" in uri:

@@ -5,7 +5,10 @@ from a ``cKDTree`` on unit vectors, and the assignment is an optimal bipartite
 matching on a χ² cost (squared separation over the summed positional
 variances), solved per connected component of the candidate graph so that it
 stays fast for 1e5 objects.  :func:`update_objects` recomputes the DPDD
-aggregates of every touched DiaObject from its full source history.
+aggregates of every touched DiaObject from its full source history, including
+``{b}_fpFluxMean`` from the forced-photometry history plus this visit's forced
+sources.  :func:`associate_ccd` chains both for one CCD and records each new
+DiaObject's nearest DRP Objects (``DiaObject_To_Object_Match`` rows).
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from scipy.spatial import cKDTree
 
 from . import config
 
-__all__ = ["associate", "update_objects", "nearest_drp_objects", "BANDS"]
+__all__ = [
+    "associate",
+    "update_objects",
+    "associate_ccd",
+    "nearest_drp_objects",
+    "drp_matches",
+    "BANDS",
+]
 
 BANDS = ("u", "g", "r", "i", "z", "y")
 _DEFAULT_SIGMA_ARCSEC = 0.1
@@ -457,3 +467,98 @@ def nearest_drp_objects(ra, dec, drp_ra, drp_dec, drp_ids, k=3, radius_arcsec=5.
     ids[:, :kk][ok] = drp_ids[j[ok]]
     dist[:, :kk][ok] = 2.0 * np.arcsin(np.clip(0.5 * chord[ok], 0.0, 1.0)) / _ARCSEC
     return ids, dist
+
+
+def drp_matches(objects, drp, k=3, radius_arcsec=5.0):
+    """``DiaObject_To_Object_Match`` rows: up to ``k`` nearest DRP Objects per DiaObject.
+
+    Parameters
+    ----------
+    objects : astropy.table.Table
+        DiaObjects (``diaObjectId``, ``ra``, ``dec``).
+    drp : astropy.table.Table or None
+        DRP Objects (``objectId``, ``ra``, ``dec``).
+    k : int
+    radius_arcsec : float
+
+    Returns
+    -------
+    astropy.table.Table
+        ``diaObjectId``, ``objectId``, ``dist`` (arcsec) and ``lnP`` (NaN: no
+        probability model yet), nearest first per DiaObject.
+    """
+    n = 0 if objects is None else len(objects)
+    if n and drp is not None and len(drp):
+        ids, dist = nearest_drp_objects(
+            _col(objects, "ra", n), _col(objects, "dec", n),
+            np.asarray(drp["ra"], float), np.asarray(drp["dec"], float),
+            drp["objectId"], k=k, radius_arcsec=radius_arcsec,
+        )  # fmt: skip
+        found = ids >= 0
+        rows, _ = np.nonzero(found)
+        oid = np.asarray(objects["diaObjectId"], dtype=np.int64)[rows]
+        obj, d = ids[found], dist[found]
+    else:
+        oid = obj = np.zeros(0, np.int64)
+        d = np.zeros(0)
+    out = Table({"diaObjectId": oid, "objectId": obj, "dist": d, "lnP": np.full(d.size, np.nan)})
+    out["dist"].unit = "arcsec"
+    return out
+
+
+def associate_ccd(sources, history, mjd, forced=None, *, radius_arcsec=None, drp_k=3,
+                  drp_radius_arcsec=5.0):  # fmt: skip
+    """Associate one CCD's DiaSources with its preloaded PPDB history.
+
+    Parameters
+    ----------
+    sources : astropy.table.Table
+        This visit's DiaSources with ``diaSourceId`` set.
+    history : dict
+        From :meth:`apdask.ppdb.CcdPpdb.read`: ``objects``, ``sources``,
+        ``forced`` and ``drp`` Tables (``drp`` may be absent).
+    mjd : float
+        Visit time (MJD TAI), the new versions' ``validityStartMjdTai``.
+    forced : astropy.table.Table, optional
+        This visit's forced measurements at known DiaObjects (with
+        ``diaObjectId``, ``band``, ``psfFlux``, ``psfFluxErr``); they count in
+        ``{b}_fpFluxMean`` together with the forced history.
+    radius_arcsec : float, optional
+        Matching radius (default ``association.radius_arcsec``).
+    drp_k, drp_radius_arcsec
+        Nearest DRP Objects recorded per new DiaObject.
+
+    Returns
+    -------
+    dict
+        ``matched`` (diaObjectId or -1 per source), ``objects`` (new versions),
+        ``sources`` (with ``diaObjectId``), ``new_objects`` (the created ones)
+        and ``drp_matches`` (Table for ``DiaObject_To_Object_Match``).
+    """
+    objects = history["objects"]
+    matched = associate(sources, objects, radius_arcsec)
+    forced_history = history.get("forced")
+    if forced is not None and len(forced):
+        parts = [t for t in (forced_history, forced) if t is not None and len(t)]
+        keep = ["diaObjectId", "band", "psfFlux", "psfFluxErr"]
+        forced_history = vstack(
+            [Table({c: t[c] for c in keep if c in t.colnames}) for t in parts],
+            metadata_conflicts="silent",
+        )
+    new_versions, sources_out = update_objects(
+        matched, sources, objects, history.get("sources"), forced_history, mjd=mjd
+    )
+    created = np.isin(
+        np.asarray(new_versions["diaObjectId"], np.int64),
+        np.asarray(sources_out["diaObjectId"], np.int64)[matched < 0],
+    )
+    new_objects = new_versions[created]
+    return {
+        "matched": matched,
+        "objects": new_versions,
+        "sources": sources_out,
+        "new_objects": new_objects,
+        "drp_matches": drp_matches(
+            new_objects, history.get("drp"), k=drp_k, radius_arcsec=drp_radius_arcsec
+        ),
+    }

@@ -345,6 +345,15 @@ def _weighted_moments(image, x, y, sigma_w, half, sign=1):
     return t[0, 0], t[1, 1], t[0, 1]
 
 
+def _psf_getter(exposure, default):
+    """``(x, y) -> PSF stamp``: the exposure's spatially varying model if any, else ``default``."""
+    model = exposure.meta.get("psf_model") if exposure is not None else None
+    if model is not None and hasattr(model, "at"):
+        return model.at
+    default = np.asarray(default, float)
+    return lambda x, y: default
+
+
 def _require_psf(exposure, what):
     if exposure.psf is None:
         msg = f"the {what} exposure has no PSF; run subtract.estimate_psf first"
@@ -471,6 +480,9 @@ def measure_sources(
     mom_half = int(np.ceil(4 * sig_w))
     pxx, pyy, pxy = _moments(psf)[2:]
     dipole_radius = 2.0 * fwhm if dipole_radius is None else dipole_radius
+    psf_d_at = _psf_getter(difference, psf)
+    psf_s_at = _psf_getter(science, psf_sci)
+    psf_t_at = _psf_getter(template, psf_tpl)
 
     sign = np.asarray(detections["sign"])
     dx0 = np.asarray(detections["x"])
@@ -510,21 +522,22 @@ def measure_sources(
     for i in range(n):
         s = sign[i]
         f, fe, nd, chi2, edge, (gx2, gy2, s2) = _psf_fit(
-            difference.image, difference.variance, difference.mask, psf, xs[i], ys[i]
-        )
+            difference.image, difference.variance, difference.mask, psf_d_at(xs[i], ys[i]),
+            xs[i], ys[i],
+        )  # fmt: skip
         # Cramér-Rao centroid errors for the fitted flux and the pixel noise
         with np.errstate(divide="ignore", invalid="ignore"):
             vloc = fe * fe * s2
             xe = np.sqrt(vloc / (f * f * gx2)) if np.isfinite(f) and f != 0 else np.nan
             ye = np.sqrt(vloc / (f * f * gy2)) if np.isfinite(f) and f != 0 else np.nan
         if science is not None:
-            sf, sfe = _psf_fit(science.image, science.variance, science.mask, psf_sci, xs[i], ys[i],
-                               sci_bkg)[:2]  # fmt: skip
+            sf, sfe = _psf_fit(science.image, science.variance, science.mask,
+                               psf_s_at(xs[i], ys[i]), xs[i], ys[i], sci_bkg)[:2]  # fmt: skip
         else:
             sf, sfe = np.nan, np.nan
         if template is not None:
-            tf, tfe = _psf_fit(template.image, template.variance, template.mask, psf_tpl, xs[i],
-                               ys[i], tpl_bkg)[:2]  # fmt: skip
+            tf, tfe = _psf_fit(template.image, template.variance, template.mask,
+                               psf_t_at(xs[i], ys[i]), xs[i], ys[i], tpl_bkg)[:2]  # fmt: skip
         else:
             tf, tfe = np.nan, np.nan
         ixx, iyy, ixy = _weighted_moments(difference.image, xs[i], ys[i], sig_w, mom_half, s)
@@ -639,6 +652,8 @@ def forced_photometry(difference, science, ra, dec):
     """
     psf = _require_psf(difference, "difference")
     psf_sci = np.asarray(science.psf, float) if science.psf is not None else psf
+    psf_d_at = _psf_getter(difference, psf)
+    psf_s_at = _psf_getter(science, psf_sci)
     ra = np.atleast_1d(np.asarray(ra, float))
     dec = np.atleast_1d(np.asarray(dec, float))
     x, y = difference.wcs.world_to_pixel_values(ra, dec)
@@ -653,8 +668,9 @@ def forced_photometry(difference, science, ra, dec):
             out["flag_edge"].append(True)
             continue
         f, fe, _, _, edge, _ = _psf_fit(difference.image, difference.variance, difference.mask,
-                                        psf, xi, yi)  # fmt: skip
-        sf, sfe = _psf_fit(science.image, science.variance, science.mask, psf_sci, xi, yi, bkg)[:2]
+                                        psf_d_at(xi, yi), xi, yi)  # fmt: skip
+        sf, sfe = _psf_fit(science.image, science.variance, science.mask, psf_s_at(xi, yi), xi, yi,
+                           bkg)[:2]  # fmt: skip
         out["psfFlux"].append(f)
         out["psfFluxErr"].append(fe)
         out["scienceFlux"].append(sf)

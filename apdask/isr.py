@@ -98,6 +98,20 @@ def isr_amp(raw, amp, bias=None, dark=None, flat=None, darktime=0.0):
     return img, var.astype(np.float32), mask
 
 
+def _task_arg(x):
+    """A dask array as a task argument that refers to its chunk by key.
+
+    Passed as is, a dask array is finalized into a task that inlines its whole
+    dependency chain, so a shared upstream task (the visit's prefetch, the blocking
+    fetch) would be recomputed inside every amplifier's task.
+    """
+    if not isinstance(x, da.Array):
+        return x
+    if x.npartitions > 1:
+        x = x.rechunk(x.shape)
+    return x.to_delayed(optimize_graph=False).ravel()[0]
+
+
 def _section(calib, amp):
     if calib is None:
         return None
@@ -146,9 +160,9 @@ def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
     for row in grid:
         brow = {k: [] for k in blocks}
         for amp in row:
-            raw = amps[by_index[amp.index]]
-            out = task(raw, amp, _section(bias, amp), _section(dark, amp), _section(flat, amp),
-                       darktime)  # fmt: skip
+            raw = _task_arg(amps[by_index[amp.index]])
+            sections = [_task_arg(_section(c, amp)) for c in (bias, dark, flat)]
+            out = task(raw, amp, *sections, darktime)
             shp = (amp.ny, amp.nx)
             brow["img"].append(da.from_delayed(out[0], shp, dtype=np.float32))
             brow["var"].append(da.from_delayed(out[1], shp, dtype=np.float32))

@@ -91,7 +91,7 @@ def _stage_times(task_stream):
 
 
 def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, timeout=None,
-              client=None, detectors=None, images=None):  # fmt: skip
+              client=None, detectors=None, images=None, replace=False):  # fmt: skip
     """Process the pending CCDs of one visit and return its report.
 
     Parameters
@@ -105,6 +105,9 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
         Restrict to these CCDs.
     images : dict, optional
         Image names per CCD name; default by the simulator's naming convention.
+    replace : bool
+        Re-process every wanted CCD, replacing its PPDB rows in one transaction
+        (default False: CCDs already stored with their alert file are skipped).
 
     Returns
     -------
@@ -114,7 +117,10 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     ppdb = ensure_ppdb(repo, ppdb)
     alerts = config.get("alerts.sink", alerts) or f"file://{os.path.abspath(repo)}/alerts"
     wanted = next_visit.detectors if detectors is None else tuple(detectors)
-    pending = [d for d in pending_detectors(next_visit, ppdb, alerts) if d in wanted]
+    if replace:
+        pending = list(wanted)
+    else:
+        pending = [d for d in pending_detectors(next_visit, ppdb, alerts) if d in wanted]
     skipped = [d for d in wanted if d not in pending]
     t0 = time.time()
     report = {"visit": next_visit.visit, "n_alerts": 0, "ccds": []}
@@ -122,7 +128,7 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     if pending:
         graph = build_visit_graph(
             next_visit, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor,
-            timeout=timeout, detectors=pending, images=images,
+            timeout=timeout, detectors=pending, images=images, replace=replace,
         )  # fmt: skip
         if client is None:
             report = dask.compute(graph, scheduler="threads")[0]

@@ -48,6 +48,8 @@ __all__ = [
     "DARKTIME",
     "SKY_ELECTRONS",
     "visit_mjd",
+    "simulate_calib_frame",
+    "CALIB_DEFECTS",
 ]
 
 FIELD_RA, FIELD_DEC = 150.0, -30.0
@@ -245,15 +247,16 @@ def _visit_flux(cat, mjd):
     )
 
 
-def _snr_to_flux(band, sky_e, snr):
+def _snr_to_flux(band, sky_e, snr, fwhm_range=_FWHM_RANGE):
     """nJy of a point source with difference-image PSF SNR ``snr``."""
-    sig = float(_sigma_px(np.mean(_FWHM_RANGE)))
+    sig = float(_sigma_px(np.mean(fwhm_range)))
     noise_e = np.sqrt(4 * np.pi * sig**2 * (sky_e + 40.0) * 1.1)
     return snr * noise_e * njy_per_electron(band, EXPTIME)
 
 
 # ------------------------------------------------------------------ simulator
-def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1000):
+def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1000, *,
+                  detectors=None, artifacts=True, fwhm_range=None, template_fwhm=None):  # fmt: skip
     """Simulate a complete repository (templates, calibs, raws, truth, nextVisits).
 
     Parameters
@@ -268,6 +271,17 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     band : str, optional
     first_visit : int, optional
         Visit id of the first visit; later visits count up by one.
+    detectors : sequence of str, optional
+        Simulate only these CCDs (names); default all CCDs of the camera.  The
+        template covers only the selected CCDs and the nextVisit messages list them.
+    artifacts : bool, optional
+        ``False`` gives artifact-free data: no cosmic rays, no hot column and static
+        sources capped at half the saturation level (for false-positive tests).
+    fwhm_range : tuple of float, optional
+        Science PSF FWHM range (arcsec) across a CCD; default ``(0.9, 1.1)``.
+    template_fwhm : float, optional
+        Template PSF FWHM (arcsec); default 0.7.  Larger than the science FWHM
+        gives the "science sharper" case.
 
     Returns
     -------
@@ -276,6 +290,9 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     """
     check_band(band)
     camera = get_camera(camera_name)
+    dets = list(camera) if detectors is None else [camera[d] for d in detectors]
+    fwhm_range = tuple(float(v) for v in (fwhm_range or _FWHM_RANGE))
+    template_fwhm = float(_TEMPLATE_FWHM if template_fwhm is None else template_fwhm)
     repo = os.path.abspath(os.fspath(repo))
     for sub in ("raw", "truth", "visits"):
         os.makedirs(os.path.join(repo, sub), exist_ok=True)
@@ -298,32 +315,36 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
              "error": err, "mjd": visit_mjd(k)}
         )  # fmt: skip
 
-    mosaic, mshape = _mosaic_wcs(camera, pointings, margin=100 + _GAL_HALF)
+    mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
     sky = _static_sky(seed, mosaic, mshape)
     sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
+    if not artifacts:
+        sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(dets, band, fwhm_range))
     _write_drp(butler, sky)
-    transients = _make_transients(seed, camera, pointings, sky, n_transient, band, sky_e, dither)
+    transients = _make_transients(seed, dets, pointings, sky, n_transient, band, sky_e, dither,
+                                  fwhm_range)  # fmt: skip
 
     # Typical science variance (e^2) for the template depth.
-    rn = np.mean([a.read_noise for d in camera for a in d.amplifiers])
+    rn = np.mean([a.read_noise for d in dets for a in d.amplifiers])
     sci_var_njy = (sky_e + rn**2) * k_njy**2
 
-    butler.prepare_groups(band, [det.id for det in camera])
+    butler.prepare_groups(band, [det.id for det in dets])
     jobs = []
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         jobs += [
             pool.submit(_make_tiles_row, butler, seed, band, mosaic, mshape, tile, j, sky,
-                        sci_var_njy)
+                        sci_var_njy, template_fwhm)
             for j in range(_n_tiles(mshape[0], tile))
         ]  # fmt: skip
-        jobs += [pool.submit(_make_calibs, butler, seed, camera, det, band) for det in camera]
+        jobs += [pool.submit(_make_calibs, butler, seed, camera, det, band, artifacts)
+                 for det in dets]  # fmt: skip
         for f in jobs:
             f.result()
-        calibs = {det.id: _calib_arrays(butler, det.id, band) for det in camera}
+        calibs = {det.id: _calib_arrays(butler, det.id, band) for det in dets}
         raw_jobs = []
         for p in pointings:
-            for det in camera:
+            for det in dets:
                 raw_jobs.append(
                     pool.submit(
                         _make_raw,
@@ -338,6 +359,8 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
                         calibs[det.id],
                         sky_e,
                         k_njy,
+                        artifacts,
+                        fwhm_range,
                     )  # fmt: skip
                 )
         truth_rows = [f.result() for f in raw_jobs]
@@ -356,14 +379,30 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
             "filters": band,
             "duration": EXPTIME,
             "nimages": 1,
-            "detectors": camera.names,
+            "detectors": [d.name for d in dets],
             "timestamp": round(float(Time(p["mjd"], format="mjd", scale="tai").unix), 6),
             "mjd": p["mjd"],
         }
         path = os.path.join(repo, "visits", f"visit_{p['visit']}.json")
         _atomic_text(path, json.dumps(msg, indent=2) + "\n")
         messages.append(msg)
+    settings = {
+        "camera": camera.name, "seed": int(seed), "band": band,
+        "detectors": [d.name for d in dets], "artifacts": bool(artifacts),
+        "fwhm_range": list(fwhm_range), "template_fwhm": template_fwhm,
+        "template_depth": 10.0,
+    }  # fmt: skip
+    _atomic_text(os.path.join(repo, "truth", "simulation.json"), json.dumps(settings, indent=1))
     return messages
+
+
+def _unsaturated_flux(dets, band, fwhm_range):
+    """Largest static flux (nJy) whose peak stays below half the saturation level."""
+    sig = float(_sigma_px(min(fwhm_range)))
+    peak = float(erf(0.5 / (np.sqrt(2.0) * sig)) ** 2)  # central-pixel fraction
+    full_e = min((a.saturation - BIAS_LEVEL_ADU - 100.0) * a.gain for d in dets
+                 for a in d.amplifiers)  # fmt: skip
+    return 0.5 * full_e / 1.05 / peak * njy_per_electron(band, EXPTIME)
 
 
 def _atomic_text(path, text):
@@ -386,7 +425,8 @@ def _write_drp(butler, sky):
     butler.put_drp_objects(t)
 
 
-def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dither):
+def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dither,
+                     fwhm_range=_FWHM_RANGE):  # fmt: skip
     """Transients: ``n_per_ccd`` per CCD in the first visit, a third as many new later."""
     margin = _EDGE + 2 * dither / PIXEL_SCALE_ARCSEC + 10
     out = {k: [] for k in ("id", "ra", "dec", "flux", "k0", "ratio")}
@@ -424,7 +464,7 @@ def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dithe
             next_id += len(keep)
             out["ra"].append(np.mod(ra, 360.0))
             out["dec"].append(dec)
-            out["flux"].append(_snr_to_flux(band, sky_e, snr))
+            out["flux"].append(_snr_to_flux(band, sky_e, snr, fwhm_range))
             out["k0"].append(np.full(len(keep), p["k"]))
             out["ratio"].append(rng.uniform(0.7, 1.3, len(keep)))
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
@@ -440,14 +480,15 @@ def _n_tiles(n, tile):
     return max(1, int(np.ceil((n - _TILE_OVERLAP) / step)))
 
 
-def _make_tiles_row(butler, seed, band, mosaic, mshape, tile, j, sky, sci_var_njy):
+def _make_tiles_row(butler, seed, band, mosaic, mshape, tile, j, sky, sci_var_njy,
+                    template_fwhm=_TEMPLATE_FWHM):  # fmt: skip
     """Render and store the template tiles of row ``j``."""
     step = tile - _TILE_OVERLAP
     mx, my = mosaic.world_to_pixel_values(sky["ra"], sky["dec"])
     flux = sky["flux"]  # variables at their mean flux
-    sigma_t = np.full(len(flux), float(_sigma_px(_TEMPLATE_FWHM)))
+    sigma_t = np.full(len(flux), float(_sigma_px(template_fwhm)))
     noise = np.sqrt(sci_var_njy / 10.0)
-    psf = _gaussian_psf(_TEMPLATE_FWHM)
+    psf = _gaussian_psf(template_fwhm)
     for i in range(_n_tiles(mshape[1], tile)):
         x0, y0 = i * step, j * step
         rng = _rng(seed, _TILE, i, j)
@@ -468,7 +509,7 @@ def _hot_column(seed, det):
     return int(_rng(seed, _CALIB, det.id, 99).integers(40, det.nx - 40))
 
 
-def _make_calibs(butler, seed, camera, det, band):
+def _make_calibs(butler, seed, camera, det, band, artifacts=True):
     """Master bias (e-), dark (e-/s) and flat (mean 1) of one detector."""
     rng = _rng(seed, _CALIB, det.id)
     ny, nx = det.shape
@@ -480,7 +521,8 @@ def _make_calibs(butler, seed, camera, det, band):
         ramp = off + slope * (yy[amp.y0 : amp.y1] - amp.y0) / max(amp.ny - 1, 1)
         bias[amp.y0 : amp.y1, amp.x0 : amp.x1] = ramp
     dark = np.full((ny, nx), 0.002, np.float32)
-    dark[:, _hot_column(seed, det)] = 50.0
+    if artifacts:
+        dark[:, _hot_column(seed, det)] = 50.0
     # Vignetting-like gradient over the focal plane, +-3 %, plus 0.5 % pixel response.
     fx, fy = det.pixel_to_focal_plane(np.arange(nx)[None, :], np.arange(ny)[:, None])
     rmax = max(
@@ -501,7 +543,8 @@ def _calib_arrays(butler, det_id, band):
     return {k: butler.get_calib(k, det_id, band, mjd) for k in ("bias", "dark", "flat")}
 
 
-def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy):
+def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, artifacts=True,
+              fwhm_range=_FWHM_RANGE):  # fmt: skip
     """Render, write one raw and return its truth rows."""
     rng = _rng(seed, _RAW, p["visit"], det.id)
     w = _true_wcs(det, p)
@@ -527,7 +570,7 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy):
         "gal_b": np.concatenate([cat["gal_b"], np.zeros(t_on.sum())]),
         "gal_theta": np.concatenate([cat["gal_theta"], np.zeros(t_on.sum())]),
     }
-    lo, hi = _FWHM_RANGE
+    lo, hi = fwhm_range
     fwhm = lo + (hi - lo) * 0.5 * (np.clip(x / nx, 0, 1) + np.clip(y / ny, 0, 1))
     img = np.full((ny, nx), sky_e, np.float32)
     _render(img, rcat, x, y, flux / k_njy, _sigma_px(fwhm))
@@ -537,7 +580,8 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy):
     img += calib["dark"] * DARKTIME
     np.maximum(img, 0.0, out=img)
     img += np.sqrt(img) * rng.standard_normal((ny, nx), dtype=np.float32)
-    _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
+    if artifacts:
+        _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
     img += calib["bias"]
 
     segments = []
@@ -620,3 +664,122 @@ def _write_truth(repo, p, rows, band, seed):
     tmp = path + ".tmp"
     t.write(tmp, format="ascii.ecsv", overwrite=True)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------- calibration frames
+#: Defects :func:`simulate_calib_frame` can inject.
+CALIB_DEFECTS = ("hot_column", "dead_amp", "wrong_flat")
+_CALIB_FRAME = 7  # stream tag of calibration-frame noise
+_FLAT_LEVEL_E = 20000.0  # electrons per pixel in a simulated flat / CBP frame
+
+
+def simulate_calib_frame(repo, detector, intent, *, exposure_id, band="r", exptime=None,
+                         mjd=None, defect=None, seed=0, outdir=None):  # fmt: skip
+    """Write one raw calibration frame (BIAS, DARK, FLAT or CBP) of a simulated repository.
+
+    The frame is rendered from the repository's master calibrations, so a clean
+    frame agrees with them within noise: bias = master bias; dark = master bias +
+    master dark × DARKTIME; flat and CBP = a uniform illumination of 20 000 e⁻ times
+    the master flat, plus dark and bias.  Photon noise, read noise and the
+    per-amplifier overscan level are added as for science raws.
+
+    Parameters
+    ----------
+    repo : str or os.PathLike
+        A repository written by :func:`simulate_repo` (it holds the masters).
+    detector : str or int
+        CCD name or id.
+    intent : {"bias", "dark", "flat", "cbp"}
+    exposure_id : int
+        Exposure id (``VISIT`` and ``EXPID`` headers; also in the file name).
+    band : str, optional
+        Filter in place.  The flat master of this band is used for flat and CBP frames.
+    exptime : float, optional
+        Exposure time, s; default 0 for bias, 30 for dark, 10 for flat and CBP.
+    mjd : float, optional
+        Start of the exposure, MJD TAI; default the first simulated visit's.
+    defect : {"hot_column", "dead_amp", "wrong_flat"}, optional
+        ``hot_column``: a column (not the master's) with 20 e⁻/s extra dark current
+        (200 e⁻ in a bias); ``dead_amp``: amplifier 0 does not respond to light or
+        dark current; ``wrong_flat``: the illumination has a ±10 % gradient along x,
+        as from the wrong filter or stray light.
+    seed : int, optional
+    outdir : str, optional
+        Where to write; default ``<repo>/raw``.
+
+    Returns
+    -------
+    str
+        Path of the raw written, named ``raw_name(instrument, exposure_id, ccd)``.
+    """
+    intent = str(intent).lower()
+    if intent not in ("bias", "dark", "flat", "cbp"):
+        msg = f"unknown intent {intent!r}; use bias, dark, flat or cbp"
+        raise ValueError(msg)
+    if defect is not None and defect not in CALIB_DEFECTS:
+        msg = f"unknown defect {defect!r}; use one of {', '.join(CALIB_DEFECTS)}"
+        raise ValueError(msg)
+    check_band(band)
+    repo = os.path.abspath(os.fspath(repo))
+    butler = Butler(repo)
+    camera = butler.camera
+    if camera is None:
+        msg = f"{repo} records no camera; create it with apdask.simulate.simulate_repo first"
+        raise ValueError(msg)
+    det = camera[detector]
+    mjd = visit_mjd(0) if mjd is None else float(mjd)
+    if exptime is None:
+        exptime = {"bias": 0.0, "dark": 30.0}.get(intent, 10.0)
+    exptime = float(exptime)
+    darktime = exptime + 1.0 if exptime > 0 else 0.0
+    ny, nx = det.shape
+    rng = _rng(seed, _CALIB_FRAME, int(exposure_id), det.id)
+    bias = butler.get_calib("bias", det.id, None, mjd).astype(np.float32)
+    dark = butler.get_calib("dark", det.id, None, mjd).astype(np.float32)
+    signal = dark * np.float32(darktime)  # electrons that respond: dark current, light
+    if intent in ("flat", "cbp"):
+        light = np.full((ny, nx), _FLAT_LEVEL_E * exptime / 10.0, np.float32)
+        light *= butler.get_calib("flat", det.id, band, mjd)
+        if defect == "wrong_flat":
+            light *= (1.0 + 0.1 * (2.0 * np.arange(nx) / (nx - 1) - 1.0)).astype(np.float32)
+        signal += light
+    if defect == "hot_column":
+        known = set(np.flatnonzero((dark > 1.0).any(axis=0)).tolist())  # the master's
+        hot = nx // 3
+        while {hot - 1, hot, hot + 1} & known:
+            hot += 3
+        signal[:, hot] += 20.0 * darktime if darktime > 0 else 200.0
+    if defect == "dead_amp":
+        a = det.amplifiers[0]
+        signal[a.y0 : a.y1, a.x0 : a.x1] = 0.0
+    np.maximum(signal, 0.0, out=signal)
+    img = signal + np.sqrt(signal) * rng.standard_normal((ny, nx), dtype=np.float32)
+    if darktime > 0:
+        _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
+    img += bias
+    segments = []
+    for amp in det.amplifiers:
+        seg = rng.standard_normal(amp.raw_shape, dtype=np.float32) * (amp.read_noise / amp.gain)
+        seg += BIAS_LEVEL_ADU + rng.uniform(-50.0, 50.0)
+        data = img[amp.y0 : amp.y1, amp.x0 : amp.x1] / amp.gain
+        if amp.flip_y:
+            data = data[::-1, :]
+        if amp.flip_x:
+            data = data[:, ::-1]
+        seg[amp.data_slice] += data
+        np.minimum(seg, amp.saturation, out=seg)
+        segments.append(np.rint(seg).astype(np.int32))
+    open_s = 0.0 if intent in ("bias", "dark") else exptime
+    meta = RawMetadata(
+        instrument=camera.name, detector_name=det.name, detector_id=det.id,
+        visit=int(exposure_id), exposure_id=int(exposure_id), snap=0,
+        mjd_begin=mjd, mjd_end=mjd + darktime / 86400.0,
+        exptime=exptime, darktime=darktime, band=band, ra=FIELD_RA, dec=FIELD_DEC, rotpa=0.0,
+        imgtype=intent.upper(),
+        # bias and dark: the shutter stays closed; flat and CBP: a 1 s blade motion
+        shutter={"open_begin": 0.0, "open_end": min(open_s, 1.0), "close_begin": open_s,
+                 "close_end": open_s + min(open_s, 1.0)},
+    )  # fmt: skip
+    outdir = os.path.join(repo, "raw") if outdir is None else os.fspath(outdir)
+    path = os.path.join(outdir, raw_name(camera.name, int(exposure_id), det.name))
+    return write_raw(path, det, segments, meta)

@@ -16,14 +16,224 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from .detect import _fft_convolve, _find_stars, _psf_fwhm, _shifted_psf, _workers
+from .detect import _find_stars, _psf_fwhm, _shifted_psf, _workers
 from .exceptions import PsfFitError
 from .image import MASK, mask_bits
 
-__all__ = ["estimate_psf", "subtract", "alard_lupton_basis"]
+__all__ = [
+    "estimate_psf",
+    "estimate_psf_model",
+    "PsfGrid",
+    "subtract",
+    "alard_lupton_basis",
+    "decorrelation_kernel",
+]
 
 _MIN_PSF_STARS = 5
 _MIN_STAMPS = 5
+
+
+class PsfGrid:
+    """A spatially varying PSF: stamps on a grid of CCD cells, bilinearly interpolated.
+
+    Parameters
+    ----------
+    psfs : numpy.ndarray
+        ``(ncy, ncx, S, S)`` stamps of sum 1, one per cell.
+    xc, yc : array_like
+        Cell centres in pixels (``ncx`` and ``ncy`` values, increasing).
+
+    Notes
+    -----
+    :meth:`at` interpolates between the four nearest cell centres (clamped at the
+    outer centres), which follows a PSF that varies linearly across the CCD.
+    """
+
+    def __init__(self, psfs, xc, yc):
+        self.psfs = np.asarray(psfs, float)
+        self.xc = np.asarray(xc, float)
+        self.yc = np.asarray(yc, float)
+
+    @property
+    def shape(self):
+        """Stamp shape ``(S, S)``."""
+        return self.psfs.shape[2:]
+
+    def at(self, x, y):
+        """PSF stamp (sum 1) at pixel ``(x, y)``."""
+        iy, ty = _bracket(self.yc, y)
+        ix, tx = _bracket(self.xc, x)
+        p = self.psfs
+        st = ((1 - ty) * ((1 - tx) * p[iy[0], ix[0]] + tx * p[iy[0], ix[1]])
+              + ty * ((1 - tx) * p[iy[1], ix[0]] + tx * p[iy[1], ix[1]]))  # fmt: skip
+        return st / st.sum()
+
+    def convolved(self, kernel, size=None):
+        """A new grid with every stamp convolved by ``kernel`` (and cut/padded to ``size``)."""
+        size = int(size or self.psfs.shape[-1]) | 1
+        out = np.array([[_conv_stamp(p, kernel, size) for p in row] for row in self.psfs])
+        return PsfGrid(out, self.xc, self.yc)
+
+
+def _bracket(nodes, v):
+    if len(nodes) == 1:
+        return (0, 0), 0.0
+    j = int(np.clip(np.searchsorted(nodes, v, side="right") - 1, 0, len(nodes) - 2))
+    t = float(np.clip((v - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0))
+    return (j, j + 1), t
+
+
+def _conv_stamp(a, b, size):
+    """Full convolution of two small centred stamps, cut (or zero padded) to ``size``, sum 1."""
+    n = a.shape[0] + b.shape[0] - 1
+    L = sfft.next_fast_len(n)
+    c = sfft.irfft2(sfft.rfft2(a, s=(L, L)) * sfft.rfft2(b, s=(L, L)), s=(L, L))[:n, :n]
+    return _recentre(c, size)
+
+
+def _recentre(c, size):
+    """Cut or zero-pad a centred odd stamp to ``size`` and normalise it to sum 1."""
+    n = c.shape[0]
+    h, H = size // 2, n // 2
+    out = np.zeros((size, size))
+    m = min(h, H)
+    out[h - m : h + m + 1, h - m : h + m + 1] = c[H - m : H + m + 1, H - m : H + m + 1]
+    return out / out.sum()
+
+
+def _psf_stamps(exposure, stamp_size, max_stars):
+    """Background-subtracted, re-centred, unit-sum stamps of bright isolated stars."""
+    stamp_size = int(stamp_size) | 1
+    half = stamp_size // 2
+    fwhm0 = _guess_fwhm(exposure)
+    stars = _find_stars(
+        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
+        isolation=stamp_size, border=half + 2, max_stars=None, contrast=0.02,
+    )  # fmt: skip
+    n_found = len(stars["x"])
+    order = np.arange(n_found)
+    if n_found > 20:
+        order = order[int(0.02 * n_found) :]
+    order = order[:max_stars]
+    if len(order) < _MIN_PSF_STARS:
+        msg = (
+            f"PSF estimation failed: only {len(order)} bright isolated unmasked stars "
+            f"(need {_MIN_PSF_STARS}); the field is too sparse, too crowded or badly masked"
+        )
+        raise PsfFitError(msg)
+    bkg = stars["bkg"]
+    stamps, xs, ys = [], [], []
+    big = half + 2
+    for i in order:
+        x, y = stars["x"][i], stars["y"][i]
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        sl = (slice(iy - big, iy + big + 1), slice(ix - big, ix + big + 1))
+        st = np.asarray(exposure.image[sl], float) - bkg[sl]
+        if st.shape != (2 * big + 1, 2 * big + 1):
+            continue
+        ring = np.concatenate([st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(),
+                               st[2:-2, -2:].ravel()])  # fmt: skip
+        st -= np.median(ring)
+        st = _shifted_psf(st, -(x - ix), -(y - iy))[2:-2, 2:-2]
+        tot = st.sum()
+        if tot > 0:
+            stamps.append(st / tot)
+            xs.append(x)
+            ys.append(y)
+    stamps, xs, ys = np.array(stamps), np.array(xs), np.array(ys)
+    if len(stamps) >= 3 * _MIN_PSF_STARS:
+        keep = _stellar_locus(stamps, xs, ys, exposure.shape)
+        stamps, xs, ys = stamps[keep], xs[keep], ys[keep]
+    if len(stamps) < _MIN_PSF_STARS:
+        msg = (
+            f"PSF estimation failed: only {len(stamps)} usable star stamps (need {_MIN_PSF_STARS})"
+        )
+        raise PsfFitError(msg)
+    return stamps, xs, ys
+
+
+def _stellar_locus(stamps, xs, ys, shape):
+    """Reject extended sources and blends: size outliers from a planar size(x, y) fit.
+
+    The size is the Gaussian-weighted second moment of each stamp; galaxies and blends
+    are larger, so the clip is asymmetric (3 robust σ above, 5 below).
+    """
+    half = stamps.shape[-1] // 2
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    r2 = (xx * xx + yy * yy).astype(float)
+    w = np.exp(-0.5 * r2 / 3.0**2)
+    size = (stamps * w * r2).sum(axis=(1, 2)) / np.maximum((stamps * w).sum(axis=(1, 2)), 1e-12)
+    ny, nx = shape
+    a = np.column_stack([np.ones_like(xs), xs / nx - 0.5, ys / ny - 0.5])
+    keep = np.isfinite(size)
+    for _ in range(3):
+        coef = np.linalg.lstsq(a[keep], size[keep], rcond=None)[0]
+        res = size - a @ coef
+        sig = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
+        new = np.isfinite(size) & (res < 3 * sig) & (res > -5 * sig)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
+def _combine(stamps):
+    """Median PSF with the residual pedestal removed, cut to a circle, sum 1."""
+    size = stamps.shape[-1]
+    half = size // 2
+    psf = np.median(stamps, axis=0)
+    # remove any residual pedestal (outer ring) and cut to a circle: no clipping of
+    # negative noise, which would bias the wings (and PSF fluxes) high
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    rr = np.hypot(xx, yy)
+    psf = psf - np.median(psf[rr >= half - 1])
+    psf[rr > half] = 0.0
+    return psf / psf.sum()
+
+
+def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per_cell=8):
+    """Spatially varying empirical PSF on a ``cells × cells`` grid of the CCD.
+
+    Parameters
+    ----------
+    exposure : apdask.image.Exposure
+        Calibrated exposure; masked pixels are avoided.
+    stamp_size : int, optional
+        Odd stamp side.
+    max_stars : int, optional
+        Use at most this many of the brightest suitable stars.
+    cells : int, optional
+        Grid cells per axis (3 gives 9 cells, about 1360 px on an LSST CCD).
+    min_per_cell : int, optional
+        A cell with fewer stars borrows the nearest stars of the CCD until it has this many.
+
+    Returns
+    -------
+    PsfGrid
+        One median stamp per cell, at the mean position of its stars.
+
+    Raises
+    ------
+    PsfFitError
+        If fewer than 5 suitable stars are found on the CCD.
+    """
+    stamps, xs, ys = _psf_stamps(exposure, stamp_size, max_stars)
+    ny, nx = exposure.shape
+    cells = max(1, int(cells))
+    if len(stamps) < cells * cells * min_per_cell // 2:
+        cells = 1
+    psfs = np.empty((cells, cells) + stamps.shape[1:])
+    xc = (np.arange(cells) + 0.5) * nx / cells - 0.5
+    yc = (np.arange(cells) + 0.5) * ny / cells - 0.5
+    for j in range(cells):
+        for i in range(cells):
+            d = np.hypot((xs - xc[i]) / nx, (ys - yc[j]) / ny)
+            inside = np.flatnonzero((np.abs(xs - xc[i]) <= nx / cells / 2)
+                                    & (np.abs(ys - yc[j]) <= ny / cells / 2))  # fmt: skip
+            if len(inside) < min_per_cell:
+                inside = np.argsort(d)[: max(min_per_cell, len(inside))]
+            psfs[j, i] = _combine(stamps[inside])
+    return PsfGrid(psfs, xc, yc)
 
 
 def estimate_psf(exposure, stamp_size=25, max_stars=200):
@@ -49,55 +259,8 @@ def estimate_psf(exposure, stamp_size=25, max_stars=200):
     PsfFitError
         If fewer than 5 suitable stars are found.
     """
-    stamp_size = int(stamp_size) | 1
-    half = stamp_size // 2
-    fwhm0 = _guess_fwhm(exposure)
-    stars = _find_stars(
-        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
-        isolation=stamp_size, border=half + 2, max_stars=None, contrast=0.02,
-    )  # fmt: skip
-    n_found = len(stars["x"])
-    # skip the very brightest few percent (possible non-linearity), keep max_stars
-    order = np.arange(n_found)
-    if n_found > 20:
-        order = order[int(0.02 * n_found) :]
-    order = order[:max_stars]
-    if len(order) < _MIN_PSF_STARS:
-        msg = (
-            f"PSF estimation failed: only {len(order)} bright isolated unmasked stars "
-            f"(need {_MIN_PSF_STARS}); the field is too sparse, too crowded or badly masked"
-        )
-        raise PsfFitError(msg)
-    bkg = stars["bkg"]
-    stamps = []
-    big = half + 2
-    for i in order:
-        x, y = stars["x"][i], stars["y"][i]
-        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        sl = (slice(iy - big, iy + big + 1), slice(ix - big, ix + big + 1))
-        st = np.asarray(exposure.image[sl], float) - bkg[sl]
-        if st.shape != (2 * big + 1, 2 * big + 1):
-            continue
-        ring = np.concatenate([st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(),
-                               st[2:-2, -2:].ravel()])  # fmt: skip
-        st -= np.median(ring)
-        st = _shifted_psf(st, -(x - ix), -(y - iy))[2:-2, 2:-2]
-        s = st.sum()
-        if s > 0:
-            stamps.append(st / s)
-    if len(stamps) < _MIN_PSF_STARS:
-        msg = (
-            f"PSF estimation failed: only {len(stamps)} usable star stamps (need {_MIN_PSF_STARS})"
-        )
-        raise PsfFitError(msg)
-    psf = np.median(np.array(stamps), axis=0)
-    # remove any residual pedestal (outer ring) and cut to a circle: no clipping of
-    # negative noise, which would bias the wings (and PSF fluxes) high
-    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
-    rr = np.hypot(xx, yy)
-    psf = psf - np.median(psf[rr >= half - 1])
-    psf[rr > half] = 0.0
-    return psf / psf.sum()
+    stamps, _, _ = _psf_stamps(exposure, stamp_size, max_stars)
+    return _combine(stamps)
 
 
 def _guess_fwhm(exposure):
@@ -260,14 +423,93 @@ def _dilate(bad, half):
     return tot[:ny, :nx] > 0
 
 
-def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300):
-    """PSF-matched difference image ``science - K ⊗ template - background``.
+def decorrelation_kernel(kernel, var_sci, var_tpl, *, psf_pre=None, size=None, floor=1e-4):
+    """Alard–Lupton decorrelation afterburner (Reiss & Lupton 2016).
+
+    Parameters
+    ----------
+    kernel : numpy.ndarray
+        Matching kernel ``K`` (template → science units, sum κ) at the CCD centre.
+    var_sci, var_tpl : float
+        Typical per-pixel variance of the science and template images.
+    psf_pre : numpy.ndarray, optional
+        Pre-convolution kernel applied to the science image (the science PSF for the
+        "science sharper" direction), or None.
+    size : int, optional
+        Odd side of the returned real-space kernel; default covers both inputs.
+    floor : float, optional
+        Relative floor of the denominator (bounds the high-frequency gain).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``ψ`` with ``ψ̂ = sqrt((σ_s² + κ²σ_t²) / (σ_s²|P̂_pre|² + σ_t²|K̂|²))``, centred,
+        sum 1.  Convolving the difference ``P_pre⊗S − K⊗T`` with ``ψ`` makes its noise
+        white with per-pixel variance ``σ_s² + κ²σ_t²``.
+    """
+    kernel = np.asarray(kernel, float)
+    kappa = float(kernel.sum())
+    pre = np.ones((1, 1)) if psf_pre is None else np.asarray(psf_pre, float)
+    n = max(kernel.shape[0], pre.shape[0])
+    size = int(size or (2 * n + 1)) | 1
+    L = sfft.next_fast_len(4 * max(n, size))
+    fk = np.abs(sfft.fft2(np.fft.ifftshift(_pad_to(kernel, L)), s=(L, L))) ** 2
+    fp = np.abs(sfft.fft2(np.fft.ifftshift(_pad_to(pre, L)), s=(L, L))) ** 2
+    num = var_sci + kappa**2 * var_tpl
+    den = var_sci * fp + var_tpl * fk
+    psi_f = np.sqrt(num / np.maximum(den, floor * num))
+    psi = np.fft.fftshift(np.real(sfft.ifft2(psi_f)))
+    return _recentre(psi, size)
+
+
+def _pad_to(k, L):
+    """Centre an odd stamp in an ``L × L`` array (centre at ``L // 2``)."""
+    out = np.zeros((L, L))
+    h = k.shape[0] // 2
+    c = L // 2
+    out[c - h : c + h + 1, c - h : c + h + 1] = k
+    return out
+
+
+class _Fourier:
+    """Forward transforms of full frames on one 5-smooth padded grid, reused by products."""
+
+    def __init__(self, shape, pad):
+        ny, nx = shape
+        self.shape = shape
+        self.fy = sfft.next_fast_len(ny + 2 * pad, real=True)
+        self.fx = sfft.next_fast_len(nx + 2 * pad, real=True)
+
+    def image(self, img):
+        return sfft.rfft2(np.asarray(img, np.float32), s=(self.fy, self.fx), workers=_workers())
+
+    def kernel(self, k):
+        """Transform of a small centred kernel (phase-shifted so 'same' output aligns)."""
+        k = np.asarray(k, np.float32)
+        h = k.shape[0] // 2
+        big = np.zeros((self.fy, self.fx), np.float32)
+        iy = (np.arange(k.shape[0]) - h) % self.fy
+        ix = (np.arange(k.shape[1]) - h) % self.fx
+        big[np.ix_(iy, ix)] = k  # centre at (0, 0), wrapped
+        return sfft.rfft2(big, workers=_workers())
+
+    def inverse(self, f):
+        ny, nx = self.shape
+        out = sfft.irfft2(f, s=(self.fy, self.fx), workers=_workers())
+        return np.ascontiguousarray(out[:ny, :nx])
+
+
+def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
+             decorrelate=True):  # fmt: skip
+    """PSF-matched, decorrelated difference image ``ψ ⊗ (S' − K ⊗ T − bg)``.
 
     Parameters
     ----------
     science, template : apdask.image.Exposure
         Calibrated science exposure and the template warped onto its pixel grid,
         both in nJy.  Their PSFs are estimated with :func:`estimate_psf` if absent.
+        A :class:`PsfGrid` in ``science.meta["psf_model"]`` (spatially varying PSF)
+        is carried to the difference image, convolved like the image.
     kernel_size : int, optional
         Odd side of the matching kernel; default from the PSF widths (11..41).
     spatial_order : int, optional
@@ -275,19 +517,25 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         1 = linear).  The background difference uses ``min(spatial_order, 1)``.
     max_stamps : int, optional
         Number of brightest isolated stars used to fit the kernel.
+    decorrelate : bool, optional
+        Apply the Alard–Lupton decorrelation afterburner (:func:`decorrelation_kernel`).
 
     Returns
     -------
     difference : apdask.image.Exposure
-        nJy in the science calibration; variance, mask (inputs OR'ed, EDGE within
-        the kernel half-size of the border or of template NO_DATA), the science WCS,
-        PSF = science PSF (or the template PSF in the reversed direction) and the
-        science metadata.
+        nJy in the science calibration.  ``S' = S`` when the template is the sharper
+        image (direction ``"convolve_template"``); otherwise the science image is
+        pre-convolved with its own PSF, ``S' = P_s ⊗ S`` (direction
+        ``"convolve_science"``, as Rubin's ``preconvolve`` mode).  Variance
+        ``var_S + κ² var_T`` (white after decorrelation), mask (inputs OR'ed, EDGE
+        within the kernel half-size of the border or of NO_DATA), the science WCS,
+        PSF = ``ψ ⊗ [P_s ⊗] P_s`` and the science metadata (with ``psf_model``).
     info : dict
-        ``kernel_sum`` (photometric scale science/template at the CCD centre),
-        ``kernel_size``, ``n_stamps``, ``stamp_chi2`` (list, reduced chi² per used
-        stamp), ``fwhm_science``, ``fwhm_template`` (pixels), ``direction``
-        (``"convolve_template"`` or ``"convolve_science"``), ``background`` (coefficients)
+        ``kernel_sum`` (photometric scale science/template), ``kernel_size``,
+        ``n_stamps``, ``stamp_chi2`` (list, reduced chi² per used stamp),
+        ``fwhm_science``, ``fwhm_template``, ``fwhm_difference`` (pixels),
+        ``direction``, ``preconvolved``, ``decorrelated``, ``background``
+        (coefficients), ``noise_ratio`` (robust σ of ``D/sqrt(var)`` on clean pixels)
         and ``timing`` (seconds per step).
 
     Raises
@@ -299,13 +547,15 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     timing = {}
     psf_s = science.psf if science.psf is not None else estimate_psf(science)
     psf_t = template.psf if template.psf is not None else estimate_psf(template)
+    psf_s, psf_t = np.asarray(psf_s, float), np.asarray(psf_t, float)
     fw_s, fw_t = float(_psf_fwhm(psf_s)), float(_psf_fwhm(psf_t))
     timing["psf"] = time.perf_counter() - t0
-    convolve_template = fw_t <= fw_s
-    direction = "convolve_template" if convolve_template else "convolve_science"
+    preconv = fw_t > fw_s
+    direction = "convolve_science" if preconv else "convolve_template"
     sig_s, sig_t = fw_s / 2.3548, fw_t / 2.3548
-    sig_m = np.sqrt(abs(sig_s**2 - sig_t**2))
-    sig_m = max(sig_m, 0.7)
+    # the kernel maps the template PSF onto the (pre-convolved) science PSF
+    sig_target2 = 2 * sig_s**2 if preconv else sig_s**2
+    sig_m = max(np.sqrt(abs(sig_target2 - sig_t**2)), 0.7)
     sigmas = [0.5 * sig_m, sig_m, 2.0 * sig_m]
     if kernel_size is None:
         kernel_size = 2 * int(np.ceil(3.0 * sigmas[-1])) + 1
@@ -317,24 +567,34 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     shape = science.shape
     sci_img = np.asarray(science.image, np.float32)
     tpl_img = np.asarray(template.image, np.float32)
+    var_s = np.asarray(science.variance, np.float32)
+    var_t = np.asarray(template.variance, np.float32)
     nodata_t = ((template.mask & MASK["NO_DATA"]) != 0) | ~np.isfinite(tpl_img)
+    nodata_t |= ~np.isfinite(var_t)
     nodata_s = ((science.mask & MASK["NO_DATA"]) != 0) | ~np.isfinite(sci_img)
+    nodata_s |= ~np.isfinite(var_s)
     sci0 = np.where(nodata_s, 0.0, sci_img).astype(np.float32)
     tpl0 = np.where(nodata_t, 0.0, tpl_img).astype(np.float32)
-    if convolve_template:
-        ref, tgt = tpl0, sci0
-        var_tgt = np.asarray(science.variance, float)
+    pre_half = psf_s.shape[0] // 2 if preconv else 0
+    four = _Fourier(shape, kh + pre_half + 16)
+    t1 = time.perf_counter()
+    f_sci = four.image(sci0)
+    if preconv:
+        f_pre = four.kernel(psf_s)
+        tgt = four.inverse(f_sci * f_pre)
     else:
-        ref, tgt = sci0, tpl0
-        var_tgt = np.asarray(template.variance, float)
+        f_pre = None
+        tgt = sci0
+    timing["preconvolve"] = time.perf_counter() - t1
 
     # --- stamps around bright isolated stars, clean in both images
     fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
-    border = fit_half + kh + 1
+    border = fit_half + kh + pre_half + 1
     bad_any = (science.mask | template.mask) & mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
     bad_any = (bad_any != 0) | nodata_t | nodata_s
+    t1 = time.perf_counter()
     stars = _find_stars(
-        sci_img, science.variance, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
+        sci_img, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
         border=border, max_stars=None, avoid=bad_any, contrast=0.01,
     )  # fmt: skip
     n_all = len(stars["x"])
@@ -349,77 +609,113 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         raise PsfFitError(msg)
     xs = np.floor(stars["x"][idx] + 0.5).astype(int)
     ys = np.floor(stars["y"][idx] + 0.5).astype(int)
-    var_fit = var_tgt + np.asarray(template.variance if convolve_template else science.variance)
+    var_fit = var_s + var_t
     ok = ~bad_any & np.isfinite(var_fit)
-    timing["stamps"] = time.perf_counter() - t0 - timing["psf"]
+    timing["stamps"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     bg_order = min(int(spatial_order), 1)
     coef, nb, nsp, nbg, chi2, used = _fit_kernel(
-        ref, tgt, var_fit, ok, basis, xs, ys, shape, int(spatial_order), bg_order, fit_half
+        tpl0, tgt, var_fit, ok, basis, xs, ys, shape, int(spatial_order), bg_order, fit_half
     )
     kernels = _kernel_images(coef, basis, nb, nsp)
     bgc = coef[nb * nsp :]
     timing["fit"] = time.perf_counter() - t1
-
-    # --- full-frame convolution: one forward FFT, one inverse per spatial term
-    t1 = time.perf_counter()
-    ny, nx = shape
-    u = ((np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1))[None, :]
-    v = ((np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1))[:, None]
     k_center = kernels[0]  # the constant spatial term: u = v = 0 at the centre
     ksum = float(k_center.sum())
     if not (np.isfinite(ksum) and ksum > 0):
         msg = "kernel fit failed: photometric scale (kernel sum) is not positive"
         raise PsfFitError(msg)
-    var_ref = np.asarray(template.variance if convolve_template else science.variance, np.float32)
-    var_ref = np.where(np.isfinite(var_ref), var_ref, 0.0).astype(np.float32)
-    var_ref = np.where(nodata_t if convolve_template else nodata_s, 0.0, var_ref)
-    convs = _fft_convolve(ref, list(kernels))
-    var_conv = _fft_convolve(var_ref, k_center * k_center)
-    model = np.zeros(shape, np.float32)
-    for c, (i, j) in zip(convs, _powers(int(spatial_order)), strict=True):
-        model += c if i == j == 0 else c * (u**i * v**j)
-    bg = np.zeros(shape, np.float32)
+
+    # --- decorrelation kernel from the typical variances
+    good_s = ~nodata_s
+    v_s = float(np.median(var_s[::8, ::8][good_s[::8, ::8]])) if good_s.any() else 1.0
+    good_t = ~nodata_t
+    v_t = float(np.median(var_t[::8, ::8][good_t[::8, ::8]])) if good_t.any() else 0.0
+    if decorrelate:
+        psi = decorrelation_kernel(k_center, v_s, v_t, psf_pre=psf_s if preconv else None,
+                                   size=2 * (kh + pre_half) + 1)  # fmt: skip
+    else:
+        psi = np.ones((1, 1))
+
+    # --- full frame: D = ψ⊗S' − Σ_s w_s(x) (ψ⊗K_s)⊗T − bg  (ψ symmetric, w_s linear)
+    t1 = time.perf_counter()
+    ny, nx = shape
+    u = ((np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1))[None, :]
+    v = ((np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1))[:, None]
+    f_tpl = four.image(tpl0)
+    f_psi = four.kernel(psi) if decorrelate else None
+    powers = _powers(int(spatial_order))
+    diff = None
+    for kimg, (i, j) in zip(kernels, powers, strict=True):
+        fk = four.kernel(kimg) * f_tpl
+        if f_psi is not None:
+            fk *= f_psi
+        if i == j == 0:
+            fs = f_sci if f_pre is None else f_sci * f_pre
+            if f_psi is not None:
+                fs = fs * f_psi
+            diff = four.inverse(fs - fk)
+        else:
+            diff -= four.inverse(fk) * (u**i * v**j)
     for c, (i, j) in zip(bgc, _powers(bg_order), strict=True):
-        bg += np.float32(c) * (u**i * v**j)
+        diff -= np.float32(c) * (u**i * v**j)
     timing["convolve"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    if convolve_template:
-        diff = sci0 - model - bg
-        var = np.asarray(science.variance, np.float32) + np.maximum(var_conv, 0.0)
-        psf_d = np.asarray(psf_s, float)
-    else:
-        # model ≈ K ⊗ science ≈ template (in template units); bring back to science units
-        diff = (model + bg - tpl0) / ksum
-        var = (np.maximum(var_conv, 0.0) + np.asarray(template.variance, np.float32)) / ksum**2
-        psf_d = np.asarray(psf_t, float)
+    var = var_s + np.float32(ksum**2) * var_t
+    psf_d = _conv_stamp(psf_s, psi, psf_s.shape[0] + (2 * pre_half if preconv else 0))
+    if preconv:
+        psf_d = _conv_stamp(psf_d, psf_s, psf_d.shape[0])
     mask = (science.mask | template.mask) & ~np.uint32(mask_bits("DETECTED", "DETECTED_NEGATIVE"))
     mask = mask.astype(np.uint32)
     nodata = nodata_t | nodata_s
-    edge = _dilate(nodata, kh) & ~nodata
+    grow = kh + pre_half + psi.shape[0] // 2
+    edge = _dilate(nodata, grow) & ~nodata
     border_m = np.zeros(shape, bool)
-    border_m[:kh], border_m[-kh:], border_m[:, :kh], border_m[:, -kh:] = True, True, True, True
+    border_m[:grow], border_m[-grow:], border_m[:, :grow], border_m[:, -grow:] = (True,) * 4
     mask |= np.where(edge | border_m, np.uint32(MASK["EDGE"]), np.uint32(0))
     mask |= np.where(nodata, np.uint32(MASK["NO_DATA"]), np.uint32(0))
     diff = np.where(nodata, 0.0, diff).astype(np.float32)
     var = np.where(nodata | ~np.isfinite(var), np.nanmedian(var[::8, ::8]), var).astype(np.float32)
+    noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
     timing["total"] = time.perf_counter() - t0
 
     meta = dict(science.meta)
     meta["subtraction"] = direction
+    model = science.meta.get("psf_model")
+    if model is not None:
+        extra = 2 * pre_half if preconv else 0
+        model = model.convolved(psi, model.shape[0] + extra)
+        if preconv:
+            model = model.convolved(psf_s)
+        meta["psf_model"] = model
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
     info = {
-        "kernel_sum": ksum if convolve_template else 1.0 / ksum,
+        "kernel_sum": ksum,
         "kernel_size": kernel_size,
         "n_stamps": int(used.sum()),
         "stamp_chi2": [float(c) for c in chi2[used]],
         "fwhm_science": fw_s,
         "fwhm_template": fw_t,
+        "fwhm_difference": float(_psf_fwhm(psf_d)),
         "direction": direction,
+        "preconvolved": bool(preconv),
+        "decorrelated": bool(decorrelate),
         "background": [float(c) for c in bgc],
+        "noise_ratio": noise,
         "timing": timing,
     }
     return difference, info
+
+
+def _noise_ratio(diff, var, mask, step=4):
+    """Robust σ of ``diff / sqrt(var)`` on a subsample of clean pixels."""
+    bad = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
+    d, v, m = diff[::step, ::step], var[::step, ::step], mask[::step, ::step]
+    ok = ((m & bad) == 0) & (v > 0)
+    if not ok.any():
+        return float("nan")
+    p = d[ok] / np.sqrt(v[ok])
+    return float(1.4826 * np.median(np.abs(p - np.median(p))))

@@ -18,6 +18,7 @@ can be read off the scheduler's task stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -182,11 +183,53 @@ def visit_time_window(mjd, months=None):
 
 
 def _fetch(distributor_url, name, timeout):
+    """Block until image ``name`` is at the distributor; its local path and arrival times.
+
+    ``registered`` is the distributor's registration time (HTTP: the server's record;
+    file: the mtime of the atomically renamed file), else the time the fetch returned.
+    """
     from .distributor import open_distributor
 
     t0 = time.time()
-    path = open_distributor(distributor_url).get(name, timeout=timeout)
-    return {"path": path, "name": name, "registered": time.time(), "waited": time.time() - t0}
+    dist = open_distributor(distributor_url)
+    with _seceded():  # waiting for the image must not hold a worker thread
+        if hasattr(dist, "retrieve"):
+            info = dist.retrieve(name, timeout=timeout)
+        else:
+            info = {"path": dist.get(name, timeout=timeout)}
+    t1 = time.time()
+    registered = info.get("registered")
+    return {
+        "path": info["path"],
+        "name": name,
+        "registered": t1 if registered is None else float(registered),
+        "fetched": t1,
+        "waited": t1 - t0,
+    }
+
+
+@contextlib.contextmanager
+def _seceded():
+    """On a distributed worker, leave the thread pool while blocking, then rejoin.
+
+    Fetch tasks block until the camera delivers the image.  Seceded, they do not
+    occupy worker threads, so the visit's prefetch (templates, calibrations, PPDB
+    history) runs at nextVisit time, before the images exist, and other visits'
+    tasks run too.  Under the threaded scheduler this does nothing.
+    """
+    try:
+        from distributed import rejoin, secede
+        from distributed.worker import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        yield
+        return
+    secede()
+    try:
+        yield
+    finally:
+        rejoin()
 
 
 def check_raw_header(meta, detector, band, visit=None, name=None):
@@ -211,10 +254,17 @@ def _check_header(fetched, detector, band, anticipated_exptime, visit):
     """Read the raw headers of all snaps and check them against the invocation."""
     from .rawio import effective_exptime, read_raw
 
+    started = time.time()
     metas = [
         check_raw_header(read_raw(f["path"]).meta, detector, band, visit, f["name"])
         for f in fetched
     ]
+    if len({m.snap for m in metas}) != len(metas):
+        msg = (
+            f"images {', '.join(f['name'] for f in fetched)} all have SNAP={metas[0].snap}; "
+            "pass the two different snaps of the visit"
+        )
+        raise HeaderMismatchError(msg)
     exptime = sum(effective_exptime(m) for m in metas)
     anticipated = anticipated_exptime * len(metas)
     if anticipated and abs(exptime - anticipated) > 0.01 * anticipated:
@@ -234,6 +284,7 @@ def _check_header(fetched, detector, band, anticipated_exptime, visit):
         "dec": metas[0].dec,
         "rotpa": metas[0].rotpa,
         "fetched": fetched,
+        "processing_started": started,
     }
 
 
@@ -251,7 +302,8 @@ def _darktime(header, snap):
 def _prefetch(repo, ppdb_url, detector, band, ra, dec, rotpa, mjd):
     """Templates, calibrations, reference catalog and PPDB history: no pixels needed."""
     from .butler import Butler
-    from .ppdb import Ppdb, region_for
+    from .exceptions import PpdbError
+    from .ppdb import Ppdb
 
     t0 = time.time()
     butler = Butler(repo)
@@ -264,20 +316,23 @@ def _prefetch(repo, ppdb_url, detector, band, ra, dec, rotpa, mjd):
     }
     refcat = butler.get_drp_objects(corners)
     t1 = time.time()
-    ppdb = Ppdb.open(ppdb_url)
-    region = region_for(detector, ra, dec, rotpa)
-    objects = ppdb.get_dia_objects(region)
-    ids = list(objects["diaObjectId"]) if len(objects) else []
-    sources = ppdb.get_dia_sources(region, ids, mjd)
-    forced = ppdb.get_dia_forced_sources(region, ids, mjd)
+    # The CCD's PPDB history as it was before this visit (as-of read): a re-run, or
+    # a run racing with the visit's other CCDs, sees the same history.  A PPDB
+    # failure is recorded and makes this CCD (only) report an error, without alerts.
+    ppdb_error, history = None, {"objects": None, "sources": None, "forced": None, "drp": None}
+    try:
+        history = Ppdb.for_ccd(ppdb_url, detector, ra, dec, rotpa, cache=True).read(mjd)
+    except PpdbError as err:
+        ppdb_error = str(err)
+    if history["drp"] is not None and len(history["drp"]) == 0:
+        history["drp"] = refcat  # DRP catalog not loaded into the PPDB: use the Butler's
     t2 = time.time()
     return {
         "tiles": tiles,
         "calibs": calibs,
         "refcat": refcat,
-        "objects": objects,
-        "sources": sources,
-        "forced": forced,
+        **history,
+        "ppdb_error": ppdb_error,
         "timings": {"prefetch_butler": t1 - t0, "prefetch_ppdb": t2 - t1},
     }
 
@@ -359,27 +414,28 @@ def _detect(sub, visit, detector, band, mjd_of):
     return {"sources": table, "timings": {"detect+measure": time.time() - t0}}
 
 
-def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb_url, sink_uri):
+def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb_url, sink_uri,
+                           replace=False):  # fmt: skip
     """Association, PPDB write and alert packaging for one CCD."""
     from astropy.table import vstack
 
     from . import alerts, associate, detect, ids
+    from .exceptions import PpdbError
     from .ppdb import Ppdb
 
     t0 = time.time()
     visit, mjd = header["visit"], header["mjd"]
+    if prefetch.get("ppdb_error"):
+        return _ppdb_failed(detector, visit, prefetch["ppdb_error"])
     sources = measured["sources"]
     n = len(sources)
     sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
-    sources["timeProcessedMjdTai"] = _now_mjd()
+    processed = _processed_mjd(header)
+    sources["timeProcessedMjdTai"] = processed
     objects = prefetch["objects"]
-    matched = associate.associate(sources, objects)
     history = prefetch["sources"]
-    new_objects, sources = associate.update_objects(
-        matched, sources, objects, history, prefetch["forced"], mjd=mjd
-    )
-    t1 = time.time()
-    # Forced photometry at every known DIAObject in the CCD (plus the new ones).
+    # Forced photometry at every known DIAObject in the CCD, first: this visit's
+    # forced fluxes count in the updated objects' fpFluxMean.
     diff, sci = sub["difference"], sub["science"]
     known = objects if len(objects) else None
     forced = None
@@ -395,7 +451,10 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
         forced["detector"] = detector.id
         forced["midpointMjdTai"] = mjd
         forced["band"] = band
-        forced["timeProcessedMjdTai"] = _now_mjd()
+        forced["timeProcessedMjdTai"] = processed
+    t1 = time.time()
+    out = associate.associate_ccd(sources, prefetch, mjd, forced)
+    matched, new_objects, sources = out["matched"], out["objects"], out["sources"]
     t2 = time.time()
     # Alerts: one per DIASource, with 12-month history and the three cutouts.  Packets
     # are built before the PPDB write and written to the sink after it; the sink write is
@@ -403,10 +462,19 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
     all_history = vstack([history, sources]) if len(history) else sources
     packets = _make_alerts(sources, new_objects, all_history, prefetch["forced"], sub)
     t4 = time.time()
-    ppdb = Ppdb.open(ppdb_url)
-    stored = ppdb.store(mjd, new_objects, sources, forced)
+    try:
+        stored = Ppdb.open(ppdb_url, cache=True).store(
+            mjd, new_objects, sources, forced, visit=visit, detector=detector.id,
+            replace=replace, drp_matches=out["drp_matches"],
+        )  # fmt: skip
+    except PpdbError as err:  # no alerts for this CCD; the visit's other CCDs go on
+        return _ppdb_failed(detector, visit, str(err))
     t5 = time.time()
-    path = alerts.sink_from_uri(sink_uri).write(visit, detector.id, packets)
+    sink = alerts.sink_from_uri(sink_uri)
+    try:
+        written = sink.write(visit, detector.id, packets)  # SinkResult: delivered / spooled
+    finally:
+        sink.close()
     t6 = time.time()
     return {
         "detector": detector.name,
@@ -417,11 +485,15 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
         "n_forced": 0 if forced is None else len(forced),
         "n_alerts": len(packets),
         "stored": bool(stored),
-        "alert_file": str(path),
+        "alert_file": None if written.path is None else str(written.path),
+        "alerts_delivered": written.delivered,
+        "alerts_spooled": written.spooled,
+        "alerts_trimmed": len(written.trimmed),
+        "alert_spool": None if written.spool_path is None else str(written.spool_path),
         "alert_written": time.time(),
         "timings": {
-            "associate": t1 - t0,
-            "forced": t2 - t1,
+            "forced": t1 - t0,
+            "associate": t2 - t1,
             "alert_packets": t4 - t2,
             "ppdb_store": t5 - t4,
             "alert_sink": t6 - t5,
@@ -468,6 +540,34 @@ def _make_alerts(sources, objects, history, forced_history, sub):
     return packets
 
 
+def _ppdb_failed(detector, visit, error):
+    """Report entry of a CCD whose PPDB read or write failed (no alerts sent)."""
+    log.error("visit %s CCD %s: %s", visit, detector.name, error)
+    return {
+        "detector": detector.name,
+        "detector_id": detector.id,
+        "visit": visit,
+        "n_sources": 0,
+        "n_new_objects": 0,
+        "n_forced": 0,
+        "n_alerts": 0,
+        "stored": False,
+        "error": error,
+        "alert_file": None,
+        "alert_written": time.time(),
+        "timings": {},
+    }
+
+
+def _processed_mjd(header):
+    """Nominal ``timeProcessedMjdTai``: the end of the exposure.
+
+    Deterministic per visit, so that re-running a CCD reproduces its rows
+    exactly (see docs/ppdb.md, Idempotence).
+    """
+    return float(header["mjd"]) + 0.5 * float(header["exptime"]) / 86400.0
+
+
 def _now_mjd():
     return 40587.0 + time.time() / 86400.0 + 37.0 / 86400.0  # unix → MJD (TAI ≈ UTC + 37 s)
 
@@ -481,6 +581,16 @@ def _ccd_report(result, fetched, header, science, sub, measured, prefetch):
     out["timings"] = timings
     out["image_registered"] = registered
     out["latency_s"] = result["alert_written"] - registered
+    # Unix times (s) of one CCD's path from image arrival to alerts; docs/distributor.md.
+    out["latency"] = {
+        "image_registered": registered,
+        "image_fetched": max(f.get("fetched", f["registered"]) for f in fetched),
+        "processing_started": header.get("processing_started"),
+        "processing_ended": time.time(),
+        "alerts_written": result["alert_written"],
+        "arrival_to_alerts_s": result["alert_written"] - registered,
+        "fetch_wait_s": max(f.get("waited", 0.0) for f in fetched),
+    }
     out["exptime"] = header["exptime"]
     out["astrometry"] = science.meta.get("astrometry", {})
     out["subtraction"] = {k: v for k, v in sub["info"].items() if k != "timings"}
@@ -492,7 +602,7 @@ def _ccd_report(result, fetched, header, science, sub, measured, prefetch):
 
 
 def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributor, timeout,
-              image_names=None):  # fmt: skip
+              image_names=None, replace=False):  # fmt: skip
     """The lazy chain of one CCD; returns a Delayed of its report dict."""
     from . import isr
 
@@ -542,7 +652,7 @@ def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributo
     sub = d(_subtract, "subtract")(science, template)
     measured = d(_detect, "detect")(sub, v, det, band, header)
     result = d(_associate_store_alert, "associate")(
-        sub, measured, prefetch, header, det, band, ppdb_url, sink_uri
+        sub, measured, prefetch, header, det, band, ppdb_url, sink_uri, replace
     )
     return d(_ccd_report, "report")(result, fetched, header, science, sub, measured, prefetch)
 
@@ -554,6 +664,8 @@ def _gather(next_visit, ccd_reports):
         "instrument": next_visit.instrument,
         "band": next_visit.filters,
         "n_alerts": int(sum(r["n_alerts"] for r in ccd_reports)),
+        "n_alerts_delivered": int(sum(r.get("alerts_delivered", 0) for r in ccd_reports)),
+        "n_alerts_spooled": int(sum(r.get("alerts_spooled", 0) for r in ccd_reports)),
         "ccds": list(ccd_reports),
     }
 
@@ -568,6 +680,7 @@ def build_visit_graph(
     timeout=None,
     detectors=None,
     images=None,
+    replace=False,
 ):
     """Build the lazy graph of one visit; computing it returns the visit report.
 
@@ -589,6 +702,9 @@ def build_visit_graph(
         Subset of the visit's detectors to process.
     images : dict, optional
         Image names per CCD name (one per snap); default ``NextVisit.image_names``.
+    replace : bool
+        Replace the CCDs' earlier PPDB rows instead of skipping stored CCDs
+        (see :meth:`apdask.ppdb.Ppdb.store`).
 
     Returns
     -------
@@ -605,6 +721,11 @@ def build_visit_graph(
         raise ConfigurationError(msg)
     ppdb = config.get("ppdb.url", ppdb) or f"{repo}/ppdb/apdb.yaml"
     alerts = config.get("alerts.sink", alerts) or f"file://{repo}/alerts"
+    if alerts.startswith("kafka://") and "spool_dir=" not in alerts:
+        from urllib.parse import quote  # undelivered alerts spool next to the repository
+
+        spool = config.get("alerts.spool_dir") or f"{repo}/alerts-spool"
+        alerts += ("&" if "?" in alerts else "?") + "spool_dir=" + quote(str(spool), safe="/")
     distributor = config.get("distributor.url", distributor) or f"file://{repo}/raw"
     timeout = float(config.get("distributor.timeout", timeout))
     if not timeout > 0:
@@ -621,6 +742,7 @@ def build_visit_graph(
             distributor=distributor,
             timeout=timeout,
             image_names=(images or {}).get(name),
+            replace=replace,
         )  # fmt: skip
         for name in names
     ]

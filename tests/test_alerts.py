@@ -106,8 +106,10 @@ def test_missing_nullable_is_none_and_required_errors(schema):
 
 def test_file_sink_round_trip_and_overwrite(tmp_path, schema, packet):
     sink = alerts.sink_from_uri(f"file://{tmp_path}")
-    path = sink.write(7, 12, [packet, packet])
+    res = sink.write(7, 12, [packet, packet])
+    path = res.path
     assert path == tmp_path / "visit_7" / "7_12.avro"
+    assert (res.delivered, res.spooled) == (2, 0)
     back = alerts.read_alerts(tmp_path)
     assert len(back) == 2
     assert back[0]["diaSource"] == packet["diaSource"]
@@ -132,7 +134,7 @@ def test_validate_flags_non_fits_cutout(tmp_path, schema, packet):
 
 def test_failed_write_keeps_previous_file(tmp_path, schema, packet):
     sink = alerts.FileSink(tmp_path, schema=schema)
-    path = sink.write(1, 2, [packet])
+    path = sink.write(1, 2, [packet]).path
     broken = dict(packet, diaSource=dict(packet["diaSource"], ra="north"))
     with pytest.raises((ValueError, TypeError)):
         sink.write(1, 2, [broken])
@@ -158,9 +160,124 @@ def test_load_schema_versions():
         alerts.load_schema("99.9")
 
 
-def test_kafka_sink_not_implemented():
-    with pytest.raises(NotImplementedError):
-        alerts.sink_from_uri("kafka://localhost:9092/alerts")
+def test_kafka_uri_selects_kafka_sink(tmp_path):
+    from apdask.kafka import KafkaSink
+
+    sink = alerts.sink_from_uri(
+        f"kafka://localhost:9092/alerts?compression=zstd&delivery_timeout=2.5&spool_dir={tmp_path}"
+    )
+    assert isinstance(sink, KafkaSink)
+    assert (sink.bootstrap, sink.topic, sink.compression) == ("localhost:9092", "alerts", "zstd")
+    assert sink.delivery_timeout == 2.5 and sink.spool_dir == tmp_path
+    conf = sink._config()
+    assert conf["enable.idempotence"] is True and conf["acks"] == "all"
+    assert conf["compression.type"] == "zstd" and conf["message.timeout.ms"] == 2500
+    for bad in ("kafka://localhost:9092", "kafka:///alerts", "kafka://h:1/t?colour=red"):
+        with pytest.raises(ConfigurationError):
+            alerts.sink_from_uri(bad)
+
+
+def test_sasl_credentials_only_from_env_and_never_shown(monkeypatch):
+    from apdask import kafka
+
+    monkeypatch.delenv("APDASK_KAFKA_USERNAME", raising=False)
+    monkeypatch.delenv("APDASK_KAFKA_PASSWORD", raising=False)
+    assert kafka.security_config() == {}
+    monkeypatch.setenv("APDASK_KAFKA_USERNAME", "broker-user")
+    with pytest.raises(ConfigurationError, match="APDASK_KAFKA_PASSWORD") as err:
+        kafka.security_config()
+    assert "broker-user" not in str(err.value)
+    monkeypatch.setenv("APDASK_KAFKA_PASSWORD", "s3cret-pw")
+    conf = kafka.security_config()
+    assert conf["sasl.mechanism"] == "SCRAM-SHA-512" and conf["sasl.password"] == "s3cret-pw"
+    sink = alerts.sink_from_uri("kafka://localhost:9092/alerts")
+    assert sink._config()["sasl.username"] == "broker-user"
+    assert "s3cret" not in repr(sink) and "s3cret" not in str(vars(sink))
+
+
+def _rows_table(schema, short, n, rng, **cols):
+    rows = [_example_row(schema, short, rng) for _ in range(n)]
+    for k, v in cols.items():
+        for r, x in zip(rows, v, strict=True):
+            r[k] = x
+    return rows
+
+
+def test_package_alerts_is_byte_identical_to_make_alert(schema):
+    from astropy.table import Table
+
+    rng = np.random.default_rng(2)
+    src = _rows_table(schema, "diaSource", 4, rng, diaSourceId=[11, 12, 13, 14],
+                      diaObjectId=[1, 2, 3, 1])  # fmt: skip
+    src[1]["psfFlux"] = np.float32("nan")  # nullable NaN -> null
+    src[2]["ra"] = -1.5e300  # extreme double
+    src[3]["diaObjectId"] = 1
+    hist = _rows_table(schema, "diaSource", 6, rng, diaSourceId=[1, 2, 3, 4, 5, 14],
+                       diaObjectId=[1, 1, 2, 9, 1, 1])  # fmt: skip
+    hist[0]["visit"] = -(2**62)  # negative and large longs through the zig-zag varint
+    hist[1]["visit"] = 2**62
+    forced = _rows_table(schema, "diaForcedSource", 3, rng, diaObjectId=[1, 2, 2])
+    objs = _rows_table(schema, "diaObject", 2, rng, diaObjectId=[1, 2])
+    cut = [(_fits_bytes(i), None, _fits_bytes(-i)) for i in range(4)]
+    enc = alerts.package_alerts(Table(rows=src), Table(rows=hist), Table(rows=forced),
+                                Table(rows=objs), cut, schema=schema)  # fmt: skip
+    assert [a.diaSourceId for a in enc] == [11, 12, 13, 14]
+    for i, row in enumerate(src):
+        oid = row["diaObjectId"]
+        ref = alerts.make_alert(
+            row,
+            [h for h in hist if h["diaObjectId"] == oid and h["diaSourceId"] != row["diaSourceId"]],
+            [f for f in forced if f["diaObjectId"] == oid],
+            next((o for o in objs if o["diaObjectId"] == oid), None),
+            cut[i],
+            schema=schema,
+        )
+        assert enc[i].body == alerts.encode_alert(ref, schema).body
+        assert enc[i].diaObjectId == oid
+    assert enc[1].decode(schema)["diaSource"]["psfFlux"] is None
+    assert enc[2].decode(schema)["diaObject"] is None  # object 3 not given
+    # a required field NaN is refused with its name, as in make_alert
+    bad = Table(rows=src)
+    bad["dec"][0] = np.nan
+    with pytest.raises(ValueError, match="'dec'"):
+        alerts.package_alerts(bad, schema=schema)
+
+
+def test_file_sink_writes_encoded_alerts(tmp_path, schema, packet):
+    enc = alerts.encode_alert(packet, schema)
+    res = alerts.FileSink(tmp_path, schema=schema).write(3, 4, [enc, enc, enc])
+    assert res.delivered == 3
+    back = alerts.read_alerts(res.path)
+    assert len(back) == 3 and back[2]["diaSource"] == packet["diaSource"]
+    assert alerts.validate_alerts(tmp_path, schema=schema)["problems"] == []
+
+
+def test_stamp_maker_matches_make_cutout():
+    from astropy.nddata import CCDData
+    from astropy.wcs import WCS
+
+    from apdask.detect import make_cutout
+    from apdask.image import MASK, Exposure
+
+    rng = np.random.default_rng(4)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, 2.0]
+    w.wcs.crpix = [60.5, 40.25]
+    w.wcs.cd = [[-5.5e-5, 1e-7], [2e-7, 5.5e-5]]
+    img = rng.normal(size=(120, 100)).astype(np.float32)
+    msk = rng.integers(0, 2**32, size=img.shape, dtype=np.uint64).astype(np.uint32)
+    exp = Exposure(img, img**2, msk, w, rng.random((15, 15)).astype(np.float32))
+    maker = alerts.StampMaker(exp)
+    for x, y, size in [(50.2, 60.7, 51), (3.0, 118.4, 31), (99.6, 0.0, 102)]:
+        fast, ref = maker.stamp(x, y, size), make_cutout(exp, x, y, size)
+        assert fast == ref  # byte for byte, edges (NaN, NO_DATA) included
+    stamp = maker.stamp(3.0, 118.4, 31)
+    ccd = CCDData.read(io.BytesIO(stamp), format="fits")
+    assert ccd.unit == "nJy" and ccd.shape == (31, 31)
+    with fits.open(io.BytesIO(stamp)) as hdul:
+        assert (hdul["MASK"].data[-1] == MASK["NO_DATA"]).all()  # rows off the CCD
+        assert np.isnan(hdul[0].data[-1]).all()
 
 
 def test_float_values_are_python_floats(schema, packet):

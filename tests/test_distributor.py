@@ -1,13 +1,22 @@
 """Tests of apdask.distributor."""
 
+import logging
 import os
 import threading
 import time
 
 import pytest
 
-from apdask.distributor import FileDistributor, open_distributor
-from apdask.exceptions import DistributorUnavailableError, ImageTimeoutError
+from apdask.camera import get_camera
+from apdask.distributor import (
+    FileDistributor,
+    HttpDistributor,
+    check_image_for_ccd,
+    open_distributor,
+)
+from apdask.exceptions import DistributorUnavailableError, HeaderMismatchError, ImageTimeoutError
+from apdask.visit import _check_header
+from tests._raws import second_snap, write_variant
 
 
 def test_immediate_get(tmp_path):
@@ -59,7 +68,84 @@ def test_bad_names(tmp_path, name):
 def test_open_distributor(tmp_path):
     assert open_distributor(f"file://{tmp_path}").root == str(tmp_path)
     assert open_distributor(str(tmp_path)).root == str(tmp_path)
-    with pytest.raises(NotImplementedError, match="issue 3"):
-        open_distributor("http://localhost:8080")
+    http = open_distributor("http://localhost:8080/")
+    assert isinstance(http, HttpDistributor)
+    assert (http.host, http.port, http.url) == ("localhost", 8080, "http://localhost:8080")
+    with pytest.raises(ValueError, match="http://HOST:PORT or file://"):
+        open_distributor("ftp://localhost/raw")
     with pytest.raises(DistributorUnavailableError):
         open_distributor(str(tmp_path / "missing"))
+
+
+def test_file_retrieve_reports_registration_time(tmp_path):
+    (tmp_path / "a.fits").write_bytes(b"xyz")
+    os.utime(tmp_path / "a.fits", (1_700_000_000.0, 1_700_000_000.0))
+    info = FileDistributor(tmp_path).retrieve("a.fits", timeout=0)
+    assert info["registered"] == 1_700_000_000.0
+    assert info["size"] == 3 and info["path"] == str(tmp_path / "a.fits")
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("TestCam_1000_T00_0.fits", True),
+        ("TestCam_1000_T00_1.fits", True),
+        ("visit1000-ccd0.fits", True),  # not the raw naming convention: header decides
+        ("TestCam_1000_T01_0.fits", False),  # another CCD of the camera
+        ("LSSTComCam_1000_T01_0.fits", False),
+    ],
+)
+def test_image_name_must_match_ccd(name, ok):
+    camera = get_camera("testcam")
+    if ok:
+        assert check_image_for_ccd(name, camera, camera["T00"]) == name
+    else:
+        with pytest.raises(HeaderMismatchError, match=r"T01.*--ccd T00"):
+            check_image_for_ccd(name, camera, camera["T00"])
+
+
+def test_image_name_of_another_instrument(tmp_path):
+    camera = get_camera("testcam")
+    with pytest.raises(HeaderMismatchError, match="instrument LSSTCam"):
+        check_image_for_ccd("LSSTCam_1000_T00_0.fits", camera, camera["T00"])
+
+
+# --------------------------------------------------------------------------------------
+# Header checks of the fetched snaps (apdask.visit._check_header)
+
+
+def _fetched(*paths):
+    return [{"path": str(p), "name": os.path.basename(p)} for p in paths]
+
+
+@pytest.mark.parametrize(("close", "warns"), [(30.2, False), (31.0, True), (27.0, True)])
+def test_effective_exptime_overrides_anticipated(sim_repo, tmp_path, caplog, close, warns):
+    """SHCLSBEG/END move the closing blade: t_eff = close (blades take 1 s each)."""
+    camera = get_camera("testcam")
+    src = os.path.join(sim_repo["root"], "raw", "TestCam_1000_T00_0.fits")
+    dst = tmp_path / "TestCam_1000_T00_0.fits"
+    shutter = {"open_begin": 0.0, "open_end": 1.0, "close_begin": close, "close_end": close + 1}
+    write_variant(src, dst, shutter=shutter)
+    with caplog.at_level(logging.WARNING, logger="apdask.visit"):
+        header = _check_header(_fetched(dst), camera["T00"], "r", 30.0, 1000)
+    assert header["exptime"] == pytest.approx(close)
+    warned = [r.getMessage() for r in caplog.records if "anticipated" in r.getMessage()]
+    assert bool(warned) is warns
+    if warns:
+        assert f"{close:.3f} s" in warned[0] and "30.000 s" in warned[0]
+
+
+def test_two_snaps_exptime_summed_and_distinct(sim_repo, tmp_path):
+    camera = get_camera("testcam")
+    src = os.path.join(sim_repo["root"], "raw", "TestCam_1000_T00_0.fits")
+    snap1 = second_snap(src, tmp_path / "TestCam_1000_T00_1.fits")
+    header = _check_header(_fetched(src, snap1), camera["T00"], "r", 30.0, 1000)
+    assert header["exptime"] == pytest.approx(60.0)
+    assert [m.snap for m in header["metas"]] == [0, 1]
+    first, second = header["metas"]
+    assert first.mjd_mid < header["mjd"] < second.mjd_mid
+    assert header["darktimes"] == [first.darktime, second.darktime]
+    # The same snap twice is refused.
+    copy = write_variant(src, tmp_path / "copy.fits")
+    with pytest.raises(HeaderMismatchError, match="SNAP=0"):
+        _check_header(_fetched(src, copy), camera["T00"], "r", 30.0, 1000)

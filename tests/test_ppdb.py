@@ -239,3 +239,138 @@ def test_unreachable_server_is_wrapped_after_retries():
     pytest.importorskip("psycopg2")
     with pytest.raises(PpdbError, match="after 3 tries"):
         ppdb.Ppdb.open("postgresql+psycopg2://postgres@127.0.0.1:1/test")
+
+
+# ---------------------------------------------------------------------------
+# issue 5: CCD interface, DRP objects, as-of reads, replace semantics, versions
+
+
+def _sqlite_config(tmp_path):
+    return ppdb.create_ppdb(f"sqlite:///{tmp_path}/apdb.db")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.service)])
+def any_config(request, tmp_path):
+    """A fresh PPDB on SQLite, or in a unique PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        yield _sqlite_config(tmp_path)
+        return
+    pytest.importorskip("psycopg2")
+    import sqlalchemy
+
+    url = "postgresql+psycopg2://postgres@127.0.0.1/test"
+    namespace = f"apdask_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(url)
+    try:
+        yield ppdb.create_ppdb(url, tmp_path / "apdb.yaml", namespace=namespace)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE'))
+        engine.dispose()
+
+
+def test_for_ccd_region_from_boresight_and_name(tmp_path, detector):
+    view = ppdb.Ppdb.for_ccd(_sqlite_config(tmp_path), detector.name, RA, DEC, camera="comcam")
+    assert view.detector.id == DET
+    assert view.region.contains(ppdb.region_for(detector, RA, DEC, padding_arcsec=0.0))
+    assert not view.region.contains(ppdb.region_for(detector, RA, DEC, padding_arcsec=60.0))
+    hist = view.read(MJD)
+    assert set(hist) == {"objects", "sources", "forced", "drp"}
+    assert hist["objects"]["ra"].unit == "deg" and len(hist["drp"]) == 0
+    with pytest.raises(ValueError, match="camera="):
+        ppdb.Ppdb.for_ccd(_sqlite_config(tmp_path), detector.name, RA, DEC)
+
+
+def test_drp_objects_load_and_region_read(any_config, detector):
+    from tests import _ppdb_synth as synth
+
+    view = ppdb.Ppdb.for_ccd(any_config, detector, RA, DEC)
+    pra, pdec = synth.field(detector, RA, DEC, n=10)
+    drp = Table({"objectId": np.arange(10) + 10**12, "ra": pra + synth.AS, "dec": pdec})
+    drp.add_row((7, RA + 5.0, DEC))  # far outside the CCD
+    assert view.ppdb.load_drp_objects(drp) == 11
+    assert view.ppdb.load_drp_objects(drp) == 11  # reload: replaced, not duplicated
+    got = view.read(MJD)["drp"]
+    assert got["objectId"].tolist() == sorted(drp["objectId"][:10].tolist())
+    assert got["ra"].unit == "deg"
+    # a new DIAObject records its nearest DRP Objects
+    stored, out = synth.run_ccd(view, VISIT, MJD, (pra, pdec))
+    assert stored and len(out["new_objects"]) == 13
+    matches = view.ppdb.get_drp_matches(out["new_objects"]["diaObjectId"])
+    assert len(matches) == 10 and matches["dist"].unit == "arcsec"
+    assert np.all(matches["dist"] == pytest.approx(1.0, abs=0.3))
+    assert set(matches["objectId"]) == set(drp["objectId"][:10])
+
+
+def test_replace_rerun_leaves_ppdb_identical(any_config, detector):
+    from tests import _ppdb_synth as synth
+
+    other = get_camera("comcam")[DET + 1]
+    views = [ppdb.Ppdb.for_ccd(any_config, d, RA, DEC) for d in (detector, other)]
+    db = views[0].ppdb
+    pos = [synth.field(v.detector, RA, DEC, n=6) for v in views]
+    for k, visit in enumerate((VISIT, VISIT + 1)):
+        for v, p in zip(views, pos, strict=True):
+            assert synth.run_ccd(v, visit, MJD + k, p)[0]
+    done = synth.dump(db)
+    assert len(done["DiaObject"]) == 2 * (9 + 9) and len(done["DiaForcedSource"]) == 2 * 9
+    # default: a stored CCD is skipped
+    assert synth.run_ccd(views[0], VISIT + 1, MJD + 1, pos[0])[0] is False
+    # replace: the whole visit again, in reverse CCD order
+    for v, p in reversed(list(zip(views, pos, strict=True))):
+        assert synth.run_ccd(v, VISIT + 1, MJD + 1, p, replace=True)[0]
+    again = synth.dump(db)
+    for name in synth.TABLES:
+        import pandas as pd
+
+        pd.testing.assert_frame_equal(done[name], again[name])
+    # the earlier visit's versions were superseded: replacing it is refused
+    with pytest.raises(PpdbError, match="superseded by later visits"):
+        synth.run_ccd(views[0], VISIT, MJD, pos[0], replace=True)
+    assert synth.dump(db)["DiaSource"].equals(again["DiaSource"])
+
+
+def test_as_of_read_ignores_the_visit_itself(tmp_path, detector):
+    from tests import _ppdb_synth as synth
+
+    view = ppdb.Ppdb.for_ccd(_sqlite_config(tmp_path), detector, RA, DEC)
+    pos = synth.field(detector, RA, DEC, n=4)
+    synth.run_ccd(view, VISIT, MJD, pos)
+    synth.run_ccd(view, VISIT + 1, MJD + 1, pos)
+    before = view.read(MJD + 1)
+    latest = view.read(MJD + 1, as_of=False)
+    assert np.all(before["objects"]["validityStartMjdTai"] == MJD)
+    assert len(before["sources"]) == 7 and set(before["sources"]["visit"]) == {VISIT}
+    assert len(latest["sources"]) == 14
+    assert len(latest["objects"]) == 10  # 4 updated + 3 + 3 new
+
+
+def test_fp_flux_means_include_this_visits_forced_sources(tmp_path, detector):
+    from tests import _ppdb_synth as synth
+
+    view = ppdb.Ppdb.for_ccd(_sqlite_config(tmp_path), detector, RA, DEC)
+    pos = synth.field(detector, RA, DEC, n=3)
+    for k in range(3):
+        synth.run_ccd(view, VISIT + k, MJD + k, pos)
+    objects = view.ppdb.get_dia_objects(view.region)
+    first = objects[np.isin(objects["diaObjectId"], dia_source_ids(VISIT, DET, 3))]
+    oid = np.asarray(first["diaObjectId"])
+    # forced at visits VISIT+1 and VISIT+2: psfFlux = oid % 97 + visit % 7, err 2
+    want = oid % 97 + ((VISIT + 1) % 7 + (VISIT + 2) % 7) / 2
+    assert np.allclose(first["r_fpFluxMean"], want)
+    assert np.allclose(first["r_fpFluxMeanErr"], np.sqrt(2.0))
+    assert first["r_fpFluxMean"].unit == "nJy"
+
+
+def test_schema_version_mismatch_is_a_clear_error(tmp_path):
+    import sqlalchemy
+
+    path = _sqlite_config(tmp_path)
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/apdb.db")
+    with engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text("UPDATE metadata SET value = '99.0.0' WHERE name = 'version:schema'")
+        )
+    engine.dispose()
+    with pytest.raises(PpdbError, match="incompatible schema version.*99.0.0"):
+        ppdb.Ppdb.open(path)

@@ -1,0 +1,272 @@
+"""Vectorised Avro binary encoding of flat records, column by column.
+
+The alert schema's nested records (``diaSource``, ``diaForcedSource``,
+``diaObject``) hold only primitives and ``["null", primitive]`` unions.  Encoding
+them one dict at a time with fastavro costs about 4 µs per field, i.e. several ms
+for an alert with a 12-month history.  :class:`RecordEncoder` instead encodes a
+whole table at once with numpy: every field becomes an ``(n, width)`` byte matrix
+with a mask of the bytes in use; the matrices are laid side by side and
+``matrix[mask]`` is, row after row, exactly the concatenated Avro encodings.
+
+The output is byte-identical to ``fastavro.schemaless_writer`` (checked in
+``tests/test_alerts.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["RecordEncoder", "encode_long", "encode_bytes"]
+
+_PRIMS = ("long", "int", "float", "double", "boolean", "string", "bytes")
+
+
+def encode_long(v):
+    """Avro zig-zag varint of one Python int."""
+    z = (v << 1) ^ (v >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def encode_bytes(b):
+    """Avro ``bytes``/``string`` body: length varint then the bytes."""
+    return encode_long(len(b)) + b
+
+
+def _varints(z):
+    """Byte matrix and lengths of unsigned varints ``z`` (uint64 array)."""
+    n = z.shape[0]
+    nbytes = np.ones(n, dtype=np.int64)
+    rest = z >> np.uint64(7)
+    while True:
+        more = rest > 0
+        if not more.any():
+            break
+        nbytes += more
+        rest = rest >> np.uint64(7)
+    width = int(nbytes.max()) if n else 1
+    mat = np.empty((n, width), dtype=np.uint8)
+    for k in range(width):
+        byte = ((z >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+        byte |= np.where(k < nbytes - 1, 0x80, 0).astype(np.uint8)
+        mat[:, k] = byte
+    return mat, nbytes
+
+
+def _zigzag(v):
+    v = v.astype(np.int64, copy=False)
+    return ((v << 1) ^ (v >> 63)).view(np.uint64)
+
+
+class _Field:
+    __slots__ = ("name", "kind", "nullable", "null_index", "record")
+
+    def __init__(self, record, f):
+        t = f["type"]
+        self.name = f["name"]
+        self.record = record
+        self.nullable = isinstance(t, list) and "null" in t
+        self.null_index = 0
+        if isinstance(t, list):
+            non_null = [x for x in t if x != "null"]
+            if len(t) != 2 or len(non_null) != 1:
+                msg = f"{record}.{self.name}: only [null, T] unions are supported, got {t}"
+                raise TypeError(msg)
+            self.null_index = t.index("null")
+            t = non_null[0]
+        if isinstance(t, dict):
+            t = t.get("type")
+        if t not in _PRIMS:
+            msg = f"{record}.{self.name}: type {t!r} is not a primitive"
+            raise TypeError(msg)
+        self.kind = t
+
+    # -- value arrays ------------------------------------------------------------
+
+    def _required_null(self, what):
+        msg = (
+            f"{self.record}: required field {self.name!r} is {what}; fill it in the "
+            "catalog before building alerts"
+        )
+        return ValueError(msg)
+
+    def _column(self, col, n):
+        """Return ``(values, null)``: a typed numpy array and a null mask."""
+        if col is None:
+            if not self.nullable:
+                raise self._required_null("missing")
+            return None, np.ones(n, dtype=bool)
+        null = np.zeros(n, dtype=bool)
+        mask = getattr(col, "mask", None)
+        if mask is not None and mask is not np.False_:
+            null |= np.broadcast_to(np.asarray(mask, dtype=bool), (n,))
+        data = np.asarray(getattr(col, "data", col) if mask is not None else col)
+        if data.shape != (n,):
+            data = np.broadcast_to(data, (n,))
+        kind = self.kind
+        if data.dtype == object:
+            null |= np.array([v is None for v in data], dtype=bool)
+            if kind in ("string", "bytes"):
+                pass
+            elif null.any():
+                fill = False if kind == "boolean" else 0
+                data = np.where(null, fill, data)
+        if kind in ("float", "double"):
+            vals = data.astype(np.float64)
+            null |= np.isnan(vals)
+        elif kind in ("long", "int"):
+            if data.dtype.kind == "f" or data.dtype == object:
+                f = data.astype(np.float64)
+                null |= np.isnan(f)
+                bad = ~null & (f != np.floor(np.where(null, 0.0, f)))
+                if bad.any():
+                    v = data[np.argmax(bad)]
+                    msg = f"{self.record}.{self.name}: cannot convert {v!r}: not an integer"
+                    raise ValueError(msg)
+                vals = np.where(null, 0, f).astype(np.int64)
+            else:
+                vals = data.astype(np.int64)
+        elif kind == "boolean":
+            if data.dtype.kind == "f":
+                null |= np.isnan(data)
+                data = np.where(np.isnan(data), 0, data)
+            vals = data.astype(bool)
+        else:  # string / bytes
+            vals = data
+        if not self.nullable and null.any():
+            raise self._required_null(f"NaN or null in row {int(np.argmax(null))}")
+        return vals, null
+
+    # -- encoding --------------------------------------------------------------
+
+    def _encode_strings(self, vals, null, kind):
+        """Strings/bytes: encode each distinct value once, then gather rows."""
+        n = len(vals)
+        pairs = zip(vals.tolist(), null.tolist(), strict=True)
+        keys = [b"" if isnull else v for v, isnull in pairs]
+        uniq = {}
+        inv = np.empty(n, dtype=np.int64)
+        for i, v in enumerate(keys):
+            j = uniq.get(v)
+            if j is None:
+                j = uniq[v] = len(uniq)
+            inv[i] = j
+        enc = []
+        for v in uniq:
+            if isinstance(v, bytes):
+                b = v
+                if kind == "string":
+                    b.decode()  # must be UTF-8
+            else:
+                b = str(v).encode() if kind == "string" else bytes(v)
+            enc.append(encode_bytes(b))
+        ulens = np.array([len(b) for b in enc], dtype=np.int64)
+        width = max(int(ulens.max()), 1)
+        umat = np.frombuffer(b"".join(b.ljust(width, b"\0") for b in enc), dtype=np.uint8)
+        umat = umat.reshape(len(enc), width)
+        mat, lens = umat[inv], ulens[inv]
+        lens[null] = 0
+        return mat, lens
+
+    def encode(self, col, n):
+        """Return ``(matrix uint8 (n, w), lengths int64 (n,))`` of this field."""
+        vals, null = self._column(col, n)
+        kind = self.kind
+        if vals is None:  # all null
+            mat = np.full((n, 1), 2 * self.null_index, dtype=np.uint8)
+            return mat, np.ones(n, dtype=np.int64)
+        if kind in ("long", "int"):
+            mat, lens = _varints(_zigzag(vals))
+        elif kind == "float":
+            mat = vals.astype("<f4").view(np.uint8).reshape(n, 4)
+            lens = np.full(n, 4, dtype=np.int64)
+        elif kind == "double":
+            mat = vals.astype("<f8").view(np.uint8).reshape(n, 8)
+            lens = np.full(n, 8, dtype=np.int64)
+        elif kind == "boolean":
+            mat = vals.astype(np.uint8).reshape(n, 1)
+            lens = np.ones(n, dtype=np.int64)
+        else:
+            mat, lens = self._encode_strings(vals, null, kind)
+        if self.nullable:
+            branch = np.where(null, 2 * self.null_index, 2 * (1 - self.null_index))
+            mat = np.concatenate([branch.astype(np.uint8)[:, None], mat], axis=1)
+            lens = np.where(null, 1, lens + 1)
+        return mat, lens
+
+
+class RecordEncoder:
+    """Encode many flat Avro records (one record schema) at once.
+
+    Parameters
+    ----------
+    record : dict
+        The Avro record schema (a resolved dict with ``name`` and ``fields``).
+    """
+
+    def __init__(self, record):
+        name = record["name"].rsplit(".", 1)[-1]
+        self.name = name
+        self.fields = [_Field(name, f) for f in record["fields"]]
+
+    def encode(self, columns, n=None):
+        """Encode ``n`` records given column-wise.
+
+        Parameters
+        ----------
+        columns : mapping
+            Field name to array-like of length ``n`` (numpy arrays, astropy
+            columns, masked arrays or lists; missing fields are null).  NaN
+            floats and masked entries are null.
+        n : int, optional
+            Number of records; defaults to the length of the first column.
+
+        Returns
+        -------
+        flat : bytes
+            The concatenated encodings.
+        offsets : numpy.ndarray
+            ``n + 1`` offsets into ``flat``; record ``i`` is
+            ``flat[offsets[i]:offsets[i + 1]]``.
+
+        Raises
+        ------
+        ValueError
+            If a required field is missing, NaN or null, or an integer field
+            holds a non-integer; the message names record and field.
+        """
+        get = columns.get if hasattr(columns, "get") else None
+        if get is None:  # astropy Table
+            names = set(columns.colnames)
+
+            def get(k):
+                return columns[k] if k in names else None
+
+        if n is None:
+            first = next((get(f.name) for f in self.fields if get(f.name) is not None), None)
+            n = 0 if first is None else len(first)
+        if n == 0:
+            return b"", np.zeros(1, dtype=np.int64)
+        parts = [f.encode(get(f.name), n) for f in self.fields]
+        width = sum(m.shape[1] for m, _ in parts)
+        mat = np.empty((n, width), dtype=np.uint8)
+        keep = np.empty((n, width), dtype=bool)
+        lengths = np.zeros(n, dtype=np.int64)
+        col = 0
+        ar = None
+        for m, lens in parts:
+            w = m.shape[1]
+            mat[:, col : col + w] = m
+            if ar is None or ar.shape[0] < w:
+                ar = np.arange(max(w, 16))
+            keep[:, col : col + w] = ar[None, :w] < lens[:, None]
+            lengths += lens
+            col += w
+        flat = mat[keep].tobytes()
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return flat, offsets

@@ -1,0 +1,119 @@
+"""Synthetic per-CCD catalogs and a pixel-free CCD "pipeline" for PPDB tests.
+
+A CCD run here does what ``apdask.visit`` does around the PPDB, without pixels:
+read the CCD's history as of the visit, associate, forced-measure every known
+DiaObject (a deterministic fake flux), and store, optionally with replace.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import sqlalchemy
+from astropy.table import Table
+
+from apdask.associate import associate_ccd
+from apdask.ids import dia_forced_source_ids, dia_source_ids
+
+AS = 1.0 / 3600.0
+TABLES = ("DiaObject", "DiaSource", "DiaForcedSource", "DiaObject_To_Object_Match")
+KEYS = {
+    "DiaObject": ["diaObjectId", "validityStartMjdTai"],
+    "DiaSource": ["diaSourceId"],
+    "DiaForcedSource": ["diaObjectId", "visit", "detector"],
+    "DiaObject_To_Object_Match": ["diaObjectId", "objectId"],
+}
+
+
+def field(detector, ra, dec, n=20, seed=0):
+    """Fixed sky positions of ``n`` variable sources inside the CCD footprint."""
+    rng = np.random.default_rng(seed + 1000 * detector.id)
+    corners = detector.footprint(ra, dec)
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    span = hi - lo
+    pra = lo[0] + span[0] * rng.uniform(0.2, 0.8, n)
+    pdec = lo[1] + span[1] * rng.uniform(0.2, 0.8, n)
+    return pra, pdec
+
+
+def sources_for(detector, visit, mjd, pos, seed=0, n_new=3):
+    """DiaSources of one CCD-visit: a detection near each field position plus new ones."""
+    rng = np.random.default_rng(seed + 7919 * visit + detector.id)
+    pra, pdec = pos
+    extra_ra = pra[:n_new] + 30 * AS * (1 + visit % 5)
+    ra = np.concatenate([pra + rng.normal(0, 0.05 * AS, pra.size), extra_ra])
+    dec = np.concatenate([pdec + rng.normal(0, 0.05 * AS, pdec.size), pdec[:n_new]])
+    m = ra.size
+    return Table(
+        {
+            "diaSourceId": dia_source_ids(visit, detector.id, m),
+            "visit": np.full(m, visit),
+            "detector": np.full(m, detector.id),
+            "midpointMjdTai": np.full(m, mjd),
+            "ra": ra,
+            "dec": dec,
+            "raErr": np.full(m, 0.05 * AS),
+            "decErr": np.full(m, 0.05 * AS),
+            "x": rng.uniform(10, 4000, m),
+            "y": rng.uniform(10, 4000, m),
+            "psfFlux": rng.uniform(500, 5000, m),
+            "psfFluxErr": np.full(m, 50.0),
+            "psfNdata": np.full(m, 25),
+            "bboxSize": np.full(m, 30),
+            "timeProcessedMjdTai": np.full(m, mjd + 60.0 / 86400.0),
+            "band": np.full(m, "r"),
+            "isDipole": np.zeros(m, bool),
+        }
+    )
+
+
+def forced_for(objects, detector, visit, mjd):
+    """Deterministic forced measurements at every known DiaObject."""
+    n = len(objects)
+    oid = np.asarray(objects["diaObjectId"], dtype=np.int64)
+    return Table(
+        {
+            "diaForcedSourceId": dia_forced_source_ids(visit, detector.id, n),
+            "diaObjectId": oid,
+            "ra": np.asarray(objects["ra"], float),
+            "dec": np.asarray(objects["dec"], float),
+            "visit": np.full(n, visit),
+            "detector": np.full(n, detector.id),
+            "psfFlux": (oid % 97).astype(float) + visit % 7,
+            "psfFluxErr": np.full(n, 2.0),
+            "midpointMjdTai": np.full(n, mjd),
+            "band": np.full(n, "r"),
+            "timeProcessedMjdTai": np.full(n, mjd + 60.0 / 86400.0),
+        }
+    )
+
+
+def run_ccd(view, visit, mjd, pos, *, replace=False, seed=0):
+    """Read as of the visit, associate, forced-measure and store one CCD."""
+    history = view.read(mjd)
+    sources = sources_for(view.detector, visit, mjd, pos, seed=seed)
+    forced = forced_for(history["objects"], view.detector, visit, mjd)
+    out = associate_ccd(sources, history, mjd, forced)
+    stored = view.store(
+        mjd, out["objects"], out["sources"], forced, visit=visit,
+        replace=replace, drp_matches=out["drp_matches"],
+    )  # fmt: skip
+    return stored, out
+
+
+def dump(db):
+    """Full contents of the PPDB tables, ordered by key (DataFrames)."""
+    out = {}
+    with db._engine.connect() as conn:
+        for name in TABLES:
+            t = db._table(name)
+            res = conn.execute(sqlalchemy.select(t))
+            df = pd.DataFrame(res.fetchall(), columns=list(res.keys()))
+            out[name] = df.sort_values(KEYS[name], kind="stable").reset_index(drop=True)
+    return out
+
+
+def counts(db):
+    """Row counts and duplicate-key counts per table."""
+    data = dump(db)
+    return {name: (len(df), int(df.duplicated(KEYS[name]).sum())) for name, df in data.items()}
