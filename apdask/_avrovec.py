@@ -199,6 +199,55 @@ class _Field:
         return mat, lens
 
 
+class _FloatRun:
+    """Consecutive float/double fields of equal nullability, encoded as one block."""
+
+    __slots__ = ("fields", "kind", "nullable", "null_index")
+
+    def __init__(self, fields):
+        self.fields = fields
+        self.kind = fields[0].kind
+        self.nullable = fields[0].nullable
+        self.null_index = fields[0].null_index
+
+    def encode(self, get, n):
+        """Return ``(matrix (n, w), keep (n, w) or None, lengths (n,))``."""
+        k = len(self.fields)
+        ftype, size = (np.float32, 4) if self.kind == "float" else (np.float64, 8)
+        vals = np.empty((n, k), dtype=np.float64)
+        extra_null = None
+        for j, f in enumerate(self.fields):
+            col = get(f.name)
+            if col is None or getattr(col, "mask", None) is not None or (
+                np.asarray(col).dtype == object
+            ):
+                v, null = f._column(col, n)
+                vals[:, j] = np.nan if v is None else v
+                if null.any():
+                    if extra_null is None:
+                        extra_null = np.zeros((n, k), dtype=bool)
+                    extra_null[:, j] = null
+            else:
+                vals[:, j] = col
+        null = np.isnan(vals)
+        if extra_null is not None:
+            null |= extra_null
+        if not self.nullable:
+            if null.any():
+                j = int(np.argmax(null.any(axis=0)))
+                raise self.fields[j]._required_null("NaN or null")
+            mat = vals.astype(np.dtype(ftype).newbyteorder("<")).view(np.uint8).reshape(n, k * size)
+            return mat, None, np.full(n, k * size, dtype=np.int64)
+        mat = np.empty((n, k, size + 1), dtype=np.uint8)
+        mat[:, :, 0] = np.where(null, 2 * self.null_index, 2 * (1 - self.null_index))
+        le = vals.astype(np.dtype(ftype).newbyteorder("<"))
+        mat[:, :, 1:] = le.view(np.uint8).reshape(n, k, size)
+        keep = np.ones((n, k, size + 1), dtype=bool)
+        keep[:, :, 1:] = ~null[:, :, None]
+        lens = k * (size + 1) - size * null.sum(axis=1)
+        return mat.reshape(n, k * (size + 1)), keep.reshape(n, k * (size + 1)), lens
+
+
 class RecordEncoder:
     """Encode many flat Avro records (one record schema) at once.
 
@@ -212,6 +261,25 @@ class RecordEncoder:
         name = record["name"].rsplit(".", 1)[-1]
         self.name = name
         self.fields = [_Field(name, f) for f in record["fields"]]
+        self.parts = []  # _Field or _FloatRun, in schema order
+        for f in self.fields:
+            last = self.parts[-1] if self.parts else None
+            if (
+                f.kind in ("float", "double")
+                and isinstance(last, list)
+                and last[0].kind == f.kind
+                and last[0].nullable == f.nullable
+                and last[0].null_index == f.null_index
+            ):
+                last.append(f)
+            elif f.kind in ("float", "double"):
+                self.parts.append([f])
+            else:
+                self.parts.append(f)
+        self.parts = [
+            (_FloatRun(p) if len(p) > 1 else p[0]) if isinstance(p, list) else p
+            for p in self.parts
+        ]
 
     def encode(self, columns, n=None):
         """Encode ``n`` records given column-wise.
@@ -251,19 +319,28 @@ class RecordEncoder:
             n = 0 if first is None else len(first)
         if n == 0:
             return b"", np.zeros(1, dtype=np.int64)
-        parts = [f.encode(get(f.name), n) for f in self.fields]
-        width = sum(m.shape[1] for m, _ in parts)
+        parts = []
+        for part in self.parts:
+            if isinstance(part, _FloatRun):
+                parts.append(part.encode(get, n))
+            else:
+                m, lens = part.encode(get(part.name), n)
+                parts.append((m, None if (lens == m.shape[1]).all() else lens, lens))
+        width = sum(m.shape[1] for m, _, _ in parts)
         mat = np.empty((n, width), dtype=np.uint8)
         keep = np.empty((n, width), dtype=bool)
         lengths = np.zeros(n, dtype=np.int64)
         col = 0
-        ar = None
-        for m, lens in parts:
+        ar = np.arange(max(width, 16))
+        for m, kp, lens in parts:
             w = m.shape[1]
             mat[:, col : col + w] = m
-            if ar is None or ar.shape[0] < w:
-                ar = np.arange(max(w, 16))
-            keep[:, col : col + w] = ar[None, :w] < lens[:, None]
+            if kp is None:
+                keep[:, col : col + w] = True
+            elif kp.dtype == bool:
+                keep[:, col : col + w] = kp
+            else:
+                keep[:, col : col + w] = ar[None, :w] < kp[:, None]
             lengths += lens
             col += w
         flat = mat[keep].tobytes()

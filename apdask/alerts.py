@@ -412,13 +412,28 @@ def _n_rows(table):
     return len(next(iter(table.values()))) if table else 0
 
 
+_CHUNK_ROWS = 4096  # rows encoded at once: keeps the byte matrices cache-sized
+
+
 def _row_bytes(encoder, table):
     n = _n_rows(table)
     if n == 0:
         return []
-    flat, off = encoder.encode(table, n)
-    off = off.tolist()
-    return [flat[off[i] : off[i + 1]] for i in range(n)]
+    out = []
+    if n > _CHUNK_ROWS:
+        cols = {f.name: _column(table, f.name) for f in encoder.fields}
+        cols = {k: v for k, v in cols.items() if v is not None}
+        chunks = [
+            ({k: v[a : a + _CHUNK_ROWS] for k, v in cols.items()}, min(_CHUNK_ROWS, n - a))
+            for a in range(0, n, _CHUNK_ROWS)
+        ]
+    else:
+        chunks = [(table, n)]
+    for sub, m in chunks:
+        flat, off = encoder.encode(sub, m)
+        off = off.tolist()
+        out.extend(flat[off[i] : off[i + 1]] for i in range(m))
+    return out
 
 
 def _groups(ids):
@@ -448,8 +463,14 @@ def _array_block(items):
     return b"\x02" + encode_long(len(items)) + b"".join(items) + b"\x00"
 
 
-def _nullable_bytes(b):
-    return b"\x00" if b is None else b"\x02" + encode_bytes(bytes(b))
+def _add_nullable_bytes(parts, b):
+    """Append a ``["null", "bytes"]`` value without copying the (large) bytes."""
+    if b is None:
+        parts.append(b"\x00")
+    else:
+        b = b if isinstance(b, bytes) else bytes(b)
+        parts.append(b"\x02" + encode_long(len(b)))
+        parts.append(b)
 
 
 def package_alerts(
@@ -538,11 +559,11 @@ def package_alerts(
             elif name == "diaObject":
                 parts.append(b"\x00" if oi is None else b"\x02" + obj_bytes[oi])
             elif name == "cutoutDifference":
-                parts.append(_nullable_bytes(diff))
+                _add_nullable_bytes(parts, diff)
             elif name == "cutoutScience":
-                parts.append(_nullable_bytes(sci))
+                _add_nullable_bytes(parts, sci)
             elif name == "cutoutTemplate":
-                parts.append(_nullable_bytes(tmpl))
+                _add_nullable_bytes(parts, tmpl)
             elif null_first:
                 parts.append(b"\x00")
             else:

@@ -361,9 +361,30 @@ def _require_psf(exposure, what):
     return np.asarray(exposure.psf, dtype=float)
 
 
-def _filtered(difference, psf):
-    """Matched-filter image and its standard deviation, masked pixels zeroed."""
+def _dilate(bad, half):
+    """Grow a boolean mask by ``half`` pixels (square), using cumulative sums."""
+    if half <= 0 or not bad.any():
+        return bad
+    ny, nx = bad.shape
+    c = np.pad(bad.astype(np.int32), ((half + 1, half), (half + 1, half))).cumsum(0).cumsum(1)
+    k = 2 * half + 1
+    tot = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    return tot[:ny, :nx] > 0
+
+
+def _filtered(difference, psf, sat_grow=None):
+    """Matched-filter image and its S/N map, masked pixels zeroed.
+
+    Pixels within ``sat_grow`` pixels of a saturated pixel (default 2 × PSF FWHM)
+    are ignored too: the wings of a saturated star leave residuals that must not
+    become DIASources.
+    """
     bad = ((difference.mask & _IGNORE) != 0) | ~np.isfinite(difference.image)
+    if sat_grow is None:
+        sat_grow = int(np.ceil(2.0 * _psf_fwhm(psf)))
+    sat = (difference.mask & MASK["SAT"]) != 0
+    if sat_grow > 0 and sat.any():
+        bad |= _dilate(sat, int(sat_grow))
     bad |= ~np.isfinite(difference.variance)
     img = np.where(bad, 0.0, difference.image).astype(np.float32)
     var = np.where(bad, 0.0, difference.variance).astype(np.float32)

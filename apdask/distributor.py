@@ -303,8 +303,12 @@ class HttpDistributor:
             )
             raise DistributorUnavailableError(msg) from None
         except (OSError, http.client.HTTPException) as e:
+            connected = conn.sock is not None
             conn.close()
-            raise _RetryError(f"{type(e).__name__}: {e}") from None
+            err = _RetryError(f"{type(e).__name__}: {e}")
+            # Connected but no answer in time: the server is up, just slow (e.g. loaded).
+            err.reachable = connected and isinstance(e, TimeoutError)
+            raise err from None
 
     def _cache_paths(self, name):
         return os.path.join(self.cache_dir, name), os.path.join(self.cache_dir, f".{name}.json")
@@ -432,7 +436,7 @@ class HttpDistributor:
                     break
                 continue
             except _RetryError as e:
-                failure = str(e)
+                failure = None if getattr(e, "reachable", False) else str(e)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

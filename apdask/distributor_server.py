@@ -120,7 +120,7 @@ class DistributorService:
         self._token = token.encode()
         self.max_bytes = int(max_bytes)
         self.images = {}  # name -> {"name", "size", "sha256", "registered"}
-        self._waiters = {}  # name -> asyncio.Event
+        self._waiters = {}  # name -> [asyncio.Event, number of waiters]
         self.n_waiting = 0
         self._locks = {}
         self._closing = False
@@ -165,14 +165,14 @@ class DistributorService:
 
     def _register(self, rec):
         self.images[rec["name"]] = rec
-        event = self._waiters.pop(rec["name"], None)
-        if event is not None:
-            event.set()
+        slot = self._waiters.pop(rec["name"], None)
+        if slot is not None:
+            slot[0].set()
 
     def wake_all(self):
         """Wake every waiter (they answer 503 so clients retry); used at shutdown."""
         self._closing = True
-        for event in self._waiters.values():
+        for event, _ in self._waiters.values():
             event.set()
         self._waiters.clear()
 
@@ -256,15 +256,19 @@ class DistributorService:
             return _json_error(400, "bad_request", str(e))
         rec = self.images.get(name)
         if rec is None and wait > 0 and not self._closing:
-            event = self._waiters.get(name)
-            if event is None:
-                event = self._waiters[name] = asyncio.Event()
+            slot = self._waiters.get(name)
+            if slot is None:
+                slot = self._waiters[name] = [asyncio.Event(), 0]
+            slot[1] += 1
             self.n_waiting += 1
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), wait)
+                    await asyncio.wait_for(slot[0].wait(), wait)
             finally:
                 self.n_waiting -= 1
+                slot[1] -= 1
+                if slot[1] == 0 and self._waiters.get(name) is slot:
+                    del self._waiters[name]  # nobody waits for it any more
             rec = self.images.get(name)
         if rec is None:
             if self._closing:

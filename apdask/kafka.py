@@ -30,6 +30,7 @@ logged or shown in ``repr``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -660,8 +661,20 @@ class KafkaSink:
             producer.poll(0)
         while pending and time.monotonic() < deadline:
             producer.poll(0.05)
-        for idx in list(pending):  # no report at all: keep it (duplicates beat loss)
+        if pending:
+            # Requests still in flight outlive message.timeout.ms: purge them so nothing
+            # spooled here can still be sent later.  A request the broker already stored
+            # may then be delivered twice after replay (at-least-once, never loss).
+            with contextlib.suppress(Exception):
+                producer.purge(in_queue=True, in_flight=True)
+                producer.poll(0.5)
+            self._fatal = self._fatal or "purged"  # start afresh on the next write
+        for idx in list(pending):
+            pending.discard(idx)
             failed[idx] = f"no delivery report within {self.delivery_timeout + _GRACE_S:.0f} s"
+        for idx in sorted(failed):  # reports that arrived during the purge are failures
+            if idx in acked:
+                del failed[idx]
         return sorted(acked), failed
 
     def write(self, visit, detector, alerts):

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from .detect import _find_stars, _psf_fwhm, _shifted_psf, _workers
+from .detect import _dilate, _find_stars, _psf_fwhm, _shifted_psf, _workers
 from .exceptions import PsfFitError
 from .image import MASK, mask_bits
 
@@ -42,6 +42,8 @@ class PsfGrid:
         ``(ncy, ncx, S, S)`` stamps of sum 1, one per cell.
     xc, yc : array_like
         Cell centres in pixels (``ncx`` and ``ncy`` values, increasing).
+    mean : numpy.ndarray, optional
+        CCD-wide PSF stamp (default: the stamp at the CCD centre).
 
     Notes
     -----
@@ -49,10 +51,13 @@ class PsfGrid:
     outer centres), which follows a PSF that varies linearly across the CCD.
     """
 
-    def __init__(self, psfs, xc, yc):
+    def __init__(self, psfs, xc, yc, mean=None):
         self.psfs = np.asarray(psfs, float)
         self.xc = np.asarray(xc, float)
         self.yc = np.asarray(yc, float)
+        if mean is None:
+            mean = self.at(float(np.mean(self.xc)), float(np.mean(self.yc)))
+        self.mean = np.asarray(mean, float)
 
     @property
     def shape(self):
@@ -72,7 +77,7 @@ class PsfGrid:
         """A new grid with every stamp convolved by ``kernel`` (and cut/padded to ``size``)."""
         size = int(size or self.psfs.shape[-1]) | 1
         out = np.array([[_conv_stamp(p, kernel, size) for p in row] for row in self.psfs])
-        return PsfGrid(out, self.xc, self.yc)
+        return PsfGrid(out, self.xc, self.yc, _conv_stamp(self.mean, kernel, size))
 
 
 def _bracket(nodes, v):
@@ -210,7 +215,8 @@ def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per
     Returns
     -------
     PsfGrid
-        One median stamp per cell, at the mean position of its stars.
+        One median stamp per cell, interpolated between cell centres; ``mean`` is the
+        median of all stamps (what :func:`estimate_psf` returns).
 
     Raises
     ------
@@ -233,7 +239,7 @@ def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per
             if len(inside) < min_per_cell:
                 inside = np.argsort(d)[: max(min_per_cell, len(inside))]
             psfs[j, i] = _combine(stamps[inside])
-    return PsfGrid(psfs, xc, yc)
+    return PsfGrid(psfs, xc, yc, _combine(stamps))
 
 
 def estimate_psf(exposure, stamp_size=25, max_stars=200):
@@ -410,17 +416,6 @@ def _kernel_images(coef, basis, nb, nsp):
     """Per spatial term kernel images ``K_s = sum_b a_{b,s} B_b``."""
     a = coef[: nb * nsp].reshape(nb, nsp)
     return [np.tensordot(a[:, s], basis, axes=1) for s in range(nsp)]
-
-
-def _dilate(bad, half):
-    """Grow a boolean mask by ``half`` pixels (square), using cumulative sums."""
-    if half <= 0 or not bad.any():
-        return bad
-    ny, nx = bad.shape
-    c = np.pad(bad.astype(np.int32), ((half + 1, half), (half + 1, half))).cumsum(0).cumsum(1)
-    k = 2 * half + 1
-    tot = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
-    return tot[:ny, :nx] > 0
 
 
 def decorrelation_kernel(kernel, var_sci, var_tpl, *, psf_pre=None, size=None, floor=1e-4):

@@ -377,17 +377,22 @@ def _template(science, prefetch):
 
 
 def _subtract(science, template):
+    from .exceptions import PsfFitError
     from .isr import mask_cosmic_rays
-    from .subtract import estimate_psf, subtract
+    from .subtract import estimate_psf, estimate_psf_model, subtract
 
     t0 = time.time()
-    psf = estimate_psf(science)
-    science = science.copy_with(psf=psf)
-    fwhm = _fwhm_px(psf)
-    science = mask_cosmic_rays(science, fwhm)
-    if template.psf is None:
-        template = template.copy_with(psf=estimate_psf(template))
-    diff, info = subtract(science, template)
+    ccd = science.meta.get("detector_name", science.meta.get("detector"))
+    try:
+        model = estimate_psf_model(science)
+        science = science.copy_with(psf=model.mean, meta={**science.meta, "psf_model": model})
+        science = mask_cosmic_rays(science, _fwhm_px(model.mean))
+        if template.psf is None:
+            template = template.copy_with(psf=estimate_psf(template))
+        diff, info = subtract(science, template)
+    except PsfFitError as e:
+        msg = f"CCD {ccd}, visit {science.meta.get('visit')}: {e}"
+        raise PsfFitError(msg) from None
     t1 = time.time()
     info["timings"] = {"psf+subtract": t1 - t0}
     return {"science": science, "template": template, "difference": diff, "info": info}

@@ -37,7 +37,7 @@ def _nothing_written(repo):
         ({"dec": "-95"}, 64, ["Dec"]),
         ({"band": "H"}, 64, ["unknown filter", "--filter"]),
         ({"image": "TestCam_9999_T00_0.fits", "timeout": "0.5"}, 75, ["TestCam_9999_T00_0.fits"]),
-        ({"image": "TestCam_1000_T01_0.fits"}, 65, ["DETNAME=T01", "T00"]),
+        ({"image": "TestCam_1000_T01_0.fits"}, 65, ["CCD T01", "--ccd T00"]),  # before waiting
         ({"band": "g"}, 65, ["FILTBAND=r"]),
     ],
 )

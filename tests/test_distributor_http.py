@@ -10,12 +10,14 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 
+import dask.config
 import numpy as np
 import pytest
 
@@ -396,8 +398,13 @@ def _ccd_args(repo, url, images, timeout):
     return args
 
 
-def test_process_ccd_exit_codes(repo, server, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the download cache
+@pytest.fixture
+def cache_dir(tmp_path):
+    with dask.config.set({"apdask.distributor.cache_dir": str(tmp_path / "cache")}):
+        yield tmp_path / "cache"
+
+
+def test_process_ccd_exit_codes(repo, server, cache_dir, capsys):
     # Image never arrives: 75 within 1 s after the timeout, nothing written.
     t0 = time.monotonic()
     assert main(_ccd_args(repo, server.url, ["TestCam_1000_T00_0.fits"], 2)) == 75
@@ -418,9 +425,18 @@ def test_process_ccd_exit_codes(repo, server, tmp_path, capsys, monkeypatch):
     _nothing_written(repo)
 
 
-def test_process_ccd_late_two_snaps(repo, server, tmp_path, capsys, monkeypatch):
+def test_process_ccd_detname_header_checked(repo, capsys):
+    """A name outside the raw convention is fetched; its header's DETNAME is then checked."""
+    shutil.copy(os.path.join(repo, "raw", "TestCam_1000_T01_0.fits"),
+                os.path.join(repo, "raw", "renamed.fits"))  # fmt: skip
+    assert main(_ccd_args(repo, f"file://{repo}/raw", ["renamed.fits"], 5)) == 65
+    err = capsys.readouterr().err
+    assert "DETNAME=T01" in err and "T00" in err
+    _nothing_written(repo)
+
+
+def test_process_ccd_late_two_snaps(repo, server, cache_dir, tmp_path, capsys):
     """Both snaps uploaded 5 s after start: process-ccd blocks, then succeeds."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
     snap0 = os.path.join(repo, "raw", "TestCam_1000_T00_0.fits")
     snap1 = second_snap(snap0, tmp_path / "up" / "TestCam_1000_T00_1.fits")
     names = [os.path.basename(snap0), os.path.basename(snap1)]

@@ -163,9 +163,11 @@ def test_listener_processes_an_announced_visit_end_to_end(repo, sim_repo, kafka_
         report = json.load(f)
     latencies = [c["latency_s"] for c in report["ccds"]]
     assert all(c["image_registered"] >= t_images - 0.5 for c in report["ccds"])
-    print(f"\nlisten e2e: images {t_images - t_announce:.1f} s after nextVisit; "
-          f"image->alerts latency per CCD {[round(x, 2) for x in latencies]} s; "
-          f"nextVisit->done {done['nextvisit_to_done_s']:.1f} s; {done['n_alerts']} alerts")
+    print(
+        f"\nlisten e2e: images {t_images - t_announce:.1f} s after nextVisit; "
+        f"image->alerts latency per CCD {[round(x, 2) for x in latencies]} s; "
+        f"nextVisit->done {done['nextvisit_to_done_s']:.1f} s; {done['n_alerts']} alerts"
+    )
 
 
 @pytest.mark.service

@@ -29,8 +29,9 @@ def _nv(instrument, detectors=None):
 
 
 def _commands(nv):
-    return {n: ccd_command(nv, n, repo="/r", distributor="http://dist:8080", ppdb="/r/apdb.yaml",
-                           alerts="file:///r/alerts", timeout=120) for n in nv.detectors}  # fmt: skip
+    kw = {"repo": "/r", "distributor": "http://dist:8080", "ppdb": "/r/apdb.yaml",
+          "alerts": "file:///r/alerts", "timeout": 120}  # fmt: skip
+    return {n: ccd_command(nv, n, **kw) for n in nv.detectors}
 
 
 @pytest.mark.parametrize(("instrument", "n"), [("LSSTComCam", 9), ("LSSTCam", 189)])
