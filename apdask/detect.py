@@ -179,8 +179,18 @@ def _moments(stamp, xc=None, yc=None):
 
 
 def _psf_fwhm(psf):
-    """FWHM in pixels of a PSF stamp from its second moments (Gaussian equivalent)."""
-    _, _, ixx, iyy, _ = _moments(np.asarray(psf, dtype=float))
+    """FWHM in pixels of a PSF stamp from its second moments (Gaussian equivalent).
+
+    The moments are taken within 3 half-maximum radii of the centre, so that noise or
+    ringing in the far wings (e.g. of a decorrelated difference-image PSF) cannot
+    dominate them.
+    """
+    p = np.asarray(psf, dtype=float)
+    n = p.shape[0]
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    r_half = np.sqrt(np.count_nonzero(p >= 0.5 * p.max()) / np.pi)
+    p = np.where(np.hypot(xx, yy) <= max(3.0 * r_half, 3.0), p, 0.0)
+    _, _, ixx, iyy, _ = _moments(p)
     return 2.3548 * np.sqrt(0.5 * (ixx + iyy))
 
 

@@ -496,7 +496,7 @@ class _Fourier:
 
 def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
              decorrelate=True):  # fmt: skip
-    """PSF-matched, decorrelated difference image ``ψ ⊗ (S' − K ⊗ T − bg)``.
+    """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
     Parameters
     ----------
@@ -518,18 +518,19 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     Returns
     -------
     difference : apdask.image.Exposure
-        nJy in the science calibration.  ``S' = S`` when the template is the sharper
-        image (direction ``"convolve_template"``); otherwise the science image is
-        pre-convolved with its own PSF, ``S' = P_s ⊗ S`` (direction
-        ``"convolve_science"``, as Rubin's ``preconvolve`` mode).  Variance
-        ``var_S + κ² var_T`` (white after decorrelation), mask (inputs OR'ed, EDGE
-        within the kernel half-size of the border or of NO_DATA), the science WCS,
-        PSF = ``ψ ⊗ [P_s ⊗] P_s`` and the science metadata (with ``psf_model``).
+        nJy in the science calibration.  When the template is the sharper image
+        (direction ``"convolve_template"``) ``D = ψ ⊗ (S − K ⊗ T − bg)``, variance
+        ``var_S + κ² var_T``, PSF ``ψ ⊗ P_S`` (and ``psf_model`` convolved by ψ).  When
+        the science image is sharper (``"convolve_science"``) the roles swap:
+        ``D = ψ ⊗ (K ⊗ S + bg − T) / κ``, variance ``(var_T + κ² var_S) / κ²``, PSF
+        ``ψ ⊗ P_T``.  Mask: inputs OR'ed, EDGE within the kernel half-size of the
+        border or of NO_DATA.  WCS and metadata of the science exposure.
     info : dict
         ``kernel_sum`` (photometric scale science/template), ``kernel_size``,
         ``n_stamps``, ``stamp_chi2`` (list, reduced chi² per used stamp),
         ``fwhm_science``, ``fwhm_template``, ``fwhm_difference`` (pixels),
-        ``direction``, ``preconvolved``, ``decorrelated``, ``background``
+        ``direction``, ``preconvolved`` (always False, see docs), ``decorrelated``,
+        ``background``
         (coefficients), ``noise_ratio`` (robust σ of ``D/sqrt(var)`` on clean pixels)
         and ``timing`` (seconds per step).
 
@@ -545,12 +546,13 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     psf_s, psf_t = np.asarray(psf_s, float), np.asarray(psf_t, float)
     fw_s, fw_t = float(_psf_fwhm(psf_s)), float(_psf_fwhm(psf_t))
     timing["psf"] = time.perf_counter() - t0
-    preconv = fw_t > fw_s
-    direction = "convolve_science" if preconv else "convolve_template"
+    # the sharper image is convolved: A = template, B = science normally; reversed
+    # (science sharper) A = science, B = template and D = −(B − K⊗A)/κ
+    rev = fw_t > fw_s
+    preconv = False
+    direction = "convolve_science" if rev else "convolve_template"
     sig_s, sig_t = fw_s / 2.3548, fw_t / 2.3548
-    # the kernel maps the template PSF onto the (pre-convolved) science PSF
-    sig_target2 = 2 * sig_s**2 if preconv else sig_s**2
-    sig_m = max(np.sqrt(abs(sig_target2 - sig_t**2)), 0.7)
+    sig_m = max(np.sqrt(abs(sig_s**2 - sig_t**2)), 0.7)
     sigmas = [0.5 * sig_m, sig_m, 2.0 * sig_m]
     if kernel_size is None:
         kernel_size = 2 * int(np.ceil(3.0 * sigmas[-1])) + 1
@@ -570,17 +572,11 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     nodata_s |= ~np.isfinite(var_s)
     sci0 = np.where(nodata_s, 0.0, sci_img).astype(np.float32)
     tpl0 = np.where(nodata_t, 0.0, tpl_img).astype(np.float32)
-    pre_half = psf_s.shape[0] // 2 if preconv else 0
-    four = _Fourier(shape, kh + pre_half + 16)
-    t1 = time.perf_counter()
-    f_sci = four.image(sci0)
-    if preconv:
-        f_pre = four.kernel(psf_s)
-        tgt = four.inverse(f_sci * f_pre)
-    else:
-        f_pre = None
-        tgt = sci0
-    timing["preconvolve"] = time.perf_counter() - t1
+    pre_half = 0
+    four = _Fourier(shape, kh + 16)
+    img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
+    var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
+    psf_b = psf_t if rev else psf_s
 
     # --- stamps around bright isolated stars, clean in both images
     fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
@@ -611,7 +607,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     t1 = time.perf_counter()
     bg_order = min(int(spatial_order), 1)
     coef, nb, nsp, nbg, chi2, used = _fit_kernel(
-        tpl0, tgt, var_fit, ok, basis, xs, ys, shape, int(spatial_order), bg_order, fit_half
+        img_a, img_b, var_fit, ok, basis, xs, ys, shape, int(spatial_order), bg_order, fit_half
     )
     kernels = _kernel_images(coef, basis, nb, nsp)
     bgc = coef[nb * nsp :]
@@ -627,9 +623,9 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     v_s = float(np.median(var_s[::8, ::8][good_s[::8, ::8]])) if good_s.any() else 1.0
     good_t = ~nodata_t
     v_t = float(np.median(var_t[::8, ::8][good_t[::8, ::8]])) if good_t.any() else 0.0
+    v_a, v_b = (v_s, v_t) if rev else (v_t, v_s)
     if decorrelate:
-        psi = decorrelation_kernel(k_center, v_s, v_t, psf_pre=psf_s if preconv else None,
-                                   size=2 * (kh + pre_half) + 1)  # fmt: skip
+        psi = decorrelation_kernel(k_center, v_b, v_a, size=2 * kh + 1)
     else:
         psi = np.ones((1, 1))
 
@@ -638,16 +634,17 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     ny, nx = shape
     u = ((np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1))[None, :]
     v = ((np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1))[:, None]
-    f_tpl = four.image(tpl0)
+    f_a = four.image(img_a)
+    f_b = four.image(img_b)
     f_psi = four.kernel(psi) if decorrelate else None
     powers = _powers(int(spatial_order))
     diff = None
     for kimg, (i, j) in zip(kernels, powers, strict=True):
-        fk = four.kernel(kimg) * f_tpl
+        fk = four.kernel(kimg) * f_a
         if f_psi is not None:
             fk *= f_psi
         if i == j == 0:
-            fs = f_sci if f_pre is None else f_sci * f_pre
+            fs = f_b
             if f_psi is not None:
                 fs = fs * f_psi
             diff = four.inverse(fs - fk)
@@ -655,17 +652,22 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
             diff -= four.inverse(fk) * (u**i * v**j)
     for c, (i, j) in zip(bgc, _powers(bg_order), strict=True):
         diff -= np.float32(c) * (u**i * v**j)
+    if rev:
+        diff *= np.float32(-1.0 / ksum)
     timing["convolve"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    var = var_s + np.float32(ksum**2) * var_t
-    psf_d = _conv_stamp(psf_s, psi, psf_s.shape[0] + (2 * pre_half if preconv else 0))
-    if preconv:
-        psf_d = _conv_stamp(psf_d, psf_s, psf_d.shape[0])
+    var = np.maximum(var_b, 0.0) + np.float32(ksum**2) * np.maximum(var_a, 0.0)
+    if rev:
+        var /= np.float32(ksum**2)
+    var = np.maximum(var, np.float32(1e-6 * max(v_b, 1e-30)))
+    psf_d = _conv_stamp(psf_b, psi, psf_b.shape[0])
     mask = (science.mask | template.mask) & ~np.uint32(mask_bits("DETECTED", "DETECTED_NEGATIVE"))
     mask = mask.astype(np.uint32)
     nodata = nodata_t | nodata_s
-    grow = kh + pre_half + psi.shape[0] // 2
+    # ψ is compact (close to a δ function for a deeper template): its wings are not
+    # added to the EDGE width, which is the kernel (plus pre-convolution) half size
+    grow = kh + pre_half
     edge = _dilate(nodata, grow) & ~nodata
     border_m = np.zeros(shape, bool)
     border_m[:grow], border_m[-grow:], border_m[:, :grow], border_m[:, -grow:] = (True,) * 4
@@ -680,15 +682,13 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     meta = dict(science.meta)
     meta["subtraction"] = direction
     model = science.meta.get("psf_model")
-    if model is not None:
-        extra = 2 * pre_half if preconv else 0
-        model = model.convolved(psi, model.shape[0] + extra)
-        if preconv:
-            model = model.convolved(psf_s)
-        meta["psf_model"] = model
+    if rev:
+        meta.pop("psf_model", None)  # the difference has the (constant) template PSF
+    elif model is not None:
+        meta["psf_model"] = model.convolved(psi)
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
     info = {
-        "kernel_sum": ksum,
+        "kernel_sum": 1.0 / ksum if rev else ksum,
         "kernel_size": kernel_size,
         "n_stamps": int(used.sum()),
         "stamp_chi2": [float(c) for c in chi2[used]],

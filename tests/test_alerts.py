@@ -215,6 +215,9 @@ def test_package_alerts_is_byte_identical_to_make_alert(schema):
     hist = _rows_table(schema, "diaSource", 6, rng, diaSourceId=[1, 2, 3, 4, 5, 14],
                        diaObjectId=[1, 1, 2, 9, 1, 1])  # fmt: skip
     hist[0]["visit"] = -(2**62)  # negative and large longs through the zig-zag varint
+    fields = _record(schema, "diaSource")["fields"]
+    flag = next(f["name"] for f in fields if f["type"] == ["null", "boolean"])
+    hist[3][flag] = None  # a null in a nullable boolean column (object column)
     hist[1]["visit"] = 2**62
     forced = _rows_table(schema, "diaForcedSource", 3, rng, diaObjectId=[1, 2, 2])
     objs = _rows_table(schema, "diaObject", 2, rng, diaObjectId=[1, 2])

@@ -1,0 +1,195 @@
+"""Benchmark: one full-size CCD from calibrated pixels to a DIASource table with cutouts.
+
+Not a unit test.  Builds a synthetic ITL-size (4072 × 4000) science / template pair in
+memory (Gaussian PSFs, science FWHM varying 0.9–1.1″, template 0.7″ and 10× deeper,
+~5000 stars and ``--transients`` injected point sources), with the PSFs prefetched,
+and times in the same process:
+
+* ``rfft2_pair``: one forward + inverse ``scipy.fft.rfft2`` of the padded frame
+  (the hardware floor the issue compares against);
+* ``subtract``: :func:`apdask.subtract.subtract` (kernel fit, convolution,
+  decorrelation, masks);
+* ``detect`` / ``measure`` / ``cutouts``: the DIASource table and three cutouts each;
+* ``sourcefinder``: photutils ``SourceFinder`` on the same difference image;
+* ``sfft``: the sfft numpy backend, when it is installed (reported as skipped otherwise).
+
+ISR is not included (see ``benchmarks/README.md``).  Prints one JSON object;
+``--out`` also writes it to a file.  Peak memory is ``tracemalloc``'s peak of
+Python-allocated memory (numpy arrays included) plus the process's max RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from apdask.detect import detect_sources, make_cutout, measure_sources  # noqa: E402
+from apdask.image import Exposure  # noqa: E402
+from apdask.subtract import estimate_psf_model, subtract  # noqa: E402
+
+PEERS = {
+    "SFFT (A100 GPU)": 1.4,
+    "PyTorchDIA (GPU)": 11.5,
+    "ZOGY (CPU)": 37.0,
+    "HOTPANTS (CPU)": 43.0,
+}
+
+
+def _render(shape, xs, ys, fl, sig, rng_noise, var):
+    from scipy.special import erf
+
+    img = np.zeros(shape, np.float32)
+    h = 12
+    offs = np.arange(-h, h + 1)
+    for x, y, f, s in zip(xs, ys, fl, np.broadcast_to(sig, xs.shape), strict=True):
+        ix, iy = int(round(x)), int(round(y))
+        ex = (ix + offs[:, None] + np.array([-0.5, 0.5]) - x) / (np.sqrt(2) * s)
+        ey = (iy + offs[:, None] + np.array([-0.5, 0.5]) - y) / (np.sqrt(2) * s)
+        gx = 0.5 * (erf(ex[:, 1]) - erf(ex[:, 0]))
+        gy = 0.5 * (erf(ey[:, 1]) - erf(ey[:, 0]))
+        img[iy - h : iy + h + 1, ix - h : ix + h + 1] += np.float32(f) * np.outer(gy, gx)
+    img += rng_noise.standard_normal(shape, dtype=np.float32) * np.sqrt(var).astype(np.float32)
+    return img
+
+
+def make_pair(shape=(4000, 4072), n_stars=5000, n_transients=200, seed=0):
+    """Science and template Exposures (nJy-like units) with PSF models attached."""
+    from astropy.wcs import WCS
+
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    xs = rng.uniform(20, nx - 20, n_stars)
+    ys = rng.uniform(20, ny - 20, n_stars)
+    fl = 300 * (3e5 / 300) ** rng.uniform(0, 1, n_stars) ** 2.5
+    fwhm_s = (0.9 + 0.2 * 0.5 * (xs / nx + ys / ny)) / 0.2
+    sky = 900.0
+    tv = np.full(shape, (sky + 36) / 10, np.float32)
+    tpl = _render(shape, xs, ys, fl, 0.7 / 0.2 / 2.3548, rng, tv)
+    tx = rng.uniform(40, nx - 40, n_transients)
+    ty = rng.uniform(40, ny - 40, n_transients)
+    tf = rng.uniform(800, 20000, n_transients)
+    fwhm_t = (0.9 + 0.2 * 0.5 * (tx / nx + ty / ny)) / 0.2
+    allx, ally = np.concatenate([xs, tx]), np.concatenate([ys, ty])
+    allf = np.concatenate([fl, tf])
+    sig = np.concatenate([fwhm_s, fwhm_t]) / 2.3548
+    truth = np.zeros(shape, np.float32)
+    sv = np.full(shape, sky + 36, np.float32)
+    sci = _render(shape, allx, ally, allf, sig, rng, sv) + np.float32(sky)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [150.0, -30.0]
+    w.wcs.crpix = [nx / 2, ny / 2]
+    w.wcs.cd = [[-0.2 / 3600, 0], [0, 0.2 / 3600]]
+    del truth
+    mask = np.zeros(shape, np.uint32)
+    s = Exposure(sci, sv + np.maximum(sci - sky, 0), mask.copy(), w, None, {"visit": 1})
+    t = Exposure(tpl, tv, mask.copy(), w, None, {})
+    return s, t, np.column_stack([tx, ty, tf])
+
+
+def _time(fn, repeat):
+    out, ts = None, []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return out, statistics.median(ts), ts
+
+
+def main(argv=None):
+    """Run the benchmark and print the JSON report."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--nx", type=int, default=4072)
+    ap.add_argument("--ny", type=int, default=4000)
+    ap.add_argument("--transients", type=int, default=200)
+    ap.add_argument("--no-sourcefinder", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    import scipy.fft as sfft
+
+    sci, tpl, truth = make_pair((args.ny, args.nx), n_transients=args.transients)
+    t0 = time.perf_counter()
+    model_s = estimate_psf_model(sci)
+    sci = sci.copy_with(psf=model_s.mean, meta={**sci.meta, "psf_model": model_s})
+    tpl = tpl.copy_with(psf=estimate_psf_model(tpl, cells=1).mean)
+    t_psf = time.perf_counter() - t0
+    fy = sfft.next_fast_len(args.ny + 40, real=True)
+    fx = sfft.next_fast_len(args.nx + 40, real=True)
+    img32 = np.asarray(sci.image, np.float32)
+    w = os.cpu_count() or 1
+    sfft.irfft2(sfft.rfft2(img32, s=(fy, fx), workers=w), s=(fy, fx), workers=w)  # warm
+    _, t_fft, _ = _time(
+        lambda: sfft.irfft2(sfft.rfft2(img32, s=(fy, fx), workers=w), s=(fy, fx), workers=w),
+        args.repeat,
+    )
+    tracemalloc.start()
+    (diff, info), t_sub, ts_sub = _time(lambda: subtract(sci, tpl), args.repeat)
+    _, peak_sub = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    dets, t_det, _ = _time(lambda: detect_sources(diff), args.repeat)
+    tab, t_meas, _ = _time(
+        lambda: measure_sources(diff, sci, tpl, dets, visit=1, detector=0, band="r", mjd=6e4),
+        args.repeat,
+    )
+
+    def cutouts():
+        return [make_cutout(e, r["x"], r["y"], 41) for r in tab for e in (diff, sci, tpl)]
+
+    _, t_cut, _ = _time(cutouts, args.repeat)
+    rep = {
+        "shape": [args.ny, args.nx],
+        "cpu_count": os.cpu_count(),
+        "padded_frame": [fy, fx],
+        "psf_model_s (prefetched, not in total)": round(t_psf, 3),
+        "rfft2_pair_s": round(t_fft, 3),
+        "subtract_s": round(t_sub, 3),
+        "subtract_runs_s": [round(t, 3) for t in ts_sub],
+        "subtract_over_fft_pair": round(t_sub / t_fft, 2),
+        "subtract_steps_s": {k: round(v, 3) for k, v in info["timing"].items()},
+        "detect_s": round(t_det, 3),
+        "measure_s": round(t_meas, 3),
+        "cutouts_s": round(t_cut, 3),
+        "total_subtract_to_table_s": round(t_sub + t_det + t_meas + t_cut, 3),
+        "n_dia_sources": len(tab),
+        "n_injected": len(truth),
+        "noise_ratio": round(info["noise_ratio"], 4),
+        "tracemalloc_peak_subtract_GB": round(peak_sub / 1e9, 3),
+        "max_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+        "peers_published_s": PEERS,
+    }
+    if not args.no_sourcefinder:
+        try:
+            from photutils.segmentation import SourceFinder
+
+            snr = diff.image / np.sqrt(diff.variance)
+            finder = SourceFinder(n_pixels=5, progress_bar=False)
+            _, t_sf, _ = _time(lambda: finder(snr, 5.0), 1)
+            rep["photutils_sourcefinder_s"] = round(t_sf, 3)
+        except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
+            rep["photutils_sourcefinder_s"] = f"failed: {e}"
+    try:
+        import sfft  # noqa: F401
+
+        rep["sfft"] = "installed but not run by this script yet"
+    except ImportError:
+        rep["sfft"] = "not installed (pip install sfft); skipped"
+    text = json.dumps(rep, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
