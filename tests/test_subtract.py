@@ -109,3 +109,47 @@ def test_reversed_direction_does_not_crash():
     assert np.std(pull) == pytest.approx(1.0, abs=0.15)
     det = detect_sources(diff)
     assert len(det) >= len(INJECTED)
+
+
+def test_psf_model_follows_a_varying_psf():
+    from apdask.detect import _psf_fwhm
+    from apdask.subtract import estimate_psf_model
+
+    rng = np.random.default_rng(5)
+    xs, ys, fl = star_field(SHAPE, 900, 5, fmin=2e4, fmax=3e5)
+    img = np.full(SHAPE, 900.0)
+    fw = 4.0 + 2.0 * xs / SHAPE[1]  # FWHM 4 → 6 px from left to right
+    for x, y, f, w in zip(xs, ys, fl, fw, strict=True):
+        add_stars(img, [x], [y], [f], w)
+    var = img + 25.0
+    e = exposure_from(img + rng.normal(0, 1, SHAPE) * np.sqrt(var), var)
+    model = estimate_psf_model(e, cells=3)
+    left, right = _psf_fwhm(model.at(100, 512)), _psf_fwhm(model.at(920, 512))
+    assert left == pytest.approx(4.0 + 2.0 * model.xc[0] / SHAPE[1], abs=0.25)
+    assert right == pytest.approx(4.0 + 2.0 * model.xc[-1] / SHAPE[1], abs=0.25)
+    assert model.at(500, 500).sum() == pytest.approx(1.0)
+
+
+def test_decorrelated_difference_has_white_noise(normal_case):
+    _, _, diff, info = normal_case
+    assert info["decorrelated"]
+    assert info["noise_ratio"] == pytest.approx(1.0, abs=0.05)
+    good = diff.mask == 0
+    d = np.where(good, diff.image / np.sqrt(diff.variance), 0.0)[100:900, 100:900]
+    pw = np.abs(np.fft.rfft2(d)) ** 2 / d.size
+    # flat power spectrum: mid and high spatial frequencies carry the same noise power
+    mid, high = pw[150:250, 150:250].mean(), pw[350:400, 300:400].mean()
+    assert high / mid == pytest.approx(1.0, abs=0.1)
+    assert mid == pytest.approx(1.0, abs=0.1)
+
+
+def test_reversed_direction_is_white_and_photometric():
+    sci, tpl = _pair(3.5, 5.0, seed=3)
+    diff, info = subtract(sci, tpl)
+    assert info["noise_ratio"] == pytest.approx(1.0, abs=0.05)
+    det = detect_sources(diff)
+    assert len(det) == len(INJECTED)
+    tab = measure_sources(diff, sci, tpl, det, visit=7, detector=0, band="r", mjd=60000.0)
+    for x, y, f in INJECTED:
+        i = np.argmin(np.hypot(tab["x"] - x, tab["y"] - y))
+        assert tab["psfFlux"][i] == pytest.approx(f, rel=0.05)
