@@ -44,7 +44,7 @@ def test_perfect_catalogue_gives_unit_pulls_and_no_false_positives(tmp_path):
 def test_missing_sources_lower_completeness():
     t = _truth(100)
     src = [{"ra": r, "dec": d, "psfFlux": f, "psfFluxErr": 1.0, "detector": "R22_S11"}
-           for r, d, f in zip(t["ra"][:50], t["dec"][:50], t["flux"][:50], strict=True)]  # fmt: skip
+           for r, d, f in zip(t["ra"][:50], t["dec"][:50], t["flux"][:50], strict=True)]
     res = evaluate_sources(t, src, np.full(100, 10.0))
     assert res["completeness_snr_ge_7"] == pytest.approx(0.5)
     assert res["n_false_positives"] == 0
