@@ -326,15 +326,33 @@ class EncodedAlert:
         Schemaless Avro encoding in the schema it was built with.
     trimmed : str or None
         What was cut to make the alert fit the broker's size limit, if anything.
+    frame : bytes or None
+        The Confluent frame when :func:`package_alerts` built one (``body`` is
+        then a memoryview into it).
     """
 
-    __slots__ = ("diaSourceId", "diaObjectId", "body", "trimmed")
+    __slots__ = ("diaSourceId", "diaObjectId", "body", "trimmed", "frame")
 
-    def __init__(self, diaSourceId, diaObjectId, body, trimmed=None):
+    def __init__(self, diaSourceId, diaObjectId, body, trimmed=None, frame=None):
         self.diaSourceId = diaSourceId
         self.diaObjectId = diaObjectId
         self.body = body
         self.trimmed = trimmed
+        self.frame = frame  # optional Confluent frame (header + body), saves a copy on produce
+
+    @classmethod
+    def _framed(cls, diaSourceId, diaObjectId, frame):
+        """From a Confluent frame; ``body`` is a zero-copy view of it."""
+        return cls(diaSourceId, diaObjectId, memoryview(frame)[_CONFLUENT_HEADER.size :],
+                   frame=frame)  # fmt: skip
+
+    def __reduce__(self):  # memoryview bodies do not pickle: rebuild from the frame
+        if self.frame is not None:
+            return (
+                _unpickle_framed,
+                (self.diaSourceId, self.diaObjectId, self.frame, self.trimmed),
+            )
+        return (EncodedAlert, (self.diaSourceId, self.diaObjectId, bytes(self.body), self.trimmed))
 
     def __repr__(self):
         return (
@@ -346,6 +364,12 @@ class EncodedAlert:
         """Return the packet as a dict (fastavro)."""
         parsed = _parsed(load_schema() if schema is None else schema)
         return fastavro.schemaless_reader(io.BytesIO(self.body), parsed, parsed)
+
+
+def _unpickle_framed(diaSourceId, diaObjectId, frame, trimmed):
+    alert = EncodedAlert._framed(diaSourceId, diaObjectId, frame)
+    alert.trimmed = trimmed
+    return alert
 
 
 def encode_alert(alert, schema=None):
@@ -503,7 +527,7 @@ def package_alerts(
     Returns
     -------
     list of EncodedAlert
-        In the order of ``sources``.
+        In the order of ``sources``; each carries its Confluent ``frame`` too.
 
     Raises
     ------
@@ -535,6 +559,7 @@ def package_alerts(
         msg = f"got {len(cutouts)} cutout triples for {n} sources; give one per source"
         raise ValueError(msg)
     out = []
+    header = _CONFLUENT_HEADER.pack(0, _schema_id(schema))
     for i in range(n):
         sid = src_ids[i]
         oid = src_oids[i]
@@ -546,7 +571,7 @@ def package_alerts(
         prv = [hist_bytes[j] for j in hist_groups.get(oid, ()) if hist_ids[j] != sid]
         frc = [forced_bytes[j] for j in forced_groups.get(oid, ())]
         oi = obj_index.get(oid)
-        parts = []
+        parts = [header]
         for name, null_first in pk.top:
             if name == "diaSourceId":
                 parts.append(encode_long(sid))
@@ -569,7 +594,7 @@ def package_alerts(
             else:
                 msg = f"alert field {name!r} is required by the schema but apdask cannot fill it"
                 raise ValueError(msg)
-        out.append(EncodedAlert(sid, oid, b"".join(parts)))
+        out.append(EncodedAlert._framed(sid, oid, b"".join(parts)))
     return out
 
 

@@ -643,8 +643,11 @@ class KafkaSink:
                 headers.append(("apdask_trimmed", alert.trimmed.encode()))
             while True:
                 try:
+                    value = alert.frame
+                    if value is None or value[:5] != header:
+                        value = header + bytes(alert.body)
                     producer.produce(
-                        self.topic, header + alert.body, self.key(alert), headers=headers,
+                        self.topic, value, self.key(alert), headers=headers,
                         on_delivery=lambda err, msg, i=idx: on_delivery(i, err, msg),
                     )  # fmt: skip
                     pending.add(idx)

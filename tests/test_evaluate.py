@@ -26,8 +26,10 @@ def test_perfect_catalogue_gives_unit_pulls_and_no_false_positives(tmp_path):
     src = [{"ra": r, "dec": d, "psfFlux": f, "psfFluxErr": e, "detector": "R22_S11"}
            for r, d, f, e in zip(t["ra"], t["dec"], meas, err, strict=True)]  # fmt: skip
     # two spurious sources far from any truth position
-    src += [{"ra": 151.0, "dec": -31.0, "psfFlux": 1.0, "psfFluxErr": 1.0, "detector": "R22_S11"},
-            {"ra": 151.1, "dec": -31.0, "psfFlux": 1.0, "psfFluxErr": 1.0, "detector": "R22_S11"}]
+    src += [
+        {"ra": 151.0, "dec": -31.0, "psfFlux": 1.0, "psfFluxErr": 1.0, "detector": "R22_S11"},
+        {"ra": 151.1, "dec": -31.0, "psfFlux": 1.0, "psfFluxErr": 1.0, "detector": "R22_S11"},
+    ]
     snr = np.full(len(t), 20.0)
     res = evaluate_sources(t, src, snr, n_ccd=2)
     assert res["completeness_snr_ge_7"] == 1.0
@@ -43,8 +45,10 @@ def test_perfect_catalogue_gives_unit_pulls_and_no_false_positives(tmp_path):
 
 def test_missing_sources_lower_completeness():
     t = _truth(100)
-    src = [{"ra": r, "dec": d, "psfFlux": f, "psfFluxErr": 1.0, "detector": "R22_S11"}
-           for r, d, f in zip(t["ra"][:50], t["dec"][:50], t["flux"][:50], strict=True)]
+    src = [
+        {"ra": r, "dec": d, "psfFlux": f, "psfFluxErr": 1.0, "detector": "R22_S11"}
+        for r, d, f in zip(t["ra"][:50], t["dec"][:50], t["flux"][:50], strict=True)
+    ]
     res = evaluate_sources(t, src, np.full(100, 10.0))
     assert res["completeness_snr_ge_7"] == pytest.approx(0.5)
     assert res["n_false_positives"] == 0
