@@ -124,6 +124,7 @@ def match_truth(truth, dia_sources, radius_arcsec=1.0, kinds=("transient",)):
         flux_true=true_diff,
         flux_meas=flux,
         flux_err=err,
+        truth=t[ok],
     )
     return out
 
