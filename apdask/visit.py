@@ -506,43 +506,25 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
     }
 
 
-def _rows(table):
-    """Rows of an astropy Table as plain dicts (fast path through column lists)."""
-    if table is None or len(table) == 0:
-        return []
-    names = table.colnames
-    cols = [table[c].tolist() for c in names]
-    return [dict(zip(names, vals, strict=True)) for vals in zip(*cols, strict=True)]
-
-
-def _group_rows(table, key):
-    groups = {}
-    for row in _rows(table):
-        groups.setdefault(row[key], []).append(row)
-    return groups
-
-
 def _make_alerts(sources, objects, history, forced_history, sub):
-    """One alert packet per DIASource, in the official schema."""
+    """One alert packet per DIASource, in the official schema, serialised column-wise.
+
+    ``package_alerts`` and ``StampMaker`` give bytes identical to ``make_alert`` with
+    ``detect.make_cutout`` (the tests check this) at a fraction of the cost.
+    """
     from . import alerts, detect
+    from .stamps import StampMaker
 
     schema = alerts.load_schema(config.get("alerts.schema_version"))
-    by_object = {row["diaObjectId"]: row for row in _rows(objects)}
-    prv = _group_rows(history, "diaObjectId")
-    prv_forced = _group_rows(forced_history, "diaObjectId")
-    images = (sub["difference"], sub["science"], sub["template"])
-    packets = []
-    for row in _rows(sources):
-        oid = row["diaObjectId"]
-        size = detect.cutout_size(row["bboxSize"])
-        cutouts = tuple(detect.make_cutout(e, row["x"], row["y"], size) for e in images)
-        earlier = [h for h in prv.get(oid, []) if h["diaSourceId"] != row["diaSourceId"]]
-        packets.append(
-            alerts.make_alert(
-                row, earlier, prv_forced.get(oid, []), by_object.get(oid), cutouts, schema=schema
-            )
-        )
-    return packets
+    makers = [StampMaker(sub[k]) for k in ("difference", "science", "template")]
+    cutouts = []
+    for x, y, bbox in zip(sources["x"], sources["y"], sources["bboxSize"], strict=True):
+        size = detect.cutout_size(bbox)
+        cutouts.append(tuple(m.stamp(x, y, size) for m in makers))
+    return alerts.package_alerts(
+        sources, history=history, forced_history=forced_history, objects=objects,
+        cutouts=cutouts, schema=schema,
+    )  # fmt: skip
 
 
 def _ppdb_failed(detector, visit, error):
