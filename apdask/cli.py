@@ -40,10 +40,16 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--filter", dest="band", default="r")
     p.add_argument("--detectors", help="comma-separated CCD names to simulate (default: all)")
-    p.add_argument("--no-artifacts", action="store_true",
-                   help="no cosmic rays, hot column or saturated stars")
-    p.add_argument("--fwhm", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="science PSF FWHM range across a CCD, arcsec (default 0.9 1.1)")
+    p.add_argument(
+        "--no-artifacts", action="store_true", help="no cosmic rays, hot column or saturated stars"
+    )
+    p.add_argument(
+        "--fwhm",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="science PSF FWHM range across a CCD, arcsec (default 0.9 1.1)",
+    )
     p.add_argument("--template-fwhm", type=float, help="template PSF FWHM, arcsec (default 0.7)")
 
     p = sub.add_parser("evaluate", help="compare a processed visit with the simulator's truth")
