@@ -451,8 +451,6 @@ def main(argv=None):
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    if not args.verbose:  # distributed logs its cluster start-up at INFO by itself
-        logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         return _COMMANDS[args.command](args) or 0
     except ApdaskError as e:

@@ -63,6 +63,11 @@ def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
     """A distributed LocalCluster + Client, the default scheduler for visit graphs."""
     from distributed import Client, LocalCluster
 
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        # distributed gives its own loggers INFO levels; keep them as quiet as the caller
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("distributed"):
+                logging.getLogger(name).setLevel(logging.WARNING)
     with (
         LocalCluster(
             n_workers=n_workers,
