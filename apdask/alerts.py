@@ -789,13 +789,13 @@ def sink_from_uri(uri, schema=None, spool_dir=None):
 # reading and validation
 
 
-def _avro_files(path_or_dir):
+def _avro_files(path_or_dir, what="alert file"):
     p = Path(path_or_dir)
     if p.is_dir():
         return sorted(p.rglob("*.avro"))
     if p.exists():
         return [p]
-    msg = f"no such alert file or directory: {p}"
+    msg = f"no such {what} or directory: {p}"
     raise FileNotFoundError(msg)
 
 

@@ -21,6 +21,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from . import config
+from .camera import BANDS
 
 __all__ = [
     "associate",
@@ -31,7 +32,6 @@ __all__ = [
     "BANDS",
 ]
 
-BANDS = ("u", "g", "r", "i", "z", "y")
 _DEFAULT_SIGMA_ARCSEC = 0.1
 _ARCSEC = np.pi / (180.0 * 3600.0)
 _FORBIDDEN = 1e12

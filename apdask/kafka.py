@@ -415,13 +415,7 @@ def read_spool(path):
 
 
 def _spool_files(spool):
-    p = Path(spool)
-    if p.is_dir():
-        return sorted(p.rglob("*.avro"))
-    if p.exists():
-        return [p]
-    msg = f"no such spool file or directory: {p}"
-    raise FileNotFoundError(msg)
+    return _alerts._avro_files(spool, what="spool file")
 
 
 def replay_spool(spool, to_uri, schema=None):

@@ -543,6 +543,26 @@ def _calib_arrays(butler, det_id, band):
     return {k: butler.get_calib(k, det_id, band, mjd) for k in ("bias", "dark", "flat")}
 
 
+def _amp_segments(img, det, rng):
+    """Electrons (assembled) → raw int32 ADU segments in readout order, with overscan."""
+    segments = []
+    for amp in det.amplifiers:
+        level = BIAS_LEVEL_ADU + rng.uniform(-50.0, 50.0)
+        seg = rng.standard_normal(amp.raw_shape, dtype=np.float32)
+        seg *= amp.read_noise / amp.gain
+        seg += level
+        data = img[amp.y0 : amp.y1, amp.x0 : amp.x1] / amp.gain
+        if amp.flip_y:
+            data = data[::-1, :]
+        if amp.flip_x:
+            data = data[:, ::-1]
+        seg[amp.data_slice] += data
+        np.minimum(seg, amp.saturation, out=seg)
+        np.rint(seg, out=seg)
+        segments.append(seg.astype(np.int32))
+    return segments
+
+
 def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, artifacts=True,
               fwhm_range=_FWHM_RANGE):  # fmt: skip
     """Render, write one raw and return its truth rows."""
@@ -584,21 +604,7 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, ar
         _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
     img += calib["bias"]
 
-    segments = []
-    for amp in det.amplifiers:
-        level = BIAS_LEVEL_ADU + rng.uniform(-50.0, 50.0)
-        seg = rng.standard_normal(amp.raw_shape, dtype=np.float32)
-        seg *= amp.read_noise / amp.gain
-        seg += level
-        data = img[amp.y0 : amp.y1, amp.x0 : amp.x1] / amp.gain
-        if amp.flip_y:
-            data = data[::-1, :]
-        if amp.flip_x:
-            data = data[:, ::-1]
-        seg[amp.data_slice] += data
-        np.minimum(seg, amp.saturation, out=seg)
-        np.rint(seg, out=seg)
-        segments.append(seg.astype(np.int32))
+    segments = _amp_segments(img, det, rng)
 
     mjd = p["mjd"]
     meta = RawMetadata(
@@ -757,18 +763,7 @@ def simulate_calib_frame(repo, detector, intent, *, exposure_id, band="r", expti
     if darktime > 0:
         _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
     img += bias
-    segments = []
-    for amp in det.amplifiers:
-        seg = rng.standard_normal(amp.raw_shape, dtype=np.float32) * (amp.read_noise / amp.gain)
-        seg += BIAS_LEVEL_ADU + rng.uniform(-50.0, 50.0)
-        data = img[amp.y0 : amp.y1, amp.x0 : amp.x1] / amp.gain
-        if amp.flip_y:
-            data = data[::-1, :]
-        if amp.flip_x:
-            data = data[:, ::-1]
-        seg[amp.data_slice] += data
-        np.minimum(seg, amp.saturation, out=seg)
-        segments.append(np.rint(seg).astype(np.int32))
+    segments = _amp_segments(img, det, rng)
     open_s = 0.0 if intent in ("bias", "dark") else exptime
     meta = RawMetadata(
         instrument=camera.name, detector_name=det.name, detector_id=det.id,
