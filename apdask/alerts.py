@@ -10,6 +10,7 @@ Confluent wire format used on Kafka (see ``docs/alerts.md``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -692,23 +693,14 @@ class FileSink:
         alerts = list(alerts)
         path = self.path_for(visit, detector)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                if alerts and all(isinstance(a, EncodedAlert) for a in alerts):
-                    _write_bodies(fh, self.schema, [a.body for a in alerts], self.codec)
-                else:
-                    records = [
-                        a.decode(self.schema) if isinstance(a, EncodedAlert) else a for a in alerts
-                    ]
-                    fastavro.writer(fh, _parsed(self.schema), records, codec=self.codec)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        with _atomic_file(path) as fh:
+            if alerts and all(isinstance(a, EncodedAlert) for a in alerts):
+                _write_bodies(fh, self.schema, [a.body for a in alerts], self.codec)
+            else:
+                records = [
+                    a.decode(self.schema) if isinstance(a, EncodedAlert) else a for a in alerts
+                ]
+                fastavro.writer(fh, _parsed(self.schema), records, codec=self.codec)
         return SinkResult(delivered=len(alerts), path=path, seconds=time.monotonic() - t0)
 
     def close(self):
@@ -733,6 +725,23 @@ def _write_bodies(fh, schema, bodies, codec, per_block=256):
             msg = f"unsupported Avro codec {codec!r}; use deflate or null"
             raise ConfigurationError(msg)
         fh.write(encode_long(len(chunk)) + encode_long(len(data)) + data + sync)
+
+
+@contextlib.contextmanager
+def _atomic_file(path):
+    """Write ``path`` all or nothing: a temp file beside it, fsync, rename, fsync the dir."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory):

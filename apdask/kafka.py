@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -281,23 +280,14 @@ def _write_container(path, schema, bodies, metadata, codec="deflate"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sync = os.urandom(16)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(_container_header(schema, metadata, codec, sync))
-            for body in bodies:
-                data = body
-                if codec == "deflate":
-                    c = zlib.compressobj(wbits=-15)
-                    data = c.compress(body) + c.flush()
-                fh.write(b"\x02" + encode_long(len(data)) + data + sync)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _alerts._fsync_dir(path.parent)
+    with _alerts._atomic_file(path) as fh:
+        fh.write(_container_header(schema, metadata, codec, sync))
+        for body in bodies:
+            data = body
+            if codec == "deflate":
+                c = zlib.compressobj(wbits=-15)
+                data = c.compress(body) + c.flush()
+            fh.write(b"\x02" + encode_long(len(data)) + data + sync)
     return path
 
 
