@@ -168,6 +168,11 @@ def _open_fits(path):
         raise RawFormatError(msg) from None
 
 
+def _first_image_hdu(hdul):
+    """The first HDU holding a 2-D image, or None."""
+    return next((h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2), None)
+
+
 class Butler:
     """Read and write templates, master calibrations and DRP objects.
 
@@ -337,10 +342,7 @@ class Butler:
         if tile_id is None:
             tile_id = os.path.basename(path).split(".")[0]
         with _open_fits(path) as hdul:
-            hdu = next(
-                (h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2),
-                None,
-            )
+            hdu = _first_image_hdu(hdul)
             if hdu is None:
                 msg = f"template {path}: no 2-D image HDU; give a FITS image with a celestial WCS"
                 raise ConfigurationError(msg)
@@ -470,10 +472,7 @@ class Butler:
         """
         path = os.fspath(path)
         with _open_fits(path) as hdul:
-            hdu = next(
-                (h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) == 2),
-                None,
-            )
+            hdu = _first_image_hdu(hdul)
             if hdu is None:
                 msg = f"calibration {path}: no 2-D image HDU; give an assembled master {kind}"
                 raise ConfigurationError(msg)
