@@ -326,7 +326,7 @@ def _cmd_alerts(args):
     from .alerts import read_alerts, validate_alerts
 
     if args.alerts_command == "replay":
-        from .kafka import replay_spool
+        from .spool import replay_spool
 
         rep = replay_spool(args.spool, args.to)
         print(json.dumps(rep, indent=1, default=str))
@@ -334,7 +334,7 @@ def _cmd_alerts(args):
     kafka_src = args.source.startswith("kafka://")
     if args.alerts_command == "validate":
         if kafka_src:
-            from .kafka import validate_topic
+            from .consume import validate_topic
 
             rep = validate_topic(args.source)
         else:
@@ -348,7 +348,7 @@ def _cmd_alerts(args):
             print(_alert_line(a))
         return 0
     from .alerts import _parsed, _registry
-    from .kafka import consume
+    from .consume import consume
 
     follow = args.follow or not args.from_beginning
     for msg, data in consume(args.source, from_beginning=args.from_beginning, follow=follow):

@@ -310,6 +310,8 @@ def bench_publish(args, schema, pool, bootstrap, compression):
     nbytes = sum(len(a.body) + 5 for b in ccd_batches for a in b)
     spool = tempfile.mkdtemp(prefix="bench-spool-")
     uri = f"kafka://{bootstrap}/{topic}?spool_dir={spool}&compression={compression}"
+    if args.batch_bytes:
+        uri += f"&batch_bytes={args.batch_bytes}"
     # One producer shared by the threads (thread-safe); each write waits for its own CCD.
     sinks = [alerts.sink_from_uri(uri, schema=schema)]
     for s in sinks:
@@ -330,6 +332,7 @@ def bench_publish(args, schema, pool, bootstrap, compression):
     wall = time.perf_counter() - t0
     producer_cpu = time.process_time() - cpu0
     broker1 = _cpu_seconds(_BROKER_PID[0])
+    batch_bytes = sinks[0]._config()["batch.size"]
     for s in sinks:
         s.close()
     delivered = sum(r.delivered for r in results)
@@ -340,6 +343,8 @@ def bench_publish(args, schema, pool, bootstrap, compression):
         "ccds": len(ccd_batches),
         "threads": args.threads,
         "partitions": args.partitions,
+        "topic_max_message_bytes": sinks[0].topic_limit,
+        "batch_bytes": batch_bytes,
         "delivered": delivered,
         "spooled": spooled,
         "all_acknowledged": delivered == n and spooled == 0,
@@ -369,6 +374,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="concurrent CCD sinks")
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--compression", default="lz4", help="comma list, e.g. lz4,zstd,none")
+    p.add_argument("--batch-bytes", type=int, help="producer batch bound (default: config)")
     p.add_argument("--bootstrap", help="HOST:PORT of a broker (default: start tansu)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

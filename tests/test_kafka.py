@@ -15,7 +15,7 @@ import pytest
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from apdask import alerts, kafka
+from apdask import alerts, consume, kafka, spool
 from apdask.cli import main
 from apdask.image import Exposure
 
@@ -101,7 +101,7 @@ def _topic(bootstrap, partitions=1):
 
 def _read_all(uri):
     return [(m.partition(), m.offset(), m.key(), dict(m.headers()), v) for m, v in
-            kafka.consume(uri, from_beginning=True, follow=False, timeout=10)]  # fmt: skip
+            consume.consume(uri, from_beginning=True, follow=False, timeout=10)]  # fmt: skip
 
 
 def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, capsys):
@@ -150,7 +150,7 @@ def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, caps
         assert t0 - 1 <= float(headers["produce_time"]) <= time.time() + 1
         assert "apdask_trimmed" not in headers
     assert not by_id
-    assert kafka.validate_topic(f"kafka://{kafka_broker}/{topic}") == {
+    assert consume.validate_topic(f"kafka://{kafka_broker}/{topic}") == {
         "n_alerts": 20, "partitions": {0: 20}, "problems": []
     }  # fmt: skip
     # CLI: independent reader paths
@@ -206,6 +206,42 @@ def test_oversize_alert_trimmed_and_recorded(kafka_broker, schema, stamps, tmp_p
     assert res.as_dict()["trimmed"] == 2
 
 
+def test_batches_and_alerts_held_to_the_topic_limit(kafka_broker, schema, stamps, tmp_path):
+    # a topic created without max.message.bytes is taken at Kafka's default
+    bare = f"bare-{uuid.uuid4().hex[:8]}"
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_broker})
+    admin.create_topics([NewTopic(bare, num_partitions=1, replication_factor=1)])[bare].result(10)
+    assert kafka.topic_max_message_bytes(kafka_broker, bare) is None
+    with alerts.sink_from_uri(f"kafka://{kafka_broker}/{bare}?spool_dir={tmp_path}") as sink:
+        assert sink._config()["batch.size"] <= kafka.KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    # a topic that accepts 300 kB batches: 20 alerts of ~150 kB need several batches,
+    # and the sink's 1 MB default alert limit is lowered to the topic's
+    topic = f"tight-{uuid.uuid4().hex[:8]}"
+    assert kafka.ensure_topic(kafka_broker, topic, max_message_bytes=300_000)
+    assert kafka.topic_max_message_bytes(kafka_broker, topic) == 300_000
+    enc = _visit_packets(schema, stamps, visit=14, detector=1, n=20, n_objects=20)
+    uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}&batch_bytes=8000000"
+    with alerts.sink_from_uri(uri) as sink:
+        res = sink.write(14, 1, enc)
+        conf = sink._config()
+    assert (res.delivered, res.spooled, len(res.trimmed)) == (20, 0, 0)
+    assert conf["batch.size"] <= 300_000
+    got = _read_all(uri)
+    assert sorted(alerts.confluent_unframe(v, schema)["diaSourceId"] for *_, v in got) == sorted(
+        a.diaSourceId for a in enc
+    )
+    # an alert over the topic's limit is trimmed to fit it, not refused by the broker
+    small = f"small-{uuid.uuid4().hex[:8]}"
+    assert kafka.ensure_topic(kafka_broker, small, max_message_bytes=120_000)
+    uri = f"kafka://{kafka_broker}/{small}?spool_dir={tmp_path}"  # alert limit 1 MB by default
+    with alerts.sink_from_uri(uri) as sink:
+        res = sink.write(15, 1, enc[:2])
+    assert (res.delivered, res.spooled, len(res.trimmed)) == (2, 0, 2)
+    assert all(len(v) <= 120_000 for *_, v in _read_all(uri))
+
+
 def test_untrimmable_alert_spooled_then_replayed(kafka_broker, schema, stamps, tmp_path):
     topic = _topic(kafka_broker)
     small = _visit_packets(schema, [None] * 3, visit=13, detector=0, n=1, n_objects=1, n_prv=0)
@@ -218,16 +254,16 @@ def test_untrimmable_alert_spooled_then_replayed(kafka_broker, schema, stamps, t
     assert (res.delivered, res.spooled) == (0, 1)
     assert "MSG_SIZE_TOO_LARGE" in res.problems[0]
     # a spool holding one deliverable and one too-large alert: replay keeps only the latter
-    info, spooled = kafka.read_spool(res.spool_path)
+    info, spooled = spool.read_spool(res.spool_path)
     assert [a.diaSourceId for a in spooled] == [big[0].diaSourceId]
-    kafka.write_spool(tmp_path, topic, 13, 0, schema, [small[0], big[0]], ["test", "test"])
+    spool.write_spool(tmp_path, topic, 13, 0, schema, [small[0], big[0]], ["test", "test"])
     files = sorted(tmp_path.rglob("*.avro"))
     assert len(files) == 2
-    rep = kafka.replay_spool(files[1], tight)
+    rep = spool.replay_spool(files[1], tight)
     assert (rep["delivered"], rep["remaining"]) == (1, 1)
-    _, left = kafka.read_spool(files[1])
+    _, left = spool.read_spool(files[1])
     assert [a.diaSourceId for a in left] == [big[0].diaSourceId]
-    rep = kafka.replay_spool(tmp_path, f"kafka://{kafka_broker}/{topic}")
+    rep = spool.replay_spool(tmp_path, f"kafka://{kafka_broker}/{topic}")
     assert (rep["files"], rep["delivered"], rep["remaining"]) == (2, 2, 0)
     assert not list(tmp_path.rglob("*.avro"))
     ids = sorted(alerts.confluent_unframe(v, schema)["diaSourceId"] for *_, v in _read_all(tight))
@@ -235,9 +271,9 @@ def test_untrimmable_alert_spooled_then_replayed(kafka_broker, schema, stamps, t
 
 
 def test_broker_killed_mid_visit_loses_nothing(tansu, schema, stamps, tmp_path, capsys):
-    spool = tmp_path / "spool"
+    spool_dir = tmp_path / "spool"
     topic = _topic(tansu.address, partitions=2)
-    uri = f"kafka://{tansu.address}/{topic}?spool_dir={spool}&delivery_timeout=1.5"
+    uri = f"kafka://{tansu.address}/{topic}?spool_dir={spool_dir}&delivery_timeout=1.5"
     ccds = {d: _visit_packets(schema, stamps, 21, d, n=25, n_objects=10, seed=d) for d in range(3)}
     generated = sorted(a.diaSourceId for enc in ccds.values() for a in enc)
     assert len(set(generated)) == 75
@@ -257,14 +293,15 @@ def test_broker_killed_mid_visit_loses_nothing(tansu, schema, stamps, tmp_path, 
             results.append(sink.write(21, d, ccds[d]))
     assert [(r.delivered, r.spooled) for r in results] == [(0, 25), (0, 25)]
     assert all(r.spool_path.exists() for r in results)
-    assert len(list(spool.rglob("*.avro"))) == 2
+    assert len(list(spool_dir.rglob("*.avro"))) == 2
     tansu.start()  # memory storage: the restarted broker is empty
     kafka.ensure_topic(tansu.address, topic, partitions=2)
     capsys.readouterr()
-    assert main(["alerts", "replay", str(spool), "--to", f"kafka://{tansu.address}/{topic}"]) == 0
+    to = f"kafka://{tansu.address}/{topic}"
+    assert main(["alerts", "replay", str(spool_dir), "--to", to]) == 0
     out = capsys.readouterr().out
     assert '"delivered": 50' in out and '"remaining": 0' in out
-    assert not list(spool.rglob("*.avro"))
+    assert not list(spool_dir.rglob("*.avro"))
     after = ids(_read_all(uri))
     assert len(before) + len(after) == 75
     assert sorted(before + after) == generated  # each diaSourceId exactly once
@@ -298,4 +335,4 @@ def test_process_ccd_publishes_decodable_alerts(repo, kafka_broker, tmp_path, ca
         assert alert["cutoutDifference"][:6] == b"SIMPLE"
         ids.add(alert["diaSourceId"])
     assert len(ids) == n
-    assert kafka.validate_topic(uri)["problems"] == []
+    assert consume.validate_topic(uri)["problems"] == []
