@@ -34,7 +34,7 @@ from scipy.spatial import cKDTree
 
 from . import config
 from .exceptions import PsfFitError
-from .image import MASK, mask_bits
+from .image import MASK, MASK_STAMP_DTYPE, mask_bits, mask_plane_cards
 
 __all__ = [
     "detect_sources",
@@ -756,7 +756,8 @@ def make_cutout(exposure, x, y, size):
     -------
     bytes
         A FITS file: primary HDU = image (``BUNIT = 'nJy'``, local WCS), ``UNCERT``
-        (variance, ``UTYPE = 'VarianceUncertainty'``), ``MASK`` (uint32 mask planes)
+        (variance, ``UTYPE = 'VarianceUncertainty'``), ``MASK`` (uint8 mask planes,
+        named by ``MASKBITn = 'NAME'`` cards)
         and ``PSF`` (PSF stamp, if known).  Pixels off the exposure are NaN in image
         and variance and NO_DATA in the mask.  Read it back with
         ``CCDData.read(io.BytesIO(b), format="fits")``.
@@ -768,7 +769,7 @@ def make_cutout(exposure, x, y, size):
     ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
     img = _cutout(np.asarray(exposure.image, np.float32), ix, iy, half, np.float32(np.nan))
     var = _cutout(np.asarray(exposure.variance, np.float32), ix, iy, half, np.float32(np.nan))
-    msk = _cutout(np.asarray(exposure.mask, np.uint32), ix, iy, half, np.uint32(MASK["NO_DATA"]))
+    msk = _cutout(np.asarray(exposure.mask), ix, iy, half, MASK["NO_DATA"]).astype(MASK_STAMP_DTYPE)
     hdr = fits.Header()
     if exposure.wcs is not None:
         w = exposure.wcs.deepcopy()
@@ -779,7 +780,7 @@ def make_cutout(exposure, x, y, size):
     hdus = [
         fits.PrimaryHDU(img, header=hdr),
         fits.ImageHDU(var, header=fits.Header([("UTYPE", "VarianceUncertainty")]), name="UNCERT"),
-        fits.ImageHDU(msk, name="MASK"),
+        fits.ImageHDU(msk, header=fits.Header(mask_plane_cards()), name="MASK"),
     ]
     if exposure.psf is not None:
         hdus.append(fits.ImageHDU(np.asarray(exposure.psf, np.float32), name="PSF"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-__all__ = ["MASK", "Exposure", "TemplateTile", "mask_bits"]
+__all__ = ["MASK", "MASK_STAMP_DTYPE", "Exposure", "TemplateTile", "mask_bits", "mask_plane_cards"]
 
 #: Mask plane bits.
 MASK = {
@@ -29,6 +29,18 @@ MASK = {
     "DETECTED_NEGATIVE": 1 << 6,  # part of a negative footprint
     "SUSPECT": 1 << 7,  # near saturation or otherwise suspect
 }
+
+
+#: dtype of the mask in FITS cutouts: every plane fits in 8 bits, and FITS stores
+#: uint8 natively (BITPIX = 8), a quarter of the bytes of a uint32 mask.
+MASK_STAMP_DTYPE = np.uint8
+if max(MASK.values()) > np.iinfo(MASK_STAMP_DTYPE).max:  # pragma: no cover - a code change
+    raise RuntimeError("a mask plane does not fit MASK_STAMP_DTYPE; widen it")
+
+
+def mask_plane_cards():
+    """FITS cards naming the planes of a stamp's mask: ``MASKBITn = 'NAME'`` for bit ``n``."""
+    return [(f"MASKBIT{v.bit_length() - 1}", name, "mask plane") for name, v in MASK.items()]
 
 
 def mask_bits(*names):

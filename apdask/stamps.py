@@ -1,12 +1,12 @@
 """Fast FITS cutouts for alert packets.
 
 :class:`StampMaker` writes the same bytes as :func:`apdask.detect.make_cutout`
-(primary image in nJy with a local WCS, ``UNCERT`` variance, ``MASK`` and
-``PSF`` extensions; readable with ``CCDData.read``) but renders the FITS headers
-by hand: the WCS cards once per exposure and only the two ``CRPIX`` cards per
-stamp.  ``astropy.io.fits`` spends about 1 ms per stamp on header objects; this
-costs tens of microseconds.  Byte equality with ``make_cutout`` is tested in
-``tests/test_alerts.py``.
+(primary image in nJy with a local WCS, ``UNCERT`` variance, ``MASK`` (uint8,
+planes named by ``MASKBITn`` cards) and ``PSF`` extensions; readable with
+``CCDData.read``) but renders the FITS headers by hand: the WCS cards once per
+exposure and only the two ``CRPIX`` cards per stamp.  ``astropy.io.fits``
+spends about 1 ms per stamp on header objects; this costs tens of microseconds.
+Byte equality with ``make_cutout`` is tested in ``tests/test_alerts.py``.
 """
 
 from __future__ import annotations
@@ -46,9 +46,7 @@ def _pad(b, fill=b" "):
     return b if r == 0 else b + fill * (_BLOCK - r)
 
 
-_UINT32_CARDS = _card("BSCALE", 1) + _card("BZERO", 2147483648)
 _BUNIT = _card("BUNIT", "nJy")
-_SIGN32 = np.uint32(0x80000000)
 
 
 class StampMaker:
@@ -66,12 +64,14 @@ class StampMaker:
     """
 
     def __init__(self, exposure):
-        from .image import MASK
+        from .image import MASK, MASK_STAMP_DTYPE, mask_plane_cards
 
         self.image = np.asarray(exposure.image, np.float32)
         self.variance = np.asarray(exposure.variance, np.float32)
-        self.mask = np.asarray(exposure.mask, np.uint32)
-        self.no_data = np.uint32(MASK["NO_DATA"])
+        self.mask = np.asarray(exposure.mask)
+        self.no_data = self.mask.dtype.type(MASK["NO_DATA"])
+        self.mask_dtype = np.dtype(MASK_STAMP_DTYPE)
+        self.mask_cards = b"".join(_card(*c) for c in mask_plane_cards())
         self.crpix = None
         self.wcs_cards = b""
         if exposure.wcs is not None:
@@ -105,13 +105,8 @@ class StampMaker:
         )
 
     def _ext(self, data, extra, name):
-        if data.dtype == np.uint32:  # FITS has no uint32: int32 with BZERO = 2**31
-            head = self._ext_head(data.shape, 32, extra, name)
-            body = (data ^ np.uint32(0x80000000)).astype(">u4").tobytes()
-        else:
-            head = self._ext_head(data.shape, -32, extra, name)
-            body = data.astype(">f4").tobytes()
-        return head + _pad(body, b"\0")
+        head = self._ext_head(data.shape, -32, extra, name)
+        return head + _pad(data.astype(">f4").tobytes(), b"\0")
 
     def _heads(self, size):
         """Per-size header bytes: primary cards before and after CRPIX, extension heads."""
@@ -126,9 +121,18 @@ class StampMaker:
                 _card("EXTEND", True),
             ]
             var = self._ext_head((size, size), -32, _card("UTYPE", "VarianceUncertainty"), "UNCERT")
-            msk = self._ext_head((size, size), 32, _UINT32_CARDS, "MASK")
+            msk = self._ext_head(
+                (size, size), 8 * self.mask_dtype.itemsize, self.mask_cards, "MASK"
+            )
             r = (4 * size * size) % _BLOCK
-            heads = (cards, var, msk, b"\0" * ((_BLOCK - r) % _BLOCK))
+            rm = (self.mask_dtype.itemsize * size * size) % _BLOCK
+            heads = (
+                cards,
+                var,
+                msk,
+                b"\0" * ((_BLOCK - r) % _BLOCK),
+                b"\0" * ((_BLOCK - rm) % _BLOCK),
+            )
             self._head_cache[size] = heads
         return heads
 
@@ -155,7 +159,7 @@ class StampMaker:
         img = self._window(self.image, ix, iy, half, np.float32(np.nan))
         var = self._window(self.variance, ix, iy, half, np.float32(np.nan))
         msk = self._window(self.mask, ix, iy, half, self.no_data)
-        first, var_head, msk_head, data_pad = self._heads(size)
+        first, var_head, msk_head, data_pad, mask_pad = self._heads(size)
         cards = list(first)
         if self.crpix is not None:
             wcs = list(self.wcs_cards)
@@ -177,8 +181,8 @@ class StampMaker:
                 var.astype(">f4").tobytes(),
                 data_pad,
                 msk_head,
-                (msk ^ _SIGN32).astype(">u4").tobytes(),
-                data_pad,
+                msk.astype(self.mask_dtype).tobytes(),
+                mask_pad,
                 self.psf_hdu,
             )
         )

@@ -274,7 +274,7 @@ def test_stamp_maker_matches_make_cutout():
     w.wcs.crpix = [60.5, 40.25]
     w.wcs.cd = [[-5.5e-5, 1e-7], [2e-7, 5.5e-5]]
     img = rng.normal(size=(120, 100)).astype(np.float32)
-    msk = rng.integers(0, 2**32, size=img.shape, dtype=np.uint64).astype(np.uint32)
+    msk = rng.integers(0, 2 * max(MASK.values()), size=img.shape).astype(np.uint32)
     exp = Exposure(img, img**2, msk, w, rng.random((15, 15)).astype(np.float32))
     maker = alerts.StampMaker(exp)
     for x, y, size in [(50.2, 60.7, 51), (3.0, 118.4, 31), (99.6, 0.0, 102)]:
@@ -285,6 +285,11 @@ def test_stamp_maker_matches_make_cutout():
     assert ccd.unit == "nJy" and ccd.shape == (31, 31)
     with fits.open(io.BytesIO(stamp)) as hdul:
         assert (hdul["MASK"].data[-1] == MASK["NO_DATA"]).all()  # rows off the CCD
+        assert hdul["MASK"].data.dtype == np.uint8  # all planes fit; BITPIX = 8
+        hdr = hdul["MASK"].header
+        planes = {v: 1 << int(k[7:]) for k, v in hdr.items() if k.startswith("MASKBIT")}
+        assert planes == MASK
+        assert (hdul["MASK"].data[:17, 12:] == msk[103:, :19]).all()  # pixel values kept
         assert np.isnan(hdul[0].data[-1]).all()
 
 

@@ -187,7 +187,7 @@ def test_oversize_alert_trimmed_and_recorded(kafka_broker, schema, stamps, tmp_p
     topic = _topic(kafka_broker)
     uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}&max_message_bytes=70000"
     enc = _visit_packets(schema, stamps, visit=12, detector=2, n=2, n_objects=2)
-    assert all(len(a.body) > 140_000 for a in enc)  # three 51x51 stamps with PSF
+    assert all(len(a.body) > 115_000 for a in enc)  # three 51x51 stamps with PSF
     with alerts.sink_from_uri(uri) as sink:
         res = sink.write(12, 2, enc)
     assert (res.delivered, res.spooled) == (2, 0)
@@ -234,12 +234,12 @@ def test_batches_and_alerts_held_to_the_topic_limit(kafka_broker, schema, stamps
     )
     # an alert over the topic's limit is trimmed to fit it, not refused by the broker
     small = f"small-{uuid.uuid4().hex[:8]}"
-    assert kafka.ensure_topic(kafka_broker, small, max_message_bytes=120_000)
+    assert kafka.ensure_topic(kafka_broker, small, max_message_bytes=100_000)
     uri = f"kafka://{kafka_broker}/{small}?spool_dir={tmp_path}"  # alert limit 1 MB by default
     with alerts.sink_from_uri(uri) as sink:
         res = sink.write(15, 1, enc[:2])
     assert (res.delivered, res.spooled, len(res.trimmed)) == (2, 0, 2)
-    assert all(len(v) <= 120_000 for *_, v in _read_all(uri))
+    assert all(len(v) <= 100_000 for *_, v in _read_all(uri))
 
 
 def test_untrimmable_alert_spooled_then_replayed(kafka_broker, schema, stamps, tmp_path):
