@@ -14,7 +14,7 @@ import struct
 import sys
 
 import fastavro
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from lsst.alert.packet import SchemaRegistry
 
 
@@ -22,24 +22,25 @@ def main(bootstrap, topic):
     registry = SchemaRegistry.all_schemas_from_filesystem()
     parsed = {}
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "independent-reader",
-                         "enable.auto.commit": False})  # fmt: skip
+                         "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = {}
-    for p in parts:
-        _, hi = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        ends[p] = hi
+    # stop at each partition's end-of-partition event, not at the high watermark:
+    # tansu 0.6 reports the base offset of the last record batch as the watermark
     consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-    seen = {p: 0 for p in parts}
+    at_end = set()
     ids, problems, sizes, cutouts = [], [], [], 0
-    while any(seen[p] < ends[p] for p in parts):
+    while len(at_end) < len(parts):
         msg = consumer.poll(10)
         if msg is None:
             problems.append("timed out before the end of the topic")
             break
         if msg.error():
-            problems.append(str(msg.error()))
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+                at_end.add(msg.partition())
+            else:
+                problems.append(str(msg.error()))
             continue
-        seen[msg.partition()] = msg.offset() + 1
+        at_end.discard(msg.partition())
         value = msg.value()
         magic, schema_id = struct.unpack(">bi", value[:5])
         if magic != 0:
