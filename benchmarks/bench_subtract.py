@@ -9,7 +9,8 @@ and times in the same process:
   (the hardware floor the issue compares against);
 * ``subtract``: :func:`apdask.subtract.subtract` (kernel fit, convolution,
   decorrelation, masks);
-* ``detect`` / ``measure`` / ``cutouts``: the DIASource table and three cutouts each;
+* ``detect`` / ``measure`` / ``cutouts``: the DIASource table and three cutouts each
+  (:class:`apdask.stamps.StampMaker`, sized by ``bboxSize`` as in the pipeline);
 * ``sourcefinder``: photutils ``SourceFinder`` on the same difference image;
 * ``sfft``: the sfft numpy backend, when it is installed (reported as skipped otherwise).
 
@@ -33,8 +34,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from apdask.detect import detect_sources, make_cutout, measure_sources  # noqa: E402
+from apdask.detect import detect_sources, measure_sources  # noqa: E402
 from apdask.image import Exposure  # noqa: E402
+from apdask.stamps import StampMaker  # noqa: E402
 from apdask.subtract import estimate_psf_model, subtract  # noqa: E402
 
 PEERS = {
@@ -143,8 +145,11 @@ def main(argv=None):
         args.repeat,
     )
 
-    def cutouts():
-        return [make_cutout(e, r["x"], r["y"], 41) for r in tab for e in (diff, sci, tpl)]
+    def cutouts():  # as the pipeline makes them (visit._make_alerts): bboxSize, 30..102 px
+        makers = [StampMaker(e) for e in (diff, sci, tpl)]
+        size = np.clip(np.asarray(tab["bboxSize"], int), 30, 102)
+        rows = zip(tab["x"], tab["y"], size, strict=True)
+        return [m.stamp(x, y, s) for x, y, s in rows for m in makers]
 
     _, t_cut, _ = _time(cutouts, args.repeat)
     rep = {
