@@ -171,6 +171,12 @@ def build_parser():
     p.add_argument("--wait", action="store_true", help="block until every CCD job finished")
     p.add_argument("--dry-run", action="store_true", help="write the job files, submit nothing")
     _add_outputs(p)
+
+    p = sub.add_parser("bench", help="run benchmarks/ and report the figures against targets")
+    p.add_argument("--only", help="comma list of: association, ppdb, alerts, subtract, distributor")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
+    p.add_argument("--dir", help="the benchmarks/ directory (default: the source checkout's)")
+    p.add_argument("--out", default="bench-report.json", help="JSON report (default %(default)s)")
     return parser
 
 
@@ -428,7 +434,21 @@ def _cmd_submit(args):
     return 1 if out.get("failed") else 0
 
 
+def _cmd_bench(args):
+    from .bench import format_summary, run_benchmarks
+
+    names = [n.strip() for n in args.only.split(",")] if args.only else None
+    result = run_benchmarks(names, quick=args.quick, bench_dir=args.dir)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    print(format_summary(result))
+    print(f"full report: {args.out}")
+    failed = [n for n, b in result["benchmarks"].items() if b["returncode"] != 0]
+    return 70 if failed else 0
+
+
 _COMMANDS = {
+    "bench": _cmd_bench,
     "simulate": _cmd_simulate,
     "evaluate": _cmd_evaluate,
     "process-ccd": _cmd_process_ccd,
