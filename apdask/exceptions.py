@@ -85,13 +85,13 @@ class DistributorUnavailableError(ApdaskError):
 
 
 class NoTemplateCoverageError(ApdaskError):
-    """No template tile overlaps the CCD."""
+    """No template pixel with data falls on the CCD (in a visit: that CCD only fails)."""
 
     exit_code = 66  # EX_NOINPUT
 
 
 class PsfFitError(ApdaskError):
-    """The PSF or matching kernel could not be determined."""
+    """The PSF or matching kernel could not be determined (in a visit: that CCD only fails)."""
 
     exit_code = 70  # EX_SOFTWARE
 

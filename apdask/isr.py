@@ -29,6 +29,9 @@ __all__ = ["isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
 FLAT_BAD = 0.5
 #: Dark current above this (e-/s) flags a hot pixel / column as BAD.
 DARK_HOT = 1.0
+#: An amplifier with more than this fraction of its data pixels saturated or
+#: non-finite is unusable as a whole: all its pixels are flagged NO_DATA too.
+DEAD_AMP_FRACTION = 0.5
 _OVERSCAN_SMOOTH = 15  # rows in the running mean of the overscan row medians
 
 
@@ -77,9 +80,15 @@ def isr_amp(raw, amp, bias=None, dark=None, flat=None, darktime=0.0):
     img = np.ascontiguousarray(img, dtype=np.float32)
     mask = np.zeros(img.shape, np.uint32)
     mask[sat] |= MASK["SAT"]
+    if np.count_nonzero(sat | nodata) > DEAD_AMP_FRACTION * sat.size:
+        # a saturated (or unreadable) amplifier: its values carry no information and a
+        # step of ~the full well at its border would ring through every convolution
+        nodata = np.ones_like(nodata)
     mask[nodata] |= MASK["NO_DATA"]
     if bias is not None:
-        img -= np.nan_to_num(np.asarray(bias, np.float32))
+        bias = np.asarray(bias, np.float32)
+        img -= np.nan_to_num(bias)
+        mask[~np.isfinite(bias)] |= MASK["BAD"]
     if dark is not None:
         dark = np.asarray(dark, np.float32)
         img -= np.nan_to_num(dark) * np.float32(float(darktime))

@@ -118,6 +118,13 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     -------
     dict
         The visit report, with ``skipped`` CCDs listed and ``task_seconds`` per stage.
+        A CCD whose template or PSF failed has ``error``, ``error_type`` and
+        ``exit_code`` in its entry (and is listed in ``failed``); it wrote nothing.
+
+    Raises
+    ------
+    NoTemplateCoverageError, PsfFitError
+        If every processed CCD failed so (the first CCD's error; the message names it).
     """
     ppdb = ensure_ppdb(repo, ppdb)
     alerts = config.get("alerts.sink", alerts) or f"file://{os.path.abspath(repo)}/alerts"
@@ -146,4 +153,27 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     report["skipped"] = skipped
     report["wall_s"] = time.time() - t0
     report["task_seconds"] = stages
+    _raise_if_all_failed(report)
     return report
+
+
+def _raise_if_all_failed(report):
+    """A visit of which no CCD could be processed is an error: raise the first CCD's.
+
+    Failed CCDs of a visit whose other CCDs were processed are only reported (and
+    logged), so one CCD without a template does not cost the visit its alerts.
+    """
+    from . import exceptions
+
+    ccds = report.get("ccds", [])
+    failed = [c for c in ccds if c.get("error_type")]
+    if not ccds or len(failed) < len(ccds):
+        return
+    cls = getattr(exceptions, failed[0]["error_type"], exceptions.ApdaskError)
+    if not (isinstance(cls, type) and issubclass(cls, exceptions.ApdaskError)):
+        cls = exceptions.ApdaskError
+    msg = failed[0]["error"]
+    if len(failed) > 1:
+        others = ", ".join(f"{c['detector']} ({c['error_type']})" for c in failed[1:])
+        msg += f"; no CCD of the visit was processed, also failed: {others}"
+    raise cls(msg)

@@ -674,6 +674,10 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     border_m[:grow], border_m[-grow:], border_m[:, :grow], border_m[:, -grow:] = (True,) * 4
     mask |= np.where(edge | border_m, np.uint32(MASK["EDGE"]), np.uint32(0))
     mask |= np.where(nodata, np.uint32(MASK["NO_DATA"]), np.uint32(0))
+    clean = (mask & mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")) == 0
+    bg_res = _residual_background(diff, clean, bg_order)
+    for c, (i, j) in zip(bg_res, _powers(bg_order), strict=True):
+        diff -= np.float32(c) * (u**i * v**j)
     diff = np.where(nodata, 0.0, diff).astype(np.float32)
     var = np.where(nodata | ~np.isfinite(var), np.nanmedian(var[::8, ::8]), var).astype(np.float32)
     noise = _noise_ratio(diff, var, mask)
@@ -700,10 +704,49 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         "preconvolved": bool(preconv),
         "decorrelated": bool(decorrelate),
         "background": [float(c) for c in bgc],
+        "background_residual": [float(c) for c in bg_res],
         "noise_ratio": noise,
         "timing": timing,
     }
     return difference, info
+
+
+def _residual_background(diff, clean, order, box=64, step=4, min_fraction=0.25):
+    """Residual background of the difference: a polynomial fitted to block medians.
+
+    The background term of the kernel fit is constrained only by the stamps around a
+    few bright stars.  With few stamps, or stamps in one part of the CCD (a template
+    that covers it partly), its slope is poorly determined, and an offset of a few
+    tenths of σ per pixel becomes several σ in the matched filter: false detections.
+    The medians of ``box``-pixel blocks of all clean pixels pin it down.
+
+    Returns the coefficients of ``_spatial_terms(order)`` (zeros when no block has at
+    least ``min_fraction`` clean pixels).
+    """
+    ny, nx = diff.shape
+    nby, nbx = max(1, ny // box), max(1, nx // box)
+    by, bx = ny // nby, nx // nbx
+
+    def blocks(a):
+        a = a[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::step, :, ::step]
+        return a.transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
+
+    vals = np.where(blocks(clean), blocks(diff), np.nan)
+    count = np.count_nonzero(np.isfinite(vals), axis=1)
+    use = count >= min_fraction * vals.shape[1]
+    out = np.zeros(len(_powers(order)))
+    if not use.any():
+        return out
+    fit_order = order if use.sum() >= 3 * len(out) else 0  # too few blocks for a slope
+    med = np.nanmedian(vals[use], axis=1)
+    yc, xc = np.mgrid[0:nby, 0:nbx]
+    yc = ((yc.ravel() + 0.5) * by - 0.5)[use]
+    xc = ((xc.ravel() + 0.5) * bx - 0.5)[use]
+    a = np.column_stack(_spatial_terms(xc, yc, (ny, nx), fit_order))
+    w = np.sqrt(count[use].astype(float))
+    coef = np.linalg.lstsq(a * w[:, None], med * w, rcond=None)[0]
+    out[: len(coef)] = coef  # the constant term comes first in every order
+    return out
 
 
 def _noise_ratio(diff, var, mask, step=4):

@@ -55,7 +55,8 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
     -------
     apdask.image.Exposure
         float32 image and variance on the target grid, NO_DATA where no tile covers,
-        ``wcs`` as given, ``meta = {"band", "tiles"}`` (ids of the tiles used).
+        ``wcs`` as given, ``meta = {"band", "tiles", "coverage"}``: the ids of the
+        tiles used and the fraction of target pixels with template data.
 
     Raises
     ------
@@ -64,7 +65,7 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
     """
     ny, nx = (int(shape[0]), int(shape[1]))
     if not tiles:
-        msg = "no template tiles were given for this CCD"
+        msg = "no template tile overlaps the target footprint"
         raise NoTemplateCoverageError(msg)
     ynodes, xnodes = _coarse_nodes(ny, grid), _coarse_nodes(nx, grid)
     gx, gy = np.meshgrid(xnodes, ynodes)
@@ -153,11 +154,11 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
         if filled.all():
             break
     if not used:
-        msg = f"no template tile covers the CCD ({len(tiles)} tile(s) checked)"
+        msg = f"no template tile has data on the target pixels ({len(tiles)} tile(s) checked)"
         raise NoTemplateCoverageError(msg)
     mask = np.where(filled, np.uint32(0), np.uint32(MASK["NO_DATA"]))
     if not filled.all():
         image[~filled] = 0.0
         variance[~filled] = np.float32(np.median(variance[filled]))
-    meta = {"band": tiles[0].band, "tiles": used}
+    meta = {"band": tiles[0].band, "tiles": used, "coverage": float(np.mean(filled))}
     return Exposure(image=image, variance=variance, mask=mask, wcs=wcs, psf=out_psf, meta=meta)

@@ -19,6 +19,7 @@ can be read off the scheduler's task stream.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,12 @@ import numpy as np
 
 from . import config
 from .camera import check_band, check_pointing, get_camera
-from .exceptions import ConfigurationError, HeaderMismatchError
+from .exceptions import (
+    ConfigurationError,
+    HeaderMismatchError,
+    NoTemplateCoverageError,
+    PsfFitError,
+)
 
 __all__ = [
     "NextVisit",
@@ -180,6 +186,33 @@ def visit_time_window(mjd, months=None):
 
 # --------------------------------------------------------------------------------------
 # Task functions.  Each runs inside the graph; arguments are small (paths, ids, tables).
+
+#: Errors of one CCD's pixel data that end that CCD's chain, not the visit's.
+_CCD_DATA_ERRORS = (NoTemplateCoverageError, PsfFitError)
+
+
+@dataclass
+class _CcdFailure:
+    """What a pixel stage of a failed CCD hands on, in place of its result."""
+
+    error: Exception
+
+
+def _per_ccd(fn):
+    """Stage wrapper: a CCD data error becomes a :class:`_CcdFailure` that later stages
+    pass on (no PPDB write, no alerts), so the visit's other CCDs still run."""
+
+    @functools.wraps(fn)
+    def stage(*args):
+        failed = next((a for a in args if isinstance(a, _CcdFailure)), None)
+        if failed is not None:
+            return failed
+        try:
+            return fn(*args)
+        except _CCD_DATA_ERRORS as err:
+            return _CcdFailure(err)
+
+    return stage
 
 
 def _fetch(distributor_url, name, timeout):
@@ -367,31 +400,53 @@ def _science(images, header, detector, band, prefetch):
     return exp
 
 
+@_per_ccd
 def _template(science, prefetch):
     from .templates import warp_template
 
     t0 = time.time()
-    tmpl = warp_template(prefetch["tiles"], science.wcs, science.shape)
+    ccd, visit, band = (science.meta.get(k) for k in ("detector_name", "visit", "band"))
+    try:
+        tmpl = warp_template(prefetch["tiles"], science.wcs, science.shape)
+    except NoTemplateCoverageError as e:
+        ra, dec = science.wcs.pixel_to_world_values((science.shape[1] - 1) / 2,
+                                                    (science.shape[0] - 1) / 2)  # fmt: skip
+        msg = (
+            f"CCD {ccd}, visit {visit}: no {band}-band template covers it: {e}; ingest a "
+            f"template tile around RA {float(ra):.4f}, Dec {float(dec):.4f} with "
+            "`apdask butler ingest-template`"
+        )
+        raise NoTemplateCoverageError(msg) from None
+    coverage = tmpl.meta["coverage"]
+    if coverage < 1.0:
+        log.warning(
+            "visit %s CCD %s: the %s-band template covers only %.1f%% of the CCD; the rest "
+            "is masked NO_DATA and not searched for DIASources",
+            visit, ccd, band, 100.0 * coverage,
+        )  # fmt: skip
     tmpl.meta["timings"] = {"warp": time.time() - t0}
     return tmpl
 
 
+@_per_ccd
 def _subtract(science, template):
-    from .exceptions import PsfFitError
     from .isr import mask_cosmic_rays
     from .subtract import estimate_psf, estimate_psf_model, subtract
 
     t0 = time.time()
     ccd = science.meta.get("detector_name", science.meta.get("detector"))
+    step = "science image: "
     try:
         model = estimate_psf_model(science)
         science = science.copy_with(psf=model.mean, meta={**science.meta, "psf_model": model})
         science = mask_cosmic_rays(science, _fwhm_px(model.mean))
         if template.psf is None:
+            step = "template: "
             template = template.copy_with(psf=estimate_psf(template))
+        step = ""
         diff, info = subtract(science, template)
     except PsfFitError as e:
-        msg = f"CCD {ccd}, visit {science.meta.get('visit')}: {e}"
+        msg = f"CCD {ccd}, visit {science.meta.get('visit')}: {step}{e}"
         raise PsfFitError(msg) from None
     t1 = time.time()
     info["timings"] = {"psf+subtract": t1 - t0}
@@ -406,6 +461,7 @@ def _fwhm_px(psf):
     return 2.3548 * sigma
 
 
+@_per_ccd
 def _detect(sub, visit, detector, band, mjd_of):
     from .detect import detect_sources, measure_sources
 
@@ -422,6 +478,8 @@ def _detect(sub, visit, detector, band, mjd_of):
 def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb_url, sink_uri,
                            replace=False):  # fmt: skip
     """Association, PPDB write and alert packaging for one CCD."""
+    if isinstance(measured, _CcdFailure):
+        return measured  # nothing of a failed CCD reaches the PPDB or the alert sink
     from astropy.table import vstack
 
     from . import alerts, associate, detect, ids
@@ -431,7 +489,7 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
     t0 = time.time()
     visit, mjd = header["visit"], header["mjd"]
     if prefetch.get("ppdb_error"):
-        return _ppdb_failed(detector, visit, prefetch["ppdb_error"])
+        return _failed_ccd(detector, visit, prefetch["ppdb_error"])
     sources = measured["sources"]
     n = len(sources)
     sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
@@ -473,7 +531,7 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
             replace=replace, drp_matches=out["drp_matches"],
         )  # fmt: skip
     except PpdbError as err:  # no alerts for this CCD; the visit's other CCDs go on
-        return _ppdb_failed(detector, visit, str(err))
+        return _failed_ccd(detector, visit, str(err))
     t5 = time.time()
     sink = alerts.sink_from_uri(sink_uri)
     try:
@@ -527,10 +585,17 @@ def _make_alerts(sources, objects, history, forced_history, sub):
     )  # fmt: skip
 
 
-def _ppdb_failed(detector, visit, error):
-    """Report entry of a CCD whose PPDB read or write failed (no alerts sent)."""
-    log.error("visit %s CCD %s: %s", visit, detector.name, error)
-    return {
+def _failed_ccd(detector, visit, error, exc=None):
+    """Report entry of a CCD whose PPDB access or pixel processing failed (no alerts sent).
+
+    With the exception ``exc``, ``error_type`` (its class name in
+    :mod:`apdask.exceptions`) and ``exit_code`` are added.
+    """
+    if exc is None:
+        log.error("visit %s CCD %s: %s", visit, detector.name, error)
+    else:  # the message names the CCD and the visit
+        log.error("%s: %s", type(exc).__name__, error)
+    out = {
         "detector": detector.name,
         "detector_id": detector.id,
         "visit": visit,
@@ -544,6 +609,10 @@ def _ppdb_failed(detector, visit, error):
         "alert_written": time.time(),
         "timings": {},
     }
+    if exc is not None:
+        out["error_type"] = type(exc).__name__
+        out["exit_code"] = int(getattr(exc, "exit_code", 1))
+    return out
 
 
 def _processed_mjd(header):
@@ -559,7 +628,9 @@ def _now_mjd():
     return 40587.0 + time.time() / 86400.0 + 37.0 / 86400.0  # unix → MJD (TAI ≈ UTC + 37 s)
 
 
-def _ccd_report(result, fetched, header, science, sub, measured, prefetch):
+def _ccd_report(result, fetched, header, science, sub, measured, prefetch, detector):
+    if isinstance(result, _CcdFailure):
+        return _failed_ccd(detector, header["visit"], str(result.error), result.error)
     timings = {}
     for part in (prefetch, science.meta, sub["info"], measured, result):
         timings.update(part.get("timings", {}))
@@ -580,6 +651,9 @@ def _ccd_report(result, fetched, header, science, sub, measured, prefetch):
     }
     out["exptime"] = header["exptime"]
     out["astrometry"] = science.meta.get("astrometry", {})
+    # fraction of the CCD with template data; the rest is NO_DATA and was not searched
+    out["template_coverage"] = float(sub["template"].meta.get("coverage", 1.0))
+    out["template_partial"] = out["template_coverage"] < 1.0
     out["subtraction"] = {k: v for k, v in sub["info"].items() if k != "timings"}
     return out
 
@@ -641,7 +715,7 @@ def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributo
     result = d(_associate_store_alert, "associate")(
         sub, measured, prefetch, header, det, band, ppdb_url, sink_uri, replace
     )
-    return d(_ccd_report, "report")(result, fetched, header, science, sub, measured, prefetch)
+    return d(_ccd_report, "report")(result, fetched, header, science, sub, measured, prefetch, det)
 
 
 def _gather(next_visit, ccd_reports):
@@ -653,6 +727,7 @@ def _gather(next_visit, ccd_reports):
         "n_alerts": int(sum(r["n_alerts"] for r in ccd_reports)),
         "n_alerts_delivered": int(sum(r.get("alerts_delivered", 0) for r in ccd_reports)),
         "n_alerts_spooled": int(sum(r.get("alerts_spooled", 0) for r in ccd_reports)),
+        "failed": [r["detector"] for r in ccd_reports if r.get("error")],
         "ccds": list(ccd_reports),
     }
 

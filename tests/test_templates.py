@@ -63,6 +63,7 @@ def test_partial_coverage_and_two_tiles():
     assert not nodata[200:300, 230:310].any()
     assert np.isfinite(out.image).all()
     assert out.meta["tiles"] == ["a", "b"]
+    assert out.meta["coverage"] == pytest.approx(1.0 - nodata.mean())
 
 
 def test_no_coverage_raises():
