@@ -3,22 +3,21 @@
 For every target pixel the tile pixel coordinates come from the two WCSs,
 evaluated exactly on a coarse grid (every ``grid`` pixels) and interpolated
 bilinearly in between (full-frame WCS transforms are slow; TAN distortions are
-smooth on 32-px scales, the interpolation error is < 1e-3 px).  The image is
-resampled with a cubic B-spline (``scipy.ndimage.map_coordinates(order=3)``),
-the variance with bilinear interpolation; fluxes per pixel are scaled by the
-ratio of pixel areas so that total flux is conserved.  Overlapping tiles: the
-first tile (in list order) with valid data wins.
+smooth on 32-px scales, the interpolation error is < 1e-3 px).  Image and
+variance are resampled with a Lanczos-3 kernel (:mod:`apdask.lanczos`; the
+variance with the squared weights, so it is the variance of each warped pixel);
+fluxes per pixel are scaled by the ratio of pixel areas so that total flux is
+conserved.  A warped pixel any of whose 36 taps has no data gets none.
+Overlapping tiles: the first tile (in list order) with valid data wins.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from astropy.wcs.utils import proj_plane_pixel_area
-from scipy import ndimage
 
-from .detect import _interp_matrix, _workers
+from . import lanczos
+from .detect import _interp_matrix
 from .exceptions import NoTemplateCoverageError
 from .image import MASK, Exposure
 
@@ -106,46 +105,19 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
             continue
         sub = np.asarray(tile.image[y_lo:y_hi, x_lo:x_hi], np.float32)
         subv = np.asarray(tile.variance[y_lo:y_hi, x_lo:x_hi], np.float32)
-        good = np.isfinite(sub) & np.isfinite(subv)
-        all_good = bool(good.all())
-        if not all_good:
-            sub = np.where(good, sub, 0.0).astype(np.float32)
-            subv = np.where(good, subv, 0.0).astype(np.float32)
-            gd = ndimage.minimum_filter(good.astype(np.float32), size=3, mode="nearest")
-        else:
-            gd = None
+        bad = ~(np.isfinite(sub) & np.isfinite(subv))
+        if bad.any():
+            sub = np.where(bad, 0.0, sub).astype(np.float32)
+            subv = np.where(bad, 0.0, subv).astype(np.float32)
         fx -= x_lo
         fy -= y_lo
-        coef = ndimage.spline_filter(sub, order=3, output=np.float32, mode="nearest")
-        ratio = np.float32(area_t / proj_plane_pixel_area(tile.wcs.celestial))
-        win_img = image[r0:r1, c0:c1]
-        win_var = variance[r0:r1, c0:c1]
+        ratio = area_t / proj_plane_pixel_area(tile.wcs.celestial)
         win_fill = filled[r0:r1, c0:c1]
-        lo_x, hi_x = -0.5 - x_lo, tnx - 0.5 - x_lo
-        lo_y, hi_y = -0.5 - y_lo, tny - 0.5 - y_lo
-
-        def _chunk(sl, fx=fx, fy=fy, coef=coef, subv=subv, all_good=all_good, ratio=ratio,
-                   win_img=win_img, win_var=win_var, win_fill=win_fill, lo_x=lo_x, hi_x=hi_x,
-                   lo_y=lo_y, hi_y=hi_y, gd=gd):  # fmt: skip
-            cx, cy = fx[sl], fy[sl]
-            cov = (cx >= lo_x) & (cx <= hi_x) & (cy >= lo_y) & (cy <= hi_y) & ~win_fill[sl]
-            if not all_good:
-                g = ndimage.map_coordinates(gd, [cy, cx], order=1, mode="nearest")
-                cov &= g > 0.999
-            if not cov.any():
-                return
-            val = ndimage.map_coordinates(coef, [cy, cx], order=3, mode="nearest",
-                                          prefilter=False, output=np.float32)  # fmt: skip
-            var = ndimage.map_coordinates(subv, [cy, cx], order=1, mode="nearest",
-                                          output=np.float32)  # fmt: skip
-            win_img[sl] = np.where(cov, val * ratio, win_img[sl])
-            win_var[sl] = np.where(cov, var * (ratio * ratio), win_var[sl])
-            win_fill[sl] |= cov
-
-        step = max(64, (r1 - r0) // (4 * _workers()) + 1)
-        chunks = [slice(i, min(i + step, r1 - r0)) for i in range(0, r1 - r0, step)]
-        with ThreadPoolExecutor(_workers()) as pool:
-            list(pool.map(_chunk, chunks))
+        lanczos.resample(
+            sub, subv, fx, fy, image[r0:r1, c0:c1], variance[r0:r1, c0:c1], win_fill,
+            bad=bad, ratio=ratio,
+            bounds=(-0.5 - x_lo, tnx - 0.5 - x_lo, -0.5 - y_lo, tny - 0.5 - y_lo),
+        )  # fmt: skip
         if not win_fill.any():
             continue
         used.append(tile.tile_id)

@@ -1,0 +1,140 @@
+"""Lanczos-3 resampling of an image and its variance at arbitrary positions.
+
+The kernel is ``L(d) = sinc(d) sinc(d / 3)`` for ``|d| < 3``: six taps per axis,
+36 per output pixel, the interpolant Rubin's ``afw`` warps templates with.  Its
+weights are normalised to sum to one per output pixel (a flat field stays
+flat, so fluxes are conserved up to the pixel-area ratio the caller applies).
+The variance of each output pixel is ``Σ w² var`` over its taps (the covariance
+the resampling introduces between neighbouring output pixels is not tracked).
+
+The inner loop is compiled with numba and runs over output rows in parallel.
+The weights come from a table of 6 × 2049 samples per unit pixel, linearly
+interpolated, which agrees with the exact kernel to about 1e-6.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["lanczos3_weights", "resample"]
+
+_A = 3
+_TAPS = 2 * _A
+_NTAB = 2048
+
+
+def lanczos3_weights(frac):
+    """Exact Lanczos-3 weights of the taps ``floor(x) - 2 … floor(x) + 3``.
+
+    Parameters
+    ----------
+    frac : float or numpy.ndarray
+        ``x - floor(x)`` in ``[0, 1)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(..., 6)``, not normalised.
+    """
+    d = np.asarray(frac, float)[..., None] - np.arange(-_A + 1, _A + 1)
+    return np.sinc(d) * np.sinc(d / _A)
+
+
+_TABLE = lanczos3_weights(np.arange(_NTAB + 1) / _NTAB)  # (2049, 6)
+
+
+@numba.njit(cache=True, inline="always")
+def _weights(frac, table, out):
+    t = frac * _NTAB
+    k = int(t)
+    if k >= _NTAB:
+        k = _NTAB - 1
+    f = t - k
+    s = 0.0
+    for i in range(_TAPS):
+        w = table[k, i] + f * (table[k + 1, i] - table[k, i])
+        out[i] = w
+        s += w
+    return s
+
+
+@numba.njit(parallel=True, cache=True)
+def _resample(src, src_var, bad, fx, fy, lo_x, hi_x, lo_y, hi_y, ratio, table,
+              out_img, out_var, out_fill):  # fmt: skip
+    h, w = src.shape
+    ny, nx = fx.shape
+    for i in numba.prange(ny):
+        wx = np.empty(_TAPS)
+        wy = np.empty(_TAPS)
+        for j in range(nx):
+            if out_fill[i, j]:
+                continue
+            x = fx[i, j]
+            y = fy[i, j]
+            if not (x >= lo_x and x <= hi_x and y >= lo_y and y <= hi_y):
+                continue
+            ix = int(np.floor(x))
+            iy = int(np.floor(y))
+            sx = _weights(x - ix, table, wx)
+            sy = _weights(y - iy, table, wy)
+            val = 0.0
+            var = 0.0
+            ok = True
+            for a in range(_TAPS):
+                yy = min(max(iy - _A + 1 + a, 0), h - 1)
+                acc = 0.0
+                accv = 0.0
+                for b in range(_TAPS):
+                    xx = min(max(ix - _A + 1 + b, 0), w - 1)
+                    if bad[yy, xx]:
+                        ok = False
+                    acc += wx[b] * src[yy, xx]
+                    accv += wx[b] * wx[b] * src_var[yy, xx]
+                val += wy[a] * acc
+                var += wy[a] * wy[a] * accv
+            if not ok:
+                continue
+            norm = 1.0 / (sx * sy)
+            out_img[i, j] = val * norm * ratio
+            out_var[i, j] = var * norm * norm * ratio * ratio
+            out_fill[i, j] = True
+
+
+def resample(src, src_var, fx, fy, out_img, out_var, out_fill, *, bad=None, bounds=None,
+             ratio=1.0):  # fmt: skip
+    """Lanczos-3 interpolate ``src`` and ``src_var`` at ``(fx, fy)`` into the outputs.
+
+    Only output pixels whose ``out_fill`` is False are written; they are set to
+    True where a value was written.  A pixel is not written if its position is
+    outside ``bounds`` or any of its 36 taps is ``bad``.  Taps beyond the array
+    edge repeat the edge pixel.
+
+    Parameters
+    ----------
+    src, src_var : numpy.ndarray
+        float32 image and variance, shape ``(h, w)``; finite where not ``bad``.
+    fx, fy : numpy.ndarray
+        Source pixel coordinates (0-based, pixel centres at integers) of each
+        output pixel, shape ``(ny, nx)``.
+    out_img, out_var : numpy.ndarray
+        float32 outputs, shape ``(ny, nx)``, written in place.
+    out_fill : numpy.ndarray
+        bool, shape ``(ny, nx)``, updated in place.
+    bad : numpy.ndarray, optional
+        bool, shape ``(h, w)``: pixels without data.
+    bounds : tuple of float, optional
+        ``(lo_x, hi_x, lo_y, hi_y)``: positions outside are not covered; default
+        the array's extent, ``(-0.5, w - 0.5, -0.5, h - 0.5)``.
+    ratio : float
+        Factor applied to the image (and squared to the variance), e.g. the ratio
+        of output to source pixel areas.
+    """
+    h, w = src.shape
+    if bad is None:
+        bad = np.zeros((h, w), bool)
+    lo_x, hi_x, lo_y, hi_y = bounds if bounds is not None else (-0.5, w - 0.5, -0.5, h - 0.5)
+    _resample(np.ascontiguousarray(src, np.float32), np.ascontiguousarray(src_var, np.float32),
+              np.ascontiguousarray(bad, np.bool_), np.ascontiguousarray(fx, np.float32),
+              np.ascontiguousarray(fy, np.float32), float(lo_x), float(hi_x), float(lo_y),
+              float(hi_y), float(ratio), _TABLE, out_img, out_var, out_fill)  # fmt: skip
