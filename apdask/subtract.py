@@ -16,6 +16,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
+from ._stats import nanmedian_last
 from .detect import _dilate, _find_stars, _psf_fwhm, _shifted_psf, _workers
 from .exceptions import PsfFitError
 from .image import MASK, mask_bits
@@ -738,7 +739,7 @@ def _residual_background(diff, clean, order, box=64, step=4, min_fraction=0.25):
     if not use.any():
         return out
     fit_order = order if use.sum() >= 3 * len(out) else 0  # too few blocks for a slope
-    med = np.nanmedian(vals[use], axis=1)
+    med = nanmedian_last(vals[use])
     yc, xc = np.mgrid[0:nby, 0:nbx]
     yc = ((yc.ravel() + 0.5) * by - 0.5)[use]
     xc = ((xc.ravel() + 0.5) * bx - 0.5)[use]

@@ -463,14 +463,15 @@ def _fwhm_px(psf):
 
 @_per_ccd
 def _detect(sub, visit, detector, band, mjd_of):
-    from .detect import detect_sources, measure_sources
+    from .detect import detect_sources, matched_filter, measure_sources
 
     t0 = time.time()
     diff = sub["difference"]
-    dets = detect_sources(diff)
+    matched = matched_filter(diff)
+    dets = detect_sources(diff, matched=matched)
     table = measure_sources(
         diff, sub["science"], sub["template"], dets,
-        visit=visit, detector=detector.id, band=band, mjd=mjd_of["mjd"],
+        visit=visit, detector=detector.id, band=band, mjd=mjd_of["mjd"], matched=matched,
     )  # fmt: skip
     return {"sources": table, "timings": {"detect+measure": time.time() - t0}}
 
