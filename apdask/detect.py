@@ -242,8 +242,7 @@ def _find_stars(
     var = np.where(bad | ~np.isfinite(variance), np.nan, variance)
     v0 = np.nanmedian(var[::4, ::4]) if np.any(np.isfinite(var[::4, ::4])) else 1.0
     noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
-    allp = (sm == ndimage.maximum_filter(sm, size=3)) & (sm > 5 * noise)
-    ay, ax = np.nonzero(allp)
+    ay, ax = _local_maxima(sm, 5 * noise)
     strong = sm[ay, ax] > nsigma * noise
     iy, ix = ay[strong], ax[strong]
     keep = (ix >= border) & (ix < nx - border) & (iy >= border) & (iy < ny - border)
@@ -280,6 +279,28 @@ def _find_stars(
     iy, ix, snr = iy[order], ix[order], snr[order]
     x, y = _subpixel_peak(sm, iy, ix)
     return {"x": x, "y": y, "snr": snr, "flux": sm[iy, ix] * 4 * np.pi * sigma**2, "bkg": bkg}
+
+
+def _local_maxima(img, threshold):
+    """``(y, x)`` of pixels above ``threshold`` not below any of their 8 neighbours.
+
+    Equal to ``(img == maximum_filter(img, 3)) & (img > threshold)`` (edges padded
+    with ``-inf``) but only the few pixels above the threshold are compared.
+    """
+    ny, nx = img.shape
+    ys, xs = np.nonzero(img > threshold)
+    v = img[ys, xs]
+    peak = np.ones(len(ys), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == dx == 0:
+                continue
+            yy, xx = ys + dy, xs + dx
+            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            nb = np.full(len(ys), -np.inf, img.dtype)
+            nb[inside] = img[yy[inside], xx[inside]]
+            peak &= v >= nb
+    return ys[peak], xs[peak]
 
 
 def _shifted_psf(psf, dx, dy):
