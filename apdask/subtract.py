@@ -638,11 +638,16 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     v = ((np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1))[:, None]
     f_a = four.image(img_a)
     f_b = four.image(img_b)
-    f_psi = four.kernel(psi) if decorrelate else None
+    f_kernels = [four.kernel(k) for k in kernels]
+    f_psi = None
+    if decorrelate:  # ψ̂ on the full grid straight from K̂ (as decorrelation_kernel, untruncated)
+        num = v_b + ksum**2 * v_a
+        den = np.maximum(v_b + v_a * (f_kernels[0].real ** 2 + f_kernels[0].imag ** 2), 1e-4 * num)
+        f_psi = np.sqrt(np.float32(num) / den).astype(np.float32)
     powers = _powers(int(spatial_order))
     diff = None
-    for kimg, (i, j) in zip(kernels, powers, strict=True):
-        fk = four.kernel(kimg) * f_a
+    for fk, (i, j) in zip(f_kernels, powers, strict=True):
+        fk = fk * f_a
         if f_psi is not None:
             fk *= f_psi
         if i == j == 0:
