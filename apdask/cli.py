@@ -51,6 +51,9 @@ def build_parser():
         help="science PSF FWHM range across a CCD, arcsec (default 0.9 1.1)",
     )
     p.add_argument("--template-fwhm", type=float, help="template PSF FWHM, arcsec (default 0.7)")
+    p.add_argument("--engine", choices=["apdask", "galsim"], default="apdask",
+                   help="pixel renderer: our Gaussian code (default) or GalSim (Kolmogorov PSF, "
+                   "Sersic galaxies; needs the 'sim' extra)")  # fmt: skip
 
     p = sub.add_parser("evaluate", help="compare a processed visit with the simulator's truth")
     p.add_argument("--repo", required=True, help="simulated repository (truth/, alerts/)")
@@ -190,7 +193,8 @@ def _cmd_simulate(args):
     dets = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else None
     visits = simulate_repo(args.camera, args.repo, n_visits=args.visits, seed=args.seed,
                            band=args.band, detectors=dets, artifacts=not args.no_artifacts,
-                           fwhm_range=args.fwhm, template_fwhm=args.template_fwhm)  # fmt: skip
+                           fwhm_range=args.fwhm, template_fwhm=args.template_fwhm,
+                           engine=args.engine)  # fmt: skip
     print(f"simulated {len(visits)} visits of {args.camera} into {args.repo}")
 
 
@@ -282,6 +286,18 @@ def _cmd_process_visit(args):
             client=client,
         )
     print(json.dumps(report, default=str, indent=1))
+    return _partial_failure_code(report)
+
+
+def _partial_failure_code(report):
+    """0 if every CCD succeeded, else the exit code of the first failed CCD (docs/errors.md)."""
+    failed = [c for c in report.get("ccds", []) if c.get("exit_code")]
+    if failed:
+        names = ", ".join(str(c.get("detector")) for c in failed)
+        msg = f"apdask: error: {len(failed)} CCD(s) failed: {names}; see the report"
+        print(msg, file=sys.stderr)
+        return int(failed[0]["exit_code"])
+    return 0
 
 
 def _cmd_demo(args):

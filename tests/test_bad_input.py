@@ -20,7 +20,7 @@ from astropy.io import fits
 from apdask.alerts import read_alerts
 from apdask.butler import Butler
 from apdask.camera import get_camera
-from apdask.cli import main
+from apdask.cli import _partial_failure_code, main
 from apdask.exceptions import NoTemplateCoverageError
 from apdask.image import MASK, mask_bits
 from apdask.isr import isr_amp
@@ -222,7 +222,7 @@ def test_partial_template_processes_only_the_covered_part(repo, visit_msg, basel
     assert abs(ccd["subtraction"]["noise_ratio"] - 1.0) < 0.1
 
 
-def test_ccd_without_template_fails_alone(repo, visit_msg):
+def test_ccd_without_template_fails_alone(repo, visit_msg, capsys):
     _blank_template(repo, visit_msg, "T00", x_max=512 + 30)
     report = run_visit(NextVisit.from_dict(visit_msg), repo=repo, timeout=10)
     by = {c["detector"]: c for c in report["ccds"]}
@@ -237,6 +237,10 @@ def test_ccd_without_template_fails_alone(repo, visit_msg):
     assert len(_ccd_alerts(repo, "T01")) == t01["n_alerts"] == report["n_alerts"]
     counts = Ppdb.open(ensure_ppdb(repo)).apdb.tableRowCount()
     assert counts["DiaSource"] == t01["n_sources"]
+    # process-visit prints this report, then exits with T00's code
+    assert _partial_failure_code(report) == 66
+    assert "1 CCD(s) failed: T00" in capsys.readouterr().err
+    assert _partial_failure_code({"ccds": [t01]}) == 0
 
 
 def test_no_template_at_all_is_a_clear_error(repo, visit_msg, capsys):
