@@ -50,6 +50,7 @@ __all__ = [
     "visit_mjd",
     "simulate_calib_frame",
     "CALIB_DEFECTS",
+    "ENGINES",
 ]
 
 FIELD_RA, FIELD_DEC = 150.0, -30.0
@@ -67,6 +68,9 @@ _EDGE = 30  # px, minimum transient distance from the CCD edge
 _STAR_HALF = 14
 _GAL_HALF = 20
 _TILE_OVERLAP = 64  # px shared by neighbouring template tiles
+#: Pixel renderers: our own Gaussian code and GalSim (``apdask.simulate_galsim``).
+ENGINES = ("apdask", "galsim")
+_GALSIM_REACH = 128  # px: GalSim stamps of sources this far outside an image reach into it
 
 # Stream tags of the seeded generators.
 _SKY, _TRANSIENT, _VISIT, _RAW, _TILE, _CALIB = 1, 2, 3, 4, 5, 6
@@ -256,7 +260,8 @@ def _snr_to_flux(band, sky_e, snr, fwhm_range=_FWHM_RANGE):
 
 # ------------------------------------------------------------------ simulator
 def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1000, *,
-                  detectors=None, artifacts=True, fwhm_range=None, template_fwhm=None):  # fmt: skip
+                  detectors=None, artifacts=True, fwhm_range=None, template_fwhm=None,
+                  engine="apdask"):  # fmt: skip
     """Simulate a complete repository (templates, calibs, raws, truth, nextVisits).
 
     Parameters
@@ -282,6 +287,10 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     template_fwhm : float, optional
         Template PSF FWHM (arcsec); default 0.7.  Larger than the science FWHM
         gives the "science sharper" case.
+    engine : {"apdask", "galsim"}, optional
+        Renderer of the science images, templates and transients: our own Gaussian
+        code (default) or GalSim (:mod:`apdask.simulate_galsim`: Kolmogorov PSF,
+        Sersic galaxies, GalSim's Poisson noise; needs the ``sim`` extra).
 
     Returns
     -------
@@ -289,6 +298,11 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
         The nextVisit messages, also written to ``<repo>/visits/visit_<visit>.json``.
     """
     check_band(band)
+    if engine not in ENGINES:
+        msg = f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}"
+        raise ValueError(msg)
+    if engine == "galsim":
+        from . import simulate_galsim  # fails early, with the install hint, if missing
     camera = get_camera(camera_name)
     dets = list(camera) if detectors is None else [camera[d] for d in detectors]
     fwhm_range = tuple(float(v) for v in (fwhm_range or _FWHM_RANGE))
@@ -318,6 +332,8 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
     sky = _static_sky(seed, mosaic, mshape)
     sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
+    if engine == "galsim":
+        sky.update(simulate_galsim.galaxy_columns(seed, sky))
     if not artifacts:
         sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(dets, band, fwhm_range))
     _write_drp(butler, sky)
@@ -334,7 +350,7 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     with ThreadPoolExecutor(workers) as pool:
         jobs += [
             pool.submit(_make_tiles_row, butler, seed, band, mosaic, mshape, tile, j, sky,
-                        sci_var_njy, template_fwhm)
+                        sci_var_njy, template_fwhm, engine)
             for j in range(_n_tiles(mshape[0], tile))
         ]  # fmt: skip
         jobs += [pool.submit(_make_calibs, butler, seed, camera, det, band, artifacts)
@@ -361,6 +377,7 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
                         k_njy,
                         artifacts,
                         fwhm_range,
+                        engine,
                     )  # fmt: skip
                 )
         truth_rows = [f.result() for f in raw_jobs]
@@ -390,7 +407,8 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
         "camera": camera.name, "seed": int(seed), "band": band,
         "detectors": [d.name for d in dets], "artifacts": bool(artifacts),
         "fwhm_range": list(fwhm_range), "template_fwhm": template_fwhm,
-        "template_depth": 10.0,
+        "template_depth": 10.0, "engine": engine,
+        "psf": simulate_galsim.PSF_PROFILE if engine == "galsim" else "gaussian",
     }  # fmt: skip
     _atomic_text(os.path.join(repo, "truth", "simulation.json"), json.dumps(settings, indent=1))
     return messages
@@ -481,7 +499,7 @@ def _n_tiles(n, tile):
 
 
 def _make_tiles_row(butler, seed, band, mosaic, mshape, tile, j, sky, sci_var_njy,
-                    template_fwhm=_TEMPLATE_FWHM):  # fmt: skip
+                    template_fwhm=_TEMPLATE_FWHM, engine="apdask"):  # fmt: skip
     """Render and store the template tiles of row ``j``."""
     step = tile - _TILE_OVERLAP
     mx, my = mosaic.world_to_pixel_values(sky["ra"], sky["dec"])
@@ -489,14 +507,23 @@ def _make_tiles_row(butler, seed, band, mosaic, mshape, tile, j, sky, sci_var_nj
     sigma_t = np.full(len(flux), float(_sigma_px(template_fwhm)))
     noise = np.sqrt(sci_var_njy / 10.0)
     psf = _gaussian_psf(template_fwhm)
+    if engine == "galsim":
+        from .simulate_galsim import render_template, template_psf_image
+
+        psf = template_psf_image(template_fwhm)
     for i in range(_n_tiles(mshape[1], tile)):
         x0, y0 = i * step, j * step
         rng = _rng(seed, _TILE, i, j)
         img = (noise * rng.standard_normal((tile, tile), dtype=np.float32)).astype(np.float32)
         x, y = mx - x0, my - y0
-        sel = (x > -_GAL_HALF) & (x < tile + _GAL_HALF) & (y > -_GAL_HALF) & (y < tile + _GAL_HALF)
+        h = _GAL_HALF if engine != "galsim" else _GALSIM_REACH
+        sel = (x > -h) & (x < tile + h) & (y > -h) & (y < tile + h)
         cat = {k: v[sel] for k, v in sky.items()}
-        _render(img, cat, x[sel], y[sel], flux[sel], sigma_t[sel])
+        if engine == "galsim":
+            img = render_template(cat, x[sel], y[sel], flux[sel], (tile, tile), template_fwhm,
+                                  noise, (seed, _TILE, i, j))  # fmt: skip
+        else:
+            _render(img, cat, x[sel], y[sel], flux[sel], sigma_t[sel])
         w = mosaic.deepcopy()
         w.wcs.crpix = [mosaic.wcs.crpix[0] - x0, mosaic.wcs.crpix[1] - y0]
         w.wcs.set()
@@ -564,7 +591,7 @@ def _amp_segments(img, det, rng):
 
 
 def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, artifacts=True,
-              fwhm_range=_FWHM_RANGE):  # fmt: skip
+              fwhm_range=_FWHM_RANGE, engine="apdask"):  # fmt: skip
     """Render, write one raw and return its truth rows."""
     rng = _rng(seed, _RAW, p["visit"], det.id)
     w = _true_wcs(det, p)
@@ -573,7 +600,7 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, ar
 
     # Static sky and transients in this CCD.
     sx, sy = w.world_to_pixel_values(sky["ra"], sky["dec"])
-    h = _GAL_HALF
+    h = _GAL_HALF if engine != "galsim" else _GALSIM_REACH  # wings of off-CCD stars
     on = (sx > -h) & (sx < nx + h) & (sy > -h) & (sy < ny + h)
     cat = {key: v[on] for key, v in sky.items()}
     s_flux = _visit_flux(cat, p["mjd"])
@@ -590,16 +617,24 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, ar
         "gal_b": np.concatenate([cat["gal_b"], np.zeros(t_on.sum())]),
         "gal_theta": np.concatenate([cat["gal_theta"], np.zeros(t_on.sum())]),
     }
-    lo, hi = fwhm_range
-    fwhm = lo + (hi - lo) * 0.5 * (np.clip(x / nx, 0, 1) + np.clip(y / ny, 0, 1))
-    img = np.full((ny, nx), sky_e, np.float32)
-    _render(img, rcat, x, y, flux / k_njy, _sigma_px(fwhm))
+    if engine == "galsim":  # GalSim draws sources and Poisson noise; truth = what it drew
+        from .simulate_galsim import render_science
 
-    # Electrons: flat, dark current, Poisson noise (Gaussian approximation), CRs, bias.
-    img *= calib["flat"]
-    img += calib["dark"] * DARKTIME
-    np.maximum(img, 0.0, out=img)
-    img += np.sqrt(img) * rng.standard_normal((ny, nx), dtype=np.float32)
+        key = (seed, _RAW, p["visit"], det.id)
+        img, drawn_e = render_science(cat, x, y, flux / k_njy, (ny, nx), fwhm_range, sky_e,
+                                      calib, DARKTIME, key)  # fmt: skip
+        flux[len(s_flux) :] = drawn_e[len(s_flux) :] * k_njy
+    else:
+        lo, hi = fwhm_range
+        fwhm = lo + (hi - lo) * 0.5 * (np.clip(x / nx, 0, 1) + np.clip(y / ny, 0, 1))
+        img = np.full((ny, nx), sky_e, np.float32)
+        _render(img, rcat, x, y, flux / k_njy, _sigma_px(fwhm))
+        # Electrons: flat, dark current, Poisson noise (Gaussian approximation).
+        img *= calib["flat"]
+        img += calib["dark"] * DARKTIME
+        np.maximum(img, 0.0, out=img)
+        img += np.sqrt(img) * rng.standard_normal((ny, nx), dtype=np.float32)
+    # Cosmic rays, bias.
     if artifacts:
         _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
     img += calib["bias"]
