@@ -17,7 +17,15 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 from ._stats import nanmedian_last
-from .detect import _dilate, _find_stars, _psf_fwhm, _shifted_psf, _workers
+from .detect import (
+    _dilate,
+    _find_stars,
+    _psf_fwhm,
+    _psf_getter,
+    _shifted_psf,
+    _workers,
+    aperture_correction,
+)
 from .exceptions import PsfFitError
 from .image import MASK, mask_bits
 
@@ -497,7 +505,7 @@ class _Fourier:
 
 
 def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
-             decorrelate=True):  # fmt: skip
+             decorrelate=True, apcorr=True):  # fmt: skip
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
     Parameters
@@ -516,6 +524,12 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         Number of brightest isolated stars used to fit the kernel.
     decorrelate : bool, optional
         Apply the Alard–Lupton decorrelation afterburner (:func:`decorrelation_kernel`).
+    apcorr : bool, optional
+        Measure the aperture correction of PSF fluxes
+        (:func:`apdask.detect.aperture_correction`) on the image whose PSF the
+        difference has; recorded as ``meta["ap_corr"]`` (and ``meta["ap_corr_science"]``
+        for science-image PSF fluxes) and applied by ``measure_sources`` and
+        ``forced_photometry``.
 
     Returns
     -------
@@ -688,10 +702,26 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     var = np.where(nodata | ~np.isfinite(var), np.nanmedian(var[::8, ::8]), var).astype(np.float32)
     noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
+
+    # --- aperture corrections of the PSF fluxes (light outside the truncated PSF models)
+    t1 = time.perf_counter()
+    if apcorr:
+        ap_s, n_ap, r_ap = aperture_correction(science, _psf_getter(science, psf_s), fwhm=fw_s)
+        ap_d = ap_s
+        if rev:  # the difference has the template's PSF
+            ap_d, n_ap, r_ap = aperture_correction(
+                template, _psf_getter(template, psf_t), fwhm=fw_t
+            )
+    else:
+        ap_s = ap_d = 1.0
+        n_ap, r_ap = 0, float("nan")
+    timing["apcorr"] = time.perf_counter() - t1
     timing["total"] = time.perf_counter() - t0
 
     meta = dict(science.meta)
     meta["subtraction"] = direction
+    meta["ap_corr"] = ap_d
+    meta["ap_corr_science"] = ap_s
     model = science.meta.get("psf_model")
     if rev:
         meta.pop("psf_model", None)  # the difference has the (constant) template PSF
@@ -712,6 +742,10 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         "background": [float(c) for c in bgc],
         "background_residual": [float(c) for c in bg_res],
         "noise_ratio": noise,
+        "ap_corr": ap_d,
+        "ap_corr_science": ap_s,
+        "ap_corr_n_stars": n_ap,
+        "ap_corr_radius": r_ap,
         "timing": timing,
     }
     return difference, info
