@@ -203,60 +203,6 @@ def associate(sources, objects, radius_arcsec=None):
 # aggregates
 
 
-def _weighted_mean(values, errors):
-    """Inverse-variance weighted mean and its error; plain mean when no errors."""
-    good = np.isfinite(values)
-    v = values[good]
-    if v.size == 0:
-        return np.nan, np.nan
-    e = errors[good]
-    if np.all(np.isfinite(e) & (e > 0)):
-        w = 1.0 / e**2
-        return float(np.sum(w * v) / np.sum(w)), float(np.sqrt(1.0 / np.sum(w)))
-    mean = float(np.mean(v))
-    err = float(np.std(v, ddof=1) / np.sqrt(v.size)) if v.size > 1 else np.nan
-    return mean, err
-
-
-def _flux_aggregates(mjd, flux, err):
-    """DPDD per-band psfFlux aggregates of one object."""
-    good = np.isfinite(flux)
-    mjd, flux, err = mjd[good], flux[good], err[good]
-    n = int(flux.size)
-    out = {"psfFluxNdata": n}
-    if n == 0:
-        for key in ("Mean", "MeanErr", "Sigma", "Min", "Max", "MaxSlope", "ErrMean"):
-            out[f"psfFlux{key}"] = np.nan
-        return out
-    out["psfFluxMean"], out["psfFluxMeanErr"] = _weighted_mean(flux, err)
-    out["psfFluxSigma"] = float(np.std(flux, ddof=1)) if n > 1 else np.nan
-    out["psfFluxMin"] = float(np.min(flux))
-    out["psfFluxMax"] = float(np.max(flux))
-    finite_err = err[np.isfinite(err)]
-    out["psfFluxErrMean"] = float(np.mean(finite_err)) if finite_err.size else np.nan
-    slope = np.nan
-    if n > 1:
-        o = np.argsort(mjd, kind="stable")
-        dt = np.diff(mjd[o])
-        df = np.diff(flux[o])
-        ok = dt > 0
-        if ok.any():
-            s = df[ok] / dt[ok]
-            slope = float(s[np.argmax(np.abs(s))])
-    out["psfFluxMaxSlope"] = slope
-    return out
-
-
-def _group(ids):
-    """Row indices per id: dict id -> index array."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size == 0:
-        return {}
-    order = np.argsort(ids, kind="stable")
-    uniq, starts = np.unique(ids[order], return_index=True)
-    return dict(zip(uniq.tolist(), np.split(order, starts[1:]), strict=True))
-
-
 def _bands(table, n):
     if "band" not in table.colnames:
         return np.full(n, "", dtype="U1")
@@ -324,76 +270,189 @@ def update_objects(matched_ids, sources, objects, history, forced_history=None, 
     a_ferr = _col(allsrc, "psfFluxErr", n_all)
     a_band = _bands(allsrc, n_all)
 
+    obj_ids = np.asarray(list(dict.fromkeys(object_ids.tolist())), dtype=np.int64)
+    columns = _aggregate(
+        obj_ids, a_ids, (a_ra, a_dec, a_rae, a_dece), a_mjd, a_flux, a_ferr, a_band
+    )
+    # keep an older first detection that fell out of the history window
+    if objects is not None and len(objects) and "firstDiaSourceMjdTai" in objects.colnames:
+        prev = _lookup(
+            obj_ids,
+            np.asarray(objects["diaObjectId"], dtype=np.int64),
+            _col(objects, "firstDiaSourceMjdTai", len(objects)),
+        )
+        columns["firstDiaSourceMjdTai"] = np.fmin(columns["firstDiaSourceMjdTai"], prev)
     if forced_history is not None and len(forced_history):
         nf = len(forced_history)
-        f_groups = _group(forced_history["diaObjectId"])
-        f_flux = _col(forced_history, "psfFlux", nf)
-        f_err = _col(forced_history, "psfFluxErr", nf)
-        f_band = _bands(forced_history, nf)
+        f_rows, f_obj = _rows_of(obj_ids, np.asarray(forced_history["diaObjectId"], np.int64))
+        f_band = _band_codes(_bands(forced_history, nf)[f_rows])
+        f_flux = _col(forced_history, "psfFlux", nf)[f_rows]
+        f_err = _col(forced_history, "psfFluxErr", nf)[f_rows]
+        good = (f_band >= 0) & np.isfinite(f_flux)
+        key = f_obj[good] * len(BANDS) + f_band[good]
+        mean, err, _ = _grouped_weighted_mean(
+            key, f_flux[good], f_err[good], obj_ids.size * len(BANDS)
+        )
+        mean, err = mean.reshape(-1, len(BANDS)), err.reshape(-1, len(BANDS))
     else:
-        f_groups = {}
-
-    previous_first = {}
-    if objects is not None and len(objects) and "firstDiaSourceMjdTai" in objects.colnames:
-        first = _col(objects, "firstDiaSourceMjdTai", len(objects))
-        previous_first = dict(
-            zip(np.asarray(objects["diaObjectId"], dtype=np.int64).tolist(), first, strict=True)
-        )
-    touched = list(dict.fromkeys(object_ids.tolist()))
-    groups = _group(a_ids)
-    rows = []
-    for oid in touched:
-        idx = groups.get(oid, np.zeros(0, dtype=np.int64))
-        row = {"diaObjectId": oid, "validityStartMjdTai": mjd}
-        ra_deg, dec_deg, ra_err, dec_err = _mean_position(
-            a_ra[idx], a_dec[idx], a_rae[idx], a_dece[idx]
-        )
-        row.update(ra=ra_deg, dec=dec_deg, raErr=ra_err, decErr=dec_err)
-        row["nDiaSources"] = int(idx.size)
-        times = a_mjd[idx][np.isfinite(a_mjd[idx])]
-        first = float(times.min()) if times.size else np.nan
-        # keep an older first detection that fell out of the history window
-        row["firstDiaSourceMjdTai"] = float(np.fmin(first, previous_first.get(oid, np.nan)))
-        row["lastDiaSourceMjdTai"] = float(times.max()) if times.size else np.nan
-        fidx = f_groups.get(oid)
-        for b in BANDS:
-            sel = idx[a_band[idx] == b]
-            for key, val in _flux_aggregates(a_mjd[sel], a_flux[sel], a_ferr[sel]).items():
-                row[f"{b}_{key}"] = val
-            if fidx is not None:
-                fsel = fidx[f_band[fidx] == b]
-                mean, err = _weighted_mean(f_flux[fsel], f_err[fsel])
-            else:
-                mean, err = np.nan, np.nan
-            row[f"{b}_fpFluxMean"], row[f"{b}_fpFluxMeanErr"] = mean, err
-        rows.append(row)
-
-    objects_out = _objects_table(rows)
+        mean = err = np.full((obj_ids.size, len(BANDS)), np.nan)
+    for j, b in enumerate(BANDS):
+        columns[f"{b}_fpFluxMean"], columns[f"{b}_fpFluxMeanErr"] = mean[:, j], err[:, j]
+    columns["diaObjectId"] = obj_ids
+    columns["validityStartMjdTai"] = np.full(obj_ids.size, mjd, dtype=np.float64)
+    objects_out = _objects_table(columns, obj_ids.size)
     return objects_out, sources_out
 
 
-def _mean_position(ra, dec, ra_err, dec_err):
-    """Weighted mean position (deg) and its errors (deg) via unit vectors."""
-    if ra.size == 0:
-        return np.nan, np.nan, np.nan, np.nan
-    ok = np.isfinite(ra_err) & np.isfinite(dec_err) & (ra_err > 0) & (dec_err > 0)
-    if ok.all():
-        w = 2.0 / (ra_err**2 + dec_err**2)
-    else:
-        w = np.ones(ra.size)
+def _lookup(ids, keys, values):
+    """``values[keys == id]`` for each id (NaN where absent; keys unique)."""
+    out = np.full(ids.size, np.nan)
+    if keys.size == 0:
+        return out
+    order = np.argsort(keys, kind="stable")
+    pos = np.clip(np.searchsorted(keys[order], ids), 0, keys.size - 1)
+    hit = keys[order][pos] == ids
+    out[hit] = values[order][pos][hit]
+    return out
+
+
+def _rows_of(obj_ids, ids):
+    """Rows of ``ids`` that belong to ``obj_ids`` and their index in ``obj_ids``."""
+    order = np.argsort(obj_ids, kind="stable")
+    sorted_ids = obj_ids[order]
+    pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(sorted_ids.size - 1, 0))
+    hit = sorted_ids[pos] == ids if sorted_ids.size else np.zeros(ids.size, bool)
+    rows = np.flatnonzero(hit)
+    return rows, order[pos[rows]]
+
+
+def _band_codes(bands):
+    """Index of each band in ``BANDS`` (-1 for any other band)."""
+    out = np.full(bands.size, -1, dtype=np.int64)
+    for j, b in enumerate(BANDS):
+        out[bands == b] = j
+    return out
+
+
+def _segments(key):
+    """Start of each run of equal ``key`` (sorted) and the run's key."""
+    if key.size == 0:
+        return np.zeros(0, np.int64), key
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    return starts, key[starts]
+
+
+def _grouped_weighted_mean(key, values, errors, n_keys):
+    """:func:`_weighted_mean` per key (finite values only); also the counts."""
+    n = np.bincount(key, minlength=n_keys)
+    mean = np.full(n_keys, np.nan)
+    err = np.full(n_keys, np.nan)
+    if key.size == 0:
+        return mean, err, n
+    e_ok = np.isfinite(errors) & (errors > 0)
+    all_ok = np.bincount(key, ~e_ok, minlength=n_keys) == 0
+    has = n > 0
+    w = np.where(e_ok, 1.0 / np.where(e_ok, errors, 1.0) ** 2, 0.0)
+    sw = np.bincount(key, w, minlength=n_keys)
+    swv = np.bincount(key, w * values, minlength=n_keys)
+    plain = np.bincount(key, values, minlength=n_keys) / np.maximum(n, 1)
+    weighted = has & all_ok
+    mean[weighted] = swv[weighted] / sw[weighted]
+    err[weighted] = np.sqrt(1.0 / sw[weighted])
+    unweighted = has & ~all_ok
+    mean[unweighted] = plain[unweighted]
+    dev2 = np.bincount(key, (values - plain[key]) ** 2, minlength=n_keys)
+    many = unweighted & (n > 1)
+    err[many] = np.sqrt(dev2[many] / (n[many] - 1)) / np.sqrt(n[many])
+    return mean, err, n
+
+
+def _aggregate(obj_ids, a_ids, position, a_mjd, a_flux, a_ferr, a_band):
+    """DPDD aggregates of ``obj_ids`` from all their sources, vectorised over objects."""
+    n_obj, nb = obj_ids.size, len(BANDS)
+    rows, obj = _rows_of(obj_ids, a_ids)
+    ra, dec, ra_err, dec_err = (c[rows] for c in position)
+    cols = {}
+    # weighted mean position through unit vectors
+    n_src = np.bincount(obj, minlength=n_obj)
+    e_ok = np.isfinite(ra_err) & np.isfinite(dec_err) & (ra_err > 0) & (dec_err > 0)
+    all_ok = np.bincount(obj, ~e_ok, minlength=n_obj) == 0
+    safe_ra_err = np.where(e_ok, ra_err, 1.0)
+    safe_dec_err = np.where(e_ok, dec_err, 1.0)
+    w = np.where(all_ok[obj], 2.0 / (safe_ra_err**2 + safe_dec_err**2), 1.0)
     xyz = _unit_vectors(ra, dec)
-    v = (w[:, None] * xyz).sum(axis=0)
-    mra = float(np.degrees(np.arctan2(v[1], v[0])) % 360.0)
-    mdec = float(np.degrees(np.arctan2(v[2], np.hypot(v[0], v[1]))))
-    if ok.all():
-        ra_e = float(np.sqrt(1.0 / np.sum(1.0 / ra_err**2)))
-        dec_e = float(np.sqrt(1.0 / np.sum(1.0 / dec_err**2)))
-    else:
-        ra_e = dec_e = np.nan
-    return mra, mdec, ra_e, dec_e
+    v = [np.bincount(obj, w * xyz[:, k], minlength=n_obj) for k in range(3)]
+    cols["ra"] = np.degrees(np.arctan2(v[1], v[0])) % 360.0
+    cols["dec"] = np.degrees(np.arctan2(v[2], np.hypot(v[0], v[1])))
+    inv_ra = np.bincount(obj, 1.0 / safe_ra_err**2, minlength=n_obj)
+    inv_dec = np.bincount(obj, 1.0 / safe_dec_err**2, minlength=n_obj)
+    cols["raErr"] = np.where(all_ok, np.sqrt(1.0 / inv_ra), np.nan)
+    cols["decErr"] = np.where(all_ok, np.sqrt(1.0 / inv_dec), np.nan)
+    none = n_src == 0
+    for name in ("ra", "dec", "raErr", "decErr"):
+        cols[name][none] = np.nan
+    cols["nDiaSources"] = n_src.astype(np.int32)
+    # first and last detection
+    mjd = a_mjd[rows]
+    fin = np.isfinite(mjd)
+    first = np.full(n_obj, np.inf)
+    last = np.full(n_obj, -np.inf)
+    np.minimum.at(first, obj[fin], mjd[fin])
+    np.maximum.at(last, obj[fin], mjd[fin])
+    cols["firstDiaSourceMjdTai"] = np.where(np.isfinite(first), first, np.nan)
+    cols["lastDiaSourceMjdTai"] = np.where(np.isfinite(last), last, np.nan)
+    # per band psfFlux aggregates over sources with a finite flux
+    band = _band_codes(a_band[rows])
+    flux, ferr = a_flux[rows], a_ferr[rows]
+    good = (band >= 0) & np.isfinite(flux)
+    key = obj[good] * nb + band[good]
+    flux, ferr, mjd = flux[good], ferr[good], mjd[good]
+    order = np.lexsort((mjd, key))  # stable: equal times keep the row order
+    key, flux, ferr, mjd = key[order], flux[order], ferr[order], mjd[order]
+    n_keys = n_obj * nb
+    mean, mean_err, n = _grouped_weighted_mean(key, flux, ferr, n_keys)
+    mean_plain = np.bincount(key, flux, minlength=n_keys) / np.maximum(n, 1)
+    dev2 = np.bincount(key, (flux - mean_plain[key]) ** 2, minlength=n_keys)
+    sigma = np.full(n_keys, np.nan)
+    many = n > 1
+    sigma[many] = np.sqrt(dev2[many] / (n[many] - 1))
+    lo = np.full(n_keys, np.nan)
+    hi = np.full(n_keys, np.nan)
+    starts, seg_key = _segments(key)
+    if key.size:
+        lo[seg_key] = np.minimum.reduceat(flux, starts)
+        hi[seg_key] = np.maximum.reduceat(flux, starts)
+    f_ok = np.isfinite(ferr)
+    n_err = np.bincount(key, f_ok, minlength=n_keys)
+    sum_err = np.bincount(key, np.where(f_ok, ferr, 0.0), minlength=n_keys)
+    err_mean = np.full(n_keys, np.nan)
+    err_mean[n_err > 0] = sum_err[n_err > 0] / n_err[n_err > 0]
+    slope = np.full(n_keys, np.nan)
+    if key.size > 1:
+        same = key[1:] == key[:-1]
+        dt = np.diff(mjd)
+        ok = same & (dt > 0)
+        pair = np.flatnonzero(ok)
+        s = np.diff(flux)[pair] / dt[pair]
+        pk = key[pair]
+        best = np.full(n_keys, -np.inf)
+        np.maximum.at(best, pk, np.abs(s))
+        top = np.flatnonzero(np.abs(s) == best[pk])
+        _, first_top = np.unique(pk[top], return_index=True)
+        chosen = top[first_top]
+        slope[pk[chosen]] = s[chosen]
+    stats = {
+        "Mean": mean, "MeanErr": mean_err, "Sigma": sigma, "Min": lo, "Max": hi,
+        "MaxSlope": slope, "ErrMean": err_mean,
+    }  # fmt: skip
+    for j, b in enumerate(BANDS):
+        cols[f"{b}_psfFluxNdata"] = n[j::nb].astype(np.int32)
+        for name, values in stats.items():
+            cols[f"{b}_psfFlux{name}"] = values[j::nb]
+    return cols
 
 
-def _objects_table(rows):
+def _objects_table(columns, n):
     names = ["diaObjectId", "validityStartMjdTai", "ra", "raErr", "dec", "decErr"]
     for b in BANDS:
         names += [
@@ -417,7 +476,7 @@ def _objects_table(rows):
             dtype = np.int32
         else:
             dtype = np.float64
-        out[name] = np.array([r[name] for r in rows], dtype=dtype).reshape(len(rows))
+        out[name] = np.asarray(columns[name], dtype=dtype).reshape(n)
     for name in ("ra", "dec", "raErr", "decErr"):
         out[name].unit = "deg"
     return out

@@ -31,6 +31,7 @@ from astropy.table import Column, MaskedColumn, Table
 from astropy.time import Time
 
 from . import config
+from ._ppdb_fast import CopyFrame, fetch_frame, register_table
 from .exceptions import ConfigurationError, PpdbError
 
 __all__ = ["create_ppdb", "region_for", "Ppdb", "CcdPpdb", "DRP_TABLE"]
@@ -616,7 +617,9 @@ class Ppdb:
         with self._lock:
             if key in md.tables:
                 return md.tables[key]
-            return sqlalchemy.Table(full, md, autoload_with=self._engine)
+            table = sqlalchemy.Table(full, md, autoload_with=self._engine)
+        register_table(self._engine.url, table)
+        return table
 
     def _drp_table(self, create=False):
         """The DRP Object table apdask keeps next to the APDB tables (or None)."""
@@ -669,10 +672,26 @@ class Ppdb:
             terms.append(column == lo if lo == hi else column.between(lo, hi))
         return sqlalchemy.or_(*terms)
 
-    def _select_frame(self, query):
+    def _select_frame(self, query, table_name=None, types=None):
+        """Rows of ``query``; typed from the schema of ``table_name`` (or from
+        ``types``, ``(name, datatype, nullable)``) when given, in bulk
+        (:func:`apdask._ppdb_fast.fetch_frame`)."""
+        types = {c[0]: (c[1], c[2]) for c in types or ()}
+        if table_name is not None:
+            types = {c[0]: (c[1], c[2]) for c in self._table_def(table_name)}
+        names = [c.name for c in query.selected_columns]
         with self._engine.connect() as conn:
+            if names and all(n in types for n in names):
+                sql = query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+                return fetch_frame(conn, str(sql), [(n, *types[n]) for n in names])
             result = conn.execute(query)
             return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+    @property
+    def _bulk(self):
+        """Whether reads and writes take the bulk path (``apdask.ppdb.bulk``, default
+        True; SQL backend only).  False runs everything through dax_apdb's calls."""
+        return self.is_sql and bool(_setting("bulk", True))
 
     # -- reads ---------------------------------------------------------------
 
@@ -711,20 +730,37 @@ class Ppdb:
         astropy.table.Table
             DiaObject columns (see :meth:`as_table`), ordered by diaObjectId.
         """
-        if as_of is None:
+        if as_of is None and not self._bulk:
             df = self._call("read DiaObjects", lambda: self.apdb.getDiaObjects(region))
         else:
-            self._require_sql("reading DiaObjects as of a time")
-            t = float(as_of)
+            if as_of is not None:
+                self._require_sql("reading DiaObjects as of a time")
             table = self._table("DiaObject")
             cols = [c for c in table.columns if c.name != self._htm_column]
-            query = sqlalchemy.select(*cols).where(
-                self._region_filter(table.c[self._htm_column], region),
-                table.c.validityStartMjdTai < t,
-                sqlalchemy.or_(table.c.validityEndMjdTai.is_(None), table.c.validityEndMjdTai >= t),
-            )
-            df = self._call("read DiaObjects", lambda: self._select_frame(query))
-        return self.as_table(self._sorted(df, "DiaObject"), "DiaObject")
+            end = table.c.validityEndMjdTai
+            where = [self._region_filter(table.c[self._htm_column], region)]
+            if as_of is None:  # the latest versions, as dax_apdb's getDiaObjects
+                where.append(end.is_(None))
+            else:
+                t = float(as_of)
+                where += [table.c.validityStartMjdTai < t, sqlalchemy.or_(end.is_(None), end >= t)]
+            query = sqlalchemy.select(*cols).where(*where)
+            df = self._call("read DiaObjects", lambda: self._select_frame(query, "DiaObject"))
+        return self.as_table(self._sorted(self._inside(df, region), "DiaObject"), "DiaObject")
+
+    @staticmethod
+    def _inside(df, region):
+        """Rows of ``df`` whose (ra, dec) lie in ``region``.
+
+        The SQL selects whole HTM pixels of the region's envelope, up to a few
+        times its area; only the objects inside it are the CCD's.
+        """
+        if df is None or len(df) == 0:
+            return df
+        ra = np.radians(df["ra"].to_numpy(dtype=float, na_value=np.nan))
+        dec = np.radians(df["dec"].to_numpy(dtype=float, na_value=np.nan))
+        inside = np.asarray(region.contains(ra, dec), dtype=bool)
+        return df if inside.all() else df[inside]
 
     @property
     def _htm_column(self):
@@ -753,9 +789,38 @@ class Ppdb:
         ids = None if object_ids is None else [int(i) for i in object_ids]
         if ids is not None and not ids:
             return self.as_table(None, "DiaSource")
-        visit_time = Time(mjd, format="mjd", scale="tai")
-        df = self._call("read DiaSources", lambda: self.apdb.getDiaSources(region, ids, visit_time))
+        if ids is not None and self._bulk:
+            df = self._read_history("DiaSource", ids, mjd, before)
+        else:
+            visit_time = Time(mjd, format="mjd", scale="tai")
+            df = self._call(
+                "read DiaSources", lambda: self.apdb.getDiaSources(region, ids, visit_time)
+            )
         return self.as_table(self._sorted(df, "DiaSource", before), "DiaSource")
+
+    def _read_history(self, table_name, ids, mjd, before):
+        """dax_apdb's history read by DiaObject ids (``_getSourcesByIDs``), in bulk.
+
+        The same rows (``diaObjectId`` in ``ids``, ``midpointMjdTai`` within
+        the configured months before ``mjd``) and columns (the table's without
+        ``pixelId``), in one query; rows at or after ``before`` are left in
+        the database.
+        """
+        cfg = self.apdb.getConfig()
+        if table_name == "DiaSource":
+            months = cfg.read_sources_months
+        else:
+            months = cfg.read_forced_sources_months
+        if not months:  # dax_apdb reads nothing then
+            return None
+        table = self._table(table_name)
+        cols = [c for c in table.columns if c.name != self._htm_column]
+        start = float(Time(mjd, format="mjd", scale="tai").tai.mjd) - months * 30
+        where = [table.c.diaObjectId.in_(sorted(ids)), table.c.midpointMjdTai >= start]
+        if before is not None:
+            where.append(table.c.midpointMjdTai < float(before))
+        query = sqlalchemy.select(*cols).where(*where)
+        return self._call(f"read {table_name}s", lambda: self._select_frame(query, table_name))
 
     def get_dia_forced_sources(self, region, object_ids, mjd, *, before=None):
         """DiaForcedSources of the history window before ``mjd``.
@@ -780,11 +845,14 @@ class Ppdb:
         ids = [int(i) for i in object_ids]
         if not ids:
             return self.as_table(None, "DiaForcedSource")
-        visit_time = Time(mjd, format="mjd", scale="tai")
-        df = self._call(
-            "read DiaForcedSources",
-            lambda: self.apdb.getDiaForcedSources(region, ids, visit_time),
-        )
+        if self._bulk:
+            df = self._read_history("DiaForcedSource", ids, mjd, before)
+        else:
+            visit_time = Time(mjd, format="mjd", scale="tai")
+            df = self._call(
+                "read DiaForcedSources",
+                lambda: self.apdb.getDiaForcedSources(region, ids, visit_time),
+            )
         return self.as_table(self._sorted(df, "DiaForcedSource", before), "DiaForcedSource")
 
     def get_drp_objects(self, region):
@@ -809,7 +877,8 @@ class Ppdb:
         query = sqlalchemy.select(table.c.objectId, table.c.ra, table.c.dec).where(
             self._region_filter(table.c.pixelId, region)
         )
-        df = self._call("read DRP Objects", lambda: self._select_frame(query))
+        types = [("objectId", "long", False), ("ra", "double", False), ("dec", "double", False)]
+        df = self._call("read DRP Objects", lambda: self._select_frame(query, types=types))
         if len(df) == 0:
             return empty
         ra, dec = df["ra"].to_numpy(float), df["dec"].to_numpy(float)
@@ -996,6 +1065,10 @@ class Ppdb:
             self._call(what, lambda: self.apdb.store(visit_time, objects_df, sources_df, forced_df))
             return True
         matches = _match_rows(drp_matches)
+        if self._bulk:  # dax_apdb's own store, with the rows appended in bulk
+            objects_df, sources_df, forced_df = (
+                CopyFrame(df) for df in (objects_df, sources_df, forced_df)
+            )
         return self._call(
             what,
             lambda: self._store_sql(
@@ -1006,6 +1079,12 @@ class Ppdb:
     def _store_sql(self, visit_time, objects_df, sources_df, forced_df, matches, visit, detector,
                    replace):  # fmt: skip
         """One transaction: (delete the CCD's rows |skip if present), store, matches."""
+        # Reflect the tables first: reflection inside the transaction would take
+        # a second connection, which SQLite's write lock blocks.
+        for name in ("DiaObject", "DiaSource", "DiaForcedSource", "DiaObject_To_Object_Match"):
+            self._table(name)
+        if replace and self.apdb.getConfig().dia_object_index == "last_object_table":
+            self._table("DiaObjectLast")
         engine = self._engine
         with engine.begin() as conn:
             if visit is not None and detector is not None:
@@ -1108,6 +1187,10 @@ def _column_values(series, np_dtype, n):
     ):
         return series.to_numpy().astype(np_dtype, copy=False), None
     null = series.isna().to_numpy(dtype=bool)
+    if np_dtype is not np.str_ and isinstance(
+        series.array, pd.arrays.IntegerArray | pd.arrays.BooleanArray
+    ):
+        return series.to_numpy(dtype=np_dtype, na_value=0), null
     if np_dtype is np.str_:
         values = np.array(
             ["" if m else str(v) for v, m in zip(series, null, strict=True)], dtype=np.str_
