@@ -358,7 +358,7 @@ def _psf_fit(image, variance, mask, psf, x, y, bkg=None):
 
 
 def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None,
-                        max_stars=300, min_stars=5, max_error=0.005):  # fmt: skip
+                        max_stars=300, min_stars=5, max_error=0.005, stars=None):  # fmt: skip
     """Aperture correction of PSF fluxes: median ``apFlux(radius) / psfFlux`` of bright stars.
 
     An empirical PSF model is a truncated, pedestal-subtracted stamp (see
@@ -388,6 +388,10 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
     max_error : float, optional
         Largest error of the correction (inverse-variance weighted mean of the
         3-sigma-clipped ratios).
+    stars : dict, optional
+        Bright isolated stars already found on ``exposure`` by the star finder
+        (``x``, ``y``, ``bkg``, brightest first), e.g. those of the kernel fit;
+        default: search (about 0.5 s on a full CCD).
 
     Returns
     -------
@@ -405,10 +409,11 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
     r_in, r_out = radii[0] + 4.0, radii[0] + 12.0
     half = int(np.ceil(r_out)) + 1
     image = np.asarray(exposure.image)
-    stars = _find_stars(
-        image, exposure.variance, exposure.mask, fwhm=fwhm, nsigma=50.0, isolation=r_out,
-        border=half, max_stars=None, contrast=0.002,
-    )  # fmt: skip
+    if stars is None:
+        stars = _find_stars(
+            image, exposure.variance, exposure.mask, fwhm=fwhm, nsigma=50.0, isolation=r_out,
+            border=half, max_stars=None, contrast=0.002,
+        )  # fmt: skip
     n_all = len(stars["x"])
     order = np.arange(n_all)
     if n_all > 20:

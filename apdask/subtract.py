@@ -706,7 +706,9 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     # --- aperture corrections of the PSF fluxes (light outside the truncated PSF models)
     t1 = time.perf_counter()
     if apcorr:
-        ap_s, n_ap, r_ap = aperture_correction(science, _psf_getter(science, psf_s), fwhm=fw_s)
+        ap_s, n_ap, r_ap = aperture_correction(
+            science, _psf_getter(science, psf_s), fwhm=fw_s, stars=stars
+        )  # the kernel stamps' stars: no second search
         ap_d = ap_s
         if rev:  # the difference has the template's PSF
             ap_d, n_ap, r_ap = aperture_correction(
