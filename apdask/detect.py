@@ -304,6 +304,15 @@ def _local_maxima(img, threshold):
     return ys[peak], xs[peak]
 
 
+def usable_stars(n, cap):
+    """Indices into ``n`` stars sorted brightest first: the brightest 2 % left out (their
+    wings are non-linear or saturated), then at most ``cap``."""
+    idx = np.arange(n)
+    if n > 20:
+        idx = idx[int(0.02 * n) :]
+    return idx[:cap]
+
+
 def _shifted_psf(psf, dx, dy):
     """PSF stamp shifted by a sub-pixel (dx, dy) with a Fourier phase ramp."""
     ny, nx = psf.shape
@@ -414,11 +423,7 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
             image, exposure.variance, exposure.mask, fwhm=fwhm, nsigma=50.0, isolation=r_out,
             border=half, max_stars=None, contrast=0.002,
         )  # fmt: skip
-    n_all = len(stars["x"])
-    order = np.arange(n_all)
-    if n_all > 20:
-        order = order[int(0.02 * n_all) :]  # skip the brightest (non-linear / saturated wings)
-    order = order[:max_stars]
+    order = usable_stars(len(stars["x"]), max_stars)
     bkg = stars["bkg"]
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     ratios = [[] for _ in radii]

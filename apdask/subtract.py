@@ -25,6 +25,7 @@ from .detect import (
     _shifted_psf,
     _workers,
     aperture_correction,
+    usable_stars,
 )
 from .exceptions import PsfFitError
 from .image import MASK, mask_bits
@@ -604,11 +605,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         sci_img, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
         border=border, max_stars=None, avoid=bad_any, contrast=0.01,
     )  # fmt: skip
-    n_all = len(stars["x"])
-    idx = np.arange(n_all)
-    if n_all > 20:
-        idx = idx[int(0.02 * n_all) :]  # skip the brightest (non-linear / saturated wings)
-    idx = idx[:max_stamps]
+    idx = usable_stars(len(stars["x"]), max_stamps)
     if len(idx) < _MIN_STAMPS:
         msg = (
             f"kernel fit failed: only {len(idx)} clean bright stars for stamps (need {_MIN_STAMPS})"

@@ -117,3 +117,22 @@ def counts(db):
     """Row counts and duplicate-key counts per table."""
     data = dump(db)
     return {name: (len(df), int(df.duplicated(KEYS[name]).sum())) for name, df in data.items()}
+
+
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1/test"
+
+
+def pg_engine(url=PG_URL):
+    """A SQLAlchemy engine on the local PostgreSQL; skips the test if it is not reachable."""
+    import pytest
+
+    pytest.importorskip("psycopg2")
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as err:
+        pytest.skip(f"PostgreSQL not reachable: {err}")
+    return engine

@@ -29,23 +29,13 @@ from apdask.associate import associate_ccd
 from apdask.camera import get_camera
 from tests import _ppdb_synth as synth
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1/test"
+PG_URL = synth.PG_URL
 RA, DEC, MJD0 = 30.0, -20.0, 61000.0
 _CTX = multiprocessing.get_context("fork")
 _SHARED = {}
 
 
-def _pg_engine(url=PG_URL):
-    pytest.importorskip("psycopg2")
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.OperationalError as err:
-        pytest.skip(f"PostgreSQL not reachable: {err}")
-    return engine
+_pg_engine = synth.pg_engine
 
 
 @pytest.fixture

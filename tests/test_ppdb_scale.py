@@ -179,7 +179,7 @@ def test_vectorised_aggregates_match_reference(seed):
 # bulk writes and reads against dax_apdb's own
 
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1/test"
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1/test"  # as tests._ppdb_synth.PG_URL
 RA, DEC, MJD0 = 30.0, -20.0, 61000.0
 
 
@@ -321,17 +321,10 @@ def test_bulk_paths_identical_sqlite(tmp_path):
 def test_bulk_paths_identical_postgresql(tmp_path):
     import uuid
 
-    pytest.importorskip("psycopg2")
-    import sqlalchemy
-
     from apdask import ppdb
+    from tests._ppdb_synth import pg_engine
 
-    engine = sqlalchemy.create_engine(PG_URL)
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.OperationalError as err:
-        pytest.skip(f"PostgreSQL not reachable: {err}")
+    engine = pg_engine(PG_URL)
     paths, spaces = {}, []
 
     def make(kind):
