@@ -240,8 +240,9 @@ def _find_stars(
     data = np.where(bad, 0.0, image - bkg).astype(np.float32)
     sigma = fwhm / 2.3548
     sm = ndimage.gaussian_filter(data, sigma, mode="constant", truncate=3.0)
-    var = np.where(bad | ~np.isfinite(variance), np.nan, variance)
-    v0 = np.nanmedian(var[::4, ::4]) if np.any(np.isfinite(var[::4, ::4])) else 1.0
+    vs = np.asarray(variance)[::4, ::4]
+    ok = ~bad[::4, ::4] & np.isfinite(vs)
+    v0 = float(np.median(vs[ok])) if ok.any() else 1.0
     noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
     ay, ax = _local_maxima(sm, 5 * noise)
     strong = sm[ay, ax] > nsigma * noise
