@@ -33,6 +33,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from . import config
+from ._fourier import small_kernel_rfft2
 from ._stats import nanmedian_last
 from .exceptions import PsfFitError
 from .image import MASK, MASK_STAMP_DTYPE, mask_bits, mask_plane_cards
@@ -99,6 +100,11 @@ def _fft_convolve(image, kernels, *, fill=0.0):
     out = []
     for k in kernels:
         k = np.asarray(k, dtype=np.float32)
+        if k.shape[0] == k.shape[1] and k.shape[0] % 2:  # centred at the origin: 'same' output
+            fk = small_kernel_rfft2([k], fy, fx)[0]
+            res = sfft.irfft2(fim * fk, s=(fy, fx), workers=w)
+            out.append(np.ascontiguousarray(res[:ny, :nx]))
+            continue
         hy, hx = k.shape[0] // 2, k.shape[1] // 2
         fk = sfft.rfft2(k, s=(fy, fx), workers=w)
         res = sfft.irfft2(fim * fk, s=(fy, fx), workers=w)

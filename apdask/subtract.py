@@ -16,6 +16,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
+from ._fourier import small_kernel_rfft2
 from ._stats import nanmedian_last
 from .detect import (
     _dilate,
@@ -512,21 +513,8 @@ class _Fourier:
         return sfft.rfft2(big, workers=_workers())
 
     def kernels(self, ks):
-        """:meth:`kernel` of each small centred kernel, by two small DFT matrix products.
-
-        A kernel is non-zero only in ``n × n`` pixels around the origin, so its
-        transform is ``E_y · K · E_x`` with ``E_y`` (``fy × n``) and ``E_x``
-        (``n × (fx/2 + 1)``) DFT matrices: one matrix product per kernel, about
-        a quarter of the cost of a full-frame ``rfft2``.
-        """
-        n = ks[0].shape[0]
-        off = np.arange(n) - n // 2
-        kx = np.arange(self.fx // 2 + 1)
-        ky = np.arange(self.fy)
-        # phases reduced modulo the period first: exact for any frame size
-        ex = np.exp(-2j * np.pi * (np.outer(off, kx) % self.fx) / self.fx).astype(np.complex64)
-        ey = np.exp(-2j * np.pi * (np.outer(ky, off) % self.fy) / self.fy).astype(np.complex64)
-        return [ey @ (np.asarray(k, np.complex64) @ ex) for k in ks]
+        """:meth:`kernel` of each small centred kernel (:func:`small_kernel_rfft2`)."""
+        return small_kernel_rfft2(ks, self.fy, self.fx)
 
     def inverse(self, f):
         ny, nx = self.shape
