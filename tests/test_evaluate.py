@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask.evaluate import evaluate_sources, expected_snr, plot_evaluation
+from apdask.evaluate import (
+    _noise_model,
+    _truth_snr,
+    evaluate_sources,
+    expected_snr,
+    plot_evaluation,
+    psf_noise_factors,
+)
 
 
 def _truth(n=200, seed=0):
@@ -62,3 +71,56 @@ def test_expected_snr_matches_a_direct_noise_sum():
     p /= p.sum()
     sigma = np.sqrt(900.0 * (p * p).sum()) / (p * p).sum()
     assert snr == pytest.approx(1000.0 / np.sqrt(sigma**2 + 4 / 3 * 1000.0), rel=0.02)
+
+
+def test_kolmogorov_noise_equivalent_area_is_larger_than_a_gaussians():
+    pytest.importorskip("galsim")
+    sigma_px = 1.0 / 2.3548 / 0.2  # 1.0" FWHM on 0.2" pixels
+    nea_k, kern_k, pois_k = psf_noise_factors("kolmogorov", 1.0, 0.7)
+    nea_g, kern_g, pois_g = psf_noise_factors("gaussian", 1.0, 0.7)
+    assert 1.3 < nea_k / (4 * np.pi * sigma_px**2) < 1.45
+    assert 1.3 < nea_k / nea_g < 1.45
+    # GalSim's pixel-integrated Gaussian: the analytic factors of expected_snr to ~3 %
+    s_t = 0.7 / 2.3548 / 0.2
+    assert nea_g == pytest.approx(4 * np.pi * sigma_px**2, rel=0.03)
+    assert kern_g == pytest.approx(4 * np.pi * sigma_px**4 / (2 * sigma_px**2 - s_t**2), rel=0.04)
+    assert pois_g == pytest.approx(4 / 3, rel=0.01)
+    assert kern_k < nea_k and pois_k > pois_g
+    # cached per FWHM rounded to 0.01"
+    again = psf_noise_factors("kolmogorov", 1.001, 0.699)
+    assert again is psf_noise_factors("kolmogorov", 1.0, 0.7)
+
+
+def _fake_repo(tmp_path, **sim):
+    (tmp_path / "truth").mkdir(parents=True)
+    meta = {"fwhm_range": [0.9, 1.1], "template_fwhm": 0.7, "template_depth": 10.0, **sim}
+    (tmp_path / "truth" / "simulation.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+@pytest.mark.parametrize("engine, psf, lo, hi", [
+    ("galsim", "kolmogorov", 0.84, 0.90),  # 1/sqrt(1.37) = 0.85 if background-limited
+    ("galsim", "moffat", 0.80, 0.87),
+    ("galsim", "gaussian", 0.985, 0.997),  # pixel-integrated: NEA ~2 % above 4πσ²
+    ("apdask", "gaussian", 1.0, 1.0),
+])  # fmt: skip
+def test_evaluate_takes_the_psf_from_simulation_json(tmp_path, engine, psf, lo, hi):
+    pytest.importorskip("galsim")
+    n = 40
+    rng = np.random.default_rng(3)
+    truth = Table({"kind": ["transient"] * n, "detector": ["T00"] * n,
+                   "x": rng.uniform(0, 512, n), "y": rng.uniform(0, 512, n),
+                   "flux": rng.uniform(2e3, 2e4, n), "template_flux": np.zeros(n)})  # fmt: skip
+    ref = _noise_model(_fake_repo(tmp_path / "ref"), "r", "testcam")  # no engine: analytic
+    model = _noise_model(_fake_repo(tmp_path / "sim", engine=engine, psf=psf), "r", "testcam")
+    assert ref["psf"] is None
+    assert model["psf"] == (psf if engine == "galsim" else None)
+    ratio = _truth_snr(truth, model) / _truth_snr(truth, ref)
+    assert np.all((ratio >= lo - 1e-12) & (ratio <= hi + 1e-12)), ratio
+    if engine == "galsim":  # brighter sources have more Poisson noise, a larger PSF factor
+        assert np.ptp(ratio) > 0
+
+
+def test_unknown_galsim_psf_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown GalSim psf"):
+        _noise_model(_fake_repo(tmp_path, engine="galsim", psf="airy"), "r", "testcam")
