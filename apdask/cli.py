@@ -290,13 +290,18 @@ def _cmd_process_visit(args):
 
 
 def _partial_failure_code(report):
-    """0 if every CCD succeeded, else the exit code of the first failed CCD (docs/errors.md)."""
-    failed = [c for c in report.get("ccds", []) if c.get("exit_code")]
+    """0 if every CCD succeeded, else the exit code of the first failed CCD (docs/errors.md).
+
+    A CCD whose PPDB access failed carries ``error`` without ``exit_code``: PpdbError's.
+    """
+    from .exceptions import PpdbError
+
+    failed = [c for c in report.get("ccds", []) if c.get("error") or c.get("exit_code")]
     if failed:
         names = ", ".join(str(c.get("detector")) for c in failed)
         msg = f"apdask: error: {len(failed)} CCD(s) failed: {names}; see the report"
         print(msg, file=sys.stderr)
-        return int(failed[0]["exit_code"])
+        return int(failed[0].get("exit_code") or PpdbError.exit_code)
     return 0
 
 

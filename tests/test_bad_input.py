@@ -241,6 +241,8 @@ def test_ccd_without_template_fails_alone(repo, visit_msg, capsys):
     assert _partial_failure_code(report) == 66
     assert "1 CCD(s) failed: T00" in capsys.readouterr().err
     assert _partial_failure_code({"ccds": [t01]}) == 0
+    ppdb_down = {"detector": "T01", "error": "PPDB failed to read DiaObjects: ..."}
+    assert _partial_failure_code({"ccds": [t01, ppdb_down]}) == 69  # PpdbError's code
 
 
 def test_no_template_at_all_is_a_clear_error(repo, visit_msg, capsys):
