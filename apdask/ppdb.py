@@ -8,206 +8,47 @@ through :meth:`Ppdb.store`, one transaction per CCD: by default a CCD already
 stored is skipped; with ``replace=True`` its earlier rows are deleted and the new
 ones inserted in the same transaction (SQL backend).  :meth:`Ppdb.for_ccd` opens
 the interface for one CCD's padded region (DMTN-092 §5).  See ``docs/ppdb.md``.
+
+This module holds the :class:`Ppdb` interface and its per-CCD view; the work
+behind it is split by responsibility: :mod:`apdask.ppdb_setup` (creating and
+opening the database, settings, retries), :mod:`apdask.ppdb_schema` (Tables to
+and from DataFrames, units and descriptions) and :mod:`apdask.ppdb_sql` (what
+apdask does on the SQL backend directly).  Their public names are importable
+from here as before.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import logging
 import os
-import random
 import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import sqlalchemy
 import sqlalchemy.exc
-from astropy.table import Column, MaskedColumn, Table
 from astropy.time import Time
 
 from . import config
-from ._ppdb_fast import CopyFrame, fetch_frame, register_table
+from ._ppdb_fast import CopyFrame
 from .exceptions import ConfigurationError, PpdbError
+from .ppdb_schema import (
+    frame_as_table,
+    match_rows,
+    rows_inside,
+    schema_columns,
+    sort_rows,
+    table_as_frame,
+)
+from .ppdb_setup import _retry, create_ppdb, open_apdb
+from .ppdb_sql import DRP_TABLE, PpdbSql
 
 __all__ = ["create_ppdb", "region_for", "Ppdb", "CcdPpdb", "DRP_TABLE"]
 
 log = logging.getLogger(__name__)
 
-_RETRIES = 3  # defaults when configuration lacks ppdb.retries / ppdb.retry_backoff_s
-_BACKOFF_S = 0.2
-_BACKOFF_CAP_S = 5.0
-DRP_TABLE = "apdask_DrpObject"
-"""Name (before the APDB table prefix) of the DRP Object table apdask manages."""
-_MJD_TOL = 1e-9  # days (86 µs): equality of validity timestamps
-_TRANSIENT = (
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.DisconnectionError,
-)
-# Columns that dax_apdb fills itself on store().
-_FILLED_BY_APDB = {"pixelId", "validityStartMjdTai", "validityEndMjdTai"}
-
-_NUMPY_DTYPE = {
-    "long": np.int64,
-    "int": np.int32,
-    "short": np.int16,
-    "byte": np.int8,
-    "double": np.float64,
-    "float": np.float32,
-    "boolean": np.bool_,
-    "char": np.str_,
-    "string": np.str_,
-    "text": np.str_,
-}
-_PANDAS_NULLABLE = {
-    "long": "Int64",
-    "int": "Int32",
-    "short": "Int16",
-    "byte": "Int8",
-    "boolean": "boolean",
-}
-
-
-# ---------------------------------------------------------------------------
-# creation and regions
-
-
-def _is_url(s):
-    return "://" in str(s) and not str(s).endswith((".yaml", ".yml", ".json", ".py"))
-
-
-def _sqlite_path(url):
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///") :].split("?", 1)[0]
-        if path.startswith("file:"):
-            path = path[len("file:") :]
-        return path
-    return None
-
-
-def _setting(key, default):
-    """Configuration ``apdask.ppdb.<key>``, or ``default`` when it is not set."""
-    try:
-        value = config.get(f"ppdb.{key}")
-    except KeyError:
-        return default
-    return default if value is None else value
-
-
-def _incompatible(err, target):
-    msg = (
-        f"PPDB {target} has an incompatible schema version: {err}. "
-        "Migrate it with dax_apdb's migration tools (dax_apdb_migrate) or create a new "
-        "PPDB with `apdask ppdb create URL`"
-    )
-    return PpdbError(msg)
-
-
-def _open_apdb_sql(url, namespace=None):
-    from lsst.dax.apdb.sql import ApdbSql, ApdbSqlConfig
-    from lsst.dax.apdb.versionTuple import IncompatibleVersionError
-
-    path = _sqlite_path(url)
-    if path is not None and not os.path.exists(path):
-        msg = f"PPDB {url} does not exist; initialise it first with `apdask ppdb create {url}`"
-        raise PpdbError(msg)
-    cfg = ApdbSqlConfig(db_url=url, namespace=namespace)
-    if path is not None:
-        cfg.connection_config.connection_timeout = float(_setting("sqlite_timeout_s", 30.0))
-    try:
-        return _retry(lambda: ApdbSql(cfg), f"connect to PPDB {url}"), cfg
-    except sqlalchemy.exc.NoSuchTableError:
-        msg = (
-            f"PPDB {url} is not initialised (no APDB tables"
-            f"{'' if namespace is None else f' in schema {namespace!r}'}); "
-            f"run `apdask ppdb create {url}`"
-        )
-        raise PpdbError(msg) from None
-    except IncompatibleVersionError as err:
-        raise _incompatible(err, url) from err
-
-
-def create_ppdb(url, config_path=None, *, namespace=None, history_months=None):
-    """Initialise a PPDB (APDB schema) and save its dax_apdb config file.
-
-    Idempotent: if the database already holds a compatible APDB schema, only
-    the config file is (re)written.
-
-    Parameters
-    ----------
-    url : str
-        SQLAlchemy URL: ``sqlite:////abs/path.db`` or
-        ``postgresql+psycopg2://user@host/db``.
-    config_path : str or os.PathLike, optional
-        Where to save the config yaml.  Defaults to ``apdb.yaml`` next to an
-        SQLite file; required for other databases.
-    namespace : str, optional
-        Database schema (PostgreSQL namespace) to hold the tables.
-    history_months : int, optional
-        Months of DiaSource/DiaForcedSource history read back; defaults to
-        configuration ``ppdb.history_months``.
-
-    Returns
-    -------
-    str
-        The config path, usable with :meth:`Ppdb.open`.
-
-    Raises
-    ------
-    ConfigurationError
-        If no config path can be derived.
-    PpdbError
-        If the database cannot be reached or holds an incompatible schema.
-    """
-    from lsst.dax.apdb.sql import ApdbSql
-
-    url = str(url)
-    months = int(config.get("ppdb.history_months", history_months))
-    sqlite_path = _sqlite_path(url)
-    if config_path is None:
-        if sqlite_path is None:
-            msg = f"a config_path is needed to create the PPDB {url}; pass where to save apdb.yaml"
-            raise ConfigurationError(msg)
-        config_path = os.path.join(os.path.dirname(sqlite_path), "apdb.yaml")
-    config_path = str(config_path)
-    Path(config_path).parent.mkdir(parents=True, exist_ok=True)
-    if sqlite_path is not None:
-        Path(sqlite_path).parent.mkdir(parents=True, exist_ok=True)
-
-    existing = None
-    if sqlite_path is None or os.path.exists(sqlite_path):
-        try:
-            existing = _open_apdb_sql(url, namespace)
-        except PpdbError as err:
-            if "not initialised" not in str(err):
-                raise
-    if existing is not None:
-        _, cfg = existing
-    else:
-        try:
-            cfg = _retry(
-                lambda: ApdbSql.init_database(
-                    db_url=url,
-                    namespace=namespace,
-                    read_sources_months=months,
-                    read_forced_sources_months=months,
-                ),
-                f"create PPDB {url}",
-            )
-        except sqlalchemy.exc.SQLAlchemyError as err:
-            msg = f"cannot create PPDB {url}: {err}"
-            raise PpdbError(msg) from err
-    cfg.read_sources_months = months
-    cfg.read_forced_sources_months = months
-    if sqlite_path is not None:
-        cfg.connection_config.connection_timeout = float(_setting("sqlite_timeout_s", 30.0))
-    cfg.save(config_path)
-    return config_path
+_OPEN_CACHE = {}
+_OPEN_LOCK = threading.Lock()
 
 
 def region_for(detector, ra, dec, rotpa=0.0, padding_arcsec=None):
@@ -234,75 +75,12 @@ def region_for(detector, ra, dec, rotpa=0.0, padding_arcsec=None):
     return ConvexPolygon.convexHull(vertices)
 
 
-def _retry(fn, what):
-    """Call ``fn``, retrying transient database errors a bounded number of times.
-
-    ``apdask.ppdb.retries`` tries in all (default 3) with exponential backoff from
-    ``apdask.ppdb.retry_backoff_s`` (0.2 s, capped at 5 s, with ±50 % jitter so
-    that many writers refused at once, e.g. by PostgreSQL's ``max_connections``,
-    do not retry in lock step).  Transient are SQLAlchemy ``OperationalError``
-    (connection refused, too many clients, SQLite busy, deadlock detected),
-    ``InterfaceError`` and ``DisconnectionError``; the transaction that failed
-    was rolled back, so the whole call is safe to repeat.
-    """
-    tries = max(1, int(_setting("retries", _RETRIES)))
-    backoff = float(_setting("retry_backoff_s", _BACKOFF_S))
-    for attempt in range(tries):
-        try:
-            return fn()
-        except _TRANSIENT as err:
-            if attempt == tries - 1:
-                cause = getattr(err, "orig", None) or err
-                msg = (
-                    f"cannot {what} after {tries} tries: {str(cause).strip()}"
-                    "; check that the database server is running and the URL is right"
-                )
-                raise PpdbError(msg) from err
-            delay = min(backoff * 2**attempt, _BACKOFF_CAP_S) * random.uniform(0.5, 1.5)
-            log.info("retrying to %s in %.2f s after: %s", what, delay, err)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-class _BoundEngine:
-    """Engine stand-in whose ``begin()`` yields one open connection.
-
-    Handing it to a shallow copy of an ``ApdbSql`` makes ``ApdbSql.store`` run
-    inside a transaction opened by apdask, so that deletions (replace
-    semantics) and the DRP matches commit or roll back together with it.
-    """
-
-    def __init__(self, engine, connection):
-        self._engine = engine
-        self._connection = connection
-
-    @contextlib.contextmanager
-    def begin(self):
-        yield self._connection
-
-    def connect(self):
-        return contextlib.nullcontext(self._connection)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
-# ---------------------------------------------------------------------------
-# the interface
-
-_SORT_KEYS = {
-    "DiaObject": ["diaObjectId", "validityStartMjdTai"],
-    "DiaSource": ["diaSourceId"],
-    "DiaForcedSource": ["diaObjectId", "visit", "detector"],
-}
-_OPEN_CACHE = {}
-_OPEN_LOCK = threading.Lock()
-
-
-class Ppdb:
+class Ppdb(PpdbSql):
     """A PPDB: any ``lsst.dax.apdb.Apdb`` (SQL, or Cassandra via its config).
 
-    Use :meth:`open` rather than the constructor.
+    Use :meth:`open` rather than the constructor.  The SQL-backend methods
+    (``is_sql``, the DRP catalog, the write transaction) come from
+    :class:`apdask.ppdb_sql.PpdbSql`.
 
     Parameters
     ----------
@@ -377,25 +155,7 @@ class Ppdb:
 
     @classmethod
     def _open(cls, target, namespace):
-        from lsst.dax.apdb import Apdb
-        from lsst.dax.apdb.versionTuple import IncompatibleVersionError
-
-        if _is_url(target):
-            apdb, _ = _open_apdb_sql(target, namespace)
-            return cls(apdb)
-        if not os.path.exists(target):
-            msg = (
-                f"PPDB config {target} does not exist; create it with "
-                "`apdask ppdb create URL` or pass an SQLAlchemy URL"
-            )
-            raise PpdbError(msg)
-        try:
-            return cls(_retry(lambda: Apdb.from_uri(target), f"open PPDB {target}"))
-        except sqlalchemy.exc.NoSuchTableError:
-            msg = f"PPDB of {target} is not initialised; run `apdask ppdb create URL`"
-            raise PpdbError(msg) from None
-        except IncompatibleVersionError as err:
-            raise _incompatible(err, target) from err
+        return cls(open_apdb(target, namespace))
 
     @classmethod
     def for_ccd(cls, config_path_or_url, ccd, ra, dec, rotpa=0.0, *, camera=None,
@@ -443,23 +203,7 @@ class Ppdb:
 
     @functools.cached_property
     def _defs(self):
-        from lsst.dax.apdb import ApdbTables
-
-        out = {}
-        for name in ("DiaObject", "DiaSource", "DiaForcedSource"):
-            table_def = self.apdb.tableDef(ApdbTables[name])
-            out[name] = [
-                (
-                    c.name,
-                    getattr(c.datatype, "value", str(c.datatype)),
-                    bool(c.nullable),
-                    c.value,
-                    c.description or "",
-                    (c.annotations or {}).get("fits_tunit"),
-                )
-                for c in table_def.columns
-            ]
-        return out
+        return schema_columns(self.apdb)
 
     def columns(self, table_name):
         """Names of the schema columns of ``"DiaObject"``, ``"DiaSource"`` or
@@ -490,208 +234,11 @@ class Ppdb:
             ``description``.  Nullable integer/boolean columns with nulls are
             masked; float nulls are NaN.
         """
-        n = 0 if df is None else len(df)
-        cols = []
-        for name, dtype, _nullable, _default, description, unit in self._table_def(table_name):
-            np_dtype = _NUMPY_DTYPE.get(dtype, object)
-            series = None if df is None or name not in df.columns else df[name]
-            values, null = _column_values(series, np_dtype, n)
-            kw = {"name": name, "unit": unit, "description": description, "copy": False}
-            if null is not None and null.any():
-                cols.append(MaskedColumn(values, mask=null, **kw))
-            else:
-                cols.append(Column(values, **kw))
-        return Table(cols, copy=False)
+        return frame_as_table(df, self._table_def(table_name))
 
     def _to_frame(self, table, table_name):
         """Table -> DataFrame with exactly the storable schema columns."""
-        n = 0 if table is None else len(table)
-        data = {}
-        for name, dtype, nullable, default, _desc, _unit in self._table_def(table_name):
-            if name in _FILLED_BY_APDB:
-                continue
-            np_dtype = _NUMPY_DTYPE.get(dtype, object)
-            present = table is not None and name in table.colnames
-            if present:
-                col = table[name]
-                mask = np.ma.getmaskarray(col)
-                raw = np.ma.getdata(col)
-                if np.issubdtype(np.asarray(raw).dtype, np.floating) and not np.issubdtype(
-                    np_dtype, np.floating
-                ):
-                    mask = mask | np.isnan(raw)
-            else:
-                mask = np.ones(n, dtype=bool)
-                raw = None
-            if np.issubdtype(np_dtype, np.floating):
-                values = (
-                    np.full(n, np.nan, dtype=np_dtype)
-                    if raw is None
-                    else np.asarray(raw, dtype=np_dtype).copy()
-                )
-                values[mask] = np.nan
-                if not nullable and np.isnan(values).any():
-                    if default is not None:
-                        values[np.isnan(values)] = default
-                    else:
-                        msg = (
-                            f"{table_name}.{name} is required but has nulls/NaN; "
-                            "fill it before storing to the PPDB"
-                        )
-                        raise PpdbError(msg)
-                data[name] = values
-                continue
-            if mask.any() and not nullable:
-                fill = default
-                if fill is None and (name.endswith("Ndata") or name == "nDiaSources"):
-                    fill = 0
-                if fill is None:
-                    msg = (
-                        f"{table_name}.{name} is required but "
-                        f"{'missing' if raw is None else 'has nulls'}; "
-                        "fill it before storing to the PPDB"
-                    )
-                    raise PpdbError(msg)
-                if raw is None:
-                    raw = np.full(n, fill)
-                else:
-                    raw = np.where(mask, fill, raw)
-                mask = np.zeros(n, dtype=bool)
-            if np_dtype is np.str_:
-                obj = np.empty(n, dtype=object)
-                if raw is not None:
-                    obj[:] = [str(v) for v in np.asarray(raw)]
-                obj[mask] = None
-                data[name] = pd.Series(obj, dtype=object)
-                continue
-            pd_dtype = _PANDAS_NULLABLE.get(dtype, object)
-            if raw is None:
-                data[name] = pd.Series(pd.array([None] * n, dtype=pd_dtype))
-            elif mask.any():
-                raw = np.where(mask, 0, np.asarray(raw)).astype(np_dtype)
-                if np_dtype is np.bool_:
-                    data[name] = pd.Series(pd.arrays.BooleanArray(raw, mask))
-                else:
-                    data[name] = pd.Series(pd.arrays.IntegerArray(raw, mask))
-            else:
-                data[name] = np.asarray(raw).astype(np_dtype)
-        return pd.DataFrame(data, index=pd.RangeIndex(n))
-
-    # -- SQL backend helpers -------------------------------------------------
-
-    @property
-    def is_sql(self):
-        """Whether the backend is dax_apdb's SQL one (SQLite or PostgreSQL)."""
-        from lsst.dax.apdb.sql import ApdbSql
-
-        return isinstance(self.apdb, ApdbSql)
-
-    def _require_sql(self, what):
-        if not self.is_sql:
-            msg = (
-                f"{what} needs the SQL backend, this PPDB is {type(self.apdb).__name__}; "
-                "see docs/ppdb.md (Cassandra) for the equivalent"
-            )
-            raise PpdbError(msg)
-
-    @property
-    def _engine(self):
-        # dax_apdb has no public accessor for its engine; apdask uses it for
-        # the operations dax_apdb lacks (as-of reads, deletes, DRP tables).
-        self._after_fork()
-        return self.apdb._engine
-
-    @functools.cached_property
-    def _sql_metadata(self):
-        return sqlalchemy.MetaData(schema=self.apdb.getConfig().namespace)
-
-    def _table(self, name):
-        """The SQLAlchemy table of APDB table ``name``, located through the
-        apdb's own config (prefix and namespace), reflected once."""
-        from lsst.dax.apdb import ApdbTables
-
-        cfg = self.apdb.getConfig()
-        full = ApdbTables[name].table_name(prefix=cfg.prefix)
-        md = self._sql_metadata
-        key = full if md.schema is None else f"{md.schema}.{full}"
-        with self._lock:
-            if key in md.tables:
-                return md.tables[key]
-            table = sqlalchemy.Table(full, md, autoload_with=self._engine)
-        register_table(self._engine.url, table)
-        return table
-
-    def _drp_table(self, create=False):
-        """The DRP Object table apdask keeps next to the APDB tables (or None)."""
-        cfg = self.apdb.getConfig()
-        full = f"{cfg.prefix}{DRP_TABLE}"
-        md = self._sql_metadata
-        key = full if md.schema is None else f"{md.schema}.{full}"
-        with self._lock:
-            if key in md.tables:
-                table = md.tables[key]
-            else:
-                table = sqlalchemy.Table(
-                    full,
-                    md,
-                    sqlalchemy.Column("objectId", sqlalchemy.BigInteger, primary_key=True),
-                    sqlalchemy.Column("ra", sqlalchemy.Float(precision=53), nullable=False),
-                    sqlalchemy.Column("dec", sqlalchemy.Float(precision=53), nullable=False),
-                    sqlalchemy.Column("pixelId", sqlalchemy.BigInteger, nullable=False, index=True),
-                )
-        if create:
-            table.create(self._engine, checkfirst=True)
-            return table
-        exists = sqlalchemy.inspect(self._engine).has_table(full, schema=md.schema)
-        return table if exists else None
-
-    def _pixelization(self):
-        from lsst.sphgeom import HtmPixelization
-
-        pix = self.apdb.getConfig().pixelization
-        return HtmPixelization(pix.htm_level), pix.htm_max_ranges
-
-    def _pixel_ids(self, ra, dec):
-        from lsst.sphgeom import LonLat, UnitVector3d
-
-        pixelator, _ = self._pixelization()
-        return np.fromiter(
-            (
-                pixelator.index(UnitVector3d(LonLat.fromDegrees(float(r), float(d))))
-                for r, d in zip(ra, dec, strict=True)
-            ),
-            dtype=np.int64,
-            count=len(ra),
-        )
-
-    def _region_filter(self, column, region):
-        pixelator, max_ranges = self._pixelization()
-        terms = []
-        for lo, hi in pixelator.envelope(region, max_ranges).ranges():
-            hi -= 1
-            terms.append(column == lo if lo == hi else column.between(lo, hi))
-        return sqlalchemy.or_(*terms)
-
-    def _select_frame(self, query, table_name=None, types=None):
-        """Rows of ``query``; typed from the schema of ``table_name`` (or from
-        ``types``, ``(name, datatype, nullable)``) when given, in bulk
-        (:func:`apdask._ppdb_fast.fetch_frame`)."""
-        types = {c[0]: (c[1], c[2]) for c in types or ()}
-        if table_name is not None:
-            types = {c[0]: (c[1], c[2]) for c in self._table_def(table_name)}
-        names = [c.name for c in query.selected_columns]
-        with self._engine.connect() as conn:
-            if names and all(n in types for n in names):
-                sql = query.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
-                return fetch_frame(conn, str(sql), [(n, *types[n]) for n in names])
-            result = conn.execute(query)
-            return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
-
-    @property
-    def _bulk(self):
-        """Whether reads and writes take the bulk path (``apdask.ppdb.bulk``, default
-        True; SQL backend only).  False runs everything through dax_apdb's calls."""
-        return self.is_sql and bool(_setting("bulk", True))
+        return table_as_frame(table, self._table_def(table_name), table_name)
 
     # -- reads ---------------------------------------------------------------
 
@@ -702,15 +249,6 @@ class Ppdb:
         except sqlalchemy.exc.SQLAlchemyError as err:
             msg = f"PPDB failed to {what}: {err}"
             raise PpdbError(msg) from err
-
-    def _sorted(self, df, table_name, before=None):
-        """Drop rows at or after ``before`` (MJD) and order rows by primary key."""
-        if df is None or len(df) == 0:
-            return df
-        if before is not None and "midpointMjdTai" in df.columns:
-            df = df[df["midpointMjdTai"].to_numpy(dtype=float, na_value=np.nan) < before]
-        keys = _SORT_KEYS[table_name]
-        return df.sort_values(keys, kind="stable").reset_index(drop=True)
 
     def get_dia_objects(self, region, *, as_of=None):
         """DiaObjects inside ``region``: the latest versions, or those valid at ``as_of``.
@@ -746,25 +284,7 @@ class Ppdb:
                 where += [table.c.validityStartMjdTai < t, sqlalchemy.or_(end.is_(None), end >= t)]
             query = sqlalchemy.select(*cols).where(*where)
             df = self._call("read DiaObjects", lambda: self._select_frame(query, "DiaObject"))
-        return self.as_table(self._sorted(self._inside(df, region), "DiaObject"), "DiaObject")
-
-    @staticmethod
-    def _inside(df, region):
-        """Rows of ``df`` whose (ra, dec) lie in ``region``.
-
-        The SQL selects whole HTM pixels of the region's envelope, up to a few
-        times its area; only the objects inside it are the CCD's.
-        """
-        if df is None or len(df) == 0:
-            return df
-        ra = np.radians(df["ra"].to_numpy(dtype=float, na_value=np.nan))
-        dec = np.radians(df["dec"].to_numpy(dtype=float, na_value=np.nan))
-        inside = np.asarray(region.contains(ra, dec), dtype=bool)
-        return df if inside.all() else df[inside]
-
-    @property
-    def _htm_column(self):
-        return self.apdb.getConfig().pixelization.htm_index_column
+        return self.as_table(sort_rows(rows_inside(df, region), "DiaObject"), "DiaObject")
 
     def get_dia_sources(self, region, object_ids, mjd, *, before=None):
         """DiaSources of the history window before ``mjd``.
@@ -796,31 +316,7 @@ class Ppdb:
             df = self._call(
                 "read DiaSources", lambda: self.apdb.getDiaSources(region, ids, visit_time)
             )
-        return self.as_table(self._sorted(df, "DiaSource", before), "DiaSource")
-
-    def _read_history(self, table_name, ids, mjd, before):
-        """dax_apdb's history read by DiaObject ids (``_getSourcesByIDs``), in bulk.
-
-        The same rows (``diaObjectId`` in ``ids``, ``midpointMjdTai`` within
-        the configured months before ``mjd``) and columns (the table's without
-        ``pixelId``), in one query; rows at or after ``before`` are left in
-        the database.
-        """
-        cfg = self.apdb.getConfig()
-        if table_name == "DiaSource":
-            months = cfg.read_sources_months
-        else:
-            months = cfg.read_forced_sources_months
-        if not months:  # dax_apdb reads nothing then
-            return None
-        table = self._table(table_name)
-        cols = [c for c in table.columns if c.name != self._htm_column]
-        start = float(Time(mjd, format="mjd", scale="tai").tai.mjd) - months * 30
-        where = [table.c.diaObjectId.in_(sorted(ids)), table.c.midpointMjdTai >= start]
-        if before is not None:
-            where.append(table.c.midpointMjdTai < float(before))
-        query = sqlalchemy.select(*cols).where(*where)
-        return self._call(f"read {table_name}s", lambda: self._select_frame(query, table_name))
+        return self.as_table(sort_rows(df, "DiaSource", before), "DiaSource")
 
     def get_dia_forced_sources(self, region, object_ids, mjd, *, before=None):
         """DiaForcedSources of the history window before ``mjd``.
@@ -853,119 +349,7 @@ class Ppdb:
                 "read DiaForcedSources",
                 lambda: self.apdb.getDiaForcedSources(region, ids, visit_time),
             )
-        return self.as_table(self._sorted(df, "DiaForcedSource", before), "DiaForcedSource")
-
-    def get_drp_objects(self, region):
-        """DRP Objects inside ``region`` (loaded with :meth:`load_drp_objects`).
-
-        Parameters
-        ----------
-        region : lsst.sphgeom.Region
-
-        Returns
-        -------
-        astropy.table.Table
-            ``objectId``, ``ra``, ``dec`` (deg), ordered by objectId; empty when
-            no DRP catalog was loaded or the backend is not SQL.
-        """
-        empty = _drp_as_table(np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
-        if not self.is_sql:
-            return empty
-        table = self._call("look up the DRP Object table", self._drp_table)
-        if table is None:
-            return empty
-        query = sqlalchemy.select(table.c.objectId, table.c.ra, table.c.dec).where(
-            self._region_filter(table.c.pixelId, region)
-        )
-        types = [("objectId", "long", False), ("ra", "double", False), ("dec", "double", False)]
-        df = self._call("read DRP Objects", lambda: self._select_frame(query, types=types))
-        if len(df) == 0:
-            return empty
-        ra, dec = df["ra"].to_numpy(float), df["dec"].to_numpy(float)
-        inside = np.asarray(region.contains(np.radians(ra), np.radians(dec)), dtype=bool)
-        ids = df["objectId"].to_numpy(np.int64)[inside]
-        order = np.argsort(ids, kind="stable")
-        return _drp_as_table(ids[order], ra[inside][order], dec[inside][order])
-
-    def get_drp_matches(self, object_ids):
-        """``DiaObject_To_Object_Match`` rows of these DiaObjects.
-
-        Parameters
-        ----------
-        object_ids : iterable of int
-
-        Returns
-        -------
-        astropy.table.Table
-            ``diaObjectId``, ``objectId``, ``dist`` (arcsec), ``lnP``, ordered by
-            (diaObjectId, dist).
-        """
-        self._require_sql("reading DiaObject_To_Object_Match")
-        ids = sorted({int(i) for i in object_ids})
-        table = self._table("DiaObject_To_Object_Match")
-        frames = []
-        for lo in range(0, len(ids), 1000):
-            query = sqlalchemy.select(table).where(table.c.diaObjectId.in_(ids[lo : lo + 1000]))
-            frames.append(self._call("read DRP matches", lambda q=query: self._select_frame(q)))
-        df = pd.concat(frames) if frames else pd.DataFrame(columns=list(_MATCH_UNITS))
-        df = df.sort_values(["diaObjectId", "dist", "objectId"], kind="stable")
-        out = Table()
-        for name, (dtype, unit, desc) in _MATCH_UNITS.items():
-            values = df[name].to_numpy(dtype=dtype, na_value=np.nan if dtype is float else 0)
-            out[name] = Column(values, unit=unit, description=desc)
-        return out
-
-    # -- DRP catalog -----------------------------------------------------------
-
-    def load_drp_objects(self, drp, *, batch=50_000):
-        """Load (or refresh) DRP Objects into the PPDB's DRP Object table.
-
-        Rows whose ``objectId`` is already present are replaced, so loading the
-        same catalog twice leaves one copy.
-
-        Parameters
-        ----------
-        drp : astropy.table.Table
-            ``objectId``, ``ra``, ``dec`` (deg), e.g. ``Butler.get_drp_objects()``.
-        batch : int
-            Rows per insert statement.
-
-        Returns
-        -------
-        int
-            Number of rows loaded.
-        """
-        self._require_sql("loading DRP Objects")
-        for name in ("objectId", "ra", "dec"):
-            if name not in drp.colnames:
-                msg = f"DRP catalog lacks column {name!r}; give objectId, ra, dec (deg)"
-                raise PpdbError(msg)
-        ids = np.asarray(drp["objectId"], dtype=np.int64)
-        ra = np.asarray(drp["ra"], dtype=np.float64)
-        dec = np.asarray(drp["dec"], dtype=np.float64)
-        pix = self._pixel_ids(ra, dec)
-        table = self._call("create the DRP Object table", lambda: self._drp_table(create=True))
-
-        def _load():
-            with self._engine.begin() as conn:
-                for lo in range(0, ids.size, batch):
-                    part = ids[lo : lo + batch].tolist()
-                    conn.execute(table.delete().where(table.c.objectId.in_(part)))
-                    rows = [
-                        {"objectId": i, "ra": r, "dec": d, "pixelId": p}
-                        for i, r, d, p in zip(
-                            part,
-                            ra[lo : lo + batch].tolist(),
-                            dec[lo : lo + batch].tolist(),
-                            pix[lo : lo + batch].tolist(),
-                            strict=True,
-                        )
-                    ]
-                    if rows:
-                        conn.execute(table.insert(), rows)
-
-        self._call("load DRP Objects", _load)
-        return int(ids.size)
+        return self.as_table(sort_rows(df, "DiaForcedSource", before), "DiaForcedSource")
 
     def contains_visit_detector(self, visit, detector, region=None, mjd=None):
         """Whether sources of this (visit, detector) are already stored.
@@ -1064,7 +448,7 @@ class Ppdb:
                 return False
             self._call(what, lambda: self.apdb.store(visit_time, objects_df, sources_df, forced_df))
             return True
-        matches = _match_rows(drp_matches)
+        matches = match_rows(drp_matches)
         if self._bulk:  # dax_apdb's own store, with the rows appended in bulk
             objects_df, sources_df, forced_df = (
                 CopyFrame(df) for df in (objects_df, sources_df, forced_df)
@@ -1075,170 +459,6 @@ class Ppdb:
                 visit_time, objects_df, sources_df, forced_df, matches, visit, detector, replace
             ),
         )
-
-    def _store_sql(self, visit_time, objects_df, sources_df, forced_df, matches, visit, detector,
-                   replace):  # fmt: skip
-        """One transaction: (delete the CCD's rows |skip if present), store, matches."""
-        # Reflect the tables first: reflection inside the transaction would take
-        # a second connection, which SQLite's write lock blocks.
-        for name in ("DiaObject", "DiaSource", "DiaForcedSource", "DiaObject_To_Object_Match"):
-            self._table(name)
-        if replace and self.apdb.getConfig().dia_object_index == "last_object_table":
-            self._table("DiaObjectLast")
-        engine = self._engine
-        with engine.begin() as conn:
-            if visit is not None and detector is not None:
-                if replace:
-                    self._delete_ccd(conn, int(visit), int(detector), float(visit_time.tai.mjd))
-                elif self._contains(conn, int(visit), int(detector)):
-                    return False
-            bound = copy.copy(self.apdb)
-            bound._engine = _BoundEngine(engine, conn)
-            bound.store(visit_time, objects_df, sources_df, forced_df)
-            if matches:
-                conn.execute(self._table("DiaObject_To_Object_Match").insert(), matches)
-        return True
-
-    def _contains(self, conn, visit, detector):
-        for name in ("DiaSource", "DiaForcedSource"):
-            t = self._table(name)
-            q = sqlalchemy.select(t.c.visit).where(t.c.visit == visit, t.c.detector == detector)
-            if conn.execute(q.limit(1)).first() is not None:
-                return True
-        return False
-
-    def _delete_ccd(self, conn, visit, detector, t):
-        """Delete one CCD's rows inside ``conn``'s transaction (replace semantics)."""
-        src = self._table("DiaSource")
-        forced = self._table("DiaForcedSource")
-        obj = self._table("DiaObject")
-        match = self._table("DiaObject_To_Object_Match")
-        touched_ids = sqlalchemy.select(src.c.diaObjectId).where(
-            src.c.visit == visit, src.c.detector == detector
-        )
-        later = conn.execute(
-            sqlalchemy.select(sqlalchemy.func.count())
-            .select_from(obj)
-            .where(obj.c.diaObjectId.in_(touched_ids), obj.c.validityStartMjdTai > t + _MJD_TOL)
-        ).scalar_one()
-        if later:
-            msg = (
-                f"cannot replace visit {visit} detector {detector}: {later} of its DiaObject "
-                "versions were superseded by later visits; re-run those visits too (newest "
-                "last) or restore the PPDB from a backup"
-            )
-            raise PpdbError(msg)
-        same_t = obj.c.validityStartMjdTai.between(t - _MJD_TOL, t + _MJD_TOL)
-        conn.execute(obj.delete().where(obj.c.diaObjectId.in_(touched_ids), same_t))
-        conn.execute(
-            obj.update()
-            .where(
-                obj.c.diaObjectId.in_(touched_ids),
-                obj.c.validityEndMjdTai.between(t - _MJD_TOL, t + _MJD_TOL),
-            )
-            .values(validityEndMjdTai=None)
-        )
-        if self.apdb.getConfig().dia_object_index == "last_object_table":
-            last = self._table("DiaObjectLast")
-            conn.execute(last.delete().where(last.c.diaObjectId.in_(touched_ids)))
-            names = [c.name for c in last.columns]
-            conn.execute(
-                last.insert().from_select(
-                    names,
-                    sqlalchemy.select(*[obj.c[n] for n in names]).where(
-                        obj.c.diaObjectId.in_(touched_ids), obj.c.validityEndMjdTai.is_(None)
-                    ),
-                )
-            )
-        surviving = sqlalchemy.select(obj.c.diaObjectId).where(obj.c.diaObjectId.in_(touched_ids))
-        conn.execute(
-            match.delete().where(
-                match.c.diaObjectId.in_(touched_ids), match.c.diaObjectId.not_in(surviving)
-            )
-        )
-        for table in (src, forced):
-            conn.execute(table.delete().where(table.c.visit == visit, table.c.detector == detector))
-
-
-_MATCH_UNITS = {
-    "diaObjectId": (np.int64, None, "Id of diaObject."),
-    "objectId": (np.int64, None, "Id of a nearby DRP Object."),
-    "dist": (float, "arcsec", "The distance between the diaObject and the object."),
-    "lnP": (float, None, "Natural log of the probability that the diaObject is the object."),
-}
-
-
-def _column_values(series, np_dtype, n):
-    """numpy values and null mask (None: no nulls) of one DataFrame column."""
-    if series is None:
-        if np_dtype is np.str_:
-            return np.full(n, "", dtype="U1"), np.ones(n, dtype=bool)
-        if np.issubdtype(np_dtype, np.floating):
-            return np.full(n, np.nan, dtype=np_dtype), None
-        return np.zeros(n, dtype=np_dtype), np.ones(n, dtype=bool)
-    if np.issubdtype(np_dtype, np.floating):
-        if isinstance(series.dtype, np.dtype) and series.dtype.kind == "f":
-            return series.to_numpy().astype(np_dtype, copy=False), None
-        return series.to_numpy(dtype=np_dtype, na_value=np.nan), None
-    if (
-        np_dtype is not np.str_
-        and isinstance(series.dtype, np.dtype)
-        and series.dtype.kind in "iub"
-    ):
-        return series.to_numpy().astype(np_dtype, copy=False), None
-    null = series.isna().to_numpy(dtype=bool)
-    if np_dtype is not np.str_ and isinstance(
-        series.array, pd.arrays.IntegerArray | pd.arrays.BooleanArray
-    ):
-        return series.to_numpy(dtype=np_dtype, na_value=0), null
-    if np_dtype is np.str_:
-        values = np.array(
-            ["" if m else str(v) for v, m in zip(series, null, strict=True)], dtype=np.str_
-        )
-        if values.dtype.itemsize == 0:
-            values = values.astype("U1")
-        return values, null
-    return series.to_numpy(dtype=object, na_value=0).astype(np_dtype), null
-
-
-def _match_rows(table):
-    """DiaObject_To_Object_Match rows (list of dicts) from a Table, or []."""
-    if table is None or len(table) == 0:
-        return []
-    n = len(table)
-    out = []
-    lnp = (
-        np.ma.filled(np.ma.asarray(table["lnP"], dtype=float), np.nan)
-        if "lnP" in table.colnames
-        else np.full(n, np.nan)
-    )
-    dist = np.ma.filled(np.ma.asarray(table["dist"], dtype=float), np.nan)
-    for oid, did, d, p in zip(
-        np.asarray(table["diaObjectId"], np.int64).tolist(),
-        np.asarray(table["objectId"], np.int64).tolist(),
-        dist.tolist(),
-        lnp.tolist(),
-        strict=True,
-    ):
-        out.append(
-            {
-                "diaObjectId": oid,
-                "objectId": did,
-                "dist": None if np.isnan(d) else d,
-                "lnP": None if np.isnan(p) else p,
-            }
-        )
-    return out
-
-
-def _drp_as_table(ids, ra, dec):
-    return Table(
-        [
-            Column(ids, name="objectId", description="DRP Object id."),
-            Column(ra, name="ra", unit="deg", description="DRP Object right ascension."),
-            Column(dec, name="dec", unit="deg", description="DRP Object declination."),
-        ]
-    )
 
 
 @dataclass
