@@ -254,18 +254,23 @@ def test_no_template_at_all_is_a_clear_error(repo, visit_msg, capsys):
     counts = Ppdb.open(ensure_ppdb(repo)).apdb.tableRowCount()
     assert counts.get("DiaSource", 0) == 0 and counts.get("DiaObject", 0) == 0
     # the command exits with the documented code and one line naming the CCD
-    args = [
-        "process-ccd", "--ccd", "T00", "--ra", str(visit_msg["position"][0]),
-        "--dec", str(visit_msg["position"][1]), "--filter", "r", "--exptime", "30",
-        "--distributor", f"file://{repo}/raw", "--image", f"TestCam_{VISIT}_T00_0.fits",
-        "--repo", repo, "--timeout", "5",
-    ]  # fmt: skip
+    args = _process_t00_args(repo, visit_msg)
     capsys.readouterr()
     assert main(args) == 66
     err = capsys.readouterr().err
     assert err.startswith("apdask: error: CCD T00, visit 1000: no r-band template")
     assert err.count("\n") == 1
     _nothing_stored(repo, "T00")
+
+
+def _process_t00_args(repo, visit_msg):
+    """``apdask process-ccd`` arguments for CCD T00 of the test visit."""
+    return [
+        "process-ccd", "--ccd", "T00", "--ra", str(visit_msg["position"][0]),
+        "--dec", str(visit_msg["position"][1]), "--filter", "r", "--exptime", "30",
+        "--distributor", f"file://{repo}/raw", "--image", f"TestCam_{VISIT}_T00_0.fits",
+        "--repo", repo, "--timeout", "5",
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -280,12 +285,7 @@ def test_psf_failure_names_the_ccd_and_the_reason(repo, visit_msg, capsys):
         seg[amp.data_slice] = np.median(data) + rng.normal(0, 20, data.shape)
 
     _rewrite_raw(repo, "T00", edit)
-    args = [
-        "process-ccd", "--ccd", "T00", "--ra", str(visit_msg["position"][0]),
-        "--dec", str(visit_msg["position"][1]), "--filter", "r", "--exptime", "30",
-        "--distributor", f"file://{repo}/raw", "--image", f"TestCam_{VISIT}_T00_0.fits",
-        "--repo", repo, "--timeout", "5",
-    ]  # fmt: skip
+    args = _process_t00_args(repo, visit_msg)
     assert main(args) == 70
     err = capsys.readouterr().err
     assert err.startswith("apdask: error: CCD T00, visit 1000: science image: PSF estimation")
