@@ -77,7 +77,7 @@ def _workers():
 
 
 def _fft_convolve(image, kernels, *, fill=0.0):
-    """Convolve ``image`` with one or several odd kernels ('same' output, zero padded).
+    """Convolve ``image`` with one or several odd square kernels ('same' output, zero padded).
 
     The image is transformed once; the padding goes to a 5-smooth size so that
     no wrap-around occurs.  Non-finite pixels are replaced by ``fill``.
@@ -99,16 +99,10 @@ def _fft_convolve(image, kernels, *, fill=0.0):
     fim = sfft.rfft2(image, s=(fy, fx), workers=w)
     out = []
     for k in kernels:
-        k = np.asarray(k, dtype=np.float32)
-        if k.shape[0] == k.shape[1] and k.shape[0] % 2:  # centred at the origin: 'same' output
-            fk = small_kernel_rfft2([k], fy, fx)[0]
-            res = sfft.irfft2(fim * fk, s=(fy, fx), workers=w)
-            out.append(np.ascontiguousarray(res[:ny, :nx]))
-            continue
-        hy, hx = k.shape[0] // 2, k.shape[1] // 2
-        fk = sfft.rfft2(k, s=(fy, fx), workers=w)
+        # centred on the origin (wrapped), so the 'same' output starts at (0, 0)
+        fk = small_kernel_rfft2([np.asarray(k, np.float32)], fy, fx)[0]
         res = sfft.irfft2(fim * fk, s=(fy, fx), workers=w)
-        out.append(np.ascontiguousarray(res[hy : hy + ny, hx : hx + nx]))
+        out.append(np.ascontiguousarray(res[:ny, :nx]))
     return out[0] if single else out
 
 

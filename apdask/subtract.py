@@ -502,18 +502,8 @@ class _Fourier:
     def image(self, img):
         return sfft.rfft2(np.asarray(img, np.float32), s=(self.fy, self.fx), workers=_workers())
 
-    def kernel(self, k):
-        """Transform of a small centred kernel (phase-shifted so 'same' output aligns)."""
-        k = np.asarray(k, np.float32)
-        h = k.shape[0] // 2
-        big = np.zeros((self.fy, self.fx), np.float32)
-        iy = (np.arange(k.shape[0]) - h) % self.fy
-        ix = (np.arange(k.shape[1]) - h) % self.fx
-        big[np.ix_(iy, ix)] = k  # centre at (0, 0), wrapped
-        return sfft.rfft2(big, workers=_workers())
-
     def kernels(self, ks):
-        """:meth:`kernel` of each small centred kernel (:func:`small_kernel_rfft2`)."""
+        """Transforms of small centred kernels on this grid (:func:`small_kernel_rfft2`)."""
         return small_kernel_rfft2(ks, self.fy, self.fx)
 
     def inverse(self, f):

@@ -7,6 +7,9 @@ DiaObject (a deterministic fake flux), and store, optionally with replace.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
+
 import numpy as np
 import pandas as pd
 import sqlalchemy
@@ -136,3 +139,23 @@ def pg_engine(url=PG_URL):
     except sqlalchemy.exc.OperationalError as err:
         pytest.skip(f"PostgreSQL not reachable: {err}")
     return engine
+
+
+@contextlib.contextmanager
+def pg_ppdb(config_path, prefix="apdask", url=PG_URL):
+    """A PPDB in a fresh PostgreSQL schema (``create_ppdb``), dropped afterwards.
+
+    Skips the test when PostgreSQL is not reachable.  Yields the config path.
+    """
+    import sqlalchemy
+
+    from apdask import ppdb
+
+    engine = pg_engine(url)
+    namespace = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        yield ppdb.create_ppdb(url, config_path, namespace=namespace)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE'))
+        engine.dispose()

@@ -13,6 +13,7 @@ from apdask.associate import associate, update_objects
 from apdask.camera import get_camera
 from apdask.exceptions import PpdbError
 from apdask.ids import dia_forced_source_ids, dia_source_ids
+from tests import _ppdb_synth as synth
 
 RA, DEC, MJD = 10.0, -5.0, 60000.0
 VISIT, DET = 1234, 4
@@ -255,18 +256,8 @@ def any_config(request, tmp_path):
     if request.param == "sqlite":
         yield _sqlite_config(tmp_path)
         return
-    pytest.importorskip("psycopg2")
-    import sqlalchemy
-
-    url = "postgresql+psycopg2://postgres@127.0.0.1/test"
-    namespace = f"apdask_{uuid.uuid4().hex[:12]}"
-    engine = sqlalchemy.create_engine(url)
-    try:
-        yield ppdb.create_ppdb(url, tmp_path / "apdb.yaml", namespace=namespace)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE'))
-        engine.dispose()
+    with synth.pg_ppdb(tmp_path / "apdb.yaml") as path:
+        yield path
 
 
 def test_for_ccd_region_from_boresight_and_name(tmp_path, detector):
@@ -282,8 +273,6 @@ def test_for_ccd_region_from_boresight_and_name(tmp_path, detector):
 
 
 def test_drp_objects_load_and_region_read(any_config, detector):
-    from tests import _ppdb_synth as synth
-
     view = ppdb.Ppdb.for_ccd(any_config, detector, RA, DEC)
     pra, pdec = synth.field(detector, RA, DEC, n=10)
     drp = Table({"objectId": np.arange(10) + 10**12, "ra": pra + synth.AS, "dec": pdec})
@@ -303,8 +292,6 @@ def test_drp_objects_load_and_region_read(any_config, detector):
 
 
 def test_replace_rerun_leaves_ppdb_identical(any_config, detector):
-    from tests import _ppdb_synth as synth
-
     other = get_camera("comcam")[DET + 1]
     views = [ppdb.Ppdb.for_ccd(any_config, d, RA, DEC) for d in (detector, other)]
     db = views[0].ppdb
@@ -331,8 +318,6 @@ def test_replace_rerun_leaves_ppdb_identical(any_config, detector):
 
 
 def test_as_of_read_ignores_the_visit_itself(tmp_path, detector):
-    from tests import _ppdb_synth as synth
-
     view = ppdb.Ppdb.for_ccd(_sqlite_config(tmp_path), detector, RA, DEC)
     pos = synth.field(detector, RA, DEC, n=4)
     synth.run_ccd(view, VISIT, MJD, pos)
@@ -346,8 +331,6 @@ def test_as_of_read_ignores_the_visit_itself(tmp_path, detector):
 
 
 def test_fp_flux_means_include_this_visits_forced_sources(tmp_path, detector):
-    from tests import _ppdb_synth as synth
-
     view = ppdb.Ppdb.for_ccd(_sqlite_config(tmp_path), detector, RA, DEC)
     pos = synth.field(detector, RA, DEC, n=3)
     for k in range(3):

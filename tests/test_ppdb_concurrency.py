@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import signal
 import time
-import uuid
 
 import dask
 import numpy as np
@@ -41,16 +40,8 @@ _pg_engine = synth.pg_engine
 @pytest.fixture
 def pg_config(tmp_path):
     """A PPDB in a fresh PostgreSQL schema, dropped afterwards."""
-    import sqlalchemy
-
-    engine = _pg_engine()
-    namespace = f"apdask_cc_{uuid.uuid4().hex[:10]}"
-    try:
-        yield ppdb.create_ppdb(PG_URL, tmp_path / "apdb.yaml", namespace=namespace)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE'))
-        engine.dispose()
+    with synth.pg_ppdb(tmp_path / "apdb.yaml", "apdask_cc") as path:
+        yield path
 
 
 def _max_connections(engine):
@@ -112,7 +103,6 @@ def pg_writers_config(tmp_path):
     raises it, see ``.ci/run``); otherwise a private cluster of the same
     PostgreSQL installation is started for the test with a higher limit.
     """
-    import sqlalchemy
 
     engine = _pg_engine()
     need = 189 + 20
@@ -121,14 +111,8 @@ def pg_writers_config(tmp_path):
     finally:
         engine.dispose()
     if enough:
-        namespace = f"apdask_cc_{uuid.uuid4().hex[:10]}"
-        engine = sqlalchemy.create_engine(PG_URL)
-        try:
-            yield ppdb.create_ppdb(PG_URL, tmp_path / "apdb.yaml", namespace=namespace), PG_URL
-        finally:
-            with engine.begin() as conn:
-                conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE'))
-            engine.dispose()
+        with synth.pg_ppdb(tmp_path / "apdb.yaml", "apdask_cc") as path:
+            yield path, PG_URL
         return
     with _private_postgres(need + 40) as url:
         yield ppdb.create_ppdb(url, tmp_path / "apdb.yaml", namespace="apdask_cc"), url

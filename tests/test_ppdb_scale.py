@@ -179,7 +179,6 @@ def test_vectorised_aggregates_match_reference(seed):
 # bulk writes and reads against dax_apdb's own
 
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1/test"  # as tests._ppdb_synth.PG_URL
 RA, DEC, MJD0 = 30.0, -20.0, 61000.0
 
 
@@ -319,25 +318,17 @@ def test_bulk_paths_identical_sqlite(tmp_path):
 
 @pytest.mark.service
 def test_bulk_paths_identical_postgresql(tmp_path):
-    import uuid
+    import contextlib
 
-    from apdask import ppdb
-    from tests._ppdb_synth import pg_engine
+    from tests._ppdb_synth import pg_ppdb
 
-    engine = pg_engine(PG_URL)
-    paths, spaces = {}, []
+    with contextlib.ExitStack() as stack:
+        paths = {}
 
-    def make(kind):
-        if kind not in paths:
-            ns = f"apdask_bulk_{uuid.uuid4().hex[:10]}"
-            spaces.append(ns)
-            paths[kind] = ppdb.create_ppdb(PG_URL, tmp_path / kind / "apdb.yaml", namespace=ns)
-        return paths[kind]
+        def make(kind):
+            if kind not in paths:
+                cfg = tmp_path / kind / "apdb.yaml"
+                paths[kind] = stack.enter_context(pg_ppdb(cfg, "apdask_bulk"))
+            return paths[kind]
 
-    try:
         _compare_paths(make, binary=True)
-    finally:
-        with engine.begin() as conn:
-            for ns in spaces:
-                conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{ns}" CASCADE')
-        engine.dispose()
