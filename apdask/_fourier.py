@@ -26,8 +26,8 @@ def small_kernel_rfft2(kernels, fy, fx):
 
     Returns
     -------
-    list of numpy.ndarray
-        complex64, shape ``(fy, fx // 2 + 1)`` each.
+    numpy.ndarray
+        complex64, shape ``(len(kernels), fy, fx // 2 + 1)``.
     """
     n = np.shape(kernels[0])[0]
     off = np.arange(n) - n // 2
@@ -35,4 +35,7 @@ def small_kernel_rfft2(kernels, fy, fx):
     ex = np.exp(-2j * np.pi * (np.outer(off, np.arange(fx // 2 + 1)) % fx) / fx)
     ey = np.exp(-2j * np.pi * (np.outer(np.arange(fy), off) % fy) / fy)
     ex, ey = ex.astype(np.complex64), ey.astype(np.complex64)
-    return [ey @ (np.asarray(k, np.complex64) @ ex) for k in kernels]
+    out = np.empty((len(kernels), fy, fx // 2 + 1), np.complex64)
+    for i, k in enumerate(kernels):
+        np.matmul(ey, np.asarray(k, np.complex64) @ ex, out=out[i])
+    return out

@@ -15,11 +15,19 @@ import time
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 
 from ._fourier import small_kernel_rfft2
+from ._fused import (
+    add_term,
+    difference_variance,
+    dilate,
+    fill_nodata,
+    finish_difference,
+    spectral_difference,
+)
 from ._stats import nanmedian_last
 from .detect import (
-    _dilate,
     _find_stars,
     _psf_fwhm,
     _psf_getter,
@@ -55,6 +63,10 @@ class PsfGrid:
         Cell centres in pixels (``ncx`` and ``ncy`` values, increasing).
     mean : numpy.ndarray, optional
         CCD-wide PSF stamp (default: the stamp at the CCD centre).
+    stars : dict, optional
+        The bright star candidates the model was built from (the star finder's
+        ``x``, ``y``, ``snr``, ``neighbour`` and ``isolation``): :func:`subtract`
+        picks its kernel stamps from them instead of searching the image again.
 
     Notes
     -----
@@ -62,7 +74,8 @@ class PsfGrid:
     outer centres), which follows a PSF that varies linearly across the CCD.
     """
 
-    def __init__(self, psfs, xc, yc, mean=None):
+    def __init__(self, psfs, xc, yc, mean=None, stars=None):
+        self.stars = stars
         self.psfs = np.asarray(psfs, float)
         self.xc = np.asarray(xc, float)
         self.yc = np.asarray(yc, float)
@@ -118,7 +131,11 @@ def _recentre(c, size):
 
 
 def _psf_stamps(exposure, stamp_size, max_stars):
-    """Background-subtracted, re-centred, unit-sum stamps of bright isolated stars."""
+    """Background-subtracted, re-centred, unit-sum stamps of bright isolated stars.
+
+    Returns ``stamps, xs, ys, stars`` (``stars``: all the star finder's candidates,
+    without the background map).
+    """
     stamp_size = int(stamp_size) | 1
     half = stamp_size // 2
     fwhm0 = _guess_fwhm(exposure)
@@ -165,7 +182,8 @@ def _psf_stamps(exposure, stamp_size, max_stars):
             f"PSF estimation failed: only {len(stamps)} usable star stamps (need {_MIN_PSF_STARS})"
         )
         raise PsfFitError(msg)
-    return stamps, xs, ys
+    stars = {k: v for k, v in stars.items() if k != "bkg"}
+    return stamps, xs, ys, stars
 
 
 def _stellar_locus(stamps, xs, ys, shape):
@@ -234,7 +252,7 @@ def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per
     PsfFitError
         If fewer than 5 suitable stars are found on the CCD.
     """
-    stamps, xs, ys = _psf_stamps(exposure, stamp_size, max_stars)
+    stamps, xs, ys, stars = _psf_stamps(exposure, stamp_size, max_stars)
     ny, nx = exposure.shape
     cells = max(1, int(cells))
     # enough stars per cell that a cell's median stamp is not noisier than the
@@ -251,7 +269,7 @@ def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per
             if len(inside) < min_per_cell:
                 inside = np.argsort(d)[: max(min_per_cell, len(inside))]
             psfs[j, i] = _combine(stamps[inside])
-    return PsfGrid(psfs, xc, yc, _combine(stamps))
+    return PsfGrid(psfs, xc, yc, _combine(stamps), stars=stars)
 
 
 def estimate_psf(exposure, stamp_size=25, max_stars=200):
@@ -277,7 +295,7 @@ def estimate_psf(exposure, stamp_size=25, max_stars=200):
     PsfFitError
         If fewer than 5 suitable stars are found.
     """
-    stamps, _, _ = _psf_stamps(exposure, stamp_size, max_stars)
+    stamps, _, _, _ = _psf_stamps(exposure, stamp_size, max_stars)
     return _combine(stamps)
 
 
@@ -285,6 +303,23 @@ def _guess_fwhm(exposure):
     if exposure.psf is not None:
         return float(_psf_fwhm(exposure.psf))
     return 4.5  # ~0.9" at 0.2"/px
+
+
+def _al_factors(sigmas, degrees, size):
+    """Separable factors of the Alard–Lupton basis before orthogonalisation.
+
+    Returns a list of ``(sigma_index, i, j)`` and the 1-D profiles ``prof[k][i]`` =
+    ``exp(-t²/2σ_k²) (t/half)**i`` on ``t = -half..half``: raw kernel ``(k, i, j)`` is
+    ``outer(prof[k][j], prof[k][i])`` (y, x).
+    """
+    half = size // 2
+    t = np.arange(-half, half + 1, dtype=float)
+    prof, terms = [], []
+    for k, (s, deg) in enumerate(zip(sigmas, degrees, strict=True)):
+        g = np.exp(-0.5 * t * t / s**2)
+        prof.append([g * (t / half) ** i for i in range(deg + 1)])
+        terms += [(k, i, j) for i in range(deg + 1) for j in range(deg + 1 - i)]
+    return terms, prof
 
 
 def alard_lupton_basis(sigmas, degrees, size):
@@ -305,16 +340,8 @@ def alard_lupton_basis(sigmas, degrees, size):
         ``(n_basis, size, size)``.  The first kernel has sum 1, all others sum 0
         (so the photometric scale is carried by the first coefficient only).
     """
-    half = size // 2
-    y, x = np.mgrid[-half : half + 1, -half : half + 1].astype(float)
-    out = []
-    for s, deg in zip(sigmas, degrees, strict=True):
-        g = np.exp(-0.5 * (x * x + y * y) / s**2)
-        for i in range(deg + 1):
-            for j in range(deg + 1 - i):
-                k = g * (x / half) ** i * (y / half) ** j
-                out.append(k)
-    out = np.array(out)
+    terms, prof = _al_factors(sigmas, degrees, size)
+    out = np.array([np.outer(prof[k][j], prof[k][i]) for k, i, j in terms])
     out[0] /= out[0].sum()
     for k in out[1:]:
         t = k.sum()
@@ -353,30 +380,55 @@ def _spatial_terms(x, y, shape, order):
     return terms
 
 
-def _stamp_convolutions(image, basis, xs, ys, fit_half):
+def _stamp_convolutions(image, basis, xs, ys, fit_half, factors):
     """Valid-mode convolution of stamps of ``image`` with every basis kernel.
+
+    The Alard–Lupton kernels are linear combinations of separable ones
+    (``factors``, :func:`_al_factors`), so each stamp is convolved with those as two
+    matrix products with banded (Toeplitz) matrices, all stamps at once, in single
+    precision (relative error ~1e-7), and the results are combined.
 
     Returns ``(n_stamps, n_basis, 2*fit_half+1, 2*fit_half+1)``.
     """
-    kh = basis.shape[1] // 2
+    terms, prof = factors
+    ks = basis.shape[1]
+    kh = ks // 2
     th = fit_half + kh
-    tsize = 2 * th + 1
-    L = sfft.next_fast_len(tsize + 2 * kh, real=True)
-    # single precision (relative error ~2e-7) on one thread: these transforms are
-    # small, and threads and double precision made them 2.5x slower
-    fb = sfft.rfft2(np.asarray(basis, np.float32), s=(L, L), axes=(1, 2))
-    out = []
-    for x, y in zip(xs, ys, strict=True):
-        st = np.asarray(image[y - th : y + th + 1, x - th : x + th + 1], np.float32)
-        fs = sfft.rfft2(st, s=(L, L))
-        conv = sfft.irfft2(fb * fs[None], s=(L, L), axes=(1, 2), workers=1)
-        out.append(conv[:, 2 * kh : 2 * kh + 2 * fit_half + 1, 2 * kh : 2 * kh + 2 * fit_half + 1])
-    return np.array(out, dtype=float)
+    S, T = 2 * fit_half + 1, 2 * th + 1
+    ns = len(xs)
+    stamps = np.empty((ns, T, T), np.float32)
+    for n, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        stamps[n] = image[y - th : y + th + 1, x - th : x + th + 1]
+
+    def toeplitz(p):  # (S, T): row q holds the flipped profile at columns q..q+ks-1
+        m = np.zeros((S, T), np.float32)
+        for q in range(S):
+            m[q, q : q + ks] = p[::-1]
+        return m
+
+    rows = {}  # stamps convolved along x with prof[k][i]: (T, ns * S), y first
+    raw = np.empty((len(terms), ns, S, S), np.float32)
+    flat = stamps.reshape(ns * T, T)
+    for r, (k, i, j) in enumerate(terms):
+        if (k, i) not in rows:
+            h = (flat @ toeplitz(prof[k][i]).T).reshape(ns, T, S)
+            rows[k, i] = np.ascontiguousarray(h.transpose(1, 0, 2)).reshape(T, ns * S)
+        raw[r] = (toeplitz(prof[k][j]) @ rows[k, i]).reshape(S, ns, S).transpose(1, 0, 2)
+    # basis = M @ raw kernels (exactly: same span)
+    raw_k = np.array([np.outer(prof[k][j], prof[k][i]).ravel() for k, i, j in terms])
+    m = np.linalg.lstsq(raw_k.T, basis.reshape(len(basis), -1).T, rcond=None)[0].T
+    out = (m.astype(np.float32) @ raw.reshape(len(terms), -1)).reshape(len(basis), ns, S, S)
+    return out.transpose(1, 0, 2, 3).astype(float)
 
 
-def _fit_kernel(ref, tgt, var, mask_ok, basis, xs, ys, shape, spatial_order, bg_order, fit_half):
-    """Least-squares fit of ``tgt ≈ K(x, y) ⊗ ref + bg(x, y)`` on stamps; sigma-clipped."""
-    conv = _stamp_convolutions(ref, basis, xs, ys, fit_half)  # (ns, nb, S, S)
+def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, bg_order, fit_half,
+                factors):  # fmt: skip
+    """Least-squares fit of ``tgt ≈ K(x, y) ⊗ ref + bg(x, y)`` on stamps; sigma-clipped.
+
+    ``variances`` are the two images' variance planes (summed per stamp), ``bad`` the
+    pixels to leave out.
+    """
+    conv = _stamp_convolutions(ref, basis, xs, ys, fit_half, factors)  # (ns, nb, S, S)
     ns, nb = conv.shape[:2]
     sw = np.array(_spatial_terms(xs, ys, shape, spatial_order)).T  # (ns, nsp)
     bw = np.array(_spatial_terms(xs, ys, shape, bg_order)).T  # (ns, nbg)
@@ -387,9 +439,10 @@ def _fit_kernel(ref, tgt, var, mask_ok, basis, xs, ys, shape, spatial_order, bg_
     for x, y in zip(xs, ys, strict=True):
         sl = (slice(y - fit_half, y + fit_half + 1), slice(x - fit_half, x + fit_half + 1))
         tg.append(tgt[sl])
-        vr.append(var[sl])
-        ok.append(mask_ok[sl])
+        vr.append(np.asarray(variances[0][sl], float) + variances[1][sl])
+        ok.append(~bad[sl])
     tg, vr, ok = np.array(tg, float), np.array(vr, float), np.array(ok)
+    ok &= np.isfinite(vr)
     # weights from a locally smoothed variance: a variance plane estimated from the
     # noisy pixels themselves would bias the fit (low pixels get high weight)
     vr = ndimage.uniform_filter(vr, size=(1, 5, 5), mode="nearest")
@@ -507,9 +560,8 @@ class _Fourier:
         return small_kernel_rfft2(ks, self.fy, self.fx)
 
     def inverse(self, f):
-        ny, nx = self.shape
-        out = sfft.irfft2(f, s=(self.fy, self.fx), workers=_workers())
-        return np.ascontiguousarray(out[:ny, :nx])
+        """Inverse transform (``f`` is overwritten); the padded frame, image at top left."""
+        return sfft.irfft2(f, s=(self.fy, self.fx), workers=_workers(), overwrite_x=True)
 
 
 def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
@@ -584,18 +636,15 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     kernel_size = int(kernel_size) | 1
     kh = kernel_size // 2
     basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
+    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
 
     shape = science.shape
-    sci_img = np.asarray(science.image, np.float32)
-    tpl_img = np.asarray(template.image, np.float32)
+    ny, nx = shape
+    nodata_bit = MASK["NO_DATA"]
+    sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, nodata_bit)
+    tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, nodata_bit)
     var_s = np.asarray(science.variance, np.float32)
     var_t = np.asarray(template.variance, np.float32)
-    nodata_t = ((template.mask & MASK["NO_DATA"]) != 0) | ~np.isfinite(tpl_img)
-    nodata_t |= ~np.isfinite(var_t)
-    nodata_s = ((science.mask & MASK["NO_DATA"]) != 0) | ~np.isfinite(sci_img)
-    nodata_s |= ~np.isfinite(var_s)
-    sci0 = np.where(nodata_s, 0.0, sci_img).astype(np.float32)
-    tpl0 = np.where(nodata_t, 0.0, tpl_img).astype(np.float32)
     pre_half = 0
     four = _Fourier(shape, kh + 16)
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
@@ -605,13 +654,17 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     # --- stamps around bright isolated stars, clean in both images
     fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
     border = fit_half + kh + pre_half + 1
-    bad_any = (science.mask | template.mask) & mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
-    bad_any = (bad_any != 0) | nodata_t | nodata_s
+    bad_bits = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
     t1 = time.perf_counter()
-    stars = _find_stars(
-        sci_img, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
-        border=border, max_stars=None, avoid=bad_any, contrast=0.01,
-    )  # fmt: skip
+    bad_any = ((science.mask | template.mask) & bad_bits) != 0
+    bad_any |= nodata_t
+    bad_any |= nodata_s
+    stars = _model_stars(science, 1.2 * fit_half, 0.01, border, bad_any)
+    if stars is None:
+        stars = _find_stars(
+            sci0, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
+            border=border, max_stars=None, avoid=bad_any, contrast=0.01,
+        )  # fmt: skip
     idx = usable_stars(len(stars["x"]), max_stamps)
     if len(idx) < _MIN_STAMPS:
         msg = (
@@ -620,15 +673,17 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         raise PsfFitError(msg)
     xs = np.floor(stars["x"][idx] + 0.5).astype(int)
     ys = np.floor(stars["y"][idx] + 0.5).astype(int)
-    var_fit = var_s + var_t
-    ok = ~bad_any & np.isfinite(var_fit)
     timing["stamps"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     bg_order = min(int(spatial_order), 1)
-    coef, nb, nsp, nbg, chi2, used = _fit_kernel(
-        img_a, img_b, var_fit, ok, basis, xs, ys, shape, int(spatial_order), bg_order, fit_half
-    )
+    # many small matrix products: BLAS threads only cost (and stall under load)
+    with threadpool_limits(1, user_api="blas"):
+        coef, nb, nsp, nbg, chi2, used = _fit_kernel(
+            img_a, img_b, (var_s, var_t), bad_any, basis, xs, ys, shape, int(spatial_order),
+            bg_order, fit_half, factors,
+        )  # fmt: skip
+    del bad_any
     kernels = _kernel_images(coef, basis, nb, nsp)
     bgc = coef[nb * nsp :]
     timing["fit"] = time.perf_counter() - t1
@@ -638,79 +693,60 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         msg = "kernel fit failed: photometric scale (kernel sum) is not positive"
         raise PsfFitError(msg)
 
-    # --- decorrelation kernel from the typical variances
-    good_s = ~nodata_s
-    v_s = float(np.median(var_s[::8, ::8][good_s[::8, ::8]])) if good_s.any() else 1.0
-    good_t = ~nodata_t
-    v_t = float(np.median(var_t[::8, ::8][good_t[::8, ::8]])) if good_t.any() else 0.0
+    # --- typical variances (the decorrelation filter and the variance floor)
+    v_s = _typical(var_s, nodata_s, 1.0)
+    v_t = _typical(var_t, nodata_t, 0.0)
     v_a, v_b = (v_s, v_t) if rev else (v_t, v_s)
-    if decorrelate:
-        psi = decorrelation_kernel(k_center, v_b, v_a, size=2 * kh + 1)
-    else:
-        psi = np.ones((1, 1))
+    psi = decorrelation_kernel(k_center, v_b, v_a, size=2 * kh + 1) if decorrelate else None
 
-    # --- full frame: D = ψ⊗S' − Σ_s w_s(x) (ψ⊗K_s)⊗T − bg  (ψ symmetric, w_s linear)
+    # --- full frame: D = ψ⊗B − Σ_s w_s(x) (ψ⊗K_s)⊗A − bg  (ψ symmetric, w_s polynomial);
+    # ψ̂ on the full grid straight from K̂ (as decorrelation_kernel, untruncated)
     t1 = time.perf_counter()
-    ny, nx = shape
-    u = ((np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1))[None, :]
-    v = ((np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1))[:, None]
+    u = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1)
+    v = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1)
     f_a = four.image(img_a)
     f_b = four.image(img_b)
-    f_kernels = four.kernels(kernels)
-    f_psi = None
-    if decorrelate:  # ψ̂ on the full grid straight from K̂ (as decorrelation_kernel, untruncated)
-        num = v_b + ksum**2 * v_a
-        den = np.maximum(v_b + v_a * (f_kernels[0].real ** 2 + f_kernels[0].imag ** 2), 1e-4 * num)
-        f_psi = np.sqrt(np.float32(num) / den).astype(np.float32)
-    powers = _powers(int(spatial_order))
-    diff = None
-    for fk, (i, j) in zip(f_kernels, powers, strict=True):
-        fk = fk * f_a
-        if f_psi is not None:
-            fk *= f_psi
-        if i == j == 0:
-            fs = f_b
-            if f_psi is not None:
-                fs = fs * f_psi
-            diff = four.inverse(fs - fk)
-        else:
-            diff -= four.inverse(fk) * _term(u, v, i, j)
-    for c, (i, j) in zip(bgc, _powers(bg_order), strict=True):
-        diff -= np.float32(c) * _term(u, v, i, j)
-    if rev:
-        diff *= np.float32(-1.0 / ksum)
+    del sci0, tpl0, img_a, img_b
+    f_k = four.kernels(kernels)
+    spectral_difference(f_a, f_b, f_k, v_a, v_b, decorrelate)
+    del f_a
+    diff = np.empty(shape, np.float32)
+    for s, (i, j) in enumerate(_powers(int(spatial_order))):
+        term = four.inverse(f_b if s == 0 else f_k[s])
+        add_term(diff, term, u**i, v**j, first=s == 0)
+        del term
+    del f_b, f_k
     timing["convolve"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    var = np.maximum(var_b, 0.0) + np.float32(ksum**2) * np.maximum(var_a, 0.0)
-    if rev:
-        var /= np.float32(ksum**2)
-    var = np.maximum(var, np.float32(1e-6 * max(v_b, 1e-30)))
-    psf_d = _conv_stamp(psf_b, psi, psf_b.shape[0])
-    mask = (science.mask | template.mask) & ~np.uint32(mask_bits("DETECTED", "DETECTED_NEGATIVE"))
-    mask = mask.astype(np.uint32)
-    nodata = nodata_t | nodata_s
+    nodata = nodata_t
+    nodata |= nodata_s
+    del nodata_s
+    any_nodata = bool(nodata.any())
+    scale = -1.0 / ksum if rev else 1.0
+    psf_d = _conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
+    mask = (science.mask | template.mask).astype(np.uint32, copy=False)
+    mask &= ~np.uint32(mask_bits("DETECTED", "DETECTED_NEGATIVE"))
     # ψ is compact (close to a δ function for a deeper template): its wings are not
     # added to the EDGE width, which is the kernel (plus pre-convolution) half size
     grow = kh + pre_half
-    edge_bit, nodata_bit = np.uint32(MASK["EDGE"]), np.uint32(MASK["NO_DATA"])
+    edge_bit = np.uint32(MASK["EDGE"])
     if grow > 0:
-        for border in (np.s_[:grow], np.s_[-grow:], np.s_[:, :grow], np.s_[:, -grow:]):
-            mask[border] |= edge_bit
-    if nodata.any():  # (rare) masks of the NO_DATA pixels and the band around them
-        mask[_dilate(nodata, grow) & ~nodata] |= edge_bit
-        mask[nodata] |= nodata_bit
-    clean = (mask & mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")) == 0
-    bg_res = _residual_background(diff, clean, bg_order)
-    for c, (i, j) in zip(bg_res, _powers(bg_order), strict=True):
-        diff -= np.float32(c) * _term(u, v, i, j)
-    diff = diff.astype(np.float32, copy=False)
-    bad_var = nodata | ~np.isfinite(var)
-    if nodata.any():
-        diff[nodata] = 0.0
-    if bad_var.any():
-        var[bad_var] = np.nanmedian(var[::8, ::8])
-    var = var.astype(np.float32, copy=False)
+        for band in (np.s_[:grow], np.s_[-grow:], np.s_[:, :grow], np.s_[:, -grow:]):
+            mask[band] |= edge_bit
+    if any_nodata:  # (rare) masks of the NO_DATA pixels and the band around them
+        mask[dilate(nodata, grow) & ~nodata] |= edge_bit
+        mask[nodata] |= np.uint32(nodata_bit)
+    # background: the kernel fit's term plus a residual refit on block medians, one pass
+    plane = np.zeros(3)
+    plane[: len(bgc)] = bgc
+    bg_res = _residual_background(diff, mask, bad_bits, bg_order, plane)
+    plane[: len(bg_res)] += bg_res
+    finish_difference(diff, u, v, plane, scale, nodata if any_nodata else None)
+    k2 = ksum**2
+    var_scale = 1.0 / k2 if rev else 1.0
+    fill = _typical_variance(var_b, var_a, k2, var_scale, nodata)
+    var = difference_variance(var_b, var_a, k2, var_scale, 1e-6 * max(v_b, 1e-30), fill, nodata)
     noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
 
@@ -739,7 +775,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     if rev:
         meta.pop("psf_model", None)  # the difference has the (constant) template PSF
     elif model is not None:
-        meta["psf_model"] = model.convolved(psi)
+        meta["psf_model"] = model.convolved(psi) if psi is not None else model
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
     info = {
         "kernel_sum": 1.0 / ksum if rev else ksum,
@@ -764,7 +800,45 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     return difference, info
 
 
-def _residual_background(diff, clean, order, box=64, step=4, min_fraction=0.25):
+def _model_stars(science, isolation, contrast, border, bad):
+    """Kernel-stamp stars from the science PSF model's candidates, or None.
+
+    The PSF model (:func:`estimate_psf_model`) keeps the bright stars its search
+    found; those at least ``isolation`` from any peak brighter than ``contrast`` times
+    their own, ``border`` from the edges and with no ``bad`` pixel within ``border``
+    are the stars the kernel fit's own search would pick, without a second
+    full-frame search.  None when there is no such model or it was searched with a
+    smaller isolation radius.
+    """
+    stars = getattr(science.meta.get("psf_model"), "stars", None)
+    if stars is None or stars.get("isolation", 0.0) < isolation or "neighbour" not in stars:
+        return None
+    ny, nx = science.shape
+    x, y = np.asarray(stars["x"]), np.asarray(stars["y"])
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    b = int(border)
+    keep = (np.asarray(stars["neighbour"]) <= contrast) & (ix >= b) & (ix < nx - b)
+    keep &= (iy >= b) & (iy < ny - b)
+    for k in np.flatnonzero(keep):
+        if bad[iy[k] - b : iy[k] + b + 1, ix[k] - b : ix[k] + b + 1].any():
+            keep[k] = False
+    return {k: v[keep] if isinstance(v, np.ndarray) else v for k, v in stars.items()}
+
+
+def _typical(var, nodata, default):
+    """Median of ``var`` on a 1-in-64 subsample of the pixels with data."""
+    good = ~nodata[::8, ::8]
+    return float(np.median(var[::8, ::8][good])) if good.any() else default
+
+
+def _typical_variance(var_b, var_a, k2, scale, nodata):
+    """Median difference variance ``scale (var_b + k2 var_a)`` on a subsample (fill value)."""
+    vals = scale * (var_b[::8, ::8].astype(float) + k2 * var_a[::8, ::8])
+    good = ~nodata[::8, ::8] & np.isfinite(vals)
+    return float(np.median(vals[good])) if good.any() else 1.0
+
+
+def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=4, min_fraction=0.25):
     """Residual background of the difference: a polynomial fitted to block medians.
 
     The background term of the kernel fit is constrained only by the stamps around a
@@ -773,18 +847,27 @@ def _residual_background(diff, clean, order, box=64, step=4, min_fraction=0.25):
     tenths of σ per pixel becomes several σ in the matched filter: false detections.
     The medians of ``box``-pixel blocks of all clean pixels pin it down.
 
-    Returns the coefficients of ``_spatial_terms(order)`` (zeros when no block has at
-    least ``min_fraction`` clean pixels).
+    ``diff`` is taken minus the plane ``(c0, cu, cv)`` already fitted, and pixels with
+    any of ``bad_bits`` in ``mask`` are left out; only every ``step``-th row and column
+    of each block is read.  Returns the coefficients of ``_spatial_terms(order)``
+    (zeros when no block has at least ``min_fraction`` clean pixels).
     """
     ny, nx = diff.shape
     nby, nbx = max(1, ny // box), max(1, nx // box)
     by, bx = ny // nby, nx // nbx
+    rows = (np.arange(nby)[:, None] * by + np.arange(0, by, step)[None, :]).ravel()
+    cols = (np.arange(nbx)[:, None] * bx + np.arange(0, bx, step)[None, :]).ravel()
+    sub = np.ix_(rows, cols)
+    u = (cols - (nx - 1) / 2) / max((nx - 1) / 2, 1)
+    v = (rows - (ny - 1) / 2) / max((ny - 1) / 2, 1)
+    d = diff[sub] - (plane[0] + plane[1] * u[None, :] + plane[2] * v[:, None])
+    d[(mask[sub] & bad_bits) != 0] = np.nan
 
     def blocks(a):
-        a = a[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::step, :, ::step]
+        a = a.reshape(nby, len(rows) // nby, nbx, len(cols) // nbx)
         return a.transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
 
-    vals = np.where(blocks(clean), blocks(diff), np.nan)
+    vals = blocks(d)
     count = np.count_nonzero(np.isfinite(vals), axis=1)
     use = count >= min_fraction * vals.shape[1]
     out = np.zeros(len(_powers(order)))

@@ -1,0 +1,251 @@
+"""Fused full-frame passes of the subtraction, compiled with numba.
+
+A 4k × 4k CCD is 16 M pixels: every NumPy expression over it reads and writes
+64 MB arrays and allocates a temporary, and a chain of them costs more than the
+FFTs themselves.  Each function here does in one pass over the pixels (rows in
+parallel) what took a chain of NumPy expressions, and writes into arrays it is
+given, so the subtraction allocates few full frames.  Each is equal to the NumPy
+expression in its docstring to float32 rounding (``tests/test_fused.py``).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = [
+    "fill_nodata",
+    "spectral_difference",
+    "add_term",
+    "finish_difference",
+    "difference_variance",
+    "dilate",
+    "matched_inputs",
+    "snr_map",
+]
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill_nodata(image, variance, mask, nodata_bit, out, nodata):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            v = image[y, x]
+            bad = (mask[y, x] & nodata_bit) != 0 or not np.isfinite(v)
+            bad = bad or not np.isfinite(variance[y, x])
+            nodata[y, x] = bad
+            out[y, x] = np.float32(0.0) if bad else v
+
+
+def fill_nodata(image, variance, mask, nodata_bit):
+    """Image with its no-data pixels set to 0, and where they are.
+
+    Equal to ``nodata = (mask & nodata_bit != 0) | ~isfinite(image) | ~isfinite(variance)``
+    and ``np.where(nodata, 0, image)``, in float32.
+
+    Returns
+    -------
+    filled : numpy.ndarray
+        float32 copy of ``image``.
+    nodata : numpy.ndarray
+        bool.
+    """
+    image = np.asarray(image, np.float32)
+    out = np.empty(image.shape, np.float32)
+    nodata = np.empty(image.shape, np.bool_)
+    _fill_nodata(image, np.asarray(variance), np.asarray(mask), np.uint32(nodata_bit), out, nodata)
+    return out, nodata
+
+
+@numba.njit(parallel=True, cache=True)
+def _spectral(f_a, f_b, f_k, v_a, v_b, decorrelate):
+    ny, nx = f_b.shape
+    nsp = f_k.shape[0]
+    num = v_b + (f_k[0, 0, 0].real ** 2) * v_a  # κ = K̂(0): the zero-frequency gain
+    floor = 1e-4 * num
+    for y in numba.prange(ny):
+        for x in range(nx):
+            a = f_a[y, x]
+            k0 = f_k[0, y, x]
+            psi = np.float32(1.0)
+            if decorrelate:
+                den = v_b + v_a * (k0.real * k0.real + k0.imag * k0.imag)
+                psi = np.float32(np.sqrt(num / max(den, floor)))
+            f_b[y, x] = (f_b[y, x] - k0 * a) * psi
+            for s in range(1, nsp):
+                f_k[s, y, x] = -(f_k[s, y, x] * a) * psi
+
+
+def spectral_difference(f_a, f_b, f_k, v_a, v_b, decorrelate=True):
+    """Transforms of the decorrelated difference terms, in place.
+
+    With ``ψ̂ = sqrt((v_b + κ² v_a) / max(v_b + v_a |K̂_0|², 1e-4 (v_b + κ² v_a)))``
+    (:func:`apdask.subtract.decorrelation_kernel` on the full grid, ``κ = K̂_0(0)``;
+    ``ψ̂ = 1`` without ``decorrelate``), ``f_b`` becomes ``ψ̂ (F_b − K̂_0 F_a)`` and
+    ``f_k[s]`` (``s ≥ 1``) becomes ``−ψ̂ K̂_s F_a``: the spatial terms of
+    ``ψ ⊗ (B − K(x, y) ⊗ A)``.  ``f_k[0]`` is left as it was.
+
+    Parameters
+    ----------
+    f_a, f_b : numpy.ndarray
+        complex64 ``rfft2`` of the convolved and the unconvolved image.
+    f_k : numpy.ndarray
+        complex64 ``(n_terms, fy, fx // 2 + 1)`` kernel transforms, constant term first.
+    v_a, v_b : float
+        Typical per-pixel variances of the two images.
+    """
+    _spectral(f_a, f_b, f_k, np.float32(v_a), np.float32(v_b), bool(decorrelate))
+
+
+@numba.njit(parallel=True, cache=True)
+def _add_term(out, term, wu, wv, first):
+    ny, nx = out.shape
+    for y in numba.prange(ny):
+        wy = wv[y]
+        for x in range(nx):
+            t = term[y, x] * (wu[x] * wy)
+            if first:
+                out[y, x] = t
+            else:
+                out[y, x] += t
+
+
+def add_term(out, term, wu, wv, first=False):
+    """``out += term[:ny, :nx] * wu[None, :] * wv[:, None]`` (``=`` when ``first``).
+
+    ``term`` may be larger than ``out`` (the padded inverse transform); its top-left
+    ``out.shape`` corner is used.
+    """
+    _add_term(out, term, np.asarray(wu, np.float32), np.asarray(wv, np.float32), bool(first))
+
+
+@numba.njit(parallel=True, cache=True)
+def _finish(diff, u, v, c0, cu, cv, scale, nodata, has_nodata):
+    ny, nx = diff.shape
+    for y in numba.prange(ny):
+        by = c0 + cv * v[y]
+        for x in range(nx):
+            if has_nodata and nodata[y, x]:
+                diff[y, x] = np.float32(0.0)
+            else:
+                diff[y, x] = (diff[y, x] - (by + cu * u[x])) * scale
+
+
+def finish_difference(diff, u, v, plane, scale, nodata=None):
+    """In place: ``diff = scale * (diff − (c0 + cu u + cv v))``, 0 on ``nodata``.
+
+    ``plane`` is ``(c0, cu, cv)``, or ``(c0,)`` for a constant.
+    """
+    c = [float(p) for p in plane] + [0.0] * (3 - len(plane))
+    has = nodata is not None
+    nd = nodata if has else np.zeros((1, 1), np.bool_)
+    c0, cu, cv = (np.float32(x) for x in c)
+    u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
+    _finish(diff, u, v, c0, cu, cv, np.float32(scale), nd, has)
+
+
+@numba.njit(parallel=True, cache=True)
+def _variance(var_b, var_a, k2, scale, floor, fill, nodata, out):
+    ny, nx = out.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            vb = max(var_b[y, x], np.float32(0.0))
+            va = max(var_a[y, x], np.float32(0.0))
+            val = (vb + k2 * va) * scale
+            if nodata[y, x] or not np.isfinite(val):
+                val = fill
+            out[y, x] = max(val, floor)
+
+
+def difference_variance(var_b, var_a, kappa2, scale, floor, fill, nodata):
+    """``max(scale (max(var_b, 0) + κ² max(var_a, 0)), floor)``, ``fill`` on ``nodata``
+    and non-finite pixels; float32."""
+    out = np.empty(np.shape(var_b), np.float32)
+    _variance(np.asarray(var_b, np.float32), np.asarray(var_a, np.float32),
+              np.float32(kappa2), np.float32(scale), np.float32(floor), np.float32(fill),
+              nodata, out)  # fmt: skip
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _matched_inputs(image, variance, mask, ignore_bits, img0, var0, bad):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            v = image[y, x]
+            w = variance[y, x]
+            b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v) or not np.isfinite(w)
+            bad[y, x] = b
+            img0[y, x] = np.float32(0.0) if b else v
+            var0[y, x] = np.float32(0.0) if b else w
+
+
+@numba.njit(cache=True)
+def _mark_boxes(bad, img0, var0, ys, xs, half):
+    ny, nx = bad.shape
+    for k in range(len(ys)):
+        for y in range(max(ys[k] - half, 0), min(ys[k] + half + 1, ny)):
+            for x in range(max(xs[k] - half, 0), min(xs[k] + half + 1, nx)):
+                bad[y, x] = True
+                img0[y, x] = np.float32(0.0)
+                var0[y, x] = np.float32(0.0)
+
+
+def matched_inputs(image, variance, mask, ignore_bits, around=None, half=0):
+    """The matched filter's inputs: image and variance with left-out pixels set to 0.
+
+    A pixel is left out (``bad``) when ``mask & ignore_bits`` is set, when its image or
+    variance value is not finite, or when it lies within ``half`` pixels (square) of a
+    pixel of ``around`` (a bool image, e.g. saturated pixels).
+
+    Returns
+    -------
+    image0, variance0 : numpy.ndarray
+        float32.
+    bad : numpy.ndarray
+        bool.
+    """
+    image = np.asarray(image, np.float32)
+    img0 = np.empty(image.shape, np.float32)
+    var0 = np.empty(image.shape, np.float32)
+    bad = np.empty(image.shape, np.bool_)
+    _matched_inputs(image, np.asarray(variance, np.float32), np.asarray(mask),
+                    np.uint32(ignore_bits), img0, var0, bad)  # fmt: skip
+    if around is not None and half > 0:
+        n = int(np.count_nonzero(around))
+        if 0 < n <= 20_000:  # a few saturated stars: mark boxes around their pixels
+            ys, xs = np.nonzero(around)
+            _mark_boxes(bad, img0, var0, ys.astype(np.int64), xs.astype(np.int64), int(half))
+        elif n:  # large areas: one dilation of the whole mask (cumulative sums)
+            grown = dilate(around, int(half))
+            bad |= grown
+            img0[grown] = 0.0
+            var0[grown] = 0.0
+    return img0, var0, bad
+
+
+def dilate(mask, half):
+    """A boolean mask grown by ``half`` pixels (square), using cumulative sums."""
+    if half <= 0 or not mask.any():
+        return mask
+    ny, nx = mask.shape
+    c = np.pad(mask.astype(np.int32), ((half + 1, half), (half + 1, half))).cumsum(0).cumsum(1)
+    k = 2 * half + 1
+    tot = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    return tot[:ny, :nx] > 0
+
+
+@numba.njit(parallel=True, cache=True)
+def _snr(filt, vfilt, bad, out):
+    ny, nx = out.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            v = vfilt[y, x]
+            out[y, x] = filt[y, x] / np.sqrt(v) if v > 0 and not bad[y, x] else np.float32(0.0)
+
+
+def snr_map(filt, vfilt, bad):
+    """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32)."""
+    out = np.empty(bad.shape, np.float32)
+    _snr(filt, vfilt, bad, out)
+    return out

@@ -1,0 +1,165 @@
+"""The fused (numba) and cutout-only fast paths equal the NumPy / photutils expressions
+they replace."""
+
+import numpy as np
+import pytest
+import scipy.fft as sfft
+from astropy.table import Table
+from photutils.aperture import CircularAperture, aperture_photometry
+
+from apdask import _fused
+from apdask.detect import _IGNORE, _aperture_fluxes, _background
+from apdask.image import MASK, Exposure
+from apdask.subtract import _al_factors, _stamp_convolutions, alard_lupton_basis
+
+
+@pytest.fixture
+def planes():
+    rng = np.random.default_rng(3)
+    img = rng.normal(100.0, 10.0, (203, 157)).astype(np.float32)
+    var = rng.uniform(50.0, 150.0, img.shape).astype(np.float32)
+    mask = np.zeros(img.shape, np.uint32)
+    mask[10:14, 20:25] = MASK["NO_DATA"]
+    mask[50, 60] = MASK["BAD"]
+    mask[100:103, 100:104] = MASK["SAT"]
+    img[30, 31] = np.nan
+    var[40, 41] = np.inf
+    return img, var, mask
+
+
+def test_fill_nodata(planes):
+    img, var, mask = planes
+    out, nodata = _fused.fill_nodata(img, var, mask, MASK["NO_DATA"])
+    want = ((mask & MASK["NO_DATA"]) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
+    np.testing.assert_array_equal(nodata, want)
+    np.testing.assert_array_equal(out, np.where(want, 0, img).astype(np.float32))
+    assert nodata.sum() == 20 + 2
+
+
+def test_spectral_difference_and_terms():
+    rng = np.random.default_rng(4)
+    shape, fy, fx = (60, 70), 64, 80
+    a = rng.normal(size=shape).astype(np.float32)
+    b = rng.normal(size=shape).astype(np.float32)
+    f_a, f_b = sfft.rfft2(a, s=(fy, fx)), sfft.rfft2(b, s=(fy, fx))
+    f_k = (rng.normal(size=(3, fy, fx // 2 + 1)) * (1 + 1j)).astype(np.complex64)
+    f_k[0, 0, 0] = 1.3
+    v_a, v_b = 0.2, 1.0
+    k0 = f_k[0].copy()
+    psi = np.sqrt((v_b + 1.3**2 * v_a) / np.maximum(v_b + v_a * np.abs(k0) ** 2,
+                                                     1e-4 * (v_b + 1.3**2 * v_a)))  # fmt: skip
+    want_b = (f_b - k0 * f_a) * psi
+    want_k = [-f_k[s] * f_a * psi for s in (1, 2)]
+    _fused.spectral_difference(f_a, f_b, f_k, v_a, v_b, True)
+    np.testing.assert_allclose(f_b, want_b, rtol=2e-5, atol=1e-4)
+    for s in (1, 2):
+        np.testing.assert_allclose(f_k[s], want_k[s - 1], rtol=2e-5, atol=1e-4)
+    np.testing.assert_array_equal(f_k[0], k0)
+
+    out = np.empty(shape, np.float32)
+    term = rng.normal(size=(fy, fx)).astype(np.float32)
+    wu = np.linspace(-1, 1, shape[1]).astype(np.float32)
+    wv = np.linspace(-1, 1, shape[0]).astype(np.float32)
+    _fused.add_term(out, term, np.ones_like(wu), np.ones_like(wv), first=True)
+    _fused.add_term(out, term, wu, wv)
+    want = term[:60, :70] + term[:60, :70] * wu[None, :] * wv[:, None]
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+    nodata = np.zeros(shape, bool)
+    nodata[5, 6] = True
+    _fused.finish_difference(out, wu, wv, (1.0, 2.0, -0.5), -2.0, nodata)
+    want = -2.0 * (want - (1.0 + 2.0 * wu[None, :] - 0.5 * wv[:, None]))
+    want[5, 6] = 0.0
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5)
+
+
+def test_difference_variance(planes):
+    _, var, _ = planes
+    var_a = var[::-1].copy()
+    var_a[0, 0] = -5.0
+    nodata = np.zeros(var.shape, bool)
+    nodata[1, 1] = True
+    out = _fused.difference_variance(var, var_a, 1.21, 0.5, 1e-3, 77.0, nodata)
+    want = 0.5 * (np.maximum(var, 0) + 1.21 * np.maximum(var_a, 0))
+    want[nodata | ~np.isfinite(want)] = 77.0
+    np.testing.assert_allclose(out, np.maximum(want, 1e-3), rtol=1e-6)
+    assert out[40, 41] == 77.0 and out[1, 1] == 77.0
+
+
+def test_matched_inputs_and_snr(planes):
+    img, var, mask = planes
+    sat = (mask & MASK["SAT"]) != 0
+    img0, var0, bad = _fused.matched_inputs(img, var, mask, _IGNORE, sat, 2)
+    want = ((mask & _IGNORE) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
+    want |= _fused.dilate(sat, 2)
+    np.testing.assert_array_equal(bad, want)
+    np.testing.assert_array_equal(img0, np.where(want, 0, img))
+    np.testing.assert_array_equal(var0, np.where(want, 0, var))
+    assert bad[98:105, 98:106].all() and not bad[97, 97]
+    # large saturated areas take the dilation path: same result
+    big = np.zeros(img.shape, bool)
+    big[:150] = True
+    _, _, bad_big = _fused.matched_inputs(img, var, mask, _IGNORE, big, 2)
+    np.testing.assert_array_equal(bad_big[:152], True)
+    snr = _fused.snr_map(img0, var0, bad)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.where((var0 > 0) & ~bad, img0 / np.sqrt(var0), 0)
+    np.testing.assert_allclose(snr, want, rtol=1e-6)
+
+
+def test_separable_stamp_convolutions_equal_fft():
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(300, 300)).astype(np.float32)
+    sig, size, fit_half = [0.8, 1.6, 3.2], 21, 15
+    basis = alard_lupton_basis(sig, [4, 3, 2], size)
+    xs, ys = np.array([60, 150, 240]), np.array([70, 160, 230])
+    got = _stamp_convolutions(img, basis, xs, ys, fit_half, _al_factors(sig, [4, 3, 2], size))
+    kh = size // 2
+    th = fit_half + kh
+    for n, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        st = img[y - th : y + th + 1, x - th : x + th + 1].astype(float)
+        for b in (0, 7, len(basis) - 1):
+            full = sfft.irfft2(sfft.rfft2(st, s=(120, 120)) * sfft.rfft2(basis[b], s=(120, 120)),
+                               s=(120, 120))  # fmt: skip
+            want = full[2 * kh : 2 * kh + 2 * fit_half + 1, 2 * kh : 2 * kh + 2 * fit_half + 1]
+            np.testing.assert_allclose(got[n, b], want, atol=2e-6 * np.abs(want).max())
+
+
+def test_background_cutout_equals_full_map(planes):
+    img, _, mask = planes
+    img = np.nan_to_num(img) + np.linspace(0, 50, img.shape[1])[None, :]
+    lazy = _background(img, mask, box=32, lazy=True)
+    full = _background(img, mask, box=32)
+    np.testing.assert_allclose(lazy.cutout(80, 90, 6), full[84:97, 74:87], rtol=1e-6)
+
+
+def test_aperture_fluxes_equal_photutils(planes):
+    img, var, mask = planes
+    exp = Exposure(img, var, mask, None, None, {})
+    tab = Table({"x": [31.0, 80.3, 101.7, 155.5], "y": [30.2, 90.6, 101.0, 200.0]})
+    _aperture_fluxes(tab, exp, 6.0)
+    bad = ((mask & _IGNORE) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
+    res = aperture_photometry(
+        np.where(bad, 0, img), CircularAperture(np.column_stack([tab["x"], tab["y"]]), r=6.0),
+        error=np.sqrt(np.where(bad, 0, np.maximum(var, 0))), mask=bad,
+    )  # fmt: skip
+    np.testing.assert_allclose(tab["apFlux"], res["aperture_sum"], rtol=1e-6)
+    np.testing.assert_allclose(tab["apFluxErr"], res["aperture_sum_err"], rtol=1e-6)
+
+
+def test_kernel_stamps_reuse_the_psf_models_stars():
+    from apdask.subtract import PsfGrid, _model_stars
+
+    stars = {"x": np.array([50.2, 12.0, 80.0, 140.0]), "y": np.array([60.0, 70.0, 81.4, 100.0]),
+             "snr": np.array([90.0, 80.0, 70.0, 60.0]), "neighbour": np.array([0.0, 0, 0.05, 0]),
+             "isolation": 25.0}  # fmt: skip
+    model = PsfGrid(np.ones((1, 1, 5, 5)) / 25, [100.0], [100.0], stars=stars)
+    sci = Exposure(np.zeros((200, 200)), np.ones((200, 200)), np.zeros((200, 200), np.uint32),
+                   None, None, {"psf_model": model})  # fmt: skip
+    bad = np.zeros((200, 200), bool)
+    bad[100, 150] = True  # within 20 px of the fourth star
+    got = _model_stars(sci, 22.0, 0.01, 20, bad)
+    # the 2nd is too near the edge, the 3rd has a 5 % neighbour, the 4th a bad pixel
+    np.testing.assert_array_equal(got["x"], [50.2])
+    assert _model_stars(sci, 30.0, 0.01, 20, bad) is None  # searched less isolated
+    assert _model_stars(sci.copy_with(meta={}), 22.0, 0.01, 20, bad) is None
