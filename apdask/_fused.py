@@ -21,6 +21,7 @@ __all__ = [
     "difference_variance",
     "dilate",
     "matched_inputs",
+    "segments",
     "snr_map",
 ]
 
@@ -249,3 +250,83 @@ def snr_map(filt, vfilt, bad):
     out = np.empty(bad.shape, np.float32)
     _snr(filt, vfilt, bad, out)
     return out
+
+
+@numba.njit(cache=True)
+def _find(parent, k):
+    while parent[k] != k:
+        parent[k] = parent[parent[k]]
+        k = parent[k]
+    return k
+
+
+@numba.njit(cache=True)
+def _segments(ys, xs, vals, nx):
+    n = len(ys)
+    lin = ys.astype(np.int64) * nx + xs
+    parent = np.arange(n)
+    for k in range(n):
+        y, x = ys[k], xs[k]
+        for dy, dx in ((0, -1), (-1, -1), (-1, 0), (-1, 1)):
+            yy, xx = y + dy, x + dx
+            if yy < 0 or xx < 0 or xx >= nx:
+                continue
+            q = yy * nx + xx
+            j = np.searchsorted(lin, q)
+            if j < n and lin[j] == q:
+                a, b = _find(parent, k), _find(parent, j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    comp = np.full(n, -1, np.int64)
+    label = np.empty(n, np.int64)
+    m = 0
+    for k in range(n):
+        r = _find(parent, k)
+        if comp[r] < 0:
+            comp[r] = m
+            m += 1
+        label[k] = comp[r]
+    out = np.empty((m, 7), np.int64)  # count, x0, x1, y0, y1, peak x, peak y
+    best = np.full(m, -np.inf)
+    for c in range(m):
+        out[c, 0] = 0
+        out[c, 1] = out[c, 3] = 1 << 62
+        out[c, 2] = out[c, 4] = -1
+    for k in range(n):
+        c = label[k]
+        out[c, 0] += 1
+        out[c, 1] = min(out[c, 1], xs[k])
+        out[c, 2] = max(out[c, 2], xs[k] + 1)
+        out[c, 3] = min(out[c, 3], ys[k])
+        out[c, 4] = max(out[c, 4], ys[k] + 1)
+        if vals[k] > best[c]:
+            best[c] = vals[k]
+            out[c, 5] = xs[k]
+            out[c, 6] = ys[k]
+    return out, best
+
+
+def segments(image, threshold, n_pixels, sign=1):
+    """8-connected groups of at least ``n_pixels`` pixels above ``threshold``
+    (of ``-image`` when ``sign`` is negative).
+
+    Equal to photutils ``detect_sources(image, threshold, n_pixels)`` (pixels
+    ``> threshold``, 8-connectivity, labels in raster order of each group's first
+    pixel), but only the pixels above the threshold are visited after one comparison
+    pass, and no segmentation image is made.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``(n, 7)``: pixel count, half-open bounding box ``x0, x1, y0, y1``, and
+        the ``x, y`` of the first (raster order) highest pixel of each group.
+    numpy.ndarray
+        float64 ``(n,)``: that highest value.
+    """
+    ys, xs = np.nonzero(image > threshold if sign > 0 else image < -threshold)
+    if len(ys) == 0:
+        return np.zeros((0, 7), np.int64), np.zeros(0)
+    vals = image[ys, xs].astype(np.float64) * (1.0 if sign > 0 else -1.0)
+    out, best = _segments(ys.astype(np.int64), xs.astype(np.int64), vals, image.shape[1])
+    keep = out[:, 0] >= n_pixels
+    return out[keep], best[keep]

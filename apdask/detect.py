@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 
 import numpy as np
 import scipy.fft as sfft
 from astropy.io import fits
 from astropy.table import Table
 from photutils.aperture import ApertureMask, CircularAperture
-from photutils.segmentation import detect_sources as _ph_detect_sources
-from photutils.utils.exceptions import NoDetectionsWarning as PhotutilsNoDetectionsWarning
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from . import config
 from ._fourier import small_kernel_rfft2
-from ._fused import matched_inputs, snr_map
+from ._fused import matched_inputs, segments, snr_map
 from ._stats import nanmedian_last
 from .exceptions import PsfFitError
 from .image import MASK, MASK_STAMP_DTYPE, mask_bits, mask_plane_cards
@@ -624,20 +621,10 @@ def detect_sources(difference, *, threshold_sigma=None, n_pixels=None, matched=N
     _, snr, _ = matched if matched is not None else matched_filter(difference)
     rows = []
     for sign in (1, -1):
-        s = snr if sign > 0 else -snr
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PhotutilsNoDetectionsWarning)
-            segm = _ph_detect_sources(s, threshold_sigma, n_pixels=n_pixels)
-        if segm is None:
-            continue
-        data = segm.data
-        for lab, sl, area in zip(segm.labels, segm.slices, segm.areas, strict=True):
-            win = np.where(data[sl] == lab, s[sl], -np.inf)
-            py, px = np.unravel_index(int(np.argmax(win)), win.shape)
-            rows.append(
-                (int(px + sl[1].start), int(py + sl[0].start), sign, sl[1].start, sl[1].stop,
-                 sl[0].start, sl[0].stop, int(area), float(win[py, px]) * sign)
-            )  # fmt: skip
+        # as photutils detect_sources (> threshold, 8-connected, n_pixels), sparse
+        seg, peak = segments(snr, threshold_sigma, n_pixels, sign)
+        for (area, x0, x1, y0, y1, px, py), p in zip(seg.tolist(), peak, strict=True):
+            rows.append((px, py, sign, x0, x1, y0, y1, area, float(p) * sign))
     names = ("x", "y", "sign", "bbox_x0", "bbox_x1", "bbox_y0", "bbox_y1", "n_pixels", "peak_snr")
     dtypes = (int, int, int, int, int, int, int, int, float)
     if not rows:

@@ -163,3 +163,26 @@ def test_kernel_stamps_reuse_the_psf_models_stars():
     np.testing.assert_array_equal(got["x"], [50.2])
     assert _model_stars(sci, 30.0, 0.01, 20, bad) is None  # searched less isolated
     assert _model_stars(sci.copy_with(meta={}), 22.0, 0.01, 20, bad) is None
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_segments_equal_photutils_detect_sources(sign):
+    from photutils.segmentation import detect_sources
+
+    rng = np.random.default_rng(6)
+    img = rng.normal(size=(256, 300))
+    yy, xx = np.mgrid[:256, :300]
+    for x, y, a in zip(rng.uniform(0, 300, 40), rng.uniform(0, 256, 40), rng.uniform(-30, 30, 40),
+                       strict=True):  # fmt: skip
+        img += a * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / 2.0**2)
+    seg, peak = _fused.segments(img, 3.0, 5, sign)
+    ref = detect_sources(sign * img, 3.0, n_pixels=5)
+    assert len(seg) == len(ref.labels) > 10
+    for (area, x0, x1, y0, y1, px, py), p, lab, sl, a in zip(
+        seg, peak, ref.labels, ref.slices, ref.areas, strict=True
+    ):
+        assert (area, x0, x1, y0, y1) == (a, sl[1].start, sl[1].stop, sl[0].start, sl[0].stop)
+        win = np.where(ref.data[sl] == lab, sign * img[sl], -np.inf)
+        wy, wx = np.unravel_index(np.argmax(win), win.shape)
+        assert (px, py) == (wx + x0, wy + y0) and p == win[wy, wx]
+    assert len(_fused.segments(img, 1e9, 5, sign)[0]) == 0
