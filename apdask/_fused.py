@@ -1,4 +1,4 @@
-"""Fused full-frame passes of the subtraction, compiled with numba.
+"""Fused full-frame passes of subtraction, detection and cosmic-ray repair (numba).
 
 A 4k × 4k CCD is 16 M pixels: every NumPy expression over it reads and writes
 64 MB arrays and allocates a temporary, and a chain of them costs more than the
@@ -17,7 +17,10 @@ __all__ = [
     "fill_nodata",
     "spectral_difference",
     "add_term",
+    "cr_candidates",
     "finish_difference",
+    "grow_diamond",
+    "interpolate_over",
     "difference_variance",
     "dilate",
     "matched_inputs",
@@ -330,3 +333,108 @@ def segments(image, threshold, n_pixels, sign=1):
     out, best = _segments(ys.astype(np.int64), xs.astype(np.int64), vals, image.shape[1])
     keep = out[:, 0] >= n_pixels
     return out[keep], best[keep]
+
+
+@numba.njit(parallel=True, cache=True)
+def _cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma, out):
+    ny, nx = img.shape
+    for yy in numba.prange(ny):
+        y = np.int64(yy)  # (the parallel index may be unsigned)
+        y0, y1 = max(y - 1, 0), min(y + 1, ny - 1)
+        for x in range(nx):
+            out[y, x] = False
+            if skip[y, x] or cr[y, x]:
+                continue
+            v = max(var[y, x], np.float32(0.0))
+            d = img[y, x] - bkg[y, x]
+            if not d > nsigma * np.sqrt(v):
+                continue
+            x0, x1 = max(x - 1, 0), min(x + 1, nx - 1)
+            # the four directions through the pixel: (a, b) opposite neighbours, ratio r
+            for k in range(4):
+                ay, by = (y, y) if k == 1 else (y0, y1)
+                ax = x if k == 0 else (x1 if k == 3 else x0)
+                bx = x if k == 0 else (x0 if k == 3 else x1)
+                r = r1 if k < 2 else r2
+                n = 0.5 * ((img[ay, ax] - bkg[ay, ax]) + (img[by, bx] - bkg[by, bx]))
+                vn = 0.25 * (max(var[ay, ax], np.float32(0.0)) + max(var[by, bx], np.float32(0.0)))
+                if d - r * n > nsigma * np.sqrt(v + r * r * vn):
+                    out[y, x] = True
+                    break
+
+
+def cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma):
+    """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`).
+
+    A pixel not in ``skip`` or ``cr`` is a candidate when ``d = img − bkg`` exceeds
+    ``nsigma σ`` and, along one of the four directions through it (edge pixels
+    repeated beyond the border), ``d − r n > nsigma sqrt(σ² + r² σ_n²)`` with ``n``
+    the mean of the two opposite neighbours' ``d``, ``σ_n² = (σ_a² + σ_b²)/4``, and
+    ``r = r1`` along rows and columns, ``r2`` along diagonals.
+    """
+    out = np.empty(img.shape, np.bool_)
+    _cr_candidates(img, bkg, np.asarray(var, np.float32), skip, cr, np.float32(r1),
+                   np.float32(r2), np.float32(nsigma), out)  # fmt: skip
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _box_medians(img, bad, ys, xs, half, max_half, out, found):
+    ny, nx = img.shape
+    for k in numba.prange(len(ys)):
+        h = half
+        found[k] = False
+        while h <= max_half and not found[k]:
+            buf = np.empty((2 * h + 1) * (2 * h + 1), np.float32)
+            m = 0
+            for y in range(max(ys[k] - h, 0), min(ys[k] + h + 1, ny)):
+                for x in range(max(xs[k] - h, 0), min(xs[k] + h + 1, nx)):
+                    v = img[y, x]
+                    if not bad[y, x] and np.isfinite(v):
+                        buf[m] = v
+                        m += 1
+            if m:
+                out[k] = np.median(buf[:m])
+                found[k] = True
+            h *= 2
+
+
+def interpolate_over(img, bad, half=2, max_half=64):
+    """Replace ``bad`` pixels of ``img`` in place by the median of the good (not bad,
+    finite) pixels in a ``(2h+1)²`` box, ``h = half`` doubled until one is found
+    (beyond ``max_half``: the median of all good pixels)."""
+    ys, xs = np.nonzero(bad)
+    if len(ys) == 0:
+        return img
+    vals = np.empty(len(ys), np.float32)
+    found = np.empty(len(ys), np.bool_)
+    _box_medians(img, bad, ys.astype(np.int64), xs.astype(np.int64), int(half), int(max_half),
+                 vals, found)  # fmt: skip
+    if not found.all():
+        good = ~bad & np.isfinite(img)
+        vals[~found] = np.median(img[good]) if good.any() else np.nan
+    img[ys, xs] = vals
+    return img
+
+
+@numba.njit(cache=True)
+def _diamonds(out, ys, xs, r):
+    ny, nx = out.shape
+    for k in range(len(ys)):
+        for dy in range(-r, r + 1):
+            y = ys[k] + dy
+            if y < 0 or y >= ny:
+                continue
+            w = r - abs(dy)
+            for x in range(max(xs[k] - w, 0), min(xs[k] + w + 1, nx)):
+                out[y, x] = True
+
+
+def grow_diamond(mask, r):
+    """``scipy.ndimage.binary_dilation(mask, iterations=r)`` (the default cross-shaped
+    structure: every pixel within Manhattan distance ``r``), visiting only set pixels."""
+    ys, xs = np.nonzero(mask)
+    out = mask.copy()
+    if r > 0 and len(ys):
+        _diamonds(out, ys.astype(np.int64), xs.astype(np.int64), int(r))
+    return out

@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
+from ._fused import cr_candidates, grow_diamond, interpolate_over
 from .camera import njy_per_electron
 from .detect import _background
 from .image import MASK, Exposure
@@ -250,49 +251,12 @@ def mask_cosmic_rays(exposure, psf_fwhm_px, nsigma=5.0, grow=1, iterations=2):
     r2 = np.exp(2.0 / (2 * sig_eff**2))
     cr = np.zeros(img.shape, bool)
     for _ in range(iterations):
-        d = img - bkg
-        s = np.sqrt(np.maximum(var, 0.0))
-        p = np.pad(d, 1, mode="edge")
-        ps = np.pad(s, 1, mode="edge")
-        sharp = np.zeros(img.shape, bool)
-        v = s * s
-        for (ay, ax), (by, bx), r in (
-            ((0, 1), (2, 1), r1), ((1, 0), (1, 2), r1), ((0, 0), (2, 2), r2), ((0, 2), (2, 0), r2),
-        ):  # fmt: skip
-            n = 0.5 * (p[ay : ay + img.shape[0], ax : ax + img.shape[1]]
-                       + p[by : by + img.shape[0], bx : bx + img.shape[1]])  # fmt: skip
-            vn = 0.25 * (ps[ay : ay + img.shape[0], ax : ax + img.shape[1]] ** 2
-                         + ps[by : by + img.shape[0], bx : bx + img.shape[1]] ** 2)  # fmt: skip
-            # excess over the sharpest PSF-allowed profile, at > nsigma significance
-            sharp |= (d - r * n) > nsigma * np.sqrt(v + r * r * vn)
-        new = sharp & (d > nsigma * s) & ~skip & ~cr
+        new = cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma)
         if not new.any():
             break
         if grow > 0:
-            new = ndimage.binary_dilation(new, iterations=grow) & ~skip
+            new = grow_diamond(new, grow) & ~skip
         cr |= new
-        img = _interpolate_over(img, cr)
+        interpolate_over(img, cr)
     mask[cr] |= MASK["CR"]
     return exposure.copy_with(image=img, mask=mask)
-
-
-def _interpolate_over(img, bad, half=2):
-    """Replace ``bad`` pixels by the median of the good pixels in a (2h+1)² box."""
-    out = img.copy()
-    ys, xs = np.nonzero(bad)
-    if len(ys) == 0:
-        return out
-    h = half
-    while len(ys):
-        p = np.pad(np.where(bad, np.nan, img), h, mode="constant", constant_values=np.nan)
-        oy, ox = np.mgrid[0 : 2 * h + 1, 0 : 2 * h + 1]
-        win = p[ys[:, None] + oy.ravel()[None], xs[:, None] + ox.ravel()[None]]
-        has = np.isfinite(win).any(axis=1)
-        if has.any():
-            out[ys[has], xs[has]] = np.nanmedian(win[has], axis=1)
-        ys, xs = ys[~has], xs[~has]
-        h *= 2
-        if h > 64:
-            out[ys, xs] = np.nanmedian(np.where(bad, np.nan, img))
-            break
-    return out

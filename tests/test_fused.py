@@ -186,3 +186,58 @@ def test_segments_equal_photutils_detect_sources(sign):
         wy, wx = np.unravel_index(np.argmax(win), win.shape)
         assert (px, py) == (wx + x0, wy + y0) and p == win[wy, wx]
     assert len(_fused.segments(img, 1e9, 5, sign)[0]) == 0
+
+
+def _cr_reference(img, bkg, var, skip, cr, r1, r2, nsigma):
+    """The NumPy expression :func:`apdask._fused.cr_candidates` replaces."""
+    d = img - bkg
+    s = np.sqrt(np.maximum(var, 0.0))
+    p, ps = np.pad(d, 1, mode="edge"), np.pad(s, 1, mode="edge")
+    ny, nx = img.shape
+    sharp = np.zeros(img.shape, bool)
+    for (ay, ax), (by, bx), r in (
+        ((0, 1), (2, 1), r1), ((1, 0), (1, 2), r1), ((0, 0), (2, 2), r2), ((0, 2), (2, 0), r2),
+    ):  # fmt: skip
+        n = 0.5 * (p[ay : ay + ny, ax : ax + nx] + p[by : by + ny, bx : bx + nx])
+        vn = 0.25 * (ps[ay : ay + ny, ax : ax + nx] ** 2 + ps[by : by + ny, bx : bx + nx] ** 2)
+        sharp |= (d - r * n) > nsigma * np.sqrt(s * s + r * r * vn)
+    return sharp & (d > nsigma * s) & ~skip & ~cr
+
+
+def test_cosmic_ray_passes_equal_numpy():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    img = rng.normal(0, 3.0, (120, 140)).astype(np.float32)
+    yy, xx = np.mgrid[:120, :140]
+    img += (500 * np.exp(-0.5 * ((xx - 70) ** 2 + (yy - 60) ** 2) / 2.0**2)).astype(np.float32)
+    hits = (rng.integers(0, 120, 40), rng.integers(0, 140, 40))
+    img[hits] += 200.0
+    img[0, 5] += 300.0  # on the border
+    var = np.full(img.shape, 9.0, np.float32)
+    skip = np.zeros(img.shape, bool)
+    skip[10:12, 10:40] = True
+    cr = np.zeros(img.shape, bool)
+    cr[hits[0][:3], hits[1][:3]] = True
+    bkg = np.zeros(img.shape, np.float32)
+    args = (img, bkg, var, skip, cr, np.float32(1.6), np.float32(2.5), np.float32(5.0))
+    got = _fused.cr_candidates(*args)
+    np.testing.assert_array_equal(got, _cr_reference(*args))
+    assert 30 < got.sum() <= 38 and got[0, 5] and not got[55:66, 65:76].any()
+
+    np.testing.assert_array_equal(
+        _fused.grow_diamond(got, 2), ndimage.binary_dilation(got, iterations=2)
+    )
+    bad = _fused.grow_diamond(got, 1)
+    bad[:, :3] = True  # a wide band: the box doubles until it finds good pixels
+    want = img.copy()
+    for y, x in zip(*np.nonzero(bad), strict=True):
+        h = 2
+        while True:
+            win = np.where(bad, np.nan, img)[max(y - h, 0) : y + h + 1, max(x - h, 0) : x + h + 1]
+            if np.isfinite(win).any():
+                want[y, x] = np.nanmedian(win)
+                break
+            h *= 2
+    out = _fused.interpolate_over(img.copy(), bad)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
