@@ -31,7 +31,7 @@ from scipy.spatial import cKDTree
 
 from . import config
 from ._fourier import small_kernel_rfft2
-from ._fused import matched_inputs, segments, snr_map
+from ._fused import matched_inputs, segments, smoothed_residual, snr_map
 from ._stats import nanmedian_last
 from .exceptions import PsfFitError
 from .image import MASK, MASK_STAMP_DTYPE, mask_bits, mask_plane_cards
@@ -262,11 +262,9 @@ def _find_stars(
     and brighter than ``contrast`` times its own peak lies within ``isolation`` pixels.
     """
     ny, nx = image.shape
-    bad = ~np.isfinite(image) | ((mask & _IGNORE) != 0)
     bkg = _background(image, mask)
-    data = np.where(bad, 0.0, image - bkg).astype(np.float32)
     sigma = fwhm / 2.3548
-    sm = ndimage.gaussian_filter(data, sigma, mode="constant", truncate=3.0)
+    sm, bad = smoothed_residual(image, bkg, mask, _IGNORE, sigma, truncate=3.0)
     vs = np.asarray(variance)[::4, ::4]
     ok = ~bad[::4, ::4] & np.isfinite(vs)
     v0 = float(np.median(vs[ok])) if ok.any() else 1.0

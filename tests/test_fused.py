@@ -241,3 +241,16 @@ def test_cosmic_ray_passes_equal_numpy():
             h *= 2
     out = _fused.interpolate_over(img.copy(), bad)
     np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_smoothed_residual_equals_ndimage(planes):
+    from scipy import ndimage
+
+    img, _, mask = planes
+    bkg = np.full(img.shape, 90.0, np.float32)
+    got, bad = _fused.smoothed_residual(img, bkg, mask, _IGNORE, 1.9)
+    want_bad = ~np.isfinite(img) | ((mask & _IGNORE) != 0)
+    np.testing.assert_array_equal(bad, want_bad)
+    data = np.where(want_bad, 0.0, img - bkg).astype(np.float32)
+    want = ndimage.gaussian_filter(data, 1.9, mode="constant", truncate=3.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
