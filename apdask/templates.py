@@ -92,10 +92,12 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
         r1 = int(ynodes[min(rows[-1] + 1, len(ynodes) - 1)]) + 1
         c0 = int(xnodes[max(cols[0] - 1, 0)])
         c1 = int(xnodes[min(cols[-1] + 1, len(xnodes) - 1)]) + 1
-        my = _interp_matrix(ynodes, ny)[r0:r1]
+        # bilinear between the exact nodes: the small product in double precision,
+        # the full-frame one in single (the positions are kept as float32 anyway)
+        my = _interp_matrix(ynodes, ny)[r0:r1].astype(np.float32)
         mx = _interp_matrix(xnodes, nx)[c0:c1]
-        fx = (my @ tx @ mx.T).astype(np.float32)
-        fy = (my @ ty @ mx.T).astype(np.float32)
+        fx = my @ (tx @ mx.T).astype(np.float32)
+        fy = my @ (ty @ mx.T).astype(np.float32)
         # crop the tile to the needed region (spline prefilter cost ~ tile area)
         x_lo = max(int(np.floor(fx.min())) - _PAD, 0)
         x_hi = min(int(np.ceil(fx.max())) + _PAD + 1, tnx)
