@@ -448,15 +448,19 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     vr = ndimage.uniform_filter(vr, size=(1, 5, 5), mode="nearest")
     w = np.where(ok & (vr > 0), 1.0 / np.where(vr > 0, vr, 1.0), 0.0)
     c = conv.reshape(ns, nb, S * S)
+    del conv
     tgf = tg.reshape(ns, S * S)
     wf = w.reshape(ns, S * S)
+    # per-stamp normal-equation blocks (with them, each stamp's χ² needs no model image)
     cw = c * wf[:, None, :]
-    # per-stamp normal-equation blocks
     m_n = np.matmul(cw, c.transpose(0, 2, 1))  # (ns, nb, nb)
     c_n = cw.sum(axis=2)  # (ns, nb)
+    b_n = np.matmul(cw, tgf[:, :, None])[:, :, 0]  # (ns, nb)
+    del cw, c
     w_n = wf.sum(axis=1)  # (ns,)
-    b_n = np.einsum("nbk,nk->nb", cw, tgf)  # (ns, nb)
     t_n = (wf * tgf).sum(axis=1)  # (ns,)
+    tt_n = (wf * tgf * tgf).sum(axis=1)  # (ns,)
+    npix = np.maximum((wf > 0).sum(axis=1), 1)
     use = np.ones(ns, bool)
     chi2 = np.full(ns, np.nan)
     coef = None
@@ -477,9 +481,11 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
         except np.linalg.LinAlgError:
             coef = np.linalg.lstsq(ata, atb, rcond=None)[0]
         a_n = sw @ coef[:nk].reshape(nb, nsp).T  # (ns, nb) effective kernel coefficients
-        model = np.einsum("nb,nbk->nk", a_n, c) + (bw @ coef[nk:])[:, None]
-        npix = np.maximum((wf > 0).sum(axis=1), 1)
-        chi2 = ((tgf - model) ** 2 * wf).sum(axis=1) / npix
+        g_n = bw @ coef[nk:]  # (ns,) background
+        # Σ w (t − a·c − g)², expanded in the blocks
+        quad = np.einsum("na,nab,nb->n", a_n, m_n, a_n)
+        chi2 = (tt_n - 2 * (a_n * b_n).sum(axis=1) - 2 * g_n * t_n + quad
+                + 2 * g_n * (a_n * c_n).sum(axis=1) + g_n * g_n * w_n) / npix  # fmt: skip
         med = np.median(chi2[use])
         mad = 1.4826 * np.median(np.abs(chi2[use] - med))
         new = chi2 < med + 4 * max(mad, 0.05 * med)
