@@ -10,10 +10,38 @@ expression in its docstring to float32 rounding (``tests/test_fused.py``).
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
+
+def inner_threads():
+    """Threads for the parallel loops and FFTs inside one task.
+
+    ``OMP_NUM_THREADS`` when set (dask's nanny sets it to 1 in worker processes, so
+    that processes × threads do not oversubscribe the cores), else every core.
+    """
+    n = os.cpu_count() or 1
+    try:
+        return max(1, min(int(os.environ.get("OMP_NUM_THREADS", n)), n))
+    except ValueError:
+        return n
+
+
+def _threads(fn):
+    """Run a numba-parallel wrapper with :func:`inner_threads` threads."""
+
+    def run(*args, **kwargs):
+        numba.set_num_threads(min(inner_threads(), numba.config.NUMBA_NUM_THREADS))
+        return fn(*args, **kwargs)
+
+    run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return run
+
+
 __all__ = [
+    "inner_threads",
     "fill_nodata",
     "spectral_difference",
     "add_term",
@@ -42,6 +70,7 @@ def _fill_nodata(image, variance, mask, nodata_bit, out, nodata):
             out[y, x] = np.float32(0.0) if bad else v
 
 
+@_threads
 def fill_nodata(image, variance, mask, nodata_bit):
     """Image with its no-data pixels set to 0, and where they are.
 
@@ -81,6 +110,7 @@ def _spectral(f_a, f_b, f_k, v_a, v_b, decorrelate):
                 f_k[s, y, x] = -(f_k[s, y, x] * a) * psi
 
 
+@_threads
 def spectral_difference(f_a, f_b, f_k, v_a, v_b, decorrelate=True):
     """Transforms of the decorrelated difference terms, in place.
 
@@ -115,6 +145,7 @@ def _add_term(out, term, wu, wv, first):
                 out[y, x] += t
 
 
+@_threads
 def add_term(out, term, wu, wv, first=False):
     """``out += term[:ny, :nx] * wu[None, :] * wv[:, None]`` (``=`` when ``first``).
 
@@ -136,6 +167,7 @@ def _finish(diff, u, v, c0, cu, cv, scale, nodata, has_nodata):
                 diff[y, x] = (diff[y, x] - (by + cu * u[x])) * scale
 
 
+@_threads
 def finish_difference(diff, u, v, plane, scale, nodata=None):
     """In place: ``diff = scale * (diff − (c0 + cu u + cv v))``, 0 on ``nodata``.
 
@@ -162,6 +194,7 @@ def _variance(var_b, var_a, k2, scale, floor, fill, nodata, out):
             out[y, x] = max(val, floor)
 
 
+@_threads
 def difference_variance(var_b, var_a, kappa2, scale, floor, fill, nodata):
     """``max(scale (max(var_b, 0) + κ² max(var_a, 0)), floor)``, ``fill`` on ``nodata``
     and non-finite pixels; float32."""
@@ -196,6 +229,7 @@ def _mark_boxes(bad, img0, var0, ys, xs, half):
                 var0[y, x] = np.float32(0.0)
 
 
+@_threads
 def matched_inputs(image, variance, mask, ignore_bits, around=None, half=0):
     """The matched filter's inputs: image and variance with left-out pixels set to 0.
 
@@ -249,6 +283,7 @@ def _snr(filt, vfilt, bad, out):
             out[y, x] = filt[y, x] / np.sqrt(v) if v > 0 and not bad[y, x] else np.float32(0.0)
 
 
+@_threads
 def snr_map(filt, vfilt, bad):
     """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32)."""
     out = np.empty(bad.shape, np.float32)
@@ -364,6 +399,7 @@ def _cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma, out):
                     break
 
 
+@_threads
 def cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma):
     """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`).
 
@@ -400,6 +436,7 @@ def _box_medians(img, bad, ys, xs, half, max_half, out, found):
             h *= 2
 
 
+@_threads
 def interpolate_over(img, bad, half=2, max_half=64):
     """Replace ``bad`` pixels of ``img`` in place by the median of the good (not bad,
     finite) pixels in a ``(2h+1)²`` box, ``h = half`` doubled until one is found
@@ -468,6 +505,7 @@ def _smooth(image, bkg, mask, ignore_bits, w, data, tmp, out, bad):
                 out[y, x] += wk * tmp[y, x + k]
 
 
+@_threads
 def smoothed_residual(image, bkg, mask, ignore_bits, sigma, truncate=3.0):
     """``gaussian_filter(where(bad, 0, image − bkg), sigma, mode="constant")`` and ``bad``.
 

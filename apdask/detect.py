@@ -19,7 +19,6 @@ The module also hosts small pixel helpers shared by the other pixel stages
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import scipy.fft as sfft
@@ -31,7 +30,7 @@ from scipy.spatial import cKDTree
 
 from . import config
 from ._fourier import small_kernel_rfft2
-from ._fused import matched_inputs, segments, smoothed_residual, snr_map
+from ._fused import inner_threads, matched_inputs, segments, smoothed_residual, snr_map
 from ._stats import nanmedian_last
 from .exceptions import PsfFitError
 from .image import MASK, MASK_STAMP_DTYPE, mask_bits, mask_plane_cards
@@ -71,7 +70,7 @@ DIASOURCE_COLUMNS = (
 # shared pixel helpers
 # --------------------------------------------------------------------------------------
 def _workers():
-    return os.cpu_count() or 1
+    return inner_threads()
 
 
 def _fft_convolve(image, kernels, *, fill=0.0, finite=False):
