@@ -479,15 +479,21 @@ def grow_diamond(mask, r):
 
 
 @numba.njit(parallel=True, cache=True)
-def _smooth(image, bkg, mask, ignore_bits, w, data, tmp, out, bad):
+def _smooth(image, coarse, jy, ty, jx, tx, mask, ignore_bits, w, data, tmp, out, bad):
     ny, nx = image.shape
     r = (len(w) - 1) // 2
+    one = np.float32(1.0)
     for y in numba.prange(ny):
+        j, t = jy[y], ty[y]
         for x in range(nx):
             v = image[y, x]
             b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v)
             bad[y, x] = b
-            data[y, x] = np.float32(0.0) if b else v - bkg[y, x]
+            i, u = jx[x], tx[x]
+            bkg = (one - t) * ((one - u) * coarse[j, i] + u * coarse[j, i + 1]) + t * (
+                (one - u) * coarse[j + 1, i] + u * coarse[j + 1, i + 1]
+            )
+            data[y, x] = np.float32(0.0) if b else v - bkg
     for yy in numba.prange(ny):  # along columns (axis 0), row by row
         y = np.int64(yy)
         for x in range(nx):
@@ -509,7 +515,9 @@ def _smooth(image, bkg, mask, ignore_bits, w, data, tmp, out, bad):
 def smoothed_residual(image, bkg, mask, ignore_bits, sigma, truncate=3.0):
     """``gaussian_filter(where(bad, 0, image − bkg), sigma, mode="constant")`` and ``bad``.
 
-    ``bad`` is ``(mask & ignore_bits) != 0`` or a non-finite pixel.  The Gaussian
+    ``bkg`` is a bilinearly interpolated grid, ``(coarse, jy, ty, jx, tx)`` of
+    :meth:`apdask.detect.Background.bilinear` (evaluated in the loop: no full-frame
+    map).  ``bad`` is ``(mask & ignore_bits) != 0`` or a non-finite pixel.  The Gaussian
     weights and the order of the two passes (along columns, then rows) are
     scipy.ndimage's; single-precision sums, equal to it to about 1e-6.
 
@@ -529,6 +537,7 @@ def smoothed_residual(image, bkg, mask, ignore_bits, sigma, truncate=3.0):
     tmp = np.empty(image.shape, np.float32)
     out = np.empty(image.shape, np.float32)
     bad = np.empty(image.shape, np.bool_)
-    _smooth(image, np.asarray(bkg, np.float32), np.asarray(mask), np.uint32(ignore_bits), w, data,
-            tmp, out, bad)  # fmt: skip
+    coarse, jy, ty, jx, tx = bkg
+    _smooth(image, coarse, jy, ty, jx, tx, np.asarray(mask), np.uint32(ignore_bits), w, data, tmp,
+            out, bad)  # fmt: skip
     return out, bad

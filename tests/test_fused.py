@@ -131,6 +131,14 @@ def test_background_cutout_equals_full_map(planes):
     lazy = _background(img, mask, box=32, lazy=True)
     full = _background(img, mask, box=32)
     np.testing.assert_allclose(lazy.cutout(80, 90, 6), full[84:97, 74:87], rtol=1e-6)
+    np.testing.assert_allclose(lazy[84:97, 74:87], full[84:97, 74:87], rtol=1e-6)
+    coarse, jy, ty, jx, tx = lazy.bilinear()
+    y, x = np.mgrid[: img.shape[0], : img.shape[1]]
+    j, i, t, u = jy[y], jx[x], ty[y], tx[x]
+    blend = (1 - t) * ((1 - u) * coarse[j, i] + u * coarse[j, i + 1]) + t * (
+        (1 - u) * coarse[j + 1, i] + u * coarse[j + 1, i + 1]
+    )
+    np.testing.assert_allclose(blend, full, rtol=1e-5)
 
 
 def test_aperture_fluxes_equal_photutils(planes):
@@ -247,8 +255,10 @@ def test_smoothed_residual_equals_ndimage(planes):
     from scipy import ndimage
 
     img, _, mask = planes
-    bkg = np.full(img.shape, 90.0, np.float32)
-    got, bad = _fused.smoothed_residual(img, bkg, mask, _IGNORE, 1.9)
+    model = _background(np.nan_to_num(img) + np.linspace(0, 50, img.shape[1])[None, :], mask,
+                        box=32, lazy=True)  # fmt: skip
+    bkg = model.full()
+    got, bad = _fused.smoothed_residual(img, model.bilinear(), mask, _IGNORE, 1.9)
     want_bad = ~np.isfinite(img) | ((mask & _IGNORE) != 0)
     np.testing.assert_array_equal(bad, want_bad)
     data = np.where(want_bad, 0.0, img - bkg).astype(np.float32)
