@@ -560,6 +560,75 @@ def _weighted_moments(image, x, y, sigma_w, half, sign=1):
     return t[0, 0], t[1, 1], t[0, 1]
 
 
+def _psfs_at(exposure, default, x, y):
+    """PSF stamps ``(n, S, S)`` at many positions (:func:`_psf_getter` for each)."""
+    model = exposure.meta.get("psf_model") if exposure is not None else None
+    if model is not None and hasattr(model, "at_many"):
+        return model.at_many(x, y)
+    if model is not None and hasattr(model, "at"):
+        return np.array([model.at(xi, yi) for xi, yi in zip(x, y, strict=True)])
+    default = np.asarray(default, float)
+    return np.broadcast_to(default, (len(x), *default.shape))
+
+
+def _shifted_psfs(psfs, dx, dy):
+    """:func:`_shifted_psf` of many stamps ``(n, S, S)`` by ``(dx, dy)`` each."""
+    n, ny, nx = psfs.shape
+    f = np.fft.rfft2(psfs, axes=(1, 2))
+    ky = np.fft.fftfreq(ny)[None, :, None]
+    kx = np.fft.rfftfreq(nx)[None, None, :]
+    f *= np.exp(-2j * np.pi * (kx * dx[:, None, None] + ky * dy[:, None, None]))
+    return np.fft.irfft2(f, s=(ny, nx), axes=(1, 2))
+
+
+def _gather(arr, ix, iy, half, fill):
+    """Boxes ``(n, 2 half + 1, 2 half + 1)`` of ``arr`` centred on ``(ix, iy)``; ``fill``
+    off the array (:func:`_cutout` for many positions)."""
+    ny, nx = arr.shape
+    o = np.arange(-half, half + 1)
+    rows, cols = iy[:, None] + o, ix[:, None] + o
+    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    out = np.asarray(arr)[
+        np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
+    ]
+    return np.where(inside, out, fill).astype(arr.dtype, copy=False)
+
+
+def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None):
+    """:func:`_psf_fit` at many positions at once: ``(flux, flux_err, edge)`` arrays.
+
+    ``psfs`` is ``(n, S, S)``; ``bkg`` a :class:`Background` (or None).
+    """
+    half = psfs.shape[1] // 2
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    p = _shifted_psfs(np.asarray(psfs, float), x - ix, y - iy)
+    d = _gather(image, ix, iy, half, np.float32(np.nan)).astype(float)
+    if bkg is not None:
+        coarse, jy, ty, jx, tx = bkg.bilinear()
+        coarse, ty, tx = coarse.astype(float), ty.astype(float), tx.astype(float)
+        o = np.arange(-half, half + 1)
+        r = np.clip(iy[:, None] + o, 0, len(jy) - 1)[:, :, None]
+        c = np.clip(ix[:, None] + o, 0, len(jx) - 1)[:, None, :]
+        j, t, i, u = jy[r], ty[r], jx[c], tx[c]
+        d -= (1 - t) * ((1 - u) * coarse[j, i] + u * coarse[j, i + 1]) + t * (
+            (1 - u) * coarse[j + 1, i] + u * coarse[j + 1, i + 1]
+        )
+    v = _gather(variance, ix, iy, half, np.float32(np.nan)).astype(float)
+    m = _gather(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
+    ok = np.isfinite(d) & np.isfinite(v) & ((m & _IGNORE) == 0)
+    edge = ~ok.all(axis=(1, 2))
+    ok &= p > 1e-4 * p.max(axis=(1, 2), keepdims=True)
+    n = ok.sum(axis=(1, 2))
+    pp = np.where(ok, p, 0.0)
+    s2 = (pp * pp).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        flux = (pp * np.where(ok, d, 0.0)).sum(axis=(1, 2)) / s2
+        err = np.sqrt((pp * pp * np.where(ok, v, 0.0)).sum(axis=(1, 2))) / s2
+    few = n < 3
+    flux[few], err[few], edge[few] = np.nan, np.nan, True
+    return flux, err, edge
+
+
 def _psf_getter(exposure, default):
     """``(x, y) -> PSF stamp``: the exposure's spatially varying model if any, else ``default``."""
     model = exposure.meta.get("psf_model") if exposure is not None else None
@@ -915,30 +984,28 @@ def forced_photometry(difference, science, ra, dec):
     """
     psf = _require_psf(difference, "difference")
     psf_sci = np.asarray(science.psf, float) if science.psf is not None else psf
-    psf_d_at = _psf_getter(difference, psf)
-    psf_s_at = _psf_getter(science, psf_sci)
     ra = np.atleast_1d(np.asarray(ra, float))
     dec = np.atleast_1d(np.asarray(dec, float))
     x, y = difference.wcs.world_to_pixel_values(ra, dec)
     x, y = np.atleast_1d(x), np.atleast_1d(y)
-    bkg = _background(science.image, science.mask, lazy=True) if len(ra) else None
-    out = {k: [] for k in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr", "flag_edge")}
     ny, nx = difference.shape
-    for xi, yi in zip(x, y, strict=True):
-        if not (np.isfinite(xi) and -0.5 <= xi < nx - 0.5 and -0.5 <= yi < ny - 0.5):
-            for k in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr"):
-                out[k].append(np.nan)
-            out["flag_edge"].append(True)
-            continue
-        f, fe, _, _, edge, _ = _psf_fit(difference.image, difference.variance, difference.mask,
-                                        psf_d_at(xi, yi), xi, yi)  # fmt: skip
-        sf, sfe = _psf_fit(science.image, science.variance, science.mask, psf_s_at(xi, yi), xi, yi,
-                           bkg)[:2]  # fmt: skip
-        out["psfFlux"].append(f)
-        out["psfFluxErr"].append(fe)
-        out["scienceFlux"].append(sf)
-        out["scienceFluxErr"].append(sfe)
-        out["flag_edge"].append(bool(edge))
+    on = np.isfinite(x) & np.isfinite(y) & (x >= -0.5) & (x < nx - 0.5)
+    on &= (y >= -0.5) & (y < ny - 0.5)
+    out = {k: np.full(len(x), np.nan) for k in ("psfFlux", "psfFluxErr", "scienceFlux",
+                                                 "scienceFluxErr")}  # fmt: skip
+    out["flag_edge"] = np.ones(len(x), bool)
+    if on.any():  # all positions at once, in blocks (bounded memory)
+        bkg = _background(science.image, science.mask, lazy=True)
+        idx = np.flatnonzero(on)
+        for blk in np.array_split(idx, max(1, len(idx) // 2000)):
+            xb, yb = x[blk], y[blk]
+            f, fe, edge = _psf_fit_many(difference.image, difference.variance, difference.mask,
+                                        _psfs_at(difference, psf, xb, yb), xb, yb)  # fmt: skip
+            sf, sfe, _ = _psf_fit_many(science.image, science.variance, science.mask,
+                                       _psfs_at(science, psf_sci, xb, yb), xb, yb, bkg)  # fmt: skip
+            out["psfFlux"][blk], out["psfFluxErr"][blk] = f, fe
+            out["scienceFlux"][blk], out["scienceFluxErr"][blk] = sf, sfe
+            out["flag_edge"][blk] = edge
     c_d, c_s = _ap_corr(difference)
     tab = Table(
         {

@@ -97,6 +97,17 @@ class PsfGrid:
               + ty * ((1 - tx) * p[iy[1], ix[0]] + tx * p[iy[1], ix[1]]))  # fmt: skip
         return st / st.sum()
 
+    def at_many(self, x, y):
+        """PSF stamps (sum 1) at many positions: ``(n, S, S)``, as :meth:`at` for each."""
+        x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+        (iy0, iy1), ty = _bracket_many(self.yc, y)
+        (ix0, ix1), tx = _bracket_many(self.xc, x)
+        ty, tx = ty[:, None, None], tx[:, None, None]
+        p = self.psfs
+        st = ((1 - ty) * ((1 - tx) * p[iy0, ix0] + tx * p[iy0, ix1])
+              + ty * ((1 - tx) * p[iy1, ix0] + tx * p[iy1, ix1]))  # fmt: skip
+        return st / st.sum(axis=(1, 2), keepdims=True)
+
     def convolved(self, kernel, size=None):
         """A new grid with every stamp convolved by ``kernel`` (and cut/padded to ``size``)."""
         size = int(size or self.psfs.shape[-1]) | 1
@@ -109,6 +120,16 @@ def _bracket(nodes, v):
         return (0, 0), 0.0
     j = int(np.clip(np.searchsorted(nodes, v, side="right") - 1, 0, len(nodes) - 2))
     t = float(np.clip((v - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0))
+    return (j, j + 1), t
+
+
+def _bracket_many(nodes, v):
+    """:func:`_bracket` for an array of values."""
+    if len(nodes) == 1:
+        z = np.zeros(len(v), int)
+        return (z, z), np.zeros(len(v))
+    j = np.clip(np.searchsorted(nodes, v, side="right") - 1, 0, len(nodes) - 2)
+    t = np.clip((v - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0)
     return (j, j + 1), t
 
 

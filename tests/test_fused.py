@@ -264,3 +264,29 @@ def test_smoothed_residual_equals_ndimage(planes):
     data = np.where(want_bad, 0.0, img - bkg).astype(np.float32)
     want = ndimage.gaussian_filter(data, 1.9, mode="constant", truncate=3.0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_psf_fits_equal_one_at_a_time(planes):
+    from apdask.detect import _psf_fit, _psf_fit_many, _psfs_at
+    from apdask.subtract import PsfGrid
+
+    img, var, mask = planes
+    yy, xx = np.mgrid[-7:8, -7:8]
+    stamps = np.array([[np.exp(-0.5 * (xx**2 + yy**2) / s**2) for s in (1.5, 2.0)],
+                       [np.exp(-0.5 * (xx**2 + yy**2) / s**2) for s in (2.2, 2.6)]])  # fmt: skip
+    stamps /= stamps.sum(axis=(2, 3), keepdims=True)
+    model = PsfGrid(stamps, [40.0, 120.0], [50.0, 150.0])
+    exp = Exposure(img, var, mask, None, stamps[0, 0], {"psf_model": model})
+    x = np.array([30.2, 80.7, 101.3, 0.4, 156.2, 60.0, 41.9])
+    y = np.array([30.9, 90.1, 101.6, 5.0, 202.4, 12.2, 40.1])  # CR, SAT, edges, NaN, bad
+    bkg = _background(np.nan_to_num(img), mask, box=32, lazy=True)
+    psfs = _psfs_at(exp, None, x, y)
+    for k in range(len(x)):
+        np.testing.assert_allclose(psfs[k], model.at(x[k], y[k]), rtol=1e-12)
+    for b in (None, bkg):
+        f, fe, edge = _psf_fit_many(img, var, mask, psfs, x, y, b)
+        for k in range(len(x)):
+            ref = _psf_fit(img, var, mask, psfs[k], x[k], y[k], b)
+            np.testing.assert_allclose([f[k], fe[k]], ref[:2], rtol=1e-6, atol=1e-4)
+            assert edge[k] == ref[4]
+    assert edge.sum() >= 3
