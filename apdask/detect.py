@@ -581,19 +581,6 @@ def _shifted_psfs(psfs, dx, dy):
     return np.fft.irfft2(f, s=(ny, nx), axes=(1, 2))
 
 
-def _gather(arr, ix, iy, half, fill):
-    """Boxes ``(n, 2 half + 1, 2 half + 1)`` of ``arr`` centred on ``(ix, iy)``; ``fill``
-    off the array (:func:`_cutout` for many positions)."""
-    ny, nx = arr.shape
-    o = np.arange(-half, half + 1)
-    rows, cols = iy[:, None] + o, ix[:, None] + o
-    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-    out = np.asarray(arr)[
-        np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]
-    ]
-    return np.where(inside, out, fill).astype(arr.dtype, copy=False)
-
-
 def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None):
     """:func:`_psf_fit` at many positions at once: ``(flux, flux_err, edge)`` arrays.
 
@@ -602,7 +589,7 @@ def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None):
     half = psfs.shape[1] // 2
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
     p = _shifted_psfs(np.asarray(psfs, float), x - ix, y - iy)
-    d = _gather(image, ix, iy, half, np.float32(np.nan)).astype(float)
+    d = _stamps(image, ix, iy, half, np.float32(np.nan)).astype(float)
     if bkg is not None:
         coarse, jy, ty, jx, tx = bkg.bilinear()
         coarse, ty, tx = coarse.astype(float), ty.astype(float), tx.astype(float)
@@ -613,8 +600,8 @@ def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None):
         d -= (1 - t) * ((1 - u) * coarse[j, i] + u * coarse[j, i + 1]) + t * (
             (1 - u) * coarse[j + 1, i] + u * coarse[j + 1, i + 1]
         )
-    v = _gather(variance, ix, iy, half, np.float32(np.nan)).astype(float)
-    m = _gather(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
+    v = _stamps(variance, ix, iy, half, np.float32(np.nan)).astype(float)
+    m = _stamps(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
     ok = np.isfinite(d) & np.isfinite(v) & ((m & _IGNORE) == 0)
     edge = ~ok.all(axis=(1, 2))
     ok &= p > 1e-4 * p.max(axis=(1, 2), keepdims=True)
@@ -643,6 +630,170 @@ def _require_psf(exposure, what):
         msg = f"the {what} exposure has no PSF; run subtract.estimate_psf first"
         raise PsfFitError(msg)
     return np.asarray(exposure.psf, dtype=float)
+
+
+def bright_sources(template, variance, psf_template, psf_difference, *, scale=1.0,
+                   min_snr=300.0):  # fmt: skip
+    """Bright sources of the template: their residual rings on the difference.
+
+    A matching kernel of limited size with a Gaussian basis cannot follow PSF wings
+    that are not Gaussian (Kolmogorov or Moffat): around a bright star the difference
+    keeps a ring of ~1e-5 of the star's flux per pixel just beyond the kernel's
+    reach, linear in the flux.  Above ~1e6 nJy it exceeds the detection threshold.
+    :func:`matched_filter` measures that ring around these sources and treats it
+    as systematic noise of its S/N map (see :func:`_bright_variance`).
+
+    Parameters
+    ----------
+    template : numpy.ndarray
+        Template on the difference's pixel grid (sky ~0, finite values).
+    variance : numpy.ndarray
+        Variance of the difference (nJy²).
+    psf_template, psf_difference : numpy.ndarray
+        PSF stamps (sum 1).
+    scale : float, optional
+        Photometric scale difference/template (science/template kernel sum).
+    min_snr : float, optional
+        Keep sources whose flux is at least this many times the PSF-flux noise of the
+        difference: with the residual level of a Kolmogorov PSF, the rings of fainter
+        ones stay below 0.2 σ of the S/N map.
+
+    Returns
+    -------
+    dict
+        ``x``, ``y`` (int pixel of the peak) and ``flux`` (nJy in difference units:
+        the template flux within 3 FWHM, less the local annulus median, over the PSF
+        fraction there), brightest first.
+    """
+    pd = np.asarray(psf_difference, float)
+    pt = np.asarray(psf_template, float)
+    v0 = float(np.median(variance[::8, ::8]))
+    f_min = min_snr * np.sqrt(max(v0, 0.0) / float((pd * pd).sum()))
+    none = {"x": np.zeros(0, int), "y": np.zeros(0, int), "flux": np.zeros(0)}
+    # a source of flux f_min peaks at least at half the centred PSF peak
+    thr = 0.5 * f_min / max(scale, 1e-12) * float(pt.max())
+    rows = np.flatnonzero(np.fmax.reduce(template, axis=1) > thr)  # a few rows: cheap
+    ys, xs = _local_maxima(template[rows], thr)
+    ys = rows[ys]
+    if len(xs) == 0:
+        return none
+    # one peak per source: the brightest within 2 template FWHM
+    fw_t = float(_psf_fwhm(pt))
+    order = np.argsort(-template[ys, xs])
+    ys, xs = ys[order], xs[order]
+    xy = np.column_stack([xs, ys])
+    keep = np.ones(len(xs), bool)
+    for i, nb in enumerate(cKDTree(xy).query_ball_point(xy, 2.0 * fw_t)):
+        if keep[i]:
+            keep[[j for j in nb if j > i]] = False
+    ys, xs = ys[keep], xs[keep]
+    r_ap = max(3.0 * fw_t, 6.0)
+    h = int(np.ceil(r_ap + 6.0))
+    rr = np.hypot(*np.mgrid[-h : h + 1, -h : h + 1])
+    inner, ann = rr <= r_ap, (rr > r_ap + 2.0) & (rr <= r_ap + 6.0)
+    ph = pt.shape[0] // 2
+    frac = float(pt[np.hypot(*np.mgrid[-ph : ph + 1, -ph : ph + 1]) <= r_ap].sum() / pt.sum())
+    st = _stamps(template, xs, ys, h)
+    bkg = nanmedian_last(st[:, ann])
+    flux = np.nansum(st[:, inner] - bkg[:, None], axis=1) / frac * scale
+    sel = np.flatnonzero(flux >= f_min)
+    sel = sel[np.argsort(-flux[sel])]
+    return {"x": xs[sel], "y": ys[sel], "flux": flux[sel]}
+
+
+def _stamps(arr, xs, ys, half, fill=np.nan):
+    """``(n, 2 half + 1, 2 half + 1)`` windows of ``arr`` centred on integer ``(xs, ys)``;
+    pixels off the array are ``fill``."""
+    ny, nx = arr.shape
+    o = np.arange(-half, half + 1)
+    yy = np.asarray(ys, int)[:, None, None] + o[None, :, None]
+    xx = np.asarray(xs, int)[:, None, None] + o[None, None, :]
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    out = arr[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)]
+    if not inside.all():
+        out = np.where(inside, out, np.asarray(fill).astype(out.dtype))
+    return out
+
+
+def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_stars=50,
+                     nsigma=2.0, floor=0.05):  # fmt: skip
+    """Residual rings of bright sources as systematic noise of the S/N map (in place).
+
+    The matched-filter residual around the sources of :func:`bright_sources` is
+    modelled as ``F · R(r)``: ``R`` in bins of ``step`` pixels is the weighted median
+    (weights ``F²``; variable stars and neighbours do not bias it) over the brightest
+    ``max_stars`` sources of their annulus medians of ``filt / F``.  ``A(r)``, the part
+    of ``|R|`` above ``nsigma`` errors, made non-increasing outwards (its maximum at
+    ``r' ≥ r``) and flat within one PSF FWHM (so that the S/N peak of a varying bright
+    star does not move), gives the systematic variance ``(F · A(r))²`` added to
+    ``vfilt`` around every source, out to where ``F · A`` drops below ``floor`` times the
+    typical S/N-map noise: the score-image variance terms of Zackay, Ofek & Gal-Yam
+    (2016).  Sources with masked pixels within ``4 × step`` px are left out of ``R``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``A`` per bin (per nJy of source flux, in ``filt`` units).
+    """
+    edges = np.arange(0.0, float(r_max) + step, step)
+    nbin = len(edges) - 1
+    xs, ys, flux = (np.asarray(sources.get(k, ())) for k in ("x", "y", "flux"))
+    if len(flux) == 0:
+        return np.zeros(nbin)
+    nea = 1.0 / float((np.asarray(psf, float) ** 2).sum())
+    H = int(np.ceil(edges[-1]))
+    r = np.hypot(*np.mgrid[-H : H + 1, -H : H + 1]).ravel()
+    rbin = np.digitize(r, edges) - 1
+    cnt = np.bincount(rbin[rbin < nbin], minlength=nbin)
+    pix = np.argsort(rbin, kind="stable")[: cnt.sum()]  # stamp pixels grouped by bin
+    slot = np.arange(len(pix)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    take = np.full((nbin, cnt.max()), -1)
+    take[rbin[pix], slot] = pix  # (bin, slot) -> stamp pixel; -1 = a NaN pad
+    b = _stamps(bad, xs, ys, H, True).reshape(len(xs), -1)
+    use = np.flatnonzero(~b[:, r <= 4 * step].any(axis=1))[:max_stars]
+    if len(use) == 0:
+        return np.zeros(nbin)
+    pad = np.full((len(use), 1), np.nan)
+    d = np.where(b[use], np.nan, _stamps(filt, xs[use], ys[use], H).reshape(len(use), -1))
+    v = np.where(b[use], np.nan, _stamps(vfilt, xs[use], ys[use], H).reshape(len(use), -1))
+    d = np.concatenate([d, pad], axis=1)[:, take]  # (source, bin, slot)
+    v = np.concatenate([v, pad], axis=1)[:, take]
+    n = np.count_nonzero(np.isfinite(d), axis=2)
+    f = flux[use][:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        val = nanmedian_last(d) / f
+        # a median of n filtered pixels: correlated over the PSF area
+        err2 = (np.pi / 2) * np.nanmean(v, axis=2) * np.minimum(1.0, nea / n) / f**2
+    w = np.where(n >= 5, 1.0 / err2, 0.0)
+    w[~np.isfinite(w)] = 0.0
+    val = np.where(w > 0, val, 0.0)
+    o = np.argsort(val, axis=0)
+    vs, ws = np.take_along_axis(val, o, 0), np.take_along_axis(w, o, 0)
+    cw = np.cumsum(ws, axis=0)
+    tot = cw[-1]
+    k = np.argmax(cw >= 0.5 * tot[None, :], axis=0)
+    prof = np.where(tot > 0, vs[k, np.arange(nbin)], 0.0)
+    err = np.where(tot > 0, 1.2533 / np.sqrt(np.where(tot > 0, tot, 1.0)), 0.0)
+    amp = np.maximum(np.abs(prof) - nsigma * err, 0.0)
+    amp = np.maximum.accumulate(amp[::-1])[::-1]  # non-increasing outwards
+    amp[edges[:-1] < _psf_fwhm(psf)] = amp[0]  # flat within one FWHM
+    if not amp.any():
+        return amp
+    ny, nx = vfilt.shape
+    s0 = float(np.sqrt(np.median(vfilt[::16, ::16])))
+    for x, y, fl in zip(xs, ys, flux, strict=True):
+        a = fl * amp
+        big = np.flatnonzero(a > floor * s0)
+        if len(big) == 0:
+            break  # sources are sorted by flux
+        h = int(np.ceil(edges[big[-1] + 1]))
+        y0, y1, x0, x1 = max(y - h, 0), min(y + h + 1, ny), max(x - h, 0), min(x + h + 1, nx)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        rr = np.hypot(np.arange(x0, x1)[None, :] - x, np.arange(y0, y1)[:, None] - y)
+        bb = np.digitize(rr, edges) - 1
+        vfilt[y0:y1, x0:x1] += np.r_[a, 0.0][np.minimum(bb, nbin)].astype(np.float32) ** 2
+    return amp
 
 
 def matched_filter(difference):
@@ -681,6 +832,9 @@ def _filtered(difference, psf, sat_grow=None):
     p = psf[::-1, ::-1]  # correlation with the PSF
     filt = _fft_convolve(img, p, finite=True)
     vfilt = _fft_convolve(var, p * p, finite=True)
+    sources = difference.meta.get("bright_sources")
+    if sources is not None:
+        _bright_variance(filt, vfilt, bad, sources, psf)
     return filt, snr_map(filt, vfilt, bad), bad
 
 

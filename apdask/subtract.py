@@ -34,6 +34,7 @@ from .detect import (
     _shifted_psf,
     _workers,
     aperture_correction,
+    bright_sources,
     usable_stars,
 )
 from .exceptions import PsfFitError
@@ -687,7 +688,8 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     bad_any |= nodata_t
     bad_any |= nodata_s
     stars = _model_stars(science, 1.2 * fit_half, 0.01, border, bad_any)
-    if stars is None:
+    if stars is None or len(usable_stars(len(stars["x"]), max_stamps)) < max_stamps:
+        # no model, or its candidates do not fill the stamp budget: search for every star
         stars = _find_stars(
             sci0, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
             border=border, max_stars=None, avoid=bad_any, contrast=0.01,
@@ -733,7 +735,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     v = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1)
     f_a = four.image(img_a)
     f_b = four.image(img_b)
-    del sci0, tpl0, img_a, img_b
+    del sci0, img_a, img_b  # (the template stays for its bright sources)
     f_k = four.kernels(kernels)
     spectral_difference(f_a, f_b, f_k, v_a, v_b, decorrelate)
     del f_a
@@ -777,6 +779,12 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
 
+    # --- residual rings of bright stars (PSF wings the kernel does not match)
+    t1 = time.perf_counter()
+    bright = bright_sources(tpl0, var, psf_t, psf_d, scale=1.0 / ksum if rev else ksum)
+    timing["bright"] = time.perf_counter() - t1
+    del tpl0
+
     # --- aperture corrections of the PSF fluxes (light outside the truncated PSF models)
     t1 = time.perf_counter()
     if apcorr:
@@ -798,6 +806,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     meta["subtraction"] = direction
     meta["ap_corr"] = ap_d
     meta["ap_corr_science"] = ap_s
+    meta["bright_sources"] = bright
     model = science.meta.get("psf_model")
     if rev:
         meta.pop("psf_model", None)  # the difference has the (constant) template PSF
@@ -822,6 +831,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         "ap_corr_science": ap_s,
         "ap_corr_n_stars": n_ap,
         "ap_corr_radius": r_ap,
+        "n_bright_sources": len(bright["flux"]),
         "timing": timing,
     }
     return difference, info
@@ -835,7 +845,10 @@ def _model_stars(science, isolation, contrast, border, bad):
     their own, ``border`` from the edges and with no ``bad`` pixel within ``border``
     are the stars the kernel fit's own search would pick, without a second
     full-frame search.  None when there is no such model or it was searched with a
-    smaller isolation radius.
+    smaller isolation radius.  (:func:`subtract` searches anyway when these do not
+    fill its stamp budget: on a small or sparse CCD a kernel fitted on few stamps
+    needs every star, and the PSF search, made with a fixed FWHM guess, can miss
+    one or two.)
     """
     stars = getattr(science.meta.get("psf_model"), "stars", None)
     if stars is None or stars.get("isolation", 0.0) < isolation or "neighbour" not in stars:

@@ -439,7 +439,7 @@ def _subtract(science, template):
     try:
         model = estimate_psf_model(science)
         science = science.copy_with(psf=model.mean, meta={**science.meta, "psf_model": model})
-        science = mask_cosmic_rays(science, _fwhm_px(model.mean))
+        science = mask_cosmic_rays(science, _sharpest_fwhm_px(model.psfs))
         if template.psf is None:
             step = "template: "
             template = template.copy_with(psf=estimate_psf(template))
@@ -453,12 +453,25 @@ def _subtract(science, template):
     return {"science": science, "template": template, "difference": diff, "info": info}
 
 
-def _fwhm_px(psf):
-    y, x = np.indices(psf.shape)
-    c = (psf.shape[0] - 1) / 2.0
-    r2 = ((x - c) ** 2 + (y - c) ** 2) * psf
-    sigma = math.sqrt(max(r2.sum() / psf.sum() / 2.0, 1e-6))
-    return 2.3548 * sigma
+def _sharpest_fwhm_px(psfs):
+    """FWHM (px) of the Gaussian as sharp as the sharpest of the PSF stamps ``(..., S, S)``.
+
+    :func:`apdask.isr.mask_cosmic_rays` flags pixels sharper than a Gaussian of the
+    FWHM it is given allows, from the ratio of a pixel to its neighbours.  Here that
+    ratio is the stamps' own: ``σ² = 1 / (2 ln R)`` with ``R`` the centre pixel over the
+    mean of its four side neighbours.  Second moments would overstate the FWHM of a
+    PSF with broad wings (Kolmogorov: ~20 %), and the cores of bright stars would be
+    flagged as cosmic rays and interpolated away.
+    """
+    p = np.asarray(psfs, float).reshape((-1,) + np.shape(psfs)[-2:])
+    c = p.shape[-1] // 2
+    side = 0.25 * (p[:, c, c - 1] + p[:, c, c + 1] + p[:, c - 1, c] + p[:, c + 1, c])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(side > 0, p[:, c, c] / side, np.nan)
+    ratio = ratio[np.isfinite(ratio) & (ratio > 1.0)]
+    if len(ratio) == 0:
+        return 4.5
+    return 2.3548 * math.sqrt(1.0 / (2.0 * math.log(float(ratio.max()))))
 
 
 @_per_ccd

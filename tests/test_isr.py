@@ -146,3 +146,36 @@ def test_cosmic_rays_masked_stars_kept():
             int(round(y)) - 2 : int(round(y)) + 3, int(round(x)) - 2 : int(round(x)) + 3
         ].any()
     assert cr.sum() < 100  # the CRs grown by a pixel, nothing else
+
+
+def test_cosmic_rays_kept_off_the_cores_of_wing_heavy_stars():
+    """A PSF with broad wings (like Kolmogorov) has second moments far wider than its
+    core: the FWHM given to the CR finder comes from the PSF's own centre/neighbour
+    ratio, so bright star cores are not flagged (they were, on GalSim images)."""
+    from apdask.visit import _sharpest_fwhm_px
+
+    rng = np.random.default_rng(5)
+    shape = (256, 256)
+    core, wing, f_wing = 4.5, 14.0, 0.12
+    psf = np.zeros((25, 25))
+    add_stars(psf, [12.0], [12.0], [1 - f_wing], core)
+    add_stars(psf, [12.0], [12.0], [f_wing], wing, half=12)
+    psf /= psf.sum()
+    yy, xx = np.mgrid[-12:13, -12:13]
+    moments_fwhm = 2.3548 * np.sqrt((psf * (xx * xx + yy * yy)).sum() / 2)
+    fwhm = _sharpest_fwhm_px(np.array([psf, gaussian_psf(5.5)]))
+    assert 4.0 < fwhm < 1.05 * core and moments_fwhm > fwhm + 1.0
+    truth = np.full(shape, 900.0)
+    gy, gx = np.mgrid[40:230:60, 40:230:60]
+    xs, ys = gx.ravel() + 0.3, gy.ravel() - 0.2
+    add_stars(truth, xs, ys, (1 - f_wing) * 2e6 * np.ones(xs.size), core)
+    add_stars(truth, xs, ys, f_wing * 2e6 * np.ones(xs.size), wing, half=40)
+    var = truth + 36.0
+    img = truth + rng.normal(0, 1, shape) * np.sqrt(var)
+    img[70, 10] += 3000.0
+    exp = Exposure(img.astype(np.float32), var.astype(np.float32), np.zeros(shape, np.uint32))
+    cr = (mask_cosmic_rays(exp, fwhm).mask & MASK["CR"]) != 0
+    assert cr[70, 10] and cr.sum() <= 9  # the CR grown by a pixel, nothing else
+    # the FWHM of the second moments would flag the star cores
+    cr_moments = (mask_cosmic_rays(exp, moments_fwhm).mask & MASK["CR"]) != 0
+    assert cr_moments.sum() > 9 * 4

@@ -153,3 +153,71 @@ def test_reversed_direction_is_white_and_photometric():
     for x, y, f in INJECTED:
         i = np.argmin(np.hypot(tab["x"] - x, tab["y"] - y))
         assert tab["psfFlux"][i] == pytest.approx(f, rel=0.05)
+
+
+def _wing_pair(seed=2):
+    """Stars with broad wings (6 % of the light at FWHM 16 px in the science image, 3 % at
+    9 px in the template), five of them very bright, and five injected transients (one
+    40 px from the brightest star).  The Gaussian kernel basis cannot match the wings."""
+    rng = np.random.default_rng(seed)
+    xs, ys, fl = star_field(SHAPE, 500, seed, fmin=5e3, fmax=3e5)
+    bx = np.array([200.3, 520.6, 830.2, 300.4, 760.8])
+    by = np.array([240.7, 610.2, 300.5, 820.1, 790.6])
+    xs, ys = np.r_[xs, bx], np.r_[ys, by]
+    fl = np.r_[fl, 1e7, 6e6, 4e6, 3e6, 2e6]
+
+    def draw(img, x, y, f, core, wing, f_wing):
+        add_stars(img, x, y, (1 - f_wing) * np.asarray(f, float), core)
+        add_stars(img, x, y, f_wing * np.asarray(f, float), wing, half=60)
+
+    w = make_wcs(SHAPE)
+    tt = np.zeros(SHAPE)
+    draw(tt, xs, ys, fl, 3.5, 9.0, 0.03)
+    tv = np.full(SHAPE, 90.0)
+    tpl = exposure_from(tt + rng.normal(0, 1, SHAPE) * np.sqrt(tv), tv, wcs=w)
+    st = np.full(SHAPE, 900.0)
+    draw(st, xs, ys, fl, 5.0, 16.0, 0.06)
+    inj = INJECTED + [(240.3, 240.7, 20000.0)]
+    for x, y, f in inj:
+        draw(st, [x], [y], [f], 5.0, 16.0, 0.06)
+    sv = st + 25.0
+    sci = exposure_from(st + rng.normal(0, 1, SHAPE) * np.sqrt(sv), sv, wcs=w,
+                        meta={"visit": 7, "band": "r"})  # fmt: skip
+    return sci, tpl, inj, np.column_stack([bx, by])
+
+
+def test_residual_rings_of_bright_stars_are_not_detected():
+    """The ring a bright star leaves beyond the kernel's reach is measured around the
+    template's bright sources and added to the S/N-map variance: no detections there,
+    while transients (also 40 px from a 1e7 star) are found with unchanged fluxes."""
+    from apdask.detect import matched_filter
+
+    sci, tpl, inj, bright = _wing_pair()
+    diff, info = subtract(sci, tpl)
+    src = diff.meta["bright_sources"]
+    assert info["n_bright_sources"] == len(src["flux"]) >= 5
+    for x, y in bright:  # all found; the brightest with its flux (difference units)
+        k = np.argmin(np.hypot(src["x"] - x, src["y"] - y))
+        assert np.hypot(src["x"][k] - x, src["y"][k] - y) < 1.5
+    assert src["flux"][0] == pytest.approx(1e7 * info["kernel_sum"], rel=0.05)
+
+    def run(d):
+        det = detect_sources(d, matched=matched_filter(d))
+        meas = measure_sources(d, sci, tpl, det, visit=7, detector=0, band="r", mjd=60000.0)
+        near = np.zeros(len(det), bool)
+        for x, y, _ in inj:
+            near |= np.hypot(det["x"] - x, det["y"] - y) < 3
+        return meas, near
+
+    # without the bright-source term the rings are detected (~13 px from the stars)
+    bare = diff.copy_with(meta={k: v for k, v in diff.meta.items() if k != "bright_sources"})
+    meas0, near0 = run(bare)
+    assert (~near0).sum() >= 3
+    meas, near = run(diff)
+    assert (~near).sum() == 0
+    assert near.sum() == len(inj)
+    for x, y, f in inj:
+        k = np.argmin(np.hypot(meas["x"] - x, meas["y"] - y))
+        k0 = np.argmin(np.hypot(meas0["x"] - x, meas0["y"] - y))
+        assert meas["psfFlux"][k] == pytest.approx(f, rel=0.1)
+        assert meas["psfFlux"][k] == meas0["psfFlux"][k0]
