@@ -34,7 +34,7 @@ def _coarse_nodes(n, step):
     return nodes
 
 
-def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
+def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="psf"):
     """Resample template tiles onto the pixel grid of ``wcs`` / ``shape``.
 
     Parameters
@@ -49,6 +49,13 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
         PSF stamp of the result; default the PSF of the first tile that has one.
     grid : int, optional
         Spacing in pixels of the exactly transformed coarse grid.
+    variance_scale : {"psf", "pixel"}, optional
+        What the warped variance plane holds (:func:`apdask.lanczos.resample`):
+        ``"psf"`` (default), the noise at the scales of PSF photometry, detection and
+        the matching kernel (the interpolated variance); ``"pixel"``, each pixel's own
+        variance, lower because interpolation averages neighbouring pixels.  The
+        difference image's errors and detection S/N need the first: with the second
+        they were 2–3 % too small (forced fluxes on blank sky scattered by 1.026 σ).
 
     Returns
     -------
@@ -117,7 +124,7 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID):
         win_fill = filled[r0:r1, c0:c1]
         lanczos.resample(
             sub, subv, fx, fy, image[r0:r1, c0:c1], variance[r0:r1, c0:c1], win_fill,
-            bad=bad, ratio=ratio,
+            bad=bad, ratio=ratio, variance_scale=variance_scale,
             bounds=(-0.5 - x_lo, tnx - 0.5 - x_lo, -0.5 - y_lo, tny - 0.5 - y_lo),
         )  # fmt: skip
         if not win_fill.any():

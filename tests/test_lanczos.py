@@ -39,10 +39,18 @@ def test_smooth_image_and_white_noise_variance():
     assert np.abs(img - truth).max() < 0.005 * truth.max()
     assert abs(img.sum() / truth.sum() - 1) < 1e-4  # flux conserved
     noise = np.random.default_rng(2).normal(size=(300, 300)).astype(np.float32)
-    img, var, _ = _run(noise, np.ones_like(noise), fx, fy)
+    img, var, _ = _run(noise, np.ones_like(noise), fx, fy, variance_scale="pixel")
     assert abs(img.var() / var.mean() - 1) < 0.03  # propagated variance = measured variance
     w = lanczos3_weights(fx - np.floor(fx))
     assert var.min() < (w**2).sum(-1).max()  # below one: interpolation averages noise
+    # the default ("psf") variance is the noise power at PSF scales: sums over 10x10
+    # boxes (the scale of a PSF flux) have the variance the plane predicts for
+    # independent pixels; the per-pixel plane underestimates it
+    img, var_psf, _ = _run(noise, np.ones_like(noise), fx, fy)
+    np.testing.assert_allclose(var_psf, 1.0, rtol=1e-5)
+    boxes = img.reshape(20, 10, 20, 10).sum(axis=(1, 3))
+    assert abs(boxes.var() / (100 * var_psf.mean()) - 1) < 0.1
+    assert boxes.var() / (100 * var.mean()) > 1.15  # (measured 1.21 here)
 
 
 def test_bad_taps_and_bounds_leave_pixels_unfilled():

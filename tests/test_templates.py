@@ -42,7 +42,10 @@ def test_warp_matches_analytic_rendering():
     assert out.image[inner].sum() == pytest.approx(ref[inner].sum(), rel=0.01)
     # per-star aperture fluxes and pixel residuals
     assert np.abs(out.image - ref)[inner].max() < 0.02 * ref.max()
-    # variance of each warped pixel: 4 * sum of the squared normalised Lanczos-3 weights
+    # the variance at PSF scales (default) is the input variance, 4
+    np.testing.assert_allclose(out.variance[inner], 4.0, rtol=1e-5)
+    # that of each warped pixel: 4 * sum of the squared normalised Lanczos-3 weights
+    out = warp_template([tile], target, shape, variance_scale="pixel")
     yy, xx = np.mgrid[0 : shape[0] : 7, 0 : shape[1] : 7]
     tx, ty = tw.world_to_pixel_values(*target.pixel_to_world_values(xx, yy))
     wx, wy = lanczos3_weights(tx - np.floor(tx)), lanczos3_weights(ty - np.floor(ty))
