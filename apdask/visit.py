@@ -31,6 +31,7 @@ import dask.array as da
 import numpy as np
 
 from . import config
+from ._alloc import keep_freed_memory
 from .camera import check_band, check_pointing, get_camera
 from .exceptions import (
     ConfigurationError,
@@ -207,6 +208,7 @@ def _per_ccd(fn):
         failed = next((a for a in args if isinstance(a, _CcdFailure)), None)
         if failed is not None:
             return failed
+        keep_freed_memory()  # in whichever worker process runs the stage
         try:
             return fn(*args)
         except _CCD_DATA_ERRORS as err:

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from apdask._alloc import keep_freed_memory  # noqa: E402
 from apdask.detect import detect_sources, matched_filter, measure_sources  # noqa: E402
 from apdask.image import Exposure  # noqa: E402
 from apdask.stamps import StampMaker  # noqa: E402
@@ -168,6 +169,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import scipy.fft as sfft
 
+    heap = keep_freed_memory()  # as the pipeline's stages do (apdask/_alloc.py)
     sci, tpl, truth = make_pair((args.ny, args.nx), n_transients=args.transients)
     t0 = time.perf_counter()
     model_s = estimate_psf_model(sci)
@@ -212,6 +214,7 @@ def main(argv=None):
     rep = {
         "shape": [args.ny, args.nx],
         "cpu_count": os.cpu_count(),
+        "freed_memory_kept_in_heap": heap,
         "padded_frame": [fy, fx],
         "psf_model_s (prefetched, not in total)": round(t_psf, 3),
         "rfft2_pair_s": round(t_fft, 3),
