@@ -44,6 +44,7 @@ __all__ = [
     "inner_threads",
     "fill_nodata",
     "spectral_difference",
+    "above",
     "add_term",
     "cr_candidates",
     "finish_difference",
@@ -345,6 +346,43 @@ def _segments(ys, xs, vals, nx):
     return out, best
 
 
+@numba.njit(parallel=True, cache=True)
+def _count_above(image, t, sign, counts):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        c = 0
+        for x in range(nx):
+            if sign * image[y, x] > t:
+                c += 1
+        counts[y] = c
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill_above(image, t, sign, starts, ys, xs):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        k = starts[y]
+        for x in range(nx):
+            if sign * image[y, x] > t:
+                ys[k] = y
+                xs[k] = x
+                k += 1
+
+
+@_threads
+def above(image, threshold, sign=1):
+    """``np.nonzero(sign * image > threshold)`` (raster order) without a full-frame mask."""
+    image = np.asarray(image)
+    t, sg = image.dtype.type(threshold), image.dtype.type(1 if sign > 0 else -1)
+    counts = np.empty(image.shape[0], np.int64)
+    _count_above(image, t, sg, counts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    n = int(counts.sum())
+    ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
+    _fill_above(image, t, sg, starts, ys, xs)
+    return ys, xs
+
+
 def segments(image, threshold, n_pixels, sign=1):
     """8-connected groups of at least ``n_pixels`` pixels above ``threshold``
     (of ``-image`` when ``sign`` is negative).
@@ -362,11 +400,11 @@ def segments(image, threshold, n_pixels, sign=1):
     numpy.ndarray
         float64 ``(n,)``: that highest value.
     """
-    ys, xs = np.nonzero(image > threshold if sign > 0 else image < -threshold)
+    ys, xs = above(image, threshold, sign)
     if len(ys) == 0:
         return np.zeros((0, 7), np.int64), np.zeros(0)
     vals = image[ys, xs].astype(np.float64) * (1.0 if sign > 0 else -1.0)
-    out, best = _segments(ys.astype(np.int64), xs.astype(np.int64), vals, image.shape[1])
+    out, best = _segments(ys, xs, vals, image.shape[1])
     keep = out[:, 0] >= n_pixels
     return out[keep], best[keep]
 

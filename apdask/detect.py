@@ -581,10 +581,12 @@ def _shifted_psfs(psfs, dx, dy):
     return np.fft.irfft2(f, s=(ny, nx), axes=(1, 2))
 
 
-def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None):
+def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None, full=False):
     """:func:`_psf_fit` at many positions at once: ``(flux, flux_err, edge)`` arrays.
 
-    ``psfs`` is ``(n, S, S)``; ``bkg`` a :class:`Background` (or None).
+    ``psfs`` is ``(n, S, S)``; ``bkg`` a :class:`Background` (or None).  With ``full``,
+    everything :func:`_psf_fit` returns, as arrays: ``(flux, flux_err, ndata, chi2,
+    edge, (gx2, gy2, s2))``.
     """
     half = psfs.shape[1] // 2
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
@@ -613,7 +615,17 @@ def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None):
         err = np.sqrt((pp * pp * np.where(ok, v, 0.0)).sum(axis=(1, 2))) / s2
     few = n < 3
     flux[few], err[few], edge[few] = np.nan, np.nan, True
-    return flux, err, edge
+    if not full:
+        return flux, err, edge
+    with np.errstate(invalid="ignore"):
+        res = np.where(ok, d - flux[:, None, None] * p, 0.0)
+        chi2 = (res * res / np.maximum(np.where(ok, v, 1.0), 1e-30)).sum(axis=(1, 2))
+    gy, gx = np.gradient(p, axis=(1, 2))
+    g = tuple((np.where(ok, a, 0.0) ** 2).sum(axis=(1, 2)) for a in (gx, gy)) + (s2.copy(),)
+    chi2[few] = np.nan
+    for a in g:
+        a[few] = np.nan
+    return flux, err, n, chi2, edge, g
 
 
 def _psf_getter(exposure, default):
@@ -937,9 +949,6 @@ def measure_sources(
     mom_half = int(np.ceil(4 * sig_w))
     pxx, pyy, pxy = _moments(psf)[2:]
     dipole_radius = 2.0 * fwhm if dipole_radius is None else dipole_radius
-    psf_d_at = _psf_getter(difference, psf)
-    psf_s_at = _psf_getter(science, psf_sci)
-    psf_t_at = _psf_getter(template, psf_tpl)
 
     sign = np.asarray(detections["sign"])
     dx0 = np.asarray(detections["x"])
@@ -976,27 +985,28 @@ def measure_sources(
         else:
             xs[i], ys[i] = float(ix), float(iy)
             cflag[i] = True
+    # PSF fits of all sources at once: difference (with centroid-error terms), science
+    # and template
+    fit_d = _psf_fit_many(difference.image, difference.variance, difference.mask,
+                          _psfs_at(difference, psf, xs, ys), xs, ys, full=True)  # fmt: skip
+    fit_s = fit_t = None
+    if science is not None:
+        fit_s = _psf_fit_many(science.image, science.variance, science.mask,
+                              _psfs_at(science, psf_sci, xs, ys), xs, ys, sci_bkg)  # fmt: skip
+    if template is not None:
+        fit_t = _psf_fit_many(template.image, template.variance, template.mask,
+                              _psfs_at(template, psf_tpl, xs, ys), xs, ys, tpl_bkg)  # fmt: skip
     for i in range(n):
         s = sign[i]
-        f, fe, nd, chi2, edge, (gx2, gy2, s2) = _psf_fit(
-            difference.image, difference.variance, difference.mask, psf_d_at(xs[i], ys[i]),
-            xs[i], ys[i],
-        )  # fmt: skip
+        f, fe, nd, chi2, edge = (a[i] for a in fit_d[:5])
+        gx2, gy2, s2 = (a[i] for a in fit_d[5])
         # Cramér-Rao centroid errors for the fitted flux and the pixel noise
         with np.errstate(divide="ignore", invalid="ignore"):
             vloc = fe * fe * s2
             xe = np.sqrt(vloc / (f * f * gx2)) if np.isfinite(f) and f != 0 else np.nan
             ye = np.sqrt(vloc / (f * f * gy2)) if np.isfinite(f) and f != 0 else np.nan
-        if science is not None:
-            sf, sfe = _psf_fit(science.image, science.variance, science.mask,
-                               psf_s_at(xs[i], ys[i]), xs[i], ys[i], sci_bkg)[:2]  # fmt: skip
-        else:
-            sf, sfe = np.nan, np.nan
-        if template is not None:
-            tf, tfe = _psf_fit(template.image, template.variance, template.mask,
-                               psf_t_at(xs[i], ys[i]), xs[i], ys[i], tpl_bkg)[:2]  # fmt: skip
-        else:
-            tf, tfe = np.nan, np.nan
+        sf, sfe = (fit_s[0][i], fit_s[1][i]) if fit_s is not None else (np.nan, np.nan)
+        tf, tfe = (fit_t[0][i], fit_t[1][i]) if fit_t is not None else (np.nan, np.nan)
         ixx, iyy, ixy = _weighted_moments(difference.image, xs[i], ys[i], sig_w, mom_half, s)
         x0, x1 = int(detections["bbox_x0"][i]), int(detections["bbox_x1"][i])
         y0, y1 = int(detections["bbox_y0"][i]), int(detections["bbox_y1"][i])

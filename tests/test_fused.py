@@ -194,6 +194,10 @@ def test_segments_equal_photutils_detect_sources(sign):
         wy, wx = np.unravel_index(np.argmax(win), win.shape)
         assert (px, py) == (wx + x0, wy + y0) and p == win[wy, wx]
     assert len(_fused.segments(img, 1e9, 5, sign)[0]) == 0
+    ys, xs = _fused.above(img, 3.0, sign)
+    want = np.nonzero(sign * img > 3.0)
+    np.testing.assert_array_equal(ys, want[0])
+    np.testing.assert_array_equal(xs, want[1])
 
 
 def _cr_reference(img, bkg, var, skip, cr, r1, r2, nsigma):
