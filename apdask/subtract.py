@@ -450,7 +450,8 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     ``variances`` are the two images' variance planes (summed per stamp), ``bad`` the
     pixels to leave out.
     """
-    conv = _stamp_convolutions(ref, basis, xs, ys, fit_half, factors)  # (ns, nb, S, S)
+    with threadpool_limits(_workers(), user_api="blas"):  # a few large products
+        conv = _stamp_convolutions(ref, basis, xs, ys, fit_half, factors)  # (ns, nb, S, S)
     ns, nb = conv.shape[:2]
     sw = np.array(_spatial_terms(xs, ys, shape, spatial_order)).T  # (ns, nsp)
     bw = np.array(_spatial_terms(xs, ys, shape, bg_order)).T  # (ns, nbg)
@@ -674,7 +675,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     var_s = np.asarray(science.variance, np.float32)
     var_t = np.asarray(template.variance, np.float32)
     pre_half = 0
-    four = _Fourier(shape, kh + 16)
+    four = _Fourier(shape, kh + 3)  # (no wrap-around needs a total pad of kh)
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
     var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
     psf_b = psf_t if rev else psf_s
