@@ -110,6 +110,8 @@ BENCHMARKS = {
         (Check("subtraction to DIASource table with cutouts",
                ("total_subtract_to_table_s",), "<=", 1.5, "s"),
          Check("subtraction / rfft2 pair", ("subtract_over_fft_pair",), "<=", 3.0, "x"),
+         Check("subtraction with a constant kernel / rfft2 pair",
+               ("subtract_constant_kernel_over_fft_pair",), unit="x"),
          Check("peak RSS", ("max_rss_GB",), "<=", 2.0, "GB")),
         quick_args=("--repeat", "1", "--nx", "2048", "--ny", "2048", "--no-sourcefinder"),
     ),
