@@ -357,29 +357,13 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
                  for det in dets]  # fmt: skip
         for f in jobs:
             f.result()
-        calibs = {det.id: _calib_arrays(butler, det.id, band) for det in dets}
-        raw_jobs = []
-        for p in pointings:
-            for det in dets:
-                raw_jobs.append(
-                    pool.submit(
-                        _make_raw,
-                        repo,
-                        seed,
-                        camera,
-                        det,
-                        p,
-                        band,
-                        sky,
-                        transients,
-                        calibs[det.id],
-                        sky_e,
-                        k_njy,
-                        artifacts,
-                        fwhm_range,
-                        engine,
-                    )  # fmt: skip
-                )
+
+        def raw(det, p):  # a CCD's calibrations are read by its own job: for 189 CCDs
+            calib = _calib_arrays(butler, det.id, band)  # they would not fit in memory
+            return _make_raw(repo, seed, camera, det, p, band, sky, transients, calib, sky_e,
+                             k_njy, artifacts, fwhm_range, engine)  # fmt: skip
+
+        raw_jobs = [pool.submit(raw, det, p) for p in pointings for det in dets]
         truth_rows = [f.result() for f in raw_jobs]
 
     messages = []
