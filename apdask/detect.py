@@ -394,38 +394,6 @@ def _cutout(arr, ix, iy, half, fill):
     return out
 
 
-def _psf_fit(image, variance, mask, psf, x, y, bkg=None):
-    """Linear PSF-flux fit at a fixed position (uniform weights).
-
-    Returns ``(flux, flux_err, ndata, chi2, edge, dpsf2)`` where ``dpsf2`` is
-    ``(sum (dP/dx)^2, sum (dP/dy)^2, sum P^2)`` over the used pixels for centroid errors.
-    """
-    half = psf.shape[0] // 2
-    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-    p = _shifted_psf(psf, x - ix, y - iy)
-    d = _cutout(image, ix, iy, half, np.float32(np.nan)).astype(float)
-    if isinstance(bkg, Background):
-        d = d - bkg.cutout(ix, iy, half)
-    elif bkg is not None:
-        d = d - _cutout(bkg, ix, iy, half, np.float32(0.0))
-    v = _cutout(variance, ix, iy, half, np.float32(np.nan)).astype(float)
-    m = _cutout(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
-    ok = np.isfinite(d) & np.isfinite(v) & ((m & _IGNORE) == 0)
-    edge = not bool(ok.all())
-    # only pixels where the PSF carries signal count towards ndata
-    ok &= p > 1e-4 * p.max()
-    n = int(ok.sum())
-    if n < 3:
-        return np.nan, np.nan, n, np.nan, True, (np.nan, np.nan, np.nan)
-    pp = p[ok]
-    s2 = (pp * pp).sum()
-    flux = (pp * d[ok]).sum() / s2
-    err = np.sqrt((pp * pp * v[ok]).sum()) / s2
-    chi2 = (((d[ok] - flux * pp) ** 2) / np.maximum(v[ok], 1e-30)).sum()
-    gy, gx = np.gradient(p)
-    return flux, err, n, chi2, edge, ((gx[ok] ** 2).sum(), (gy[ok] ** 2).sum(), s2)
-
-
 def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None,
                         max_stars=300, min_stars=5, max_error=0.005, stars=None):  # fmt: skip
     """Aperture correction of PSF fluxes: median ``apFlux(radius) / psfFlux`` of bright stars.
@@ -582,11 +550,19 @@ def _shifted_psfs(psfs, dx, dy):
 
 
 def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None, full=False):
-    """:func:`_psf_fit` at many positions at once: ``(flux, flux_err, edge)`` arrays.
+    """Linear PSF-flux fits (uniform weights) at many fixed positions at once.
+
+    For each position: the PSF shifted to the sub-pixel position (Fourier phase
+    ramp), fitted to the background-subtracted box around the nearest pixel, using
+    the pixels where the PSF is above 1e-4 of its peak and the data are good;
+    ``flux = ΣPd / ΣP²``, ``err = sqrt(ΣP²v) / ΣP²``.  ``edge`` is set when any box
+    pixel is masked, off the image or not finite; fewer than 3 usable pixels give NaN.
+    Returns ``(flux, flux_err, edge)`` arrays.
 
     ``psfs`` is ``(n, S, S)``; ``bkg`` a :class:`Background` (or None).  With ``full``,
-    everything :func:`_psf_fit` returns, as arrays: ``(flux, flux_err, ndata, chi2,
-    edge, (gx2, gy2, s2))``.
+    also the number of pixels used, χ² and, for Cramér–Rao centroid errors, the sums
+    of the squared PSF gradients and of P²: ``(flux, flux_err, ndata, chi2, edge,
+    (gx2, gy2, s2))``.
     """
     half = psfs.shape[1] // 2
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)

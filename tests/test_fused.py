@@ -270,8 +270,35 @@ def test_smoothed_residual_equals_ndimage(planes):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _psf_fit_one(image, variance, mask, psf, x, y, bkg=None):
+    """Reference: the one-position PSF fit the batched fit replaced (apdask <= 9d1c12e)."""
+    from apdask.detect import _cutout, _shifted_psf
+
+    half = psf.shape[0] // 2
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    p = _shifted_psf(psf, x - ix, y - iy)
+    d = _cutout(image, ix, iy, half, np.float32(np.nan)).astype(float)
+    if bkg is not None:
+        d = d - bkg.cutout(ix, iy, half)
+    v = _cutout(variance, ix, iy, half, np.float32(np.nan)).astype(float)
+    m = _cutout(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
+    ok = np.isfinite(d) & np.isfinite(v) & ((m & _IGNORE) == 0)
+    edge = not bool(ok.all())
+    ok &= p > 1e-4 * p.max()
+    n = int(ok.sum())
+    if n < 3:
+        return np.nan, np.nan, n, np.nan, True, (np.nan, np.nan, np.nan)
+    pp = p[ok]
+    s2 = (pp * pp).sum()
+    flux = (pp * d[ok]).sum() / s2
+    err = np.sqrt((pp * pp * v[ok]).sum()) / s2
+    chi2 = (((d[ok] - flux * pp) ** 2) / np.maximum(v[ok], 1e-30)).sum()
+    gy, gx = np.gradient(p)
+    return flux, err, n, chi2, edge, ((gx[ok] ** 2).sum(), (gy[ok] ** 2).sum(), s2)
+
+
 def test_batched_psf_fits_equal_one_at_a_time(planes):
-    from apdask.detect import _psf_fit, _psf_fit_many, _psfs_at
+    from apdask.detect import _psf_fit_many, _psfs_at
     from apdask.subtract import PsfGrid
 
     img, var, mask = planes
@@ -288,9 +315,11 @@ def test_batched_psf_fits_equal_one_at_a_time(planes):
     for k in range(len(x)):
         np.testing.assert_allclose(psfs[k], model.at(x[k], y[k]), rtol=1e-12)
     for b in (None, bkg):
-        f, fe, edge = _psf_fit_many(img, var, mask, psfs, x, y, b)
+        f, fe, nd, chi2, edge, g = _psf_fit_many(img, var, mask, psfs, x, y, b, full=True)
         for k in range(len(x)):
-            ref = _psf_fit(img, var, mask, psfs[k], x[k], y[k], b)
-            np.testing.assert_allclose([f[k], fe[k]], ref[:2], rtol=1e-6, atol=1e-4)
+            ref = _psf_fit_one(img, var, mask, psfs[k], x[k], y[k], b)
+            got = [f[k], fe[k], nd[k], chi2[k], *(a[k] for a in g)]
+            np.testing.assert_allclose(got, [*ref[:4], *ref[5]], rtol=1e-6, atol=1e-4)
             assert edge[k] == ref[4]
+        assert np.array_equal(_psf_fit_many(img, var, mask, psfs, x, y, b)[0], f, equal_nan=True)
     assert edge.sum() >= 3
