@@ -380,16 +380,6 @@ def _powers(order):
     return [(i, total - i) for total in range(order + 1) for i in range(total, -1, -1)]
 
 
-def _term(u, v, i, j):
-    """``u**i * v**j`` for a row ``u`` (1, nx) and a column ``v`` (ny, 1), kept
-    broadcastable (no full-frame temporary) when one exponent is zero."""
-    if j == 0:
-        return u**i
-    if i == 0:
-        return v**j
-    return u**i * v**j
-
-
 def _spatial_terms(x, y, shape, order):
     """Polynomial spatial weights (1, u, v, u², uv, v², ...) with u, v in [-1, 1]."""
     ny, nx = shape
