@@ -107,22 +107,9 @@ def _history(det, args, rng):
         "raErr": np.full(n_src, err),
         "dec": o_dec[owner] + rng.normal(0, err, n_src),
         "decErr": np.full(n_src, err),
-        "x": rng.uniform(0, 4000, n_src),
-        "xErr": np.full(n_src, 0.25),
-        "y": rng.uniform(0, 4000, n_src),
-        "yErr": np.full(n_src, 0.25),
-        "psfFlux": flux,
-        "psfFluxErr": 0.05 * flux + 30,
-        "psfChi2": rng.uniform(0.5, 2, n_src),
-        "psfNdata": np.full(n_src, 25),
+        **_measured(flux, rng),
         "trailNdata": np.zeros(n_src, np.int64),
         "dipoleNdata": np.zeros(n_src, np.int64),
-        "apFlux": flux * 1.02,
-        "apFluxErr": 0.05 * flux + 35,
-        "scienceFlux": flux * 3,
-        "scienceFluxErr": 0.03 * flux + 40,
-        "snr": flux / (0.05 * flux + 30),
-        "bboxSize": np.full(n_src, 30),
         "timeProcessedMjdTai": s_mjd + 60 / 86400,
         "band": s_band,
         "isDipole": np.zeros(n_src, bool),
@@ -159,6 +146,27 @@ def _history(det, args, rng):
     }
     objects = _object_versions(o_id, o_ra, o_dec, n_per, owner, s_mjd, s_band, flux, args, rng)
     return objects, sources, forced
+
+
+def _measured(flux, rng):
+    """Synthetic measurement columns of DIASources with PSF fluxes ``flux`` (nJy)."""
+    n = len(flux)
+    return {
+        "x": rng.uniform(0, 4000, n),
+        "xErr": np.full(n, 0.25),
+        "y": rng.uniform(0, 4000, n),
+        "yErr": np.full(n, 0.25),
+        "psfFlux": flux,
+        "psfFluxErr": 0.05 * flux + 30,
+        "psfChi2": rng.uniform(0.5, 2, n),
+        "psfNdata": np.full(n, 25),
+        "apFlux": flux * 1.02,
+        "apFluxErr": 0.05 * flux + 35,
+        "scienceFlux": flux * 3,
+        "scienceFluxErr": 0.03 * flux + 40,
+        "snr": flux / (0.05 * flux + 30),
+        "bboxSize": np.full(n, 30),
+    }
 
 
 def _object_versions(o_id, o_ra, o_dec, n_per, owner, s_mjd, s_band, flux, args, rng):
@@ -337,20 +345,7 @@ def _new_sources(det, objects, visit, mjd, args, rng):
             "raErr": np.full(n, err),
             "dec": dec,
             "decErr": np.full(n, err),
-            "x": rng.uniform(0, 4000, n),
-            "xErr": np.full(n, 0.25),
-            "y": rng.uniform(0, 4000, n),
-            "yErr": np.full(n, 0.25),
-            "psfFlux": flux,
-            "psfFluxErr": 0.05 * flux + 30,
-            "psfChi2": rng.uniform(0.5, 2, n),
-            "psfNdata": np.full(n, 25),
-            "apFlux": flux * 1.02,
-            "apFluxErr": 0.05 * flux + 35,
-            "scienceFlux": flux * 3,
-            "scienceFluxErr": 0.03 * flux + 40,
-            "snr": flux / (0.05 * flux + 30),
-            "bboxSize": np.full(n, 30),
+            **_measured(flux, rng),
             "timeProcessedMjdTai": np.full(n, mjd + 60 / 86400),
             "band": np.full(n, "r"),
             "isDipole": np.zeros(n, bool),
