@@ -84,3 +84,33 @@ def test_no_coverage_raises():
         warp_template([tile], far, shape)
     with pytest.raises(NoTemplateCoverageError):
         warp_template([], far, shape)
+
+
+def test_overlapping_tiles_leave_no_seam():
+    # one sky image cut into two tiles that overlap by 64 px, as patches of a coadd
+    # are: the warp must not depend on where the cut is, even for a star on it
+    big_shape = (300, 600)
+    big_wcs = make_wcs(big_shape)
+    img = np.zeros(big_shape)
+    cut = 330  # tile A is columns 0..cut-1, tile B cut-64..599
+    ys = np.arange(40.3, 270, 23.0)
+    xs = cut - 3.0 + 0.37 * np.arange(len(ys)) % 1.0 - 1.0 * (np.arange(len(ys)) % 5)
+    add_stars(img, xs, ys, np.full(len(ys), 1e5), FWHM)
+    var = np.full(big_shape, 4.0, np.float32)
+    whole = TemplateTile(img.astype(np.float32), var, big_wcs, "r", "whole", gaussian_psf(FWHM))
+    a = TemplateTile(img[:, :cut].astype(np.float32), var[:, :cut],
+                     make_wcs((300, cut), crpix=big_wcs.wcs.crpix), "r", "a", None)  # fmt: skip
+    b0 = cut - 64
+    wb = make_wcs((300, 600 - b0), crpix=(big_wcs.wcs.crpix[0] - b0, big_wcs.wcs.crpix[1]))
+    b = TemplateTile(img[:, b0:].astype(np.float32), var[:, b0:], wb, "r", "b", None)
+    shape = (260, 400)
+    target = make_wcs(shape, rot_deg=0.3)
+    target.wcs.crval = [150.0 + 2e-4, 2.0 + 1e-4]
+    ref = warp_template([whole], target, shape)
+    out = warp_template([a, b], target, shape)
+    assert out.meta["tiles"] == ["a", "b"]
+    assert not (out.mask & MASK["NO_DATA"]).any()
+    inner = (slice(10, -10), slice(10, -10))
+    # identical pixels either way (float32 rounding only)
+    np.testing.assert_allclose(out.image[inner], ref.image[inner], atol=1e-3 * img.max())
+    np.testing.assert_allclose(out.variance[inner], ref.variance[inner], rtol=1e-5)
