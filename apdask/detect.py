@@ -448,40 +448,52 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
         )  # fmt: skip
     order = usable_stars(len(stars["x"]), max_stars)
     bkg = stars.get("bkg")
-    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     ratios = [[] for _ in radii]
     errors = [[] for _ in radii]
-    for i in order:
-        x, y = float(stars["x"][i]), float(stars["y"][i])
-        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        d = _cutout(image, ix, iy, half, np.float32(np.nan)).astype(float)
+    x = np.asarray(stars["x"], float)[order]
+    y = np.asarray(stars["y"], float)[order]
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    psfs = np.array([np.asarray(psf_at(xi, yi), float) for xi, yi in zip(x, y, strict=True)])
+    ph = psfs.shape[-1] // 2 if len(order) else 0
+    if len(order) and ph <= half:
+        # all stars at once: (n, S, S) stamps, NaN off the image as the loop's cutouts were
+        d = _stamps(image, ix, iy, half).astype(float)
         if bkg is not None:  # (the annulus median below removes a constant anyway)
-            d -= _cutout(bkg, ix, iy, half, np.float32(0.0))
-        v = _cutout(exposure.variance, ix, iy, half, np.float32(np.nan)).astype(float)
-        m = _cutout(exposure.mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
-        r = np.hypot(xx - (x - ix), yy - (y - iy))
+            d -= np.array(
+                [_cutout(bkg, i, j, half, np.float32(0.0)) for i, j in zip(ix, iy, strict=True)]
+            )
+        v = _stamps(exposure.variance, ix, iy, half).astype(float)
+        m = _stamps(exposure.mask, ix, iy, half, MASK["NO_DATA"])
+        o = np.arange(-half, half + 1, dtype=float)
+        r = np.hypot(o[None, None, :] - (x - ix)[:, None, None],
+                     o[None, :, None] - (y - iy)[:, None, None])  # fmt: skip
         ok = np.isfinite(d) & np.isfinite(v) & ((m & _IGNORE) == 0)
         ann = ok & (r >= r_in) & (r <= r_out)
-        if not ok[r <= radii[0]].all() or ann.sum() < 50:
-            continue
-        sky = np.median(d[ann])
-        d -= sky
-        v_sky = float(np.median(v[ann]))
-        psf = np.asarray(psf_at(x, y), float)
-        ph = psf.shape[0] // 2
-        if ph > half:
-            continue
+        n = len(order)
+        use = (ok | (r > radii[0])).reshape(n, -1).all(axis=1)
+        use &= ann.reshape(n, -1).sum(axis=1) >= 50
+        # the annulus pixels of every star lie within 1 px of those of a centred one
+        r0 = np.hypot(o[None, :], o[:, None]).ravel()
+        ring = np.flatnonzero((r0 >= r_in - 1.0) & (r0 <= r_out + 1.0))
+        ann_r = ann.reshape(n, -1)[:, ring]
+        sky = nanmedian_last(np.where(ann_r, d.reshape(n, -1)[:, ring], np.nan))
+        v_sky = nanmedian_last(np.where(ann_r, v.reshape(n, -1)[:, ring], np.nan))
+        d -= sky[:, None, None]
         p = np.zeros_like(d)
-        p[half - ph : half + ph + 1, half - ph : half + ph + 1] = _shifted_psf(psf, x - ix, y - iy)
-        pf = (p * d).sum() / (p * p).sum()
-        if not pf > 0:
-            continue
+        p[:, half - ph : half + ph + 1, half - ph : half + ph + 1] = _shifted_psfs(
+            psfs, x - ix, y - iy
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pf = (p * d).sum(axis=(1, 2)) / (p * p).sum(axis=(1, 2))
+        use &= pf > 0
         for k, rad in enumerate(radii):
             inside = r <= rad
-            err = np.sqrt(inside.sum() * max(v_sky, 0.0)) / pf
-            if err <= 0.1:
-                ratios[k].append(d[inside].sum() / pf)
-                errors[k].append(err)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                err = np.sqrt(inside.sum(axis=(1, 2)) * np.maximum(v_sky, 0.0)) / pf
+                ratio = np.where(inside, d, 0.0).sum(axis=(1, 2)) / pf
+            sel = use & (err <= 0.1)
+            ratios[k] = list(ratio[sel])
+            errors[k] = list(err[sel])
     for k, rad in enumerate(radii):
         rk, ek = np.asarray(ratios[k]), np.asarray(errors[k])
         if len(rk) < min_stars:
