@@ -5,6 +5,10 @@ imported everything and opened the PPDB beforehand (dax_apdb's engine pools no
 connections, so a forked child makes its own).  Each child reads its CCD's
 history as of the visit, associates and stores a synthetic catalog, or stores
 catalogs the parent prepared: no pixels, so 189 of them fit on two cores.
+
+`make test` runs this module in a pytest process of its own: after scipy.fft has
+run with several workers in a process, its pocketfft thread pool joins its threads
+in a fork handler, and that can hang under load.
 """
 
 from __future__ import annotations
