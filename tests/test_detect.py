@@ -251,3 +251,55 @@ def test_aperture_correction_recovers_wing_light():
         0,
         pytest.approx(np.nan, nan_ok=True),
     )
+
+
+def test_local_residual_power_of_bright_sources():
+    """Bright sources whose neighbours leave non-round residuals (a kernel that is
+    wrong in one part of the CCD) get that residual power as S/N-map variance; the
+    power is taken from the *other* sources nearby, so a variable star keeps its own
+    signal, and its S/N peak stays on it."""
+    from apdask.detect import _bright_variance, _gaussian_psf
+
+    rng = np.random.default_rng(5)
+    sig = 4.0 / 2.3548
+    psf = _gaussian_psf(sig)
+    ny, nx = 600, 900
+    filt = rng.normal(0.0, 1.0, (ny, nx))
+    vfilt = np.ones((ny, nx), np.float32)
+    gx, gy = np.meshgrid(np.arange(60, nx - 50, 80), np.arange(60, ny - 50, 80))
+    xs, ys = gx.ravel(), gy.ravel()
+    flux = rng.uniform(5e4, 1e5, len(xs))
+    yy, xx = np.mgrid[-20:21, -20:21]
+    phi = np.exp(-(xx**2 + yy**2) / (4 * sig**2))  # matched-filter profile
+    dip = (xx / sig) * phi  # a sub-pixel misregistration's residual
+    left = xs < nx / 2
+    for x, y, f in zip(xs[left], ys[left], flux[left], strict=True):
+        filt[y - 20 : y + 21, x - 20 : x + 21] += 9.3e-5 * f * dip  # peaks of 4-8 sigma
+    var_l = np.flatnonzero(left)[len(np.flatnonzero(left)) // 2]  # variable stars, one
+    var_r = np.flatnonzero(~left)[len(np.flatnonzero(~left)) // 2]  # in each half
+    for k in (var_l, var_r):
+        filt[ys[k] - 20 : ys[k] + 21, xs[k] - 20 : xs[k] + 21] -= 40.0 * phi
+    order = np.argsort(-flux)
+    src = {"x": xs[order], "y": ys[order], "flux": flux[order]}
+    before = filt.copy()
+    _bright_variance(filt, vfilt, np.zeros((ny, nx), bool), src, psf)
+    np.testing.assert_array_equal(filt, before)  # only the variance changes
+    snr = filt / np.sqrt(vfilt)
+    peak0, peak = [], []
+    for i in np.flatnonzero(left):
+        if i != var_l:
+            win = np.s_[ys[i] - 20 : ys[i] + 21, xs[i] - 20 : xs[i] + 21]
+            peak0.append(np.abs(before[win]).max())
+            peak.append(np.abs(snr[win]).max())
+    assert np.sum(np.array(peak0) > 5.0) >= 5  # residuals above a 5 sigma threshold
+    assert max(peak) < 4.5  # are no longer detections
+    # no residuals in the right half: its variance is (almost) untouched
+    right = np.zeros((ny, nx), bool)
+    right[:, nx // 2 + 30 :] = True
+    assert np.median(vfilt[right]) == pytest.approx(1.0, abs=0.01)
+    for k in (var_l, var_r):
+        box = snr[ys[k] - 20 : ys[k] + 21, xs[k] - 20 : xs[k] + 21]
+        py, px = np.unravel_index(np.argmin(box), box.shape)
+        assert abs(py - 20) <= 1 and abs(px - 20) <= 1  # the peak stays on the star
+        assert box[20, 20] < -5.0  # and it is still detected
+    assert snr[ys[var_r], xs[var_r]] < -35.0  # in the clean half at full S/N
