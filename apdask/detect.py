@@ -711,7 +711,7 @@ def _stamps(arr, xs, ys, half, fill=np.nan):
 
 
 def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_stars=50,
-                     nsigma=2.0, floor=0.05, neighbours=10, max_local=400):  # fmt: skip
+                     nsigma=2.0, floor=0.05, neighbours=10, max_local=200):  # fmt: skip
     """Residuals of bright sources as systematic noise of the S/N map (in place).
 
     Two terms, the score-image variance terms of Zackay, Ofek & Gal-Yam (2016):
@@ -795,8 +795,8 @@ def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_
         # leave the source itself out (the k nearest others)
         keep = nb != own[:, None]
         nb = np.array([row[kk][:k] for row, kk in zip(nb, keep, strict=True)])
-        for i in range(len(flux)):
-            local[i] = _weighted_median_profile(pw[nb[i]], pw_w[nb[i]], nsigma, signed=True)
+        # (source, neighbour, bin): the weighted medians of all sources at once
+        local = _weighted_median_profile(pw[nb], pw_w[nb], nsigma, signed=True)
         local = np.maximum.accumulate(local[:, ::-1], axis=1)[:, ::-1]
         core = edges[:-1] < fwhm
         local[:, core] = local[:, core].max(axis=1, keepdims=True)
@@ -844,17 +844,18 @@ def _filter_profile(psf, edges):
 
 
 def _weighted_median_profile(val, w, nsigma, signed=False):
-    """Per bin (last axis) weighted median over sources (first axis), less ``nsigma``
+    """Per bin (last axis) weighted median over sources (the axis before), less ``nsigma``
     errors (``1.2533 / sqrt(Σ w)``): of ``|median|`` (``signed=False``, made
     non-increasing outwards) or of the median itself, 0 where not positive."""
     w = np.where(np.isfinite(val) & np.isfinite(w) & (w > 0), w, 0.0)
     val = np.where(w > 0, val, 0.0)
-    o = np.argsort(val, axis=0)
-    vs, ws = np.take_along_axis(val, o, 0), np.take_along_axis(w, o, 0)
-    cw = np.cumsum(ws, axis=0)
-    tot = cw[-1]
-    k = np.argmax(cw >= 0.5 * tot[None, :], axis=0)
-    prof = np.where(tot > 0, vs[k, np.arange(val.shape[1])], 0.0)
+    ax = val.ndim - 2  # the sources' axis (leading axes: independent batches)
+    o = np.argsort(val, axis=ax)
+    vs, ws = np.take_along_axis(val, o, ax), np.take_along_axis(w, o, ax)
+    cw = np.cumsum(ws, axis=ax)
+    tot = np.take(cw, -1, axis=ax)
+    k = np.argmax(cw >= 0.5 * np.expand_dims(tot, ax), axis=ax)
+    prof = np.where(tot > 0, np.take_along_axis(vs, np.expand_dims(k, ax), ax).squeeze(ax), 0.0)
     err = np.where(tot > 0, 1.2533 / np.sqrt(np.where(tot > 0, tot, 1.0)), 0.0)
     if signed:
         return np.maximum(prof - nsigma * err, 0.0)
