@@ -161,8 +161,9 @@ def _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, varian
     ratio = area_t / proj_plane_pixel_area(tile.wcs.celestial)
     before = int(np.count_nonzero(win_fill))
     # taps floor(f) - 2 .. floor(f) + 3: all on the tile for 2 <= f < n - 3
-    cut = inset - 0.5 + 1e-3 if inset else 0.0
-    lo, hi_x, hi_y = -0.5 + cut, tnx - 0.5 - cut, tny - 0.5 - cut
+    lo = float(inset - 1) if inset else -0.5
+    cut = inset - 0.5 + 1e-3 if inset else 0.0  # (bounds are inclusive)
+    hi_x, hi_y = tnx - 0.5 - cut, tny - 0.5 - cut
     lanczos.resample(
         sub, subv, fx, fy, image[r0:r1, c0:c1], variance[r0:r1, c0:c1], win_fill,
         bad=bad, ratio=ratio, variance_scale=variance_scale,
