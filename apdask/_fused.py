@@ -43,9 +43,7 @@ def _threads(fn):
 __all__ = [
     "inner_threads",
     "fill_nodata",
-    "spectral_difference",
     "above",
-    "add_term",
     "cr_candidates",
     "finish_difference",
     "grow_diamond",
@@ -90,70 +88,6 @@ def fill_nodata(image, variance, mask, nodata_bit):
     nodata = np.empty(image.shape, np.bool_)
     _fill_nodata(image, np.asarray(variance), np.asarray(mask), np.uint32(nodata_bit), out, nodata)
     return out, nodata
-
-
-@numba.njit(parallel=True, cache=True)
-def _spectral(f_a, f_b, f_k, v_a, v_b, decorrelate):
-    ny, nx = f_b.shape
-    nsp = f_k.shape[0]
-    num = v_b + (f_k[0, 0, 0].real ** 2) * v_a  # κ = K̂(0): the zero-frequency gain
-    floor = 1e-4 * num
-    for y in numba.prange(ny):
-        for x in range(nx):
-            a = f_a[y, x]
-            k0 = f_k[0, y, x]
-            psi = np.float32(1.0)
-            if decorrelate:
-                den = v_b + v_a * (k0.real * k0.real + k0.imag * k0.imag)
-                psi = np.float32(np.sqrt(num / max(den, floor)))
-            f_b[y, x] = (f_b[y, x] - k0 * a) * psi
-            for s in range(1, nsp):
-                f_k[s, y, x] = -(f_k[s, y, x] * a) * psi
-
-
-@_threads
-def spectral_difference(f_a, f_b, f_k, v_a, v_b, decorrelate=True):
-    """Transforms of the decorrelated difference terms, in place.
-
-    With ``ψ̂ = sqrt((v_b + κ² v_a) / max(v_b + v_a |K̂_0|², 1e-4 (v_b + κ² v_a)))``
-    (:func:`apdask.subtract.decorrelation_kernel` on the full grid, ``κ = K̂_0(0)``;
-    ``ψ̂ = 1`` without ``decorrelate``), ``f_b`` becomes ``ψ̂ (F_b − K̂_0 F_a)`` and
-    ``f_k[s]`` (``s ≥ 1``) becomes ``−ψ̂ K̂_s F_a``: the spatial terms of
-    ``ψ ⊗ (B − K(x, y) ⊗ A)``.  ``f_k[0]`` is left as it was.
-
-    Parameters
-    ----------
-    f_a, f_b : numpy.ndarray
-        complex64 ``rfft2`` of the convolved and the unconvolved image.
-    f_k : numpy.ndarray
-        complex64 ``(n_terms, fy, fx // 2 + 1)`` kernel transforms, constant term first.
-    v_a, v_b : float
-        Typical per-pixel variances of the two images.
-    """
-    _spectral(f_a, f_b, f_k, np.float32(v_a), np.float32(v_b), bool(decorrelate))
-
-
-@numba.njit(parallel=True, cache=True)
-def _add_term(out, term, wu, wv, first):
-    ny, nx = out.shape
-    for y in numba.prange(ny):
-        wy = wv[y]
-        for x in range(nx):
-            t = term[y, x] * (wu[x] * wy)
-            if first:
-                out[y, x] = t
-            else:
-                out[y, x] += t
-
-
-@_threads
-def add_term(out, term, wu, wv, first=False):
-    """``out += term[:ny, :nx] * wu[None, :] * wv[:, None]`` (``=`` when ``first``).
-
-    ``term`` may be larger than ``out`` (the padded inverse transform); its top-left
-    ``out.shape`` corner is used.
-    """
-    _add_term(out, term, np.asarray(wu, np.float32), np.asarray(wv, np.float32), bool(first))
 
 
 @numba.njit(parallel=True, cache=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import scipy.fft as sfft
 from astropy.io import fits
 from astropy.table import Table
 from photutils.aperture import ApertureMask, CircularAperture
@@ -29,7 +28,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from . import config
-from ._fourier import small_kernel_rfft2
+from ._fourier import convolve_tiles
 from ._fused import inner_threads, matched_inputs, segments, smoothed_residual, snr_map
 from ._stats import nanmedian_last
 from .exceptions import PsfFitError
@@ -76,11 +75,11 @@ def _workers():
 def _fft_convolve(image, kernels, *, fill=0.0, finite=False):
     """Convolve ``image`` with one or several odd square kernels ('same' output, zero padded).
 
-    The image is transformed once; the padding goes to a 5-smooth size so that
-    no wrap-around occurs.  Non-finite pixels are replaced by ``fill`` (pass
-    ``finite=True`` for an image known to be finite: no check).
+    Overlap-save on cache-sized tiles (:func:`apdask._fourier.convolve_tiles`): each
+    tile is transformed once for all kernels.  Non-finite pixels are replaced by
+    ``fill`` (pass ``finite=True`` for an image known to be finite: no check).
 
-    Returns a single array if ``kernels`` is one 2-D array, else a list.
+    Returns a single float32 array if ``kernels`` is one 2-D array, else a list.
     """
     single = np.ndim(kernels) == 2
     if single:
@@ -88,20 +87,9 @@ def _fft_convolve(image, kernels, *, fill=0.0, finite=False):
     image = np.asarray(image, dtype=np.float32)
     if not finite and not np.all(np.isfinite(image)):
         image = np.where(np.isfinite(image), image, np.float32(fill))
-    ny, nx = image.shape
-    ky = max(k.shape[0] for k in kernels)
-    kx = max(k.shape[1] for k in kernels)
-    fy = sfft.next_fast_len(ny + ky - 1, real=True)
-    fx = sfft.next_fast_len(nx + kx - 1, real=True)
-    w = _workers()
-    fim = sfft.rfft2(image, s=(fy, fx), workers=w)
-    out = []
-    for k in kernels:
-        # centred on the origin (wrapped), so the 'same' output starts at (0, 0)
-        fk = small_kernel_rfft2([np.asarray(k, np.float32)], fy, fx)[0]
-        fk *= fim
-        res = sfft.irfft2(fk, s=(fy, fx), workers=w, overwrite_x=True)
-        out.append(res[:ny, :nx])
+    out = [np.empty(image.shape, np.float32) for _ in kernels]
+    jobs = [(o, [(None, None, [(0, k)])]) for o, k in zip(out, kernels, strict=True)]
+    convolve_tiles([image], jobs, threads=_workers())
     return out[0] if single else out
 
 
@@ -897,8 +885,9 @@ def _filtered(difference, psf, sat_grow=None):
         difference.image, difference.variance, difference.mask, _IGNORE, sat, int(sat_grow)
     )
     p = psf[::-1, ::-1]  # correlation with the PSF
-    filt = _fft_convolve(img, p, finite=True)
-    vfilt = _fft_convolve(var, p * p, finite=True)
+    filt, vfilt = np.empty(img.shape, np.float32), np.empty(img.shape, np.float32)
+    jobs = [(filt, [(None, None, [(0, p)])]), (vfilt, [(None, None, [(1, p * p)])])]
+    convolve_tiles([img, var], jobs, threads=_workers())
     sources = difference.meta.get("bright_sources")
     if sources is not None:
         _bright_variance(filt, vfilt, bad, sources, psf)

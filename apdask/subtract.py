@@ -11,20 +11,19 @@ transform, one inverse per spatial term).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.fft as sfft
-from scipy import ndimage
+from scipy import ndimage, signal
 from threadpoolctl import threadpool_limits
 
-from ._fourier import small_kernel_rfft2
+from ._fourier import convolve_tiles
 from ._fused import (
-    add_term,
     difference_variance,
     dilate,
     fill_nodata,
     finish_difference,
-    spectral_difference,
 )
 from ._stats import nanmedian_last
 from .detect import (
@@ -393,14 +392,21 @@ def _spatial_terms(x, y, shape, order):
 
 
 def _stamp_convolutions(image, basis, xs, ys, fit_half, factors):
-    """Valid-mode convolution of stamps of ``image`` with every basis kernel.
+    """Valid-mode convolution of stamps of ``image`` with the basis's separable factors.
 
-    The Alard–Lupton kernels are linear combinations of separable ones
-    (``factors``, :func:`_al_factors`), so each stamp is convolved with those as two
-    matrix products with banded (Toeplitz) matrices, all stamps at once, in single
-    precision (relative error ~1e-7), and the results are combined.
+    The Alard–Lupton kernels are linear combinations of separable raw kernels
+    (``factors``, :func:`_al_factors`): ``basis = M @ raw``.  Each stamp is convolved
+    with the raw kernels as two matrix products with banded (Toeplitz) matrices, all
+    stamps at once, in single precision (relative error ~1e-7).  The convolutions
+    with the basis are ``M @ raw`` per stamp; the fit forms its normal equations on
+    the raw ones and transforms those (:func:`_fit_kernel`).
 
-    Returns ``(n_stamps, n_basis, 2*fit_half+1, 2*fit_half+1)``.
+    Returns
+    -------
+    raw : numpy.ndarray
+        float32 ``(n_stamps, n_raw, (2*fit_half+1)**2)``.
+    M : numpy.ndarray
+        ``(n_basis, n_raw)``.
     """
     terms, prof = factors
     ks = basis.shape[1]
@@ -418,19 +424,46 @@ def _stamp_convolutions(image, basis, xs, ys, fit_half, factors):
             m[q, q : q + ks] = p[::-1]
         return m
 
-    rows = {}  # stamps convolved along x with prof[k][i]: (T, ns * S), y first
-    raw = np.empty((len(terms), ns, S, S), np.float32)
+    raw = np.empty((ns, len(terms), S, S), np.float32)
     flat = stamps.reshape(ns * T, T)
-    for r, (k, i, j) in enumerate(terms):
-        if (k, i) not in rows:
-            h = (flat @ toeplitz(prof[k][i]).T).reshape(ns, T, S)
-            rows[k, i] = np.ascontiguousarray(h.transpose(1, 0, 2)).reshape(T, ns * S)
-        raw[r] = (toeplitz(prof[k][j]) @ rows[k, i]).reshape(S, ns, S).transpose(1, 0, 2)
+    for k, i in dict.fromkeys((k, i) for k, i, _ in terms):
+        # stamps convolved along x with prof[k][i], then along y with every prof[k][j]
+        h = (flat @ toeplitz(prof[k][i]).T).reshape(ns, T, S)
+        rows = np.ascontiguousarray(h.transpose(1, 0, 2)).reshape(T, ns * S)
+        idx = [r for r, t in enumerate(terms) if t[:2] == (k, i)]
+        ty = np.concatenate([toeplitz(prof[k][terms[r][2]]) for r in idx])
+        res = (ty @ rows).reshape(len(idx), S, ns, S)
+        raw[:, idx] = res.transpose(2, 0, 1, 3)
     # basis = M @ raw kernels (exactly: same span)
     raw_k = np.array([np.outer(prof[k][j], prof[k][i]).ravel() for k, i, j in terms])
     m = np.linalg.lstsq(raw_k.T, basis.reshape(len(basis), -1).T, rcond=None)[0].T
-    out = (m.astype(np.float32) @ raw.reshape(len(terms), -1)).reshape(len(basis), ns, S, S)
-    return out.transpose(1, 0, 2, 3).astype(float)
+    return raw.reshape(ns, len(terms), S * S), m
+
+
+def _normal_blocks(raw, wf, tgf, threads):
+    """Per-stamp normal-equation blocks ``Σ w c cᵀ``, ``Σ w c`` and ``Σ w c t``.
+
+    ``raw`` (float32, ``(n, k, P)``) is promoted to double before the products (in
+    single precision the kernel sum moves by 2e-4); the stamps are split over
+    ``threads`` (each a sequence of small matrix products).
+    """
+
+    def blocks(lo, hi):
+        sw = np.sqrt(wf[lo:hi])
+        cs = raw[lo:hi] * sw[:, None, :]  # float64
+        m = np.matmul(cs, cs.transpose(0, 2, 1))
+        c = np.matmul(cs, sw[:, :, None])[:, :, 0]
+        b = np.matmul(cs, (tgf[lo:hi] * sw)[:, :, None])[:, :, 0]
+        return m, c, b
+
+    ns = len(raw)
+    cuts = np.linspace(0, ns, max(1, min(int(threads), ns)) + 1).astype(int)
+    parts = list(zip(cuts[:-1], cuts[1:], strict=True))
+    if len(parts) == 1:
+        return blocks(0, ns)
+    with ThreadPoolExecutor(len(parts)) as pool:
+        res = list(pool.map(lambda p: blocks(*p), parts))
+    return tuple(np.concatenate(r) for r in zip(*res, strict=True))
 
 
 def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, bg_order, fit_half,
@@ -441,8 +474,9 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     pixels to leave out.
     """
     with threadpool_limits(_workers(), user_api="blas"):  # a few large products
-        conv = _stamp_convolutions(ref, basis, xs, ys, fit_half, factors)  # (ns, nb, S, S)
-    ns, nb = conv.shape[:2]
+        raw, m_raw = _stamp_convolutions(ref, basis, xs, ys, fit_half, factors)
+    ns, nr = raw.shape[:2]
+    nb = len(basis)
     sw = np.array(_spatial_terms(xs, ys, shape, spatial_order)).T  # (ns, nsp)
     bw = np.array(_spatial_terms(xs, ys, shape, bg_order)).T  # (ns, nbg)
     nsp, nbg = sw.shape[1], bw.shape[1]
@@ -460,16 +494,15 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     # noisy pixels themselves would bias the fit (low pixels get high weight)
     vr = ndimage.uniform_filter(vr, size=(1, 5, 5), mode="nearest")
     w = np.where(ok & (vr > 0), 1.0 / np.where(vr > 0, vr, 1.0), 0.0)
-    c = conv.reshape(ns, nb, S * S)
-    del conv
     tgf = tg.reshape(ns, S * S)
     wf = w.reshape(ns, S * S)
-    # per-stamp normal-equation blocks (with them, each stamp's χ² needs no model image)
-    cw = c * wf[:, None, :]
-    m_n = np.matmul(cw, c.transpose(0, 2, 1))  # (ns, nb, nb)
-    c_n = cw.sum(axis=2)  # (ns, nb)
-    b_n = np.matmul(cw, tgf[:, :, None])[:, :, 0]  # (ns, nb)
-    del cw, c
+    # per-stamp normal-equation blocks (with them, each stamp's χ² needs no model
+    # image), on the raw separable kernels in double precision, then ``M · M_raw · Mᵀ``
+    m_n, c_n, b_n = _normal_blocks(raw, wf, tgf, _workers())
+    del raw
+    m_n = m_raw @ m_n @ m_raw.T  # (ns, nb, nb)
+    c_n = c_n @ m_raw.T
+    b_n = b_n @ m_raw.T
     w_n = wf.sum(axis=1)  # (ns,)
     t_n = (wf * tgf).sum(axis=1)  # (ns,)
     tt_n = (wf * tgf * tgf).sum(axis=1)  # (ns,)
@@ -481,7 +514,9 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     for _ in range(3):
         u = use
         ata = np.zeros((npar, npar))
-        ata[:nk, :nk] = np.einsum("nab,ns,nt->asbt", m_n[u], sw[u], sw[u]).reshape(nk, nk)
+        q = (sw[u][:, :, None] * sw[u][:, None, :]).reshape(-1, nsp * nsp)  # (n, s·t)
+        blk = (m_n[u].reshape(-1, nb * nb).T @ q).reshape(nb, nb, nsp, nsp)
+        ata[:nk, :nk] = blk.transpose(0, 2, 1, 3).reshape(nk, nk)
         cross = np.einsum("na,ns,nt->ast", c_n[u], sw[u], bw[u]).reshape(nk, nbg)
         ata[:nk, nk:] = cross
         ata[nk:, :nk] = cross.T
@@ -553,6 +588,26 @@ def decorrelation_kernel(kernel, var_sci, var_tpl, *, psf_pre=None, size=None, f
     return _recentre(psi, size)
 
 
+def _truncated_psi(kernel, var_b, var_a, kh, tail=1e-5):
+    """:func:`decorrelation_kernel` cut to the smallest box whose outside holds at most
+    ``tail`` of ``Σ|ψ|`` (radius 1 to ``3 kh``), renormalised to sum 1.
+
+    The difference image is convolved with exactly this ψ, tile by tile
+    (:func:`apdask._fourier.convolve_tiles`), and its PSF is made with it too.
+    """
+    big = decorrelation_kernel(kernel, var_b, var_a, size=6 * kh + 1)
+    c = big.shape[0] // 2
+    yy, xx = np.indices(big.shape) - c
+    ring = np.maximum(np.abs(yy), np.abs(xx))
+    # Σ|ψ| outside radius r, for r = 0, 1, ...
+    per_ring = np.bincount(ring.ravel(), weights=np.abs(big).ravel())
+    outside = per_ring.sum() - np.cumsum(per_ring)
+    r = int(np.argmax(outside <= tail * per_ring.sum()))
+    r = int(np.clip(r, 1, 3 * kh))
+    psi = big[c - r : c + r + 1, c - r : c + r + 1]
+    return psi / psi.sum()
+
+
 def _pad_to(k, L):
     """Centre an odd stamp in an ``L × L`` array (centre at ``L // 2``)."""
     out = np.zeros((L, L))
@@ -560,27 +615,6 @@ def _pad_to(k, L):
     c = L // 2
     out[c - h : c + h + 1, c - h : c + h + 1] = k
     return out
-
-
-class _Fourier:
-    """Forward transforms of full frames on one 5-smooth padded grid, reused by products."""
-
-    def __init__(self, shape, pad):
-        ny, nx = shape
-        self.shape = shape
-        self.fy = sfft.next_fast_len(ny + 2 * pad, real=True)
-        self.fx = sfft.next_fast_len(nx + 2 * pad, real=True)
-
-    def image(self, img):
-        return sfft.rfft2(np.asarray(img, np.float32), s=(self.fy, self.fx), workers=_workers())
-
-    def kernels(self, ks):
-        """Transforms of small centred kernels on this grid (:func:`small_kernel_rfft2`)."""
-        return small_kernel_rfft2(ks, self.fy, self.fx)
-
-    def inverse(self, f):
-        """Inverse transform (``f`` is overwritten); the padded frame, image at top left."""
-        return sfft.irfft2(f, s=(self.fy, self.fx), workers=_workers(), overwrite_x=True)
 
 
 def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
@@ -665,7 +699,6 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     var_s = np.asarray(science.variance, np.float32)
     var_t = np.asarray(template.variance, np.float32)
     pre_half = 0
-    four = _Fourier(shape, kh + 3)  # (no wrap-around needs a total pad of kh)
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
     var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
     psf_b = psf_t if rev else psf_s
@@ -717,25 +750,24 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     v_s = _typical(var_s, nodata_s, 1.0)
     v_t = _typical(var_t, nodata_t, 0.0)
     v_a, v_b = (v_s, v_t) if rev else (v_t, v_s)
-    psi = decorrelation_kernel(k_center, v_b, v_a, size=2 * kh + 1) if decorrelate else None
 
-    # --- full frame: D = ψ⊗B − Σ_s w_s(x) (ψ⊗K_s)⊗A − bg  (ψ symmetric, w_s polynomial);
-    # ψ̂ on the full grid straight from K̂ (as decorrelation_kernel, untruncated)
+    # --- full frame, tile by tile: D = ψ⊗B − Σ_s w_s(x, y) (ψ⊗K_s)⊗A − bg, with
+    # ψ truncated where its wings fall below 1e-5 (and the difference's PSF made with
+    # the same ψ); w_s = u^i v^j the spatial polynomials
     t1 = time.perf_counter()
+    psi = _truncated_psi(k_center, v_b, v_a, kh) if decorrelate else None
     u = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1)
     v = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1)
-    f_a = four.image(img_a)
-    f_b = four.image(img_b)
-    del sci0, img_a, img_b  # (the template stays for its bright sources)
-    f_k = four.kernels(kernels)
-    spectral_difference(f_a, f_b, f_k, v_a, v_b, decorrelate)
-    del f_a
-    diff = np.empty(shape, np.float32)
+    terms = []
     for s, (i, j) in enumerate(_powers(int(spatial_order))):
-        term = four.inverse(f_b if s == 0 else f_k[s])
-        add_term(diff, term, u**i, v**j, first=s == 0)
-        del term
-    del f_b, f_k
+        h = -(signal.convolve(psi, kernels[s]) if psi is not None else kernels[s])
+        if s == 0:
+            terms.append((None, None, [(1, psi if psi is not None else np.ones((1, 1))), (0, h)]))
+        else:
+            terms.append((v**j if j else None, u**i if i else None, [(0, h)]))
+    diff = np.empty(shape, np.float32)
+    convolve_tiles([img_a, img_b], [(diff, terms)], threads=_workers())
+    del sci0, img_a, img_b  # (the template stays for its bright sources)
     timing["convolve"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
