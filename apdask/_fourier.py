@@ -1,21 +1,26 @@
 """Fourier helpers shared by subtraction and detection.
 
 Full frames are convolved tile by tile (overlap-save, :func:`convolve_tiles`): a
-512 × 512 tile's transforms stay in the processor's cache, and on the 2-core
-benchmark machine a whole CCD's forward and inverse transforms take about half the
-time of one full-frame ``rfft2`` pair.  Each tile is transformed once per image and
-every kernel product is formed on it, so a sum of several convolutions (the
-difference image) costs one forward transform per image and one inverse per output
-term.  With compact kernels and a margin of their half-size the result is the
-'same'-size linear convolution, zero outside the image, to float32 rounding.
+512 × 512 tile's transforms stay in the processor's cache, and the tiles are spread
+over the cores, each transformed by ``ducc0`` (the successor of the pocketfft that
+``scipy.fft`` wraps; it writes into buffers reused from tile to tile).  Each tile is
+transformed once per image and every kernel product is formed on it, so a sum of
+several convolutions (the difference image) costs one forward transform per image and
+one inverse per output term.  With compact kernels and a margin of their half-size
+the result is the 'same'-size linear convolution, zero outside the image, to float32
+rounding.
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import ducc0
 import numpy as np
 import scipy.fft as sfft
+
+from ._fused import tile_add, tile_product
 
 __all__ = ["convolve_tiles", "small_kernel_rfft2", "tile_size"]
 
@@ -95,44 +100,51 @@ def convolve_tiles(images, outputs, *, threads=1, tile=None):
     tile : int, optional
         Transform side of interior tiles (see :func:`tile_size`).
     """
-    shape = np.shape(images[0])
-    ny, nx = shape
+    ny, nx = np.shape(images[0])
     kernels = [np.asarray(k, np.float32) for _, terms in outputs for t in terms for _, k in t[2]]
     margin = max(k.shape[0] // 2 for k in kernels)
     ty, cy = tile_size(ny, margin, tile)
     tx, cx = tile_size(nx, margin, tile)
     spec = _term_spectra(outputs, ty, tx)
-    used = sorted({i for terms in spec for _, _, parts in terms for i in parts})
+    used = sorted({i for terms in spec for _, _, idx, _ in terms for i in idx})
     tiles = [(y0, x0) for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
+    local = threading.local()
+    none = np.zeros(0, np.float32)
+
+    def buffers():  # per thread, reused for every tile it processes
+        if not hasattr(local, "b"):
+            fsh = (ty, tx // 2 + 1)
+            local.b = (
+                np.zeros((ty, tx), np.float32),
+                np.empty((max(used) + 1, *fsh), np.complex64),
+                np.empty(fsh, np.complex64),
+                np.empty((ty, tx), np.float32),
+            )
+        return local.b
 
     def run(y0, x0):
+        buf, f, acc, r = buffers()
         h, w = min(cy, ny - y0), min(cx, nx - x0)
         ys, xs = y0 - margin, x0 - margin  # window origin (may be outside the image)
         ylo, yhi, xlo, xhi = max(ys, 0), min(ys + ty, ny), max(xs, 0), min(xs + tx, nx)
-        f = {}
+        inside = (ylo, yhi, xlo, xhi) == (ys, ys + ty, xs, xs + tx)
         for i in used:
-            buf = np.zeros((ty, tx), np.float32)
-            buf[ylo - ys : yhi - ys, xlo - xs : xhi - xs] = images[i][ylo:yhi, xlo:xhi]
-            f[i] = sfft.rfft2(buf, workers=1, overwrite_x=True)
+            if inside:
+                src = images[i][ylo:yhi, xlo:xhi]
+            else:
+                buf[...] = 0
+                buf[ylo - ys : yhi - ys, xlo - xs : xhi - xs] = images[i][ylo:yhi, xlo:xhi]
+                src = buf
+            ducc0.fft.r2c(src, axes=(0, 1), nthreads=1, out=f[i])
         for (out, _), terms in zip(outputs, spec, strict=True):
             dst = out[y0 : y0 + h, x0 : x0 + w]
-            for n, (wy, wx, parts) in enumerate(terms):
-                acc = None
-                for i, k in parts.items():
-                    if acc is None:
-                        acc = k * f[i]
-                    else:
-                        acc += k * f[i]
-                r = sfft.irfft2(acc, s=(ty, tx), workers=1, overwrite_x=True)
-                core = r[margin : margin + h, margin : margin + w]
-                if wy is not None:
-                    core *= wy[y0 : y0 + h, None]
-                if wx is not None:
-                    core *= wx[None, x0 : x0 + w]
-                if n == 0:
-                    dst[...] = core
-                else:
-                    dst += core
+            for n, (wy, wx, idx, ks) in enumerate(terms):
+                tile_product(acc, ks, f, idx)
+                ducc0.fft.c2r(acc, axes=(0, 1), lastsize=tx, forward=False, inorm=2, nthreads=1,
+                              out=r, allow_overwriting_input=True)  # fmt: skip
+                wy = none if wy is None else wy[y0 : y0 + h]
+                wx = none if wx is None else wx[x0 : x0 + w]
+                tile_add(dst, r, margin, wy, wx, n == 0)
 
     threads = max(1, min(int(threads), len(tiles)))
     if threads == 1:
@@ -144,8 +156,8 @@ def convolve_tiles(images, outputs, *, threads=1, tile=None):
 
 
 def _term_spectra(outputs, ty, tx):
-    """Per output, its terms as ``(wy, wx, {image: summed kernel spectrum})``; the
-    unweighted terms merged into the first."""
+    """Per output, its terms as ``(wy, wx, image indices, stacked kernel spectra)``;
+    the unweighted terms merged into the first, one spectrum per image."""
     res = []
     for _, terms in outputs:
         merged = {}
@@ -159,5 +171,8 @@ def _term_spectra(outputs, ty, tx):
                 wy = None if wy is None else np.asarray(wy, np.float32)
                 wx = None if wx is None else np.asarray(wx, np.float32)
                 weighted.append((wy, wx, dst))
-        res.append(([(None, None, merged)] if merged else []) + weighted)
+        out = []
+        for wy, wx, d in ([(None, None, merged)] if merged else []) + weighted:
+            out.append((wy, wx, np.array(list(d), np.int64), np.array(list(d.values()))))
+        res.append(out)
     return res

@@ -54,6 +54,8 @@ __all__ = [
     "segments",
     "smoothed_residual",
     "snr_map",
+    "tile_add",
+    "tile_product",
 ]
 
 
@@ -88,6 +90,42 @@ def fill_nodata(image, variance, mask, nodata_bit):
     nodata = np.empty(image.shape, np.bool_)
     _fill_nodata(image, np.asarray(variance), np.asarray(mask), np.uint32(nodata_bit), out, nodata)
     return out, nodata
+
+
+@numba.njit(nogil=True, cache=True)
+def tile_product(acc, kernels, spectra, index):
+    """``acc = Σ_j kernels[j] · spectra[index[j]]`` (complex64, one tile; no GIL held)."""
+    ny, nx = acc.shape
+    for j in range(len(index)):
+        k = kernels[j]
+        f = spectra[index[j]]
+        for y in range(ny):
+            a, kk, ff = acc[y], k[y], f[y]
+            if j == 0:
+                for x in range(nx):
+                    a[x] = kk[x] * ff[x]
+            else:
+                for x in range(nx):
+                    a[x] += kk[x] * ff[x]
+
+
+@numba.njit(nogil=True, cache=True)
+def tile_add(dst, res, margin, wy, wx, first):
+    """``dst (=|+=) res[m:m+h, m:m+w] · wy[:, None] · wx[None, :]`` (one tile; no GIL).
+
+    ``wy`` and ``wx`` are the weights of the tile's rows and columns (length 0 for 1).
+    """
+    h, w = dst.shape
+    for y in range(h):
+        a = wy[y] if len(wy) else np.float32(1.0)
+        for x in range(w):
+            v = res[margin + y, margin + x] * a
+            if len(wx):
+                v *= wx[x]
+            if first:
+                dst[y, x] = v
+            else:
+                dst[y, x] += v
 
 
 @numba.njit(parallel=True, cache=True)

@@ -948,8 +948,9 @@ def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=4, min
     return out
 
 
-def _noise_ratio(diff, var, mask, step=4):
-    """Robust σ of ``diff / sqrt(var)`` on a subsample of clean pixels."""
+def _noise_ratio(diff, var, mask, step=8):
+    """Robust σ of ``diff / sqrt(var)`` on every ``step``-th row and column of clean pixels
+    (250 000 pixels of a 4k CCD: a relative error of 0.2 %)."""
     bad = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
     d, v, m = diff[::step, ::step], var[::step, ::step], mask[::step, ::step]
     ok = ((m & bad) == 0) & (v > 0)

@@ -7,8 +7,10 @@ from scipy import signal
 from apdask._fourier import convolve_tiles, tile_size
 from apdask.subtract import _truncated_psi, alard_lupton_basis, decorrelation_kernel
 
+CASES = [((700, 1100), 256, 2), ((90, 130), None, 1)]  # several tiles, one tile
 
-@pytest.mark.parametrize(("shape", "tile", "threads"), [((700, 1100), 256, 2), ((90, 130), None, 1)])
+
+@pytest.mark.parametrize(("shape", "tile", "threads"), CASES)
 def test_tiles_equal_full_frame_convolution(shape, tile, threads):
     rng = np.random.default_rng(0)
     a, b = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
