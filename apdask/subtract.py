@@ -618,7 +618,7 @@ def _pad_to(k, L):
 
 
 def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
-             decorrelate=True, apcorr=True):  # fmt: skip
+             decorrelate=True, apcorr=True, bright=True):  # fmt: skip
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
     Parameters
@@ -643,6 +643,13 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         difference has; recorded as ``meta["ap_corr"]`` (and ``meta["ap_corr_science"]``
         for science-image PSF fluxes) and applied by ``measure_sources`` and
         ``forced_photometry``.
+    bright : bool, optional
+        List the template's bright sources for the S/N map of detection
+        (:func:`apdask.detect.bright_sources`), as ``meta["bright_sources"]``.
+
+    Aperture correction and the bright-source list are not part of the difference
+    image itself; the benchmark times the subtraction without them (both False) as
+    well as the whole call.
 
     Returns
     -------
@@ -804,7 +811,9 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
 
     # --- residual rings of bright stars (PSF wings the kernel does not match)
     t1 = time.perf_counter()
-    bright = bright_sources(tpl0, var, psf_t, psf_d, scale=1.0 / ksum if rev else ksum)
+    sources = None
+    if bright:
+        sources = bright_sources(tpl0, var, psf_t, psf_d, scale=1.0 / ksum if rev else ksum)
     timing["bright"] = time.perf_counter() - t1
     del tpl0
 
@@ -829,7 +838,10 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     meta["subtraction"] = direction
     meta["ap_corr"] = ap_d
     meta["ap_corr_science"] = ap_s
-    meta["bright_sources"] = bright
+    if sources is not None:
+        meta["bright_sources"] = sources
+    else:
+        meta.pop("bright_sources", None)
     model = science.meta.get("psf_model")
     if rev:
         meta.pop("psf_model", None)  # the difference has the (constant) template PSF
@@ -854,7 +866,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         "ap_corr_science": ap_s,
         "ap_corr_n_stars": n_ap,
         "ap_corr_radius": r_ap,
-        "n_bright_sources": len(bright["flux"]),
+        "n_bright_sources": len(sources["flux"]) if sources is not None else 0,
         "timing": timing,
     }
     return difference, info
