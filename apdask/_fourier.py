@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ducc0
 import numpy as np
-import scipy.fft as sfft
 
 from ._fused import tile_add, tile_product
 
@@ -62,18 +61,21 @@ def small_kernel_rfft2(kernels, fy, fx):
 def tile_size(n_pixels, margin, tile=None):
     """Transform length and core (output) length of the tiles along one axis.
 
-    An axis that fits in one tile with its margins gets one 5-smooth transform of
-    ``n_pixels + 2 margin``.  Otherwise the tiles are ``tile`` long (default the
-    smallest of 512, 768, 1024, ... with margins at most a quarter of it) and each
-    yields ``tile − 2 margin`` pixels.
+    An axis that fits in one tile with its margins gets one transform of
+    ``n_pixels + 2 margin``.  Otherwise it is cut into the fewest cores that tiles
+    of at most ``tile`` (default the smallest of 512, 768, 1024, ... with margins at
+    most a quarter of it) hold, of equal length, so that no tile is mostly padding.
+    Transform lengths are ``ducc0.fft.good_size``.
     """
     margin = int(margin)
     if tile is None:
         tile = next(t for t in (512, 768, 1024, 1536, 2048, 4096) if 8 * margin <= t or t == 4096)
     tile = max(int(tile), 4 * margin + 1)
     if n_pixels + 2 * margin <= tile:
-        return sfft.next_fast_len(n_pixels + 2 * margin, real=True), n_pixels
-    return tile, tile - 2 * margin
+        return ducc0.fft.good_size(n_pixels + 2 * margin, True), n_pixels
+    count = -(-n_pixels // (tile - 2 * margin))
+    core = -(-n_pixels // count)
+    return ducc0.fft.good_size(core + 2 * margin, True), core
 
 
 def convolve_tiles(images, outputs, *, threads=1, tile=None):

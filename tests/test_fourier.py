@@ -36,9 +36,10 @@ def test_tiles_equal_full_frame_convolution(shape, tile, threads):
 
 
 def test_tile_size():
-    assert tile_size(4000, 20, None) == (512, 472)
-    assert tile_size(300, 20, None)[1] == 300  # one tile: the whole axis
-    assert tile_size(4000, 100, None) == (1024, 824)  # margins at most a quarter
+    assert tile_size(4000, 20, None) == (486, 445)  # 9 equal cores, not 8 full and a sliver
+    assert tile_size(300, 20, None) == (360, 300)  # one tile: the whole axis
+    size, core = tile_size(4000, 100, None)  # margins at most a quarter of the tile
+    assert (size, core) == (1000, 800)
 
 
 def test_truncated_decorrelation_kernel_keeps_the_filter():
