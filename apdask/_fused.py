@@ -10,10 +10,12 @@ expression in its docstring to float32 rounding (``tests/test_fused.py``).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numba
 import numpy as np
+import threadpoolctl
 
 
 def inner_threads():
@@ -29,6 +31,29 @@ def inner_threads():
         return n
 
 
+_blas = None
+
+
+def one_blas_thread(fn):
+    """Run ``fn`` with BLAS limited to one thread (a cached ``threadpoolctl`` controller).
+
+    The pipeline's BLAS calls are small matrix products, and OpenBLAS's workers,
+    once woken, spin for about 0.1 s after each call: on 2 cores that took a core
+    from the FFT tiles and numba loops that followed, and doubled the kernel fit's
+    time at random.  Parallelism comes from :func:`inner_threads` instead.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        global _blas
+        if _blas is None:
+            _blas = threadpoolctl.ThreadpoolController()
+        with _blas.limit(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def _threads(fn):
     """Run a numba-parallel wrapper with :func:`inner_threads` threads."""
 
@@ -42,8 +67,10 @@ def _threads(fn):
 
 __all__ = [
     "inner_threads",
+    "one_blas_thread",
     "fill_nodata",
     "above",
+    "combine_masks",
     "cr_candidates",
     "finish_difference",
     "grow_diamond",
@@ -126,6 +153,35 @@ def tile_add(dst, res, margin, wy, wx, first):
                 dst[y, x] = v
             else:
                 dst[y, x] += v
+
+
+@numba.njit(parallel=True, cache=True)
+def _combine_masks(mask_s, mask_t, nodata_s, nodata_t, bad_bits, clear, mask, bad, nodata):
+    ny, nx = mask.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            m = mask_s[y, x] | mask_t[y, x]
+            nd = nodata_s[y, x] or nodata_t[y, x]
+            mask[y, x] = m & clear
+            nodata[y, x] = nd
+            bad[y, x] = nd or (m & bad_bits) != 0
+
+
+@_threads
+def combine_masks(mask_s, mask_t, nodata_s, nodata_t, bad_bits, clear_bits):
+    """The two inputs' masks in one pass: ``(mask, bad, nodata)``.
+
+    ``mask = (mask_s | mask_t) & ~clear_bits`` (uint32), ``nodata = nodata_s |
+    nodata_t`` and ``bad = nodata | ((mask_s | mask_t) & bad_bits != 0)`` (bool).
+    """
+    shape = np.shape(mask_s)
+    mask = np.empty(shape, np.uint32)
+    bad = np.empty(shape, np.bool_)
+    nodata = np.empty(shape, np.bool_)
+    _combine_masks(np.asarray(mask_s, np.uint32), np.asarray(mask_t, np.uint32), nodata_s,
+                   nodata_t, np.uint32(bad_bits), np.uint32(~np.uint32(clear_bits)), mask, bad,
+                   nodata)  # fmt: skip
+    return mask, bad, nodata
 
 
 @numba.njit(parallel=True, cache=True)

@@ -29,7 +29,14 @@ from scipy.spatial import cKDTree
 
 from . import config
 from ._fourier import convolve_tiles
-from ._fused import inner_threads, matched_inputs, segments, smoothed_residual, snr_map
+from ._fused import (
+    inner_threads,
+    matched_inputs,
+    one_blas_thread,
+    segments,
+    smoothed_residual,
+    snr_map,
+)
 from ._stats import nanmedian_last
 from .exceptions import PsfFitError
 from .image import MASK, MASK_STAMP_DTYPE, mask_bits, mask_plane_cards
@@ -851,6 +858,7 @@ def _weighted_median_profile(val, w, nsigma, signed=False):
     return np.maximum.accumulate(amp[::-1])[::-1]  # non-increasing outwards
 
 
+@one_blas_thread
 def matched_filter(difference):
     """PSF matched filter of a difference image: ``(filtered, snr, ignored)``.
 
@@ -897,6 +905,7 @@ def _filtered(difference, psf, sat_grow=None):
 # --------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------
+@one_blas_thread
 def detect_sources(difference, *, threshold_sigma=None, n_pixels=None, matched=None):
     """Find positive and negative sources on a difference image.
 
@@ -944,6 +953,7 @@ def _pixel_flags(mask, x0, x1, y0, y1, ix, iy):
     return int(anyb), int(anyc)
 
 
+@one_blas_thread
 def measure_sources(
     difference, science, template, detections, *, visit, detector, band, mjd, aperture_radius=12.0,
     dipole_radius=None, matched=None,
@@ -1173,6 +1183,7 @@ def _empty_table():
     return Table(names=DIASOURCE_COLUMNS, dtype=dt)
 
 
+@one_blas_thread
 def forced_photometry(difference, science, ra, dec):
     """PSF-fit fluxes at given sky positions on the difference and science images.
 

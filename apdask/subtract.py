@@ -16,14 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage, signal
-from threadpoolctl import threadpool_limits
 
 from ._fourier import convolve_tiles
 from ._fused import (
+    combine_masks,
     difference_variance,
     dilate,
     fill_nodata,
     finish_difference,
+    one_blas_thread,
 )
 from ._stats import nanmedian_last
 from .detect import (
@@ -440,30 +441,35 @@ def _stamp_convolutions(image, basis, xs, ys, fit_half, factors):
     return raw.reshape(ns, len(terms), S * S), m
 
 
-def _normal_blocks(raw, wf, tgf, threads):
-    """Per-stamp normal-equation blocks ``Σ w c cᵀ``, ``Σ w c`` and ``Σ w c t``.
+def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk=48):
+    """Per-stamp normal-equation blocks ``Σ w c cᵀ``, ``Σ w c`` and ``Σ w c t`` on the raw
+    separable kernels' convolutions ``c`` (:func:`_stamp_convolutions`), and ``M``.
 
-    ``raw`` (float32, ``(n, k, P)``) is promoted to double before the products (in
-    single precision the kernel sum moves by 2e-4); the stamps are split over
-    ``threads`` (each a sequence of small matrix products).
+    The convolutions (single precision) are promoted to double before the products: in
+    single precision the kernel sum moves by 2e-4.  The stamps go in ``chunk``s (whose
+    temporaries stay in cache) to ``threads`` threads, each running single-threaded
+    BLAS (see :func:`apdask._fused.one_blas_thread`).
     """
 
     def blocks(lo, hi):
+        raw, m_raw = _stamp_convolutions(ref, basis, xs[lo:hi], ys[lo:hi], fit_half, factors)
         sw = np.sqrt(wf[lo:hi])
-        cs = raw[lo:hi] * sw[:, None, :]  # float64
+        cs = raw * sw[:, None, :]  # float64
+        del raw
         m = np.matmul(cs, cs.transpose(0, 2, 1))
         c = np.matmul(cs, sw[:, :, None])[:, :, 0]
         b = np.matmul(cs, (tgf[lo:hi] * sw)[:, :, None])[:, :, 0]
-        return m, c, b
+        return m, c, b, m_raw
 
-    ns = len(raw)
-    cuts = np.linspace(0, ns, max(1, min(int(threads), ns)) + 1).astype(int)
-    parts = list(zip(cuts[:-1], cuts[1:], strict=True))
-    if len(parts) == 1:
-        return blocks(0, ns)
-    with ThreadPoolExecutor(len(parts)) as pool:
-        res = list(pool.map(lambda p: blocks(*p), parts))
-    return tuple(np.concatenate(r) for r in zip(*res, strict=True))
+    ns = len(xs)
+    parts = [(lo, min(lo + chunk, ns)) for lo in range(0, ns, chunk)]
+    if threads == 1 or len(parts) == 1:  # (single-threaded BLAS: see one_blas_thread)
+        res = [blocks(*p) for p in parts]
+    else:
+        with ThreadPoolExecutor(min(int(threads), len(parts))) as pool:
+            res = list(pool.map(lambda p: blocks(*p), parts))
+    m, c, b = (np.concatenate([r[i] for r in res]) for i in range(3))
+    return m, c, b, res[0][3]
 
 
 def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, bg_order, fit_half,
@@ -473,9 +479,7 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     ``variances`` are the two images' variance planes (summed per stamp), ``bad`` the
     pixels to leave out.
     """
-    with threadpool_limits(_workers(), user_api="blas"):  # a few large products
-        raw, m_raw = _stamp_convolutions(ref, basis, xs, ys, fit_half, factors)
-    ns, nr = raw.shape[:2]
+    ns = len(xs)
     nb = len(basis)
     sw = np.array(_spatial_terms(xs, ys, shape, spatial_order)).T  # (ns, nsp)
     bw = np.array(_spatial_terms(xs, ys, shape, bg_order)).T  # (ns, nbg)
@@ -498,8 +502,8 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     wf = w.reshape(ns, S * S)
     # per-stamp normal-equation blocks (with them, each stamp's χ² needs no model
     # image), on the raw separable kernels in double precision, then ``M · M_raw · Mᵀ``
-    m_n, c_n, b_n = _normal_blocks(raw, wf, tgf, _workers())
-    del raw
+    m_n, c_n, b_n, m_raw = _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf,
+                                         _workers())  # fmt: skip
     m_n = m_raw @ m_n @ m_raw.T  # (ns, nb, nb)
     c_n = c_n @ m_raw.T
     b_n = b_n @ m_raw.T
@@ -617,6 +621,7 @@ def _pad_to(k, L):
     return out
 
 
+@one_blas_thread
 def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
              decorrelate=True, apcorr=True, bright=True):  # fmt: skip
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
@@ -715,9 +720,10 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     border = fit_half + kh + pre_half + 1
     bad_bits = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
     t1 = time.perf_counter()
-    bad_any = ((science.mask | template.mask) & bad_bits) != 0
-    bad_any |= nodata_t
-    bad_any |= nodata_s
+    mask, bad_any, nodata = combine_masks(
+        science.mask, template.mask, nodata_s, nodata_t, bad_bits,
+        mask_bits("DETECTED", "DETECTED_NEGATIVE"),
+    )  # fmt: skip
     stars = _model_stars(science, 1.2 * fit_half, 0.01, border, bad_any)
     if stars is None or len(usable_stars(len(stars["x"]), max_stamps)) < max_stamps:
         # no model, or its candidates do not fill the stamp budget: search for every star
@@ -737,12 +743,10 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
 
     t1 = time.perf_counter()
     bg_order = min(int(spatial_order), 1)
-    # many small matrix products: BLAS threads only cost (and stall under load)
-    with threadpool_limits(1, user_api="blas"):
-        coef, nb, nsp, nbg, chi2, used = _fit_kernel(
-            img_a, img_b, (var_s, var_t), bad_any, basis, xs, ys, shape, int(spatial_order),
-            bg_order, fit_half, factors,
-        )  # fmt: skip
+    coef, nb, nsp, nbg, chi2, used = _fit_kernel(
+        img_a, img_b, (var_s, var_t), bad_any, basis, xs, ys, shape, int(spatial_order),
+        bg_order, fit_half, factors,
+    )  # fmt: skip
     del bad_any
     kernels = _kernel_images(coef, basis, nb, nsp)
     bgc = coef[nb * nsp :]
@@ -778,14 +782,10 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     timing["convolve"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    nodata = nodata_t
-    nodata |= nodata_s
-    del nodata_s
+    del nodata_s, nodata_t
     any_nodata = bool(nodata.any())
     scale = -1.0 / ksum if rev else 1.0
     psf_d = _conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
-    mask = (science.mask | template.mask).astype(np.uint32, copy=False)
-    mask &= ~np.uint32(mask_bits("DETECTED", "DETECTED_NEGATIVE"))
     # ψ is compact (close to a δ function for a deeper template): its wings are not
     # added to the EDGE width, which is the kernel (plus pre-convolution) half size
     grow = kh + pre_half
@@ -932,7 +932,10 @@ def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=4, min
     by, bx = ny // nby, nx // nbx
     rows = (np.arange(nby)[:, None] * by + np.arange(0, by, step)[None, :]).ravel()
     cols = (np.arange(nbx)[:, None] * bx + np.arange(0, bx, step)[None, :]).ravel()
-    sub = np.ix_(rows, cols)
+    if by % step == 0 and bx % step == 0:  # the same pixels as a strided view
+        sub = np.s_[: nby * by : step, : nbx * bx : step]
+    else:
+        sub = np.ix_(rows, cols)
     u = (cols - (nx - 1) / 2) / max((nx - 1) / 2, 1)
     v = (rows - (ny - 1) / 2) / max((ny - 1) / 2, 1)
     d = diff[sub] - (plane[0] + plane[1] * u[None, :] + plane[2] * v[:, None])

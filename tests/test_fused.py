@@ -301,3 +301,19 @@ def test_batched_psf_fits_equal_one_at_a_time(planes):
             assert edge[k] == ref[4]
         assert np.array_equal(_psf_fit_many(img, var, mask, psfs, x, y, b)[0], f, equal_nan=True)
     assert edge.sum() >= 3
+
+
+def test_combine_masks(planes):
+    _, _, mask = planes
+    mask_t = mask[::-1].copy()
+    mask_t[7, 8] = MASK["DETECTED"] | MASK["CR"]
+    rng = np.random.default_rng(9)
+    nd_s, nd_t = rng.random(mask.shape) < 0.01, rng.random(mask.shape) < 0.01
+    bad_bits = MASK["BAD"] | MASK["CR"]
+    clear = MASK["DETECTED"]
+    got, bad, nodata = _fused.combine_masks(mask, mask_t, nd_s, nd_t, bad_bits, clear)
+    both = mask | mask_t
+    np.testing.assert_array_equal(got, both & ~np.uint32(clear))
+    np.testing.assert_array_equal(nodata, nd_s | nd_t)
+    np.testing.assert_array_equal(bad, nd_s | nd_t | ((both & bad_bits) != 0))
+    assert got[7, 8] == MASK["CR"] and bad[7, 8]
