@@ -133,9 +133,10 @@ def convolve_tiles(images, outputs, *, threads=1, tile=None):
         for i in used:
             if inside:
                 src = images[i][ylo:yhi, xlo:xhi]
-            else:
-                buf[...] = 0
-                buf[ylo - ys : yhi - ys, xlo - xs : xhi - xs] = images[i][ylo:yhi, xlo:xhi]
+            else:  # zeros outside the image, set only where the window leaves it
+                iy0, iy1, ix0, ix1 = ylo - ys, yhi - ys, xlo - xs, xhi - xs
+                buf[:iy0], buf[iy1:], buf[:, :ix0], buf[:, ix1:] = 0, 0, 0, 0
+                buf[iy0:iy1, ix0:ix1] = images[i][ylo:yhi, xlo:xhi]
                 src = buf
             ducc0.fft.r2c(src, axes=(0, 1), nthreads=1, out=f[i])
         for (out, _), terms in zip(outputs, spec, strict=True):

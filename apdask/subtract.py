@@ -486,13 +486,12 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     nsp, nbg = sw.shape[1], bw.shape[1]
     npar = nb * nsp + nbg
     S = 2 * fit_half + 1
-    tg, vr, ok = [], [], []
-    for x, y in zip(xs, ys, strict=True):
-        sl = (slice(y - fit_half, y + fit_half + 1), slice(x - fit_half, x + fit_half + 1))
-        tg.append(tgt[sl])
-        vr.append(np.asarray(variances[0][sl], float) + variances[1][sl])
-        ok.append(~bad[sl])
-    tg, vr, ok = np.array(tg, float), np.array(vr, float), np.array(ok)
+    off = np.arange(-fit_half, fit_half + 1)
+    at = (np.asarray(ys)[:, None, None] + off[None, :, None],
+          np.asarray(xs)[:, None, None] + off[None, None, :])  # fmt: skip
+    tg = tgt[at].astype(float)
+    vr = variances[0][at].astype(float) + variances[1][at]
+    ok = ~bad[at]
     ok &= np.isfinite(vr)
     # weights from a locally smoothed variance: a variance plane estimated from the
     # noisy pixels themselves would bias the fit (low pixels get high weight)
