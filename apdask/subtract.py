@@ -803,7 +803,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     finish_difference(diff, u, v, plane, scale, nodata if any_nodata else None)
     k2 = ksum**2
     var_scale = 1.0 / k2 if rev else 1.0
-    fill = _typical_variance(var_b, var_a, k2, var_scale, nodata)
+    fill = var_scale * (v_b + k2 * v_a)  # (the typical difference variance)
     var = difference_variance(var_b, var_a, k2, var_scale, 1e-6 * max(v_b, 1e-30), fill, nodata)
     noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
@@ -899,20 +899,15 @@ def _model_stars(science, isolation, contrast, border, bad):
     return {k: v[keep] if isinstance(v, np.ndarray) else v for k, v in stars.items()}
 
 
-def _typical(var, nodata, default):
-    """Median of ``var`` on a 1-in-64 subsample of the pixels with data."""
-    good = ~nodata[::8, ::8]
-    return float(np.median(var[::8, ::8][good])) if good.any() else default
+def _typical(var, nodata, default, samples=64000):
+    """Median of ``var`` on about ``samples`` pixels with data (every ``step``-th row and
+    column)."""
+    step = max(1, int(np.sqrt(var.size / samples)))
+    good = ~nodata[::step, ::step]
+    return float(np.median(var[::step, ::step][good])) if good.any() else default
 
 
-def _typical_variance(var_b, var_a, k2, scale, nodata):
-    """Median difference variance ``scale (var_b + k2 var_a)`` on a subsample (fill value)."""
-    vals = scale * (var_b[::8, ::8].astype(float) + k2 * var_a[::8, ::8])
-    good = ~nodata[::8, ::8] & np.isfinite(vals)
-    return float(np.median(vals[good])) if good.any() else 1.0
-
-
-def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=4, min_fraction=0.25):
+def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=8, min_fraction=0.25):
     """Residual background of the difference: a polynomial fitted to block medians.
 
     The background term of the kernel fit is constrained only by the stamps around a
