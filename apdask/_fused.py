@@ -87,15 +87,26 @@ __all__ = [
 
 
 @numba.njit(parallel=True, cache=True)
-def _fill_nodata(image, variance, mask, nodata_bit, out, nodata):
+def _nodata(image, variance, mask, nodata_bit, nodata):
+    ny, nx = image.shape
+    rows = np.zeros(ny, np.int64)
+    for y in numba.prange(ny):
+        n = 0
+        for x in range(nx):
+            bad = (mask[y, x] & nodata_bit) != 0 or not np.isfinite(image[y, x])
+            bad = bad or not np.isfinite(variance[y, x])
+            nodata[y, x] = bad
+            n += bad
+        rows[y] = n
+    return rows.sum()
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill(image, nodata, out):
     ny, nx = image.shape
     for y in numba.prange(ny):
         for x in range(nx):
-            v = image[y, x]
-            bad = (mask[y, x] & nodata_bit) != 0 or not np.isfinite(v)
-            bad = bad or not np.isfinite(variance[y, x])
-            nodata[y, x] = bad
-            out[y, x] = np.float32(0.0) if bad else v
+            out[y, x] = np.float32(0.0) if nodata[y, x] else image[y, x]
 
 
 @_threads
@@ -108,14 +119,18 @@ def fill_nodata(image, variance, mask, nodata_bit):
     Returns
     -------
     filled : numpy.ndarray
-        float32 copy of ``image``.
+        float32 copy of ``image``; ``image`` itself (float32, not copied) when no pixel
+        lacks data: read it, do not write to it.
     nodata : numpy.ndarray
         bool.
     """
     image = np.asarray(image, np.float32)
-    out = np.empty(image.shape, np.float32)
     nodata = np.empty(image.shape, np.bool_)
-    _fill_nodata(image, np.asarray(variance), np.asarray(mask), np.uint32(nodata_bit), out, nodata)
+    count = _nodata(image, np.asarray(variance), np.asarray(mask), np.uint32(nodata_bit), nodata)
+    if count == 0:
+        return image, nodata
+    out = np.empty(image.shape, np.float32)
+    _fill(image, nodata, out)
     return out, nodata
 
 

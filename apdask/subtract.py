@@ -446,9 +446,9 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
     separable kernels' convolutions ``c`` (:func:`_stamp_convolutions`), and ``M``.
 
     The convolutions (single precision) are promoted to double before the products: in
-    single precision the kernel sum moves by 2e-4.  The stamps go in ``chunk``s (whose
-    temporaries stay in cache) to ``threads`` threads, each running single-threaded
-    BLAS (see :func:`apdask._fused.one_blas_thread`).
+    single precision the kernel sum moves by 2e-4.  The stamps go in chunks of at most
+    ``chunk`` (whose temporaries stay in cache), as many per thread, to ``threads``
+    threads, each running single-threaded BLAS (see :func:`apdask._fused.one_blas_thread`).
     """
 
     def blocks(lo, hi):
@@ -462,7 +462,10 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
         return m, c, b, m_raw
 
     ns = len(xs)
-    parts = [(lo, min(lo + chunk, ns)) for lo in range(0, ns, chunk)]
+    threads = max(1, int(threads))
+    count = threads * max(1, -(-ns // (threads * chunk)))  # a multiple of the threads
+    cuts = np.linspace(0, ns, min(count, ns) + 1).astype(int)
+    parts = list(zip(cuts[:-1], cuts[1:], strict=True))
     if threads == 1 or len(parts) == 1:  # (single-threaded BLAS: see one_blas_thread)
         res = [blocks(*p) for p in parts]
     else:
