@@ -392,7 +392,31 @@ def _spatial_terms(x, y, shape, order):
     return terms
 
 
-def _stamp_convolutions(image, basis, xs, ys, fit_half, factors):
+def _convolution_plan(basis, factors, fit_half):
+    """Toeplitz matrices of the raw separable kernels and ``M`` (``basis = M @ raw``),
+    made once per fit for :func:`_stamp_convolutions`."""
+    terms, prof = factors
+    ks = basis.shape[1]
+    S = 2 * fit_half + 1
+    T = S + ks - 1
+
+    def toeplitz(p):  # (S, T): row q holds the flipped profile at columns q..q+ks-1
+        m = np.zeros((S, T), np.float32)
+        for q in range(S):
+            m[q, q : q + ks] = p[::-1]
+        return m
+
+    groups = []
+    for k, i in dict.fromkeys((k, i) for k, i, _ in terms):
+        idx = [r for r, t in enumerate(terms) if t[:2] == (k, i)]
+        ty = np.concatenate([toeplitz(prof[k][terms[r][2]]) for r in idx])
+        groups.append((np.ascontiguousarray(toeplitz(prof[k][i]).T), idx, ty))
+    raw_k = np.array([np.outer(prof[k][j], prof[k][i]).ravel() for k, i, j in terms])
+    m = np.linalg.lstsq(raw_k.T, basis.reshape(len(basis), -1).T, rcond=None)[0].T
+    return groups, m, len(terms), S, T
+
+
+def _stamp_convolutions(image, basis, xs, ys, fit_half, factors, plan=None):
     """Valid-mode convolution of stamps of ``image`` with the basis's separable factors.
 
     The Alard–Lupton kernels are linear combinations of separable raw kernels
@@ -400,7 +424,8 @@ def _stamp_convolutions(image, basis, xs, ys, fit_half, factors):
     with the raw kernels as two matrix products with banded (Toeplitz) matrices, all
     stamps at once, in single precision (relative error ~1e-7).  The convolutions
     with the basis are ``M @ raw`` per stamp; the fit forms its normal equations on
-    the raw ones and transforms those (:func:`_fit_kernel`).
+    the raw ones and transforms those (:func:`_fit_kernel`).  ``plan`` is
+    :func:`_convolution_plan` of the same arguments, if already made.
 
     Returns
     -------
@@ -409,36 +434,21 @@ def _stamp_convolutions(image, basis, xs, ys, fit_half, factors):
     M : numpy.ndarray
         ``(n_basis, n_raw)``.
     """
-    terms, prof = factors
-    ks = basis.shape[1]
-    kh = ks // 2
-    th = fit_half + kh
-    S, T = 2 * fit_half + 1, 2 * th + 1
+    groups, m, nraw, S, T = plan or _convolution_plan(basis, factors, fit_half)
     ns = len(xs)
-    stamps = np.empty((ns, T, T), np.float32)
-    for n, (x, y) in enumerate(zip(xs, ys, strict=True)):
-        stamps[n] = image[y - th : y + th + 1, x - th : x + th + 1]
-
-    def toeplitz(p):  # (S, T): row q holds the flipped profile at columns q..q+ks-1
-        m = np.zeros((S, T), np.float32)
-        for q in range(S):
-            m[q, q : q + ks] = p[::-1]
-        return m
-
-    raw = np.empty((ns, len(terms), S, S), np.float32)
+    off = np.arange(T) - T // 2
+    at = (np.asarray(ys)[:, None, None] + off[None, :, None],
+          np.asarray(xs)[:, None, None] + off[None, None, :])  # fmt: skip
+    stamps = np.asarray(image[at], np.float32)
+    raw = np.empty((ns, nraw, S, S), np.float32)
     flat = stamps.reshape(ns * T, T)
-    for k, i in dict.fromkeys((k, i) for k, i, _ in terms):
+    for tx, idx, ty in groups:
         # stamps convolved along x with prof[k][i], then along y with every prof[k][j]
-        h = (flat @ toeplitz(prof[k][i]).T).reshape(ns, T, S)
+        h = (flat @ tx).reshape(ns, T, S)
         rows = np.ascontiguousarray(h.transpose(1, 0, 2)).reshape(T, ns * S)
-        idx = [r for r, t in enumerate(terms) if t[:2] == (k, i)]
-        ty = np.concatenate([toeplitz(prof[k][terms[r][2]]) for r in idx])
         res = (ty @ rows).reshape(len(idx), S, ns, S)
         raw[:, idx] = res.transpose(2, 0, 1, 3)
-    # basis = M @ raw kernels (exactly: same span)
-    raw_k = np.array([np.outer(prof[k][j], prof[k][i]).ravel() for k, i, j in terms])
-    m = np.linalg.lstsq(raw_k.T, basis.reshape(len(basis), -1).T, rcond=None)[0].T
-    return raw.reshape(ns, len(terms), S * S), m
+    return raw.reshape(ns, nraw, S * S), m
 
 
 def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk=48):
@@ -451,8 +461,11 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
     threads, each running single-threaded BLAS (see :func:`apdask._fused.one_blas_thread`).
     """
 
+    plan = _convolution_plan(basis, factors, fit_half)
+
     def blocks(lo, hi):
-        raw, m_raw = _stamp_convolutions(ref, basis, xs[lo:hi], ys[lo:hi], fit_half, factors)
+        raw, m_raw = _stamp_convolutions(ref, basis, xs[lo:hi], ys[lo:hi], fit_half, factors,
+                                         plan)  # fmt: skip
         sw = np.sqrt(wf[lo:hi])
         cs = raw * sw[:, None, :]  # float64
         del raw
