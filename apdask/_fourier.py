@@ -102,7 +102,8 @@ def convolve_tiles(images, outputs, *, threads=1, tile=None):
     tile : int, optional
         Transform side of interior tiles (see :func:`tile_size`).
     """
-    ny, nx = np.shape(images[0])
+    images = [np.asarray(im, np.float32) for im in images]
+    ny, nx = images[0].shape
     kernels = [np.asarray(k, np.float32) for _, terms in outputs for t in terms for _, k in t[2]]
     margin = max(k.shape[0] // 2 for k in kernels)
     ty, cy = tile_size(ny, margin, tile)

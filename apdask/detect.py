@@ -79,27 +79,6 @@ def _workers():
     return inner_threads()
 
 
-def _fft_convolve(image, kernels, *, fill=0.0, finite=False):
-    """Convolve ``image`` with one or several odd square kernels ('same' output, zero padded).
-
-    Overlap-save on cache-sized tiles (:func:`apdask._fourier.convolve_tiles`): each
-    tile is transformed once for all kernels.  Non-finite pixels are replaced by
-    ``fill`` (pass ``finite=True`` for an image known to be finite: no check).
-
-    Returns a single float32 array if ``kernels`` is one 2-D array, else a list.
-    """
-    single = np.ndim(kernels) == 2
-    if single:
-        kernels = [kernels]
-    image = np.asarray(image, dtype=np.float32)
-    if not finite and not np.all(np.isfinite(image)):
-        image = np.where(np.isfinite(image), image, np.float32(fill))
-    out = [np.empty(image.shape, np.float32) for _ in kernels]
-    jobs = [(o, [(None, None, [(0, k)])]) for o, k in zip(out, kernels, strict=True)]
-    convolve_tiles([image], jobs, threads=_workers())
-    return out[0] if single else out
-
-
 def _interp_matrix(nodes, n):
     """Dense matrix that linearly interpolates node values to pixels ``0..n-1`` (or to the
     pixel positions ``n``, an array), clamped at the outer nodes."""
