@@ -317,3 +317,16 @@ def test_combine_masks(planes):
     np.testing.assert_array_equal(nodata, nd_s | nd_t)
     np.testing.assert_array_equal(bad, nd_s | nd_t | ((both & bad_bits) != 0))
     assert got[7, 8] == MASK["CR"] and bad[7, 8]
+
+
+def test_one_blas_thread_limits_blas_inside_only():
+    import threadpoolctl
+
+    def blas_threads():
+        info = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        return [p["num_threads"] for p in info]
+
+    before = blas_threads()
+    inside = _fused.one_blas_thread(blas_threads)()
+    assert inside and all(n == 1 for n in inside)
+    assert blas_threads() == before  # restored on return
