@@ -34,6 +34,10 @@ def test_fill_nodata(planes):
     np.testing.assert_array_equal(nodata, want)
     np.testing.assert_array_equal(out, np.where(want, 0, img).astype(np.float32))
     assert nodata.sum() == 20 + 2
+    # every pixel has data: the image itself comes back, not a copy
+    clean = np.nan_to_num(img)
+    out, nodata = _fused.fill_nodata(clean, np.nan_to_num(var), mask & 0, MASK["NO_DATA"])
+    assert out is clean and not nodata.any()
 
 
 def test_finish_difference():
