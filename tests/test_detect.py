@@ -253,16 +253,14 @@ def test_aperture_correction_recovers_wing_light():
     )
 
 
-def test_local_residual_power_of_bright_sources():
-    """Bright sources whose neighbours leave non-round residuals (a kernel that is
-    wrong in one part of the CCD) get that residual power as S/N-map variance; the
-    power is taken from the *other* sources nearby, so a variable star keeps its own
-    signal, and its S/N peak stays on it."""
-    from apdask.detect import _bright_variance, _gaussian_psf
+def _bright_scene():
+    """A 600 × 900 matched-filter image of unit noise with bright sources on an 80-px
+    grid: ``(psf, sigma, filt, vfilt, xs, ys, flux, xx, phi)``; ``phi`` is the matched
+    filter's profile on the 41 × 41 box around a source and ``xx`` its x offsets."""
+    from apdask.detect import _gaussian_psf
 
     rng = np.random.default_rng(5)
     sig = 4.0 / 2.3548
-    psf = _gaussian_psf(sig)
     ny, nx = 600, 900
     filt = rng.normal(0.0, 1.0, (ny, nx))
     vfilt = np.ones((ny, nx), np.float32)
@@ -271,6 +269,18 @@ def test_local_residual_power_of_bright_sources():
     flux = rng.uniform(5e4, 1e5, len(xs))
     yy, xx = np.mgrid[-20:21, -20:21]
     phi = np.exp(-(xx**2 + yy**2) / (4 * sig**2))  # matched-filter profile
+    return _gaussian_psf(sig), sig, filt, vfilt, xs, ys, flux, xx, phi
+
+
+def test_local_residual_power_of_bright_sources():
+    """Bright sources whose neighbours leave non-round residuals (a kernel that is
+    wrong in one part of the CCD) get that residual power as S/N-map variance; the
+    power is taken from the *other* sources nearby, so a variable star keeps its own
+    signal, and its S/N peak stays on it."""
+    from apdask.detect import _bright_variance
+
+    psf, sig, filt, vfilt, xs, ys, flux, xx, phi = _bright_scene()
+    ny, nx = filt.shape
     dip = (xx / sig) * phi  # a sub-pixel misregistration's residual
     left = xs < nx / 2
     for x, y, f in zip(xs[left], ys[left], flux[left], strict=True):
@@ -309,19 +319,10 @@ def test_bright_variable_star_keeps_its_peak_on_the_star():
     """Every bright source leaves the same round residual (a 1e-4 flux mismatch), so
     the ring term adds variance in 2-px radial bins; a variable bright star among
     them must still peak at its centre (stepped bins put it 4 px off)."""
-    from apdask.detect import _bright_variance, _gaussian_psf
+    from apdask.detect import _bright_variance
 
-    rng = np.random.default_rng(5)
-    sig = 4.0 / 2.3548
-    psf = _gaussian_psf(sig)
-    ny, nx = 600, 900
-    filt = rng.normal(0.0, 1.0, (ny, nx))
-    vfilt = np.ones((ny, nx), np.float32)
-    gx, gy = np.meshgrid(np.arange(60, nx - 50, 80), np.arange(60, ny - 50, 80))
-    xs, ys = gx.ravel(), gy.ravel()
-    flux = rng.uniform(5e4, 1e5, len(xs))
-    yy, xx = np.mgrid[-20:21, -20:21]
-    phi = np.exp(-(xx**2 + yy**2) / (4 * sig**2))
+    psf, sig, filt, vfilt, xs, ys, flux, xx, phi = _bright_scene()
+    ny, nx = filt.shape
     for x, y, f in zip(xs, ys, flux, strict=True):
         filt[y - 20 : y + 21, x - 20 : x + 21] += 1e-4 * f * phi
     k = len(xs) // 2
