@@ -7,10 +7,11 @@ stage modules (``isr``, ``templates``, ``subtract``, ``detect``, ``associate``,
 
 from __future__ import annotations
 
-from . import config  # noqa: F401  (registers the apdask.yaml defaults with dask.config)
-from .camera import get_camera
-from .exceptions import ApdaskError
-from .visit import NextVisit, build_visit_graph
+from apdask import config  # noqa: F401  (registers the apdask.yaml defaults with dask.config)
+from apdask.core.camera import get_camera
+from apdask.exceptions import ApdaskError
+from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.nextvisit import NextVisit
 
 __all__ = ["ApdaskError", "NextVisit", "build_visit_graph", "get_camera", "__version__"]
 

@@ -5,9 +5,9 @@ Packaging: realistic packets (a 12-month history of ``--n-prv`` DiaSources and
 FITS cutouts with image, variance, mask and PSF) built and serialised on one
 core by
 
-* ``apdask``: :class:`apdask.alerts.StampMaker` + :func:`apdask.alerts.package_alerts`
+* ``apdask``: :class:`apdask.alerts.StampMaker` + :func:`apdask.package_alerts`
   (column-wise, the fast path),
-* ``reference``: ``detect.make_cutout`` (astropy FITS) + ``make_alert`` +
+* ``reference``: ``make_cutout`` (astropy FITS) + ``make_alert`` +
   ``fastavro.schemaless_writer``,
 * ``lsst.alert.packet``: ``make_alert`` dicts serialised with ``Schema.serialize``.
 
@@ -38,9 +38,14 @@ from pathlib import Path
 import numpy as np
 from astropy.wcs import WCS
 
-from apdask import alerts, detect, kafka
-from apdask._avrovec import encode_long
-from apdask.image import Exposure
+from apdask import alerts
+from apdask.alerts.avrovec import encode_long
+from apdask.alerts.packets import EncodedAlert, encode_alert, make_alert, package_alerts
+from apdask.alerts.schema import _collect_named, load_schema
+from apdask.alerts.sinks import sink_from_uri
+from apdask.core.exposure import Exposure
+from apdask.pipeline.measure.cutouts import make_cutout
+from apdask.services import kafka
 
 __all__ = ["main"]
 
@@ -68,7 +73,7 @@ def _exposures(rng, shape):
 def _columns(schema, short, n, rng, **fixed):
     """Realistic-looking column dict for ``n`` rows of one record type."""
     named = {}
-    alerts._collect_named(schema.definition, named)
+    _collect_named(schema.definition, named)
     cols = {}
     for f in named[short]["fields"]:
         t = f["type"]
@@ -120,7 +125,7 @@ def _fast_package(schema, exposures, inputs, stamp):
     makers = [alerts.StampMaker(e) for e in exposures]
     xs, ys = sources["x"].tolist(), sources["y"].tolist()
     cut = [tuple(m.stamp(x, y, stamp) for m in makers) for x, y in zip(xs, ys, strict=True)]
-    return alerts.package_alerts(sources, hist, forced, objects, cut, schema=schema)
+    return package_alerts(sources, hist, forced, objects, cut, schema=schema)
 
 
 def bench_packaging(args, schema, rng):
@@ -171,11 +176,11 @@ def bench_packaging(args, schema, rng):
     dicts = []
     ref_bodies = []
     for r in src_rows:
-        cut = tuple(detect.make_cutout(e, r["x"], r["y"], args.stamp) for e in exposures)
+        cut = tuple(make_cutout(e, r["x"], r["y"], args.stamp) for e in exposures)
         oid = r["diaObjectId"]
-        a = alerts.make_alert(r, prv.get(oid, []), frc.get(oid, []), objs.get(oid), cut, schema)
+        a = make_alert(r, prv.get(oid, []), frc.get(oid, []), objs.get(oid), cut, schema)
         dicts.append(a)
-        ref_bodies.append(alerts.encode_alert(a, schema).body)
+        ref_bodies.append(encode_alert(a, schema).body)
     ref_cpu = time.process_time() - t0
     assert ref_bodies == [e.body for e in enc[:m]], "fast path differs from the reference"
     t0 = time.process_time()
@@ -184,7 +189,7 @@ def bench_packaging(args, schema, rng):
     lap_cpu = time.process_time() - t0
     t0 = time.process_time()
     for a in dicts:
-        alerts.make_alert(a["diaSource"], a["prvDiaSources"], a["prvDiaForcedSources"],
+        make_alert(a["diaSource"], a["prvDiaSources"], a["prvDiaForcedSources"],
                           a["diaObject"], (None, None, None), schema)  # fmt: skip
     make_alert_cpu = time.process_time() - t0
 
@@ -287,7 +292,7 @@ def _uniquify(pool, k):
         sid = base + a.diaSourceId
         rest = a.body[len(encode_long(a.diaSourceId)) :]
         frame = b"".join((a.frame[:5], encode_long(sid), rest))
-        out.append(alerts.EncodedAlert._framed(sid, a.diaObjectId + base, frame))
+        out.append(EncodedAlert._framed(sid, a.diaObjectId + base, frame))
     return out
 
 
@@ -313,7 +318,7 @@ def bench_publish(args, schema, pool, bootstrap, compression):
     if args.batch_bytes:
         uri += f"&batch_bytes={args.batch_bytes}"
     # One producer shared by the threads (thread-safe); each write waits for its own CCD.
-    sinks = [alerts.sink_from_uri(uri, schema=schema)]
+    sinks = [sink_from_uri(uri, schema=schema)]
     for s in sinks:
         s.producer()  # connect before the clock starts, as a warm worker would be
     results = []
@@ -378,7 +383,7 @@ def main(argv=None):
     p.add_argument("--bootstrap", help="HOST:PORT of a broker (default: start tansu)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    schema = alerts.load_schema()
+    schema = load_schema()
     rng = np.random.default_rng(args.seed)
     report = {
         "machine": {

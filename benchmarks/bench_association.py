@@ -9,7 +9,7 @@ import time
 import numpy as np
 from astropy.table import Table
 
-from apdask.associate import associate
+from apdask.pipeline.associate import associate
 
 AS = 1 / 3600.0
 

@@ -20,8 +20,8 @@ import tempfile
 import threading
 import time
 
-from apdask.distributor import TOKEN_ENV, HttpDistributor
 from apdask.exceptions import DistributorUnavailableError, ImageTimeoutError
+from apdask.io.distributor import TOKEN_ENV, HttpDistributor
 
 TOKEN = "bench-token"
 

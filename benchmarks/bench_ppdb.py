@@ -48,10 +48,10 @@ import uuid
 import numpy as np
 from astropy.table import Table
 
-from apdask import ppdb as ppdb_mod
-from apdask.associate import associate, associate_ccd
-from apdask.camera import BANDS, get_camera
-from apdask.ids import dia_forced_source_ids, dia_source_ids, pack_id
+from apdask.core.camera import BANDS, get_camera
+from apdask.core.ids import dia_forced_source_ids, dia_source_ids, pack_id
+from apdask.pipeline.associate import associate, associate_ccd
+from apdask.ppdb import database as ppdb_mod
 
 AS = 1.0 / 3600.0
 RA0, DEC0, MJD0 = 30.0, -20.0, 61000.0

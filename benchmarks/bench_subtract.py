@@ -40,11 +40,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from apdask._alloc import keep_freed_memory  # noqa: E402
-from apdask.detect import detect_sources, matched_filter, measure_sources  # noqa: E402
-from apdask.image import Exposure  # noqa: E402
-from apdask.stamps import StampMaker  # noqa: E402
-from apdask.subtract import estimate_psf_model, subtract  # noqa: E402
+from apdask.alerts.stamps import StampMaker  # noqa: E402
+from apdask.core.exposure import Exposure  # noqa: E402
+from apdask.core.memory import keep_freed_memory  # noqa: E402
+from apdask.pipeline.measure.detection import detect_sources, matched_filter
+from apdask.pipeline.measure.sources import measure_sources  # noqa: E402
+from apdask.pipeline.psf import estimate_psf_model
+from apdask.pipeline.subtract.difference import subtract  # noqa: E402
 
 PEERS = {
     "SFFT (A100 GPU)": 1.4,

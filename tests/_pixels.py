@@ -6,7 +6,7 @@ import numpy as np
 from astropy.wcs import WCS
 from scipy.special import erf
 
-from apdask.image import Exposure
+from apdask.core.exposure import Exposure
 
 SCALE = 0.2  # arcsec / px
 

@@ -15,8 +15,8 @@ import pandas as pd
 import sqlalchemy
 from astropy.table import Table
 
-from apdask.associate import associate_ccd
-from apdask.ids import dia_forced_source_ids, dia_source_ids
+from apdask.core.ids import dia_forced_source_ids, dia_source_ids
+from apdask.pipeline.associate import associate_ccd
 
 AS = 1.0 / 3600.0
 TABLES = ("DiaObject", "DiaSource", "DiaForcedSource", "DiaObject_To_Object_Match")
@@ -149,7 +149,7 @@ def pg_ppdb(config_path, prefix="apdask", url=PG_URL):
     """
     import sqlalchemy
 
-    from apdask import ppdb
+    from apdask.ppdb import database as ppdb
 
     engine = pg_engine(url)
     namespace = f"{prefix}_{uuid.uuid4().hex[:10]}"

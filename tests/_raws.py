@@ -8,7 +8,7 @@ import dask
 import numpy as np
 from astropy.io import fits
 
-from apdask.rawio import read_raw, write_raw
+from apdask.io.raw import read_raw, write_raw
 
 
 def write_variant(src, dst, renoise_adu=0.0, seed=0, **changes):

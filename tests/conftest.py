@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(scope="session")
 def sim_repo(tmp_path_factory):
     """A seeded two-visit test-camera repository (read-only: copy it before writing)."""
-    from apdask.simulate import simulate_repo
+    from apdask.tools.simulate import simulate_repo
 
     root = tmp_path_factory.mktemp("simrepo") / "repo"
     visits = simulate_repo("testcam", str(root), n_visits=2, seed=11)

@@ -14,17 +14,21 @@ from astropy.io import fits
 from lsst.alert.packet import simulate_alert
 
 from apdask import alerts
+from apdask.alerts.packets import encode_alert, make_alert, package_alerts
+from apdask.alerts.schema import _collect_named, load_schema
+from apdask.alerts.sinks import FileSink, read_alerts, sink_from_uri, validate_alerts
+from apdask.alerts.wire import confluent_frame, confluent_unframe
 from apdask.exceptions import ConfigurationError
 
 
 @pytest.fixture(scope="module")
 def schema():
-    return alerts.load_schema()
+    return load_schema()
 
 
 def _record(schema, short):
     named = {}
-    alerts._collect_named(schema.definition, named)
+    _collect_named(schema.definition, named)
     return named[short]
 
 
@@ -63,7 +67,7 @@ def packet(schema):
     forced = [_example_row(schema, "diaForcedSource", rng) for _ in range(4)]
     obj = _example_row(schema, "diaObject", rng, g_psfFluxMean=np.float32("nan"))
     cut = (_fits_bytes(1), _fits_bytes(2), _fits_bytes(3))
-    return alerts.make_alert(src, prv, forced, obj, cut, schema=schema)
+    return make_alert(src, prv, forced, obj, cut, schema=schema)
 
 
 def test_make_alert_conforms(schema, packet):
@@ -94,76 +98,76 @@ def test_missing_nullable_is_none_and_required_errors(schema):
         "timeProcessedMjdTai": 60000.1,
         "bboxSize": 30,
     }
-    alert = alerts.make_alert(minimal, [], [], None, schema=schema)
+    alert = make_alert(minimal, [], [], None, schema=schema)
     assert alert["diaSource"]["psfFlux"] is None and alert["diaObject"] is None
     bad = dict(minimal)
     del bad["bboxSize"]
     with pytest.raises(ValueError, match="bboxSize"):
-        alerts.make_alert(bad, [], [], None, schema=schema)
+        make_alert(bad, [], [], None, schema=schema)
     with pytest.raises(ValueError, match="'ra'"):
-        alerts.make_alert(dict(minimal, ra=float("nan")), [], [], None, schema=schema)
+        make_alert(dict(minimal, ra=float("nan")), [], [], None, schema=schema)
 
 
 def test_file_sink_round_trip_and_overwrite(tmp_path, schema, packet):
-    sink = alerts.sink_from_uri(f"file://{tmp_path}")
+    sink = sink_from_uri(f"file://{tmp_path}")
     res = sink.write(7, 12, [packet, packet])
     path = res.path
     assert path == tmp_path / "visit_7" / "7_12.avro"
     assert (res.delivered, res.spooled) == (2, 0)
-    back = alerts.read_alerts(tmp_path)
+    back = read_alerts(tmp_path)
     assert len(back) == 2
     assert back[0]["diaSource"] == packet["diaSource"]
     assert back[0]["cutoutScience"] == packet["cutoutScience"]
-    report = alerts.validate_alerts(tmp_path, schema=schema)
+    report = validate_alerts(tmp_path, schema=schema)
     assert report == {"n_alerts": 2, "n_files": 1, "problems": []}
     # overwrite of the same CCD/visit replaces the file, leaves no temp files
     sink.write(7, 12, [packet])
-    assert len(alerts.read_alerts(path)) == 1
+    assert len(read_alerts(path)) == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["7_12.avro"]
     sink.write(7, 13, [packet])
-    assert alerts.validate_alerts(tmp_path)["n_files"] == 2
+    assert validate_alerts(tmp_path)["n_files"] == 2
 
 
 def test_validate_flags_non_fits_cutout(tmp_path, schema, packet):
     bad = dict(packet, cutoutDifference=b"not fits")
-    alerts.FileSink(tmp_path, schema=schema, codec="null").write(1, 1, [bad])
-    report = alerts.validate_alerts(tmp_path, schema=schema)
+    FileSink(tmp_path, schema=schema, codec="null").write(1, 1, [bad])
+    report = validate_alerts(tmp_path, schema=schema)
     assert report["n_alerts"] == 1
     assert any("cutoutDifference" in p for p in report["problems"])
 
 
 def test_failed_write_keeps_previous_file(tmp_path, schema, packet):
-    sink = alerts.FileSink(tmp_path, schema=schema)
+    sink = FileSink(tmp_path, schema=schema)
     path = sink.write(1, 2, [packet]).path
     broken = dict(packet, diaSource=dict(packet["diaSource"], ra="north"))
     with pytest.raises((ValueError, TypeError)):
         sink.write(1, 2, [broken])
-    assert len(alerts.read_alerts(path)) == 1
+    assert len(read_alerts(path)) == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["1_2.avro"]
 
 
 def test_confluent_round_trip(schema, packet):
-    data = alerts.confluent_frame(packet, schema)
+    data = confluent_frame(packet, schema)
     magic, schema_id = struct.unpack(">bi", data[:5])
     assert magic == 0 and schema_id == schema.get_schema_id()
-    back = alerts.confluent_unframe(data, schema)
+    back = confluent_unframe(data, schema)
     assert back["diaSource"] == packet["diaSource"]
     assert back["diaObject"] == packet["diaObject"]
     with pytest.raises(ValueError, match="magic"):
-        alerts.confluent_unframe(b"\x01" + data[1:], schema)
+        confluent_unframe(b"\x01" + data[1:], schema)
 
 
 def test_load_schema_versions():
-    assert alerts.load_schema("11.1").definition["name"] == "lsst.v11_1.alert"
-    assert alerts.load_schema() is alerts.load_schema()
+    assert load_schema("11.1").definition["name"] == "lsst.v11_1.alert"
+    assert load_schema() is load_schema()
     with pytest.raises(ConfigurationError, match="99.9"):
-        alerts.load_schema("99.9")
+        load_schema("99.9")
 
 
 def test_kafka_uri_selects_kafka_sink(tmp_path):
-    from apdask.kafka import KafkaSink
+    from apdask.services.kafka import KafkaSink
 
-    sink = alerts.sink_from_uri(
+    sink = sink_from_uri(
         f"kafka://localhost:9092/alerts?compression=zstd&delivery_timeout=2.5&spool_dir={tmp_path}"
     )
     assert isinstance(sink, KafkaSink)
@@ -174,11 +178,11 @@ def test_kafka_uri_selects_kafka_sink(tmp_path):
     assert conf["compression.type"] == "zstd" and conf["message.timeout.ms"] == 2500
     for bad in ("kafka://localhost:9092", "kafka:///alerts", "kafka://h:1/t?colour=red"):
         with pytest.raises(ConfigurationError):
-            alerts.sink_from_uri(bad)
+            sink_from_uri(bad)
 
 
 def test_sasl_credentials_only_from_env_and_never_shown(monkeypatch):
-    from apdask import kafka
+    from apdask.services import kafka
 
     monkeypatch.delenv("APDASK_KAFKA_USERNAME", raising=False)
     monkeypatch.delenv("APDASK_KAFKA_PASSWORD", raising=False)
@@ -190,7 +194,7 @@ def test_sasl_credentials_only_from_env_and_never_shown(monkeypatch):
     monkeypatch.setenv("APDASK_KAFKA_PASSWORD", "s3cret-pw")
     conf = kafka.security_config()
     assert conf["sasl.mechanism"] == "SCRAM-SHA-512" and conf["sasl.password"] == "s3cret-pw"
-    sink = alerts.sink_from_uri("kafka://localhost:9092/alerts")
+    sink = sink_from_uri("kafka://localhost:9092/alerts")
     assert sink._config()["sasl.username"] == "broker-user"
     assert "s3cret" not in repr(sink) and "s3cret" not in str(vars(sink))
 
@@ -222,12 +226,12 @@ def test_package_alerts_is_byte_identical_to_make_alert(schema):
     forced = _rows_table(schema, "diaForcedSource", 3, rng, diaObjectId=[1, 2, 2])
     objs = _rows_table(schema, "diaObject", 2, rng, diaObjectId=[1, 2])
     cut = [(_fits_bytes(i), None, _fits_bytes(-i)) for i in range(4)]
-    enc = alerts.package_alerts(Table(rows=src), Table(rows=hist), Table(rows=forced),
+    enc = package_alerts(Table(rows=src), Table(rows=hist), Table(rows=forced),
                                 Table(rows=objs), cut, schema=schema)  # fmt: skip
     assert [a.diaSourceId for a in enc] == [11, 12, 13, 14]
     for i, row in enumerate(src):
         oid = row["diaObjectId"]
-        ref = alerts.make_alert(
+        ref = make_alert(
             row,
             [h for h in hist if h["diaObjectId"] == oid and h["diaSourceId"] != row["diaSourceId"]],
             [f for f in forced if f["diaObjectId"] == oid],
@@ -235,7 +239,7 @@ def test_package_alerts_is_byte_identical_to_make_alert(schema):
             cut[i],
             schema=schema,
         )
-        assert enc[i].body == alerts.encode_alert(ref, schema).body
+        assert enc[i].body == encode_alert(ref, schema).body
         assert enc[i].diaObjectId == oid
     assert enc[0].frame[:5] == struct.pack(">bi", 0, 1101) and enc[0].frame[5:] == enc[0].body
     import pickle
@@ -248,24 +252,24 @@ def test_package_alerts_is_byte_identical_to_make_alert(schema):
     bad = Table(rows=src)
     bad["dec"][0] = np.nan
     with pytest.raises(ValueError, match="'dec'"):
-        alerts.package_alerts(bad, schema=schema)
+        package_alerts(bad, schema=schema)
 
 
 def test_file_sink_writes_encoded_alerts(tmp_path, schema, packet):
-    enc = alerts.encode_alert(packet, schema)
-    res = alerts.FileSink(tmp_path, schema=schema).write(3, 4, [enc, enc, enc])
+    enc = encode_alert(packet, schema)
+    res = FileSink(tmp_path, schema=schema).write(3, 4, [enc, enc, enc])
     assert res.delivered == 3
-    back = alerts.read_alerts(res.path)
+    back = read_alerts(res.path)
     assert len(back) == 3 and back[2]["diaSource"] == packet["diaSource"]
-    assert alerts.validate_alerts(tmp_path, schema=schema)["problems"] == []
+    assert validate_alerts(tmp_path, schema=schema)["problems"] == []
 
 
 def test_stamp_maker_matches_make_cutout():
     from astropy.nddata import CCDData
     from astropy.wcs import WCS
 
-    from apdask.detect import make_cutout
-    from apdask.image import MASK, Exposure
+    from apdask.core.exposure import MASK, Exposure
+    from apdask.pipeline.measure.cutouts import make_cutout
 
     rng = np.random.default_rng(4)
     w = WCS(naxis=2)

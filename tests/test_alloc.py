@@ -7,7 +7,7 @@ import sys
 import dask
 import pytest
 
-from apdask import _alloc
+from apdask.core import memory as _alloc
 
 _PROBE = """
 import resource, sys

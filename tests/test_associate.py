@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask.associate import associate, nearest_drp_objects, update_objects
+from apdask.pipeline.associate import associate, nearest_drp_objects, update_objects
 
 AS = 1.0 / 3600.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apdask.astrometry import refine_wcs
+from apdask.pipeline.astrometry import refine_wcs
 from tests._pixels import make_wcs, sky_exposure, star_field
 
 SHAPE = (1500, 1500)

@@ -17,16 +17,17 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from apdask.alerts import read_alerts
-from apdask.butler import Butler
-from apdask.camera import get_camera
-from apdask.cli import _partial_failure_code, main
+from apdask.alerts.sinks import read_alerts
+from apdask.cli.main import _partial_failure_code, main
+from apdask.core.camera import get_camera
+from apdask.core.exposure import MASK, mask_bits
 from apdask.exceptions import NoTemplateCoverageError
-from apdask.image import MASK, mask_bits
-from apdask.isr import isr_amp
+from apdask.io.butler import Butler
+from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.isr import isr_amp
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.pipeline.run import ensure_ppdb, run_visit
 from apdask.ppdb import Ppdb
-from apdask.run import ensure_ppdb, run_visit
-from apdask.visit import NextVisit, build_visit_graph
 
 CAMERA = get_camera("testcam")
 VISIT = 1000

@@ -2,8 +2,8 @@
 
 import json
 
-from apdask.bench import BENCHMARKS, find_benchmark_dir
-from apdask.cli import main
+from apdask.cli.main import main
+from apdask.tools.bench import BENCHMARKS, find_benchmark_dir
 
 
 def test_every_benchmark_script_exists():

@@ -6,9 +6,9 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from apdask.butler import Butler, polygons_overlap
-from apdask.camera import get_camera
+from apdask.core.camera import get_camera
 from apdask.exceptions import ConfigurationError
+from apdask.io.butler import Butler, polygons_overlap
 
 
 def _wcs(ra, dec, n=64, scale=0.2):

@@ -12,9 +12,9 @@ import uuid
 import dask
 import pytest
 
-from apdask.calib import MetricsDeliveryError, process_calib, publish_metrics
-from apdask.cli import main
-from apdask.simulate import simulate_calib_frame
+from apdask.cli.main import main
+from apdask.pipeline.calib import MetricsDeliveryError, process_calib, publish_metrics
+from apdask.tools.simulate import simulate_calib_frame
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from astropy.coordinates import SkyCoord
 
-from apdask.camera import check_band, check_pointing, get_camera, njy_per_electron
+from apdask.core.camera import check_band, check_pointing, get_camera, njy_per_electron
 from apdask.exceptions import CoordinateError, UnknownDetectorError, UnknownFilterError
 
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from apdask.cli import main
+from apdask.cli.main import main
 
 
 def _ccd_args(repo, ccd="T00", ra="150.0", dec="-30.0", band="r", image=None, timeout="2"):

@@ -9,16 +9,12 @@ import numpy as np
 import pytest
 from astropy.nddata import CCDData, VarianceUncertainty
 
-from apdask.detect import (
-    DIASOURCE_COLUMNS,
-    cutout_size,
-    detect_sources,
-    forced_photometry,
-    make_cutout,
-    measure_sources,
-)
-from apdask.image import MASK
-from apdask.subtract import estimate_psf
+from apdask.core.exposure import MASK
+from apdask.pipeline.measure.cutouts import cutout_size, make_cutout
+from apdask.pipeline.measure.detection import detect_sources
+from apdask.pipeline.measure.photometry import forced_photometry
+from apdask.pipeline.measure.sources import DIASOURCE_COLUMNS, measure_sources
+from apdask.pipeline.psf import estimate_psf
 from tests._pixels import add_stars, exposure_from, gaussian_psf, make_wcs
 
 SHAPE = (800, 800)
@@ -213,7 +209,7 @@ def test_psf_from_difference_scene_not_needed(scene):
 
 def test_aperture_correction_recovers_wing_light():
     """Stars with 6 % of their light in broad wings, PSF model = the core only."""
-    from apdask.detect import aperture_correction
+    from apdask.pipeline.measure.photometry import aperture_correction
 
     rng = np.random.default_rng(3)
     shape, core, wing, f_wing = (900, 900), 4.0, 14.0, 0.06
@@ -257,7 +253,7 @@ def _bright_scene():
     """A 600 × 900 matched-filter image of unit noise with bright sources on an 80-px
     grid: ``(psf, sigma, filt, vfilt, xs, ys, flux, xx, phi)``; ``phi`` is the matched
     filter's profile on the 41 × 41 box around a source and ``xx`` its x offsets."""
-    from apdask.detect import _gaussian_psf
+    from apdask.pipeline.psf import _gaussian_psf
 
     rng = np.random.default_rng(5)
     sig = 4.0 / 2.3548
@@ -277,7 +273,7 @@ def test_local_residual_power_of_bright_sources():
     wrong in one part of the CCD) get that residual power as S/N-map variance; the
     power is taken from the *other* sources nearby, so a variable star keeps its own
     signal, and its S/N peak stays on it."""
-    from apdask.detect import _bright_variance
+    from apdask.pipeline.measure.bright import _bright_variance
 
     psf, sig, filt, vfilt, xs, ys, flux, xx, phi = _bright_scene()
     ny, nx = filt.shape
@@ -319,7 +315,7 @@ def test_bright_variable_star_keeps_its_peak_on_the_star():
     """Every bright source leaves the same round residual (a 1e-4 flux mismatch), so
     the ring term adds variance in 2-px radial bins; a variable bright star among
     them must still peak at its centre (stepped bins put it 4 px off)."""
-    from apdask.detect import _bright_variance
+    from apdask.pipeline.measure.bright import _bright_variance
 
     psf, sig, filt, vfilt, xs, ys, flux, xx, phi = _bright_scene()
     ny, nx = filt.shape

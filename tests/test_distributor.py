@@ -7,15 +7,15 @@ import time
 
 import pytest
 
-from apdask.camera import get_camera
-from apdask.distributor import (
+from apdask.core.camera import get_camera
+from apdask.exceptions import DistributorUnavailableError, HeaderMismatchError, ImageTimeoutError
+from apdask.io.distributor import (
     FileDistributor,
     HttpDistributor,
     check_image_for_ccd,
     open_distributor,
 )
-from apdask.exceptions import DistributorUnavailableError, HeaderMismatchError, ImageTimeoutError
-from apdask.visit import _check_header
+from apdask.pipeline.tasks import header_task
 from tests._raws import second_snap, write_variant
 
 
@@ -127,7 +127,7 @@ def test_effective_exptime_overrides_anticipated(sim_repo, tmp_path, caplog, clo
     shutter = {"open_begin": 0.0, "open_end": 1.0, "close_begin": close, "close_end": close + 1}
     write_variant(src, dst, shutter=shutter)
     with caplog.at_level(logging.WARNING, logger="apdask.visit"):
-        header = _check_header(_fetched(dst), camera["T00"], "r", 30.0, 1000)
+        header = header_task(_fetched(dst), camera["T00"], "r", 30.0, 1000)
     assert header["exptime"] == pytest.approx(close)
     warned = [r.getMessage() for r in caplog.records if "anticipated" in r.getMessage()]
     assert bool(warned) is warns
@@ -139,7 +139,7 @@ def test_two_snaps_exptime_summed_and_distinct(sim_repo, tmp_path):
     camera = get_camera("testcam")
     src = os.path.join(sim_repo["root"], "raw", "TestCam_1000_T00_0.fits")
     snap1 = second_snap(src, tmp_path / "TestCam_1000_T00_1.fits")
-    header = _check_header(_fetched(src, snap1), camera["T00"], "r", 30.0, 1000)
+    header = header_task(_fetched(src, snap1), camera["T00"], "r", 30.0, 1000)
     assert header["exptime"] == pytest.approx(60.0)
     assert [m.snap for m in header["metas"]] == [0, 1]
     first, second = header["metas"]
@@ -148,4 +148,4 @@ def test_two_snaps_exptime_summed_and_distinct(sim_repo, tmp_path):
     # The same snap twice is refused.
     copy = write_variant(src, tmp_path / "copy.fits")
     with pytest.raises(HeaderMismatchError, match="SNAP=0"):
-        _check_header(_fetched(src, copy), camera["T00"], "r", 30.0, 1000)
+        header_task(_fetched(src, copy), camera["T00"], "r", 30.0, 1000)

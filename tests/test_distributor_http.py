@@ -21,12 +21,12 @@ import dask.config
 import numpy as np
 import pytest
 
-from apdask.alerts import read_alerts
-from apdask.cli import main
-from apdask.distributor import TOKEN_ENV, HttpDistributor
-from apdask.distributor_server import BackgroundServer
-from apdask.evaluate import load_truth, match_truth
+from apdask.alerts.sinks import read_alerts
+from apdask.cli.main import main
 from apdask.exceptions import ConfigurationError, DistributorUnavailableError, ImageTimeoutError
+from apdask.io.distributor import TOKEN_ENV, HttpDistributor
+from apdask.services.distributor_server import BackgroundServer
+from apdask.tools.evaluate import load_truth, match_truth
 from tests._raws import second_snap
 from tests.test_cli import _nothing_written
 

@@ -13,11 +13,11 @@ import pytest
 from astropy.nddata import CCDData
 from lsst.alert.packet import Schema
 
-from apdask.alerts import read_alerts
-from apdask.evaluate import load_truth, match_truth
+from apdask.alerts.sinks import read_alerts
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.pipeline.run import ensure_ppdb, run_visit
 from apdask.ppdb import Ppdb
-from apdask.run import ensure_ppdb, run_visit
-from apdask.visit import NextVisit
+from apdask.tools.evaluate import load_truth, match_truth
 
 
 @pytest.fixture(scope="module")

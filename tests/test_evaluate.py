@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask.evaluate import (
+from apdask.tools.evaluate import (
     _noise_model,
     _truth_snr,
     evaluate_sources,

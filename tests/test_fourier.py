@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from apdask._fourier import convolve_tiles, tile_size
-from apdask.subtract import _truncated_psi, alard_lupton_basis, decorrelation_kernel
+from apdask._kernels.fourier import convolve_tiles, tile_size
+from apdask.pipeline.subtract.decorrelate import _truncated_psi, decorrelation_kernel
+from apdask.pipeline.subtract.kernel import alard_lupton_basis
 
 CASES = [((700, 1100), 256, 2), ((90, 130), None, 1)]  # several tiles, one tile
 

@@ -7,10 +7,11 @@ import scipy.fft as sfft
 from astropy.table import Table
 from photutils.aperture import CircularAperture, aperture_photometry
 
-from apdask import _fused
-from apdask.detect import _IGNORE, _aperture_fluxes, _background
-from apdask.image import MASK, Exposure
-from apdask.subtract import _al_factors, _stamp_convolutions, alard_lupton_basis
+from apdask._kernels import fused as _fused
+from apdask.core.exposure import IGNORE_BITS, MASK, Exposure
+from apdask.pipeline.background import fit_background
+from apdask.pipeline.measure.photometry import _aperture_fluxes
+from apdask.pipeline.subtract.kernel import _al_factors, _stamp_convolutions, alard_lupton_basis
 
 
 @pytest.fixture
@@ -71,8 +72,8 @@ def test_difference_variance(planes):
 def test_matched_inputs_and_snr(planes):
     img, var, mask = planes
     sat = (mask & MASK["SAT"]) != 0
-    img0, var0, bad = _fused.matched_inputs(img, var, mask, _IGNORE, sat, 2)
-    want = ((mask & _IGNORE) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
+    img0, var0, bad = _fused.matched_inputs(img, var, mask, IGNORE_BITS, sat, 2)
+    want = ((mask & IGNORE_BITS) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
     want |= _fused.dilate(sat, 2)
     np.testing.assert_array_equal(bad, want)
     np.testing.assert_array_equal(img0, np.where(want, 0, img))
@@ -81,7 +82,7 @@ def test_matched_inputs_and_snr(planes):
     # large saturated areas take the dilation path: same result
     big = np.zeros(img.shape, bool)
     big[:150] = True
-    _, _, bad_big = _fused.matched_inputs(img, var, mask, _IGNORE, big, 2)
+    _, _, bad_big = _fused.matched_inputs(img, var, mask, IGNORE_BITS, big, 2)
     np.testing.assert_array_equal(bad_big[:152], True)
     snr = _fused.snr_map(img0, var0, bad)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -111,8 +112,8 @@ def test_separable_stamp_convolutions_equal_fft():
 def test_background_cutout_equals_full_map(planes):
     img, _, mask = planes
     img = np.nan_to_num(img) + np.linspace(0, 50, img.shape[1])[None, :]
-    lazy = _background(img, mask, box=32, lazy=True)
-    full = _background(img, mask, box=32)
+    lazy = fit_background(img, mask, box=32, lazy=True)
+    full = fit_background(img, mask, box=32)
     np.testing.assert_allclose(lazy[84:97, 74:87], full[84:97, 74:87], rtol=1e-6)
     coarse, jy, ty, jx, tx = lazy.bilinear()
     y, x = np.mgrid[: img.shape[0], : img.shape[1]]
@@ -128,7 +129,7 @@ def test_aperture_fluxes_equal_photutils(planes):
     exp = Exposure(img, var, mask, None, None, {})
     tab = Table({"x": [31.0, 80.3, 101.7, 155.5], "y": [30.2, 90.6, 101.0, 200.0]})
     _aperture_fluxes(tab, exp, 6.0)
-    bad = ((mask & _IGNORE) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
+    bad = ((mask & IGNORE_BITS) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
     res = aperture_photometry(
         np.where(bad, 0, img), CircularAperture(np.column_stack([tab["x"], tab["y"]]), r=6.0),
         error=np.sqrt(np.where(bad, 0, np.maximum(var, 0))), mask=bad,
@@ -138,7 +139,8 @@ def test_aperture_fluxes_equal_photutils(planes):
 
 
 def test_kernel_stamps_reuse_the_psf_models_stars():
-    from apdask.subtract import PsfGrid, _model_stars
+    from apdask.pipeline.psf import PsfGrid
+    from apdask.pipeline.subtract.difference import _model_stars
 
     stars = {"x": np.array([50.2, 12.0, 80.0, 140.0]), "y": np.array([60.0, 70.0, 81.4, 100.0]),
              "snr": np.array([90.0, 80.0, 70.0, 60.0]), "neighbour": np.array([0.0, 0, 0.05, 0]),
@@ -241,11 +243,11 @@ def test_smoothed_residual_equals_ndimage(planes):
     from scipy import ndimage
 
     img, _, mask = planes
-    model = _background(np.nan_to_num(img) + np.linspace(0, 50, img.shape[1])[None, :], mask,
+    model = fit_background(np.nan_to_num(img) + np.linspace(0, 50, img.shape[1])[None, :], mask,
                         box=32, lazy=True)  # fmt: skip
     bkg = model.full()
-    got, bad = _fused.smoothed_residual(img, model.bilinear(), mask, _IGNORE, 1.9)
-    want_bad = ~np.isfinite(img) | ((mask & _IGNORE) != 0)
+    got, bad = _fused.smoothed_residual(img, model.bilinear(), mask, IGNORE_BITS, 1.9)
+    want_bad = ~np.isfinite(img) | ((mask & IGNORE_BITS) != 0)
     np.testing.assert_array_equal(bad, want_bad)
     data = np.where(want_bad, 0.0, img - bkg).astype(np.float32)
     want = ndimage.gaussian_filter(data, 1.9, mode="constant", truncate=3.0)
@@ -254,17 +256,18 @@ def test_smoothed_residual_equals_ndimage(planes):
 
 def _psf_fit_one(image, variance, mask, psf, x, y, bkg=None):
     """Reference: the one-position PSF fit the batched fit replaced (apdask <= 9d1c12e)."""
-    from apdask.detect import _cutout, _shifted_psf
+    from apdask.pipeline.psf import shifted_psf
+    from apdask.pipeline.stars import cutout_at
 
     half = psf.shape[0] // 2
     ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-    p = _shifted_psf(psf, x - ix, y - iy)
-    d = _cutout(image, ix, iy, half, np.float32(np.nan)).astype(float)
+    p = shifted_psf(psf, x - ix, y - iy)
+    d = cutout_at(image, ix, iy, half, np.float32(np.nan)).astype(float)
     if bkg is not None:
-        d = d - _cutout(bkg, ix, iy, half, np.float32(0.0))
-    v = _cutout(variance, ix, iy, half, np.float32(np.nan)).astype(float)
-    m = _cutout(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
-    ok = np.isfinite(d) & np.isfinite(v) & ((m & _IGNORE) == 0)
+        d = d - cutout_at(bkg, ix, iy, half, np.float32(0.0))
+    v = cutout_at(variance, ix, iy, half, np.float32(np.nan)).astype(float)
+    m = cutout_at(mask, ix, iy, half, np.uint32(MASK["NO_DATA"]))
+    ok = np.isfinite(d) & np.isfinite(v) & ((m & IGNORE_BITS) == 0)
     edge = not bool(ok.all())
     ok &= p > 1e-4 * p.max()
     n = int(ok.sum())
@@ -280,8 +283,8 @@ def _psf_fit_one(image, variance, mask, psf, x, y, bkg=None):
 
 
 def test_batched_psf_fits_equal_one_at_a_time(planes):
-    from apdask.detect import _psf_fit_many, _psfs_at
-    from apdask.subtract import PsfGrid
+    from apdask.pipeline.measure.photometry import _psf_fit_many
+    from apdask.pipeline.psf import PsfGrid, psfs_at
 
     img, var, mask = planes
     yy, xx = np.mgrid[-7:8, -7:8]
@@ -292,8 +295,8 @@ def test_batched_psf_fits_equal_one_at_a_time(planes):
     exp = Exposure(img, var, mask, None, stamps[0, 0], {"psf_model": model})
     x = np.array([30.2, 80.7, 101.3, 0.4, 156.2, 60.0, 41.9])
     y = np.array([30.9, 90.1, 101.6, 5.0, 202.4, 12.2, 40.1])  # CR, SAT, edges, NaN, bad
-    bkg = _background(np.nan_to_num(img), mask, box=32, lazy=True)
-    psfs = _psfs_at(exp, None, x, y)
+    bkg = fit_background(np.nan_to_num(img), mask, box=32, lazy=True)
+    psfs = psfs_at(exp, None, x, y)
     for k in range(len(x)):
         np.testing.assert_allclose(psfs[k], model.at(x[k], y[k]), rtol=1e-12)
     for b in (None, bkg):

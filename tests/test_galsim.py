@@ -17,13 +17,13 @@ import pytest
 
 galsim = pytest.importorskip("galsim")
 
-from apdask.butler import Butler  # noqa: E402
-from apdask.cli import main  # noqa: E402
-from apdask.evaluate import evaluate_visit, load_truth, match_truth  # noqa: E402
-from apdask.run import run_visit  # noqa: E402
-from apdask.simulate import simulate_repo  # noqa: E402
-from apdask.simulate_galsim import render_science, template_psf_image  # noqa: E402
-from apdask.visit import NextVisit  # noqa: E402
+from apdask.cli.main import main  # noqa: E402
+from apdask.io.butler import Butler  # noqa: E402
+from apdask.pipeline.nextvisit import NextVisit  # noqa: E402
+from apdask.pipeline.run import run_visit  # noqa: E402
+from apdask.tools.evaluate import evaluate_visit, load_truth, match_truth  # noqa: E402
+from apdask.tools.simulate import simulate_repo  # noqa: E402
+from apdask.tools.simulate_galsim import render_science, template_psf_image  # noqa: E402
 
 SEED = 11
 
@@ -43,7 +43,7 @@ def galsim_visit(tmp_path_factory):
 
 
 def _sources(repo):
-    from apdask.alerts import read_alerts
+    from apdask.alerts.sinks import read_alerts
 
     return [a["diaSource"] for a in read_alerts(f"{repo}/alerts/visit_1000")]
 

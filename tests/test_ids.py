@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from apdask.ids import dia_forced_source_ids, dia_source_ids, pack_id, unpack_id
+from apdask.core.ids import dia_forced_source_ids, dia_source_ids, pack_id, unpack_id
 
 
 def test_round_trip_and_determinism():

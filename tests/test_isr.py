@@ -6,9 +6,9 @@ import dask
 import numpy as np
 import pytest
 
-from apdask.camera import get_camera, njy_per_electron
-from apdask.image import MASK, Exposure
-from apdask.isr import calibrate, isr_arrays, mask_cosmic_rays
+from apdask.core.camera import get_camera, njy_per_electron
+from apdask.core.exposure import MASK, Exposure
+from apdask.pipeline.isr import calibrate, isr_arrays, mask_cosmic_rays
 from tests._pixels import add_stars, gaussian_psf, make_wcs, star_field
 
 DARKTIME = 30.0
@@ -152,7 +152,7 @@ def test_cosmic_rays_kept_off_the_cores_of_wing_heavy_stars():
     """A PSF with broad wings (like Kolmogorov) has second moments far wider than its
     core: the FWHM given to the CR finder comes from the PSF's own centre/neighbour
     ratio, so bright star cores are not flagged (they were, on GalSim images)."""
-    from apdask.visit import _sharpest_fwhm_px
+    from apdask.pipeline.tasks import _sharpest_fwhm_px
 
     rng = np.random.default_rng(5)
     shape = (256, 256)

@@ -15,21 +15,26 @@ import pytest
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from apdask import alerts, consume, kafka, spool
-from apdask.cli import main
-from apdask.image import Exposure
+from apdask import alerts
+from apdask.alerts.packets import make_alert, package_alerts
+from apdask.alerts.schema import _collect_named, load_schema
+from apdask.alerts.sinks import sink_from_uri
+from apdask.alerts.wire import confluent_unframe
+from apdask.cli.main import main
+from apdask.core.exposure import Exposure
+from apdask.services import consume, kafka, spool
 
 pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
 def schema():
-    return alerts.load_schema()
+    return load_schema()
 
 
 def _named(schema):
     named = {}
-    alerts._collect_named(schema.definition, named)
+    _collect_named(schema.definition, named)
     return named
 
 
@@ -88,7 +93,7 @@ def _visit_packets(schema, stamps, visit, detector, n, n_objects, n_prv=3, seed=
         for k in range(n_prv * n_objects)
     ]
     objs = [_row(schema, "diaObject", rng, diaObjectId=1 + k) for k in range(n_objects)]
-    return alerts.package_alerts(
+    return package_alerts(
         Table(rows=src), Table(rows=hist), None, Table(rows=objs), [tuple(stamps)] * n, schema
     )
 
@@ -110,7 +115,7 @@ def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, caps
     official = Schema.from_file()  # lsst.alert.packet's own, independent of apdask's cache
     rng = np.random.default_rng(5)
     packets = [
-        alerts.make_alert(
+        make_alert(
             _row(
                 schema,
                 "diaSource",
@@ -132,7 +137,7 @@ def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, caps
     topic = _topic(kafka_broker)
     uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path / 'spool'}"
     t0 = time.time()
-    with alerts.sink_from_uri(uri) as sink:
+    with sink_from_uri(uri) as sink:
         res = sink.write(7, 3, packets)
     assert (res.delivered, res.spooled, res.spool_path) == (20, 0, None)
     assert not (tmp_path / "spool").exists()
@@ -166,7 +171,7 @@ def test_partitioning_by_dia_object_id(kafka_broker, schema, stamps, tmp_path):
     topic = _topic(kafka_broker, partitions=4)
     uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}"
     enc = _visit_packets(schema, stamps[:1] * 3, visit=11, detector=1, n=48, n_objects=8)
-    with alerts.sink_from_uri(uri) as sink:
+    with sink_from_uri(uri) as sink:
         assert sink.write(11, 1, enc).delivered == 48
     got = _read_all(uri)
     assert len(got) == 48
@@ -174,7 +179,7 @@ def test_partitioning_by_dia_object_id(kafka_broker, schema, stamps, tmp_path):
     order = {}
     for part, offset, key, _, value in got:
         oid = struct.unpack(">q", key)[0]
-        back = alerts.confluent_unframe(value, schema)
+        back = confluent_unframe(value, schema)
         assert back["diaSource"]["diaObjectId"] == oid
         assert part_of.setdefault(oid, part) == part  # one object -> one partition
         order.setdefault(oid, []).append((offset, back["diaSourceId"]))
@@ -188,7 +193,7 @@ def test_oversize_alert_trimmed_and_recorded(kafka_broker, schema, stamps, tmp_p
     uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}&max_message_bytes=70000"
     enc = _visit_packets(schema, stamps, visit=12, detector=2, n=2, n_objects=2)
     assert all(len(a.body) > 115_000 for a in enc)  # three 51x51 stamps with PSF
-    with alerts.sink_from_uri(uri) as sink:
+    with sink_from_uri(uri) as sink:
         res = sink.write(12, 2, enc)
     assert (res.delivered, res.spooled) == (2, 0)
     assert len(res.trimmed) == 2
@@ -199,7 +204,7 @@ def test_oversize_alert_trimmed_and_recorded(kafka_broker, schema, stamps, tmp_p
     for _, _, _, headers, value in got:
         assert len(value) <= 70_000
         assert headers["apdask_trimmed"].decode() == note
-        back = alerts.confluent_unframe(value, schema)
+        back = confluent_unframe(value, schema)
         kept = [k for k in kafka._CUTOUTS if back[k] is not None]
         assert kept and all(back[k][:6] == b"SIMPLE" for k in kept)
         assert all(f"{k} dropped" in note for k in kafka._CUTOUTS if k not in kept)
@@ -214,7 +219,7 @@ def test_batches_and_alerts_held_to_the_topic_limit(kafka_broker, schema, stamps
     admin = AdminClient({"bootstrap.servers": kafka_broker})
     admin.create_topics([NewTopic(bare, num_partitions=1, replication_factor=1)])[bare].result(10)
     assert kafka.topic_max_message_bytes(kafka_broker, bare) is None
-    with alerts.sink_from_uri(f"kafka://{kafka_broker}/{bare}?spool_dir={tmp_path}") as sink:
+    with sink_from_uri(f"kafka://{kafka_broker}/{bare}?spool_dir={tmp_path}") as sink:
         assert sink._config()["batch.size"] <= kafka.KAFKA_DEFAULT_MAX_MESSAGE_BYTES
     # a topic that accepts 300 kB batches: 20 alerts of ~150 kB need several batches,
     # and the sink's 1 MB default alert limit is lowered to the topic's
@@ -223,20 +228,20 @@ def test_batches_and_alerts_held_to_the_topic_limit(kafka_broker, schema, stamps
     assert kafka.topic_max_message_bytes(kafka_broker, topic) == 300_000
     enc = _visit_packets(schema, stamps, visit=14, detector=1, n=20, n_objects=20)
     uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}&batch_bytes=8000000"
-    with alerts.sink_from_uri(uri) as sink:
+    with sink_from_uri(uri) as sink:
         res = sink.write(14, 1, enc)
         conf = sink._config()
     assert (res.delivered, res.spooled, len(res.trimmed)) == (20, 0, 0)
     assert conf["batch.size"] <= 300_000
     got = _read_all(uri)
-    assert sorted(alerts.confluent_unframe(v, schema)["diaSourceId"] for *_, v in got) == sorted(
+    assert sorted(confluent_unframe(v, schema)["diaSourceId"] for *_, v in got) == sorted(
         a.diaSourceId for a in enc
     )
     # an alert over the topic's limit is trimmed to fit it, not refused by the broker
     small = f"small-{uuid.uuid4().hex[:8]}"
     assert kafka.ensure_topic(kafka_broker, small, max_message_bytes=100_000)
     uri = f"kafka://{kafka_broker}/{small}?spool_dir={tmp_path}"  # alert limit 1 MB by default
-    with alerts.sink_from_uri(uri) as sink:
+    with sink_from_uri(uri) as sink:
         res = sink.write(15, 1, enc[:2])
     assert (res.delivered, res.spooled, len(res.trimmed)) == (2, 0, 2)
     assert all(len(v) <= 100_000 for *_, v in _read_all(uri))
@@ -249,7 +254,7 @@ def test_untrimmable_alert_spooled_then_replayed(kafka_broker, schema, stamps, t
                          seed=1, first=1)  # fmt: skip
     tight = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}&max_message_bytes=2500"
     assert len(small[0].body) < 2000 < 2500 < len(big[0].body)
-    with alerts.sink_from_uri(tight) as sink:
+    with sink_from_uri(tight) as sink:
         res = sink.write(13, 0, [big[0]])
     assert (res.delivered, res.spooled) == (0, 1)
     assert "MSG_SIZE_TOO_LARGE" in res.problems[0]
@@ -266,7 +271,7 @@ def test_untrimmable_alert_spooled_then_replayed(kafka_broker, schema, stamps, t
     rep = spool.replay_spool(tmp_path, f"kafka://{kafka_broker}/{topic}")
     assert (rep["files"], rep["delivered"], rep["remaining"]) == (2, 2, 0)
     assert not list(tmp_path.rglob("*.avro"))
-    ids = sorted(alerts.confluent_unframe(v, schema)["diaSourceId"] for *_, v in _read_all(tight))
+    ids = sorted(confluent_unframe(v, schema)["diaSourceId"] for *_, v in _read_all(tight))
     assert ids == sorted([small[0].diaSourceId, big[0].diaSourceId, big[0].diaSourceId])
 
 
@@ -279,9 +284,9 @@ def test_broker_killed_mid_visit_loses_nothing(tansu, schema, stamps, tmp_path, 
     assert len(set(generated)) == 75
 
     def ids(values):
-        return [alerts.confluent_unframe(v, schema)["diaSourceId"] for *_, v in values]
+        return [confluent_unframe(v, schema)["diaSourceId"] for *_, v in values]
 
-    with alerts.sink_from_uri(uri) as sink:
+    with sink_from_uri(uri) as sink:
         first = sink.write(21, 0, ccds[0])
     assert (first.delivered, first.spooled) == (25, 0)
     before = ids(_read_all(uri))
@@ -289,7 +294,7 @@ def test_broker_killed_mid_visit_loses_nothing(tansu, schema, stamps, tmp_path, 
     tansu.kill()  # mid-visit: CCDs 1 and 2 are still to come
     results = []
     for d in (1, 2):
-        with alerts.sink_from_uri(uri) as sink:
+        with sink_from_uri(uri) as sink:
             results.append(sink.write(21, d, ccds[d]))
     assert [(r.delivered, r.spooled) for r in results] == [(0, 25), (0, 25)]
     assert all(r.spool_path.exists() for r in results)

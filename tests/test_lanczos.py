@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from apdask.lanczos import lanczos3_weights, resample
+from apdask._kernels.lanczos import lanczos3_weights, resample
 
 
 def _run(src, var, fx, fy, **kw):

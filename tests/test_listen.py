@@ -17,8 +17,9 @@ import uuid
 import pytest
 
 from apdask.exceptions import UnknownDetectorError
-from apdask.listen import parse_next_visit
-from apdask.visit import NextVisit, build_visit_graph
+from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.services.listen import parse_next_visit
 
 MSG = {"instrument": "TestCam", "groupId": "g-1000", "visit": 1000,
        "position": [150.0, -30.0], "filters": "r", "duration": 30.0,
@@ -69,7 +70,7 @@ def test_prefetch_runs_before_images_arrive(repo, sim_repo):
     """As many threads as CCDs: blocked fetches must not starve the prefetch."""
     from distributed import Client, LocalCluster, get_task_stream
 
-    from apdask.run import ensure_ppdb
+    from apdask.pipeline.run import ensure_ppdb
 
     nv = NextVisit.from_dict(sim_repo["visits"][0])
     deliver = _hold_back_raws(repo, nv.visit)
@@ -156,7 +157,7 @@ def test_listener_processes_an_announced_visit_end_to_end(repo, sim_repo, kafka_
     assert done["n_alerts"] > 0 and summary["failed"] == []
     alert_dir = os.path.join(repo, "alerts", f"visit_{nv['visit']}")
     assert sorted(os.listdir(alert_dir)) == ["1000_0.avro", "1000_1.avro"]
-    from apdask.alerts import read_alerts
+    from apdask.alerts.sinks import read_alerts
 
     assert len(read_alerts(alert_dir)) == done["n_alerts"]
     with open(done["report"]) as f:
@@ -173,7 +174,7 @@ def test_listener_processes_an_announced_visit_end_to_end(repo, sim_repo, kafka_
 @pytest.mark.service
 def test_listener_idle_exit_and_missing_topic(repo, kafka_broker):
     from apdask.exceptions import ConfigurationError
-    from apdask.listen import listen
+    from apdask.services.listen import listen
 
     with pytest.raises(ConfigurationError, match="does not exist"):
         listen(kafka_broker, f"absent-{uuid.uuid4().hex[:8]}", repo=repo, client=object(),

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask import ppdb
-from apdask.associate import associate, update_objects
-from apdask.camera import get_camera
+from apdask.core.camera import get_camera
+from apdask.core.ids import dia_forced_source_ids, dia_source_ids
 from apdask.exceptions import PpdbError
-from apdask.ids import dia_forced_source_ids, dia_source_ids
+from apdask.pipeline.associate import associate, update_objects
+from apdask.ppdb import database as ppdb
 from tests import _ppdb_synth as synth
 
 RA, DEC, MJD = 10.0, -5.0, 60000.0

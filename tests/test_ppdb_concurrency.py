@@ -27,9 +27,9 @@ import pandas as pd
 import pytest
 from astropy.table import Table, vstack
 
-from apdask import ppdb
-from apdask.associate import associate_ccd
-from apdask.camera import get_camera
+from apdask.core.camera import get_camera
+from apdask.pipeline.associate import associate_ccd
+from apdask.ppdb import database as ppdb
 from tests import _ppdb_synth as synth
 
 PG_URL = synth.PG_URL

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask.associate import BANDS, _unit_vectors, update_objects
+from apdask.pipeline.associate import BANDS, _unit_vectors, update_objects
 
 AS = 1.0 / 3600.0
 
@@ -212,9 +212,9 @@ def _awkward(sources, visit):
 def _run_visits(path, bulk):
     import dask
 
-    from apdask import ppdb
-    from apdask.associate import associate_ccd
-    from apdask.camera import get_camera
+    from apdask.core.camera import get_camera
+    from apdask.pipeline.associate import associate_ccd
+    from apdask.ppdb import database as ppdb
     from tests import _ppdb_synth as synth
 
     det = get_camera("lsstcam")["R22_S11"]
@@ -260,7 +260,7 @@ def _assert_same_tables(a, b):
 def _compare_paths(make_path, binary=False):
     import pandas as pd
 
-    from apdask._ppdb_fast import copy_stats
+    from apdask.ppdb.fast import copy_stats
 
     slow, slow_reads = _run_visits(make_path("slow"), bulk=False)
     before = dict(copy_stats)
@@ -295,8 +295,8 @@ def _compare_paths(make_path, binary=False):
 
 
 def _run_reads_only(path):
-    from apdask import ppdb
-    from apdask.camera import get_camera
+    from apdask.core.camera import get_camera
+    from apdask.ppdb import database as ppdb
 
     det = get_camera("lsstcam")["R22_S11"]
     view = ppdb.CcdPpdb(ppdb.Ppdb.open(path), det, ppdb.region_for(det, RA, DEC))
@@ -304,7 +304,7 @@ def _run_reads_only(path):
 
 
 def test_bulk_paths_identical_sqlite(tmp_path):
-    from apdask import ppdb
+    from apdask.ppdb import database as ppdb
 
     paths = {}
 

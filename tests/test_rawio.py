@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from apdask.camera import get_camera
+from apdask.core.camera import get_camera
 from apdask.exceptions import RawFormatError
-from apdask.rawio import (
+from apdask.io.raw import (
     RawMetadata,
     assembled_amp,
     effective_exptime,
@@ -99,7 +99,7 @@ def test_effective_exptime_and_midpoint(tmp_path, det):
 def test_graph_does_not_read_pixels(tmp_path, det, monkeypatch):
     path, _ = _write(tmp_path, det)
     calls = []
-    import apdask.rawio as rawio
+    import apdask.io.raw as rawio
 
     orig = rawio._read_amp
     monkeypatch.setattr(rawio, "_read_amp", lambda *a: calls.append(a) or orig(*a))

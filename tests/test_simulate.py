@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask.butler import Butler
-from apdask.camera import get_camera
-from apdask.rawio import assembled_amp, raw_name, read_raw
-from apdask.simulate import simulate_repo
+from apdask.core.camera import get_camera
+from apdask.io.butler import Butler
+from apdask.io.raw import assembled_amp, raw_name, read_raw
+from apdask.tools.simulate import simulate_repo
 
 
 @pytest.fixture(scope="module")

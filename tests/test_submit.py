@@ -12,15 +12,20 @@ import shutil
 
 import pytest
 
-from apdask.cli import main
-from apdask.cluster import ccd_command, htcondor_submit_file, slurm_array_script, submit_visit
-from apdask.visit import NextVisit
+from apdask.cli.main import main
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.services.batch import (
+    ccd_command,
+    htcondor_submit_file,
+    slurm_array_script,
+    submit_visit,
+)
 
 DMTN092 = ("--ccd", "--ra", "--dec", "--filter", "--exptime", "--distributor", "--image")
 
 
 def _nv(instrument, detectors=None):
-    from apdask.camera import get_camera
+    from apdask.core.camera import get_camera
 
     names = detectors or get_camera(instrument).names
     return NextVisit.from_dict({"instrument": instrument, "groupId": "g7", "visit": 7,
@@ -107,8 +112,8 @@ def test_submit_rejects_unknown_ccd_before_writing(repo, capsys, tmp_path):
 @pytest.fixture(scope="module")
 def local_alerts(sim_repo, tmp_path_factory):
     """Alerts of visit 1000 processed locally: the reference for the batch runs."""
-    from apdask.alerts import read_alerts
-    from apdask.run import run_visit
+    from apdask.alerts.sinks import read_alerts
+    from apdask.pipeline.run import run_visit
 
     root = tmp_path_factory.mktemp("local") / "repo"
     shutil.copytree(sim_repo["root"], root)
@@ -121,7 +126,7 @@ def local_alerts(sim_repo, tmp_path_factory):
 
 @pytest.mark.service
 def test_slurm_visit_gives_the_same_alerts_as_a_local_run(slurm, repo, local_alerts):
-    from apdask.alerts import read_alerts
+    from apdask.alerts.sinks import read_alerts
 
     nv = NextVisit.from_json(os.path.join(repo, "visits", "visit_1000.json"))
     out = submit_visit(nv, "slurm", repo=repo, memory="2GB", timeout=60, wait=True,

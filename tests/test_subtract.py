@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apdask.detect import detect_sources, measure_sources
+from apdask.core.exposure import MASK
 from apdask.exceptions import PsfFitError
-from apdask.image import MASK
-from apdask.subtract import estimate_psf, subtract
+from apdask.pipeline.measure.detection import detect_sources
+from apdask.pipeline.measure.sources import measure_sources
+from apdask.pipeline.psf import estimate_psf
+from apdask.pipeline.subtract.difference import subtract
 from tests._pixels import add_stars, exposure_from, gaussian_psf, make_wcs, star_field
 
 SHAPE = (1024, 1024)
@@ -112,8 +114,7 @@ def test_reversed_direction_does_not_crash():
 
 
 def test_psf_model_follows_a_varying_psf():
-    from apdask.detect import _psf_fwhm
-    from apdask.subtract import estimate_psf_model
+    from apdask.pipeline.psf import estimate_psf_model, psf_fwhm
 
     rng = np.random.default_rng(5)
     xs, ys, fl = star_field(SHAPE, 900, 5, fmin=2e4, fmax=3e5)
@@ -124,7 +125,7 @@ def test_psf_model_follows_a_varying_psf():
     var = img + 25.0
     e = exposure_from(img + rng.normal(0, 1, SHAPE) * np.sqrt(var), var)
     model = estimate_psf_model(e, cells=3)
-    left, right = _psf_fwhm(model.at(100, 512)), _psf_fwhm(model.at(920, 512))
+    left, right = psf_fwhm(model.at(100, 512)), psf_fwhm(model.at(920, 512))
     assert left == pytest.approx(4.0 + 2.0 * model.xc[0] / SHAPE[1], abs=0.25)
     assert right == pytest.approx(4.0 + 2.0 * model.xc[-1] / SHAPE[1], abs=0.25)
     assert model.at(500, 500).sum() == pytest.approx(1.0)
@@ -190,7 +191,7 @@ def test_residual_rings_of_bright_stars_are_not_detected():
     """The ring a bright star leaves beyond the kernel's reach is measured around the
     template's bright sources and added to the S/N-map variance: no detections there,
     while transients (also 40 px from a 1e7 star) are found with unchanged fluxes."""
-    from apdask.detect import matched_filter
+    from apdask.pipeline.measure.detection import matched_filter
 
     sci, tpl, inj, bright = _wing_pair()
     diff, info = subtract(sci, tpl)

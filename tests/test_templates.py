@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from apdask._kernels.lanczos import lanczos3_weights
+from apdask.core.exposure import MASK, TemplateTile
 from apdask.exceptions import NoTemplateCoverageError
-from apdask.image import MASK, TemplateTile
-from apdask.lanczos import lanczos3_weights
-from apdask.templates import warp_template
+from apdask.pipeline.template import warp_template
 from tests._pixels import add_stars, gaussian_psf, make_wcs, star_field
 
 FWHM = 3.5

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from apdask.exceptions import CoordinateError, UnknownDetectorError, UnknownFilterError
-from apdask.visit import NextVisit, build_visit_graph
+from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.nextvisit import NextVisit
 from tests.conftest import raise_if_dask_computes
 
 MSG = {

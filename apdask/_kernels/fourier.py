@@ -1,0 +1,182 @@
+"""Fourier helpers shared by subtraction and detection.
+
+Full frames are convolved tile by tile (overlap-save, :func:`convolve_tiles`): a
+512 × 512 tile's transforms stay in the processor's cache, and the tiles are spread
+over the cores, each transformed by ``ducc0`` (the successor of the pocketfft that
+``scipy.fft`` wraps; it writes into buffers reused from tile to tile).  Each tile is
+transformed once per image and every kernel product is formed on it, so a sum of
+several convolutions (the difference image) costs one forward transform per image and
+one inverse per output term.  With compact kernels and a margin of their half-size
+the result is the 'same'-size linear convolution, zero outside the image, to float32
+rounding.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import ducc0
+import numpy as np
+
+from apdask._kernels.fused import tile_add, tile_product
+
+__all__ = ["convolve_tiles", "small_kernel_rfft2", "tile_size"]
+
+
+def small_kernel_rfft2(kernels, fy, fx):
+    """``rfft2`` on an ``fy × fx`` grid of small odd kernels centred on the origin.
+
+    Each kernel (``n × n``, centre at ``n // 2``) is placed with its centre at
+    pixel (0, 0), wrapping around, as for a 'same'-size convolution.  It is
+    non-zero in only ``n`` rows and columns, so its transform is
+    ``E_y · K · E_x`` with DFT matrices ``E_y`` (``fy × n``) and ``E_x``
+    (``n × (fx // 2 + 1)``): one matrix product instead of a full-frame FFT,
+    equal to ``scipy.fft.rfft2`` of the padded array to single precision.
+
+    Parameters
+    ----------
+    kernels : sequence of numpy.ndarray
+        Odd square kernels, all of the same size.
+    fy, fx : int
+        The transform grid.
+
+    Returns
+    -------
+    numpy.ndarray
+        complex64, shape ``(len(kernels), fy, fx // 2 + 1)``.
+    """
+    n = np.shape(kernels[0])[0]
+    off = np.arange(n) - n // 2
+    # phases reduced modulo the period first: exact for any grid size
+    ex = np.exp(-2j * np.pi * (np.outer(off, np.arange(fx // 2 + 1)) % fx) / fx)
+    ey = np.exp(-2j * np.pi * (np.outer(np.arange(fy), off) % fy) / fy)
+    ex, ey = ex.astype(np.complex64), ey.astype(np.complex64)
+    out = np.empty((len(kernels), fy, fx // 2 + 1), np.complex64)
+    for i, k in enumerate(kernels):
+        np.matmul(ey, np.asarray(k, np.complex64) @ ex, out=out[i])
+    return out
+
+
+def tile_size(n_pixels, margin, tile=None):
+    """Transform length and core (output) length of the tiles along one axis.
+
+    An axis that fits in one tile with its margins gets one transform of
+    ``n_pixels + 2 margin``.  Otherwise it is cut into the fewest cores that tiles
+    of at most ``tile`` (default the smallest of 512, 768, 1024, ... with margins at
+    most a quarter of it) hold, of equal length, so that no tile is mostly padding.
+    Transform lengths are ``ducc0.fft.good_size``.
+    """
+    margin = int(margin)
+    if tile is None:
+        tile = next(t for t in (512, 768, 1024, 1536, 2048, 4096) if 8 * margin <= t or t == 4096)
+    tile = max(int(tile), 4 * margin + 1)
+    if n_pixels + 2 * margin <= tile:
+        return ducc0.fft.good_size(n_pixels + 2 * margin, True), n_pixels
+    count = -(-n_pixels // (tile - 2 * margin))
+    core = -(-n_pixels // count)
+    return ducc0.fft.good_size(core + 2 * margin, True), core
+
+
+def convolve_tiles(images, outputs, *, threads=1, tile=None):
+    """Sums of weighted convolutions of full frames with small kernels, by overlap-save.
+
+    For every ``(out, terms)`` in ``outputs``::
+
+        out = Σ_terms  wy[:, None] · wx[None, :] · Σ_parts  kernel ⊗ images[i]
+
+    'same'-size convolution, the images zero outside their bounds.  Each tile of each
+    image is transformed once; the unweighted terms of an output share one inverse
+    transform, every weighted term needs its own.
+
+    Parameters
+    ----------
+    images : sequence of numpy.ndarray
+        2-D float32 images of one shape, finite.
+    outputs : sequence of (numpy.ndarray, list)
+        ``out`` (float32, the images' shape; overwritten) and its ``terms``: tuples
+        ``(wy, wx, parts)`` with 1-D weights along y and x (or None for 1) and
+        ``parts`` a list of ``(image_index, kernel)``, the kernels odd and square.
+    threads : int, optional
+        Tiles processed at once (each transform is single-threaded).
+    tile : int, optional
+        Transform side of interior tiles (see :func:`tile_size`).
+    """
+    images = [np.asarray(im, np.float32) for im in images]
+    ny, nx = images[0].shape
+    kernels = [np.asarray(k, np.float32) for _, terms in outputs for t in terms for _, k in t[2]]
+    margin = max(k.shape[0] // 2 for k in kernels)
+    ty, cy = tile_size(ny, margin, tile)
+    tx, cx = tile_size(nx, margin, tile)
+    spec = _term_spectra(outputs, ty, tx)
+    used = sorted({i for terms in spec for _, _, idx, _ in terms for i in idx})
+    tiles = [(y0, x0) for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
+    local = threading.local()
+    none = np.zeros(0, np.float32)
+
+    def buffers():  # per thread, reused for every tile it processes
+        if not hasattr(local, "b"):
+            fsh = (ty, tx // 2 + 1)
+            local.b = (
+                np.zeros((ty, tx), np.float32),
+                np.empty((max(used) + 1, *fsh), np.complex64),
+                np.empty(fsh, np.complex64),
+                np.empty((ty, tx), np.float32),
+            )
+        return local.b
+
+    def run(y0, x0):
+        buf, f, acc, r = buffers()
+        h, w = min(cy, ny - y0), min(cx, nx - x0)
+        ys, xs = y0 - margin, x0 - margin  # window origin (may be outside the image)
+        ylo, yhi, xlo, xhi = max(ys, 0), min(ys + ty, ny), max(xs, 0), min(xs + tx, nx)
+        inside = (ylo, yhi, xlo, xhi) == (ys, ys + ty, xs, xs + tx)
+        for i in used:
+            if inside:
+                src = images[i][ylo:yhi, xlo:xhi]
+            else:  # zeros outside the image, set only where the window leaves it
+                iy0, iy1, ix0, ix1 = ylo - ys, yhi - ys, xlo - xs, xhi - xs
+                buf[:iy0], buf[iy1:], buf[:, :ix0], buf[:, ix1:] = 0, 0, 0, 0
+                buf[iy0:iy1, ix0:ix1] = images[i][ylo:yhi, xlo:xhi]
+                src = buf
+            ducc0.fft.r2c(src, axes=(0, 1), nthreads=1, out=f[i])
+        for (out, _), terms in zip(outputs, spec, strict=True):
+            dst = out[y0 : y0 + h, x0 : x0 + w]
+            for n, (wy, wx, idx, ks) in enumerate(terms):
+                tile_product(acc, ks, f, idx)
+                ducc0.fft.c2r(acc, axes=(0, 1), lastsize=tx, forward=False, inorm=2, nthreads=1,
+                              out=r, allow_overwriting_input=True)  # fmt: skip
+                wy = none if wy is None else wy[y0 : y0 + h]
+                wx = none if wx is None else wx[x0 : x0 + w]
+                tile_add(dst, r, margin, wy, wx, n == 0)
+
+    threads = max(1, min(int(threads), len(tiles)))
+    if threads == 1:
+        for t in tiles:
+            run(*t)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda t: run(*t), tiles))
+
+
+def _term_spectra(outputs, ty, tx):
+    """Per output, its terms as ``(wy, wx, image indices, stacked kernel spectra)``;
+    the unweighted terms merged into the first, one spectrum per image."""
+    res = []
+    for _, terms in outputs:
+        merged = {}
+        weighted = []
+        for wy, wx, parts in terms:
+            dst = merged if wy is None and wx is None else {}
+            for i, k in parts:
+                s = small_kernel_rfft2([k], ty, tx)[0]
+                dst[i] = dst[i] + s if i in dst else s
+            if dst is not merged:
+                wy = None if wy is None else np.asarray(wy, np.float32)
+                wx = None if wx is None else np.asarray(wx, np.float32)
+                weighted.append((wy, wx, dst))
+        out = []
+        for wy, wx, d in ([(None, None, merged)] if merged else []) + weighted:
+            out.append((wy, wx, np.array(list(d), np.int64), np.array(list(d.values()))))
+        res.append(out)
+    return res

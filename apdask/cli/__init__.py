@@ -1,0 +1,5 @@
+"""The ``apdask`` command."""
+
+from apdask.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Reading and writing pixels: raw FITS, the Butler repository and the image distributor client."""

@@ -1,0 +1,262 @@
+"""Instrument signature removal: raw amplifier segments → calibrated nJy Exposure.
+
+:func:`isr_arrays` builds a lazy dask graph (one task per amplifier) that does
+overscan subtraction, trimming, flipping to the assembled orientation,
+saturation / bad-pixel / no-data masking, gain, bias, dark and flat correction
+and variance estimation in electrons.  :func:`calibrate` turns the computed
+arrays into an :class:`~apdask.image.Exposure` in nJy, and
+:func:`mask_cosmic_rays` flags and repairs cosmic rays.
+
+Calibration products are assembled, detector-shaped arrays: the master bias in
+electrons (residual after overscan), the dark in e-/s, the flat normalised to
+mean 1 (≤ 0 or NaN = dead pixel).
+"""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+from scipy import ndimage
+
+from apdask._kernels.fused import cr_candidates, grow_diamond, interpolate_over
+from apdask.core.camera import njy_per_electron
+from apdask.core.exposure import MASK, Exposure
+from apdask.pipeline.background import fit_background
+
+__all__ = ["isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
+
+#: Flat values at or below this are flagged BAD (and ≤ 0 / non-finite are dead).
+FLAT_BAD = 0.5
+#: Dark current above this (e-/s) flags a hot pixel / column as BAD.
+DARK_HOT = 1.0
+#: An amplifier with more than this fraction of its data pixels saturated or
+#: non-finite is unusable as a whole: all its pixels are flagged NO_DATA too.
+DEAD_AMP_FRACTION = 0.5
+_OVERSCAN_SMOOTH = 15  # rows in the running mean of the overscan row medians
+
+
+def isr_amp(raw, amp, bias=None, dark=None, flat=None, darktime=0.0):
+    """ISR of one amplifier segment (numpy in, numpy out).
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        Raw segment in ADU, readout order, shape ``amp.raw_shape``.
+    amp : apdask.camera.Amplifier
+    bias, dark, flat : numpy.ndarray, optional
+        The amplifier's section ``[y0:y1, x0:x1]`` of the assembled calibs.
+    darktime : float
+        Dark time in seconds.
+
+    Returns
+    -------
+    image_e, variance_e2, mask : numpy.ndarray
+        float32 electrons, float32 e², uint32 mask; assembled orientation.
+    """
+    raw = np.asarray(raw, dtype=np.float32)
+    if raw.shape != amp.raw_shape:
+        msg = f"amplifier {amp.name}: raw segment has shape {raw.shape}, expected {amp.raw_shape}"
+        raise ValueError(msg)
+    finite = np.isfinite(raw)
+    raw = np.where(finite, raw, np.float32(0.0))
+    osc = raw[amp.overscan_slice]
+    osc_ok = finite[amp.overscan_slice]
+    if osc.shape[1] > 0:
+        row = np.median(np.where(osc_ok, osc, np.nan), axis=1) if not osc_ok.all() else (
+            np.median(osc, axis=1))  # fmt: skip
+        row = np.where(np.isfinite(row), row, np.nanmedian(row) if np.isfinite(row).any() else 0.0)
+        row = ndimage.uniform_filter1d(row.astype(np.float64), _OVERSCAN_SMOOTH, mode="nearest")
+    else:
+        row = np.zeros(amp.ny)
+    data = raw[amp.data_slice]
+    sat = data >= amp.saturation
+    nodata = ~finite[amp.data_slice]
+    img = (data - row[:, None].astype(np.float32)) * np.float32(amp.gain)
+    # flip to assembled orientation
+    if amp.flip_y:
+        img, sat, nodata = img[::-1], sat[::-1], nodata[::-1]
+    if amp.flip_x:
+        img, sat, nodata = img[:, ::-1], sat[:, ::-1], nodata[:, ::-1]
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    mask = np.zeros(img.shape, np.uint32)
+    mask[sat] |= MASK["SAT"]
+    if np.count_nonzero(sat | nodata) > DEAD_AMP_FRACTION * sat.size:
+        # a saturated (or unreadable) amplifier: its values carry no information and a
+        # step of ~the full well at its border would ring through every convolution
+        nodata = np.ones_like(nodata)
+    mask[nodata] |= MASK["NO_DATA"]
+    if bias is not None:
+        bias = np.asarray(bias, np.float32)
+        img -= np.nan_to_num(bias)
+        mask[~np.isfinite(bias)] |= MASK["BAD"]
+    if dark is not None:
+        dark = np.asarray(dark, np.float32)
+        img -= np.nan_to_num(dark) * np.float32(float(darktime))
+        mask[~np.isfinite(dark) | (dark > DARK_HOT)] |= MASK["BAD"]
+    if flat is not None:
+        flat = np.asarray(flat, np.float32)
+        dead = ~np.isfinite(flat) | (flat <= 0)
+        mask[dead | (flat <= FLAT_BAD)] |= MASK["BAD"]
+        f = np.where(dead, np.float32(1.0), flat)
+    else:
+        f = np.ones_like(img)
+    img /= f
+    # variance: Poisson of the (flat-fielded) signal plus read noise, both through the flat
+    var = np.maximum(img, 0.0) / f + np.float32(amp.read_noise**2) / (f * f)
+    img[nodata] = 0.0
+    return img, var.astype(np.float32), mask
+
+
+def _task_arg(x):
+    """A dask array as a task argument that refers to its chunk by key.
+
+    Passed as is, a dask array is finalized into a task that inlines its whole
+    dependency chain, so a shared upstream task (the visit's prefetch, the blocking
+    fetch) would be recomputed inside every amplifier's task.
+    """
+    if not isinstance(x, da.Array):
+        return x
+    if x.npartitions > 1:
+        x = x.rechunk(x.shape)
+    return x.to_delayed(optimize_graph=False).ravel()[0]
+
+
+def _section(calib, amp):
+    if calib is None:
+        return None
+    return calib[amp.y0 : amp.y1, amp.x0 : amp.x1]
+
+
+def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
+    """Lazy ISR of all amplifiers of a detector.
+
+    Parameters
+    ----------
+    amps : sequence of array_like
+        Raw segments (numpy or dask, ADU, readout order, ``amp.raw_shape``) in
+        ``detector.amplifiers`` order.
+    detector : apdask.camera.Detector
+    bias, dark, flat : array_like, optional
+        Assembled calibration arrays (numpy or dask): bias in e-, dark in e-/s,
+        flat normalised to 1.
+    darktime : float or dask.delayed.Delayed, optional
+        Dark time in seconds (may be a Delayed, e.g. read from a header lazily).
+
+    Returns
+    -------
+    image_e, variance_e2, mask : dask.array.Array
+        Lazy assembled arrays (float32 e-, float32 e², uint32), chunked one
+        amplifier per chunk (``detector.amp_chunks``).  Building them computes nothing.
+    """
+    amps = list(amps)
+    if len(amps) != len(detector.amplifiers):
+        msg = (
+            f"detector {detector.name} has {len(detector.amplifiers)} amplifiers, "
+            f"got {len(amps)} raw segments"
+        )
+        raise ValueError(msg)
+    for calib, name in ((bias, "bias"), (dark, "dark"), (flat, "flat")):
+        if calib is not None and tuple(calib.shape) != detector.shape:
+            msg = (
+                f"{name} has shape {tuple(calib.shape)}, "
+                f"detector {detector.name} is {detector.shape}"
+            )
+            raise ValueError(msg)
+    grid = detector.amp_grid()
+    by_index = {a.index: k for k, a in enumerate(detector.amplifiers)}
+    blocks = {"img": [], "var": [], "mask": []}
+    task = dask.delayed(isr_amp, nout=3, pure=True)
+    for row in grid:
+        brow = {k: [] for k in blocks}
+        for amp in row:
+            raw = _task_arg(amps[by_index[amp.index]])
+            sections = [_task_arg(_section(c, amp)) for c in (bias, dark, flat)]
+            out = task(raw, amp, *sections, darktime)
+            shp = (amp.ny, amp.nx)
+            brow["img"].append(da.from_delayed(out[0], shp, dtype=np.float32))
+            brow["var"].append(da.from_delayed(out[1], shp, dtype=np.float32))
+            brow["mask"].append(da.from_delayed(out[2], shp, dtype=np.uint32))
+        for k in blocks:
+            blocks[k].append(brow[k])
+    return da.block(blocks["img"]), da.block(blocks["var"]), da.block(blocks["mask"])
+
+
+def calibrate(image_e, variance_e2, mask, band, exptime, wcs, meta=None):
+    """Scale ISR output in electrons to a calibrated nJy :class:`Exposure`.
+
+    Parameters
+    ----------
+    image_e, variance_e2, mask : array_like
+        Computed (numpy) outputs of :func:`isr_arrays`.
+    band : str
+    exptime : float
+        Exposure time in seconds.
+    wcs : astropy.wcs.WCS
+    meta : dict, optional
+        Stored on the Exposure; ``band`` and ``exptime`` are added.
+
+    Returns
+    -------
+    apdask.image.Exposure
+        Image in nJy per pixel, variance in nJy² (scaled by the square).
+    """
+    scale = np.float32(njy_per_electron(band, exptime))
+    img = np.asarray(image_e, np.float32) * scale
+    var = np.asarray(variance_e2, np.float32) * scale * scale
+    meta = dict(meta or {})
+    meta.setdefault("band", band)
+    meta.setdefault("exptime", float(exptime))
+    return Exposure(image=img, variance=var, mask=np.asarray(mask, np.uint32), wcs=wcs, meta=meta)
+
+
+def mask_cosmic_rays(exposure, psf_fwhm_px, nsigma=5.0, grow=1, iterations=2):
+    """Flag cosmic rays (CR bit) and replace them by the local median.
+
+    A pixel is a cosmic ray when it is > ``nsigma`` above the local background and,
+    along at least one of the four directions through it (rows, columns,
+    diagonals), it is sharper than any PSF of FWHM ``psf_fwhm_px`` allows: with
+    ``n`` the mean of the two opposite neighbours (background subtracted),
+    ``I - R n > nsigma * sqrt(σ² + R² σ_n²)``, where ``R = PSF(0) / PSF(d)`` for
+    the neighbour distance ``d`` (1 or √2 pixels) and a PSF 20% sharper than
+    given.  A star's centre is never sharper than its PSF; a cosmic ray is sharp
+    across its track in at least one direction.
+
+    Parameters
+    ----------
+    exposure : apdask.image.Exposure
+    psf_fwhm_px : float
+        PSF FWHM in pixels (the sharpest stars on the exposure).
+    nsigma : float, optional
+        Significance threshold.
+    grow : int, optional
+        Grow the CR mask by this many pixels before interpolation.
+    iterations : int, optional
+        Detection passes (a second pass catches the shoulders of long tracks).
+
+    Returns
+    -------
+    apdask.image.Exposure
+        A copy with CR pixels flagged and interpolated (variance kept).
+    """
+    img = np.array(exposure.image, dtype=np.float32)
+    var = np.asarray(exposure.variance, np.float32)
+    mask = np.array(exposure.mask, dtype=np.uint32)
+    skip = (mask & (MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"])) != 0
+    bkg = fit_background(img, mask)
+    sigma = max(float(psf_fwhm_px), 0.5) / 2.3548
+    # a slightly sharper PSF than measured is still allowed (conservative for stars)
+    sig_eff = 0.8 * sigma
+    r1 = np.exp(1.0 / (2 * sig_eff**2))
+    r2 = np.exp(2.0 / (2 * sig_eff**2))
+    cr = np.zeros(img.shape, bool)
+    for _ in range(iterations):
+        new = cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma)
+        if not new.any():
+            break
+        if grow > 0:
+            new = grow_diamond(new, grow) & ~skip
+        cr |= new
+        interpolate_over(img, cr)
+    mask[cr] |= MASK["CR"]
+    return exposure.copy_with(image=img, mask=mask)

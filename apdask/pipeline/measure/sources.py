@@ -1,0 +1,232 @@
+"""Measurement of DIASources into a table with the official DiaSource column names."""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy.table import Table
+from scipy.spatial import cKDTree
+
+from apdask._kernels.fused import (
+    one_blas_thread,
+)
+from apdask.core.exposure import MASK
+from apdask.pipeline.background import fit_background
+from apdask.pipeline.measure.detection import _filtered
+from apdask.pipeline.measure.photometry import (
+    _aperture_fluxes,
+    _apply_aperture_correction,
+    _psf_fit_many,
+    _sky_errors,
+)
+from apdask.pipeline.psf import psf_fwhm, psfs_at, require_psf, stamp_moments
+from apdask.pipeline.stars import subpixel_peak, weighted_moments
+
+__all__ = ["measure_sources", "DIASOURCE_COLUMNS"]
+
+#: Columns of the table that :func:`measure_sources` returns, in order.
+DIASOURCE_COLUMNS = (
+    "visit", "detector", "band", "midpointMjdTai",
+    "x", "y", "xErr", "yErr", "ra", "dec", "raErr", "decErr",
+    "psfFlux", "psfFluxErr", "psfNdata", "psfChi2", "snr",
+    "apFlux", "apFluxErr",
+    "scienceFlux", "scienceFluxErr", "templateFlux", "templateFluxErr",
+    "isNegative", "ixx", "iyy", "ixy", "ixxPSF", "iyyPSF", "ixyPSF",
+    "bboxSize", "extendedness",
+    "centroid_flag", "psfFlux_flag", "psfFlux_flag_edge",
+    "pixelFlags", "pixelFlags_bad", "pixelFlags_cr", "pixelFlags_crCenter",
+    "pixelFlags_edge", "pixelFlags_saturated", "pixelFlags_saturatedCenter",
+    "pixelFlags_nodata",
+    "isDipole", "dipoleNdata", "trailNdata", "trail_flag",
+)  # fmt: skip
+
+
+def _pixel_flags(mask, x0, x1, y0, y1, ix, iy):
+    ny, nx = mask.shape
+    box = mask[max(y0, 0) : min(y1, ny), max(x0, 0) : min(x1, nx)]
+    cen = mask[max(iy - 1, 0) : min(iy + 2, ny), max(ix - 1, 0) : min(ix + 2, nx)]
+    anyb = np.bitwise_or.reduce(box, axis=None) if box.size else 0
+    anyc = np.bitwise_or.reduce(cen, axis=None) if cen.size else 0
+    return int(anyb), int(anyc)
+
+
+@one_blas_thread
+def measure_sources(
+    difference, science, template, detections, *, visit, detector, band, mjd, aperture_radius=12.0,
+    dipole_radius=None, matched=None,
+):  # fmt: skip
+    """Measure detections into a DiaSource table with official Rubin column names.
+
+    Parameters
+    ----------
+    difference, science, template : apdask.image.Exposure
+        The difference image (nJy, PSF = science PSF), the calibrated science
+        exposure and the warped template on the same pixel grid.
+    detections : astropy.table.Table
+        Output of :func:`detect_sources`.
+    visit, detector : int
+    band : str
+    mjd : float
+        Exposure midpoint, MJD TAI.
+    aperture_radius : float, optional
+        Radius in pixels of the circular aperture flux on the difference image.
+    dipole_radius : float, optional
+        Opposite-sign detections closer than this (pixels) are flagged ``isDipole``;
+        default 2 x PSF FWHM.
+    matched : tuple, optional
+        :func:`matched_filter` of ``difference``, if already computed.
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns :data:`DIASOURCE_COLUMNS`; fluxes in nJy, positions in pixels and
+        degrees, moments in px².  Unknown floats are NaN.  ``diaSourceId`` is absent.
+    """
+    psf = require_psf(difference, "difference")
+    n = len(detections)
+    cols = {c: [] for c in DIASOURCE_COLUMNS}
+    if n == 0:
+        return _empty_table()
+    psf_sci = science.psf if science is not None and science.psf is not None else psf
+    psf_tpl = template.psf if template is not None and template.psf is not None else psf_sci
+    psf_sci, psf_tpl = np.asarray(psf_sci, float), np.asarray(psf_tpl, float)
+    filt, _, _ = matched if matched is not None else _filtered(difference, psf)
+    sci_bkg = (
+        fit_background(science.image, science.mask, lazy=True) if science is not None else None
+    )
+    tpl_bkg = (
+        fit_background(template.image, template.mask, lazy=True) if template is not None else None
+    )
+    fwhm = psf_fwhm(psf)
+    sig_w = max(fwhm / 2.3548, 1.0)
+    mom_half = int(np.ceil(4 * sig_w))
+    pxx, pyy, pxy = stamp_moments(psf)[2:]
+    dipole_radius = 2.0 * fwhm if dipole_radius is None else dipole_radius
+
+    sign = np.asarray(detections["sign"])
+    dx0 = np.asarray(detections["x"])
+    dy0 = np.asarray(detections["y"])
+    is_dipole = np.zeros(n, bool)
+    pos, neg = np.nonzero(sign > 0)[0], np.nonzero(sign < 0)[0]
+    if len(pos) and len(neg):
+        tp = cKDTree(np.column_stack([dx0[pos], dy0[pos]]))
+        tn = cKDTree(np.column_stack([dx0[neg], dy0[neg]]))
+        for i, nb in zip(pos, tp.query_ball_tree(tn, dipole_radius), strict=True):
+            if nb:
+                is_dipole[i] = True
+                is_dipole[neg[nb]] = True
+    dipole_ndata = np.zeros(n, int)
+    if is_dipole.any():
+        tree = cKDTree(np.column_stack([dx0, dy0]))
+        npix = np.asarray(detections["n_pixels"])
+        for i in np.nonzero(is_dipole)[0]:
+            nb = tree.query_ball_point([dx0[i], dy0[i]], dipole_radius)
+            dipole_ndata[i] = int(npix[[j for j in nb if is_dipole[j]]].sum())
+
+    ny, nx = difference.shape
+    xs = np.empty(n)
+    ys = np.empty(n)
+    cflag = np.zeros(n, bool)
+    for i in range(n):
+        s = sign[i]
+        ix, iy = int(dx0[i]), int(dy0[i])
+        if 1 <= ix < nx - 1 and 1 <= iy < ny - 1:
+            local = s * filt[iy - 1 : iy + 2, ix - 1 : ix + 2]
+            x, y = subpixel_peak(local, np.array([1]), np.array([1]))
+            x, y = x + ix - 1, y + iy - 1
+            xs[i], ys[i] = float(x[0]), float(y[0])
+        else:
+            xs[i], ys[i] = float(ix), float(iy)
+            cflag[i] = True
+    # PSF fits of all sources at once: difference (with centroid-error terms), science
+    # and template
+    fit_d = _psf_fit_many(difference.image, difference.variance, difference.mask,
+                          psfs_at(difference, psf, xs, ys), xs, ys, full=True)  # fmt: skip
+    fit_s = fit_t = None
+    if science is not None:
+        fit_s = _psf_fit_many(science.image, science.variance, science.mask,
+                              psfs_at(science, psf_sci, xs, ys), xs, ys, sci_bkg)  # fmt: skip
+    if template is not None:
+        fit_t = _psf_fit_many(template.image, template.variance, template.mask,
+                              psfs_at(template, psf_tpl, xs, ys), xs, ys, tpl_bkg)  # fmt: skip
+    for i in range(n):
+        s = sign[i]
+        f, fe, nd, chi2, edge = (a[i] for a in fit_d[:5])
+        gx2, gy2, s2 = (a[i] for a in fit_d[5])
+        # Cramér-Rao centroid errors for the fitted flux and the pixel noise
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vloc = fe * fe * s2
+            xe = np.sqrt(vloc / (f * f * gx2)) if np.isfinite(f) and f != 0 else np.nan
+            ye = np.sqrt(vloc / (f * f * gy2)) if np.isfinite(f) and f != 0 else np.nan
+        sf, sfe = (fit_s[0][i], fit_s[1][i]) if fit_s is not None else (np.nan, np.nan)
+        tf, tfe = (fit_t[0][i], fit_t[1][i]) if fit_t is not None else (np.nan, np.nan)
+        ixx, iyy, ixy = weighted_moments(difference.image, xs[i], ys[i], sig_w, mom_half, s)
+        x0, x1 = int(detections["bbox_x0"][i]), int(detections["bbox_x1"][i])
+        y0, y1 = int(detections["bbox_y0"][i]), int(detections["bbox_y1"][i])
+        ix, iy = int(np.floor(xs[i] + 0.5)), int(np.floor(ys[i] + 0.5))
+        half = psf.shape[0] // 2
+        anyb, anyc = _pixel_flags(
+            difference.mask, min(x0, ix - half), max(x1, ix + half + 1),
+            min(y0, iy - half), max(y1, iy + half + 1), ix, iy,
+        )  # fmt: skip
+        flags = {
+            "pixelFlags_bad": bool(anyb & MASK["BAD"]),
+            "pixelFlags_cr": bool(anyb & MASK["CR"]),
+            "pixelFlags_crCenter": bool(anyc & MASK["CR"]),
+            "pixelFlags_edge": bool(anyb & MASK["EDGE"]),
+            "pixelFlags_saturated": bool(anyb & MASK["SAT"]),
+            "pixelFlags_saturatedCenter": bool(anyc & MASK["SAT"]),
+            "pixelFlags_nodata": bool(anyb & MASK["NO_DATA"]),
+        }
+        # trail: strongly elongated compared with the PSF
+        trail = False
+        if np.isfinite(ixx) and np.isfinite(iyy):
+            tr = ixx + iyy
+            det = np.sqrt(max((ixx - iyy) ** 2 + 4 * ixy * ixy, 0.0))
+            l1, l2 = 0.5 * (tr + det), 0.5 * (tr - det)
+            trail = bool(l2 > 0 and l1 / l2 > 4.0 and l1 > 4.0 * 0.5 * (pxx + pyy))
+        bbox = max(x1 - x0, y1 - y0)
+        ra, dec = difference.wcs.pixel_to_world_values(xs[i], ys[i])
+        rae, dece = _sky_errors(difference.wcs, xs[i], ys[i], xe, ye, float(dec))
+        row = {
+            "visit": int(visit), "detector": int(detector), "band": str(band),
+            "midpointMjdTai": float(mjd),
+            "x": xs[i], "y": ys[i], "xErr": xe, "yErr": ye,
+            "ra": float(np.mod(ra, 360.0)), "dec": float(dec), "raErr": rae, "decErr": dece,
+            "psfFlux": f, "psfFluxErr": fe, "psfNdata": int(nd), "psfChi2": chi2,
+            "snr": f / fe if fe > 0 else np.nan,
+            "apFlux": np.nan, "apFluxErr": np.nan,
+            "scienceFlux": sf, "scienceFluxErr": sfe, "templateFlux": tf, "templateFluxErr": tfe,
+            "isNegative": bool(s < 0), "ixx": ixx, "iyy": iyy, "ixy": ixy,
+            "ixxPSF": pxx, "iyyPSF": pyy, "ixyPSF": pxy,
+            "bboxSize": int(bbox), "extendedness": np.nan,
+            "centroid_flag": bool(cflag[i]),
+            "psfFlux_flag": bool(not np.isfinite(f) or not np.isfinite(fe)),
+            "psfFlux_flag_edge": bool(edge),
+            "pixelFlags": any(flags.values()), **flags,
+            "isDipole": bool(is_dipole[i]), "dipoleNdata": int(dipole_ndata[i]),
+            "trailNdata": 0, "trail_flag": trail,
+        }  # fmt: skip
+        for c in DIASOURCE_COLUMNS:
+            cols[c].append(row[c])
+    tab = Table(cols, names=DIASOURCE_COLUMNS)
+    _apply_aperture_correction(tab, difference)
+    _aperture_fluxes(tab, difference, aperture_radius)
+    for c in ("ra", "dec", "raErr", "decErr", "midpointMjdTai"):
+        tab[c] = tab[c].astype(np.float64)
+    return tab
+
+
+def _empty_table():
+    types = {
+        "visit": int, "detector": int, "band": str, "psfNdata": int, "bboxSize": int,
+        "dipoleNdata": int, "trailNdata": int,
+    }  # fmt: skip
+    dt = []
+    for c in DIASOURCE_COLUMNS:
+        if c in types:
+            dt.append(types[c])
+        elif c.startswith(("is", "pixelFlags")) or c.endswith("_flag") or "_flag_" in c:
+            dt.append(bool)
+        else:
+            dt.append(float)
+    return Table(names=DIASOURCE_COLUMNS, dtype=dt)

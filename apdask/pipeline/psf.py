@@ -1,0 +1,377 @@
+"""PSF models: Gaussian and empirical PSFs, moments and FWHM, and the spatially varying grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft as sfft
+
+from apdask.exceptions import PsfFitError
+from apdask.pipeline.stars import find_stars
+
+
+def _gaussian_psf(sigma, size=None):
+    """Pixel-sampled circular Gaussian stamp of sum 1."""
+    if size is None:
+        size = 2 * int(np.ceil(4 * sigma)) + 1
+    h = size // 2
+    y, x = np.mgrid[-h : h + 1, -h : h + 1]
+    g = np.exp(-0.5 * (x * x + y * y) / sigma**2)
+    return g / g.sum()
+
+
+def stamp_moments(stamp, xc=None, yc=None):
+    """Unweighted first and second moments of a stamp: (x, y, ixx, iyy, ixy)."""
+    ny, nx = stamp.shape
+    y, x = np.mgrid[0:ny, 0:nx]
+    s = stamp.sum()
+    if xc is None:
+        xc = (stamp * x).sum() / s
+        yc = (stamp * y).sum() / s
+    dx, dy = x - xc, y - yc
+    return (
+        xc,
+        yc,
+        (stamp * dx * dx).sum() / s,
+        (stamp * dy * dy).sum() / s,
+        (stamp * dx * dy).sum() / s,
+    )
+
+
+def psf_fwhm(psf):
+    """FWHM in pixels of a PSF stamp from its second moments (Gaussian equivalent).
+
+    The moments are taken within 3 half-maximum radii of the centre, so that noise or
+    ringing in the far wings (e.g. of a decorrelated difference-image PSF) cannot
+    dominate them.
+    """
+    p = np.asarray(psf, dtype=float)
+    n = p.shape[0]
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    r_half = np.sqrt(np.count_nonzero(p >= 0.5 * p.max()) / np.pi)
+    p = np.where(np.hypot(xx, yy) <= max(3.0 * r_half, 3.0), p, 0.0)
+    _, _, ixx, iyy, _ = stamp_moments(p)
+    return 2.3548 * np.sqrt(0.5 * (ixx + iyy))
+
+
+def shifted_psf(psf, dx, dy):
+    """PSF stamp shifted by a sub-pixel (dx, dy) with a Fourier phase ramp."""
+    ny, nx = psf.shape
+    f = np.fft.rfft2(psf)
+    ky = np.fft.fftfreq(ny)[:, None]
+    kx = np.fft.rfftfreq(nx)[None, :]
+    f = f * np.exp(-2j * np.pi * (kx * dx + ky * dy))
+    return np.fft.irfft2(f, s=(ny, nx))
+
+
+def psfs_at(exposure, default, x, y):
+    """PSF stamps ``(n, S, S)`` at many positions (:func:`psf_getter` for each)."""
+    model = exposure.meta.get("psf_model") if exposure is not None else None
+    if model is not None and hasattr(model, "at_many"):
+        return model.at_many(x, y)
+    if model is not None and hasattr(model, "at"):
+        return np.array([model.at(xi, yi) for xi, yi in zip(x, y, strict=True)])
+    default = np.asarray(default, float)
+    return np.broadcast_to(default, (len(x), *default.shape))
+
+
+def shifted_psfs(psfs, dx, dy):
+    """:func:`shifted_psf` of many stamps ``(n, S, S)`` by ``(dx, dy)`` each."""
+    n, ny, nx = psfs.shape
+    f = np.fft.rfft2(psfs, axes=(1, 2))
+    ky = np.fft.fftfreq(ny)[None, :, None]
+    kx = np.fft.rfftfreq(nx)[None, None, :]
+    f *= np.exp(-2j * np.pi * (kx * dx[:, None, None] + ky * dy[:, None, None]))
+    return np.fft.irfft2(f, s=(ny, nx), axes=(1, 2))
+
+
+def psf_getter(exposure, default):
+    """``(x, y) -> PSF stamp``: the exposure's spatially varying model if any, else ``default``."""
+    model = exposure.meta.get("psf_model") if exposure is not None else None
+    if model is not None and hasattr(model, "at"):
+        return model.at
+    default = np.asarray(default, float)
+    return lambda x, y: default
+
+
+def require_psf(exposure, what):
+    if exposure.psf is None:
+        msg = f"the {what} exposure has no PSF; run subtract.estimate_psf first"
+        raise PsfFitError(msg)
+    return np.asarray(exposure.psf, dtype=float)
+
+
+_MIN_PSF_STARS = 5
+
+
+class PsfGrid:
+    """A spatially varying PSF: stamps on a grid of CCD cells, bilinearly interpolated.
+
+    Parameters
+    ----------
+    psfs : numpy.ndarray
+        ``(ncy, ncx, S, S)`` stamps of sum 1, one per cell.
+    xc, yc : array_like
+        Cell centres in pixels (``ncx`` and ``ncy`` values, increasing).
+    mean : numpy.ndarray, optional
+        CCD-wide PSF stamp (default: the stamp at the CCD centre).
+    stars : dict, optional
+        The bright star candidates the model was built from (the star finder's
+        ``x``, ``y``, ``snr``, ``neighbour`` and ``isolation``): :func:`subtract`
+        picks its kernel stamps from them instead of searching the image again.
+
+    Notes
+    -----
+    :meth:`at` interpolates between the four nearest cell centres (clamped at the
+    outer centres), which follows a PSF that varies linearly across the CCD.
+    """
+
+    def __init__(self, psfs, xc, yc, mean=None, stars=None):
+        self.stars = stars
+        self.psfs = np.asarray(psfs, float)
+        self.xc = np.asarray(xc, float)
+        self.yc = np.asarray(yc, float)
+        if mean is None:
+            mean = self.at(float(np.mean(self.xc)), float(np.mean(self.yc)))
+        self.mean = np.asarray(mean, float)
+
+    @property
+    def shape(self):
+        """Stamp shape ``(S, S)``."""
+        return self.psfs.shape[2:]
+
+    def at(self, x, y):
+        """PSF stamp (sum 1) at pixel ``(x, y)``."""
+        iy, ty = _bracket(self.yc, y)
+        ix, tx = _bracket(self.xc, x)
+        p = self.psfs
+        st = ((1 - ty) * ((1 - tx) * p[iy[0], ix[0]] + tx * p[iy[0], ix[1]])
+              + ty * ((1 - tx) * p[iy[1], ix[0]] + tx * p[iy[1], ix[1]]))  # fmt: skip
+        return st / st.sum()
+
+    def at_many(self, x, y):
+        """PSF stamps (sum 1) at many positions: ``(n, S, S)``, as :meth:`at` for each."""
+        x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+        (iy0, iy1), ty = _bracket_many(self.yc, y)
+        (ix0, ix1), tx = _bracket_many(self.xc, x)
+        ty, tx = ty[:, None, None], tx[:, None, None]
+        p = self.psfs
+        st = ((1 - ty) * ((1 - tx) * p[iy0, ix0] + tx * p[iy0, ix1])
+              + ty * ((1 - tx) * p[iy1, ix0] + tx * p[iy1, ix1]))  # fmt: skip
+        return st / st.sum(axis=(1, 2), keepdims=True)
+
+    def convolved(self, kernel, size=None):
+        """A new grid with every stamp convolved by ``kernel`` (and cut/padded to ``size``)."""
+        size = int(size or self.psfs.shape[-1]) | 1
+        out = np.array([[conv_stamp(p, kernel, size) for p in row] for row in self.psfs])
+        return PsfGrid(out, self.xc, self.yc, conv_stamp(self.mean, kernel, size))
+
+
+def _bracket(nodes, v):
+    if len(nodes) == 1:
+        return (0, 0), 0.0
+    j = int(np.clip(np.searchsorted(nodes, v, side="right") - 1, 0, len(nodes) - 2))
+    t = float(np.clip((v - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0))
+    return (j, j + 1), t
+
+
+def _bracket_many(nodes, v):
+    """:func:`_bracket` for an array of values."""
+    if len(nodes) == 1:
+        z = np.zeros(len(v), int)
+        return (z, z), np.zeros(len(v))
+    j = np.clip(np.searchsorted(nodes, v, side="right") - 1, 0, len(nodes) - 2)
+    t = np.clip((v - nodes[j]) / (nodes[j + 1] - nodes[j]), 0.0, 1.0)
+    return (j, j + 1), t
+
+
+def conv_stamp(a, b, size):
+    """Full convolution of two small centred stamps, cut (or zero padded) to ``size``, sum 1."""
+    n = a.shape[0] + b.shape[0] - 1
+    L = sfft.next_fast_len(n)
+    c = sfft.irfft2(sfft.rfft2(a, s=(L, L)) * sfft.rfft2(b, s=(L, L)), s=(L, L))[:n, :n]
+    return recentre(c, size)
+
+
+def recentre(c, size):
+    """Cut or zero-pad a centred odd stamp to ``size`` and normalise it to sum 1."""
+    n = c.shape[0]
+    h, H = size // 2, n // 2
+    out = np.zeros((size, size))
+    m = min(h, H)
+    out[h - m : h + m + 1, h - m : h + m + 1] = c[H - m : H + m + 1, H - m : H + m + 1]
+    return out / out.sum()
+
+
+def _psf_stamps(exposure, stamp_size, max_stars):
+    """Background-subtracted, re-centred, unit-sum stamps of bright isolated stars.
+
+    Returns ``stamps, xs, ys, stars`` (``stars``: all the star finder's candidates,
+    without the background map).
+    """
+    stamp_size = int(stamp_size) | 1
+    half = stamp_size // 2
+    fwhm0 = _guess_fwhm(exposure)
+    stars = find_stars(
+        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
+        isolation=stamp_size, border=half + 2, max_stars=None, contrast=0.02,
+    )  # fmt: skip
+    n_found = len(stars["x"])
+    order = np.arange(n_found)
+    if n_found > 20:
+        order = order[int(0.02 * n_found) :]
+    order = order[:max_stars]
+    if len(order) < _MIN_PSF_STARS:
+        msg = (
+            f"PSF estimation failed: only {len(order)} bright isolated unmasked stars "
+            f"(need {_MIN_PSF_STARS}); the field is too sparse, too crowded or badly masked"
+        )
+        raise PsfFitError(msg)
+    bkg = stars["bkg"]
+    stamps, xs, ys = [], [], []
+    big = half + 2
+    for i in order:
+        x, y = stars["x"][i], stars["y"][i]
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        sl = (slice(iy - big, iy + big + 1), slice(ix - big, ix + big + 1))
+        st = np.asarray(exposure.image[sl], float) - bkg[sl]
+        if st.shape != (2 * big + 1, 2 * big + 1):
+            continue
+        ring = np.concatenate([st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(),
+                               st[2:-2, -2:].ravel()])  # fmt: skip
+        st -= np.median(ring)
+        st = shifted_psf(st, -(x - ix), -(y - iy))[2:-2, 2:-2]
+        tot = st.sum()
+        if tot > 0:
+            stamps.append(st / tot)
+            xs.append(x)
+            ys.append(y)
+    stamps, xs, ys = np.array(stamps), np.array(xs), np.array(ys)
+    if len(stamps) >= 3 * _MIN_PSF_STARS:
+        keep = _stellar_locus(stamps, xs, ys, exposure.shape)
+        stamps, xs, ys = stamps[keep], xs[keep], ys[keep]
+    if len(stamps) < _MIN_PSF_STARS:
+        msg = (
+            f"PSF estimation failed: only {len(stamps)} usable star stamps (need {_MIN_PSF_STARS})"
+        )
+        raise PsfFitError(msg)
+    stars = {k: v for k, v in stars.items() if k != "bkg"}
+    return stamps, xs, ys, stars
+
+
+def _stellar_locus(stamps, xs, ys, shape):
+    """Reject extended sources and blends: size outliers from a planar size(x, y) fit.
+
+    The size is the Gaussian-weighted second moment of each stamp; galaxies and blends
+    are larger, so the clip is asymmetric (3 robust σ above, 5 below).
+    """
+    half = stamps.shape[-1] // 2
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    r2 = (xx * xx + yy * yy).astype(float)
+    w = np.exp(-0.5 * r2 / 3.0**2)
+    size = (stamps * w * r2).sum(axis=(1, 2)) / np.maximum((stamps * w).sum(axis=(1, 2)), 1e-12)
+    ny, nx = shape
+    a = np.column_stack([np.ones_like(xs), xs / nx - 0.5, ys / ny - 0.5])
+    keep = np.isfinite(size)
+    for _ in range(3):
+        coef = np.linalg.lstsq(a[keep], size[keep], rcond=None)[0]
+        res = size - a @ coef
+        sig = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
+        new = np.isfinite(size) & (res < 3 * sig) & (res > -5 * sig)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    return keep
+
+
+def _combine(stamps):
+    """Median PSF with the residual pedestal removed, cut to a circle, sum 1."""
+    size = stamps.shape[-1]
+    half = size // 2
+    psf = np.median(stamps, axis=0)
+    # remove any residual pedestal (outer ring) and cut to a circle: no clipping of
+    # negative noise, which would bias the wings (and PSF fluxes) high
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    rr = np.hypot(xx, yy)
+    psf = psf - np.median(psf[rr >= half - 1])
+    psf[rr > half] = 0.0
+    return psf / psf.sum()
+
+
+def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per_cell=8):
+    """Spatially varying empirical PSF on a ``cells × cells`` grid of the CCD.
+
+    Parameters
+    ----------
+    exposure : apdask.image.Exposure
+        Calibrated exposure; masked pixels are avoided.
+    stamp_size : int, optional
+        Odd stamp side.
+    max_stars : int, optional
+        Use at most this many of the brightest suitable stars.
+    cells : int, optional
+        Grid cells per axis (3 gives 9 cells, about 1360 px on an LSST CCD).
+    min_per_cell : int, optional
+        A cell with fewer stars borrows the nearest stars of the CCD until it has this many.
+
+    Returns
+    -------
+    PsfGrid
+        One median stamp per cell, interpolated between cell centres; ``mean`` is the
+        median of all stamps (what :func:`estimate_psf` returns).
+
+    Raises
+    ------
+    PsfFitError
+        If fewer than 5 suitable stars are found on the CCD.
+    """
+    stamps, xs, ys, stars = _psf_stamps(exposure, stamp_size, max_stars)
+    ny, nx = exposure.shape
+    cells = max(1, int(cells))
+    # enough stars per cell that a cell's median stamp is not noisier than the
+    # spatial variation it follows (about 25 stars each)
+    cells = int(np.clip(np.floor(np.sqrt(len(stamps) / 25.0)), 1, cells))
+    psfs = np.empty((cells, cells) + stamps.shape[1:])
+    xc = (np.arange(cells) + 0.5) * nx / cells - 0.5
+    yc = (np.arange(cells) + 0.5) * ny / cells - 0.5
+    for j in range(cells):
+        for i in range(cells):
+            d = np.hypot((xs - xc[i]) / nx, (ys - yc[j]) / ny)
+            inside = np.flatnonzero((np.abs(xs - xc[i]) <= nx / cells / 2)
+                                    & (np.abs(ys - yc[j]) <= ny / cells / 2))  # fmt: skip
+            if len(inside) < min_per_cell:
+                inside = np.argsort(d)[: max(min_per_cell, len(inside))]
+            psfs[j, i] = _combine(stamps[inside])
+    return PsfGrid(psfs, xc, yc, _combine(stamps), stars=stars)
+
+
+def estimate_psf(exposure, stamp_size=25, max_stars=200):
+    """Empirical PSF stamp from bright, isolated, unsaturated stars.
+
+    Parameters
+    ----------
+    exposure : apdask.image.Exposure
+        Calibrated exposure (any flux unit); masked pixels (BAD, SAT, CR, NO_DATA,
+        EDGE) are avoided.
+    stamp_size : int, optional
+        Side of the returned stamp (made odd).
+    max_stars : int, optional
+        Use at most this many of the brightest suitable stars.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(stamp_size, stamp_size)`` stamp of sum 1, centred on the middle pixel.
+
+    Raises
+    ------
+    PsfFitError
+        If fewer than 5 suitable stars are found.
+    """
+    stamps, _, _, _ = _psf_stamps(exposure, stamp_size, max_stars)
+    return _combine(stamps)
+
+
+def _guess_fwhm(exposure):
+    if exposure.psf is not None:
+        return float(psf_fwhm(exposure.psf))
+    return 4.5  # ~0.9" at 0.2"/px

@@ -1,0 +1,179 @@
+"""Running visit graphs: the driver shared by ``process-ccd``, ``process-visit`` and ``demo``.
+
+The driver is an I/O edge: it decides which CCDs still need processing (a CCD whose
+rows are already in the PPDB and whose alert file exists is skipped, so re-running
+is safe), builds the graph with :func:`apdask.visit.build_visit_graph`, computes it
+on a scheduler and collects per-stage timings from the task stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import dask
+
+from apdask import config
+from apdask.pipeline.graph import build_visit_graph
+
+__all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
+
+
+def ensure_ppdb(repo, ppdb=None):
+    """Return the PPDB config path, creating an SQLite PPDB under the repo if needed."""
+    from apdask.ppdb import create_ppdb
+
+    ppdb = config.get("ppdb.url", ppdb)
+    if ppdb:
+        return ppdb
+    path = os.path.join(os.path.abspath(repo), "ppdb")
+    os.makedirs(path, exist_ok=True)
+    cfg = os.path.join(path, "apdb.yaml")
+    if not os.path.exists(cfg):
+        create_ppdb(f"sqlite:///{os.path.join(path, 'apdb.db')}", cfg)
+    return cfg
+
+
+def _alert_file(sink_uri, visit, detector_id):
+    if not sink_uri.startswith("file://"):
+        return None
+    return os.path.join(sink_uri[len("file://") :], f"visit_{visit}", f"{visit}_{detector_id}.avro")
+
+
+def pending_detectors(next_visit, ppdb, sink_uri):
+    """CCDs of a visit not yet fully processed (PPDB rows and alert file both present)."""
+    from apdask.ppdb import Ppdb
+
+    db = Ppdb.open(ppdb)
+    todo = []
+    for name in next_visit.detectors:
+        det = next_visit.camera[name]
+        stored = db.contains_visit_detector(next_visit.visit, det.id)
+        alert_file = _alert_file(sink_uri, next_visit.visit, det.id)
+        written = alert_file is None or os.path.exists(alert_file)
+        if not (stored and written):
+            todo.append(name)
+    return todo
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
+    """A distributed LocalCluster + Client, the default scheduler for visit graphs."""
+    from distributed import Client, LocalCluster
+
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        # distributed gives its own loggers INFO levels; keep them as quiet as the caller
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("distributed"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            dashboard_address=":0",
+            processes=True,
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _stage_times(task_stream):
+    from dask.utils import key_split
+
+    totals = {}
+    for t in task_stream:
+        name = key_split(t["key"])
+        for start_stop in t.get("startstops", ()):
+            if start_stop.get("action") == "compute":
+                dt = start_stop["stop"] - start_stop["start"]
+                totals[name] = totals.get(name, 0.0) + dt
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, timeout=None,
+              client=None, detectors=None, images=None, replace=False):  # fmt: skip
+    """Process the pending CCDs of one visit and return its report.
+
+    Parameters
+    ----------
+    next_visit : apdask.visit.NextVisit
+    repo, ppdb, alerts, distributor, timeout
+        As for :func:`apdask.visit.build_visit_graph`.
+    client : distributed.Client, optional
+        Scheduler to run on; without one the threaded scheduler runs the graph.
+    detectors : sequence of str, optional
+        Restrict to these CCDs.
+    images : dict, optional
+        Image names per CCD name; default by the simulator's naming convention.
+    replace : bool
+        Re-process every wanted CCD, replacing its PPDB rows in one transaction
+        (default False: CCDs already stored with their alert file are skipped).
+
+    Returns
+    -------
+    dict
+        The visit report, with ``skipped`` CCDs listed and ``task_seconds`` per stage.
+        A CCD whose template or PSF failed has ``error``, ``error_type`` and
+        ``exit_code`` in its entry (and is listed in ``failed``); it wrote nothing.
+
+    Raises
+    ------
+    NoTemplateCoverageError, PsfFitError
+        If every processed CCD failed so (the first CCD's error; the message names it).
+    """
+    ppdb = ensure_ppdb(repo, ppdb)
+    alerts = config.get("alerts.sink", alerts) or f"file://{os.path.abspath(repo)}/alerts"
+    wanted = next_visit.detectors if detectors is None else tuple(detectors)
+    if replace:
+        pending = list(wanted)
+    else:
+        pending = [d for d in pending_detectors(next_visit, ppdb, alerts) if d in wanted]
+    skipped = [d for d in wanted if d not in pending]
+    t0 = time.time()
+    report = {"visit": next_visit.visit, "n_alerts": 0, "ccds": []}
+    stages = {}
+    if pending:
+        graph = build_visit_graph(
+            next_visit, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor,
+            timeout=timeout, detectors=pending, images=images, replace=replace,
+        )  # fmt: skip
+        if client is None:
+            report = dask.compute(graph, scheduler="threads")[0]
+        else:
+            from distributed import get_task_stream
+
+            with get_task_stream(client) as ts:
+                report = client.compute(graph).result()
+            stages = _stage_times(ts.data)
+    report["skipped"] = skipped
+    report["wall_s"] = time.time() - t0
+    report["task_seconds"] = stages
+    _raise_if_all_failed(report)
+    return report
+
+
+def _raise_if_all_failed(report):
+    """A visit of which no CCD could be processed is an error: raise the first CCD's.
+
+    Failed CCDs of a visit whose other CCDs were processed are only reported (and
+    logged), so one CCD without a template does not cost the visit its alerts.
+    """
+    from apdask import exceptions
+
+    ccds = report.get("ccds", [])
+    failed = [c for c in ccds if c.get("error_type")]
+    if not ccds or len(failed) < len(ccds):
+        return
+    cls = getattr(exceptions, failed[0]["error_type"], exceptions.ApdaskError)
+    if not (isinstance(cls, type) and issubclass(cls, exceptions.ApdaskError)):
+        cls = exceptions.ApdaskError
+    msg = failed[0]["error"]
+    if len(failed) > 1:
+        others = ", ".join(f"{c['detector']} ({c['error_type']})" for c in failed[1:])
+        msg += f"; no CCD of the visit was processed, also failed: {others}"
+    raise cls(msg)

@@ -1,0 +1,188 @@
+"""Bright-star finding and pixel stamps around stars.
+
+Shared by PSF estimation, astrometry, the kernel fit and measurement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from apdask._kernels.fused import (
+    smoothed_residual,
+)
+from apdask.core.exposure import IGNORE_BITS
+from apdask.pipeline.background import fit_background
+
+
+def subpixel_peak(img, iy, ix):
+    """Log-parabola sub-pixel refinement of local maxima at integer (iy, ix)."""
+    ny, nx = img.shape
+    iy = np.clip(iy, 1, ny - 2)
+    ix = np.clip(ix, 1, nx - 2)
+    c = img[iy, ix]
+    tiny = np.maximum(np.abs(c) * 1e-6, 1e-30)
+
+    def _off(m, p):
+        lm = np.log(np.maximum(m, tiny))
+        lc = np.log(np.maximum(c, tiny))
+        lp = np.log(np.maximum(p, tiny))
+        den = lm - 2 * lc + lp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            off = 0.5 * (lm - lp) / den
+        off = np.where(np.isfinite(off) & (den < 0), off, 0.0)
+        return np.clip(off, -0.5, 0.5)
+
+    dx = _off(img[iy, ix - 1], img[iy, ix + 1])
+    dy = _off(img[iy - 1, ix], img[iy + 1, ix])
+    return ix + dx, iy + dy
+
+
+def find_stars(
+    image, variance, mask, *, fwhm=4.5, nsigma=10.0, isolation=10.0, border=12, max_stars=None,
+    avoid=None, contrast=0.0,
+):  # fmt: skip
+    """Bright, isolated, unmasked point-like peaks.
+
+    Returns a dict of arrays ``x``, ``y`` (sub-pixel), ``snr`` (matched-filter),
+    ``flux`` (peak of the Gaussian-filtered, background-subtracted image) and
+    ``neighbour`` (the brightest other peak within ``isolation`` over this one's),
+    sorted by decreasing ``snr``, with ``isolation`` and ``bkg`` (the background, a
+    :class:`Background`: slice it for a box).
+    ``avoid`` is a boolean image of pixels a star may not touch within ``border``
+    pixels.  A star is isolated when no other peak above 5 sigma
+    and brighter than ``contrast`` times its own peak lies within ``isolation`` pixels.
+    """
+    ny, nx = image.shape
+    bkg = fit_background(image, mask, lazy=True)
+    sigma = fwhm / 2.3548
+    sm, bad = smoothed_residual(image, bkg.bilinear(), mask, IGNORE_BITS, sigma, truncate=3.0)
+    vs = np.asarray(variance)[::4, ::4]
+    ok = ~bad[::4, ::4] & np.isfinite(vs)
+    v0 = float(np.median(vs[ok])) if ok.any() else 1.0
+    noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
+    ay, ax = local_maxima(sm, 5 * noise)
+    strong = sm[ay, ax] > nsigma * noise
+    iy, ix = ay[strong], ax[strong]
+    keep = (ix >= border) & (ix < nx - border) & (iy >= border) & (iy < ny - border)
+    iy, ix = iy[keep], ix[keep]
+    # isolation against all peaks above 5 sigma brighter than contrast x this one:
+    # ``neighbour`` is the brightest other peak within ``isolation`` over this one
+    neighbour = np.zeros(len(ix))
+    if len(ix) and len(ax) > 1:
+        tree = cKDTree(np.column_stack([ax, ay]))
+        apk = sm[ay, ax]
+        own_idx = np.flatnonzero(strong)[keep]
+        nbrs = tree.query_ball_point(np.column_stack([ix, iy]), isolation)
+        own = sm[iy, ix]
+        for k, (n, j) in enumerate(zip(nbrs, own_idx, strict=True)):
+            others = [m for m in n if m != j]
+            neighbour[k] = apk[others].max() / own[k] if others else 0.0
+        iso = neighbour <= contrast
+        iy, ix, neighbour = iy[iso], ix[iso], neighbour[iso]
+    if len(ix):
+        bad_any = bad if avoid is None else (bad | avoid)
+        nbad_pix = int(np.count_nonzero(bad_any))
+        if 0 < nbad_pix <= 200_000:
+            by, bx = np.nonzero(bad_any)
+            btree = cKDTree(np.column_stack([bx, by]))
+            # Chebyshev distance: no bad pixel in the (2 border + 1)^2 box
+            d, _ = btree.query(np.column_stack([ix, iy]), p=np.inf)
+            iy, ix, neighbour = iy[d > border], ix[d > border], neighbour[d > border]
+        elif nbad_pix:
+            bad_int = np.pad(bad_any, ((1, 0), (1, 0))).cumsum(0, dtype=np.int32).cumsum(1)
+            y0, y1 = iy - border, iy + border + 1
+            x0, x1 = ix - border, ix + border + 1
+            nbad = bad_int[y1, x1] - bad_int[y0, x1] - bad_int[y1, x0] + bad_int[y0, x0]
+            iy, ix, neighbour = iy[nbad == 0], ix[nbad == 0], neighbour[nbad == 0]
+    snr = sm[iy, ix] / noise
+    order = np.argsort(-snr)
+    if max_stars is not None:
+        order = order[:max_stars]
+    iy, ix, snr, neighbour = iy[order], ix[order], snr[order], neighbour[order]
+    x, y = subpixel_peak(sm, iy, ix)
+    flux = sm[iy, ix] * 4 * np.pi * sigma**2
+    return {"x": x, "y": y, "snr": snr, "flux": flux, "neighbour": neighbour,
+            "isolation": float(isolation), "bkg": bkg}  # fmt: skip
+
+
+def local_maxima(img, threshold):
+    """``(y, x)`` of pixels above ``threshold`` not below any of their 8 neighbours.
+
+    Equal to ``(img == maximum_filter(img, 3)) & (img > threshold)`` (edges padded
+    with ``-inf``) but only the few pixels above the threshold are compared.
+    """
+    ny, nx = img.shape
+    ys, xs = np.nonzero(img > threshold)
+    v = img[ys, xs]
+    peak = np.ones(len(ys), bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == dx == 0:
+                continue
+            yy, xx = ys + dy, xs + dx
+            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+            nb = np.full(len(ys), -np.inf, img.dtype)
+            nb[inside] = img[yy[inside], xx[inside]]
+            peak &= v >= nb
+    return ys[peak], xs[peak]
+
+
+def usable_stars(n, cap):
+    """Indices into ``n`` stars sorted brightest first: the brightest 2 % left out (their
+    wings are non-linear or saturated), then at most ``cap``."""
+    idx = np.arange(n)
+    if n > 20:
+        idx = idx[int(0.02 * n) :]
+    return idx[:cap]
+
+
+def cutout_at(arr, ix, iy, half, fill):
+    """Window ``[iy-half:iy+half+1, ix-half:ix+half+1]`` padded with ``fill`` off the image."""
+    ny, nx = arr.shape
+    size = 2 * half + 1
+    out = np.full((size, size), fill, dtype=arr.dtype)
+    y0, x0 = iy - half, ix - half
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y0 + size, ny), min(x0 + size, nx)
+    if sy1 > sy0 and sx1 > sx0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    return out
+
+
+def weighted_moments(image, x, y, sigma_w, half, sign=1):
+    """Gaussian-weighted second moments, corrected for the weight (Gaussian assumption)."""
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    d = sign * cutout_at(image, ix, iy, half, np.float32(0.0)).astype(float)
+    d[~np.isfinite(d)] = 0.0
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    dx, dy = xx - (x - ix), yy - (y - iy)
+    w = np.exp(-0.5 * (dx * dx + dy * dy) / sigma_w**2) * d
+    s = w.sum()
+    if not s > 0:
+        return np.nan, np.nan, np.nan
+    mxx, myy, mxy = (w * dx * dx).sum() / s, (w * dy * dy).sum() / s, (w * dx * dy).sum() / s
+    # invert the Gaussian weighting: M_true = (M^-1 - W^-1)^-1
+    m = np.array([[mxx, mxy], [mxy, myy]])
+    try:
+        inv = np.linalg.inv(m) - np.eye(2) / sigma_w**2
+        t = np.linalg.inv(inv)
+    except np.linalg.LinAlgError:
+        return np.nan, np.nan, np.nan
+    if not (t[0, 0] > 0 and t[1, 1] > 0):
+        return mxx, myy, mxy
+    return t[0, 0], t[1, 1], t[0, 1]
+
+
+def stamps_at(arr, xs, ys, half, fill=np.nan):
+    """``(n, 2 half + 1, 2 half + 1)`` windows of ``arr`` centred on integer ``(xs, ys)``;
+    pixels off the array are ``fill``."""
+    ny, nx = arr.shape
+    o = np.arange(-half, half + 1)
+    yy = np.asarray(ys, int)[:, None, None] + o[None, :, None]
+    xx = np.asarray(xs, int)[:, None, None] + o[None, None, :]
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    out = arr[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)]
+    if not inside.all():
+        out = np.where(inside, out, np.asarray(fill).astype(out.dtype))
+    return out

@@ -1,0 +1,7 @@
+"""Image subtraction: the PSF-matching kernel, the difference and its decorrelation."""
+
+from apdask.pipeline.subtract.decorrelate import decorrelation_kernel
+from apdask.pipeline.subtract.difference import subtract
+from apdask.pipeline.subtract.kernel import alard_lupton_basis
+
+__all__ = ["alard_lupton_basis", "decorrelation_kernel", "subtract"]

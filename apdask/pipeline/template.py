@@ -1,0 +1,172 @@
+"""Warping template tiles onto a CCD's pixel grid.
+
+For every target pixel the tile pixel coordinates come from the two WCSs,
+evaluated exactly on a coarse grid (every ``grid`` pixels) and interpolated
+bilinearly in between (full-frame WCS transforms are slow; TAN distortions are
+smooth on 32-px scales, the interpolation error is < 1e-3 px).  Image and
+variance are resampled with a Lanczos-3 kernel (:mod:`apdask.lanczos`; the
+variance with the squared weights, so it is the variance of each warped pixel);
+fluxes per pixel are scaled by the ratio of pixel areas so that total flux is
+conserved.  A warped pixel any of whose 36 taps has no data gets none.
+Overlapping tiles: the first tile (in list order) with valid data wins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy.wcs.utils import proj_plane_pixel_area
+
+from apdask._kernels import lanczos
+from apdask.core.exposure import MASK, Exposure
+from apdask.exceptions import NoTemplateCoverageError
+from apdask.pipeline.background import interp_matrix
+
+__all__ = ["warp_template"]
+
+_GRID = 32
+_PAD = 4
+
+
+def _coarse_nodes(n, step):
+    nodes = np.arange(0, n, step, dtype=float)
+    if nodes[-1] != n - 1:
+        nodes = np.append(nodes, n - 1)
+    return nodes
+
+
+def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="psf"):
+    """Resample template tiles onto the pixel grid of ``wcs`` / ``shape``.
+
+    Parameters
+    ----------
+    tiles : sequence of apdask.image.TemplateTile
+        Template tiles (nJy per pixel, variance nJy²); non-finite pixels have no data.
+    wcs : astropy.wcs.WCS
+        WCS of the target CCD (0-based pixel convention).
+    shape : tuple of int
+        Target ``(ny, nx)``.
+    psf : numpy.ndarray, optional
+        PSF stamp of the result; default the PSF of the first tile that has one.
+    grid : int, optional
+        Spacing in pixels of the exactly transformed coarse grid.
+    variance_scale : {"psf", "pixel"}, optional
+        What the warped variance plane holds (:func:`apdask.lanczos.resample`):
+        ``"psf"`` (default), the noise at the scales of PSF photometry, detection and
+        the matching kernel (the interpolated variance); ``"pixel"``, each pixel's own
+        variance, lower because interpolation averages neighbouring pixels.  The
+        difference image's errors and detection S/N need the first: with the second
+        they were 2–3 % too small (forced fluxes on blank sky scattered by 1.026 σ).
+
+    Returns
+    -------
+    apdask.image.Exposure
+        float32 image and variance on the target grid, NO_DATA where no tile covers,
+        ``wcs`` as given, ``meta = {"band", "tiles", "coverage"}``: the ids of the
+        tiles used and the fraction of target pixels with template data.
+
+    Raises
+    ------
+    NoTemplateCoverageError
+        If no tile covers any pixel of the target.
+    """
+    ny, nx = (int(shape[0]), int(shape[1]))
+    if not tiles:
+        msg = "no template tile overlaps the target footprint"
+        raise NoTemplateCoverageError(msg)
+    ynodes, xnodes = _coarse_nodes(ny, grid), _coarse_nodes(nx, grid)
+    gx, gy = np.meshgrid(xnodes, ynodes)
+    ra, dec = wcs.pixel_to_world_values(gx, gy)
+    area_t = proj_plane_pixel_area(wcs.celestial)
+
+    image = np.zeros((ny, nx), np.float32)
+    variance = np.zeros((ny, nx), np.float32)
+    filled = np.zeros((ny, nx), bool)
+    used = []
+    out_psf = psf
+    # Two passes.  The first fills a pixel only from a tile that holds all 36 Lanczos
+    # taps: tiles overlap, and a pixel within 3 px of one tile's edge lies inside the
+    # next.  The second fills what is left (the template's outer edge) with the taps
+    # beyond the edge repeating the edge pixel.  A single pass of the second kind left
+    # a one-column seam wherever a star met a tile's edge (up to 10 % of its peak).
+    for inset in (3, 0):  # Lanczos-3
+        for tile in tiles:
+            if _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance,
+                          filled, variance_scale):  # fmt: skip
+                if tile.tile_id not in used:
+                    used.append(tile.tile_id)
+                if out_psf is None and tile.psf is not None:
+                    out_psf = np.asarray(tile.psf, float)
+            if filled.all():
+                break
+        if filled.all():
+            break
+    if not used:
+        msg = f"no template tile has data on the target pixels ({len(tiles)} tile(s) checked)"
+        raise NoTemplateCoverageError(msg)
+    mask = np.where(filled, np.uint32(0), np.uint32(MASK["NO_DATA"]))
+    if not filled.all():
+        image[~filled] = 0.0
+        variance[~filled] = np.float32(np.median(variance[filled]))
+    meta = {"band": tiles[0].band, "tiles": used, "coverage": float(np.mean(filled))}
+    return Exposure(image=image, variance=variance, mask=mask, wcs=wcs, psf=out_psf, meta=meta)
+
+
+def _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance, filled,
+               variance_scale):  # fmt: skip
+    """Resample one tile into the unfilled target pixels; True if it wrote any.
+
+    Target pixels are filled from this tile only if their position is at least
+    ``inset`` px inside its edge (``inset = 3``: all Lanczos taps on the tile).
+    """
+    ny, nx = filled.shape
+    tny, tnx = tile.image.shape
+    tx, ty = tile.wcs.world_to_pixel_values(ra, dec)
+    if not (np.isfinite(tx).all() and np.isfinite(ty).all()):
+        return False
+    # quick reject: no coarse node near the tile
+    inside = (tx > -grid) & (tx < tnx - 1 + grid) & (ty > -grid) & (ty < tny - 1 + grid)
+    if not inside.any():
+        return False
+    # target rows/cols whose tile coordinates can fall in the tile
+    rows = np.nonzero(inside.any(axis=1))[0]
+    cols = np.nonzero(inside.any(axis=0))[0]
+    r0 = int(ynodes[max(rows[0] - 1, 0)])
+    r1 = int(ynodes[min(rows[-1] + 1, len(ynodes) - 1)]) + 1
+    c0 = int(xnodes[max(cols[0] - 1, 0)])
+    c1 = int(xnodes[min(cols[-1] + 1, len(xnodes) - 1)]) + 1
+    win_fill = filled[r0:r1, c0:c1]
+    if win_fill.all():
+        return False
+    # bilinear between the exact nodes: the small product in double precision,
+    # the full-frame one in single (the positions are kept as float32 anyway)
+    my = interp_matrix(ynodes, ny)[r0:r1].astype(np.float32)
+    mx = interp_matrix(xnodes, nx)[c0:c1]
+    fx = my @ (tx @ mx.T).astype(np.float32)
+    fy = my @ (ty @ mx.T).astype(np.float32)
+    # crop the tile to the needed region (spline prefilter cost ~ tile area)
+    x_lo = max(int(np.floor(fx.min())) - _PAD, 0)
+    x_hi = min(int(np.ceil(fx.max())) + _PAD + 1, tnx)
+    y_lo = max(int(np.floor(fy.min())) - _PAD, 0)
+    y_hi = min(int(np.ceil(fy.max())) + _PAD + 1, tny)
+    if x_hi <= x_lo or y_hi <= y_lo:
+        return False
+    sub = np.asarray(tile.image[y_lo:y_hi, x_lo:x_hi], np.float32)
+    subv = np.asarray(tile.variance[y_lo:y_hi, x_lo:x_hi], np.float32)
+    bad = ~(np.isfinite(sub) & np.isfinite(subv))
+    if bad.any():
+        sub = np.where(bad, 0.0, sub).astype(np.float32)
+        subv = np.where(bad, 0.0, subv).astype(np.float32)
+    fx -= x_lo
+    fy -= y_lo
+    ratio = area_t / proj_plane_pixel_area(tile.wcs.celestial)
+    before = int(np.count_nonzero(win_fill))
+    # taps floor(f) - 2 .. floor(f) + 3: all on the tile for 2 <= f < n - 3
+    lo = float(inset - 1) if inset else -0.5
+    cut = inset - 0.5 + 1e-3 if inset else 0.0  # (bounds are inclusive)
+    hi_x, hi_y = tnx - 0.5 - cut, tny - 0.5 - cut
+    lanczos.resample(
+        sub, subv, fx, fy, image[r0:r1, c0:c1], variance[r0:r1, c0:c1], win_fill,
+        bad=bad, ratio=ratio, variance_scale=variance_scale,
+        bounds=(lo - x_lo, hi_x - x_lo, lo - y_lo, hi_y - y_lo),
+    )  # fmt: skip
+    return int(np.count_nonzero(win_fill)) > before

@@ -1,0 +1,1 @@
+"""Long-running services and transports: Kafka, the spool, the distributor server, batch, listen."""

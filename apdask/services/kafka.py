@@ -1,0 +1,573 @@
+"""Alert distribution over Kafka with zero loss: producer sink, spool, replay, consumer.
+
+* :class:`KafkaSink` (``kafka://HOST:PORT/TOPIC``) produces one message per alert
+  in the Confluent wire format (magic byte 0, big-endian int32 schema id, the
+  schemaless Avro body) with an idempotent producer (``acks=all``).  All alerts
+  of one CCD are produced, then one poll loop waits for every delivery report
+  up to ``alerts.kafka.delivery_timeout``.
+* Anything not acknowledged in time (broker down, partition unavailable,
+  message too large) is appended to an fsync'd Avro spool file
+  (:mod:`apdask.spool`); :func:`apdask.spool.replay_spool` delivers a spool
+  later and keeps only what was not acknowledged.
+* An alert larger than the producer's ``max_message_bytes`` gets its cutouts
+  trimmed step by step (smaller stamps, then the template, science and
+  difference cutouts dropped) until it fits; the step taken is recorded in the
+  ``apdask_trimmed`` header and the sink's result.
+* :mod:`apdask.consume` reads topics back for ``apdask alerts tail|validate``.
+
+Message key: the ``diaObjectId`` as an 8-byte big-endian signed integer (the
+encoding of Kafka's ``LongSerializer``; the ``diaSourceId`` when the source has no
+object).  Partitioner: ``murmur2_random``, the Java client's.  Headers (ASCII):
+``visit``, ``detector``, ``schema_id``, ``produce_time`` (Unix seconds) and,
+for trimmed alerts, ``apdask_trimmed``.
+
+Credentials come only from ``APDASK_KAFKA_USERNAME`` / ``APDASK_KAFKA_PASSWORD``
+(with ``APDASK_KAFKA_SASL_MECHANISM``, default ``SCRAM-SHA-512``, and
+``APDASK_KAFKA_SECURITY_PROTOCOL``, default ``SASL_SSL``); they are never
+logged or shown in ``repr``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import struct
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from apdask import config
+from apdask.alerts.packets import encode_alert
+from apdask.alerts.schema import load_schema, schema_id_of
+from apdask.alerts.sinks import SinkResult
+from apdask.exceptions import ConfigurationError
+from apdask.services.spool import write_spool
+
+__all__ = [
+    "KafkaSink",
+    "parse_kafka_uri",
+    "security_config",
+    "ensure_topic",
+    "topic_max_message_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+KEY = struct.Struct(">q")
+FRAME = struct.Struct(">bi")
+_GRACE_S = 5.0  # extra wait after message.timeout.ms for the expiry reports
+_RECORD_OVERHEAD = 512  # record + header framing allowance below message.max.bytes
+_BATCH_OVERHEAD = 65_536  # request + record-batch framing allowance below the topic limit
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # a topic's max.message.bytes when not set
+_TOPIC_LIMITS = {}  # (bootstrap, topic) -> max.message.bytes reported by the broker
+
+
+# ---------------------------------------------------------------------------
+# URI and credentials
+
+
+def parse_kafka_uri(uri):
+    """Split ``kafka://HOST:PORT[,HOST:PORT]/TOPIC[?key=value&...]``.
+
+    Parameters
+    ----------
+    uri : str
+
+    Returns
+    -------
+    bootstrap : str
+        Comma-separated ``HOST:PORT`` list.
+    topic : str
+    options : dict of str
+        Query parameters (``spool_dir``, ``compression``, ``delivery_timeout``,
+        ``max_message_bytes``, ``batch_bytes``).
+
+    Raises
+    ------
+    ConfigurationError
+        If host or topic is missing.
+    """
+    parts = urlsplit(str(uri))
+    if parts.scheme != "kafka":
+        msg = f"not a kafka:// URI: {uri!r}"
+        raise ConfigurationError(msg)
+    bootstrap = parts.netloc
+    topic = unquote(parts.path.lstrip("/"))
+    if not bootstrap or not topic or "/" in topic:
+        msg = f"bad Kafka URI {uri!r}; use kafka://HOST:PORT/TOPIC (e.g. kafka://127.0.0.1:9092/alerts)"
+        raise ConfigurationError(msg)
+    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    known = {"spool_dir", "compression", "delivery_timeout", "max_message_bytes", "batch_bytes"}
+    unknown = set(options) - known
+    if unknown:
+        msg = f"unknown option(s) {sorted(unknown)} in Kafka URI; known: {', '.join(sorted(known))}"
+        raise ConfigurationError(msg)
+    return bootstrap, topic, options
+
+
+def security_config(environ=None):
+    """librdkafka security settings from the environment (never from config files).
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Defaults to ``os.environ``.
+
+    Returns
+    -------
+    dict
+        Empty when ``APDASK_KAFKA_USERNAME`` is unset; else ``security.protocol``,
+        ``sasl.mechanism``, ``sasl.username`` and ``sasl.password``.
+
+    Raises
+    ------
+    ConfigurationError
+        If only one of username and password is set.
+    """
+    env = os.environ if environ is None else environ
+    user = env.get("APDASK_KAFKA_USERNAME")
+    password = env.get("APDASK_KAFKA_PASSWORD")
+    if not user and not password:
+        return {}
+    if not user or not password:
+        msg = (
+            "set both APDASK_KAFKA_USERNAME and APDASK_KAFKA_PASSWORD for SASL/SCRAM "
+            "(one of them is empty)"
+        )
+        raise ConfigurationError(msg)
+    return {
+        "security.protocol": env.get("APDASK_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+        "sasl.mechanism": env.get("APDASK_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        "sasl.username": user,
+        "sasl.password": password,
+    }
+
+
+def _default_spool_dir():
+    d = config.get("alerts.spool_dir")
+    if d:
+        return Path(d)
+    repo = config.get("repo")
+    return Path(repo) / "alerts-spool" if repo and "://" not in str(repo) else Path("alerts-spool")
+
+
+def ensure_topic(bootstrap, topic, partitions=1, timeout=10.0, max_message_bytes=None):
+    """Create ``topic`` if it does not exist (tests, benchmarks, local brokers).
+
+    Parameters
+    ----------
+    bootstrap : str
+    topic : str
+    partitions : int
+    timeout : float
+    max_message_bytes : int, optional
+        The topic's ``max.message.bytes``: the largest record batch the broker
+        accepts, which bounds the producer's batches.  Default
+        ``alerts.kafka.batch_bytes``.
+
+    Returns
+    -------
+    bool
+        True if the topic was created.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    limit = int(config.get("alerts.kafka.batch_bytes", max_message_bytes))
+    admin = AdminClient({"bootstrap.servers": bootstrap, **security_config()})
+    if topic in admin.list_topics(timeout=timeout).topics:
+        return False
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=1,
+                   config={"max.message.bytes": str(limit)})  # fmt: skip
+    fut = admin.create_topics([new])
+    try:
+        fut[topic].result(timeout)
+    except KafkaException as err:
+        if "TOPIC_ALREADY_EXISTS" not in str(err):
+            raise
+        return False
+    return True
+
+
+def topic_max_message_bytes(bootstrap, topic, timeout=10.0):
+    """The broker's limit on one record batch of ``topic`` (``max.message.bytes``).
+
+    Parameters
+    ----------
+    bootstrap : str
+    topic : str
+    timeout : float
+
+    Returns
+    -------
+    int or None
+        The topic's ``max.message.bytes``, or None when the broker does not
+        report it or cannot be asked; producers then assume Kafka's default,
+        1,048,588 (``KAFKA_DEFAULT_MAX_MESSAGE_BYTES``), which any default
+        Kafka topic accepts.
+    """
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, **security_config()})
+    try:
+        fut = admin.describe_configs([ConfigResource("topic", topic)], request_timeout=timeout)
+        entries = next(iter(fut.values())).result(timeout)
+        return int(entries["max.message.bytes"].value)
+    except Exception as err:  # missing topic or setting, old broker, no ACL
+        log.debug("max.message.bytes of %s unknown (%s); assuming Kafka's default", topic, err)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# trimming oversize alerts
+
+
+def _crop_stamp(stamp, size):
+    """Crop a FITS stamp (all 2-D HDUs of the image's shape) to the central ``size``."""
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(stamp)) as hdul:
+        shape = hdul[0].data.shape
+        if shape[0] <= size:
+            return stamp
+        off = (shape[0] - size) // 2
+        out = []
+        for hdu in hdul:
+            data = hdu.data
+            hdr = hdu.header.copy()
+            if data is not None and data.shape == shape:
+                data = data[off : off + size, off : off + size]
+                for key in ("CRPIX1", "CRPIX2"):
+                    if key in hdr:
+                        hdr[key] = hdr[key] - off
+            if isinstance(hdu, fits.PrimaryHDU):
+                out.append(fits.PrimaryHDU(data, header=hdr))
+            else:
+                out.append(fits.ImageHDU(data, header=hdr, name=hdu.name))
+        buf = io.BytesIO()
+        fits.HDUList(out).writeto(buf)
+        return buf.getvalue()
+
+
+CUTOUTS = ("cutoutDifference", "cutoutScience", "cutoutTemplate")
+
+
+def _trim(alert, limit, schema):
+    """Return a trimmed copy of an :class:`EncodedAlert` whose body fits ``limit``.
+
+    Steps, cumulative, stopping at the first that fits: crop the stamps to 63 px,
+    to 31 px, drop the template cutout, drop the science cutout, drop the
+    difference cutout.  Returns None if the alert is still too large.
+    """
+    rec = alert.decode(schema)
+    steps = []
+    plan = [("crop", 63), ("crop", 31)] + [("drop", k) for k in reversed(CUTOUTS)]
+    for kind, arg in plan:
+        if kind == "crop":
+            changed = False
+            for k in CUTOUTS:
+                if rec.get(k) is not None:
+                    new = _crop_stamp(rec[k], arg)
+                    changed |= new is not rec[k]
+                    rec[k] = new
+            if not changed:
+                continue
+            steps.append(f"cutouts cropped to {arg} px")
+        else:
+            if rec.get(arg) is None:
+                continue
+            rec[arg] = None
+            steps.append(f"{arg} dropped")
+        enc = encode_alert(rec, schema)
+        if len(enc.body) <= limit:
+            enc.diaObjectId = alert.diaObjectId
+            enc.trimmed = "; ".join(steps)
+            return enc
+    return None
+
+
+# ---------------------------------------------------------------------------
+# the producer sink
+
+
+class KafkaSink:
+    """Publish alerts to a Kafka topic; spool whatever is not acknowledged.
+
+    Parameters
+    ----------
+    bootstrap : str
+        ``HOST:PORT[,HOST:PORT]``.
+    topic : str
+    schema : lsst.alert.packet.Schema, optional
+        Defaults to :func:`apdask.alerts.load_schema`.
+    spool_dir : str or os.PathLike, optional
+        Default ``alerts.spool_dir``, else ``<apdask.repo>/alerts-spool``, else
+        ``./alerts-spool``.
+    compression : str, optional
+        ``lz4``, ``zstd``, ``snappy``, ``gzip`` or ``none``; default
+        ``alerts.kafka.compression``.
+    delivery_timeout : float, optional
+        Seconds one CCD's alerts may take to be acknowledged; default
+        ``alerts.kafka.delivery_timeout``.
+    max_message_bytes : int, optional
+        Largest single alert message; larger alerts are trimmed.  Default
+        ``alerts.kafka.max_message_bytes``; never more than the topic's
+        ``max.message.bytes``.
+    batch_bytes : int, optional
+        Largest produce batch (librdkafka ``batch.size``), default
+        ``alerts.kafka.batch_bytes``.  It is capped, when the producer starts, by
+        the topic's ``max.message.bytes`` as the broker reports it (Kafka's
+        1,048,588 when it does not), so no batch is ever refused as too large.
+        Large batches matter: at 160 KB per alert, 1 MB batches cost the
+        producer and broker about half again the CPU of 8 MB ones.
+    producer_config : dict, optional
+        Extra librdkafka settings (e.g. ``linger.ms``); never log them.
+    """
+
+    @classmethod
+    def from_uri(cls, uri, *, schema=None, spool_dir=None):
+        """The sink of ``kafka://HOST:PORT/TOPIC[?options]`` (see :func:`parse_kafka_uri`)."""
+        bootstrap, topic, options = parse_kafka_uri(uri)
+        options.setdefault("spool_dir", spool_dir)
+        return cls(bootstrap, topic, schema=schema, **options)
+
+    def __init__(self, bootstrap, topic, schema=None, spool_dir=None, compression=None,
+                 delivery_timeout=None, max_message_bytes=None, batch_bytes=None,
+                 producer_config=None):  # fmt: skip
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.schema = load_schema() if schema is None else schema
+        self.schema_id = schema_id_of(self.schema)
+        self.spool_dir = Path(spool_dir) if spool_dir else _default_spool_dir()
+        self.compression = str(config.get("alerts.kafka.compression", compression))
+        self.delivery_timeout = float(config.get("alerts.kafka.delivery_timeout", delivery_timeout))
+        self.max_message_bytes = int(
+            config.get("alerts.kafka.max_message_bytes", max_message_bytes)
+        )
+        self.batch_bytes = int(config.get("alerts.kafka.batch_bytes", batch_bytes))
+        self.topic_limit = None  # the topic's max.message.bytes, asked when the producer starts
+        self._extra = dict(producer_config or {})
+        self._producer = None
+        self._fatal = None
+
+    def __repr__(self):
+        return f"KafkaSink('kafka://{self.bootstrap}/{self.topic}')"
+
+    def _message_limit(self):
+        """Largest framed alert that may be produced."""
+        limit = self.max_message_bytes
+        if self.topic_limit is not None:
+            limit = min(limit, self.topic_limit)
+        return limit - _RECORD_OVERHEAD
+
+    def _topic_limit(self):
+        """The topic's ``max.message.bytes``, asked once per process; Kafka's default if unknown."""
+        key = (self.bootstrap, self.topic)
+        if key not in _TOPIC_LIMITS:
+            limit = topic_max_message_bytes(*key, timeout=min(10.0, self.delivery_timeout))
+            if limit is None:  # not cached: the broker may answer the next sink
+                return KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+            _TOPIC_LIMITS[key] = limit
+        return _TOPIC_LIMITS[key]
+
+    def _config(self):
+        linger = int(config.get("alerts.kafka.linger_ms"))
+        if self.topic_limit is None:
+            self.topic_limit = self._topic_limit()
+        batch = max(1, min(self.batch_bytes, self.topic_limit - _BATCH_OVERHEAD))
+        conf = {
+            "bootstrap.servers": self.bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": self.compression,
+            "linger.ms": linger,
+            "batch.size": batch,
+            "batch.num.messages": 10_000,
+            # librdkafka's request limit; single alerts are held to _message_limit()
+            "message.max.bytes": max(batch, self.max_message_bytes) + _BATCH_OVERHEAD,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 2_097_151,
+            "message.timeout.ms": max(1, int(self.delivery_timeout * 1000)),
+            "partitioner": "murmur2_random",
+            "error_cb": self._on_error,
+        }
+        conf.update(self._extra)
+        conf.update(security_config())
+        return conf
+
+    def _on_error(self, err):
+        # never log the configuration: it may hold the SASL password
+        if err.fatal():
+            self._fatal = err
+            log.error("Kafka producer fatal error: %s", err.str())
+        else:
+            log.debug("Kafka producer: %s", err.str())
+
+    def producer(self):
+        """The confluent-kafka Producer, created on first use (recreated after a fatal error)."""
+        from confluent_kafka import Producer
+
+        if self._producer is None or self._fatal is not None:
+            self._fatal = None
+            self._producer = Producer(self._config())
+        return self._producer
+
+    def close(self, timeout=None):
+        """Wait for outstanding messages (normally none) and drop the producer."""
+        if self._producer is not None:
+            self._producer.flush(self.delivery_timeout if timeout is None else timeout)
+            self._producer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def headers(self, visit, detector):
+        """The constant headers of one CCD's messages (``produce_time`` added per call)."""
+        return [
+            ("visit", str(int(visit)).encode()),
+            ("detector", str(int(detector)).encode()),
+            ("schema_id", str(self.schema_id).encode()),
+        ]
+
+    @staticmethod
+    def key(alert):
+        """Message key: ``diaObjectId`` (else ``diaSourceId``) as big-endian int64 bytes."""
+        oid = alert.diaObjectId if alert.diaObjectId is not None else alert.diaSourceId
+        return KEY.pack(int(oid))
+
+    def deliver(self, visit, detector, encoded):
+        """Produce ``encoded`` alerts and wait for every delivery report.
+
+        Oversize alerts are trimmed (``EncodedAlert.trimmed`` says how) first.
+
+        Parameters
+        ----------
+        visit, detector : int
+        encoded : list of EncodedAlert
+            Trimmed entries are replaced in place.
+
+        Returns
+        -------
+        acked : list of int
+            Indices acknowledged by the broker.
+        failed : dict of int to str
+            Index to the reason it was not acknowledged.
+        """
+        from confluent_kafka import KafkaException
+
+        producer = self.producer()
+        acked, failed = [], {}
+        pending = set()
+
+        def on_delivery(idx, err, _msg):
+            pending.discard(idx)
+            if err is None:
+                acked.append(idx)
+            else:
+                failed[idx] = f"{err.name()}: {err.str()}"
+
+        limit = self._message_limit()
+        base = self.headers(visit, detector)
+        header = FRAME.pack(0, self.schema_id)
+        start = time.monotonic()
+        deadline = start + self.delivery_timeout + _GRACE_S
+        for idx, alert in enumerate(encoded):
+            if len(alert.body) + 5 > limit:
+                small = _trim(alert, limit - 5, self.schema)
+                if small is None:
+                    failed[idx] = (
+                        f"MSG_SIZE_TOO_LARGE: {len(alert.body)} bytes even without cutouts "
+                        f"exceeds the message limit of {limit + _RECORD_OVERHEAD} bytes "
+                        f"(max_message_bytes, or the topic's max.message.bytes if smaller)"
+                    )
+                    continue
+                encoded[idx] = alert = small
+            headers = [*base, ("produce_time", f"{time.time():.6f}".encode())]
+            if alert.trimmed:
+                headers.append(("apdask_trimmed", alert.trimmed.encode()))
+            while True:
+                try:
+                    value = alert.frame
+                    if value is None or value[:5] != header:
+                        value = header + bytes(alert.body)
+                    producer.produce(
+                        self.topic, value, self.key(alert), headers=headers,
+                        on_delivery=lambda err, msg, i=idx: on_delivery(i, err, msg),
+                    )  # fmt: skip
+                    pending.add(idx)
+                    break
+                except BufferError:  # local queue full: serve reports, retry
+                    if time.monotonic() > deadline:
+                        failed[idx] = "local producer queue full until the delivery timeout"
+                        break
+                    producer.poll(0.05)
+                except KafkaException as err:
+                    e = err.args[0]
+                    failed[idx] = f"{e.name()}: {e.str()}"
+                    break
+            producer.poll(0)
+        while pending and time.monotonic() < deadline:
+            producer.poll(0.05)
+        if pending:
+            # Requests still in flight outlive message.timeout.ms: purge them so nothing
+            # spooled here can still be sent later.  A request the broker already stored
+            # may then be delivered twice after replay (at-least-once, never loss).
+            with contextlib.suppress(Exception):
+                producer.purge(in_queue=True, in_flight=True)
+                producer.poll(0.5)
+            self._fatal = self._fatal or "purged"  # start afresh on the next write
+        for idx in list(pending):
+            pending.discard(idx)
+            failed[idx] = f"no delivery report within {self.delivery_timeout + _GRACE_S:.0f} s"
+        for idx in sorted(failed):  # reports that arrived during the purge are failures
+            if idx in acked:
+                del failed[idx]
+        return sorted(acked), failed
+
+    def write(self, visit, detector, alerts):
+        """Publish one CCD's alerts; spool what is not acknowledged.
+
+        Parameters
+        ----------
+        visit, detector : int
+        alerts : iterable of dict or EncodedAlert
+
+        Returns
+        -------
+        apdask.alerts.SinkResult
+            ``delivered``, ``spooled``, ``trimmed`` counts, the spool file (if
+            any) and the reasons.
+
+        Raises
+        ------
+        AlertDeliveryError
+            If undelivered alerts cannot be spooled either.
+        """
+        encoded = [encode_alert(a, self.schema) for a in alerts]
+        t0 = time.monotonic()
+        acked, failed = self.deliver(visit, detector, encoded)
+        result = SinkResult(
+            delivered=len(acked),
+            spooled=len(failed),
+            trimmed=[(a.diaSourceId, a.trimmed) for a in encoded if a.trimmed],
+            seconds=time.monotonic() - t0,
+        )
+        if failed:
+            idx = sorted(failed)
+            reasons = [failed[i] for i in idx]
+            result.spool_path = write_spool(
+                self.spool_dir, self.topic, visit, detector, self.schema,
+                [encoded[i] for i in idx], reasons,
+            )  # fmt: skip
+            result.problems = sorted(set(reasons))
+            log.warning(
+                "visit %s detector %s: %d of %d alerts not acknowledged by %s (%s); spooled to %s",
+                visit, detector, len(failed), len(encoded), self, result.problems[0],
+                result.spool_path,
+            )  # fmt: skip
+        return result

@@ -1,0 +1,1 @@
+"""Tools around the pipeline: simulators, evaluation against truth, benchmarks and the demo."""

@@ -1,0 +1,242 @@
+"""``apdask bench``: run the benchmark scripts and report the figures against targets.
+
+Each script in ``benchmarks/`` is a standalone program that prints one JSON
+report.  :func:`run_benchmarks` runs the selected ones in fresh interpreters
+(one at a time, so they do not compete for the cores), keeps their reports and
+extracts the figures that the issues set targets for.  Targets are reported,
+not enforced: a missed target is a finding, not a crash.  ``--quick`` runs
+small problem sizes for a smoke check; its figures are not comparable to the
+targets and are marked so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apdask.exceptions import ConfigurationError
+
+__all__ = ["BENCHMARKS", "Check", "Benchmark", "find_benchmark_dir", "run_benchmarks"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One figure of a report and its target.
+
+    Attributes
+    ----------
+    label : str
+    path : tuple
+        Keys / indices into the script's JSON report.
+    op : str
+        ``"<="`` or ``">="``, or ``""`` for a figure without a target.
+    target : float or None
+    unit : str
+    reduce : callable, optional
+        Applied to a list value (e.g. ``max`` of repeated runs).
+    """
+
+    label: str
+    path: tuple
+    op: str = ""
+    target: float | None = None
+    unit: str = ""
+    reduce: object = None
+
+    def value(self, report):
+        v = report
+        for k in self.path:
+            try:
+                v = v[k]
+            except (KeyError, IndexError, TypeError):
+                return None
+        if self.reduce is not None and isinstance(v, list) and v:
+            v = self.reduce(v)
+        return v
+
+    def met(self, value):
+        if not self.op or value is None or not isinstance(value, int | float):
+            return None
+        return value <= self.target if self.op == "<=" else value >= self.target
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A script in ``benchmarks/``, its arguments for ``--quick`` and its checks."""
+
+    script: str
+    issue: int
+    checks: tuple
+    quick_args: tuple = ()
+    args: tuple = field(default=())
+
+
+BENCHMARKS = {
+    "association": Benchmark(
+        "bench_association.py", 5,
+        (Check("associate 1,000 vs 100,000", ("median_ms",), "<=", 50.0, "ms"),
+         Check("correct assignments", ("correct_fraction",))),
+        quick_args=("--repeat", "3"),
+    ),
+    "ppdb": Benchmark(
+        "bench_ppdb.py", 5,
+        (Check("PostgreSQL read+associate+write per CCD",  # results: sqlite, postgresql
+               ("results", 1, "total_s", "median"), "<=", 0.5, "s"),
+         Check("PostgreSQL region read per CCD", ("results", 1, "read_s", "median"), unit="s"),
+         Check("SQLite read+associate+write per CCD", ("results", 0, "total_s", "median"),
+               unit="s")),
+        quick_args=("--objects", "5000", "--sources", "50000", "--drp", "5000", "--visits", "3"),
+    ),
+    "alerts": Benchmark(
+        "bench_alerts.py", 4,
+        (Check("packaging + serialisation", ("packaging", "apdask_alerts_per_s_per_core"),
+               ">=", 2000.0, "alerts/s/core"),
+         Check("Schema.serialize (lsst.alert.packet)",
+               ("packaging", "lsst_alert_packet_serialize_alerts_per_s"), unit="alerts/s"),
+         Check("packet size p50 (Rubin: 82 KB)", ("packaging", "packet_bytes", "p50"),
+               unit="bytes"),
+         Check("publish 40,000 alerts, all acknowledged", ("publish", 0, "seconds"),
+               "<=", 20.0, "s"),
+         Check("publish rate", ("publish", 0, "MB_per_s"), unit="MB/s")),
+        quick_args=("--publish", "4000", "--n-reference", "20"),
+    ),
+    "subtract": Benchmark(
+        "bench_subtract.py", 6,
+        (Check("subtraction to DIASource table with cutouts",
+               ("total_subtract_to_table_s",), "<=", 1.5, "s"),
+         Check("subtraction (difference image) / rfft2 pair", ("subtract_over_fft_pair",),
+               "<=", 3.0, "x"),
+         Check("  with bright-source list and aperture correction",
+               ("subtract_with_bright_sources_and_apcorr_s",), unit="s"),
+         Check("subtraction with a constant kernel / rfft2 pair",
+               ("subtract_constant_kernel_over_fft_pair",), unit="x"),
+         Check("peak RSS", ("max_rss_GB",), "<=", 2.0, "GB")),
+        quick_args=("--repeat", "1", "--nx", "2048", "--ny", "2048", "--no-sourcefinder"),
+    ),
+    "distributor": Benchmark(
+        "bench_distributor.py", 3,
+        (Check("timeout overshoot (worst)", ("timeout_overshoot_s",), "<=", 1.0, "s", max),),
+        quick_args=("--reps", "1"),
+    ),
+}  # fmt: skip
+
+
+def find_benchmark_dir(path=None):
+    """The ``benchmarks/`` directory: ``path``, else the source checkout's, else ``./benchmarks``.
+
+    Raises
+    ------
+    ConfigurationError
+        If no directory with the benchmark scripts is found.
+    """
+    candidates = [Path(path)] if path else [
+        Path(__file__).resolve().parent.parent / "benchmarks",
+        Path.cwd() / "benchmarks",
+    ]  # fmt: skip
+    for c in candidates:
+        if (c / BENCHMARKS["association"].script).is_file():
+            return c
+    msg = (
+        f"no benchmarks/ directory with the bench_*.py scripts at "
+        f"{', '.join(map(str, candidates))}; run from an apdask source checkout or pass --dir"
+    )
+    raise ConfigurationError(msg)
+
+
+def _json_report(text):
+    """The JSON object a script printed (from its first line that starts with ``{``)."""
+    i = 0 if text.startswith("{") else text.find("\n{")
+    if i < 0:
+        return None
+    return json.loads(text[i:].lstrip("\n"))
+
+
+def run_benchmarks(names=None, quick=False, bench_dir=None, timeout=1800.0):
+    """Run benchmark scripts; return a report with each script's JSON and the checks.
+
+    Parameters
+    ----------
+    names : list of str, optional
+        Keys of :data:`BENCHMARKS`; default all.
+    quick : bool
+        Small problem sizes (smoke check; figures not comparable to targets).
+    bench_dir : str or os.PathLike, optional
+    timeout : float
+        Seconds per script.
+
+    Returns
+    -------
+    dict
+        ``machine``, ``quick`` and, per benchmark, ``seconds``, ``returncode``,
+        ``report`` (the script's JSON or None), ``stderr_tail`` and ``checks``
+        (label, value, unit, target, met).
+    """
+    names = list(BENCHMARKS) if not names else list(names)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        msg = f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}"
+        raise ConfigurationError(msg)
+    bench_dir = find_benchmark_dir(bench_dir)
+    out = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "load_avg_start": os.getloadavg()},
+        "quick": bool(quick),
+        "benchmarks": {},
+    }  # fmt: skip
+    for name in names:
+        b = BENCHMARKS[name]
+        cmd = [sys.executable, str(bench_dir / b.script), *(b.quick_args if quick else b.args)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as err:
+            rc, stdout, stderr = None, err.stdout or "", f"timed out after {timeout} s"
+        try:
+            report = _json_report(stdout if isinstance(stdout, str) else stdout.decode())
+        except json.JSONDecodeError:
+            report = None
+        checks = []
+        for c in b.checks:
+            v = c.value(report) if report is not None else None
+            checks.append({
+                "label": c.label, "value": v, "unit": c.unit,
+                "target": None if not c.op else f"{c.op} {c.target:g}",
+                "met": None if quick else c.met(v),
+            })  # fmt: skip
+        out["benchmarks"][name] = {
+            "issue": b.issue,
+            "command": " ".join(cmd),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "returncode": rc,
+            "report": report,
+            "stderr_tail": (stderr or "")[-2000:] if rc != 0 else "",
+            "checks": checks,
+        }
+    out["machine"]["load_avg_end"] = os.getloadavg()
+    return out
+
+
+def format_summary(result):
+    """Plain-text table of the checks of :func:`run_benchmarks`' result."""
+    lines = [f"{'benchmark':<12} {'figure':<44} {'value':>12} {'target':>12}  met"]
+    for name, b in result["benchmarks"].items():
+        if b["returncode"] != 0:
+            lines.append(f"{name:<12} FAILED (exit {b['returncode']}): {b['stderr_tail'][-200:]}")
+            continue
+        for c in b["checks"]:
+            v = c["value"]
+            vs = "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+            met = {True: "yes", False: "NO", None: "-"}[c["met"]]
+            lines.append(
+                f"{name:<12} {c['label'][:44]:<44} {vs + ' ' + c['unit']:>12} "
+                f"{c['target'] or '':>12}  {met}"
+            )
+    if result["quick"]:
+        lines.append("(--quick: small problem sizes; figures are not comparable to the targets)")
+    return "\n".join(lines)
