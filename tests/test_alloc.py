@@ -12,7 +12,7 @@ from apdask.core import memory as _alloc
 _PROBE = """
 import resource, sys
 import numpy as np
-from apdask._alloc import keep_freed_memory
+from apdask.core.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 a = np.ones((4000, 4072), np.float32); del a   # first full frame: faults either way

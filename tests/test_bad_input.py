@@ -202,7 +202,7 @@ def test_bad_raw_pixels_are_masked_and_give_no_sources(sim_repo, repo, visit_msg
 
 def test_partial_template_processes_only_the_covered_part(repo, visit_msg, baseline, caplog):
     _blank_template(repo, visit_msg, "T00", x_max=256)
-    with caplog.at_level(logging.WARNING, logger="apdask.visit"):
+    with caplog.at_level(logging.WARNING, logger="apdask.pipeline.tasks"):
         report, subs = _process(repo, visit_msg)
     ccd = report["ccds"][0]
     assert "error" not in ccd and report["failed"] == []

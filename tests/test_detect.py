@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -186,10 +185,8 @@ def test_cutout_round_trip(scene):
     ccd = CCDData.read(io.BytesIO(b), format="fits")
     assert ccd.shape == (31, 31)
     assert np.isnan(ccd.data[0, 0]) and np.isfinite(ccd.data[15, 15])
-    t0 = time.perf_counter()
-    for _ in range(20):
-        make_cutout(diff, 400.2, 300.7, 51)
-    assert (time.perf_counter() - t0) / 20 < 0.05
+    # The cost of a stamp is a benchmark figure (benchmarks/bench_alerts.py), not a
+    # timed assertion here: `make test` must pass on a loaded machine.
 
 
 def test_cutout_size():

@@ -126,7 +126,7 @@ def test_effective_exptime_overrides_anticipated(sim_repo, tmp_path, caplog, clo
     dst = tmp_path / "TestCam_1000_T00_0.fits"
     shutter = {"open_begin": 0.0, "open_end": 1.0, "close_begin": close, "close_end": close + 1}
     write_variant(src, dst, shutter=shutter)
-    with caplog.at_level(logging.WARNING, logger="apdask.visit"):
+    with caplog.at_level(logging.WARNING, logger="apdask.pipeline.tasks"):
         header = header_task(_fetched(dst), camera["T00"], "r", 30.0, 1000)
     assert header["exptime"] == pytest.approx(close)
     warned = [r.getMessage() for r in caplog.records if "anticipated" in r.getMessage()]

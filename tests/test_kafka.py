@@ -205,9 +205,9 @@ def test_oversize_alert_trimmed_and_recorded(kafka_broker, schema, stamps, tmp_p
         assert len(value) <= 70_000
         assert headers["apdask_trimmed"].decode() == note
         back = confluent_unframe(value, schema)
-        kept = [k for k in kafka._CUTOUTS if back[k] is not None]
+        kept = [k for k in kafka.CUTOUTS if back[k] is not None]
         assert kept and all(back[k][:6] == b"SIMPLE" for k in kept)
-        assert all(f"{k} dropped" in note for k in kafka._CUTOUTS if k not in kept)
+        assert all(f"{k} dropped" in note for k in kafka.CUTOUTS if k not in kept)
     assert res.as_dict()["trimmed"] == 2
 
 

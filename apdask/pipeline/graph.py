@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import dask
 import dask.array as da
 import numpy as np
@@ -29,8 +27,6 @@ from apdask.pipeline.tasks import (
 )
 
 __all__ = ["build_visit_graph", "ccd_tasks"]
-
-log = logging.getLogger(__name__)
 
 
 def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributor, timeout,

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 
 from apdask import config
 from apdask.core.camera import check_band, check_pointing, get_camera
 
 __all__ = ["NextVisit", "visit_time_window"]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
