@@ -313,8 +313,13 @@ class _ConnectionGuard:
         self.loop = loop
         budget = _open_files_limit()
         self.max_total = limits.max_connections
+        #: Connections accepted per wake-up (asyncio's accept loop); they hold descriptors
+        #: before admission sees them, as do refused ones until they are closed.
+        self.backlog = 128
         if budget is not None:
-            self.max_total = max(8, min(self.max_total, budget - min(256, budget // 4)))
+            self.backlog = max(8, min(128, budget // 16))
+            reserve = 2 * self.backlog + 64  # accepted-not-yet-admitted, files, the log
+            self.max_total = max(8, min(self.max_total, budget - reserve))
         self.max_per_ip = min(limits.max_connections_per_ip, self.max_total)
         self.open = 0
         self.per_ip = collections.Counter()
@@ -742,8 +747,15 @@ class DistributorService:
         )
 
     def _storage_error(self, name, size, length, e):
-        """507 (disk full) or 500 (other I/O error) for an upload that failed to store."""
+        """507 (disk full), 503 (out of descriptors) or 500 for an upload that failed to store."""
         of = f" of {length}" if length is not None else ""
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            log.warning("out of file descriptors storing %r: %s", name, e)
+            resp = _json_error(
+                503, "busy", f"the distributor is out of file descriptors ({e.strerror}); retry"
+            )
+            resp.headers["Retry-After"] = "1"
+            return resp
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = _free_bytes(self.root)
             log.warning("disk full storing %r after %d bytes: %s", name, size, e)
@@ -934,7 +946,7 @@ async def serve(root, host="127.0.0.1", port=8765, token=None, ready=None, stop=
         await runner.setup()
         server = await loop.create_server(
             lambda: _GuardedProtocol(guard, runner.server), host, port,
-            reuse_address=True, backlog=128,
+            reuse_address=True, backlog=guard.backlog,
         )  # fmt: skip
         bound = server.sockets[0].getsockname()
         url = f"http://{host}:{bound[1]}"
