@@ -140,7 +140,8 @@ class ServerLimits:
     upload_timeout : float
         Seconds for a whole upload body.
     max_connections : int
-        Open connections in all; capped at the open-file limit minus a reserve.
+        Open connections in all; capped at half the open-file limit less a reserve
+        (a connection may hold its socket and an image file).
     max_connections_per_ip : int
         Open connections from one remote address.
     max_upload_bytes : int
@@ -318,8 +319,9 @@ class _ConnectionGuard:
         self.backlog = 128
         if budget is not None:
             self.backlog = max(8, min(128, budget // 16))
-            reserve = 2 * self.backlog + 64  # accepted-not-yet-admitted, files, the log
-            self.max_total = max(8, min(self.max_total, budget - reserve))
+            reserve = 2 * self.backlog + 64  # accepted-not-yet-admitted, the log, ...
+            # A connection may hold two descriptors: its socket and an image file.
+            self.max_total = max(8, min(self.max_total, (budget - reserve) // 2))
         self.max_per_ip = min(limits.max_connections_per_ip, self.max_total)
         self.open = 0
         self.per_ip = collections.Counter()
