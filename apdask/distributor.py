@@ -521,14 +521,22 @@ class HttpDistributor:
         length = resp.getheader("Content-Length")
         if conn.sock is not None:
             conn.sock.settimeout(self.read_timeout)
+
+        def read():
+            try:
+                return resp.read(_CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                msg = f"download of {name} failed: {type(e).__name__}: {e}"
+                raise _RetryError(msg) from None
+
         tmp = f".dl-{secrets.token_hex(8)}.part"
         renamed = False
-        try:
+        try:  # OSErrors here are the local disk's; the network's are _RetryErrors
             fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dfd)
             digest = hashlib.sha256()
             size = 0
             with os.fdopen(fd, "wb") as fh:
-                while chunk := resp.read(_CHUNK):
+                while chunk := read():
                     digest.update(chunk)
                     fh.write(chunk)
                     size += len(chunk)
@@ -538,19 +546,31 @@ class HttpDistributor:
                 raise self._mismatch(name, digest.hexdigest(), expected, size)
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             renamed = True
-        except (OSError, http.client.HTTPException) as e:
-            raise _RetryError(f"download of {name} failed: {type(e).__name__}: {e}") from None
+            info = {"name": name, "size": size, "sha256": expected,
+                    "registered": self._registered(resp)}  # fmt: skip
+            side = f".dl-{secrets.token_hex(8)}.json"
+            fd = os.open(side, _CREATE_FLAGS, 0o600, dir_fd=dfd)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(info, fh)
+                os.replace(side, f".{name}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(side, dir_fd=dfd)
+                raise
+        except OSError as e:
+            if renamed:
+                self._drop(dfd, name)
+            msg = (
+                f"cannot write image {name} into the distributor cache {self.cache_dir} "
+                f"({e.strerror or e}); free space there, or point "
+                "apdask.distributor.cache_dir at a writable private directory"
+            )
+            raise ConfigurationError(msg) from None
         finally:
             if not renamed:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=dfd)
-        info = {"name": name, "size": size, "sha256": expected,
-                "registered": self._registered(resp)}  # fmt: skip
-        tmp = f".dl-{secrets.token_hex(8)}.json"
-        fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dfd)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(info, fh)
-        os.replace(tmp, f".{name}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
         return {"path": os.path.join(self.cache_dir, name), **info}
 
     def _unavailable(self, name, waited, why):
@@ -590,6 +610,8 @@ class HttpDistributor:
             registered, twice in a row (or sent no checksum).
         CacheSecurityError
             The cache directory is a symbolic link, another user's, or not private.
+        ConfigurationError
+            The image cannot be written into the cache directory (full, read-only).
         ValueError
             An unsafe image name.
         """

@@ -473,7 +473,8 @@ class _GuardedProtocol(asyncio.Protocol):
 def _handler_kwargs(limits):
     """aiohttp request-handler settings of ``limits`` (those this aiohttp supports)."""
     wanted = {
-        "keepalive_timeout": limits.header_timeout,
+        # An idle kept-alive connection; a new one is the guard's (this fires just after).
+        "keepalive_timeout": limits.header_timeout + 0.25,
         "max_line_size": limits.max_header_bytes,
         "max_field_size": limits.max_header_bytes,
         "max_headers": limits.max_headers,

@@ -30,7 +30,7 @@ import pytest
 from apdask.cli import main
 from apdask.distributor import TOKEN_ENV, HttpDistributor
 from apdask.distributor_server import BackgroundServer
-from apdask.exceptions import DistributorFullError
+from apdask.exceptions import ConfigurationError, DistributorFullError
 
 TOKEN = "fault-test-token"
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -376,3 +376,24 @@ def test_full_tmpfs_upload_is_507_and_leaves_nothing(tiny_disk, tmp_path, monkey
         names = sorted(r["name"] for r in HttpDistributor(srv.url, cache_dir=str(tmp_path / "c2"))
                        .index())  # fmt: skip
         assert names == ["one.fits", "small.fits"]
+
+
+def test_full_client_cache_is_a_clear_error(tiny_disk, tmp_path):
+    data = os.urandom(1_000_000)
+    cache = tiny_disk / "cache"
+    with open(tiny_disk / "filler", "wb") as fh:  # leave ~0.5 MB
+        fh.write(b"\0" * (4 * 1024 * 1024 - 600_000))
+    with BackgroundServer(tmp_path / "dist", TOKEN) as srv:
+        src = tmp_path / "a.fits"
+        src.write_bytes(data)
+        client = HttpDistributor(srv.url, cache_dir=str(cache))
+        client.put("a.fits", src, token=TOKEN)
+        t0 = time.monotonic()
+        with pytest.raises(ConfigurationError, match="No space left on device") as exc:
+            client.get("a.fits", timeout=30)
+        assert time.monotonic() - t0 < 20  # at once, not retried as "unreachable"
+        assert exc.value.exit_code == 78 and str(cache) in str(exc.value)
+        assert os.listdir(cache) == []  # no partial download left
+        os.remove(tiny_disk / "filler")
+        with open(client.get("a.fits", timeout=30), "rb") as fh:
+            assert fh.read() == data
