@@ -326,7 +326,7 @@ class _ConnectionGuard:
         self.open = 0
         self.per_ip = collections.Counter()
         self.pending = collections.OrderedDict()  # protocols still waiting for a head
-        self.pending_ip = collections.defaultdict(collections.OrderedDict)
+        self.pending_ip = {}  # address -> OrderedDict of its protocols awaiting a head
         self.by_handler = {}
         self.counts = collections.Counter()
 
@@ -354,7 +354,9 @@ class _ConnectionGuard:
     def admit(self, proto):
         """Count ``proto`` in, evicting an old head-less connection if needed; else why not."""
         ip = proto.ip
-        if self.per_ip[ip] >= self.max_per_ip and not self._evict_oldest(self.pending_ip[ip]):
+        if self.per_ip[ip] >= self.max_per_ip and not self._evict_oldest(
+            self.pending_ip.get(ip, ())
+        ):
             why = f"{self.per_ip[ip]} connections open from {ip} (limit {self.max_per_ip})"
         elif self.open >= self.max_total and not self._evict_oldest(self.pending):
             why = f"{self.open} connections open (limit {self.max_total})"
@@ -362,7 +364,7 @@ class _ConnectionGuard:
             self.open += 1
             self.per_ip[ip] += 1
             self.pending[proto] = None
-            self.pending_ip[ip][proto] = None
+            self.pending_ip.setdefault(ip, collections.OrderedDict())[proto] = None
             return None
         self.counts["refused"] += 1
         log.warning("refused a connection: %s; retry later", why)
