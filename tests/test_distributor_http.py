@@ -729,3 +729,23 @@ def test_limits_from_config_are_checked():
             pytest.raises(ConfigurationError, match=match),
         ):
             ServerLimits.from_config()
+
+
+def test_process_ccd_corrupt_image_and_unsafe_cache_exit_codes(repo, server, cache_dir, capsys):
+    name = "TestCam_1000_T00_0.fits"
+    assert _put(server.port, name, _read(os.path.join(repo, "raw", name)))[0] == 201
+    with open(os.path.join(server.root, name), "r+b") as fh:
+        fh.seek(5000)
+        fh.write(b"\xff" * 16)  # the distributor's copy rots, same size
+    assert main(_ccd_args(repo, server.url, [name], 30)) == 76
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SHA-256" in err and name in err
+    assert "unreachable" not in err and "Traceback" not in err
+    # A cache directory that is a symbolic link: 77, before anything is fetched.
+    link = cache_dir.parent / "linked-cache"
+    link.symlink_to(cache_dir.parent)
+    with dask.config.set({"apdask.distributor.cache_dir": str(link)}):
+        assert main(_ccd_args(repo, server.url, [name], 30)) == 77
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "Traceback" not in err
+    _nothing_written(repo)
