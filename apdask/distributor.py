@@ -53,6 +53,8 @@ __all__ = [
     "open_distributor",
     "check_image_name",
     "check_image_for_ccd",
+    "open_private_dir",
+    "default_cache_base",
     "NAME_PATTERN",
     "TOKEN_ENV",
 ]

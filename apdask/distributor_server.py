@@ -68,6 +68,7 @@ __all__ = [
     "BackgroundServer",
     "ServerLimits",
     "LogAggregator",
+    "raise_open_files_limit",
     "MAX_WAIT_S",
     "REGISTRY_FILE",
 ]
