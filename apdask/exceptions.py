@@ -23,6 +23,9 @@ __all__ = [
     "PpdbError",
     "AlertDeliveryError",
     "NoDetectionsWarning",
+    "DistributorFullError",
+    "ChecksumMismatchError",
+    "CacheSecurityError",
 ]
 
 
@@ -110,3 +113,21 @@ class AlertDeliveryError(ApdaskError):
 
 class NoDetectionsWarning(UserWarning):
     """A CCD produced no DIASources; that is a result, not a failure."""
+
+
+class DistributorFullError(ApdaskError):
+    """The distributor refused an upload because its disk is full (HTTP 507)."""
+
+    exit_code = 73  # EX_CANTCREAT
+
+
+class ChecksumMismatchError(ApdaskError):
+    """An image's bytes do not match the SHA-256 the distributor registered for it."""
+
+    exit_code = 76  # EX_PROTOCOL
+
+
+class CacheSecurityError(ApdaskError):
+    """The local image cache is not a private directory of the current user."""
+
+    exit_code = 77  # EX_NOPERM

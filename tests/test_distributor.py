@@ -2,20 +2,29 @@
 
 import logging
 import os
+import stat
 import threading
 import time
 
 import pytest
 
 from apdask.core.camera import get_camera
-from apdask.exceptions import DistributorUnavailableError, HeaderMismatchError, ImageTimeoutError
+from apdask.exceptions import (
+    CacheSecurityError,
+    DistributorUnavailableError,
+    HeaderMismatchError,
+    ImageTimeoutError,
+)
 from apdask.io.distributor import (
     FileDistributor,
     HttpDistributor,
     check_image_for_ccd,
+    check_image_name,
     open_distributor,
+    open_private_dir,
 )
 from apdask.pipeline.tasks import header_task
+from apdask.services.distributor_server import LogAggregator
 from tests._raws import second_snap, write_variant
 
 
@@ -59,10 +68,127 @@ def test_timeout_default_from_config(tmp_path):
         FileDistributor(tmp_path).get("d.fits")
 
 
-@pytest.mark.parametrize("name", ["../etc/passwd", "a/b.fits", ".hidden", "", "x..y", "a b"])
+@pytest.mark.parametrize(
+    "name",
+    ["../etc/passwd", "a/b.fits", ".hidden", "", "x..y", "a b", "a.fits\n", "a.fits\r",
+     "a.fits\x00", "\na.fits", "T_1_T00_0.fits\n"],
+)  # fmt: skip
 def test_bad_names(tmp_path, name):
     with pytest.raises(ValueError, match="invalid image name"):
         FileDistributor(tmp_path).get(name, timeout=0)
+    with pytest.raises(ValueError, match="invalid image name"):
+        check_image_for_ccd(name, get_camera("testcam"), get_camera("testcam")["T00"])
+
+
+def test_names_matched_over_the_whole_string():
+    """``$`` would accept a trailing newline; the names are matched with fullmatch."""
+    assert check_image_name("a.fits") == "a.fits"
+    assert check_image_name("A" * 201) == "A" * 201
+    for bad in ("a.fits\n", "A" * 202):
+        with pytest.raises(ValueError):
+            check_image_name(bad)
+
+
+# --------------------------------------------------------------------------------------
+# The HTTP client's cache directory
+
+
+def _mode(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_default_cache_is_private_under_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    client = HttpDistributor("http://127.0.0.1:8765")
+    assert client.cache_dir == str(tmp_path / "xdg" / "apdask" / "distributor" / "127.0.0.1_8765")
+    os.close(open_private_dir(client.cache_dir, str(tmp_path / "xdg" / "apdask")))
+    for sub in ("apdask", "apdask/distributor", "apdask/distributor/127.0.0.1_8765"):
+        assert _mode(tmp_path / "xdg" / sub) == 0o700, sub
+    # Without XDG_CACHE_HOME (or a relative one): ~/.cache, never the shared /tmp.
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    client = HttpDistributor("http://example.org:81")
+    assert client.cache_dir == str(tmp_path / "home/.cache/apdask/distributor/example.org_81")
+
+
+def test_cache_symlink_refused(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "cache"
+    link.symlink_to(target)
+    with pytest.raises(CacheSecurityError, match="symbolic link") as exc:
+        open_private_dir(str(link))
+    assert exc.value.exit_code == 77
+    assert "apdask.distributor.cache_dir" in str(exc.value)
+    # A link further down (an attacker's planted .../apdask/distributor) as well.
+    (tmp_path / "xdg" / "apdask").mkdir(parents=True, mode=0o700)
+    (tmp_path / "xdg" / "apdask" / "distributor").symlink_to(target)
+    with pytest.raises(CacheSecurityError, match="symbolic link"):
+        open_private_dir(str(tmp_path / "xdg/apdask/distributor/h_1"), str(tmp_path / "xdg/apdask"))
+    assert os.listdir(target) == []
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o770, 0o707, 0o701])
+def test_cache_open_to_others_refused(tmp_path, mode):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(mode)
+    with pytest.raises(CacheSecurityError, match=f"mode {mode:o}.*chmod 700") as exc:
+        open_private_dir(str(cache))
+    assert exc.value.exit_code == 77
+    cache.chmod(0o700)
+    os.close(open_private_dir(str(cache)))
+
+
+def test_cache_of_another_user_refused(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(cache, 65534, 65534)  # nobody
+    else:  # cannot give a directory away: pretend to be someone else instead
+        uid = os.geteuid() + 1
+        monkeypatch.setattr(os, "geteuid", lambda: uid)
+    with pytest.raises(CacheSecurityError, match="belongs to uid") as exc:
+        open_private_dir(str(cache))
+    assert exc.value.exit_code == 77
+
+
+def test_cache_not_a_directory_refused(tmp_path):
+    (tmp_path / "cache").write_bytes(b"x")
+    with pytest.raises(CacheSecurityError, match="not a directory"):
+        open_private_dir(str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------------------
+# The server's log aggregation
+
+
+def test_log_aggregator_counts_repeats(caplog):
+    now = [0.0]
+    agg = LogAggregator(window=10.0, burst=3, clock=lambda: now[0])
+    logger = logging.getLogger("aiohttp.server")
+    logger.addFilter(agg)
+    try:
+        with caplog.at_level(logging.INFO):
+            for i in range(1000):
+                try:
+                    raise ValueError(i)
+                except ValueError:
+                    logger.exception("Error handling request from %s", f"127.0.0.{i % 200}")
+            assert len(caplog.records) == 3  # the burst, each with its traceback
+            assert agg.suppressed == 997
+            now[0] = 10.5
+            logger.error("Error handling request from %s", "x")  # a new window
+            agg.flush(force=True)
+    finally:
+        logger.removeFilter(agg)
+    messages = [r.getMessage() for r in caplog.records]
+    summary = [m for m in messages if "suppressed" in m]
+    assert summary == [
+        "997 more log messages like 'Error handling request from %s' (ValueError) from "
+        "aiohttp.server were suppressed in the last 10 s"
+    ]
+    assert len(messages) == 5  # 3 + the summary + the first of the new window
 
 
 def test_open_distributor(tmp_path):

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import http.client
 import json
+import logging
 import os
 import shutil
 import socket
@@ -23,9 +24,16 @@ import pytest
 
 from apdask.alerts.sinks import read_alerts
 from apdask.cli.main import main
-from apdask.exceptions import ConfigurationError, DistributorUnavailableError, ImageTimeoutError
+from apdask.exceptions import (
+    CacheSecurityError,
+    ChecksumMismatchError,
+    ConfigurationError,
+    DistributorFullError,
+    DistributorUnavailableError,
+    ImageTimeoutError,
+)
 from apdask.io.distributor import TOKEN_ENV, HttpDistributor
-from apdask.services.distributor_server import BackgroundServer
+from apdask.services.distributor_server import BackgroundServer, ServerLimits
 from apdask.tools.evaluate import load_truth, match_truth
 from tests._raws import second_snap
 from tests.test_cli import _nothing_written
@@ -480,3 +488,264 @@ def test_process_ccd_late_two_snaps(repo, server, cache_dir, tmp_path, capsys):
     assert abs(np.median(ratio) - 1) < 0.05, ratio
     assert np.all(np.abs(ratio - 1) < 0.25), ratio
     print(f"\nlatency image registered -> alerts written: {lat['arrival_to_alerts_s']:.2f} s")
+
+
+# --------------------------------------------------------------------------------------
+# Hostile names and a cache that cannot be fooled
+
+
+def test_name_with_trailing_newline_refused(server):
+    for path in ("/images/a.fits%0A", "/images/a.fits%0D%0A", "/images/a.fits%00"):
+        status, _, body = _put(server.port, path.removeprefix("/images/"), b"evil")
+        assert status == 400 and json.loads(body)["error"] == "bad_request", path
+        assert _request(server.port, "GET", path + "?wait=0")[0] == 400
+    assert _visible(server) == ([], [])
+
+
+def test_tampered_same_size_cache_is_not_returned(server, client, caplog):
+    data = os.urandom(100_000)
+    assert _put(server.port, "a.fits", data)[0] == 201
+    path = client.get("a.fits", timeout=5)
+    assert _read(path) == data
+    evil = bytearray(data)
+    evil[5000] ^= 0xFF  # same size, one byte changed
+    with open(path, "r+b") as fh:
+        fh.write(evil)
+    # The cached copy is re-hashed before it is offered with If-None-Match: it is
+    # discarded and the real bytes are downloaded again.
+    with caplog.at_level(logging.WARNING, logger="apdask.distributor"):
+        again = client.retrieve("a.fits", timeout=5)
+    assert again["path"] == path and _read(path) == data
+    assert any("no longer matches" in r.getMessage() for r in caplog.records)
+    # The sidecar lying as well (hash of the tampered bytes) changes nothing: the
+    # server does not confirm that hash, so the image is fetched again.
+    side = os.path.join(client.cache_dir, ".a.fits.json")
+    rec = json.loads(_read(side))
+    with open(path, "wb") as fh:
+        fh.write(evil)
+    rec["sha256"] = hashlib.sha256(evil).hexdigest()
+    with open(side, "w") as fh:
+        json.dump(rec, fh)
+    assert _read(client.get("a.fits", timeout=5)) == data
+    # A cached file replaced by a symbolic link is not followed.
+    os.remove(path)
+    os.symlink("/etc/hostname", path)
+    assert _read(client.get("a.fits", timeout=5)) == data and not os.path.islink(path)
+
+
+def test_corrupt_server_copy_is_a_checksum_error(server, client, capsys):
+    data = os.urandom(50_000)
+    assert _put(server.port, "bad.fits", data)[0] == 201
+    with open(os.path.join(server.root, "bad.fits"), "r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\0" * 8)  # the server's disk flips bits; size unchanged
+    t0 = time.monotonic()
+    with pytest.raises(ChecksumMismatchError) as exc:
+        client.get("bad.fits", timeout=30)
+    assert time.monotonic() - t0 < 20  # not after the whole timeout
+    msg = str(exc.value)
+    assert exc.value.exit_code == 76
+    assert "bad.fits" in msg and hashlib.sha256(data).hexdigest() in msg
+    assert "unreachable" not in msg and "start it" not in msg
+    assert sorted(os.listdir(client.cache_dir)) == []  # nothing corrupt was kept
+
+
+def test_symlinked_cache_dir_refused(server, tmp_path):
+    target = tmp_path / "victim"
+    target.mkdir(mode=0o700)
+    (tmp_path / "cache").symlink_to(target)
+    assert _put(server.port, "a.fits", b"bytes")[0] == 201
+    client = HttpDistributor(server.url, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(CacheSecurityError, match="symbolic link") as exc:
+        client.get("a.fits", timeout=5)
+    assert exc.value.exit_code == 77
+    assert os.listdir(target) == []
+
+
+# --------------------------------------------------------------------------------------
+# A full disk: 507 with the reason, shown by the client
+
+
+def _dev_full_mkstemp(monkeypatch, tmp_path):
+    """Make the server's upload files /dev/full: every write fails with ENOSPC."""
+    from apdask.services import distributor_server
+
+    def mkstemp(prefix="", suffix="", dir=None):
+        return os.open("/dev/full", os.O_WRONLY), str(tmp_path / f"{prefix}gone{suffix}")
+
+    monkeypatch.setattr(distributor_server.tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_is_507_with_reason(server, client, tmp_path, monkeypatch, capsys):
+    data = os.urandom(3 << 20)
+    src = tmp_path / "TestCam_1_T00_0.fits"
+    src.write_bytes(data)
+    _dev_full_mkstemp(monkeypatch, tmp_path)
+    status, _, body = _put(server.port, "a.fits", data)
+    err = json.loads(body)
+    assert status == 507 and err["error"] == "insufficient_storage"
+    assert "disk is full" in err["message"] and "nothing was stored" in err["message"]
+    with pytest.raises(DistributorFullError, match="disk is full") as exc:
+        client.put("a.fits", src, token=TOKEN)
+    assert exc.value.exit_code == 73 and "HTTP 507" in str(exc.value)
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    assert main(["distributor", "upload", "--distributor", server.url, str(src)]) == 73
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk is full" in err and "Traceback" not in err
+    assert _visible(server) == ([], [])
+    monkeypatch.undo()
+    assert client.put("a.fits", src, token=TOKEN)["size"] == len(data)  # space again
+
+
+def test_upload_larger_than_free_space_refused_before_the_body(server, monkeypatch):
+    from apdask.services import distributor_server
+
+    monkeypatch.setattr(distributor_server, "_free_bytes", lambda path: 5 << 20)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(
+            f"PUT /images/big.fits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"X-Checksum-SHA256: {'0' * 64}\r\nContent-Length: {100 << 20}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 507"), answer
+    assert b"100 bytes" not in answer and b"5242880 bytes are free" in answer
+    assert _visible(server) == ([], [])
+
+
+# --------------------------------------------------------------------------------------
+# Idle, slow and greedy clients (the load test proper is in tests/faults)
+
+
+def _health(port):
+    return json.loads(_request(port, "GET", "/health")[2])
+
+
+def _closed_within(sock, seconds):
+    """Whether the server closes ``sock`` within ``seconds`` (reading what it sends)."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return False, data
+    except ConnectionResetError:
+        pass
+    return True, data
+
+
+@pytest.fixture
+def strict(tmp_path):
+    limits = ServerLimits(header_timeout=1.0, body_timeout=1.0, max_connections_per_ip=4)
+    with BackgroundServer(tmp_path / "dist", TOKEN, limits=limits) as srv:
+        yield srv
+
+
+def test_half_open_connection_closed_after_header_timeout(strict):
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=30) as idle, \
+         socket.create_connection(("127.0.0.1", strict.port), timeout=30) as slow:  # fmt: skip
+        slow.sendall(b"GET /images HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
+        t0 = time.monotonic()
+        assert _closed_within(idle, 30)[0]
+        assert _closed_within(slow, 30)[0]
+        assert 0.9 <= time.monotonic() - t0 < 30
+    assert _health(strict.port)["header_timeouts"] >= 2
+    # A kept-alive connection that goes idle is closed as well.
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        closed, data = _closed_within(s, 30)
+        assert closed and data.startswith(b"HTTP/1.1 200")
+
+
+def test_stalled_upload_body_is_408_and_stores_nothing(strict):
+    data = os.urandom(10_000)
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=30) as s:
+        s.sendall(
+            f"PUT /images/slow.fits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"X-Checksum-SHA256: {hashlib.sha256(data).hexdigest()}\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data[:100]
+        )
+        closed, answer = _closed_within(s, 30)
+    assert closed and answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"body_timeout" in answer
+    assert _visible(strict) == ([], [])
+    assert _put(strict.port, "slow.fits", data)[0] == 201  # a prompt upload still works
+
+
+def _connect_from(ip, port):
+    s = socket.socket()
+    s.settimeout(30)
+    s.bind((ip, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def test_connections_per_address_are_capped(tmp_path):
+    limits = ServerLimits(header_timeout=60.0, max_connections_per_ip=4)
+    with BackgroundServer(tmp_path / "dist", TOKEN, limits=limits) as srv:
+        first = [_connect_from("127.0.0.2", srv.port) for _ in range(4)]
+        try:
+            # A fifth from the same address, with the others young: 503 at once.
+            with _connect_from("127.0.0.2", srv.port) as s:
+                closed, answer = _closed_within(s, 30)
+            assert closed and answer.startswith(b"HTTP/1.1 503"), answer
+            assert b"too_many_connections" in answer
+            # Another address is not affected.
+            assert _request(srv.port, "GET", "/images")[0] == 200
+            # Once the idle ones are older than 1 s, a newcomer replaces the oldest.
+            time.sleep(1.5)
+            with _connect_from("127.0.0.2", srv.port) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                closed, answer = _closed_within(s, 30)
+            assert closed and answer.startswith(b"HTTP/1.1 200"), answer
+            assert _closed_within(first[0], 30)[0]  # the oldest idle one was dropped
+            assert not _closed_within(first[1], 0.2)[0]  # the others are still open
+            health = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert health["refused"] == 1 and health["dropped_for_newer"] == 1
+            assert health["max_connections_per_ip"] == 4
+        finally:
+            for s in first:
+                s.close()
+
+
+def test_oversized_request_head_refused(server):
+    status, _, _ = _request(server.port, "GET", "/images", headers={"X-Big": "a" * 10_000})
+    assert status in (400, 431)
+    many = {f"X-H{i}": "v" for i in range(100)}
+    assert _request(server.port, "GET", "/images", headers=many)[0] in (400, 431)
+    assert _request(server.port, "GET", "/images")[0] == 200
+
+
+def test_limits_from_config_are_checked():
+    with dask.config.set({"apdask.distributor.header_timeout": 3}):
+        assert ServerLimits.from_config().header_timeout == 3.0
+    for bad in (0, -1, "abc", float("nan"), float("inf"), True):
+        match = "DASK_APDASK__DISTRIBUTOR__BODY_TIMEOUT"
+        with (
+            dask.config.set({"apdask.distributor.body_timeout": bad}),
+            pytest.raises(ConfigurationError, match=match),
+        ):
+            ServerLimits.from_config()
+
+
+def test_process_ccd_corrupt_image_and_unsafe_cache_exit_codes(repo, server, cache_dir, capsys):
+    name = "TestCam_1000_T00_0.fits"
+    assert _put(server.port, name, _read(os.path.join(repo, "raw", name)))[0] == 201
+    with open(os.path.join(server.root, name), "r+b") as fh:
+        fh.seek(5000)
+        fh.write(b"\xff" * 16)  # the distributor's copy rots, same size
+    assert main(_ccd_args(repo, server.url, [name], 30)) == 76
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SHA-256" in err and name in err
+    assert "unreachable" not in err and "Traceback" not in err
+    # A cache directory that is a symbolic link: 77, before anything is fetched.
+    link = cache_dir.parent / "linked-cache"
+    link.symlink_to(cache_dir.parent)
+    with dask.config.set({"apdask.distributor.cache_dir": str(link)}):
+        assert main(_ccd_args(repo, server.url, [name], 30)) == 77
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "Traceback" not in err
+    _nothing_written(repo)
