@@ -532,7 +532,10 @@ def focal_plane(
         for name, v in vals.items():
             d = by_name[name]
             text = "nan" if not np.isfinite(v) else f"{v:.3g}"
-            ax.text(d.fp_x, d.fp_y, f"{name}\n{text}", ha="center", va="center", fontsize=7)
+            box = {"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.7, "lw": 0}
+            ax.text(
+                d.fp_x, d.fp_y, f"{name}\n{text}", ha="center", va="center", fontsize=7, bbox=box
+            )
     allx = [d.fp_x for d in dets]
     ally = [d.fp_y for d in dets]
     half = max(max(d.nx, d.ny) * d.pixel_size * 1e-3 for d in dets) * 0.6
@@ -543,7 +546,7 @@ def focal_plane(
     ax.set_ylabel("focal plane y (mm)")
     ax.set_title(camera.name)
     if on:
-        fig.colorbar(coll, ax=ax, label=label)
+        fig.colorbar(coll, ax=ax, label=label, shrink=0.8)
     return fig
 
 
@@ -594,8 +597,8 @@ def stage_timings(timings, *, ax=None, fig=None, title=None, figsize=None):
     """
     rows, stages, sec = _timing_rows(timings)
     if figsize is None:
-        n = len(stages) if len(rows) <= 1 else len(rows)
-        figsize = (7, 1.2 + 0.35 * max(n, 1))
+        n = len(stages) if len(rows) <= 1 else max(len(rows), 0.6 * len(stages))
+        figsize = (8, 1.2 + 0.35 * max(n, 1))
     fig = _figure(fig, ax, figsize)
     if ax is None:
         ax = fig.add_subplot()
@@ -616,7 +619,7 @@ def stage_timings(timings, *, ax=None, fig=None, title=None, figsize=None):
             ax.barh(y, sec[:, k], left=left, label=stage, color=cmap(k % 20))
             left += sec[:, k]
         ax.set_yticks(y, rows)
-        ax.legend(fontsize="x-small", ncols=2, loc="lower right")
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
         if title is None and "visit" in timings:
             title = f"visit {timings['visit']}: seconds per stage and CCD"
     ax.invert_yaxis()
