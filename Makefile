@@ -1,11 +1,12 @@
-# apdask: `make demo` runs the main job, `make test` runs lint and the tests.
-# Both create or refresh .venv by themselves.
+# apdask: `make demo` runs the main job, `make test` runs lint and the tests, `make docs`
+# builds the documentation site.
+# Each creates or refreshes .venv by itself.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format venv clean bench
+.PHONY: demo test lint format venv clean bench docs
 
 venv: $(STAMP)
 
@@ -36,8 +37,18 @@ test: lint
 	$(BIN)/python -m pytest -m "not slow" -q $(CONCURRENCY)
 	$(BIN)/python -m pytest -m "not slow" -q --ignore=$(CONCURRENCY)
 
+# The documentation site (Sphinx, docs/conf.py) in docs/_build/html; warnings are errors.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
+
 bench: $(STAMP)
 	$(BIN)/apdask bench
 
 clean:
-	rm -rf $(VENV) apdask-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) apdask-demo .pytest_cache .ruff_cache docs/_build docs/generated docs/notebooks docs/jupyter_execute

@@ -21,7 +21,7 @@ under ``<repo>/alerts`` and compares them with ``<repo>/truth/visit_<V>.ecsv``:
 * **difference-image noise / propagated σ**: robust σ of ``image/sqrt(variance)``
   over the unmasked pixels of the difference cutouts, away from the central source.
 
-It writes ``evaluate.json`` and ``evaluate.png`` (matplotlib, Agg backend).
+It writes ``evaluate.json`` and ``evaluate.png`` (matplotlib's object API, no backend set).
 :func:`match_truth` is the small matcher the end-to-end test uses.
 """
 
@@ -701,13 +701,20 @@ def _json_default(o):
 
 
 def plot_evaluation(res, data, path):
-    """Four-panel PNG: completeness, flux pulls, astrometry, false positives per CCD."""
-    import matplotlib
+    """Four-panel PNG: completeness, flux pulls, astrometry, false positives per CCD.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare :class:`matplotlib.figure.Figure`, which needs no backend: the
+    caller's backend (a notebook's inline one, say) is left as it is.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        msg = ("evaluate's plot needs matplotlib: pip install 'apdask[notebook]', "
+               "or call evaluate_visit(..., plot=False)")  # fmt: skip
+        raise ImportError(msg) from exc
 
-    fig, ax = plt.subplots(2, 2, figsize=(11, 8.5))
+    fig = Figure(figsize=(11, 8.5))
+    ax = fig.subplots(2, 2)
     b = [x for x in res["completeness_bins"] if x["n"]]
     if b:
         mid = [np.sqrt(x["snr_lo"] * min(x["snr_hi"], 400)) for x in b]
@@ -749,4 +756,3 @@ def plot_evaluation(res, data, path):
     ax[1, 1].set_title(f"false positives per CCD: {res['false_positives_per_ccd']:.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -55,7 +55,7 @@ __all__ = [
     "render_template",
 ]
 
-#: Largest PSF shear |g| at the CCD corners.
+#: Largest PSF shear ``|g|`` at the CCD corners.
 PSF_SHEAR = 0.02
 #: PSF profile: ``"kolmogorov"`` (default), ``"moffat"`` (β = 3.5) or ``"gaussian"``
 #: (a control: the GalSim engine with our engine's PSF shape).
