@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from apdask.cli import main
+from apdask.cli.main import main
 
 ROOT = pathlib.Path(__file__).parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -23,7 +23,7 @@ EXAMPLES = ROOT / "docs" / "examples"
 
 @pytest.mark.service
 def test_independent_reader_decodes_a_processed_ccd(repo, kafka_broker, capsys):
-    from apdask import kafka
+    from apdask.services import kafka
     from tests.test_cli import _ccd_args
 
     topic = f"alerts-{uuid.uuid4().hex[:8]}"

@@ -1,4 +1,4 @@
-"""apdask.plot: what each figure holds, and that no backend is ever selected."""
+"""apdask.tools.plot: what each figure holds, and that no backend is ever selected."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.collections import PatchCollection, PathCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from apdask import plot  # noqa: E402
-from apdask.camera import get_camera  # noqa: E402
+from apdask.core.camera import get_camera  # noqa: E402
+from apdask.tools import plot  # noqa: E402
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -82,14 +82,14 @@ def test_no_module_of_apdask_calls_matplotlib_use():
 def test_import_is_lazy_and_backend_is_left_alone():
     """In a fresh interpreter: no matplotlib on import; drawing keeps the chosen backend."""
     code = (
-        "import sys, apdask.plot as p\n"
+        "import sys, apdask.tools.plot as p\n"
         "assert 'matplotlib' not in sys.modules, 'imported eagerly'\n"
         "import matplotlib.pyplot as plt\n"
         "plt.switch_backend('svg')\n"
         "import numpy as np\n"
         "a = np.arange(64.0).reshape(8, 8)\n"
         "p.image_triplet(a, a, a); p.stage_timings({'warp': 1.0})\n"
-        "from apdask.evaluate import plot_evaluation\n"
+        "from apdask.tools.evaluate import plot_evaluation\n"
         "import matplotlib\n"
         "print(matplotlib.get_backend())\n"
     )
@@ -105,7 +105,7 @@ def test_import_is_lazy_and_backend_is_left_alone():
 
 
 def test_drawing_does_not_change_the_backend(tmp_path):
-    from apdask.evaluate import plot_evaluation
+    from apdask.tools.evaluate import plot_evaluation
 
     plt.switch_backend("svg")
     sci, tpl, diff = _images()

@@ -11,6 +11,8 @@ from apdask._kernels.fused import (
 from apdask.core.exposure import mask_bits
 from apdask.core.stats import nanmedian_last
 
+__all__ = ["Background", "fit_background", "interp_matrix", "tile_threads"]
+
 
 # --------------------------------------------------------------------------------------
 # shared pixel helpers

@@ -8,6 +8,21 @@ import scipy.fft as sfft
 from apdask.exceptions import PsfFitError
 from apdask.pipeline.stars import find_stars
 
+__all__ = [
+    "PsfGrid",
+    "estimate_psf",
+    "estimate_psf_model",
+    "psf_fwhm",
+    "stamp_moments",
+    "shifted_psf",
+    "shifted_psfs",
+    "psfs_at",
+    "psf_getter",
+    "require_psf",
+    "conv_stamp",
+    "recentre",
+]
+
 
 def _gaussian_psf(sigma, size=None):
     """Pixel-sampled circular Gaussian stamp of sum 1."""

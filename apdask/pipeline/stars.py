@@ -14,6 +14,16 @@ from apdask._kernels.fused import (
 from apdask.core.exposure import IGNORE_BITS
 from apdask.pipeline.background import fit_background
 
+__all__ = [
+    "find_stars",
+    "usable_stars",
+    "subpixel_peak",
+    "local_maxima",
+    "cutout_at",
+    "stamps_at",
+    "weighted_moments",
+]
+
 
 def subpixel_peak(img, iy, ix):
     """Log-parabola sub-pixel refinement of local maxima at integer (iy, ix)."""

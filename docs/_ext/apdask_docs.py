@@ -120,7 +120,7 @@ class CliReference(_Directive):
     """``.. apdask-cli::``: every command of ``apdask.cli.build_parser()``."""
 
     def run(self):
-        from apdask.cli import build_parser
+        from apdask.cli.main import build_parser
 
         parser = build_parser()
         lines = []

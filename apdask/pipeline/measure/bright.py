@@ -9,6 +9,8 @@ from apdask.core.stats import nanmedian_last
 from apdask.pipeline.psf import psf_fwhm
 from apdask.pipeline.stars import local_maxima, stamps_at
 
+__all__ = ["bright_sources"]
+
 
 def bright_sources(template, variance, psf_template, psf_difference, *, scale=1.0,
                    min_snr=300.0):  # fmt: skip

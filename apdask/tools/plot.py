@@ -66,7 +66,7 @@ def _matplotlib():
         import matplotlib  # noqa: F401
     except ImportError as exc:
         msg = (
-            "apdask.plot needs matplotlib, an optional dependency; install it with "
+            "apdask.tools.plot needs matplotlib, an optional dependency; install it with "
             "pip install 'apdask[notebook]' (or pip install matplotlib)"
         )
         raise ImportError(msg) from exc
@@ -484,7 +484,7 @@ def focal_plane(
     from matplotlib.patches import Rectangle
 
     if isinstance(camera, str):
-        from .camera import get_camera
+        from apdask.core.camera import get_camera
 
         camera = get_camera(camera)
     dets = list(camera)
