@@ -1,30 +1,60 @@
 """Configuration: one mechanism, ``dask.config``, with defaults from ``apdask.yaml``.
 
-Keyword arguments across apdask default to ``None`` and fall back to
-``dask.config.get("apdask.<key>")``.  Users override through
-``dask.config.set``, a YAML file in ``~/.config/dask/`` or environment variables
-such as ``DASK_APDASK__DISTRIBUTOR__TIMEOUT=30``.  Secrets never live here: they
+The defaults live in one YAML shipped with the package and registered with
+``dask.config`` on import, the way dask-jobqueue registers ``jobqueue.yaml``.  Users
+override them with ``dask.config.set``, a YAML file in ``~/.config/dask/``,
+``DASK_APDASK__SECTION__KEY`` environment variables, or on the command line with
+``--config FILE`` and ``--set section.key=value``.
+
+Configuration is **resolved once**, when a graph is built, into the frozen records
+below (:class:`PipelineConfig` and its sections); the records travel into the tasks.
+A task never reads ``dask.config`` on a worker, where a ``dask.config.set`` made on
+the driver after the workers started never arrives.  Secrets never live here: they
 come only from the environment (see ``docs/operations.md``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
 
 import dask.config
 import yaml
 
-__all__ = ["get", "DEFAULTS"]
+from apdask.exceptions import ConfigurationError, UsageError
+
+__all__ = [
+    "DEFAULTS",
+    "AlertsConfig",
+    "AssociationConfig",
+    "CutoutConfig",
+    "DetectionConfig",
+    "DistributorConfig",
+    "Locations",
+    "MeasurementConfig",
+    "PipelineConfig",
+    "PpdbConfig",
+    "SubtractConfig",
+    "get",
+]
 
 _fn = os.path.join(os.path.dirname(__file__), "apdask.yaml")
 with open(_fn) as _f:
-    DEFAULTS = yaml.safe_load(_f)
+    DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
 
 dask.config.update_defaults(DEFAULTS)
 
 
-def get(key, value=None):
+def get(key: str, value: Any = None) -> Any:
     """Return ``value`` if it is not None, else the configured ``apdask.<key>``.
+
+    For notebook use of a single stage.  The graph resolves its configuration once
+    (:meth:`PipelineConfig.resolve`) and passes explicit values into its tasks.
 
     Parameters
     ----------
@@ -41,3 +71,296 @@ def get(key, value=None):
     if value is not None:
         return value
     return dask.config.get(f"apdask.{key}")
+
+
+def _section(name: str) -> dict[str, Any]:
+    value = dask.config.get(f"apdask.{name}", default={})
+    return dict(value or {})
+
+
+def _build(
+    cls: type, section: str, overrides: Mapping[str, Any] | None = None, *, strict: bool = True
+) -> Any:
+    """A frozen record from ``apdask.<section>``.
+
+    With ``strict``, an unknown key (a typo) is an error that names the known keys;
+    sections shared with services (the distributor server, the PPDB setup, the Kafka
+    producer) take only the keys the pipeline needs.  Nested mappings are sub-sections
+    read by their own stage and are not checked here.
+    """
+    values = _section(section)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in set(values) - names if not isinstance(values[k], Mapping))
+    if not strict:
+        values = {k: v for k, v in values.items() if k in names}
+    elif unknown:
+        msg = (
+            f"unknown configuration key(s) {', '.join(f'apdask.{section}.{k}' for k in unknown)}; "
+            f"known keys: {', '.join(sorted(names))} (see `apdask config show`)"
+        )
+        raise ConfigurationError(msg)
+    values = {k: v for k, v in values.items() if k in names}
+    return cls(**values)
+
+
+def _positive(section: str, name: str, value: Any, *, integer: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value > 0 and (not integer or float(value).is_integer())
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        msg = (
+            f"apdask.{section}.{name} must be {kind}, got {value!r}; "
+            f"e.g. --set {section}.{name}=..."
+        )
+        raise ConfigurationError(msg)
+
+
+@dataclass(frozen=True)
+class SubtractConfig:
+    """PSF-matched subtraction (:func:`apdask.pipeline.subtract.subtract`)."""
+
+    kernel_size: int | None = None  #: matching-kernel side (odd px); None = from the PSFs
+    spatial_order: int = 1  #: polynomial order of the kernel's spatial variation
+    max_stamps: int = 300  #: stars used in the kernel fit
+    decorrelate: bool = True  #: whiten the difference's noise (afterburner)
+    apcorr: bool = True  #: measure the aperture correction on the science image
+    bright: bool = True  #: model residual power around bright template sources
+
+    def __post_init__(self) -> None:
+        if self.kernel_size is not None and (
+            not isinstance(self.kernel_size, int)
+            or self.kernel_size < 3
+            or self.kernel_size % 2 == 0
+        ):
+            msg = (
+                f"apdask.subtract.kernel_size must be an odd integer >= 3 or null, "
+                f"got {self.kernel_size!r}; e.g. --set subtract.kernel_size=21"
+            )
+            raise ConfigurationError(msg)
+        if self.spatial_order not in (0, 1, 2, 3):
+            msg = (
+                f"apdask.subtract.spatial_order must be 0, 1, 2 or 3, got {self.spatial_order!r};"
+                " e.g. --set subtract.spatial_order=1"
+            )
+            raise ConfigurationError(msg)
+        _positive("subtract", "max_stamps", self.max_stamps, integer=True)
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Detection on the difference image's S/N map."""
+
+    threshold_sigma: float = 5.0  #: detection threshold in S/N
+    n_pixels: int = 5  #: connected pixels above it
+
+    def __post_init__(self) -> None:
+        _positive("detection", "threshold_sigma", self.threshold_sigma)
+        _positive("detection", "n_pixels", self.n_pixels, integer=True)
+
+
+@dataclass(frozen=True)
+class MeasurementConfig:
+    """DIASource measurement."""
+
+    aperture_radius: float = 12.0  #: apFlux radius (px)
+
+    def __post_init__(self) -> None:
+        _positive("measurement", "aperture_radius", self.aperture_radius)
+
+
+@dataclass(frozen=True)
+class CutoutConfig:
+    """Alert cutouts: the side is ``bboxSize`` clamped to ``[min_size, max_size]``."""
+
+    min_size: int = 30
+    max_size: int = 102
+
+    def __post_init__(self) -> None:
+        _positive("cutouts", "min_size", self.min_size, integer=True)
+        _positive("cutouts", "max_size", self.max_size, integer=True)
+        if self.min_size > self.max_size:
+            msg = (
+                f"apdask.cutouts.min_size ({self.min_size}) exceeds max_size ({self.max_size}); "
+                "e.g. --set cutouts.min_size=30 --set cutouts.max_size=102"
+            )
+            raise ConfigurationError(msg)
+
+
+@dataclass(frozen=True)
+class AssociationConfig:
+    """Association of DIASources with DIAObjects."""
+
+    radius_arcsec: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("association", "radius_arcsec", self.radius_arcsec)
+
+
+@dataclass(frozen=True)
+class PpdbConfig:
+    """The PPDB connection and its read window."""
+
+    url: str | None = None
+    region_padding_arcsec: float = 20.0
+    history_months: float = 12
+    retries: int = 3
+    retry_backoff_s: float = 0.2
+    sqlite_timeout_s: float = 30.0
+    bulk: bool = True
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """The alert sink."""
+
+    sink: str | None = None
+    schema_version: str | None = None
+    spool_dir: str | None = None
+    kafka: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DistributorConfig:
+    """Where raw images come from."""
+
+    url: str | None = None
+    timeout: float = 120.0
+    poll_interval: float = 0.2
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("distributor", "timeout", self.timeout)
+
+
+@dataclass(frozen=True)
+class Locations:
+    """Where a run reads and writes, resolved once from arguments, then config, then the repo.
+
+    One rule for every command and the graph: an explicit argument wins, then
+    ``apdask.<key>`` from configuration, then the default under the repository
+    (``<repo>/ppdb/apdb.yaml``, ``file://<repo>/alerts``, ``file://<repo>/raw``,
+    ``<repo>/alerts-spool``).  Paths are made absolute, so a relative ``--repo`` works.
+    """
+
+    repo: str
+    ppdb: str
+    alerts: str
+    distributor: str
+    timeout: float
+
+    @classmethod
+    def resolve(
+        cls,
+        repo: str | os.PathLike[str] | None = None,
+        *,
+        ppdb: str | None = None,
+        alerts: str | None = None,
+        distributor: str | None = None,
+        timeout: float | None = None,
+    ) -> Locations:
+        """Resolve the locations of a run (see the class docstring).
+
+        Raises
+        ------
+        ConfigurationError
+            No repository given or configured.
+        UsageError
+            A non-positive or non-numeric timeout.
+        """
+        repo = get("repo", repo)
+        if repo is None:
+            msg = "no Butler repository given; pass --repo DIR or set apdask.repo"
+            raise ConfigurationError(msg)
+        repo = str(repo)
+        if "://" not in repo:
+            repo = os.path.abspath(repo)
+        ppdb = get("ppdb.url", ppdb) or f"{repo}/ppdb/apdb.yaml"
+        alerts = get("alerts.sink", alerts) or f"file://{repo}/alerts"
+        if alerts.startswith("kafka://") and "spool_dir=" not in alerts:
+            spool = get("alerts.spool_dir") or f"{repo}/alerts-spool"
+            alerts += ("&" if "?" in alerts else "?") + "spool_dir=" + quote(str(spool), safe="/")
+        distributor = get("distributor.url", distributor) or f"file://{repo}/raw"
+        timeout = get("distributor.timeout", timeout)
+        try:
+            timeout = float(timeout)
+        except (TypeError, ValueError):
+            timeout = math.nan
+        if not (math.isfinite(timeout) and timeout > 0):
+            msg = f"timeout must be > 0 seconds, got {timeout!r}; e.g. --timeout 120"
+            raise UsageError(msg)
+        return cls(str(repo), str(ppdb), str(alerts), str(distributor), timeout)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every setting a CCD's chain needs, resolved once on the driver.
+
+    Build it with :meth:`resolve`; it is small, frozen and pickles into each task.
+    """
+
+    subtract: SubtractConfig = field(default_factory=SubtractConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
+    cutouts: CutoutConfig = field(default_factory=CutoutConfig)
+    association: AssociationConfig = field(default_factory=AssociationConfig)
+    ppdb: PpdbConfig = field(default_factory=PpdbConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    distributor: DistributorConfig = field(default_factory=DistributorConfig)
+    keep_freed_memory: bool = True
+
+    @classmethod
+    def resolve(cls, **sections: Mapping[str, Any]) -> PipelineConfig:
+        """Read ``dask.config`` once; ``sections`` override keys, e.g. ``subtract={...}``.
+
+        Raises
+        ------
+        ConfigurationError
+            An unknown key or a value out of range; the message names the key and the fix.
+        """
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(sections) - set(kinds))
+        if unknown:
+            msg = f"unknown configuration section(s) {unknown}; see `apdask config show`"
+            raise ConfigurationError(msg)
+        records = {
+            "subtract": _build(SubtractConfig, "subtract", sections.get("subtract")),
+            "detection": _build(DetectionConfig, "detection", sections.get("detection")),
+            "measurement": _build(MeasurementConfig, "measurement", sections.get("measurement")),
+            "cutouts": _build(CutoutConfig, "cutouts", sections.get("cutouts")),
+            "association": _build(AssociationConfig, "association", sections.get("association")),
+            "ppdb": _build(PpdbConfig, "ppdb", sections.get("ppdb"), strict=False),
+            "alerts": _build(AlertsConfig, "alerts", sections.get("alerts"), strict=False),
+            "distributor": _build(
+                DistributorConfig, "distributor", sections.get("distributor"), strict=False
+            ),
+        }
+        keep = bool(dask.config.get("apdask.compute.keep_freed_memory", default=True))
+        return cls(**records, keep_freed_memory=keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for reports and ``apdask config show``)."""
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"apdask.section.key": value}`` for every setting in the record."""
+        out: dict[str, Any] = {"apdask.compute.keep_freed_memory": self.keep_freed_memory}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not dataclasses.is_dataclass(value):
+                continue
+            for key, v in dataclasses.asdict(value).items():
+                if isinstance(v, Mapping):
+                    out.update({f"apdask.{f.name}.{key}.{k}": x for k, x in v.items()})
+                else:
+                    out[f"apdask.{f.name}.{key}"] = v
+        return out
+
+    def applied(self) -> dask.config.set:
+        """Context manager: this record's values as ``dask.config`` while a task runs.
+
+        For the I/O edges a task calls (PPDB, sinks, distributor client), which read
+        their many settings from ``dask.config``: inside a task on a worker they then
+        see the driver's resolved values, not the worker's own configuration.
+        """
+        return dask.config.set(self.flat())

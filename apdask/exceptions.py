@@ -41,6 +41,12 @@ class ConfigurationError(ApdaskError):
     exit_code = 78  # EX_CONFIG
 
 
+class UsageError(ApdaskError, ValueError):
+    """A bad argument value (a non-positive timeout, a malformed ``--set``)."""
+
+    exit_code = 64  # EX_USAGE
+
+
 class UnknownDetectorError(ApdaskError, KeyError):
     """A CCD name or id that the camera does not have."""
 

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from apdask.core.camera import get_camera
+from apdask.core.records import Fetched
 from apdask.exceptions import (
     CacheSecurityError,
     DistributorUnavailableError,
@@ -241,7 +242,7 @@ def test_image_name_of_another_instrument(tmp_path):
 
 
 def _fetched(*paths):
-    return [{"path": str(p), "name": os.path.basename(p)} for p in paths]
+    return [Fetched(str(p), os.path.basename(p), 0.0, 0.0, 0.0) for p in paths]
 
 
 @pytest.mark.parametrize(("close", "warns"), [(30.2, False), (31.0, True), (27.0, True)])
@@ -254,7 +255,7 @@ def test_effective_exptime_overrides_anticipated(sim_repo, tmp_path, caplog, clo
     write_variant(src, dst, shutter=shutter)
     with caplog.at_level(logging.WARNING, logger="apdask.pipeline.tasks"):
         header = header_task(_fetched(dst), camera["T00"], "r", 30.0, 1000)
-    assert header["exptime"] == pytest.approx(close)
+    assert header.exptime == pytest.approx(close)
     warned = [r.getMessage() for r in caplog.records if "anticipated" in r.getMessage()]
     assert bool(warned) is warns
     if warns:
@@ -266,11 +267,11 @@ def test_two_snaps_exptime_summed_and_distinct(sim_repo, tmp_path):
     src = os.path.join(sim_repo["root"], "raw", "TestCam_1000_T00_0.fits")
     snap1 = second_snap(src, tmp_path / "TestCam_1000_T00_1.fits")
     header = header_task(_fetched(src, snap1), camera["T00"], "r", 30.0, 1000)
-    assert header["exptime"] == pytest.approx(60.0)
-    assert [m.snap for m in header["metas"]] == [0, 1]
-    first, second = header["metas"]
-    assert first.mjd_mid < header["mjd"] < second.mjd_mid
-    assert header["darktimes"] == [first.darktime, second.darktime]
+    assert header.exptime == pytest.approx(60.0)
+    assert [m.snap for m in header.metas] == [0, 1]
+    first, second = header.metas
+    assert first.mjd_mid < header.mjd < second.mjd_mid
+    assert header.darktimes == (first.darktime, second.darktime)
     # The same snap twice is refused.
     copy = write_variant(src, tmp_path / "copy.fits")
     with pytest.raises(HeaderMismatchError, match="SNAP=0"):

@@ -58,7 +58,9 @@ def test_building_the_graph_computes_and_reads_nothing(tmp_path):
     with raise_if_dask_computes():
         graph = build_visit_graph(nv, repo=str(missing), timeout=5)
     keys = {str(k) for k in graph.__dask_graph__()}
-    for stage in ("prefetch", "fetch", "calibrate", "warp", "subtract", "detect", "associate"):
+    steps = ("prefetch", "fetch", "calibrate", "warp", "subtract", "detect", "associate",
+             "package", "store", "publish", "report")  # fmt: skip
+    for stage in steps:
         assert any(k.startswith(f"{stage}-1000-T00") for k in keys), stage
     assert any(k.startswith("gather-1000") for k in keys)
     assert not missing.exists()

@@ -31,7 +31,22 @@ def build_parser():
         prog="apdask", description="Rubin-style Alert Production (DMTN-092) on Dask."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "--config", metavar="FILE", action="append", default=[],
+        help="YAML file of settings (keys as in `apdask config show`); may repeat",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[], dest="settings",
+        help="one setting, e.g. --set detection.threshold_sigma=6 (YAML value); may repeat",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    q = csub.add_parser(
+        "show", help="print the resolved configuration and where each value came from"
+    )
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("simulate", help="simulate a repository: templates, calibs, raws, truth")
     p.add_argument("--camera", choices=["comcam", "lsstcam", "testcam"], default="comcam")
@@ -471,7 +486,14 @@ def _cmd_bench(args):
     return 70 if failed else 0
 
 
+def _cmd_config(args):
+    from apdask.cli.settings import show_config
+
+    print(show_config(as_json=args.json))
+
+
 _COMMANDS = {
+    "config": _cmd_config,
     "bench": _cmd_bench,
     "simulate": _cmd_simulate,
     "evaluate": _cmd_evaluate,
@@ -488,14 +510,23 @@ _COMMANDS = {
 }
 
 
+def _cmd_config(args):
+    from apdask.cli.settings import show_config
+
+    print(show_config(as_json=args.json))
+
+
 def main(argv=None):
     """Entry point of the ``apdask`` console script; returns the exit status."""
+    from apdask.cli.settings import apply_settings
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
     try:
+        apply_settings(args.config, args.settings)
         return _COMMANDS[args.command](args) or 0
     except ApdaskError as e:
         print(f"apdask: error: {e}", file=sys.stderr)

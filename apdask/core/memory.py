@@ -25,12 +25,12 @@ _M_MMAP_THRESHOLD = -3
 _done = None
 
 
-def keep_freed_memory(threshold=1 << 30):
+def keep_freed_memory(threshold: int = 1 << 30, *, enabled: bool | None = None) -> bool:
     """Serve allocations up to ``threshold`` bytes from the heap and keep freed memory.
 
     Idempotent and cheap after the first call; does nothing (returns False) when
-    disabled by ``apdask.compute.keep_freed_memory`` or where the C library has no
-    ``mallopt`` (not glibc).
+    disabled (``enabled=False``, or ``apdask.compute.keep_freed_memory`` when
+    ``enabled`` is None) or where the C library has no ``mallopt`` (not glibc).
 
     Returns
     -------
@@ -40,7 +40,7 @@ def keep_freed_memory(threshold=1 << 30):
     global _done
     if _done is not None:
         return _done
-    if not config.get("compute.keep_freed_memory"):
+    if not config.get("compute.keep_freed_memory", enabled):
         _done = False
         return _done
     try:

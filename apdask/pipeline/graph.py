@@ -1,15 +1,24 @@
-"""The lazy graph of a visit: one delayed chain per CCD and a gather into the visit report."""
+"""The lazy graph of a visit: one delayed chain per CCD and a gather into the visit report.
+
+Building the graph computes nothing and touches no pixels, database or sink.  The
+configuration is resolved here, once, into a frozen :class:`~apdask.config.PipelineConfig`
+that every task receives; tasks never read ``dask.config`` on a worker.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
-from apdask import config
-from apdask.exceptions import (
-    ConfigurationError,
-)
+from apdask.config import Locations, PipelineConfig
+from apdask.core.records import CcdReport, VisitReport
+from apdask.pipeline import isr
+from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.tasks import (
     associate_task,
     calib_task,
@@ -19,9 +28,12 @@ from apdask.pipeline.tasks import (
     fetch_task,
     header_task,
     now_mjd,
+    package_task,
     prefetch_task,
+    publish_task,
     read_amp_task,
     report_task,
+    store_task,
     subtract_task,
     warp_task,
 )
@@ -29,40 +41,47 @@ from apdask.pipeline.tasks import (
 __all__ = ["build_visit_graph", "ccd_tasks"]
 
 
-def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributor, timeout,
-              image_names=None, replace=False):  # fmt: skip
-    """The lazy chain of one CCD; returns a Delayed of its report dict."""
-    from apdask.pipeline import isr
+def ccd_tasks(
+    next_visit: NextVisit,
+    detector_name: str,
+    *,
+    where: Locations,
+    cfg: PipelineConfig,
+    image_names: Sequence[str] | None = None,
+    replace: bool = False,
+) -> Delayed:
+    """The lazy chain of one CCD; returns a Delayed of its report dict.
 
+    Every step is one task with key ``<step>-<visit>-<detector>``.
+    """
     det = next_visit.camera[detector_name]
     band, v = next_visit.filters, next_visit.visit
     tag = f"{v}-{det.name}"
 
-    def d(fn, stage):
-        def call(*args):
-            return dask.delayed(fn, pure=False)(*args, dask_key_name=f"{stage}-{tag}")
+    def step(fn: Callable[..., Any], name: str) -> Callable[..., Delayed]:
+        def call(*args: Any) -> Delayed:
+            return dask.delayed(fn, pure=False)(*args, dask_key_name=f"{name}-{tag}")
 
         return call
 
     mjd_guess = next_visit.mjd if next_visit.mjd is not None else now_mjd()
-    prefetch = d(prefetch_task, "prefetch")(
-        repo,
-        ppdb_url,
-        det,
-        band,
-        next_visit.ra,
-        next_visit.dec,
-        next_visit.rotationAngle,
-        mjd_guess,
-    )
+    prefetch = step(prefetch_task, "prefetch")(
+        where.repo, where.ppdb, det, band, next_visit.ra, next_visit.dec,
+        next_visit.rotationAngle, mjd_guess, cfg,
+    )  # fmt: skip
     fetched = [
-        dask.delayed(fetch_task)(distributor, name, timeout, dask_key_name=f"fetch-{tag}-{k}")
+        dask.delayed(fetch_task)(
+            where.distributor, name, where.timeout, cfg, dask_key_name=f"fetch-{tag}-{k}"
+        )
         for k, name in enumerate(image_names or next_visit.image_names(det.name))
     ]
-    header = d(header_task, "header")(fetched, det, band, next_visit.duration, v)
-    bias = da.from_delayed(d(calib_task, "calib-bias")(prefetch, "bias"), det.shape, np.float32)
-    dark = da.from_delayed(d(calib_task, "calib-dark")(prefetch, "dark"), det.shape, np.float32)
-    flat = da.from_delayed(d(calib_task, "calib-flat")(prefetch, "flat"), det.shape, np.float32)
+    header = step(header_task, "header")(fetched, det, band, next_visit.duration, v)
+    calibs = {
+        kind: da.from_delayed(
+            step(calib_task, f"calib-{kind}")(prefetch, kind), det.shape, np.float32
+        )  # fmt: skip
+        for kind in ("bias", "dark", "flat")
+    }
     images = []
     for k, f in enumerate(fetched):
         amps = [
@@ -73,19 +92,26 @@ def ccd_tasks(next_visit, detector_name, *, repo, ppdb_url, sink_uri, distributo
             )
             for a in det.amplifiers
         ]
-        darktime = d(darktime_task, f"darktime{k}")(header, k)
-        images.append(isr.isr_arrays(amps, det, bias, dark, flat, darktime=darktime))
-    science = d(calibrate_task, "calibrate")(images, header, det, band, prefetch)
-    template = d(warp_task, "warp")(science, prefetch)
-    sub = d(subtract_task, "subtract")(science, template)
-    measured = d(detect_task, "detect")(sub, v, det, band, header)
-    result = d(associate_task, "associate")(
-        sub, measured, prefetch, header, det, band, ppdb_url, sink_uri, replace
+        darktime = step(darktime_task, f"darktime{k}")(header, k)
+        images.append(
+            isr.isr_arrays(
+                amps, det, calibs["bias"], calibs["dark"], calibs["flat"], darktime=darktime
+            )  # fmt: skip
+        )
+    science = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
+    template = step(warp_task, "warp")(science, prefetch)
+    sub = step(subtract_task, "subtract")(science, template, cfg)
+    measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
+    assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)
+    packets = step(package_task, "package")(sub, assoc, prefetch, cfg)
+    stored = step(store_task, "store")(assoc, packets, header, det, where.ppdb, replace, cfg)
+    published = step(publish_task, "publish")(stored, packets, header, det, where.alerts, cfg)
+    return step(report_task, "report")(
+        published, stored, assoc, packets, header, science, sub, measured, prefetch, det
     )
-    return d(report_task, "report")(result, fetched, header, science, sub, measured, prefetch, det)
 
 
-def _gather(next_visit, ccd_reports):
+def _gather(next_visit: NextVisit, ccd_reports: Sequence[CcdReport]) -> VisitReport:
     return {
         "visit": next_visit.visit,
         "groupId": next_visit.groupId,
@@ -100,17 +126,18 @@ def _gather(next_visit, ccd_reports):
 
 
 def build_visit_graph(
-    next_visit,
+    next_visit: NextVisit,
     *,
-    repo=None,
-    ppdb=None,
-    alerts=None,
-    distributor=None,
-    timeout=None,
-    detectors=None,
-    images=None,
-    replace=False,
-):
+    repo: str | None = None,
+    ppdb: str | None = None,
+    alerts: str | None = None,
+    distributor: str | None = None,
+    timeout: float | None = None,
+    detectors: Sequence[str] | None = None,
+    images: Mapping[str, Sequence[str]] | None = None,
+    replace: bool = False,
+    config: PipelineConfig | None = None,
+) -> Delayed:
     """Build the lazy graph of one visit; computing it returns the visit report.
 
     Parameters
@@ -134,42 +161,34 @@ def build_visit_graph(
     replace : bool
         Replace the CCDs' earlier PPDB rows instead of skipping stored CCDs
         (see :meth:`apdask.ppdb.Ppdb.store`).
+    config : PipelineConfig, optional
+        Stage settings; default :meth:`PipelineConfig.resolve` now, on this process.
 
     Returns
     -------
     dask.delayed.Delayed
         Computing it runs the visit and returns a report dict with one entry per CCD.
 
+    Raises
+    ------
+    ConfigurationError
+        No repository, a non-positive timeout, or a configuration value out of range.
+
     Notes
     -----
     Building the graph computes nothing and touches no pixels, database or sink.
     """
-    repo = config.get("repo", repo)
-    if repo is None:
-        msg = "no Butler repository given; pass --repo DIR or set apdask.repo"
-        raise ConfigurationError(msg)
-    ppdb = config.get("ppdb.url", ppdb) or f"{repo}/ppdb/apdb.yaml"
-    alerts = config.get("alerts.sink", alerts) or f"file://{repo}/alerts"
-    if alerts.startswith("kafka://") and "spool_dir=" not in alerts:
-        from urllib.parse import quote  # undelivered alerts spool next to the repository
-
-        spool = config.get("alerts.spool_dir") or f"{repo}/alerts-spool"
-        alerts += ("&" if "?" in alerts else "?") + "spool_dir=" + quote(str(spool), safe="/")
-    distributor = config.get("distributor.url", distributor) or f"file://{repo}/raw"
-    timeout = float(config.get("distributor.timeout", timeout))
-    if not timeout > 0:
-        msg = f"timeout must be > 0 seconds, got {timeout!r}; e.g. --timeout 120"
-        raise ValueError(msg)
+    where = Locations.resolve(
+        repo, ppdb=ppdb, alerts=alerts, distributor=distributor, timeout=timeout
+    )
+    cfg = PipelineConfig.resolve() if config is None else config
     names = next_visit.detectors if detectors is None else tuple(detectors)
     reports = [
         ccd_tasks(
             next_visit,
             name,
-            repo=repo,
-            ppdb_url=ppdb,
-            sink_uri=alerts,
-            distributor=distributor,
-            timeout=timeout,
+            where=where,
+            cfg=cfg,
             image_names=(images or {}).get(name),
             replace=replace,
         )  # fmt: skip

@@ -16,24 +16,26 @@ import time
 import dask
 
 from apdask import config
+from apdask.config import Locations
 from apdask.pipeline.graph import build_visit_graph
 
 __all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
 
 
-def ensure_ppdb(repo, ppdb=None):
+def ensure_ppdb(repo=None, ppdb=None):
     """Return the PPDB config path, creating an SQLite PPDB under the repo if needed."""
     from apdask.ppdb import create_ppdb
 
     ppdb = config.get("ppdb.url", ppdb)
     if ppdb:
         return ppdb
-    path = os.path.join(os.path.abspath(repo), "ppdb")
+    repo = Locations.resolve(repo).repo
+    path = os.path.join(repo, "ppdb")
     os.makedirs(path, exist_ok=True)
-    cfg = os.path.join(path, "apdb.yaml")
-    if not os.path.exists(cfg):
-        create_ppdb(f"sqlite:///{os.path.join(path, 'apdb.db')}", cfg)
-    return cfg
+    cfg_file = os.path.join(path, "apdb.yaml")
+    if not os.path.exists(cfg_file):
+        create_ppdb(f"sqlite:///{os.path.join(path, 'apdb.db')}", cfg_file)
+    return cfg_file
 
 
 def _alert_file(sink_uri, visit, detector_id):
@@ -95,8 +97,8 @@ def _stage_times(task_stream):
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, timeout=None,
-              client=None, detectors=None, images=None, replace=False):  # fmt: skip
+def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None, timeout=None,
+              client=None, detectors=None, images=None, replace=False, config=None):  # fmt: skip
     """Process the pending CCDs of one visit and return its report.
 
     Parameters
@@ -113,6 +115,8 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     replace : bool
         Re-process every wanted CCD, replacing its PPDB rows in one transaction
         (default False: CCDs already stored with their alert file are skipped).
+    config : apdask.config.PipelineConfig, optional
+        Stage settings, resolved once here on the driver by default.
 
     Returns
     -------
@@ -126,8 +130,10 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     NoTemplateCoverageError, PsfFitError
         If every processed CCD failed so (the first CCD's error; the message names it).
     """
-    ppdb = ensure_ppdb(repo, ppdb)
-    alerts = config.get("alerts.sink", alerts) or f"file://{os.path.abspath(repo)}/alerts"
+    where = Locations.resolve(
+        repo, ppdb=ensure_ppdb(repo, ppdb), alerts=alerts, distributor=distributor, timeout=timeout
+    )
+    ppdb, alerts = where.ppdb, where.alerts
     wanted = next_visit.detectors if detectors is None else tuple(detectors)
     if replace:
         pending = list(wanted)
@@ -139,8 +145,9 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     stages = {}
     if pending:
         graph = build_visit_graph(
-            next_visit, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor,
-            timeout=timeout, detectors=pending, images=images, replace=replace,
+            next_visit, repo=where.repo, ppdb=ppdb, alerts=alerts, distributor=where.distributor,
+            timeout=where.timeout, detectors=pending, images=images, replace=replace,
+            config=config,
         )  # fmt: skip
         if client is None:
             report = dask.compute(graph, scheduler="threads")[0]

@@ -1,94 +1,150 @@
 """The task functions of one CCD's chain, one per step of the graph.
 
-fetch, header, calib, read, calibrate, warp, subtract, detect, associate, report.
+Each function is one task of :func:`apdask.pipeline.graph.ccd_tasks`, named
+``<step>-<visit>-<detector>`` in the graph, so the task stream times every step:
+fetch → header → read/calib (ISR) → calibrate → warp → subtract → detect →
+associate → package → store → publish → report.  Steps exchange the typed records
+of :mod:`apdask.core.records` and take the configuration as a frozen
+:class:`~apdask.config.PipelineConfig` resolved on the driver: no task reads
+``dask.config`` on a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from astropy.io import fits
+from astropy.table import vstack
 
-from apdask import config
-from apdask.alerts.packets import package_alerts
+from apdask.alerts.packets import EncodedAlert, package_alerts
 from apdask.alerts.schema import load_schema
 from apdask.alerts.sinks import sink_from_uri
+from apdask.alerts.stamps import StampMaker
+from apdask.config import PipelineConfig
+from apdask.core import ids
+from apdask.core.camera import Detector
+from apdask.core.exposure import Exposure
 from apdask.core.memory import keep_freed_memory
-from apdask.exceptions import (
-    HeaderMismatchError,
-    NoTemplateCoverageError,
-    PsfFitError,
+from apdask.core.records import (
+    Association,
+    CcdReport,
+    Fetched,
+    Measurement,
+    PpdbHistory,
+    Prefetch,
+    RawHeader,
+    Stored,
+    Subtraction,
 )
+from apdask.exceptions import HeaderMismatchError, NoTemplateCoverageError, PpdbError, PsfFitError
+from apdask.io.butler import Butler
+from apdask.io.distributor import open_distributor
+from apdask.io.raw import RawMetadata, effective_exptime, read_raw
+from apdask.pipeline import associate, astrometry, isr
+from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.cutouts import cutout_size
+from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.photometry import forced_photometry
+from apdask.pipeline.measure.sources import measure_sources
+from apdask.pipeline.psf import estimate_psf, estimate_psf_model
+from apdask.pipeline.subtract import subtract
+from apdask.pipeline.template import warp_template
+from apdask.ppdb import Ppdb
 
-__all__ = ["check_raw_header"]
+__all__ = [
+    "associate_task",
+    "calib_task",
+    "calibrate_task",
+    "check_raw_header",
+    "darktime_task",
+    "detect_task",
+    "fetch_task",
+    "header_task",
+    "now_mjd",
+    "package_task",
+    "prefetch_task",
+    "publish_task",
+    "read_amp_task",
+    "report_task",
+    "store_task",
+    "subtract_task",
+    "warp_task",
+]
 
 log = logging.getLogger(__name__)
 
 
-#: Errors of one CCD's pixel data that end that CCD's chain, not the visit's.
-_CCD_DATA_ERRORS = (NoTemplateCoverageError, PsfFitError)
+class _PpdbUnavailableError(Exception):
+    """A PPDB read or write failed: the CCD reports it, the visit goes on."""
+
+
+#: Errors of one CCD that end that CCD's chain, not the visit's.
+_CCD_DATA_ERRORS = (NoTemplateCoverageError, PsfFitError, _PpdbUnavailableError)
 
 
 @dataclass
 class _CcdFailure:
-    """What a pixel stage of a failed CCD hands on, in place of its result."""
+    """What a step of a failed CCD hands on, in place of its result."""
 
     error: Exception
 
 
-def _per_ccd(fn):
-    """Stage wrapper: a CCD data error becomes a :class:`_CcdFailure` that later stages
-    pass on (no PPDB write, no alerts), so the visit's other CCDs still run."""
+def _per_ccd(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Step wrapper: a CCD's data or PPDB error becomes a :class:`_CcdFailure` that later
+    steps pass on (no PPDB write, no alerts), so the visit's other CCDs still run."""
 
     @functools.wraps(fn)
-    def stage(*args):
+    def step(*args: Any) -> Any:
         failed = next((a for a in args if isinstance(a, _CcdFailure)), None)
         if failed is not None:
             return failed
-        keep_freed_memory()  # in whichever worker process runs the stage
+        cfg = next((a for a in args if isinstance(a, PipelineConfig)), None)
+        # in whichever worker process runs the step
+        keep_freed_memory(enabled=None if cfg is None else cfg.keep_freed_memory)
         try:
             return fn(*args)
         except _CCD_DATA_ERRORS as err:
             return _CcdFailure(err)
 
-    return stage
+    return step
 
 
-def fetch_task(distributor_url, name, timeout):
+def fetch_task(distributor_url: str, name: str, timeout: float, cfg: PipelineConfig) -> Fetched:
     """Block until image ``name`` is at the distributor; its local path and arrival times.
 
     ``registered`` is the distributor's registration time (HTTP: the server's record;
     file: the mtime of the atomically renamed file), else the time the fetch returned.
     """
-    from apdask.io.distributor import open_distributor
-
     t0 = time.time()
-    dist = open_distributor(distributor_url)
-    with _seceded():  # waiting for the image must not hold a worker thread
-        if hasattr(dist, "retrieve"):
-            info = dist.retrieve(name, timeout=timeout)
-        else:
-            info = {"path": dist.get(name, timeout=timeout)}
+    with cfg.applied():
+        dist = open_distributor(distributor_url)
+        with _seceded():  # waiting for the image must not hold a worker thread
+            if hasattr(dist, "retrieve"):
+                info = dist.retrieve(name, timeout=timeout)
+            else:
+                info = {"path": dist.get(name, timeout=timeout)}
     t1 = time.time()
     registered = info.get("registered")
-    return {
-        "path": info["path"],
-        "name": name,
-        "registered": t1 if registered is None else float(registered),
-        "fetched": t1,
-        "waited": t1 - t0,
-    }
+    return Fetched(
+        path=str(info["path"]),
+        name=name,
+        registered=t1 if registered is None else float(registered),
+        fetched=t1,
+        waited=t1 - t0,
+    )
 
 
 @contextlib.contextmanager
-def _seceded():
+def _seceded() -> Iterator[None]:
     """On a distributed worker, leave the thread pool while blocking, then rejoin.
 
     Fetch tasks block until the camera delivers the image.  Seceded, they do not
@@ -111,7 +167,10 @@ def _seceded():
         rejoin()
 
 
-def check_raw_header(meta, detector, band, visit=None, name=None):
+def check_raw_header(
+    meta: RawMetadata, detector: Detector, band: str, visit: int | None = None,
+    name: str | None = None,
+) -> RawMetadata:  # fmt: skip
     """Check a raw's header against the invocation; raise HeaderMismatchError if it differs."""
     name = name or meta.detector_name
     if meta.detector_name != detector.name:
@@ -129,18 +188,21 @@ def check_raw_header(meta, detector, band, visit=None, name=None):
     return meta
 
 
-def header_task(fetched, detector, band, anticipated_exptime, visit):
+def header_task(
+    fetched: Sequence[Fetched],
+    detector: Detector,
+    band: str,
+    anticipated_exptime: float,
+    visit: int,
+) -> RawHeader:
     """Read the raw headers of all snaps and check them against the invocation."""
-    from apdask.io.raw import effective_exptime, read_raw
-
     started = time.time()
     metas = [
-        check_raw_header(read_raw(f["path"]).meta, detector, band, visit, f["name"])
-        for f in fetched
+        check_raw_header(read_raw(f.path).meta, detector, band, visit, f.name) for f in fetched
     ]
     if len({m.snap for m in metas}) != len(metas):
         msg = (
-            f"images {', '.join(f['name'] for f in fetched)} all have SNAP={metas[0].snap}; "
+            f"images {', '.join(f.name for f in fetched)} all have SNAP={metas[0].snap}; "
             "pass the two different snaps of the visit"
         )
         raise HeaderMismatchError(msg)
@@ -153,37 +215,43 @@ def header_task(fetched, detector, band, anticipated_exptime, visit):
             exptime,
             anticipated,
         )
-    return {
-        "metas": metas,
-        "exptime": exptime,
-        "darktimes": [m.darktime for m in metas],
-        "mjd": float(np.mean([m.mjd_mid for m in metas])),
-        "visit": metas[0].visit,
-        "ra": metas[0].ra,
-        "dec": metas[0].dec,
-        "rotpa": metas[0].rotpa,
-        "fetched": fetched,
-        "processing_started": started,
-    }
+    return RawHeader(
+        metas=tuple(metas),
+        exptime=exptime,
+        darktimes=tuple(m.darktime for m in metas),
+        mjd=float(np.mean([m.mjd_mid for m in metas])),
+        visit=metas[0].visit,
+        ra=metas[0].ra,
+        dec=metas[0].dec,
+        rotpa=metas[0].rotpa,
+        fetched=tuple(fetched),
+        processing_started=started,
+    )
 
 
-def read_amp_task(fetched, index):
-    from astropy.io import fits
-
-    with fits.open(fetched["path"], memmap=False) as hdul:
+def read_amp_task(fetched: Fetched, index: int) -> np.ndarray:
+    """The pixels of one amplifier segment of a raw (HDU ``index + 1``)."""
+    with fits.open(fetched.path, memmap=False) as hdul:
         return np.asarray(hdul[index + 1].data, dtype=np.float32)
 
 
-def darktime_task(header, snap):
-    return header["darktimes"][snap]
+def darktime_task(header: RawHeader, snap: int) -> float:
+    """Dark time (s) of one snap, from its header."""
+    return header.darktimes[snap]
 
 
-def prefetch_task(repo, ppdb_url, detector, band, ra, dec, rotpa, mjd):
+def prefetch_task(
+    repo: str,
+    ppdb_url: str,
+    detector: Detector,
+    band: str,
+    ra: float,
+    dec: float,
+    rotpa: float,
+    mjd: float,
+    cfg: PipelineConfig,
+) -> Prefetch:
     """Templates, calibrations, reference catalog and PPDB history: no pixels needed."""
-    from apdask.exceptions import PpdbError
-    from apdask.io.butler import Butler
-    from apdask.ppdb import Ppdb
-
     t0 = time.time()
     butler = Butler(repo)
     corners = detector.footprint(ra, dec, rotpa, padding_arcsec=60.0)
@@ -200,45 +268,54 @@ def prefetch_task(repo, ppdb_url, detector, band, ra, dec, rotpa, mjd):
     # failure is recorded and makes this CCD (only) report an error, without alerts.
     ppdb_error, history = None, {"objects": None, "sources": None, "forced": None, "drp": None}
     try:
-        history = Ppdb.for_ccd(ppdb_url, detector, ra, dec, rotpa, cache=True).read(mjd)
+        with cfg.applied():
+            history = Ppdb.for_ccd(
+                ppdb_url, detector, ra, dec, rotpa, cache=True,
+                padding_arcsec=cfg.ppdb.region_padding_arcsec,
+            ).read(mjd)  # fmt: skip
     except PpdbError as err:
         ppdb_error = str(err)
     if history["drp"] is not None and len(history["drp"]) == 0:
         history["drp"] = refcat  # DRP catalog not loaded into the PPDB: use the Butler's
     t2 = time.time()
-    return {
-        "tiles": tiles,
-        "calibs": calibs,
-        "refcat": refcat,
-        **history,
-        "ppdb_error": ppdb_error,
-        "timings": {"prefetch_butler": t1 - t0, "prefetch_ppdb": t2 - t1},
-    }
+    return Prefetch(
+        tiles=tiles,
+        calibs=calibs,
+        refcat=refcat,
+        history=PpdbHistory(**history),
+        ppdb_error=ppdb_error,
+        timings={"prefetch_butler": t1 - t0, "prefetch_ppdb": t2 - t1},
+    )
 
 
-def calib_task(pre, kind):
-    return pre["calibs"][kind]
+def calib_task(pre: Prefetch, kind: str) -> np.ndarray:
+    """The master calibration ``kind`` (bias, dark, flat) of the prefetch."""
+    return pre.calibs[kind]
 
 
-def calibrate_task(images, header, detector, band, prefetch):
-    """Combine snaps, calibrate to nJy, mask cosmic rays and refine the WCS."""
-    from apdask.pipeline import astrometry, isr
-
+def calibrate_task(
+    images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    header: RawHeader,
+    detector: Detector,
+    band: str,
+    prefetch: Prefetch,
+) -> Exposure:
+    """Combine snaps, calibrate to nJy and refine the WCS against the reference catalogue."""
     t0 = time.time()
     image_e = sum(i[0] for i in images)
     variance = sum(i[1] for i in images)
     mask = np.bitwise_or.reduce([i[2] for i in images])
-    wcs = detector.predicted_wcs(header["ra"], header["dec"], header["rotpa"])
+    wcs = detector.predicted_wcs(header.ra, header.dec, header.rotpa)
     meta = {
-        "visit": header["visit"],
+        "visit": header.visit,
         "detector": detector.id,
         "detector_name": detector.name,
         "band": band,
-        "mjd": header["mjd"],
-        "exptime": header["exptime"],
+        "mjd": header.mjd,
+        "exptime": header.exptime,
     }
-    exp = isr.calibrate(image_e, variance, mask, band, header["exptime"], wcs, meta)
-    refcat = prefetch["refcat"]
+    exp = isr.calibrate(image_e, variance, mask, band, header.exptime, wcs, meta)
+    refcat = prefetch.refcat
     new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
     exp = exp.copy_with(wcs=new_wcs)
     exp.meta["astrometry"] = info
@@ -247,16 +324,16 @@ def calibrate_task(images, header, detector, band, prefetch):
 
 
 @_per_ccd
-def warp_task(science, prefetch):
-    from apdask.pipeline.template import warp_template
-
+def warp_task(science: Exposure, prefetch: Prefetch) -> Exposure:
+    """The template warped onto the science image's pixel grid (Lanczos-3)."""
     t0 = time.time()
     ccd, visit, band = (science.meta.get(k) for k in ("detector_name", "visit", "band"))
     try:
-        tmpl = warp_template(prefetch["tiles"], science.wcs, science.shape)
+        tmpl = warp_template(prefetch.tiles, science.wcs, science.shape)
     except NoTemplateCoverageError as e:
-        ra, dec = science.wcs.pixel_to_world_values((science.shape[1] - 1) / 2,
-                                                    (science.shape[0] - 1) / 2)  # fmt: skip
+        ra, dec = science.wcs.pixel_to_world_values(
+            (science.shape[1] - 1) / 2, (science.shape[0] - 1) / 2
+        )
         msg = (
             f"CCD {ccd}, visit {visit}: no {band}-band template covers it: {e}; ingest a "
             f"template tile around RA {float(ra):.4f}, Dec {float(dec):.4f} with "
@@ -275,11 +352,8 @@ def warp_task(science, prefetch):
 
 
 @_per_ccd
-def subtract_task(science, template):
-    from apdask.pipeline.isr import mask_cosmic_rays
-    from apdask.pipeline.psf import estimate_psf, estimate_psf_model
-    from apdask.pipeline.subtract.difference import subtract
-
+def subtract_task(science: Exposure, template: Exposure, cfg: PipelineConfig) -> Subtraction:
+    """PSF models, cosmic-ray masking and the PSF-matched, decorrelated difference."""
     t0 = time.time()
     ccd = science.meta.get("detector_name", science.meta.get("detector"))
     step = "science image: "
@@ -291,22 +365,21 @@ def subtract_task(science, template):
             step = "template: "
             template = template.copy_with(psf=estimate_psf(template))
         step = ""
-        diff, info = subtract(science, template)
+        diff, info = subtract(science, template, **dataclasses.asdict(cfg.subtract))
     except PsfFitError as e:
         msg = f"CCD {ccd}, visit {science.meta.get('visit')}: {step}{e}"
         raise PsfFitError(msg) from None
     t1 = time.time()
-    info["timings"] = {"psf+subtract": t1 - t0}
-    return {"science": science, "template": template, "difference": diff, "info": info}
+    return Subtraction(science, template, diff, info, timings={"psf+subtract": t1 - t0})
 
 
-def _sharpest_fwhm_px(psfs):
+def _sharpest_fwhm_px(psfs: np.ndarray) -> float:
     """FWHM (px) of the Gaussian as sharp as the sharpest of the PSF stamps ``(..., S, S)``.
 
-    :func:`apdask.isr.mask_cosmic_rays` flags pixels sharper than a Gaussian of the
-    FWHM it is given allows, from the ratio of a pixel to its neighbours.  Here that
-    ratio is the stamps' own: ``σ² = 1 / (2 ln R)`` with ``R`` the centre pixel over the
-    mean of its four side neighbours.  Second moments would overstate the FWHM of a
+    :func:`apdask.pipeline.isr.mask_cosmic_rays` flags pixels sharper than a Gaussian
+    of the FWHM it is given allows, from the ratio of a pixel to its neighbours.  Here
+    that ratio is the stamps' own: ``σ² = 1 / (2 ln R)`` with ``R`` the centre pixel over
+    the mean of its four side neighbours.  Second moments would overstate the FWHM of a
     PSF with broad wings (Kolmogorov: ~20 %), and the cores of bright stars would be
     flagged as cosmic rays and interpolated away.
     """
@@ -322,51 +395,56 @@ def _sharpest_fwhm_px(psfs):
 
 
 @_per_ccd
-def detect_task(sub, visit, detector, band, mjd_of):
-    from apdask.pipeline.measure.detection import detect_sources, matched_filter
-    from apdask.pipeline.measure.sources import measure_sources
-
+def detect_task(
+    sub: Subtraction, visit: int, detector: Detector, band: str, header: RawHeader,
+    cfg: PipelineConfig,
+) -> Measurement:  # fmt: skip
+    """Detect and measure DIASources on the difference image."""
     t0 = time.time()
-    diff = sub["difference"]
+    diff = sub.difference
     matched = matched_filter(diff)
-    dets = detect_sources(diff, matched=matched)
-    table = measure_sources(
-        diff, sub["science"], sub["template"], dets,
-        visit=visit, detector=detector.id, band=band, mjd=mjd_of["mjd"], matched=matched,
+    dets = detect_sources(
+        diff, threshold_sigma=cfg.detection.threshold_sigma, n_pixels=cfg.detection.n_pixels,
+        matched=matched,
     )  # fmt: skip
-    return {"sources": table, "timings": {"detect+measure": time.time() - t0}}
+    table = measure_sources(
+        diff, sub.science, sub.template, dets,
+        visit=visit, detector=detector.id, band=band, mjd=header.mjd, matched=matched,
+        aperture_radius=cfg.measurement.aperture_radius,
+    )  # fmt: skip
+    return Measurement(table, timings={"detect+measure": time.time() - t0})
 
 
-def associate_task(sub, measured, prefetch, header, detector, band, ppdb_url, sink_uri,
-                           replace=False):  # fmt: skip
-    """Association, PPDB write and alert packaging for one CCD."""
-    if isinstance(measured, _CcdFailure):
-        return measured  # nothing of a failed CCD reaches the PPDB or the alert sink
-    from astropy.table import vstack
-
-    from apdask.core import ids
-    from apdask.exceptions import PpdbError
-    from apdask.pipeline import associate
-    from apdask.ppdb import Ppdb
-
+@_per_ccd
+def associate_task(
+    sub: Subtraction,
+    measured: Measurement,
+    prefetch: Prefetch,
+    header: RawHeader,
+    detector: Detector,
+    band: str,
+    cfg: PipelineConfig,
+) -> Association:
+    """Forced photometry at known DIAObjects, then association of the new DIASources."""
+    if prefetch.ppdb_error:
+        raise _PpdbUnavailableError(prefetch.ppdb_error)
     t0 = time.time()
-    visit, mjd = header["visit"], header["mjd"]
-    if prefetch.get("ppdb_error"):
-        return _failed_ccd(detector, visit, prefetch["ppdb_error"])
-    sources = measured["sources"]
+    visit, mjd = header.visit, header.mjd
+    sources = measured.sources
     n = len(sources)
     sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
-    processed = _processed_mjd(header)
+    processed = header.processed_mjd
     sources["timeProcessedMjdTai"] = processed
-    objects = prefetch["objects"]
-    history = prefetch["sources"]
+    objects = prefetch.history.objects
+    history = prefetch.history.sources
     # Forced photometry at every known DIAObject in the CCD, first: this visit's
     # forced fluxes count in the updated objects' fpFluxMean.
-    diff, sci = sub["difference"], sub["science"]
     known = objects if len(objects) else None
     forced = None
     if known is not None:
-        fp = forced_photometry(diff, sci, np.asarray(known["ra"]), np.asarray(known["dec"]))
+        fp = forced_photometry(
+            sub.difference, sub.science, np.asarray(known["ra"]), np.asarray(known["dec"])
+        )
         keep = ~np.asarray(fp["flag_edge"], dtype=bool)
         forced = fp[keep]
         forced["diaObjectId"] = np.asarray(known["diaObjectId"])[keep]
@@ -379,75 +457,106 @@ def associate_task(sub, measured, prefetch, header, detector, band, ppdb_url, si
         forced["band"] = band
         forced["timeProcessedMjdTai"] = processed
     t1 = time.time()
-    out = associate.associate_ccd(sources, prefetch, mjd, forced)
-    matched, new_objects, sources = out["matched"], out["objects"], out["sources"]
+    out = associate.associate_ccd(
+        sources, prefetch.history.as_mapping(), mjd, forced,
+        radius_arcsec=cfg.association.radius_arcsec,
+    )  # fmt: skip
+    sources = out["sources"]
     t2 = time.time()
-    # Alerts: one per DIASource, with 12-month history and the three cutouts.  Packets
-    # are built before the PPDB write and written to the sink after it; the sink write is
-    # idempotent (same ids, same file), so a re-run after a failed sink write is safe.
     all_history = vstack([history, sources]) if len(history) else sources
-    packets = _make_alerts(sources, new_objects, all_history, prefetch["forced"], sub)
-    t4 = time.time()
+    return Association(
+        sources=sources,
+        objects=out["objects"],
+        forced=forced,
+        matched=out["matched"],
+        drp_matches=out["drp_matches"],
+        history=all_history,
+        timings={"forced": t1 - t0, "associate": t2 - t1},
+    )
+
+
+@_per_ccd
+def package_task(
+    sub: Subtraction, assoc: Association, prefetch: Prefetch, cfg: PipelineConfig
+) -> list[EncodedAlert]:
+    """One alert packet per DIASource: history, DIAObject and three cutouts, encoded.
+
+    Built before the PPDB write, so that a CCD whose packets cannot be made writes
+    nothing.  ``package_alerts`` and ``StampMaker`` give bytes identical to
+    ``make_alert`` with ``make_cutout`` (the tests check this) at a fraction of the cost.
+    """
+    sources = assoc.sources
+    schema = load_schema(cfg.alerts.schema_version)
+    makers = [StampMaker(e) for e in (sub.difference, sub.science, sub.template)]
+    lo, hi = cfg.cutouts.min_size, cfg.cutouts.max_size
+    cutouts = []
+    for x, y, bbox in zip(sources["x"], sources["y"], sources["bboxSize"], strict=True):
+        size = cutout_size(bbox, min_size=lo, max_size=hi)
+        cutouts.append(tuple(m.stamp(x, y, size) for m in makers))
+    return package_alerts(
+        sources, history=assoc.history, forced_history=prefetch.history.forced,
+        objects=assoc.objects, cutouts=cutouts, schema=schema,
+    )  # fmt: skip
+
+
+@_per_ccd
+def store_task(
+    assoc: Association,
+    packets: list[EncodedAlert],
+    header: RawHeader,
+    detector: Detector,
+    ppdb_url: str,
+    replace: bool,
+    cfg: PipelineConfig,
+) -> Stored:
+    """Write the CCD's sources, new object versions and forced sources in one transaction.
+
+    Takes the packets as an input only to run after them: no row is written for a CCD
+    whose alerts could not be made.
+    """
+    t0 = time.time()
     try:
-        stored = Ppdb.open(ppdb_url, cache=True).store(
-            mjd, new_objects, sources, forced, visit=visit, detector=detector.id,
-            replace=replace, drp_matches=out["drp_matches"],
-        )  # fmt: skip
+        with cfg.applied():
+            stored = Ppdb.open(ppdb_url, cache=True).store(
+                header.mjd, assoc.objects, assoc.sources, assoc.forced, visit=header.visit,
+                detector=detector.id, replace=replace, drp_matches=assoc.drp_matches,
+            )  # fmt: skip
     except PpdbError as err:  # no alerts for this CCD; the visit's other CCDs go on
-        return _failed_ccd(detector, visit, str(err))
-    t5 = time.time()
-    sink = sink_from_uri(sink_uri)
-    try:
-        written = sink.write(visit, detector.id, packets)  # SinkResult: delivered / spooled
-    finally:
-        sink.close()
-    t6 = time.time()
+        raise _PpdbUnavailableError(str(err)) from None
+    return Stored(bool(stored), timings={"ppdb_store": time.time() - t0})
+
+
+@_per_ccd
+def publish_task(
+    stored: Stored,
+    packets: list[EncodedAlert],
+    header: RawHeader,
+    detector: Detector,
+    sink_uri: str,
+    cfg: PipelineConfig,
+) -> dict[str, Any]:
+    """Send the CCD's alerts to the sink (after the PPDB write); what was delivered."""
+    t0 = time.time()
+    with cfg.applied():
+        sink = sink_from_uri(sink_uri)
+        try:
+            written = sink.write(header.visit, detector.id, packets)  # delivered / spooled
+        finally:
+            sink.close()
     return {
-        "detector": detector.name,
-        "detector_id": detector.id,
-        "visit": visit,
-        "n_sources": n,
-        "n_new_objects": int(np.sum(matched < 0)) if n else 0,
-        "n_forced": 0 if forced is None else len(forced),
-        "n_alerts": len(packets),
-        "stored": bool(stored),
         "alert_file": None if written.path is None else str(written.path),
         "alerts_delivered": written.delivered,
         "alerts_spooled": written.spooled,
         "alerts_trimmed": len(written.trimmed),
         "alert_spool": None if written.spool_path is None else str(written.spool_path),
         "alert_written": time.time(),
-        "timings": {
-            "forced": t1 - t0,
-            "associate": t2 - t1,
-            "alert_packets": t4 - t2,
-            "ppdb_store": t5 - t4,
-            "alert_sink": t6 - t5,
-        },
+        "timings": {"alert_sink": time.time() - t0},
     }
 
 
-def _make_alerts(sources, objects, history, forced_history, sub):
-    """One alert packet per DIASource, in the official schema, serialised column-wise.
-
-    ``package_alerts`` and ``StampMaker`` give bytes identical to ``make_alert`` with
-    ``make_cutout`` (the tests check this) at a fraction of the cost.
-    """
-    from apdask.alerts.stamps import StampMaker
-
-    schema = load_schema(config.get("alerts.schema_version"))
-    makers = [StampMaker(sub[k]) for k in ("difference", "science", "template")]
-    cutouts = []
-    for x, y, bbox in zip(sources["x"], sources["y"], sources["bboxSize"], strict=True):
-        size = cutout_size(bbox)
-        cutouts.append(tuple(m.stamp(x, y, size) for m in makers))
-    return package_alerts(
-        sources, history=history, forced_history=forced_history, objects=objects,
-        cutouts=cutouts, schema=schema,
-    )  # fmt: skip
-
-
-def _failed_ccd(detector, visit, error, exc=None):
+def _failed_ccd(
+    detector: Detector, visit: int, error: str, exc: Exception | None = None
+) -> CcdReport:
     """Report entry of a CCD whose PPDB access or pixel processing failed (no alerts sent).
 
     With the exception ``exc``, ``error_type`` (its class name in
@@ -457,7 +566,7 @@ def _failed_ccd(detector, visit, error, exc=None):
         log.error("visit %s CCD %s: %s", visit, detector.name, error)
     else:  # the message names the CCD and the visit
         log.error("%s: %s", type(exc).__name__, error)
-    out = {
+    out: CcdReport = {
         "detector": detector.name,
         "detector_id": detector.id,
         "visit": visit,
@@ -477,44 +586,67 @@ def _failed_ccd(detector, visit, error, exc=None):
     return out
 
 
-def _processed_mjd(header):
-    """Nominal ``timeProcessedMjdTai``: the end of the exposure.
-
-    Deterministic per visit, so that re-running a CCD reproduces its rows
-    exactly (see docs/ppdb.md, Idempotence).
-    """
-    return float(header["mjd"]) + 0.5 * float(header["exptime"]) / 86400.0
+def now_mjd() -> float:
+    """The current time as MJD (TAI ≈ UTC + 37 s)."""
+    return 40587.0 + time.time() / 86400.0 + 37.0 / 86400.0
 
 
-def now_mjd():
-    return 40587.0 + time.time() / 86400.0 + 37.0 / 86400.0  # unix → MJD (TAI ≈ UTC + 37 s)
-
-
-def report_task(result, fetched, header, science, sub, measured, prefetch, detector):
-    if isinstance(result, _CcdFailure):
-        return _failed_ccd(detector, header["visit"], str(result.error), result.error)
-    timings = {}
-    for part in (prefetch, science.meta, sub["info"], measured, result):
-        timings.update(part.get("timings", {}))
-    registered = max(f["registered"] for f in fetched)
-    out = dict(result)
-    out["timings"] = timings
-    out["image_registered"] = registered
-    out["latency_s"] = result["alert_written"] - registered
-    # Unix times (s) of one CCD's path from image arrival to alerts; docs/distributor.md.
-    out["latency"] = {
+def report_task(
+    published: Any,
+    stored: Any,
+    assoc: Any,
+    packets: Any,
+    header: RawHeader,
+    science: Exposure,
+    sub: Any,
+    measured: Any,
+    prefetch: Prefetch,
+    detector: Detector,
+) -> CcdReport:
+    """The CCD's entry of the visit report: counts, timings, latency and QA figures."""
+    failed = next((x for x in (published, stored, assoc, packets, sub, measured)
+                   if isinstance(x, _CcdFailure)), None)  # fmt: skip
+    if failed is not None:
+        err = failed.error
+        if isinstance(err, _PpdbUnavailableError):
+            return _failed_ccd(detector, header.visit, str(err))
+        return _failed_ccd(detector, header.visit, str(err), err)
+    timings: dict[str, float] = {}
+    parts = (prefetch.timings, science.meta.get("timings", {}), sub.timings, measured.timings,
+             assoc.timings, stored.timings, published["timings"])  # fmt: skip
+    for part in parts:
+        timings.update(part)
+    n = len(assoc.sources)
+    registered = max(f.registered for f in header.fetched)
+    written = published["alert_written"]
+    out: CcdReport = {
+        "detector": detector.name,
+        "detector_id": detector.id,
+        "visit": header.visit,
+        "n_sources": n,
+        "n_new_objects": int(np.sum(assoc.matched < 0)) if n else 0,
+        "n_forced": 0 if assoc.forced is None else len(assoc.forced),
+        "n_alerts": len(packets),
+        "stored": stored.stored,
+        **{k: v for k, v in published.items() if k != "timings"},  # type: ignore[typeddict-item]
+        "timings": timings,
         "image_registered": registered,
-        "image_fetched": max(f.get("fetched", f["registered"]) for f in fetched),
-        "processing_started": header.get("processing_started"),
-        "processing_ended": time.time(),
-        "alerts_written": result["alert_written"],
-        "arrival_to_alerts_s": result["alert_written"] - registered,
-        "fetch_wait_s": max(f.get("waited", 0.0) for f in fetched),
+        "latency_s": written - registered,
+        # Unix times (s) of one CCD's path from image arrival to alerts; docs/distributor.md.
+        "latency": {
+            "image_registered": registered,
+            "image_fetched": max(f.fetched for f in header.fetched),
+            "processing_started": header.processing_started,
+            "processing_ended": time.time(),
+            "alerts_written": written,
+            "arrival_to_alerts_s": written - registered,
+            "fetch_wait_s": max(f.waited for f in header.fetched),
+        },
+        "exptime": header.exptime,
+        "astrometry": science.meta.get("astrometry", {}),
+        # fraction of the CCD with template data; the rest is NO_DATA and was not searched
+        "template_coverage": float(sub.template.meta.get("coverage", 1.0)),
+        "subtraction": dict(sub.info),
     }
-    out["exptime"] = header["exptime"]
-    out["astrometry"] = science.meta.get("astrometry", {})
-    # fraction of the CCD with template data; the rest is NO_DATA and was not searched
-    out["template_coverage"] = float(sub["template"].meta.get("coverage", 1.0))
     out["template_partial"] = out["template_coverage"] < 1.0
-    out["subtraction"] = {k: v for k, v in sub["info"].items() if k != "timings"}
     return out
