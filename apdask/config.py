@@ -347,7 +347,7 @@ class PipelineConfig:
         out: dict[str, Any] = {"apdask.compute.keep_freed_memory": self.keep_freed_memory}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not dataclasses.is_dataclass(value):
+            if not dataclasses.is_dataclass(value) or isinstance(value, type):
                 continue
             for key, v in dataclasses.asdict(value).items():
                 if isinstance(v, Mapping):

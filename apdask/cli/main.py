@@ -510,12 +510,6 @@ _COMMANDS = {
 }
 
 
-def _cmd_config(args):
-    from apdask.cli.settings import show_config
-
-    print(show_config(as_json=args.json))
-
-
 def main(argv=None):
     """Entry point of the ``apdask`` console script; returns the exit status."""
     from apdask.cli.settings import apply_settings

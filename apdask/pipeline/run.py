@@ -87,7 +87,7 @@ def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
 def _stage_times(task_stream):
     from dask.utils import key_split
 
-    totals = {}
+    totals: dict[str, float] = {}
     for t in task_stream:
         name = key_split(t["key"])
         for start_stop in t.get("startstops", ()):

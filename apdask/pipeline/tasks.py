@@ -331,7 +331,7 @@ def warp_task(science: Exposure, prefetch: Prefetch) -> Exposure:
     try:
         tmpl = warp_template(prefetch.tiles, science.wcs, science.shape)
     except NoTemplateCoverageError as e:
-        ra, dec = science.wcs.pixel_to_world_values(
+        ra, dec = science.wcs.pixel_to_world_values(  # type: ignore[attr-defined]
             (science.shape[1] - 1) / 2, (science.shape[0] - 1) / 2
         )
         msg = (
@@ -628,7 +628,7 @@ def report_task(
         "n_forced": 0 if assoc.forced is None else len(assoc.forced),
         "n_alerts": len(packets),
         "stored": stored.stored,
-        **{k: v for k, v in published.items() if k != "timings"},  # type: ignore[typeddict-item]
+        **{k: v for k, v in published.items() if k != "timings"},
         "timings": timings,
         "image_registered": registered,
         "latency_s": written - registered,
