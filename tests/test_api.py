@@ -22,4 +22,3 @@ def test_public_names_are_explicit_and_resolve():
 
 def test_version_comes_from_the_package_metadata():
     assert apdask.__version__ == importlib.metadata.version("apdask")
-

@@ -18,7 +18,8 @@ import pytest
 from astropy.io import fits
 
 from apdask.alerts.sinks import read_alerts
-from apdask.cli.main import _partial_failure_code, main
+from apdask.cli.common import partial_failure_code
+from apdask.cli.main import main
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, mask_bits
 from apdask.exceptions import NoTemplateCoverageError
@@ -178,7 +179,7 @@ def test_bad_raw_pixels_are_masked_and_give_no_sources(sim_repo, repo, visit_msg
     nonfinite[100:120, 50:80] = nonfinite[200, 150] = nonfinite[30, 0:256] = True
     sat_amp = np.zeros(nonfinite.shape, bool)
     sat_amp[c11.y0 : c11.y1, c11.x0 : c11.x1] = True
-    sci, diff = subs["T00"]["science"], subs["T00"]["difference"]
+    sci, diff = subs["T00"].science, subs["T00"].difference
     np.testing.assert_array_equal((sci.mask & MASK["NO_DATA"]) != 0, nonfinite | sat_amp)
     assert ((sci.mask & MASK["SAT"]) != 0)[sat_amp].all()
     assert ((diff.mask & MASK["NO_DATA"]) != 0)[nonfinite | sat_amp].all()
@@ -209,7 +210,7 @@ def test_partial_template_processes_only_the_covered_part(repo, visit_msg, basel
     assert ccd["template_partial"] is True
     assert 0.4 < ccd["template_coverage"] < 0.6
     assert any("T00" in r.getMessage() and "covers only" in r.getMessage() for r in caplog.records)
-    tmpl, diff = subs["T00"]["template"], subs["T00"]["difference"]
+    tmpl, diff = subs["T00"].template, subs["T00"].difference
     uncovered = (tmpl.mask & MASK["NO_DATA"]) != 0
     assert uncovered[:, :240].all() and not uncovered[:, 270:].any()
     assert ((diff.mask & MASK["NO_DATA"]) != 0)[uncovered].all()
@@ -239,11 +240,11 @@ def test_ccd_without_template_fails_alone(repo, visit_msg, capsys):
     counts = Ppdb.open(ensure_ppdb(repo)).apdb.tableRowCount()
     assert counts["DiaSource"] == t01["n_sources"]
     # process-visit prints this report, then exits with T00's code
-    assert _partial_failure_code(report) == 66
+    assert partial_failure_code(report) == 66
     assert "1 CCD(s) failed: T00" in capsys.readouterr().err
-    assert _partial_failure_code({"ccds": [t01]}) == 0
+    assert partial_failure_code({"ccds": [t01]}) == 0
     ppdb_down = {"detector": "T01", "error": "PPDB failed to read DiaObjects: ..."}
-    assert _partial_failure_code({"ccds": [t01, ppdb_down]}) == 69  # PpdbError's code
+    assert partial_failure_code({"ccds": [t01, ppdb_down]}) == 69  # PpdbError's code
 
 
 def test_no_template_at_all_is_a_clear_error(repo, visit_msg, capsys):

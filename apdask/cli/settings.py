@@ -19,7 +19,7 @@ import yaml
 from apdask.config import DEFAULTS, PipelineConfig
 from apdask.exceptions import ConfigurationError, UsageError
 
-__all__ = ["apply_settings", "show_config"]
+__all__ = ["apply_settings", "config_command", "show_config"]
 
 #: Where the values of this process came from: key -> source, filled by apply_settings.
 _SOURCES: dict[str, str] = {}
@@ -138,3 +138,9 @@ def show_config(*, as_json: bool = False) -> str:
         return json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=1)
     width = max(len(k) for k, _, _ in rows)
     return "\n".join(f"{k:<{width}}  {json.dumps(v)!s:<28} {s}" for k, v, s in rows)
+
+
+def config_command(args: Any) -> int:
+    """``apdask config show``."""
+    print(show_config(as_json=args.json))
+    return 0

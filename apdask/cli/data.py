@@ -1,0 +1,62 @@
+"""Commands on data and tools: simulate, evaluate, butler, ppdb, bench."""
+
+from __future__ import annotations
+
+import json
+
+from apdask.cli.common import repo_camera
+from apdask.io.butler import Butler
+from apdask.ppdb import Ppdb, create_ppdb
+from apdask.tools.bench import format_summary, run_benchmarks
+from apdask.tools.evaluate import evaluate_visit
+from apdask.tools.simulate import simulate_repo
+
+
+def simulate_command(args):
+    dets = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else None
+    visits = simulate_repo(args.camera, args.repo, n_visits=args.visits, seed=args.seed,
+                           band=args.band, detectors=dets, artifacts=not args.no_artifacts,
+                           fwhm_range=args.fwhm, template_fwhm=args.template_fwhm,
+                           engine=args.engine)  # fmt: skip
+    print(f"simulated {len(visits)} visits of {args.camera} into {args.repo}")
+
+
+def evaluate_command(args):
+    res = evaluate_visit(args.repo, args.visit, out_dir=args.out)
+    summary = {k: res[k] for k in ("visit", "n_alerts", "n_transients", "n_transients_found",
+                                   "json", "plot") if k in res}  # fmt: skip
+    summary["targets"] = res["targets"]
+    summary["false_positives_by_class"] = res["false_positives_by_class"]
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def butler_command(args):
+    b = Butler(args.repo)
+    if args.butler_command == "ingest-template":
+        tile = b.ingest_template(args.file, args.band)
+        print(f"ingested template tile {tile} ({args.band}) into {args.repo}")
+    else:
+        b.ingest_calib(args.file, args.kind, args.detector, band=args.band,
+                       valid_from=args.valid_from, valid_to=args.valid_to)  # fmt: skip
+        print(f"ingested {args.kind} for detector {args.detector} into {args.repo}")
+
+
+def ppdb_command(args):
+    if args.ppdb_command == "load-drp":
+        repo_camera(args.repo)  # clear error for a missing repository
+        n = Ppdb.open(args.ppdb).load_drp_objects(Butler(args.repo).get_drp_objects())
+        print(f"loaded {n} DRP Objects from {args.repo} into {args.ppdb}")
+        return
+    path = create_ppdb(args.url, args.config or "apdb.yaml")
+    print(f"PPDB initialised; config written to {path}")
+
+
+def bench_command(args):
+    names = [n.strip() for n in args.only.split(",")] if args.only else None
+    result = run_benchmarks(names, quick=args.quick, bench_dir=args.dir)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1, default=str)
+    print(format_summary(result))
+    print(f"full report: {args.out}")
+    failed = [n for n, b in result["benchmarks"].items() if b["returncode"] != 0]
+    return 70 if failed else 0

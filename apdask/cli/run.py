@@ -1,0 +1,109 @@
+"""Commands that run the pipeline: process-ccd, -visit, -calib, listen, submit, demo."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from apdask import config
+from apdask.cli.common import partial_failure_code, repo_camera
+from apdask.config import Locations
+from apdask.core.camera import check_band, check_pointing
+from apdask.exceptions import UsageError
+from apdask.io.distributor import check_image_for_ccd, open_distributor
+from apdask.io.raw import read_raw
+from apdask.pipeline.calib import process_calib
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.pipeline.run import local_cluster, run_visit
+from apdask.pipeline.tasks import check_raw_header
+from apdask.services.batch import open_client, submit_visit
+from apdask.services.listen import listen
+from apdask.tools.demo import run_demo
+
+
+def process_ccd_command(args):
+    """``apdask process-ccd``: the DMTN-092 per-CCD invocation."""
+    where = Locations.resolve(
+        args.repo, ppdb=args.ppdb, alerts=args.alerts, distributor=args.distributor,
+        timeout=args.timeout,
+    )  # fmt: skip
+    camera = repo_camera(where.repo)
+    detector = camera[args.ccd]  # UnknownDetectorError names valid CCDs
+    ra, dec = check_pointing(args.ra, args.dec)
+    check_band(args.band)
+    if not 1 <= len(args.image) <= 2:
+        raise UsageError(f"give one or two --image names (snaps), got {len(args.image)}")
+    if len(set(args.image)) != len(args.image):
+        raise UsageError(f"the two --image names (snaps) must differ, got {args.image[0]} twice")
+    for name in args.image:
+        check_image_for_ccd(name, camera, detector)  # before waiting, not after the timeout
+    dist = open_distributor(where.distributor)
+    # Wait for every snap under one deadline: nothing is written before all have arrived.
+    deadline = time.monotonic() + where.timeout
+    paths = [dist.get(n, timeout=max(deadline - time.monotonic(), 0.0)) for n in args.image]
+    meta = check_raw_header(read_raw(paths[0]).meta, detector, args.band, name=args.image[0])
+    nv = NextVisit(
+        instrument=camera.name, groupId=str(meta.visit), visit=meta.visit, position=(ra, dec),
+        rotationAngle=meta.rotpa, filters=args.band, duration=args.exptime,
+        nimages=len(args.image), detectors=(detector.name,), mjd=meta.mjd_begin,
+    )  # fmt: skip
+    report = run_visit(
+        nv, repo=where.repo, ppdb=args.ppdb, alerts=where.alerts, distributor=where.distributor,
+        timeout=where.timeout, images={detector.name: list(args.image)},
+    )  # fmt: skip
+    print(json.dumps(report, default=str, indent=1))
+
+
+def process_visit_command(args):
+    nv = NextVisit.from_json(args.next_visit)
+    with local_cluster(n_workers=args.workers) as client:
+        report = run_visit(
+            nv,
+            repo=args.repo,
+            ppdb=args.ppdb,
+            alerts=args.alerts,
+            distributor=args.distributor,
+            timeout=args.timeout,
+            client=client,
+        )
+    print(json.dumps(report, default=str, indent=1))
+    return partial_failure_code(report)
+
+
+def process_calib_command(args):
+    report = process_calib(
+        args.intent, args.ccd, args.image, repo=config.get("repo", args.repo),
+        distributor=args.distributor, band=args.band, exptime=args.exptime,
+        metrics=args.metrics, timeout=args.timeout,
+    )  # fmt: skip
+    print(json.dumps({k: report[k] for k in ("intent", "detector", "image", "verdict",
+                      "failures", "report_path", "metrics_sink")}, indent=1))  # fmt: skip
+    return 0 if report["verdict"] == "pass" else 3
+
+
+def listen_command(args):
+    with open_client(args.scheduler_address, n_workers=args.workers) as client:
+        summary = listen(
+            args.kafka, args.topic, repo=args.repo, ppdb=args.ppdb, alerts=args.alerts,
+            distributor=args.distributor, timeout=args.timeout, client=client,
+            max_visits=args.max_visits, idle_exit=args.idle_exit, offset=args.offset,
+        )  # fmt: skip
+    print(json.dumps(summary, default=str, indent=1))
+    return 0
+
+
+def submit_command(args):
+    nv = NextVisit.from_json(args.next_visit)
+    out = submit_visit(
+        nv, args.scheduler, args.via, repo=args.repo, distributor=args.distributor,
+        ppdb=args.ppdb, alerts=args.alerts, timeout=args.timeout, job_dir=args.job_dir,
+        partition=args.partition, memory=args.mem, walltime=args.walltime,
+        scheduler_host=args.scheduler_host, wait=args.wait, dry_run=args.dry_run,
+    )  # fmt: skip
+    print(json.dumps(out, default=str, indent=1))
+    return 1 if out.get("failed") else 0
+
+
+def demo_command(args):
+    run_demo(args.dir, camera=args.camera, n_visits=args.visits, seed=args.seed,
+             workers=args.workers)  # fmt: skip
