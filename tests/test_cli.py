@@ -1,5 +1,6 @@
 """The apdask command: DMTN-092 invocation, bad input and exit codes."""
 
+import json
 import os
 import shutil
 
@@ -87,3 +88,27 @@ def test_simulate_and_ingest_commands(tmp_path, capsys):
     bad.write_bytes(b"not fits at all")
     assert main(["butler", "ingest-template", str(bad), "--filter", "r", "--repo", repo]) == 65
     shutil.rmtree(repo)
+
+
+def test_process_ccd_exits_non_zero_when_its_ppdb_store_fails(repo, tmp_path, capsys):
+    """A read-only PPDB: the history reads, the store fails; exit 69, nothing written.
+
+    It used to exit 0 with ``stored: false`` (issue 19).  SQLite's own read-only mode
+    (``mode=ro``) stands in for a read-only file, which root would ignore.
+    """
+    from apdask.ppdb import create_ppdb
+
+    cfg = create_ppdb(f"sqlite:///{tmp_path / 'ro.db'}", str(tmp_path / "apdb.yaml"))
+    text = open(cfg).read()
+    assert "mode=rw" in text
+    with open(cfg, "w") as fh:
+        fh.write(text.replace("mode=rw", "mode=ro"))
+    rc = main([*_ccd_args(repo), "--ppdb", cfg])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    (ccd,) = report["ccds"]
+    assert "readonly database" in ccd["error"]
+    assert not ccd["stored"] and ccd["n_alerts"] == 0
+    assert rc == 69, captured.err  # PpdbError's documented code
+    assert "1 CCD(s) failed: T00" in captured.err
+    _nothing_written(repo)

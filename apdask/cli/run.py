@@ -52,6 +52,7 @@ def process_ccd_command(args):
         timeout=where.timeout, images={detector.name: list(args.image)},
     )  # fmt: skip
     print(json.dumps(report, default=str, indent=1))
+    return partial_failure_code(report)  # a CCD whose PPDB store failed is not a success
 
 
 def process_visit_command(args):
