@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -99,10 +100,9 @@ def test_process_ccd_exits_non_zero_when_its_ppdb_store_fails(repo, tmp_path, ca
     from apdask.ppdb import create_ppdb
 
     cfg = create_ppdb(f"sqlite:///{tmp_path / 'ro.db'}", str(tmp_path / "apdb.yaml"))
-    text = open(cfg).read()
+    text = Path(cfg).read_text()
     assert "mode=rw" in text
-    with open(cfg, "w") as fh:
-        fh.write(text.replace("mode=rw", "mode=ro"))
+    Path(cfg).write_text(text.replace("mode=rw", "mode=ro"))
     rc = main([*_ccd_args(repo), "--ppdb", cfg])
     captured = capsys.readouterr()
     report = json.loads(captured.out)
