@@ -1253,11 +1253,13 @@ def make_cutout(exposure, x, y, size):
     Returns
     -------
     bytes
-        A FITS file: primary HDU = image (``BUNIT = 'nJy'``, local WCS), ``UNCERT``
-        (variance, ``UTYPE = 'VarianceUncertainty'``), ``MASK`` (uint8 mask planes,
-        named by ``MASKBITn = 'NAME'`` cards)
-        and ``PSF`` (PSF stamp, if known).  Pixels off the exposure are NaN in image
-        and variance and NO_DATA in the mask.  Read it back with
+        A FITS file: primary HDU = image (``BUNIT = 'nJy'``, a local gnomonic WCS
+        whose reference point is the source, ``CUTMINX``/``CUTMINY``; see
+        :func:`apdask.stamps.local_wcs_cards`), ``MASK`` (uint8 mask planes, named
+        by ``MASKBITn = 'NAME'`` cards), ``UNCERT`` (variance,
+        ``UTYPE = 'VarianceUncertainty'``) and ``PSFIMAGE`` (PSF stamp, if known),
+        the names and order astropy's ``CCDData.write`` uses.  Pixels off the exposure are NaN in
+        image and variance and NO_DATA in the mask.  Read it back with
         ``CCDData.read(io.BytesIO(b), format="fits")``.
     """
     size = int(size)
@@ -1268,20 +1270,19 @@ def make_cutout(exposure, x, y, size):
     img = _cutout(np.asarray(exposure.image, np.float32), ix, iy, half, np.float32(np.nan))
     var = _cutout(np.asarray(exposure.variance, np.float32), ix, iy, half, np.float32(np.nan))
     msk = _cutout(np.asarray(exposure.mask), ix, iy, half, MASK["NO_DATA"]).astype(MASK_STAMP_DTYPE)
-    hdr = fits.Header()
-    if exposure.wcs is not None:
-        w = exposure.wcs.deepcopy()
-        w.wcs.crpix = w.wcs.crpix - np.array([ix - half, iy - half], dtype=float)
-        w.pixel_shape = (size, size)
-        hdr.update(w.to_header())
+    from .stamps import local_wcs_cards
+
+    local = local_wcs_cards(exposure.wcs, x, y, ix - half, iy - half)
+    hdr = fits.Header(local[:-2])
     hdr["BUNIT"] = "nJy"
+    hdr.extend(local[-2:])
     hdus = [
         fits.PrimaryHDU(img, header=hdr),
-        fits.ImageHDU(var, header=fits.Header([("UTYPE", "VarianceUncertainty")]), name="UNCERT"),
         fits.ImageHDU(msk, header=fits.Header(mask_plane_cards()), name="MASK"),
+        fits.ImageHDU(var, header=fits.Header([("UTYPE", "VarianceUncertainty")]), name="UNCERT"),
     ]
     if exposure.psf is not None:
-        hdus.append(fits.ImageHDU(np.asarray(exposure.psf, np.float32), name="PSF"))
+        hdus.append(fits.ImageHDU(np.asarray(exposure.psf, np.float32), name="PSFIMAGE"))
     buf = io.BytesIO()
     fits.HDUList(hdus).writeto(buf)
     return buf.getvalue()
