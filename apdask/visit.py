@@ -511,6 +511,7 @@ def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb
     sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
     processed = _processed_mjd(header)
     sources["timeProcessedMjdTai"] = processed
+    sources["exposureTime"] = np.float32(header["exptime"])  # s, summed over the snaps
     objects = prefetch["objects"]
     history = prefetch["sources"]
     # Forced photometry at every known DIAObject in the CCD, first: this visit's
@@ -584,10 +585,17 @@ def _make_alerts(sources, objects, history, forced_history, sub):
     """One alert packet per DIASource, in the official schema, serialised column-wise.
 
     ``package_alerts`` and ``StampMaker`` give bytes identical to ``make_alert`` with
-    ``detect.make_cutout`` (the tests check this) at a fraction of the cost.
+    ``detect.make_cutout`` (the tests check this) at a fraction of the cost.  The
+    triggering DIASource's ``timeProcessedMjdTai`` is the wall clock (TAI) when the
+    packets are made; the PPDB row keeps the nominal, reproducible value.
     """
+    from astropy.table import Table
+
     from . import alerts, detect
     from .stamps import StampMaker
+
+    sources = Table(sources, copy=False)  # the caller's table (stored in the PPDB) is kept
+    sources.replace_column("timeProcessedMjdTai", np.full(len(sources), _now_mjd()))
 
     schema = alerts.load_schema(config.get("alerts.schema_version"))
     makers = [StampMaker(sub[k]) for k in ("difference", "science", "template")]
