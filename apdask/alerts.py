@@ -322,7 +322,8 @@ class EncodedAlert:
     Attributes
     ----------
     diaSourceId, diaObjectId : int or None
-        Ids of the triggering DiaSource and its DiaObject (the Kafka key).
+        Ids of the triggering DiaSource and its DiaObject (the Kafka key under
+        ``alerts.kafka.conventions: apdask``).
     body : bytes
         Schemaless Avro encoding in the schema it was built with.
     trimmed : str or None
@@ -765,7 +766,8 @@ def sink_from_uri(uri, schema=None, spool_dir=None):
     uri : str
         ``file://DIR`` (or a plain directory path) for :class:`FileSink`;
         ``kafka://HOST:PORT/TOPIC[?spool_dir=...&compression=...&delivery_timeout=...
-        &max_message_bytes=...]`` for :class:`apdask.kafka.KafkaSink`.
+        &max_message_bytes=...&batch_bytes=...&conventions=rubin|apdask]`` for
+        :class:`apdask.kafka.KafkaSink`.
     schema : lsst.alert.packet.Schema, optional
         Passed to the sink.
     spool_dir : str, optional
