@@ -183,8 +183,9 @@ def test_cutout_round_trip(scene):
     from astropy.io import fits
 
     with fits.open(io.BytesIO(b)) as hdul:
-        np.testing.assert_allclose(hdul["PSF"].data, diff.psf, rtol=1e-6)
+        np.testing.assert_allclose(hdul["PSFIMAGE"].data, diff.psf, rtol=1e-6)
         assert hdul["MASK"].data.dtype.kind in "ui"
+    np.testing.assert_allclose(ccd.psf, diff.psf, rtol=1e-6)  # CCDData reads PSFIMAGE
     # edge: padded with NaN and NO_DATA
     b = make_cutout(diff, 2.0, 5.0, 30)
     ccd = CCDData.read(io.BytesIO(b), format="fits")
