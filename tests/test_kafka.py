@@ -109,6 +109,20 @@ def _read_all(uri):
             consume.consume(uri, from_beginning=True, follow=False, timeout=10)]  # fmt: skip
 
 
+def test_conventions_from_config():
+    import dask
+
+    alert = alerts.EncodedAlert(5, 7, b"")
+    sink = kafka.KafkaSink("127.0.0.1:9", "t")
+    assert sink.conventions == "rubin" and sink.key(alert) is None and sink.headers(1, 2) == []
+    assert sink._time_header()[0] == "producer_timestamp"
+    with dask.config.set({"apdask.alerts.kafka.conventions": "apdask"}):
+        sink = kafka.KafkaSink("127.0.0.1:9", "t")
+    assert sink.key(alert) == struct.pack(">q", 7)
+    assert [k for k, _ in sink.headers(1, 2)] == ["visit", "detector", "schema_id"]
+    assert sink._time_header()[0] == "produce_time"
+
+
 def test_unknown_conventions_are_refused():
     with pytest.raises(ConfigurationError, match="conventions must be one of rubin, apdask"):
         alerts.sink_from_uri("kafka://127.0.0.1:9/t?conventions=rubn")
