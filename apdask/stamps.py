@@ -59,7 +59,20 @@ def _pad(b, fill=b" "):
 _BUNIT = _card("BUNIT", "nJy")
 
 
-def _local_wcs(wcs, x, y):
+_STENCIL = np.array([[0.0, 0.0], [0.5, 0.0], [-0.5, 0.0], [0.0, 0.5], [0.0, -0.5]])
+
+
+def _stencil_world(wcs, xs, ys):
+    """Sky positions (degrees) of the 5-point stencils about many 0-based pixels.
+
+    Returns a nested list ``[source][point][ra, dec]``: one WCS call for all of them.
+    """
+    px = np.stack([np.asarray(xs, float), np.asarray(ys, float)], axis=-1)
+    px = (px[:, None, :] + _STENCIL[None, :, :]).reshape(-1, 2)
+    return wcs.all_pix2world(px, 0).reshape(-1, 5, 2).tolist()
+
+
+def _local_wcs(wcs, x, y, world=None):
     """Sky position of 0-based pixel ``(x, y)`` and the local linear CD matrix there.
 
     The CD matrix is the Jacobian of the gnomonic projection about the source
@@ -67,8 +80,8 @@ def _local_wcs(wcs, x, y):
     ``makeLocalTransformMatrix`` computes it; distortion terms of ``wcs`` are
     absorbed into it.
     """
-    px = np.array([[x, y], [x + 0.5, y], [x - 0.5, y], [x, y + 0.5], [x, y - 0.5]], float)
-    world = wcs.all_pix2world(px, 0).tolist()
+    if world is None:  # else the stencil's sky positions from _stencil_world
+        world = _stencil_world(wcs, [x], [y])[0]
     ra0, dec0 = math.radians(world[0][0]), math.radians(world[0][1])
     sin0, cos0 = math.sin(dec0), math.cos(dec0)
     xi, eta = [], []
@@ -140,7 +153,7 @@ _RADESYS_BYTES = _card(*_RADESYS)
 _LAST_LOCAL = [None]  # (key, WCS card bytes): the three stamps of one source share them
 
 
-def _local_wcs_bytes(wcs, x, y, x0, y0):
+def _local_wcs_bytes(wcs, x, y, x0, y0, world=None):
     """``local_wcs_cards`` rendered: (WCS cards, CUTMIN cards), as ``_card`` renders them."""
     cut = b"".join(
         f"{k:<8}= {int(v) - 1:>20} / {c}"[:80].ljust(80).encode("ascii")
@@ -152,7 +165,7 @@ def _local_wcs_bytes(wcs, x, y, x0, y0):
     last = _LAST_LOCAL[0]
     if last is not None and last[0] == key:
         return last[1], cut
-    ra, dec, cd = _local_wcs(wcs, x, y)
+    ra, dec, cd = _local_wcs(wcs, x, y, world)
     values = (x - x0 + 1.0, y - y0 + 1.0, ra, dec, *cd[0], *cd[1])
     floats = b"".join(
         f"{k:<8}= {_float_value(v):>20} / {c}"[:80].ljust(80).encode("ascii")
@@ -188,6 +201,7 @@ class StampMaker:
         self.mask_dtype = np.dtype(MASK_STAMP_DTYPE)
         self.mask_cards = b"".join(_card(*c) for c in mask_plane_cards())
         self.wcs = exposure.wcs
+        self._world = {}  # (x, y) -> stencil sky positions, from prepare()
         self._head_cache = {}
         self.psf_hdu = b""
         if exposure.psf is not None:
@@ -255,6 +269,24 @@ class StampMaker:
             out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
         return out
 
+    def prepare(self, xs, ys):
+        """Transform the local-WCS stencils of many sources in one WCS call.
+
+        Optional: :meth:`stamp` then skips its own WCS call for these positions.
+        The bytes are the same either way (wcslib transforms each point alone).
+
+        Parameters
+        ----------
+        xs, ys : array_like
+            0-based pixel positions of the sources, as later given to :meth:`stamp`.
+        """
+        if self.wcs is None:
+            return
+        xs = np.asarray(xs, float).ravel()
+        ys = np.asarray(ys, float).ravel()
+        world = _stencil_world(self.wcs, xs, ys)
+        self._world = dict(zip(zip(xs.tolist(), ys.tolist(), strict=True), world, strict=True))
+
     def stamp(self, x, y, size):
         """FITS bytes of the stamp of side ``size`` (odd; even sizes grow by one)."""
         size = int(size)
@@ -267,7 +299,9 @@ class StampMaker:
         msk = self._window(self.mask, ix, iy, half, self.no_data)
         first, var_head, msk_head, data_pad, mask_pad = self._heads(size)
         cards = list(first)
-        wcs_bytes, cut_bytes = _local_wcs_bytes(self.wcs, float(x), float(y), ix - half, iy - half)
+        x, y = float(x), float(y)
+        world = self._world.get((x, y)) if self._world else None
+        wcs_bytes, cut_bytes = _local_wcs_bytes(self.wcs, x, y, ix - half, iy - half, world)
         cards += [wcs_bytes, _BUNIT, cut_bytes, _END]
         return b"".join(
             (

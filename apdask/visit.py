@@ -599,6 +599,8 @@ def _make_alerts(sources, objects, history, forced_history, sub):
 
     schema = alerts.load_schema(config.get("alerts.schema_version"))
     makers = [StampMaker(sub[k]) for k in ("difference", "science", "template")]
+    for m in makers:  # one WCS call per exposure for the local WCS of every stamp
+        m.prepare(sources["x"], sources["y"])
     cutouts = []
     for x, y, bbox in zip(sources["x"], sources["y"], sources["bboxSize"], strict=True):
         size = detect.cutout_size(bbox)

@@ -277,9 +277,13 @@ def test_stamp_maker_matches_make_cutout():
     msk = rng.integers(0, 2 * max(MASK.values()), size=img.shape).astype(np.uint32)
     exp = Exposure(img, img**2, msk, w, rng.random((15, 15)).astype(np.float32))
     maker = alerts.StampMaker(exp)
-    for x, y, size in [(50.2, 60.7, 51), (3.0, 118.4, 31), (99.6, 0.0, 102)]:
+    where = [(50.2, 60.7, 51), (3.0, 118.4, 31), (99.6, 0.0, 102)]
+    prepared = alerts.StampMaker(exp)  # one WCS call for all the local WCSs
+    prepared.prepare(np.array([w_[0] for w_ in where]), np.array([w_[1] for w_ in where]))
+    for x, y, size in where:
         fast, ref = maker.stamp(x, y, size), make_cutout(exp, x, y, size)
         assert fast == ref  # byte for byte, edges (NaN, NO_DATA) included
+        assert prepared.stamp(np.float64(x), y, size) == ref
     stamp = maker.stamp(3.0, 118.4, 31)
     ccd = CCDData.read(io.BytesIO(stamp), format="fits")
     assert ccd.unit == "nJy" and ccd.shape == (31, 31)
