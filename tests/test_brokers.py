@@ -437,3 +437,53 @@ def test_stamp_bytes_read_by_astropy_as_brokers_do(packets):
     with fits.open(io.BytesIO(a["cutoutDifference"])) as hdul:
         assert hdul[0].data.shape == (31, 31) and hdul[0].header["BUNIT"] == "nJy"
         assert [h.name for h in hdul] == ["PRIMARY", "MASK", "UNCERT", "PSFIMAGE"]
+
+
+@pytest.mark.service
+@pytest.mark.timeout(600)
+def test_brokers_decode_a_processed_ccd(repo, kafka_broker, schema_registry, tmp_path, monkeypatch):
+    """The pipeline's own alerts (``process-ccd --alerts kafka://``, Rubin's conventions)
+    through Confluent's, Pitt-Google's, Ampel's and fink-client's decoding paths."""
+    from lsst.alert.packet import Schema
+
+    from apdask.cli import main
+    from tests.test_cli import _ccd_args
+
+    pytest.importorskip("confluent_kafka.schema_registry.avro")
+    pittgoogle = pytest.importorskip("pittgoogle")
+    pytest.importorskip("fink_client")
+    supplier_cls, shaper_cls = _ampel(monkeypatch, "file")
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+    from fink_client.avro_utils import AlertReader
+    from pittgoogle.types_ import PubsubMessageLike
+
+    name = f"ccd-{uuid.uuid4().hex[:8]}"
+    kafka.ensure_topic(kafka_broker, name, partitions=2)
+    assert main([*_ccd_args(repo), "--alerts", f"kafka://{kafka_broker}/{name}"]) == 0
+    msgs = _messages(kafka_broker, name)
+    assert msgs
+    official = Schema.from_file()
+    want = {}
+    deser = AvroDeserializer(SchemaRegistryClient({"url": schema_registry}))
+    parsed = fastavro.parse_schema(official.definition)
+    for m in msgs:
+        rec = official.deserialize(m.value()[5:])
+        want[rec["diaSourceId"]] = rec
+        assert deser(m.value(), SerializationContext(name, MessageField.VALUE)) == rec
+        alert = pittgoogle.Alert.from_msg(PubsubMessageLike(data=m.value()), schema_name="lsst")
+        assert alert.dict == rec and alert.sourceid == rec["diaSourceId"]
+        with open(tmp_path / f"{rec['diaSourceId']}.avro", "wb") as fh:
+            fastavro.writer(fh, parsed, [rec])
+    got = list(_file_supplier(supplier_cls, tmp_path))
+    assert sorted(a.id for a in got) == sorted(want)
+    from ampel.log.AmpelLogger import AmpelLogger
+
+    shaper = shaper_cls(logger=AmpelLogger.get_logger())
+    for a in got:
+        dps = shaper.process(a.datapoints, stock=a.stock)
+        src = [dp["body"]["diaSourceId"] for dp in dps if "LSST_DP" in dp["tag"]]
+        assert a.id in src and a.stock == want[a.id]["diaObject"]["diaObjectId"]
+    fink = {a["diaSourceId"]: a for a in AlertReader(str(tmp_path)).to_list()}
+    assert fink == want
