@@ -14,11 +14,12 @@ from astropy.io import fits
 from lsst.alert.packet import simulate_alert
 
 from apdask import alerts
-from apdask.alerts.packets import encode_alert, make_alert, package_alerts
+from apdask.alerts.packets import encode_alert, package_alerts
 from apdask.alerts.schema import _collect_named, load_schema
 from apdask.alerts.sinks import FileSink, read_alerts, sink_from_uri, validate_alerts
 from apdask.alerts.wire import confluent_frame, confluent_unframe
 from apdask.exceptions import ConfigurationError
+from tests.oracles import make_alert, make_cutout
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +270,6 @@ def test_stamp_maker_matches_make_cutout():
     from astropy.wcs import WCS
 
     from apdask.core.exposure import MASK, Exposure
-    from apdask.pipeline.measure.cutouts import make_cutout
 
     rng = np.random.default_rng(4)
     w = WCS(naxis=2)
@@ -281,12 +281,22 @@ def test_stamp_maker_matches_make_cutout():
     msk = rng.integers(0, 2 * max(MASK.values()), size=img.shape).astype(np.uint32)
     exp = Exposure(img, img**2, msk, w, rng.random((15, 15)).astype(np.float32))
     maker = alerts.StampMaker(exp)
-    for x, y, size in [(50.2, 60.7, 51), (3.0, 118.4, 31), (99.6, 0.0, 102)]:
+    where = [(50.2, 60.7, 51), (3.0, 118.4, 31), (99.6, 0.0, 102)]
+    prepared = alerts.StampMaker(exp)  # one WCS call for all the local WCSs
+    prepared.prepare(np.array([w_[0] for w_ in where]), np.array([w_[1] for w_ in where]))
+    for x, y, size in where:
         fast, ref = maker.stamp(x, y, size), make_cutout(exp, x, y, size)
         assert fast == ref  # byte for byte, edges (NaN, NO_DATA) included
+        assert prepared.stamp(np.float64(x), y, size) == ref
     stamp = maker.stamp(3.0, 118.4, 31)
     ccd = CCDData.read(io.BytesIO(stamp), format="fits")
     assert ccd.unit == "nJy" and ccd.shape == (31, 31)
+    assert ccd.psf is not None and ccd.psf.shape == (15, 15)  # the PSFIMAGE extension
+    # Rubin's cutout conventions: exposure pixel (0-based) = CUTMIN + FITS pixel, and the
+    # WCS reference point is the source (CRPIX on it, CRVAL its sky position)
+    assert (ccd.meta["CUTMINX"], ccd.meta["CUTMINY"]) == (3 - 15 - 1, 118 - 15 - 1)
+    assert ccd.wcs.wcs.crpix == pytest.approx([3.0 + 13, 118.4 - 102])
+    assert ccd.wcs.wcs.crval == pytest.approx(w.all_pix2world([[3.0, 118.4]], 0)[0], abs=1e-12)
     with fits.open(io.BytesIO(stamp)) as hdul:
         assert (hdul["MASK"].data[-1] == MASK["NO_DATA"]).all()  # rows off the CCD
         assert hdul["MASK"].data.dtype == np.uint8  # all planes fit; BITPIX = 8
@@ -300,3 +310,68 @@ def test_stamp_maker_matches_make_cutout():
 def test_float_values_are_python_floats(schema, packet):
     x = packet["diaSource"]["x"]
     assert isinstance(x, float) and not math.isnan(x)
+
+
+def _stamp_exposure(rng, wcs):
+    from apdask.core.exposure import MASK, Exposure
+
+    img = rng.normal(size=(90, 110)).astype(np.float32)
+    msk = rng.integers(0, 2 * max(MASK.values()), size=img.shape).astype(np.uint32)
+    psf = rng.random((17, 17)).astype(np.float32)
+    return Exposure(img, (img**2 + 1).astype(np.float32), msk, wcs, psf)
+
+
+def test_stamp_is_what_ccddata_writes_and_reads():
+    """A stamp has the HDUs, names and cards of astropy's ``CCDData.write`` (as Rubin's
+    cutouts), and ``CCDData.read`` gives image, variance and PSF back."""
+    from astropy.nddata import CCDData, VarianceUncertainty
+    from astropy.wcs import WCS
+
+    rng = np.random.default_rng(8)
+    w = WCS(naxis=2)  # a CCD WCS whose reference point is off the CCD, as a real one may be
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [35.0, -4.5]
+    w.wcs.crpix = [-180.6, 2100.0]
+    w.wcs.cd = [[-5.5e-5, 3e-8], [-2e-8, -5.5e-5]]
+    exp = _stamp_exposure(rng, w)
+    x, y, size = 40.3, 51.8, 31
+    ours = alerts.StampMaker(exp).stamp(x, y, size)
+    got = CCDData.read(io.BytesIO(ours), format="fits")
+    x0, y0 = 40 - 15, 52 - 15
+    want_img = exp.image[y0 : y0 + size, x0 : x0 + size]
+    want_var = exp.variance[y0 : y0 + size, x0 : x0 + size]
+    assert np.array_equal(got.data, want_img) and got.unit == "nJy"
+    assert isinstance(got.uncertainty, VarianceUncertainty)
+    assert np.array_equal(got.uncertainty.array, want_var)
+    assert np.array_equal(got.psf, exp.psf)
+    assert np.array_equal(got.mask, exp.mask[y0 : y0 + size, x0 : x0 + size] != 0)
+    # the same cutout as Rubin builds it: CCDData with the stamp's WCS and cutMin meta
+    ref = CCDData(
+        want_img, unit="nJy", uncertainty=VarianceUncertainty(want_var), psf=exp.psf,
+        mask=got.mask, wcs=got.wcs, meta={"cutMinX": x0 - 1, "cutMinY": y0 - 1},
+    )  # fmt: skip
+    buf = io.BytesIO()
+    ref.write(buf, format="fits")
+    with fits.open(io.BytesIO(ours)) as a, fits.open(io.BytesIO(buf.getvalue())) as b:
+        assert [h.name for h in a] == [h.name for h in b] == [
+            "PRIMARY", "MASK", "UNCERT", "PSFIMAGE"
+        ]  # fmt: skip
+        for ha, hb in zip(a, b, strict=True):
+            assert ha.data.shape == hb.data.shape
+            if ha.name != "MASK":  # ours keeps the bit planes; CCDData's is 0/1
+                assert ha.data.dtype == hb.data.dtype and np.array_equal(ha.data, hb.data)
+        assert (a["MASK"].data != 0).tolist() == b["MASK"].data.astype(bool).tolist()
+        assert a["UNCERT"].header["UTYPE"] == b["UNCERT"].header["UTYPE"]
+        for key in ("BUNIT", "CUTMINX", "CUTMINY", "CTYPE1", "CTYPE2", "RADESYS"):
+            assert a[0].header[key] == b[0].header[key], key
+        wa, wb = WCS(a[0].header), WCS(b[0].header)  # CCDData writes PC + CDELT, we write CD
+        assert wa.wcs.crpix == pytest.approx(wb.wcs.crpix, rel=1e-12)
+        assert wa.wcs.crval == pytest.approx(wb.wcs.crval, rel=1e-12)
+        assert wa.pixel_scale_matrix == pytest.approx(wb.pixel_scale_matrix, rel=1e-9)
+    # the local WCS is the CCD's to well below a milliarcsecond over the stamp
+    yy, xx = np.mgrid[0:size, 0:size]
+    ra, dec = got.wcs.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    ra0, dec0 = w.all_pix2world(xx.ravel() + x0, yy.ravel() + y0, 0)
+    sep = np.hypot((ra - ra0) * np.cos(np.radians(dec0)), dec - dec0) * 3.6e6
+    assert sep.max() < 0.1  # mas
+    assert got.wcs.wcs.crpix == pytest.approx([x - x0 + 1, y - y0 + 1])

@@ -9,12 +9,13 @@ import pytest
 from astropy.nddata import CCDData, VarianceUncertainty
 
 from apdask.core.exposure import MASK
-from apdask.pipeline.measure.cutouts import cutout_size, make_cutout
+from apdask.pipeline.measure.cutouts import cutout_size
 from apdask.pipeline.measure.detection import detect_sources
 from apdask.pipeline.measure.photometry import forced_photometry
 from apdask.pipeline.measure.sources import DIASOURCE_COLUMNS, measure_sources
 from apdask.pipeline.psf import estimate_psf
 from tests._pixels import add_stars, exposure_from, gaussian_psf, make_wcs
+from tests.oracles import make_cutout
 
 SHAPE = (800, 800)
 FWHM = 5.0
@@ -178,8 +179,9 @@ def test_cutout_round_trip(scene):
     from astropy.io import fits
 
     with fits.open(io.BytesIO(b)) as hdul:
-        np.testing.assert_allclose(hdul["PSF"].data, diff.psf, rtol=1e-6)
+        np.testing.assert_allclose(hdul["PSFIMAGE"].data, diff.psf, rtol=1e-6)
         assert hdul["MASK"].data.dtype.kind in "ui"
+    np.testing.assert_allclose(ccd.psf, diff.psf, rtol=1e-6)  # CCDData reads PSFIMAGE
     # edge: padded with NaN and NO_DATA
     b = make_cutout(diff, 2.0, 5.0, 30)
     ccd = CCDData.read(io.BytesIO(b), format="fits")

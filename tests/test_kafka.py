@@ -16,15 +16,21 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from apdask import alerts
-from apdask.alerts.packets import make_alert, package_alerts
+from apdask.alerts.packets import package_alerts
 from apdask.alerts.schema import _collect_named, load_schema
 from apdask.alerts.sinks import sink_from_uri
 from apdask.alerts.wire import confluent_unframe
 from apdask.cli.main import main
 from apdask.core.exposure import Exposure
+from apdask.exceptions import ConfigurationError
 from apdask.services import consume, kafka, spool
+from tests.oracles import make_alert
 
 pytestmark = pytest.mark.service
+
+
+def _unix_to_mjd_tai(t):
+    return 40587.0 + (t + 37.0) / 86400.0  # TAI = UTC + 37 s
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +111,31 @@ def _topic(bootstrap, partitions=1):
 
 
 def _read_all(uri):
-    return [(m.partition(), m.offset(), m.key(), dict(m.headers()), v) for m, v in
+    return [(m.partition(), m.offset(), m.key(), dict(m.headers() or ()), v) for m, v in
             consume.consume(uri, from_beginning=True, follow=False, timeout=10)]  # fmt: skip
 
 
-def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, capsys):
+def test_conventions_from_config():
+    import dask
+
+    alert = alerts.EncodedAlert(5, 7, b"")
+    sink = kafka.KafkaSink("127.0.0.1:9", "t")
+    assert sink.conventions == "rubin" and sink.key(alert) is None and sink.headers(1, 2) == []
+    assert sink._time_header()[0] == "producer_timestamp"
+    with dask.config.set({"apdask.alerts.kafka.conventions": "apdask"}):
+        sink = kafka.KafkaSink("127.0.0.1:9", "t")
+    assert sink.key(alert) == struct.pack(">q", 7)
+    assert [k for k, _ in sink.headers(1, 2)] == ["visit", "detector", "schema_id"]
+    assert sink._time_header()[0] == "produce_time"
+
+
+def test_unknown_conventions_are_refused():
+    with pytest.raises(ConfigurationError, match="conventions must be one of rubin, apdask"):
+        alerts.sink_from_uri("kafka://127.0.0.1:9/t?conventions=rubn")
+
+
+@pytest.mark.parametrize("conventions", ["rubin", "apdask"])
+def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, capsys, conventions):
     from lsst.alert.packet import Schema
 
     official = Schema.from_file()  # lsst.alert.packet's own, independent of apdask's cache
@@ -136,6 +162,8 @@ def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, caps
     ]
     topic = _topic(kafka_broker)
     uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path / 'spool'}"
+    if conventions == "apdask":
+        uri += "&conventions=apdask"
     t0 = time.time()
     with sink_from_uri(uri) as sink:
         res = sink.write(7, 3, packets)
@@ -149,6 +177,11 @@ def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, caps
         back = official.deserialize(value[5:])
         want = by_id.pop(back["diaSourceId"])
         assert back == want  # every field, cutout bytes included
+        if conventions == "rubin":  # as Rubin's producer: no key, one header (Unix ms)
+            assert key is None and list(headers) == ["producer_timestamp"]
+            ms = headers["producer_timestamp"]
+            assert ms.isdigit() and t0 * 1000 - 1 <= int(ms) <= time.time() * 1000 + 1
+            continue
         assert key == struct.pack(">q", want["diaSource"]["diaObjectId"])
         assert headers["visit"] == b"7" and headers["detector"] == b"3"
         assert headers["schema_id"] == b"1101"
@@ -169,7 +202,7 @@ def test_round_trip_official_schema(kafka_broker, schema, stamps, tmp_path, caps
 
 def test_partitioning_by_dia_object_id(kafka_broker, schema, stamps, tmp_path):
     topic = _topic(kafka_broker, partitions=4)
-    uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}"
+    uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}&conventions=apdask"
     enc = _visit_packets(schema, stamps[:1] * 3, visit=11, detector=1, n=48, n_objects=8)
     with sink_from_uri(uri) as sink:
         assert sink.write(11, 1, enc).delivered == 48
@@ -323,7 +356,9 @@ def test_process_ccd_publishes_decodable_alerts(repo, kafka_broker, tmp_path, ca
     topic = _topic(kafka_broker, partitions=2)
     uri = f"kafka://{kafka_broker}/{topic}"
     capsys.readouterr()
+    t0 = time.time()
     assert main([*_ccd_args(repo), "--alerts", uri]) == 0
+    t1 = time.time()
     report = json.loads(capsys.readouterr().out)
     ccd = report["ccds"][0] if "ccds" in report else report
     n = ccd["n_alerts"]
@@ -335,8 +370,13 @@ def test_process_ccd_publishes_decodable_alerts(repo, kafka_broker, tmp_path, ca
     for _, _, key, headers, value in got:
         assert value[:5] == struct.pack(">bi", 0, official.get_schema_id())
         alert = official.deserialize(value[5:])
-        assert alert["diaSource"]["visit"] == 1000 and headers["visit"] == b"1000"
-        assert key == struct.pack(">q", alert["diaSource"]["diaObjectId"])
+        assert alert["diaSource"]["visit"] == 1000  # visit and detector come from the body
+        assert key is None and list(headers) == ["producer_timestamp"]  # Rubin's conventions
+        assert t0 * 1000 <= int(headers["producer_timestamp"]) <= t1 * 1000
+        # the wall clock (TAI) when the packet was made, and the exposure time
+        mjd = alert["diaSource"]["timeProcessedMjdTai"]
+        assert _unix_to_mjd_tai(t0) <= mjd <= _unix_to_mjd_tai(t1)
+        assert alert["diaSource"]["exposureTime"] == pytest.approx(ccd["exptime"])
         assert alert["cutoutDifference"][:6] == b"SIMPLE"
         ids.add(alert["diaSourceId"])
     assert len(ids) == n

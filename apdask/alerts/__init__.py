@@ -1,6 +1,6 @@
 """Alert packets in Rubin's official Avro schema, their wire format and their sinks."""
 
-from apdask.alerts.packets import EncodedAlert, encode_alert, make_alert, package_alerts
+from apdask.alerts.packets import EncodedAlert, encode_alert, package_alerts
 from apdask.alerts.schema import load_schema
 from apdask.alerts.sinks import FileSink, SinkResult, read_alerts, sink_from_uri, validate_alerts
 from apdask.alerts.stamps import StampMaker
@@ -15,7 +15,6 @@ __all__ = [
     "confluent_unframe",
     "encode_alert",
     "load_schema",
-    "make_alert",
     "package_alerts",
     "read_alerts",
     "sink_from_uri",

@@ -11,7 +11,6 @@ import numpy as np
 from apdask.alerts.avrovec import RecordEncoder, encode_long
 from apdask.alerts.schema import (
     _PER_SCHEMA,
-    _alert_spec,
     _collect_named,
     _per_schema,
     load_schema,
@@ -20,60 +19,7 @@ from apdask.alerts.schema import (
 )
 from apdask.alerts.wire import _CONFLUENT_HEADER
 
-__all__ = ["make_alert", "EncodedAlert", "package_alerts", "encode_alert"]
-
-
-def make_alert(
-    dia_source,
-    prv_dia_sources=(),
-    prv_forced=(),
-    dia_object=None,
-    cutouts=(None, None, None),
-    schema=None,
-):
-    """Build one alert packet conforming to the alert schema.
-
-    Parameters
-    ----------
-    dia_source : dict
-        The triggering DiaSource, keyed by schema column name.
-    prv_dia_sources, prv_forced : list of dict
-        Previous DiaSources and DiaForcedSources of the same DiaObject.
-    dia_object : dict or None
-        The (updated) DiaObject.
-    cutouts : tuple of (bytes or None)
-        ``(difference, science, template)`` FITS stamps.
-    schema : lsst.alert.packet.Schema, optional
-        Defaults to :func:`load_schema`.
-
-    Returns
-    -------
-    dict
-        The packet.  NaN floats are ``None``; missing nullable fields are
-        ``None``; ``ssSource``, ``mpc_orbits``, ``observation_reason`` and
-        ``target_name`` are ``None``.
-
-    Raises
-    ------
-    ValueError
-        If a non-nullable field is missing or NaN; the message names it.
-    """
-    schema = load_schema() if schema is None else schema
-    spec = _alert_spec(schema)
-    src = spec.dia_source.build(dia_source)
-    diff, sci, tmpl = (None if c is None else bytes(c) for c in cutouts)
-    alert = dict.fromkeys(spec.top)
-    alert.update(
-        diaSourceId=src["diaSourceId"],
-        diaSource=src,
-        prvDiaSources=[spec.dia_source.build(r) for r in prv_dia_sources],
-        prvDiaForcedSources=[spec.forced.build(r) for r in prv_forced],
-        diaObject=None if dia_object is None else spec.dia_object.build(dia_object),
-        cutoutDifference=diff,
-        cutoutScience=sci,
-        cutoutTemplate=tmpl,
-    )
-    return alert
+__all__ = ["EncodedAlert", "package_alerts", "encode_alert"]
 
 
 class EncodedAlert:
@@ -82,7 +28,8 @@ class EncodedAlert:
     Attributes
     ----------
     diaSourceId, diaObjectId : int or None
-        Ids of the triggering DiaSource and its DiaObject (the Kafka key).
+        Ids of the triggering DiaSource and its DiaObject (the Kafka key under
+        ``alerts.kafka.conventions: apdask``).
     body : bytes
         Schemaless Avro encoding in the schema it was built with.
     trimmed : str or None

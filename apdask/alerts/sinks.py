@@ -191,7 +191,8 @@ def sink_from_uri(uri, schema=None, spool_dir=None):
     uri : str
         ``file://DIR`` (or a plain directory path) for :class:`FileSink`;
         ``kafka://HOST:PORT/TOPIC[?spool_dir=...&compression=...&delivery_timeout=...
-        &max_message_bytes=...]`` for :class:`apdask.kafka.KafkaSink`.
+        &max_message_bytes=...&batch_bytes=...&conventions=rubin|apdask]`` for
+        :class:`apdask.services.kafka.KafkaSink`.
     schema : lsst.alert.packet.Schema, optional
         Passed to the sink.
     spool_dir : str, optional

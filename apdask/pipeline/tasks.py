@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import vstack
+from astropy.table import Table, vstack
 
 from apdask.alerts.packets import EncodedAlert, package_alerts
 from apdask.alerts.schema import load_schema
@@ -435,6 +435,7 @@ def associate_task(
     sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
     processed = header.processed_mjd
     sources["timeProcessedMjdTai"] = processed
+    sources["exposureTime"] = np.float32(header.exptime)  # s, summed over the snaps
     objects = prefetch.history.objects
     history = prefetch.history.sources
     # Forced photometry at every known DIAObject in the CCD, first: this visit's
@@ -485,9 +486,14 @@ def package_task(
     nothing.  ``package_alerts`` and ``StampMaker`` give bytes identical to
     ``make_alert`` with ``make_cutout`` (the tests check this) at a fraction of the cost.
     """
-    sources = assoc.sources
+    # The triggering DIASource's timeProcessedMjdTai is the wall clock (TAI) when the
+    # packets are made; the PPDB row keeps the nominal, reproducible value.
+    sources = Table(assoc.sources, copy=False)  # the stored table is kept as it is
+    sources.replace_column("timeProcessedMjdTai", np.full(len(sources), now_mjd()))
     schema = load_schema(cfg.alerts.schema_version)
     makers = [StampMaker(e) for e in (sub.difference, sub.science, sub.template)]
+    for m in makers:  # one WCS call per exposure for the local WCS of every stamp
+        m.prepare(sources["x"], sources["y"])
     lo, hi = cfg.cutouts.min_size, cfg.cutouts.max_size
     cutouts = []
     for x, y, bbox in zip(sources["x"], sources["y"], sources["bboxSize"], strict=True):

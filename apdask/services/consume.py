@@ -108,7 +108,10 @@ def validate_topic(uri, schema=None, timeout=10.0):
 
     Each value must be a Confluent frame (magic 0) whose schema id lsst-alert-packet
     knows; its body is decoded with that schema, validated with fastavro and its
-    cutouts checked to be FITS.
+    cutouts checked to be FITS.  A message either has no key and a
+    ``producer_timestamp`` header (Rubin's conventions) or the ``diaObjectId``
+    key (apdask's); visit, detector and ids are read from the Avro body, never
+    from headers.
 
     Parameters
     ----------
@@ -161,8 +164,12 @@ def validate_topic(uri, schema=None, timeout=10.0):
             if rec.get(k) is not None and bytes(rec[k][:6]) != b"SIMPLE":
                 problems.append(f"{where}: {k} is not FITS")
         key = msg.key()
-        oid = rec["diaSource"].get("diaObjectId")
-        expect = KEY.pack(oid if oid is not None else rec["diaSourceId"])
-        if key != expect:
-            problems.append(f"{where}: key {key!r} is not the diaObjectId as int64")
+        if key is not None:  # no key: Rubin's conventions; a key must be apdask's
+            oid = rec["diaSource"].get("diaObjectId")
+            expect = KEY.pack(oid if oid is not None else rec["diaSourceId"])
+            if key != expect:
+                problems.append(f"{where}: key {key!r} is not the diaObjectId as int64")
+        headers = dict(msg.headers() or ())
+        if key is None and "producer_timestamp" not in headers:
+            problems.append(f"{where}: no key and no producer_timestamp header")
     return {"n_alerts": n, "partitions": per_partition, "problems": problems}

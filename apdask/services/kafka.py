@@ -15,11 +15,19 @@
   ``apdask_trimmed`` header and the sink's result.
 * :mod:`apdask.consume` reads topics back for ``apdask alerts tail|validate``.
 
-Message key: the ``diaObjectId`` as an 8-byte big-endian signed integer (the
-encoding of Kafka's ``LongSerializer``; the ``diaSourceId`` when the source has no
-object).  Partitioner: ``murmur2_random``, the Java client's.  Headers (ASCII):
-``visit``, ``detector``, ``schema_id``, ``produce_time`` (Unix seconds) and,
-for trimmed alerts, ``apdask_trimmed``.
+Key and headers follow ``alerts.kafka.conventions``:
+
+* ``rubin`` (default), as Rubin's producer (ap_association) sends them: no key,
+  and one header, ``producer_timestamp`` (Unix milliseconds, ASCII digits).
+  Partitions are then chosen at random per message.
+* ``apdask``: the key is the ``diaObjectId`` as an 8-byte big-endian signed
+  integer (the encoding of Kafka's ``LongSerializer``; the ``diaSourceId`` when
+  the source has no object), so one object's alerts stay ordered in one
+  partition; headers (ASCII) ``visit``, ``detector``, ``schema_id`` and
+  ``produce_time`` (Unix seconds).
+
+Either way a trimmed alert also carries ``apdask_trimmed``.  Partitioner:
+``murmur2_random``, the Java client's.
 
 Credentials come only from ``APDASK_KAFKA_USERNAME`` / ``APDASK_KAFKA_PASSWORD``
 (with ``APDASK_KAFKA_SASL_MECHANISM``, default ``SCRAM-SHA-512``, and
@@ -56,6 +64,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KEY = struct.Struct(">q")
+CONVENTIONS = ("rubin", "apdask")  # alerts.kafka.conventions: key and headers of a message
 FRAME = struct.Struct(">bi")
 _GRACE_S = 5.0  # extra wait after message.timeout.ms for the expiry reports
 _RECORD_OVERHEAD = 512  # record + header framing allowance below message.max.bytes
@@ -82,7 +91,7 @@ def parse_kafka_uri(uri):
     topic : str
     options : dict of str
         Query parameters (``spool_dir``, ``compression``, ``delivery_timeout``,
-        ``max_message_bytes``, ``batch_bytes``).
+        ``max_message_bytes``, ``batch_bytes``, ``conventions``).
 
     Raises
     ------
@@ -99,7 +108,8 @@ def parse_kafka_uri(uri):
         msg = f"bad Kafka URI {uri!r}; use kafka://HOST:PORT/TOPIC (e.g. kafka://127.0.0.1:9092/alerts)"
         raise ConfigurationError(msg)
     options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    known = {"spool_dir", "compression", "delivery_timeout", "max_message_bytes", "batch_bytes"}
+    known = {"spool_dir", "compression", "delivery_timeout", "max_message_bytes", "batch_bytes",
+             "conventions"}  # fmt: skip
     unknown = set(options) - known
     if unknown:
         msg = f"unknown option(s) {sorted(unknown)} in Kafka URI; known: {', '.join(sorted(known))}"
@@ -242,6 +252,9 @@ def _crop_stamp(stamp, size):
                 for key in ("CRPIX1", "CRPIX2"):
                     if key in hdr:
                         hdr[key] = hdr[key] - off
+                for key in ("CUTMINX", "CUTMINY"):
+                    if key in hdr:
+                        hdr[key] = hdr[key] + off
             if isinstance(hdu, fits.PrimaryHDU):
                 out.append(fits.PrimaryHDU(data, header=hdr))
             else:
@@ -324,6 +337,16 @@ class KafkaSink:
         producer and broker about half again the CPU of 8 MB ones.
     producer_config : dict, optional
         Extra librdkafka settings (e.g. ``linger.ms``); never log them.
+    conventions : {"rubin", "apdask"}, optional
+        Message key and headers; default ``alerts.kafka.conventions``.
+        ``rubin``: no key, one ``producer_timestamp`` header (Unix ms), as
+        Rubin's producer.  ``apdask``: the ``diaObjectId`` key (int64) and the
+        ``visit``, ``detector``, ``schema_id`` and ``produce_time`` headers.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``conventions`` is not one of these.
     """
 
     @classmethod
@@ -335,7 +358,7 @@ class KafkaSink:
 
     def __init__(self, bootstrap, topic, schema=None, spool_dir=None, compression=None,
                  delivery_timeout=None, max_message_bytes=None, batch_bytes=None,
-                 producer_config=None):  # fmt: skip
+                 producer_config=None, conventions=None):  # fmt: skip
         self.bootstrap = bootstrap
         self.topic = topic
         self.schema = load_schema() if schema is None else schema
@@ -347,6 +370,13 @@ class KafkaSink:
             config.get("alerts.kafka.max_message_bytes", max_message_bytes)
         )
         self.batch_bytes = int(config.get("alerts.kafka.batch_bytes", batch_bytes))
+        self.conventions = str(config.get("alerts.kafka.conventions", conventions))
+        if self.conventions not in CONVENTIONS:
+            msg = (
+                f"alerts.kafka.conventions must be one of {', '.join(CONVENTIONS)}, got "
+                f"{self.conventions!r}; e.g. kafka://HOST:PORT/TOPIC?conventions=rubin"
+            )
+            raise ConfigurationError(msg)
         self.topic_limit = None  # the topic's max.message.bytes, asked when the producer starts
         self._extra = dict(producer_config or {})
         self._producer = None
@@ -427,16 +457,29 @@ class KafkaSink:
         self.close()
 
     def headers(self, visit, detector):
-        """The constant headers of one CCD's messages (``produce_time`` added per call)."""
+        """The constant headers of one CCD's messages (the time is added per message).
+
+        Empty with the ``rubin`` conventions; ``visit``, ``detector`` and
+        ``schema_id`` with ``apdask``.
+        """
+        if self.conventions == "rubin":
+            return []
         return [
             ("visit", str(int(visit)).encode()),
             ("detector", str(int(detector)).encode()),
             ("schema_id", str(self.schema_id).encode()),
         ]
 
-    @staticmethod
-    def key(alert):
-        """Message key: ``diaObjectId`` (else ``diaSourceId``) as big-endian int64 bytes."""
+    def _time_header(self):
+        if self.conventions == "rubin":
+            return ("producer_timestamp", str(time.time_ns() // 1_000_000).encode())
+        return ("produce_time", f"{time.time():.6f}".encode())
+
+    def key(self, alert):
+        """Message key: None (``rubin``), or the ``diaObjectId`` (else ``diaSourceId``) as
+        big-endian int64 bytes (``apdask``)."""
+        if self.conventions == "rubin":
+            return None
         oid = alert.diaObjectId if alert.diaObjectId is not None else alert.diaSourceId
         return KEY.pack(int(oid))
 
@@ -487,7 +530,7 @@ class KafkaSink:
                     )
                     continue
                 encoded[idx] = alert = small
-            headers = [*base, ("produce_time", f"{time.time():.6f}".encode())]
+            headers = [*base, self._time_header()]
             if alert.trimmed:
                 headers.append(("apdask_trimmed", alert.trimmed.encode()))
             while True:

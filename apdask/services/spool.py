@@ -3,7 +3,8 @@
 A spool file is an Avro object-container file (one record per block, deflate)
 in ``<spool_dir>/<topic>/<visit>_<detector>_<ns>.avro``.  Its metadata hold the
 schema id, the visit and detector, why each alert was not delivered, the
-trimming applied and each alert's diaObjectId (the Kafka key).  Any Avro reader
+trimming applied and each alert's diaObjectId (the Kafka key under the ``apdask``
+conventions; none under ``rubin``).  Any Avro reader
 reads it; :func:`replay_spool` delivers it with a
 :class:`apdask.kafka.KafkaSink` and keeps only what is still not acknowledged.
 """
