@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format venv clean bench docs
+.PHONY: demo test lint format venv clean bench docs test-brokers
 
 venv: $(STAMP)
 
@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/apdask demo
 
+# ruff, the import-layer contract (pyproject.toml [tool.importlinter]) and mypy.
 lint: $(STAMP)
 	$(BIN)/ruff check apdask tests benchmarks
 	$(BIN)/ruff format --check apdask tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format apdask tests benchmarks
@@ -37,6 +40,21 @@ test: lint
 	$(BIN)/python -m pytest -m "not slow" -q $(CONCURRENCY)
 	$(BIN)/python -m pytest -m "not slow" -q --ignore=$(CONCURRENCY)
 
+# Brokers' consumer code (Ampel, Pitt-Google, fink-client, Confluent's schema-registry
+# deserializer) on our alerts.  A venv of its own: pittgoogle-client pins
+# python-dateutil<3, which the main environment's packages do not accept.
+BROKERS := .venv-brokers
+BROKERS_STAMP := $(BROKERS)/.installed
+
+$(BROKERS_STAMP): pyproject.toml
+	test -x $(BROKERS)/bin/python || $(PYTHON) -m venv $(BROKERS)
+	$(BROKERS)/bin/python -m pip install --quiet --upgrade pip
+	$(BROKERS)/bin/python -m pip install --quiet -e ".[test,broker-clients]"
+	touch $(BROKERS_STAMP)
+
+test-brokers: $(BROKERS_STAMP)
+	$(BROKERS)/bin/python -m pytest -q -p no:cacheprovider tests/test_brokers.py
+
 # The documentation site (Sphinx, docs/conf.py) in docs/_build/html; warnings are errors.
 DOCS_STAMP := $(VENV)/.docs-installed
 
@@ -51,4 +69,4 @@ bench: $(STAMP)
 	$(BIN)/apdask bench
 
 clean:
-	rm -rf $(VENV) apdask-demo .pytest_cache .ruff_cache docs/_build docs/generated docs/notebooks docs/jupyter_execute
+	rm -rf $(VENV) $(BROKERS) apdask-demo .pytest_cache .ruff_cache docs/_build docs/generated docs/notebooks docs/jupyter_execute

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import fastavro
 import fastavro.validation
@@ -107,7 +108,7 @@ class _Packager:
 
     def __init__(self, schema):
         definition = schema.definition
-        named = {}
+        named: dict[str, Any] = {}
         _collect_named(definition, named)
         self.source = RecordEncoder(named["diaSource"])
         self.forced = RecordEncoder(named["diaForcedSource"])
@@ -151,7 +152,7 @@ def _row_bytes(encoder, table):
     n = _n_rows(table)
     if n == 0:
         return []
-    out = []
+    out: list[Any] = []
     if n > _CHUNK_ROWS:
         cols = {f.name: _column(table, f.name) for f in encoder.fields}
         cols = {k: v for k, v in cols.items() if v is not None}
@@ -257,7 +258,7 @@ def package_alerts(
     forced_bytes = _row_bytes(pk.forced, forced_history)
     forced_groups = _groups(_column(forced_history, "diaObjectId")) if forced_bytes else {}
     obj_bytes = _row_bytes(pk.object, objects)
-    obj_index = {}
+    obj_index: dict[Any, int] = {}
     if obj_bytes:
         for i, v in enumerate(_column(objects, "diaObjectId").tolist()):
             obj_index[int(v)] = i

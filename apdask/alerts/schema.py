@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import fastavro
 import fastavro.validation
@@ -65,7 +66,7 @@ def load_schema(version=None):
     return _load_schema(None if version is None else str(version))
 
 
-_PER_SCHEMA = {}  # id(schema) -> (schema, parsed Avro schema, _AlertSpec)
+_PER_SCHEMA: dict[int, Any] = {}  # id(schema) -> (schema, parsed Avro schema, _AlertSpec)
 
 
 def _per_schema(schema):
@@ -167,7 +168,7 @@ class _RecordSpec:
             self.fields.append((f["name"], conv, nullable))
 
     def build(self, row):
-        out = {}
+        out: dict[str, Any] = {}
         get = row.get
         for name, conv, nullable in self.fields:
             v = get(name)
@@ -198,7 +199,7 @@ class _RecordSpec:
 class _AlertSpec:
     def __init__(self, schema):
         definition = schema.definition
-        named = {}
+        named: dict[str, Any] = {}
         _collect_named(definition, named)
         self.top = [f["name"] for f in definition["fields"]]
 

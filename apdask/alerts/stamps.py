@@ -14,6 +14,7 @@ header objects; this costs tens of microseconds.  Byte equality with
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +151,7 @@ _CUTMIN = [
 ]
 _WCS_HEAD_BYTES = b"".join(_card(*c) for c in _WCS_HEAD)
 _RADESYS_BYTES = _card(*_RADESYS)
-_LAST_LOCAL = [None]  # (key, WCS card bytes): the three stamps of one source share them
+_LAST_LOCAL: list[Any] = [None]  # (key, WCS card bytes): the three stamps of one source share them
 
 
 def _local_wcs_bytes(wcs, x, y, x0, y0, world=None):

@@ -11,9 +11,11 @@ import io
 import logging
 import os
 import time
+from typing import Any
 
 import fastavro
 import fastavro.validation
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from apdask.alerts.schema import parsed_schema, schema_id_of, schema_registry
 from apdask.exceptions import ConfigurationError
@@ -50,8 +52,6 @@ def consume(uri, from_beginning=True, follow=False, timeout=10.0, idle_timeout=N
     data : bytes
         The message value.
     """
-    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
-
     bootstrap, topic, _ = parse_kafka_uri(uri)
     consumer = Consumer(
         {
@@ -65,8 +65,8 @@ def consume(uri, from_beginning=True, follow=False, timeout=10.0, idle_timeout=N
     try:
         md = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if md is None or md.error is not None or not md.partitions:
-            msg = f"topic {topic!r} not found on {bootstrap}; check the URI or create the topic"
-            raise ConfigurationError(msg)
+            text = f"topic {topic!r} not found on {bootstrap}; check the URI or create the topic"
+            raise ConfigurationError(text)
         parts = sorted(md.partitions)
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END
         consumer.assign([TopicPartition(topic, p, start) for p in parts])
@@ -81,11 +81,11 @@ def consume(uri, from_beginning=True, follow=False, timeout=10.0, idle_timeout=N
                 if follow and idle_timeout is not None and now - last > idle_timeout:
                     return
                 if not follow and now - last > timeout:
-                    msg = (
+                    text = (
                         f"no end of partitions {sorted(todo)} of {topic!r} within {timeout} s; "
                         "is the broker up?"
                     )
-                    raise TimeoutError(msg)
+                    raise TimeoutError(text)
                 continue
             err = msg.error()
             if err is not None:
@@ -128,7 +128,7 @@ def validate_topic(uri, schema=None, timeout=10.0):
     """
     problems = []
     n = 0
-    per_partition = {}
+    per_partition: dict[int, int] = {}
     reg = schema_registry()
     for msg, data in consume(uri, from_beginning=True, follow=False, timeout=timeout):
         n += 1
@@ -153,7 +153,7 @@ def validate_topic(uri, schema=None, timeout=10.0):
         try:
             buf = io.BytesIO(data)
             buf.seek(5)
-            rec = fastavro.schemaless_reader(buf, parsed, parsed)
+            rec: dict[str, Any] = fastavro.schemaless_reader(buf, parsed, parsed)  # type: ignore[assignment]
             if buf.tell() != len(data):
                 problems.append(f"{where}: {len(data) - buf.tell()} trailing bytes after the body")
             fastavro.validation.validate(rec, parsed, raise_errors=True)

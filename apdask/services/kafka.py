@@ -70,7 +70,9 @@ _GRACE_S = 5.0  # extra wait after message.timeout.ms for the expiry reports
 _RECORD_OVERHEAD = 512  # record + header framing allowance below message.max.bytes
 _BATCH_OVERHEAD = 65_536  # request + record-batch framing allowance below the topic limit
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # a topic's max.message.bytes when not set
-_TOPIC_LIMITS = {}  # (bootstrap, topic) -> max.message.bytes reported by the broker
+_TOPIC_LIMITS: dict[
+    tuple[str, str], int
+] = {}  # (bootstrap, topic) -> max.message.bytes reported by the broker
 
 
 # ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 from apdask.alerts.avrovec import encode_bytes, encode_long
 from apdask.alerts.packets import EncodedAlert
@@ -195,7 +196,7 @@ def replay_spool(spool, to_uri, schema=None):
 
     bootstrap, topic, options = parse_kafka_uri(to_uri)
     files = _spool_files(spool)
-    report = {"files": len(files), "delivered": 0, "remaining": 0, "problems": []}
+    report: dict[str, Any] = {"files": len(files), "delivered": 0, "remaining": 0, "problems": []}
     sinks = {}
     try:
         for fn in files:
