@@ -19,21 +19,23 @@ from apdask.config import Locations, PipelineConfig
 from apdask.core.records import CcdReport, VisitReport
 from apdask.pipeline import isr
 from apdask.pipeline.nextvisit import NextVisit
-from apdask.pipeline.tasks import (
+from apdask.pipeline.outputs import (
     associate_task,
+    package_task,
+    publish_task,
+    report_task,
+    store_task,
+)
+from apdask.pipeline.steps import now_mjd
+from apdask.pipeline.tasks import (
     calib_task,
     calibrate_task,
     darktime_task,
     detect_task,
     fetch_task,
     header_task,
-    now_mjd,
-    package_task,
     prefetch_task,
-    publish_task,
     read_amp_task,
-    report_task,
-    store_task,
     subtract_task,
     warp_task,
 )

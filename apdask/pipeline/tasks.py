@@ -1,4 +1,4 @@
-"""The task functions of one CCD's chain, one per step of the graph.
+"""The pixel steps of one CCD's chain: fetch, header, read, calibrate, warp, subtract, detect.
 
 Each function is one task of :func:`apdask.pipeline.graph.ccd_tasks`, named
 ``<step>-<visit>-<detector>`` in the graph, so the task stream times every step:
@@ -13,55 +13,40 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table, vstack
 
-from apdask.alerts.packets import EncodedAlert, package_alerts
-from apdask.alerts.schema import load_schema
-from apdask.alerts.sinks import sink_from_uri
-from apdask.alerts.stamps import StampMaker
 from apdask.config import PipelineConfig
-from apdask.core import ids
 from apdask.core.camera import Detector
 from apdask.core.exposure import Exposure
-from apdask.core.memory import keep_freed_memory
 from apdask.core.records import (
-    Association,
-    CcdReport,
     Fetched,
     Measurement,
     PpdbHistory,
     Prefetch,
     RawHeader,
-    Stored,
     Subtraction,
 )
 from apdask.exceptions import HeaderMismatchError, NoTemplateCoverageError, PpdbError, PsfFitError
 from apdask.io.butler import Butler
 from apdask.io.distributor import open_distributor
 from apdask.io.raw import RawMetadata, effective_exptime, read_raw
-from apdask.pipeline import associate, astrometry, isr
+from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
-from apdask.pipeline.measure.cutouts import cutout_size
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
-from apdask.pipeline.measure.photometry import forced_photometry
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.psf import estimate_psf, estimate_psf_model
+from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
 from apdask.pipeline.template import warp_template
 from apdask.ppdb import Ppdb
 
 __all__ = [
-    "associate_task",
     "calib_task",
     "calibrate_task",
     "check_raw_header",
@@ -69,53 +54,13 @@ __all__ = [
     "detect_task",
     "fetch_task",
     "header_task",
-    "now_mjd",
-    "package_task",
     "prefetch_task",
-    "publish_task",
     "read_amp_task",
-    "report_task",
-    "store_task",
     "subtract_task",
     "warp_task",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class _PpdbUnavailableError(Exception):
-    """A PPDB read or write failed: the CCD reports it, the visit goes on."""
-
-
-#: Errors of one CCD that end that CCD's chain, not the visit's.
-_CCD_DATA_ERRORS = (NoTemplateCoverageError, PsfFitError, _PpdbUnavailableError)
-
-
-@dataclass
-class _CcdFailure:
-    """What a step of a failed CCD hands on, in place of its result."""
-
-    error: Exception
-
-
-def _per_ccd(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Step wrapper: a CCD's data or PPDB error becomes a :class:`_CcdFailure` that later
-    steps pass on (no PPDB write, no alerts), so the visit's other CCDs still run."""
-
-    @functools.wraps(fn)
-    def step(*args: Any) -> Any:
-        failed = next((a for a in args if isinstance(a, _CcdFailure)), None)
-        if failed is not None:
-            return failed
-        cfg = next((a for a in args if isinstance(a, PipelineConfig)), None)
-        # in whichever worker process runs the step
-        keep_freed_memory(enabled=None if cfg is None else cfg.keep_freed_memory)
-        try:
-            return fn(*args)
-        except _CCD_DATA_ERRORS as err:
-            return _CcdFailure(err)
-
-    return step
 
 
 def fetch_task(distributor_url: str, name: str, timeout: float, cfg: PipelineConfig) -> Fetched:
@@ -323,7 +268,7 @@ def calibrate_task(
     return exp
 
 
-@_per_ccd
+@per_ccd
 def warp_task(science: Exposure, prefetch: Prefetch) -> Exposure:
     """The template warped onto the science image's pixel grid (Lanczos-3)."""
     t0 = time.time()
@@ -351,7 +296,7 @@ def warp_task(science: Exposure, prefetch: Prefetch) -> Exposure:
     return tmpl
 
 
-@_per_ccd
+@per_ccd
 def subtract_task(science: Exposure, template: Exposure, cfg: PipelineConfig) -> Subtraction:
     """PSF models, cosmic-ray masking and the PSF-matched, decorrelated difference."""
     t0 = time.time()
@@ -394,7 +339,7 @@ def _sharpest_fwhm_px(psfs: np.ndarray) -> float:
     return 2.3548 * math.sqrt(1.0 / (2.0 * math.log(float(ratio.max()))))
 
 
-@_per_ccd
+@per_ccd
 def detect_task(
     sub: Subtraction, visit: int, detector: Detector, band: str, header: RawHeader,
     cfg: PipelineConfig,
@@ -413,246 +358,3 @@ def detect_task(
         aperture_radius=cfg.measurement.aperture_radius,
     )  # fmt: skip
     return Measurement(table, timings={"detect+measure": time.time() - t0})
-
-
-@_per_ccd
-def associate_task(
-    sub: Subtraction,
-    measured: Measurement,
-    prefetch: Prefetch,
-    header: RawHeader,
-    detector: Detector,
-    band: str,
-    cfg: PipelineConfig,
-) -> Association:
-    """Forced photometry at known DIAObjects, then association of the new DIASources."""
-    if prefetch.ppdb_error:
-        raise _PpdbUnavailableError(prefetch.ppdb_error)
-    t0 = time.time()
-    visit, mjd = header.visit, header.mjd
-    sources = measured.sources
-    n = len(sources)
-    sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
-    processed = header.processed_mjd
-    sources["timeProcessedMjdTai"] = processed
-    sources["exposureTime"] = np.float32(header.exptime)  # s, summed over the snaps
-    objects = prefetch.history.objects
-    history = prefetch.history.sources
-    # Forced photometry at every known DIAObject in the CCD, first: this visit's
-    # forced fluxes count in the updated objects' fpFluxMean.
-    known = objects if len(objects) else None
-    forced = None
-    if known is not None:
-        fp = forced_photometry(
-            sub.difference, sub.science, np.asarray(known["ra"]), np.asarray(known["dec"])
-        )
-        keep = ~np.asarray(fp["flag_edge"], dtype=bool)
-        forced = fp[keep]
-        forced["diaObjectId"] = np.asarray(known["diaObjectId"])[keep]
-        forced["ra"] = np.asarray(known["ra"])[keep]
-        forced["dec"] = np.asarray(known["dec"])[keep]
-        forced["diaForcedSourceId"] = ids.dia_forced_source_ids(visit, detector.id, len(forced))
-        forced["visit"] = visit
-        forced["detector"] = detector.id
-        forced["midpointMjdTai"] = mjd
-        forced["band"] = band
-        forced["timeProcessedMjdTai"] = processed
-    t1 = time.time()
-    out = associate.associate_ccd(
-        sources, prefetch.history.as_mapping(), mjd, forced,
-        radius_arcsec=cfg.association.radius_arcsec,
-    )  # fmt: skip
-    sources = out["sources"]
-    t2 = time.time()
-    all_history = vstack([history, sources]) if len(history) else sources
-    return Association(
-        sources=sources,
-        objects=out["objects"],
-        forced=forced,
-        matched=out["matched"],
-        drp_matches=out["drp_matches"],
-        history=all_history,
-        timings={"forced": t1 - t0, "associate": t2 - t1},
-    )
-
-
-@_per_ccd
-def package_task(
-    sub: Subtraction, assoc: Association, prefetch: Prefetch, cfg: PipelineConfig
-) -> list[EncodedAlert]:
-    """One alert packet per DIASource: history, DIAObject and three cutouts, encoded.
-
-    Built before the PPDB write, so that a CCD whose packets cannot be made writes
-    nothing.  ``package_alerts`` and ``StampMaker`` give bytes identical to
-    ``make_alert`` with ``make_cutout`` (the tests check this) at a fraction of the cost.
-    """
-    # The triggering DIASource's timeProcessedMjdTai is the wall clock (TAI) when the
-    # packets are made; the PPDB row keeps the nominal, reproducible value.
-    sources = Table(assoc.sources, copy=False)  # the stored table is kept as it is
-    sources.replace_column("timeProcessedMjdTai", np.full(len(sources), now_mjd()))
-    schema = load_schema(cfg.alerts.schema_version)
-    makers = [StampMaker(e) for e in (sub.difference, sub.science, sub.template)]
-    for m in makers:  # one WCS call per exposure for the local WCS of every stamp
-        m.prepare(sources["x"], sources["y"])
-    lo, hi = cfg.cutouts.min_size, cfg.cutouts.max_size
-    cutouts = []
-    for x, y, bbox in zip(sources["x"], sources["y"], sources["bboxSize"], strict=True):
-        size = cutout_size(bbox, min_size=lo, max_size=hi)
-        cutouts.append(tuple(m.stamp(x, y, size) for m in makers))
-    return package_alerts(
-        sources, history=assoc.history, forced_history=prefetch.history.forced,
-        objects=assoc.objects, cutouts=cutouts, schema=schema,
-    )  # fmt: skip
-
-
-@_per_ccd
-def store_task(
-    assoc: Association,
-    packets: list[EncodedAlert],
-    header: RawHeader,
-    detector: Detector,
-    ppdb_url: str,
-    replace: bool,
-    cfg: PipelineConfig,
-) -> Stored:
-    """Write the CCD's sources, new object versions and forced sources in one transaction.
-
-    Takes the packets as an input only to run after them: no row is written for a CCD
-    whose alerts could not be made.
-    """
-    t0 = time.time()
-    try:
-        with cfg.applied():
-            stored = Ppdb.open(ppdb_url, cache=True).store(
-                header.mjd, assoc.objects, assoc.sources, assoc.forced, visit=header.visit,
-                detector=detector.id, replace=replace, drp_matches=assoc.drp_matches,
-            )  # fmt: skip
-    except PpdbError as err:  # no alerts for this CCD; the visit's other CCDs go on
-        raise _PpdbUnavailableError(str(err)) from None
-    return Stored(bool(stored), timings={"ppdb_store": time.time() - t0})
-
-
-@_per_ccd
-def publish_task(
-    stored: Stored,
-    packets: list[EncodedAlert],
-    header: RawHeader,
-    detector: Detector,
-    sink_uri: str,
-    cfg: PipelineConfig,
-) -> dict[str, Any]:
-    """Send the CCD's alerts to the sink (after the PPDB write); what was delivered."""
-    t0 = time.time()
-    with cfg.applied():
-        sink = sink_from_uri(sink_uri)
-        try:
-            written = sink.write(header.visit, detector.id, packets)  # delivered / spooled
-        finally:
-            sink.close()
-    return {
-        "alert_file": None if written.path is None else str(written.path),
-        "alerts_delivered": written.delivered,
-        "alerts_spooled": written.spooled,
-        "alerts_trimmed": len(written.trimmed),
-        "alert_spool": None if written.spool_path is None else str(written.spool_path),
-        "alert_written": time.time(),
-        "timings": {"alert_sink": time.time() - t0},
-    }
-
-
-def _failed_ccd(
-    detector: Detector, visit: int, error: str, exc: Exception | None = None
-) -> CcdReport:
-    """Report entry of a CCD whose PPDB access or pixel processing failed (no alerts sent).
-
-    With the exception ``exc``, ``error_type`` (its class name in
-    :mod:`apdask.exceptions`) and ``exit_code`` are added.
-    """
-    if exc is None:
-        log.error("visit %s CCD %s: %s", visit, detector.name, error)
-    else:  # the message names the CCD and the visit
-        log.error("%s: %s", type(exc).__name__, error)
-    out: CcdReport = {
-        "detector": detector.name,
-        "detector_id": detector.id,
-        "visit": visit,
-        "n_sources": 0,
-        "n_new_objects": 0,
-        "n_forced": 0,
-        "n_alerts": 0,
-        "stored": False,
-        "error": error,
-        "alert_file": None,
-        "alert_written": time.time(),
-        "timings": {},
-    }
-    if exc is not None:
-        out["error_type"] = type(exc).__name__
-        out["exit_code"] = int(getattr(exc, "exit_code", 1))
-    return out
-
-
-def now_mjd() -> float:
-    """The current time as MJD (TAI ≈ UTC + 37 s)."""
-    return 40587.0 + time.time() / 86400.0 + 37.0 / 86400.0
-
-
-def report_task(
-    published: Any,
-    stored: Any,
-    assoc: Any,
-    packets: Any,
-    header: RawHeader,
-    science: Exposure,
-    sub: Any,
-    measured: Any,
-    prefetch: Prefetch,
-    detector: Detector,
-) -> CcdReport:
-    """The CCD's entry of the visit report: counts, timings, latency and QA figures."""
-    failed = next((x for x in (published, stored, assoc, packets, sub, measured)
-                   if isinstance(x, _CcdFailure)), None)  # fmt: skip
-    if failed is not None:
-        err = failed.error
-        if isinstance(err, _PpdbUnavailableError):
-            return _failed_ccd(detector, header.visit, str(err))
-        return _failed_ccd(detector, header.visit, str(err), err)
-    timings: dict[str, float] = {}
-    parts = (prefetch.timings, science.meta.get("timings", {}), sub.timings, measured.timings,
-             assoc.timings, stored.timings, published["timings"])  # fmt: skip
-    for part in parts:
-        timings.update(part)
-    n = len(assoc.sources)
-    registered = max(f.registered for f in header.fetched)
-    written = published["alert_written"]
-    out: CcdReport = {
-        "detector": detector.name,
-        "detector_id": detector.id,
-        "visit": header.visit,
-        "n_sources": n,
-        "n_new_objects": int(np.sum(assoc.matched < 0)) if n else 0,
-        "n_forced": 0 if assoc.forced is None else len(assoc.forced),
-        "n_alerts": len(packets),
-        "stored": stored.stored,
-        **{k: v for k, v in published.items() if k != "timings"},
-        "timings": timings,
-        "image_registered": registered,
-        "latency_s": written - registered,
-        # Unix times (s) of one CCD's path from image arrival to alerts; docs/distributor.md.
-        "latency": {
-            "image_registered": registered,
-            "image_fetched": max(f.fetched for f in header.fetched),
-            "processing_started": header.processing_started,
-            "processing_ended": time.time(),
-            "alerts_written": written,
-            "arrival_to_alerts_s": written - registered,
-            "fetch_wait_s": max(f.waited for f in header.fetched),
-        },
-        "exptime": header.exptime,
-        "astrometry": science.meta.get("astrometry", {}),
-        # fraction of the CCD with template data; the rest is NO_DATA and was not searched
-        "template_coverage": float(sub.template.meta.get("coverage", 1.0)),
-        "subtraction": dict(sub.info),
-    }
-    out["template_partial"] = out["template_coverage"] < 1.0
-    return out
