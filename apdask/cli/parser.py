@@ -27,14 +27,81 @@ def build_parser():
         help="one setting, e.g. --set detection.threshold_sigma=6 (YAML value); may repeat",
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_data_commands(sub)
+    _add_service_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub):
+    """Add the commands that run the pipeline."""
+    p = sub.add_parser("process-ccd", help="process one CCD (DMTN-092 §2 arguments)")
+    p.add_argument("--ccd", required=True, help="CCD name, e.g. R22_S11")
+    p.add_argument("--ra", required=True, help="boresight RA, degrees")
+    p.add_argument("--dec", required=True, help="boresight Dec, degrees")
+    p.add_argument("--filter", dest="band", required=True, help="filter band u g r i z y")
+    p.add_argument("--exptime", type=float, required=True, help="anticipated exposure time, s")
+    p.add_argument("--distributor", required=True, help="http://HOST:PORT or file://DIR")
+    p.add_argument("--image", action="append", required=True, help="image name (once per snap)")
+    _add_outputs(p)
+    p = sub.add_parser("process-visit", help="process all CCDs of a nextVisit message")
+    p.add_argument("--next-visit", required=True, help="nextVisit JSON file")
+    p.add_argument("--distributor", help="file://DIR (default file://<repo>/raw)")
+    p.add_argument("--workers", type=int, default=2)
+    _add_outputs(p)
+    p = sub.add_parser("process-calib", help="verify a raw calibration frame (DMTN-092 §2.3)")
+    p.add_argument("--intent", required=True, choices=["bias", "dark", "flat", "cbp"])
+    p.add_argument("--ccd", required=True, help="CCD name, e.g. R22_S11")
+    p.add_argument("--filter", dest="band", help="filter in place (required for flat, cbp)")
+    p.add_argument("--exptime", type=float, help="anticipated exposure time, s")
+    p.add_argument("--distributor", required=True, help="http://HOST:PORT or file://DIR")
+    p.add_argument("--image", required=True, help="image name")
+    p.add_argument("--repo", help="Butler repository (masters; the report is written here)")
+    p.add_argument("--metrics", help="file://PATH or kafka://HOST:PORT/TOPIC (default: "
+                   "file://<repo>/calib-reports/metrics.jsonl)")  # fmt: skip
+    p.add_argument("--timeout", type=float, help="seconds to wait for the image (default 120)")
+    p = sub.add_parser("demo", help="the main job: simulate ComCam and process 3 visits")
+    p.add_argument("--dir", default="apdask-demo", help="working directory (default ./apdask-demo)")
+    p.add_argument("--camera", choices=["comcam", "lsstcam", "testcam"], default="comcam")
+    p.add_argument("--visits", type=int, default=3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=2)
+    p = sub.add_parser("listen", help="dynamic mode: run visits announced on a Kafka topic")
+    p.add_argument("--kafka", required=True, help="bootstrap servers HOST:PORT")
+    p.add_argument("--topic", default="next-visit", help="nextVisit topic (default next-visit)")
+    p.add_argument("--distributor", help="http://HOST:PORT or file://DIR (default <repo>/raw)")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
+    p.add_argument("--scheduler-address", help="use a running Dask scheduler instead")
+    p.add_argument("--offset", choices=["latest", "earliest"],
+                   help="where to start reading the topic (default latest)")  # fmt: skip
+    p.add_argument("--max-visits", type=int, help="exit after this many visits finished")
+    p.add_argument("--idle-exit", type=float, help="exit after S seconds with nothing to do")
+    _add_outputs(p)
+    p = sub.add_parser("submit", help="batch mode: one SLURM/HTCondor job per CCD (§2.1)")
+    p.add_argument("--scheduler", required=True, choices=["slurm", "htcondor"])
+    p.add_argument("--next-visit", required=True, help="nextVisit JSON file")
+    p.add_argument("--via", choices=["native", "jobqueue"], default="native",
+                   help="native: jobs run `apdask process-ccd` (default); jobqueue: jobs are "
+                   "Dask workers driven from here")  # fmt: skip
+    p.add_argument("--distributor", help="http://HOST:PORT or file://DIR (default <repo>/raw)")
+    p.add_argument("--job-dir", help="scripts and logs (default <repo>/jobs/visit_<visit>)")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    p.add_argument("--mem", help="memory per CCD job (default 4GB)")
+    p.add_argument("--walltime", help="time limit per job (default 00:30:00)")
+    p.add_argument("--scheduler-host", help="jobqueue: address workers reach the scheduler on")
+    p.add_argument("--wait", action="store_true", help="block until every CCD job finished")
+    p.add_argument("--dry-run", action="store_true", help="write the job files, submit nothing")
+    _add_outputs(p)
+
+
+def _add_data_commands(sub):
+    """Add configuration, data and tool commands."""
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True)
     q = csub.add_parser(
         "show", help="print the resolved configuration and where each value came from"
     )
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
     p = sub.add_parser("simulate", help="simulate a repository: templates, calibs, raws, truth")
     p.add_argument("--camera", choices=["comcam", "lsstcam", "testcam"], default="comcam")
     p.add_argument("--repo", required=True)
@@ -56,35 +123,10 @@ def build_parser():
     p.add_argument("--engine", choices=["apdask", "galsim"], default="apdask",
                    help="pixel renderer: our Gaussian code (default) or GalSim (Kolmogorov PSF, "
                    "Sersic galaxies; needs the 'sim' extra)")  # fmt: skip
-
     p = sub.add_parser("evaluate", help="compare a processed visit with the simulator's truth")
     p.add_argument("--repo", required=True, help="simulated repository (truth/, alerts/)")
     p.add_argument("--visit", type=int, required=True)
     p.add_argument("--out", help="output directory (default <repo>/evaluate/visit_<V>)")
-
-    p = sub.add_parser("process-ccd", help="process one CCD (DMTN-092 §2 arguments)")
-    p.add_argument("--ccd", required=True, help="CCD name, e.g. R22_S11")
-    p.add_argument("--ra", required=True, help="boresight RA, degrees")
-    p.add_argument("--dec", required=True, help="boresight Dec, degrees")
-    p.add_argument("--filter", dest="band", required=True, help="filter band u g r i z y")
-    p.add_argument("--exptime", type=float, required=True, help="anticipated exposure time, s")
-    p.add_argument("--distributor", required=True, help="http://HOST:PORT or file://DIR")
-    p.add_argument("--image", action="append", required=True, help="image name (once per snap)")
-    _add_outputs(p)
-
-    p = sub.add_parser("process-visit", help="process all CCDs of a nextVisit message")
-    p.add_argument("--next-visit", required=True, help="nextVisit JSON file")
-    p.add_argument("--distributor", help="file://DIR (default file://<repo>/raw)")
-    p.add_argument("--workers", type=int, default=2)
-    _add_outputs(p)
-
-    p = sub.add_parser("demo", help="the main job: simulate ComCam and process 3 visits")
-    p.add_argument("--dir", default="apdask-demo", help="working directory (default ./apdask-demo)")
-    p.add_argument("--camera", choices=["comcam", "lsstcam", "testcam"], default="comcam")
-    p.add_argument("--visits", type=int, default=3)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workers", type=int, default=2)
-
     p = sub.add_parser("butler", help="Butler repository tools")
     bsub = p.add_subparsers(dest="butler_command", required=True)
     q = bsub.add_parser("ingest-template", help="ingest a FITS image with a celestial WCS")
@@ -99,7 +141,6 @@ def build_parser():
     q.add_argument("--repo", required=True)
     q.add_argument("--valid-from", type=float, default=0.0, help="MJD")
     q.add_argument("--valid-to", type=float, default=1e6, help="MJD")
-
     p = sub.add_parser("ppdb", help="PPDB tools")
     psub = p.add_subparsers(dest="ppdb_command", required=True)
     q = psub.add_parser("create", help="initialise a PPDB (SQLite or PostgreSQL URL)")
@@ -108,7 +149,15 @@ def build_parser():
     q = psub.add_parser("load-drp", help="load the repository's DRP Object catalog into a PPDB")
     q.add_argument("--repo", required=True, help="Butler repository with a DRP catalog")
     q.add_argument("--ppdb", required=True, help="PPDB config file or SQLAlchemy URL")
+    p = sub.add_parser("bench", help="run benchmarks/ and report the figures against targets")
+    p.add_argument("--only", help="comma list of: association, ppdb, alerts, subtract, distributor")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
+    p.add_argument("--dir", help="the benchmarks/ directory (default: the source checkout's)")
+    p.add_argument("--out", default="bench-report.json", help="JSON report (default %(default)s)")
 
+
+def _add_service_commands(sub):
+    """Add alert and distributor commands."""
     p = sub.add_parser("alerts", help="alert tools")
     asub = p.add_subparsers(dest="alerts_command", required=True)
     q = asub.add_parser("validate", help="decode every alert with the official schema")
@@ -124,7 +173,6 @@ def build_parser():
     q = asub.add_parser("replay", help="deliver a spool of undelivered alerts")
     q.add_argument("spool", help="spool file or directory (apdask.alerts.spool_dir)")
     q.add_argument("--to", required=True, help="kafka://HOST:PORT/TOPIC")
-
     p = sub.add_parser("distributor", help="the HTTP image distributor (docs/distributor.md)")
     dsub = p.add_subparsers(dest="distributor_command", required=True)
     q = dsub.add_parser("serve", help="serve DIR over HTTP; uploads need $APDASK_DISTRIBUTOR_TOKEN")
@@ -136,50 +184,3 @@ def build_parser():
     q.add_argument("files", nargs="+", help="files; each is registered under its base name")
     q = dsub.add_parser("list", help="print the distributor's index as JSON")
     q.add_argument("--distributor", required=True, help="http://HOST:PORT")
-
-    p = sub.add_parser("process-calib", help="verify a raw calibration frame (DMTN-092 §2.3)")
-    p.add_argument("--intent", required=True, choices=["bias", "dark", "flat", "cbp"])
-    p.add_argument("--ccd", required=True, help="CCD name, e.g. R22_S11")
-    p.add_argument("--filter", dest="band", help="filter in place (required for flat, cbp)")
-    p.add_argument("--exptime", type=float, help="anticipated exposure time, s")
-    p.add_argument("--distributor", required=True, help="http://HOST:PORT or file://DIR")
-    p.add_argument("--image", required=True, help="image name")
-    p.add_argument("--repo", help="Butler repository (masters; the report is written here)")
-    p.add_argument("--metrics", help="file://PATH or kafka://HOST:PORT/TOPIC (default: "
-                   "file://<repo>/calib-reports/metrics.jsonl)")  # fmt: skip
-    p.add_argument("--timeout", type=float, help="seconds to wait for the image (default 120)")
-
-    p = sub.add_parser("listen", help="dynamic mode: run visits announced on a Kafka topic")
-    p.add_argument("--kafka", required=True, help="bootstrap servers HOST:PORT")
-    p.add_argument("--topic", default="next-visit", help="nextVisit topic (default next-visit)")
-    p.add_argument("--distributor", help="http://HOST:PORT or file://DIR (default <repo>/raw)")
-    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
-    p.add_argument("--scheduler-address", help="use a running Dask scheduler instead")
-    p.add_argument("--offset", choices=["latest", "earliest"],
-                   help="where to start reading the topic (default latest)")  # fmt: skip
-    p.add_argument("--max-visits", type=int, help="exit after this many visits finished")
-    p.add_argument("--idle-exit", type=float, help="exit after S seconds with nothing to do")
-    _add_outputs(p)
-
-    p = sub.add_parser("submit", help="batch mode: one SLURM/HTCondor job per CCD (§2.1)")
-    p.add_argument("--scheduler", required=True, choices=["slurm", "htcondor"])
-    p.add_argument("--next-visit", required=True, help="nextVisit JSON file")
-    p.add_argument("--via", choices=["native", "jobqueue"], default="native",
-                   help="native: jobs run `apdask process-ccd` (default); jobqueue: jobs are "
-                   "Dask workers driven from here")  # fmt: skip
-    p.add_argument("--distributor", help="http://HOST:PORT or file://DIR (default <repo>/raw)")
-    p.add_argument("--job-dir", help="scripts and logs (default <repo>/jobs/visit_<visit>)")
-    p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
-    p.add_argument("--mem", help="memory per CCD job (default 4GB)")
-    p.add_argument("--walltime", help="time limit per job (default 00:30:00)")
-    p.add_argument("--scheduler-host", help="jobqueue: address workers reach the scheduler on")
-    p.add_argument("--wait", action="store_true", help="block until every CCD job finished")
-    p.add_argument("--dry-run", action="store_true", help="write the job files, submit nothing")
-    _add_outputs(p)
-
-    p = sub.add_parser("bench", help="run benchmarks/ and report the figures against targets")
-    p.add_argument("--only", help="comma list of: association, ppdb, alerts, subtract, distributor")
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
-    p.add_argument("--dir", help="the benchmarks/ directory (default: the source checkout's)")
-    p.add_argument("--out", default="bench-report.json", help="JSON report (default %(default)s)")
-    return parser
