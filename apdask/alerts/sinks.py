@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -18,10 +16,12 @@ import fastavro.validation
 from apdask.alerts.avrovec import encode_bytes, encode_long
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, parsed_schema
-from apdask.alerts.wire import _FITS_MAGIC
+from apdask.core.files import atomic_open
 from apdask.exceptions import ConfigurationError
 
 __all__ = ["SinkResult", "FileSink", "sink_from_uri", "read_alerts", "validate_alerts"]
+
+_FITS_MAGIC = b"SIMPLE"  # a cutout must be a FITS file
 
 
 @dataclass
@@ -114,7 +114,7 @@ class FileSink:
         alerts = list(alerts)
         path = self.path_for(visit, detector)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as fh:
+        with atomic_open(path) as fh:
             if alerts and all(isinstance(a, EncodedAlert) for a in alerts):
                 _write_bodies(fh, self.schema, [a.body for a in alerts], self.codec)
             else:
@@ -146,36 +146,6 @@ def _write_bodies(fh, schema, bodies, codec, per_block=256):
             msg = f"unsupported Avro codec {codec!r}; use deflate or null"
             raise ConfigurationError(msg)
         fh.write(encode_long(len(chunk)) + encode_long(len(data)) + data + sync)
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Write ``path`` all or nothing: a temp file beside it, fsync, rename, fsync the dir."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 #: Alert transports by URI scheme: ``"module:factory"``, the factory called as

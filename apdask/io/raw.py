@@ -13,7 +13,6 @@ building the graph never touches the pixels.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ import numpy as np
 from astropy.io import fits
 
 from apdask.core.camera import Detector, check_band, get_camera
+from apdask.core.files import atomic_write
 from apdask.exceptions import RawFormatError, UnknownDetectorError
 
 __all__ = [
@@ -316,16 +316,7 @@ def write_raw(path, detector, amp_segments, meta):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".fits", dir=directory)
-    os.close(fd)
-    try:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, fits.HDUList(hdus).writeto)
     return path
 
 

@@ -16,8 +16,9 @@ import fastavro
 import fastavro.validation
 
 from apdask.alerts.schema import parsed_schema, schema_id_of, schema_registry
+from apdask.alerts.wire import CONFLUENT_HEADER
 from apdask.exceptions import ConfigurationError
-from apdask.services.kafka import CUTOUTS, FRAME, KEY, parse_kafka_uri, security_config
+from apdask.services.kafka import CUTOUTS, KEY, parse_kafka_uri, security_config
 
 __all__ = ["consume", "validate_topic"]
 
@@ -134,7 +135,7 @@ def validate_topic(uri, schema=None, timeout=10.0):
         if data is None or len(data) < 5:
             problems.append(f"{where}: empty or short message")
             continue
-        magic, sid = FRAME.unpack_from(data)
+        magic, sid = CONFLUENT_HEADER.unpack_from(data)
         if magic != 0:
             problems.append(f"{where}: magic byte {magic}, expected 0 (Confluent framing)")
             continue

@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 
 from apdask import config
+from apdask.core.files import atomic_write
 from apdask.exceptions import ApdaskError, ConfigurationError
 
 __all__ = ["listen", "parse_next_visit"]
@@ -117,10 +118,7 @@ def _assign(consumer, topic, offset, wait):
 def _write_report(repo, report):
     path = os.path.join(repo, "visit-reports", f"visit_{report['visit']}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(report, indent=1, default=str))
     return path
 
 

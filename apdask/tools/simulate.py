@@ -25,6 +25,7 @@ nothing depends on the clock.  The model (``docs/formats.md``):
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from scipy.spatial import cKDTree
 from scipy.special import erf
 
 from apdask.core.camera import PIXEL_SCALE_ARCSEC, check_band, get_camera, njy_per_electron
+from apdask.core.files import atomic_write
 from apdask.io.butler import Butler
 from apdask.io.raw import RawMetadata, raw_name, write_raw
 
@@ -408,10 +410,7 @@ def _unsaturated_flux(dets, band, fwhm_range):
 
 
 def _atomic_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _write_drp(butler, sky):
@@ -686,9 +685,9 @@ def _write_truth(repo, p, rows, band, seed):
         }
     )
     path = os.path.join(repo, "truth", f"visit_{p['visit']}.ecsv")
-    tmp = path + ".tmp"
-    t.write(tmp, format="ascii.ecsv", overwrite=True)
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    t.write(buf, format="ascii.ecsv")
+    atomic_write(path, buf.getvalue())
 
 
 # ----------------------------------------------------------- calibration frames
