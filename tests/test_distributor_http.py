@@ -568,12 +568,12 @@ def test_symlinked_cache_dir_refused(server, tmp_path):
 
 def _dev_full_mkstemp(monkeypatch, tmp_path):
     """Make the server's upload files /dev/full: every write fails with ENOSPC."""
-    from apdask.services import distributor_server
+    from apdask.services import _dist_service  # where the upload file is made
 
     def mkstemp(prefix="", suffix="", dir=None):
         return os.open("/dev/full", os.O_WRONLY), str(tmp_path / f"{prefix}gone{suffix}")
 
-    monkeypatch.setattr(distributor_server.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(_dist_service.tempfile, "mkstemp", mkstemp)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import dask
 import dask.array as da
 import numpy as np
 from astropy.io import fits
 
-from apdask.core.camera import Detector, check_band, get_camera
+from apdask.core.camera import Camera, Detector, check_band, get_camera
 from apdask.core.files import atomic_write
 from apdask.exceptions import RawFormatError, UnknownDetectorError
 
@@ -223,15 +224,6 @@ def overscan(segment, amp):
     return np.asarray(segment)[amp.overscan_slice]
 
 
-def _to_readout(data, amp):
-    """Inverse of :func:`assembled_amp` for the data section."""
-    if amp.flip_y:
-        data = data[::-1, :]
-    if amp.flip_x:
-        data = data[:, ::-1]
-    return data
-
-
 def _primary_header(meta, detector):
     h = fits.Header()
     sh = meta.shutter or _default_shutter(meta.exptime)
@@ -320,7 +312,7 @@ def write_raw(path, detector, amp_segments, meta):
     return path
 
 
-def _fail(path, problem, fix):
+def _fail(path: str, problem: str, fix: str) -> NoReturn:
     raise RawFormatError(f"raw file {path}: {problem}; {fix}")
 
 
@@ -397,6 +389,15 @@ def read_raw(path, camera=None):
         camera or detector, or its amplifier extensions do not match the camera.
     """
     path = os.fspath(path)
+    primary, ext_headers, ext_kinds = _read_headers(path)
+    meta = _meta_from_header(path, primary)
+    detector = _detector_of(path, meta, camera)
+    arrays = _lazy_amps(path, meta, detector, ext_headers, ext_kinds)
+    return RawExposure(amps=tuple(arrays), meta=meta, detector=detector, path=path)
+
+
+def _read_headers(path: str) -> tuple[fits.Header, list[fits.Header], list[str]]:
+    """Primary header, extension headers and extension HDU kinds of a raw file."""
     if not os.path.isfile(path):
         _fail(path, "does not exist", "check the path or the distributor directory")
     try:
@@ -411,7 +412,11 @@ def read_raw(path, camera=None):
     for w in caught:
         if "truncated" in str(w.message).lower():
             _fail(path, "is truncated", "wait for the transfer to finish or re-transfer it")
-    meta = _meta_from_header(path, primary)
+    return primary, ext_headers, ext_kinds
+
+
+def _detector_of(path: str, meta: RawMetadata, camera: Camera | str | None) -> Detector:
+    """The detector the header names, checked against ``camera`` (default: INSTRUME's)."""
     if camera is None or isinstance(camera, str):
         try:
             camera = get_camera(camera or meta.instrument)
@@ -432,6 +437,17 @@ def read_raw(path, camera=None):
             f"(id {detector.id})",
             "fix the header",
         )
+    return detector
+
+
+def _lazy_amps(
+    path: str,
+    meta: RawMetadata,
+    detector: Detector,
+    ext_headers: list[fits.Header],
+    ext_kinds: list[str],
+) -> list[da.Array]:
+    """One dask array per amplifier extension, after checking the extensions' layout."""
     amps = detector.amplifiers
     if len(ext_headers) != len(amps):
         _fail(
@@ -459,4 +475,4 @@ def read_raw(path, camera=None):
         key = f"{name}-{dask.base.tokenize(path, os.path.getmtime(path))}"
         task = dask.delayed(_read_amp, pure=True)(path, k + 1, amp.raw_shape, dask_key_name=key)
         arrays.append(da.from_delayed(task, amp.raw_shape, dtype=np.float32))
-    return RawExposure(amps=tuple(arrays), meta=meta, detector=detector, path=path)
+    return arrays

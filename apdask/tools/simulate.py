@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from astropy.table import Table
 from astropy.time import Time
-from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
@@ -41,6 +40,41 @@ from apdask.core.camera import PIXEL_SCALE_ARCSEC, check_band, get_camera, njy_p
 from apdask.core.files import atomic_write
 from apdask.io.butler import Butler
 from apdask.io.raw import RawMetadata, raw_name, write_raw
+from apdask.tools._sim_calibframe import CALIB_DEFECTS, simulate_calib_frame
+from apdask.tools._sim_model import (
+    _CALIB,
+    _EDGE,
+    _FWHM_RANGE,
+    _GAL_HALF,
+    _GALSIM_REACH,
+    _RAW,
+    _TEMPLATE_FWHM,
+    _TILE,
+    _TILE_OVERLAP,
+    _TRANSIENT,
+    _VISIT,
+    BIAS_LEVEL_ADU,
+    DARKTIME,
+    ENGINES,
+    EXPTIME,
+    FIELD_DEC,
+    FIELD_RA,
+    SKY_ELECTRONS,
+    _add_cosmic_rays,
+    _amp_segments,
+    _gaussian_psf,
+    _is_small,
+    _mosaic_wcs,
+    _offset,
+    _render,
+    _rng,
+    _sigma_px,
+    _snr_to_flux,
+    _static_sky,
+    _true_wcs,
+    _visit_flux,
+    visit_mjd,
+)
 
 __all__ = [
     "simulate_repo",
@@ -54,210 +88,6 @@ __all__ = [
     "CALIB_DEFECTS",
     "ENGINES",
 ]
-
-FIELD_RA, FIELD_DEC = 150.0, -30.0
-EXPTIME = 30.0
-DARKTIME = 31.0
-BIAS_LEVEL_ADU = 15000.0
-#: Sky level in electrons per pixel in 30 s.
-SKY_ELECTRONS = {"u": 150.0, "g": 450.0, "r": 900.0, "i": 1300.0, "z": 1900.0, "y": 2300.0}
-_TEMPLATE_FWHM = 0.7  # arcsec
-_FWHM_RANGE = (0.9, 1.1)  # arcsec across a CCD
-_STARS_PER_PX = 3000.0 / (4072 * 4000)
-_GALAXIES_PER_PX = 1000.0 / (4072 * 4000)
-_VARIABLE_FRACTION = 0.03
-_EDGE = 30  # px, minimum transient distance from the CCD edge
-_STAR_HALF = 14
-_GAL_HALF = 20
-_TILE_OVERLAP = 64  # px shared by neighbouring template tiles
-#: Pixel renderers: our own Gaussian code and GalSim (``apdask.simulate_galsim``).
-ENGINES = ("apdask", "galsim")
-_GALSIM_REACH = 128  # px: GalSim stamps of sources this far outside an image reach into it
-
-# Stream tags of the seeded generators.
-_SKY, _TRANSIENT, _VISIT, _RAW, _TILE, _CALIB = 1, 2, 3, 4, 5, 6
-
-
-def visit_mjd(k):
-    """MJD (TAI) at the start of the ``k``-th simulated visit."""
-    return 61000.1 + 0.02 * k
-
-
-def _rng(*key):
-    return np.random.default_rng([int(v) for v in key])
-
-
-def _sigma_px(fwhm_arcsec):
-    return np.asarray(fwhm_arcsec) / 2.3548 / PIXEL_SCALE_ARCSEC
-
-
-def _is_small(camera):
-    return all(d.nx * d.ny <= 1024 * 1024 for d in camera)
-
-
-# ------------------------------------------------------------------ rendering
-def _add_stamps(img, x, y, values_fn, half):
-    """Add stamps ``values_fn(dx, dy) -> (N, S, S)`` centred at ``(x, y)`` into ``img``."""
-    if len(x) == 0:
-        return
-    ny, nx = img.shape
-    ix = np.rint(x).astype(np.int64)
-    iy = np.rint(y).astype(np.int64)
-    offs = np.arange(-half, half + 1)
-    px = ix[:, None] + offs  # (N, S)
-    py = iy[:, None] + offs
-    vals = values_fn(px - x[:, None], py - y[:, None]).astype(np.float32)
-    ok = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
-    flat = (py[:, :, None] * nx + px[:, None, :])[ok]
-    np.add.at(img.reshape(-1), flat, vals[ok])
-
-
-def _render_stars(img, x, y, flux, sigma):
-    """Pixel-integrated circular Gaussians of total ``flux``."""
-    s2 = (np.sqrt(2.0) * sigma)[:, None]
-
-    def fn(dx, dy):
-        gx = 0.5 * (erf((dx + 0.5) / s2) - erf((dx - 0.5) / s2))
-        gy = 0.5 * (erf((dy + 0.5) / s2) - erf((dy - 0.5) / s2))
-        return flux[:, None, None] * gy[:, :, None] * gx[:, None, :]
-
-    _add_stamps(img, x, y, fn, _STAR_HALF)
-
-
-def _render_galaxies(img, x, y, flux, sigma, gal_a, gal_b, gal_theta):
-    """Elliptical Gaussians convolved with a Gaussian PSF of width ``sigma``."""
-    c, s = np.cos(gal_theta), np.sin(gal_theta)
-    cxx = gal_a**2 * c**2 + gal_b**2 * s**2 + sigma**2
-    cyy = gal_a**2 * s**2 + gal_b**2 * c**2 + sigma**2
-    cxy = (gal_a**2 - gal_b**2) * c * s
-    det = cxx * cyy - cxy**2
-    ixx, iyy, ixy = (
-        (cyy / det)[:, None, None],
-        (cxx / det)[:, None, None],
-        (-cxy / det)[:, None, None],
-    )
-
-    def fn(dx, dy):
-        ddx, ddy = dx[:, None, :], dy[:, :, None]
-        prof = np.exp(-0.5 * (ixx * ddx**2 + 2 * ixy * ddx * ddy + iyy * ddy**2))
-        prof /= prof.sum(axis=(1, 2), keepdims=True)
-        return flux[:, None, None] * prof
-
-    _add_stamps(img, x, y, fn, _GAL_HALF)
-
-
-def _render(img, cat, x, y, flux, sigma):
-    """Render the rows of ``cat`` (dict of arrays) at pixel positions x, y."""
-    gal = cat["extended"]
-    star = ~gal
-    _render_stars(img, x[star], y[star], flux[star], sigma[star])
-    _render_galaxies(
-        img, x[gal], y[gal], flux[gal], sigma[gal],
-        cat["gal_a"][gal], cat["gal_b"][gal], cat["gal_theta"][gal],
-    )  # fmt: skip
-
-
-def _gaussian_psf(fwhm_arcsec, half=10):
-    sig = float(_sigma_px(fwhm_arcsec))
-    r = np.arange(-half, half + 1)
-    g = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sig**2)
-    return g / g.sum()
-
-
-# -------------------------------------------------------------------- geometry
-def _offset(ra, dec, dx_arcsec, dy_arcsec):
-    """Shift a position by small tangent-plane offsets (east, north) in arcsec."""
-    return ra + dx_arcsec / 3600.0 / np.cos(np.deg2rad(dec)), dec + dy_arcsec / 3600.0
-
-
-def _true_wcs(det, pointing):
-    w = det.predicted_wcs(pointing["ra"], pointing["dec"], 0.0)
-    ra, dec = _offset(pointing["ra"], pointing["dec"], *pointing["error"])
-    w.wcs.crval = [ra, dec]
-    w.wcs.set()
-    return w
-
-
-def _mosaic_wcs(camera, pointings, margin):
-    """Global template TAN grid and its pixel extent covering every CCD of every visit."""
-    s = PIXEL_SCALE_ARCSEC / 3600.0
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [FIELD_RA, FIELD_DEC]
-    w.wcs.crpix = [1.0, 1.0]
-    w.wcs.cd = [[-s, 0.0], [0.0, s]]
-    w.wcs.cunit = ["deg", "deg"]
-    xs, ys = [], []
-    for p in pointings:
-        for det in camera:
-            tw = _true_wcs(det, p)
-            cx = np.array([-0.5, det.nx - 0.5, det.nx - 0.5, -0.5])
-            cy = np.array([-0.5, -0.5, det.ny - 0.5, det.ny - 0.5])
-            r, d = tw.pixel_to_world_values(cx, cy)
-            x, y = w.world_to_pixel_values(r, d)
-            xs.extend(x)
-            ys.extend(y)
-    x0 = int(np.floor(min(xs))) - margin
-    y0 = int(np.floor(min(ys))) - margin
-    x1 = int(np.ceil(max(xs))) + margin
-    y1 = int(np.ceil(max(ys))) + margin
-    w.wcs.crpix = [1.0 - x0, 1.0 - y0]
-    w.wcs.set()
-    return w, (y1 - y0, x1 - x0)
-
-
-# ----------------------------------------------------------------- catalogues
-def _power_law(rng, n, fmin, fmax, alpha):
-    """Fluxes with N(>F) ∝ F**-alpha between fmin and fmax."""
-    umin = (fmax / fmin) ** (-alpha)
-    u = rng.uniform(umin, 1.0, n)
-    return fmin * u ** (-1.0 / alpha)
-
-
-def _static_sky(seed, mosaic, mshape):
-    rng = _rng(seed, _SKY)
-    ny, nx = mshape
-    n_star = int(round(_STARS_PER_PX * nx * ny))
-    n_gal = int(round(_GALAXIES_PER_PX * nx * ny))
-    n = n_star + n_gal
-    x = rng.uniform(-20, nx + 20, n)
-    y = rng.uniform(-20, ny + 20, n)
-    ra, dec = mosaic.pixel_to_world_values(x, y)
-    flux = np.concatenate(
-        [_power_law(rng, n_star, 1e3, 1e7, 0.7), _power_law(rng, n_gal, 1e3, 2e5, 0.9)]
-    )
-    extended = np.arange(n) >= n_star
-    variable = np.zeros(n, bool)
-    n_var = max(1, int(round(_VARIABLE_FRACTION * n_star)))
-    variable[rng.choice(n_star, n_var, replace=False)] = True
-    return {
-        "id": np.arange(1, n + 1, dtype=np.int64),
-        "ra": np.mod(ra, 360.0),
-        "dec": dec,
-        "flux": flux,
-        "extended": extended,
-        "variable": variable,
-        "gal_a": np.where(extended, rng.uniform(1.5, 5.0, n), 0.0),
-        "gal_b": np.zeros(n),
-        "gal_theta": rng.uniform(0, np.pi, n),
-        "var_amp": np.where(variable, rng.uniform(0.1, 0.5, n), 0.0),
-        "var_period": rng.uniform(0.05, 2.0, n),
-        "var_phase": rng.uniform(0, 2 * np.pi, n),
-        "gal_q": rng.uniform(0.3, 1.0, n),
-    }
-
-
-def _visit_flux(cat, mjd):
-    return cat["flux"] * (
-        1.0 + cat["var_amp"] * np.sin(2 * np.pi * mjd / cat["var_period"] + cat["var_phase"])
-    )
-
-
-def _snr_to_flux(band, sky_e, snr, fwhm_range=_FWHM_RANGE):
-    """nJy of a point source with difference-image PSF SNR ``snr``."""
-    sig = float(_sigma_px(np.mean(fwhm_range)))
-    noise_e = np.sqrt(4 * np.pi * sig**2 * (sky_e + 40.0) * 1.1)
-    return snr * noise_e * njy_per_electron(band, EXPTIME)
 
 
 # ------------------------------------------------------------------ simulator
@@ -553,26 +383,6 @@ def _calib_arrays(butler, det_id, band):
     return {k: butler.get_calib(k, det_id, band, mjd) for k in ("bias", "dark", "flat")}
 
 
-def _amp_segments(img, det, rng):
-    """Electrons (assembled) → raw int32 ADU segments in readout order, with overscan."""
-    segments = []
-    for amp in det.amplifiers:
-        level = BIAS_LEVEL_ADU + rng.uniform(-50.0, 50.0)
-        seg = rng.standard_normal(amp.raw_shape, dtype=np.float32)
-        seg *= amp.read_noise / amp.gain
-        seg += level
-        data = img[amp.y0 : amp.y1, amp.x0 : amp.x1] / amp.gain
-        if amp.flip_y:
-            data = data[::-1, :]
-        if amp.flip_x:
-            data = data[:, ::-1]
-        seg[amp.data_slice] += data
-        np.minimum(seg, amp.saturation, out=seg)
-        np.rint(seg, out=seg)
-        segments.append(seg.astype(np.int32))
-    return segments
-
-
 def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, artifacts=True,
               fwhm_range=_FWHM_RANGE, engine="apdask"):  # fmt: skip
     """Render, write one raw and return its truth rows."""
@@ -655,18 +465,6 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, ar
     }
 
 
-def _add_cosmic_rays(rng, img, n):
-    ny, nx = img.shape
-    for _ in range(n):
-        x, y = int(rng.integers(0, nx)), int(rng.integers(0, ny))
-        length = int(rng.integers(1, 4))
-        dx, dy = [(1, 0), (0, 1), (1, 1), (1, -1)][int(rng.integers(0, 4))]
-        for t in range(length):
-            xi, yi = x + t * dx, y + t * dy
-            if 0 <= xi < nx and 0 <= yi < ny:
-                img[yi, xi] += rng.uniform(2000.0, 6000.0)
-
-
 def _write_truth(repo, p, rows, band, seed):
     cols = ("source_id", "kind", "detector", "ra", "dec", "x", "y", "flux", "template_flux")
     t = Table({c: np.concatenate([r[c] for r in rows]) for c in cols})
@@ -688,111 +486,3 @@ def _write_truth(repo, p, rows, band, seed):
     buf = io.StringIO()
     t.write(buf, format="ascii.ecsv")
     atomic_write(path, buf.getvalue())
-
-
-# ----------------------------------------------------------- calibration frames
-#: Defects :func:`simulate_calib_frame` can inject.
-CALIB_DEFECTS = ("hot_column", "dead_amp", "wrong_flat")
-_CALIB_FRAME = 7  # stream tag of calibration-frame noise
-_FLAT_LEVEL_E = 20000.0  # electrons per pixel in a simulated flat / CBP frame
-
-
-def simulate_calib_frame(repo, detector, intent, *, exposure_id, band="r", exptime=None,
-                         mjd=None, defect=None, seed=0, outdir=None):  # fmt: skip
-    """Write one raw calibration frame (BIAS, DARK, FLAT or CBP) of a simulated repository.
-
-    The frame is rendered from the repository's master calibrations, so a clean
-    frame agrees with them within noise: bias = master bias; dark = master bias +
-    master dark × DARKTIME; flat and CBP = a uniform illumination of 20 000 e⁻ times
-    the master flat, plus dark and bias.  Photon noise, read noise and the
-    per-amplifier overscan level are added as for science raws.
-
-    Parameters
-    ----------
-    repo : str or os.PathLike
-        A repository written by :func:`simulate_repo` (it holds the masters).
-    detector : str or int
-        CCD name or id.
-    intent : {"bias", "dark", "flat", "cbp"}
-    exposure_id : int
-        Exposure id (``VISIT`` and ``EXPID`` headers; also in the file name).
-    band : str, optional
-        Filter in place.  The flat master of this band is used for flat and CBP frames.
-    exptime : float, optional
-        Exposure time, s; default 0 for bias, 30 for dark, 10 for flat and CBP.
-    mjd : float, optional
-        Start of the exposure, MJD TAI; default the first simulated visit's.
-    defect : {"hot_column", "dead_amp", "wrong_flat"}, optional
-        ``hot_column``: a column (not the master's) with 20 e⁻/s extra dark current
-        (200 e⁻ in a bias); ``dead_amp``: amplifier 0 does not respond to light or
-        dark current; ``wrong_flat``: the illumination has a ±10 % gradient along x,
-        as from the wrong filter or stray light.
-    seed : int, optional
-    outdir : str, optional
-        Where to write; default ``<repo>/raw``.
-
-    Returns
-    -------
-    str
-        Path of the raw written, named ``raw_name(instrument, exposure_id, ccd)``.
-    """
-    intent = str(intent).lower()
-    if intent not in ("bias", "dark", "flat", "cbp"):
-        msg = f"unknown intent {intent!r}; use bias, dark, flat or cbp"
-        raise ValueError(msg)
-    if defect is not None and defect not in CALIB_DEFECTS:
-        msg = f"unknown defect {defect!r}; use one of {', '.join(CALIB_DEFECTS)}"
-        raise ValueError(msg)
-    check_band(band)
-    repo = os.path.abspath(os.fspath(repo))
-    butler = Butler(repo)
-    camera = butler.camera
-    if camera is None:
-        msg = f"{repo} records no camera; create it with apdask.simulate.simulate_repo first"
-        raise ValueError(msg)
-    det = camera[detector]
-    mjd = visit_mjd(0) if mjd is None else float(mjd)
-    if exptime is None:
-        exptime = {"bias": 0.0, "dark": 30.0}.get(intent, 10.0)
-    exptime = float(exptime)
-    darktime = exptime + 1.0 if exptime > 0 else 0.0
-    ny, nx = det.shape
-    rng = _rng(seed, _CALIB_FRAME, int(exposure_id), det.id)
-    bias = butler.get_calib("bias", det.id, None, mjd).astype(np.float32)
-    dark = butler.get_calib("dark", det.id, None, mjd).astype(np.float32)
-    signal = dark * np.float32(darktime)  # electrons that respond: dark current, light
-    if intent in ("flat", "cbp"):
-        light = np.full((ny, nx), _FLAT_LEVEL_E * exptime / 10.0, np.float32)
-        light *= butler.get_calib("flat", det.id, band, mjd)
-        if defect == "wrong_flat":
-            light *= (1.0 + 0.1 * (2.0 * np.arange(nx) / (nx - 1) - 1.0)).astype(np.float32)
-        signal += light
-    if defect == "hot_column":
-        known = set(np.flatnonzero((dark > 1.0).any(axis=0)).tolist())  # the master's
-        hot = nx // 3
-        while {hot - 1, hot, hot + 1} & known:
-            hot += 3
-        signal[:, hot] += 20.0 * darktime if darktime > 0 else 200.0
-    if defect == "dead_amp":
-        a = det.amplifiers[0]
-        signal[a.y0 : a.y1, a.x0 : a.x1] = 0.0
-    np.maximum(signal, 0.0, out=signal)
-    img = signal + np.sqrt(signal) * rng.standard_normal((ny, nx), dtype=np.float32)
-    if darktime > 0:
-        _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
-    img += bias
-    segments = _amp_segments(img, det, rng)
-    open_s = 0.0 if intent in ("bias", "dark") else exptime
-    meta = RawMetadata(
-        instrument=camera.name, detector_name=det.name, detector_id=det.id,
-        visit=int(exposure_id), exposure_id=int(exposure_id), snap=0,
-        mjd_begin=mjd, mjd_end=mjd + darktime / 86400.0,
-        exptime=exptime, darktime=darktime, band=band, ra=FIELD_RA, dec=FIELD_DEC, rotpa=0.0,
-        imgtype=intent.upper(),
-        # bias and dark: the shutter stays closed; flat and CBP: a 1 s blade motion
-        shutter={"open_begin": 0.0, "open_end": min(open_s, 1.0), "close_begin": open_s,
-                 "close_end": open_s + min(open_s, 1.0)},
-    )  # fmt: skip
-    outdir = os.path.join(repo, "raw") if outdir is None else os.fspath(outdir)
-    path = os.path.join(outdir, raw_name(camera.name, int(exposure_id), det.name))
-    return write_raw(path, det, segments, meta)
