@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from typing import Any
 
 from apdask import config
 from apdask.core.files import atomic_write
@@ -277,33 +278,45 @@ def listen(kafka, topic, *, repo=None, ppdb=None, alerts=None, distributor=None,
             client = own.__enter__()
         state = _Listener(client, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor,
                           timeout=timeout)  # fmt: skip
-        last = time.monotonic()
-        while True:
-            msg = None if stop.is_set() else consumer.poll(poll_interval)
-            if msg is not None:
-                if msg.error():
-                    log.warning("Kafka: %s", msg.error())
-                else:
-                    last = time.monotonic()
-                    state.handle(msg)
-            state.reap()
-            if state.inflight:
-                if stop.is_set():
-                    time.sleep(poll_interval)
-                continue
-            if stop.is_set():
-                break
-            if max_visits is not None and state.finished >= max_visits:
-                break
-            if idle_exit is not None and time.monotonic() - last > idle_exit:
-                log.info("no nextVisit for %.0f s and nothing in flight; exiting", idle_exit)
-                break
+        _poll_loop(consumer, state, stop, poll_interval, max_visits, idle_exit)
         return state.summary
     finally:
         consumer.close()
         if own is not None:
             own.__exit__(None, None, None)
         restore()
+
+
+def _poll_loop(
+    consumer: Any,
+    state: _Listener,
+    stop: threading.Event,
+    poll_interval: float,
+    max_visits: int | None,
+    idle_exit: float | None,
+) -> None:
+    """Hand messages to ``state`` until stopped, done or idle (see :func:`listen`)."""
+    last = time.monotonic()
+    while True:
+        msg = None if stop.is_set() else consumer.poll(poll_interval)
+        if msg is not None:
+            if msg.error():
+                log.warning("Kafka: %s", msg.error())
+            else:
+                last = time.monotonic()
+                state.handle(msg)
+        state.reap()
+        if state.inflight:
+            if stop.is_set():
+                time.sleep(poll_interval)
+            continue
+        if stop.is_set():
+            return
+        if max_visits is not None and state.finished >= max_visits:
+            return
+        if idle_exit is not None and time.monotonic() - last > idle_exit:
+            log.info("no nextVisit for %.0f s and nothing in flight; exiting", idle_exit)
+            return
 
 
 def _install_signals(stop):

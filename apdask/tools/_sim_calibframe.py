@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from apdask.core.camera import check_band
+from apdask.core.camera import Detector, check_band
 from apdask.io.butler import Butler
 from apdask.io.raw import RawMetadata, raw_name, write_raw
 from apdask.tools._sim_model import (
@@ -92,24 +92,7 @@ def simulate_calib_frame(repo, detector, intent, *, exposure_id, band="r", expti
     ny, nx = det.shape
     rng = _rng(seed, _CALIB_FRAME, int(exposure_id), det.id)
     bias = butler.get_calib("bias", det.id, None, mjd).astype(np.float32)
-    dark = butler.get_calib("dark", det.id, None, mjd).astype(np.float32)
-    signal = dark * np.float32(darktime)  # electrons that respond: dark current, light
-    if intent in ("flat", "cbp"):
-        light = np.full((ny, nx), _FLAT_LEVEL_E * exptime / 10.0, np.float32)
-        light *= butler.get_calib("flat", det.id, band, mjd)
-        if defect == "wrong_flat":
-            light *= (1.0 + 0.1 * (2.0 * np.arange(nx) / (nx - 1) - 1.0)).astype(np.float32)
-        signal += light
-    if defect == "hot_column":
-        known = set(np.flatnonzero((dark > 1.0).any(axis=0)).tolist())  # the master's
-        hot = nx // 3
-        while {hot - 1, hot, hot + 1} & known:
-            hot += 3
-        signal[:, hot] += 20.0 * darktime if darktime > 0 else 200.0
-    if defect == "dead_amp":
-        a = det.amplifiers[0]
-        signal[a.y0 : a.y1, a.x0 : a.x1] = 0.0
-    np.maximum(signal, 0.0, out=signal)
+    signal = _calib_signal(butler, det, intent, band, mjd, exptime, darktime, defect)
     img = signal + np.sqrt(signal) * rng.standard_normal((ny, nx), dtype=np.float32)
     if darktime > 0:
         _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
@@ -129,3 +112,36 @@ def simulate_calib_frame(repo, detector, intent, *, exposure_id, band="r", expti
     outdir = os.path.join(repo, "raw") if outdir is None else os.fspath(outdir)
     path = os.path.join(outdir, raw_name(camera.name, int(exposure_id), det.name))
     return write_raw(path, det, segments, meta)
+
+
+def _calib_signal(
+    butler: Butler,
+    det: Detector,
+    intent: str,
+    band: str,
+    mjd: float,
+    exptime: float,
+    darktime: float,
+    defect: str | None,
+) -> np.ndarray:
+    """Electrons that respond (dark current and light) of one frame, defects included."""
+    ny, nx = det.shape
+    dark = butler.get_calib("dark", det.id, None, mjd).astype(np.float32)
+    signal = dark * np.float32(darktime)
+    if intent in ("flat", "cbp"):
+        light = np.full((ny, nx), _FLAT_LEVEL_E * exptime / 10.0, np.float32)
+        light *= butler.get_calib("flat", det.id, band, mjd)
+        if defect == "wrong_flat":
+            light *= (1.0 + 0.1 * (2.0 * np.arange(nx) / (nx - 1) - 1.0)).astype(np.float32)
+        signal += light
+    if defect == "hot_column":
+        known = set(np.flatnonzero((dark > 1.0).any(axis=0)).tolist())  # the master's
+        hot = nx // 3
+        while {hot - 1, hot, hot + 1} & known:
+            hot += 3
+        signal[:, hot] += 20.0 * darktime if darktime > 0 else 200.0
+    if defect == "dead_amp":
+        a = det.amplifiers[0]
+        signal[a.y0 : a.y1, a.x0 : a.x1] = 0.0
+    np.maximum(signal, 0.0, out=signal)
+    return signal

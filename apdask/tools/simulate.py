@@ -29,14 +29,24 @@ import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from astropy.table import Table
 from astropy.time import Time
+from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
-from apdask.core.camera import PIXEL_SCALE_ARCSEC, check_band, get_camera, njy_per_electron
+from apdask.core.camera import (
+    PIXEL_SCALE_ARCSEC,
+    Camera,
+    Detector,
+    check_band,
+    get_camera,
+    njy_per_electron,
+)
 from apdask.core.files import atomic_write
 from apdask.io.butler import Butler
 from apdask.io.raw import RawMetadata, raw_name, write_raw
@@ -133,8 +143,11 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     if engine not in ENGINES:
         msg = f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}"
         raise ValueError(msg)
+    galsim_engine = None
     if engine == "galsim":
         from apdask.tools import simulate_galsim  # fails early, with the install hint, if missing
+
+        galsim_engine = simulate_galsim
     camera = get_camera(camera_name)
     dets = list(camera) if detectors is None else [camera[d] for d in detectors]
     fwhm_range = tuple(float(v) for v in (fwhm_range or _FWHM_RANGE))
@@ -145,12 +158,57 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     butler = Butler(repo, camera=camera.name)
     small = _is_small(camera)
     dither = 5.0 if small else 30.0  # arcsec, max per axis
-    n_transient = 12 if small else 40
-    tile = 1024 if small else 2048
-    sky_e = SKY_ELECTRONS[band] * EXPTIME / 30.0
-    k_njy = njy_per_electron(band, EXPTIME)
+    pointings = _pointings(seed, n_visits, first_visit, dither)
+    mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
+    sky = _static_sky(seed, mosaic, mshape)
+    sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
+    if galsim_engine is not None:
+        sky.update(galsim_engine.galaxy_columns(seed, sky))
+    if not artifacts:
+        sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(dets, band, fwhm_range))
+    _write_drp(butler, sky)
+    sim = _Simulation(
+        repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine
+    )
+    transients = _make_transients(seed, dets, pointings, sky, 12 if small else 40, band,
+                                  sim.sky_e, dither, fwhm_range)  # fmt: skip
+    truth_rows = _render_all(sim, pointings, mosaic, mshape, transients, 1024 if small else 2048)
+    messages = [_write_visit(sim, p, truth_rows) for p in pointings]
+    settings = {
+        "camera": camera.name, "seed": int(seed), "band": band,
+        "detectors": [d.name for d in dets], "artifacts": bool(artifacts),
+        "fwhm_range": list(fwhm_range), "template_fwhm": template_fwhm,
+        "template_depth": 10.0, "engine": engine,
+        "psf": galsim_engine.PSF_PROFILE if galsim_engine is not None else "gaussian",
+    }  # fmt: skip
+    _atomic_text(os.path.join(repo, "truth", "simulation.json"), json.dumps(settings, indent=1))
+    return messages
 
-    # Pointings: commanded (dithered) boresight plus a true pointing error.
+
+@dataclass(frozen=True)
+class _Simulation:
+    """What every rendering job of one :func:`simulate_repo` call shares."""
+
+    repo: str
+    butler: Butler
+    seed: int
+    camera: Camera
+    dets: list[Detector]
+    band: str
+    sky: dict[str, Any]
+    artifacts: bool
+    fwhm_range: tuple[float, ...]
+    template_fwhm: float
+    engine: str
+
+    @property
+    def sky_e(self) -> float:
+        """Sky level (electrons per pixel) in one exposure."""
+        return SKY_ELECTRONS[self.band] * EXPTIME / 30.0
+
+
+def _pointings(seed: int, n_visits: int, first_visit: int, dither: float) -> list[dict[str, Any]]:
+    """Commanded (dithered) boresight of each visit plus a true pointing error."""
     pointings = []
     for k in range(n_visits):
         rng = _rng(seed, _VISIT, k)
@@ -160,74 +218,70 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
             {"k": k, "visit": first_visit + k, "ra": float(ra), "dec": float(dec),
              "error": err, "mjd": visit_mjd(k)}
         )  # fmt: skip
+    return pointings
 
-    mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
-    sky = _static_sky(seed, mosaic, mshape)
-    sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
-    if engine == "galsim":
-        sky.update(simulate_galsim.galaxy_columns(seed, sky))
-    if not artifacts:
-        sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(dets, band, fwhm_range))
-    _write_drp(butler, sky)
-    transients = _make_transients(seed, dets, pointings, sky, n_transient, band, sky_e, dither,
-                                  fwhm_range)  # fmt: skip
 
+def _render_all(
+    sim: _Simulation,
+    pointings: list[dict[str, Any]],
+    mosaic: WCS,
+    mshape: tuple[int, int],
+    transients: dict[str, Any],
+    tile: int,
+) -> list[dict[str, Any]]:
+    """Template tiles and master calibs, then every raw; the truth rows of the raws."""
+    dets, band, seed, butler = sim.dets, sim.band, sim.seed, sim.butler
+    k_njy = njy_per_electron(band, EXPTIME)
     # Typical science variance (e^2) for the template depth.
     rn = np.mean([a.read_noise for d in dets for a in d.amplifiers])
-    sci_var_njy = (sky_e + rn**2) * k_njy**2
-
+    sci_var_njy = (sim.sky_e + rn**2) * k_njy**2
     butler.prepare_groups(band, [det.id for det in dets])
     jobs = []
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         jobs += [
-            pool.submit(_make_tiles_row, butler, seed, band, mosaic, mshape, tile, j, sky,
-                        sci_var_njy, template_fwhm, engine)
+            pool.submit(_make_tiles_row, butler, seed, band, mosaic, mshape, tile, j, sim.sky,
+                        sci_var_njy, sim.template_fwhm, sim.engine)
             for j in range(_n_tiles(mshape[0], tile))
         ]  # fmt: skip
-        jobs += [pool.submit(_make_calibs, butler, seed, camera, det, band, artifacts)
+        jobs += [pool.submit(_make_calibs, butler, seed, sim.camera, det, band, sim.artifacts)
                  for det in dets]  # fmt: skip
         for f in jobs:
             f.result()
 
         def raw(det, p):  # a CCD's calibrations are read by its own job: for 189 CCDs
             calib = _calib_arrays(butler, det.id, band)  # they would not fit in memory
-            return _make_raw(repo, seed, camera, det, p, band, sky, transients, calib, sky_e,
-                             k_njy, artifacts, fwhm_range, engine)  # fmt: skip
+            return _make_raw(sim.repo, seed, sim.camera, det, p, band, sim.sky, transients, calib,
+                             sim.sky_e, k_njy, sim.artifacts, sim.fwhm_range,
+                             sim.engine)  # fmt: skip
 
         raw_jobs = [pool.submit(raw, det, p) for p in pointings for det in dets]
-        truth_rows = [f.result() for f in raw_jobs]
+        return [f.result() for f in raw_jobs]
 
-    messages = []
-    for p in pointings:
-        rows = [r for r in truth_rows if r["visit"] == p["visit"]]
-        _write_truth(repo, p, rows, band, seed)
-        msg = {
-            "instrument": camera.name,
-            "groupId": str(p["visit"]),
-            "visit": p["visit"],
-            "position": [p["ra"], p["dec"]],
-            "coordinateSystem": "ICRS",
-            "rotationAngle": 0.0,
-            "filters": band,
-            "duration": EXPTIME,
-            "nimages": 1,
-            "detectors": [d.name for d in dets],
-            "timestamp": round(float(Time(p["mjd"], format="mjd", scale="tai").unix), 6),
-            "mjd": p["mjd"],
-        }
-        path = os.path.join(repo, "visits", f"visit_{p['visit']}.json")
-        _atomic_text(path, json.dumps(msg, indent=2) + "\n")
-        messages.append(msg)
-    settings = {
-        "camera": camera.name, "seed": int(seed), "band": band,
-        "detectors": [d.name for d in dets], "artifacts": bool(artifacts),
-        "fwhm_range": list(fwhm_range), "template_fwhm": template_fwhm,
-        "template_depth": 10.0, "engine": engine,
-        "psf": simulate_galsim.PSF_PROFILE if engine == "galsim" else "gaussian",
-    }  # fmt: skip
-    _atomic_text(os.path.join(repo, "truth", "simulation.json"), json.dumps(settings, indent=1))
-    return messages
+
+def _write_visit(
+    sim: _Simulation, p: dict[str, Any], truth_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write the truth table and the nextVisit message of one visit; the message."""
+    rows = [r for r in truth_rows if r["visit"] == p["visit"]]
+    _write_truth(sim.repo, p, rows, sim.band, sim.seed)
+    msg = {
+        "instrument": sim.camera.name,
+        "groupId": str(p["visit"]),
+        "visit": p["visit"],
+        "position": [p["ra"], p["dec"]],
+        "coordinateSystem": "ICRS",
+        "rotationAngle": 0.0,
+        "filters": sim.band,
+        "duration": EXPTIME,
+        "nimages": 1,
+        "detectors": [d.name for d in sim.dets],
+        "timestamp": round(float(Time(p["mjd"], format="mjd", scale="tai").unix), 6),
+        "mjd": p["mjd"],
+    }
+    path = os.path.join(sim.repo, "visits", f"visit_{p['visit']}.json")
+    _atomic_text(path, json.dumps(msg, indent=2) + "\n")
+    return msg
 
 
 def _unsaturated_flux(dets, band, fwhm_range):
