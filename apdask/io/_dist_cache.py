@@ -23,7 +23,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-def default_cache_base():
+def default_cache_base() -> str:
     """Parent of the per-distributor caches: ``$XDG_CACHE_HOME/apdask/distributor``.
 
     ``XDG_CACHE_HOME`` defaults to ``~/.cache`` (and is ignored unless absolute, as the
@@ -41,7 +41,7 @@ def _cache_fix(path):
     )
 
 
-def open_private_dir(path, private_from=None):
+def open_private_dir(path: str, private_from: str | None = None) -> int:
     """Open directory ``path``, creating it with mode 0700; refuse one that is not private.
 
     Every component from ``private_from`` (default: ``path`` itself) down to ``path``

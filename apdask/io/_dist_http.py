@@ -80,7 +80,7 @@ class HttpDistributor:
     on disk is discarded and downloaded again.
     """
 
-    def __init__(self, url, cache_dir=None, read_timeout=30.0):
+    def __init__(self, url: str, cache_dir: str | None = None, read_timeout: float = 30.0) -> None:
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             msg = f"HTTP distributor URL {url!r} is malformed; use http://HOST:PORT"
@@ -101,7 +101,7 @@ class HttpDistributor:
             self._private_from = os.path.dirname(base)  # .../apdask
         self.read_timeout = float(read_timeout)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"HttpDistributor({self.url!r})"
 
     # ----------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ class HttpDistributor:
         )
         return DistributorUnavailableError(msg)
 
-    def retrieve(self, name, timeout=None):
+    def retrieve(self, name: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until image ``name`` is registered, download it and describe it.
 
         Parameters
@@ -390,14 +390,14 @@ class HttpDistributor:
         )
         raise ImageTimeoutError(msg)
 
-    def get(self, name, timeout=None):
+    def get(self, name: str, timeout: float | None = None) -> str:
         """Block until image ``name`` is registered; return the path of a local copy.
 
         See :meth:`retrieve` for parameters and errors.
         """
         return self.retrieve(name, timeout)["path"]
 
-    def exists(self, name):
+    def exists(self, name: str) -> bool:
         """Whether image ``name`` is registered (``HEAD``, no waiting)."""
         check_image_name(name)
         try:
@@ -407,7 +407,7 @@ class HttpDistributor:
         conn.close()
         return resp.status == 200
 
-    def index(self):
+    def index(self) -> list[dict[str, Any]]:
         """The server's index: a list of ``{name, size, sha256, registered}`` dicts."""
         try:
             conn, resp = self._request("GET", self._path(), 30.0)
@@ -417,7 +417,13 @@ class HttpDistributor:
             raise self._unavailable("index", 0.0, str(e)) from None
         return json.loads(body)["images"]
 
-    def put(self, name, source, token=None, timeout=300.0):
+    def put(
+        self,
+        name: str,
+        source: str | os.PathLike[str],
+        token: str | None = None,
+        timeout: float = 300.0,
+    ) -> dict[str, Any]:
         """Upload a file as image ``name`` (what a camera's forwarder does).
 
         A refused or reset connection and a ``503`` (the server busy or at its
@@ -496,7 +502,9 @@ class HttpDistributor:
             time.sleep(backoff)
             backoff = min(2 * backoff, 2.0)
 
-    def _upload_result(self, name: str, status: int, http_reason: str, body: bytes) -> Any:
+    def _upload_result(
+        self, name: str, status: int, http_reason: str, body: bytes
+    ) -> dict[str, Any]:
         """The registration record of an accepted upload; the matching error otherwise."""
         if status == 401:
             msg = f"distributor {self.url} rejected the upload token; check {TOKEN_ENV}"

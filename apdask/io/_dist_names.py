@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from apdask.core.camera import Camera, Detector
 from apdask.exceptions import (
     HeaderMismatchError,
 )
@@ -21,7 +22,7 @@ TOKEN_ENV = "APDASK_DISTRIBUTOR_TOKEN"
 NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
 
 
-def check_image_name(name):
+def check_image_name(name: str) -> str:
     """Return ``name`` if it is a safe image file name, else raise ValueError."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         msg = (
@@ -37,7 +38,7 @@ _RAW_NAME = re.compile(
 )
 
 
-def check_image_for_ccd(name, camera, detector):
+def check_image_for_ccd(name: str, camera: Camera, detector: Detector) -> str:
     """Refuse an image name that, by the raw naming convention, belongs to another CCD.
 
     Names of the form ``{instrument}_{visit}_{ccd}_{snap}.fits`` (``rawio.raw_name``)

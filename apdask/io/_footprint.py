@@ -6,20 +6,24 @@ their centre.  Re-exported by :mod:`apdask.io.butler`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+from numpy.typing import ArrayLike
 
 __all__ = ["polygons_overlap", "wcs_from_attrs", "wcs_to_attrs"]
 
 
-def wcs_to_attrs(wcs):
+def wcs_to_attrs(wcs: WCS) -> dict[str, Any]:
     """FITS cards of a celestial WCS as a JSON-able dict (``wcs.to_header()``)."""
     hdr = wcs.to_header()
     return {k: v for k, v in hdr.items() if k not in ("COMMENT", "HISTORY", "")}
 
 
-def wcs_from_attrs(cards, shape=None):
+def wcs_from_attrs(cards: Mapping[str, Any], shape: tuple[int, int] | None = None) -> WCS:
     """Rebuild a WCS from :func:`wcs_to_attrs` output; ``shape`` is ``(ny, nx)``."""
     w = WCS(fits.Header(cards))
     if shape is not None:
@@ -84,7 +88,7 @@ def _sat_overlap(a, b):
     return True
 
 
-def polygons_overlap(corners_a, corners_b):
+def polygons_overlap(corners_a: ArrayLike, corners_b: ArrayLike) -> bool:
     """Whether two sky polygons (``(N, 2)`` ra/dec degrees) overlap.
 
     Both are projected onto the tangent plane at the centre of ``corners_b`` and

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from apdask import config
@@ -62,7 +63,7 @@ class FileDistributor:
         If ``root`` is not an existing directory.
     """
 
-    def __init__(self, root):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(self.root):
             msg = (
@@ -71,23 +72,25 @@ class FileDistributor:
             )
             raise DistributorUnavailableError(msg)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"FileDistributor({self.root!r})"
 
     @property
-    def url(self):
+    def url(self) -> str:
         """``file://`` URL of the distributor."""
         return "file://" + self.root
 
-    def path(self, name):
+    def path(self, name: str) -> str:
         """Path at which image ``name`` appears (validated, not waited for)."""
         return os.path.join(self.root, check_image_name(name))
 
-    def exists(self, name):
+    def exists(self, name: str) -> bool:
         """Whether image ``name`` has fully arrived."""
         return os.path.isfile(self.path(name))
 
-    def retrieve(self, name, timeout=None, poll_interval=None):
+    def retrieve(
+        self, name: str, timeout: float | None = None, poll_interval: float | None = None
+    ) -> dict[str, Any]:
         """Like :meth:`get`, but return a dict with the registration time.
 
         Returns
@@ -102,7 +105,9 @@ class FileDistributor:
         return {"path": path, "name": name, "size": st.st_size, "sha256": None,
                 "registered": st.st_mtime}  # fmt: skip
 
-    def get(self, name, timeout=None, poll_interval=None):
+    def get(
+        self, name: str, timeout: float | None = None, poll_interval: float | None = None
+    ) -> str:
         """Block until image ``name`` has arrived and return its path.
 
         Parameters
@@ -148,7 +153,7 @@ class FileDistributor:
         raise ImageTimeoutError(msg)
 
 
-def open_distributor(url):
+def open_distributor(url: str | os.PathLike[str]) -> HttpDistributor | FileDistributor:
     """Return a distributor client for ``url``.
 
     Parameters
