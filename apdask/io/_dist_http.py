@@ -51,6 +51,9 @@ _MAX_MISMATCHES = 2
 class _RetryError(Exception):
     """A transient failure (connection refused/reset, 503, broken download)."""
 
+    #: Connected, but no answer in time: the server is up, only slow.
+    reachable: bool = False
+
 
 class HttpDistributor:
     """Client of an HTTP distributor (``apdask distributor serve``).
@@ -207,7 +210,7 @@ class HttpDistributor:
             "(apdask distributor upload) and check the distributor's disk"
         )
         err = ChecksumMismatchError(msg)
-        err.retryable = True
+        err.retryable = True  # type: ignore[attr-defined]  # read with getattr by _retrieve
         return err
 
     def _download(self, dfd, name, conn, resp):
@@ -253,8 +256,8 @@ class HttpDistributor:
             side = f".dl-{secrets.token_hex(8)}.json"
             fd = os.open(side, _CREATE_FLAGS, 0o600, dir_fd=dfd)
             try:
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(info, fh)
+                with os.fdopen(fd, "w") as side_fh:
+                    json.dump(info, side_fh)
                 os.replace(side, f".{name}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
             except OSError:
                 with contextlib.suppress(OSError):

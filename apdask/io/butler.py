@@ -18,6 +18,8 @@ local directory later without touching the accessors.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -26,8 +28,9 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from numpy.typing import ArrayLike
 
-from apdask.core.camera import check_band, get_camera
+from apdask.core.camera import Camera, check_band, get_camera
 from apdask.core.exposure import TemplateTile
 from apdask.exceptions import ConfigurationError, RawFormatError
 from apdask.io._footprint import (
@@ -83,7 +86,7 @@ class Butler:
         and to validate their shape.
     """
 
-    def __init__(self, root, camera=None):
+    def __init__(self, root: str | os.PathLike[str], camera: str | None = None) -> None:
         self.root = os.fspath(root)
         if "://" not in self.root:
             self.root = os.path.abspath(self.root)
@@ -94,12 +97,12 @@ class Butler:
             self._group.attrs["camera"] = get_camera(camera).name
         self._camera_cache = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Butler({self.root!r})"
 
     # ----------------------------------------------------------------- helpers
     @property
-    def camera(self):
+    def camera(self) -> Camera | None:
         """Camera recorded in the repository, or None."""
         name = self._group.attrs.get("camera")
         return None if name is None else get_camera(name)
@@ -110,7 +113,7 @@ class Butler:
         except KeyError:
             return None
 
-    def prepare_groups(self, band, detector_ids):
+    def prepare_groups(self, band: str, detector_ids: Iterable[int]) -> None:
         """Create the template and calib groups up front (before threaded writes)."""
         self._group.require_group(f"templates/{check_band(band)}")
         for kind in CALIB_KINDS:
@@ -119,7 +122,15 @@ class Butler:
                 self._group.require_group(f"calibs/{kind}/{int(det_id)}/{bkey}")
 
     # --------------------------------------------------------------- templates
-    def put_template(self, band, tile_id, image, variance, wcs, psf=None):
+    def put_template(
+        self,
+        band: str,
+        tile_id: str,
+        image: np.ndarray,
+        variance: np.ndarray,
+        wcs: WCS,
+        psf: np.ndarray | None = None,
+    ) -> None:
         """Store one template tile.
 
         Parameters
@@ -160,12 +171,12 @@ class Butler:
             arr.attrs.update(attrs)
         grp.attrs.update(attrs)
 
-    def template_ids(self, band):
+    def template_ids(self, band: str) -> list[str]:
         """Tile ids stored for ``band``."""
         grp = self._get(f"templates/{band}")
         return [] if grp is None else sorted(grp.group_keys())
 
-    def get_templates(self, band, corners):
+    def get_templates(self, band: str, corners: ArrayLike) -> list[TemplateTile]:
         """All template tiles of ``band`` whose footprint overlaps a sky polygon.
 
         Parameters
@@ -183,7 +194,7 @@ class Butler:
         check_band(band)
         out = []
         for tile_id in self.template_ids(band):
-            grp = self._group[f"templates/{band}/{tile_id}"]
+            grp: Any = self._group[f"templates/{band}/{tile_id}"]
             attrs = dict(grp.attrs)
             if not polygons_overlap(attrs["corners"], corners):
                 continue
@@ -202,7 +213,9 @@ class Butler:
             )
         return out
 
-    def ingest_template(self, path, band, tile_id=None):
+    def ingest_template(
+        self, path: str | os.PathLike[str], band: str, tile_id: str | None = None
+    ) -> str:
         """Ingest any FITS image with a celestial WCS as a template tile.
 
         The image is the primary HDU if it has 2-D data, else the first image
@@ -265,7 +278,15 @@ class Butler:
         return tile_id
 
     # ----------------------------------------------------------- calibrations
-    def put_calib(self, kind, detector_id, image, band=None, valid_from=0.0, valid_to=1e6):
+    def put_calib(
+        self,
+        kind: str,
+        detector_id: int,
+        image: np.ndarray,
+        band: str | None = None,
+        valid_from: float = 0.0,
+        valid_to: float = 1e6,
+    ) -> str:
         """Store a master calibration.
 
         Parameters
@@ -342,7 +363,7 @@ class Butler:
             raise ConfigurationError(msg)
         return best
 
-    def get_calib(self, kind, detector_id, band, mjd):
+    def get_calib(self, kind: str, detector_id: int, band: str | None, mjd: float) -> np.ndarray:
         """The master calibration of ``kind`` valid at ``mjd``, as a numpy array.
 
         When several entries are valid, the one with the latest ``valid_from`` wins.
@@ -354,11 +375,19 @@ class Butler:
         """
         return self._find_calib(kind, detector_id, band, mjd)[...]
 
-    def get_calib_lazy(self, kind, detector_id, band, mjd):
+    def get_calib_lazy(self, kind: str, detector_id: int, band: str | None, mjd: float) -> da.Array:
         """Like :meth:`get_calib` but a dask array chunked as stored (per amplifier)."""
         return da.from_zarr(self._find_calib(kind, detector_id, band, mjd))
 
-    def ingest_calib(self, path, kind, detector_id, band=None, valid_from=0.0, valid_to=1e6):
+    def ingest_calib(
+        self,
+        path: str | os.PathLike[str],
+        kind: str,
+        detector_id: int,
+        band: str | None = None,
+        valid_from: float = 0.0,
+        valid_to: float = 1e6,
+    ) -> str:
         """Ingest a master calibration from the first 2-D image HDU of a FITS file.
 
         The image must already be in the stored units (see :meth:`put_calib`).
@@ -373,7 +402,7 @@ class Butler:
         return self.put_calib(kind, detector_id, image, band, valid_from, valid_to)
 
     # ------------------------------------------------------------- DRP objects
-    def put_drp_objects(self, table):
+    def put_drp_objects(self, table: Table) -> None:
         """Store the DRP Object catalog (replaces any previous one).
 
         Parameters
@@ -396,7 +425,7 @@ class Butler:
             if n:
                 arr[...] = data
 
-    def get_drp_objects(self, corners=None):
+    def get_drp_objects(self, corners: ArrayLike | None = None) -> Table:
         """The DRP Object catalog, optionally only objects inside a sky polygon."""
         grp = self._get("drp_objects")
         if grp is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -21,8 +22,9 @@ import dask
 import dask.array as da
 import numpy as np
 from astropy.io import fits
+from numpy.typing import ArrayLike
 
-from apdask.core.camera import Camera, Detector, check_band, get_camera
+from apdask.core.camera import Amplifier, Camera, Detector, check_band, get_camera
 from apdask.core.files import atomic_write
 from apdask.exceptions import RawFormatError, UnknownDetectorError
 
@@ -105,7 +107,7 @@ class RawMetadata:
     header: fits.Header = field(default_factory=fits.Header, repr=False)
 
     @property
-    def mjd_mid(self):
+    def mjd_mid(self) -> float:
         """Midpoint of the effective exposure, MJD TAI."""
         sh = self.shutter or _default_shutter(self.exptime)
         t_open = 0.5 * (sh["open_begin"] + sh["open_end"])
@@ -118,7 +120,7 @@ def _default_shutter(exptime):
     return {"open_begin": 0.0, "open_end": 0.0, "close_begin": exptime, "close_end": exptime}
 
 
-def effective_exptime(meta):
+def effective_exptime(meta: RawMetadata) -> float:
     """Effective exposure time in seconds from the shutter motion.
 
     Both blades sweep the focal plane at constant speed, so the time a point is
@@ -161,7 +163,7 @@ class RawExposure:
     path: str = ""
 
 
-def raw_name(instrument, visit, detector_name, snap=0):
+def raw_name(instrument: str, visit: int, detector_name: str, snap: int = 0) -> str:
     """File name of a raw: ``f"{instrument}_{visit}_{detector_name}_{snap}.fits"``."""
     return f"{instrument}_{int(visit)}_{detector_name}_{int(snap)}.fits"
 
@@ -177,7 +179,7 @@ def _sec(x0, x1, y0, y1, flip_x=False, flip_y=False):
     return f"[{xa}:{xb},{ya}:{yb}]"
 
 
-def amp_header(amp):
+def amp_header(amp: Amplifier) -> fits.Header:
     """Extension-header cards (DATASEC, BIASSEC, DETSEC, GAIN...) of an amplifier."""
     ny, _ = amp.raw_shape
     h = fits.Header()
@@ -197,7 +199,7 @@ def amp_header(amp):
     return h
 
 
-def assembled_amp(segment, amp):
+def assembled_amp(segment: ArrayLike, amp: Amplifier) -> np.ndarray:
     """Data section of a raw segment flipped to assembled orientation.
 
     Parameters
@@ -219,7 +221,7 @@ def assembled_amp(segment, amp):
     return data
 
 
-def overscan(segment, amp):
+def overscan(segment: ArrayLike, amp: Amplifier) -> np.ndarray:
     """Serial overscan columns of a raw segment (readout order, numpy)."""
     return np.asarray(segment)[amp.overscan_slice]
 
@@ -267,7 +269,12 @@ def _iso_tai(mjd):
     return Time(mjd, format="mjd", scale="tai").isot
 
 
-def write_raw(path, detector, amp_segments, meta):
+def write_raw(
+    path: str | os.PathLike[str],
+    detector: Detector,
+    amp_segments: Sequence[ArrayLike],
+    meta: RawMetadata,
+) -> str:
     """Write a raw MEF file atomically (temporary file, then ``os.replace``).
 
     Parameters
@@ -368,7 +375,7 @@ def _meta_from_header(path, h):
         _fail(path, f"a header keyword has a value of the wrong type ({exc})", "fix the header")
 
 
-def read_raw(path, camera=None):
+def read_raw(path: str | os.PathLike[str], camera: Camera | str | None = None) -> RawExposure:
     """Open a raw MEF file: validated metadata now, pixels lazily.
 
     Parameters
@@ -419,15 +426,17 @@ def _detector_of(path: str, meta: RawMetadata, camera: Camera | str | None) -> D
     """The detector the header names, checked against ``camera`` (default: INSTRUME's)."""
     if camera is None or isinstance(camera, str):
         try:
-            camera = get_camera(camera or meta.instrument)
+            cam = get_camera(camera or meta.instrument)
         except UnknownDetectorError:
             _fail(
                 path,
                 f"INSTRUME={meta.instrument!r} is not a known camera",
                 "use LSSTCam, LSSTComCam or TestCam",
             )
+    else:
+        cam = camera
     try:
-        detector = camera[meta.detector_name]
+        detector = cam[meta.detector_name]
     except UnknownDetectorError as exc:
         _fail(path, f"DETNAME={meta.detector_name!r} is unknown", str(exc))
     if detector.id != meta.detector_id:
