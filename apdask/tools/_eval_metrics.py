@@ -6,6 +6,7 @@ Re-exported by :mod:`apdask.tools.evaluate`.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,9 @@ def _arcsec(chord):
     return np.rad2deg(2 * np.arcsin(np.asarray(chord) / 2)) * 3600.0
 
 
-def noise_ratio(stamps, fwhm_px=5.0, exclude_fwhm=3.0):
+def noise_ratio(
+    stamps: Iterable[bytes | None], fwhm_px: float = 5.0, exclude_fwhm: float = 3.0
+) -> dict[str, Any]:
     """Robust σ of ``image / sqrt(variance)`` over difference cutouts, sources excluded.
 
     Parameters
@@ -89,8 +92,15 @@ def _f(x):
     return x if np.isfinite(x) else None
 
 
-def evaluate_sources(truth, sources, snr_true, *, radius_arcsec=1.0, n_ccd=None,
-                     changed_snr=3.0):  # fmt: skip
+def evaluate_sources(
+    truth: Table,
+    sources: list[dict[str, Any]],
+    snr_true: np.ndarray,
+    *,
+    radius_arcsec: float = 1.0,
+    n_ccd: int | None = None,
+    changed_snr: float = 3.0,
+) -> dict[str, Any]:
     """Metrics of DIASources against truth (no file I/O).
 
     Parameters

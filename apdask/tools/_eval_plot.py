@@ -5,12 +5,14 @@ Re-exported by :mod:`apdask.tools.evaluate`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = ["plot_evaluation"]
 
 
-def plot_evaluation(res, data, path):
+def plot_evaluation(res: dict[str, Any], data: dict[str, Any], path: str) -> None:
     """Four-panel PNG: completeness, flux pulls, astrometry, false positives per CCD.
 
     Drawn on a bare :class:`matplotlib.figure.Figure`, which needs no backend: the

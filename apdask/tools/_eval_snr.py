@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["expected_snr", "psf_image", "psf_noise_factors"]
 
@@ -63,10 +64,10 @@ _GALSIM_PROFILES = ("kolmogorov", "moffat", "gaussian")
 _MOFFAT_BETA = 3.5  # as apdask.simulate_galsim
 _PSF_HALF = 64  # px: the GalSim engine's transient stamps are 129×129
 _FWHM_STEP = 0.01  # arcsec: the cache key rounds FWHMs to this
-_factor_cache = {}
+_factor_cache: dict[tuple[str, float, float], tuple[float, float, float]] = {}
 
 
-def psf_image(profile, fwhm_arcsec, half=_PSF_HALF):
+def psf_image(profile: str, fwhm_arcsec: float, half: int = _PSF_HALF) -> np.ndarray:
     """Pixel image (``2*half+1`` square, sum 1) of a simulated PSF, centred on a pixel.
 
     Parameters
@@ -111,7 +112,9 @@ def psf_image(profile, fwhm_arcsec, half=_PSF_HALF):
     return img / img.sum()
 
 
-def psf_noise_factors(profile, fwhm_big_arcsec, fwhm_small_arcsec):
+def psf_noise_factors(
+    profile: str, fwhm_big_arcsec: float, fwhm_small_arcsec: float
+) -> tuple[float, float, float]:
     """Noise factors of a PSF-fit flux on the difference image, from PSF pixel images.
 
     The broader of the science and template PSFs, ``P`` (FWHM ``fwhm_big_arcsec``), is
@@ -177,7 +180,15 @@ def _sim_meta(repo):
     return {}
 
 
-def expected_snr(delta_flux, fwhm_sci_px, fwhm_tpl_px, var_sci_e2, var_tpl_e2, k_njy, psf=None):
+def expected_snr(
+    delta_flux: ArrayLike,
+    fwhm_sci_px: ArrayLike,
+    fwhm_tpl_px: ArrayLike,
+    var_sci_e2: ArrayLike,
+    var_tpl_e2: ArrayLike,
+    k_njy: float,
+    psf: str | None = None,
+) -> np.ndarray:
     """Expected PSF-fit SNR of a point source on the difference image.
 
     Parameters

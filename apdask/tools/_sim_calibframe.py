@@ -30,8 +30,19 @@ _CALIB_FRAME = 7  # stream tag of calibration-frame noise
 _FLAT_LEVEL_E = 20000.0  # electrons per pixel in a simulated flat / CBP frame
 
 
-def simulate_calib_frame(repo, detector, intent, *, exposure_id, band="r", exptime=None,
-                         mjd=None, defect=None, seed=0, outdir=None):  # fmt: skip
+def simulate_calib_frame(
+    repo: str | os.PathLike[str],
+    detector: str | int,
+    intent: str,
+    *,
+    exposure_id: int,
+    band: str = "r",
+    exptime: float | None = None,
+    mjd: float | None = None,
+    defect: str | None = None,
+    seed: int = 0,
+    outdir: str | os.PathLike[str] | None = None,
+) -> str:
     """Write one raw calibration frame (BIAS, DARK, FLAT or CBP) of a simulated repository.
 
     The frame is rendered from the repository's master calibrations, so a clean

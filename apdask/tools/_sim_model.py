@@ -48,7 +48,7 @@ _GALSIM_REACH = 128  # px: GalSim stamps of sources this far outside an image re
 _SKY, _TRANSIENT, _VISIT, _RAW, _TILE, _CALIB = 1, 2, 3, 4, 5, 6
 
 
-def visit_mjd(k):
+def visit_mjd(k: int) -> float:
     """MJD (TAI) at the start of the ``k``-th simulated visit."""
     return 61000.1 + 0.02 * k
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from astropy.table import Table
@@ -64,7 +66,7 @@ __all__ = [
 ]
 
 #: Targets of issue 6, checked in the ``targets`` section of the result.
-TARGETS = {
+TARGETS: dict[str, tuple[str, Any]] = {
     "completeness_snr_ge_7": (">=", 0.95),
     "completeness_snr_5_6": (">=", 0.50),
     "false_positives_per_ccd": ("<=", 1.0),
@@ -75,7 +77,7 @@ TARGETS = {
 }
 
 
-def load_truth(repo, visit):
+def load_truth(repo: str | os.PathLike[str], visit: int) -> Table:
     """The truth table of one visit (``<repo>/truth/visit_<visit>.ecsv``)."""
     path = os.path.join(repo, "truth", f"visit_{visit}.ecsv")
     if not os.path.exists(path):
@@ -84,7 +86,12 @@ def load_truth(repo, visit):
     return Table.read(path)
 
 
-def match_truth(truth, dia_sources, radius_arcsec=1.0, kinds=("transient",)):
+def match_truth(
+    truth: Table,
+    dia_sources: Sequence[Mapping[str, Any]] | Table,
+    radius_arcsec: float = 1.0,
+    kinds: tuple[str, ...] = ("transient",),
+) -> dict[str, Any]:
     """Match truth sources of the given kinds to DIASources by position.
 
     Parameters
@@ -110,7 +117,7 @@ def match_truth(truth, dia_sources, radius_arcsec=1.0, kinds=("transient",)):
     t = truth[sel]
     ra = np.array([s["ra"] for s in dia_sources], dtype=float)
     dec = np.array([s["dec"] for s in dia_sources], dtype=float)
-    out = {"n_truth": len(t), "n_recovered": 0, "fraction": float("nan")}
+    out: dict[str, Any] = {"n_truth": len(t), "n_recovered": 0, "fraction": float("nan")}
     if len(t) == 0 or len(ra) == 0:
         out.update(fraction=0.0 if len(t) else float("nan"), sep_arcsec=np.array([]))
         return out
@@ -158,7 +165,7 @@ def _alerts_of(repo, visit):
 
 
 def _check_targets(res):
-    checks = {}
+    checks: dict[str, dict[str, Any]] = {}
     for key, (op, val) in TARGETS.items():
         v = res.get(key)
         if v is None or not np.isfinite(v):
@@ -176,7 +183,14 @@ def _check_targets(res):
     return checks
 
 
-def evaluate_visit(repo, visit, *, out_dir=None, radius_arcsec=1.0, plot=True):
+def evaluate_visit(
+    repo: str | os.PathLike[str],
+    visit: int,
+    *,
+    out_dir: str | None = None,
+    radius_arcsec: float = 1.0,
+    plot: bool = True,
+) -> dict[str, Any]:
     """Compare the alerts of one visit with the simulator's truth; write JSON and PNG.
 
     Parameters

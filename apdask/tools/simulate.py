@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,20 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ simulator
-def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1000, *,
-                  detectors=None, artifacts=True, fwhm_range=None, template_fwhm=None,
-                  engine="apdask"):  # fmt: skip
+def simulate_repo(
+    camera_name: str,
+    repo: str | os.PathLike[str],
+    n_visits: int = 3,
+    seed: int = 0,
+    band: str = "r",
+    first_visit: int = 1000,
+    *,
+    detectors: Sequence[str] | None = None,
+    artifacts: bool = True,
+    fwhm_range: Sequence[float] | None = None,
+    template_fwhm: float | None = None,
+    engine: str = "apdask",
+) -> list[dict[str, Any]]:
     """Simulate a complete repository (templates, calibs, raws, truth, nextVisits).
 
     Parameters
@@ -314,7 +326,7 @@ def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dithe
                      fwhm_range=_FWHM_RANGE):  # fmt: skip
     """Transients: ``n_per_ccd`` per CCD in the first visit, a third as many new later."""
     margin = _EDGE + 2 * dither / PIXEL_SCALE_ARCSEC + 10
-    out = {k: [] for k in ("id", "ra", "dec", "flux", "k0", "ratio")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("id", "ra", "dec", "flux", "k0", "ratio")}
     next_id = 10_000_001
     for p in pointings:
         n_new = n_per_ccd if p["k"] == 0 else int(np.ceil(n_per_ccd / 3))
@@ -336,14 +348,14 @@ def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dithe
             if tree_b is not None:
                 ok &= tree_b.query(pts)[0] > 25
             idx = np.flatnonzero(ok)
-            keep = []
+            keep: list[np.intp] = []
             for i in idx:  # transients not on top of each other
                 if all(np.hypot(*(pts[i] - pts[j])) > 12 for j in keep):
                     keep.append(i)
                 if len(keep) == n_new:
                     break
-            keep = np.array(keep, dtype=int)
-            ra, dec = w.pixel_to_world_values(cx[keep], cy[keep])
+            kept = np.array(keep, dtype=int)
+            ra, dec = w.pixel_to_world_values(cx[kept], cy[kept])
             snr = np.exp(rng.uniform(np.log(5.0), np.log(200.0), len(keep)))
             out["id"].append(np.arange(next_id, next_id + len(keep)))
             next_id += len(keep)
