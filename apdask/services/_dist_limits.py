@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import json
 import logging
+from typing import Any
 
 from aiohttp.web_protocol import RequestHandler
 
@@ -41,7 +42,7 @@ def _open_files_limit():
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def raise_open_files_limit():
+def raise_open_files_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard one (what a server process should do)."""
     with contextlib.suppress(ImportError, OSError, ValueError):
         import resource
@@ -101,7 +102,7 @@ class ServerLimits:
     log_burst: int = 5
 
     @classmethod
-    def from_config(cls, **overrides):
+    def from_config(cls, **overrides: float) -> ServerLimits:
         """Limits from ``apdask.distributor.*``, with explicit ``overrides`` first.
 
         Raises
@@ -109,7 +110,7 @@ class ServerLimits:
         ConfigurationError
             A value that is not a positive number.
         """
-        values = {}
+        values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             value = config.get(f"distributor.{field.name}", overrides.get(field.name))
             kind = float if field.name in _FLOAT_LIMITS else int
@@ -157,11 +158,11 @@ class _ConnectionGuard:
             self.max_total = max(8, min(self.max_total, (budget - reserve) // 2))
         self.max_per_ip = min(limits.max_connections_per_ip, self.max_total)
         self.open = 0
-        self.per_ip = collections.Counter()
+        self.per_ip: collections.Counter[str] = collections.Counter()
         self.pending = collections.OrderedDict()  # protocols still waiting for a head
         self.pending_ip = {}  # address -> OrderedDict of its protocols awaiting a head
         self.by_handler = {}
-        self.counts = collections.Counter()
+        self.counts: collections.Counter[str] = collections.Counter()
 
     def stats(self):
         return {

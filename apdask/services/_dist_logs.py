@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["LogAggregator"]
 
@@ -36,21 +38,27 @@ class LogAggregator(logging.Filter):
 
     LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal", "asyncio")
 
-    def __init__(self, window=10.0, burst=5, max_kinds=256, clock=time.monotonic):
+    def __init__(
+        self,
+        window: float = 10.0,
+        burst: int = 5,
+        max_kinds: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.window, self.burst, self.max_kinds = float(window), int(burst), int(max_kinds)
         self._clock = clock
-        self._kinds = {}  # key -> [window start, logged, suppressed]
+        self._kinds: dict[tuple[Any, ...], list[float]] = {}  # key -> [start, logged, suppressed]
         self._lock = threading.Lock()
         self.suppressed = 0
 
-    def install(self):
+    def install(self) -> LogAggregator:
         """Attach to the distributor's and aiohttp's/asyncio's loggers."""
         for name in (*self.LOGGERS, log.name):
             logging.getLogger(name).addFilter(self)
         return self
 
-    def remove(self):
+    def remove(self) -> None:
         """Detach (and log what is still only counted)."""
         for name in (*self.LOGGERS, log.name):
             logging.getLogger(name).removeFilter(self)
@@ -62,7 +70,8 @@ class LogAggregator(logging.Filter):
         exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
         return (record.name, record.levelno, str(template)[:200], exc)
 
-    def filter(self, record):
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Pass the record, or count it once its kind has used up this window's burst."""
         if getattr(record, "apdask_summary", False):
             return True
         if record.name == log.name and record.levelno < logging.WARNING:
@@ -91,7 +100,7 @@ class LogAggregator(logging.Filter):
             self._summarise(*summary)
         return passed
 
-    def flush(self, force=False):
+    def flush(self, force: bool = False) -> None:
         """Log the counts of windows that have ended (all of them if ``force``)."""
         now = self._clock()
         summaries = []

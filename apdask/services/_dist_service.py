@@ -15,13 +15,14 @@ import os
 import tempfile
 import threading
 import time
+from typing import Any
 
 from aiohttp import web
 
 from apdask.core.files import fsync_dir
 from apdask.exceptions import ConfigurationError
 from apdask.io.distributor import TOKEN_ENV, check_image_name
-from apdask.services._dist_limits import ServerLimits
+from apdask.services._dist_limits import ServerLimits, _ConnectionGuard
 from apdask.services._dist_storage import (
     _CHUNK,
     _UPLOAD_PREFIX,
@@ -57,7 +58,13 @@ class DistributorService:
         Default ``ServerLimits.from_config()``.
     """
 
-    def __init__(self, root, token, max_bytes=None, limits=None):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        token: str,
+        max_bytes: int | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
         if not token:
             msg = (
                 f"the distributor needs an upload token; set {TOKEN_ENV} in the "
@@ -69,12 +76,12 @@ class DistributorService:
         self._token = token.encode()
         self.limits = limits if limits is not None else ServerLimits.from_config()
         self.max_bytes = int(max_bytes if max_bytes is not None else self.limits.max_upload_bytes)
-        self.guard = None  # the _ConnectionGuard, set by serve()
+        self.guard: _ConnectionGuard | None = None  # set by serve()
         # name -> {"name", "size", "sha256", "registered"}
         self.images = load_registry(self.root)
-        self._waiters = {}  # name -> [asyncio.Event, number of waiters]
+        self._waiters: dict[str, list[Any]] = {}  # name -> [asyncio.Event, n waiters]
         self.n_waiting = 0
-        self._locks = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
 
     # ----------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ class DistributorService:
         if slot is not None:
             slot[0].set()
 
-    def wake_all(self):
+    def wake_all(self) -> None:
         """Wake every waiter (they answer 503 so clients retry); used at shutdown."""
         self._closing = True
         for event, _ in self._waiters.values():
@@ -96,7 +103,7 @@ class DistributorService:
     # ----------------------------------------------------------------------------------
     # Handlers
 
-    def app(self, guard=None):
+    def app(self, guard: _ConnectionGuard | None = None) -> web.Application:
         """The aiohttp application serving this root (``guard``: see :func:`serve`)."""
         middlewares = []
         if guard is not None:
@@ -158,7 +165,7 @@ class DistributorService:
             "ETag": f'"{rec["sha256"]}"',
         }
 
-    async def health(self, request):
+    async def health(self, request: web.Request) -> web.StreamResponse:
         """``GET /health``."""
         return web.json_response(
             {
@@ -171,12 +178,12 @@ class DistributorService:
             }
         )
 
-    async def index(self, request):
+    async def index(self, request: web.Request) -> web.StreamResponse:
         """``GET /images``: every registered image, oldest registration first."""
         recs = sorted(self.images.values(), key=lambda r: (r["registered"], r["name"]))
         return web.json_response({"count": len(recs), "images": recs})
 
-    async def get(self, request):
+    async def get(self, request: web.Request) -> web.StreamResponse:
         """``GET|HEAD /images/{name}?wait=S``: the image, long-polling up to S seconds."""
         try:
             name = self._name(request)

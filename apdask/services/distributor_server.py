@@ -42,6 +42,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -72,7 +73,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-async def serve(root, host="127.0.0.1", port=8765, token=None, ready=None, stop=None, limits=None):
+async def serve(
+    root: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    ready: Callable[[str], object] | None = None,
+    stop: asyncio.Event | None = None,
+    limits: ServerLimits | None = None,
+) -> None:
     """Run the distributor until ``stop`` is set (or forever).
 
     Parameters
@@ -144,7 +153,13 @@ async def serve(root, host="127.0.0.1", port=8765, token=None, ready=None, stop=
         logs.remove()
 
 
-def run_server(root, host="127.0.0.1", port=8765, token=None, limits=None):
+def run_server(
+    root: str | os.PathLike[str],
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    limits: ServerLimits | None = None,
+) -> None:
     """Blocking entry point of ``apdask distributor serve``; prints the URL when ready.
 
     Raises the soft open-files limit to the hard one first, so that the connection
@@ -182,15 +197,22 @@ class BackgroundServer:
     ...     HttpDistributor(srv.url).get("a.fits", timeout=5)
     """
 
-    def __init__(self, root, token, host="127.0.0.1", port=0, limits=None):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: ServerLimits | None = None,
+    ) -> None:
         self.root, self.token, self.host, self.port = root, token, host, port
         self.limits = limits
-        self.url = None
-        self._thread = None
-        self._loop = None
-        self._stop = None
+        self.url: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
 
-    def start(self, timeout=10.0):
+    def start(self, timeout: float = 10.0) -> BackgroundServer:
         """Start serving; returns once the port is bound."""
         started = threading.Event()
         errors = []
@@ -223,15 +245,15 @@ class BackgroundServer:
             raise RuntimeError(msg)
         return self
 
-    def stop(self):
+    def stop(self) -> None:
         """Shut the server down (waiters get 503, connections close)."""
-        if self._thread is not None and self._loop is not None:
+        if self._thread is not None and self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(10)
         self._thread = None
 
-    def __enter__(self):
+    def __enter__(self) -> BackgroundServer:
         return self.start() if self._thread is None else self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -29,11 +29,16 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apdask import config
 from apdask.core.files import atomic_write
 from apdask.exceptions import ApdaskError, ConfigurationError
+
+if TYPE_CHECKING:  # for annotations only: importing them here would load the pipeline
+    from distributed import Client
+
+    from apdask.pipeline.nextvisit import NextVisit
 
 __all__ = ["listen", "parse_next_visit"]
 
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 _SEEN_MAX = 100_000  # groupIds remembered for de-duplication
 
 
-def parse_next_visit(value):
+def parse_next_visit(value: bytes | str) -> NextVisit:
     """Decode one nextVisit message.
 
     Parameters
@@ -132,8 +137,13 @@ class _Listener:
                    "timeout": timeout}  # fmt: skip
         self.seen = OrderedDict()
         self.inflight = {}
-        self.summary = {"accepted": [], "duplicates": [], "rejected": [], "done": [],
-                        "failed": []}  # fmt: skip
+        self.summary: dict[str, list[Any]] = {
+            "accepted": [],
+            "duplicates": [],
+            "rejected": [],
+            "done": [],
+            "failed": [],
+        }
 
     def handle(self, msg):
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
@@ -208,9 +218,24 @@ class _Listener:
         return len(self.summary["done"]) + len(self.summary["failed"])
 
 
-def listen(kafka, topic, *, repo=None, ppdb=None, alerts=None, distributor=None, timeout=None,
-           client=None, workers=2, max_visits=None, idle_exit=None, offset=None,
-           poll_interval=0.2, topic_wait=60.0, stop_event=None):  # fmt: skip
+def listen(
+    kafka: str,
+    topic: str,
+    *,
+    repo: str | None = None,
+    ppdb: str | None = None,
+    alerts: str | None = None,
+    distributor: str | None = None,
+    timeout: float | None = None,
+    client: Client | None = None,
+    workers: int = 2,
+    max_visits: int | None = None,
+    idle_exit: float | None = None,
+    offset: str | None = None,
+    poll_interval: float = 0.2,
+    topic_wait: float = 60.0,
+    stop_event: threading.Event | None = None,
+) -> dict[str, Any]:
     """Consume nextVisit events and run each new visit on a Dask cluster.
 
     Parameters
