@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import fastavro
 import fastavro.validation
 
 from apdask.alerts.schema import load_schema, parsed_schema, schema_id_of
+
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
 
 __all__ = ["CONFLUENT_HEADER", "confluent_frame", "confluent_unframe"]
 
@@ -16,7 +21,7 @@ __all__ = ["CONFLUENT_HEADER", "confluent_frame", "confluent_unframe"]
 CONFLUENT_HEADER = struct.Struct(">bi")
 
 
-def confluent_frame(alert, schema=None):
+def confluent_frame(alert: Mapping[str, Any], schema: Schema | None = None) -> bytes:
     """Serialise one alert in the Confluent wire format.
 
     Parameters
@@ -37,7 +42,7 @@ def confluent_frame(alert, schema=None):
     return buf.getvalue()
 
 
-def confluent_unframe(data, schema=None):
+def confluent_unframe(data: bytes, schema: Schema | None = None) -> dict[str, Any]:
     """Decode bytes produced by :func:`confluent_frame`.
 
     Parameters
@@ -71,4 +76,4 @@ def confluent_unframe(data, schema=None):
     buf = io.BytesIO(data)
     buf.seek(CONFLUENT_HEADER.size)
     parsed = parsed_schema(schema)
-    return fastavro.schemaless_reader(buf, parsed, parsed)
+    return cast(dict[str, Any], fastavro.schemaless_reader(buf, parsed, parsed))
