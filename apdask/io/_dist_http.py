@@ -190,8 +190,11 @@ class HttpDistributor:
         if got != (sha, size):
             log.warning(
                 "cached copy of %r in %s no longer matches its SHA-256 %s; discarding it "
-                "and downloading the image again", name, self.cache_dir, sha
-            )  # fmt: skip
+                "and downloading the image again",
+                name,
+                self.cache_dir,
+                sha,
+            )
             self._drop(dfd, name)
             return None
         return info
@@ -251,8 +254,12 @@ class HttpDistributor:
                 raise self._mismatch(name, digest.hexdigest(), expected, size)
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             renamed = True
-            info = {"name": name, "size": size, "sha256": expected,
-                    "registered": self._registered(resp)}  # fmt: skip
+            info = {
+                "name": name,
+                "size": size,
+                "sha256": expected,
+                "registered": self._registered(resp),
+            }
             side = f".dl-{secrets.token_hex(8)}.json"
             fd = os.open(side, _CREATE_FLAGS, 0o600, dir_fd=dfd)
             try:

@@ -102,8 +102,13 @@ class FileDistributor:
         """
         path = self.get(name, timeout, poll_interval)
         st = os.stat(path)
-        return {"path": path, "name": name, "size": st.st_size, "sha256": None,
-                "registered": st.st_mtime}  # fmt: skip
+        return {
+            "path": path,
+            "name": name,
+            "size": st.st_size,
+            "sha256": None,
+            "registered": st.st_mtime,
+        }
 
     def get(
         self, name: str, timeout: float | None = None, poll_interval: float | None = None

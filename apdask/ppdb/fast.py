@@ -356,6 +356,13 @@ def _fetch_pg(con, sql, columns):
         else:
             dtypes[name], na[name] = object, [_NULL]
     return pd.read_csv(
-        buf, header=None, names=names, dtype=dtypes, na_values=na, keep_default_na=False,
-        true_values=["t"], false_values=["f"], low_memory=False,
-    )  # fmt: skip
+        buf,
+        header=None,
+        names=names,
+        dtype=dtypes,
+        na_values=na,
+        keep_default_na=False,
+        true_values=["t"],
+        false_values=["f"],
+        low_memory=False,
+    )

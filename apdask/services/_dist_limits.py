@@ -259,8 +259,11 @@ class _GuardedProtocol(asyncio.Protocol):
         self._timer = None
         if self in self._guard.pending:
             self._guard.counts["header_timeouts"] += 1
-            log.warning("closed a connection from %s that sent no complete request head "
-                        "within %g s", self.ip, self._guard.limits.header_timeout)  # fmt: skip
+            log.warning(
+                "closed a connection from %s that sent no complete request head within %g s",
+                self.ip,
+                self._guard.limits.header_timeout,
+            )
             self.drop()
 
     def head_received(self):

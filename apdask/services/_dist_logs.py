@@ -120,5 +120,9 @@ class LogAggregator(logging.Filter):
         log.log(
             level,
             "%d more log messages like %s from %s were suppressed in the last %.0f s",
-            n, like, name, elapsed, extra={"apdask_summary": True},
-        )  # fmt: skip
+            n,
+            like,
+            name,
+            elapsed,
+            extra={"apdask_summary": True},
+        )

@@ -238,8 +238,9 @@ class DistributorService:
             try:
                 chunk = await asyncio.wait_for(request.content.readany(), max(budget, 0.0))
             except TimeoutError:
-                log.warning("upload from %s stalled after %d bytes; abandoned", request.remote,
-                            size)  # fmt: skip
+                log.warning(
+                    "upload from %s stalled after %d bytes; abandoned", request.remote, size
+                )
                 resp = _json_error(
                     408,
                     "body_timeout",

@@ -114,17 +114,22 @@ async def serve(
     service.guard = guard
     logs = LogAggregator(limits.log_window, limits.log_burst).install()
     runner = web.AppRunner(
-        service.app(guard), handler_cancellation=True, shutdown_timeout=1.0,
+        service.app(guard),
+        handler_cancellation=True,
+        shutdown_timeout=1.0,
         **_handler_kwargs(limits),
-    )  # fmt: skip
+    )
     server = None
     flusher = None
     try:
         await runner.setup()
         server = await loop.create_server(
-            lambda: _GuardedProtocol(guard, runner.server), host, port,
-            reuse_address=True, backlog=guard.backlog,
-        )  # fmt: skip
+            lambda: _GuardedProtocol(guard, runner.server),
+            host,
+            port,
+            reuse_address=True,
+            backlog=guard.backlog,
+        )
         bound = server.sockets[0].getsockname()
         url = f"http://{host}:{bound[1]}"
 
@@ -136,9 +141,14 @@ async def serve(
         flusher = asyncio.ensure_future(flush_logs())
         log.info(
             "serving %s at %s: header timeout %g s, body timeout %g s, %d connections "
-            "(%d per address)", service.root, url, limits.header_timeout,
-            limits.body_timeout, guard.max_total, guard.max_per_ip,
-        )  # fmt: skip
+            "(%d per address)",
+            service.root,
+            url,
+            limits.header_timeout,
+            limits.body_timeout,
+            guard.max_total,
+            guard.max_per_ip,
+        )
         if ready is not None:
             ready(url)
         await (stop.wait() if stop is not None else asyncio.Event().wait())
@@ -225,8 +235,15 @@ class BackgroundServer:
         async def main():
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await serve(self.root, self.host, self.port, self.token, ready=ready,
-                        stop=self._stop, limits=self.limits)  # fmt: skip
+            await serve(
+                self.root,
+                self.host,
+                self.port,
+                self.token,
+                ready=ready,
+                stop=self._stop,
+                limits=self.limits,
+            )
 
         def target():
             try:

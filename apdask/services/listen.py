@@ -88,10 +88,14 @@ def parse_next_visit(value: bytes | str) -> NextVisit:
 def _consumer(kafka, group_id):
     from confluent_kafka import Consumer
 
-    return Consumer({
-        "bootstrap.servers": kafka, "group.id": group_id, "enable.auto.commit": False,
-        "enable.partition.eof": False,
-    })  # fmt: skip
+    return Consumer(
+        {
+            "bootstrap.servers": kafka,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
 
 
 def _assign(consumer, topic, offset, wait):
@@ -114,8 +118,10 @@ def _assign(consumer, topic, offset, wait):
         except KafkaException as exc:
             problem = f"broker unreachable ({exc})"
         if time.monotonic() >= deadline:
-            msg = (f"cannot read nextVisit topic {topic!r}: {problem}; create the topic or "
-                   "check --kafka HOST:PORT")  # fmt: skip
+            msg = (
+                f"cannot read nextVisit topic {topic!r}: {problem}; create the topic or "
+                "check --kafka HOST:PORT"
+            )
             raise ConfigurationError(msg)
         log.warning("waiting for nextVisit topic %r: %s", topic, problem)
         time.sleep(1.0)
@@ -133,8 +139,13 @@ class _Listener:
 
     def __init__(self, client, *, repo, ppdb, alerts, distributor, timeout):
         self.client = client
-        self.kw = {"repo": repo, "ppdb": ppdb, "alerts": alerts, "distributor": distributor,
-                   "timeout": timeout}  # fmt: skip
+        self.kw = {
+            "repo": repo,
+            "ppdb": ppdb,
+            "alerts": alerts,
+            "distributor": distributor,
+            "timeout": timeout,
+        }
         self.seen = OrderedDict()
         self.inflight = {}
         self.summary: dict[str, list[Any]] = {
@@ -154,8 +165,12 @@ class _Listener:
             self.summary["rejected"].append({"at": where, "error": str(exc)})
             return
         if nv.groupId in self.seen:
-            log.warning("duplicate nextVisit groupId=%s at %s ignored (first seen at %s)",
-                        nv.groupId, where, self.seen[nv.groupId])  # fmt: skip
+            log.warning(
+                "duplicate nextVisit groupId=%s at %s ignored (first seen at %s)",
+                nv.groupId,
+                where,
+                self.seen[nv.groupId],
+            )
             self.summary["duplicates"].append(nv.groupId)
             return
         self.seen[nv.groupId] = where
@@ -172,23 +187,39 @@ class _Listener:
         kw = self.kw
         try:
             pending = pending_detectors(nv, kw["ppdb"], kw["alerts"])
-            graph = build_visit_graph(nv, repo=kw["repo"], ppdb=kw["ppdb"], alerts=kw["alerts"],
-                                      distributor=kw["distributor"], timeout=kw["timeout"],
-                                      detectors=pending)  # fmt: skip
+            graph = build_visit_graph(
+                nv,
+                repo=kw["repo"],
+                ppdb=kw["ppdb"],
+                alerts=kw["alerts"],
+                distributor=kw["distributor"],
+                timeout=kw["timeout"],
+                detectors=pending,
+            )
         except (ApdaskError, ValueError, OSError) as exc:
             log.error("visit %s (groupId %s) not started: %s", nv.visit, nv.groupId, exc)
             self.summary["failed"].append({"groupId": nv.groupId, "error": str(exc)})
             return
         if not pending:
-            log.info("visit %s (groupId %s) already processed; nothing to do", nv.visit,
-                     nv.groupId)  # fmt: skip
-            self.summary["done"].append({"groupId": nv.groupId, "visit": nv.visit,
-                                         "n_alerts": 0, "skipped": list(nv.detectors)})  # fmt: skip
+            log.info("visit %s (groupId %s) already processed; nothing to do", nv.visit, nv.groupId)
+            self.summary["done"].append(
+                {
+                    "groupId": nv.groupId,
+                    "visit": nv.visit,
+                    "n_alerts": 0,
+                    "skipped": list(nv.detectors),
+                }
+            )
             return
         future = self.client.compute(graph)
         self.inflight[nv.groupId] = (nv, future, t0)
-        log.info("visit %s (groupId %s): %d CCD graphs submitted %.3f s after the nextVisit "
-                 "arrived", nv.visit, nv.groupId, len(pending), time.time() - t0)  # fmt: skip
+        log.info(
+            "visit %s (groupId %s): %d CCD graphs submitted %.3f s after the nextVisit arrived",
+            nv.visit,
+            nv.groupId,
+            len(pending),
+            time.time() - t0,
+        )
 
     def reap(self):
         for gid in [g for g, (_, f, _) in self.inflight.items() if f.done()]:
@@ -196,8 +227,9 @@ class _Listener:
             try:
                 report = future.result()
             except Exception as exc:  # noqa: BLE001 - any task error fails this visit only
-                log.error("visit %s (groupId %s) failed: %s: %s", nv.visit, gid,
-                          type(exc).__name__, exc)  # fmt: skip
+                log.error(
+                    "visit %s (groupId %s) failed: %s: %s", nv.visit, gid, type(exc).__name__, exc
+                )
                 err = f"{type(exc).__name__}: {exc}"
                 self.summary["failed"].append({"groupId": gid, "visit": nv.visit, "error": err})
                 continue
@@ -205,13 +237,25 @@ class _Listener:
                 future.release()
             report["nextvisit_to_done_s"] = time.time() - t0
             path = _write_report(self.kw["repo"], report)
-            log.info("visit %s (groupId %s) done: %d alerts from %d CCDs, %.1f s after "
-                     "nextVisit; report %s", nv.visit, gid, report["n_alerts"],
-                     len(report["ccds"]), report["nextvisit_to_done_s"], path)  # fmt: skip
-            self.summary["done"].append({"groupId": gid, "visit": nv.visit,
-                                         "n_alerts": report["n_alerts"],
-                                         "nextvisit_to_done_s": report["nextvisit_to_done_s"],
-                                         "report": path})  # fmt: skip
+            log.info(
+                "visit %s (groupId %s) done: %d alerts from %d CCDs, %.1f s after "
+                "nextVisit; report %s",
+                nv.visit,
+                gid,
+                report["n_alerts"],
+                len(report["ccds"]),
+                report["nextvisit_to_done_s"],
+                path,
+            )
+            self.summary["done"].append(
+                {
+                    "groupId": gid,
+                    "visit": nv.visit,
+                    "n_alerts": report["n_alerts"],
+                    "nextvisit_to_done_s": report["nextvisit_to_done_s"],
+                    "report": path,
+                }
+            )
 
     @property
     def finished(self):
@@ -301,8 +345,9 @@ def listen(
 
             own = open_client(n_workers=workers)
             client = own.__enter__()
-        state = _Listener(client, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor,
-                          timeout=timeout)  # fmt: skip
+        state = _Listener(
+            client, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor, timeout=timeout
+        )
         _poll_loop(consumer, state, stop, poll_interval, max_visits, idle_exit)
         return state.summary
     finally:

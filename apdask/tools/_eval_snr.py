@@ -240,8 +240,10 @@ def _numeric_factors(psf, fwhm_big_px, fwhm_small_px):
     """:func:`psf_noise_factors` over arrays of FWHMs (px), one evaluation per rounded pair."""
     from apdask.core.camera import PIXEL_SCALE_ARCSEC
 
-    fb, fs = np.broadcast_arrays(np.asarray(fwhm_big_px, float) * PIXEL_SCALE_ARCSEC,
-                                 np.asarray(fwhm_small_px, float) * PIXEL_SCALE_ARCSEC)  # fmt: skip
+    fb, fs = np.broadcast_arrays(
+        np.asarray(fwhm_big_px, float) * PIXEL_SCALE_ARCSEC,
+        np.asarray(fwhm_small_px, float) * PIXEL_SCALE_ARCSEC,
+    )
     kb = np.rint(fb / _FWHM_STEP).astype(np.int64)
     ks = np.rint(fs / _FWHM_STEP).astype(np.int64)
     out = np.empty((3,) + fb.shape)
@@ -265,6 +267,11 @@ def _truth_snr(truth, model):
     v_s = model["sky_e"] + model["dark_e"] + rn2
     delta = np.asarray(truth["flux"], float) - np.asarray(truth["template_flux"], float)
     return expected_snr(
-        delta, fwhm / PIXEL_SCALE_ARCSEC, model["template_fwhm"] / PIXEL_SCALE_ARCSEC, v_s,
-        model["template_var_e2"], model["k_njy"], psf=model.get("psf"),
-    )  # fmt: skip
+        delta,
+        fwhm / PIXEL_SCALE_ARCSEC,
+        model["template_fwhm"] / PIXEL_SCALE_ARCSEC,
+        v_s,
+        model["template_var_e2"],
+        model["k_njy"],
+        psf=model.get("psf"),
+    )

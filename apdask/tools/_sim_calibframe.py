@@ -111,15 +111,29 @@ def simulate_calib_frame(
     segments = _amp_segments(img, det, rng)
     open_s = 0.0 if intent in ("bias", "dark") else exptime
     meta = RawMetadata(
-        instrument=camera.name, detector_name=det.name, detector_id=det.id,
-        visit=int(exposure_id), exposure_id=int(exposure_id), snap=0,
-        mjd_begin=mjd, mjd_end=mjd + darktime / 86400.0,
-        exptime=exptime, darktime=darktime, band=band, ra=FIELD_RA, dec=FIELD_DEC, rotpa=0.0,
+        instrument=camera.name,
+        detector_name=det.name,
+        detector_id=det.id,
+        visit=int(exposure_id),
+        exposure_id=int(exposure_id),
+        snap=0,
+        mjd_begin=mjd,
+        mjd_end=mjd + darktime / 86400.0,
+        exptime=exptime,
+        darktime=darktime,
+        band=band,
+        ra=FIELD_RA,
+        dec=FIELD_DEC,
+        rotpa=0.0,
         imgtype=intent.upper(),
         # bias and dark: the shutter stays closed; flat and CBP: a 1 s blade motion
-        shutter={"open_begin": 0.0, "open_end": min(open_s, 1.0), "close_begin": open_s,
-                 "close_end": open_s + min(open_s, 1.0)},
-    )  # fmt: skip
+        shutter={
+            "open_begin": 0.0,
+            "open_end": min(open_s, 1.0),
+            "close_begin": open_s,
+            "close_end": open_s + min(open_s, 1.0),
+        },
+    )
     outdir = os.path.join(repo, "raw") if outdir is None else os.fspath(outdir)
     path = os.path.join(outdir, raw_name(camera.name, int(exposure_id), det.name))
     return write_raw(path, det, segments, meta)

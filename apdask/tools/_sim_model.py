@@ -122,9 +122,15 @@ def _render(img, cat, x, y, flux, sigma):
     star = ~gal
     _render_stars(img, x[star], y[star], flux[star], sigma[star])
     _render_galaxies(
-        img, x[gal], y[gal], flux[gal], sigma[gal],
-        cat["gal_a"][gal], cat["gal_b"][gal], cat["gal_theta"][gal],
-    )  # fmt: skip
+        img,
+        x[gal],
+        y[gal],
+        flux[gal],
+        sigma[gal],
+        cat["gal_a"][gal],
+        cat["gal_b"][gal],
+        cat["gal_theta"][gal],
+    )
 
 
 def _gaussian_psf(fwhm_arcsec, half=10):

@@ -138,10 +138,14 @@ def find_benchmark_dir(path: str | os.PathLike[str] | None = None) -> Path:
     ConfigurationError
         If no directory with the benchmark scripts is found.
     """
-    candidates = [Path(path)] if path else [
-        Path(__file__).resolve().parent.parent / "benchmarks",
-        Path.cwd() / "benchmarks",
-    ]  # fmt: skip
+    candidates = (
+        [Path(path)]
+        if path
+        else [
+            Path(__file__).resolve().parent.parent / "benchmarks",
+            Path.cwd() / "benchmarks",
+        ]
+    )
     for c in candidates:
         if (c / BENCHMARKS["association"].script).is_file():
             return c
@@ -192,11 +196,14 @@ def run_benchmarks(
         raise ConfigurationError(msg)
     bench_dir = find_benchmark_dir(bench_dir)
     out: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                    "load_avg_start": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "load_avg_start": os.getloadavg(),
+        },
         "quick": bool(quick),
         "benchmarks": {},
-    }  # fmt: skip
+    }
     for name in names:
         b = BENCHMARKS[name]
         cmd = [sys.executable, str(bench_dir / b.script), *(b.quick_args if quick else b.args)]
@@ -214,11 +221,15 @@ def run_benchmarks(
         checks = []
         for c in b.checks:
             v = c.value(report) if report is not None else None
-            checks.append({
-                "label": c.label, "value": v, "unit": c.unit,
-                "target": None if not c.op else f"{c.op} {c.target:g}",
-                "met": None if quick else c.met(v),
-            })  # fmt: skip
+            checks.append(
+                {
+                    "label": c.label,
+                    "value": v,
+                    "unit": c.unit,
+                    "target": None if not c.op else f"{c.op} {c.target:g}",
+                    "met": None if quick else c.met(v),
+                }
+            )
         out["benchmarks"][name] = {
             "issue": b.issue,
             "command": " ".join(cmd),

@@ -237,16 +237,23 @@ def evaluate_visit(
     model = _noise_model(repo, band, camera_name)
     snr_true = _truth_snr(truth, model)
     alert_ccds = {s["detector"] for s in sources}
-    res = evaluate_sources(truth, sources, snr_true, radius_arcsec=radius_arcsec,
-                           n_ccd=len(ccds))  # fmt: skip
+    res = evaluate_sources(truth, sources, snr_true, radius_arcsec=radius_arcsec, n_ccd=len(ccds))
     fwhm_px = np.mean(model["fwhm_range"]) / 0.2
     res["noise"] = noise_ratio([a.get("cutoutDifference") for a in alerts], fwhm_px=fwhm_px)
     res["noise_ratio"] = res["noise"]["ratio"]
     res.update(
-        {"repo": repo, "visit": visit, "band": band, "camera": camera_name, "ccds": ccds,
-         "ccds_with_alerts": sorted(alert_ccds), "n_alerts": len(alerts),
-         "match_radius_arcsec": radius_arcsec, "simulation": _sim_meta(repo)}
-    )  # fmt: skip
+        {
+            "repo": repo,
+            "visit": visit,
+            "band": band,
+            "camera": camera_name,
+            "ccds": ccds,
+            "ccds_with_alerts": sorted(alert_ccds),
+            "n_alerts": len(alerts),
+            "match_radius_arcsec": radius_arcsec,
+            "simulation": _sim_meta(repo),
+        }
+    )
     res["targets"] = _check_targets(res)
     out_dir = out_dir or os.path.join(repo, "evaluate", f"visit_{visit}")
     os.makedirs(out_dir, exist_ok=True)

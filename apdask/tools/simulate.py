@@ -182,17 +182,23 @@ def simulate_repo(
     sim = _Simulation(
         repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine
     )
-    transients = _make_transients(seed, dets, pointings, sky, 12 if small else 40, band,
-                                  sim.sky_e, dither, fwhm_range)  # fmt: skip
+    transients = _make_transients(
+        seed, dets, pointings, sky, 12 if small else 40, band, sim.sky_e, dither, fwhm_range
+    )
     truth_rows = _render_all(sim, pointings, mosaic, mshape, transients, 1024 if small else 2048)
     messages = [_write_visit(sim, p, truth_rows) for p in pointings]
     settings = {
-        "camera": camera.name, "seed": int(seed), "band": band,
-        "detectors": [d.name for d in dets], "artifacts": bool(artifacts),
-        "fwhm_range": list(fwhm_range), "template_fwhm": template_fwhm,
-        "template_depth": 10.0, "engine": engine,
+        "camera": camera.name,
+        "seed": int(seed),
+        "band": band,
+        "detectors": [d.name for d in dets],
+        "artifacts": bool(artifacts),
+        "fwhm_range": list(fwhm_range),
+        "template_fwhm": template_fwhm,
+        "template_depth": 10.0,
+        "engine": engine,
         "psf": galsim_engine.PSF_PROFILE if galsim_engine is not None else "gaussian",
-    }  # fmt: skip
+    }
     _atomic_text(os.path.join(repo, "truth", "simulation.json"), json.dumps(settings, indent=1))
     return messages
 
@@ -227,9 +233,15 @@ def _pointings(seed: int, n_visits: int, first_visit: int, dither: float) -> lis
         ra, dec = _offset(FIELD_RA, FIELD_DEC, *rng.uniform(-dither, dither, 2))
         err = tuple(float(v) for v in rng.uniform(-1.0, 1.0, 2))
         pointings.append(
-            {"k": k, "visit": first_visit + k, "ra": float(ra), "dec": float(dec),
-             "error": err, "mjd": visit_mjd(k)}
-        )  # fmt: skip
+            {
+                "k": k,
+                "visit": first_visit + k,
+                "ra": float(ra),
+                "dec": float(dec),
+                "error": err,
+                "mjd": visit_mjd(k),
+            }
+        )
     return pointings
 
 
@@ -252,20 +264,47 @@ def _render_all(
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         jobs += [
-            pool.submit(_make_tiles_row, butler, seed, band, mosaic, mshape, tile, j, sim.sky,
-                        sci_var_njy, sim.template_fwhm, sim.engine)
+            pool.submit(
+                _make_tiles_row,
+                butler,
+                seed,
+                band,
+                mosaic,
+                mshape,
+                tile,
+                j,
+                sim.sky,
+                sci_var_njy,
+                sim.template_fwhm,
+                sim.engine,
+            )
             for j in range(_n_tiles(mshape[0], tile))
-        ]  # fmt: skip
-        jobs += [pool.submit(_make_calibs, butler, seed, sim.camera, det, band, sim.artifacts)
-                 for det in dets]  # fmt: skip
+        ]
+        jobs += [
+            pool.submit(_make_calibs, butler, seed, sim.camera, det, band, sim.artifacts)
+            for det in dets
+        ]
         for f in jobs:
             f.result()
 
         def raw(det, p):  # a CCD's calibrations are read by its own job: for 189 CCDs
             calib = _calib_arrays(butler, det.id, band)  # they would not fit in memory
-            return _make_raw(sim.repo, seed, sim.camera, det, p, band, sim.sky, transients, calib,
-                             sim.sky_e, k_njy, sim.artifacts, sim.fwhm_range,
-                             sim.engine)  # fmt: skip
+            return _make_raw(
+                sim.repo,
+                seed,
+                sim.camera,
+                det,
+                p,
+                band,
+                sim.sky,
+                transients,
+                calib,
+                sim.sky_e,
+                k_njy,
+                sim.artifacts,
+                sim.fwhm_range,
+                sim.engine,
+            )
 
         raw_jobs = [pool.submit(raw, det, p) for p in pointings for det in dets]
         return [f.result() for f in raw_jobs]
@@ -300,8 +339,9 @@ def _unsaturated_flux(dets, band, fwhm_range):
     """Largest static flux (nJy) whose peak stays below half the saturation level."""
     sig = float(_sigma_px(min(fwhm_range)))
     peak = float(erf(0.5 / (np.sqrt(2.0) * sig)) ** 2)  # central-pixel fraction
-    full_e = min((a.saturation - BIAS_LEVEL_ADU - 100.0) * a.gain for d in dets
-                 for a in d.amplifiers)  # fmt: skip
+    full_e = min(
+        (a.saturation - BIAS_LEVEL_ADU - 100.0) * a.gain for d in dets for a in d.amplifiers
+    )
     return 0.5 * full_e / 1.05 / peak * njy_per_electron(band, EXPTIME)
 
 
@@ -322,8 +362,9 @@ def _write_drp(butler, sky):
     butler.put_drp_objects(t)
 
 
-def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dither,
-                     fwhm_range=_FWHM_RANGE):  # fmt: skip
+def _make_transients(
+    seed, camera, pointings, sky, n_per_ccd, band, sky_e, dither, fwhm_range=_FWHM_RANGE
+):
     """Transients: ``n_per_ccd`` per CCD in the first visit, a third as many new later."""
     margin = _EDGE + 2 * dither / PIXEL_SCALE_ARCSEC + 10
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("id", "ra", "dec", "flux", "k0", "ratio")}
@@ -377,8 +418,19 @@ def _n_tiles(n, tile):
     return max(1, int(np.ceil((n - _TILE_OVERLAP) / step)))
 
 
-def _make_tiles_row(butler, seed, band, mosaic, mshape, tile, j, sky, sci_var_njy,
-                    template_fwhm=_TEMPLATE_FWHM, engine="apdask"):  # fmt: skip
+def _make_tiles_row(
+    butler,
+    seed,
+    band,
+    mosaic,
+    mshape,
+    tile,
+    j,
+    sky,
+    sci_var_njy,
+    template_fwhm=_TEMPLATE_FWHM,
+    engine="apdask",
+):
     """Render and store the template tiles of row ``j``."""
     step = tile - _TILE_OVERLAP
     mx, my = mosaic.world_to_pixel_values(sky["ra"], sky["dec"])
@@ -399,8 +451,16 @@ def _make_tiles_row(butler, seed, band, mosaic, mshape, tile, j, sky, sci_var_nj
         sel = (x > -h) & (x < tile + h) & (y > -h) & (y < tile + h)
         cat = {k: v[sel] for k, v in sky.items()}
         if engine == "galsim":
-            img = render_template(cat, x[sel], y[sel], flux[sel], (tile, tile), template_fwhm,
-                                  noise, (seed, _TILE, i, j))  # fmt: skip
+            img = render_template(
+                cat,
+                x[sel],
+                y[sel],
+                flux[sel],
+                (tile, tile),
+                template_fwhm,
+                noise,
+                (seed, _TILE, i, j),
+            )
         else:
             _render(img, cat, x[sel], y[sel], flux[sel], sigma_t[sel])
         w = mosaic.deepcopy()
@@ -449,8 +509,22 @@ def _calib_arrays(butler, det_id, band):
     return {k: butler.get_calib(k, det_id, band, mjd) for k in ("bias", "dark", "flat")}
 
 
-def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, artifacts=True,
-              fwhm_range=_FWHM_RANGE, engine="apdask"):  # fmt: skip
+def _make_raw(
+    repo,
+    seed,
+    camera,
+    det,
+    p,
+    band,
+    sky,
+    tr,
+    calib,
+    sky_e,
+    k_njy,
+    artifacts=True,
+    fwhm_range=_FWHM_RANGE,
+    engine="apdask",
+):
     """Render, write one raw and return its truth rows."""
     rng = _rng(seed, _RAW, p["visit"], det.id)
     w = _true_wcs(det, p)
@@ -480,8 +554,9 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, ar
         from apdask.tools.simulate_galsim import render_science
 
         key = (seed, _RAW, p["visit"], det.id)
-        img, drawn_e = render_science(cat, x, y, flux / k_njy, (ny, nx), fwhm_range, sky_e,
-                                      calib, DARKTIME, key)  # fmt: skip
+        img, drawn_e = render_science(
+            cat, x, y, flux / k_njy, (ny, nx), fwhm_range, sky_e, calib, DARKTIME, key
+        )
         flux[len(s_flux) :] = drawn_e[len(s_flux) :] * k_njy
     else:
         lo, hi = fwhm_range
@@ -502,16 +577,31 @@ def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, ar
 
     mjd = p["mjd"]
     meta = RawMetadata(
-        instrument=camera.name, detector_name=det.name, detector_id=det.id,
-        visit=p["visit"], exposure_id=p["visit"], snap=0,
-        mjd_begin=mjd, mjd_end=mjd + DARKTIME / 86400.0,
-        exptime=EXPTIME, darktime=DARKTIME, band=band,
-        ra=p["ra"], dec=p["dec"], rotpa=0.0, imgtype="SCIENCE",
-        shutter={"open_begin": 0.0, "open_end": 1.0, "close_begin": EXPTIME,
-                 "close_end": EXPTIME + 1.0},
-    )  # fmt: skip
-    write_raw(os.path.join(repo, "raw", raw_name(camera.name, p["visit"], det.name)),
-              det, segments, meta)  # fmt: skip
+        instrument=camera.name,
+        detector_name=det.name,
+        detector_id=det.id,
+        visit=p["visit"],
+        exposure_id=p["visit"],
+        snap=0,
+        mjd_begin=mjd,
+        mjd_end=mjd + DARKTIME / 86400.0,
+        exptime=EXPTIME,
+        darktime=DARKTIME,
+        band=band,
+        ra=p["ra"],
+        dec=p["dec"],
+        rotpa=0.0,
+        imgtype="SCIENCE",
+        shutter={
+            "open_begin": 0.0,
+            "open_end": 1.0,
+            "close_begin": EXPTIME,
+            "close_end": EXPTIME + 1.0,
+        },
+    )
+    write_raw(
+        os.path.join(repo, "raw", raw_name(camera.name, p["visit"], det.name)), det, segments, meta
+    )
 
     # Truth: sources whose true position is on this CCD.
     inside = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)

@@ -228,8 +228,16 @@ def render_science(
     halves = _star_halves(flux_e, max(fwhm_range), _EDGE_FRACTION * noise_e)
     halves[len(cat["extended"]) :] = np.maximum(halves[len(cat["extended"]) :], _TRANSIENT_HALF)
     drawn = np.zeros(len(x))
-    _draw_all(image, cat, x, y, flux_e, lambda px, py: science_psf(px, py, nx, ny, fwhm_range),
-              halves, drawn)  # fmt: skip
+    _draw_all(
+        image,
+        cat,
+        x,
+        y,
+        flux_e,
+        lambda px, py: science_psf(px, py, nx, ny, fwhm_range),
+        halves,
+        drawn,
+    )
     arr = image.array
     arr += np.float32(sky_e)
     arr *= calib["flat"]
