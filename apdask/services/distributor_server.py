@@ -132,23 +132,8 @@ async def serve(
         )
         bound = server.sockets[0].getsockname()
         url = f"http://{host}:{bound[1]}"
-
-        async def flush_logs():
-            while True:
-                await asyncio.sleep(limits.log_window)
-                logs.flush()
-
-        flusher = asyncio.ensure_future(flush_logs())
-        log.info(
-            "serving %s at %s: header timeout %g s, body timeout %g s, %d connections "
-            "(%d per address)",
-            service.root,
-            url,
-            limits.header_timeout,
-            limits.body_timeout,
-            guard.max_total,
-            guard.max_per_ip,
-        )
+        flusher = asyncio.ensure_future(_flush_logs(logs, limits.log_window))
+        _log_serving(service.root, url, limits, guard)
         if ready is not None:
             ready(url)
         await (stop.wait() if stop is not None else asyncio.Event().wait())
@@ -161,6 +146,25 @@ async def serve(
         guard.close_all()
         await runner.cleanup()
         logs.remove()
+
+
+async def _flush_logs(logs: LogAggregator, window: float) -> None:
+    """Log the suppressed-message counts every ``window`` seconds (until cancelled)."""
+    while True:
+        await asyncio.sleep(window)
+        logs.flush()
+
+
+def _log_serving(root: str, url: str, limits: ServerLimits, guard: _ConnectionGuard) -> None:
+    log.info(
+        "serving %s at %s: header timeout %g s, body timeout %g s, %d connections (%d per address)",
+        root,
+        url,
+        limits.header_timeout,
+        limits.body_timeout,
+        guard.max_total,
+        guard.max_per_ip,
+    )
 
 
 def run_server(

@@ -321,15 +321,7 @@ def listen(
     """
     from apdask.pipeline.run import ensure_ppdb
 
-    repo = config.get("repo", repo)
-    if repo is None or not os.path.isdir(os.path.join(repo, "butler.zarr")):
-        msg = f"no Butler repository at {repo}; pass --repo DIR (made by `apdask simulate`)"
-        raise ConfigurationError(msg)
-    if max_visits is not None and max_visits < 1:
-        raise ValueError(f"--max-visits must be >= 1, got {max_visits}")
-    if idle_exit is not None and not idle_exit > 0:
-        raise ValueError(f"--idle-exit must be > 0 seconds, got {idle_exit}")
-    repo = os.path.abspath(repo)
+    repo = _checked_repo(config.get("repo", repo), max_visits, idle_exit)
     ppdb = ensure_ppdb(repo, ppdb)
     alerts = config.get("alerts.sink", alerts) or f"file://{repo}/alerts"
     offset = config.get("listen.offset", offset)
@@ -355,6 +347,18 @@ def listen(
         if own is not None:
             own.__exit__(None, None, None)
         restore()
+
+
+def _checked_repo(repo: str | None, max_visits: int | None, idle_exit: float | None) -> str:
+    """The absolute repository path, after checking it and the exit conditions."""
+    if repo is None or not os.path.isdir(os.path.join(repo, "butler.zarr")):
+        msg = f"no Butler repository at {repo}; pass --repo DIR (made by `apdask simulate`)"
+        raise ConfigurationError(msg)
+    if max_visits is not None and max_visits < 1:
+        raise ValueError(f"--max-visits must be >= 1, got {max_visits}")
+    if idle_exit is not None and not idle_exit > 0:
+        raise ValueError(f"--idle-exit must be > 0 seconds, got {idle_exit}")
+    return os.path.abspath(repo)
 
 
 def _poll_loop(

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from apdask.core.camera import Detector, check_band
+from apdask.core.camera import Camera, Detector, check_band
 from apdask.io.butler import Butler
 from apdask.io.raw import RawMetadata, raw_name, write_raw
 from apdask.tools._sim_model import (
@@ -109,31 +109,7 @@ def simulate_calib_frame(
         _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
     img += bias
     segments = _amp_segments(img, det, rng)
-    open_s = 0.0 if intent in ("bias", "dark") else exptime
-    meta = RawMetadata(
-        instrument=camera.name,
-        detector_name=det.name,
-        detector_id=det.id,
-        visit=int(exposure_id),
-        exposure_id=int(exposure_id),
-        snap=0,
-        mjd_begin=mjd,
-        mjd_end=mjd + darktime / 86400.0,
-        exptime=exptime,
-        darktime=darktime,
-        band=band,
-        ra=FIELD_RA,
-        dec=FIELD_DEC,
-        rotpa=0.0,
-        imgtype=intent.upper(),
-        # bias and dark: the shutter stays closed; flat and CBP: a 1 s blade motion
-        shutter={
-            "open_begin": 0.0,
-            "open_end": min(open_s, 1.0),
-            "close_begin": open_s,
-            "close_end": open_s + min(open_s, 1.0),
-        },
-    )
+    meta = _calib_meta(camera, det, intent, int(exposure_id), band, mjd, exptime, darktime)
     outdir = os.path.join(repo, "raw") if outdir is None else os.fspath(outdir)
     path = os.path.join(outdir, raw_name(camera.name, int(exposure_id), det.name))
     return write_raw(path, det, segments, meta)
@@ -170,3 +146,41 @@ def _calib_signal(
         signal[a.y0 : a.y1, a.x0 : a.x1] = 0.0
     np.maximum(signal, 0.0, out=signal)
     return signal
+
+
+def _calib_meta(
+    camera: Camera,
+    det: Detector,
+    intent: str,
+    exposure_id: int,
+    band: str,
+    mjd: float,
+    exptime: float,
+    darktime: float,
+) -> RawMetadata:
+    """Header metadata of a calibration frame (its shutter motion follows the intent)."""
+    open_s = 0.0 if intent in ("bias", "dark") else exptime
+    return RawMetadata(
+        instrument=camera.name,
+        detector_name=det.name,
+        detector_id=det.id,
+        visit=exposure_id,
+        exposure_id=exposure_id,
+        snap=0,
+        mjd_begin=mjd,
+        mjd_end=mjd + darktime / 86400.0,
+        exptime=exptime,
+        darktime=darktime,
+        band=band,
+        ra=FIELD_RA,
+        dec=FIELD_DEC,
+        rotpa=0.0,
+        imgtype=intent.upper(),
+        # bias and dark: the shutter stays closed; flat and CBP: a 1 s blade motion
+        shutter={
+            "open_begin": 0.0,
+            "open_end": min(open_s, 1.0),
+            "close_begin": open_s,
+            "close_end": open_s + min(open_s, 1.0),
+        },
+    )

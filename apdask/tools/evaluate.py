@@ -218,11 +218,7 @@ def evaluate_visit(
     visit = int(visit)
     truth = load_truth(repo, visit)
     band = str(truth.meta.get("band", "r"))
-    vpath = os.path.join(repo, "visits", f"visit_{visit}.json")
-    camera_name = "comcam"
-    if os.path.exists(vpath):
-        with open(vpath) as f:
-            camera_name = json.load(f).get("instrument", camera_name)
+    camera_name = _camera_of(repo, visit)
     alerts, processed = _alerts_of(repo, visit)
     sources = [a["diaSource"] for a in alerts]
     from apdask.core.camera import get_camera
@@ -255,7 +251,22 @@ def evaluate_visit(
         }
     )
     res["targets"] = _check_targets(res)
-    out_dir = out_dir or os.path.join(repo, "evaluate", f"visit_{visit}")
+    _write_outputs(res, out_dir or os.path.join(repo, "evaluate", f"visit_{visit}"), plot)
+    return res
+
+
+def _camera_of(repo: str, visit: int) -> str:
+    """The instrument of a visit's nextVisit message (``comcam`` when there is none)."""
+    vpath = os.path.join(repo, "visits", f"visit_{visit}.json")
+    camera_name = "comcam"
+    if os.path.exists(vpath):
+        with open(vpath) as f:
+            camera_name = json.load(f).get("instrument", camera_name)
+    return camera_name
+
+
+def _write_outputs(res: dict[str, Any], out_dir: str, plot: bool) -> None:
+    """Write ``evaluate.json`` (and ``evaluate.png``); record their paths in ``res``."""
     os.makedirs(out_dir, exist_ok=True)
     plot_data = res.pop("_plot")
     if plot:
@@ -264,7 +275,6 @@ def evaluate_visit(
     res["json"] = os.path.join(out_dir, "evaluate.json")
     with open(res["json"], "w") as f:
         json.dump(res, f, indent=1, default=_json_default)
-    return res
 
 
 def _json_default(o):

@@ -50,18 +50,20 @@ from apdask.core.camera import (
 )
 from apdask.core.files import atomic_write
 from apdask.io.butler import Butler
-from apdask.io.raw import RawMetadata, raw_name, write_raw
+from apdask.tools._sim_butler import (
+    _calib_arrays,
+    _hot_column,
+    _make_calibs,
+    _make_tiles_row,
+    _n_tiles,
+    _write_drp,
+)
 from apdask.tools._sim_calibframe import CALIB_DEFECTS, simulate_calib_frame
 from apdask.tools._sim_model import (
-    _CALIB,
     _EDGE,
     _FWHM_RANGE,
     _GAL_HALF,
-    _GALSIM_REACH,
-    _RAW,
     _TEMPLATE_FWHM,
-    _TILE,
-    _TILE_OVERLAP,
     _TRANSIENT,
     _VISIT,
     BIAS_LEVEL_ADU,
@@ -71,21 +73,17 @@ from apdask.tools._sim_model import (
     FIELD_DEC,
     FIELD_RA,
     SKY_ELECTRONS,
-    _add_cosmic_rays,
-    _amp_segments,
-    _gaussian_psf,
     _is_small,
     _mosaic_wcs,
     _offset,
-    _render,
     _rng,
     _sigma_px,
     _snr_to_flux,
     _static_sky,
     _true_wcs,
-    _visit_flux,
     visit_mjd,
 )
+from apdask.tools._sim_raw import _make_raw
 
 __all__ = [
     "simulate_repo",
@@ -167,17 +165,13 @@ def simulate_repo(
     repo = os.path.abspath(os.fspath(repo))
     for sub in ("raw", "truth", "visits"):
         os.makedirs(os.path.join(repo, sub), exist_ok=True)
-    butler = Butler(repo, camera=camera.name)
+    butler = Butler(repo, camera=camera.name)  # records the camera before any content
     small = _is_small(camera)
     dither = 5.0 if small else 30.0  # arcsec, max per axis
     pointings = _pointings(seed, n_visits, first_visit, dither)
     mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
     sky = _static_sky(seed, mosaic, mshape)
-    sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
-    if galsim_engine is not None:
-        sky.update(galsim_engine.galaxy_columns(seed, sky))
-    if not artifacts:
-        sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(dets, band, fwhm_range))
+    _finish_sky(sky, seed, galsim_engine, None if artifacts else (dets, band, fwhm_range))
     _write_drp(butler, sky)
     sim = _Simulation(
         repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine
@@ -187,19 +181,8 @@ def simulate_repo(
     )
     truth_rows = _render_all(sim, pointings, mosaic, mshape, transients, 1024 if small else 2048)
     messages = [_write_visit(sim, p, truth_rows) for p in pointings]
-    settings = {
-        "camera": camera.name,
-        "seed": int(seed),
-        "band": band,
-        "detectors": [d.name for d in dets],
-        "artifacts": bool(artifacts),
-        "fwhm_range": list(fwhm_range),
-        "template_fwhm": template_fwhm,
-        "template_depth": 10.0,
-        "engine": engine,
-        "psf": galsim_engine.PSF_PROFILE if galsim_engine is not None else "gaussian",
-    }
-    _atomic_text(os.path.join(repo, "truth", "simulation.json"), json.dumps(settings, indent=1))
+    psf = galsim_engine.PSF_PROFILE if galsim_engine is not None else "gaussian"
+    _write_settings(sim, psf)
     return messages
 
 
@@ -223,6 +206,38 @@ class _Simulation:
     def sky_e(self) -> float:
         """Sky level (electrons per pixel) in one exposure."""
         return SKY_ELECTRONS[self.band] * EXPTIME / 30.0
+
+
+def _finish_sky(
+    sky: dict[str, Any],
+    seed: int,
+    galsim_engine: Any,
+    cap: tuple[list[Detector], str, tuple[float, ...]] | None,
+) -> None:
+    """Galaxy minor axes, GalSim's Sersic indices, and (``cap``) the saturation cap."""
+    sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
+    if galsim_engine is not None:
+        sky.update(galsim_engine.galaxy_columns(seed, sky))
+    if cap is not None:  # artifact-free data: static sources below half saturation
+        sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(*cap))
+
+
+def _write_settings(sim: _Simulation, psf: str) -> None:
+    """``truth/simulation.json``: what :mod:`apdask.tools.evaluate` needs of the model."""
+    settings = {
+        "camera": sim.camera.name,
+        "seed": int(sim.seed),
+        "band": sim.band,
+        "detectors": [d.name for d in sim.dets],
+        "artifacts": bool(sim.artifacts),
+        "fwhm_range": list(sim.fwhm_range),
+        "template_fwhm": sim.template_fwhm,
+        "template_depth": 10.0,
+        "engine": sim.engine,
+        "psf": psf,
+    }
+    path = os.path.join(sim.repo, "truth", "simulation.json")
+    _atomic_text(path, json.dumps(settings, indent=1))
 
 
 def _pointings(seed: int, n_visits: int, first_visit: int, dither: float) -> list[dict[str, Any]]:
@@ -349,19 +364,6 @@ def _atomic_text(path, text):
     atomic_write(path, text)
 
 
-def _write_drp(butler, sky):
-    t = Table(
-        {
-            "objectId": sky["id"],
-            "ra": sky["ra"],
-            "dec": sky["dec"],
-            "r_flux": sky["flux"],
-            "extendedness": sky["extended"].astype(float),
-        }
-    )
-    butler.put_drp_objects(t)
-
-
 def _make_transients(
     seed, camera, pointings, sky, n_per_ccd, band, sky_e, dither, fwhm_range=_FWHM_RANGE
 ):
@@ -406,219 +408,6 @@ def _make_transients(
             out["k0"].append(np.full(len(keep), p["k"]))
             out["ratio"].append(rng.uniform(0.7, 1.3, len(keep)))
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
-
-
-def _transient_flux(tr, k):
-    flux = tr["flux"] * tr["ratio"] ** (k - tr["k0"])
-    return np.where(k >= tr["k0"], flux, 0.0)
-
-
-def _n_tiles(n, tile):
-    step = tile - _TILE_OVERLAP
-    return max(1, int(np.ceil((n - _TILE_OVERLAP) / step)))
-
-
-def _make_tiles_row(
-    butler,
-    seed,
-    band,
-    mosaic,
-    mshape,
-    tile,
-    j,
-    sky,
-    sci_var_njy,
-    template_fwhm=_TEMPLATE_FWHM,
-    engine="apdask",
-):
-    """Render and store the template tiles of row ``j``."""
-    step = tile - _TILE_OVERLAP
-    mx, my = mosaic.world_to_pixel_values(sky["ra"], sky["dec"])
-    flux = sky["flux"]  # variables at their mean flux
-    sigma_t = np.full(len(flux), float(_sigma_px(template_fwhm)))
-    noise = np.sqrt(sci_var_njy / 10.0)
-    psf = _gaussian_psf(template_fwhm)
-    if engine == "galsim":
-        from apdask.tools.simulate_galsim import render_template, template_psf_image
-
-        psf = template_psf_image(template_fwhm)
-    for i in range(_n_tiles(mshape[1], tile)):
-        x0, y0 = i * step, j * step
-        rng = _rng(seed, _TILE, i, j)
-        img = (noise * rng.standard_normal((tile, tile), dtype=np.float32)).astype(np.float32)
-        x, y = mx - x0, my - y0
-        h = _GAL_HALF if engine != "galsim" else _GALSIM_REACH
-        sel = (x > -h) & (x < tile + h) & (y > -h) & (y < tile + h)
-        cat = {k: v[sel] for k, v in sky.items()}
-        if engine == "galsim":
-            img = render_template(
-                cat,
-                x[sel],
-                y[sel],
-                flux[sel],
-                (tile, tile),
-                template_fwhm,
-                noise,
-                (seed, _TILE, i, j),
-            )
-        else:
-            _render(img, cat, x[sel], y[sel], flux[sel], sigma_t[sel])
-        w = mosaic.deepcopy()
-        w.wcs.crpix = [mosaic.wcs.crpix[0] - x0, mosaic.wcs.crpix[1] - y0]
-        w.wcs.set()
-        w.pixel_shape = (tile, tile)
-        var = np.full((tile, tile), noise**2, dtype=np.float32)
-        butler.put_template(band, f"{i}_{j}", img, var, w, psf=psf)
-
-
-def _hot_column(seed, det):
-    return int(_rng(seed, _CALIB, det.id, 99).integers(40, det.nx - 40))
-
-
-def _make_calibs(butler, seed, camera, det, band, artifacts=True):
-    """Master bias (e-), dark (e-/s) and flat (mean 1) of one detector."""
-    rng = _rng(seed, _CALIB, det.id)
-    ny, nx = det.shape
-    bias = np.empty((ny, nx), np.float32)
-    yy = np.arange(ny, dtype=np.float32)[:, None]
-    for amp in det.amplifiers:
-        off = rng.uniform(-3.0, 3.0)
-        slope = rng.uniform(0.0, 2.0)
-        ramp = off + slope * (yy[amp.y0 : amp.y1] - amp.y0) / max(amp.ny - 1, 1)
-        bias[amp.y0 : amp.y1, amp.x0 : amp.x1] = ramp
-    dark = np.full((ny, nx), 0.002, np.float32)
-    if artifacts:
-        dark[:, _hot_column(seed, det)] = 50.0
-    # Vignetting-like gradient over the focal plane, +-3 %, plus 0.5 % pixel response.
-    fx, fy = det.pixel_to_focal_plane(np.arange(nx)[None, :], np.arange(ny)[:, None])
-    rmax = max(
-        np.hypot(d.fp_x, d.fp_y) + 0.5e-3 * d.pixel_size * np.hypot(d.nx, d.ny) for d in camera
-    )
-    r2 = (fx**2 + fy**2) / rmax**2
-    frng = _rng(seed, _CALIB, det.id, "ugrizy".index(band) + 1)
-    flat = (1.03 - 0.06 * np.clip(r2, 0, 1)).astype(np.float32)
-    flat *= 1.0 + 0.005 * frng.standard_normal((ny, nx), dtype=np.float32)
-    flat /= flat.mean(dtype=np.float64)
-    butler.put_calib("bias", det.id, bias)
-    butler.put_calib("dark", det.id, dark)
-    butler.put_calib("flat", det.id, flat, band=band)
-
-
-def _calib_arrays(butler, det_id, band):
-    mjd = visit_mjd(0)
-    return {k: butler.get_calib(k, det_id, band, mjd) for k in ("bias", "dark", "flat")}
-
-
-def _make_raw(
-    repo,
-    seed,
-    camera,
-    det,
-    p,
-    band,
-    sky,
-    tr,
-    calib,
-    sky_e,
-    k_njy,
-    artifacts=True,
-    fwhm_range=_FWHM_RANGE,
-    engine="apdask",
-):
-    """Render, write one raw and return its truth rows."""
-    rng = _rng(seed, _RAW, p["visit"], det.id)
-    w = _true_wcs(det, p)
-    ny, nx = det.shape
-    k = p["k"]
-
-    # Static sky and transients in this CCD.
-    sx, sy = w.world_to_pixel_values(sky["ra"], sky["dec"])
-    h = _GAL_HALF if engine != "galsim" else _GALSIM_REACH  # wings of off-CCD stars
-    on = (sx > -h) & (sx < nx + h) & (sy > -h) & (sy < ny + h)
-    cat = {key: v[on] for key, v in sky.items()}
-    s_flux = _visit_flux(cat, p["mjd"])
-    tx, ty = w.world_to_pixel_values(tr["ra"], tr["dec"])
-    t_flux_all = _transient_flux(tr, k)
-    t_on = (tx >= 0) & (tx < nx) & (ty >= 0) & (ty < ny) & (t_flux_all > 0)
-    x = np.concatenate([sx[on], tx[t_on]])
-    y = np.concatenate([sy[on], ty[t_on]])
-    flux = np.concatenate([s_flux, t_flux_all[t_on]])
-    ext = np.concatenate([cat["extended"], np.zeros(t_on.sum(), bool)])
-    rcat = {
-        "extended": ext,
-        "gal_a": np.concatenate([cat["gal_a"], np.zeros(t_on.sum())]),
-        "gal_b": np.concatenate([cat["gal_b"], np.zeros(t_on.sum())]),
-        "gal_theta": np.concatenate([cat["gal_theta"], np.zeros(t_on.sum())]),
-    }
-    if engine == "galsim":  # GalSim draws sources and Poisson noise; truth = what it drew
-        from apdask.tools.simulate_galsim import render_science
-
-        key = (seed, _RAW, p["visit"], det.id)
-        img, drawn_e = render_science(
-            cat, x, y, flux / k_njy, (ny, nx), fwhm_range, sky_e, calib, DARKTIME, key
-        )
-        flux[len(s_flux) :] = drawn_e[len(s_flux) :] * k_njy
-    else:
-        lo, hi = fwhm_range
-        fwhm = lo + (hi - lo) * 0.5 * (np.clip(x / nx, 0, 1) + np.clip(y / ny, 0, 1))
-        img = np.full((ny, nx), sky_e, np.float32)
-        _render(img, rcat, x, y, flux / k_njy, _sigma_px(fwhm))
-        # Electrons: flat, dark current, Poisson noise (Gaussian approximation).
-        img *= calib["flat"]
-        img += calib["dark"] * DARKTIME
-        np.maximum(img, 0.0, out=img)
-        img += np.sqrt(img) * rng.standard_normal((ny, nx), dtype=np.float32)
-    # Cosmic rays, bias.
-    if artifacts:
-        _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
-    img += calib["bias"]
-
-    segments = _amp_segments(img, det, rng)
-
-    mjd = p["mjd"]
-    meta = RawMetadata(
-        instrument=camera.name,
-        detector_name=det.name,
-        detector_id=det.id,
-        visit=p["visit"],
-        exposure_id=p["visit"],
-        snap=0,
-        mjd_begin=mjd,
-        mjd_end=mjd + DARKTIME / 86400.0,
-        exptime=EXPTIME,
-        darktime=DARKTIME,
-        band=band,
-        ra=p["ra"],
-        dec=p["dec"],
-        rotpa=0.0,
-        imgtype="SCIENCE",
-        shutter={
-            "open_begin": 0.0,
-            "open_end": 1.0,
-            "close_begin": EXPTIME,
-            "close_end": EXPTIME + 1.0,
-        },
-    )
-    write_raw(
-        os.path.join(repo, "raw", raw_name(camera.name, p["visit"], det.name)), det, segments, meta
-    )
-
-    # Truth: sources whose true position is on this CCD.
-    inside = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
-    n_s = int(on.sum())
-    kind = np.where(cat["extended"], "galaxy", np.where(cat["variable"], "variable", "star"))
-    return {
-        "visit": p["visit"],
-        "source_id": np.concatenate([cat["id"], tr["id"][t_on]]).astype(np.int64)[inside],
-        "kind": np.concatenate([kind, np.full(t_on.sum(), "transient")])[inside],
-        "detector": np.full(inside.sum(), det.name),
-        "ra": np.concatenate([cat["ra"], tr["ra"][t_on]])[inside],
-        "dec": np.concatenate([cat["dec"], tr["dec"][t_on]])[inside],
-        "x": x[inside],
-        "y": y[inside],
-        "flux": flux[inside],
-        "template_flux": np.concatenate([cat["flux"], np.zeros(len(x) - n_s)])[inside],
-    }
 
 
 def _write_truth(repo, p, rows, band, seed):
