@@ -40,7 +40,6 @@ _NULL = "\\N"  # COPY's NULL marker in both directions
 _FLOAT = {"double", "float"}
 _INT = {"long": "int64", "int": "int32", "short": "int16", "byte": "int8"}
 _INT_NULLABLE = {"long": "Int64", "int": "Int32", "short": "Int16", "byte": "Int8"}
-_TEXT = {"char", "string", "text"}
 copy_stats: dict[str, int] = {"copy_rows": 0, "binary_rows": 0, "fallback_rows": 0}
 """Rows written by the bulk path (in all, in binary, per table) and by the pandas
 fallback (for tests)."""
