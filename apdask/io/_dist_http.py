@@ -5,16 +5,13 @@ Re-exported by :mod:`apdask.io.distributor`; see its docstring for the errors.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
 import logging
 import os
 import re
-import secrets
 import socket
-import stat
 import time
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -29,11 +26,9 @@ from apdask.exceptions import (
 )
 from apdask.io._dist_cache import (
     _CHUNK,
-    _CREATE_FLAGS,
-    _READ_FLAGS,
-    _hash_fd,
+    _CacheMixin,
+    _RetryError,
     default_cache_base,
-    open_private_dir,
 )
 from apdask.io._dist_names import TOKEN_ENV, check_image_name
 
@@ -48,14 +43,7 @@ _MAX_POLL_S = 60.0
 _MAX_MISMATCHES = 2
 
 
-class _RetryError(Exception):
-    """A transient failure (connection refused/reset, 503, broken download)."""
-
-    #: Connected, but no answer in time: the server is up, only slow.
-    reachable: bool = False
-
-
-class HttpDistributor:
+class HttpDistributor(_CacheMixin):
     """Client of an HTTP distributor (``apdask distributor serve``).
 
     Parameters
@@ -150,140 +138,6 @@ class HttpDistributor:
             # Connected but no answer in time: the server is up, just slow (e.g. loaded).
             err.reachable = connected and isinstance(e, TimeoutError)
             raise err from None
-
-    def _open_cache(self):
-        return open_private_dir(self.cache_dir, self._private_from)
-
-    def _drop(self, dfd, name):
-        for fn in (name, f".{name}.json"):
-            with contextlib.suppress(OSError):
-                os.unlink(fn, dir_fd=dfd)
-
-    def _cached(self, dfd, name):
-        """The verified cache record of ``name``, or None.
-
-        The sidecar's SHA-256 is checked against a fresh hash of the cached file on
-        every call; a file that was changed (even keeping its size), replaced by a
-        symbolic link or is not a regular file of ours is discarded.
-        """
-        try:
-            fd = os.open(f".{name}.json", _READ_FLAGS, dir_fd=dfd)
-            with os.fdopen(fd) as fh:
-                info = json.load(fh)
-            sha, size = str(info["sha256"]), int(info["size"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):
-            self._drop(dfd, name)
-            return None
-        try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
-        except OSError:
-            self._drop(dfd, name)
-            return None
-        try:
-            st = os.fstat(fd)
-            ok = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-            got = _hash_fd(fd) if ok else (None, None)
-        finally:
-            os.close(fd)
-        if got != (sha, size):
-            log.warning(
-                "cached copy of %r in %s no longer matches its SHA-256 %s; discarding it "
-                "and downloading the image again",
-                name,
-                self.cache_dir,
-                sha,
-            )
-            self._drop(dfd, name)
-            return None
-        return info
-
-    @staticmethod
-    def _registered(resp):
-        with contextlib.suppress(TypeError, ValueError):
-            return float(resp.getheader("X-Registered"))
-        return None
-
-    def _mismatch(self, name, got, expected, size):
-        msg = (
-            f"image {name} from distributor {self.url} has SHA-256 {got} ({size} bytes) "
-            f"but the distributor registered SHA-256 {expected}: its copy is corrupt (or "
-            "altered in transit); nothing was used; re-upload the image "
-            "(apdask distributor upload) and check the distributor's disk"
-        )
-        err = ChecksumMismatchError(msg)
-        err.retryable = True  # type: ignore[attr-defined]  # read with getattr by _retrieve
-        return err
-
-    def _download(self, dfd, name, conn, resp):
-        """Stream a 200 response into the cache atomically; verify size and SHA-256."""
-        expected = (resp.getheader("X-Checksum-SHA256") or "").strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", expected):
-            msg = (
-                f"distributor {self.url} sent image {name} without a valid "
-                "X-Checksum-SHA256 header, so it cannot be verified; nothing was used; "
-                "is --distributor an apdask distributor?"
-            )
-            raise ChecksumMismatchError(msg)
-        length = resp.getheader("Content-Length")
-        if conn.sock is not None:
-            conn.sock.settimeout(self.read_timeout)
-
-        def read():
-            try:
-                return resp.read(_CHUNK)
-            except (OSError, http.client.HTTPException) as e:
-                msg = f"download of {name} failed: {type(e).__name__}: {e}"
-                raise _RetryError(msg) from None
-
-        tmp = f".dl-{secrets.token_hex(8)}.part"
-        renamed = False
-        try:  # OSErrors here are the local disk's; the network's are _RetryErrors
-            fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dfd)
-            digest = hashlib.sha256()
-            size = 0
-            with os.fdopen(fd, "wb") as fh:
-                while chunk := read():
-                    digest.update(chunk)
-                    fh.write(chunk)
-                    size += len(chunk)
-            if length is not None and size != int(length):
-                raise _RetryError(f"download of {name} broke off after {size} of {length} bytes")
-            if digest.hexdigest() != expected:
-                raise self._mismatch(name, digest.hexdigest(), expected, size)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            renamed = True
-            info = {
-                "name": name,
-                "size": size,
-                "sha256": expected,
-                "registered": self._registered(resp),
-            }
-            side = f".dl-{secrets.token_hex(8)}.json"
-            fd = os.open(side, _CREATE_FLAGS, 0o600, dir_fd=dfd)
-            try:
-                with os.fdopen(fd, "w") as side_fh:
-                    json.dump(info, side_fh)
-                os.replace(side, f".{name}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(side, dir_fd=dfd)
-                raise
-        except OSError as e:
-            if renamed:
-                self._drop(dfd, name)
-            msg = (
-                f"cannot write image {name} into the distributor cache {self.cache_dir} "
-                f"({e.strerror or e}); free space there, or point "
-                "apdask.distributor.cache_dir at a writable private directory"
-            )
-            raise ConfigurationError(msg) from None
-        finally:
-            if not renamed:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dfd)
-        return {"path": os.path.join(self.cache_dir, name), **info}
 
     def _unavailable(self, name, waited, why):
         msg = (
