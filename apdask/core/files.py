@@ -20,6 +20,14 @@ On any error the temporary file is removed and the destination is untouched.
 ``fsync=False`` skips steps 2 and 5 (the result is still atomic, only not
 durable); it exists for scratch output in tests and is not used by the package.
 The parent directory must exist; callers create it.
+
+Two writers keep their own code, for reasons this module cannot serve: the
+distributor server streams an upload on the event loop and renames it only after
+its checksum matched (``apdask.services._dist_service``; fsync of the file and of
+the directory as above), and the HTTP distributor client writes its cache relative
+to a directory descriptor, so that a planted symbolic link is never followed
+(``apdask.io._dist_cache``).  The server's registration log is appended, not
+replaced (``apdask.services._dist_storage``).
 """
 
 from __future__ import annotations
