@@ -568,12 +568,12 @@ def test_symlinked_cache_dir_refused(server, tmp_path):
 
 def _dev_full_mkstemp(monkeypatch, tmp_path):
     """Make the server's upload files /dev/full: every write fails with ENOSPC."""
-    from apdask.services import distributor_server
+    from apdask.services import _dist_service  # where the upload file is made
 
     def mkstemp(prefix="", suffix="", dir=None):
         return os.open("/dev/full", os.O_WRONLY), str(tmp_path / f"{prefix}gone{suffix}")
 
-    monkeypatch.setattr(distributor_server.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(_dist_service.tempfile, "mkstemp", mkstemp)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -599,9 +599,9 @@ def test_disk_full_is_507_with_reason(server, client, tmp_path, monkeypatch, cap
 
 
 def test_upload_larger_than_free_space_refused_before_the_body(server, monkeypatch):
-    from apdask.services import distributor_server
+    from apdask.services import _dist_storage  # where the free space is looked up
 
-    monkeypatch.setattr(distributor_server, "_free_bytes", lambda path: 5 << 20)
+    monkeypatch.setattr(_dist_storage, "_free_bytes", lambda path: 5 << 20)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall(
             f"PUT /images/big.fits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"

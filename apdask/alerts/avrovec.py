@@ -17,6 +17,9 @@ The output is byte-identical to ``fastavro.schemaless_writer`` (checked in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 __all__ = ["RecordEncoder", "encode_long", "encode_bytes"]
@@ -24,7 +27,7 @@ __all__ = ["RecordEncoder", "encode_long", "encode_bytes"]
 _PRIMS = ("long", "int", "float", "double", "boolean", "string", "bytes")
 
 
-def encode_long(v):
+def encode_long(v: int) -> bytes:
     """Avro zig-zag varint of one Python int."""
     z = (v << 1) ^ (v >> 63)
     out = bytearray()
@@ -35,7 +38,7 @@ def encode_long(v):
     return bytes(out)
 
 
-def encode_bytes(b):
+def encode_bytes(b: bytes) -> bytes:
     """Avro ``bytes``/``string`` body: length varint then the bytes."""
     return encode_long(len(b)) + b
 
@@ -151,7 +154,7 @@ class _Field:
         n = len(vals)
         pairs = zip(vals.tolist(), null.tolist(), strict=True)
         keys = [b"" if isnull else v for v, isnull in pairs]
-        uniq = {}
+        uniq: dict[Any, int] = {}
         inv = np.empty(n, dtype=np.int64)
         for i, v in enumerate(keys):
             j = uniq.get(v)
@@ -292,13 +295,13 @@ class RecordEncoder:
         The Avro record schema (a resolved dict with ``name`` and ``fields``).
     """
 
-    def __init__(self, record):
+    def __init__(self, record: Mapping[str, Any]) -> None:
         name = record["name"].rsplit(".", 1)[-1]
         self.name = name
         self.fields = [_Field(name, f) for f in record["fields"]]
-        self.parts = []  # _Field or _Run, in schema order
+        groups: list[_Field | list[_Field]] = []  # runs of like floats/booleans grouped
         for f in self.fields:
-            last = self.parts[-1] if self.parts else None
+            last = groups[-1] if groups else None
             runnable = f.kind in ("float", "double", "boolean")
             if (
                 runnable
@@ -309,14 +312,15 @@ class RecordEncoder:
             ):
                 last.append(f)
             elif runnable:
-                self.parts.append([f])
+                groups.append([f])
             else:
-                self.parts.append(f)
-        self.parts = [
-            (_Run(p) if len(p) > 1 else p[0]) if isinstance(p, list) else p for p in self.parts
+                groups.append(f)
+        #: _Field or _Run, in schema order
+        self.parts: list[_Field | _Run] = [
+            (_Run(p) if len(p) > 1 else p[0]) if isinstance(p, list) else p for p in groups
         ]
 
-    def encode(self, columns, n=None):
+    def encode(self, columns: Any, n: int | None = None) -> tuple[bytes, np.ndarray]:
         """Encode ``n`` records given column-wise.
 
         Parameters

@@ -18,7 +18,7 @@ from apdask.alerts.schema import (
     parsed_schema,
     schema_id_of,
 )
-from apdask.alerts.wire import _CONFLUENT_HEADER
+from apdask.alerts.wire import CONFLUENT_HEADER
 
 __all__ = ["EncodedAlert", "package_alerts", "encode_alert"]
 
@@ -52,7 +52,7 @@ class EncodedAlert:
     @classmethod
     def _framed(cls, diaSourceId, diaObjectId, frame):
         """From a Confluent frame; ``body`` is a zero-copy view of it."""
-        return cls(diaSourceId, diaObjectId, memoryview(frame)[_CONFLUENT_HEADER.size :],
+        return cls(diaSourceId, diaObjectId, memoryview(frame)[CONFLUENT_HEADER.size :],
                    frame=frame)  # fmt: skip
 
     def __reduce__(self):  # memoryview bodies do not pickle: rebuild from the frame
@@ -268,7 +268,7 @@ def package_alerts(
         msg = f"got {len(cutouts)} cutout triples for {n} sources; give one per source"
         raise ValueError(msg)
     out = []
-    header = _CONFLUENT_HEADER.pack(0, schema_id_of(schema))
+    header = CONFLUENT_HEADER.pack(0, schema_id_of(schema))
     for i in range(n):
         sid = src_ids[i]
         oid = src_oids[i]

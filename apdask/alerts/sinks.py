@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
-import tempfile
 import time
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import fastavro
 import fastavro.validation
@@ -18,10 +18,15 @@ import fastavro.validation
 from apdask.alerts.avrovec import encode_bytes, encode_long
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, parsed_schema
-from apdask.alerts.wire import _FITS_MAGIC
+from apdask.core.files import atomic_open
 from apdask.exceptions import ConfigurationError
 
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
+
 __all__ = ["SinkResult", "FileSink", "sink_from_uri", "read_alerts", "validate_alerts"]
+
+_FITS_MAGIC = b"SIMPLE"  # a cutout must be a FITS file
 
 
 @dataclass
@@ -54,7 +59,7 @@ class SinkResult:
     problems: list = field(default_factory=list)
     seconds: float = 0.0
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary for reports."""
         return {
             "delivered": self.delivered,
@@ -83,19 +88,23 @@ class FileSink:
         Avro block codec.
     """
 
-    def __init__(self, root, schema=None, codec="deflate"):
+    def __init__(
+        self, root: str | os.PathLike[str], schema: Schema | None = None, codec: str = "deflate"
+    ) -> None:
         self.root = Path(root)
         self.schema = load_schema() if schema is None else schema
         self.codec = codec
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"FileSink({str(self.root)!r})"
 
-    def path_for(self, visit, detector):
+    def path_for(self, visit: int, detector: int) -> Path:
         """Return the file path of one CCD of one visit."""
         return self.root / f"visit_{int(visit)}" / f"{int(visit)}_{int(detector)}.avro"
 
-    def write(self, visit, detector, alerts):
+    def write(
+        self, visit: int, detector: int, alerts: Iterable[Mapping[str, Any] | EncodedAlert]
+    ) -> SinkResult:
         """Write all alerts of one CCD atomically.
 
         Parameters
@@ -114,9 +123,10 @@ class FileSink:
         alerts = list(alerts)
         path = self.path_for(visit, detector)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as fh:
-            if alerts and all(isinstance(a, EncodedAlert) for a in alerts):
-                _write_bodies(fh, self.schema, [a.body for a in alerts], self.codec)
+        with atomic_open(path) as fh:
+            encoded = [a for a in alerts if isinstance(a, EncodedAlert)]
+            if alerts and len(encoded) == len(alerts):
+                _write_bodies(fh, self.schema, [a.body for a in encoded], self.codec)
             else:
                 records = [
                     a.decode(self.schema) if isinstance(a, EncodedAlert) else a for a in alerts
@@ -124,7 +134,7 @@ class FileSink:
                 fastavro.writer(fh, parsed_schema(self.schema), records, codec=self.codec)
         return SinkResult(delivered=len(alerts), path=path, seconds=time.monotonic() - t0)
 
-    def close(self):
+    def close(self) -> None:
         """Nothing to release (API symmetry with the Kafka sink)."""
 
 
@@ -148,42 +158,14 @@ def _write_bodies(fh, schema, bodies, codec, per_block=256):
         fh.write(encode_long(len(chunk)) + encode_long(len(data)) + data + sync)
 
 
-@contextlib.contextmanager
-def atomic_file(path):
-    """Write ``path`` all or nothing: a temp file beside it, fsync, rename, fsync the dir."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 #: Alert transports by URI scheme: ``"module:factory"``, the factory called as
 #: ``factory(uri, schema=..., spool_dir=...)``.  ``file://`` is built in.
 SINK_BACKENDS = {"kafka": "apdask.services.kafka:KafkaSink.from_uri"}
 
 
-def sink_from_uri(uri, schema=None, spool_dir=None):
+def sink_from_uri(
+    uri: str, schema: Schema | None = None, spool_dir: str | os.PathLike[str] | None = None
+) -> Any:
     """Return the alert sink for ``uri``.
 
     Parameters
@@ -212,7 +194,7 @@ def sink_from_uri(uri, schema=None, spool_dir=None):
         # Backends by registry (as xarray resolves engines): the packets never import
         # their transports, so there is no alerts <-> services import cycle.
         module, name = SINK_BACKENDS[scheme].split(":")
-        factory = importlib.import_module(module)
+        factory: Any = importlib.import_module(module)
         for part in name.split("."):
             factory = getattr(factory, part)
         return factory(uri, schema=schema, spool_dir=spool_dir)
@@ -224,7 +206,14 @@ def sink_from_uri(uri, schema=None, spool_dir=None):
     return FileSink(uri, schema=schema)
 
 
-def avro_files(path_or_dir, what="alert file"):
+def avro_files(path_or_dir: str | os.PathLike[str], what: str = "alert file") -> list[Path]:
+    """The ``.avro`` files below a directory (sorted), or the one file given.
+
+    Raises
+    ------
+    FileNotFoundError
+        Neither a file nor a directory; the message names ``what`` was looked for.
+    """
     p = Path(path_or_dir)
     if p.is_dir():
         return sorted(p.rglob("*.avro"))
@@ -234,7 +223,7 @@ def avro_files(path_or_dir, what="alert file"):
     raise FileNotFoundError(msg)
 
 
-def read_alerts(path_or_dir):
+def read_alerts(path_or_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read all alerts of one Avro file or of all ``.avro`` files below a directory.
 
     Parameters
@@ -246,14 +235,16 @@ def read_alerts(path_or_dir):
     list of dict
         Packets, files in sorted path order.
     """
-    out = []
+    out: list[dict[str, Any]] = []
     for fn in avro_files(path_or_dir):
         with open(fn, "rb") as fh:
-            out.extend(fastavro.reader(fh))
+            out.extend(cast(Iterable[dict[str, Any]], fastavro.reader(fh)))
     return out
 
 
-def validate_alerts(path_or_dir, schema=None):
+def validate_alerts(
+    path_or_dir: str | os.PathLike[str], schema: Schema | None = None
+) -> dict[str, Any]:
     """Check alert files against the official schema.
 
     Each file is decoded with the given (or configured) lsst.alert.packet
@@ -278,7 +269,7 @@ def validate_alerts(path_or_dir, schema=None):
     for fn in files:
         try:
             with open(fn, "rb") as fh:
-                records = list(fastavro.reader(fh, reader_schema=parsed))
+                records: list[Any] = list(fastavro.reader(fh, reader_schema=parsed))
         except Exception as err:  # noqa: BLE001 - reported, not raised
             problems.append(f"{fn}: cannot decode with schema {schema.definition['name']}: {err}")
             continue

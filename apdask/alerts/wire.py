@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import fastavro
 import fastavro.validation
 
 from apdask.alerts.schema import load_schema, parsed_schema, schema_id_of
 
-__all__ = ["confluent_frame", "confluent_unframe"]
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
 
-_FITS_MAGIC = b"SIMPLE"
+__all__ = ["CONFLUENT_HEADER", "confluent_frame", "confluent_unframe"]
+
+#: The Confluent wire header: magic byte 0, then the schema id as big-endian int32.
+CONFLUENT_HEADER = struct.Struct(">bi")
 
 
-_CONFLUENT_HEADER = struct.Struct(">bi")
-
-
-def confluent_frame(alert, schema=None):
+def confluent_frame(alert: Mapping[str, Any], schema: Schema | None = None) -> bytes:
     """Serialise one alert in the Confluent wire format.
 
     Parameters
@@ -34,12 +37,12 @@ def confluent_frame(alert, schema=None):
     """
     schema = load_schema() if schema is None else schema
     buf = io.BytesIO()
-    buf.write(_CONFLUENT_HEADER.pack(0, schema_id_of(schema)))
+    buf.write(CONFLUENT_HEADER.pack(0, schema_id_of(schema)))
     fastavro.schemaless_writer(buf, parsed_schema(schema), alert)
     return buf.getvalue()
 
 
-def confluent_unframe(data, schema=None):
+def confluent_unframe(data: bytes, schema: Schema | None = None) -> dict[str, Any]:
     """Decode bytes produced by :func:`confluent_frame`.
 
     Parameters
@@ -57,10 +60,10 @@ def confluent_unframe(data, schema=None):
         On a wrong magic byte or a schema id different from ``schema``'s.
     """
     schema = load_schema() if schema is None else schema
-    if len(data) < _CONFLUENT_HEADER.size:
+    if len(data) < CONFLUENT_HEADER.size:
         msg = f"Confluent frame too short ({len(data)} bytes)"
         raise ValueError(msg)
-    magic, schema_id = _CONFLUENT_HEADER.unpack_from(data)
+    magic, schema_id = CONFLUENT_HEADER.unpack_from(data)
     if magic != 0:
         msg = f"not a Confluent frame: magic byte {magic}, expected 0"
         raise ValueError(msg)
@@ -71,6 +74,6 @@ def confluent_unframe(data, schema=None):
         )
         raise ValueError(msg)
     buf = io.BytesIO(data)
-    buf.seek(_CONFLUENT_HEADER.size)
+    buf.seek(CONFLUENT_HEADER.size)
     parsed = parsed_schema(schema)
-    return fastavro.schemaless_reader(buf, parsed, parsed)
+    return cast(dict[str, Any], fastavro.schemaless_reader(buf, parsed, parsed))

@@ -18,6 +18,8 @@ local directory later without touching the accessors.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -26,126 +28,24 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from numpy.typing import ArrayLike
 
-from apdask.core.camera import check_band, get_camera
+from apdask.core.camera import Camera, check_band, get_camera
 from apdask.core.exposure import TemplateTile
 from apdask.exceptions import ConfigurationError, RawFormatError
+from apdask.io._footprint import (
+    _points_in_polygon,
+    _tile_corners,
+    polygons_overlap,
+    wcs_from_attrs,
+    wcs_to_attrs,
+)
 
 __all__ = ["Butler", "CALIB_KINDS", "wcs_to_attrs", "wcs_from_attrs", "polygons_overlap"]
 
 CALIB_KINDS = ("bias", "dark", "flat")
 _TEMPLATE_CHUNK = 1024
 _DRP_COLUMNS = ("objectId", "ra", "dec", "r_flux", "extendedness")
-
-
-def wcs_to_attrs(wcs):
-    """FITS cards of a celestial WCS as a JSON-able dict (``wcs.to_header()``)."""
-    hdr = wcs.to_header()
-    return {k: v for k, v in hdr.items() if k not in ("COMMENT", "HISTORY", "")}
-
-
-def wcs_from_attrs(cards, shape=None):
-    """Rebuild a WCS from :func:`wcs_to_attrs` output; ``shape`` is ``(ny, nx)``."""
-    w = WCS(fits.Header(cards))
-    if shape is not None:
-        w.pixel_shape = (int(shape[1]), int(shape[0]))
-    return w
-
-
-def _tile_corners(wcs, shape):
-    ny, nx = shape
-    xs = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5])
-    ys = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5])
-    r, d = wcs.pixel_to_world_values(xs, ys)
-    return np.column_stack([np.mod(r, 360.0), d])
-
-
-def _gnomonic(radec, ra0, dec0):
-    """Tangent-plane projection (radians) about ``(ra0, dec0)``; NaN behind the plane."""
-    ra = np.deg2rad(radec[:, 0])
-    dec = np.deg2rad(radec[:, 1])
-    a0, d0 = np.deg2rad(ra0), np.deg2rad(dec0)
-    cosc = np.sin(d0) * np.sin(dec) + np.cos(d0) * np.cos(dec) * np.cos(ra - a0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = np.cos(dec) * np.sin(ra - a0) / cosc
-        y = (np.cos(d0) * np.sin(dec) - np.sin(d0) * np.cos(dec) * np.cos(ra - a0)) / cosc
-    bad = cosc <= 1e-6
-    x[bad] = np.nan
-    y[bad] = np.nan
-    return np.column_stack([x, y])
-
-
-def _hull(points):
-    """Convex hull (monotone chain), counter-clockwise."""
-    pts = sorted(map(tuple, points))
-    if len(pts) <= 2:
-        return np.array(pts)
-
-    def cross(o, a, b):
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    lower, upper = [], []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return np.array(lower[:-1] + upper[:-1])
-
-
-def _sat_overlap(a, b):
-    """Separating-axis test for two convex polygons (vertex arrays)."""
-    for poly in (a, b):
-        n = len(poly)
-        for i in range(n):
-            edge = poly[(i + 1) % n] - poly[i]
-            axis = np.array([-edge[1], edge[0]])
-            pa, pb = a @ axis, b @ axis
-            if pa.max() < pb.min() or pb.max() < pa.min():
-                return False
-    return True
-
-
-def polygons_overlap(corners_a, corners_b):
-    """Whether two sky polygons (``(N, 2)`` ra/dec degrees) overlap.
-
-    Both are projected onto the tangent plane at the centre of ``corners_b`` and
-    their convex hulls tested with the separating-axis theorem.  Polygons more than
-    ~90° apart never overlap.
-    """
-    a = np.asarray(corners_a, dtype=float)
-    b = np.asarray(corners_b, dtype=float)
-    vec = _unit(b).mean(axis=0)
-    ra0 = np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0
-    dec0 = np.rad2deg(np.arctan2(vec[2], np.hypot(vec[0], vec[1])))
-    pa, pb = _gnomonic(a, ra0, dec0), _gnomonic(b, ra0, dec0)
-    if not (np.all(np.isfinite(pa)) and np.all(np.isfinite(pb))):
-        return False
-    return _sat_overlap(_hull(pa), _hull(pb))
-
-
-def _unit(radec):
-    ra, dec = np.deg2rad(radec[:, 0]), np.deg2rad(radec[:, 1])
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-
-
-def _points_in_polygon(ra, dec, corners):
-    """Boolean mask of points inside the convex hull of ``corners`` (tangent plane)."""
-    corners = np.asarray(corners, dtype=float)
-    vec = _unit(corners).mean(axis=0)
-    ra0 = np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0
-    dec0 = np.rad2deg(np.arctan2(vec[2], np.hypot(vec[0], vec[1])))
-    hull = _hull(_gnomonic(corners, ra0, dec0))
-    p = _gnomonic(np.column_stack([ra, dec]), ra0, dec0)
-    inside = np.all(np.isfinite(p), axis=1)
-    for i in range(len(hull)):
-        e = hull[(i + 1) % len(hull)] - hull[i]
-        with np.errstate(invalid="ignore"):
-            inside &= (e[0] * (p[:, 1] - hull[i][1]) - e[1] * (p[:, 0] - hull[i][0])) >= 0
-    return inside
 
 
 def _open_store(path, read_only=False):
@@ -186,7 +86,7 @@ class Butler:
         and to validate their shape.
     """
 
-    def __init__(self, root, camera=None):
+    def __init__(self, root: str | os.PathLike[str], camera: str | None = None) -> None:
         self.root = os.fspath(root)
         if "://" not in self.root:
             self.root = os.path.abspath(self.root)
@@ -197,16 +97,12 @@ class Butler:
             self._group.attrs["camera"] = get_camera(camera).name
         self._camera_cache = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Butler({self.root!r})"
 
     # ----------------------------------------------------------------- helpers
-    def subdir(self, name):
-        """Local path of a repository subfolder (``raw``, ``truth``, ``visits``)."""
-        return os.path.join(self.root, name)
-
     @property
-    def camera(self):
+    def camera(self) -> Camera | None:
         """Camera recorded in the repository, or None."""
         name = self._group.attrs.get("camera")
         return None if name is None else get_camera(name)
@@ -217,7 +113,7 @@ class Butler:
         except KeyError:
             return None
 
-    def prepare_groups(self, band, detector_ids):
+    def prepare_groups(self, band: str, detector_ids: Iterable[int]) -> None:
         """Create the template and calib groups up front (before threaded writes)."""
         self._group.require_group(f"templates/{check_band(band)}")
         for kind in CALIB_KINDS:
@@ -226,7 +122,15 @@ class Butler:
                 self._group.require_group(f"calibs/{kind}/{int(det_id)}/{bkey}")
 
     # --------------------------------------------------------------- templates
-    def put_template(self, band, tile_id, image, variance, wcs, psf=None):
+    def put_template(
+        self,
+        band: str,
+        tile_id: str,
+        image: np.ndarray,
+        variance: np.ndarray,
+        wcs: WCS,
+        psf: np.ndarray | None = None,
+    ) -> None:
         """Store one template tile.
 
         Parameters
@@ -267,12 +171,12 @@ class Butler:
             arr.attrs.update(attrs)
         grp.attrs.update(attrs)
 
-    def template_ids(self, band):
+    def template_ids(self, band: str) -> list[str]:
         """Tile ids stored for ``band``."""
         grp = self._get(f"templates/{band}")
         return [] if grp is None else sorted(grp.group_keys())
 
-    def get_templates(self, band, corners):
+    def get_templates(self, band: str, corners: ArrayLike) -> list[TemplateTile]:
         """All template tiles of ``band`` whose footprint overlaps a sky polygon.
 
         Parameters
@@ -290,7 +194,7 @@ class Butler:
         check_band(band)
         out = []
         for tile_id in self.template_ids(band):
-            grp = self._group[f"templates/{band}/{tile_id}"]
+            grp: Any = self._group[f"templates/{band}/{tile_id}"]
             attrs = dict(grp.attrs)
             if not polygons_overlap(attrs["corners"], corners):
                 continue
@@ -309,7 +213,9 @@ class Butler:
             )
         return out
 
-    def ingest_template(self, path, band, tile_id=None):
+    def ingest_template(
+        self, path: str | os.PathLike[str], band: str, tile_id: str | None = None
+    ) -> str:
         """Ingest any FITS image with a celestial WCS as a template tile.
 
         The image is the primary HDU if it has 2-D data, else the first image
@@ -372,7 +278,15 @@ class Butler:
         return tile_id
 
     # ----------------------------------------------------------- calibrations
-    def put_calib(self, kind, detector_id, image, band=None, valid_from=0.0, valid_to=1e6):
+    def put_calib(
+        self,
+        kind: str,
+        detector_id: int,
+        image: np.ndarray,
+        band: str | None = None,
+        valid_from: float = 0.0,
+        valid_to: float = 1e6,
+    ) -> str:
         """Store a master calibration.
 
         Parameters
@@ -449,7 +363,7 @@ class Butler:
             raise ConfigurationError(msg)
         return best
 
-    def get_calib(self, kind, detector_id, band, mjd):
+    def get_calib(self, kind: str, detector_id: int, band: str | None, mjd: float) -> np.ndarray:
         """The master calibration of ``kind`` valid at ``mjd``, as a numpy array.
 
         When several entries are valid, the one with the latest ``valid_from`` wins.
@@ -461,11 +375,19 @@ class Butler:
         """
         return self._find_calib(kind, detector_id, band, mjd)[...]
 
-    def get_calib_lazy(self, kind, detector_id, band, mjd):
+    def get_calib_lazy(self, kind: str, detector_id: int, band: str | None, mjd: float) -> da.Array:
         """Like :meth:`get_calib` but a dask array chunked as stored (per amplifier)."""
         return da.from_zarr(self._find_calib(kind, detector_id, band, mjd))
 
-    def ingest_calib(self, path, kind, detector_id, band=None, valid_from=0.0, valid_to=1e6):
+    def ingest_calib(
+        self,
+        path: str | os.PathLike[str],
+        kind: str,
+        detector_id: int,
+        band: str | None = None,
+        valid_from: float = 0.0,
+        valid_to: float = 1e6,
+    ) -> str:
         """Ingest a master calibration from the first 2-D image HDU of a FITS file.
 
         The image must already be in the stored units (see :meth:`put_calib`).
@@ -480,7 +402,7 @@ class Butler:
         return self.put_calib(kind, detector_id, image, band, valid_from, valid_to)
 
     # ------------------------------------------------------------- DRP objects
-    def put_drp_objects(self, table):
+    def put_drp_objects(self, table: Table) -> None:
         """Store the DRP Object catalog (replaces any previous one).
 
         Parameters
@@ -503,7 +425,7 @@ class Butler:
             if n:
                 arr[...] = data
 
-    def get_drp_objects(self, corners=None):
+    def get_drp_objects(self, corners: ArrayLike | None = None) -> Table:
         """The DRP Object catalog, optionally only objects inside a sky polygon."""
         grp = self._get("drp_objects")
         if grp is None:

@@ -22,30 +22,19 @@ upload is refused for a full disk.  See ``docs/distributor.md``.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import http.client
-import json
-import logging
 import os
-import re
-import secrets
-import socket
-import stat
 import time
-from urllib.parse import quote, unquote, urlparse
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 from apdask import config
 from apdask.exceptions import (
-    CacheSecurityError,
-    ChecksumMismatchError,
-    ConfigurationError,
-    DistributorFullError,
     DistributorUnavailableError,
-    HeaderMismatchError,
     ImageTimeoutError,
 )
+from apdask.io._dist_cache import default_cache_base, open_private_dir
+from apdask.io._dist_http import HttpDistributor
+from apdask.io._dist_names import NAME_PATTERN, TOKEN_ENV, check_image_for_ccd, check_image_name
 
 __all__ = [
     "FileDistributor",
@@ -58,81 +47,6 @@ __all__ = [
     "NAME_PATTERN",
     "TOKEN_ENV",
 ]
-
-log = logging.getLogger(__name__)
-
-#: Environment variable holding the distributor's upload token (never in config files).
-TOKEN_ENV = "APDASK_DISTRIBUTOR_TOKEN"
-
-#: Image names the distributor accepts: no slashes, no leading dot, no traversal.
-#: Match it with ``fullmatch`` (``\Z``, unlike ``$``, also refuses a trailing newline).
-NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
-
-
-def check_image_name(name):
-    """Return ``name`` if it is a safe image file name, else raise ValueError."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        msg = (
-            f"invalid image name {name!r}: use a plain file name of letters, digits, "
-            "'.', '_' and '-' (no slashes or '..'), e.g. LSSTComCam_1000_R22_S11_0.fits"
-        )
-        raise ValueError(msg)
-    return name
-
-
-_RAW_NAME = re.compile(
-    r"(?P<instrument>[A-Za-z0-9]+)_(?P<visit>\d+)_(?P<ccd>.+)_(?P<snap>\d+)\.fits"
-)
-
-
-def check_image_for_ccd(name, camera, detector):
-    """Refuse an image name that, by the raw naming convention, belongs to another CCD.
-
-    Names of the form ``{instrument}_{visit}_{ccd}_{snap}.fits`` (``rawio.raw_name``)
-    are checked before waiting for the image, so a wrong name fails at once instead of
-    after the timeout.  Other names are accepted; the raw header's DETNAME is checked
-    after the fetch in any case.
-
-    Parameters
-    ----------
-    name : str
-        Image name given to ``--image``.
-    camera : apdask.camera.Camera
-    detector : apdask.camera.Detector
-        The CCD being processed.
-
-    Returns
-    -------
-    str
-        ``name``.
-
-    Raises
-    ------
-    HeaderMismatchError
-        If the name names another CCD of the camera, or another instrument.
-    ValueError
-        If the name is not a safe image name.
-    """
-    check_image_name(name)
-    m = _RAW_NAME.fullmatch(name)
-    if m is None:
-        return name
-    ccd = m["ccd"]
-    known = ccd in camera.names
-    if known and ccd != detector.name:
-        msg = (
-            f"image name {name} is for CCD {ccd} but --ccd {detector.name} was given; pass "
-            f"the image of {detector.name} (e.g. {m['instrument']}_{m['visit']}_"
-            f"{detector.name}_{m['snap']}.fits)"
-        )
-        raise HeaderMismatchError(msg)
-    if known and m["instrument"] != camera.name:
-        msg = (
-            f"image name {name} is for instrument {m['instrument']} but the repository's "
-            f"camera is {camera.name}; pass an image of {camera.name}"
-        )
-        raise HeaderMismatchError(msg)
-    return name
 
 
 class FileDistributor:
@@ -149,7 +63,7 @@ class FileDistributor:
         If ``root`` is not an existing directory.
     """
 
-    def __init__(self, root):
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(self.root):
             msg = (
@@ -158,23 +72,25 @@ class FileDistributor:
             )
             raise DistributorUnavailableError(msg)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"FileDistributor({self.root!r})"
 
     @property
-    def url(self):
+    def url(self) -> str:
         """``file://`` URL of the distributor."""
         return "file://" + self.root
 
-    def path(self, name):
+    def path(self, name: str) -> str:
         """Path at which image ``name`` appears (validated, not waited for)."""
         return os.path.join(self.root, check_image_name(name))
 
-    def exists(self, name):
+    def exists(self, name: str) -> bool:
         """Whether image ``name`` has fully arrived."""
         return os.path.isfile(self.path(name))
 
-    def retrieve(self, name, timeout=None, poll_interval=None):
+    def retrieve(
+        self, name: str, timeout: float | None = None, poll_interval: float | None = None
+    ) -> dict[str, Any]:
         """Like :meth:`get`, but return a dict with the registration time.
 
         Returns
@@ -186,10 +102,17 @@ class FileDistributor:
         """
         path = self.get(name, timeout, poll_interval)
         st = os.stat(path)
-        return {"path": path, "name": name, "size": st.st_size, "sha256": None,
-                "registered": st.st_mtime}  # fmt: skip
+        return {
+            "path": path,
+            "name": name,
+            "size": st.st_size,
+            "sha256": None,
+            "registered": st.st_mtime,
+        }
 
-    def get(self, name, timeout=None, poll_interval=None):
+    def get(
+        self, name: str, timeout: float | None = None, poll_interval: float | None = None
+    ) -> str:
         """Block until image ``name`` has arrived and return its path.
 
         Parameters
@@ -235,586 +158,7 @@ class FileDistributor:
         raise ImageTimeoutError(msg)
 
 
-#: Longest single long-poll the client asks for; longer waits are several polls.
-_MAX_POLL_S = 60.0
-_CHUNK = 1 << 20
-#: Consecutive downloads with the wrong SHA-256 before ChecksumMismatchError.
-_MAX_MISMATCHES = 2
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-
-
-class _RetryError(Exception):
-    """A transient failure (connection refused/reset, 503, broken download)."""
-
-
-def default_cache_base():
-    """Parent of the per-distributor caches: ``$XDG_CACHE_HOME/apdask/distributor``.
-
-    ``XDG_CACHE_HOME`` defaults to ``~/.cache`` (and is ignored unless absolute, as the
-    XDG base-directory specification says).
-    """
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = xdg if os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "apdask", "distributor")
-
-
-def _cache_fix(path):
-    return (
-        f"remove it (rm -rf {path}) so that apdask recreates it, or point "
-        "apdask.distributor.cache_dir at a private directory of yours"
-    )
-
-
-def open_private_dir(path, private_from=None):
-    """Open directory ``path``, creating it with mode 0700; refuse one that is not private.
-
-    Every component from ``private_from`` (default: ``path`` itself) down to ``path``
-    is created with mode 0700 if missing and opened with ``O_NOFOLLOW`` relative to its
-    parent, so a symbolic link planted there is refused instead of followed; each must
-    belong to the current user and give no access to group or others.
-
-    Parameters
-    ----------
-    path : str
-        Absolute directory path.
-    private_from : str, optional
-        The first component (an ancestor of ``path`` or ``path``) that must be private.
-
-    Returns
-    -------
-    int
-        A file descriptor of the directory; the caller closes it.
-
-    Raises
-    ------
-    CacheSecurityError
-        A component is a symbolic link or not a directory, belongs to another user, or
-        is accessible to group or others.
-    """
-    path = os.path.abspath(path)
-    private_from = os.path.abspath(private_from or path)
-    parent = os.path.dirname(private_from)
-    try:
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        msg = f"cannot create the distributor cache under {parent}: {e.strerror or e}"
-        raise CacheSecurityError(msg) from None
-    current = parent
-    try:
-        for part in os.path.relpath(path, parent).split(os.sep):
-            current = os.path.join(current, part)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o700, dir_fd=fd)
-            try:
-                sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as e:
-                if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    what = "a symbolic link" if os.path.islink(current) else "not a directory"
-                else:
-                    what = f"not accessible ({e.strerror or e})"
-                msg = (
-                    f"distributor cache {current} is {what}; refusing to use it (another "
-                    f"user could redirect or replace the downloads); {_cache_fix(current)}"
-                )
-                raise CacheSecurityError(msg) from None
-            os.close(fd)
-            fd = sub
-            st = os.fstat(fd)
-            uid = os.geteuid()
-            if st.st_uid != uid:
-                msg = (
-                    f"distributor cache {current} belongs to uid {st.st_uid}, not to you "
-                    f"(uid {uid}); refusing to use it; {_cache_fix(current)}"
-                )
-                raise CacheSecurityError(msg)
-            if st.st_mode & 0o077:
-                msg = (
-                    f"distributor cache {current} has mode {stat.S_IMODE(st.st_mode):o}, "
-                    f"open to other users; run chmod 700 {current}, or "
-                    f"{_cache_fix(current)}"
-                )
-                raise CacheSecurityError(msg)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _hash_fd(fd):
-    h = hashlib.sha256()
-    size = 0
-    while chunk := os.read(fd, _CHUNK):
-        h.update(chunk)
-        size += len(chunk)
-    return h.hexdigest(), size
-
-
-class HttpDistributor:
-    """Client of an HTTP distributor (``apdask distributor serve``).
-
-    Parameters
-    ----------
-    url : str
-        ``http://host:port`` (or ``https://``), optionally with a path prefix.
-    cache_dir : str, optional
-        Where downloaded images are kept; default ``apdask.distributor.cache_dir`` or
-        ``$XDG_CACHE_HOME/apdask/distributor/HOST_PORT`` (``~/.cache/...``).  It is
-        created with mode 0700 and must belong to the current user (see
-        :func:`open_private_dir`).
-    read_timeout : float
-        Socket timeout while downloading a registered image, seconds.
-
-    Notes
-    -----
-    ``get`` blocks with a long-poll (``GET /images/{name}?wait=S``), so no request is
-    made more often than once per ``S`` seconds while the server is up.  When the
-    server cannot be reached (refused, reset, restarting), the client retries with
-    exponential backoff (0.1 s doubling to 2 s) until the overall timeout: a
-    restarted distributor is picked up again without the caller noticing.
-
-    A cached copy is re-hashed on every use and only used when its SHA-256 equals the
-    one the distributor confirms (``304`` to ``If-None-Match``); a copy changed
-    on disk is discarded and downloaded again.
-    """
-
-    def __init__(self, url, cache_dir=None, read_timeout=30.0):
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            msg = f"HTTP distributor URL {url!r} is malformed; use http://HOST:PORT"
-            raise ValueError(msg)
-        self.url = url.rstrip("/")
-        self.scheme = parsed.scheme
-        self.host = parsed.hostname
-        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self._prefix = parsed.path.rstrip("/")
-        cache_dir = config.get("distributor.cache_dir", cache_dir)
-        if cache_dir:
-            self.cache_dir = os.path.abspath(os.fspath(cache_dir))
-            self._private_from = self.cache_dir
-        else:
-            base = default_cache_base()
-            host = re.sub(r"[^A-Za-z0-9.-]", "_", self.host)
-            self.cache_dir = os.path.join(base, f"{host}_{self.port}")
-            self._private_from = os.path.dirname(base)  # .../apdask
-        self.read_timeout = float(read_timeout)
-
-    def __repr__(self):
-        return f"HttpDistributor({self.url!r})"
-
-    # ----------------------------------------------------------------------------------
-
-    def _connect(self, timeout):
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=timeout)
-
-    def _path(self, name=None, **query):
-        path = f"{self._prefix}/images" + ("" if name is None else "/" + quote(name, safe=""))
-        if query:
-            path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
-        return path
-
-    def _request(self, method, path, timeout, headers=None, body=None):
-        """One request; returns ``(connection, response)``; the caller closes the connection.
-
-        Raises DistributorUnavailableError for a host name that does not resolve and
-        _RetryError for a connection that is refused, reset or times out.  When the
-        server answers before it has read the whole body (e.g. 507 or 413) and then
-        closes, that answer is returned.
-        """
-        conn = self._connect(timeout)
-        try:
-            try:
-                conn.request(method, path, body=body, headers=headers or {})
-            except (BrokenPipeError, ConnectionResetError):
-                if conn.sock is None:
-                    raise
-                # The server may have answered early and closed: read its answer.
-            return conn, conn.getresponse()
-        except socket.gaierror as e:
-            conn.close()
-            msg = (
-                f"distributor {self.url} is unreachable: host {self.host!r} does not "
-                f"resolve ({e}); check --distributor"
-            )
-            raise DistributorUnavailableError(msg) from None
-        except (OSError, http.client.HTTPException) as e:
-            connected = conn.sock is not None
-            conn.close()
-            err = _RetryError(f"{type(e).__name__}: {e}")
-            # Connected but no answer in time: the server is up, just slow (e.g. loaded).
-            err.reachable = connected and isinstance(e, TimeoutError)
-            raise err from None
-
-    def _open_cache(self):
-        return open_private_dir(self.cache_dir, self._private_from)
-
-    def _drop(self, dfd, name):
-        for fn in (name, f".{name}.json"):
-            with contextlib.suppress(OSError):
-                os.unlink(fn, dir_fd=dfd)
-
-    def _cached(self, dfd, name):
-        """The verified cache record of ``name``, or None.
-
-        The sidecar's SHA-256 is checked against a fresh hash of the cached file on
-        every call; a file that was changed (even keeping its size), replaced by a
-        symbolic link or is not a regular file of ours is discarded.
-        """
-        try:
-            fd = os.open(f".{name}.json", _READ_FLAGS, dir_fd=dfd)
-            with os.fdopen(fd) as fh:
-                info = json.load(fh)
-            sha, size = str(info["sha256"]), int(info["size"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):
-            self._drop(dfd, name)
-            return None
-        try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
-        except OSError:
-            self._drop(dfd, name)
-            return None
-        try:
-            st = os.fstat(fd)
-            ok = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-            got = _hash_fd(fd) if ok else (None, None)
-        finally:
-            os.close(fd)
-        if got != (sha, size):
-            log.warning(
-                "cached copy of %r in %s no longer matches its SHA-256 %s; discarding it "
-                "and downloading the image again", name, self.cache_dir, sha
-            )  # fmt: skip
-            self._drop(dfd, name)
-            return None
-        return info
-
-    @staticmethod
-    def _registered(resp):
-        with contextlib.suppress(TypeError, ValueError):
-            return float(resp.getheader("X-Registered"))
-        return None
-
-    def _mismatch(self, name, got, expected, size):
-        msg = (
-            f"image {name} from distributor {self.url} has SHA-256 {got} ({size} bytes) "
-            f"but the distributor registered SHA-256 {expected}: its copy is corrupt (or "
-            "altered in transit); nothing was used; re-upload the image "
-            "(apdask distributor upload) and check the distributor's disk"
-        )
-        err = ChecksumMismatchError(msg)
-        err.retryable = True
-        return err
-
-    def _download(self, dfd, name, conn, resp):
-        """Stream a 200 response into the cache atomically; verify size and SHA-256."""
-        expected = (resp.getheader("X-Checksum-SHA256") or "").strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", expected):
-            msg = (
-                f"distributor {self.url} sent image {name} without a valid "
-                "X-Checksum-SHA256 header, so it cannot be verified; nothing was used; "
-                "is --distributor an apdask distributor?"
-            )
-            raise ChecksumMismatchError(msg)
-        length = resp.getheader("Content-Length")
-        if conn.sock is not None:
-            conn.sock.settimeout(self.read_timeout)
-
-        def read():
-            try:
-                return resp.read(_CHUNK)
-            except (OSError, http.client.HTTPException) as e:
-                msg = f"download of {name} failed: {type(e).__name__}: {e}"
-                raise _RetryError(msg) from None
-
-        tmp = f".dl-{secrets.token_hex(8)}.part"
-        renamed = False
-        try:  # OSErrors here are the local disk's; the network's are _RetryErrors
-            fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dfd)
-            digest = hashlib.sha256()
-            size = 0
-            with os.fdopen(fd, "wb") as fh:
-                while chunk := read():
-                    digest.update(chunk)
-                    fh.write(chunk)
-                    size += len(chunk)
-            if length is not None and size != int(length):
-                raise _RetryError(f"download of {name} broke off after {size} of {length} bytes")
-            if digest.hexdigest() != expected:
-                raise self._mismatch(name, digest.hexdigest(), expected, size)
-            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            renamed = True
-            info = {"name": name, "size": size, "sha256": expected,
-                    "registered": self._registered(resp)}  # fmt: skip
-            side = f".dl-{secrets.token_hex(8)}.json"
-            fd = os.open(side, _CREATE_FLAGS, 0o600, dir_fd=dfd)
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(info, fh)
-                os.replace(side, f".{name}.json", src_dir_fd=dfd, dst_dir_fd=dfd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(side, dir_fd=dfd)
-                raise
-        except OSError as e:
-            if renamed:
-                self._drop(dfd, name)
-            msg = (
-                f"cannot write image {name} into the distributor cache {self.cache_dir} "
-                f"({e.strerror or e}); free space there, or point "
-                "apdask.distributor.cache_dir at a writable private directory"
-            )
-            raise ConfigurationError(msg) from None
-        finally:
-            if not renamed:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dfd)
-        return {"path": os.path.join(self.cache_dir, name), **info}
-
-    def _unavailable(self, name, waited, why):
-        msg = (
-            f"distributor {self.url} is unreachable ({why}) while waiting {waited:.1f} s for "
-            f"image {name}; start it (apdask distributor serve) or check --distributor"
-        )
-        return DistributorUnavailableError(msg)
-
-    def retrieve(self, name, timeout=None):
-        """Block until image ``name`` is registered, download it and describe it.
-
-        Parameters
-        ----------
-        name : str
-            Image name.
-        timeout : float, optional
-            Seconds to wait for the image to be registered; default
-            ``apdask.distributor.timeout``.  The download of a registered image is not
-            counted (it has its own per-read ``read_timeout``).
-
-        Returns
-        -------
-        dict
-            ``path`` (local, complete, checksum-verified), ``name``, ``size``,
-            ``sha256`` and ``registered`` (the server's registration time, Unix s).
-
-        Raises
-        ------
-        ImageTimeoutError
-            The distributor answered, but the image was not registered in time.
-        DistributorUnavailableError
-            The distributor could not be reached at the deadline (or its host name
-            does not resolve).
-        ChecksumMismatchError
-            The distributor served bytes whose SHA-256 differs from the one it
-            registered, twice in a row (or sent no checksum).
-        CacheSecurityError
-            The cache directory is a symbolic link, another user's, or not private.
-        ConfigurationError
-            The image cannot be written into the cache directory (full, read-only).
-        ValueError
-            An unsafe image name.
-        """
-        check_image_name(name)
-        timeout = float(config.get("distributor.timeout", timeout))
-        dfd = self._open_cache()
-        try:
-            return self._retrieve(dfd, name, timeout)
-        finally:
-            os.close(dfd)
-
-    def _retrieve(self, dfd, name, timeout):
-        start = time.monotonic()
-        deadline = start + timeout
-        backoff = 0.1
-        failure = None  # why the last attempt failed, None if the server answered
-        mismatch = None  # the last ChecksumMismatchError
-        n_mismatch = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            wait = min(max(remaining, 0.0), _MAX_POLL_S)
-            cached = self._cached(dfd, name)  # re-hashed on every attempt
-            headers = {"If-None-Match": f'"{cached["sha256"]}"'} if cached else {}
-            try:
-                conn, resp = self._request(
-                    "GET", self._path(name, wait=f"{wait:.3f}"), wait + 0.5, headers
-                )
-                try:
-                    if resp.status == 200:
-                        try:
-                            return self._download(dfd, name, conn, resp)
-                        except ChecksumMismatchError as e:
-                            n_mismatch += 1
-                            retryable = getattr(e, "retryable", False)
-                            if n_mismatch >= _MAX_MISMATCHES or not retryable:
-                                raise
-                            mismatch = e
-                            log.warning("%s; retrying once", e)
-                            raise _RetryError(str(e)) from None
-                    body = resp.read()
-                    if resp.status == 304 and cached:
-                        confirmed = (resp.getheader("X-Checksum-SHA256") or "").lower()
-                        if confirmed == cached["sha256"]:
-                            path = os.path.join(self.cache_dir, name)
-                            return {"path": path, **cached, "registered": self._registered(resp)}
-                        self._drop(dfd, name)  # the server's checksum differs: re-download
-                        raise _RetryError(f"cached {name} is not the registered image")
-                    if resp.status == 400:
-                        raise ValueError(_message(body, f"distributor {self.url} refused {name}"))
-                    if resp.status != 404:
-                        raise _RetryError(f"HTTP {resp.status}: {_message(body, resp.reason)}")
-                finally:
-                    conn.close()
-                failure = None
-                backoff = 0.1
-                if deadline - time.monotonic() < 0.02:
-                    break
-                continue
-            except _RetryError as e:
-                failure = None if getattr(e, "reachable", False) else str(e)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            time.sleep(min(backoff, remaining))
-            backoff = min(2 * backoff, 2.0)
-        waited = time.monotonic() - start
-        if mismatch is not None and failure == str(mismatch):
-            raise mismatch
-        if failure is not None:
-            raise self._unavailable(name, waited, failure)
-        msg = (
-            f"image {name} was not registered at distributor {self.url} within "
-            f"{timeout:g} s; check the camera/distributor or raise --timeout"
-        )
-        raise ImageTimeoutError(msg)
-
-    def get(self, name, timeout=None):
-        """Block until image ``name`` is registered; return the path of a local copy.
-
-        See :meth:`retrieve` for parameters and errors.
-        """
-        return self.retrieve(name, timeout)["path"]
-
-    def exists(self, name):
-        """Whether image ``name`` is registered (``HEAD``, no waiting)."""
-        check_image_name(name)
-        try:
-            conn, resp = self._request("HEAD", self._path(name), 10.0)
-        except _RetryError as e:
-            raise self._unavailable(name, 0.0, str(e)) from None
-        conn.close()
-        return resp.status == 200
-
-    def index(self):
-        """The server's index: a list of ``{name, size, sha256, registered}`` dicts."""
-        try:
-            conn, resp = self._request("GET", self._path(), 30.0)
-            body = resp.read()
-            conn.close()
-        except (_RetryError, OSError, http.client.HTTPException) as e:
-            raise self._unavailable("index", 0.0, str(e)) from None
-        return json.loads(body)["images"]
-
-    def put(self, name, source, token=None, timeout=300.0):
-        """Upload a file as image ``name`` (what a camera's forwarder does).
-
-        A refused or reset connection and a ``503`` (the server busy or at its
-        connection limit) are retried with backoff (0.1 s doubling to 2 s) until
-        ``timeout``; an upload is idempotent (the same bytes again answer ``200``).
-
-        Parameters
-        ----------
-        name : str
-            Image name.
-        source : str or os.PathLike
-            Local file.
-        token : str, optional
-            Upload token; default ``$APDASK_DISTRIBUTOR_TOKEN``.
-        timeout : float
-            Socket timeout, and the time within which transient failures are retried,
-            seconds.
-
-        Returns
-        -------
-        dict
-            The registration record: ``name``, ``size``, ``sha256``, ``registered``.
-
-        Raises
-        ------
-        ConfigurationError
-            No token, or the server rejected it (401).
-        DistributorFullError
-            The distributor's disk is full (507); the message carries its reason.
-        ValueError
-            The server refused the upload (bad name, checksum, conflict, too large).
-        DistributorUnavailableError
-            The server cannot be reached, or failed (5xx) with the reason it gave.
-        """
-        check_image_name(name)
-        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
-        if not token:
-            msg = f"no upload token; set {TOKEN_ENV} to the distributor's token"
-            raise ConfigurationError(msg)
-        h = hashlib.sha256()
-        with open(source, "rb") as fh:
-            for chunk in iter(lambda: fh.read(_CHUNK), b""):
-                h.update(chunk)
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "X-Checksum-SHA256": h.hexdigest(),
-            "Content-Length": str(os.path.getsize(source)),
-            "Content-Type": "application/fits",
-        }
-        start = time.monotonic()
-        backoff = 0.1
-        while True:
-            with open(source, "rb") as fh:
-                try:
-                    conn, resp = self._request("PUT", self._path(name), timeout, headers, fh)
-                    try:
-                        body = resp.read()
-                    except (OSError, http.client.HTTPException) as e:
-                        raise _RetryError(f"{type(e).__name__}: {e}") from None
-                    finally:
-                        conn.close()
-                    if resp.status != 503:
-                        break
-                    why = f"HTTP 503: {_message(body, resp.reason)}"
-                except _RetryError as e:
-                    why = str(e)
-            if time.monotonic() - start + backoff > timeout:
-                raise self._unavailable(name, time.monotonic() - start, why)
-            time.sleep(backoff)
-            backoff = min(2 * backoff, 2.0)
-        if resp.status == 401:
-            msg = f"distributor {self.url} rejected the upload token; check {TOKEN_ENV}"
-            raise ConfigurationError(msg)
-        reason = _message(body, resp.reason)
-        if resp.status == 507:
-            msg = (
-                f"distributor {self.url} could not store {name}: {reason} (HTTP 507); "
-                "free space on the distributor's disk, then upload again"
-            )
-            raise DistributorFullError(msg)
-        if resp.status >= 500:
-            msg = f"distributor {self.url} failed to store {name} (HTTP {resp.status}): {reason}"
-            raise DistributorUnavailableError(msg)
-        if resp.status not in (200, 201):
-            msg = f"upload of {name} to {self.url} refused (HTTP {resp.status}): {reason}"
-            raise ValueError(msg)
-        return json.loads(body)
-
-
-def _message(body, default):
-    try:
-        return json.loads(body)["message"]
-    except (ValueError, KeyError, TypeError):
-        return default
-
-
-def open_distributor(url):
+def open_distributor(url: str | os.PathLike[str]) -> HttpDistributor | FileDistributor:
     """Return a distributor client for ``url``.
 
     Parameters

@@ -13,16 +13,19 @@ building the graph never touches the pixels.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import dask
 import dask.array as da
 import numpy as np
 from astropy.io import fits
+from numpy.typing import ArrayLike
 
-from apdask.core.camera import Detector, check_band, get_camera
+from apdask.core.camera import Amplifier, Camera, Detector, check_band, get_camera
+from apdask.core.files import atomic_write
 from apdask.exceptions import RawFormatError, UnknownDetectorError
 
 __all__ = [
@@ -104,7 +107,7 @@ class RawMetadata:
     header: fits.Header = field(default_factory=fits.Header, repr=False)
 
     @property
-    def mjd_mid(self):
+    def mjd_mid(self) -> float:
         """Midpoint of the effective exposure, MJD TAI."""
         sh = self.shutter or _default_shutter(self.exptime)
         t_open = 0.5 * (sh["open_begin"] + sh["open_end"])
@@ -117,7 +120,7 @@ def _default_shutter(exptime):
     return {"open_begin": 0.0, "open_end": 0.0, "close_begin": exptime, "close_end": exptime}
 
 
-def effective_exptime(meta):
+def effective_exptime(meta: RawMetadata) -> float:
     """Effective exposure time in seconds from the shutter motion.
 
     Both blades sweep the focal plane at constant speed, so the time a point is
@@ -160,7 +163,7 @@ class RawExposure:
     path: str = ""
 
 
-def raw_name(instrument, visit, detector_name, snap=0):
+def raw_name(instrument: str, visit: int, detector_name: str, snap: int = 0) -> str:
     """File name of a raw: ``f"{instrument}_{visit}_{detector_name}_{snap}.fits"``."""
     return f"{instrument}_{int(visit)}_{detector_name}_{int(snap)}.fits"
 
@@ -176,7 +179,7 @@ def _sec(x0, x1, y0, y1, flip_x=False, flip_y=False):
     return f"[{xa}:{xb},{ya}:{yb}]"
 
 
-def amp_header(amp):
+def amp_header(amp: Amplifier) -> fits.Header:
     """Extension-header cards (DATASEC, BIASSEC, DETSEC, GAIN...) of an amplifier."""
     ny, _ = amp.raw_shape
     h = fits.Header()
@@ -196,7 +199,7 @@ def amp_header(amp):
     return h
 
 
-def assembled_amp(segment, amp):
+def assembled_amp(segment: ArrayLike, amp: Amplifier) -> np.ndarray:
     """Data section of a raw segment flipped to assembled orientation.
 
     Parameters
@@ -218,18 +221,9 @@ def assembled_amp(segment, amp):
     return data
 
 
-def overscan(segment, amp):
+def overscan(segment: ArrayLike, amp: Amplifier) -> np.ndarray:
     """Serial overscan columns of a raw segment (readout order, numpy)."""
     return np.asarray(segment)[amp.overscan_slice]
-
-
-def _to_readout(data, amp):
-    """Inverse of :func:`assembled_amp` for the data section."""
-    if amp.flip_y:
-        data = data[::-1, :]
-    if amp.flip_x:
-        data = data[:, ::-1]
-    return data
 
 
 def _primary_header(meta, detector):
@@ -275,7 +269,12 @@ def _iso_tai(mjd):
     return Time(mjd, format="mjd", scale="tai").isot
 
 
-def write_raw(path, detector, amp_segments, meta):
+def write_raw(
+    path: str | os.PathLike[str],
+    detector: Detector,
+    amp_segments: Sequence[ArrayLike],
+    meta: RawMetadata,
+) -> str:
     """Write a raw MEF file atomically (temporary file, then ``os.replace``).
 
     Parameters
@@ -316,20 +315,11 @@ def write_raw(path, detector, amp_segments, meta):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".fits", dir=directory)
-    os.close(fd)
-    try:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, fits.HDUList(hdus).writeto)
     return path
 
 
-def _fail(path, problem, fix):
+def _fail(path: str, problem: str, fix: str) -> NoReturn:
     raise RawFormatError(f"raw file {path}: {problem}; {fix}")
 
 
@@ -385,7 +375,7 @@ def _meta_from_header(path, h):
         _fail(path, f"a header keyword has a value of the wrong type ({exc})", "fix the header")
 
 
-def read_raw(path, camera=None):
+def read_raw(path: str | os.PathLike[str], camera: Camera | str | None = None) -> RawExposure:
     """Open a raw MEF file: validated metadata now, pixels lazily.
 
     Parameters
@@ -406,6 +396,15 @@ def read_raw(path, camera=None):
         camera or detector, or its amplifier extensions do not match the camera.
     """
     path = os.fspath(path)
+    primary, ext_headers, ext_kinds = _read_headers(path)
+    meta = _meta_from_header(path, primary)
+    detector = _detector_of(path, meta, camera)
+    arrays = _lazy_amps(path, meta, detector, ext_headers, ext_kinds)
+    return RawExposure(amps=tuple(arrays), meta=meta, detector=detector, path=path)
+
+
+def _read_headers(path: str) -> tuple[fits.Header, list[fits.Header], list[str]]:
+    """Primary header, extension headers and extension HDU kinds of a raw file."""
     if not os.path.isfile(path):
         _fail(path, "does not exist", "check the path or the distributor directory")
     try:
@@ -420,18 +419,24 @@ def read_raw(path, camera=None):
     for w in caught:
         if "truncated" in str(w.message).lower():
             _fail(path, "is truncated", "wait for the transfer to finish or re-transfer it")
-    meta = _meta_from_header(path, primary)
+    return primary, ext_headers, ext_kinds
+
+
+def _detector_of(path: str, meta: RawMetadata, camera: Camera | str | None) -> Detector:
+    """The detector the header names, checked against ``camera`` (default: INSTRUME's)."""
     if camera is None or isinstance(camera, str):
         try:
-            camera = get_camera(camera or meta.instrument)
+            cam = get_camera(camera or meta.instrument)
         except UnknownDetectorError:
             _fail(
                 path,
                 f"INSTRUME={meta.instrument!r} is not a known camera",
                 "use LSSTCam, LSSTComCam or TestCam",
             )
+    else:
+        cam = camera
     try:
-        detector = camera[meta.detector_name]
+        detector = cam[meta.detector_name]
     except UnknownDetectorError as exc:
         _fail(path, f"DETNAME={meta.detector_name!r} is unknown", str(exc))
     if detector.id != meta.detector_id:
@@ -441,6 +446,17 @@ def read_raw(path, camera=None):
             f"(id {detector.id})",
             "fix the header",
         )
+    return detector
+
+
+def _lazy_amps(
+    path: str,
+    meta: RawMetadata,
+    detector: Detector,
+    ext_headers: list[fits.Header],
+    ext_kinds: list[str],
+) -> list[da.Array]:
+    """One dask array per amplifier extension, after checking the extensions' layout."""
     amps = detector.amplifiers
     if len(ext_headers) != len(amps):
         _fail(
@@ -468,4 +484,4 @@ def read_raw(path, camera=None):
         key = f"{name}-{dask.base.tokenize(path, os.path.getmtime(path))}"
         task = dask.delayed(_read_amp, pure=True)(path, k + 1, amp.raw_shape, dask_key_name=key)
         arrays.append(da.from_delayed(task, amp.raw_shape, dtype=np.float32))
-    return RawExposure(amps=tuple(arrays), meta=meta, detector=detector, path=path)
+    return arrays

@@ -33,7 +33,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import time
 from urllib.parse import urlparse
 
@@ -42,6 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from apdask import config
+from apdask.core.files import atomic_write
 from apdask.exceptions import ApdaskError, ConfigurationError, HeaderMismatchError
 
 __all__ = [
@@ -289,12 +289,7 @@ def _check_header(meta, detector, intent, band, exptime, name):
 
 def _atomic_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, default=float) + "\n")
 
 
 def _append_line(path, line):

@@ -27,6 +27,8 @@ content for table content.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,8 +40,7 @@ _NULL = "\\N"  # COPY's NULL marker in both directions
 _FLOAT = {"double", "float"}
 _INT = {"long": "int64", "int": "int32", "short": "int16", "byte": "int8"}
 _INT_NULLABLE = {"long": "Int64", "int": "Int32", "short": "Int16", "byte": "Int8"}
-_TEXT = {"char", "string", "text"}
-copy_stats = {"copy_rows": 0, "binary_rows": 0, "fallback_rows": 0}
+copy_stats: dict[str, int] = {"copy_rows": 0, "binary_rows": 0, "fallback_rows": 0}
 """Rows written by the bulk path (in all, in binary, per table) and by the pandas
 fallback (for tests)."""
 
@@ -51,16 +52,27 @@ class CopyFrame(pd.DataFrame):
     def _constructor(self):
         return CopyFrame
 
-    def astype(self, dtype, *args, **kwargs):
+    def astype(self, dtype: Any, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        """``DataFrame.astype``; ``astype({})`` is a shallow copy instead of a deep one."""
         # dax_apdb's _coerce_uint64 calls astype({}) on every frame it stores,
         # which copies each column one by one; a shallow copy is the same frame.
         if isinstance(dtype, dict) and not dtype and not args and not kwargs:
             return self.copy(deep=False)
         return super().astype(dtype, *args, **kwargs)
 
-    def to_sql(self, name, con, *, schema=None, if_exists="fail", index=True, **kwargs):
+    def to_sql(
+        self,
+        name: str,
+        con: Any,
+        *,
+        schema: str | None = None,
+        if_exists: str = "fail",
+        index: bool = True,
+        **kwargs: Any,
+    ) -> int | None:
+        """``DataFrame.to_sql``, appending in bulk where the module docstring says it can."""
         dialect = getattr(getattr(con, "dialect", None), "name", None)
-        bulk = {"postgresql": _copy_pg, "sqlite": _executemany_sqlite}.get(dialect)
+        bulk = {"postgresql": _copy_pg, "sqlite": _executemany_sqlite}.get(dialect or "")
         if bulk is None or if_exists != "append" or index or kwargs or not _plain(self):
             copy_stats["fallback_rows"] += len(self)
             frame = pd.DataFrame(self)
@@ -98,13 +110,14 @@ def _qualified(con, name, schema):
     return name if schema is None else f"{quote(schema)}.{quote(name)}", quote
 
 
-_DEFAULTS = {}
+_TableKey = tuple[str, str | None, str]  # (database URL, schema, table)
+_DEFAULTS: dict[_TableKey, set[str]] = {}
 
 
-_TYPES = {}
+_TYPES: dict[_TableKey, dict[str, str]] = {}
 
 
-def register_table(url, table):
+def register_table(url: Any, table: sqlalchemy.Table) -> None:
     """Record a reflected table's column types and which columns have a server
     default, so that a writer (a forked one too) need not look them up."""
     key = (str(url), table.schema, table.name)
@@ -132,6 +145,7 @@ def _copy_pg(frame, name, con, schema):
     wide = {c: np.float64 for c, dtype in out.dtypes.items() if dtype == np.float32}
     columns = ", ".join(quote(str(c)) for c in out.columns)
     data = _binary(out, _TYPES.get((str(con.engine.url), schema, name), {}))
+    buf: io.BytesIO | io.StringIO
     if data is not None:
         copy_stats["binary_rows"] += len(out)
         sql = f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT binary)"
@@ -149,7 +163,7 @@ def _copy_pg(frame, name, con, schema):
         cur.copy_expert(sql, buf)
 
 
-_BINARY = {
+_BINARY: dict[str, np.dtype[Any]] = {
     "BIGINT": np.dtype(">i8"),
     "INTEGER": np.dtype(">i4"),
     "SMALLINT": np.dtype(">i2"),
@@ -189,7 +203,7 @@ def _binary_values(ser, sql_type):
 def _binary(frame, types):
     """``COPY ... FROM STDIN (FORMAT binary)`` data of ``frame``, or None."""
     n = len(frame)
-    cols = []
+    cols: list[tuple[Any, ...]] = []  # (values, null, lengths) per column
     for name, ser in frame.items():
         sql_type = types.get(name)
         if sql_type in _BINARY:
@@ -267,7 +281,7 @@ def _executemany_sqlite(frame, name, con, schema):
 # reads
 
 
-def fetch_frame(con, sql, columns):
+def fetch_frame(con: Any, sql: str, columns: Sequence[tuple[str, str, bool]]) -> pd.DataFrame:
     """Rows of ``sql`` as a DataFrame typed from the schema.
 
     Parameters
@@ -310,7 +324,7 @@ def _typed(values, dtype, nullable):
         if not nullable:
             return np.array(values, dtype=np_dtype)
         obj = np.array(values, dtype=object)
-        mask = np.equal(obj, None)
+        mask = np.equal(obj, None)  # type: ignore[call-overload]  # stubs lack object None
         data = np.zeros(obj.size, dtype=np_dtype)
         if not mask.all():
             data = np.where(mask, 0, obj).astype(np_dtype)
@@ -329,7 +343,8 @@ def _fetch_pg(con, sql, columns):
     if buf.tell() == 0:
         return pd.DataFrame({n: _typed((), t, nl) for n, t, nl in columns})
     buf.seek(0)
-    dtypes, na = {}, {}
+    dtypes: dict[str, Any] = {}
+    na: dict[str, list[str]] = {}
     for name, dtype, nullable in columns:
         if dtype in _FLOAT:
             dtypes[name], na[name] = "float64", [_NULL, "NaN"]
@@ -340,6 +355,13 @@ def _fetch_pg(con, sql, columns):
         else:
             dtypes[name], na[name] = object, [_NULL]
     return pd.read_csv(
-        buf, header=None, names=names, dtype=dtypes, na_values=na, keep_default_na=False,
-        true_values=["t"], false_values=["f"], low_memory=False,
-    )  # fmt: skip
+        buf,
+        header=None,
+        names=names,
+        dtype=dtypes,
+        na_values=na,
+        keep_default_na=False,
+        true_values=["t"],
+        false_values=["f"],
+        low_memory=False,
+    )

@@ -10,11 +10,18 @@ their shapes here too.  Used by :class:`apdask.ppdb.Ppdb`; see ``docs/ppdb.md``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from astropy.table import Column, MaskedColumn, Table
+from numpy.typing import ArrayLike
 
 from apdask.exceptions import PpdbError
+
+#: One column of :func:`schema_columns`: name, datatype, nullable, default, description, unit.
+ColumnDef = tuple[str, str, bool, Any, str, str | None]
 
 __all__ = [
     "schema_columns",
@@ -62,7 +69,7 @@ _MATCH_UNITS = {
 }
 
 
-def schema_columns(apdb):
+def schema_columns(apdb: Any) -> dict[str, list[ColumnDef]]:
     """Schema of the DiaObject, DiaSource and DiaForcedSource tables of ``apdb``.
 
     Returns
@@ -90,7 +97,7 @@ def schema_columns(apdb):
     return out
 
 
-def frame_as_table(df, table_def):
+def frame_as_table(df: pd.DataFrame | None, table_def: Sequence[ColumnDef]) -> Table:
     """A dax_apdb DataFrame as an astropy Table (see :meth:`apdask.ppdb.Ppdb.as_table`).
 
     ``table_def`` is one table's list from :func:`schema_columns`.
@@ -109,7 +116,9 @@ def frame_as_table(df, table_def):
     return Table(cols, copy=False)
 
 
-def table_as_frame(table, table_def, table_name):
+def table_as_frame(
+    table: Table | None, table_def: Sequence[ColumnDef], table_name: str
+) -> pd.DataFrame:
     """Table -> DataFrame with exactly the storable schema columns.
 
     ``table_def`` is the list of ``table_name`` from :func:`schema_columns`.
@@ -120,8 +129,7 @@ def table_as_frame(table, table_def, table_name):
         if name in _FILLED_BY_APDB:
             continue
         np_dtype = _NUMPY_DTYPE.get(dtype, object)
-        present = table is not None and name in table.colnames
-        if present:
+        if table is not None and name in table.colnames:
             col = table[name]
             mask = np.ma.getmaskarray(col)
             raw = np.ma.getdata(col)
@@ -132,6 +140,7 @@ def table_as_frame(table, table_def, table_name):
         else:
             mask = np.ones(n, dtype=bool)
             raw = None
+        values: np.ndarray
         if np.issubdtype(np_dtype, np.floating):
             values = (
                 np.full(n, np.nan, dtype=np_dtype)
@@ -187,7 +196,9 @@ def table_as_frame(table, table_def, table_name):
     return pd.DataFrame(data, index=pd.RangeIndex(n))
 
 
-def sort_rows(df, table_name, before=None):
+def sort_rows(
+    df: pd.DataFrame | None, table_name: str, before: float | None = None
+) -> pd.DataFrame | None:
     """Drop rows at or after ``before`` (MJD) and order rows by primary key."""
     if df is None or len(df) == 0:
         return df
@@ -197,7 +208,7 @@ def sort_rows(df, table_name, before=None):
     return df.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
-def rows_inside(df, region):
+def rows_inside(df: pd.DataFrame | None, region: Any) -> pd.DataFrame | None:
     """Rows of ``df`` whose (ra, dec) lie in ``region``.
 
     The SQL selects whole HTM pixels of the region's envelope, up to a few
@@ -244,18 +255,18 @@ def _column_values(series, np_dtype, n):
     return series.to_numpy(dtype=object, na_value=0).astype(np_dtype), null
 
 
-def match_rows(table):
+def match_rows(table: Table | None) -> list[dict[str, Any]]:
     """DiaObject_To_Object_Match rows (list of dicts) from a Table, or []."""
     if table is None or len(table) == 0:
         return []
     n = len(table)
-    out = []
+    out: list[dict[str, Any]] = []
     lnp = (
         np.ma.filled(np.ma.asarray(table["lnP"], dtype=float), np.nan)
         if "lnP" in table.colnames
         else np.full(n, np.nan)
     )
-    dist = np.ma.filled(np.ma.asarray(table["dist"], dtype=float), np.nan)
+    dist: np.ndarray = np.ma.filled(np.ma.asarray(table["dist"], dtype=float), np.nan)
     for oid, did, d, p in zip(
         np.asarray(table["diaObjectId"], np.int64).tolist(),
         np.asarray(table["objectId"], np.int64).tolist(),
@@ -274,7 +285,7 @@ def match_rows(table):
     return out
 
 
-def matches_as_table(frames):
+def matches_as_table(frames: Sequence[pd.DataFrame]) -> Table:
     """``DiaObject_To_Object_Match`` rows read in ``frames`` as one Table.
 
     Ordered by (diaObjectId, dist, objectId); ``dist`` in arcsec.
@@ -288,7 +299,7 @@ def matches_as_table(frames):
     return out
 
 
-def drp_as_table(ids, ra, dec):
+def drp_as_table(ids: ArrayLike, ra: ArrayLike, dec: ArrayLike) -> Table:
     """DRP Objects as a Table: ``objectId``, ``ra``, ``dec`` (deg)."""
     return Table(
         [

@@ -31,6 +31,7 @@ import sys
 import time
 
 from apdask import config
+from apdask.core.files import atomic_write
 from apdask.exceptions import ConfigurationError
 
 __all__ = [
@@ -403,10 +404,7 @@ def submit_visit(next_visit, scheduler="slurm", via="native", *, repo, distribut
 
 
 def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _run(cmd, timeout, check=True):

@@ -18,8 +18,9 @@ import fastavro.validation
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
 from apdask.alerts.schema import parsed_schema, schema_id_of, schema_registry
+from apdask.alerts.wire import CONFLUENT_HEADER
 from apdask.exceptions import ConfigurationError
-from apdask.services.kafka import CUTOUTS, FRAME, KEY, parse_kafka_uri, security_config
+from apdask.services.kafka import CUTOUTS, KEY, parse_kafka_uri, security_config
 
 __all__ = ["consume", "validate_topic"]
 
@@ -137,7 +138,7 @@ def validate_topic(uri, schema=None, timeout=10.0):
         if data is None or len(data) < 5:
             problems.append(f"{where}: empty or short message")
             continue
-        magic, sid = FRAME.unpack_from(data)
+        magic, sid = CONFLUENT_HEADER.unpack_from(data)
         if magic != 0:
             problems.append(f"{where}: magic byte {magic}, expected 0 (Confluent framing)")
             continue

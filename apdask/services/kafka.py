@@ -50,6 +50,7 @@ from apdask import config
 from apdask.alerts.packets import encode_alert
 from apdask.alerts.schema import load_schema, schema_id_of
 from apdask.alerts.sinks import SinkResult
+from apdask.alerts.wire import CONFLUENT_HEADER
 from apdask.exceptions import ConfigurationError
 from apdask.services.spool import write_spool
 
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 
 KEY = struct.Struct(">q")
 CONVENTIONS = ("rubin", "apdask")  # alerts.kafka.conventions: key and headers of a message
-FRAME = struct.Struct(">bi")
 _GRACE_S = 5.0  # extra wait after message.timeout.ms for the expiry reports
 _RECORD_OVERHEAD = 512  # record + header framing allowance below message.max.bytes
 _BATCH_OVERHEAD = 65_536  # request + record-batch framing allowance below the topic limit
@@ -518,7 +518,7 @@ class KafkaSink:
 
         limit = self._message_limit()
         base = self.headers(visit, detector)
-        header = FRAME.pack(0, self.schema_id)
+        header = CONFLUENT_HEADER.pack(0, self.schema_id)
         start = time.monotonic()
         deadline = start + self.delivery_timeout + _GRACE_S
         for idx, alert in enumerate(encoded):

@@ -29,9 +29,16 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
 
 from apdask import config
+from apdask.core.files import atomic_write
 from apdask.exceptions import ApdaskError, ConfigurationError
+
+if TYPE_CHECKING:  # for annotations only: importing them here would load the pipeline
+    from distributed import Client
+
+    from apdask.pipeline.nextvisit import NextVisit
 
 __all__ = ["listen", "parse_next_visit"]
 
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 _SEEN_MAX = 100_000  # groupIds remembered for de-duplication
 
 
-def parse_next_visit(value):
+def parse_next_visit(value: bytes | str) -> NextVisit:
     """Decode one nextVisit message.
 
     Parameters
@@ -81,10 +88,14 @@ def parse_next_visit(value):
 def _consumer(kafka, group_id):
     from confluent_kafka import Consumer
 
-    return Consumer({
-        "bootstrap.servers": kafka, "group.id": group_id, "enable.auto.commit": False,
-        "enable.partition.eof": False,
-    })  # fmt: skip
+    return Consumer(
+        {
+            "bootstrap.servers": kafka,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
 
 
 def _assign(consumer, topic, offset, wait):
@@ -107,8 +118,10 @@ def _assign(consumer, topic, offset, wait):
         except KafkaException as exc:
             problem = f"broker unreachable ({exc})"
         if time.monotonic() >= deadline:
-            msg = (f"cannot read nextVisit topic {topic!r}: {problem}; create the topic or "
-                   "check --kafka HOST:PORT")  # fmt: skip
+            msg = (
+                f"cannot read nextVisit topic {topic!r}: {problem}; create the topic or "
+                "check --kafka HOST:PORT"
+            )
             raise ConfigurationError(msg)
         log.warning("waiting for nextVisit topic %r: %s", topic, problem)
         time.sleep(1.0)
@@ -117,10 +130,7 @@ def _assign(consumer, topic, offset, wait):
 def _write_report(repo, report):
     path = os.path.join(repo, "visit-reports", f"visit_{report['visit']}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(report, indent=1, default=str))
     return path
 
 
@@ -129,12 +139,22 @@ class _Listener:
 
     def __init__(self, client, *, repo, ppdb, alerts, distributor, timeout):
         self.client = client
-        self.kw = {"repo": repo, "ppdb": ppdb, "alerts": alerts, "distributor": distributor,
-                   "timeout": timeout}  # fmt: skip
+        self.kw = {
+            "repo": repo,
+            "ppdb": ppdb,
+            "alerts": alerts,
+            "distributor": distributor,
+            "timeout": timeout,
+        }
         self.seen = OrderedDict()
         self.inflight = {}
-        self.summary = {"accepted": [], "duplicates": [], "rejected": [], "done": [],
-                        "failed": []}  # fmt: skip
+        self.summary: dict[str, list[Any]] = {
+            "accepted": [],
+            "duplicates": [],
+            "rejected": [],
+            "done": [],
+            "failed": [],
+        }
 
     def handle(self, msg):
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
@@ -145,8 +165,12 @@ class _Listener:
             self.summary["rejected"].append({"at": where, "error": str(exc)})
             return
         if nv.groupId in self.seen:
-            log.warning("duplicate nextVisit groupId=%s at %s ignored (first seen at %s)",
-                        nv.groupId, where, self.seen[nv.groupId])  # fmt: skip
+            log.warning(
+                "duplicate nextVisit groupId=%s at %s ignored (first seen at %s)",
+                nv.groupId,
+                where,
+                self.seen[nv.groupId],
+            )
             self.summary["duplicates"].append(nv.groupId)
             return
         self.seen[nv.groupId] = where
@@ -163,23 +187,39 @@ class _Listener:
         kw = self.kw
         try:
             pending = pending_detectors(nv, kw["ppdb"], kw["alerts"])
-            graph = build_visit_graph(nv, repo=kw["repo"], ppdb=kw["ppdb"], alerts=kw["alerts"],
-                                      distributor=kw["distributor"], timeout=kw["timeout"],
-                                      detectors=pending)  # fmt: skip
+            graph = build_visit_graph(
+                nv,
+                repo=kw["repo"],
+                ppdb=kw["ppdb"],
+                alerts=kw["alerts"],
+                distributor=kw["distributor"],
+                timeout=kw["timeout"],
+                detectors=pending,
+            )
         except (ApdaskError, ValueError, OSError) as exc:
             log.error("visit %s (groupId %s) not started: %s", nv.visit, nv.groupId, exc)
             self.summary["failed"].append({"groupId": nv.groupId, "error": str(exc)})
             return
         if not pending:
-            log.info("visit %s (groupId %s) already processed; nothing to do", nv.visit,
-                     nv.groupId)  # fmt: skip
-            self.summary["done"].append({"groupId": nv.groupId, "visit": nv.visit,
-                                         "n_alerts": 0, "skipped": list(nv.detectors)})  # fmt: skip
+            log.info("visit %s (groupId %s) already processed; nothing to do", nv.visit, nv.groupId)
+            self.summary["done"].append(
+                {
+                    "groupId": nv.groupId,
+                    "visit": nv.visit,
+                    "n_alerts": 0,
+                    "skipped": list(nv.detectors),
+                }
+            )
             return
         future = self.client.compute(graph)
         self.inflight[nv.groupId] = (nv, future, t0)
-        log.info("visit %s (groupId %s): %d CCD graphs submitted %.3f s after the nextVisit "
-                 "arrived", nv.visit, nv.groupId, len(pending), time.time() - t0)  # fmt: skip
+        log.info(
+            "visit %s (groupId %s): %d CCD graphs submitted %.3f s after the nextVisit arrived",
+            nv.visit,
+            nv.groupId,
+            len(pending),
+            time.time() - t0,
+        )
 
     def reap(self):
         for gid in [g for g, (_, f, _) in self.inflight.items() if f.done()]:
@@ -187,8 +227,9 @@ class _Listener:
             try:
                 report = future.result()
             except Exception as exc:  # noqa: BLE001 - any task error fails this visit only
-                log.error("visit %s (groupId %s) failed: %s: %s", nv.visit, gid,
-                          type(exc).__name__, exc)  # fmt: skip
+                log.error(
+                    "visit %s (groupId %s) failed: %s: %s", nv.visit, gid, type(exc).__name__, exc
+                )
                 err = f"{type(exc).__name__}: {exc}"
                 self.summary["failed"].append({"groupId": gid, "visit": nv.visit, "error": err})
                 continue
@@ -196,22 +237,49 @@ class _Listener:
                 future.release()
             report["nextvisit_to_done_s"] = time.time() - t0
             path = _write_report(self.kw["repo"], report)
-            log.info("visit %s (groupId %s) done: %d alerts from %d CCDs, %.1f s after "
-                     "nextVisit; report %s", nv.visit, gid, report["n_alerts"],
-                     len(report["ccds"]), report["nextvisit_to_done_s"], path)  # fmt: skip
-            self.summary["done"].append({"groupId": gid, "visit": nv.visit,
-                                         "n_alerts": report["n_alerts"],
-                                         "nextvisit_to_done_s": report["nextvisit_to_done_s"],
-                                         "report": path})  # fmt: skip
+            log.info(
+                "visit %s (groupId %s) done: %d alerts from %d CCDs, %.1f s after "
+                "nextVisit; report %s",
+                nv.visit,
+                gid,
+                report["n_alerts"],
+                len(report["ccds"]),
+                report["nextvisit_to_done_s"],
+                path,
+            )
+            self.summary["done"].append(
+                {
+                    "groupId": gid,
+                    "visit": nv.visit,
+                    "n_alerts": report["n_alerts"],
+                    "nextvisit_to_done_s": report["nextvisit_to_done_s"],
+                    "report": path,
+                }
+            )
 
     @property
     def finished(self):
         return len(self.summary["done"]) + len(self.summary["failed"])
 
 
-def listen(kafka, topic, *, repo=None, ppdb=None, alerts=None, distributor=None, timeout=None,
-           client=None, workers=2, max_visits=None, idle_exit=None, offset=None,
-           poll_interval=0.2, topic_wait=60.0, stop_event=None):  # fmt: skip
+def listen(
+    kafka: str,
+    topic: str,
+    *,
+    repo: str | None = None,
+    ppdb: str | None = None,
+    alerts: str | None = None,
+    distributor: str | None = None,
+    timeout: float | None = None,
+    client: Client | None = None,
+    workers: int = 2,
+    max_visits: int | None = None,
+    idle_exit: float | None = None,
+    offset: str | None = None,
+    poll_interval: float = 0.2,
+    topic_wait: float = 60.0,
+    stop_event: threading.Event | None = None,
+) -> dict[str, Any]:
     """Consume nextVisit events and run each new visit on a Dask cluster.
 
     Parameters
@@ -253,15 +321,7 @@ def listen(kafka, topic, *, repo=None, ppdb=None, alerts=None, distributor=None,
     """
     from apdask.pipeline.run import ensure_ppdb
 
-    repo = config.get("repo", repo)
-    if repo is None or not os.path.isdir(os.path.join(repo, "butler.zarr")):
-        msg = f"no Butler repository at {repo}; pass --repo DIR (made by `apdask simulate`)"
-        raise ConfigurationError(msg)
-    if max_visits is not None and max_visits < 1:
-        raise ValueError(f"--max-visits must be >= 1, got {max_visits}")
-    if idle_exit is not None and not idle_exit > 0:
-        raise ValueError(f"--idle-exit must be > 0 seconds, got {idle_exit}")
-    repo = os.path.abspath(repo)
+    repo = _checked_repo(config.get("repo", repo), max_visits, idle_exit)
     ppdb = ensure_ppdb(repo, ppdb)
     alerts = config.get("alerts.sink", alerts) or f"file://{repo}/alerts"
     offset = config.get("listen.offset", offset)
@@ -277,35 +337,60 @@ def listen(kafka, topic, *, repo=None, ppdb=None, alerts=None, distributor=None,
 
             own = open_client(n_workers=workers)
             client = own.__enter__()
-        state = _Listener(client, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor,
-                          timeout=timeout)  # fmt: skip
-        last = time.monotonic()
-        while True:
-            msg = None if stop.is_set() else consumer.poll(poll_interval)
-            if msg is not None:
-                if msg.error():
-                    log.warning("Kafka: %s", msg.error())
-                else:
-                    last = time.monotonic()
-                    state.handle(msg)
-            state.reap()
-            if state.inflight:
-                if stop.is_set():
-                    time.sleep(poll_interval)
-                continue
-            if stop.is_set():
-                break
-            if max_visits is not None and state.finished >= max_visits:
-                break
-            if idle_exit is not None and time.monotonic() - last > idle_exit:
-                log.info("no nextVisit for %.0f s and nothing in flight; exiting", idle_exit)
-                break
+        state = _Listener(
+            client, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor, timeout=timeout
+        )
+        _poll_loop(consumer, state, stop, poll_interval, max_visits, idle_exit)
         return state.summary
     finally:
         consumer.close()
         if own is not None:
             own.__exit__(None, None, None)
         restore()
+
+
+def _checked_repo(repo: str | None, max_visits: int | None, idle_exit: float | None) -> str:
+    """The absolute repository path, after checking it and the exit conditions."""
+    if repo is None or not os.path.isdir(os.path.join(repo, "butler.zarr")):
+        msg = f"no Butler repository at {repo}; pass --repo DIR (made by `apdask simulate`)"
+        raise ConfigurationError(msg)
+    if max_visits is not None and max_visits < 1:
+        raise ValueError(f"--max-visits must be >= 1, got {max_visits}")
+    if idle_exit is not None and not idle_exit > 0:
+        raise ValueError(f"--idle-exit must be > 0 seconds, got {idle_exit}")
+    return os.path.abspath(repo)
+
+
+def _poll_loop(
+    consumer: Any,
+    state: _Listener,
+    stop: threading.Event,
+    poll_interval: float,
+    max_visits: int | None,
+    idle_exit: float | None,
+) -> None:
+    """Hand messages to ``state`` until stopped, done or idle (see :func:`listen`)."""
+    last = time.monotonic()
+    while True:
+        msg = None if stop.is_set() else consumer.poll(poll_interval)
+        if msg is not None:
+            if msg.error():
+                log.warning("Kafka: %s", msg.error())
+            else:
+                last = time.monotonic()
+                state.handle(msg)
+        state.reap()
+        if state.inflight:
+            if stop.is_set():
+                time.sleep(poll_interval)
+            continue
+        if stop.is_set():
+            return
+        if max_visits is not None and state.finished >= max_visits:
+            return
+        if idle_exit is not None and time.monotonic() - last > idle_exit:
+            log.info("no nextVisit for %.0f s and nothing in flight; exiting", idle_exit)
+            return
 
 
 def _install_signals(stop):

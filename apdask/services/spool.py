@@ -21,7 +21,8 @@ from typing import Any
 from apdask.alerts.avrovec import encode_bytes, encode_long
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, schema_id_of, schema_registry
-from apdask.alerts.sinks import atomic_file, avro_files, fsync_dir
+from apdask.alerts.sinks import avro_files
+from apdask.core.files import atomic_open, fsync_dir
 from apdask.exceptions import AlertDeliveryError
 
 __all__ = ["write_spool", "read_spool", "replay_spool"]
@@ -44,7 +45,7 @@ def _write_container(path, schema, bodies, metadata, codec="deflate"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sync = os.urandom(16)
-    with atomic_file(path) as fh:
+    with atomic_open(path) as fh:
         fh.write(_container_header(schema, metadata, codec, sync))
         for body in bodies:
             data = body

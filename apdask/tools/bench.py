@@ -16,8 +16,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from apdask.exceptions import ConfigurationError
 
@@ -46,9 +48,10 @@ class Check:
     op: str = ""
     target: float | None = None
     unit: str = ""
-    reduce: object = None
+    reduce: Callable[[list[Any]], Any] | None = None
 
-    def value(self, report):
+    def value(self, report: Any) -> Any:
+        """The figure at :attr:`path` in a benchmark's JSON report (None if absent)."""
         v = report
         for k in self.path:
             try:
@@ -59,8 +62,9 @@ class Check:
             v = self.reduce(v)
         return v
 
-    def met(self, value):
-        if not self.op or value is None or not isinstance(value, int | float):
+    def met(self, value: Any) -> bool | None:
+        """Whether ``value`` meets the target (None: no target, or not a number)."""
+        if not self.op or self.target is None or not isinstance(value, int | float):
             return None
         return value <= self.target if self.op == "<=" else value >= self.target
 
@@ -126,7 +130,7 @@ BENCHMARKS = {
 }  # fmt: skip
 
 
-def find_benchmark_dir(path=None):
+def find_benchmark_dir(path: str | os.PathLike[str] | None = None) -> Path:
     """The ``benchmarks/`` directory: ``path``, else the source checkout's, else ``./benchmarks``.
 
     Raises
@@ -134,10 +138,14 @@ def find_benchmark_dir(path=None):
     ConfigurationError
         If no directory with the benchmark scripts is found.
     """
-    candidates = [Path(path)] if path else [
-        Path(__file__).resolve().parent.parent / "benchmarks",
-        Path.cwd() / "benchmarks",
-    ]  # fmt: skip
+    candidates = (
+        [Path(path)]
+        if path
+        else [
+            Path(__file__).resolve().parent.parent / "benchmarks",
+            Path.cwd() / "benchmarks",
+        ]
+    )
     for c in candidates:
         if (c / BENCHMARKS["association"].script).is_file():
             return c
@@ -156,7 +164,12 @@ def _json_report(text):
     return json.loads(text[i:].lstrip("\n"))
 
 
-def run_benchmarks(names=None, quick=False, bench_dir=None, timeout=1800.0):
+def run_benchmarks(
+    names: Sequence[str] | None = None,
+    quick: bool = False,
+    bench_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 1800.0,
+) -> dict[str, Any]:
     """Run benchmark scripts; return a report with each script's JSON and the checks.
 
     Parameters
@@ -182,16 +195,20 @@ def run_benchmarks(names=None, quick=False, bench_dir=None, timeout=1800.0):
         msg = f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}"
         raise ConfigurationError(msg)
     bench_dir = find_benchmark_dir(bench_dir)
-    out = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                    "load_avg_start": os.getloadavg()},
+    out: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "load_avg_start": os.getloadavg(),
+        },
         "quick": bool(quick),
         "benchmarks": {},
-    }  # fmt: skip
+    }
     for name in names:
         b = BENCHMARKS[name]
         cmd = [sys.executable, str(bench_dir / b.script), *(b.quick_args if quick else b.args)]
         t0 = time.perf_counter()
+        stdout: str | bytes
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
@@ -204,11 +221,15 @@ def run_benchmarks(names=None, quick=False, bench_dir=None, timeout=1800.0):
         checks = []
         for c in b.checks:
             v = c.value(report) if report is not None else None
-            checks.append({
-                "label": c.label, "value": v, "unit": c.unit,
-                "target": None if not c.op else f"{c.op} {c.target:g}",
-                "met": None if quick else c.met(v),
-            })  # fmt: skip
+            checks.append(
+                {
+                    "label": c.label,
+                    "value": v,
+                    "unit": c.unit,
+                    "target": None if not c.op else f"{c.op} {c.target:g}",
+                    "met": None if quick else c.met(v),
+                }
+            )
         out["benchmarks"][name] = {
             "issue": b.issue,
             "command": " ".join(cmd),
@@ -222,7 +243,7 @@ def run_benchmarks(names=None, quick=False, bench_dir=None, timeout=1800.0):
     return out
 
 
-def format_summary(result):
+def format_summary(result: dict[str, Any]) -> str:
     """Plain-text table of the checks of :func:`run_benchmarks`' result."""
     lines = [f"{'benchmark':<12} {'figure':<44} {'value':>12} {'target':>12}  met"]
     for name, b in result["benchmarks"].items():

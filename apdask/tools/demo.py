@@ -12,6 +12,8 @@ import glob
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["run_demo"]
 
@@ -24,8 +26,14 @@ def _alerts_of_visit(alert_root, visit):
 
 
 def run_demo(
-    directory="apdask-demo", *, camera="comcam", n_visits=3, seed=42, workers=2, out=print
-):
+    directory: str | os.PathLike[str] = "apdask-demo",
+    *,
+    camera: str = "comcam",
+    n_visits: int = 3,
+    seed: int = 42,
+    workers: int = 2,
+    out: Callable[[str], object] = print,
+) -> dict[str, Any]:
     """Run the demo and return its report.
 
     Parameters
@@ -63,7 +71,7 @@ def run_demo(
     ppdb = ensure_ppdb(repo)
     alert_root = os.path.join(repo, "alerts")
     files = sorted(glob.glob(os.path.join(repo, "visits", "visit_*.json")))
-    report = {"repo": repo, "simulate_s": t_sim, "visits": []}
+    report: dict[str, Any] = {"repo": repo, "simulate_s": t_sim, "visits": []}
     with local_cluster(n_workers=workers) as client:
         for f in files:
             nv = NextVisit.from_json(f)

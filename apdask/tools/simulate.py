@@ -25,9 +25,13 @@ nothing depends on the clock.  The model (``docs/formats.md``):
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from astropy.table import Table
@@ -36,9 +40,50 @@ from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
-from apdask.core.camera import PIXEL_SCALE_ARCSEC, check_band, get_camera, njy_per_electron
+from apdask.core.camera import (
+    PIXEL_SCALE_ARCSEC,
+    Camera,
+    Detector,
+    check_band,
+    get_camera,
+    njy_per_electron,
+)
+from apdask.core.files import atomic_write
 from apdask.io.butler import Butler
-from apdask.io.raw import RawMetadata, raw_name, write_raw
+from apdask.tools._sim_butler import (
+    _calib_arrays,
+    _hot_column,
+    _make_calibs,
+    _make_tiles_row,
+    _n_tiles,
+    _write_drp,
+)
+from apdask.tools._sim_calibframe import CALIB_DEFECTS, simulate_calib_frame
+from apdask.tools._sim_model import (
+    _EDGE,
+    _FWHM_RANGE,
+    _GAL_HALF,
+    _TEMPLATE_FWHM,
+    _TRANSIENT,
+    _VISIT,
+    BIAS_LEVEL_ADU,
+    DARKTIME,
+    ENGINES,
+    EXPTIME,
+    FIELD_DEC,
+    FIELD_RA,
+    SKY_ELECTRONS,
+    _is_small,
+    _mosaic_wcs,
+    _offset,
+    _rng,
+    _sigma_px,
+    _snr_to_flux,
+    _static_sky,
+    _true_wcs,
+    visit_mjd,
+)
+from apdask.tools._sim_raw import _make_raw
 
 __all__ = [
     "simulate_repo",
@@ -53,215 +98,22 @@ __all__ = [
     "ENGINES",
 ]
 
-FIELD_RA, FIELD_DEC = 150.0, -30.0
-EXPTIME = 30.0
-DARKTIME = 31.0
-BIAS_LEVEL_ADU = 15000.0
-#: Sky level in electrons per pixel in 30 s.
-SKY_ELECTRONS = {"u": 150.0, "g": 450.0, "r": 900.0, "i": 1300.0, "z": 1900.0, "y": 2300.0}
-_TEMPLATE_FWHM = 0.7  # arcsec
-_FWHM_RANGE = (0.9, 1.1)  # arcsec across a CCD
-_STARS_PER_PX = 3000.0 / (4072 * 4000)
-_GALAXIES_PER_PX = 1000.0 / (4072 * 4000)
-_VARIABLE_FRACTION = 0.03
-_EDGE = 30  # px, minimum transient distance from the CCD edge
-_STAR_HALF = 14
-_GAL_HALF = 20
-_TILE_OVERLAP = 64  # px shared by neighbouring template tiles
-#: Pixel renderers: our own Gaussian code and GalSim (``apdask.simulate_galsim``).
-ENGINES = ("apdask", "galsim")
-_GALSIM_REACH = 128  # px: GalSim stamps of sources this far outside an image reach into it
-
-# Stream tags of the seeded generators.
-_SKY, _TRANSIENT, _VISIT, _RAW, _TILE, _CALIB = 1, 2, 3, 4, 5, 6
-
-
-def visit_mjd(k):
-    """MJD (TAI) at the start of the ``k``-th simulated visit."""
-    return 61000.1 + 0.02 * k
-
-
-def _rng(*key):
-    return np.random.default_rng([int(v) for v in key])
-
-
-def _sigma_px(fwhm_arcsec):
-    return np.asarray(fwhm_arcsec) / 2.3548 / PIXEL_SCALE_ARCSEC
-
-
-def _is_small(camera):
-    return all(d.nx * d.ny <= 1024 * 1024 for d in camera)
-
-
-# ------------------------------------------------------------------ rendering
-def _add_stamps(img, x, y, values_fn, half):
-    """Add stamps ``values_fn(dx, dy) -> (N, S, S)`` centred at ``(x, y)`` into ``img``."""
-    if len(x) == 0:
-        return
-    ny, nx = img.shape
-    ix = np.rint(x).astype(np.int64)
-    iy = np.rint(y).astype(np.int64)
-    offs = np.arange(-half, half + 1)
-    px = ix[:, None] + offs  # (N, S)
-    py = iy[:, None] + offs
-    vals = values_fn(px - x[:, None], py - y[:, None]).astype(np.float32)
-    ok = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
-    flat = (py[:, :, None] * nx + px[:, None, :])[ok]
-    np.add.at(img.reshape(-1), flat, vals[ok])
-
-
-def _render_stars(img, x, y, flux, sigma):
-    """Pixel-integrated circular Gaussians of total ``flux``."""
-    s2 = (np.sqrt(2.0) * sigma)[:, None]
-
-    def fn(dx, dy):
-        gx = 0.5 * (erf((dx + 0.5) / s2) - erf((dx - 0.5) / s2))
-        gy = 0.5 * (erf((dy + 0.5) / s2) - erf((dy - 0.5) / s2))
-        return flux[:, None, None] * gy[:, :, None] * gx[:, None, :]
-
-    _add_stamps(img, x, y, fn, _STAR_HALF)
-
-
-def _render_galaxies(img, x, y, flux, sigma, gal_a, gal_b, gal_theta):
-    """Elliptical Gaussians convolved with a Gaussian PSF of width ``sigma``."""
-    c, s = np.cos(gal_theta), np.sin(gal_theta)
-    cxx = gal_a**2 * c**2 + gal_b**2 * s**2 + sigma**2
-    cyy = gal_a**2 * s**2 + gal_b**2 * c**2 + sigma**2
-    cxy = (gal_a**2 - gal_b**2) * c * s
-    det = cxx * cyy - cxy**2
-    ixx, iyy, ixy = (
-        (cyy / det)[:, None, None],
-        (cxx / det)[:, None, None],
-        (-cxy / det)[:, None, None],
-    )
-
-    def fn(dx, dy):
-        ddx, ddy = dx[:, None, :], dy[:, :, None]
-        prof = np.exp(-0.5 * (ixx * ddx**2 + 2 * ixy * ddx * ddy + iyy * ddy**2))
-        prof /= prof.sum(axis=(1, 2), keepdims=True)
-        return flux[:, None, None] * prof
-
-    _add_stamps(img, x, y, fn, _GAL_HALF)
-
-
-def _render(img, cat, x, y, flux, sigma):
-    """Render the rows of ``cat`` (dict of arrays) at pixel positions x, y."""
-    gal = cat["extended"]
-    star = ~gal
-    _render_stars(img, x[star], y[star], flux[star], sigma[star])
-    _render_galaxies(
-        img, x[gal], y[gal], flux[gal], sigma[gal],
-        cat["gal_a"][gal], cat["gal_b"][gal], cat["gal_theta"][gal],
-    )  # fmt: skip
-
-
-def _gaussian_psf(fwhm_arcsec, half=10):
-    sig = float(_sigma_px(fwhm_arcsec))
-    r = np.arange(-half, half + 1)
-    g = np.exp(-0.5 * (r[:, None] ** 2 + r[None, :] ** 2) / sig**2)
-    return g / g.sum()
-
-
-# -------------------------------------------------------------------- geometry
-def _offset(ra, dec, dx_arcsec, dy_arcsec):
-    """Shift a position by small tangent-plane offsets (east, north) in arcsec."""
-    return ra + dx_arcsec / 3600.0 / np.cos(np.deg2rad(dec)), dec + dy_arcsec / 3600.0
-
-
-def _true_wcs(det, pointing):
-    w = det.predicted_wcs(pointing["ra"], pointing["dec"], 0.0)
-    ra, dec = _offset(pointing["ra"], pointing["dec"], *pointing["error"])
-    w.wcs.crval = [ra, dec]
-    w.wcs.set()
-    return w
-
-
-def _mosaic_wcs(camera, pointings, margin):
-    """Global template TAN grid and its pixel extent covering every CCD of every visit."""
-    s = PIXEL_SCALE_ARCSEC / 3600.0
-    w = WCS(naxis=2)
-    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    w.wcs.crval = [FIELD_RA, FIELD_DEC]
-    w.wcs.crpix = [1.0, 1.0]
-    w.wcs.cd = [[-s, 0.0], [0.0, s]]
-    w.wcs.cunit = ["deg", "deg"]
-    xs, ys = [], []
-    for p in pointings:
-        for det in camera:
-            tw = _true_wcs(det, p)
-            cx = np.array([-0.5, det.nx - 0.5, det.nx - 0.5, -0.5])
-            cy = np.array([-0.5, -0.5, det.ny - 0.5, det.ny - 0.5])
-            r, d = tw.pixel_to_world_values(cx, cy)
-            x, y = w.world_to_pixel_values(r, d)
-            xs.extend(x)
-            ys.extend(y)
-    x0 = int(np.floor(min(xs))) - margin
-    y0 = int(np.floor(min(ys))) - margin
-    x1 = int(np.ceil(max(xs))) + margin
-    y1 = int(np.ceil(max(ys))) + margin
-    w.wcs.crpix = [1.0 - x0, 1.0 - y0]
-    w.wcs.set()
-    return w, (y1 - y0, x1 - x0)
-
-
-# ----------------------------------------------------------------- catalogues
-def _power_law(rng, n, fmin, fmax, alpha):
-    """Fluxes with N(>F) ∝ F**-alpha between fmin and fmax."""
-    umin = (fmax / fmin) ** (-alpha)
-    u = rng.uniform(umin, 1.0, n)
-    return fmin * u ** (-1.0 / alpha)
-
-
-def _static_sky(seed, mosaic, mshape):
-    rng = _rng(seed, _SKY)
-    ny, nx = mshape
-    n_star = int(round(_STARS_PER_PX * nx * ny))
-    n_gal = int(round(_GALAXIES_PER_PX * nx * ny))
-    n = n_star + n_gal
-    x = rng.uniform(-20, nx + 20, n)
-    y = rng.uniform(-20, ny + 20, n)
-    ra, dec = mosaic.pixel_to_world_values(x, y)
-    flux = np.concatenate(
-        [_power_law(rng, n_star, 1e3, 1e7, 0.7), _power_law(rng, n_gal, 1e3, 2e5, 0.9)]
-    )
-    extended = np.arange(n) >= n_star
-    variable = np.zeros(n, bool)
-    n_var = max(1, int(round(_VARIABLE_FRACTION * n_star)))
-    variable[rng.choice(n_star, n_var, replace=False)] = True
-    return {
-        "id": np.arange(1, n + 1, dtype=np.int64),
-        "ra": np.mod(ra, 360.0),
-        "dec": dec,
-        "flux": flux,
-        "extended": extended,
-        "variable": variable,
-        "gal_a": np.where(extended, rng.uniform(1.5, 5.0, n), 0.0),
-        "gal_b": np.zeros(n),
-        "gal_theta": rng.uniform(0, np.pi, n),
-        "var_amp": np.where(variable, rng.uniform(0.1, 0.5, n), 0.0),
-        "var_period": rng.uniform(0.05, 2.0, n),
-        "var_phase": rng.uniform(0, 2 * np.pi, n),
-        "gal_q": rng.uniform(0.3, 1.0, n),
-    }
-
-
-def _visit_flux(cat, mjd):
-    return cat["flux"] * (
-        1.0 + cat["var_amp"] * np.sin(2 * np.pi * mjd / cat["var_period"] + cat["var_phase"])
-    )
-
-
-def _snr_to_flux(band, sky_e, snr, fwhm_range=_FWHM_RANGE):
-    """nJy of a point source with difference-image PSF SNR ``snr``."""
-    sig = float(_sigma_px(np.mean(fwhm_range)))
-    noise_e = np.sqrt(4 * np.pi * sig**2 * (sky_e + 40.0) * 1.1)
-    return snr * noise_e * njy_per_electron(band, EXPTIME)
-
 
 # ------------------------------------------------------------------ simulator
-def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1000, *,
-                  detectors=None, artifacts=True, fwhm_range=None, template_fwhm=None,
-                  engine="apdask"):  # fmt: skip
+def simulate_repo(
+    camera_name: str,
+    repo: str | os.PathLike[str],
+    n_visits: int = 3,
+    seed: int = 0,
+    band: str = "r",
+    first_visit: int = 1000,
+    *,
+    detectors: Sequence[str] | None = None,
+    artifacts: bool = True,
+    fwhm_range: Sequence[float] | None = None,
+    template_fwhm: float | None = None,
+    engine: str = "apdask",
+) -> list[dict[str, Any]]:
     """Simulate a complete repository (templates, calibs, raws, truth, nextVisits).
 
     Parameters
@@ -301,8 +153,11 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     if engine not in ENGINES:
         msg = f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}"
         raise ValueError(msg)
+    galsim_engine = None
     if engine == "galsim":
         from apdask.tools import simulate_galsim  # fails early, with the install hint, if missing
+
+        galsim_engine = simulate_galsim
     camera = get_camera(camera_name)
     dets = list(camera) if detectors is None else [camera[d] for d in detectors]
     fwhm_range = tuple(float(v) for v in (fwhm_range or _FWHM_RANGE))
@@ -310,128 +165,211 @@ def simulate_repo(camera_name, repo, n_visits=3, seed=0, band="r", first_visit=1
     repo = os.path.abspath(os.fspath(repo))
     for sub in ("raw", "truth", "visits"):
         os.makedirs(os.path.join(repo, sub), exist_ok=True)
-    butler = Butler(repo, camera=camera.name)
+    butler = Butler(repo, camera=camera.name)  # records the camera before any content
     small = _is_small(camera)
     dither = 5.0 if small else 30.0  # arcsec, max per axis
-    n_transient = 12 if small else 40
-    tile = 1024 if small else 2048
-    sky_e = SKY_ELECTRONS[band] * EXPTIME / 30.0
-    k_njy = njy_per_electron(band, EXPTIME)
+    pointings = _pointings(seed, n_visits, first_visit, dither)
+    mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
+    sky = _static_sky(seed, mosaic, mshape)
+    _finish_sky(sky, seed, galsim_engine, None if artifacts else (dets, band, fwhm_range))
+    _write_drp(butler, sky)
+    sim = _Simulation(
+        repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine
+    )
+    transients = _make_transients(
+        seed, dets, pointings, sky, 12 if small else 40, band, sim.sky_e, dither, fwhm_range
+    )
+    truth_rows = _render_all(sim, pointings, mosaic, mshape, transients, 1024 if small else 2048)
+    messages = [_write_visit(sim, p, truth_rows) for p in pointings]
+    psf = galsim_engine.PSF_PROFILE if galsim_engine is not None else "gaussian"
+    _write_settings(sim, psf)
+    return messages
 
-    # Pointings: commanded (dithered) boresight plus a true pointing error.
+
+@dataclass(frozen=True)
+class _Simulation:
+    """What every rendering job of one :func:`simulate_repo` call shares."""
+
+    repo: str
+    butler: Butler
+    seed: int
+    camera: Camera
+    dets: list[Detector]
+    band: str
+    sky: dict[str, Any]
+    artifacts: bool
+    fwhm_range: tuple[float, ...]
+    template_fwhm: float
+    engine: str
+
+    @property
+    def sky_e(self) -> float:
+        """Sky level (electrons per pixel) in one exposure."""
+        return SKY_ELECTRONS[self.band] * EXPTIME / 30.0
+
+
+def _finish_sky(
+    sky: dict[str, Any],
+    seed: int,
+    galsim_engine: Any,
+    cap: tuple[list[Detector], str, tuple[float, ...]] | None,
+) -> None:
+    """Galaxy minor axes, GalSim's Sersic indices, and (``cap``) the saturation cap."""
+    sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
+    if galsim_engine is not None:
+        sky.update(galsim_engine.galaxy_columns(seed, sky))
+    if cap is not None:  # artifact-free data: static sources below half saturation
+        sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(*cap))
+
+
+def _write_settings(sim: _Simulation, psf: str) -> None:
+    """``truth/simulation.json``: what :mod:`apdask.tools.evaluate` needs of the model."""
+    settings = {
+        "camera": sim.camera.name,
+        "seed": int(sim.seed),
+        "band": sim.band,
+        "detectors": [d.name for d in sim.dets],
+        "artifacts": bool(sim.artifacts),
+        "fwhm_range": list(sim.fwhm_range),
+        "template_fwhm": sim.template_fwhm,
+        "template_depth": 10.0,
+        "engine": sim.engine,
+        "psf": psf,
+    }
+    path = os.path.join(sim.repo, "truth", "simulation.json")
+    _atomic_text(path, json.dumps(settings, indent=1))
+
+
+def _pointings(seed: int, n_visits: int, first_visit: int, dither: float) -> list[dict[str, Any]]:
+    """Commanded (dithered) boresight of each visit plus a true pointing error."""
     pointings = []
     for k in range(n_visits):
         rng = _rng(seed, _VISIT, k)
         ra, dec = _offset(FIELD_RA, FIELD_DEC, *rng.uniform(-dither, dither, 2))
         err = tuple(float(v) for v in rng.uniform(-1.0, 1.0, 2))
         pointings.append(
-            {"k": k, "visit": first_visit + k, "ra": float(ra), "dec": float(dec),
-             "error": err, "mjd": visit_mjd(k)}
-        )  # fmt: skip
+            {
+                "k": k,
+                "visit": first_visit + k,
+                "ra": float(ra),
+                "dec": float(dec),
+                "error": err,
+                "mjd": visit_mjd(k),
+            }
+        )
+    return pointings
 
-    mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
-    sky = _static_sky(seed, mosaic, mshape)
-    sky["gal_b"] = sky["gal_a"] * sky["gal_q"]
-    if engine == "galsim":
-        sky.update(simulate_galsim.galaxy_columns(seed, sky))
-    if not artifacts:
-        sky["flux"] = np.minimum(sky["flux"], _unsaturated_flux(dets, band, fwhm_range))
-    _write_drp(butler, sky)
-    transients = _make_transients(seed, dets, pointings, sky, n_transient, band, sky_e, dither,
-                                  fwhm_range)  # fmt: skip
 
+def _render_all(
+    sim: _Simulation,
+    pointings: list[dict[str, Any]],
+    mosaic: WCS,
+    mshape: tuple[int, int],
+    transients: dict[str, Any],
+    tile: int,
+) -> list[dict[str, Any]]:
+    """Template tiles and master calibs, then every raw; the truth rows of the raws."""
+    dets, band, seed, butler = sim.dets, sim.band, sim.seed, sim.butler
+    k_njy = njy_per_electron(band, EXPTIME)
     # Typical science variance (e^2) for the template depth.
     rn = np.mean([a.read_noise for d in dets for a in d.amplifiers])
-    sci_var_njy = (sky_e + rn**2) * k_njy**2
-
+    sci_var_njy = (sim.sky_e + rn**2) * k_njy**2
     butler.prepare_groups(band, [det.id for det in dets])
     jobs = []
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
         jobs += [
-            pool.submit(_make_tiles_row, butler, seed, band, mosaic, mshape, tile, j, sky,
-                        sci_var_njy, template_fwhm, engine)
+            pool.submit(
+                _make_tiles_row,
+                butler,
+                seed,
+                band,
+                mosaic,
+                mshape,
+                tile,
+                j,
+                sim.sky,
+                sci_var_njy,
+                sim.template_fwhm,
+                sim.engine,
+            )
             for j in range(_n_tiles(mshape[0], tile))
-        ]  # fmt: skip
-        jobs += [pool.submit(_make_calibs, butler, seed, camera, det, band, artifacts)
-                 for det in dets]  # fmt: skip
+        ]
+        jobs += [
+            pool.submit(_make_calibs, butler, seed, sim.camera, det, band, sim.artifacts)
+            for det in dets
+        ]
         for f in jobs:
             f.result()
 
         def raw(det, p):  # a CCD's calibrations are read by its own job: for 189 CCDs
             calib = _calib_arrays(butler, det.id, band)  # they would not fit in memory
-            return _make_raw(repo, seed, camera, det, p, band, sky, transients, calib, sky_e,
-                             k_njy, artifacts, fwhm_range, engine)  # fmt: skip
+            return _make_raw(
+                sim.repo,
+                seed,
+                sim.camera,
+                det,
+                p,
+                band,
+                sim.sky,
+                transients,
+                calib,
+                sim.sky_e,
+                k_njy,
+                sim.artifacts,
+                sim.fwhm_range,
+                sim.engine,
+            )
 
         raw_jobs = [pool.submit(raw, det, p) for p in pointings for det in dets]
-        truth_rows = [f.result() for f in raw_jobs]
+        return [f.result() for f in raw_jobs]
 
-    messages = []
-    for p in pointings:
-        rows = [r for r in truth_rows if r["visit"] == p["visit"]]
-        _write_truth(repo, p, rows, band, seed)
-        msg = {
-            "instrument": camera.name,
-            "groupId": str(p["visit"]),
-            "visit": p["visit"],
-            "position": [p["ra"], p["dec"]],
-            "coordinateSystem": "ICRS",
-            "rotationAngle": 0.0,
-            "filters": band,
-            "duration": EXPTIME,
-            "nimages": 1,
-            "detectors": [d.name for d in dets],
-            "timestamp": round(float(Time(p["mjd"], format="mjd", scale="tai").unix), 6),
-            "mjd": p["mjd"],
-        }
-        path = os.path.join(repo, "visits", f"visit_{p['visit']}.json")
-        _atomic_text(path, json.dumps(msg, indent=2) + "\n")
-        messages.append(msg)
-    settings = {
-        "camera": camera.name, "seed": int(seed), "band": band,
-        "detectors": [d.name for d in dets], "artifacts": bool(artifacts),
-        "fwhm_range": list(fwhm_range), "template_fwhm": template_fwhm,
-        "template_depth": 10.0, "engine": engine,
-        "psf": simulate_galsim.PSF_PROFILE if engine == "galsim" else "gaussian",
-    }  # fmt: skip
-    _atomic_text(os.path.join(repo, "truth", "simulation.json"), json.dumps(settings, indent=1))
-    return messages
+
+def _write_visit(
+    sim: _Simulation, p: dict[str, Any], truth_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write the truth table and the nextVisit message of one visit; the message."""
+    rows = [r for r in truth_rows if r["visit"] == p["visit"]]
+    _write_truth(sim.repo, p, rows, sim.band, sim.seed)
+    msg = {
+        "instrument": sim.camera.name,
+        "groupId": str(p["visit"]),
+        "visit": p["visit"],
+        "position": [p["ra"], p["dec"]],
+        "coordinateSystem": "ICRS",
+        "rotationAngle": 0.0,
+        "filters": sim.band,
+        "duration": EXPTIME,
+        "nimages": 1,
+        "detectors": [d.name for d in sim.dets],
+        "timestamp": round(float(Time(p["mjd"], format="mjd", scale="tai").unix), 6),
+        "mjd": p["mjd"],
+    }
+    path = os.path.join(sim.repo, "visits", f"visit_{p['visit']}.json")
+    _atomic_text(path, json.dumps(msg, indent=2) + "\n")
+    return msg
 
 
 def _unsaturated_flux(dets, band, fwhm_range):
     """Largest static flux (nJy) whose peak stays below half the saturation level."""
     sig = float(_sigma_px(min(fwhm_range)))
     peak = float(erf(0.5 / (np.sqrt(2.0) * sig)) ** 2)  # central-pixel fraction
-    full_e = min((a.saturation - BIAS_LEVEL_ADU - 100.0) * a.gain for d in dets
-                 for a in d.amplifiers)  # fmt: skip
+    full_e = min(
+        (a.saturation - BIAS_LEVEL_ADU - 100.0) * a.gain for d in dets for a in d.amplifiers
+    )
     return 0.5 * full_e / 1.05 / peak * njy_per_electron(band, EXPTIME)
 
 
 def _atomic_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
-def _write_drp(butler, sky):
-    t = Table(
-        {
-            "objectId": sky["id"],
-            "ra": sky["ra"],
-            "dec": sky["dec"],
-            "r_flux": sky["flux"],
-            "extendedness": sky["extended"].astype(float),
-        }
-    )
-    butler.put_drp_objects(t)
-
-
-def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dither,
-                     fwhm_range=_FWHM_RANGE):  # fmt: skip
+def _make_transients(
+    seed, camera, pointings, sky, n_per_ccd, band, sky_e, dither, fwhm_range=_FWHM_RANGE
+):
     """Transients: ``n_per_ccd`` per CCD in the first visit, a third as many new later."""
     margin = _EDGE + 2 * dither / PIXEL_SCALE_ARCSEC + 10
-    out = {k: [] for k in ("id", "ra", "dec", "flux", "k0", "ratio")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("id", "ra", "dec", "flux", "k0", "ratio")}
     next_id = 10_000_001
     for p in pointings:
         n_new = n_per_ccd if p["k"] == 0 else int(np.ceil(n_per_ccd / 3))
@@ -453,14 +391,14 @@ def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dithe
             if tree_b is not None:
                 ok &= tree_b.query(pts)[0] > 25
             idx = np.flatnonzero(ok)
-            keep = []
+            keep: list[np.intp] = []
             for i in idx:  # transients not on top of each other
                 if all(np.hypot(*(pts[i] - pts[j])) > 12 for j in keep):
                     keep.append(i)
                 if len(keep) == n_new:
                     break
-            keep = np.array(keep, dtype=int)
-            ra, dec = w.pixel_to_world_values(cx[keep], cy[keep])
+            kept = np.array(keep, dtype=int)
+            ra, dec = w.pixel_to_world_values(cx[kept], cy[kept])
             snr = np.exp(rng.uniform(np.log(5.0), np.log(200.0), len(keep)))
             out["id"].append(np.arange(next_id, next_id + len(keep)))
             next_id += len(keep)
@@ -470,202 +408,6 @@ def _make_transients(seed, camera, pointings, sky, n_per_ccd, band, sky_e, dithe
             out["k0"].append(np.full(len(keep), p["k"]))
             out["ratio"].append(rng.uniform(0.7, 1.3, len(keep)))
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
-
-
-def _transient_flux(tr, k):
-    flux = tr["flux"] * tr["ratio"] ** (k - tr["k0"])
-    return np.where(k >= tr["k0"], flux, 0.0)
-
-
-def _n_tiles(n, tile):
-    step = tile - _TILE_OVERLAP
-    return max(1, int(np.ceil((n - _TILE_OVERLAP) / step)))
-
-
-def _make_tiles_row(butler, seed, band, mosaic, mshape, tile, j, sky, sci_var_njy,
-                    template_fwhm=_TEMPLATE_FWHM, engine="apdask"):  # fmt: skip
-    """Render and store the template tiles of row ``j``."""
-    step = tile - _TILE_OVERLAP
-    mx, my = mosaic.world_to_pixel_values(sky["ra"], sky["dec"])
-    flux = sky["flux"]  # variables at their mean flux
-    sigma_t = np.full(len(flux), float(_sigma_px(template_fwhm)))
-    noise = np.sqrt(sci_var_njy / 10.0)
-    psf = _gaussian_psf(template_fwhm)
-    if engine == "galsim":
-        from apdask.tools.simulate_galsim import render_template, template_psf_image
-
-        psf = template_psf_image(template_fwhm)
-    for i in range(_n_tiles(mshape[1], tile)):
-        x0, y0 = i * step, j * step
-        rng = _rng(seed, _TILE, i, j)
-        img = (noise * rng.standard_normal((tile, tile), dtype=np.float32)).astype(np.float32)
-        x, y = mx - x0, my - y0
-        h = _GAL_HALF if engine != "galsim" else _GALSIM_REACH
-        sel = (x > -h) & (x < tile + h) & (y > -h) & (y < tile + h)
-        cat = {k: v[sel] for k, v in sky.items()}
-        if engine == "galsim":
-            img = render_template(cat, x[sel], y[sel], flux[sel], (tile, tile), template_fwhm,
-                                  noise, (seed, _TILE, i, j))  # fmt: skip
-        else:
-            _render(img, cat, x[sel], y[sel], flux[sel], sigma_t[sel])
-        w = mosaic.deepcopy()
-        w.wcs.crpix = [mosaic.wcs.crpix[0] - x0, mosaic.wcs.crpix[1] - y0]
-        w.wcs.set()
-        w.pixel_shape = (tile, tile)
-        var = np.full((tile, tile), noise**2, dtype=np.float32)
-        butler.put_template(band, f"{i}_{j}", img, var, w, psf=psf)
-
-
-def _hot_column(seed, det):
-    return int(_rng(seed, _CALIB, det.id, 99).integers(40, det.nx - 40))
-
-
-def _make_calibs(butler, seed, camera, det, band, artifacts=True):
-    """Master bias (e-), dark (e-/s) and flat (mean 1) of one detector."""
-    rng = _rng(seed, _CALIB, det.id)
-    ny, nx = det.shape
-    bias = np.empty((ny, nx), np.float32)
-    yy = np.arange(ny, dtype=np.float32)[:, None]
-    for amp in det.amplifiers:
-        off = rng.uniform(-3.0, 3.0)
-        slope = rng.uniform(0.0, 2.0)
-        ramp = off + slope * (yy[amp.y0 : amp.y1] - amp.y0) / max(amp.ny - 1, 1)
-        bias[amp.y0 : amp.y1, amp.x0 : amp.x1] = ramp
-    dark = np.full((ny, nx), 0.002, np.float32)
-    if artifacts:
-        dark[:, _hot_column(seed, det)] = 50.0
-    # Vignetting-like gradient over the focal plane, +-3 %, plus 0.5 % pixel response.
-    fx, fy = det.pixel_to_focal_plane(np.arange(nx)[None, :], np.arange(ny)[:, None])
-    rmax = max(
-        np.hypot(d.fp_x, d.fp_y) + 0.5e-3 * d.pixel_size * np.hypot(d.nx, d.ny) for d in camera
-    )
-    r2 = (fx**2 + fy**2) / rmax**2
-    frng = _rng(seed, _CALIB, det.id, "ugrizy".index(band) + 1)
-    flat = (1.03 - 0.06 * np.clip(r2, 0, 1)).astype(np.float32)
-    flat *= 1.0 + 0.005 * frng.standard_normal((ny, nx), dtype=np.float32)
-    flat /= flat.mean(dtype=np.float64)
-    butler.put_calib("bias", det.id, bias)
-    butler.put_calib("dark", det.id, dark)
-    butler.put_calib("flat", det.id, flat, band=band)
-
-
-def _calib_arrays(butler, det_id, band):
-    mjd = visit_mjd(0)
-    return {k: butler.get_calib(k, det_id, band, mjd) for k in ("bias", "dark", "flat")}
-
-
-def _amp_segments(img, det, rng):
-    """Electrons (assembled) → raw int32 ADU segments in readout order, with overscan."""
-    segments = []
-    for amp in det.amplifiers:
-        level = BIAS_LEVEL_ADU + rng.uniform(-50.0, 50.0)
-        seg = rng.standard_normal(amp.raw_shape, dtype=np.float32)
-        seg *= amp.read_noise / amp.gain
-        seg += level
-        data = img[amp.y0 : amp.y1, amp.x0 : amp.x1] / amp.gain
-        if amp.flip_y:
-            data = data[::-1, :]
-        if amp.flip_x:
-            data = data[:, ::-1]
-        seg[amp.data_slice] += data
-        np.minimum(seg, amp.saturation, out=seg)
-        np.rint(seg, out=seg)
-        segments.append(seg.astype(np.int32))
-    return segments
-
-
-def _make_raw(repo, seed, camera, det, p, band, sky, tr, calib, sky_e, k_njy, artifacts=True,
-              fwhm_range=_FWHM_RANGE, engine="apdask"):  # fmt: skip
-    """Render, write one raw and return its truth rows."""
-    rng = _rng(seed, _RAW, p["visit"], det.id)
-    w = _true_wcs(det, p)
-    ny, nx = det.shape
-    k = p["k"]
-
-    # Static sky and transients in this CCD.
-    sx, sy = w.world_to_pixel_values(sky["ra"], sky["dec"])
-    h = _GAL_HALF if engine != "galsim" else _GALSIM_REACH  # wings of off-CCD stars
-    on = (sx > -h) & (sx < nx + h) & (sy > -h) & (sy < ny + h)
-    cat = {key: v[on] for key, v in sky.items()}
-    s_flux = _visit_flux(cat, p["mjd"])
-    tx, ty = w.world_to_pixel_values(tr["ra"], tr["dec"])
-    t_flux_all = _transient_flux(tr, k)
-    t_on = (tx >= 0) & (tx < nx) & (ty >= 0) & (ty < ny) & (t_flux_all > 0)
-    x = np.concatenate([sx[on], tx[t_on]])
-    y = np.concatenate([sy[on], ty[t_on]])
-    flux = np.concatenate([s_flux, t_flux_all[t_on]])
-    ext = np.concatenate([cat["extended"], np.zeros(t_on.sum(), bool)])
-    rcat = {
-        "extended": ext,
-        "gal_a": np.concatenate([cat["gal_a"], np.zeros(t_on.sum())]),
-        "gal_b": np.concatenate([cat["gal_b"], np.zeros(t_on.sum())]),
-        "gal_theta": np.concatenate([cat["gal_theta"], np.zeros(t_on.sum())]),
-    }
-    if engine == "galsim":  # GalSim draws sources and Poisson noise; truth = what it drew
-        from apdask.tools.simulate_galsim import render_science
-
-        key = (seed, _RAW, p["visit"], det.id)
-        img, drawn_e = render_science(cat, x, y, flux / k_njy, (ny, nx), fwhm_range, sky_e,
-                                      calib, DARKTIME, key)  # fmt: skip
-        flux[len(s_flux) :] = drawn_e[len(s_flux) :] * k_njy
-    else:
-        lo, hi = fwhm_range
-        fwhm = lo + (hi - lo) * 0.5 * (np.clip(x / nx, 0, 1) + np.clip(y / ny, 0, 1))
-        img = np.full((ny, nx), sky_e, np.float32)
-        _render(img, rcat, x, y, flux / k_njy, _sigma_px(fwhm))
-        # Electrons: flat, dark current, Poisson noise (Gaussian approximation).
-        img *= calib["flat"]
-        img += calib["dark"] * DARKTIME
-        np.maximum(img, 0.0, out=img)
-        img += np.sqrt(img) * rng.standard_normal((ny, nx), dtype=np.float32)
-    # Cosmic rays, bias.
-    if artifacts:
-        _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
-    img += calib["bias"]
-
-    segments = _amp_segments(img, det, rng)
-
-    mjd = p["mjd"]
-    meta = RawMetadata(
-        instrument=camera.name, detector_name=det.name, detector_id=det.id,
-        visit=p["visit"], exposure_id=p["visit"], snap=0,
-        mjd_begin=mjd, mjd_end=mjd + DARKTIME / 86400.0,
-        exptime=EXPTIME, darktime=DARKTIME, band=band,
-        ra=p["ra"], dec=p["dec"], rotpa=0.0, imgtype="SCIENCE",
-        shutter={"open_begin": 0.0, "open_end": 1.0, "close_begin": EXPTIME,
-                 "close_end": EXPTIME + 1.0},
-    )  # fmt: skip
-    write_raw(os.path.join(repo, "raw", raw_name(camera.name, p["visit"], det.name)),
-              det, segments, meta)  # fmt: skip
-
-    # Truth: sources whose true position is on this CCD.
-    inside = (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
-    n_s = int(on.sum())
-    kind = np.where(cat["extended"], "galaxy", np.where(cat["variable"], "variable", "star"))
-    return {
-        "visit": p["visit"],
-        "source_id": np.concatenate([cat["id"], tr["id"][t_on]]).astype(np.int64)[inside],
-        "kind": np.concatenate([kind, np.full(t_on.sum(), "transient")])[inside],
-        "detector": np.full(inside.sum(), det.name),
-        "ra": np.concatenate([cat["ra"], tr["ra"][t_on]])[inside],
-        "dec": np.concatenate([cat["dec"], tr["dec"][t_on]])[inside],
-        "x": x[inside],
-        "y": y[inside],
-        "flux": flux[inside],
-        "template_flux": np.concatenate([cat["flux"], np.zeros(len(x) - n_s)])[inside],
-    }
-
-
-def _add_cosmic_rays(rng, img, n):
-    ny, nx = img.shape
-    for _ in range(n):
-        x, y = int(rng.integers(0, nx)), int(rng.integers(0, ny))
-        length = int(rng.integers(1, 4))
-        dx, dy = [(1, 0), (0, 1), (1, 1), (1, -1)][int(rng.integers(0, 4))]
-        for t in range(length):
-            xi, yi = x + t * dx, y + t * dy
-            if 0 <= xi < nx and 0 <= yi < ny:
-                img[yi, xi] += rng.uniform(2000.0, 6000.0)
 
 
 def _write_truth(repo, p, rows, band, seed):
@@ -686,114 +428,6 @@ def _write_truth(repo, p, rows, band, seed):
         }
     )
     path = os.path.join(repo, "truth", f"visit_{p['visit']}.ecsv")
-    tmp = path + ".tmp"
-    t.write(tmp, format="ascii.ecsv", overwrite=True)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------- calibration frames
-#: Defects :func:`simulate_calib_frame` can inject.
-CALIB_DEFECTS = ("hot_column", "dead_amp", "wrong_flat")
-_CALIB_FRAME = 7  # stream tag of calibration-frame noise
-_FLAT_LEVEL_E = 20000.0  # electrons per pixel in a simulated flat / CBP frame
-
-
-def simulate_calib_frame(repo, detector, intent, *, exposure_id, band="r", exptime=None,
-                         mjd=None, defect=None, seed=0, outdir=None):  # fmt: skip
-    """Write one raw calibration frame (BIAS, DARK, FLAT or CBP) of a simulated repository.
-
-    The frame is rendered from the repository's master calibrations, so a clean
-    frame agrees with them within noise: bias = master bias; dark = master bias +
-    master dark × DARKTIME; flat and CBP = a uniform illumination of 20 000 e⁻ times
-    the master flat, plus dark and bias.  Photon noise, read noise and the
-    per-amplifier overscan level are added as for science raws.
-
-    Parameters
-    ----------
-    repo : str or os.PathLike
-        A repository written by :func:`simulate_repo` (it holds the masters).
-    detector : str or int
-        CCD name or id.
-    intent : {"bias", "dark", "flat", "cbp"}
-    exposure_id : int
-        Exposure id (``VISIT`` and ``EXPID`` headers; also in the file name).
-    band : str, optional
-        Filter in place.  The flat master of this band is used for flat and CBP frames.
-    exptime : float, optional
-        Exposure time, s; default 0 for bias, 30 for dark, 10 for flat and CBP.
-    mjd : float, optional
-        Start of the exposure, MJD TAI; default the first simulated visit's.
-    defect : {"hot_column", "dead_amp", "wrong_flat"}, optional
-        ``hot_column``: a column (not the master's) with 20 e⁻/s extra dark current
-        (200 e⁻ in a bias); ``dead_amp``: amplifier 0 does not respond to light or
-        dark current; ``wrong_flat``: the illumination has a ±10 % gradient along x,
-        as from the wrong filter or stray light.
-    seed : int, optional
-    outdir : str, optional
-        Where to write; default ``<repo>/raw``.
-
-    Returns
-    -------
-    str
-        Path of the raw written, named ``raw_name(instrument, exposure_id, ccd)``.
-    """
-    intent = str(intent).lower()
-    if intent not in ("bias", "dark", "flat", "cbp"):
-        msg = f"unknown intent {intent!r}; use bias, dark, flat or cbp"
-        raise ValueError(msg)
-    if defect is not None and defect not in CALIB_DEFECTS:
-        msg = f"unknown defect {defect!r}; use one of {', '.join(CALIB_DEFECTS)}"
-        raise ValueError(msg)
-    check_band(band)
-    repo = os.path.abspath(os.fspath(repo))
-    butler = Butler(repo)
-    camera = butler.camera
-    if camera is None:
-        msg = f"{repo} records no camera; create it with apdask.simulate.simulate_repo first"
-        raise ValueError(msg)
-    det = camera[detector]
-    mjd = visit_mjd(0) if mjd is None else float(mjd)
-    if exptime is None:
-        exptime = {"bias": 0.0, "dark": 30.0}.get(intent, 10.0)
-    exptime = float(exptime)
-    darktime = exptime + 1.0 if exptime > 0 else 0.0
-    ny, nx = det.shape
-    rng = _rng(seed, _CALIB_FRAME, int(exposure_id), det.id)
-    bias = butler.get_calib("bias", det.id, None, mjd).astype(np.float32)
-    dark = butler.get_calib("dark", det.id, None, mjd).astype(np.float32)
-    signal = dark * np.float32(darktime)  # electrons that respond: dark current, light
-    if intent in ("flat", "cbp"):
-        light = np.full((ny, nx), _FLAT_LEVEL_E * exptime / 10.0, np.float32)
-        light *= butler.get_calib("flat", det.id, band, mjd)
-        if defect == "wrong_flat":
-            light *= (1.0 + 0.1 * (2.0 * np.arange(nx) / (nx - 1) - 1.0)).astype(np.float32)
-        signal += light
-    if defect == "hot_column":
-        known = set(np.flatnonzero((dark > 1.0).any(axis=0)).tolist())  # the master's
-        hot = nx // 3
-        while {hot - 1, hot, hot + 1} & known:
-            hot += 3
-        signal[:, hot] += 20.0 * darktime if darktime > 0 else 200.0
-    if defect == "dead_amp":
-        a = det.amplifiers[0]
-        signal[a.y0 : a.y1, a.x0 : a.x1] = 0.0
-    np.maximum(signal, 0.0, out=signal)
-    img = signal + np.sqrt(signal) * rng.standard_normal((ny, nx), dtype=np.float32)
-    if darktime > 0:
-        _add_cosmic_rays(rng, img, 4 if nx * ny < 1e6 else 20)
-    img += bias
-    segments = _amp_segments(img, det, rng)
-    open_s = 0.0 if intent in ("bias", "dark") else exptime
-    meta = RawMetadata(
-        instrument=camera.name, detector_name=det.name, detector_id=det.id,
-        visit=int(exposure_id), exposure_id=int(exposure_id), snap=0,
-        mjd_begin=mjd, mjd_end=mjd + darktime / 86400.0,
-        exptime=exptime, darktime=darktime, band=band, ra=FIELD_RA, dec=FIELD_DEC, rotpa=0.0,
-        imgtype=intent.upper(),
-        # bias and dark: the shutter stays closed; flat and CBP: a 1 s blade motion
-        shutter={"open_begin": 0.0, "open_end": min(open_s, 1.0), "close_begin": open_s,
-                 "close_end": open_s + min(open_s, 1.0)},
-    )  # fmt: skip
-    outdir = os.path.join(repo, "raw") if outdir is None else os.fspath(outdir)
-    path = os.path.join(outdir, raw_name(camera.name, int(exposure_id), det.name))
-    return write_raw(path, det, segments, meta)
+    buf = io.StringIO()
+    t.write(buf, format="ascii.ecsv")
+    atomic_write(path, buf.getvalue())

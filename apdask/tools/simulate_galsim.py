@@ -34,6 +34,8 @@ same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 try:
@@ -75,7 +77,7 @@ def _seed(*key):
     return int(np.random.default_rng([int(v) for v in key]).integers(1, 2**31 - 1))
 
 
-def galaxy_columns(seed, sky):
+def galaxy_columns(seed: int, sky: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-object Sersic index (``sersic_n``; 0 for stars) of the static sky catalogue."""
     rng = np.random.default_rng([int(seed), _GALSIM, 0])
     n = len(sky["id"])
@@ -96,7 +98,9 @@ def _psf(fwhm):
     raise ValueError(msg)
 
 
-def science_psf(x, y, nx, ny, fwhm_range):
+def science_psf(
+    x: float, y: float, nx: int, ny: int, fwhm_range: tuple[float, float]
+) -> galsim.GSObject:
     """The science PSF (arcsec units) at 0-based pixel ``(x, y)`` of an ``nx × ny`` CCD."""
     u = float(np.clip(x / nx, 0, 1))
     v = float(np.clip(y / ny, 0, 1))
@@ -107,12 +111,12 @@ def science_psf(x, y, nx, ny, fwhm_range):
     return _psf(fwhm).shear(g1=g1, g2=g2)
 
 
-def template_psf(fwhm):
+def template_psf(fwhm: float) -> galsim.GSObject:
     """The template PSF: a round profile (Kolmogorov) of FWHM ``fwhm`` arcsec."""
     return _psf(fwhm)
 
 
-def template_psf_image(fwhm, half=10):
+def template_psf_image(fwhm: float, half: int = 10) -> np.ndarray:
     """Pixel image (``2*half+1`` square, sum 1) of :func:`template_psf`."""
     n = 2 * half + 1
     img = template_psf(fwhm).drawImage(nx=n, ny=n, scale=PIXEL_SCALE_ARCSEC).array
@@ -175,7 +179,18 @@ def _draw_all(image, cat, x, y, flux, psf_at, halves_star, out_sum):
             image[overlap] += stamp[overlap]
 
 
-def render_science(cat, x, y, flux_e, shape, fwhm_range, sky_e, calib, darktime, key):
+def render_science(
+    cat: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    flux_e: np.ndarray,
+    shape: tuple[int, int],
+    fwhm_range: tuple[float, float],
+    sky_e: float,
+    calib: Mapping[str, np.ndarray],
+    darktime: float,
+    key: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray]:
     """Science electrons of one CCD, with Poisson noise, drawn by GalSim.
 
     Parameters
@@ -213,8 +228,16 @@ def render_science(cat, x, y, flux_e, shape, fwhm_range, sky_e, calib, darktime,
     halves = _star_halves(flux_e, max(fwhm_range), _EDGE_FRACTION * noise_e)
     halves[len(cat["extended"]) :] = np.maximum(halves[len(cat["extended"]) :], _TRANSIENT_HALF)
     drawn = np.zeros(len(x))
-    _draw_all(image, cat, x, y, flux_e, lambda px, py: science_psf(px, py, nx, ny, fwhm_range),
-              halves, drawn)  # fmt: skip
+    _draw_all(
+        image,
+        cat,
+        x,
+        y,
+        flux_e,
+        lambda px, py: science_psf(px, py, nx, ny, fwhm_range),
+        halves,
+        drawn,
+    )
     arr = image.array
     arr += np.float32(sky_e)
     arr *= calib["flat"]
@@ -224,7 +247,16 @@ def render_science(cat, x, y, flux_e, shape, fwhm_range, sky_e, calib, darktime,
     return np.ascontiguousarray(image.array, dtype=np.float32), drawn
 
 
-def render_template(cat, x, y, flux, shape, fwhm, noise, key):
+def render_template(
+    cat: Mapping[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+    shape: tuple[int, int],
+    fwhm: float,
+    noise: float,
+    key: tuple[int, ...],
+) -> np.ndarray:
     """One template tile (nJy) drawn by GalSim, with Gaussian noise of σ ``noise``.
 
     ``cat``, ``x``, ``y`` and ``flux`` (nJy) are as in :func:`render_science`; the
