@@ -23,6 +23,9 @@ __all__ = [
     "PpdbError",
     "AlertDeliveryError",
     "NoDetectionsWarning",
+    "PpdbLockTimeoutError",
+    "JobSubmissionError",
+    "ClusterTimeoutError",
 ]
 
 
@@ -110,3 +113,22 @@ class AlertDeliveryError(ApdaskError):
 
 class NoDetectionsWarning(UserWarning):
     """A CCD produced no DIASources; that is a result, not a failure."""
+
+
+class PpdbLockTimeoutError(PpdbError):
+    """An SQLite PPDB writer waited for the write lock past its deadline (contention,
+    not an unreachable server)."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class JobSubmissionError(ApdaskError):
+    """The batch scheduler (sbatch, condor_submit) refused the jobs; its message is kept."""
+
+    exit_code = 76  # EX_PROTOCOL: the remote system refused the request
+
+
+class ClusterTimeoutError(ApdaskError, TimeoutError):
+    """Batch workers did not start, or the visit did not finish, within the configured time."""
+
+    exit_code = 75  # EX_TEMPFAIL

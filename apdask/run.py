@@ -96,7 +96,8 @@ def _stage_times(task_stream):
 
 
 def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, timeout=None,
-              client=None, detectors=None, images=None, replace=False):  # fmt: skip
+              client=None, detectors=None, images=None, replace=False,
+              result_timeout=None):  # fmt: skip
     """Process the pending CCDs of one visit and return its report.
 
     Parameters
@@ -113,6 +114,8 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
     replace : bool
         Re-process every wanted CCD, replacing its PPDB rows in one transaction
         (default False: CCDs already stored with their alert file are skipped).
+    result_timeout : float, optional
+        With ``client``: seconds to wait for the visit's result (``TimeoutError``).
 
     Returns
     -------
@@ -148,7 +151,7 @@ def run_visit(next_visit, *, repo, ppdb=None, alerts=None, distributor=None, tim
             from distributed import get_task_stream
 
             with get_task_stream(client) as ts:
-                report = client.compute(graph).result()
+                report = client.compute(graph).result(timeout=result_timeout)
             stages = _stage_times(ts.data)
     report["skipped"] = skipped
     report["wall_s"] = time.time() - t0

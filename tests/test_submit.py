@@ -39,7 +39,7 @@ def test_sbatch_script_has_one_array_task_per_ccd(instrument, n):
     nv = _nv(instrument)
     script = slurm_array_script(nv, _commands(nv), "/r/jobs", memory="4GiB", walltime="00:10:00")
     assert f"#SBATCH --array=0-{n - 1}" in script
-    assert "#SBATCH --mem=4096M" in script and "#SBATCH --time=00:10:00" in script
+    assert "#SBATCH --mem=4G" in script and "#SBATCH --time=00:10:00" in script  # as jobqueue
     cases = [line for line in script.splitlines() if ") CCD=" in line]
     assert len(cases) == n
     for i, (line, name) in enumerate(zip(cases, nv.detectors, strict=True)):
