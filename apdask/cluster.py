@@ -721,6 +721,14 @@ def _close(cluster):
         log.debug("closing the jobqueue cluster: %r", err)
 
 
+def _quiet_distributed():
+    """Keep distributed's and dask-jobqueue's INFO lines off stderr unless ``-v``."""
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        for name in [*logging.root.manager.loggerDict, "distributed", "dask_jobqueue"]:
+            if name.startswith(("distributed", "dask_jobqueue")):
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _submit_jobqueue(next_visit, scheduler, out, *, repo, ppdb, alerts, distributor, timeout,
                      partition, memory, walltime, dry_run, scheduler_host, wait_timeout,
                      worker_timeout):  # fmt: skip
@@ -729,6 +737,7 @@ def _submit_jobqueue(next_visit, scheduler, out, *, repo, ppdb, alerts, distribu
     from .run import run_visit
 
     job_dir = out["job_dir"]
+    _quiet_distributed()
     errors = _StartErrors()
     with errors.installed():
         cluster = jobqueue_cluster(
