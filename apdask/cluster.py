@@ -159,6 +159,15 @@ _APPLIES = {
 }
 
 
+_SAID = set()  # (message, args) already logged: job_settings runs more than once a submit
+
+
+def _say(level, msg, *args):
+    if (msg, args) not in _SAID:
+        _SAID.add((msg, args))
+        log.log(level, msg, *args)
+
+
 def _jobqueue(scheduler, key, default=None):
     """The operator's ``jobqueue.<scheduler>.<key>`` (their ``jobqueue.yaml``)."""
     value = dask.config.get(f"jobqueue.{scheduler}.{key}", default)
@@ -186,20 +195,21 @@ def job_settings(scheduler, **explicit):
         operator = _jobqueue(scheduler, key)
         if given is not None:
             if operator is not None and str(operator) != str(given):
-                log.warning("%s %s given explicitly overrides jobqueue.%s.%s = %s from "
-                            "jobqueue.yaml", name, given, scheduler, key, operator)  # fmt: skip
+                msg = "%s %s given explicitly overrides jobqueue.%s.%s = %s from jobqueue.yaml"
+                _say(logging.WARNING, msg, name, str(given), scheduler, key, str(operator))
             out[name] = (given, "argument")
         elif operator is not None:
             out[name] = (operator, "jobqueue")
         else:
             value = config.get(f"submit.{name}")
             if value is not None:
-                log.info("jobqueue.%s.%s is not set in jobqueue.yaml; apdask uses "
-                         "apdask.submit.%s = %s", scheduler, key, name, value)  # fmt: skip
+                _say(logging.INFO, "jobqueue.%s.%s is not set in jobqueue.yaml; apdask uses "
+                     "apdask.submit.%s = %s", scheduler, key, name, str(value))  # fmt: skip
             out[name] = (value, "apdask")
     for name, value in explicit.items():
         if value is not None and name not in out:
-            log.warning("%s %s does not apply to %s jobs; ignored", name, value, scheduler)
+            msg = "%s %s does not apply to %s jobs; ignored"
+            _say(logging.WARNING, msg, name, str(value), scheduler)
     return out
 
 
@@ -592,15 +602,6 @@ def _write(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def _run(cmd, timeout, check=True):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        msg = (f"{shlex.join(cmd)} failed with status {proc.returncode}: "
-               f"{proc.stderr.strip() or proc.stdout.strip()}")  # fmt: skip
-        raise ConfigurationError(msg)
-    return proc
 
 
 def _text(data):
