@@ -332,7 +332,8 @@ def test_lsstcam_visit_189_writers_sqlite(sqlite_config):
     assert len(objects) == 189 * (11 + 11)
     assert int(objects["validityEndMjdTai"].notna().sum()) == 189 * 8
     assert len(data["DiaForcedSource"]) == 189 * 11
-    print(f"189 SQLite writers: visit 1 {wall1:.1f} s, visit 2 {wall2:.1f} s wall")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"189 SQLite writers: visit 1 {wall1:.1f} s, visit 2 {wall2:.1f} s wall; load {load}")
 
 
 def test_concurrent_writers_sqlite(sqlite_config):
