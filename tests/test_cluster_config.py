@@ -279,6 +279,25 @@ def test_worker_that_never_starts_times_out(slurm, repo):
     print(f"\nexit 75 after {wall:.1f} s: {proc.stderr.strip()}")
 
 
+@pytest.mark.service
+@pytest.mark.parametrize("via", ["native", "jobqueue"])
+def test_visit_past_its_wait_timeout_ends_and_cancels_its_jobs(slurm, repo, via):
+    nv = os.path.join(repo, "visits", "visit_1000.json")
+    args = ["submit", "--scheduler", "slurm", "--via", via, "--next-visit", nv, "--repo", repo,
+            "--mem", "1GB", "--scheduler-host", "127.0.0.1"]  # fmt: skip
+    if via == "native":
+        args.append("--wait")
+    proc, wall = _cli(args, timeout=240, DASK_APDASK__SUBMIT__WAIT_TIMEOUT_S="3")
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "within 3 s (apdask.submit.wait_timeout_s" in proc.stderr
+    assert "cancelled" in proc.stderr and "Traceback" not in proc.stderr
+    time.sleep(2)
+    left = subprocess.run(["squeue", "-h", "-n", "apdask-1000", "-o", "%i %T"],
+                          capture_output=True, text=True, check=False).stdout  # fmt: skip
+    assert all("RUNNING" not in line and "PENDING" not in line for line in left.splitlines())
+    print(f"\n{via}: exit 75 after {wall:.1f} s: {proc.stderr.strip()}")
+
+
 def test_sqlite_write_lock_times_out_with_a_contention_message(tmp_path):
     from apdask.exceptions import PpdbLockTimeoutError
     from apdask.ppdb_sql import sqlite_write_lock
