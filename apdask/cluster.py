@@ -759,7 +759,12 @@ def _submit_jobqueue(next_visit, scheduler, out, *, repo, ppdb, alerts, distribu
             threads = max(1, int(cluster.apdask_settings["cores"][0] or 1))
             out["n_ccds"] = out["n_jobs"]
             out["n_jobs"] = math.ceil(out["n_ccds"] / threads)
-            cluster.scale(jobs=out["n_jobs"])
+            if config.get("submit.adaptive"):  # start small, grow with the visit's tasks
+                lo = max(1, min(int(config.get("submit.minimum_jobs") or 1), out["n_jobs"]))
+                cluster.adapt(minimum_jobs=lo, maximum_jobs=out["n_jobs"])
+                out["adaptive"] = {"minimum_jobs": lo, "maximum_jobs": out["n_jobs"]}
+            else:
+                cluster.scale(jobs=out["n_jobs"])
             with Client(cluster) as client:
                 t0 = time.time()
                 _wait_for_workers(cluster, client, errors, 1, worker_timeout, scheduler)
