@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import dask.config
 
@@ -740,13 +741,18 @@ def _submit_jobqueue(next_visit, scheduler, out, *, repo, ppdb, alerts, distribu
     job_dir = out["job_dir"]
     _quiet_distributed()
     errors = _StartErrors()
-    with errors.installed():
+    with errors.installed(), warnings.catch_warnings():
+        # the dashboard moves to a free port when 8787 is taken: reported in "dashboard"
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
         cluster = jobqueue_cluster(
             scheduler, job_dir=job_dir, partition=partition, memory=memory, walltime=walltime,
             scheduler_host=scheduler_host, visit=next_visit.visit,
         )  # fmt: skip
         try:
             out["settings"] = _settings_record(cluster.apdask_settings)
+            with contextlib.suppress(Exception):  # no dashboard where it is switched off
+                out["dashboard"] = cluster.dashboard_link
+                log.info("Dask dashboard: %s", out["dashboard"])
             ext = "sbatch" if scheduler == "slurm" else "sub"
             path = os.path.join(job_dir, f"worker.{ext}")
             _write(path, cluster.job_script())
