@@ -26,6 +26,9 @@ __all__ = [
     "DistributorFullError",
     "ChecksumMismatchError",
     "CacheSecurityError",
+    "PpdbLockTimeoutError",
+    "JobSubmissionError",
+    "ClusterTimeoutError",
 ]
 
 
@@ -137,3 +140,22 @@ class CacheSecurityError(ApdaskError):
     """The local image cache is not a private directory of the current user."""
 
     exit_code = 77  # EX_NOPERM
+
+
+class PpdbLockTimeoutError(PpdbError):
+    """An SQLite PPDB writer waited for the write lock past its deadline (contention,
+    not an unreachable server)."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+class JobSubmissionError(ApdaskError):
+    """The batch scheduler (sbatch, condor_submit) refused the jobs; its message is kept."""
+
+    exit_code = 71  # the batch scheduler refused the request
+
+
+class ClusterTimeoutError(ApdaskError, TimeoutError):
+    """Batch workers did not start, or the visit did not finish, within the configured time."""
+
+    exit_code = 75  # EX_TEMPFAIL

@@ -12,7 +12,7 @@ core by
 * ``lsst.alert.packet``: ``make_alert`` dicts serialised with ``Schema.serialize``.
 
 Publishing: a visit of ``--publish`` alerts (default 40,000, Rubin's peak) in
-``--ccds`` CCD batches through :class:`apdask.kafka.KafkaSink` to a local tansu
+``--ccds`` CCD batches through :class:`apdask.services.kafka.KafkaSink` to a local tansu
 broker (or ``--bootstrap``), every alert acknowledged.
 
 Prints one JSON report.  Not a unit test; run

@@ -20,12 +20,12 @@ actually read per CCD.
 Then for ``--visits`` successive visits of that CCD (the first is a warm-up,
 left out of the medians) it times what a CCD task does, through the public API:
 
-* ``read``: :meth:`apdask.ppdb.CcdPpdb.read` of the CCD's padded region as of the
+* ``read``: :meth:`apdask.ppdb.database.CcdPpdb.read` of the CCD's padded region as of the
   visit (DIAObjects, their 12-month DIASources and DiaForcedSources, DRP Objects);
-* ``associate``: :func:`apdask.associate.associate_ccd` of ``--new-sources`` new
+* ``associate``: :func:`apdask.pipeline.associate.associate_ccd` of ``--new-sources`` new
   DIASources (``--matched-fraction`` of them at known objects), with the DPDD
   aggregates of every touched object (``match`` is the matching step alone);
-* ``write``: :meth:`apdask.ppdb.CcdPpdb.store` of the new sources, the new object
+* ``write``: :meth:`apdask.ppdb.database.CcdPpdb.store` of the new sources, the new object
   versions and a forced measurement at every known object of the CCD.
 
 Run it on SQLite and on PostgreSQL (a fresh schema, dropped afterwards)::

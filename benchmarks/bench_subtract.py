@@ -7,13 +7,13 @@ and times in the same process:
 
 * ``rfft2_pair``: one forward + inverse ``scipy.fft.rfft2`` of the padded frame
   (the hardware floor the issue compares against);
-* ``subtract``: :func:`apdask.subtract.subtract` without its two by-products
+* ``subtract``: :func:`apdask.pipeline.subtract.difference.subtract` without its two by-products
   (kernel fit, convolution, decorrelation, mask and variance planes: the difference
   image), again with a constant kernel (``spatial_order=0``), and the whole call,
   which also lists the template's bright sources and measures the aperture
   correction (these go into the total);
 * ``detect`` / ``measure`` / ``cutouts``: the DIASource table and three cutouts each
-  (:class:`apdask.stamps.StampMaker`, sized by ``bboxSize`` as in the pipeline);
+  (:class:`apdask.alerts.stamps.StampMaker`, sized by ``bboxSize`` as in the pipeline);
 * ``sourcefinder``: photutils ``SourceFinder`` on the same difference image;
 * ``sfft``: with ``--sfft``, sfft's numpy backend (``Customized_Packet.CP``) on the same
   pair, when it is installed (the ``bench`` extra); about 100 s on 2 cores.

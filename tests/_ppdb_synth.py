@@ -1,6 +1,6 @@
 """Synthetic per-CCD catalogs and a pixel-free CCD "pipeline" for PPDB tests.
 
-A CCD run here does what ``apdask.visit`` does around the PPDB, without pixels:
+A CCD run here does what ``apdask.pipeline.tasks`` does around the PPDB, without pixels:
 read the CCD's history as of the visit, associate, forced-measure every known
 DiaObject (a deterministic fake flux), and store, optionally with replace.
 """

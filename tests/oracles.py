@@ -78,7 +78,7 @@ def make_cutout(exposure, x, y, size):
 
     Parameters
     ----------
-    exposure : apdask.image.Exposure
+    exposure : apdask.core.exposure.Exposure
     x, y : float
         Centre in pixels; the stamp is centred on the nearest pixel.
     size : int

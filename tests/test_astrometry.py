@@ -1,4 +1,4 @@
-"""Tests of apdask.astrometry.refine_wcs on synthetic star fields."""
+"""Tests of apdask.pipeline.astrometry.refine_wcs on synthetic star fields."""
 
 from __future__ import annotations
 

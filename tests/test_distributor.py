@@ -238,7 +238,7 @@ def test_image_name_of_another_instrument(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# Header checks of the fetched snaps (apdask.visit._check_header)
+# Header checks of the fetched snaps (apdask.pipeline.tasks.header_task)
 
 
 def _fetched(*paths):

@@ -185,7 +185,7 @@ def test_segments_equal_photutils_detect_sources(sign):
 
 
 def _cr_reference(img, bkg, var, skip, cr, r1, r2, nsigma):
-    """The NumPy expression :func:`apdask._fused.cr_candidates` replaces."""
+    """The NumPy expression :func:`apdask._kernels.fused.cr_candidates` replaces."""
     d = img - bkg
     s = np.sqrt(np.maximum(var, 0.0))
     p, ps = np.pad(d, 1, mode="edge"), np.pad(s, 1, mode="edge")

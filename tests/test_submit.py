@@ -44,7 +44,7 @@ def test_sbatch_script_has_one_array_task_per_ccd(instrument, n):
     nv = _nv(instrument)
     script = slurm_array_script(nv, _commands(nv), "/r/jobs", memory="4GiB", walltime="00:10:00")
     assert f"#SBATCH --array=0-{n - 1}" in script
-    assert "#SBATCH --mem=4096M" in script and "#SBATCH --time=00:10:00" in script
+    assert "#SBATCH --mem=4G" in script and "#SBATCH --time=00:10:00" in script  # as jobqueue
     cases = [line for line in script.splitlines() if ") CCD=" in line]
     assert len(cases) == n
     for i, (line, name) in enumerate(zip(cases, nv.detectors, strict=True)):
@@ -148,3 +148,18 @@ def test_slurm_via_jobqueue_gives_the_same_alerts(slurm, repo, local_alerts, cap
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["n_alerts"] == len(local_alerts), out
     print(f"\nSLURM (dask-jobqueue, 2 worker jobs): {out['wall_s']:.1f} s")
+
+
+@pytest.mark.service
+def test_slurm_via_jobqueue_adaptive_gives_the_same_alerts(slurm, repo, local_alerts, capsys):
+    import dask
+
+    nv_file = os.path.join(repo, "visits", "visit_1000.json")
+    with dask.config.set({"apdask.submit.adaptive": True, "apdask.submit.minimum_jobs": 1}):
+        code = main(["submit", "--scheduler", "slurm", "--via", "jobqueue", "--next-visit",
+                     nv_file, "--repo", repo, "--mem", "2GB", "--scheduler-host", "127.0.0.1",
+                     "--timeout", "60"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["n_alerts"] == len(local_alerts), out
+    assert out["adaptive"] == {"minimum_jobs": 1, "maximum_jobs": 2}
+    print(f"\nSLURM (dask-jobqueue adaptive, 1..2 jobs): {out['wall_s']:.1f} s")

@@ -1,4 +1,4 @@
-"""Tests of apdask.templates.warp_template."""
+"""Tests of apdask.pipeline.template.warp_template."""
 
 from __future__ import annotations
 

@@ -18,13 +18,69 @@ import numpy as np
 import threadpoolctl
 
 
+def allocated_cpus():
+    """CPUs this process may use: its allocation, never the machine's core count.
+
+    The smaller of the affinity mask (``os.sched_getaffinity``: cgroups, ``taskset``,
+    SLURM's task/affinity plugin) and SLURM's ``SLURM_CPUS_PER_TASK`` (else
+    ``SLURM_CPUS_ON_NODE``) inside a SLURM job, whose affinity may be the whole
+    node when SLURM confines no tasks.  1 where the platform has no affinity mask.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity mask on this platform (macOS)
+        n = 1
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        try:
+            slurm = int(os.environ[var])
+        except (KeyError, ValueError):
+            continue
+        if slurm >= 1:
+            n = min(n, slurm)
+            break
+    return max(1, n)
+
+
+def _worker_share(cpus):
+    """Threads per task on the Dask worker running this code, or None outside one.
+
+    A worker runs ``nthreads`` tasks at once, so each task gets its share of the
+    CPUs (``APDASK_JOB_PROCESSES`` worker processes of a dask-jobqueue job share
+    the job's CPUs; :func:`apdask.services.batch.jobqueue_cluster` sets it).
+    """
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    nthreads = max(1, int(getattr(worker.state, "nthreads", 0) or worker.nthreads or 1))
+    try:
+        procs = max(1, int(os.environ.get("APDASK_JOB_PROCESSES", "1")))
+    except ValueError:
+        procs = 1
+    return max(1, cpus // (nthreads * procs))
+
+
 def inner_threads():
     """Threads for the parallel loops and FFTs inside one task.
 
-    ``OMP_NUM_THREADS`` when set (dask's nanny sets it to 1 in worker processes, so
-    that processes × threads do not oversubscribe the cores), else every core.
+    Configuration ``apdask.compute.inner_threads`` when set.  Else the allocation
+    (:func:`allocated_cpus`), on a Dask worker divided by the worker's ``nthreads``
+    (the tasks it runs at once), and capped by ``OMP_NUM_THREADS`` when set (dask's
+    nanny sets it to 1 in worker processes, so that several worker processes on one
+    allocation do not oversubscribe it).  Never
+    ``os.cpu_count()``: inside a one-CPU SLURM job on a 64-core node that would
+    start 64 threads.
     """
-    n = os.cpu_count() or 1
+    import dask.config
+
+    configured = dask.config.get("apdask.compute.inner_threads", None)
+    if configured is not None:
+        return max(1, int(configured))
+    cpus = allocated_cpus()
+    share = _worker_share(cpus)
+    n = cpus if share is None else share
     try:
         return max(1, min(int(os.environ.get("OMP_NUM_THREADS", n)), n))
     except ValueError:
@@ -66,6 +122,7 @@ def _threads(fn):
 
 
 __all__ = [
+    "allocated_cpus",
     "inner_threads",
     "one_blas_thread",
     "fill_nodata",
@@ -482,7 +539,7 @@ def _cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma, out):
 
 @_threads
 def cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma):
-    """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`).
+    """Pixels sharper than the PSF allows (:func:`apdask.pipeline.isr.mask_cosmic_rays`).
 
     A pixel not in ``skip`` or ``cr`` is a candidate when ``d = img − bkg`` exceeds
     ``nsigma σ`` and, along one of the four directions through it (edge pixels
@@ -597,7 +654,7 @@ def smoothed_residual(image, bkg, mask, ignore_bits, sigma, truncate=3.0):
     """``gaussian_filter(where(bad, 0, image − bkg), sigma, mode="constant")`` and ``bad``.
 
     ``bkg`` is a bilinearly interpolated grid, ``(coarse, jy, ty, jx, tx)`` of
-    :meth:`apdask.detect.Background.bilinear` (evaluated in the loop: no full-frame
+    :meth:`apdask.pipeline.background.Background.bilinear` (evaluated in the loop: no full-frame
     map).  ``bad`` is ``(mask & ignore_bits) != 0`` or a non-finite pixel.  The Gaussian
     weights and the order of the two passes (along columns, then rows) are
     scipy.ndimage's; single-precision sums, equal to it to about 1e-6.

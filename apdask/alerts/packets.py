@@ -213,7 +213,7 @@ def package_alerts(
 
     Byte-identical to ``make_alert`` followed by ``fastavro.schemaless_writer``,
     but about 20 times faster for realistic histories: every table is encoded
-    once with numpy (see ``apdask._avrovec``) and each alert is assembled from
+    once with numpy (see ``apdask.alerts.avrovec``) and each alert is assembled from
     byte slices.
 
     Parameters

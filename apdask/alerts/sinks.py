@@ -182,7 +182,7 @@ def sink_from_uri(
 
     Returns
     -------
-    FileSink or apdask.kafka.KafkaSink
+    FileSink or apdask.services.kafka.KafkaSink
         Both have ``write(visit, detector, alerts) -> SinkResult`` and ``close()``.
     """
     if uri is None:

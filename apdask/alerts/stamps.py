@@ -1,6 +1,6 @@
 """Fast FITS cutouts for alert packets, laid out as Rubin's and astropy's ``CCDData``.
 
-:class:`StampMaker` writes the same bytes as :func:`apdask.detect.make_cutout`:
+:class:`StampMaker` writes the same bytes as :func:`apdask.pipeline.measure.cutouts.make_cutout`:
 the primary image in nJy with a local WCS whose reference point is the source
 (as Rubin's ``PackageAlertsTask`` writes it) and ``CUTMINX``/``CUTMINY`` cards,
 then the ``MASK`` (uint8, planes named by ``MASKBITn`` cards), the ``UNCERT``
@@ -189,7 +189,7 @@ class StampMaker:
 
     Parameters
     ----------
-    exposure : apdask.image.Exposure
+    exposure : apdask.core.exposure.Exposure
     """
 
     def __init__(self, exposure):

@@ -50,8 +50,8 @@ def check_image_for_ccd(name: str, camera: Camera, detector: Detector) -> str:
     ----------
     name : str
         Image name given to ``--image``.
-    camera : apdask.camera.Camera
-    detector : apdask.camera.Detector
+    camera : apdask.core.camera.Camera
+    detector : apdask.core.camera.Detector
         The CCD being processed.
 
     Returns

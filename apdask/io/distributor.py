@@ -5,7 +5,7 @@ Two kinds, chosen by :func:`open_distributor` from the URL scheme:
 * ``file://DIR`` -- :class:`FileDistributor`: a directory into which the camera (or
   the simulator) moves each raw by atomic rename, so a file that exists is complete.
 * ``http://HOST:PORT`` -- :class:`HttpDistributor`: the distributor service of
-  :mod:`apdask.distributor_server` (``apdask distributor serve``).  ``get`` long-polls
+  :mod:`apdask.services.distributor_server` (``apdask distributor serve``).  ``get`` long-polls
   until the image is registered, downloads it atomically into a local cache and
   verifies its SHA-256.
 

@@ -340,7 +340,7 @@ def _meta_from_header(path, h):
         _fail(
             path,
             f"primary header lacks required keyword(s) {', '.join(missing)}",
-            "regenerate the raw with apdask.rawio.write_raw or add the keywords "
+            "regenerate the raw with apdask.io.raw.write_raw or add the keywords "
             "(see docs/formats.md)",
         )
     imgtype = str(h["IMGTYPE"]).upper()

@@ -574,7 +574,7 @@ def associate_ccd(sources, history, mjd, forced=None, *, radius_arcsec=None, drp
     sources : astropy.table.Table
         This visit's DiaSources with ``diaSourceId`` set.
     history : dict
-        From :meth:`apdask.ppdb.CcdPpdb.read`: ``objects``, ``sources``,
+        From :meth:`apdask.ppdb.database.CcdPpdb.read`: ``objects``, ``sources``,
         ``forced`` and ``drp`` Tables (``drp`` may be absent).
     mjd : float
         Visit time (MJD TAI), the new versions' ``validityStartMjdTai``.

@@ -43,7 +43,7 @@ def refine_wcs(exposure, ref_ra, ref_dec, ref_flux=None, max_offset_arcsec=5.0, 
 
     Parameters
     ----------
-    exposure : apdask.image.Exposure
+    exposure : apdask.core.exposure.Exposure
         Science exposure with an approximate (predicted) celestial WCS.
     ref_ra, ref_dec : array_like
         Reference star positions in degrees.

@@ -6,7 +6,7 @@ no nextVisit.  Everything else comes from the headers.  :func:`process_calib`
 
 1. fetches the raw through the distributor (blocking, with the usual timeout) and
    checks its header against the invocation (DETNAME, IMGTYPE, FILTBAND);
-2. runs ISR as far as the intent allows (:func:`apdask.isr.isr_arrays`):
+2. runs ISR as far as the intent allows (:func:`apdask.pipeline.isr.isr_arrays`):
 
    ======== ================================== ==========================
    intent   ISR steps                          frame units
@@ -17,7 +17,7 @@ no nextVisit.  Everything else comes from the headers.  :func:`process_calib`
    ======== ================================== ==========================
 
 3. compares the frame with the current master calibration of the same kind
-   (:meth:`apdask.butler.Butler.get_calib`) and computes per-amplifier metrics;
+   (:meth:`apdask.io.butler.Butler.get_calib`) and computes per-amplifier metrics;
 4. gives a pass/fail verdict against thresholds from ``apdask.calib.*``;
 5. writes a JSON report into the Butler repository
    (``<repo>/calib-reports/<intent>/<instrument>_<exposure>_<ccd>.json``) and
@@ -197,7 +197,7 @@ def calib_frame(raw, intent, masters, darktime):
 
     Parameters
     ----------
-    raw : apdask.rawio.RawExposure
+    raw : apdask.io.raw.RawExposure
     intent : {"bias", "dark", "flat", "cbp"}
     masters : dict
         ``bias``, ``dark`` (and ``flat`` for flat/CBP) assembled master arrays.

@@ -162,7 +162,7 @@ def build_visit_graph(
         Image names per CCD name (one per snap); default ``NextVisit.image_names``.
     replace : bool
         Replace the CCDs' earlier PPDB rows instead of skipping stored CCDs
-        (see :meth:`apdask.ppdb.Ppdb.store`).
+        (see :meth:`apdask.ppdb.database.Ppdb.store`).
     config : PipelineConfig, optional
         Stage settings; default :meth:`PipelineConfig.resolve` now, on this process.
 

@@ -4,7 +4,7 @@
 overscan subtraction, trimming, flipping to the assembled orientation,
 saturation / bad-pixel / no-data masking, gain, bias, dark and flat correction
 and variance estimation in electrons.  :func:`calibrate` turns the computed
-arrays into an :class:`~apdask.image.Exposure` in nJy, and
+arrays into an :class:`~apdask.core.exposure.Exposure` in nJy, and
 :func:`mask_cosmic_rays` flags and repairs cosmic rays.
 
 Calibration products are assembled, detector-shaped arrays: the master bias in
@@ -43,7 +43,7 @@ def isr_amp(raw, amp, bias=None, dark=None, flat=None, darktime=0.0):
     ----------
     raw : numpy.ndarray
         Raw segment in ADU, readout order, shape ``amp.raw_shape``.
-    amp : apdask.camera.Amplifier
+    amp : apdask.core.camera.Amplifier
     bias, dark, flat : numpy.ndarray, optional
         The amplifier's section ``[y0:y1, x0:x1]`` of the assembled calibs.
     darktime : float
@@ -136,7 +136,7 @@ def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
     amps : sequence of array_like
         Raw segments (numpy or dask, ADU, readout order, ``amp.raw_shape``) in
         ``detector.amplifiers`` order.
-    detector : apdask.camera.Detector
+    detector : apdask.core.camera.Detector
     bias, dark, flat : array_like, optional
         Assembled calibration arrays (numpy or dask): bias in e-, dark in e-/s,
         flat normalised to 1.
@@ -198,7 +198,7 @@ def calibrate(image_e, variance_e2, mask, band, exptime, wcs, meta=None):
 
     Returns
     -------
-    apdask.image.Exposure
+    apdask.core.exposure.Exposure
         Image in nJy per pixel, variance in nJy² (scaled by the square).
     """
     scale = np.float32(njy_per_electron(band, exptime))
@@ -224,7 +224,7 @@ def mask_cosmic_rays(exposure, psf_fwhm_px, nsigma=5.0, grow=1, iterations=2):
 
     Parameters
     ----------
-    exposure : apdask.image.Exposure
+    exposure : apdask.core.exposure.Exposure
     psf_fwhm_px : float
         PSF FWHM in pixels (the sharpest stars on the exposure).
     nsigma : float, optional
@@ -236,7 +236,7 @@ def mask_cosmic_rays(exposure, psf_fwhm_px, nsigma=5.0, grow=1, iterations=2):
 
     Returns
     -------
-    apdask.image.Exposure
+    apdask.core.exposure.Exposure
         A copy with CR pixels flagged and interpolated (variance kept).
     """
     img = np.array(exposure.image, dtype=np.float32)

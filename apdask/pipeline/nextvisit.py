@@ -74,7 +74,7 @@ class NextVisit:
 
     @property
     def camera(self):
-        """The :class:`~apdask.camera.Camera` of this visit."""
+        """The :class:`~apdask.core.camera.Camera` of this visit."""
         return get_camera(self.instrument)
 
     @property

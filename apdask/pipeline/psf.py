@@ -317,7 +317,7 @@ def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per
 
     Parameters
     ----------
-    exposure : apdask.image.Exposure
+    exposure : apdask.core.exposure.Exposure
         Calibrated exposure; masked pixels are avoided.
     stamp_size : int, optional
         Odd stamp side.
@@ -364,7 +364,7 @@ def estimate_psf(exposure, stamp_size=25, max_stars=200):
 
     Parameters
     ----------
-    exposure : apdask.image.Exposure
+    exposure : apdask.core.exposure.Exposure
         Calibrated exposure (any flux unit); masked pixels (BAD, SAT, CR, NO_DATA,
         EDGE) are avoided.
     stamp_size : int, optional

@@ -2,7 +2,7 @@
 
 The driver is an I/O edge: it decides which CCDs still need processing (a CCD whose
 rows are already in the PPDB and whose alert file exists is skipped, so re-running
-is safe), builds the graph with :func:`apdask.visit.build_visit_graph`, computes it
+is safe), builds the graph with :func:`apdask.pipeline.graph.build_visit_graph`, computes it
 on a scheduler and collects per-stage timings from the task stream.
 """
 
@@ -98,14 +98,15 @@ def _stage_times(task_stream):
 
 
 def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None, timeout=None,
-              client=None, detectors=None, images=None, replace=False, config=None):  # fmt: skip
+              client=None, detectors=None, images=None, replace=False, config=None,
+              result_timeout=None):  # fmt: skip
     """Process the pending CCDs of one visit and return its report.
 
     Parameters
     ----------
-    next_visit : apdask.visit.NextVisit
+    next_visit : apdask.pipeline.nextvisit.NextVisit
     repo, ppdb, alerts, distributor, timeout
-        As for :func:`apdask.visit.build_visit_graph`.
+        As for :func:`apdask.pipeline.graph.build_visit_graph`.
     client : distributed.Client, optional
         Scheduler to run on; without one the threaded scheduler runs the graph.
     detectors : sequence of str, optional
@@ -117,6 +118,8 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
         (default False: CCDs already stored with their alert file are skipped).
     config : apdask.config.PipelineConfig, optional
         Stage settings, resolved once here on the driver by default.
+    result_timeout : float, optional
+        With ``client``: seconds to wait for the visit's result (``TimeoutError``).
 
     Returns
     -------
@@ -155,7 +158,7 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
             from distributed import get_task_stream
 
             with get_task_stream(client) as ts:
-                report = client.compute(graph).result()
+                report = client.compute(graph).result(timeout=result_timeout)
             stages = _stage_times(ts.data)
     report["skipped"] = skipped
     report["wall_s"] = time.time() - t0

@@ -4,7 +4,7 @@ For every target pixel the tile pixel coordinates come from the two WCSs,
 evaluated exactly on a coarse grid (every ``grid`` pixels) and interpolated
 bilinearly in between (full-frame WCS transforms are slow; TAN distortions are
 smooth on 32-px scales, the interpolation error is < 1e-3 px).  Image and
-variance are resampled with a Lanczos-3 kernel (:mod:`apdask.lanczos`; the
+variance are resampled with a Lanczos-3 kernel (:mod:`apdask._kernels.lanczos`; the
 variance with the squared weights, so it is the variance of each warped pixel);
 fluxes per pixel are scaled by the ratio of pixel areas so that total flux is
 conserved.  A warped pixel any of whose 36 taps has no data gets none.
@@ -39,7 +39,7 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="ps
 
     Parameters
     ----------
-    tiles : sequence of apdask.image.TemplateTile
+    tiles : sequence of apdask.core.exposure.TemplateTile
         Template tiles (nJy per pixel, variance nJy²); non-finite pixels have no data.
     wcs : astropy.wcs.WCS
         WCS of the target CCD (0-based pixel convention).
@@ -50,7 +50,7 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="ps
     grid : int, optional
         Spacing in pixels of the exactly transformed coarse grid.
     variance_scale : {"psf", "pixel"}, optional
-        What the warped variance plane holds (:func:`apdask.lanczos.resample`):
+        What the warped variance plane holds (:func:`apdask._kernels.lanczos.resample`):
         ``"psf"`` (default), the noise at the scales of PSF photometry, detection and
         the matching kernel (the interpolated variance); ``"pixel"``, each pixel's own
         variance, lower because interpolation averages neighbouring pixels.  The
@@ -59,7 +59,7 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="ps
 
     Returns
     -------
-    apdask.image.Exposure
+    apdask.core.exposure.Exposure
         float32 image and variance on the target grid, NO_DATA where no tile covers,
         ``wcs`` as given, ``meta = {"band", "tiles", "coverage"}``: the ids of the
         tiles used and the fraction of target pixels with template data.

@@ -10,9 +10,9 @@ ones inserted in the same transaction (SQL backend).  :meth:`Ppdb.for_ccd` opens
 the interface for one CCD's padded region (DMTN-092 §5).  See ``docs/ppdb.md``.
 
 This module holds the :class:`Ppdb` interface and its per-CCD view; the work
-behind it is split by responsibility: :mod:`apdask.ppdb_setup` (creating and
-opening the database, settings, retries), :mod:`apdask.ppdb_schema` (Tables to
-and from DataFrames, units and descriptions) and :mod:`apdask.ppdb_sql` (what
+behind it is split by responsibility: :mod:`apdask.ppdb.setup` (creating and
+opening the database, settings, retries), :mod:`apdask.ppdb.schema` (Tables to
+and from DataFrames, units and descriptions) and :mod:`apdask.ppdb.sql` (what
 apdask does on the SQL backend directly).  Their public names are importable
 from here as before.
 """
@@ -56,7 +56,7 @@ def region_for(detector, ra, dec, rotpa=0.0, padding_arcsec=None):
 
     Parameters
     ----------
-    detector : apdask.camera.Detector
+    detector : apdask.core.camera.Detector
     ra, dec, rotpa : float
         Boresight and rotation angle in degrees.
     padding_arcsec : float, optional
@@ -80,7 +80,7 @@ class Ppdb(PpdbSql):
 
     Use :meth:`open` rather than the constructor.  The SQL-backend methods
     (``is_sql``, the DRP catalog, the write transaction) come from
-    :class:`apdask.ppdb_sql.PpdbSql`.
+    :class:`apdask.ppdb.sql.PpdbSql`.
 
     Parameters
     ----------
@@ -170,11 +170,11 @@ class Ppdb(PpdbSql):
         ----------
         config_path_or_url : str or os.PathLike or None
             As for :meth:`open`.
-        ccd : str or int or apdask.camera.Detector
+        ccd : str or int or apdask.core.camera.Detector
             CCD name (``"R22_S11"``), id, or detector object.
         ra, dec, rotpa : float
             Boresight and rotation angle, degrees.
-        camera : str or apdask.camera.Camera, optional
+        camera : str or apdask.core.camera.Camera, optional
             Needed when ``ccd`` is a name or id (e.g. ``"lsstcam"``).
         padding_arcsec : float, optional
         namespace : str, optional
@@ -470,7 +470,7 @@ class CcdPpdb:
     Attributes
     ----------
     ppdb : Ppdb
-    detector : apdask.camera.Detector
+    detector : apdask.core.camera.Detector
     region : lsst.sphgeom.ConvexPolygon
     """
 

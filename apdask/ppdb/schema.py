@@ -5,7 +5,7 @@ dax_apdb reads and writes pandas DataFrames.  :func:`frame_as_table` gives a rea
 every schema column, in schema order, with its unit and description;
 :func:`table_as_frame` gives a write exactly the storable columns, nulls checked
 against the schema.  The tables apdask adds (DRP Objects and their matches) have
-their shapes here too.  Used by :class:`apdask.ppdb.Ppdb`; see ``docs/ppdb.md``.
+their shapes here too.  Used by :class:`apdask.ppdb.database.Ppdb`; see ``docs/ppdb.md``.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def schema_columns(apdb: Any) -> dict[str, list[ColumnDef]]:
 
 
 def frame_as_table(df: pd.DataFrame | None, table_def: Sequence[ColumnDef]) -> Table:
-    """A dax_apdb DataFrame as an astropy Table (see :meth:`apdask.ppdb.Ppdb.as_table`).
+    """A dax_apdb DataFrame as an astropy Table (see :meth:`apdask.ppdb.database.Ppdb.as_table`).
 
     ``table_def`` is one table's list from :func:`schema_columns`.
     """

@@ -3,7 +3,7 @@
 :func:`create_ppdb` initialises the APDB schema and saves its config file;
 :func:`open_apdb` opens an existing one from that file or an SQLAlchemy URL.
 Both retry transient database errors (:func:`_retry`), with the limits read from
-configuration ``apdask.ppdb.*`` (:func:`_setting`).  :class:`apdask.ppdb.Ppdb`
+configuration ``apdask.ppdb.*`` (:func:`_setting`).  :class:`apdask.ppdb.database.Ppdb`
 builds on them; see ``docs/ppdb.md``.
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from apdask import config
-from apdask.exceptions import ConfigurationError, PpdbError
+from apdask.exceptions import ConfigurationError, PpdbError, PpdbLockTimeoutError
 
 __all__ = ["create_ppdb", "open_apdb"]
 
@@ -209,6 +209,12 @@ def create_ppdb(url, config_path=None, *, namespace=None, history_months=None):
     return config_path
 
 
+def _is_lock_contention(cause):
+    """Whether a database error is SQLite's busy/locked one (contention, not an outage)."""
+    text = str(cause).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
 def _retry(fn, what):
     """Call ``fn``, retrying transient database errors a bounded number of times.
 
@@ -228,6 +234,14 @@ def _retry(fn, what):
         except _TRANSIENT as err:
             if attempt == tries - 1:
                 cause = getattr(err, "orig", None) or err
+                if _is_lock_contention(cause):
+                    msg = (
+                        f"cannot {what} after {tries} tries: {str(cause).strip()}: SQLite "
+                        "lock contention (other readers or writers held the database); "
+                        "raise apdask.ppdb.sqlite_timeout_s or apdask.ppdb.retries, or use "
+                        "PostgreSQL for many concurrent writers"
+                    )
+                    raise PpdbLockTimeoutError(msg) from err
                 msg = (
                     f"cannot {what} after {tries} tries: {str(cause).strip()}"
                     "; check that the database server is running and the URL is right"

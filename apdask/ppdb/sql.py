@@ -2,24 +2,31 @@
 
 dax_apdb's calls cover the common reads and writes on any backend.  On its SQL
 backend (SQLite, PostgreSQL) apdask also works on the tables itself: reads as of
-a time and in bulk (:mod:`apdask._ppdb_fast`), the per-CCD write transaction
+a time and in bulk (:mod:`apdask.ppdb.fast`), the per-CCD write transaction
 with replace semantics, and the DRP Object table with its
 ``DiaObject_To_Object_Match`` rows.  :class:`PpdbSql` holds these methods;
-:class:`apdask.ppdb.Ppdb` inherits them.  See ``docs/ppdb.md``.
+:class:`apdask.ppdb.database.Ppdb` inherits them.  See ``docs/ppdb.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import fcntl
 import functools
+import logging
+import os
+import random
+import time
+import urllib.parse
 
 import numpy as np
 import pandas as pd
 import sqlalchemy
 from astropy.time import Time
 
-from apdask.exceptions import PpdbError
+from apdask.exceptions import PpdbError, PpdbLockTimeoutError
 from apdask.ppdb.fast import fetch_frame, register_table
 from apdask.ppdb.schema import drp_as_table, matches_as_table
 from apdask.ppdb.setup import _setting
@@ -29,6 +36,70 @@ __all__ = ["PpdbSql", "DRP_TABLE"]
 DRP_TABLE = "apdask_DrpObject"
 """Name (before the APDB table prefix) of the DRP Object table apdask manages."""
 _MJD_TOL = 1e-9  # days (86 µs): equality of validity timestamps
+_LOCK_TIMEOUT_S = 300.0  # default of apdask.ppdb.sqlite_lock_timeout_s
+log = logging.getLogger("apdask.ppdb")
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(db_path, what="write", timeout=None):
+    """Serialise SQLite writers: an exclusive ``flock`` on ``<db_path>.lock``.
+
+    SQLite admits one writer at a time, and a writer refused by its busy timeout
+    fails ("database is locked").  With 189 CCDs storing at once on a loaded
+    machine the busy handler's sleeps are not a queue, and CCDs were lost.  Every
+    apdask writer (any process or thread on this host) instead takes this lock
+    around its write transaction and waits for it, polling with a short jittered
+    back-off, for up to ``timeout`` seconds (``apdask.ppdb.sqlite_lock_timeout_s``,
+    default 300 s: five times the 60 s alert latency budget; a late CCD is better
+    than a lost one).  Inside the lock the transaction meets only readers.
+
+    Where the lock file cannot be opened (a read-only directory) the write goes on
+    without it, as before, under SQLite's own busy timeout.
+
+    Raises
+    ------
+    PpdbLockTimeoutError
+        The lock was not obtained in time: lock contention, not an unreachable server.
+    """
+    if timeout is None:
+        timeout = float(_setting("sqlite_lock_timeout_s", _LOCK_TIMEOUT_S))
+    lock_path = f"{db_path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o664)
+    except OSError:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError as err:
+            log.warning("writing without the SQLite write lock %s: %s", lock_path, err)
+            yield
+            return
+    try:
+        t0 = time.monotonic()
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            waited = time.monotonic() - t0
+            if waited >= timeout:
+                msg = (
+                    f"cannot {what}: the SQLite PPDB {db_path} stayed locked by other writers "
+                    f"for {waited:.0f} s (lock contention on {lock_path}); raise "
+                    "apdask.ppdb.sqlite_lock_timeout_s, or use PostgreSQL for many "
+                    "concurrent writers"
+                )
+                raise PpdbLockTimeoutError(msg)
+            time.sleep(min(delay, timeout - waited) * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.25)
+        waited = time.monotonic() - t0
+        if waited > 1.0:
+            log.info("waited %.1f s for the SQLite write lock to %s", waited, what)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 class _BoundEngine:
@@ -55,7 +126,7 @@ class _BoundEngine:
 
 
 class PpdbSql:
-    """The SQL-backend methods of :class:`apdask.ppdb.Ppdb`.
+    """The SQL-backend methods of :class:`apdask.ppdb.database.Ppdb`.
 
     A mixin: it uses the host's ``apdb``, ``_lock``, ``_after_fork``, ``_call``
     and ``_table_def``.
@@ -82,6 +153,16 @@ class PpdbSql:
         # the operations dax_apdb lacks (as-of reads, deletes, DRP tables).
         self._after_fork()
         return self.apdb._engine
+
+    def _write_lock(self, what):
+        """:func:`sqlite_write_lock` for an SQLite file, nothing for a server database."""
+        url = self._engine.url
+        path = url.database
+        if path and path.startswith("file:"):  # dax_apdb opens SQLite by URI (mode=rw)
+            path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+        if url.get_backend_name() != "sqlite" or path in (None, "", ":memory:"):
+            return contextlib.nullcontext()
+        return sqlite_write_lock(path, what)
 
     @functools.cached_property
     def _sql_metadata(self):
@@ -157,7 +238,7 @@ class PpdbSql:
     def _select_frame(self, query, table_name=None, types=None):
         """Rows of ``query``; typed from the schema of ``table_name`` (or from
         ``types``, ``(name, datatype, nullable)``) when given, in bulk
-        (:func:`apdask._ppdb_fast.fetch_frame`)."""
+        (:func:`apdask.ppdb.fast.fetch_frame`)."""
         types = {c[0]: (c[1], c[2]) for c in types or ()}
         if table_name is not None:
             types = {c[0]: (c[1], c[2]) for c in self._table_def(table_name)}
@@ -289,7 +370,7 @@ class PpdbSql:
         table = self._call("create the DRP Object table", lambda: self._drp_table(create=True))
 
         def _load():
-            with self._engine.begin() as conn:
+            with self._write_lock("load DRP Objects"), self._engine.begin() as conn:
                 for lo in range(0, ids.size, batch):
                     part = ids[lo : lo + batch].tolist()
                     conn.execute(table.delete().where(table.c.objectId.in_(part)))
@@ -321,7 +402,7 @@ class PpdbSql:
         if replace and self.apdb.getConfig().dia_object_index == "last_object_table":
             self._table("DiaObjectLast")
         engine = self._engine
-        with engine.begin() as conn:
+        with self._write_lock(f"store visit {visit} detector {detector}"), engine.begin() as conn:
             if visit is not None and detector is not None:
                 if replace:
                     self._delete_ccd(conn, int(visit), int(detector), float(visit_time.tai.mjd))

@@ -7,13 +7,13 @@
   up to ``alerts.kafka.delivery_timeout``.
 * Anything not acknowledged in time (broker down, partition unavailable,
   message too large) is appended to an fsync'd Avro spool file
-  (:mod:`apdask.spool`); :func:`apdask.spool.replay_spool` delivers a spool
+  (:mod:`apdask.services.spool`); :func:`apdask.services.spool.replay_spool` delivers a spool
   later and keeps only what was not acknowledged.
 * An alert larger than the producer's ``max_message_bytes`` gets its cutouts
   trimmed step by step (smaller stamps, then the template, science and
   difference cutouts dropped) until it fits; the step taken is recorded in the
   ``apdask_trimmed`` header and the sink's result.
-* :mod:`apdask.consume` reads topics back for ``apdask alerts tail|validate``.
+* :mod:`apdask.services.consume` reads topics back for ``apdask alerts tail|validate``.
 
 Key and headers follow ``alerts.kafka.conventions``:
 
@@ -316,7 +316,7 @@ class KafkaSink:
         ``HOST:PORT[,HOST:PORT]``.
     topic : str
     schema : lsst.alert.packet.Schema, optional
-        Defaults to :func:`apdask.alerts.load_schema`.
+        Defaults to :func:`apdask.alerts.schema.load_schema`.
     spool_dir : str or os.PathLike, optional
         Default ``alerts.spool_dir``, else ``<apdask.repo>/alerts-spool``, else
         ``./alerts-spool``.
@@ -584,7 +584,7 @@ class KafkaSink:
 
         Returns
         -------
-        apdask.alerts.SinkResult
+        apdask.alerts.sinks.SinkResult
             ``delivered``, ``spooled``, ``trimmed`` counts, the spool file (if
             any) and the reasons.
 

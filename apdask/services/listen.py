@@ -2,7 +2,7 @@
 
 :func:`listen` consumes nextVisit JSON messages (``docs/formats.md``) from a Kafka
 topic and, for each new visit, immediately submits the per-CCD graphs of
-:func:`apdask.visit.build_visit_graph` to a Dask cluster with ``client.compute``.
+:func:`apdask.pipeline.graph.build_visit_graph` to a Dask cluster with ``client.compute``.
 It does not wait for the result, so several visits can be in flight.  Inside the
 graph each CCD's prefetch (templates, calibrations, PPDB history) runs at once,
 while its fetch task blocks on the distributor until the image is registered;
@@ -14,7 +14,7 @@ hold no thread.
   offset and the reason, and skipped: the listener keeps running.
 * A nextVisit whose ``groupId`` was already accepted is logged and ignored, so a
   duplicate announcement is processed once.  CCDs whose PPDB rows and alert file
-  already exist are skipped too (see :func:`apdask.run.pending_detectors`), which
+  already exist are skipped too (see :func:`apdask.pipeline.run.pending_detectors`), which
   makes a restarted listener safe.
 * Partitions are ``assign()``-ed rather than joined through a consumer group:
   a group join takes about 20 s on some brokers, longer than the nextVisit lead.
@@ -57,7 +57,7 @@ def parse_next_visit(value: bytes | str) -> NextVisit:
 
     Returns
     -------
-    apdask.visit.NextVisit
+    apdask.pipeline.nextvisit.NextVisit
 
     Raises
     ------
@@ -289,7 +289,7 @@ def listen(
     topic : str
         The nextVisit topic; all its partitions are assigned.
     repo, ppdb, alerts, distributor, timeout
-        As for :func:`apdask.run.run_visit`; ``repo`` is required and the PPDB is
+        As for :func:`apdask.pipeline.run.run_visit`; ``repo`` is required and the PPDB is
         created up front if it does not exist.
     client : distributed.Client, optional
         Cluster to run on; default a LocalCluster of ``workers`` processes.

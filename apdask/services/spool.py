@@ -6,7 +6,7 @@ schema id, the visit and detector, why each alert was not delivered, the
 trimming applied and each alert's diaObjectId (the Kafka key under the ``apdask``
 conventions; none under ``rubin``).  Any Avro reader
 reads it; :func:`replay_spool` delivers it with a
-:class:`apdask.kafka.KafkaSink` and keeps only what is still not acknowledged.
+:class:`apdask.services.kafka.KafkaSink` and keeps only what is still not acknowledged.
 """
 
 from __future__ import annotations

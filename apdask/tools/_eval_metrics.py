@@ -40,7 +40,7 @@ def noise_ratio(
     Parameters
     ----------
     stamps : iterable of bytes
-        FITS cutouts as written by :func:`apdask.detect.make_cutout`.
+        FITS cutouts as written by :func:`apdask.pipeline.measure.cutouts.make_cutout`.
     fwhm_px : float
         PSF FWHM; pixels within ``exclude_fwhm × fwhm_px`` of the centre are skipped.
     exclude_fwhm : float

@@ -59,7 +59,7 @@ def _psf_of(meta):
 # --------------------------------------------------------------------------------------
 # PSF noise factors of non-Gaussian PSFs
 # --------------------------------------------------------------------------------------
-#: GalSim PSF profiles (``apdask.simulate_galsim.PSF_PROFILE``) evaluate knows.
+#: GalSim PSF profiles (``apdask.tools.simulate_galsim.PSF_PROFILE``) evaluate knows.
 _GALSIM_PROFILES = ("kolmogorov", "moffat", "gaussian")
 _MOFFAT_BETA = 3.5  # as apdask.simulate_galsim
 _PSF_HALF = 64  # px: the GalSim engine's transient stamps are 129×129
@@ -208,7 +208,7 @@ def expected_snr(
         for the GalSim engine): the three factors ``4πσ²``, ``4πσ⁴/(2σ² − σ_s²)``
         and ``4/3`` are replaced by those of :func:`psf_noise_factors`, computed
         from the pixel images of that profile at the two FWHMs (pixel scale
-        ``apdask.camera.PIXEL_SCALE_ARCSEC``).
+        ``apdask.core.camera.PIXEL_SCALE_ARCSEC``).
 
     Returns
     -------

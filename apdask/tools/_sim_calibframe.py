@@ -92,7 +92,7 @@ def simulate_calib_frame(
     butler = Butler(repo)
     camera = butler.camera
     if camera is None:
-        msg = f"{repo} records no camera; create it with apdask.simulate.simulate_repo first"
+        msg = f"{repo} records no camera; create it with apdask.tools.simulate.simulate_repo first"
         raise ValueError(msg)
     det = camera[detector]
     mjd = visit_mjd(0) if mjd is None else float(mjd)

@@ -40,7 +40,7 @@ _EDGE = 30  # px, minimum transient distance from the CCD edge
 _STAR_HALF = 14
 _GAL_HALF = 20
 _TILE_OVERLAP = 64  # px shared by neighbouring template tiles
-#: Pixel renderers: our own Gaussian code and GalSim (``apdask.simulate_galsim``).
+#: Pixel renderers: our own Gaussian code and GalSim (``apdask.tools.simulate_galsim``).
 ENGINES = ("apdask", "galsim")
 _GALSIM_REACH = 128  # px: GalSim stamps of sources this far outside an image reach into it
 

@@ -310,7 +310,7 @@ def alert_cutouts(alert, *, stretch="zscale", fig=None, figsize=(9, 3.4)):
     Parameters
     ----------
     alert : dict
-        A decoded packet (``apdask.alerts.read_alerts``, ``fastavro``, or
+        A decoded packet (``apdask.alerts.sinks.read_alerts``, ``fastavro``, or
         ``lsst.alert.packet``) whose ``cutoutScience``, ``cutoutTemplate`` and
         ``cutoutDifference`` are FITS bytes or None.
     stretch : {"zscale", "asinh"}
@@ -460,8 +460,8 @@ def focal_plane(
         Detector name (``"R22_S11"``) or integer id → number (alerts, a QA figure,
         latency, ...).  Detectors without a value are drawn as grey outlines; NaN
         values are light grey.
-    camera : str or apdask.camera.Camera
-        A name for :func:`apdask.camera.get_camera` (``"lsstcam"``, ``"comcam"``,
+    camera : str or apdask.core.camera.Camera
+        A name for :func:`apdask.core.camera.get_camera` (``"lsstcam"``, ``"comcam"``,
         ``"testcam"``), or a camera object.
     ax, fig : optional
         Axes or figure to draw into.
@@ -582,7 +582,7 @@ def stage_timings(timings, *, ax=None, fig=None, title=None, figsize=None):
     ----------
     timings : dict
         One of: stage → seconds (for example ``report["task_seconds"]`` of
-        ``apdask.run.run_visit``, or one CCD's ``"timings"``); one CCD's report
+        ``apdask.pipeline.run.run_visit``, or one CCD's ``"timings"``); one CCD's report
         (with ``"timings"``); or a visit report (with ``"ccds"``), drawn as one bar
         per CCD stacked by stage.
     ax, fig : optional

@@ -141,7 +141,7 @@ def simulate_repo(
         gives the "science sharper" case.
     engine : {"apdask", "galsim"}, optional
         Renderer of the science images, templates and transients: our own Gaussian
-        code (default) or GalSim (:mod:`apdask.simulate_galsim`: Kolmogorov PSF,
+        code (default) or GalSim (:mod:`apdask.tools.simulate_galsim`: Kolmogorov PSF,
         Sersic galaxies, GalSim's Poisson noise; needs the ``sim`` extra).
 
     Returns

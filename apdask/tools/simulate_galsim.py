@@ -2,7 +2,7 @@
 
 An independent second renderer of the same scene: the static-sky catalogue, the
 transients, the pointings, the pixel grids, the calibrations, the raw format and the
-truth tables are those of :mod:`apdask.simulate`; only the pixels of the science
+truth tables are those of :mod:`apdask.tools.simulate`; only the pixels of the science
 images, the template tiles and the injected transients are drawn by GalSim
 (``GSObject.drawImage``) instead of our own Gaussian code:
 
@@ -18,7 +18,7 @@ images, the template tiles and the injected transients are drawn by GalSim
 * **Noise**: ``galsim.PoissonNoise`` on the expected electrons of the science image
   (sky + sources, times the flat, plus dark); ``galsim.GaussianNoise`` of the
   template's constant variance.  Read noise, bias and overscan are added per
-  amplifier by :func:`apdask.simulate._amp_segments` as for our engine.
+  amplifier by :func:`apdask.tools.simulate._amp_segments` as for our engine.
 
 Every object is drawn (pixel-integrated, ``method="auto"``) into its own stamp,
 which is added to the image.  A star's stamp is at least 65×65 px (99.7 % of the

@@ -30,7 +30,7 @@ def matched_filter(difference):
 
     Parameters
     ----------
-    difference : apdask.image.Exposure
+    difference : apdask.core.exposure.Exposure
 
     Returns
     -------
@@ -74,7 +74,7 @@ def detect_sources(difference, *, threshold_sigma=None, n_pixels=None, matched=N
 
     Parameters
     ----------
-    difference : apdask.image.Exposure
+    difference : apdask.core.exposure.Exposure
         Difference image (nJy) with variance, mask and PSF stamp.
     threshold_sigma : float, optional
         Detection threshold on the PSF-matched-filter S/N map; default

@@ -32,7 +32,7 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
 
     Parameters
     ----------
-    exposure : apdask.image.Exposure
+    exposure : apdask.core.exposure.Exposure
         The image whose PSF model ``psf_at`` describes (nJy), with variance and mask.
     psf_at : callable
         ``(x, y) -> PSF stamp`` (sum 1), the model used for the PSF fluxes.
@@ -250,7 +250,7 @@ def forced_photometry(difference, science, ra, dec):
 
     Parameters
     ----------
-    difference, science : apdask.image.Exposure
+    difference, science : apdask.core.exposure.Exposure
         Same pixel grid; the difference PSF is used for both unless the science
         exposure has its own.
     ra, dec : array_like

@@ -58,7 +58,7 @@ def measure_sources(
 
     Parameters
     ----------
-    difference, science, template : apdask.image.Exposure
+    difference, science, template : apdask.core.exposure.Exposure
         The difference image (nJy, PSF = science PSF), the calibrated science
         exposure and the warped template on the same pixel grid.
     detections : astropy.table.Table

@@ -54,7 +54,7 @@ def _truncated_psi(kernel, var_b, var_a, kh, tail=1e-5):
     ``tail`` of ``Σ|ψ|`` (radius 1 to ``3 kh``), renormalised to sum 1.
 
     The difference image is convolved with exactly this ψ, tile by tile
-    (:func:`apdask._fourier.convolve_tiles`), and its PSF is made with it too.
+    (:func:`apdask._kernels.fourier.convolve_tiles`), and its PSF is made with it too.
     """
     big = decorrelation_kernel(kernel, var_b, var_a, size=6 * kh + 1)
     c = big.shape[0] // 2

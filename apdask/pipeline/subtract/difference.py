@@ -45,7 +45,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
 
     Parameters
     ----------
-    science, template : apdask.image.Exposure
+    science, template : apdask.core.exposure.Exposure
         Calibrated science exposure and the template warped onto its pixel grid,
         both in nJy.  Their PSFs are estimated with :func:`estimate_psf` if absent.
         A :class:`PsfGrid` in ``science.meta["psf_model"]`` (spatially varying PSF)
@@ -61,13 +61,13 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         Apply the Alard–Lupton decorrelation afterburner (:func:`decorrelation_kernel`).
     apcorr : bool, optional
         Measure the aperture correction of PSF fluxes
-        (:func:`apdask.detect.aperture_correction`) on the image whose PSF the
+        (:func:`apdask.pipeline.measure.photometry.aperture_correction`) on the image whose PSF the
         difference has; recorded as ``meta["ap_corr"]`` (and ``meta["ap_corr_science"]``
         for science-image PSF fluxes) and applied by ``measure_sources`` and
         ``forced_photometry``.
     bright : bool, optional
         List the template's bright sources for the S/N map of detection
-        (:func:`apdask.detect.bright_sources`), as ``meta["bright_sources"]``.
+        (:func:`apdask.pipeline.measure.bright.bright_sources`), as ``meta["bright_sources"]``.
 
     Aperture correction and the bright-source list are not part of the difference
     image itself; the benchmark times the subtraction without them (both False) as
@@ -75,7 +75,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
 
     Returns
     -------
-    difference : apdask.image.Exposure
+    difference : apdask.core.exposure.Exposure
         nJy in the science calibration.  When the template is the sharper image
         (direction ``"convolve_template"``) ``D = ψ ⊗ (S − K ⊗ T − bg)``, variance
         ``var_S + κ² var_T``, PSF ``ψ ⊗ P_S`` (and ``psf_model`` convolved by ψ).  When

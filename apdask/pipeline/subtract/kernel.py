@@ -148,7 +148,7 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
     The convolutions (single precision) are promoted to double before the products: in
     single precision the kernel sum moves by 2e-4.  The stamps go in chunks of at most
     ``chunk`` (whose temporaries stay in cache), as many per thread, to ``threads``
-    threads, each running single-threaded BLAS (see :func:`apdask._fused.one_blas_thread`).
+    threads, each running single-threaded BLAS (see :func:`apdask._kernels.fused.one_blas_thread`).
     """
 
     plan = _convolution_plan(basis, factors, fit_half)
