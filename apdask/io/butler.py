@@ -29,6 +29,8 @@ from astropy.wcs import WCS
 
 from apdask.core.camera import check_band, get_camera
 from apdask.core.exposure import TemplateTile
+from apdask.core.geometry import unit_vectors
+from apdask.core.stats import robust_sigma
 from apdask.exceptions import ConfigurationError, RawFormatError
 
 __all__ = ["Butler", "CALIB_KINDS", "wcs_to_attrs", "wcs_from_attrs", "polygons_overlap"]
@@ -118,7 +120,7 @@ def polygons_overlap(corners_a, corners_b):
     """
     a = np.asarray(corners_a, dtype=float)
     b = np.asarray(corners_b, dtype=float)
-    vec = _unit(b).mean(axis=0)
+    vec = unit_vectors(b[:, 0], b[:, 1]).mean(axis=0)
     ra0 = np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0
     dec0 = np.rad2deg(np.arctan2(vec[2], np.hypot(vec[0], vec[1])))
     pa, pb = _gnomonic(a, ra0, dec0), _gnomonic(b, ra0, dec0)
@@ -127,15 +129,10 @@ def polygons_overlap(corners_a, corners_b):
     return _sat_overlap(_hull(pa), _hull(pb))
 
 
-def _unit(radec):
-    ra, dec = np.deg2rad(radec[:, 0]), np.deg2rad(radec[:, 1])
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-
-
 def _points_in_polygon(ra, dec, corners):
     """Boolean mask of points inside the convex hull of ``corners`` (tangent plane)."""
     corners = np.asarray(corners, dtype=float)
-    vec = _unit(corners).mean(axis=0)
+    vec = unit_vectors(corners[:, 0], corners[:, 1]).mean(axis=0)
     ra0 = np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0
     dec0 = np.rad2deg(np.arctan2(vec[2], np.hypot(vec[0], vec[1])))
     hull = _hull(_gnomonic(corners, ra0, dec0))
@@ -366,8 +363,7 @@ class Butler:
                 finite = image[np.isfinite(image)]
                 if finite.size == 0:
                     raise ConfigurationError(f"template {path}: image has no finite pixels")
-                mad = np.median(np.abs(finite - np.median(finite)))
-                variance = np.full(image.shape, (1.4826 * mad) ** 2)
+                variance = np.full(image.shape, robust_sigma(finite) ** 2)
         self.put_template(band, tile_id, image * factor, variance * factor**2, wcs)
         return tile_id
 

@@ -42,6 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from apdask import config
+from apdask.core.stats import robust_sigma
 from apdask.exceptions import ApdaskError, ConfigurationError, HeaderMismatchError
 
 __all__ = [
@@ -85,7 +86,7 @@ def _thresholds(overrides=None):
 def _robust_sigma(x):
     if x.size == 0:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+    return float(robust_sigma(x))
 
 
 def _read_noise_e(segment, amp):

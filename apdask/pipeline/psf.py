@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft as sfft
 
+from apdask.core.stats import robust_sigma
 from apdask.exceptions import PsfFitError
 from apdask.pipeline.stars import find_stars
 
@@ -290,7 +291,7 @@ def _stellar_locus(stamps, xs, ys, shape):
     for _ in range(3):
         coef = np.linalg.lstsq(a[keep], size[keep], rcond=None)[0]
         res = size - a @ coef
-        sig = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
+        sig = robust_sigma(res[keep])
         new = np.isfinite(size) & (res < 3 * sig) & (res > -5 * sig)
         if np.array_equal(new, keep):
             break

@@ -34,6 +34,9 @@ import os
 import numpy as np
 from astropy.table import Table
 
+from apdask.core.geometry import unit_vectors
+from apdask.core.stats import robust_sigma
+
 __all__ = [
     "match_truth",
     "load_truth",
@@ -69,11 +72,6 @@ def load_truth(repo, visit):
         msg = f"no truth table for visit {visit} at {path}; was the repository simulated?"
         raise FileNotFoundError(msg)
     return Table.read(path)
-
-
-def _unit(ra, dec):
-    ra, dec = np.deg2rad(ra), np.deg2rad(dec)
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
 
 
 def _chord(radius_arcsec):
@@ -114,9 +112,10 @@ def match_truth(truth, dia_sources, radius_arcsec=1.0, kinds=("transient",)):
     if len(t) == 0 or len(ra) == 0:
         out.update(fraction=0.0 if len(t) else float("nan"), sep_arcsec=np.array([]))
         return out
-    tree = cKDTree(_unit(ra, dec))
+    tree = cKDTree(unit_vectors(ra, dec))
     dist, idx = tree.query(
-        _unit(np.asarray(t["ra"]), np.asarray(t["dec"])), distance_upper_bound=_chord(radius_arcsec)
+        unit_vectors(np.asarray(t["ra"]), np.asarray(t["dec"])),
+        distance_upper_bound=_chord(radius_arcsec),
     )
     ok = np.isfinite(dist)
     sep = _arcsec(dist[ok])
@@ -442,7 +441,7 @@ def noise_ratio(stamps, fwhm_px=5.0, exclude_fwhm=3.0):
         return {"ratio": float("nan"), "std": float("nan"), "n_pixels": 0}
     p = np.concatenate(pulls)
     med = np.median(p)
-    mad = 1.4826 * np.median(np.abs(p - med))
+    mad = robust_sigma(p, med)
     clip = p[np.abs(p - med) < 3 * mad]
     # a 3σ-clipped Gaussian has std 0.9866 σ
     return {"ratio": float(mad), "std": float(np.std(clip) / 0.9866), "n_pixels": int(p.size)}
@@ -456,7 +455,7 @@ def _robust_sigma(x):
     x = x[np.isfinite(x)]
     if x.size < 3:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+    return float(robust_sigma(x))
 
 
 def _f(x):
@@ -494,7 +493,7 @@ def evaluate_sources(truth, sources, snr_true, *, radius_arcsec=1.0, n_ccd=None,
     kind = np.asarray(truth["kind"]).astype(str)
     det_names = np.asarray(truth["detector"]).astype(str)
     n_ccd = n_ccd or len(set(det_names))
-    t_xyz = _unit(np.asarray(truth["ra"]), np.asarray(truth["dec"]))
+    t_xyz = unit_vectors(np.asarray(truth["ra"]), np.asarray(truth["dec"]))
     delta = np.asarray(truth["flux"], float) - np.asarray(truth["template_flux"], float)
     ra = np.array([s["ra"] for s in sources], float)
     dec = np.array([s["dec"] for s in sources], float)
@@ -509,13 +508,13 @@ def evaluate_sources(truth, sources, snr_true, *, radius_arcsec=1.0, n_ccd=None,
     m_src = np.full(len(tr), -1)
     m_sep = np.full(len(tr), np.nan)
     if len(sources) and len(tr):
-        tree = cKDTree(_unit(ra, dec))
+        tree = cKDTree(unit_vectors(ra, dec))
         for j, i in enumerate(tr):
             cand = tree.query_ball_point(t_xyz[i], chord)
             cand = [c for c in cand if np.sign(flux[c]) == np.sign(delta[i]) or not np.isfinite(
                 flux[c])]  # fmt: skip
             if cand:
-                d = np.linalg.norm(_unit(ra[cand], dec[cand]) - t_xyz[i], axis=1)
+                d = np.linalg.norm(unit_vectors(ra[cand], dec[cand]) - t_xyz[i], axis=1)
                 k = int(np.argmin(d))
                 found[j], m_src[j], m_sep[j] = True, cand[k], float(_arcsec(d[k]))
     s_tr = snr_true[tr]
@@ -539,7 +538,7 @@ def evaluate_sources(truth, sources, snr_true, *, radius_arcsec=1.0, n_ccd=None,
         tree_all = cKDTree(t_xyz)
         stat_flux = np.asarray(truth["template_flux"], float)
         for i in range(len(sources)):
-            p = _unit(ra[i : i + 1], dec[i : i + 1])[0]
+            p = unit_vectors(ra[i : i + 1], dec[i : i + 1])[0]
             if tree_c is not None and tree_c.query_ball_point(p, chord):
                 continue
             fp[i] = True

@@ -17,7 +17,7 @@ from apdask._kernels.fused import (
     one_blas_thread,
 )
 from apdask.core.exposure import MASK, mask_bits
-from apdask.core.stats import nanmedian_last
+from apdask.core.stats import nanmedian_last, robust_sigma
 from apdask.exceptions import PsfFitError
 from apdask.pipeline.background import tile_threads
 from apdask.pipeline.measure.bright import bright_sources
@@ -383,4 +383,4 @@ def _noise_ratio(diff, var, mask, samples=64000):
     if not ok.any():
         return float("nan")
     p = d[ok] / np.sqrt(v[ok])
-    return float(1.4826 * np.median(np.abs(p - np.median(p))))
+    return float(robust_sigma(p))

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy import ndimage
 
+from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import tile_threads
 
 __all__ = ["alard_lupton_basis"]
@@ -244,7 +245,7 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
         chi2 = (tt_n - 2 * (a_n * b_n).sum(axis=1) - 2 * g_n * t_n + quad
                 + 2 * g_n * (a_n * c_n).sum(axis=1) + g_n * g_n * w_n) / npix  # fmt: skip
         med = np.median(chi2[use])
-        mad = 1.4826 * np.median(np.abs(chi2[use] - med))
+        mad = robust_sigma(chi2[use], med)
         new = chi2 < med + 4 * max(mad, 0.05 * med)
         if new.sum() < _MIN_STAMPS or np.array_equal(new, use):
             break
