@@ -35,6 +35,7 @@ import logging
 import os
 import tempfile
 import time
+from typing import Any
 from urllib.parse import urlparse
 
 import dask
@@ -42,6 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from apdask import config
+from apdask.core.camera import check_band
 from apdask.core.stats import robust_sigma
 from apdask.exceptions import ApdaskError, ConfigurationError, HeaderMismatchError
 
@@ -379,8 +381,53 @@ def _produce(servers, topic, report, line, spool, timeout):
     return f"kafka://{servers}/{topic}"
 
 
-def process_calib(intent, ccd, image, *, repo, distributor, band=None, exptime=None,
-                  metrics=None, timeout=None, thresholds=None):  # fmt: skip
+def _check_arguments(intent: str, band: str | None, exptime: float | None) -> str:
+    """The intent in lower case, once intent, band and exposure time are checked."""
+    intent = str(intent).lower()
+    if intent not in INTENTS:
+        msg = f"unknown intent {intent!r}; use --intent bias, dark, flat or cbp"
+        raise ValueError(msg)
+    if band is not None:
+        check_band(band)
+    elif intent in ("flat", "cbp"):
+        msg = f"--intent {intent} needs --filter (the master flat is per band)"
+        raise ValueError(msg)
+    if exptime is not None and exptime < 0:
+        msg = f"exposure time must be >= 0 s, got {exptime!r}; e.g. --exptime 30"
+        raise ValueError(msg)
+    return intent
+
+
+def _amp_reports(
+    raw: Any, det: Any, intent: str, masters: dict[str, Any], th: dict[str, float]
+) -> list[dict[str, Any]]:
+    """:func:`amp_metrics` of every amplifier of the calibrated frame, with its name."""
+    frame, mask = calib_frame(raw, intent, masters, raw.meta.darktime)
+    master = masters[_MASTER[intent]]
+    good = ((mask & _ignore_bits()) == 0) & ~_known_defects(masters)
+    segments = dask.compute(*raw.amps, scheduler="threads")
+    amps = []
+    for amp, seg in zip(det.amplifiers, segments, strict=True):
+        sl = (slice(amp.y0, amp.y1), slice(amp.x0, amp.x1))
+        mt = amp_metrics(frame[sl], master[sl], good[sl], intent,
+                         read_noise_e=_read_noise_e(seg, amp), thresholds=th)  # fmt: skip
+        amps.append({"amp": amp.name, **mt})
+    return amps
+
+
+def process_calib(
+    intent: str,
+    ccd: str,
+    image: str,
+    *,
+    repo: str,
+    distributor: str,
+    band: str | None = None,
+    exptime: float | None = None,
+    metrics: str | None = None,
+    timeout: float | None = None,
+    thresholds: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Verify one raw calibration frame and publish its report (DMTN-092 §2.3).
 
     Parameters
@@ -427,24 +474,12 @@ def process_calib(intent, ccd, image, *, repo, distributor, band=None, exptime=N
     MetricsDeliveryError
         Kafka did not take the metrics (the report is in the repository regardless).
     """
-    from apdask.core.camera import check_band
     from apdask.io.butler import Butler
     from apdask.io.distributor import open_distributor
     from apdask.io.raw import read_raw
 
     t0 = time.time()
-    intent = str(intent).lower()
-    if intent not in INTENTS:
-        msg = f"unknown intent {intent!r}; use --intent bias, dark, flat or cbp"
-        raise ValueError(msg)
-    if band is not None:
-        check_band(band)
-    elif intent in ("flat", "cbp"):
-        msg = f"--intent {intent} needs --filter (the master flat is per band)"
-        raise ValueError(msg)
-    if exptime is not None and exptime < 0:
-        msg = f"exposure time must be >= 0 s, got {exptime!r}; e.g. --exptime 30"
-        raise ValueError(msg)
+    intent = _check_arguments(intent, band, exptime)
     if repo is None or not os.path.isdir(os.path.join(repo, "butler.zarr")):
         msg = f"no Butler repository at {repo}; pass --repo DIR (made by `apdask simulate`)"
         raise ConfigurationError(msg)
@@ -463,17 +498,8 @@ def process_calib(intent, ccd, image, *, repo, distributor, band=None, exptime=N
     masters = {k: butler.get_calib(k, det.id, None, mjd) for k in ("bias", "dark")}
     if intent in ("flat", "cbp"):
         masters["flat"] = butler.get_calib("flat", det.id, meta.band, mjd)
-    frame, mask = calib_frame(raw, intent, masters, meta.darktime)
-    master = masters[_MASTER[intent]]
-    good = ((mask & _ignore_bits()) == 0) & ~_known_defects(masters)
     th = _thresholds(thresholds)
-    segments = dask.compute(*raw.amps, scheduler="threads")
-    amps = []
-    for amp, seg in zip(det.amplifiers, segments, strict=True):
-        sl = (slice(amp.y0, amp.y1), slice(amp.x0, amp.x1))
-        mt = amp_metrics(frame[sl], master[sl], good[sl], intent,
-                         read_noise_e=_read_noise_e(seg, amp), thresholds=th)  # fmt: skip
-        amps.append({"amp": amp.name, **mt})
+    amps = _amp_reports(raw, det, intent, masters, th)
     failures = [f"{a['amp']}: {f}" for a in amps for f in a["failures"]]
     report = {
         "kind": "calib-verification",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 from astropy.table import Table
 from photutils.aperture import ApertureMask, CircularAperture
 
-from apdask._kernels.fused import (
-    one_blas_thread,
-)
-from apdask.core.exposure import IGNORE_BITS, MASK
-from apdask.core.stats import nanmedian_last
+from apdask._kernels.fused import one_blas_thread
+from apdask.core.exposure import IGNORE_BITS, MASK, Exposure
+from apdask.core.stats import nanmedian_last, robust_sigma
 from apdask.pipeline.background import fit_background
 from apdask.pipeline.psf import psf_fwhm, psfs_at, require_psf, shifted_psfs
 from apdask.pipeline.stars import cutout_at, find_stars, stamps_at, usable_stars
@@ -18,8 +19,17 @@ from apdask.pipeline.stars import cutout_at, find_stars, stamps_at, usable_stars
 __all__ = ["forced_photometry", "aperture_correction"]
 
 
-def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None,
-                        max_stars=300, min_stars=5, max_error=0.005, stars=None):  # fmt: skip
+def aperture_correction(
+    exposure: Exposure,
+    psf_at: Callable[[float, float], np.ndarray],
+    *,
+    radii: Sequence[float] = (20.0, 15.0, 12.0),
+    fwhm: float | None = None,
+    max_stars: int = 300,
+    min_stars: int = 5,
+    max_error: float = 0.005,
+    stars: dict[str, Any] | None = None,
+) -> tuple[float, int, float]:
     """Aperture correction of PSF fluxes: median ``apFlux(radius) / psfFlux`` of bright stars.
 
     An empirical PSF model is a truncated, pedestal-subtracted stamp (see
@@ -67,7 +77,7 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
     radii = sorted((float(r) for r in radii), reverse=True)
     if fwhm is None:
         fwhm = float(psf_fwhm(psf_at(nx / 2.0, ny / 2.0)))
-    r_in, r_out = radii[0] + 4.0, radii[0] + 12.0
+    r_out = radii[0] + 12.0
     half = int(np.ceil(r_out)) + 1
     image = np.asarray(exposure.image)
     if stars is None:
@@ -76,9 +86,28 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
             border=half, max_stars=None, contrast=0.002,
         )  # fmt: skip
     order = usable_stars(len(stars["x"]), max_stars)
+    ratios, errors = _star_ratios(exposure, psf_at, stars, order, radii, half)
+    return _choose_correction(ratios, errors, radii, min_stars, max_error)
+
+
+def _star_ratios(
+    exposure: Exposure,
+    psf_at: Callable[[float, float], np.ndarray],
+    stars: dict[str, Any],
+    order: np.ndarray,
+    radii: Sequence[float],
+    half: int,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """``apFlux(radius) / psfFlux`` and its error of each usable star, per radius.
+
+    All stars at once: ``(n, S, S)`` stamps of side ``2 half + 1``, NaN off the image,
+    the local background the median of the annulus ``radii[0] + 4 .. radii[0] + 12``.
+    """
+    image = np.asarray(exposure.image)
+    r_in, r_out = radii[0] + 4.0, radii[0] + 12.0
     bkg = stars.get("bkg")
-    ratios = [[] for _ in radii]
-    errors = [[] for _ in radii]
+    ratios: list[list[float]] = [[] for _ in radii]
+    errors: list[list[float]] = [[] for _ in radii]
     x = np.asarray(stars["x"], float)[order]
     y = np.asarray(stars["y"], float)[order]
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
@@ -123,13 +152,25 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
             sel = use & (err <= 0.1)
             ratios[k] = list(ratio[sel])
             errors[k] = list(err[sel])
+    return ratios, errors
+
+
+def _choose_correction(
+    ratios: list[list[float]],
+    errors: list[list[float]],
+    radii: Sequence[float],
+    min_stars: int,
+    max_error: float,
+) -> tuple[float, int, float]:
+    """The largest radius whose clipped, weighted mean ratio is determined to
+    ``max_error`` with ``min_stars`` stars: ``(correction, n_stars, radius)``."""
     for k, rad in enumerate(radii):
         rk, ek = np.asarray(ratios[k]), np.asarray(errors[k])
         if len(rk) < min_stars:
             continue
         med = float(np.median(rk))
         # one clip of blends and neighbours' light (3 robust sigma, at least 3 errors)
-        sig = 1.4826 * float(np.median(np.abs(rk - med)))
+        sig = float(robust_sigma(rk, med))
         keep = np.abs(rk - med) <= 3 * np.maximum(sig, ek)
         w = 1.0 / ek[keep] ** 2
         corr = float((w * rk[keep]).sum() / w.sum())
