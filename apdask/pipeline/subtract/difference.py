@@ -39,6 +39,8 @@ from apdask.pipeline.subtract.kernel import (
 __all__ = ["choose_kernel_size", "subtract"]
 
 _BAD_BITS = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
+_DETECTED_BITS = mask_bits("DETECTED", "DETECTED_NEGATIVE")
+_NODATA = MASK["NO_DATA"]
 
 
 @one_blas_thread
@@ -118,12 +120,8 @@ def subtract(
     direction = "convolve_science" if rev else "convolve_template"
     kernel_size, sigmas = choose_kernel_size(fw_s, fw_t, kernel_size)
     kh = kernel_size // 2
-    basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
-    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
-
-    nodata_bit = MASK["NO_DATA"]
-    sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, nodata_bit)
-    tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, nodata_bit)
+    sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, _NODATA)
+    tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, _NODATA)
     var_s = np.asarray(science.variance, np.float32)
     var_t = np.asarray(template.variance, np.float32)
 
@@ -131,12 +129,7 @@ def subtract(
     t1 = time.perf_counter()
     fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
     mask, bad_any, nodata = combine_masks(
-        science.mask,
-        template.mask,
-        nodata_s,
-        nodata_t,
-        _BAD_BITS,
-        mask_bits("DETECTED", "DETECTED_NEGATIVE"),
+        science.mask, template.mask, nodata_s, nodata_t, _BAD_BITS, _DETECTED_BITS
     )
     stars, xs, ys = _pick_stamps(
         science, sci0, var_s, bad_any, fw_s, fit_half, fit_half + kh + 1, max_stamps
@@ -144,21 +137,17 @@ def subtract(
     timing["stamps"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    bg_order = min(int(spatial_order), 1)
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
-    coef, nb, nsp, _, chi2, used = _fit_kernel(
-        img_a, img_b, (var_s, var_t), bad_any, basis, xs, ys, science.shape,
-        int(spatial_order), bg_order, fit_half, factors,
+    kernels, bgc, chi2, used = _fit_matching_kernel(
+        img_a, img_b, (var_s, var_t), bad_any, xs, ys, sigmas, kernel_size,
+        int(spatial_order), fit_half,
     )  # fmt: skip
     del bad_any
-    kernels = _kernel_images(coef, basis, nb, nsp)
-    bgc = coef[nb * nsp :]
     timing["fit"] = time.perf_counter() - t1
     ksum = _kernel_sum(kernels[0])  # the constant spatial term: u = v = 0 at the centre
 
     # --- typical variances (the decorrelation filter and the variance floor)
-    v_s = _typical(var_s, nodata_s, 1.0)
-    v_t = _typical(var_t, nodata_t, 0.0)
+    v_s, v_t = _typical(var_s, nodata_s, 1.0), _typical(var_t, nodata_t, 0.0)
     v_a, v_b = (v_s, v_t) if rev else (v_t, v_s)
 
     t1 = time.perf_counter()
@@ -171,24 +160,16 @@ def subtract(
     del nodata_s, nodata_t
     psf_b = psf_t if rev else psf_s
     psf_d = conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
-    any_nodata = _mark_edges(mask, nodata, kh)
-    # background: the kernel fit's term plus a residual refit on block medians, one pass
-    plane = np.zeros(3)
-    plane[: len(bgc)] = bgc
-    bg_res = _residual_background(diff, mask, _BAD_BITS, bg_order, plane)
-    plane[: len(bg_res)] += bg_res
-    scale = -1.0 / ksum if rev else 1.0
-    finish_difference(diff, u, v, plane, scale, nodata if any_nodata else None)
-    var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
-    var = _difference_variance(var_a, var_b, v_a, v_b, ksum, rev, nodata)
+    _mark_edges(mask, nodata, kh)
+    bg_res = _finish(diff, mask, nodata, u, v, bgc, min(int(spatial_order), 1), ksum, rev)
+    var = _difference_variance((var_s, var_t), v_a, v_b, ksum, rev, nodata)
     noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
 
     # --- residual rings of bright stars (PSF wings the kernel does not match)
     t1 = time.perf_counter()
-    sources = None
-    if bright:
-        sources = bright_sources(tpl0, var, psf_t, psf_d, scale=1.0 / ksum if rev else ksum)
+    scale = 1.0 / ksum if rev else ksum
+    sources = bright_sources(tpl0, var, psf_t, psf_d, scale=scale) if bright else None
     timing["bright"] = time.perf_counter() - t1
     del tpl0
 
@@ -200,8 +181,32 @@ def subtract(
 
     meta = _difference_meta(science, direction, ap[0], ap[1], sources, rev, psi)
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
-    info = {
-        "kernel_sum": 1.0 / ksum if rev else ksum,
+    fit = (scale, kernel_size, chi2, used, bgc, bg_res)
+    info = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
+    info["timing"] = timing
+    return difference, info
+
+
+def _qa_figures(
+    fit: tuple[float, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    psfs: tuple[float, float, np.ndarray],
+    direction: str,
+    decorrelate: bool,
+    noise: float,
+    ap: tuple[float, float, int, float],
+    sources: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The subtraction's QA record (``info`` of :func:`subtract`, less ``timing``).
+
+    ``fit`` is (kernel sum in the science calibration, kernel size, stamp χ², stamps
+    used, background coefficients, residual background coefficients); ``psfs`` the
+    science and template FWHMs and the difference's PSF; ``ap`` the aperture
+    corrections (difference, science, stars, radius).
+    """
+    kernel_sum, kernel_size, chi2, used, bgc, bg_res = fit
+    fw_s, fw_t, psf_d = psfs
+    return {
+        "kernel_sum": kernel_sum,
         "kernel_size": kernel_size,
         "n_stamps": int(used.sum()),
         "stamp_chi2": [float(c) for c in chi2[used]],
@@ -219,9 +224,61 @@ def subtract(
         "ap_corr_n_stars": ap[2],
         "ap_corr_radius": ap[3],
         "n_bright_sources": len(sources["flux"]) if sources is not None else 0,
-        "timing": timing,
     }
-    return difference, info
+
+
+def _fit_matching_kernel(
+    img_a: np.ndarray,
+    img_b: np.ndarray,
+    variances: tuple[np.ndarray, np.ndarray],
+    bad_any: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    sigmas: list[float],
+    kernel_size: int,
+    spatial_order: int,
+    fit_half: int,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Fit ``B ≈ K(x, y) ⊗ A + bg`` on the stamps in the Alard–Lupton basis.
+
+    Returns the kernel image of each spatial term (the constant term first), the
+    background coefficients, each stamp's reduced χ² and the stamps used.
+    """
+    basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
+    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
+    coef, nb, nsp, _, chi2, used = _fit_kernel(
+        img_a, img_b, variances, bad_any, basis, xs, ys, img_a.shape, spatial_order,
+        min(spatial_order, 1), fit_half, factors,
+    )  # fmt: skip
+    return _kernel_images(coef, basis, nb, nsp), coef[nb * nsp :], chi2, used
+
+
+def _finish(
+    diff: np.ndarray,
+    mask: np.ndarray,
+    nodata: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    bgc: np.ndarray,
+    bg_order: int,
+    ksum: float,
+    rev: bool,
+) -> np.ndarray:
+    """Subtract the background and scale the difference (in place); the residual
+    background's coefficients.
+
+    The background is the kernel fit's term plus a residual refit on block medians,
+    applied in one pass with the scale (``−1/κ`` when the science image was convolved)
+    and NaN on NO_DATA.
+    """
+    plane = np.zeros(3)
+    plane[: len(bgc)] = bgc
+    bg_res = _residual_background(diff, mask, _BAD_BITS, bg_order, plane)
+    plane[: len(bg_res)] += bg_res
+    scale = -1.0 / ksum if rev else 1.0
+    any_nodata = bool(nodata.any())
+    finish_difference(diff, u, v, plane, scale, nodata if any_nodata else None)
+    return bg_res
 
 
 def _psfs(science: Exposure, template: Exposure) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -338,9 +395,8 @@ def _convolve_difference(
     return diff, u, v
 
 
-def _mark_edges(mask: np.ndarray, nodata: np.ndarray, grow: int) -> bool:
-    """EDGE within ``grow`` pixels of the border and of NO_DATA (in place); whether
-    there is any NO_DATA pixel.
+def _mark_edges(mask: np.ndarray, nodata: np.ndarray, grow: int) -> None:
+    """EDGE within ``grow`` pixels of the border and of NO_DATA (in place).
 
     ψ is compact (close to a δ function for a deeper template): its wings are not
     added to the EDGE width, which is the kernel half size.
@@ -353,19 +409,20 @@ def _mark_edges(mask: np.ndarray, nodata: np.ndarray, grow: int) -> bool:
     if any_nodata:  # (rare) masks of the NO_DATA pixels and the band around them
         mask[dilate(nodata, grow) & ~nodata] |= edge_bit
         mask[nodata] |= np.uint32(MASK["NO_DATA"])
-    return any_nodata
 
 
 def _difference_variance(
-    var_a: np.ndarray,
-    var_b: np.ndarray,
+    variances: tuple[np.ndarray, np.ndarray],
     v_a: float,
     v_b: float,
     ksum: float,
     rev: bool,
     nodata: np.ndarray,
 ) -> np.ndarray:
-    """Variance plane of the difference, in the science calibration."""
+    """Variance plane of the difference, in the science calibration, from the science
+    and template ``variances``."""
+    var_s, var_t = variances
+    var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
     k2 = ksum**2
     var_scale = 1.0 / k2 if rev else 1.0
     fill = var_scale * (v_b + k2 * v_a)  # (the typical difference variance)
