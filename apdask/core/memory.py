@@ -25,7 +25,7 @@ _M_MMAP_THRESHOLD = -3
 _done = None
 
 
-def keep_freed_memory(threshold=1 << 30):
+def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     """Serve allocations up to ``threshold`` bytes from the heap and keep freed memory.
 
     Idempotent and cheap after the first call; does nothing (returns False) when

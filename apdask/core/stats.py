@@ -30,9 +30,10 @@ def robust_sigma(x: npt.ArrayLike, center: Any = None) -> Any:
         a Python float).  The arithmetic is exactly ``1.4826 * np.median(np.abs(x -
         np.median(x)))``, so results are bit-identical to that expression.
     """
+    a = np.asarray(x)
     if center is None:
-        center = np.median(x)
-    return MAD_TO_SIGMA * np.median(np.abs(np.asarray(x) - center))
+        center = np.median(a)
+    return MAD_TO_SIGMA * np.median(np.abs(a - center))
 
 
 def nanmedian_last(a: npt.ArrayLike) -> np.ndarray:

@@ -102,7 +102,14 @@ def _read_noise_e(segment, amp):
     return _robust_sigma(osc - row[:, None]) * amp.gain
 
 
-def amp_metrics(frame, master, good, intent, read_noise_e=None, thresholds=None):
+def amp_metrics(
+    frame: np.ndarray,
+    master: np.ndarray,
+    good: np.ndarray,
+    intent: str,
+    read_noise_e: float | None = None,
+    thresholds: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Metrics and verdict of one amplifier's processed frame against its master.
 
     Parameters
@@ -195,7 +202,9 @@ def _failures(mt, intent, th):
     return fails
 
 
-def calib_frame(raw, intent, masters, darktime):
+def calib_frame(
+    raw: Any, intent: str, masters: dict[str, Any], darktime: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Run ISR as far as ``intent`` allows; return (frame, mask) in the intent's units.
 
     Parameters
@@ -309,7 +318,9 @@ def _append_line(path, line):
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def publish_metrics(report, uri, spool=None, timeout=10.0):
+def publish_metrics(
+    report: dict[str, Any], uri: str, spool: str | None = None, timeout: float = 10.0
+) -> str:
     """Publish a calibration report to a metrics sink.
 
     Parameters
@@ -354,18 +365,29 @@ def publish_metrics(report, uri, spool=None, timeout=10.0):
     return f"file://{os.path.abspath(path)}"
 
 
-def _produce(servers, topic, report, line, spool, timeout):
+def _produce(
+    servers: str,
+    topic: str,
+    report: dict[str, Any],
+    line: str,
+    spool: str | None,
+    timeout: float,
+) -> str:
     from confluent_kafka import KafkaException, Producer
 
-    errors = []
+    errors: list[str] = []
     try:
         producer = Producer({
             "bootstrap.servers": servers, "enable.idempotence": True, "acks": "all",
             "message.timeout.ms": int(timeout * 1000),
         })  # fmt: skip
         key = f"{report.get('instrument')}/{report.get('detector')}"
-        producer.produce(topic, value=line.encode(), key=key.encode(),
-                         on_delivery=lambda err, _msg: err and errors.append(str(err)))  # fmt: skip
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err:
+                errors.append(str(err))
+
+        producer.produce(topic, value=line.encode(), key=key.encode(), on_delivery=on_delivery)
         left = producer.flush(timeout)
     except (KafkaException, BufferError) as exc:
         errors.append(str(exc))

@@ -13,6 +13,9 @@ Overlapping tiles: the first tile (in list order) with valid data wins.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from astropy.wcs.utils import proj_plane_pixel_area
 
@@ -34,7 +37,15 @@ def _coarse_nodes(n, step):
     return nodes
 
 
-def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="psf"):
+def warp_template(
+    tiles: Sequence[Any],
+    wcs: Any,
+    shape: tuple[int, int],
+    *,
+    psf: np.ndarray | None = None,
+    grid: int = _GRID,
+    variance_scale: str = "psf",
+) -> Exposure:
     """Resample template tiles onto the pixel grid of ``wcs`` / ``shape``.
 
     Parameters

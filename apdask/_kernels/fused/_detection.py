@@ -35,7 +35,14 @@ def _mark_boxes(bad, img0, var0, ys, xs, half):
 
 
 @_threads
-def matched_inputs(image, variance, mask, ignore_bits, around=None, half=0):
+def matched_inputs(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    ignore_bits: int,
+    around: np.ndarray | None = None,
+    half: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The matched filter's inputs: image and variance with left-out pixels set to 0.
 
     A pixel is left out (``bad``) when ``mask & ignore_bits`` is set, when its image or
@@ -68,7 +75,7 @@ def matched_inputs(image, variance, mask, ignore_bits, around=None, half=0):
     return img0, var0, bad
 
 
-def dilate(mask, half):
+def dilate(mask: np.ndarray, half: int) -> np.ndarray:
     """A boolean mask grown by ``half`` pixels (square), using cumulative sums."""
     if half <= 0 or not mask.any():
         return mask
@@ -89,7 +96,7 @@ def _snr(filt, vfilt, bad, out):
 
 
 @_threads
-def snr_map(filt, vfilt, bad):
+def snr_map(filt: np.ndarray, vfilt: np.ndarray, bad: np.ndarray) -> np.ndarray:
     """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32)."""
     out = np.empty(bad.shape, np.float32)
     _snr(filt, vfilt, bad, out)
@@ -174,7 +181,7 @@ def _fill_above(image, t, sign, starts, ys, xs):
 
 
 @_threads
-def above(image, threshold, sign=1):
+def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """``np.nonzero(sign * image > threshold)`` (raster order) without a full-frame mask."""
     image = np.asarray(image)
     t, sg = image.dtype.type(threshold), image.dtype.type(1 if sign > 0 else -1)
@@ -187,7 +194,9 @@ def above(image, threshold, sign=1):
     return ys, xs
 
 
-def segments(image, threshold, n_pixels, sign=1):
+def segments(
+    image: np.ndarray, threshold: float, n_pixels: int, sign: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """8-connected groups of at least ``n_pixels`` pixels above ``threshold``
     (of ``-image`` when ``sign`` is negative).
 

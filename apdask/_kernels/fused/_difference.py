@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 
@@ -41,7 +43,9 @@ def _fill(image, nodata, out):
 
 
 @_threads
-def fill_nodata(image, variance, mask, nodata_bit):
+def fill_nodata(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, nodata_bit: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Image with its no-data pixels set to 0, and where they are.
 
     Equal to ``nodata = (mask & nodata_bit != 0) | ~isfinite(image) | ~isfinite(variance)``
@@ -66,7 +70,9 @@ def fill_nodata(image, variance, mask, nodata_bit):
 
 
 @numba.njit(nogil=True, cache=True)
-def tile_product(acc, kernels, spectra, index):
+def tile_product(
+    acc: np.ndarray, kernels: np.ndarray, spectra: np.ndarray, index: np.ndarray
+) -> None:
     """``acc = Σ_j kernels[j] · spectra[index[j]]`` (complex64, one tile; no GIL held)."""
     ny, nx = acc.shape
     for j in range(len(index)):
@@ -83,7 +89,9 @@ def tile_product(acc, kernels, spectra, index):
 
 
 @numba.njit(nogil=True, cache=True)
-def tile_add(dst, res, margin, wy, wx, first):
+def tile_add(
+    dst: np.ndarray, res: np.ndarray, margin: int, wy: np.ndarray, wx: np.ndarray, first: bool
+) -> None:
     """``dst (=|+=) res[m:m+h, m:m+w] · wy[:, None] · wx[None, :]`` (one tile; no GIL).
 
     ``wy`` and ``wx`` are the weights of the tile's rows and columns (length 0 for 1).
@@ -114,7 +122,14 @@ def _combine_masks(mask_s, mask_t, nodata_s, nodata_t, bad_bits, clear, mask, ba
 
 
 @_threads
-def combine_masks(mask_s, mask_t, nodata_s, nodata_t, bad_bits, clear_bits):
+def combine_masks(
+    mask_s: np.ndarray,
+    mask_t: np.ndarray,
+    nodata_s: np.ndarray,
+    nodata_t: np.ndarray,
+    bad_bits: int,
+    clear_bits: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The two inputs' masks in one pass: ``(mask, bad, nodata)``.
 
     ``mask = (mask_s | mask_t) & ~clear_bits`` (uint32), ``nodata = nodata_s |
@@ -143,7 +158,14 @@ def _finish(diff, u, v, c0, cu, cv, scale, nodata, has_nodata):
 
 
 @_threads
-def finish_difference(diff, u, v, plane, scale, nodata=None):
+def finish_difference(
+    diff: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    plane: Sequence[float],
+    scale: float,
+    nodata: np.ndarray | None = None,
+) -> None:
     """In place: ``diff = scale * (diff − (c0 + cu u + cv v))``, 0 on ``nodata``.
 
     ``plane`` is ``(c0, cu, cv)``, or ``(c0,)`` for a constant.
@@ -170,7 +192,15 @@ def _variance(var_b, var_a, k2, scale, floor, fill, nodata, out):
 
 
 @_threads
-def difference_variance(var_b, var_a, kappa2, scale, floor, fill, nodata):
+def difference_variance(
+    var_b: np.ndarray,
+    var_a: np.ndarray,
+    kappa2: float,
+    scale: float,
+    floor: float,
+    fill: float,
+    nodata: np.ndarray,
+) -> np.ndarray:
     """``max(scale (max(var_b, 0) + κ² max(var_a, 0)), floor)``, ``fill`` on ``nodata``
     and non-finite pixels; float32."""
     out = np.empty(np.shape(var_b), np.float32)

@@ -39,7 +39,16 @@ def _cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma, out):
 
 
 @_threads
-def cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma):
+def cr_candidates(
+    img: np.ndarray,
+    bkg: np.ndarray,
+    var: np.ndarray,
+    skip: np.ndarray,
+    cr: np.ndarray,
+    r1: float,
+    r2: float,
+    nsigma: float,
+) -> np.ndarray:
     """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`).
 
     A pixel not in ``skip`` or ``cr`` is a candidate when ``d = img − bkg`` exceeds
@@ -76,7 +85,9 @@ def _box_medians(img, bad, ys, xs, half, max_half, out, found):
 
 
 @_threads
-def interpolate_over(img, bad, half=2, max_half=64):
+def interpolate_over(
+    img: np.ndarray, bad: np.ndarray, half: int = 2, max_half: int = 64
+) -> np.ndarray:
     """Replace ``bad`` pixels of ``img`` in place by the median of the good (not bad,
     finite) pixels in a ``(2h+1)²`` box, ``h = half`` doubled until one is found
     (beyond ``max_half``: the median of all good pixels)."""
@@ -107,7 +118,7 @@ def _diamonds(out, ys, xs, r):
                 out[y, x] = True
 
 
-def grow_diamond(mask, r):
+def grow_diamond(mask: np.ndarray, r: int) -> np.ndarray:
     """``scipy.ndimage.binary_dilation(mask, iterations=r)`` (the default cross-shaped
     structure: every pixel within Manhattan distance ``r``), visiting only set pixels."""
     ys, xs = np.nonzero(mask)
@@ -134,7 +145,7 @@ def _smooth(image, coarse, jy, ty, jx, tx, mask, ignore_bits, w, data, tmp, out,
             )
             data[y, x] = np.float32(0.0) if b else v - bkg
     for yy in numba.prange(ny):  # along columns (axis 0), row by row
-        y = np.int64(yy)
+        y = np.int64(yy)  # type: ignore[assignment]  # (numba: a signed index)
         for x in range(nx):
             tmp[y, x] = np.float32(0.0)
         for k in range(max(-r, -y), min(r, ny - 1 - y) + 1):
@@ -151,7 +162,14 @@ def _smooth(image, coarse, jy, ty, jx, tx, mask, ignore_bits, w, data, tmp, out,
 
 
 @_threads
-def smoothed_residual(image, bkg, mask, ignore_bits, sigma, truncate=3.0):
+def smoothed_residual(
+    image: np.ndarray,
+    bkg: np.ndarray,
+    mask: np.ndarray,
+    ignore_bits: int,
+    sigma: float,
+    truncate: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """``gaussian_filter(where(bad, 0, image − bkg), sigma, mode="constant")`` and ``bad``.
 
     ``bkg`` is a bilinearly interpolated grid, ``(coarse, jy, ty, jx, tx)`` of

@@ -88,7 +88,7 @@ def drp_matches(
         probability model yet), nearest first per DiaObject.
     """
     n = 0 if objects is None else len(objects)
-    if n and drp is not None and len(drp):
+    if n and objects is not None and drp is not None and len(drp):
         ids, dist = nearest_drp_objects(
             _col(objects, "ra", n),
             _col(objects, "dec", n),

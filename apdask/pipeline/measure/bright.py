@@ -12,8 +12,15 @@ from apdask.pipeline.stars import local_maxima, stamps_at
 __all__ = ["bright_sources"]
 
 
-def bright_sources(template, variance, psf_template, psf_difference, *, scale=1.0,
-                   min_snr=300.0):  # fmt: skip
+def bright_sources(
+    template: np.ndarray,
+    variance: np.ndarray,
+    psf_template: np.ndarray,
+    psf_difference: np.ndarray,
+    *,
+    scale: float = 1.0,
+    min_snr: float = 300.0,
+) -> dict[str, np.ndarray]:
     """Bright sources of the template: their residual rings on the difference.
 
     A matching kernel of limited size with a Gaussian basis cannot follow PSF wings

@@ -8,13 +8,13 @@ import numpy as np
 from astropy.io import fits
 
 from apdask import config
-from apdask.core.exposure import MASK, MASK_STAMP_DTYPE, mask_plane_cards
+from apdask.core.exposure import MASK, MASK_STAMP_DTYPE, Exposure, mask_plane_cards
 from apdask.pipeline.stars import cutout_at
 
 __all__ = ["make_cutout", "cutout_size"]
 
 
-def cutout_size(bbox_size):
+def cutout_size(bbox_size: float) -> int:
     """Side of an alert cutout: ``bboxSize`` clamped to the configured 30..102, made odd.
 
     Parameters
@@ -34,7 +34,7 @@ def cutout_size(bbox_size):
     return s
 
 
-def make_cutout(exposure, x, y, size):
+def make_cutout(exposure: Exposure, x: float, y: float, size: int) -> bytes:
     """FITS bytes of a CCDData-compatible stamp centred on pixel ``(x, y)``.
 
     Parameters

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from astropy.table import Table
 from photutils.aperture import ApertureMask, CircularAperture
 
@@ -286,7 +287,9 @@ def _aperture_fluxes(tab, difference, radius):
 
 
 @one_blas_thread
-def forced_photometry(difference, science, ra, dec):
+def forced_photometry(
+    difference: Exposure, science: Exposure, ra: npt.ArrayLike, dec: npt.ArrayLike
+) -> Table:
     """PSF-fit fluxes at given sky positions on the difference and science images.
 
     Parameters

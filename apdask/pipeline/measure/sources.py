@@ -261,7 +261,7 @@ def _source_flags(
     x0, x1 = int(detections["bbox_x0"][i]), int(detections["bbox_x1"][i])
     y0, y1 = int(detections["bbox_y0"][i]), int(detections["bbox_y1"][i])
     ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-    half = np.shape(difference.psf)[0] // 2
+    half = np.asarray(difference.psf).shape[0] // 2
     anyb, anyc = _pixel_flags(
         difference.mask, min(x0, ix - half), max(x1, ix + half + 1),
         min(y0, iy - half), max(y1, iy + half + 1), ix, iy,

@@ -479,6 +479,7 @@ def _difference_meta(
         meta["psf_model"] = model.convolved(psi) if psi is not None else model
     return meta
 
+
 def _model_stars(science, isolation, contrast, border, bad):
     """Kernel-stamp stars from the science PSF model's candidates, or None.
 

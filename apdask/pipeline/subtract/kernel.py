@@ -5,6 +5,7 @@ The Alard-Lupton basis, the stamp convolutions and the spatially varying least-s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,7 +36,7 @@ def _al_factors(sigmas, degrees, size):
     return terms, prof
 
 
-def alard_lupton_basis(sigmas, degrees, size):
+def alard_lupton_basis(sigmas: Sequence[float], degrees: Sequence[int], size: int) -> np.ndarray:
     """Alard–Lupton kernel basis: Gaussians times 2-D polynomials.
 
     Parameters
