@@ -152,8 +152,16 @@ def convolve_tiles(
             dst = out[y0 : y0 + h, x0 : x0 + w]
             for n, (wy, wx, idx, ks) in enumerate(terms):
                 tile_product(acc, ks, f, idx)
-                ducc0.fft.c2r(acc, axes=(0, 1), lastsize=tx, forward=False, inorm=2, nthreads=1,
-                              out=r, allow_overwriting_input=True)  # fmt: skip
+                ducc0.fft.c2r(
+                    acc,
+                    axes=(0, 1),
+                    lastsize=tx,
+                    forward=False,
+                    inorm=2,
+                    nthreads=1,
+                    out=r,
+                    allow_overwriting_input=True,
+                )
                 wy = none if wy is None else wy[y0 : y0 + h]
                 wx = none if wx is None else wx[x0 : x0 + w]
                 tile_add(dst, r, margin, wy, wx, n == 0)

@@ -66,8 +66,23 @@ def _weights(frac, table, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def _resample(src, src_var, bad, fx, fy, lo_x, hi_x, lo_y, hi_y, ratio, table,
-              out_img, out_var, out_fill, squared):  # fmt: skip
+def _resample(
+    src,
+    src_var,
+    bad,
+    fx,
+    fy,
+    lo_x,
+    hi_x,
+    lo_y,
+    hi_y,
+    ratio,
+    table,
+    out_img,
+    out_var,
+    out_fill,
+    squared,
+):
     h, w = src.shape
     ny, nx = fx.shape
     for i in numba.prange(ny):
@@ -162,8 +177,20 @@ def resample(
     if bad is None:
         bad = np.zeros((h, w), bool)
     lo_x, hi_x, lo_y, hi_y = bounds if bounds is not None else (-0.5, w - 0.5, -0.5, h - 0.5)
-    _resample(np.ascontiguousarray(src, np.float32), np.ascontiguousarray(src_var, np.float32),
-              np.ascontiguousarray(bad, np.bool_), np.ascontiguousarray(fx, np.float32),
-              np.ascontiguousarray(fy, np.float32), float(lo_x), float(hi_x), float(lo_y),
-              float(hi_y), float(ratio), _TABLE, out_img, out_var, out_fill,
-              variance_scale == "pixel")  # fmt: skip
+    _resample(
+        np.ascontiguousarray(src, np.float32),
+        np.ascontiguousarray(src_var, np.float32),
+        np.ascontiguousarray(bad, np.bool_),
+        np.ascontiguousarray(fx, np.float32),
+        np.ascontiguousarray(fy, np.float32),
+        float(lo_x),
+        float(hi_x),
+        float(lo_y),
+        float(hi_y),
+        float(ratio),
+        _TABLE,
+        out_img,
+        out_var,
+        out_fill,
+        variance_scale == "pixel",
+    )

@@ -362,9 +362,17 @@ def _detector(name, det_id, sensor, fp_x, fp_y, seed):
     anx, any_, pre, over = _SENSORS[sensor]
     amps = _amplifiers(anx, any_, pre, over, 2, 8, seed)
     return Detector(
-        name=name, id=det_id, nx=8 * anx, ny=2 * any_, amplifiers=amps,
-        fp_x=fp_x, fp_y=fp_y, rotation=0.0, pixel_size=10.0, sensor=sensor,
-    )  # fmt: skip
+        name=name,
+        id=det_id,
+        nx=8 * anx,
+        ny=2 * any_,
+        amplifiers=amps,
+        fp_x=fp_x,
+        fp_y=fp_y,
+        rotation=0.0,
+        pixel_size=10.0,
+        sensor=sensor,
+    )
 
 
 def _raft_detectors(raft, first_id, sensor):
@@ -412,7 +420,7 @@ def _testcam():
                 rotation=0.0,
                 pixel_size=10.0,
                 sensor="TEST",
-            )  # fmt: skip
+            )
         )
     return Camera("TestCam", tuple(dets))
 

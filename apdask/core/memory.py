@@ -50,6 +50,8 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
         _done = False
         return _done
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
-                 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # fmt: skip
+    _done = bool(
+        mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+        and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    )
     return _done

@@ -91,9 +91,15 @@ def refine_wcs(
     pix_scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
     fwhm = float(psf_fwhm(exposure.psf)) if exposure.psf is not None else 4.5
     stars = find_stars(
-        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm, nsigma=15.0,
-        isolation=3.0 * fwhm, border=int(2 * fwhm) + 2, max_stars=max_stars,
-    )  # fmt: skip
+        exposure.image,
+        exposure.variance,
+        exposure.mask,
+        fwhm=fwhm,
+        nsigma=15.0,
+        isolation=3.0 * fwhm,
+        border=int(2 * fwhm) + 2,
+        max_stars=max_stars,
+    )
     src = np.column_stack([stars["x"], stars["y"]])
     max_pix = max_offset_arcsec / pix_scale
     ref = _reference_pixels(wcs, ref_ra, ref_dec, ref_flux, (ny, nx), max_pix, len(src))
@@ -112,11 +118,13 @@ def refine_wcs(
     new = _corrected_wcs(wcs, amat, t, center)
     shift = _apply(amat, t, center[None], center)[0] - center
     info.update(
-        ok=True, n_matched=int(len(ridx)), rms_arcsec=rms,
+        ok=True,
+        n_matched=int(len(ridx)),
+        rms_arcsec=rms,
         shift_arcsec=float(np.hypot(*shift)) * pix_scale,
         rotation_deg=float(np.degrees(np.arctan2(amat[1, 0], amat[0, 0]))),
         scale=float(np.sqrt(abs(np.linalg.det(amat)))),
-    )  # fmt: skip
+    )
     return new, info
 
 

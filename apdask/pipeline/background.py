@@ -66,8 +66,9 @@ class Background:
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """The map on a box ``[y0:y1, x0:x1]`` (slices only), float32."""
         ry, rx = (np.arange(*k.indices(n)) for k, n in zip(key, self.shape, strict=True))
-        return (interp_matrix(self.ynodes, ry) @ self.coarse
-                @ interp_matrix(self.xnodes, rx).T).astype(np.float32)  # fmt: skip
+        return (
+            interp_matrix(self.ynodes, ry) @ self.coarse @ interp_matrix(self.xnodes, rx).T
+        ).astype(np.float32)
 
     def bilinear(self) -> tuple[np.ndarray, ...]:
         """``(coarse, jy, ty, jx, tx)``: the map at ``(y, x)`` is the bilinear blend of

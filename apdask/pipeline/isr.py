@@ -73,8 +73,11 @@ def isr_amp(
     osc = raw[amp.overscan_slice]
     osc_ok = finite[amp.overscan_slice]
     if osc.shape[1] > 0:
-        row = np.median(np.where(osc_ok, osc, np.nan), axis=1) if not osc_ok.all() else (
-            np.median(osc, axis=1))  # fmt: skip
+        row = (
+            np.median(np.where(osc_ok, osc, np.nan), axis=1)
+            if not osc_ok.all()
+            else (np.median(osc, axis=1))
+        )
         row = np.where(np.isfinite(row), row, np.nanmedian(row) if np.isfinite(row).any() else 0.0)
         row = ndimage.uniform_filter1d(row.astype(np.float64), _OVERSCAN_SMOOTH, mode="nearest")
     else:

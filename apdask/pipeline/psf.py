@@ -185,8 +185,9 @@ class PsfGrid:
         iy, ty = _bracket(self.yc, y)
         ix, tx = _bracket(self.xc, x)
         p = self.psfs
-        st = ((1 - ty) * ((1 - tx) * p[iy[0], ix[0]] + tx * p[iy[0], ix[1]])
-              + ty * ((1 - tx) * p[iy[1], ix[0]] + tx * p[iy[1], ix[1]]))  # fmt: skip
+        st = (1 - ty) * ((1 - tx) * p[iy[0], ix[0]] + tx * p[iy[0], ix[1]]) + ty * (
+            (1 - tx) * p[iy[1], ix[0]] + tx * p[iy[1], ix[1]]
+        )
         return st / st.sum()
 
     def at_many(self, x: npt.ArrayLike, y: npt.ArrayLike) -> np.ndarray:
@@ -196,8 +197,9 @@ class PsfGrid:
         (ix0, ix1), tx = _bracket_many(self.xc, x)
         ty, tx = ty[:, None, None], tx[:, None, None]
         p = self.psfs
-        st = ((1 - ty) * ((1 - tx) * p[iy0, ix0] + tx * p[iy0, ix1])
-              + ty * ((1 - tx) * p[iy1, ix0] + tx * p[iy1, ix1]))  # fmt: skip
+        st = (1 - ty) * ((1 - tx) * p[iy0, ix0] + tx * p[iy0, ix1]) + ty * (
+            (1 - tx) * p[iy1, ix0] + tx * p[iy1, ix1]
+        )
         return st / st.sum(axis=(1, 2), keepdims=True)
 
     def convolved(self, kernel: np.ndarray, size: int | None = None) -> PsfGrid:
@@ -253,9 +255,16 @@ def _psf_stamps(exposure, stamp_size, max_stars):
     half = stamp_size // 2
     fwhm0 = _guess_fwhm(exposure)
     stars = find_stars(
-        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
-        isolation=stamp_size, border=half + 2, max_stars=None, contrast=0.02,
-    )  # fmt: skip
+        exposure.image,
+        exposure.variance,
+        exposure.mask,
+        fwhm=fwhm0,
+        nsigma=20.0,
+        isolation=stamp_size,
+        border=half + 2,
+        max_stars=None,
+        contrast=0.02,
+    )
     n_found = len(stars["x"])
     order = np.arange(n_found)
     if n_found > 20:
@@ -279,8 +288,9 @@ def _psf_stamps(exposure, stamp_size, max_stars):
         st = np.asarray(exposure.image[sl], float) - bkg[sl]
         if st.shape != (2 * big + 1, 2 * big + 1):
             continue
-        ring = np.concatenate([st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(),
-                               st[2:-2, -2:].ravel()])  # fmt: skip
+        ring = np.concatenate(
+            [st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(), st[2:-2, -2:].ravel()]
+        )
         st -= np.median(ring)
         st = shifted_psf(st, -(x - ix), -(y - iy))[2:-2, 2:-2]
         tot = st.sum()
@@ -385,8 +395,9 @@ def estimate_psf_model(
     for j in range(cells):
         for i in range(cells):
             d = np.hypot((xs - xc[i]) / nx, (ys - yc[j]) / ny)
-            inside = np.flatnonzero((np.abs(xs - xc[i]) <= nx / cells / 2)
-                                    & (np.abs(ys - yc[j]) <= ny / cells / 2))  # fmt: skip
+            inside = np.flatnonzero(
+                (np.abs(xs - xc[i]) <= nx / cells / 2) & (np.abs(ys - yc[j]) <= ny / cells / 2)
+            )
             if len(inside) < min_per_cell:
                 inside = np.argsort(d)[: max(min_per_cell, len(inside))]
             psfs[j, i] = _combine(stamps[inside])

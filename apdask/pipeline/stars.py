@@ -124,8 +124,15 @@ def find_stars(
     iy, ix, snr, neighbour = iy[order], ix[order], snr[order], neighbour[order]
     x, y = subpixel_peak(sm, iy, ix)
     flux = sm[iy, ix] * 4 * np.pi * sigma**2
-    return {"x": x, "y": y, "snr": snr, "flux": flux, "neighbour": neighbour,
-            "isolation": float(isolation), "bkg": bkg}  # fmt: skip
+    return {
+        "x": x,
+        "y": y,
+        "snr": snr,
+        "flux": flux,
+        "neighbour": neighbour,
+        "isolation": float(isolation),
+        "bkg": bkg,
+    }
 
 
 def local_maxima(img: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:

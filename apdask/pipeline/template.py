@@ -101,8 +101,20 @@ def warp_template(
     # a one-column seam wherever a star met a tile's edge (up to 10 % of its peak).
     for inset in (3, 0):  # Lanczos-3
         for tile in tiles:
-            if _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance,
-                          filled, variance_scale):  # fmt: skip
+            if _warp_tile(
+                tile,
+                ra,
+                dec,
+                xnodes,
+                ynodes,
+                grid,
+                area_t,
+                inset,
+                image,
+                variance,
+                filled,
+                variance_scale,
+            ):
                 if tile.tile_id not in used:
                     used.append(tile.tile_id)
                 if out_psf is None and tile.psf is not None:
@@ -122,8 +134,9 @@ def warp_template(
     return Exposure(image=image, variance=variance, mask=mask, wcs=wcs, psf=out_psf, meta=meta)
 
 
-def _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance, filled,
-               variance_scale):  # fmt: skip
+def _warp_tile(
+    tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance, filled, variance_scale
+):
     """Resample one tile into the unfilled target pixels; True if it wrote any.
 
     Target pixels are filled from this tile only if their position is at least
@@ -176,8 +189,16 @@ def _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, varian
     cut = inset - 0.5 + 1e-3 if inset else 0.0  # (bounds are inclusive)
     hi_x, hi_y = tnx - 0.5 - cut, tny - 0.5 - cut
     lanczos.resample(
-        sub, subv, fx, fy, image[r0:r1, c0:c1], variance[r0:r1, c0:c1], win_fill,
-        bad=bad, ratio=ratio, variance_scale=variance_scale,
+        sub,
+        subv,
+        fx,
+        fy,
+        image[r0:r1, c0:c1],
+        variance[r0:r1, c0:c1],
+        win_fill,
+        bad=bad,
+        ratio=ratio,
+        variance_scale=variance_scale,
         bounds=(lo - x_lo, hi_x - x_lo, lo - y_lo, hi_y - y_lo),
-    )  # fmt: skip
+    )
     return int(np.count_nonzero(win_fill)) > before

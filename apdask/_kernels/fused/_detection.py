@@ -60,8 +60,15 @@ def matched_inputs(
     img0 = np.empty(image.shape, np.float32)
     var0 = np.empty(image.shape, np.float32)
     bad = np.empty(image.shape, np.bool_)
-    _matched_inputs(image, np.asarray(variance, np.float32), np.asarray(mask),
-                    np.uint32(ignore_bits), img0, var0, bad)  # fmt: skip
+    _matched_inputs(
+        image,
+        np.asarray(variance, np.float32),
+        np.asarray(mask),
+        np.uint32(ignore_bits),
+        img0,
+        var0,
+        bad,
+    )
     if around is not None and half > 0:
         n = int(np.count_nonzero(around))
         if 0 < n <= 20_000:  # a few saturated stars: mark boxes around their pixels

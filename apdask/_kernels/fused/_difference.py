@@ -139,9 +139,17 @@ def combine_masks(
     mask = np.empty(shape, np.uint32)
     bad = np.empty(shape, np.bool_)
     nodata = np.empty(shape, np.bool_)
-    _combine_masks(np.asarray(mask_s, np.uint32), np.asarray(mask_t, np.uint32), nodata_s,
-                   nodata_t, np.uint32(bad_bits), np.uint32(~np.uint32(clear_bits)), mask, bad,
-                   nodata)  # fmt: skip
+    _combine_masks(
+        np.asarray(mask_s, np.uint32),
+        np.asarray(mask_t, np.uint32),
+        nodata_s,
+        nodata_t,
+        np.uint32(bad_bits),
+        np.uint32(~np.uint32(clear_bits)),
+        mask,
+        bad,
+        nodata,
+    )
     return mask, bad, nodata
 
 
@@ -204,7 +212,14 @@ def difference_variance(
     """``max(scale (max(var_b, 0) + κ² max(var_a, 0)), floor)``, ``fill`` on ``nodata``
     and non-finite pixels; float32."""
     out = np.empty(np.shape(var_b), np.float32)
-    _variance(np.asarray(var_b, np.float32), np.asarray(var_a, np.float32),
-              np.float32(kappa2), np.float32(scale), np.float32(floor), np.float32(fill),
-              nodata, out)  # fmt: skip
+    _variance(
+        np.asarray(var_b, np.float32),
+        np.asarray(var_a, np.float32),
+        np.float32(kappa2),
+        np.float32(scale),
+        np.float32(floor),
+        np.float32(fill),
+        nodata,
+        out,
+    )
     return out

@@ -58,8 +58,17 @@ def cr_candidates(
     ``r = r1`` along rows and columns, ``r2`` along diagonals.
     """
     out = np.empty(img.shape, np.bool_)
-    _cr_candidates(img, bkg, np.asarray(var, np.float32), skip, cr, np.float32(r1),
-                   np.float32(r2), np.float32(nsigma), out)  # fmt: skip
+    _cr_candidates(
+        img,
+        bkg,
+        np.asarray(var, np.float32),
+        skip,
+        cr,
+        np.float32(r1),
+        np.float32(r2),
+        np.float32(nsigma),
+        out,
+    )
     return out
 
 
@@ -96,8 +105,9 @@ def interpolate_over(
         return img
     vals = np.empty(len(ys), np.float32)
     found = np.empty(len(ys), np.bool_)
-    _box_medians(img, bad, ys.astype(np.int64), xs.astype(np.int64), int(half), int(max_half),
-                 vals, found)  # fmt: skip
+    _box_medians(
+        img, bad, ys.astype(np.int64), xs.astype(np.int64), int(half), int(max_half), vals, found
+    )
     if not found.all():
         good = ~bad & np.isfinite(img)
         vals[~found] = np.median(img[good]) if good.any() else np.nan
@@ -195,6 +205,19 @@ def smoothed_residual(
     out = np.empty(image.shape, np.float32)
     bad = np.empty(image.shape, np.bool_)
     coarse, jy, ty, jx, tx = bkg
-    _smooth(image, coarse, jy, ty, jx, tx, np.asarray(mask), np.uint32(ignore_bits), w, data, tmp,
-            out, bad)  # fmt: skip
+    _smooth(
+        image,
+        coarse,
+        jy,
+        ty,
+        jx,
+        tx,
+        np.asarray(mask),
+        np.uint32(ignore_bits),
+        w,
+        data,
+        tmp,
+        out,
+        bad,
+    )
     return out, bad

@@ -88,8 +88,21 @@ def bright_sources(
     return {"x": xs[sel], "y": ys[sel], "flux": flux[sel]}
 
 
-def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_stars=50,
-                     nsigma=2.0, floor=0.05, neighbours=10, max_local=200):  # fmt: skip
+def _bright_variance(
+    filt,
+    vfilt,
+    bad,
+    sources,
+    psf,
+    *,
+    r_max=48,
+    step=2.0,
+    max_stars=50,
+    nsigma=2.0,
+    floor=0.05,
+    neighbours=10,
+    max_local=200,
+):
     """Residuals of bright sources as systematic noise of the S/N map (in place).
 
     Two terms, the score-image variance terms of Zackay, Ofek & Gal-Yam (2016):

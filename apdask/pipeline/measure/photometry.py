@@ -83,9 +83,16 @@ def aperture_correction(
     image = np.asarray(exposure.image)
     if stars is None:
         stars = find_stars(
-            image, exposure.variance, exposure.mask, fwhm=fwhm, nsigma=50.0, isolation=r_out,
-            border=half, max_stars=None, contrast=0.002,
-        )  # fmt: skip
+            image,
+            exposure.variance,
+            exposure.mask,
+            fwhm=fwhm,
+            nsigma=50.0,
+            isolation=r_out,
+            border=half,
+            max_stars=None,
+            contrast=0.002,
+        )
     order = usable_stars(len(stars["x"]), max_stars)
     ratios, errors = _star_ratios(exposure, psf_at, stars, order, radii, half)
     return _choose_correction(ratios, errors, radii, min_stars, max_error)
@@ -124,8 +131,9 @@ def _star_ratios(
         v = stamps_at(exposure.variance, ix, iy, half).astype(float)
         m = stamps_at(exposure.mask, ix, iy, half, MASK["NO_DATA"])
         o = np.arange(-half, half + 1, dtype=float)
-        r = np.hypot(o[None, None, :] - (x - ix)[:, None, None],
-                     o[None, :, None] - (y - iy)[:, None, None])  # fmt: skip
+        r = np.hypot(
+            o[None, None, :] - (x - ix)[:, None, None], o[None, :, None] - (y - iy)[:, None, None]
+        )
         ok = np.isfinite(d) & np.isfinite(v) & ((m & IGNORE_BITS) == 0)
         ann = ok & (r >= r_in) & (r <= r_out)
         n = len(order)
@@ -247,8 +255,12 @@ def _ap_corr(difference):
 def _apply_aperture_correction(tab, difference):
     """Scale PSF fluxes (difference and science) by the aperture corrections."""
     c_d, c_s = _ap_corr(difference)
-    for col, c in (("psfFlux", c_d), ("psfFluxErr", c_d), ("scienceFlux", c_s),
-                   ("scienceFluxErr", c_s)):  # fmt: skip
+    for col, c in (
+        ("psfFlux", c_d),
+        ("psfFluxErr", c_d),
+        ("scienceFlux", c_s),
+        ("scienceFluxErr", c_s),
+    ):
         if c != 1.0:
             tab[col] = np.asarray(tab[col], float) * c
 
@@ -315,18 +327,33 @@ def forced_photometry(
     ny, nx = difference.shape
     on = np.isfinite(x) & np.isfinite(y) & (x >= -0.5) & (x < nx - 0.5)
     on &= (y >= -0.5) & (y < ny - 0.5)
-    out = {k: np.full(len(x), np.nan) for k in ("psfFlux", "psfFluxErr", "scienceFlux",
-                                                 "scienceFluxErr")}  # fmt: skip
+    out = {
+        k: np.full(len(x), np.nan)
+        for k in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr")
+    }
     out["flag_edge"] = np.ones(len(x), bool)
     if on.any():  # all positions at once, in blocks (bounded memory)
         bkg = fit_background(science.image, science.mask, lazy=True)
         idx = np.flatnonzero(on)
         for blk in np.array_split(idx, max(1, len(idx) // 2000)):
             xb, yb = x[blk], y[blk]
-            f, fe, edge = _psf_fit_many(difference.image, difference.variance, difference.mask,
-                                        psfs_at(difference, psf, xb, yb), xb, yb)  # fmt: skip
-            sf, sfe, _ = _psf_fit_many(science.image, science.variance, science.mask,
-                                       psfs_at(science, psf_sci, xb, yb), xb, yb, bkg)  # fmt: skip
+            f, fe, edge = _psf_fit_many(
+                difference.image,
+                difference.variance,
+                difference.mask,
+                psfs_at(difference, psf, xb, yb),
+                xb,
+                yb,
+            )
+            sf, sfe, _ = _psf_fit_many(
+                science.image,
+                science.variance,
+                science.mask,
+                psfs_at(science, psf_sci, xb, yb),
+                xb,
+                yb,
+                bkg,
+            )
             out["psfFlux"][blk], out["psfFluxErr"][blk] = f, fe
             out["scienceFlux"][blk], out["scienceFluxErr"][blk] = sf, sfe
             out["flag_edge"][blk] = edge

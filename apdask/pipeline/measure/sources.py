@@ -190,22 +190,37 @@ def _psf_fluxes(
     psf_tpl = template.psf if template is not None and template.psf is not None else psf_sci
     psf_sci, psf_tpl = np.asarray(psf_sci, float), np.asarray(psf_tpl, float)
     fit_d = _psf_fit_many(
-        difference.image, difference.variance, difference.mask,
-        psfs_at(difference, psf, xs, ys), xs, ys, full=True,
-    )  # fmt: skip
+        difference.image,
+        difference.variance,
+        difference.mask,
+        psfs_at(difference, psf, xs, ys),
+        xs,
+        ys,
+        full=True,
+    )
     fit_s = fit_t = None
     if science is not None:
         sci_bkg = fit_background(science.image, science.mask, lazy=True)
         fit_s = _psf_fit_many(
-            science.image, science.variance, science.mask,
-            psfs_at(science, psf_sci, xs, ys), xs, ys, sci_bkg,
-        )  # fmt: skip
+            science.image,
+            science.variance,
+            science.mask,
+            psfs_at(science, psf_sci, xs, ys),
+            xs,
+            ys,
+            sci_bkg,
+        )
     if template is not None:
         tpl_bkg = fit_background(template.image, template.mask, lazy=True)
         fit_t = _psf_fit_many(
-            template.image, template.variance, template.mask,
-            psfs_at(template, psf_tpl, xs, ys), xs, ys, tpl_bkg,
-        )  # fmt: skip
+            template.image,
+            template.variance,
+            template.mask,
+            psfs_at(template, psf_tpl, xs, ys),
+            xs,
+            ys,
+            tpl_bkg,
+        )
     return fit_d, fit_s, fit_t
 
 
@@ -263,9 +278,14 @@ def _source_flags(
     ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
     half = np.asarray(difference.psf).shape[0] // 2
     anyb, anyc = _pixel_flags(
-        difference.mask, min(x0, ix - half), max(x1, ix + half + 1),
-        min(y0, iy - half), max(y1, iy + half + 1), ix, iy,
-    )  # fmt: skip
+        difference.mask,
+        min(x0, ix - half),
+        max(x1, ix + half + 1),
+        min(y0, iy - half),
+        max(y1, iy + half + 1),
+        ix,
+        iy,
+    )
     flags = {
         "pixelFlags_bad": bool(anyb & MASK["BAD"]),
         "pixelFlags_cr": bool(anyb & MASK["CR"]),

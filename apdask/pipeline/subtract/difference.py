@@ -18,25 +18,23 @@ from apdask._kernels.fused import (
     one_blas_thread,
 )
 from apdask.core.exposure import MASK, Exposure, mask_bits
-from apdask.core.stats import nanmedian_last, robust_sigma
+from apdask.core.stats import nanmedian_last
 from apdask.exceptions import PsfFitError
 from apdask.pipeline.background import tile_threads
 from apdask.pipeline.measure.bright import bright_sources
 from apdask.pipeline.measure.photometry import aperture_correction
 from apdask.pipeline.psf import conv_stamp, estimate_psf, psf_fwhm, psf_getter
-from apdask.pipeline.stars import find_stars, usable_stars
 from apdask.pipeline.subtract.decorrelate import _truncated_psi
 from apdask.pipeline.subtract.kernel import (
-    _MIN_STAMPS,
-    _al_factors,
-    _fit_kernel,
-    _kernel_images,
+    _fit_matching_kernel,
     _powers,
     _spatial_terms,
-    alard_lupton_basis,
+    choose_kernel_size,
 )
+from apdask.pipeline.subtract.qa import _noise_ratio, _qa_figures
+from apdask.pipeline.subtract.stamps import _pick_stamps
 
-__all__ = ["choose_kernel_size", "subtract"]
+__all__ = ["subtract"]
 
 _BAD_BITS = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
 _DETECTED_BITS = mask_bits("DETECTED", "DETECTED_NEGATIVE")
@@ -119,11 +117,10 @@ def subtract(
     rev = fw_t > fw_s
     direction = "convolve_science" if rev else "convolve_template"
     kernel_size, sigmas = choose_kernel_size(fw_s, fw_t, kernel_size)
-    kh = kernel_size // 2
+    kh, order = kernel_size // 2, int(spatial_order)
     sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, _NODATA)
     tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, _NODATA)
-    var_s = np.asarray(science.variance, np.float32)
-    var_t = np.asarray(template.variance, np.float32)
+    var_s, var_t = (np.asarray(e.variance, np.float32) for e in (science, template))
 
     # --- stamps around bright isolated stars, clean in both images
     t1 = time.perf_counter()
@@ -139,9 +136,8 @@ def subtract(
     t1 = time.perf_counter()
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
     kernels, bgc, chi2, used = _fit_matching_kernel(
-        img_a, img_b, (var_s, var_t), bad_any, xs, ys, sigmas, kernel_size,
-        int(spatial_order), fit_half,
-    )  # fmt: skip
+        img_a, img_b, (var_s, var_t), bad_any, xs, ys, sigmas, kernel_size, order, fit_half
+    )
     del bad_any
     timing["fit"] = time.perf_counter() - t1
     ksum = _kernel_sum(kernels[0])  # the constant spatial term: u = v = 0 at the centre
@@ -152,7 +148,7 @@ def subtract(
 
     t1 = time.perf_counter()
     psi = _truncated_psi(kernels[0], v_b, v_a, kh) if decorrelate else None
-    diff, u, v = _convolve_difference(img_a, img_b, kernels, psi, int(spatial_order))
+    diff, u, v = _convolve_difference(img_a, img_b, kernels, psi, order)
     del sci0, img_a, img_b  # (the template stays for its bright sources)
     timing["convolve"] = time.perf_counter() - t1
 
@@ -161,7 +157,7 @@ def subtract(
     psf_b = psf_t if rev else psf_s
     psf_d = conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
     _mark_edges(mask, nodata, kh)
-    bg_res = _finish(diff, mask, nodata, u, v, bgc, min(int(spatial_order), 1), ksum, rev)
+    bg_res = _finish(diff, mask, nodata, u, v, bgc, min(order, 1), ksum, rev)
     var = _difference_variance((var_s, var_t), v_a, v_b, ksum, rev, nodata)
     noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
@@ -185,72 +181,6 @@ def subtract(
     info = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
     info["timing"] = timing
     return difference, info
-
-
-def _qa_figures(
-    fit: tuple[float, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    psfs: tuple[float, float, np.ndarray],
-    direction: str,
-    decorrelate: bool,
-    noise: float,
-    ap: tuple[float, float, int, float],
-    sources: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The subtraction's QA record (``info`` of :func:`subtract`, less ``timing``).
-
-    ``fit`` is (kernel sum in the science calibration, kernel size, stamp χ², stamps
-    used, background coefficients, residual background coefficients); ``psfs`` the
-    science and template FWHMs and the difference's PSF; ``ap`` the aperture
-    corrections (difference, science, stars, radius).
-    """
-    kernel_sum, kernel_size, chi2, used, bgc, bg_res = fit
-    fw_s, fw_t, psf_d = psfs
-    return {
-        "kernel_sum": kernel_sum,
-        "kernel_size": kernel_size,
-        "n_stamps": int(used.sum()),
-        "stamp_chi2": [float(c) for c in chi2[used]],
-        "fwhm_science": fw_s,
-        "fwhm_template": fw_t,
-        "fwhm_difference": float(psf_fwhm(psf_d)),
-        "direction": direction,
-        "preconvolved": False,
-        "decorrelated": bool(decorrelate),
-        "background": [float(c) for c in bgc],
-        "background_residual": [float(c) for c in bg_res],
-        "noise_ratio": noise,
-        "ap_corr": ap[0],
-        "ap_corr_science": ap[1],
-        "ap_corr_n_stars": ap[2],
-        "ap_corr_radius": ap[3],
-        "n_bright_sources": len(sources["flux"]) if sources is not None else 0,
-    }
-
-
-def _fit_matching_kernel(
-    img_a: np.ndarray,
-    img_b: np.ndarray,
-    variances: tuple[np.ndarray, np.ndarray],
-    bad_any: np.ndarray,
-    xs: np.ndarray,
-    ys: np.ndarray,
-    sigmas: list[float],
-    kernel_size: int,
-    spatial_order: int,
-    fit_half: int,
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-    """Fit ``B ≈ K(x, y) ⊗ A + bg`` on the stamps in the Alard–Lupton basis.
-
-    Returns the kernel image of each spatial term (the constant term first), the
-    background coefficients, each stamp's reduced χ² and the stamps used.
-    """
-    basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
-    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
-    coef, nb, nsp, _, chi2, used = _fit_kernel(
-        img_a, img_b, variances, bad_any, basis, xs, ys, img_a.shape, spatial_order,
-        min(spatial_order, 1), fit_half, factors,
-    )  # fmt: skip
-    return _kernel_images(coef, basis, nb, nsp), coef[nb * nsp :], chi2, used
 
 
 def _finish(
@@ -287,69 +217,6 @@ def _psfs(science: Exposure, template: Exposure) -> tuple[np.ndarray, np.ndarray
     psf_t = template.psf if template.psf is not None else estimate_psf(template)
     psf_s, psf_t = np.asarray(psf_s, float), np.asarray(psf_t, float)
     return psf_s, psf_t, float(psf_fwhm(psf_s)), float(psf_fwhm(psf_t))
-
-
-def choose_kernel_size(
-    fw_s: float, fw_t: float, kernel_size: int | None = None
-) -> tuple[int, list[float]]:
-    """Side of the matching kernel and the widths of its Alard–Lupton Gaussians.
-
-    Parameters
-    ----------
-    fw_s, fw_t : float
-        FWHM of the science and template PSFs (pixels).
-    kernel_size : int, optional
-        Requested side (made odd); by default 3σ of the widest Gaussian, 11..41.
-
-    Returns
-    -------
-    kernel_size : int
-        Odd kernel side.
-    sigmas : list of float
-        ``σ_m / 2, σ_m, 2 σ_m`` with ``σ_m = max(sqrt|σ_s² − σ_t²|, 0.7)``.
-    """
-    sig_s, sig_t = fw_s / 2.3548, fw_t / 2.3548
-    sig_m = max(np.sqrt(abs(sig_s**2 - sig_t**2)), 0.7)
-    sigmas = [0.5 * sig_m, sig_m, 2.0 * sig_m]
-    if kernel_size is None:
-        kernel_size = 2 * int(np.ceil(3.0 * sigmas[-1])) + 1
-        kernel_size = int(np.clip(kernel_size, 11, 41))
-    return int(kernel_size) | 1, sigmas
-
-
-def _pick_stamps(
-    science: Exposure,
-    sci0: np.ndarray,
-    var_s: np.ndarray,
-    bad_any: np.ndarray,
-    fw_s: float,
-    fit_half: int,
-    border: int,
-    max_stamps: int,
-) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """The kernel stamps' stars and their integer centres.
-
-    Raises
-    ------
-    PsfFitError
-        If fewer than ``_MIN_STAMPS`` clean bright stars are found.
-    """
-    stars = _model_stars(science, 1.2 * fit_half, 0.01, border, bad_any)
-    if stars is None or len(usable_stars(len(stars["x"]), max_stamps)) < max_stamps:
-        # no model, or its candidates do not fill the stamp budget: search for every star
-        stars = find_stars(
-            sci0, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
-            border=border, max_stars=None, avoid=bad_any, contrast=0.01,
-        )  # fmt: skip
-    idx = usable_stars(len(stars["x"]), max_stamps)
-    if len(idx) < _MIN_STAMPS:
-        msg = (
-            f"kernel fit failed: only {len(idx)} clean bright stars for stamps (need {_MIN_STAMPS})"
-        )
-        raise PsfFitError(msg)
-    xs = np.floor(stars["x"][idx] + 0.5).astype(int)
-    ys = np.floor(stars["y"][idx] + 0.5).astype(int)
-    return stars, xs, ys
 
 
 def _kernel_sum(k_center: np.ndarray) -> float:
@@ -480,34 +347,6 @@ def _difference_meta(
     return meta
 
 
-def _model_stars(science, isolation, contrast, border, bad):
-    """Kernel-stamp stars from the science PSF model's candidates, or None.
-
-    The PSF model (:func:`estimate_psf_model`) keeps the bright stars its search
-    found; those at least ``isolation`` from any peak brighter than ``contrast`` times
-    their own, ``border`` from the edges and with no ``bad`` pixel within ``border``
-    are the stars the kernel fit's own search would pick, without a second
-    full-frame search.  None when there is no such model or it was searched with a
-    smaller isolation radius.  (:func:`subtract` searches anyway when these do not
-    fill its stamp budget: on a small or sparse CCD a kernel fitted on few stamps
-    needs every star, and the PSF search, made with a fixed FWHM guess, can miss
-    one or two.)
-    """
-    stars = getattr(science.meta.get("psf_model"), "stars", None)
-    if stars is None or stars.get("isolation", 0.0) < isolation or "neighbour" not in stars:
-        return None
-    ny, nx = science.shape
-    x, y = np.asarray(stars["x"]), np.asarray(stars["y"])
-    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
-    b = int(border)
-    keep = (np.asarray(stars["neighbour"]) <= contrast) & (ix >= b) & (ix < nx - b)
-    keep &= (iy >= b) & (iy < ny - b)
-    for k in np.flatnonzero(keep):
-        if bad[iy[k] - b : iy[k] + b + 1, ix[k] - b : ix[k] + b + 1].any():
-            keep[k] = False
-    return {k: v[keep] if isinstance(v, np.ndarray) else v for k, v in stars.items()}
-
-
 def _typical(var, nodata, default, samples=64000):
     """Median of ``var`` on about ``samples`` pixels with data (every ``step``-th row and
     column)."""
@@ -564,16 +403,3 @@ def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=8, min
     coef = np.linalg.lstsq(a * w[:, None], med * w, rcond=None)[0]
     out[: len(coef)] = coef  # the constant term comes first in every order
     return out
-
-
-def _noise_ratio(diff, var, mask, samples=64000):
-    """Robust σ of ``diff / sqrt(var)`` on clean pixels of every ``step``-th row and column,
-    ``step`` chosen for about ``samples`` pixels (a relative error of 0.5 %)."""
-    step = max(1, int(np.sqrt(diff.size / samples)))
-    bad = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
-    d, v, m = diff[::step, ::step], var[::step, ::step], mask[::step, ::step]
-    ok = ((m & bad) == 0) & (v > 0)
-    if not ok.any():
-        return float("nan")
-    p = d[ok] / np.sqrt(v[ok])
-    return float(robust_sigma(p))
