@@ -429,7 +429,7 @@ CAMERAS = {"lsstcam": _lsstcam, "comcam": _comcam, "testcam": _testcam}
 _ALIASES = {"lsstcomcam": "comcam", "lsstcomcamsim": "comcam"}
 
 
-def get_camera(name: str) -> Camera:
+def get_camera(name: object) -> Camera:
     """Return a camera by name: ``"lsstcam"``, ``"comcam"`` or ``"testcam"``.
 
     Parameters

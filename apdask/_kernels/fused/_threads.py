@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numba
 import threadpoolctl
 
 __all__ = ["inner_threads", "one_blas_thread"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def inner_threads() -> int:
@@ -29,7 +32,7 @@ def inner_threads() -> int:
 _blas: Any = None
 
 
-def one_blas_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+def one_blas_thread(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``fn`` with BLAS limited to one thread (a cached ``threadpoolctl`` controller).
 
     The pipeline's BLAS calls are small matrix products, and OpenBLAS's workers,
@@ -39,7 +42,7 @@ def one_blas_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         global _blas
         if _blas is None:
             _blas = threadpoolctl.ThreadpoolController()
