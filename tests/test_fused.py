@@ -140,7 +140,7 @@ def test_aperture_fluxes_equal_photutils(planes):
 
 def test_kernel_stamps_reuse_the_psf_models_stars():
     from apdask.pipeline.psf import PsfGrid
-    from apdask.pipeline.subtract.difference import _model_stars
+    from apdask.pipeline.subtract.stamps import _model_stars
 
     stars = {"x": np.array([50.2, 12.0, 80.0, 140.0]), "y": np.array([60.0, 70.0, 81.4, 100.0]),
              "snr": np.array([90.0, 80.0, 70.0, 60.0]), "neighbour": np.array([0.0, 0, 0.05, 0]),

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask.pipeline.associate import BANDS, _unit_vectors, update_objects
+from apdask.core.geometry import unit_vectors
+from apdask.pipeline.associate import BANDS, update_objects
 
 AS = 1.0 / 3600.0
 
@@ -64,7 +65,7 @@ def _ref_flux(mjd, flux, err):
 def _ref_position(ra, dec, ra_err, dec_err):
     ok = np.isfinite(ra_err) & np.isfinite(dec_err) & (ra_err > 0) & (dec_err > 0)
     w = 2.0 / (ra_err**2 + dec_err**2) if ok.all() else np.ones(ra.size)
-    v = (w[:, None] * _unit_vectors(ra, dec)).sum(axis=0)
+    v = (w[:, None] * unit_vectors(ra, dec)).sum(axis=0)
     mra = float(np.degrees(np.arctan2(v[1], v[0])) % 360.0)
     mdec = float(np.degrees(np.arctan2(v[2], np.hypot(v[0], v[1]))))
     if not ok.all():

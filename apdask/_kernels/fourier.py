@@ -14,7 +14,9 @@ rounding.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import ducc0
 import numpy as np
@@ -24,7 +26,7 @@ from apdask._kernels.fused import tile_add, tile_product
 __all__ = ["convolve_tiles", "small_kernel_rfft2", "tile_size"]
 
 
-def small_kernel_rfft2(kernels, fy, fx):
+def small_kernel_rfft2(kernels: Sequence[np.ndarray], fy: int, fx: int) -> np.ndarray:
     """``rfft2`` on an ``fy × fx`` grid of small odd kernels centred on the origin.
 
     Each kernel (``n × n``, centre at ``n // 2``) is placed with its centre at
@@ -58,7 +60,7 @@ def small_kernel_rfft2(kernels, fy, fx):
     return out
 
 
-def tile_size(n_pixels, margin, tile=None):
+def tile_size(n_pixels: int, margin: int, tile: int | None = None) -> tuple[int, int]:
     """Transform length and core (output) length of the tiles along one axis.
 
     An axis that fits in one tile with its margins gets one transform of
@@ -78,7 +80,13 @@ def tile_size(n_pixels, margin, tile=None):
     return ducc0.fft.good_size(core + 2 * margin, True), core
 
 
-def convolve_tiles(images, outputs, *, threads=1, tile=None):
+def convolve_tiles(
+    images: Sequence[np.ndarray],
+    outputs: Sequence[tuple[np.ndarray, Sequence[Any]]],
+    *,
+    threads: int = 1,
+    tile: int | None = None,
+) -> Any:
     """Sums of weighted convolutions of full frames with small kernels, by overlap-save.
 
     For every ``(out, terms)`` in ``outputs``::
@@ -144,8 +152,16 @@ def convolve_tiles(images, outputs, *, threads=1, tile=None):
             dst = out[y0 : y0 + h, x0 : x0 + w]
             for n, (wy, wx, idx, ks) in enumerate(terms):
                 tile_product(acc, ks, f, idx)
-                ducc0.fft.c2r(acc, axes=(0, 1), lastsize=tx, forward=False, inorm=2, nthreads=1,
-                              out=r, allow_overwriting_input=True)  # fmt: skip
+                ducc0.fft.c2r(
+                    acc,
+                    axes=(0, 1),
+                    lastsize=tx,
+                    forward=False,
+                    inorm=2,
+                    nthreads=1,
+                    out=r,
+                    allow_overwriting_input=True,
+                )
                 wy = none if wy is None else wy[y0 : y0 + h]
                 wx = none if wx is None else wx[x0 : x0 + w]
                 tile_add(dst, r, margin, wy, wx, n == 0)
@@ -164,7 +180,7 @@ def _term_spectra(outputs, ty, tx):
     the unweighted terms merged into the first, one spectrum per image."""
     res = []
     for _, terms in outputs:
-        merged = {}
+        merged: dict[Any, Any] = {}
         weighted = []
         for wy, wx, parts in terms:
             dst = merged if wy is None and wx is None else {}

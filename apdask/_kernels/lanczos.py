@@ -17,8 +17,11 @@ interpolated, which agrees with the exact kernel to about 1e-6.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["lanczos3_weights", "resample"]
 
@@ -27,7 +30,7 @@ _TAPS = 2 * _A
 _NTAB = 2048
 
 
-def lanczos3_weights(frac):
+def lanczos3_weights(frac: npt.ArrayLike) -> np.ndarray:
     """Exact Lanczos-3 weights of the taps ``floor(x) - 2 … floor(x) + 3``.
 
     Parameters
@@ -63,8 +66,23 @@ def _weights(frac, table, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def _resample(src, src_var, bad, fx, fy, lo_x, hi_x, lo_y, hi_y, ratio, table,
-              out_img, out_var, out_fill, squared):  # fmt: skip
+def _resample(
+    src,
+    src_var,
+    bad,
+    fx,
+    fy,
+    lo_x,
+    hi_x,
+    lo_y,
+    hi_y,
+    ratio,
+    table,
+    out_img,
+    out_var,
+    out_fill,
+    squared,
+):
     h, w = src.shape
     ny, nx = fx.shape
     for i in numba.prange(ny):
@@ -104,8 +122,20 @@ def _resample(src, src_var, bad, fx, fy, lo_x, hi_x, lo_y, hi_y, ratio, table,
             out_fill[i, j] = True
 
 
-def resample(src, src_var, fx, fy, out_img, out_var, out_fill, *, bad=None, bounds=None,
-             ratio=1.0, variance_scale="psf"):  # fmt: skip
+def resample(
+    src: np.ndarray,
+    src_var: np.ndarray,
+    fx: np.ndarray,
+    fy: np.ndarray,
+    out_img: np.ndarray,
+    out_var: np.ndarray,
+    out_fill: np.ndarray,
+    *,
+    bad: np.ndarray | None = None,
+    bounds: Any = None,
+    ratio: float = 1.0,
+    variance_scale: str = "psf",
+) -> None:
     """Lanczos-3 interpolate ``src`` and ``src_var`` at ``(fx, fy)`` into the outputs.
 
     Only output pixels whose ``out_fill`` is False are written; they are set to
@@ -147,8 +177,20 @@ def resample(src, src_var, fx, fy, out_img, out_var, out_fill, *, bad=None, boun
     if bad is None:
         bad = np.zeros((h, w), bool)
     lo_x, hi_x, lo_y, hi_y = bounds if bounds is not None else (-0.5, w - 0.5, -0.5, h - 0.5)
-    _resample(np.ascontiguousarray(src, np.float32), np.ascontiguousarray(src_var, np.float32),
-              np.ascontiguousarray(bad, np.bool_), np.ascontiguousarray(fx, np.float32),
-              np.ascontiguousarray(fy, np.float32), float(lo_x), float(hi_x), float(lo_y),
-              float(hi_y), float(ratio), _TABLE, out_img, out_var, out_fill,
-              variance_scale == "pixel")  # fmt: skip
+    _resample(
+        np.ascontiguousarray(src, np.float32),
+        np.ascontiguousarray(src_var, np.float32),
+        np.ascontiguousarray(bad, np.bool_),
+        np.ascontiguousarray(fx, np.float32),
+        np.ascontiguousarray(fy, np.float32),
+        float(lo_x),
+        float(hi_x),
+        float(lo_y),
+        float(hi_y),
+        float(ratio),
+        _TABLE,
+        out_img,
+        out_var,
+        out_fill,
+        variance_scale == "pixel",
+    )

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from astropy.wcs import WCS
 
 from apdask.exceptions import CoordinateError, UnknownDetectorError, UnknownFilterError
@@ -49,7 +51,7 @@ BANDS = ("u", "g", "r", "i", "z", "y")
 PIXEL_SCALE_ARCSEC = 0.2
 
 
-def check_band(band):
+def check_band(band: str) -> str:
     """Return ``band`` if it is a Rubin filter band, else raise UnknownFilterError."""
     if band not in BANDS:
         msg = f"unknown filter {band!r}; use one of {', '.join(BANDS)} (e.g. --filter r)"
@@ -57,7 +59,7 @@ def check_band(band):
     return band
 
 
-def check_pointing(ra, dec):
+def check_pointing(ra: float, dec: float) -> tuple[float, float]:
     """Validate a boresight position in degrees; raise CoordinateError if out of range."""
     try:
         ra, dec = float(ra), float(dec)
@@ -114,27 +116,27 @@ class Amplifier:
     saturation: float = 100_000.0
 
     @property
-    def nx(self):
+    def nx(self) -> int:
         """Data columns."""
         return self.x1 - self.x0
 
     @property
-    def ny(self):
+    def ny(self) -> int:
         """Data rows."""
         return self.y1 - self.y0
 
     @property
-    def raw_shape(self):
+    def raw_shape(self) -> tuple[int, int]:
         """Shape ``(ny, prescan + nx + overscan)`` of the raw segment."""
         return (self.ny, self.prescan + self.nx + self.overscan)
 
     @property
-    def data_slice(self):
+    def data_slice(self) -> tuple[slice, slice]:
         """Slice of the data section within the raw segment (readout order)."""
         return (slice(0, self.ny), slice(self.prescan, self.prescan + self.nx))
 
     @property
-    def overscan_slice(self):
+    def overscan_slice(self) -> tuple[slice, slice]:
         """Slice of the serial overscan within the raw segment."""
         return (slice(0, self.ny), slice(self.prescan + self.nx, self.raw_shape[1]))
 
@@ -174,23 +176,23 @@ class Detector:
     sensor: str = "ITL"
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, int]:
         """Assembled image shape ``(ny, nx)``."""
         return (self.ny, self.nx)
 
     @property
-    def pixel_scale(self):
+    def pixel_scale(self) -> float:
         """Arcsec per pixel."""
         return PIXEL_SCALE_ARCSEC * self.pixel_size / 10.0
 
     @property
-    def amp_chunks(self):
+    def amp_chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Dask chunks ``(row heights, column widths)`` that put one amplifier per chunk."""
         ys = sorted({(a.y0, a.y1) for a in self.amplifiers})
         xs = sorted({(a.x0, a.x1) for a in self.amplifiers})
         return (tuple(b - a for a, b in ys), tuple(b - a for a, b in xs))
 
-    def amp_grid(self):
+    def amp_grid(self) -> Any:
         """Amplifiers as a nested list ``[row][col]`` in assembled-image order."""
         ys = sorted({a.y0 for a in self.amplifiers})
         xs = sorted({a.x0 for a in self.amplifiers})
@@ -199,7 +201,7 @@ class Detector:
             grid[ys.index(a.y0)][xs.index(a.x0)] = a
         return grid
 
-    def pixel_to_focal_plane(self, x, y):
+    def pixel_to_focal_plane(self, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[Any, Any]:
         """Map pixel coordinates to focal-plane mm."""
         x = np.asarray(x, dtype=float) - (self.nx - 1) / 2.0
         y = np.asarray(y, dtype=float) - (self.ny - 1) / 2.0
@@ -209,7 +211,7 @@ class Detector:
         fy = self.fp_y + mm * (np.sin(t) * x + np.cos(t) * y)
         return fx, fy
 
-    def predicted_wcs(self, ra, dec, rotpa=0.0):
+    def predicted_wcs(self, ra: float, dec: float, rotpa: float = 0.0) -> WCS:
         """Predicted TAN WCS of this detector for a boresight pointing.
 
         Parameters
@@ -247,7 +249,9 @@ class Detector:
         w.pixel_shape = (self.nx, self.ny)
         return w
 
-    def footprint(self, ra, dec, rotpa=0.0, padding_arcsec=0.0):
+    def footprint(
+        self, ra: float, dec: float, rotpa: float = 0.0, padding_arcsec: float = 0.0
+    ) -> np.ndarray:
         """Sky polygon of the detector: four corners ``(ra, dec)`` in degrees.
 
         Parameters
@@ -302,7 +306,7 @@ class Camera:
             raise UnknownDetectorError(msg) from None
 
     @property
-    def names(self):
+    def names(self) -> list[str]:
         """Detector names in id order."""
         return [d.name for d in self.detectors]
 
@@ -358,9 +362,17 @@ def _detector(name, det_id, sensor, fp_x, fp_y, seed):
     anx, any_, pre, over = _SENSORS[sensor]
     amps = _amplifiers(anx, any_, pre, over, 2, 8, seed)
     return Detector(
-        name=name, id=det_id, nx=8 * anx, ny=2 * any_, amplifiers=amps,
-        fp_x=fp_x, fp_y=fp_y, rotation=0.0, pixel_size=10.0, sensor=sensor,
-    )  # fmt: skip
+        name=name,
+        id=det_id,
+        nx=8 * anx,
+        ny=2 * any_,
+        amplifiers=amps,
+        fp_x=fp_x,
+        fp_y=fp_y,
+        rotation=0.0,
+        pixel_size=10.0,
+        sensor=sensor,
+    )
 
 
 def _raft_detectors(raft, first_id, sensor):
@@ -408,7 +420,7 @@ def _testcam():
                 rotation=0.0,
                 pixel_size=10.0,
                 sensor="TEST",
-            )  # fmt: skip
+            )
         )
     return Camera("TestCam", tuple(dets))
 
@@ -417,7 +429,7 @@ CAMERAS = {"lsstcam": _lsstcam, "comcam": _comcam, "testcam": _testcam}
 _ALIASES = {"lsstcomcam": "comcam", "lsstcomcamsim": "comcam"}
 
 
-def get_camera(name):
+def get_camera(name: object) -> Camera:
     """Return a camera by name: ``"lsstcam"``, ``"comcam"`` or ``"testcam"``.
 
     Parameters
@@ -447,7 +459,7 @@ def get_camera(name):
 ZEROPOINTS = {"u": 26.52, "g": 28.51, "r": 28.36, "i": 28.17, "z": 27.78, "y": 26.82}
 
 
-def njy_per_electron(band, exptime):
+def njy_per_electron(band: str, exptime: float) -> float:
     """Flux in nJy of a source that gives one electron in ``exptime`` seconds.
 
     The photometric calibration shared by the simulator and ISR:

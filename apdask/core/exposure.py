@@ -13,6 +13,7 @@ ADU or electrons, as each function documents.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -38,12 +39,12 @@ if max(MASK.values()) > np.iinfo(MASK_STAMP_DTYPE).max:  # pragma: no cover - a 
     raise RuntimeError("a mask plane does not fit MASK_STAMP_DTYPE; widen it")
 
 
-def mask_plane_cards():
+def mask_plane_cards() -> list[tuple[str, str, str]]:
     """FITS cards naming the planes of a stamp's mask: ``MASKBITn = 'NAME'`` for bit ``n``."""
     return [(f"MASKBIT{v.bit_length() - 1}", name, "mask plane") for name, v in MASK.items()]
 
 
-def mask_bits(*names):
+def mask_bits(*names: str) -> int:
     """OR of the named mask planes, e.g. ``mask_bits("BAD", "SAT")``."""
     out = 0
     for n in names:
@@ -75,16 +76,16 @@ class Exposure:
     image: np.ndarray
     variance: np.ndarray
     mask: np.ndarray
-    wcs: object = None
+    wcs: Any = None
     psf: np.ndarray | None = None
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         """Image shape ``(ny, nx)``."""
         return self.image.shape
 
-    def copy_with(self, **changes):
+    def copy_with(self, **changes: Any) -> Exposure:
         """A shallow copy with some attributes replaced."""
         return replace(self, **changes)
 

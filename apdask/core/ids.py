@@ -15,7 +15,10 @@ Rubin's pipeline.  Re-processing a CCD therefore reproduces the same ids.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["pack_id", "unpack_id", "dia_source_ids", "dia_forced_source_ids"]
 
@@ -23,7 +26,7 @@ _VISIT_BITS, _DET_BITS, _INDEX_BITS = 35, 8, 20
 _FORCED_OFFSET = 1 << (_INDEX_BITS - 1)
 
 
-def pack_id(visit, detector, index):
+def pack_id(visit: npt.ArrayLike, detector: npt.ArrayLike, index: npt.ArrayLike) -> Any:
     """Pack ``(visit, detector, index)`` into one int64 (scalars or arrays)."""
     visit = np.asarray(visit, dtype=np.int64)
     detector = np.asarray(detector, dtype=np.int64)
@@ -41,7 +44,7 @@ def pack_id(visit, detector, index):
     return out if out.ndim else int(out)
 
 
-def unpack_id(packed):
+def unpack_id(packed: npt.ArrayLike) -> tuple[Any, Any, Any]:
     """Inverse of :func:`pack_id`: return ``(visit, detector, index)``."""
     p = np.asarray(packed, dtype=np.int64)
     index = p & ((1 << _INDEX_BITS) - 1)
@@ -52,7 +55,7 @@ def unpack_id(packed):
     return visit, detector, index
 
 
-def dia_source_ids(visit, detector, n):
+def dia_source_ids(visit: int, detector: int, n: int) -> np.ndarray:
     """Ids of the ``n`` DIASources measured on one CCD of one visit."""
     if n >= _FORCED_OFFSET:
         msg = f"at most {_FORCED_OFFSET - 1} DIASources per CCD, got {n}"
@@ -60,7 +63,7 @@ def dia_source_ids(visit, detector, n):
     return pack_id(visit, detector, np.arange(n, dtype=np.int64))
 
 
-def dia_forced_source_ids(visit, detector, n):
+def dia_forced_source_ids(visit: int, detector: int, n: int) -> np.ndarray:
     """Ids of the ``n`` forced measurements on one CCD of one visit."""
     if n >= _FORCED_OFFSET:
         msg = f"at most {_FORCED_OFFSET - 1} forced sources per CCD, got {n}"

@@ -14,6 +14,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from numpy.typing import ArrayLike
 
+from apdask.core.geometry import unit_vectors
+
 __all__ = ["polygons_overlap", "wcs_from_attrs", "wcs_to_attrs"]
 
 
@@ -98,7 +100,7 @@ def polygons_overlap(corners_a: ArrayLike, corners_b: ArrayLike) -> bool:
     """
     a = np.asarray(corners_a, dtype=float)
     b = np.asarray(corners_b, dtype=float)
-    vec = _unit(b).mean(axis=0)
+    vec = unit_vectors(b[:, 0], b[:, 1]).mean(axis=0)
     ra0 = np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0
     dec0 = np.rad2deg(np.arctan2(vec[2], np.hypot(vec[0], vec[1])))
     pa, pb = _gnomonic(a, ra0, dec0), _gnomonic(b, ra0, dec0)
@@ -107,15 +109,10 @@ def polygons_overlap(corners_a: ArrayLike, corners_b: ArrayLike) -> bool:
     return _sat_overlap(_hull(pa), _hull(pb))
 
 
-def _unit(radec):
-    ra, dec = np.deg2rad(radec[:, 0]), np.deg2rad(radec[:, 1])
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
-
-
 def _points_in_polygon(ra, dec, corners):
     """Boolean mask of points inside the convex hull of ``corners`` (tangent plane)."""
     corners = np.asarray(corners, dtype=float)
-    vec = _unit(corners).mean(axis=0)
+    vec = unit_vectors(corners[:, 0], corners[:, 1]).mean(axis=0)
     ra0 = np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0
     dec0 = np.rad2deg(np.arctan2(vec[2], np.hypot(vec[0], vec[1])))
     hull = _hull(_gnomonic(corners, ra0, dec0))

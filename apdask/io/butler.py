@@ -32,6 +32,7 @@ from numpy.typing import ArrayLike
 
 from apdask.core.camera import Camera, check_band, get_camera
 from apdask.core.exposure import TemplateTile
+from apdask.core.stats import robust_sigma
 from apdask.exceptions import ConfigurationError, RawFormatError
 from apdask.io._footprint import (
     _points_in_polygon,
@@ -272,8 +273,7 @@ class Butler:
                 finite = image[np.isfinite(image)]
                 if finite.size == 0:
                     raise ConfigurationError(f"template {path}: image has no finite pixels")
-                mad = np.median(np.abs(finite - np.median(finite)))
-                variance = np.full(image.shape, (1.4826 * mad) ** 2)
+                variance = np.full(image.shape, robust_sigma(finite) ** 2)
         self.put_template(band, tile_id, image * factor, variance * factor**2, wcs)
         return tile_id
 

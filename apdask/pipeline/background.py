@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import ndimage
 
@@ -17,11 +19,12 @@ __all__ = ["Background", "fit_background", "interp_matrix", "tile_threads"]
 # --------------------------------------------------------------------------------------
 # shared pixel helpers
 # --------------------------------------------------------------------------------------
-def tile_threads():
+def tile_threads() -> int:
+    """Threads for the FFT tiles and parallel passes of one task (:func:`inner_threads`)."""
     return inner_threads()
 
 
-def interp_matrix(nodes, n):
+def interp_matrix(nodes: np.ndarray, n: Any) -> np.ndarray:
     """Dense matrix that linearly interpolates node values to pixels ``0..n-1`` (or to the
     pixel positions ``n``, an array), clamped at the outer nodes."""
     nodes = np.asarray(nodes, dtype=float)
@@ -55,16 +58,19 @@ class Background:
     dtype = np.dtype(np.float32)
     ndim = 2
 
-    def __init__(self, coarse, ynodes, xnodes, shape):
+    def __init__(
+        self, coarse: np.ndarray, ynodes: np.ndarray, xnodes: np.ndarray, shape: tuple[int, int]
+    ) -> None:
         self.coarse, self.ynodes, self.xnodes, self.shape = coarse, ynodes, xnodes, shape
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         """The map on a box ``[y0:y1, x0:x1]`` (slices only), float32."""
         ry, rx = (np.arange(*k.indices(n)) for k, n in zip(key, self.shape, strict=True))
-        return (interp_matrix(self.ynodes, ry) @ self.coarse
-                @ interp_matrix(self.xnodes, rx).T).astype(np.float32)  # fmt: skip
+        return (
+            interp_matrix(self.ynodes, ry) @ self.coarse @ interp_matrix(self.xnodes, rx).T
+        ).astype(np.float32)
 
-    def bilinear(self):
+    def bilinear(self) -> tuple[np.ndarray, ...]:
         """``(coarse, jy, ty, jx, tx)``: the map at ``(y, x)`` is the bilinear blend of
         ``coarse[jy[y]:jy[y]+2, jx[x]:jx[x]+2]`` with weights ``ty[y]``, ``tx[x]``
         (what :meth:`full` computes, for fused loops)."""
@@ -81,12 +87,14 @@ class Background:
             out += [j.astype(np.int64), t.astype(np.float32)]
         return (np.ascontiguousarray(coarse), *out)
 
-    def full(self):
+    def full(self) -> np.ndarray:
         """The map on every pixel (float32)."""
         return _upsample(self.coarse, self.ynodes, self.xnodes, self.shape)
 
 
-def fit_background(image, mask=None, box=64, lazy=False):
+def fit_background(
+    image: np.ndarray, mask: np.ndarray | None = None, box: int = 64, lazy: bool = False
+) -> Any:
     """Smooth background map: block medians (masked pixels ignored), bilinear upsampled
     (a :class:`Background` to evaluate on demand when ``lazy``)."""
     ny, nx = image.shape

@@ -14,6 +14,9 @@ mean 1 (≤ 0 or NaN = dead pixel).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import dask
 import dask.array as da
 import numpy as np
@@ -36,7 +39,14 @@ DEAD_AMP_FRACTION = 0.5
 _OVERSCAN_SMOOTH = 15  # rows in the running mean of the overscan row medians
 
 
-def isr_amp(raw, amp, bias=None, dark=None, flat=None, darktime=0.0):
+def isr_amp(
+    raw: np.ndarray,
+    amp: Any,
+    bias: np.ndarray | None = None,
+    dark: np.ndarray | None = None,
+    flat: np.ndarray | None = None,
+    darktime: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ISR of one amplifier segment (numpy in, numpy out).
 
     Parameters
@@ -63,8 +73,11 @@ def isr_amp(raw, amp, bias=None, dark=None, flat=None, darktime=0.0):
     osc = raw[amp.overscan_slice]
     osc_ok = finite[amp.overscan_slice]
     if osc.shape[1] > 0:
-        row = np.median(np.where(osc_ok, osc, np.nan), axis=1) if not osc_ok.all() else (
-            np.median(osc, axis=1))  # fmt: skip
+        row = (
+            np.median(np.where(osc_ok, osc, np.nan), axis=1)
+            if not osc_ok.all()
+            else (np.median(osc, axis=1))
+        )
         row = np.where(np.isfinite(row), row, np.nanmedian(row) if np.isfinite(row).any() else 0.0)
         row = ndimage.uniform_filter1d(row.astype(np.float64), _OVERSCAN_SMOOTH, mode="nearest")
     else:
@@ -128,7 +141,14 @@ def _section(calib, amp):
     return calib[amp.y0 : amp.y1, amp.x0 : amp.x1]
 
 
-def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
+def isr_arrays(
+    amps: Sequence[Any],
+    detector: Any,
+    bias: Any = None,
+    dark: Any = None,
+    flat: Any = None,
+    darktime: float = 0.0,
+) -> tuple[da.Array, da.Array, da.Array]:
     """Lazy ISR of all amplifiers of a detector.
 
     Parameters
@@ -165,10 +185,10 @@ def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
             raise ValueError(msg)
     grid = detector.amp_grid()
     by_index = {a.index: k for k, a in enumerate(detector.amplifiers)}
-    blocks = {"img": [], "var": [], "mask": []}
+    blocks: dict[str, list[Any]] = {"img": [], "var": [], "mask": []}
     task = dask.delayed(isr_amp, nout=3, pure=True)
     for row in grid:
-        brow = {k: [] for k in blocks}
+        brow: dict[str, list[Any]] = {k: [] for k in blocks}
         for amp in row:
             raw = _task_arg(amps[by_index[amp.index]])
             sections = [_task_arg(_section(c, amp)) for c in (bias, dark, flat)]
@@ -182,7 +202,15 @@ def isr_arrays(amps, detector, bias=None, dark=None, flat=None, darktime=0.0):
     return da.block(blocks["img"]), da.block(blocks["var"]), da.block(blocks["mask"])
 
 
-def calibrate(image_e, variance_e2, mask, band, exptime, wcs, meta=None):
+def calibrate(
+    image_e: np.ndarray,
+    variance_e2: np.ndarray,
+    mask: np.ndarray,
+    band: str,
+    exptime: float,
+    wcs: Any,
+    meta: dict[str, Any] | None = None,
+) -> Exposure:
     """Scale ISR output in electrons to a calibrated nJy :class:`Exposure`.
 
     Parameters
@@ -210,7 +238,13 @@ def calibrate(image_e, variance_e2, mask, band, exptime, wcs, meta=None):
     return Exposure(image=img, variance=var, mask=np.asarray(mask, np.uint32), wcs=wcs, meta=meta)
 
 
-def mask_cosmic_rays(exposure, psf_fwhm_px, nsigma=5.0, grow=1, iterations=2):
+def mask_cosmic_rays(
+    exposure: Exposure,
+    psf_fwhm_px: float,
+    nsigma: float = 5.0,
+    grow: int = 1,
+    iterations: int = 2,
+) -> Exposure:
     """Flag cosmic rays (CR bit) and replace them by the local median.
 
     A pixel is a cosmic ray when it is > ``nsigma`` above the local background and,

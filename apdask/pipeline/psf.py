@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import scipy.fft as sfft
 
+from apdask.core.exposure import Exposure
+from apdask.core.stats import robust_sigma
 from apdask.exceptions import PsfFitError
 from apdask.pipeline.stars import find_stars
 
@@ -34,7 +40,9 @@ def _gaussian_psf(sigma, size=None):
     return g / g.sum()
 
 
-def stamp_moments(stamp, xc=None, yc=None):
+def stamp_moments(
+    stamp: np.ndarray, xc: float | None = None, yc: float | None = None
+) -> tuple[Any, Any, Any, Any, Any]:
     """Unweighted first and second moments of a stamp: (x, y, ixx, iyy, ixy)."""
     ny, nx = stamp.shape
     y, x = np.mgrid[0:ny, 0:nx]
@@ -52,7 +60,7 @@ def stamp_moments(stamp, xc=None, yc=None):
     )
 
 
-def psf_fwhm(psf):
+def psf_fwhm(psf: np.ndarray) -> float:
     """FWHM in pixels of a PSF stamp from its second moments (Gaussian equivalent).
 
     The moments are taken within 3 half-maximum radii of the centre, so that noise or
@@ -68,7 +76,7 @@ def psf_fwhm(psf):
     return 2.3548 * np.sqrt(0.5 * (ixx + iyy))
 
 
-def shifted_psf(psf, dx, dy):
+def shifted_psf(psf: np.ndarray, dx: float, dy: float) -> np.ndarray:
     """PSF stamp shifted by a sub-pixel (dx, dy) with a Fourier phase ramp."""
     ny, nx = psf.shape
     f = np.fft.rfft2(psf)
@@ -78,7 +86,9 @@ def shifted_psf(psf, dx, dy):
     return np.fft.irfft2(f, s=(ny, nx))
 
 
-def psfs_at(exposure, default, x, y):
+def psfs_at(
+    exposure: Exposure | None, default: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> np.ndarray:
     """PSF stamps ``(n, S, S)`` at many positions (:func:`psf_getter` for each)."""
     model = exposure.meta.get("psf_model") if exposure is not None else None
     if model is not None and hasattr(model, "at_many"):
@@ -89,7 +99,7 @@ def psfs_at(exposure, default, x, y):
     return np.broadcast_to(default, (len(x), *default.shape))
 
 
-def shifted_psfs(psfs, dx, dy):
+def shifted_psfs(psfs: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """:func:`shifted_psf` of many stamps ``(n, S, S)`` by ``(dx, dy)`` each."""
     n, ny, nx = psfs.shape
     f = np.fft.rfft2(psfs, axes=(1, 2))
@@ -99,7 +109,9 @@ def shifted_psfs(psfs, dx, dy):
     return np.fft.irfft2(f, s=(ny, nx), axes=(1, 2))
 
 
-def psf_getter(exposure, default):
+def psf_getter(
+    exposure: Exposure | None, default: np.ndarray
+) -> Callable[[float, float], np.ndarray]:
     """``(x, y) -> PSF stamp``: the exposure's spatially varying model if any, else ``default``."""
     model = exposure.meta.get("psf_model") if exposure is not None else None
     if model is not None and hasattr(model, "at"):
@@ -108,7 +120,14 @@ def psf_getter(exposure, default):
     return lambda x, y: default
 
 
-def require_psf(exposure, what):
+def require_psf(exposure: Exposure, what: str) -> np.ndarray:
+    """The exposure's PSF stamp as float64.
+
+    Raises
+    ------
+    PsfFitError
+        If it has none (``what`` names the exposure in the message).
+    """
     if exposure.psf is None:
         msg = f"the {what} exposure has no PSF; run subtract.estimate_psf first"
         raise PsfFitError(msg)
@@ -140,7 +159,14 @@ class PsfGrid:
     outer centres), which follows a PSF that varies linearly across the CCD.
     """
 
-    def __init__(self, psfs, xc, yc, mean=None, stars=None):
+    def __init__(
+        self,
+        psfs: npt.ArrayLike,
+        xc: npt.ArrayLike,
+        yc: npt.ArrayLike,
+        mean: npt.ArrayLike | None = None,
+        stars: dict[str, Any] | None = None,
+    ) -> None:
         self.stars = stars
         self.psfs = np.asarray(psfs, float)
         self.xc = np.asarray(xc, float)
@@ -150,31 +176,33 @@ class PsfGrid:
         self.mean = np.asarray(mean, float)
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         """Stamp shape ``(S, S)``."""
         return self.psfs.shape[2:]
 
-    def at(self, x, y):
+    def at(self, x: float, y: float) -> np.ndarray:
         """PSF stamp (sum 1) at pixel ``(x, y)``."""
         iy, ty = _bracket(self.yc, y)
         ix, tx = _bracket(self.xc, x)
         p = self.psfs
-        st = ((1 - ty) * ((1 - tx) * p[iy[0], ix[0]] + tx * p[iy[0], ix[1]])
-              + ty * ((1 - tx) * p[iy[1], ix[0]] + tx * p[iy[1], ix[1]]))  # fmt: skip
+        st = (1 - ty) * ((1 - tx) * p[iy[0], ix[0]] + tx * p[iy[0], ix[1]]) + ty * (
+            (1 - tx) * p[iy[1], ix[0]] + tx * p[iy[1], ix[1]]
+        )
         return st / st.sum()
 
-    def at_many(self, x, y):
+    def at_many(self, x: npt.ArrayLike, y: npt.ArrayLike) -> np.ndarray:
         """PSF stamps (sum 1) at many positions: ``(n, S, S)``, as :meth:`at` for each."""
         x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
         (iy0, iy1), ty = _bracket_many(self.yc, y)
         (ix0, ix1), tx = _bracket_many(self.xc, x)
         ty, tx = ty[:, None, None], tx[:, None, None]
         p = self.psfs
-        st = ((1 - ty) * ((1 - tx) * p[iy0, ix0] + tx * p[iy0, ix1])
-              + ty * ((1 - tx) * p[iy1, ix0] + tx * p[iy1, ix1]))  # fmt: skip
+        st = (1 - ty) * ((1 - tx) * p[iy0, ix0] + tx * p[iy0, ix1]) + ty * (
+            (1 - tx) * p[iy1, ix0] + tx * p[iy1, ix1]
+        )
         return st / st.sum(axis=(1, 2), keepdims=True)
 
-    def convolved(self, kernel, size=None):
+    def convolved(self, kernel: np.ndarray, size: int | None = None) -> PsfGrid:
         """A new grid with every stamp convolved by ``kernel`` (and cut/padded to ``size``)."""
         size = int(size or self.psfs.shape[-1]) | 1
         out = np.array([[conv_stamp(p, kernel, size) for p in row] for row in self.psfs])
@@ -199,7 +227,7 @@ def _bracket_many(nodes, v):
     return (j, j + 1), t
 
 
-def conv_stamp(a, b, size):
+def conv_stamp(a: np.ndarray, b: np.ndarray, size: int) -> np.ndarray:
     """Full convolution of two small centred stamps, cut (or zero padded) to ``size``, sum 1."""
     n = a.shape[0] + b.shape[0] - 1
     L = sfft.next_fast_len(n)
@@ -207,7 +235,7 @@ def conv_stamp(a, b, size):
     return recentre(c, size)
 
 
-def recentre(c, size):
+def recentre(c: np.ndarray, size: int) -> np.ndarray:
     """Cut or zero-pad a centred odd stamp to ``size`` and normalise it to sum 1."""
     n = c.shape[0]
     h, H = size // 2, n // 2
@@ -227,9 +255,16 @@ def _psf_stamps(exposure, stamp_size, max_stars):
     half = stamp_size // 2
     fwhm0 = _guess_fwhm(exposure)
     stars = find_stars(
-        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
-        isolation=stamp_size, border=half + 2, max_stars=None, contrast=0.02,
-    )  # fmt: skip
+        exposure.image,
+        exposure.variance,
+        exposure.mask,
+        fwhm=fwhm0,
+        nsigma=20.0,
+        isolation=stamp_size,
+        border=half + 2,
+        max_stars=None,
+        contrast=0.02,
+    )
     n_found = len(stars["x"])
     order = np.arange(n_found)
     if n_found > 20:
@@ -242,7 +277,9 @@ def _psf_stamps(exposure, stamp_size, max_stars):
         )
         raise PsfFitError(msg)
     bkg = stars["bkg"]
-    stamps, xs, ys = [], [], []
+    stamps: Any = []
+    xs: Any = []
+    ys: Any = []
     big = half + 2
     for i in order:
         x, y = stars["x"][i], stars["y"][i]
@@ -251,8 +288,9 @@ def _psf_stamps(exposure, stamp_size, max_stars):
         st = np.asarray(exposure.image[sl], float) - bkg[sl]
         if st.shape != (2 * big + 1, 2 * big + 1):
             continue
-        ring = np.concatenate([st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(),
-                               st[2:-2, -2:].ravel()])  # fmt: skip
+        ring = np.concatenate(
+            [st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(), st[2:-2, -2:].ravel()]
+        )
         st -= np.median(ring)
         st = shifted_psf(st, -(x - ix), -(y - iy))[2:-2, 2:-2]
         tot = st.sum()
@@ -290,7 +328,7 @@ def _stellar_locus(stamps, xs, ys, shape):
     for _ in range(3):
         coef = np.linalg.lstsq(a[keep], size[keep], rcond=None)[0]
         res = size - a @ coef
-        sig = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
+        sig = robust_sigma(res[keep])
         new = np.isfinite(size) & (res < 3 * sig) & (res > -5 * sig)
         if np.array_equal(new, keep):
             break
@@ -312,7 +350,13 @@ def _combine(stamps):
     return psf / psf.sum()
 
 
-def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per_cell=8):
+def estimate_psf_model(
+    exposure: Exposure,
+    stamp_size: int = 25,
+    max_stars: int = 1000,
+    cells: int = 3,
+    min_per_cell: int = 8,
+) -> PsfGrid:
     """Spatially varying empirical PSF on a ``cells × cells`` grid of the CCD.
 
     Parameters
@@ -351,15 +395,16 @@ def estimate_psf_model(exposure, stamp_size=25, max_stars=1000, cells=3, min_per
     for j in range(cells):
         for i in range(cells):
             d = np.hypot((xs - xc[i]) / nx, (ys - yc[j]) / ny)
-            inside = np.flatnonzero((np.abs(xs - xc[i]) <= nx / cells / 2)
-                                    & (np.abs(ys - yc[j]) <= ny / cells / 2))  # fmt: skip
+            inside = np.flatnonzero(
+                (np.abs(xs - xc[i]) <= nx / cells / 2) & (np.abs(ys - yc[j]) <= ny / cells / 2)
+            )
             if len(inside) < min_per_cell:
                 inside = np.argsort(d)[: max(min_per_cell, len(inside))]
             psfs[j, i] = _combine(stamps[inside])
     return PsfGrid(psfs, xc, yc, _combine(stamps), stars=stars)
 
 
-def estimate_psf(exposure, stamp_size=25, max_stars=200):
+def estimate_psf(exposure: Exposure, stamp_size: int = 25, max_stars: int = 200) -> np.ndarray:
     """Empirical PSF stamp from bright, isolated, unsaturated stars.
 
     Parameters

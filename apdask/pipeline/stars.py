@@ -5,7 +5,10 @@ Shared by PSF estimation, astrometry, the kernel fit and measurement.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 from scipy.spatial import cKDTree
 
 from apdask._kernels.fused import (
@@ -25,7 +28,7 @@ __all__ = [
 ]
 
 
-def subpixel_peak(img, iy, ix):
+def subpixel_peak(img: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Log-parabola sub-pixel refinement of local maxima at integer (iy, ix)."""
     ny, nx = img.shape
     iy = np.clip(iy, 1, ny - 2)
@@ -49,9 +52,18 @@ def subpixel_peak(img, iy, ix):
 
 
 def find_stars(
-    image, variance, mask, *, fwhm=4.5, nsigma=10.0, isolation=10.0, border=12, max_stars=None,
-    avoid=None, contrast=0.0,
-):  # fmt: skip
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    *,
+    fwhm: float = 4.5,
+    nsigma: float = 10.0,
+    isolation: float = 10.0,
+    border: int = 12,
+    max_stars: int | None = None,
+    avoid: np.ndarray | None = None,
+    contrast: float = 0.0,
+) -> dict[str, Any]:
     """Bright, isolated, unmasked point-like peaks.
 
     Returns a dict of arrays ``x``, ``y`` (sub-pixel), ``snr`` (matched-filter),
@@ -112,11 +124,18 @@ def find_stars(
     iy, ix, snr, neighbour = iy[order], ix[order], snr[order], neighbour[order]
     x, y = subpixel_peak(sm, iy, ix)
     flux = sm[iy, ix] * 4 * np.pi * sigma**2
-    return {"x": x, "y": y, "snr": snr, "flux": flux, "neighbour": neighbour,
-            "isolation": float(isolation), "bkg": bkg}  # fmt: skip
+    return {
+        "x": x,
+        "y": y,
+        "snr": snr,
+        "flux": flux,
+        "neighbour": neighbour,
+        "isolation": float(isolation),
+        "bkg": bkg,
+    }
 
 
-def local_maxima(img, threshold):
+def local_maxima(img: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """``(y, x)`` of pixels above ``threshold`` not below any of their 8 neighbours.
 
     Equal to ``(img == maximum_filter(img, 3)) & (img > threshold)`` (edges padded
@@ -138,7 +157,7 @@ def local_maxima(img, threshold):
     return ys[peak], xs[peak]
 
 
-def usable_stars(n, cap):
+def usable_stars(n: int, cap: int | None) -> np.ndarray:
     """Indices into ``n`` stars sorted brightest first: the brightest 2 % left out (their
     wings are non-linear or saturated), then at most ``cap``."""
     idx = np.arange(n)
@@ -147,7 +166,7 @@ def usable_stars(n, cap):
     return idx[:cap]
 
 
-def cutout_at(arr, ix, iy, half, fill):
+def cutout_at(arr: np.ndarray, ix: int, iy: int, half: int, fill: Any) -> np.ndarray:
     """Window ``[iy-half:iy+half+1, ix-half:ix+half+1]`` padded with ``fill`` off the image."""
     ny, nx = arr.shape
     size = 2 * half + 1
@@ -160,7 +179,9 @@ def cutout_at(arr, ix, iy, half, fill):
     return out
 
 
-def weighted_moments(image, x, y, sigma_w, half, sign=1):
+def weighted_moments(
+    image: np.ndarray, x: float, y: float, sigma_w: float, half: int, sign: int = 1
+) -> tuple[float, float, float]:
     """Gaussian-weighted second moments, corrected for the weight (Gaussian assumption)."""
     ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
     d = sign * cutout_at(image, ix, iy, half, np.float32(0.0)).astype(float)
@@ -184,7 +205,9 @@ def weighted_moments(image, x, y, sigma_w, half, sign=1):
     return t[0, 0], t[1, 1], t[0, 1]
 
 
-def stamps_at(arr, xs, ys, half, fill=np.nan):
+def stamps_at(
+    arr: np.ndarray, xs: npt.ArrayLike, ys: npt.ArrayLike, half: int, fill: Any = np.nan
+) -> np.ndarray:
     """``(n, 2 half + 1, 2 half + 1)`` windows of ``arr`` centred on integer ``(xs, ys)``;
     pixels off the array are ``fill``."""
     ny, nx = arr.shape

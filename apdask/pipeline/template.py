@@ -13,6 +13,9 @@ Overlapping tiles: the first tile (in list order) with valid data wins.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 from astropy.wcs.utils import proj_plane_pixel_area
 
@@ -34,7 +37,15 @@ def _coarse_nodes(n, step):
     return nodes
 
 
-def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="psf"):
+def warp_template(
+    tiles: Sequence[Any],
+    wcs: Any,
+    shape: tuple[int, int],
+    *,
+    psf: np.ndarray | None = None,
+    grid: int = _GRID,
+    variance_scale: str = "psf",
+) -> Exposure:
     """Resample template tiles onto the pixel grid of ``wcs`` / ``shape``.
 
     Parameters
@@ -90,8 +101,20 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="ps
     # a one-column seam wherever a star met a tile's edge (up to 10 % of its peak).
     for inset in (3, 0):  # Lanczos-3
         for tile in tiles:
-            if _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance,
-                          filled, variance_scale):  # fmt: skip
+            if _warp_tile(
+                tile,
+                ra,
+                dec,
+                xnodes,
+                ynodes,
+                grid,
+                area_t,
+                inset,
+                image,
+                variance,
+                filled,
+                variance_scale,
+            ):
                 if tile.tile_id not in used:
                     used.append(tile.tile_id)
                 if out_psf is None and tile.psf is not None:
@@ -111,8 +134,9 @@ def warp_template(tiles, wcs, shape, *, psf=None, grid=_GRID, variance_scale="ps
     return Exposure(image=image, variance=variance, mask=mask, wcs=wcs, psf=out_psf, meta=meta)
 
 
-def _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance, filled,
-               variance_scale):  # fmt: skip
+def _warp_tile(
+    tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance, filled, variance_scale
+):
     """Resample one tile into the unfilled target pixels; True if it wrote any.
 
     Target pixels are filled from this tile only if their position is at least
@@ -165,8 +189,16 @@ def _warp_tile(tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, varian
     cut = inset - 0.5 + 1e-3 if inset else 0.0  # (bounds are inclusive)
     hi_x, hi_y = tnx - 0.5 - cut, tny - 0.5 - cut
     lanczos.resample(
-        sub, subv, fx, fy, image[r0:r1, c0:c1], variance[r0:r1, c0:c1], win_fill,
-        bad=bad, ratio=ratio, variance_scale=variance_scale,
+        sub,
+        subv,
+        fx,
+        fy,
+        image[r0:r1, c0:c1],
+        variance[r0:r1, c0:c1],
+        win_fill,
+        bad=bad,
+        ratio=ratio,
+        variance_scale=variance_scale,
         bounds=(lo - x_lo, hi_x - x_lo, lo - y_lo, hi_y - y_lo),
-    )  # fmt: skip
+    )
     return int(np.count_nonzero(win_fill)) > before

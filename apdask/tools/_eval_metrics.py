@@ -13,15 +13,13 @@ import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from apdask.core.geometry import unit_vectors
+from apdask.core.stats import robust_sigma
+
 __all__ = ["SNR_BINS", "evaluate_sources", "noise_ratio"]
 
 #: Completeness bins in expected difference-image SNR.
 SNR_BINS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 15.0, 20.0, 40.0, 80.0, 200.0, 1e4)
-
-
-def _unit(ra, dec):
-    ra, dec = np.deg2rad(ra), np.deg2rad(dec)
-    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
 
 
 def _chord(radius_arcsec):
@@ -73,7 +71,7 @@ def noise_ratio(
         return {"ratio": float("nan"), "std": float("nan"), "n_pixels": 0}
     p = np.concatenate(pulls)
     med = np.median(p)
-    mad = 1.4826 * np.median(np.abs(p - med))
+    mad = robust_sigma(p, med)
     clip = p[np.abs(p - med) < 3 * mad]
     # a 3σ-clipped Gaussian has std 0.9866 σ
     return {"ratio": float(mad), "std": float(np.std(clip) / 0.9866), "n_pixels": int(p.size)}
@@ -84,7 +82,7 @@ def _robust_sigma(x):
     x = x[np.isfinite(x)]
     if x.size < 3:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+    return float(robust_sigma(x))
 
 
 def _f(x):
@@ -127,7 +125,7 @@ def evaluate_sources(
     kind = np.asarray(truth["kind"]).astype(str)
     det_names = np.asarray(truth["detector"]).astype(str)
     n_ccd = n_ccd or len(set(det_names))
-    t_xyz = _unit(np.asarray(truth["ra"]), np.asarray(truth["dec"]))
+    t_xyz = unit_vectors(np.asarray(truth["ra"]), np.asarray(truth["dec"]))
     delta = np.asarray(truth["flux"], float) - np.asarray(truth["template_flux"], float)
     ra = np.array([s["ra"] for s in sources], float)
     dec = np.array([s["dec"] for s in sources], float)
@@ -194,14 +192,14 @@ def _match_transients(
     m_src = np.full(len(tr), -1)
     m_sep = np.full(len(tr), np.nan)
     if len(ra) and len(tr):
-        tree = cKDTree(_unit(ra, dec))
+        tree = cKDTree(unit_vectors(ra, dec))
         for j, i in enumerate(tr):
             cand = tree.query_ball_point(t_xyz[i], chord)
             cand = [
                 c for c in cand if np.sign(flux[c]) == np.sign(delta[i]) or not np.isfinite(flux[c])
             ]
             if cand:
-                d = np.linalg.norm(_unit(ra[cand], dec[cand]) - t_xyz[i], axis=1)
+                d = np.linalg.norm(unit_vectors(ra[cand], dec[cand]) - t_xyz[i], axis=1)
                 k = int(np.argmin(d))
                 found[j], m_src[j], m_sep[j] = True, cand[k], float(_arcsec(d[k]))
     return found, m_src, m_sep
@@ -242,7 +240,7 @@ def _false_positives(
         tree_all = cKDTree(t_xyz)
         stat_flux = np.asarray(truth["template_flux"], float)
         for i in range(len(ra)):
-            p = _unit(ra[i : i + 1], dec[i : i + 1])[0]
+            p = unit_vectors(ra[i : i + 1], dec[i : i + 1])[0]
             if tree_c is not None and tree_c.query_ball_point(p, chord):
                 continue
             fp[i] = True

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
+from apdask.core.geometry import unit_vectors
 from apdask.tools._eval_metrics import (
     _arcsec,
     _chord,
-    _unit,
     evaluate_sources,
     noise_ratio,
 )
@@ -121,9 +121,10 @@ def match_truth(
     if len(t) == 0 or len(ra) == 0:
         out.update(fraction=0.0 if len(t) else float("nan"), sep_arcsec=np.array([]))
         return out
-    tree = cKDTree(_unit(ra, dec))
+    tree = cKDTree(unit_vectors(ra, dec))
     dist, idx = tree.query(
-        _unit(np.asarray(t["ra"]), np.asarray(t["dec"])), distance_upper_bound=_chord(radius_arcsec)
+        unit_vectors(np.asarray(t["ra"]), np.asarray(t["dec"])),
+        distance_upper_bound=_chord(radius_arcsec),
     )
     ok = np.isfinite(dist)
     sep = _arcsec(dist[ok])

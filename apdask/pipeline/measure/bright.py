@@ -12,8 +12,15 @@ from apdask.pipeline.stars import local_maxima, stamps_at
 __all__ = ["bright_sources"]
 
 
-def bright_sources(template, variance, psf_template, psf_difference, *, scale=1.0,
-                   min_snr=300.0):  # fmt: skip
+def bright_sources(
+    template: np.ndarray,
+    variance: np.ndarray,
+    psf_template: np.ndarray,
+    psf_difference: np.ndarray,
+    *,
+    scale: float = 1.0,
+    min_snr: float = 300.0,
+) -> dict[str, np.ndarray]:
     """Bright sources of the template: their residual rings on the difference.
 
     A matching kernel of limited size with a Gaussian basis cannot follow PSF wings
@@ -81,8 +88,21 @@ def bright_sources(template, variance, psf_template, psf_difference, *, scale=1.
     return {"x": xs[sel], "y": ys[sel], "flux": flux[sel]}
 
 
-def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_stars=50,
-                     nsigma=2.0, floor=0.05, neighbours=10, max_local=200):  # fmt: skip
+def _bright_variance(
+    filt,
+    vfilt,
+    bad,
+    sources,
+    psf,
+    *,
+    r_max=48,
+    step=2.0,
+    max_stars=50,
+    nsigma=2.0,
+    floor=0.05,
+    neighbours=10,
+    max_local=200,
+):
     """Residuals of bright sources as systematic noise of the S/N map (in place).
 
     Two terms, the score-image variance terms of Zackay, Ofek & Gal-Yam (2016):
@@ -155,15 +175,37 @@ def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_
     amp = _weighted_median_profile(val, np.where(n[use] >= 5, 1.0 / err2, 0.0), nsigma)
     amp[edges[:-1] < fwhm] = amp[0]  # flat within one FWHM
     pw_w = np.where((n >= 5) & np.isfinite(pw) & np.isfinite(pw_w), pw_w, 0.0)
-    local = np.zeros((len(flux), nbin))
+    local = _local_power(xs, ys, clean, pw, pw_w, edges, fwhm, neighbours, nsigma)
+    if not amp.any() and not local.any():
+        return amp
+    _add_variance(vfilt, xs, ys, flux, amp, local, psf, edges, float(r_max), floor)
+    return amp
+
+
+def _local_power(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    clean: np.ndarray,
+    pw: np.ndarray,
+    pw_w: np.ndarray,
+    edges: np.ndarray,
+    fwhm: float,
+    neighbours: int,
+    nsigma: float,
+) -> np.ndarray:
+    """Local residual power per source and bin: the weighted median of that of its
+    ``neighbours`` nearest other clean sources, non-increasing outwards and flat
+    within one FWHM (zeros with fewer than two clean sources)."""
+    nbin = len(edges) - 1
+    local = np.zeros((len(xs), nbin))
     m = len(clean)
     if m >= 2 and neighbours > 0:
         k = min(int(neighbours), m - 1)
         pts = np.column_stack([xs[clean], ys[clean]]).astype(float)
         tree = cKDTree(pts)
         _, nb = tree.query(np.column_stack([xs, ys]).astype(float), k=k + 1)
-        nb = np.asarray(nb).reshape(len(flux), k + 1)
-        own = np.full(len(flux), -1)
+        nb = np.asarray(nb).reshape(len(xs), k + 1)
+        own = np.full(len(xs), -1)
         own[clean] = np.arange(m)
         # leave the source itself out (the k nearest others)
         keep = nb != own[:, None]
@@ -173,14 +215,28 @@ def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_
         local = np.maximum.accumulate(local[:, ::-1], axis=1)[:, ::-1]
         core = edges[:-1] < fwhm
         local[:, core] = local[:, core].max(axis=1, keepdims=True)
-    if not amp.any() and not local.any():
-        return amp
+    return local
+
+
+def _add_variance(
+    vfilt: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    flux: np.ndarray,
+    amp: np.ndarray,
+    local: np.ndarray,
+    psf: np.ndarray,
+    edges: np.ndarray,
+    r_max: float,
+    floor: float,
+) -> None:
+    """Add the larger of the ring and local terms around every source to ``vfilt``."""
     ny, nx = vfilt.shape
     s0 = float(np.sqrt(np.median(vfilt[::16, ::16])))
     # a floor a2(0)·φ(r)^1.6, φ the matched filter's response to a centred point
     # source: the S/N of a source at the centre (a variable star) then falls
     # outwards as φ^0.2 at least, and its peak stays there
-    fine = np.arange(0.0, float(r_max) + 0.5, 0.25)
+    fine = np.arange(0.0, r_max + 0.5, 0.25)
     phi = _filter_profile(psf, fine) ** 1.6
     mid = 0.5 * (edges[:-1] + edges[1:])
     for i, (x, y, fl) in enumerate(zip(xs, ys, flux, strict=True)):
@@ -196,7 +252,6 @@ def _bright_variance(filt, vfilt, bad, sources, psf, *, r_max=48, step=2.0, max_
         # linear in r between the bins' centres: no steps in the S/N map at bin edges
         add = np.maximum(np.interp(rr, mid, a2, right=0.0), a2[0] * np.interp(rr, fine[:-1], phi))
         vfilt[y0:y1, x0:x1] += add.astype(np.float32)
-    return amp
 
 
 def _filter_profile(psf, edges):

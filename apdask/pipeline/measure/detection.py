@@ -13,7 +13,7 @@ from apdask._kernels.fused import (
     segments,
     snr_map,
 )
-from apdask.core.exposure import IGNORE_BITS, MASK
+from apdask.core.exposure import IGNORE_BITS, MASK, Exposure
 from apdask.pipeline.background import tile_threads
 from apdask.pipeline.measure.bright import _bright_variance
 from apdask.pipeline.psf import psf_fwhm, require_psf
@@ -22,7 +22,7 @@ __all__ = ["matched_filter", "detect_sources"]
 
 
 @one_blas_thread
-def matched_filter(difference):
+def matched_filter(difference: Exposure) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PSF matched filter of a difference image: ``(filtered, snr, ignored)``.
 
     :func:`detect_sources` and :func:`measure_sources` both need it; compute it
@@ -69,7 +69,13 @@ def _filtered(difference, psf, sat_grow=None):
 # public API
 # --------------------------------------------------------------------------------------
 @one_blas_thread
-def detect_sources(difference, *, threshold_sigma=None, n_pixels=None, matched=None):
+def detect_sources(
+    difference: Exposure,
+    *,
+    threshold_sigma: float | None = None,
+    n_pixels: int | None = None,
+    matched: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> Table:
     """Find positive and negative sources on a difference image.
 
     Parameters

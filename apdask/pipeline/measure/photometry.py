@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 from astropy.table import Table
 from photutils.aperture import ApertureMask, CircularAperture
 
-from apdask._kernels.fused import (
-    one_blas_thread,
-)
-from apdask.core.exposure import IGNORE_BITS, MASK
-from apdask.core.stats import nanmedian_last
+from apdask._kernels.fused import one_blas_thread
+from apdask.core.exposure import IGNORE_BITS, MASK, Exposure
+from apdask.core.stats import nanmedian_last, robust_sigma
 from apdask.pipeline.background import fit_background
 from apdask.pipeline.psf import psf_fwhm, psfs_at, require_psf, shifted_psfs
 from apdask.pipeline.stars import cutout_at, find_stars, stamps_at, usable_stars
@@ -18,8 +20,17 @@ from apdask.pipeline.stars import cutout_at, find_stars, stamps_at, usable_stars
 __all__ = ["forced_photometry", "aperture_correction"]
 
 
-def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None,
-                        max_stars=300, min_stars=5, max_error=0.005, stars=None):  # fmt: skip
+def aperture_correction(
+    exposure: Exposure,
+    psf_at: Callable[[float, float], np.ndarray],
+    *,
+    radii: Sequence[float] = (20.0, 15.0, 12.0),
+    fwhm: float | None = None,
+    max_stars: int = 300,
+    min_stars: int = 5,
+    max_error: float = 0.005,
+    stars: dict[str, Any] | None = None,
+) -> tuple[float, int, float]:
     """Aperture correction of PSF fluxes: median ``apFlux(radius) / psfFlux`` of bright stars.
 
     An empirical PSF model is a truncated, pedestal-subtracted stamp (see
@@ -67,18 +78,44 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
     radii = sorted((float(r) for r in radii), reverse=True)
     if fwhm is None:
         fwhm = float(psf_fwhm(psf_at(nx / 2.0, ny / 2.0)))
-    r_in, r_out = radii[0] + 4.0, radii[0] + 12.0
+    r_out = radii[0] + 12.0
     half = int(np.ceil(r_out)) + 1
     image = np.asarray(exposure.image)
     if stars is None:
         stars = find_stars(
-            image, exposure.variance, exposure.mask, fwhm=fwhm, nsigma=50.0, isolation=r_out,
-            border=half, max_stars=None, contrast=0.002,
-        )  # fmt: skip
+            image,
+            exposure.variance,
+            exposure.mask,
+            fwhm=fwhm,
+            nsigma=50.0,
+            isolation=r_out,
+            border=half,
+            max_stars=None,
+            contrast=0.002,
+        )
     order = usable_stars(len(stars["x"]), max_stars)
+    ratios, errors = _star_ratios(exposure, psf_at, stars, order, radii, half)
+    return _choose_correction(ratios, errors, radii, min_stars, max_error)
+
+
+def _star_ratios(
+    exposure: Exposure,
+    psf_at: Callable[[float, float], np.ndarray],
+    stars: dict[str, Any],
+    order: np.ndarray,
+    radii: Sequence[float],
+    half: int,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """``apFlux(radius) / psfFlux`` and its error of each usable star, per radius.
+
+    All stars at once: ``(n, S, S)`` stamps of side ``2 half + 1``, NaN off the image,
+    the local background the median of the annulus ``radii[0] + 4 .. radii[0] + 12``.
+    """
+    image = np.asarray(exposure.image)
+    r_in, r_out = radii[0] + 4.0, radii[0] + 12.0
     bkg = stars.get("bkg")
-    ratios = [[] for _ in radii]
-    errors = [[] for _ in radii]
+    ratios: list[list[float]] = [[] for _ in radii]
+    errors: list[list[float]] = [[] for _ in radii]
     x = np.asarray(stars["x"], float)[order]
     y = np.asarray(stars["y"], float)[order]
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
@@ -94,8 +131,9 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
         v = stamps_at(exposure.variance, ix, iy, half).astype(float)
         m = stamps_at(exposure.mask, ix, iy, half, MASK["NO_DATA"])
         o = np.arange(-half, half + 1, dtype=float)
-        r = np.hypot(o[None, None, :] - (x - ix)[:, None, None],
-                     o[None, :, None] - (y - iy)[:, None, None])  # fmt: skip
+        r = np.hypot(
+            o[None, None, :] - (x - ix)[:, None, None], o[None, :, None] - (y - iy)[:, None, None]
+        )
         ok = np.isfinite(d) & np.isfinite(v) & ((m & IGNORE_BITS) == 0)
         ann = ok & (r >= r_in) & (r <= r_out)
         n = len(order)
@@ -123,13 +161,25 @@ def aperture_correction(exposure, psf_at, *, radii=(20.0, 15.0, 12.0), fwhm=None
             sel = use & (err <= 0.1)
             ratios[k] = list(ratio[sel])
             errors[k] = list(err[sel])
+    return ratios, errors
+
+
+def _choose_correction(
+    ratios: list[list[float]],
+    errors: list[list[float]],
+    radii: Sequence[float],
+    min_stars: int,
+    max_error: float,
+) -> tuple[float, int, float]:
+    """The largest radius whose clipped, weighted mean ratio is determined to
+    ``max_error`` with ``min_stars`` stars: ``(correction, n_stars, radius)``."""
     for k, rad in enumerate(radii):
         rk, ek = np.asarray(ratios[k]), np.asarray(errors[k])
         if len(rk) < min_stars:
             continue
         med = float(np.median(rk))
         # one clip of blends and neighbours' light (3 robust sigma, at least 3 errors)
-        sig = 1.4826 * float(np.median(np.abs(rk - med)))
+        sig = float(robust_sigma(rk, med))
         keep = np.abs(rk - med) <= 3 * np.maximum(sig, ek)
         w = 1.0 / ek[keep] ** 2
         corr = float((w * rk[keep]).sum() / w.sum())
@@ -205,8 +255,12 @@ def _ap_corr(difference):
 def _apply_aperture_correction(tab, difference):
     """Scale PSF fluxes (difference and science) by the aperture corrections."""
     c_d, c_s = _ap_corr(difference)
-    for col, c in (("psfFlux", c_d), ("psfFluxErr", c_d), ("scienceFlux", c_s),
-                   ("scienceFluxErr", c_s)):  # fmt: skip
+    for col, c in (
+        ("psfFlux", c_d),
+        ("psfFluxErr", c_d),
+        ("scienceFlux", c_s),
+        ("scienceFluxErr", c_s),
+    ):
         if c != 1.0:
             tab[col] = np.asarray(tab[col], float) * c
 
@@ -245,7 +299,9 @@ def _aperture_fluxes(tab, difference, radius):
 
 
 @one_blas_thread
-def forced_photometry(difference, science, ra, dec):
+def forced_photometry(
+    difference: Exposure, science: Exposure, ra: npt.ArrayLike, dec: npt.ArrayLike
+) -> Table:
     """PSF-fit fluxes at given sky positions on the difference and science images.
 
     Parameters
@@ -271,18 +327,33 @@ def forced_photometry(difference, science, ra, dec):
     ny, nx = difference.shape
     on = np.isfinite(x) & np.isfinite(y) & (x >= -0.5) & (x < nx - 0.5)
     on &= (y >= -0.5) & (y < ny - 0.5)
-    out = {k: np.full(len(x), np.nan) for k in ("psfFlux", "psfFluxErr", "scienceFlux",
-                                                 "scienceFluxErr")}  # fmt: skip
+    out = {
+        k: np.full(len(x), np.nan)
+        for k in ("psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr")
+    }
     out["flag_edge"] = np.ones(len(x), bool)
     if on.any():  # all positions at once, in blocks (bounded memory)
         bkg = fit_background(science.image, science.mask, lazy=True)
         idx = np.flatnonzero(on)
         for blk in np.array_split(idx, max(1, len(idx) // 2000)):
             xb, yb = x[blk], y[blk]
-            f, fe, edge = _psf_fit_many(difference.image, difference.variance, difference.mask,
-                                        psfs_at(difference, psf, xb, yb), xb, yb)  # fmt: skip
-            sf, sfe, _ = _psf_fit_many(science.image, science.variance, science.mask,
-                                       psfs_at(science, psf_sci, xb, yb), xb, yb, bkg)  # fmt: skip
+            f, fe, edge = _psf_fit_many(
+                difference.image,
+                difference.variance,
+                difference.mask,
+                psfs_at(difference, psf, xb, yb),
+                xb,
+                yb,
+            )
+            sf, sfe, _ = _psf_fit_many(
+                science.image,
+                science.variance,
+                science.mask,
+                psfs_at(science, psf_sci, xb, yb),
+                xb,
+                yb,
+                bkg,
+            )
             out["psfFlux"][blk], out["psfFluxErr"][blk] = f, fe
             out["scienceFlux"][blk], out["scienceFluxErr"][blk] = sf, sfe
             out["flag_edge"][blk] = edge

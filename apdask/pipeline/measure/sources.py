@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
-from apdask._kernels.fused import (
-    one_blas_thread,
-)
-from apdask.core.exposure import MASK
+from apdask._kernels.fused import one_blas_thread
+from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import fit_background
 from apdask.pipeline.measure.detection import _filtered
 from apdask.pipeline.measure.photometry import (
@@ -40,7 +40,10 @@ DIASOURCE_COLUMNS = (
 )  # fmt: skip
 
 
-def _pixel_flags(mask, x0, x1, y0, y1, ix, iy):
+def _pixel_flags(
+    mask: np.ndarray, x0: int, x1: int, y0: int, y1: int, ix: int, iy: int
+) -> tuple[int, int]:
+    """OR of the mask in the box and in the 3x3 pixels around ``(ix, iy)``."""
     ny, nx = mask.shape
     box = mask[max(y0, 0) : min(y1, ny), max(x0, 0) : min(x1, nx)]
     cen = mask[max(iy - 1, 0) : min(iy + 2, ny), max(ix - 1, 0) : min(ix + 2, nx)]
@@ -51,9 +54,19 @@ def _pixel_flags(mask, x0, x1, y0, y1, ix, iy):
 
 @one_blas_thread
 def measure_sources(
-    difference, science, template, detections, *, visit, detector, band, mjd, aperture_radius=12.0,
-    dipole_radius=None, matched=None,
-):  # fmt: skip
+    difference: Exposure,
+    science: Exposure | None,
+    template: Exposure | None,
+    detections: Table,
+    *,
+    visit: int,
+    detector: int,
+    band: str,
+    mjd: float,
+    aperture_radius: float = 12.0,
+    dipole_radius: float | None = None,
+    matched: tuple[Any, ...] | None = None,
+) -> Table:
     """Measure detections into a DiaSource table with official Rubin column names.
 
     Parameters
@@ -64,7 +77,9 @@ def measure_sources(
     detections : astropy.table.Table
         Output of :func:`detect_sources`.
     visit, detector : int
+        Visit and detector numbers.
     band : str
+        Filter band.
     mjd : float
         Exposure midpoint, MJD TAI.
     aperture_radius : float, optional
@@ -83,25 +98,38 @@ def measure_sources(
     """
     psf = require_psf(difference, "difference")
     n = len(detections)
-    cols = {c: [] for c in DIASOURCE_COLUMNS}
     if n == 0:
         return _empty_table()
-    psf_sci = science.psf if science is not None and science.psf is not None else psf
-    psf_tpl = template.psf if template is not None and template.psf is not None else psf_sci
-    psf_sci, psf_tpl = np.asarray(psf_sci, float), np.asarray(psf_tpl, float)
     filt, _, _ = matched if matched is not None else _filtered(difference, psf)
-    sci_bkg = (
-        fit_background(science.image, science.mask, lazy=True) if science is not None else None
-    )
-    tpl_bkg = (
-        fit_background(template.image, template.mask, lazy=True) if template is not None else None
-    )
     fwhm = psf_fwhm(psf)
-    sig_w = max(fwhm / 2.3548, 1.0)
-    mom_half = int(np.ceil(4 * sig_w))
-    pxx, pyy, pxy = stamp_moments(psf)[2:]
     dipole_radius = 2.0 * fwhm if dipole_radius is None else dipole_radius
+    is_dipole, dipole_ndata = _dipoles(detections, dipole_radius)
+    xs, ys, cflag = _centroids(filt, detections)
+    fits = _psf_fluxes(difference, science, template, psf, xs, ys)
+    common = {"visit": int(visit), "detector": int(detector), "band": str(band)}
+    common["midpointMjdTai"] = float(mjd)
+    sig_w = max(fwhm / 2.3548, 1.0)
+    psf_moments = stamp_moments(psf)[2:]
+    cols: dict[str, list[Any]] = {c: [] for c in DIASOURCE_COLUMNS}
+    for i in range(n):
+        row = _measure_one(difference, detections, fits, i, xs[i], ys[i], sig_w, psf_moments)
+        row.update(common)
+        row["centroid_flag"] = bool(cflag[i])
+        row["isDipole"], row["dipoleNdata"] = bool(is_dipole[i]), int(dipole_ndata[i])
+        for c in DIASOURCE_COLUMNS:
+            cols[c].append(row[c])
+    tab = Table(cols, names=DIASOURCE_COLUMNS)
+    _apply_aperture_correction(tab, difference)
+    _aperture_fluxes(tab, difference, aperture_radius)
+    for c in ("ra", "dec", "raErr", "decErr", "midpointMjdTai"):
+        tab[c] = tab[c].astype(np.float64)
+    return tab
 
+
+def _dipoles(detections: Table, dipole_radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """``isDipole`` (an opposite-sign detection within ``dipole_radius``) and
+    ``dipoleNdata`` (the pixels of the dipole's detections) per detection."""
+    n = len(detections)
     sign = np.asarray(detections["sign"])
     dx0 = np.asarray(detections["x"])
     dy0 = np.asarray(detections["y"])
@@ -119,104 +147,169 @@ def measure_sources(
         tree = cKDTree(np.column_stack([dx0, dy0]))
         npix = np.asarray(detections["n_pixels"])
         for i in np.nonzero(is_dipole)[0]:
-            nb = tree.query_ball_point([dx0[i], dy0[i]], dipole_radius)
-            dipole_ndata[i] = int(npix[[j for j in nb if is_dipole[j]]].sum())
+            near = tree.query_ball_point([dx0[i], dy0[i]], dipole_radius)
+            dipole_ndata[i] = int(npix[[j for j in near if is_dipole[j]]].sum())
+    return is_dipole, dipole_ndata
 
-    ny, nx = difference.shape
+
+def _centroids(filt: np.ndarray, detections: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sub-pixel peaks of the matched-filter image (signed) and ``centroid_flag``
+    (peak on the border: the detection's pixel is kept)."""
+    n = len(detections)
+    sign = np.asarray(detections["sign"])
+    dx0 = np.asarray(detections["x"])
+    dy0 = np.asarray(detections["y"])
+    ny, nx = filt.shape
     xs = np.empty(n)
     ys = np.empty(n)
     cflag = np.zeros(n, bool)
     for i in range(n):
-        s = sign[i]
         ix, iy = int(dx0[i]), int(dy0[i])
         if 1 <= ix < nx - 1 and 1 <= iy < ny - 1:
-            local = s * filt[iy - 1 : iy + 2, ix - 1 : ix + 2]
+            local = sign[i] * filt[iy - 1 : iy + 2, ix - 1 : ix + 2]
             x, y = subpixel_peak(local, np.array([1]), np.array([1]))
             x, y = x + ix - 1, y + iy - 1
             xs[i], ys[i] = float(x[0]), float(y[0])
         else:
             xs[i], ys[i] = float(ix), float(iy)
             cflag[i] = True
-    # PSF fits of all sources at once: difference (with centroid-error terms), science
-    # and template
-    fit_d = _psf_fit_many(difference.image, difference.variance, difference.mask,
-                          psfs_at(difference, psf, xs, ys), xs, ys, full=True)  # fmt: skip
+    return xs, ys, cflag
+
+
+def _psf_fluxes(
+    difference: Exposure,
+    science: Exposure | None,
+    template: Exposure | None,
+    psf: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+) -> tuple[Any, Any, Any]:
+    """PSF fits of all sources at once: difference (with centroid-error terms), science
+    and template (None where the image is absent)."""
+    psf_sci = science.psf if science is not None and science.psf is not None else psf
+    psf_tpl = template.psf if template is not None and template.psf is not None else psf_sci
+    psf_sci, psf_tpl = np.asarray(psf_sci, float), np.asarray(psf_tpl, float)
+    fit_d = _psf_fit_many(
+        difference.image,
+        difference.variance,
+        difference.mask,
+        psfs_at(difference, psf, xs, ys),
+        xs,
+        ys,
+        full=True,
+    )
     fit_s = fit_t = None
     if science is not None:
-        fit_s = _psf_fit_many(science.image, science.variance, science.mask,
-                              psfs_at(science, psf_sci, xs, ys), xs, ys, sci_bkg)  # fmt: skip
+        sci_bkg = fit_background(science.image, science.mask, lazy=True)
+        fit_s = _psf_fit_many(
+            science.image,
+            science.variance,
+            science.mask,
+            psfs_at(science, psf_sci, xs, ys),
+            xs,
+            ys,
+            sci_bkg,
+        )
     if template is not None:
-        fit_t = _psf_fit_many(template.image, template.variance, template.mask,
-                              psfs_at(template, psf_tpl, xs, ys), xs, ys, tpl_bkg)  # fmt: skip
-    for i in range(n):
-        s = sign[i]
-        f, fe, nd, chi2, edge = (a[i] for a in fit_d[:5])
-        gx2, gy2, s2 = (a[i] for a in fit_d[5])
-        # Cramér-Rao centroid errors for the fitted flux and the pixel noise
-        with np.errstate(divide="ignore", invalid="ignore"):
-            vloc = fe * fe * s2
-            xe = np.sqrt(vloc / (f * f * gx2)) if np.isfinite(f) and f != 0 else np.nan
-            ye = np.sqrt(vloc / (f * f * gy2)) if np.isfinite(f) and f != 0 else np.nan
-        sf, sfe = (fit_s[0][i], fit_s[1][i]) if fit_s is not None else (np.nan, np.nan)
-        tf, tfe = (fit_t[0][i], fit_t[1][i]) if fit_t is not None else (np.nan, np.nan)
-        ixx, iyy, ixy = weighted_moments(difference.image, xs[i], ys[i], sig_w, mom_half, s)
-        x0, x1 = int(detections["bbox_x0"][i]), int(detections["bbox_x1"][i])
-        y0, y1 = int(detections["bbox_y0"][i]), int(detections["bbox_y1"][i])
-        ix, iy = int(np.floor(xs[i] + 0.5)), int(np.floor(ys[i] + 0.5))
-        half = psf.shape[0] // 2
-        anyb, anyc = _pixel_flags(
-            difference.mask, min(x0, ix - half), max(x1, ix + half + 1),
-            min(y0, iy - half), max(y1, iy + half + 1), ix, iy,
-        )  # fmt: skip
-        flags = {
-            "pixelFlags_bad": bool(anyb & MASK["BAD"]),
-            "pixelFlags_cr": bool(anyb & MASK["CR"]),
-            "pixelFlags_crCenter": bool(anyc & MASK["CR"]),
-            "pixelFlags_edge": bool(anyb & MASK["EDGE"]),
-            "pixelFlags_saturated": bool(anyb & MASK["SAT"]),
-            "pixelFlags_saturatedCenter": bool(anyc & MASK["SAT"]),
-            "pixelFlags_nodata": bool(anyb & MASK["NO_DATA"]),
-        }
-        # trail: strongly elongated compared with the PSF
-        trail = False
-        if np.isfinite(ixx) and np.isfinite(iyy):
-            tr = ixx + iyy
-            det = np.sqrt(max((ixx - iyy) ** 2 + 4 * ixy * ixy, 0.0))
-            l1, l2 = 0.5 * (tr + det), 0.5 * (tr - det)
-            trail = bool(l2 > 0 and l1 / l2 > 4.0 and l1 > 4.0 * 0.5 * (pxx + pyy))
-        bbox = max(x1 - x0, y1 - y0)
-        ra, dec = difference.wcs.pixel_to_world_values(xs[i], ys[i])
-        rae, dece = _sky_errors(difference.wcs, xs[i], ys[i], xe, ye, float(dec))
-        row = {
-            "visit": int(visit), "detector": int(detector), "band": str(band),
-            "midpointMjdTai": float(mjd),
-            "x": xs[i], "y": ys[i], "xErr": xe, "yErr": ye,
-            "ra": float(np.mod(ra, 360.0)), "dec": float(dec), "raErr": rae, "decErr": dece,
-            "psfFlux": f, "psfFluxErr": fe, "psfNdata": int(nd), "psfChi2": chi2,
-            "snr": f / fe if fe > 0 else np.nan,
-            "apFlux": np.nan, "apFluxErr": np.nan,
-            "scienceFlux": sf, "scienceFluxErr": sfe, "templateFlux": tf, "templateFluxErr": tfe,
-            "isNegative": bool(s < 0), "ixx": ixx, "iyy": iyy, "ixy": ixy,
-            "ixxPSF": pxx, "iyyPSF": pyy, "ixyPSF": pxy,
-            "bboxSize": int(bbox), "extendedness": np.nan,
-            "centroid_flag": bool(cflag[i]),
-            "psfFlux_flag": bool(not np.isfinite(f) or not np.isfinite(fe)),
-            "psfFlux_flag_edge": bool(edge),
-            "pixelFlags": any(flags.values()), **flags,
-            "isDipole": bool(is_dipole[i]), "dipoleNdata": int(dipole_ndata[i]),
-            "trailNdata": 0, "trail_flag": trail,
-        }  # fmt: skip
-        for c in DIASOURCE_COLUMNS:
-            cols[c].append(row[c])
-    tab = Table(cols, names=DIASOURCE_COLUMNS)
-    _apply_aperture_correction(tab, difference)
-    _aperture_fluxes(tab, difference, aperture_radius)
-    for c in ("ra", "dec", "raErr", "decErr", "midpointMjdTai"):
-        tab[c] = tab[c].astype(np.float64)
-    return tab
+        tpl_bkg = fit_background(template.image, template.mask, lazy=True)
+        fit_t = _psf_fit_many(
+            template.image,
+            template.variance,
+            template.mask,
+            psfs_at(template, psf_tpl, xs, ys),
+            xs,
+            ys,
+            tpl_bkg,
+        )
+    return fit_d, fit_s, fit_t
 
 
-def _empty_table():
+def _measure_one(
+    difference: Exposure,
+    detections: Table,
+    fits: tuple[Any, Any, Any],
+    i: int,
+    x: float,
+    y: float,
+    sig_w: float,
+    psf_moments: tuple[float, float, float],
+) -> dict[str, Any]:
+    """Fluxes, errors, moments, flags and sky coordinates of detection ``i`` at ``(x, y)``."""
+    fit_d, fit_s, fit_t = fits
+    s = np.asarray(detections["sign"])[i]
+    f, fe, nd, chi2, edge = (a[i] for a in fit_d[:5])
+    gx2, gy2, s2 = (a[i] for a in fit_d[5])
+    # Cramér-Rao centroid errors for the fitted flux and the pixel noise
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vloc = fe * fe * s2
+        xe = np.sqrt(vloc / (f * f * gx2)) if np.isfinite(f) and f != 0 else np.nan
+        ye = np.sqrt(vloc / (f * f * gy2)) if np.isfinite(f) and f != 0 else np.nan
+    sf, sfe = (fit_s[0][i], fit_s[1][i]) if fit_s is not None else (np.nan, np.nan)
+    tf, tfe = (fit_t[0][i], fit_t[1][i]) if fit_t is not None else (np.nan, np.nan)
+    mom_half = int(np.ceil(4 * sig_w))
+    ixx, iyy, ixy = weighted_moments(difference.image, x, y, sig_w, mom_half, s)
+    pxx, pyy, pxy = psf_moments
+    flags, bbox = _source_flags(difference, detections, i, x, y)
+    ra, dec = difference.wcs.pixel_to_world_values(x, y)
+    rae, dece = _sky_errors(difference.wcs, x, y, xe, ye, float(dec))
+    return {
+        "x": x, "y": y, "xErr": xe, "yErr": ye,
+        "ra": float(np.mod(ra, 360.0)), "dec": float(dec), "raErr": rae, "decErr": dece,
+        "psfFlux": f, "psfFluxErr": fe, "psfNdata": int(nd), "psfChi2": chi2,
+        "snr": f / fe if fe > 0 else np.nan,
+        "apFlux": np.nan, "apFluxErr": np.nan,
+        "scienceFlux": sf, "scienceFluxErr": sfe, "templateFlux": tf, "templateFluxErr": tfe,
+        "isNegative": bool(s < 0), "ixx": ixx, "iyy": iyy, "ixy": ixy,
+        "ixxPSF": pxx, "iyyPSF": pyy, "ixyPSF": pxy,
+        "bboxSize": int(bbox), "extendedness": np.nan,
+        "psfFlux_flag": bool(not np.isfinite(f) or not np.isfinite(fe)),
+        "psfFlux_flag_edge": bool(edge),
+        "pixelFlags": any(flags.values()), **flags,
+        "trailNdata": 0, "trail_flag": _is_trail(ixx, iyy, ixy, pxx, pyy),
+    }  # fmt: skip
+
+
+def _source_flags(
+    difference: Exposure, detections: Table, i: int, x: float, y: float
+) -> tuple[dict[str, bool], int]:
+    """``pixelFlags_*`` over the footprint's box grown to the PSF stamp, and ``bboxSize``."""
+    x0, x1 = int(detections["bbox_x0"][i]), int(detections["bbox_x1"][i])
+    y0, y1 = int(detections["bbox_y0"][i]), int(detections["bbox_y1"][i])
+    ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    half = np.asarray(difference.psf).shape[0] // 2
+    anyb, anyc = _pixel_flags(
+        difference.mask,
+        min(x0, ix - half),
+        max(x1, ix + half + 1),
+        min(y0, iy - half),
+        max(y1, iy + half + 1),
+        ix,
+        iy,
+    )
+    flags = {
+        "pixelFlags_bad": bool(anyb & MASK["BAD"]),
+        "pixelFlags_cr": bool(anyb & MASK["CR"]),
+        "pixelFlags_crCenter": bool(anyc & MASK["CR"]),
+        "pixelFlags_edge": bool(anyb & MASK["EDGE"]),
+        "pixelFlags_saturated": bool(anyb & MASK["SAT"]),
+        "pixelFlags_saturatedCenter": bool(anyc & MASK["SAT"]),
+        "pixelFlags_nodata": bool(anyb & MASK["NO_DATA"]),
+    }
+    return flags, max(x1 - x0, y1 - y0)
+
+
+def _is_trail(ixx: float, iyy: float, ixy: float, pxx: float, pyy: float) -> bool:
+    """Strongly elongated compared with the PSF (``trail_flag``)."""
+    if not (np.isfinite(ixx) and np.isfinite(iyy)):
+        return False
+    tr = ixx + iyy
+    det = np.sqrt(max((ixx - iyy) ** 2 + 4 * ixy * ixy, 0.0))
+    l1, l2 = 0.5 * (tr + det), 0.5 * (tr - det)
+    return bool(l2 > 0 and l1 / l2 > 4.0 and l1 > 4.0 * 0.5 * (pxx + pyy))
+
+
+def _empty_table() -> Table:
+    """An empty DiaSource table with the column types of :data:`DIASOURCE_COLUMNS`."""
     types = {
         "visit": int, "detector": int, "band": str, "psfNdata": int, "bboxSize": int,
         "dipoleNdata": int, "trailNdata": int,

@@ -2,6 +2,6 @@
 
 from apdask.pipeline.subtract.decorrelate import decorrelation_kernel
 from apdask.pipeline.subtract.difference import subtract
-from apdask.pipeline.subtract.kernel import alard_lupton_basis
+from apdask.pipeline.subtract.kernel import alard_lupton_basis, choose_kernel_size
 
-__all__ = ["alard_lupton_basis", "decorrelation_kernel", "subtract"]
+__all__ = ["alard_lupton_basis", "choose_kernel_size", "decorrelation_kernel", "subtract"]

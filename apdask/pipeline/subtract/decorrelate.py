@@ -10,7 +10,15 @@ from apdask.pipeline.psf import recentre
 __all__ = ["decorrelation_kernel"]
 
 
-def decorrelation_kernel(kernel, var_sci, var_tpl, *, psf_pre=None, size=None, floor=1e-4):
+def decorrelation_kernel(
+    kernel: np.ndarray,
+    var_sci: float,
+    var_tpl: float,
+    *,
+    psf_pre: np.ndarray | None = None,
+    size: int | None = None,
+    floor: float = 1e-4,
+) -> np.ndarray:
     """Alard–Lupton decorrelation afterburner (Reiss & Lupton 2016).
 
     Parameters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from scipy import signal
@@ -16,31 +17,42 @@ from apdask._kernels.fused import (
     finish_difference,
     one_blas_thread,
 )
-from apdask.core.exposure import MASK, mask_bits
+from apdask.core.exposure import MASK, Exposure, mask_bits
 from apdask.core.stats import nanmedian_last
 from apdask.exceptions import PsfFitError
 from apdask.pipeline.background import tile_threads
 from apdask.pipeline.measure.bright import bright_sources
 from apdask.pipeline.measure.photometry import aperture_correction
 from apdask.pipeline.psf import conv_stamp, estimate_psf, psf_fwhm, psf_getter
-from apdask.pipeline.stars import find_stars, usable_stars
 from apdask.pipeline.subtract.decorrelate import _truncated_psi
 from apdask.pipeline.subtract.kernel import (
-    _MIN_STAMPS,
-    _al_factors,
-    _fit_kernel,
-    _kernel_images,
+    _fit_matching_kernel,
     _powers,
     _spatial_terms,
-    alard_lupton_basis,
+    choose_kernel_size,
 )
+from apdask.pipeline.subtract.qa import _noise_ratio, _qa_figures
+from apdask.pipeline.subtract.stamps import _pick_stamps
 
 __all__ = ["subtract"]
 
+_BAD_BITS = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
+_DETECTED_BITS = mask_bits("DETECTED", "DETECTED_NEGATIVE")
+_NODATA = MASK["NO_DATA"]
+
 
 @one_blas_thread
-def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps=300,
-             decorrelate=True, apcorr=True, bright=True):  # fmt: skip
+def subtract(
+    science: Exposure,
+    template: Exposure,
+    *,
+    kernel_size: int | None = None,
+    spatial_order: int = 1,
+    max_stamps: int = 300,
+    decorrelate: bool = True,
+    apcorr: bool = True,
+    bright: bool = True,
+) -> tuple[Exposure, dict[str, Any]]:
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
     Parameters
@@ -87,10 +99,9 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         ``kernel_sum`` (photometric scale science/template), ``kernel_size``,
         ``n_stamps``, ``stamp_chi2`` (list, reduced chi² per used stamp),
         ``fwhm_science``, ``fwhm_template``, ``fwhm_difference`` (pixels),
-        ``direction``, ``preconvolved`` (always False, see docs), ``decorrelated``,
-        ``background``
-        (coefficients), ``noise_ratio`` (robust σ of ``D/sqrt(var)`` on clean pixels)
-        and ``timing`` (seconds per step).
+        ``direction``, ``preconvolved`` (always False: no pre-convolution, see docs),
+        ``decorrelated``, ``background`` (coefficients), ``noise_ratio`` (robust σ
+        of ``D/sqrt(var)`` on clean pixels) and ``timing`` (seconds per step).
 
     Raises
     ------
@@ -98,157 +109,228 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         If the PSFs or the kernel cannot be determined (too few stars).
     """
     t0 = time.perf_counter()
-    timing = {}
-    psf_s = science.psf if science.psf is not None else estimate_psf(science)
-    psf_t = template.psf if template.psf is not None else estimate_psf(template)
-    psf_s, psf_t = np.asarray(psf_s, float), np.asarray(psf_t, float)
-    fw_s, fw_t = float(psf_fwhm(psf_s)), float(psf_fwhm(psf_t))
+    timing: dict[str, float] = {}
+    psf_s, psf_t, fw_s, fw_t = _psfs(science, template)
     timing["psf"] = time.perf_counter() - t0
     # the sharper image is convolved: A = template, B = science normally; reversed
     # (science sharper) A = science, B = template and D = −(B − K⊗A)/κ
     rev = fw_t > fw_s
-    preconv = False
     direction = "convolve_science" if rev else "convolve_template"
-    sig_s, sig_t = fw_s / 2.3548, fw_t / 2.3548
-    sig_m = max(np.sqrt(abs(sig_s**2 - sig_t**2)), 0.7)
-    sigmas = [0.5 * sig_m, sig_m, 2.0 * sig_m]
-    if kernel_size is None:
-        kernel_size = 2 * int(np.ceil(3.0 * sigmas[-1])) + 1
-        kernel_size = int(np.clip(kernel_size, 11, 41))
-    kernel_size = int(kernel_size) | 1
-    kh = kernel_size // 2
-    basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
-    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
-
-    shape = science.shape
-    ny, nx = shape
-    nodata_bit = MASK["NO_DATA"]
-    sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, nodata_bit)
-    tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, nodata_bit)
-    var_s = np.asarray(science.variance, np.float32)
-    var_t = np.asarray(template.variance, np.float32)
-    pre_half = 0
-    img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
-    var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
-    psf_b = psf_t if rev else psf_s
+    kernel_size, sigmas = choose_kernel_size(fw_s, fw_t, kernel_size)
+    kh, order = kernel_size // 2, int(spatial_order)
+    sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, _NODATA)
+    tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, _NODATA)
+    var_s, var_t = (np.asarray(e.variance, np.float32) for e in (science, template))
 
     # --- stamps around bright isolated stars, clean in both images
-    fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
-    border = fit_half + kh + pre_half + 1
-    bad_bits = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
     t1 = time.perf_counter()
+    fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
     mask, bad_any, nodata = combine_masks(
-        science.mask, template.mask, nodata_s, nodata_t, bad_bits,
-        mask_bits("DETECTED", "DETECTED_NEGATIVE"),
-    )  # fmt: skip
-    stars = _model_stars(science, 1.2 * fit_half, 0.01, border, bad_any)
-    if stars is None or len(usable_stars(len(stars["x"]), max_stamps)) < max_stamps:
-        # no model, or its candidates do not fill the stamp budget: search for every star
-        stars = find_stars(
-            sci0, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
-            border=border, max_stars=None, avoid=bad_any, contrast=0.01,
-        )  # fmt: skip
-    idx = usable_stars(len(stars["x"]), max_stamps)
-    if len(idx) < _MIN_STAMPS:
-        msg = (
-            f"kernel fit failed: only {len(idx)} clean bright stars for stamps (need {_MIN_STAMPS})"
-        )
-        raise PsfFitError(msg)
-    xs = np.floor(stars["x"][idx] + 0.5).astype(int)
-    ys = np.floor(stars["y"][idx] + 0.5).astype(int)
+        science.mask, template.mask, nodata_s, nodata_t, _BAD_BITS, _DETECTED_BITS
+    )
+    stars, xs, ys = _pick_stamps(
+        science, sci0, var_s, bad_any, fw_s, fit_half, fit_half + kh + 1, max_stamps
+    )
     timing["stamps"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
-    bg_order = min(int(spatial_order), 1)
-    coef, nb, nsp, nbg, chi2, used = _fit_kernel(
-        img_a, img_b, (var_s, var_t), bad_any, basis, xs, ys, shape, int(spatial_order),
-        bg_order, fit_half, factors,
-    )  # fmt: skip
+    img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
+    kernels, bgc, chi2, used = _fit_matching_kernel(
+        img_a, img_b, (var_s, var_t), bad_any, xs, ys, sigmas, kernel_size, order, fit_half
+    )
     del bad_any
-    kernels = _kernel_images(coef, basis, nb, nsp)
-    bgc = coef[nb * nsp :]
     timing["fit"] = time.perf_counter() - t1
-    k_center = kernels[0]  # the constant spatial term: u = v = 0 at the centre
-    ksum = float(k_center.sum())
-    if not (np.isfinite(ksum) and ksum > 0):
-        msg = "kernel fit failed: photometric scale (kernel sum) is not positive"
-        raise PsfFitError(msg)
+    ksum = _kernel_sum(kernels[0])  # the constant spatial term: u = v = 0 at the centre
 
     # --- typical variances (the decorrelation filter and the variance floor)
-    v_s = _typical(var_s, nodata_s, 1.0)
-    v_t = _typical(var_t, nodata_t, 0.0)
+    v_s, v_t = _typical(var_s, nodata_s, 1.0), _typical(var_t, nodata_t, 0.0)
     v_a, v_b = (v_s, v_t) if rev else (v_t, v_s)
 
-    # --- full frame, tile by tile: D = ψ⊗B − Σ_s w_s(x, y) (ψ⊗K_s)⊗A − bg, with
-    # ψ truncated where its wings fall below 1e-5 (and the difference's PSF made with
-    # the same ψ); w_s = u^i v^j the spatial polynomials
     t1 = time.perf_counter()
-    psi = _truncated_psi(k_center, v_b, v_a, kh) if decorrelate else None
-    u = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1)
-    v = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1)
-    terms = []
-    for s, (i, j) in enumerate(_powers(int(spatial_order))):
-        h = -(signal.convolve(psi, kernels[s]) if psi is not None else kernels[s])
-        if s == 0:
-            terms.append((None, None, [(1, psi if psi is not None else np.ones((1, 1))), (0, h)]))
-        else:
-            terms.append((v**j if j else None, u**i if i else None, [(0, h)]))
-    diff = np.empty(shape, np.float32)
-    convolve_tiles([img_a, img_b], [(diff, terms)], threads=tile_threads())
+    psi = _truncated_psi(kernels[0], v_b, v_a, kh) if decorrelate else None
+    diff, u, v = _convolve_difference(img_a, img_b, kernels, psi, order)
     del sci0, img_a, img_b  # (the template stays for its bright sources)
     timing["convolve"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     del nodata_s, nodata_t
-    any_nodata = bool(nodata.any())
-    scale = -1.0 / ksum if rev else 1.0
+    psf_b = psf_t if rev else psf_s
     psf_d = conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
-    # ψ is compact (close to a δ function for a deeper template): its wings are not
-    # added to the EDGE width, which is the kernel (plus pre-convolution) half size
-    grow = kh + pre_half
+    _mark_edges(mask, nodata, kh)
+    bg_res = _finish(diff, mask, nodata, u, v, bgc, min(order, 1), ksum, rev)
+    var = _difference_variance((var_s, var_t), v_a, v_b, ksum, rev, nodata)
+    noise = _noise_ratio(diff, var, mask)
+    timing["assemble"] = time.perf_counter() - t1
+
+    # --- residual rings of bright stars (PSF wings the kernel does not match)
+    t1 = time.perf_counter()
+    scale = 1.0 / ksum if rev else ksum
+    sources = bright_sources(tpl0, var, psf_t, psf_d, scale=scale) if bright else None
+    timing["bright"] = time.perf_counter() - t1
+    del tpl0
+
+    # --- aperture corrections of the PSF fluxes (light outside the truncated PSF models)
+    t1 = time.perf_counter()
+    ap = _aperture_corrections(science, template, psf_s, psf_t, fw_s, fw_t, stars, rev, apcorr)
+    timing["apcorr"] = time.perf_counter() - t1
+    timing["total"] = time.perf_counter() - t0
+
+    meta = _difference_meta(science, direction, ap[0], ap[1], sources, rev, psi)
+    difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
+    fit = (scale, kernel_size, chi2, used, bgc, bg_res)
+    info = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
+    info["timing"] = timing
+    return difference, info
+
+
+def _finish(
+    diff: np.ndarray,
+    mask: np.ndarray,
+    nodata: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    bgc: np.ndarray,
+    bg_order: int,
+    ksum: float,
+    rev: bool,
+) -> np.ndarray:
+    """Subtract the background and scale the difference (in place); the residual
+    background's coefficients.
+
+    The background is the kernel fit's term plus a residual refit on block medians,
+    applied in one pass with the scale (``−1/κ`` when the science image was convolved)
+    and NaN on NO_DATA.
+    """
+    plane = np.zeros(3)
+    plane[: len(bgc)] = bgc
+    bg_res = _residual_background(diff, mask, _BAD_BITS, bg_order, plane)
+    plane[: len(bg_res)] += bg_res
+    scale = -1.0 / ksum if rev else 1.0
+    any_nodata = bool(nodata.any())
+    finish_difference(diff, u, v, plane, scale, nodata if any_nodata else None)
+    return bg_res
+
+
+def _psfs(science: Exposure, template: Exposure) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The two PSF images (estimated if absent) as float64 and their FWHMs (pixels)."""
+    psf_s = science.psf if science.psf is not None else estimate_psf(science)
+    psf_t = template.psf if template.psf is not None else estimate_psf(template)
+    psf_s, psf_t = np.asarray(psf_s, float), np.asarray(psf_t, float)
+    return psf_s, psf_t, float(psf_fwhm(psf_s)), float(psf_fwhm(psf_t))
+
+
+def _kernel_sum(k_center: np.ndarray) -> float:
+    """The photometric scale κ, the sum of the kernel at the CCD centre.
+
+    Raises
+    ------
+    PsfFitError
+        If it is not finite and positive.
+    """
+    ksum = float(k_center.sum())
+    if not (np.isfinite(ksum) and ksum > 0):
+        msg = "kernel fit failed: photometric scale (kernel sum) is not positive"
+        raise PsfFitError(msg)
+    return ksum
+
+
+def _convolve_difference(
+    img_a: np.ndarray,
+    img_b: np.ndarray,
+    kernels: list[np.ndarray],
+    psi: np.ndarray | None,
+    spatial_order: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ψ⊗B − Σ_s w_s(x, y) (ψ⊗K_s)⊗A`` over the full frame, tile by tile.
+
+    ψ is truncated where its wings fall below 1e-5 (and the difference's PSF is made
+    with the same ψ); ``w_s = u^i v^j`` are the spatial polynomials.  Returns the
+    difference (no background yet) and the normalised coordinates ``u``, ``v``.
+    """
+    ny, nx = img_a.shape
+    u = (np.arange(nx, dtype=np.float32) - (nx - 1) / 2) / max((nx - 1) / 2, 1)
+    v = (np.arange(ny, dtype=np.float32) - (ny - 1) / 2) / max((ny - 1) / 2, 1)
+    terms: list[Any] = []
+    for s, (i, j) in enumerate(_powers(spatial_order)):
+        h = -(signal.convolve(psi, kernels[s]) if psi is not None else kernels[s])
+        if s == 0:
+            terms.append((None, None, [(1, psi if psi is not None else np.ones((1, 1))), (0, h)]))
+        else:
+            terms.append((v**j if j else None, u**i if i else None, [(0, h)]))
+    diff = np.empty((ny, nx), np.float32)
+    convolve_tiles([img_a, img_b], [(diff, terms)], threads=tile_threads())
+    return diff, u, v
+
+
+def _mark_edges(mask: np.ndarray, nodata: np.ndarray, grow: int) -> None:
+    """EDGE within ``grow`` pixels of the border and of NO_DATA (in place).
+
+    ψ is compact (close to a δ function for a deeper template): its wings are not
+    added to the EDGE width, which is the kernel half size.
+    """
+    any_nodata = bool(nodata.any())
     edge_bit = np.uint32(MASK["EDGE"])
     if grow > 0:
         for band in (np.s_[:grow], np.s_[-grow:], np.s_[:, :grow], np.s_[:, -grow:]):
             mask[band] |= edge_bit
     if any_nodata:  # (rare) masks of the NO_DATA pixels and the band around them
         mask[dilate(nodata, grow) & ~nodata] |= edge_bit
-        mask[nodata] |= np.uint32(nodata_bit)
-    # background: the kernel fit's term plus a residual refit on block medians, one pass
-    plane = np.zeros(3)
-    plane[: len(bgc)] = bgc
-    bg_res = _residual_background(diff, mask, bad_bits, bg_order, plane)
-    plane[: len(bg_res)] += bg_res
-    finish_difference(diff, u, v, plane, scale, nodata if any_nodata else None)
+        mask[nodata] |= np.uint32(MASK["NO_DATA"])
+
+
+def _difference_variance(
+    variances: tuple[np.ndarray, np.ndarray],
+    v_a: float,
+    v_b: float,
+    ksum: float,
+    rev: bool,
+    nodata: np.ndarray,
+) -> np.ndarray:
+    """Variance plane of the difference, in the science calibration, from the science
+    and template ``variances``."""
+    var_s, var_t = variances
+    var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
     k2 = ksum**2
     var_scale = 1.0 / k2 if rev else 1.0
     fill = var_scale * (v_b + k2 * v_a)  # (the typical difference variance)
-    var = difference_variance(var_b, var_a, k2, var_scale, 1e-6 * max(v_b, 1e-30), fill, nodata)
-    noise = _noise_ratio(diff, var, mask)
-    timing["assemble"] = time.perf_counter() - t1
+    return difference_variance(var_b, var_a, k2, var_scale, 1e-6 * max(v_b, 1e-30), fill, nodata)
 
-    # --- residual rings of bright stars (PSF wings the kernel does not match)
-    t1 = time.perf_counter()
-    sources = None
-    if bright:
-        sources = bright_sources(tpl0, var, psf_t, psf_d, scale=1.0 / ksum if rev else ksum)
-    timing["bright"] = time.perf_counter() - t1
-    del tpl0
 
-    # --- aperture corrections of the PSF fluxes (light outside the truncated PSF models)
-    t1 = time.perf_counter()
-    if apcorr:
-        ap_s, n_ap, r_ap = aperture_correction(
-            science, psf_getter(science, psf_s), fwhm=fw_s, stars=stars
-        )  # the kernel stamps' stars: no second search
-        ap_d = ap_s
-        if rev:  # the difference has the template's PSF
-            ap_d, n_ap, r_ap = aperture_correction(template, psf_getter(template, psf_t), fwhm=fw_t)
-    else:
-        ap_s = ap_d = 1.0
-        n_ap, r_ap = 0, float("nan")
-    timing["apcorr"] = time.perf_counter() - t1
-    timing["total"] = time.perf_counter() - t0
+def _aperture_corrections(
+    science: Exposure,
+    template: Exposure,
+    psf_s: np.ndarray,
+    psf_t: np.ndarray,
+    fw_s: float,
+    fw_t: float,
+    stars: dict[str, Any],
+    rev: bool,
+    apcorr: bool,
+) -> tuple[float, float, int, float]:
+    """Aperture corrections of the difference's and the science image's PSF fluxes,
+    the number of stars and the aperture radius (1, 1, 0, NaN when not measured)."""
+    if not apcorr:
+        return 1.0, 1.0, 0, float("nan")
+    ap_s, n_ap, r_ap = aperture_correction(
+        science, psf_getter(science, psf_s), fwhm=fw_s, stars=stars
+    )  # the kernel stamps' stars: no second search
+    ap_d = ap_s
+    if rev:  # the difference has the template's PSF
+        ap_d, n_ap, r_ap = aperture_correction(template, psf_getter(template, psf_t), fwhm=fw_t)
+    return ap_d, ap_s, n_ap, r_ap
 
+
+def _difference_meta(
+    science: Exposure,
+    direction: str,
+    ap_d: float,
+    ap_s: float,
+    sources: dict[str, Any] | None,
+    rev: bool,
+    psi: np.ndarray | None,
+) -> dict[str, Any]:
+    """The difference's metadata: the science's, with direction, aperture corrections,
+    bright sources and the PSF model (convolved by ψ; dropped when reversed)."""
     meta = dict(science.meta)
     meta["subtraction"] = direction
     meta["ap_corr"] = ap_d
@@ -262,57 +344,7 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         meta.pop("psf_model", None)  # the difference has the (constant) template PSF
     elif model is not None:
         meta["psf_model"] = model.convolved(psi) if psi is not None else model
-    difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
-    info = {
-        "kernel_sum": 1.0 / ksum if rev else ksum,
-        "kernel_size": kernel_size,
-        "n_stamps": int(used.sum()),
-        "stamp_chi2": [float(c) for c in chi2[used]],
-        "fwhm_science": fw_s,
-        "fwhm_template": fw_t,
-        "fwhm_difference": float(psf_fwhm(psf_d)),
-        "direction": direction,
-        "preconvolved": bool(preconv),
-        "decorrelated": bool(decorrelate),
-        "background": [float(c) for c in bgc],
-        "background_residual": [float(c) for c in bg_res],
-        "noise_ratio": noise,
-        "ap_corr": ap_d,
-        "ap_corr_science": ap_s,
-        "ap_corr_n_stars": n_ap,
-        "ap_corr_radius": r_ap,
-        "n_bright_sources": len(sources["flux"]) if sources is not None else 0,
-        "timing": timing,
-    }
-    return difference, info
-
-
-def _model_stars(science, isolation, contrast, border, bad):
-    """Kernel-stamp stars from the science PSF model's candidates, or None.
-
-    The PSF model (:func:`estimate_psf_model`) keeps the bright stars its search
-    found; those at least ``isolation`` from any peak brighter than ``contrast`` times
-    their own, ``border`` from the edges and with no ``bad`` pixel within ``border``
-    are the stars the kernel fit's own search would pick, without a second
-    full-frame search.  None when there is no such model or it was searched with a
-    smaller isolation radius.  (:func:`subtract` searches anyway when these do not
-    fill its stamp budget: on a small or sparse CCD a kernel fitted on few stamps
-    needs every star, and the PSF search, made with a fixed FWHM guess, can miss
-    one or two.)
-    """
-    stars = getattr(science.meta.get("psf_model"), "stars", None)
-    if stars is None or stars.get("isolation", 0.0) < isolation or "neighbour" not in stars:
-        return None
-    ny, nx = science.shape
-    x, y = np.asarray(stars["x"]), np.asarray(stars["y"])
-    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
-    b = int(border)
-    keep = (np.asarray(stars["neighbour"]) <= contrast) & (ix >= b) & (ix < nx - b)
-    keep &= (iy >= b) & (iy < ny - b)
-    for k in np.flatnonzero(keep):
-        if bad[iy[k] - b : iy[k] + b + 1, ix[k] - b : ix[k] + b + 1].any():
-            keep[k] = False
-    return {k: v[keep] if isinstance(v, np.ndarray) else v for k, v in stars.items()}
+    return meta
 
 
 def _typical(var, nodata, default, samples=64000):
@@ -371,16 +403,3 @@ def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=8, min
     coef = np.linalg.lstsq(a * w[:, None], med * w, rcond=None)[0]
     out[: len(coef)] = coef  # the constant term comes first in every order
     return out
-
-
-def _noise_ratio(diff, var, mask, samples=64000):
-    """Robust σ of ``diff / sqrt(var)`` on clean pixels of every ``step``-th row and column,
-    ``step`` chosen for about ``samples`` pixels (a relative error of 0.5 %)."""
-    step = max(1, int(np.sqrt(diff.size / samples)))
-    bad = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
-    d, v, m = diff[::step, ::step], var[::step, ::step], mask[::step, ::step]
-    ok = ((m & bad) == 0) & (v > 0)
-    if not ok.any():
-        return float("nan")
-    p = d[ok] / np.sqrt(v[ok])
-    return float(1.4826 * np.median(np.abs(p - np.median(p))))

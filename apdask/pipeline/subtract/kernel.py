@@ -5,14 +5,16 @@ The Alard-Lupton basis, the stamp convolutions and the spatially varying least-s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
 
+from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import tile_threads
 
-__all__ = ["alard_lupton_basis"]
+__all__ = ["alard_lupton_basis", "choose_kernel_size"]
 
 _MIN_STAMPS = 5
 
@@ -34,7 +36,7 @@ def _al_factors(sigmas, degrees, size):
     return terms, prof
 
 
-def alard_lupton_basis(sigmas, degrees, size):
+def alard_lupton_basis(sigmas: Sequence[float], degrees: Sequence[int], size: int) -> np.ndarray:
     """Alard–Lupton kernel basis: Gaussians times 2-D polynomials.
 
     Parameters
@@ -127,8 +129,10 @@ def _stamp_convolutions(image, basis, xs, ys, fit_half, factors, plan=None):
     groups, m, nraw, S, T = plan or _convolution_plan(basis, factors, fit_half)
     ns = len(xs)
     off = np.arange(T) - T // 2
-    at = (np.asarray(ys)[:, None, None] + off[None, :, None],
-          np.asarray(xs)[:, None, None] + off[None, None, :])  # fmt: skip
+    at = (
+        np.asarray(ys)[:, None, None] + off[None, :, None],
+        np.asarray(xs)[:, None, None] + off[None, None, :],
+    )
     stamps = np.asarray(image[at], np.float32)
     raw = np.empty((ns, nraw, S, S), np.float32)
     flat = stamps.reshape(ns * T, T)
@@ -154,8 +158,7 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
     plan = _convolution_plan(basis, factors, fit_half)
 
     def blocks(lo, hi):
-        raw, m_raw = _stamp_convolutions(ref, basis, xs[lo:hi], ys[lo:hi], fit_half, factors,
-                                         plan)  # fmt: skip
+        raw, m_raw = _stamp_convolutions(ref, basis, xs[lo:hi], ys[lo:hi], fit_half, factors, plan)
         sw = np.sqrt(wf[lo:hi])
         cs = raw * sw[:, None, :]  # float64
         del raw
@@ -178,8 +181,9 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
     return m, c, b, res[0][3]
 
 
-def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, bg_order, fit_half,
-                factors):  # fmt: skip
+def _fit_kernel(
+    ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, bg_order, fit_half, factors
+):
     """Least-squares fit of ``tgt ≈ K(x, y) ⊗ ref + bg(x, y)`` on stamps; sigma-clipped.
 
     ``variances`` are the two images' variance planes (summed per stamp), ``bad`` the
@@ -193,8 +197,10 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     npar = nb * nsp + nbg
     S = 2 * fit_half + 1
     off = np.arange(-fit_half, fit_half + 1)
-    at = (np.asarray(ys)[:, None, None] + off[None, :, None],
-          np.asarray(xs)[:, None, None] + off[None, None, :])  # fmt: skip
+    at = (
+        np.asarray(ys)[:, None, None] + off[None, :, None],
+        np.asarray(xs)[:, None, None] + off[None, None, :],
+    )
     tg = tgt[at].astype(float)
     vr = variances[0][at].astype(float) + variances[1][at]
     ok = ~bad[at]
@@ -207,8 +213,9 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
     wf = w.reshape(ns, S * S)
     # per-stamp normal-equation blocks (with them, each stamp's χ² needs no model
     # image), on the raw separable kernels in double precision, then ``M · M_raw · Mᵀ``
-    m_n, c_n, b_n, m_raw = _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf,
-                                         tile_threads())  # fmt: skip
+    m_n, c_n, b_n, m_raw = _stamp_blocks(
+        ref, basis, xs, ys, fit_half, factors, wf, tgf, tile_threads()
+    )
     m_n = m_raw @ m_n @ m_raw.T  # (ns, nb, nb)
     c_n = c_n @ m_raw.T
     b_n = b_n @ m_raw.T
@@ -241,10 +248,16 @@ def _fit_kernel(ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, b
         g_n = bw @ coef[nk:]  # (ns,) background
         # Σ w (t − a·c − g)², expanded in the blocks
         quad = np.einsum("na,nab,nb->n", a_n, m_n, a_n)
-        chi2 = (tt_n - 2 * (a_n * b_n).sum(axis=1) - 2 * g_n * t_n + quad
-                + 2 * g_n * (a_n * c_n).sum(axis=1) + g_n * g_n * w_n) / npix  # fmt: skip
+        chi2 = (
+            tt_n
+            - 2 * (a_n * b_n).sum(axis=1)
+            - 2 * g_n * t_n
+            + quad
+            + 2 * g_n * (a_n * c_n).sum(axis=1)
+            + g_n * g_n * w_n
+        ) / npix
         med = np.median(chi2[use])
-        mad = 1.4826 * np.median(np.abs(chi2[use] - med))
+        mad = robust_sigma(chi2[use], med)
         new = chi2 < med + 4 * max(mad, 0.05 * med)
         if new.sum() < _MIN_STAMPS or np.array_equal(new, use):
             break
@@ -256,3 +269,68 @@ def _kernel_images(coef, basis, nb, nsp):
     """Per spatial term kernel images ``K_s = sum_b a_{b,s} B_b``."""
     a = coef[: nb * nsp].reshape(nb, nsp)
     return [np.tensordot(a[:, s], basis, axes=1) for s in range(nsp)]
+
+
+def choose_kernel_size(
+    fw_s: float, fw_t: float, kernel_size: int | None = None
+) -> tuple[int, list[float]]:
+    """Side of the matching kernel and the widths of its Alard–Lupton Gaussians.
+
+    Parameters
+    ----------
+    fw_s, fw_t : float
+        FWHM of the science and template PSFs (pixels).
+    kernel_size : int, optional
+        Requested side (made odd); by default 3σ of the widest Gaussian, 11..41.
+
+    Returns
+    -------
+    kernel_size : int
+        Odd kernel side.
+    sigmas : list of float
+        ``σ_m / 2, σ_m, 2 σ_m`` with ``σ_m = max(sqrt|σ_s² − σ_t²|, 0.7)``.
+    """
+    sig_s, sig_t = fw_s / 2.3548, fw_t / 2.3548
+    sig_m = max(np.sqrt(abs(sig_s**2 - sig_t**2)), 0.7)
+    sigmas = [0.5 * sig_m, sig_m, 2.0 * sig_m]
+    if kernel_size is None:
+        kernel_size = 2 * int(np.ceil(3.0 * sigmas[-1])) + 1
+        kernel_size = int(np.clip(kernel_size, 11, 41))
+    return int(kernel_size) | 1, sigmas
+
+
+def _fit_matching_kernel(
+    img_a: np.ndarray,
+    img_b: np.ndarray,
+    variances: tuple[np.ndarray, np.ndarray],
+    bad_any: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    sigmas: list[float],
+    kernel_size: int,
+    spatial_order: int,
+    fit_half: int,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Fit ``B ≈ K(x, y) ⊗ A + bg`` on the stamps in the Alard–Lupton basis.
+
+    Returns the kernel image of each spatial term (the constant term first), the
+    background coefficients, each stamp's reduced χ² and the stamps used.
+    """
+    basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
+    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
+    shape, bg_order = img_a.shape, min(spatial_order, 1)
+    coef, nb, nsp, _, chi2, used = _fit_kernel(
+        img_a,
+        img_b,
+        variances,
+        bad_any,
+        basis,
+        xs,
+        ys,
+        shape,
+        spatial_order,
+        bg_order,
+        fit_half,
+        factors,
+    )
+    return _kernel_images(coef, basis, nb, nsp), coef[nb * nsp :], chi2, used

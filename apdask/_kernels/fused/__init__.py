@@ -1,0 +1,50 @@
+"""Fused full-frame passes of subtraction, detection and cosmic-ray repair (numba).
+
+A 4k × 4k CCD is 16 M pixels: every NumPy expression over it reads and writes
+64 MB arrays and allocates a temporary, and a chain of them costs more than the
+FFTs themselves.  Each function here does in one pass over the pixels (rows in
+parallel) what took a chain of NumPy expressions, and writes into arrays it is
+given, so the subtraction allocates few full frames.  Each is equal to the NumPy
+expression in its docstring to float32 rounding (``tests/test_fused.py``).
+
+The passes live in private modules by stage (``_difference``, ``_detection``,
+``_isr``; the thread settings in ``_threads``) and are re-exported here.
+"""
+
+from apdask._kernels.fused._detection import above, dilate, matched_inputs, segments, snr_map
+from apdask._kernels.fused._difference import (
+    combine_masks,
+    difference_variance,
+    fill_nodata,
+    finish_difference,
+    tile_add,
+    tile_product,
+)
+from apdask._kernels.fused._isr import (
+    cr_candidates,
+    grow_diamond,
+    interpolate_over,
+    smoothed_residual,
+)
+from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
+
+__all__ = [
+    "allocated_cpus",
+    "inner_threads",
+    "one_blas_thread",
+    "fill_nodata",
+    "above",
+    "combine_masks",
+    "cr_candidates",
+    "finish_difference",
+    "grow_diamond",
+    "interpolate_over",
+    "difference_variance",
+    "dilate",
+    "matched_inputs",
+    "segments",
+    "smoothed_residual",
+    "snr_map",
+    "tile_add",
+    "tile_product",
+]

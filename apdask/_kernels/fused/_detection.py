@@ -1,0 +1,229 @@
+"""Fused passes of detection: matched-filter inputs, the S/N map and footprint segmentation."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from apdask._kernels.fused._threads import _threads
+
+__all__ = ["matched_inputs", "dilate", "snr_map", "above", "segments"]
+
+
+@numba.njit(parallel=True, cache=True)
+def _matched_inputs(image, variance, mask, ignore_bits, img0, var0, bad):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            v = image[y, x]
+            w = variance[y, x]
+            b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v) or not np.isfinite(w)
+            bad[y, x] = b
+            img0[y, x] = np.float32(0.0) if b else v
+            var0[y, x] = np.float32(0.0) if b else w
+
+
+@numba.njit(cache=True)
+def _mark_boxes(bad, img0, var0, ys, xs, half):
+    ny, nx = bad.shape
+    for k in range(len(ys)):
+        for y in range(max(ys[k] - half, 0), min(ys[k] + half + 1, ny)):
+            for x in range(max(xs[k] - half, 0), min(xs[k] + half + 1, nx)):
+                bad[y, x] = True
+                img0[y, x] = np.float32(0.0)
+                var0[y, x] = np.float32(0.0)
+
+
+@_threads
+def matched_inputs(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    ignore_bits: int,
+    around: np.ndarray | None = None,
+    half: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The matched filter's inputs: image and variance with left-out pixels set to 0.
+
+    A pixel is left out (``bad``) when ``mask & ignore_bits`` is set, when its image or
+    variance value is not finite, or when it lies within ``half`` pixels (square) of a
+    pixel of ``around`` (a bool image, e.g. saturated pixels).
+
+    Returns
+    -------
+    image0, variance0 : numpy.ndarray
+        float32.
+    bad : numpy.ndarray
+        bool.
+    """
+    image = np.asarray(image, np.float32)
+    img0 = np.empty(image.shape, np.float32)
+    var0 = np.empty(image.shape, np.float32)
+    bad = np.empty(image.shape, np.bool_)
+    _matched_inputs(
+        image,
+        np.asarray(variance, np.float32),
+        np.asarray(mask),
+        np.uint32(ignore_bits),
+        img0,
+        var0,
+        bad,
+    )
+    if around is not None and half > 0:
+        n = int(np.count_nonzero(around))
+        if 0 < n <= 20_000:  # a few saturated stars: mark boxes around their pixels
+            ys, xs = np.nonzero(around)
+            _mark_boxes(bad, img0, var0, ys.astype(np.int64), xs.astype(np.int64), int(half))
+        elif n:  # large areas: one dilation of the whole mask (cumulative sums)
+            grown = dilate(around, int(half))
+            bad |= grown
+            img0[grown] = 0.0
+            var0[grown] = 0.0
+    return img0, var0, bad
+
+
+def dilate(mask: np.ndarray, half: int) -> np.ndarray:
+    """A boolean mask grown by ``half`` pixels (square), using cumulative sums."""
+    if half <= 0 or not mask.any():
+        return mask
+    ny, nx = mask.shape
+    c = np.pad(mask.astype(np.int32), ((half + 1, half), (half + 1, half))).cumsum(0).cumsum(1)
+    k = 2 * half + 1
+    tot = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    return tot[:ny, :nx] > 0
+
+
+@numba.njit(parallel=True, cache=True)
+def _snr(filt, vfilt, bad, out):
+    ny, nx = out.shape
+    for y in numba.prange(ny):
+        for x in range(nx):
+            v = vfilt[y, x]
+            out[y, x] = filt[y, x] / np.sqrt(v) if v > 0 and not bad[y, x] else np.float32(0.0)
+
+
+@_threads
+def snr_map(filt: np.ndarray, vfilt: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32)."""
+    out = np.empty(bad.shape, np.float32)
+    _snr(filt, vfilt, bad, out)
+    return out
+
+
+@numba.njit(cache=True)
+def _find(parent, k):
+    while parent[k] != k:
+        parent[k] = parent[parent[k]]
+        k = parent[k]
+    return k
+
+
+@numba.njit(cache=True)
+def _segments(ys, xs, vals, nx):
+    n = len(ys)
+    lin = ys.astype(np.int64) * nx + xs
+    parent = np.arange(n)
+    for k in range(n):
+        y, x = ys[k], xs[k]
+        for dy, dx in ((0, -1), (-1, -1), (-1, 0), (-1, 1)):
+            yy, xx = y + dy, x + dx
+            if yy < 0 or xx < 0 or xx >= nx:
+                continue
+            q = yy * nx + xx
+            j = np.searchsorted(lin, q)
+            if j < n and lin[j] == q:
+                a, b = _find(parent, k), _find(parent, j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    comp = np.full(n, -1, np.int64)
+    label = np.empty(n, np.int64)
+    m = 0
+    for k in range(n):
+        r = _find(parent, k)
+        if comp[r] < 0:
+            comp[r] = m
+            m += 1
+        label[k] = comp[r]
+    out = np.empty((m, 7), np.int64)  # count, x0, x1, y0, y1, peak x, peak y
+    best = np.full(m, -np.inf)
+    for c in range(m):
+        out[c, 0] = 0
+        out[c, 1] = out[c, 3] = 1 << 62
+        out[c, 2] = out[c, 4] = -1
+    for k in range(n):
+        c = label[k]
+        out[c, 0] += 1
+        out[c, 1] = min(out[c, 1], xs[k])
+        out[c, 2] = max(out[c, 2], xs[k] + 1)
+        out[c, 3] = min(out[c, 3], ys[k])
+        out[c, 4] = max(out[c, 4], ys[k] + 1)
+        if vals[k] > best[c]:
+            best[c] = vals[k]
+            out[c, 5] = xs[k]
+            out[c, 6] = ys[k]
+    return out, best
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_above(image, t, sign, counts):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        c = 0
+        for x in range(nx):
+            if sign * image[y, x] > t:
+                c += 1
+        counts[y] = c
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill_above(image, t, sign, starts, ys, xs):
+    ny, nx = image.shape
+    for y in numba.prange(ny):
+        k = starts[y]
+        for x in range(nx):
+            if sign * image[y, x] > t:
+                ys[k] = y
+                xs[k] = x
+                k += 1
+
+
+@_threads
+def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero(sign * image > threshold)`` (raster order) without a full-frame mask."""
+    image = np.asarray(image)
+    t, sg = image.dtype.type(threshold), image.dtype.type(1 if sign > 0 else -1)
+    counts = np.empty(image.shape[0], np.int64)
+    _count_above(image, t, sg, counts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    n = int(counts.sum())
+    ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
+    _fill_above(image, t, sg, starts, ys, xs)
+    return ys, xs
+
+
+def segments(
+    image: np.ndarray, threshold: float, n_pixels: int, sign: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected groups of at least ``n_pixels`` pixels above ``threshold``
+    (of ``-image`` when ``sign`` is negative).
+
+    Equal to photutils ``detect_sources(image, threshold, n_pixels)`` (pixels
+    ``> threshold``, 8-connectivity, labels in raster order of each group's first
+    pixel), but only the pixels above the threshold are visited after one comparison
+    pass, and no segmentation image is made.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``(n, 7)``: pixel count, half-open bounding box ``x0, x1, y0, y1``, and
+        the ``x, y`` of the first (raster order) highest pixel of each group.
+    numpy.ndarray
+        float64 ``(n,)``: that highest value.
+    """
+    ys, xs = above(image, threshold, sign)
+    if len(ys) == 0:
+        return np.zeros((0, 7), np.int64), np.zeros(0)
+    vals = image[ys, xs].astype(np.float64) * (1.0 if sign > 0 else -1.0)
+    out, best = _segments(ys, xs, vals, image.shape[1])
+    keep = out[:, 0] >= n_pixels
+    return out[keep], best[keep]
