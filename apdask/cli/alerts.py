@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import fastavro
 
@@ -53,6 +54,6 @@ def alerts_command(args):
             schema_registry().get_by_id(int.from_bytes(data[1:5], "big", signed=True))
         )
 
-        a = fastavro.schemaless_reader(io.BytesIO(data[5:]), parsed, parsed)
-        print(f"p={msg.partition()} o={msg.offset()} " + _alert_line(a), flush=True)
+        record: Any = fastavro.schemaless_reader(io.BytesIO(data[5:]), parsed, parsed)
+        print(f"p={msg.partition()} o={msg.offset()} " + _alert_line(record), flush=True)
     return 0

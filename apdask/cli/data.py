@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from apdask.cli.common import repo_camera
 from apdask.io.butler import Butler
@@ -23,8 +24,8 @@ def simulate_command(args):
 
 def evaluate_command(args):
     res = evaluate_visit(args.repo, args.visit, out_dir=args.out)
-    summary = {k: res[k] for k in ("visit", "n_alerts", "n_transients", "n_transients_found",
-                                   "json", "plot") if k in res}  # fmt: skip
+    keys = ("visit", "n_alerts", "n_transients", "n_transients_found", "json", "plot")
+    summary: dict[str, Any] = {k: res[k] for k in keys if k in res}
     summary["targets"] = res["targets"]
     summary["false_positives_by_class"] = res["false_positives_by_class"]
     print(json.dumps(summary, indent=1, default=str))

@@ -97,7 +97,12 @@ def ccd_tasks(
         darktime = step(darktime_task, f"darktime{k}")(header, k)
         images.append(
             isr.isr_arrays(
-                amps, det, calibs["bias"], calibs["dark"], calibs["flat"], darktime=darktime
+                amps,
+                det,
+                calibs["bias"],
+                calibs["dark"],
+                calibs["flat"],
+                darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
             )  # fmt: skip
         )
     science = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)

@@ -259,7 +259,9 @@ def calibrate_task(
         "mjd": header.mjd,
         "exptime": header.exptime,
     }
-    exp = isr.calibrate(image_e, variance, mask, band, header.exptime, wcs, meta)
+    exp = isr.calibrate(
+        np.asarray(image_e), np.asarray(variance), mask, band, header.exptime, wcs, meta
+    )
     refcat = prefetch.refcat
     new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
     exp = exp.copy_with(wcs=new_wcs)
@@ -274,9 +276,10 @@ def warp_task(science: Exposure, prefetch: Prefetch) -> Exposure:
     t0 = time.time()
     ccd, visit, band = (science.meta.get(k) for k in ("detector_name", "visit", "band"))
     try:
-        tmpl = warp_template(prefetch.tiles, science.wcs, science.shape)
+        ny, nx = science.shape
+        tmpl = warp_template(prefetch.tiles, science.wcs, (ny, nx))
     except NoTemplateCoverageError as e:
-        ra, dec = science.wcs.pixel_to_world_values(  # type: ignore[attr-defined]
+        ra, dec = science.wcs.pixel_to_world_values(
             (science.shape[1] - 1) / 2, (science.shape[0] - 1) / 2
         )
         msg = (

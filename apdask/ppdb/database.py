@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy
 import sqlalchemy.exc
@@ -47,7 +48,7 @@ __all__ = ["create_ppdb", "region_for", "Ppdb", "CcdPpdb", "DRP_TABLE"]
 
 log = logging.getLogger(__name__)
 
-_OPEN_CACHE = {}
+_OPEN_CACHE: dict[Any, Any] = {}
 _OPEN_LOCK = threading.Lock()
 
 
@@ -475,8 +476,8 @@ class CcdPpdb:
     """
 
     ppdb: Ppdb
-    detector: object
-    region: object
+    detector: Any
+    region: Any
 
     def read(self, mjd, *, as_of=True):
         """Everything association needs for a visit at ``mjd`` (DMTN-092 §5).

@@ -20,6 +20,7 @@ import os
 import random
 import time
 import urllib.parse
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -131,6 +132,12 @@ class PpdbSql:
     A mixin: it uses the host's ``apdb``, ``_lock``, ``_after_fork``, ``_call``
     and ``_table_def``.
     """
+
+    apdb: Any
+    _lock: Any
+    _after_fork: Any
+    _call: Any
+    _table_def: Any
 
     @property
     def is_sql(self):

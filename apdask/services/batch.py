@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import Any
 
 import dask.config
 
@@ -161,7 +162,7 @@ _APPLIES = {
 }
 
 
-_SAID = set()  # (message, args) already logged: job_settings runs more than once a submit
+_SAID: set[Any] = set()  # (message, args) already logged: job_settings runs more than once a submit
 
 
 def _say(level, msg, *args):
@@ -424,7 +425,7 @@ def jobqueue_cluster(scheduler, *, job_dir, n_jobs=None, partition=None, memory=
         msg = (f"cannot start a dask-jobqueue {scheduler} cluster from jobqueue.{scheduler}.* "
                f"and apdask.submit.*: {err}")  # fmt: skip
         raise ConfigurationError(msg) from err
-    cluster.apdask_settings = settings
+    cluster.apdask_settings = settings  # type: ignore[union-attr]
     return cluster
 
 

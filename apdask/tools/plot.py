@@ -514,15 +514,15 @@ def focal_plane(
             arr.append(vals[d.name])
         else:
             off.append(rect)
-    arr = np.asarray(arr, float)
-    finite = arr[np.isfinite(arr)]
+    values = np.asarray(arr, float)
+    finite = values[np.isfinite(values)]
     lo = vmin if vmin is not None else (finite.min() if finite.size else 0.0)
     hi = vmax if vmax is not None else (finite.max() if finite.size else 1.0)
     if hi <= lo:
         hi = lo + 1.0
     cmap = _matplotlib().colormaps[cmap].with_extremes(bad="0.85")
     coll = PatchCollection(on, cmap=cmap, edgecolor="k", linewidth=0.5)
-    coll.set_array(np.ma.masked_invalid(arr))
+    coll.set_array(np.ma.masked_invalid(values))
     coll.set_clim(lo, hi)
     ax.add_collection(coll)
     ax.add_collection(PatchCollection(off, facecolor="none", edgecolor="0.6", linewidth=0.5))
@@ -566,7 +566,7 @@ def _timing_rows(timings):
         per = [(timings.get("detector", "CCD"), timings["timings"])]
     else:  # stage -> seconds
         per = [(None, timings)]
-    stages = []
+    stages: list[str] = []
     for _, t in per:
         stages.extend(s for s in t if s not in stages)
     sec = np.array([[float(t.get(s, 0.0)) for s in stages] for _, t in per]).reshape(

@@ -52,7 +52,9 @@ def _worker_share(cpus: int) -> int | None:
         worker = get_worker()
     except (ImportError, ValueError):
         return None
-    nthreads = max(1, int(getattr(worker.state, "nthreads", 0) or worker.nthreads or 1))
+    nthreads = max(
+        1, int(getattr(worker.state, "nthreads", 0) or getattr(worker, "nthreads", 1) or 1)
+    )
     try:
         procs = max(1, int(os.environ.get("APDASK_JOB_PROCESSES", "1")))
     except ValueError:
