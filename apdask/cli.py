@@ -175,6 +175,10 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="write the job files, submit nothing")
     _add_outputs(p)
 
+    from .diff import add_parser as _add_diff_parser
+
+    _add_diff_parser(sub)  # apdask diff SCIENCE.fits TEMPLATE.fits --out DIR (docs/real-data.md)
+
     p = sub.add_parser("bench", help="run benchmarks/ and report the figures against targets")
     p.add_argument("--only", help="comma list of: association, ppdb, alerts, subtract, distributor")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
@@ -468,6 +472,12 @@ def _cmd_bench(args):
     return 70 if failed else 0
 
 
+def _cmd_diff(args):
+    from .diff import run_cli
+
+    return run_cli(args)
+
+
 _COMMANDS = {
     "bench": _cmd_bench,
     "simulate": _cmd_simulate,
@@ -482,6 +492,7 @@ _COMMANDS = {
     "listen": _cmd_listen,
     "submit": _cmd_submit,
     "distributor": _cmd_distributor,
+    "diff": _cmd_diff,
 }
 
 

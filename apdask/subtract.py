@@ -53,6 +53,17 @@ _MIN_PSF_STARS = 5
 _MIN_STAMPS = 5
 
 
+def _model_rules():
+    """Star counts the kernel model needs (``apdask.subtract.kernel.*`` in apdask.yaml)."""
+    from . import config
+
+    return {
+        "min_stamps": int(config.get("subtract.kernel.min_stamps")),
+        "stamps_per_term": int(config.get("subtract.kernel.stamps_per_spatial_term")),
+        "full_basis_stamps": int(config.get("subtract.kernel.full_basis_stamps")),
+    }
+
+
 class PsfGrid:
     """A spatially varying PSF: stamps on a grid of CCD cells, bilinearly interpolated.
 
@@ -161,15 +172,19 @@ def _psf_stamps(exposure, stamp_size, max_stars):
     stamp_size = int(stamp_size) | 1
     half = stamp_size // 2
     fwhm0 = _guess_fwhm(exposure)
-    stars = _find_stars(
-        exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
-        isolation=stamp_size, border=half + 2, max_stars=None, contrast=0.02,
-    )  # fmt: skip
-    n_found = len(stars["x"])
-    order = np.arange(n_found)
-    if n_found > 20:
-        order = order[int(0.02 * n_found) :]
-    order = order[:max_stars]
+    # isolation radius: the stamp side, or (too few stars: small or sparse images) 4 FWHM
+    for isolation in (stamp_size, min(stamp_size, max(4.0 * fwhm0, 0.5 * stamp_size))):
+        stars = _find_stars(
+            exposure.image, exposure.variance, exposure.mask, fwhm=fwhm0, nsigma=20.0,
+            isolation=isolation, border=half + 2, max_stars=None, contrast=0.02,
+        )  # fmt: skip
+        n_found = len(stars["x"])
+        order = np.arange(n_found)
+        if n_found > 20:
+            order = order[int(0.02 * n_found) :]
+        order = order[:max_stars]
+        if len(order) >= _MIN_PSF_STARS:
+            break
     if len(order) < _MIN_PSF_STARS:
         msg = (
             f"PSF estimation failed: only {len(order)} bright isolated unmasked stars "
@@ -324,6 +339,8 @@ def estimate_psf(exposure, stamp_size=25, max_stars=200):
 def _guess_fwhm(exposure):
     if exposure.psf is not None:
         return float(_psf_fwhm(exposure.psf))
+    if exposure.meta.get("fwhm_guess"):  # e.g. a FITS header's FWHM (apdask.foreign)
+        return float(exposure.meta["fwhm_guess"])
     return 4.5  # ~0.9" at 0.2"/px
 
 
@@ -710,13 +727,13 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     sig_s, sig_t = fw_s / 2.3548, fw_t / 2.3548
     sig_m = max(np.sqrt(abs(sig_s**2 - sig_t**2)), 0.7)
     sigmas = [0.5 * sig_m, sig_m, 2.0 * sig_m]
+    auto_size = kernel_size is None
     if kernel_size is None:
         kernel_size = 2 * int(np.ceil(3.0 * sigmas[-1])) + 1
         kernel_size = int(np.clip(kernel_size, 11, 41))
     kernel_size = int(kernel_size) | 1
-    kh = kernel_size // 2
-    basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
-    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
+    requested = {"kernel_size": kernel_size, "spatial_order": int(spatial_order),
+                 "basis_degrees": [4, 3, 2]}  # fmt: skip
 
     shape = science.shape
     ny, nx = shape
@@ -731,27 +748,52 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
     psf_b = psf_t if rev else psf_s
 
     # --- stamps around bright isolated stars, clean in both images
-    fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
-    border = fit_half + kh + pre_half + 1
     bad_bits = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
     t1 = time.perf_counter()
     mask, bad_any, nodata = combine_masks(
         science.mask, template.mask, nodata_s, nodata_t, bad_bits,
         mask_bits("DETECTED", "DETECTED_NEGATIVE"),
     )  # fmt: skip
-    stars = _model_stars(science, 1.2 * fit_half, 0.01, border, bad_any)
-    if stars is None or len(usable_stars(len(stars["x"]), max_stamps)) < max_stamps:
-        # no model, or its candidates do not fill the stamp budget: search for every star
-        stars = _find_stars(
-            sci0, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
-            border=border, max_stars=None, avoid=bad_any, contrast=0.01,
-        )  # fmt: skip
-    idx = usable_stars(len(stars["x"]), max_stamps)
-    if len(idx) < _MIN_STAMPS:
+    # kernel model with fallbacks (docs/real-data.md): a smaller kernel (smaller stamps,
+    # border and isolation radius: more stars), then a lower spatial order and fewer
+    # basis functions when the stars do not constrain the configured model
+    rules = _model_rules()
+    k_min = max(7, 2 * int(np.ceil(2.5 * sig_m)) + 1) if auto_size else kernel_size
+    sizes = list(range(kernel_size, min(k_min, kernel_size) - 1, -4)) or [kernel_size]
+    best = None
+    for size in sizes:
+        kh = size // 2
+        fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
+        border = fit_half + kh + pre_half + 1
+        stars = _model_stars(science, 1.2 * fit_half, 0.01, border, bad_any)
+        if stars is None or len(usable_stars(len(stars["x"]), max_stamps)) < max_stamps:
+            # no model, or its candidates do not fill the stamp budget: search for every star
+            stars = _find_stars(
+                sci0, var_s, science.mask, fwhm=fw_s, nsigma=20.0, isolation=1.2 * fit_half,
+                border=border, max_stars=None, avoid=bad_any, contrast=0.01,
+            )  # fmt: skip
+        idx = usable_stars(len(stars["x"]), max_stamps)
+        if best is None or len(idx) > len(best[1]):
+            best = (size, idx, stars, kh, fit_half)
+        if len(idx) >= rules["stamps_per_term"] * len(_powers(int(spatial_order))):
+            break
+    kernel_size, idx, stars, kh, fit_half = best
+    if len(idx) < rules["min_stamps"]:
         msg = (
-            f"kernel fit failed: only {len(idx)} clean bright stars for stamps (need {_MIN_STAMPS})"
+            f"kernel fit failed: only {len(idx)} clean bright stars for stamps (need "
+            f"{rules['min_stamps']}, kernel {kernel_size} px); too few stars: give a PSF-matched "
+            "template or a larger image"
         )
         raise PsfFitError(msg)
+    order = int(spatial_order)
+    while order > 0 and len(idx) < rules["stamps_per_term"] * len(_powers(order)):
+        order -= 1
+    degrees = [4, 3, 2] if len(idx) >= rules["full_basis_stamps"] else [2, 1, 0]
+    kmodel = {"kernel_size": kernel_size, "spatial_order": order, "basis_degrees": degrees}
+    fallback = [k for k in kmodel if kmodel[k] != requested[k]]
+    spatial_order = order
+    basis = alard_lupton_basis(sigmas, degrees, kernel_size)
+    factors = _al_factors(sigmas, degrees, kernel_size)
     xs = np.floor(stars["x"][idx] + 0.5).astype(int)
     ys = np.floor(stars["y"][idx] + 0.5).astype(int)
     timing["stamps"] = time.perf_counter() - t1
@@ -882,9 +924,28 @@ def subtract(science, template, *, kernel_size=None, spatial_order=1, max_stamps
         "ap_corr_n_stars": n_ap,
         "ap_corr_radius": r_ap,
         "n_bright_sources": len(sources["flux"]) if sources is not None else 0,
+        "model": kmodel,
+        "fallback": fallback,
+        "kernel_sum_range": _kernel_sum_range(kernels, int(spatial_order), rev),
+        "stamp_x": [int(x) for x in xs[used]],
+        "stamp_y": [int(y) for y in ys[used]],
+        "kernel": k_center,
         "timing": timing,
     }
     return difference, info
+
+
+def _kernel_sum_range(kernels, order, rev, n=5):
+    """(min, max) of the kernel sum (photometric scale science/template) over an
+    ``n × n`` grid spanning the CCD: the spatial variation of the photometric scale."""
+    g = np.linspace(-1.0, 1.0, n)
+    u, v = np.meshgrid(g, g)
+    tot = sum(float(k.sum()) * u**i * v**j for k, (i, j) in zip(kernels, _powers(order),
+                                                                 strict=True))  # fmt: skip
+    tot = np.asarray(tot, float) * np.ones_like(u)
+    if rev:
+        tot = 1.0 / tot
+    return [float(tot.min()), float(tot.max())]
 
 
 def _model_stars(science, isolation, contrast, border, bad):

@@ -38,6 +38,7 @@ from .exceptions import (
     HeaderMismatchError,
     NoTemplateCoverageError,
     PsfFitError,
+    SubtractionQualityError,
 )
 
 __all__ = [
@@ -189,7 +190,7 @@ def visit_time_window(mjd, months=None):
 # Task functions.  Each runs inside the graph; arguments are small (paths, ids, tables).
 
 #: Errors of one CCD's pixel data that end that CCD's chain, not the visit's.
-_CCD_DATA_ERRORS = (NoTemplateCoverageError, PsfFitError)
+_CCD_DATA_ERRORS = (NoTemplateCoverageError, PsfFitError, SubtractionQualityError)
 
 
 @dataclass
@@ -488,7 +489,12 @@ def _detect(sub, visit, detector, band, mjd_of):
         diff, sub["science"], sub["template"], dets,
         visit=visit, detector=detector.id, band=band, mjd=mjd_of["mjd"], matched=matched,
     )  # fmt: skip
-    return {"sources": table, "timings": {"detect+measure": time.time() - t0}}
+    from .diffqa import assess, enforce  # subtraction QA: fail = this CCD fails
+
+    qa = assess(diff, sub["info"], table, sub["science"], sub["template"])
+    sub["info"]["qa"] = qa
+    enforce(qa, where=f"CCD {detector.name}, visit {visit}")
+    return {"sources": table, "qa": qa, "timings": {"detect+measure": time.time() - t0}}
 
 
 def _associate_store_alert(sub, measured, prefetch, header, detector, band, ppdb_url, sink_uri,
@@ -628,6 +634,8 @@ def _failed_ccd(detector, visit, error, exc=None):
     if exc is not None:
         out["error_type"] = type(exc).__name__
         out["exit_code"] = int(getattr(exc, "exit_code", 1))
+        if getattr(exc, "qa", None) is not None:  # SubtractionQualityError
+            out["qa"] = exc.qa
     return out
 
 
@@ -670,7 +678,9 @@ def _ccd_report(result, fetched, header, science, sub, measured, prefetch, detec
     # fraction of the CCD with template data; the rest is NO_DATA and was not searched
     out["template_coverage"] = float(sub["template"].meta.get("coverage", 1.0))
     out["template_partial"] = out["template_coverage"] < 1.0
-    out["subtraction"] = {k: v for k, v in sub["info"].items() if k != "timings"}
+    out["subtraction"] = {k: v for k, v in sub["info"].items()
+                          if k not in ("timings", "kernel", "qa")}  # fmt: skip
+    out["qa"] = measured.get("qa")
     return out
 
 
