@@ -133,8 +133,11 @@ def diff(science, template, *, science_options=None, template_options=None, scie
     snr = matched[1]
     report = {
         "science": _describe(sci),
-        "template": {**_describe(tpl), "resampled": bool(tpl.meta.get("resampled")),
-                     "coverage": tpl.meta.get("coverage")},  # fmt: skip
+        "template": {
+            **_describe(tpl),
+            "resampled": bool(tpl.meta.get("resampled")),
+            "coverage": tpl.meta.get("coverage"),
+        },  # fmt: skip
         "qa": qa,
         "subtraction": {k: v for k, v in info.items() if k not in ("kernel", "timing")},
         "n_sources": len(sources),
@@ -260,8 +263,7 @@ def add_parser(sub):
         s = who[0]
         p.add_argument(f"--{who}-psf", help=f"PSF model FITS image of the {who} image")
         p.add_argument(f"--{s}-gain", type=float, help=f"{who} gain, e-/count (default GAIN)")
-        p.add_argument(f"--{s}-zp", type=float,
-                       help=f"{who} AB zero point of one count (default MAGZERO/PHOTZP...)")  # fmt: skip
+        p.add_argument(f"--{s}-zp", type=float, help=f"{who} AB zero point of one count")
         p.add_argument(f"--{s}-unit", help=f"{who} unit: counts, electrons, nJy, MJy/sr ...")
         p.add_argument(f"--{s}-noise", help=f"{who} 1-sigma noise map (FITS)")
         p.add_argument(f"--{s}-saturation", type=float, help=f"{who} saturation level")
@@ -276,17 +278,30 @@ def run_cli(args):
         opts[who] = {
             k: v
             for k, v in {
-                "gain": getattr(args, f"{s}_gain"), "zero_point": getattr(args, f"{s}_zp"),
-                "unit": getattr(args, f"{s}_unit"), "noise": getattr(args, f"{s}_noise"),
-                "saturation": getattr(args, f"{s}_saturation"), "band": args.band,
+                "gain": getattr(args, f"{s}_gain"),
+                "zero_point": getattr(args, f"{s}_zp"),
+                "unit": getattr(args, f"{s}_unit"),
+                "noise": getattr(args, f"{s}_noise"),
+                "saturation": getattr(args, f"{s}_saturation"),
+                "band": args.band,
             }.items()  # fmt: skip
             if v is not None
         }
-    result = diff(args.science, args.template, science_options=opts["science"],
-                  template_options=opts["template"], science_psf=args.science_psf,
-                  template_psf=args.template_psf)  # fmt: skip
+    import sys
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = diff(
+            args.science, args.template, science_options=opts["science"],
+            template_options=opts["template"], science_psf=args.science_psf,
+            template_psf=args.template_psf,
+        )  # fmt: skip
+    for w in caught:  # QA and coverage warnings: stderr (and the report), not a failure
+        print(f"apdask: warning: {w.message}", file=sys.stderr)
     out = write_outputs(result, args.out)
     qa = result.report["qa"]
-    print(json.dumps({"out": out, "n_sources": result.report["n_sources"], "qa_status": qa["status"],
-                      "reasons": qa["reasons"]}))  # fmt: skip
+    summary = {"out": out, "n_sources": result.report["n_sources"], "qa_status": qa["status"]}
+    summary["reasons"] = qa["reasons"]
+    print(json.dumps(summary))
     return 0

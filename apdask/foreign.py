@@ -238,8 +238,9 @@ def read_exposure(path, *, hdu=None, unit=None, gain=None, saturation=None, zero
         if hdu is not None:
             idx = hdul.index_of(hdu)
         if idx is None:
-            idx = next((i for i, h in enumerate(hdul)
-                        if getattr(h, "data", None) is not None and h.data.ndim == 2), None)  # fmt: skip
+            idx = next(
+                (i for i, h in enumerate(hdul) if getattr(h, "data", None) is not None), None
+            )
         if idx is None or hdul[idx].data is None or hdul[idx].data.ndim != 2:
             raise InputImageError(f"{path}: no 2-D image HDU; give hdu= / --hdu")
         head = _header(hdul, idx)
