@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .diffqa import assess, enforce
+from . import config
+from .diffqa import assess, enforce, snr_sigma
 from .exceptions import PsfFitError
 from .foreign import match_template, read_exposure
 
@@ -63,7 +64,7 @@ def _exposure(x, options, psf):
 
 
 def diff(science, template, *, science_options=None, template_options=None, science_psf=None,
-         template_psf=None, enforce_qa=True):  # fmt: skip
+         template_psf=None, enforce_qa=True, correct_noise=True):  # fmt: skip
     """Difference image, DiaSources and QA of a calibrated science/template pair.
 
     Parameters
@@ -77,6 +78,10 @@ def diff(science, template, *, science_options=None, template_options=None, scie
         PSF models (e.g. WebbPSF FITS images); default estimated from the stars.
     enforce_qa : bool, optional
         Raise :class:`~apdask.exceptions.SubtractionQualityError` when the QA fails.
+    correct_noise : bool, optional
+        Rescale the difference's variance by the square of its S/N map's robust σ when
+        that is off by more than ``apdask.subtract.qa.snr_sigma_correct`` (correlated
+        noise of resampled inputs); reported as ``variance_correction``.
 
     Returns
     -------
@@ -122,6 +127,17 @@ def diff(science, template, *, science_options=None, template_options=None, scie
         raise PsfFitError(f"{step}{e}") from None
     t2 = time.perf_counter()
     matched = matched_filter(difference)  # as visit._detect
+    # resampled (drizzled, SWarped) inputs have correlated noise: their variance planes
+    # hold the per-pixel variance, below the noise at the PSF scale that detection sees.
+    # The S/N map's robust σ measures the ratio; the variance is rescaled by its square
+    sig = snr_sigma(matched)
+    info["variance_correction"] = 1.0
+    if correct_noise and sig is not None and abs(sig - 1.0) > float(config.get(
+            "subtract.qa.snr_sigma_correct")):  # fmt: skip
+        info["variance_correction"] = sig * sig
+        info["snr_map_sigma_before"] = sig
+        difference = difference.copy_with(variance=difference.variance * np.float32(sig * sig))
+        matched = matched_filter(difference)
     dets = detect_sources(difference, matched=matched)
     sources = measure_sources(
         difference, sci, tpl, dets, visit=int(sci.meta.get("visit", 0)),
@@ -129,8 +145,7 @@ def diff(science, template, *, science_options=None, template_options=None, scie
         mjd=float(sci.meta.get("mjd", float("nan"))), matched=matched,
     )  # fmt: skip
     t3 = time.perf_counter()
-    qa = assess(difference, info, sources, sci, tpl)
-    snr = matched[1]
+    qa = assess(difference, info, sources, sci, tpl, matched=matched)
     report = {
         "science": _describe(sci),
         "template": {
@@ -141,20 +156,15 @@ def diff(science, template, *, science_options=None, template_options=None, scie
         "qa": qa,
         "subtraction": {k: v for k, v in info.items() if k not in ("kernel", "timing")},
         "n_sources": len(sources),
-        "snr_map_robust_sigma": _robust_sigma(snr, matched[2]),
+        "snr_map_robust_sigma": qa["snr_map_sigma"],
+        "n_pixels_abs_snr_above_5": int(
+            np.count_nonzero((np.abs(matched[1]) > 5) & ~np.asarray(matched[2]))
+        ),  # fmt: skip
         "timing": {"load+register": t1 - t0, "psf+subtract": t2 - t1, "detect+measure": t3 - t2},
     }
     if enforce_qa:
         enforce(qa)
     return DiffResult(difference, sources, _strict(report), sci, tpl, info)
-
-
-def _robust_sigma(snr, ignored):
-    v = np.asarray(snr)[~np.asarray(ignored)]
-    v = v[np.isfinite(v) & (v != 0)]
-    if v.size == 0:
-        return None
-    return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
 def _describe(e):

@@ -6,7 +6,8 @@
   variation across the image;
 * the stamps used and the kernel model (with the fallbacks taken);
 * the normalised residual χ² and the fraction of dipoles on the kernel stars;
-* the difference noise against the propagated variance;
+* the difference noise against the propagated variance, per pixel and at the PSF
+  scale (the robust σ of the matched-filter S/N map);
 * the fractions of detections that are dipoles or sit on static (template) sources.
 
 Each figure is compared with ``apdask.subtract.qa.*`` (apdask.yaml) and gets
@@ -28,7 +29,7 @@ from . import config
 from .exceptions import SubtractionQualityError, SubtractionQualityWarning
 from .image import mask_bits
 
-__all__ = ["assess", "enforce", "expected_ratio", "qa_thresholds"]
+__all__ = ["assess", "enforce", "expected_ratio", "qa_thresholds", "snr_sigma"]
 
 _BAD = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
 
@@ -92,7 +93,20 @@ def _star_residuals(difference, xs, ys, fwhm):
     return chi2, dip
 
 
-def assess(difference, info, sources, science, template, *, thresholds=None):
+def snr_sigma(matched):
+    """Robust σ of a matched-filter S/N map (:func:`apdask.detect.matched_filter`) on the
+    pixels it did not ignore; None when none is left."""
+    _, snr, ignored = matched
+    v = np.asarray(snr)[~np.asarray(ignored)]
+    v = v[np.isfinite(v) & (v != 0)]
+    if v.size == 0:
+        return None
+    step = max(1, v.size // 200_000)
+    v = v[::step]
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def assess(difference, info, sources, science, template, *, matched=None, thresholds=None):
     """Measure the QA figures of one subtraction and judge them.
 
     Parameters
@@ -105,6 +119,9 @@ def assess(difference, info, sources, science, template, *, thresholds=None):
         The DiaSources measured on it (:func:`apdask.detect.measure_sources`).
     science, template : apdask.image.Exposure
         The inputs (their ``meta`` give units and zero points).
+    matched : tuple, optional
+        The difference's :func:`apdask.detect.matched_filter`: its S/N map's robust σ is
+        judged too (``snr_map_sigma``).
     thresholds : dict, optional
         Default :func:`qa_thresholds`.
 
@@ -137,6 +154,7 @@ def assess(difference, info, sources, science, template, *, thresholds=None):
             n_static = int(np.count_nonzero(np.abs(tf / tfe) >= float(t["static_snr"])))
         det_dip, det_static = n_dip / n_det, n_static / n_det
     enough = n_det >= int(t["min_detections"])
+    snr_sig = snr_sigma(matched) if matched is not None else None
     checks = {
         "kernel_sum": _level(dev, t["kernel_sum_warn"], t["kernel_sum_fail"]),
         "kernel_sum_variation": _level(
@@ -145,6 +163,16 @@ def assess(difference, info, sources, science, template, *, thresholds=None):
         "star_chi2": _level(chi2_med, t["chi2_warn"], t["chi2_fail"]),
         "star_dipoles": _level(star_dip, t["star_dipole_warn"], t["star_dipole_fail"]),
         "noise_ratio": _level(abs(noise - 1.0), t["noise_ratio_warn"], t["noise_ratio_fail"]),
+        "variance_correction": _level(
+            info.get("variance_correction"),
+            t["variance_correction_warn"],
+            t["variance_correction_fail"],
+        ),  # fmt: skip
+        "snr_map_sigma": _level(
+            None if snr_sig is None else abs(snr_sig - 1.0),
+            t["snr_sigma_warn"],
+            t["snr_sigma_fail"],
+        ),  # fmt: skip
         "detection_dipoles": _level(
             det_dip if enough else None, t["dipole_fraction_warn"], t["dipole_fraction_fail"]
         ),
@@ -176,6 +204,8 @@ def assess(difference, info, sources, science, template, *, thresholds=None):
         "n_stars_checked": len(chi2),
         "star_dipole_fraction": num(star_dip),
         "noise_ratio": num(noise),
+        "snr_map_sigma": num(snr_sig),
+        "variance_correction": num(info.get("variance_correction", 1.0)),
         "n_detections": n_det,
         "n_dipoles": n_dip,
         "n_on_static": n_static,
@@ -185,8 +215,9 @@ def assess(difference, info, sources, science, template, *, thresholds=None):
     }
 
 
-def enforce(qa, where=""):
-    """Raise :class:`SubtractionQualityError` for a failed QA record; warn for a warned one."""
+def enforce(qa, where="", log=None):
+    """Raise :class:`SubtractionQualityError` for a failed QA record; warn for a warned one
+    (a :class:`SubtractionQualityWarning`, or a log warning on ``log`` when given)."""
     prefix = f"{where}: " if where else ""
     if qa["status"] == "fail":
         failed = [k for k, v in qa["checks"].items() if v == "fail"]
@@ -197,7 +228,9 @@ def enforce(qa, where=""):
             "apdask.subtract.qa.* thresholds)"
         )
         raise SubtractionQualityError(msg, failed, qa)
-    if qa["status"] == "warn":
+    if qa["status"] == "warn" and log is not None:
+        log.warning("%ssubtraction QA warning: %s", prefix, ", ".join(qa["reasons"]))
+    elif qa["status"] == "warn":
         warnings.warn(f"{prefix}subtraction QA warning: {', '.join(qa['reasons'])}",
                       SubtractionQualityWarning, stacklevel=2)  # fmt: skip
 
@@ -209,6 +242,8 @@ def _figure(qa, check):
         "star_chi2": ("star_chi2_median",),
         "star_dipoles": ("star_dipole_fraction",),
         "noise_ratio": ("noise_ratio",),
+        "snr_map_sigma": ("snr_map_sigma",),
+        "variance_correction": ("variance_correction",),
         "detection_dipoles": ("dipole_fraction",),
         "detections_on_static": ("static_fraction", "n_detections"),
     }[check]

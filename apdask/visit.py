@@ -491,9 +491,9 @@ def _detect(sub, visit, detector, band, mjd_of):
     )  # fmt: skip
     from .diffqa import assess, enforce  # subtraction QA: fail = this CCD fails
 
-    qa = assess(diff, sub["info"], table, sub["science"], sub["template"])
+    qa = assess(diff, sub["info"], table, sub["science"], sub["template"], matched=matched)
     sub["info"]["qa"] = qa
-    enforce(qa, where=f"CCD {detector.name}, visit {visit}")
+    enforce(qa, where=f"CCD {detector.name}, visit {visit}", log=log)
     return {"sources": table, "qa": qa, "timings": {"detect+measure": time.time() - t0}}
 
 

@@ -101,7 +101,6 @@ def test_given_psfs_are_used():
     assert info["fwhm_science"] == pytest.approx(4.0, rel=0.05)
 
 
-@pytest.mark.slow
 def test_testcam_seed1_t01_is_clean_or_failed(tmp_path):
     """Issue 14: on b4b963a, T01 of testcam seed 1, visit 1000 had a 5-stamp kernel of sum
     0.755 and 58 false alerts, yet exited 0.  Now it is clean (≤ 5 false) or failed."""
