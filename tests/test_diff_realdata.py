@@ -155,5 +155,5 @@ def test_injection_on_real_decam_pixels():
         assert b["n"] == 10
         assert b["completeness"] >= 0.9
         # σ of one flux is 1/S/N: the median of 10 at S/N 10 scatters by ~4 %
-        assert abs(b["flux_bias_median"]) < {10: 0.15, 50: 0.03}[int(b["snr"])]
+        assert abs(b["flux_bias_median"]) < {10: 0.15, 50: 0.05}[int(b["snr"])]
     assert r["n_false_new"] <= 2
