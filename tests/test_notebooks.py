@@ -24,3 +24,9 @@ def test_notebook_executes(path, tmp_path):
         if o.output_type == "error"
     ]
     assert not errors
+    if path.name == "real_data.ipynb" and (REALDATA / "decam-sfft").exists():  # its figures
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+REALDATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "realdata"
