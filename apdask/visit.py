@@ -492,7 +492,6 @@ def _detect(sub, visit, detector, band, mjd_of):
     from .diffqa import assess, enforce  # subtraction QA: fail = this CCD fails
 
     qa = assess(diff, sub["info"], table, sub["science"], sub["template"], matched=matched)
-    sub["info"]["qa"] = qa
     enforce(qa, where=f"CCD {detector.name}, visit {visit}", log=log)
     return {"sources": table, "qa": qa, "timings": {"detect+measure": time.time() - t0}}
 
@@ -678,8 +677,7 @@ def _ccd_report(result, fetched, header, science, sub, measured, prefetch, detec
     # fraction of the CCD with template data; the rest is NO_DATA and was not searched
     out["template_coverage"] = float(sub["template"].meta.get("coverage", 1.0))
     out["template_partial"] = out["template_coverage"] < 1.0
-    out["subtraction"] = {k: v for k, v in sub["info"].items()
-                          if k not in ("timings", "kernel", "qa")}  # fmt: skip
+    out["subtraction"] = {k: v for k, v in sub["info"].items() if k not in ("timings", "kernel")}
     out["qa"] = measured.get("qa")
     return out
 
