@@ -190,7 +190,7 @@ def _strict(obj):
     return obj
 
 
-def _source_table(sources, difference):
+def _source_table(sources, difference, qa=None):
     from astropy.table import Table
 
     tab = Table(sources, copy=True)
@@ -201,6 +201,9 @@ def _source_table(sources, difference):
             tab[c].unit = _UNITS[c]
         elif c in _FLUX_COLS:
             tab[c].unit = funit
+    if qa is not None:  # a warned subtraction is flagged on its DiaSources' table
+        tab.meta["qa_status"] = qa["status"]
+        tab.meta["qa_reasons"] = list(qa["reasons"])
     tab.meta["comments"] = [
         "apdask diff DiaSources: official DiaSource column names (DPDD); x, y are 0-based "
         "pixel coordinates of the science image with pixel centres on integers"
@@ -241,7 +244,7 @@ def write_outputs(result, out):
     tmp = tempfile.mkdtemp(prefix=".apdask-diff-", dir=parent)
     try:
         _difference_hdus(result).writeto(os.path.join(tmp, "difference.fits"))
-        _source_table(result.sources, result.difference).write(
+        _source_table(result.sources, result.difference, result.report.get("qa")).write(
             os.path.join(tmp, "diaSources.ecsv"), format="ascii.ecsv"
         )
         with open(os.path.join(tmp, "report.json"), "w") as f:

@@ -100,6 +100,7 @@ def test_cli_writes_outputs_atomically(tmp_path, capsys):
     assert {"diaSourceId", "ra", "dec", "psfFlux", "x", "y"} - set(tab.colnames) <= {
         "diaSourceId"}  # fmt: skip
     assert str(tab["ra"].unit) == "deg"
+    assert tab.meta["qa_status"] == report["qa"]["status"]
     # a failing run (no overlap: the template's WCS moved far away) writes nothing
     bad = tmp_path / "far.fits"
     with fits.open(DECAM / "DEC-OBS18a.mini.fits") as h:
@@ -157,3 +158,15 @@ def test_injection_on_real_decam_pixels():
         # σ of one flux is 1/S/N: the median of 10 at S/N 10 scatters by ~4 %
         assert abs(b["flux_bias_median"]) < {10: 0.15, 50: 0.05}[int(b["snr"])]
     assert r["n_false_new"] <= 2
+
+
+def test_decam_reversed_roles_convolve_the_science_image():
+    """The 2016 image (sharper) as science: the science side is convolved, the kernel sum
+    is the inverse of the forward one and the transient comes back negative."""
+    r = _quiet_diff(DECAM / "DEC-OBS18a.mini.fits", DECAM / "DEC-OBS04a.mini.fits")
+    qa = r.report["qa"]
+    assert qa["direction"] == "convolve_science"
+    assert 0.95 < qa["kernel_sum"] < 1.03  # 0.994 (forward: 1.006)
+    near, _ = _transient(r.sources)
+    assert len(near) == 1 and r.sources[near[0]]["snr"] < -10  # -13.1
+    assert abs(qa["noise_ratio"] - 1.0) <= 0.10
