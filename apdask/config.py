@@ -73,6 +73,9 @@ def get(key: str, value: Any = None) -> Any:
     return dask.config.get(f"apdask.{key}")
 
 
+_KERNEL_RULES = ("min_stamps", "stamps_per_spatial_term", "full_basis_stamps")
+
+
 def _section(name: str) -> dict[str, Any]:
     value = dask.config.get(f"apdask.{name}", default={})
     return dict(value or {})
@@ -126,6 +129,9 @@ class SubtractConfig:
     decorrelate: bool = True  #: whiten the difference's noise (afterburner)
     apcorr: bool = True  #: measure the aperture correction on the science image
     bright: bool = True  #: model residual power around bright template sources
+    min_stamps: int = 5  #: fewer clean stars: the kernel fit fails (``subtract.kernel.*``)
+    stamps_per_spatial_term: int = 4  #: else a lower spatial order
+    full_basis_stamps: int = 10  #: else fewer basis functions
 
     def __post_init__(self) -> None:
         if self.kernel_size is not None and (
@@ -308,6 +314,7 @@ class PipelineConfig:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     distributor: DistributorConfig = field(default_factory=DistributorConfig)
     keep_freed_memory: bool = True
+    qa: Mapping[str, Any] = field(default_factory=dict)  #: ``subtract.qa.*`` thresholds
 
     @classmethod
     def resolve(cls, **sections: Mapping[str, Any]) -> PipelineConfig:
@@ -318,13 +325,16 @@ class PipelineConfig:
         ConfigurationError
             An unknown key or a value out of range; the message names the key and the fix.
         """
-        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)} | {"qa": None}
         unknown = sorted(set(sections) - set(kinds))
         if unknown:
             msg = f"unknown configuration section(s) {unknown}; see `apdask config show`"
             raise ConfigurationError(msg)
+        kernel_rules = dict(_section("subtract").get("kernel") or {})
         records = {
-            "subtract": _build(SubtractConfig, "subtract", sections.get("subtract")),
+            "subtract": _build(
+                SubtractConfig, "subtract", {**kernel_rules, **(sections.get("subtract") or {})}
+            ),
             "detection": _build(DetectionConfig, "detection", sections.get("detection")),
             "measurement": _build(MeasurementConfig, "measurement", sections.get("measurement")),
             "cutouts": _build(CutoutConfig, "cutouts", sections.get("cutouts")),
@@ -336,7 +346,8 @@ class PipelineConfig:
             ),
         }
         keep = bool(dask.config.get("apdask.compute.keep_freed_memory", default=True))
-        return cls(**records, keep_freed_memory=keep)
+        qa = {**dict(_section("subtract").get("qa") or {}), **(sections.get("qa") or {})}
+        return cls(**records, keep_freed_memory=keep, qa=qa)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for reports and ``apdask config show``)."""
@@ -345,12 +356,15 @@ class PipelineConfig:
     def flat(self) -> dict[str, Any]:
         """``{"apdask.section.key": value}`` for every setting in the record."""
         out: dict[str, Any] = {"apdask.compute.keep_freed_memory": self.keep_freed_memory}
+        out.update({f"apdask.subtract.qa.{k}": v for k, v in self.qa.items()})
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not dataclasses.is_dataclass(value) or isinstance(value, type):
                 continue
             for key, v in dataclasses.asdict(value).items():
-                if isinstance(v, Mapping):
+                if f.name == "subtract" and key in _KERNEL_RULES:
+                    out[f"apdask.subtract.kernel.{key}"] = v
+                elif isinstance(v, Mapping):
                     out.update({f"apdask.{f.name}.{key}.{k}": x for k, x in v.items()})
                 else:
                     out[f"apdask.{f.name}.{key}"] = v

@@ -29,6 +29,14 @@ __all__ = [
     "PpdbLockTimeoutError",
     "JobSubmissionError",
     "ClusterTimeoutError",
+    "InputImageError",
+    "NoCelestialWcsError",
+    "UnknownUnitsError",
+    "EmptyImageError",
+    "NoOverlapError",
+    "SubtractionQualityError",
+    "PartialCoverageWarning",
+    "SubtractionQualityWarning",
 ]
 
 
@@ -159,3 +167,49 @@ class ClusterTimeoutError(ApdaskError, TimeoutError):
     """Batch workers did not start, or the visit did not finish, within the configured time."""
 
     exit_code = 75  # EX_TEMPFAIL
+
+
+class InputImageError(ApdaskError):
+    """A calibrated input image (``apdask diff``) that cannot be used as it is."""
+
+    exit_code = 65  # EX_DATAERR
+
+
+class NoCelestialWcsError(InputImageError):
+    """The image has no celestial WCS (RA/Dec axes)."""
+
+
+class UnknownUnitsError(InputImageError):
+    """An image unit (BUNIT or --unit) that apdask does not know, or two that disagree."""
+
+
+class EmptyImageError(InputImageError):
+    """An image that is all NaN, or whose variance is zero everywhere."""
+
+
+class NoOverlapError(NoTemplateCoverageError):
+    """Science and template images do not overlap on the sky."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class SubtractionQualityError(ApdaskError):
+    """A difference image that failed its quality checks (``apdask.subtract.qa.*``).
+
+    ``reasons`` lists the failed checks (e.g. ``kernel_sum``); ``qa`` is the QA record.
+    """
+
+    exit_code = 79
+
+    def __init__(self, message, reasons=(), qa=None):
+        super().__init__(message)
+        self.reasons = list(reasons)
+        self.qa = qa
+
+
+class PartialCoverageWarning(UserWarning):
+    """The template covers less than ``apdask.subtract.qa.min_coverage`` of the image."""
+
+
+class SubtractionQualityWarning(UserWarning):
+    """A difference image passed its quality checks only at the warning level."""

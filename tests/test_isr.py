@@ -152,7 +152,7 @@ def test_cosmic_rays_kept_off_the_cores_of_wing_heavy_stars():
     """A PSF with broad wings (like Kolmogorov) has second moments far wider than its
     core: the FWHM given to the CR finder comes from the PSF's own centre/neighbour
     ratio, so bright star cores are not flagged (they were, on GalSim images)."""
-    from apdask.pipeline.tasks import _sharpest_fwhm_px
+    from apdask.pipeline.psf import sharpest_fwhm_px
 
     rng = np.random.default_rng(5)
     shape = (256, 256)
@@ -163,7 +163,7 @@ def test_cosmic_rays_kept_off_the_cores_of_wing_heavy_stars():
     psf /= psf.sum()
     yy, xx = np.mgrid[-12:13, -12:13]
     moments_fwhm = 2.3548 * np.sqrt((psf * (xx * xx + yy * yy)).sum() / 2)
-    fwhm = _sharpest_fwhm_px(np.array([psf, gaussian_psf(5.5)]))
+    fwhm = sharpest_fwhm_px(np.array([psf, gaussian_psf(5.5)]))
     assert 4.0 < fwhm < 1.05 * core and moments_fwhm > fwhm + 1.0
     truth = np.full(shape, 900.0)
     gy, gx = np.mgrid[40:230:60, 40:230:60]

@@ -33,3 +33,9 @@ def test_notebook_executes(path, tmp_path):
     missing = [c.source.splitlines()[0] for c in tagged if not _pngs(c)]
     assert not missing, f"cells tagged 'figure' without an image/png output: {missing}"
     assert sum(_pngs(c) for c in code) >= max(len(tagged), 1)
+    if path.name == "real_data.ipynb" and (REALDATA / "decam-sfft").exists():  # its figures
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+        assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+REALDATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "realdata"

@@ -41,6 +41,7 @@ COMMANDS = {
     "demo": "apdask.cli.run:demo_command",
     "alerts": "apdask.cli.alerts:alerts_command",
     "distributor": "apdask.cli.distributor:distributor_command",
+    "diff": "apdask.tools.diff:run_cli",
 }
 
 

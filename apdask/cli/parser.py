@@ -30,6 +30,7 @@ def build_parser():
     _add_run_commands(sub)
     _add_data_commands(sub)
     _add_service_commands(sub)
+    _add_diff_command(sub)
     return parser
 
 
@@ -184,3 +185,20 @@ def _add_service_commands(sub):
     q.add_argument("files", nargs="+", help="files; each is registered under its base name")
     q = dsub.add_parser("list", help="print the distributor's index as JSON")
     q.add_argument("--distributor", required=True, help="http://HOST:PORT")
+
+
+def _add_diff_command(sub):
+    """Add ``apdask diff SCIENCE.fits TEMPLATE.fits --out DIR`` (docs/real-data.md)."""
+    p = sub.add_parser("diff", help="difference imaging of a calibrated FITS pair (any instrument)")
+    p.add_argument("science", help="calibrated science FITS image")
+    p.add_argument("template", help="calibrated template FITS image")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    for who in ("science", "template"):
+        s = who[0]
+        p.add_argument(f"--{who}-psf", help=f"PSF model FITS image of the {who} image")
+        p.add_argument(f"--{s}-gain", type=float, help=f"{who} gain, e-/count (default GAIN)")
+        p.add_argument(f"--{s}-zp", type=float, help=f"{who} AB zero point of one count")
+        p.add_argument(f"--{s}-unit", help=f"{who} unit: counts, electrons, nJy, MJy/sr ...")
+        p.add_argument(f"--{s}-noise", help=f"{who} 1-sigma noise map (FITS)")
+        p.add_argument(f"--{s}-saturation", type=float, help=f"{who} saturation level")
+    p.add_argument("--band", help="band name (default from FILTER)")

@@ -110,6 +110,7 @@ class Measurement:
 
     sources: Any  #: astropy Table
     timings: Mapping[str, float] = field(default_factory=dict)
+    qa: Mapping[str, Any] | None = None  #: the subtraction's QA record (apdask.pipeline.quality)
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class CcdReport(TypedDict, total=False):
     template_partial: bool
     subtraction: dict[str, Any]
     config: dict[str, Any]
+    qa: dict[str, Any] | None
 
 
 class VisitReport(TypedDict, total=False):

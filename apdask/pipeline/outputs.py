@@ -223,6 +223,8 @@ def _failed_ccd(
     if exc is not None:
         out["error_type"] = type(exc).__name__
         out["exit_code"] = int(getattr(exc, "exit_code", 1))
+        if getattr(exc, "qa", None) is not None:  # SubtractionQualityError
+            out["qa"] = exc.qa  # type: ignore[attr-defined]
     return out
 
 
@@ -281,7 +283,8 @@ def report_task(
         "astrometry": science.meta.get("astrometry", {}),
         # fraction of the CCD with template data; the rest is NO_DATA and was not searched
         "template_coverage": float(sub.template.meta.get("coverage", 1.0)),
-        "subtraction": dict(sub.info),
+        "subtraction": {k: v for k, v in sub.info.items() if k not in ("timings", "kernel")},
+        "qa": None if measured.qa is None else dict(measured.qa),
     }
     out["template_partial"] = out["template_coverage"] < 1.0
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from apdask.pipeline.stars import find_stars
 
 __all__ = [
     "PsfGrid",
+    "sharpest_fwhm_px",
     "estimate_psf",
     "estimate_psf_model",
     "psf_fwhm",
@@ -254,22 +256,26 @@ def _psf_stamps(exposure, stamp_size, max_stars):
     stamp_size = int(stamp_size) | 1
     half = stamp_size // 2
     fwhm0 = _guess_fwhm(exposure)
-    stars = find_stars(
-        exposure.image,
-        exposure.variance,
-        exposure.mask,
-        fwhm=fwhm0,
-        nsigma=20.0,
-        isolation=stamp_size,
-        border=half + 2,
-        max_stars=None,
-        contrast=0.02,
-    )
-    n_found = len(stars["x"])
-    order = np.arange(n_found)
-    if n_found > 20:
-        order = order[int(0.02 * n_found) :]
-    order = order[:max_stars]
+    # isolation radius: the stamp side, or (too few stars: small or sparse images) 4 FWHM
+    for isolation in (stamp_size, min(stamp_size, max(4.0 * fwhm0, 0.5 * stamp_size))):
+        stars = find_stars(
+            exposure.image,
+            exposure.variance,
+            exposure.mask,
+            fwhm=fwhm0,
+            nsigma=20.0,
+            isolation=isolation,
+            border=half + 2,
+            max_stars=None,
+            contrast=0.02,
+        )
+        n_found = len(stars["x"])
+        order = np.arange(n_found)
+        if n_found > 20:
+            order = order[int(0.02 * n_found) :]
+        order = order[:max_stars]
+        if len(order) >= _MIN_PSF_STARS:
+            break
     if len(order) < _MIN_PSF_STARS:
         msg = (
             f"PSF estimation failed: only {len(order)} bright isolated unmasked stars "
@@ -434,4 +440,27 @@ def estimate_psf(exposure: Exposure, stamp_size: int = 25, max_stars: int = 200)
 def _guess_fwhm(exposure):
     if exposure.psf is not None:
         return float(psf_fwhm(exposure.psf))
+    if exposure.meta.get("fwhm_guess"):  # e.g. a FITS header's FWHM (apdask.io.foreign)
+        return float(exposure.meta["fwhm_guess"])
     return 4.5  # ~0.9" at 0.2"/px
+
+
+def sharpest_fwhm_px(psfs: np.ndarray) -> float:
+    """FWHM (px) of the Gaussian as sharp as the sharpest of the PSF stamps ``(..., S, S)``.
+
+    :func:`apdask.pipeline.isr.mask_cosmic_rays` flags pixels sharper than a Gaussian
+    of the FWHM it is given allows, from the ratio of a pixel to its neighbours.  Here
+    that ratio is the stamps' own: ``σ² = 1 / (2 ln R)`` with ``R`` the centre pixel over
+    the mean of its four side neighbours.  Second moments would overstate the FWHM of a
+    PSF with broad wings (Kolmogorov: ~20 %), and the cores of bright stars would be
+    flagged as cosmic rays and interpolated away.
+    """
+    p = np.asarray(psfs, float).reshape((-1,) + np.shape(psfs)[-2:])
+    c = p.shape[-1] // 2
+    side = 0.25 * (p[:, c, c - 1] + p[:, c, c + 1] + p[:, c - 1, c] + p[:, c + 1, c])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(side > 0, p[:, c, c] / side, np.nan)
+    ratio = ratio[np.isfinite(ratio) & (ratio > 1.0)]
+    if len(ratio) == 0:
+        return 4.5
+    return 2.3548 * math.sqrt(1.0 / (2.0 * math.log(float(ratio.max()))))

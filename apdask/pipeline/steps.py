@@ -15,7 +15,7 @@ from typing import Any
 
 from apdask.config import PipelineConfig
 from apdask.core.memory import keep_freed_memory
-from apdask.exceptions import NoTemplateCoverageError, PsfFitError
+from apdask.exceptions import NoTemplateCoverageError, PsfFitError, SubtractionQualityError
 
 __all__ = ["CCD_DATA_ERRORS", "CcdFailure", "PpdbUnavailableError", "now_mjd", "per_ccd"]
 
@@ -25,7 +25,12 @@ class PpdbUnavailableError(Exception):
 
 
 #: Errors of one CCD that end that CCD's chain, not the visit's.
-CCD_DATA_ERRORS = (NoTemplateCoverageError, PsfFitError, PpdbUnavailableError)
+CCD_DATA_ERRORS = (
+    NoTemplateCoverageError,
+    PsfFitError,
+    SubtractionQualityError,
+    PpdbUnavailableError,
+)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 
@@ -40,7 +39,8 @@ from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
-from apdask.pipeline.psf import estimate_psf, estimate_psf_model
+from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
+from apdask.pipeline.quality import assess, enforce
 from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
 from apdask.pipeline.template import warp_template
@@ -308,7 +308,7 @@ def subtract_task(science: Exposure, template: Exposure, cfg: PipelineConfig) ->
     try:
         model = estimate_psf_model(science)
         science = science.copy_with(psf=model.mean, meta={**science.meta, "psf_model": model})
-        science = mask_cosmic_rays(science, _sharpest_fwhm_px(model.psfs))
+        science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))
         if template.psf is None:
             step = "template: "
             template = template.copy_with(psf=estimate_psf(template))
@@ -319,27 +319,6 @@ def subtract_task(science: Exposure, template: Exposure, cfg: PipelineConfig) ->
         raise PsfFitError(msg) from None
     t1 = time.time()
     return Subtraction(science, template, diff, info, timings={"psf+subtract": t1 - t0})
-
-
-def _sharpest_fwhm_px(psfs: np.ndarray) -> float:
-    """FWHM (px) of the Gaussian as sharp as the sharpest of the PSF stamps ``(..., S, S)``.
-
-    :func:`apdask.pipeline.isr.mask_cosmic_rays` flags pixels sharper than a Gaussian
-    of the FWHM it is given allows, from the ratio of a pixel to its neighbours.  Here
-    that ratio is the stamps' own: ``σ² = 1 / (2 ln R)`` with ``R`` the centre pixel over
-    the mean of its four side neighbours.  Second moments would overstate the FWHM of a
-    PSF with broad wings (Kolmogorov: ~20 %), and the cores of bright stars would be
-    flagged as cosmic rays and interpolated away.
-    """
-    p = np.asarray(psfs, float).reshape((-1,) + np.shape(psfs)[-2:])
-    c = p.shape[-1] // 2
-    side = 0.25 * (p[:, c, c - 1] + p[:, c, c + 1] + p[:, c - 1, c] + p[:, c + 1, c])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(side > 0, p[:, c, c] / side, np.nan)
-    ratio = ratio[np.isfinite(ratio) & (ratio > 1.0)]
-    if len(ratio) == 0:
-        return 4.5
-    return 2.3548 * math.sqrt(1.0 / (2.0 * math.log(float(ratio.max()))))
 
 
 @per_ccd
@@ -360,4 +339,8 @@ def detect_task(
         visit=visit, detector=detector.id, band=band, mjd=header.mjd, matched=matched,
         aperture_radius=cfg.measurement.aperture_radius,
     )  # fmt: skip
-    return Measurement(table, timings={"detect+measure": time.time() - t0})
+    # subtraction QA (docs/real-data.md): a failed check fails this CCD, a warning is logged
+    qa = assess(diff, sub.info, table, sub.science, sub.template, matched=matched,
+                thresholds=dict(cfg.qa))  # fmt: skip
+    enforce(qa, where=f"CCD {detector.name}, visit {visit}", log=log)
+    return Measurement(table, timings={"detect+measure": time.time() - t0}, qa=qa)

@@ -31,8 +31,8 @@ from apdask.pipeline.subtract.kernel import (
     _spatial_terms,
     choose_kernel_size,
 )
-from apdask.pipeline.subtract.qa import _noise_ratio, _qa_figures
-from apdask.pipeline.subtract.stamps import _pick_stamps
+from apdask.pipeline.subtract.qa import _noise_ratio, _qa_figures, kernel_sum_range
+from apdask.pipeline.subtract.stamps import choose_model
 
 __all__ = ["subtract"]
 
@@ -52,6 +52,9 @@ def subtract(
     decorrelate: bool = True,
     apcorr: bool = True,
     bright: bool = True,
+    min_stamps: int = 5,
+    stamps_per_spatial_term: int = 4,
+    full_basis_stamps: int = 10,
 ) -> tuple[Exposure, dict[str, Any]]:
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
@@ -80,6 +83,12 @@ def subtract(
     bright : bool, optional
         List the template's bright sources for the S/N map of detection
         (:func:`apdask.pipeline.measure.bright.bright_sources`), as ``meta["bright_sources"]``.
+    min_stamps, stamps_per_spatial_term, full_basis_stamps : int, optional
+        The star counts the kernel model needs (``apdask.subtract.kernel.*``): fewer
+        than ``min_stamps`` is a :class:`PsfFitError`; spatial order ``p`` needs
+        ``stamps_per_spatial_term × (p+1)(p+2)/2`` stamps, else a lower order; fewer
+        than ``full_basis_stamps`` uses basis degrees ``(2, 1, 0)`` for ``(4, 3, 2)``.
+        With an automatic ``kernel_size``, a smaller kernel is tried first.
 
     Aperture correction and the bright-source list are not part of the difference
     image itself; the benchmark times the subtraction without them (both False) as
@@ -116,27 +125,40 @@ def subtract(
     # (science sharper) A = science, B = template and D = −(B − K⊗A)/κ
     rev = fw_t > fw_s
     direction = "convolve_science" if rev else "convolve_template"
+    auto_size = kernel_size is None
     kernel_size, sigmas = choose_kernel_size(fw_s, fw_t, kernel_size)
-    kh, order = kernel_size // 2, int(spatial_order)
     sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, _NODATA)
     tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, _NODATA)
     var_s, var_t = (np.asarray(e.variance, np.float32) for e in (science, template))
 
     # --- stamps around bright isolated stars, clean in both images
     t1 = time.perf_counter()
-    fit_half = kh + int(np.ceil(1.5 * max(fw_s, fw_t)))
     mask, bad_any, nodata = combine_masks(
         science.mask, template.mask, nodata_s, nodata_t, _BAD_BITS, _DETECTED_BITS
     )
-    stars, xs, ys = _pick_stamps(
-        science, sci0, var_s, bad_any, fw_s, fit_half, fit_half + kh + 1, max_stamps
-    )
+    model = choose_model(
+        science, sci0, var_s, bad_any, (fw_s, fw_t), sigmas[1],
+        (kernel_size, auto_size, int(spatial_order)), max_stamps,
+        (min_stamps, stamps_per_spatial_term, full_basis_stamps),
+    )  # fmt: skip
+    kernel_size, order, fit_half = model.kernel_size, model.spatial_order, model.fit_half
+    kh, stars, xs, ys = kernel_size // 2, model.stars, model.xs, model.ys
     timing["stamps"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
     kernels, bgc, chi2, used = _fit_matching_kernel(
-        img_a, img_b, (var_s, var_t), bad_any, xs, ys, sigmas, kernel_size, order, fit_half
+        img_a,
+        img_b,
+        (var_s, var_t),
+        bad_any,
+        xs,
+        ys,
+        sigmas,
+        kernel_size,
+        order,
+        fit_half,
+        model.basis_degrees,
     )
     del bad_any
     timing["fit"] = time.perf_counter() - t1
@@ -179,6 +201,14 @@ def subtract(
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
     fit = (scale, kernel_size, chi2, used, bgc, bg_res)
     info = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
+    info.update(
+        model=model.as_dict(),
+        fallback=list(model.fallback),
+        kernel_sum_range=kernel_sum_range(kernels, order, rev),
+        stamp_x=[int(x) for x in xs[used]],
+        stamp_y=[int(y) for y in ys[used]],
+        kernel=kernels[0],
+    )
     info["timing"] = timing
     return difference, info
 

@@ -310,14 +310,15 @@ def _fit_matching_kernel(
     kernel_size: int,
     spatial_order: int,
     fit_half: int,
+    degrees: Sequence[int] = (4, 3, 2),
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
     """Fit ``B ≈ K(x, y) ⊗ A + bg`` on the stamps in the Alard–Lupton basis.
 
     Returns the kernel image of each spatial term (the constant term first), the
     background coefficients, each stamp's reduced χ² and the stamps used.
     """
-    basis = alard_lupton_basis(sigmas, [4, 3, 2], kernel_size)
-    factors = _al_factors(sigmas, [4, 3, 2], kernel_size)
+    basis = alard_lupton_basis(sigmas, list(degrees), kernel_size)
+    factors = _al_factors(sigmas, list(degrees), kernel_size)
     shape, bg_order = img_a.shape, min(spatial_order, 1)
     coef, nb, nsp, _, chi2, used = _fit_kernel(
         img_a,

@@ -9,8 +9,9 @@ import numpy as np
 from apdask.core.exposure import mask_bits
 from apdask.core.stats import robust_sigma
 from apdask.pipeline.psf import psf_fwhm
+from apdask.pipeline.subtract.kernel import _powers
 
-__all__: list[str] = []
+__all__ = ["kernel_sum_range"]
 
 
 def _qa_figures(
@@ -64,3 +65,16 @@ def _noise_ratio(diff, var, mask, samples=64000):
         return float("nan")
     p = d[ok] / np.sqrt(v[ok])
     return float(robust_sigma(p))
+
+
+def kernel_sum_range(kernels: list[np.ndarray], order: int, rev: bool, n: int = 5) -> list[float]:
+    """(min, max) of the kernel sum (photometric scale science/template) over an
+    ``n × n`` grid spanning the CCD: the spatial variation of the photometric scale."""
+    g = np.linspace(-1.0, 1.0, n)
+    u, v = np.meshgrid(g, g)
+    terms = zip(kernels, _powers(order), strict=True)
+    tot = sum(float(k.sum()) * u**i * v**j for k, (i, j) in terms)
+    tot = np.asarray(tot, float) * np.ones_like(u)
+    if rev:
+        tot = 1.0 / tot
+    return [float(tot.min()), float(tot.max())]

@@ -1,0 +1,254 @@
+"""Subtraction quality: figures measured on every difference image, and a verdict.
+
+:func:`assess` measures, after :func:`apdask.subtract.subtract` and detection:
+
+* the kernel sum against the photometric ratio the zero points predict, and its
+  variation across the image;
+* the stamps used and the kernel model (with the fallbacks taken);
+* the normalised residual χ² and the fraction of dipoles on the kernel stars;
+* the difference noise against the propagated variance, per pixel and at the PSF
+  scale (the robust σ of the matched-filter S/N map);
+* the fractions of detections that are dipoles or sit on static (template) sources.
+
+Each figure is compared with ``apdask.subtract.qa.*`` (apdask.yaml) and gets
+``pass``, ``warn`` or ``fail``; the record's ``status`` is the worst of them and
+``reasons`` names the checks that did not pass.  :func:`enforce` raises
+:class:`~apdask.exceptions.SubtractionQualityError` on ``fail``.  See
+``docs/real-data.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from scipy import signal
+
+from apdask import config
+from apdask.core.exposure import mask_bits
+from apdask.exceptions import SubtractionQualityError, SubtractionQualityWarning
+
+__all__ = ["assess", "enforce", "expected_ratio", "qa_thresholds", "snr_sigma"]
+
+_BAD = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
+
+
+def qa_thresholds():
+    """The configured thresholds, ``apdask.subtract.qa.*``, as a plain dict."""
+    return dict(config.get("subtract.qa"))
+
+
+def expected_ratio(science, template):
+    """Photometric ratio science/template that the calibrations predict, or None.
+
+    Both in nJy (the pipeline, or inputs with zero points or flux units): 1.  Both in
+    counts with zero points: ``10^(0.4 (zp_s − zp_t))``.  Otherwise unknown (None).
+    """
+    us = science.meta.get("unit", "nJy")
+    ut = template.meta.get("unit", "nJy")
+    if us == ut == "nJy":
+        return 1.0
+    zs, zt = science.meta.get("zero_point"), template.meta.get("zero_point")
+    if us == ut and zs is not None and zt is not None:
+        return 10.0 ** (0.4 * (zs - zt))
+    return None
+
+
+def _level(value, warn, fail):
+    if value is None or not math.isfinite(value):
+        return "pass"
+    return "fail" if value > fail else ("warn" if value > warn else "pass")
+
+
+def _star_residuals(difference, xs, ys, fwhm):
+    """Normalised residual χ² (r ≤ 1.5 FWHM) and ±5σ dipole flags (r ≤ 2 FWHM) at stars."""
+    img, var, mask = difference.image, difference.variance, difference.mask
+    psf = np.asarray(difference.psf, float)
+    ph = psf.shape[0] // 2
+    r_chi, r_dip = 1.5 * fwhm, 2.0 * fwhm
+    half = int(math.ceil(r_dip)) + ph + 1
+    ny, nx = img.shape
+    chi2, dip = [], []
+    p2 = psf * psf
+    for x, y in zip(xs, ys, strict=True):
+        x0, x1, y0, y1 = x - half, x + half + 1, y - half, y + half + 1
+        if x0 < 0 or y0 < 0 or x1 > nx or y1 > ny:
+            continue
+        d = np.asarray(img[y0:y1, x0:x1], float)
+        v = np.asarray(var[y0:y1, x0:x1], float)
+        ok = ((mask[y0:y1, x0:x1] & _BAD) == 0) & (v > 0)
+        yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+        rr = np.hypot(xx, yy)
+        core = ok & (rr <= r_chi)
+        if core.sum() < 5:
+            continue
+        chi2.append(float(np.mean(d[core] ** 2 / v[core])))
+        dz, vz = np.where(ok, d, 0.0), np.where(ok, v, 0.0)
+        f = signal.correlate(dz, psf, mode="same")
+        vf = signal.correlate(vz, p2, mode="same")
+        snr = np.where(vf > 0, f / np.sqrt(np.where(vf > 0, vf, 1.0)), 0.0)
+        inner = rr <= r_dip
+        dip.append(bool(snr[inner].max() > 5.0 and snr[inner].min() < -5.0))
+    return chi2, dip
+
+
+def snr_sigma(matched):
+    """Robust σ of a matched-filter S/N map (:func:`apdask.detect.matched_filter`) on the
+    pixels it did not ignore; None when none is left."""
+    _, snr, ignored = matched
+    v = np.asarray(snr)[~np.asarray(ignored)]
+    v = v[np.isfinite(v) & (v != 0)]
+    if v.size == 0:
+        return None
+    step = max(1, v.size // 200_000)
+    v = v[::step]
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def assess(difference, info, sources, science, template, *, matched=None, thresholds=None):
+    """Measure the QA figures of one subtraction and judge them.
+
+    Parameters
+    ----------
+    difference : apdask.image.Exposure
+        The difference image (with its PSF).
+    info : dict
+        What :func:`apdask.subtract.subtract` returned with it.
+    sources : astropy.table.Table or None
+        The DiaSources measured on it (:func:`apdask.detect.measure_sources`).
+    science, template : apdask.image.Exposure
+        The inputs (their ``meta`` give units and zero points).
+    matched : tuple, optional
+        The difference's :func:`apdask.detect.matched_filter`: its S/N map's robust σ is
+        judged too (``snr_map_sigma``).
+    thresholds : dict, optional
+        Default :func:`qa_thresholds`.
+
+    Returns
+    -------
+    dict
+        Strict-JSON-able figures (None for unknown), ``checks`` (``{name: level}``),
+        ``status`` (``"pass"``, ``"warn"`` or ``"fail"``) and ``reasons``.
+    """
+    t = qa_thresholds() if thresholds is None else thresholds
+    ks = float(info["kernel_sum"])
+    exp = expected_ratio(science, template)
+    dev = abs(ks / exp - 1.0) if exp else None
+    lo, hi = info.get("kernel_sum_range", [ks, ks])
+    variation = abs(hi - lo) / abs(0.5 * (hi + lo)) if (hi + lo) else None
+    fwhm = float(info.get("fwhm_difference") or 3.0)
+    xs, ys = info.get("stamp_x", []), info.get("stamp_y", [])
+    chi2, dip = _star_residuals(difference, xs, ys, fwhm)
+    chi2_med = float(np.median(chi2)) if chi2 else None
+    star_dip = float(np.mean(dip)) if dip else None
+    noise = float(info.get("noise_ratio", float("nan")))
+    n_det = 0 if sources is None else len(sources)
+    det_dip = det_static = None
+    n_dip = n_static = 0
+    if n_det:
+        n_dip = int(np.count_nonzero(np.asarray(sources["isDipole"], bool)))
+        tf = np.asarray(sources["templateFlux"], float)
+        tfe = np.asarray(sources["templateFluxErr"], float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n_static = int(np.count_nonzero(np.abs(tf / tfe) >= float(t["static_snr"])))
+        det_dip, det_static = n_dip / n_det, n_static / n_det
+    enough = n_det >= int(t["min_detections"])
+    snr_sig = snr_sigma(matched) if matched is not None else None
+    checks = {
+        "kernel_sum": _level(dev, t["kernel_sum_warn"], t["kernel_sum_fail"]),
+        "kernel_sum_variation": _level(
+            variation, t["kernel_sum_variation_warn"], t["kernel_sum_variation_fail"]
+        ),
+        "star_chi2": _level(chi2_med, t["chi2_warn"], t["chi2_fail"]),
+        "star_dipoles": _level(star_dip, t["star_dipole_warn"], t["star_dipole_fail"]),
+        "noise_ratio": _level(abs(noise - 1.0), t["noise_ratio_warn"], t["noise_ratio_fail"]),
+        "variance_correction": _level(
+            info.get("variance_correction"),
+            t["variance_correction_warn"],
+            t["variance_correction_fail"],
+        ),  # fmt: skip
+        "snr_map_sigma": _level(
+            None if snr_sig is None else abs(snr_sig - 1.0),
+            t["snr_sigma_warn"],
+            t["snr_sigma_fail"],
+        ),  # fmt: skip
+        "detection_dipoles": _level(
+            det_dip if enough else None, t["dipole_fraction_warn"], t["dipole_fraction_fail"]
+        ),
+        "detections_on_static": _level(
+            det_static if enough else None, t["static_fraction_warn"], t["static_fraction_fail"]
+        ),
+    }
+    status = "fail" if "fail" in checks.values() else (
+        "warn" if "warn" in checks.values() else "pass")  # fmt: skip
+    reasons = [k for k, v in checks.items() if v != "pass"]
+
+    def num(v):
+        return None if v is None or not math.isfinite(float(v)) else float(v)
+
+    return {
+        "status": status,
+        "reasons": reasons,
+        "checks": checks,
+        "kernel_sum": num(ks),
+        "expected_ratio": num(exp),
+        "kernel_sum_deviation": num(dev),
+        "kernel_sum_range": [num(lo), num(hi)],
+        "kernel_sum_variation": num(variation),
+        "n_stamps": int(info.get("n_stamps", 0)),
+        "kernel_model": info.get("model"),
+        "fallback": list(info.get("fallback", [])),
+        "direction": info.get("direction"),
+        "star_chi2_median": num(chi2_med),
+        "n_stars_checked": len(chi2),
+        "star_dipole_fraction": num(star_dip),
+        "noise_ratio": num(noise),
+        "snr_map_sigma": num(snr_sig),
+        "variance_correction": num(info.get("variance_correction", 1.0)),
+        "n_detections": n_det,
+        "n_dipoles": n_dip,
+        "n_on_static": n_static,
+        "dipole_fraction": num(det_dip),
+        "static_fraction": num(det_static),
+        "thresholds": {k: num(v) for k, v in t.items()},
+    }
+
+
+def enforce(qa, where="", log=None):
+    """Raise :class:`SubtractionQualityError` for a failed QA record; warn for a warned one
+    (a :class:`SubtractionQualityWarning`, or a log warning on ``log`` when given)."""
+    prefix = f"{where}: " if where else ""
+    if qa["status"] == "fail":
+        failed = [k for k, v in qa["checks"].items() if v == "fail"]
+        detail = ", ".join(f"{k} ({_figure(qa, k)})" for k in failed)
+        msg = (
+            f"{prefix}subtraction failed its quality checks: {detail}; the difference is not "
+            "trustworthy (see docs/real-data.md: a better template, more stars, or "
+            "apdask.subtract.qa.* thresholds)"
+        )
+        raise SubtractionQualityError(msg, failed, qa)
+    if qa["status"] == "warn" and log is not None:
+        log.warning("%ssubtraction QA warning: %s", prefix, ", ".join(qa["reasons"]))
+    elif qa["status"] == "warn":
+        warnings.warn(f"{prefix}subtraction QA warning: {', '.join(qa['reasons'])}",
+                      SubtractionQualityWarning, stacklevel=2)  # fmt: skip
+
+
+def _figure(qa, check):
+    key = {
+        "kernel_sum": ("kernel_sum", "expected_ratio"),
+        "kernel_sum_variation": ("kernel_sum_variation",),
+        "star_chi2": ("star_chi2_median",),
+        "star_dipoles": ("star_dipole_fraction",),
+        "noise_ratio": ("noise_ratio",),
+        "snr_map_sigma": ("snr_map_sigma",),
+        "variance_correction": ("variance_correction",),
+        "detection_dipoles": ("dipole_fraction",),
+        "detections_on_static": ("static_fraction", "n_detections"),
+    }[check]
+    return ", ".join(f"{k}={_fmt(qa.get(k))}" for k in key)
+
+
+def _fmt(v):
+    return "null" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))

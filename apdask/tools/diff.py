@@ -1,0 +1,305 @@
+"""``apdask diff``: difference imaging of any calibrated FITS pair.
+
+:func:`diff` runs the pipeline's own stages from calibration on, in the order
+``process-ccd`` runs them (:mod:`apdask.visit`): PSF model and cosmic rays of the
+science image, template PSF, :func:`apdask.subtract.subtract`, matched filter,
+:func:`apdask.detect.detect_sources`, :func:`apdask.detect.measure_sources`, then
+the subtraction QA (:mod:`apdask.diffqa`).  :func:`write_outputs` writes
+``difference.fits``, ``diaSources.ecsv`` and ``report.json`` into a temporary
+folder and renames it to ``--out``: a failure writes nothing.  See
+``docs/real-data.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from apdask import config
+from apdask.exceptions import PsfFitError
+from apdask.io.foreign import read_exposure
+from apdask.pipeline.quality import assess, enforce, snr_sigma
+from apdask.pipeline.register import match_template
+
+__all__ = ["diff", "DiffResult", "write_outputs", "run_cli"]
+
+#: Units of the DiaSource columns written to ``diaSources.ecsv`` (DPDD / APDB schema).
+_UNITS = {
+    "midpointMjdTai": "d", "ra": "deg", "dec": "deg", "raErr": "deg", "decErr": "deg",
+    "x": "pix", "y": "pix", "xErr": "pix", "yErr": "pix",
+    "ixx": "pix2", "iyy": "pix2", "ixy": "pix2", "ixxPSF": "pix2", "iyyPSF": "pix2",
+    "ixyPSF": "pix2", "bboxSize": "pix",
+}  # fmt: skip
+_FLUX_COLS = ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr", "scienceFlux", "scienceFluxErr",
+              "templateFlux", "templateFluxErr")  # fmt: skip
+
+
+@dataclass
+class DiffResult:
+    """What :func:`diff` returns: the images, the DiaSources and the report."""
+
+    difference: object
+    sources: object
+    report: dict
+    science: object
+    template: object
+    info: dict = field(default_factory=dict)
+
+
+def _exposure(x, options, psf):
+    if isinstance(x, str | os.PathLike):
+        return read_exposure(x, psf=psf, **(options or {}))
+    if psf is not None:
+        from apdask.io.foreign import read_psf
+
+        stamp = read_psf(psf) if isinstance(psf, str | os.PathLike) else np.asarray(psf, float)
+        x = x.copy_with(psf=stamp / stamp.sum())
+    return x
+
+
+def diff(science, template, *, science_options=None, template_options=None, science_psf=None,
+         template_psf=None, enforce_qa=True, correct_noise=True):  # fmt: skip
+    """Difference image, DiaSources and QA of a calibrated science/template pair.
+
+    Parameters
+    ----------
+    science, template : str, os.PathLike or apdask.image.Exposure
+        FITS files (read with :func:`apdask.foreign.read_exposure`) or exposures.
+    science_options, template_options : dict, optional
+        Keyword arguments of :func:`~apdask.foreign.read_exposure` (``gain``,
+        ``zero_point``, ``unit``, ``noise``...).
+    science_psf, template_psf : str or numpy.ndarray, optional
+        PSF models (e.g. WebbPSF FITS images); default estimated from the stars.
+    enforce_qa : bool, optional
+        Raise :class:`~apdask.exceptions.SubtractionQualityError` when the QA fails.
+    correct_noise : bool, optional
+        Rescale the difference's variance by the square of its S/N map's robust σ when
+        that is off by more than ``apdask.subtract.qa.snr_sigma_correct`` (correlated
+        noise of resampled inputs); reported as ``variance_correction``.
+
+    Returns
+    -------
+    DiffResult
+
+    Raises
+    ------
+    apdask.exceptions.InputImageError
+        Unusable inputs (no celestial WCS, unknown units, all NaN, zero variance).
+    apdask.exceptions.NoOverlapError
+        The template does not overlap the science image.
+    apdask.exceptions.PsfFitError
+        Too few stars for a PSF or a kernel.
+    apdask.exceptions.SubtractionQualityError
+        The subtraction failed a QA check (``apdask.subtract.qa.*``).
+    """
+    from apdask.pipeline.isr import mask_cosmic_rays
+    from apdask.pipeline.measure.detection import detect_sources, matched_filter
+    from apdask.pipeline.measure.sources import measure_sources
+    from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
+    from apdask.pipeline.subtract.difference import subtract
+
+    t0 = time.perf_counter()
+    sci = _exposure(science, science_options, science_psf)
+    tpl0 = _exposure(template, template_options, template_psf)
+    tpl = match_template(tpl0, sci)
+    if tpl.psf is None and tpl0.psf is not None:
+        tpl = tpl.copy_with(psf=tpl0.psf)
+    t1 = time.perf_counter()
+    step = "science image: "
+    try:  # as visit._subtract
+        if sci.psf is None:
+            model = estimate_psf_model(sci)
+            sci = sci.copy_with(psf=model.mean, meta={**sci.meta, "psf_model": model})
+            sci = mask_cosmic_rays(sci, sharpest_fwhm_px(model.psfs))
+        else:
+            sci = mask_cosmic_rays(sci, sharpest_fwhm_px(sci.psf[None]))
+        if tpl.psf is None:
+            step = "template: "
+            tpl = tpl.copy_with(psf=estimate_psf(tpl))
+        step = ""
+        difference, info = subtract(sci, tpl)
+    except PsfFitError as e:
+        raise PsfFitError(f"{step}{e}") from None
+    t2 = time.perf_counter()
+    matched = matched_filter(difference)  # as visit._detect
+    # resampled (drizzled, SWarped) inputs have correlated noise: their variance planes
+    # hold the per-pixel variance, below the noise at the PSF scale that detection sees.
+    # The S/N map's robust σ measures the ratio; the variance is rescaled by its square
+    sig = snr_sigma(matched)
+    info["variance_correction"] = 1.0
+    if correct_noise and sig is not None and abs(sig - 1.0) > float(config.get(
+            "subtract.qa.snr_sigma_correct")):  # fmt: skip
+        info["variance_correction"] = sig * sig
+        info["snr_map_sigma_before"] = sig
+        difference = difference.copy_with(variance=difference.variance * np.float32(sig * sig))
+        matched = matched_filter(difference)
+    dets = detect_sources(difference, matched=matched)
+    sources = measure_sources(
+        difference, sci, tpl, dets, visit=int(sci.meta.get("visit", 0)),
+        detector=int(sci.meta.get("detector", 0)), band=str(sci.meta.get("band", "")),
+        mjd=float(sci.meta.get("mjd", float("nan"))), matched=matched,
+    )  # fmt: skip
+    t3 = time.perf_counter()
+    qa = assess(difference, info, sources, sci, tpl, matched=matched)
+    report = {
+        "science": _describe(sci),
+        "template": {
+            **_describe(tpl),
+            "resampled": bool(tpl.meta.get("resampled")),
+            "coverage": tpl.meta.get("coverage"),
+        },  # fmt: skip
+        "qa": qa,
+        "subtraction": {k: v for k, v in info.items() if k not in ("kernel", "timing")},
+        "n_sources": len(sources),
+        "snr_map_robust_sigma": qa["snr_map_sigma"],
+        "n_pixels_abs_snr_above_5": int(
+            np.count_nonzero((np.abs(matched[1]) > 5) & ~np.asarray(matched[2]))
+        ),  # fmt: skip
+        "timing": {"load+register": t1 - t0, "psf+subtract": t2 - t1, "detect+measure": t3 - t2},
+    }
+    if enforce_qa:
+        enforce(qa)
+    return DiffResult(difference, sources, _strict(report), sci, tpl, info)
+
+
+def _describe(e):
+    keys = ("path", "band", "mjd", "unit", "input_unit", "zero_point", "gain", "saturation",
+            "variance_source", "exptime")  # fmt: skip
+    out = {k: e.meta.get(k) for k in keys}
+    out["shape"] = list(e.shape)
+    return out
+
+
+def _strict(obj):
+    """JSON-safe copy: NaN/inf → None, numpy scalars and arrays → Python."""
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _source_table(sources, difference, qa=None):
+    from astropy.table import Table
+
+    tab = Table(sources, copy=True)
+    unit = difference.meta.get("unit", "nJy")
+    funit = "nJy" if unit == "nJy" else {"count": "ct", "electron": "electron"}.get(unit, unit)
+    for c in tab.colnames:
+        if c in _UNITS:
+            tab[c].unit = _UNITS[c]
+        elif c in _FLUX_COLS:
+            tab[c].unit = funit
+    if qa is not None:  # a warned subtraction is flagged on its DiaSources' table
+        tab.meta["qa_status"] = qa["status"]
+        tab.meta["qa_reasons"] = list(qa["reasons"])
+    tab.meta["comments"] = [
+        "apdask diff DiaSources: official DiaSource column names (DPDD); x, y are 0-based "
+        "pixel coordinates of the science image with pixel centres on integers"
+    ]
+    return tab
+
+
+def _difference_hdus(result):
+    from astropy.io import fits
+
+    d = result.difference
+    head = d.wcs.to_header(relax=True) if d.wcs is not None else fits.Header()
+    head["BUNIT"] = d.meta.get("unit", "nJy")
+    hdus = [fits.PrimaryHDU()]
+    hdus.append(fits.ImageHDU(np.asarray(d.image, np.float32), head, name="IMAGE"))
+    hdus.append(fits.ImageHDU(np.asarray(d.variance, np.float32), head, name="VARIANCE"))
+    mh = head.copy()
+    del mh["BUNIT"]
+    from apdask.core.exposure import mask_plane_cards
+
+    for key, value, comment in mask_plane_cards():
+        mh[key] = (value, comment)
+    hdus.append(fits.ImageHDU(np.asarray(d.mask, np.int32), mh, name="MASK"))
+    hdus.append(fits.ImageHDU(np.asarray(d.psf, np.float32), name="PSF"))
+    hdus.append(fits.ImageHDU(np.asarray(result.info["kernel"], np.float32), name="KERNEL"))
+    return fits.HDUList(hdus)
+
+
+def write_outputs(result, out):
+    """Write ``difference.fits``, ``diaSources.ecsv`` and ``report.json`` into ``out``.
+
+    Written into a temporary folder beside ``out`` that is renamed to it at the end, so
+    that a failure leaves nothing; an existing ``out`` is replaced only then.
+    """
+    out = os.path.abspath(os.fspath(out))
+    parent = os.path.dirname(out) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".apdask-diff-", dir=parent)
+    try:
+        _difference_hdus(result).writeto(os.path.join(tmp, "difference.fits"))
+        _source_table(result.sources, result.difference, result.report.get("qa")).write(
+            os.path.join(tmp, "diaSources.ecsv"), format="ascii.ecsv"
+        )
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(result.report, f, indent=1, allow_nan=False)
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=".apdask-diff-old-", dir=parent)
+            os.rename(out, os.path.join(old, "x"))
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# command line (apdask diff)
+
+
+def run_cli(args):
+    """Run ``apdask diff``; returns the exit status (0: pass or warn)."""
+    opts = {}
+    for who in ("science", "template"):
+        s = who[0]
+        opts[who] = {
+            k: v
+            for k, v in {
+                "gain": getattr(args, f"{s}_gain"),
+                "zero_point": getattr(args, f"{s}_zp"),
+                "unit": getattr(args, f"{s}_unit"),
+                "noise": getattr(args, f"{s}_noise"),
+                "saturation": getattr(args, f"{s}_saturation"),
+                "band": args.band,
+            }.items()  # fmt: skip
+            if v is not None
+        }
+    import sys
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = diff(
+            args.science, args.template, science_options=opts["science"],
+            template_options=opts["template"], science_psf=args.science_psf,
+            template_psf=args.template_psf,
+        )  # fmt: skip
+    for w in caught:  # QA and coverage warnings: stderr (and the report), not a failure
+        print(f"apdask: warning: {w.message}", file=sys.stderr)
+    out = write_outputs(result, args.out)
+    qa = result.report["qa"]
+    summary = {"out": out, "n_sources": result.report["n_sources"], "qa_status": qa["status"]}
+    summary["reasons"] = qa["reasons"]
+    print(json.dumps(summary))
+    return 0
