@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike
 from apdask.exceptions import PpdbError
 
 #: One column of :func:`schema_columns`: name, datatype, nullable, default, description, unit.
-ColumnDef = tuple[str, str, bool, Any, str, str | None]
+_ColumnDef = tuple[str, str, bool, Any, str, str | None]
 
 __all__ = [
     "schema_columns",
@@ -69,7 +69,7 @@ _MATCH_UNITS = {
 }
 
 
-def schema_columns(apdb: Any) -> dict[str, list[ColumnDef]]:
+def schema_columns(apdb: Any) -> dict[str, list[_ColumnDef]]:
     """Schema of the DiaObject, DiaSource and DiaForcedSource tables of ``apdb``.
 
     Returns
@@ -97,7 +97,7 @@ def schema_columns(apdb: Any) -> dict[str, list[ColumnDef]]:
     return out
 
 
-def frame_as_table(df: pd.DataFrame | None, table_def: Sequence[ColumnDef]) -> Table:
+def frame_as_table(df: pd.DataFrame | None, table_def: Sequence[_ColumnDef]) -> Table:
     """A dax_apdb DataFrame as an astropy Table (see :meth:`apdask.ppdb.database.Ppdb.as_table`).
 
     ``table_def`` is one table's list from :func:`schema_columns`.
@@ -117,7 +117,7 @@ def frame_as_table(df: pd.DataFrame | None, table_def: Sequence[ColumnDef]) -> T
 
 
 def table_as_frame(
-    table: Table | None, table_def: Sequence[ColumnDef], table_name: str
+    table: Table | None, table_def: Sequence[_ColumnDef], table_name: str
 ) -> pd.DataFrame:
     """Table -> DataFrame with exactly the storable schema columns.
 
