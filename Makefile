@@ -34,7 +34,7 @@ format: $(STAMP)
 # run in a process of their own: scipy.fft's thread pool, started by any earlier test
 # that transforms with workers > 1, joins its threads in a fork handler, and that join
 # can hang under load (a pocketfft race, seen once at the 86th of 189 forks).
-CONCURRENCY := tests/test_ppdb_concurrency.py
+CONCURRENCY := tests/ppdb/test_ppdb_concurrency.py
 
 test: lint
 	$(BIN)/python -m pytest -m "not slow" -q $(CONCURRENCY)
@@ -53,7 +53,7 @@ $(BROKERS_STAMP): pyproject.toml
 	touch $(BROKERS_STAMP)
 
 test-brokers: $(BROKERS_STAMP)
-	$(BROKERS)/bin/python -m pytest -q -p no:cacheprovider tests/test_brokers.py
+	$(BROKERS)/bin/python -m pytest -q -p no:cacheprovider tests/services/test_brokers.py
 
 # The documentation site (Sphinx, docs/conf.py) in docs/_build/html; warnings are errors.
 DOCS_STAMP := $(VENV)/.docs-installed

@@ -1,7 +1,7 @@
 """Test oracles: slow, plain reference implementations the fast paths are checked against.
 
 They live here, not in the package: ``package_alerts`` + ``StampMaker`` must give
-bytes identical to ``make_alert`` + ``make_cutout`` (tests/test_alerts.py), and the
+bytes identical to ``make_alert`` + ``make_cutout`` (tests/alerts/test_alerts.py), and the
 benchmarks time them as the reference path.
 """
 

@@ -24,7 +24,7 @@ EXAMPLES = ROOT / "docs" / "examples"
 @pytest.mark.service
 def test_independent_reader_decodes_a_processed_ccd(repo, kafka_broker, capsys):
     from apdask.services import kafka
-    from tests.test_cli import _ccd_args
+    from tests.cli.test_cli import _ccd_args
 
     topic = f"alerts-{uuid.uuid4().hex[:8]}"
     assert kafka.ensure_topic(kafka_broker, topic, partitions=2)

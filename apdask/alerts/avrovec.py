@@ -12,7 +12,7 @@ Consecutive float, double or boolean fields of the same nullability (most of
 numpy call count grows with the number of runs rather than fields.
 
 The output is byte-identical to ``fastavro.schemaless_writer`` (checked in
-``tests/test_alerts.py``).
+``tests/alerts/test_alerts.py``).
 """
 
 from __future__ import annotations

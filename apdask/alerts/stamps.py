@@ -8,7 +8,7 @@ variance and the ``PSFIMAGE`` extensions: the names and order ``CCDData.write`` 
 ``CCDData.read`` gives image, variance, mask and PSF back.  The FITS headers
 are rendered by hand: ``astropy.io.fits`` spends about 1 ms per stamp on
 header objects; this costs tens of microseconds.  Byte equality with
-``make_cutout`` is tested in ``tests/test_alerts.py``.
+``make_cutout`` is tested in ``tests/alerts/test_alerts.py``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ moves the rows faster, with exactly the same contents:
   neither builds SQLAlchemy ``Row`` objects, the main cost of dax_apdb's reads
   (its ``ApdbSqlTableData.to_pandas`` makes numpy probe every row).
 
-``tests/test_ppdb_scale.py`` proves both paths equal dax_apdb's own, table
+``tests/ppdb/test_ppdb_scale.py`` proves both paths equal dax_apdb's own, table
 content for table content.
 """
 

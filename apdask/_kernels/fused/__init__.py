@@ -5,7 +5,7 @@ A 4k × 4k CCD is 16 M pixels: every NumPy expression over it reads and writes
 FFTs themselves.  Each function here does in one pass over the pixels (rows in
 parallel) what took a chain of NumPy expressions, and writes into arrays it is
 given, so the subtraction allocates few full frames.  Each is equal to the NumPy
-expression in its docstring to float32 rounding (``tests/test_fused.py``).
+expression in its docstring to float32 rounding (``tests/_kernels/test_fused.py``).
 
 The passes live in private modules by stage (``_difference``, ``_detection``,
 ``_isr``; the thread settings in ``_threads``) and are re-exported here.

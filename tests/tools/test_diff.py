@@ -19,7 +19,7 @@ import pytest
 from apdask.cli.main import main
 from apdask.tools.diff import diff
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+REALDATA = Path(__file__).resolve().parents[3] / "shared" / "realdata"
 DECAM = REALDATA / "decam-sfft"
 pytestmark = pytest.mark.skipif(
     not (DECAM / "DEC-OBS04a.mini.fits").exists(),

@@ -36,7 +36,7 @@ from apdask.io.distributor import TOKEN_ENV, HttpDistributor
 from apdask.services.distributor_server import BackgroundServer, ServerLimits
 from apdask.tools.evaluate import load_truth, match_truth
 from tests._raws import second_snap
-from tests.test_cli import _nothing_written
+from tests.cli.test_cli import _nothing_written
 
 TOKEN = "s3cret-test-token"
 

@@ -21,7 +21,7 @@ from apdask.cli.main import main
 from apdask.exceptions import ConfigurationError
 from apdask.services.batch import jobqueue_cluster, slurm_array_script, slurm_memory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # an operator's ~/.config/dask/jobqueue.yaml
 OPERATOR_YAML = """
@@ -134,7 +134,7 @@ def test_memory_units_are_the_same_on_both_routes(memory, tmp_path):
 
     slurm_format_bytes_ceil = pytest.importorskip("dask_jobqueue.slurm").slurm_format_bytes_ceil
 
-    from tests.test_submit import _commands, _nv
+    from tests.services.test_submit import _commands, _nv
 
     assert slurm_memory(memory) == slurm_format_bytes_ceil(parse_bytes(memory))
     nv = _nv("LSSTComCam")

@@ -449,7 +449,7 @@ def test_brokers_decode_a_processed_ccd(repo, kafka_broker, schema_registry, tmp
     from lsst.alert.packet import Schema
 
     from apdask.cli.main import main
-    from tests.test_cli import _ccd_args
+    from tests.cli.test_cli import _ccd_args
 
     pytest.importorskip("confluent_kafka.schema_registry.avro")
     pittgoogle = pytest.importorskip("pittgoogle")

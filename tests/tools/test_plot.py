@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from apdask.core.camera import get_camera  # noqa: E402
 from apdask.tools import plot  # noqa: E402
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -351,7 +351,7 @@ def test_process_ccd_publishes_decodable_alerts(repo, kafka_broker, tmp_path, ca
 
     from lsst.alert.packet import Schema
 
-    from tests.test_cli import _ccd_args
+    from tests.cli.test_cli import _ccd_args
 
     topic = _topic(kafka_broker, partitions=2)
     uri = f"kafka://{kafka_broker}/{topic}"
