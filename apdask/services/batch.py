@@ -22,6 +22,7 @@ choice between the routes is explained in ``docs/operations.md``.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import math
@@ -712,14 +713,23 @@ def _wait_for_workers(cluster, client, errors, n, timeout, scheduler):
         time.sleep(0.5)
 
 
-def _close(cluster):
-    """Close a jobqueue cluster, cancelling its jobs, also after failed submissions."""
+def _close(cluster, scheduler="slurm", job_name=None):
+    """Close a jobqueue cluster, cancelling its jobs, also after failed submissions.
+
+    dask-jobqueue cancels the jobs it knows; a job still pending in the queue when
+    the cluster closes can be missed on a loaded machine, so SLURM jobs of the
+    cluster's name are cancelled by name as well (bounded).
+    """
     with contextlib.suppress(Exception):
         cluster.scale(0)
     try:
         cluster.close(timeout=60)
     except Exception as err:  # a job that never started has no state to close  # noqa: BLE001
         log.debug("closing the jobqueue cluster: %r", err)
+    if scheduler == "slurm" and job_name and shutil.which("scancel"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["scancel", "--name", job_name, "--user", getpass.getuser()],
+                           capture_output=True, timeout=30, check=False)  # fmt: skip
 
 
 def _quiet_distributed():
@@ -792,5 +802,5 @@ def _submit_jobqueue(next_visit, scheduler, out, *, repo, ppdb, alerts, distribu
                 out["n_alerts"] = report["n_alerts"]
                 out["wall_s"] = time.time() - t0
         finally:
-            _close(cluster)
+            _close(cluster, scheduler, f"apdask-{next_visit.visit}")
     return out
