@@ -71,4 +71,4 @@ def test_config_reference_covers_every_key():
                config_entries(ROOT / "apdask" / "apdask.yaml") if not group}  # fmt: skip
     assert {k: v for k, (v, _) in entries.items()} == dict(leaves(DEFAULTS))
     assert entries["apdask.distributor.timeout"][1].startswith("seconds that get() blocks")
-    assert entries["apdask.submit.walltime"] == ("00:30:00", "")
+    assert entries["apdask.submit.walltime"] == ("00:30:00", "(f) per job")

@@ -51,9 +51,14 @@ def main(bootstrap, topic):
         alert = fastavro.schemaless_reader(io.BytesIO(value[5:]), parsed[schema_id])
         ids.append(alert["diaSourceId"])
         sizes.append(len(value))
-        key = struct.unpack(">q", msg.key())[0]
-        if key != alert["diaSource"]["diaObjectId"]:
-            problems.append(f"diaSourceId {ids[-1]}: key {key} is not the diaObjectId")
+        # Rubin's conventions (the default): no key and a producer_timestamp header
+        # (ms); apdask's: the diaObjectId as an int64 key (docs/alerts.md)
+        if msg.key() is not None:
+            key = struct.unpack(">q", msg.key())[0]
+            if key != alert["diaSource"]["diaObjectId"]:
+                problems.append(f"diaSourceId {ids[-1]}: key {key} is not the diaObjectId")
+        elif "producer_timestamp" not in dict(msg.headers() or ()):
+            problems.append(f"diaSourceId {ids[-1]}: no key and no producer_timestamp header")
         for name in ("cutoutDifference", "cutoutScience", "cutoutTemplate"):
             stamp = alert[name]
             if stamp is not None and stamp[:6] == b"SIMPLE":
