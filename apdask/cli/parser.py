@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 
 
 def _add_outputs(p):
@@ -18,6 +19,7 @@ def build_parser():
         prog="apdask", description="Rubin-style Alert Production (DMTN-092) on Dask."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"apdask {_version()}")
     parser.add_argument(
         "--config", metavar="FILE", action="append", default=[],
         help="YAML file of settings (keys as in `apdask config show`); may repeat",
@@ -31,7 +33,68 @@ def build_parser():
     _add_data_commands(sub)
     _add_service_commands(sub)
     _add_diff_command(sub)
+    _finish(parser)
     return parser
+
+
+def _version():
+    try:
+        return importlib.metadata.version("apdask")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        return "unknown"
+
+
+#: Help for options defined without it, by (command, option dest).
+_HELP = {
+    ("process-visit", "workers"): "LocalCluster worker processes",
+    ("process-calib", "intent"): "what the frame is: bias, dark, flat, ...",
+    ("demo", "camera"): "camera to simulate when the directory holds no repository",
+    ("demo", "visits"): "visits to simulate",
+    ("demo", "seed"): "simulation seed",
+    ("demo", "workers"): "LocalCluster worker processes",
+    ("submit", "scheduler"): "batch system",
+    ("simulate", "camera"): "camera to simulate",
+    ("simulate", "repo"): "repository directory to create",
+    ("simulate", "visits"): "visits to simulate",
+    ("simulate", "seed"): "simulation seed (the demo's too)",
+    ("simulate", "band"): "filter band of the simulated visits",
+    ("evaluate", "visit"): "visit number to evaluate",
+    ("ingest-template", "file"): "FITS image with a celestial WCS",
+    ("ingest-template", "band"): "filter band of the template",
+    ("ingest-template", "repo"): "Butler repository directory",
+    ("ingest-calib", "file"): "FITS master calibration frame",
+    ("ingest-calib", "kind"): "bias, dark or flat",
+    ("ingest-calib", "detector"): "detector id the frame belongs to",
+    ("ingest-calib", "band"): "filter band (flats)",
+    ("ingest-calib", "repo"): "Butler repository directory",
+    ("create", "url"): "SQLAlchemy URL of the new PPDB (sqlite:///... or postgresql://...)",
+}
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Show an option's default where its help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or action.required
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _finish(parser, name="apdask"):
+    """Help text for every option, defaults shown, on every (sub)command."""
+    parser.formatter_class = _DefaultsShown
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub_parser in action.choices.items():
+                _finish(sub_parser, sub_name)
+        elif action.help is None:
+            action.help = _HELP.get((name, action.dest), "")
 
 
 def _add_run_commands(sub):
@@ -107,7 +170,7 @@ def _add_data_commands(sub):
     p.add_argument("--camera", choices=["comcam", "lsstcam", "testcam"], default="comcam")
     p.add_argument("--repo", required=True)
     p.add_argument("--visits", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--filter", dest="band", default="r")
     p.add_argument("--detectors", help="comma-separated CCD names to simulate (default: all)")
     p.add_argument(

@@ -112,3 +112,27 @@ def test_process_ccd_exits_non_zero_when_its_ppdb_store_fails(repo, tmp_path, ca
     assert rc == 69, captured.err  # PpdbError's documented code
     assert "1 CCD(s) failed: T00" in captured.err
     _nothing_written(repo)
+
+
+def test_every_option_has_help_and_the_version_is_shown(capsys):
+    """Issue 15: no option without help text; `apdask --version`."""
+    import argparse
+
+    from apdask.cli.parser import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not action.help and action.dest != "help":
+                missing.append(f"{' '.join(path)} {action.dest}")
+
+    walk(build_parser(), ["apdask"])
+    assert missing == []
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("apdask ")
