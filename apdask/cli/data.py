@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from apdask.cli.common import repo_camera
+from apdask.core import jsonsafe
 from apdask.io.butler import Butler
 from apdask.ppdb import Ppdb, create_ppdb
 from apdask.tools.bench import format_summary, run_benchmarks
@@ -28,7 +29,7 @@ def evaluate_command(args):
     summary: dict[str, Any] = {k: res[k] for k in keys if k in res}
     summary["targets"] = res["targets"]
     summary["false_positives_by_class"] = res["false_positives_by_class"]
-    print(json.dumps(summary, indent=1, default=str))
+    print(jsonsafe.dumps(summary))
 
 
 def butler_command(args):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 64
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `apdask alerts tail | head`: the reader left; exit quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 0
 
 
 if __name__ == "__main__":

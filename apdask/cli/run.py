@@ -8,6 +8,7 @@ import time
 from apdask import config
 from apdask.cli.common import partial_failure_code, repo_camera
 from apdask.config import Locations
+from apdask.core import jsonsafe
 from apdask.core.camera import check_band, check_pointing
 from apdask.exceptions import UsageError
 from apdask.io.distributor import check_image_for_ccd, open_distributor
@@ -51,7 +52,7 @@ def process_ccd_command(args):
         nv, repo=where.repo, ppdb=args.ppdb, alerts=where.alerts, distributor=where.distributor,
         timeout=where.timeout, images={detector.name: list(args.image)},
     )  # fmt: skip
-    print(json.dumps(report, default=str, indent=1))
+    print(jsonsafe.dumps(report))
     return partial_failure_code(report)  # a CCD whose PPDB store failed is not a success
 
 
@@ -67,7 +68,7 @@ def process_visit_command(args):
             timeout=args.timeout,
             client=client,
         )
-    print(json.dumps(report, default=str, indent=1))
+    print(jsonsafe.dumps(report))
     return partial_failure_code(report)
 
 
@@ -89,7 +90,7 @@ def listen_command(args):
             distributor=args.distributor, timeout=args.timeout, client=client,
             max_visits=args.max_visits, idle_exit=args.idle_exit, offset=args.offset,
         )  # fmt: skip
-    print(json.dumps(summary, default=str, indent=1))
+    print(jsonsafe.dumps(summary))
     return 0
 
 
@@ -101,7 +102,7 @@ def submit_command(args):
         partition=args.partition, memory=args.mem, walltime=args.walltime,
         scheduler_host=args.scheduler_host, wait=args.wait, dry_run=args.dry_run,
     )  # fmt: skip
-    print(json.dumps(out, default=str, indent=1))
+    print(jsonsafe.dumps(out))
     return 1 if out.get("failed") else 0
 
 

@@ -13,7 +13,6 @@ folder and renames it to ``--out``: a failure writes nothing.  See
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from apdask import config
+from apdask.core.jsonsafe import json_ready
 from apdask.exceptions import PsfFitError
 from apdask.io.foreign import read_exposure
 from apdask.pipeline.quality import assess, enforce, snr_sigma
@@ -166,7 +166,7 @@ def diff(science, template, *, science_options=None, template_options=None, scie
     }
     if enforce_qa:
         enforce(qa)
-    return DiffResult(difference, sources, _strict(report), sci, tpl, info)
+    return DiffResult(difference, sources, json_ready(report), sci, tpl, info)
 
 
 def _describe(e):
@@ -175,21 +175,6 @@ def _describe(e):
     out = {k: e.meta.get(k) for k in keys}
     out["shape"] = list(e.shape)
     return out
-
-
-def _strict(obj):
-    """JSON-safe copy: NaN/inf → None, numpy scalars and arrays → Python."""
-    if isinstance(obj, dict):
-        return {str(k): _strict(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_strict(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _strict(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _source_table(sources, difference, qa=None):

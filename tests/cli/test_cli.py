@@ -105,7 +105,11 @@ def test_process_ccd_exits_non_zero_when_its_ppdb_store_fails(repo, tmp_path, ca
     Path(cfg).write_text(text.replace("mode=rw", "mode=ro"))
     rc = main([*_ccd_args(repo), "--ppdb", cfg])
     captured = capsys.readouterr()
-    report = json.loads(captured.out)
+
+    def no_nan(name):
+        raise AssertionError(f"the report is not strict JSON: {name}")
+
+    report = json.loads(captured.out, parse_constant=no_nan)
     (ccd,) = report["ccds"]
     assert "readonly database" in ccd["error"]
     assert not ccd["stored"] and ccd["n_alerts"] == 0
@@ -136,3 +140,32 @@ def test_every_option_has_help_and_the_version_is_shown(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("apdask ")
+
+
+def test_alerts_tail_lines_and_a_closed_pipe(repo):
+    """`alerts tail | head` ends quietly; lines carry band, MJD and rounded fluxes."""
+    import subprocess
+    import sys
+
+    assert main(_ccd_args(repo)) == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apdask.cli", "alerts", "tail", os.path.join(repo, "alerts")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    first = proc.stdout.readline().decode()
+    proc.stdout.close()  # the reader leaves, as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    # the reader gone before the first line: every write fails with EPIPE
+    early = subprocess.Popen(
+        [sys.executable, "-m", "apdask.cli", "alerts", "tail", os.path.join(repo, "alerts")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    early.stdout.close()
+    err = early.stderr.read().decode()
+    assert early.wait(timeout=60) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert " band=r " in first and " mjd=" in first and " nJy " in first
+    flux = first.split("psfFlux=")[1].split("±")[0]
+    assert len(flux.split(".")[1]) == 1  # one decimal, not 15
