@@ -9,6 +9,7 @@ builds on them; see ``docs/ppdb.md``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
@@ -66,10 +67,38 @@ def _incompatible(err, target):
     return PpdbError(msg)
 
 
+def driver_url(url):
+    """``url`` with a PostgreSQL driver that is installed.
+
+    SQLAlchemy maps a plain ``postgresql://`` URL to psycopg 3; the ``postgres``
+    extra installs psycopg2.  A plain URL is therefore given the installed driver
+    (psycopg 3 first), so that the URL a user types works.
+
+    Raises
+    ------
+    ConfigurationError
+        A PostgreSQL URL with no PostgreSQL driver installed.
+    """
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            rest = url[len(plain) :]
+            for module, scheme in (("psycopg", "postgresql+psycopg://"),
+                                   ("psycopg2", "postgresql+psycopg2://")):  # fmt: skip
+                if importlib.util.find_spec(module) is not None:
+                    return scheme + rest
+            msg = (
+                f"no PostgreSQL driver for {url}; install one with "
+                "`pip install 'apdask[postgres]'` (psycopg2)"
+            )
+            raise ConfigurationError(msg)
+    return url
+
+
 def _open_apdb_sql(url, namespace=None):
     from lsst.dax.apdb.sql import ApdbSql, ApdbSqlConfig
     from lsst.dax.apdb.versionTuple import IncompatibleVersionError
 
+    url = driver_url(url)
     path = _sqlite_path(url)
     if path is not None and not os.path.exists(path):
         msg = f"PPDB {url} does not exist; initialise it first with `apdask ppdb create {url}`"
@@ -163,6 +192,7 @@ def create_ppdb(url, config_path=None, *, namespace=None, history_months=None):
     PpdbError
         If the database cannot be reached or holds an incompatible schema.
     """
+    url = driver_url(url)
     from lsst.dax.apdb.sql import ApdbSql
 
     url = str(url)

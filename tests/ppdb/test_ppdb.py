@@ -222,6 +222,9 @@ def test_postgresql_round_trip(detector):
             assert len(db.get_dia_sources(region, None, MJD)) == len(sources) - 1
             db2 = ppdb.Ppdb.open(url, namespace=namespace)
             assert db2.contains_visit_detector(VISIT, DET)
+            # the URL a user types (SQLAlchemy would want psycopg 3 for it; issue 19)
+            plain = ppdb.Ppdb.open("postgresql://postgres@127.0.0.1/test", namespace=namespace)
+            assert plain.contains_visit_detector(VISIT, DET)
     finally:
         with engine.begin() as conn:
             conn.execute(sqlalchemy.text(f'DROP SCHEMA "{namespace}" CASCADE'))
