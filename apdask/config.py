@@ -325,7 +325,7 @@ class PipelineConfig:
         ConfigurationError
             An unknown key or a value out of range; the message names the key and the fix.
         """
-        kinds = {f.name: f.type for f in dataclasses.fields(cls)} | {"qa": None}
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = sorted(set(sections) - set(kinds))
         if unknown:
             msg = f"unknown configuration section(s) {unknown}; see `apdask config show`"

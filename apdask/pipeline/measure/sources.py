@@ -198,29 +198,8 @@ def _psf_fluxes(
         ys,
         full=True,
     )
-    fit_s = fit_t = None
-    if science is not None:
-        sci_bkg = fit_background(science.image, science.mask, lazy=True)
-        fit_s = _psf_fit_many(
-            science.image,
-            science.variance,
-            science.mask,
-            psfs_at(science, psf_sci, xs, ys),
-            xs,
-            ys,
-            sci_bkg,
-        )
-    if template is not None:
-        tpl_bkg = fit_background(template.image, template.mask, lazy=True)
-        fit_t = _psf_fit_many(
-            template.image,
-            template.variance,
-            template.mask,
-            psfs_at(template, psf_tpl, xs, ys),
-            xs,
-            ys,
-            tpl_bkg,
-        )
+    fit_s = None if science is None else _fit_with_background(science, psf_sci, xs, ys)
+    fit_t = None if template is None else _fit_with_background(template, psf_tpl, xs, ys)
     return fit_d, fit_s, fit_t
 
 
@@ -323,3 +302,12 @@ def _empty_table() -> Table:
         else:
             dt.append(float)
     return Table(names=DIASOURCE_COLUMNS, dtype=dt)
+
+
+def _fit_with_background(exposure, psf, xs, ys):
+    """PSF fits at ``(xs, ys)`` on an exposure whose local background is fitted first."""
+    bkg = fit_background(exposure.image, exposure.mask, lazy=True)
+    return _psf_fit_many(
+        exposure.image, exposure.variance, exposure.mask, psfs_at(exposure, psf, xs, ys),
+        xs, ys, bkg,
+    )  # fmt: skip
