@@ -105,16 +105,26 @@ def ccd_tasks(
                 darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
             )  # fmt: skip
         )
-    science = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
-    template = step(warp_task, "warp")(science, prefetch)
-    sub = step(subtract_task, "subtract")(science, template, cfg)
+    calibrated = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
+    warped = step(warp_task, "warp")(calibrated, prefetch)
+    sub = step(subtract_task, "subtract")(calibrated, warped, cfg)
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
     assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)
     packets = step(package_task, "package")(sub, assoc, prefetch, cfg)
     stored = step(store_task, "store")(assoc, packets, header, det, where.ppdb, replace, cfg)
     published = step(publish_task, "publish")(stored, packets, header, det, where.alerts, cfg)
     return step(report_task, "report")(
-        published, stored, assoc, packets, header, science, sub, measured, prefetch, det
+        published,
+        stored,
+        assoc,
+        packets,
+        header,
+        calibrated,
+        warped,
+        sub,
+        measured,
+        prefetch,
+        det,
     )
 
 

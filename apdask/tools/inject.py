@@ -93,7 +93,7 @@ def injection_test(science, template, *, snr=(5, 7, 10, 20, 50), per_bin=20, per
     psf_d = np.asarray(d.psf, float)
     fwhm = float(psf_fwhm(psf_d))
     # flux error of a PSF fit on the difference: sqrt(var) / sqrt(Σ P²) (white noise)
-    var_c = base.info.get("variance_correction", 1.0)
+    var_c = base.info.variance_correction
     ny, nx = d.shape
     bad = (d.mask & (MASK["EDGE"] | MASK["NO_DATA"] | MASK["SAT"] | MASK["BAD"])) != 0
     p2 = float((psf_d**2).sum())

@@ -18,6 +18,7 @@ from apdask._kernels.fused import (
     one_blas_thread,
 )
 from apdask.core.exposure import MASK, Exposure, mask_bits
+from apdask.core.records import SubtractionInfo
 from apdask.core.stats import nanmedian_last
 from apdask.exceptions import PsfFitError
 from apdask.pipeline.background import tile_threads
@@ -55,7 +56,7 @@ def subtract(
     min_stamps: int = 5,
     stamps_per_spatial_term: int = 4,
     full_basis_stamps: int = 10,
-) -> tuple[Exposure, dict[str, Any]]:
+) -> tuple[Exposure, SubtractionInfo]:
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
     Parameters
@@ -63,7 +64,7 @@ def subtract(
     science, template : apdask.core.exposure.Exposure
         Calibrated science exposure and the template warped onto its pixel grid,
         both in nJy.  Their PSFs are estimated with :func:`estimate_psf` if absent.
-        A :class:`PsfGrid` in ``science.meta["psf_model"]`` (spatially varying PSF)
+        A :class:`PsfGrid` in ``science.psf_model`` (spatially varying PSF)
         is carried to the difference image, convolved like the image.
     kernel_size : int, optional
         Odd side of the matching kernel; default from the PSF widths (11..41).
@@ -77,12 +78,13 @@ def subtract(
     apcorr : bool, optional
         Measure the aperture correction of PSF fluxes
         (:func:`apdask.pipeline.measure.photometry.aperture_correction`) on the image whose PSF the
-        difference has; recorded as ``meta["ap_corr"]`` (and ``meta["ap_corr_science"]``
+        difference has; recorded as the difference's ``ap_corr`` (and ``ap_corr_science``
         for science-image PSF fluxes) and applied by ``measure_sources`` and
         ``forced_photometry``.
     bright : bool, optional
         List the template's bright sources for the S/N map of detection
-        (:func:`apdask.pipeline.measure.bright.bright_sources`), as ``meta["bright_sources"]``.
+        (:func:`apdask.pipeline.measure.bright.bright_sources`), as the difference's
+        ``bright_sources``.
     min_stamps, stamps_per_spatial_term, full_basis_stamps : int, optional
         The star counts the kernel model needs (``apdask.subtract.kernel.*``): fewer
         than ``min_stamps`` is a :class:`PsfFitError`; spatial order ``p`` needs
@@ -104,13 +106,13 @@ def subtract(
         ``D = ψ ⊗ (K ⊗ S + bg − T) / κ``, variance ``(var_T + κ² var_S) / κ²``, PSF
         ``ψ ⊗ P_T``.  Mask: inputs OR'ed, EDGE within the kernel half-size of the
         border or of NO_DATA.  WCS and metadata of the science exposure.
-    info : dict
-        ``kernel_sum`` (photometric scale science/template), ``kernel_size``,
-        ``n_stamps``, ``stamp_chi2`` (list, reduced chi² per used stamp),
-        ``fwhm_science``, ``fwhm_template``, ``fwhm_difference`` (pixels),
-        ``direction``, ``preconvolved`` (always False: no pre-convolution, see docs),
-        ``decorrelated``, ``background`` (coefficients), ``noise_ratio`` (robust σ
-        of ``D/sqrt(var)`` on clean pixels) and ``timing`` (seconds per step).
+    info : apdask.core.records.SubtractionInfo
+        The figures: ``kernel_sum`` (photometric scale science/template),
+        ``kernel_size``, ``n_stamps``, ``stamp_chi2`` (reduced χ² per used stamp),
+        FWHMs (pixels), ``direction``, ``decorrelated``, ``background``
+        (coefficients), ``noise_ratio`` (robust σ of ``D/sqrt(var)`` on clean pixels),
+        aperture corrections, the kernel model and its fallbacks, the kernel and
+        ``timing`` (seconds per step).
 
     Raises
     ------
@@ -197,19 +199,19 @@ def subtract(
     timing["apcorr"] = time.perf_counter() - t1
     timing["total"] = time.perf_counter() - t0
 
-    meta = _difference_meta(science, direction, ap[0], ap[1], sources, rev, psi)
-    difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, meta=meta)
+    fields = _difference_fields(science, direction, ap[0], ap[1], sources, rev, psi)
+    difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, **fields)
     fit = (scale, kernel_size, chi2, used, bgc, bg_res)
-    info = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
-    info.update(
+    info = SubtractionInfo(
+        **_qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources),
         model=model.as_dict(),
         fallback=list(model.fallback),
         kernel_sum_range=kernel_sum_range(kernels, order, rev),
         stamp_x=[int(x) for x in xs[used]],
         stamp_y=[int(y) for y in ys[used]],
         kernel=kernels[0],
+        timing=timing,
     )
-    info["timing"] = timing
     return difference, info
 
 
@@ -350,7 +352,7 @@ def _aperture_corrections(
     return ap_d, ap_s, n_ap, r_ap
 
 
-def _difference_meta(
+def _difference_fields(
     science: Exposure,
     direction: str,
     ap_d: float,
@@ -359,22 +361,21 @@ def _difference_meta(
     rev: bool,
     psi: np.ndarray | None,
 ) -> dict[str, Any]:
-    """The difference's metadata: the science's, with direction, aperture corrections,
-    bright sources and the PSF model (convolved by ψ; dropped when reversed)."""
-    meta = dict(science.meta)
-    meta["subtraction"] = direction
-    meta["ap_corr"] = ap_d
-    meta["ap_corr_science"] = ap_s
-    if sources is not None:
-        meta["bright_sources"] = sources
-    else:
-        meta.pop("bright_sources", None)
-    model = science.meta.get("psf_model")
+    """The difference's metadata and typed fields: the science's meta with the
+    direction, the aperture corrections, the bright sources and the PSF model
+    (convolved by ψ; none when reversed, as the difference has the template's PSF)."""
+    model = science.psf_model
     if rev:
-        meta.pop("psf_model", None)  # the difference has the (constant) template PSF
-    elif model is not None:
-        meta["psf_model"] = model.convolved(psi) if psi is not None else model
-    return meta
+        model = None  # the difference has the (constant) template PSF
+    elif model is not None and psi is not None:
+        model = model.convolved(psi)
+    return {
+        "meta": {**science.meta, "subtraction": direction},
+        "ap_corr": ap_d,
+        "ap_corr_science": ap_s,
+        "bright_sources": sources,
+        "psf_model": model,
+    }
 
 
 def _typical(var, nodata, default, samples=64000):
