@@ -15,12 +15,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from apdask.alerts.sinks import read_alerts
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.pipeline.run import ensure_ppdb, local_cluster, run_visit
+from apdask.tools.evaluate import load_truth, match_truth
+from apdask.tools.simulate import simulate_repo
+
 __all__ = ["run_demo"]
 
 
 def _alerts_of_visit(alert_root, visit):
-    from apdask.alerts.sinks import read_alerts
-
     path = os.path.join(alert_root, f"visit_{visit}")
     return read_alerts(path) if os.path.isdir(path) else []
 
@@ -56,15 +60,9 @@ def run_demo(
     dict
         Per-visit alerts, timings and recovered fractions.
     """
-    from apdask.pipeline.nextvisit import NextVisit
-    from apdask.pipeline.run import ensure_ppdb, local_cluster, run_visit
-    from apdask.tools.evaluate import load_truth, match_truth
-
     repo = os.path.abspath(directory)
     t0 = time.time()
     if not os.path.exists(os.path.join(repo, "butler.zarr")):
-        from apdask.tools.simulate import simulate_repo
-
         out(f"simulating a {camera} repository with {n_visits} visits in {repo} ...")
         simulate_repo(camera, repo, n_visits=n_visits, seed=seed)
     t_sim = time.time() - t0

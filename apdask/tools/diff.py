@@ -16,22 +16,30 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 
 from apdask import config
-from apdask.core.exposure import Exposure
+from apdask.core.exposure import Exposure, mask_plane_cards
 from apdask.core.jsonsafe import json_ready
 from apdask.core.records import SubtractionInfo
 from apdask.exceptions import PsfFitError
-from apdask.io.foreign import read_exposure
+from apdask.io.foreign import read_exposure, read_psf
+from apdask.pipeline.isr import mask_cosmic_rays
+from apdask.pipeline.measure.detection import detect_sources, matched_filter
+from apdask.pipeline.measure.sources import measure_sources
+from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
 from apdask.pipeline.quality import assess, enforce, snr_sigma
 from apdask.pipeline.register import match_template
+from apdask.pipeline.subtract.difference import subtract
 
 __all__ = ["diff", "DiffResult", "write_outputs", "run_cli"]
 
@@ -62,8 +70,6 @@ def _exposure(x, options, psf):
     if isinstance(x, str | os.PathLike):
         return read_exposure(x, psf=psf, **(options or {}))
     if psf is not None:
-        from apdask.io.foreign import read_psf
-
         stamp = read_psf(psf) if isinstance(psf, str | os.PathLike) else np.asarray(psf, float)
         x = x.copy_with(psf=stamp / stamp.sum())
     return x
@@ -104,12 +110,6 @@ def diff(science, template, *, science_options=None, template_options=None, scie
     apdask.exceptions.SubtractionQualityError
         The subtraction failed a QA check (``apdask.subtract.qa.*``).
     """
-    from apdask.pipeline.isr import mask_cosmic_rays
-    from apdask.pipeline.measure.detection import detect_sources, matched_filter
-    from apdask.pipeline.measure.sources import measure_sources
-    from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
-    from apdask.pipeline.subtract.difference import subtract
-
     t0 = time.perf_counter()
     sci = _exposure(science, science_options, science_psf)
     tpl0 = _exposure(template, template_options, template_psf)
@@ -200,8 +200,6 @@ def _source_table(sources, difference, qa=None):
 
 
 def _difference_hdus(result):
-    from astropy.io import fits
-
     d = result.difference
     head = d.wcs.to_header(relax=True) if d.wcs is not None else fits.Header()
     head["BUNIT"] = d.meta.get("unit", "nJy")
@@ -210,7 +208,6 @@ def _difference_hdus(result):
     hdus.append(fits.ImageHDU(np.asarray(d.variance, np.float32), head, name="VARIANCE"))
     mh = head.copy()
     del mh["BUNIT"]
-    from apdask.core.exposure import mask_plane_cards
 
     for key, value, comment in mask_plane_cards():
         mh[key] = (value, comment)
@@ -271,8 +268,6 @@ def run_cli(args):
             }.items()  # fmt: skip
             if v is not None
         }
-    import sys
-    import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
