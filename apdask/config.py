@@ -39,6 +39,7 @@ __all__ = [
     "MeasurementConfig",
     "PipelineConfig",
     "PpdbConfig",
+    "ProductsConfig",
     "SubtractConfig",
     "get",
 ]
@@ -299,6 +300,42 @@ class Locations:
 
 
 @dataclass(frozen=True)
+class ProductsConfig:
+    """Which per-CCD image products are written, where, and for how many visits."""
+
+    kinds: tuple[str, ...] = ("difference",)
+    keep_visits: int = 3
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds or ())
+        object.__setattr__(self, "kinds", kinds)
+        known = ("science", "template", "difference")
+        bad = [k for k in kinds if k not in known]
+        if bad:
+            msg = (
+                f"apdask.products.kinds has {bad}; choose from {', '.join(known)}, e.g. "
+                "--set products.kinds=[science,template,difference] (or [] for none)"
+            )
+            raise ConfigurationError(msg)
+        if (
+            isinstance(self.keep_visits, bool)
+            or not isinstance(self.keep_visits, int)
+            or (self.keep_visits < 0)
+        ):
+            msg = (
+                f"apdask.products.keep_visits must be a whole number >= 0 (0 keeps all), "
+                f"not {self.keep_visits!r}; e.g. --set products.keep_visits=3"
+            )
+            raise ConfigurationError(msg)
+
+    def root(self, repo: str) -> str:
+        """The products directory: ``dir``, else ``<repo>/products`` (made absolute)."""
+        where = self.dir or os.path.join(repo, "products")
+        return where if "://" in where else os.path.abspath(where)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Every setting a CCD's chain needs, resolved once on the driver.
 
@@ -313,6 +350,7 @@ class PipelineConfig:
     ppdb: PpdbConfig = field(default_factory=PpdbConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     distributor: DistributorConfig = field(default_factory=DistributorConfig)
+    products: ProductsConfig = field(default_factory=ProductsConfig)
     keep_freed_memory: bool = True
     qa: Mapping[str, Any] = field(default_factory=dict)  #: ``subtract.qa.*`` thresholds
 
@@ -344,6 +382,7 @@ class PipelineConfig:
             "distributor": _build(
                 DistributorConfig, "distributor", sections.get("distributor"), strict=False
             ),
+            "products": _build(ProductsConfig, "products", sections.get("products")),
         }
         keep = bool(dask.config.get("apdask.compute.keep_freed_memory", default=True))
         qa = {**dict(_section("subtract").get("qa") or {}), **(sections.get("qa") or {})}

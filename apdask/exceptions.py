@@ -35,6 +35,8 @@ __all__ = [
     "EmptyImageError",
     "NoOverlapError",
     "SubtractionQualityError",
+    "ProductWriteError",
+    "ProductNotFoundError",
     "PartialCoverageWarning",
     "SubtractionQualityWarning",
 ]
@@ -205,6 +207,18 @@ class SubtractionQualityError(ApdaskError):
         super().__init__(message)
         self.reasons = list(reasons)
         self.qa = qa
+
+
+class ProductWriteError(ApdaskError):
+    """An image data product (science, template or difference) could not be written."""
+
+    exit_code = 73  # EX_CANTCREAT
+
+
+class ProductNotFoundError(ApdaskError, LookupError):
+    """No such image data product in the repository."""
+
+    exit_code = 66  # EX_NOINPUT
 
 
 class PartialCoverageWarning(UserWarning):

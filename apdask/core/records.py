@@ -235,6 +235,7 @@ class CcdReport(TypedDict, total=False):
     subtraction: dict[str, Any]
     config: dict[str, Any]
     qa: dict[str, Any] | None
+    products: dict[str, str]  #: image product kind -> file (apdask.io.products)
 
 
 class VisitReport(TypedDict, total=False):

@@ -26,6 +26,7 @@ from apdask.pipeline.outputs import (
     report_task,
     store_task,
 )
+from apdask.pipeline.products import save_products_task
 from apdask.pipeline.steps import now_mjd
 from apdask.pipeline.tasks import (
     calib_task,
@@ -113,19 +114,14 @@ def ccd_tasks(
     packets = step(package_task, "package")(sub, assoc, prefetch, cfg)
     stored = step(store_task, "store")(assoc, packets, header, det, where.ppdb, replace, cfg)
     published = step(publish_task, "publish")(stored, packets, header, det, where.alerts, cfg)
+    products = None
+    if cfg.products.kinds:
+        root = cfg.products.root(where.repo)
+        products = step(save_products_task, "products")(published, sub, header, det, root, cfg)
     return step(report_task, "report")(
-        published,
-        stored,
-        assoc,
-        packets,
-        header,
-        calibrated,
-        warped,
-        sub,
-        measured,
-        prefetch,
-        det,
-    )
+        published, stored, assoc, packets, header, calibrated, warped, sub, measured, prefetch,
+        det, products,
+    )  # fmt: skip
 
 
 def _gather(next_visit: NextVisit, ccd_reports: Sequence[CcdReport]) -> VisitReport:

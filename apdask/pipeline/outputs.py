@@ -240,10 +240,15 @@ def report_task(
     measured: Any,
     prefetch: Prefetch,
     detector: Detector,
+    products: Any = None,
 ) -> CcdReport:
-    """The CCD's entry of the visit report: counts, timings, latency and QA figures."""
-    failed = next((x for x in (published, stored, assoc, packets, warped, sub, measured)
-                   if isinstance(x, CcdFailure)), None)  # fmt: skip
+    """The CCD's entry of the visit report: counts, timings, latency and QA figures.
+
+    ``products`` is what :func:`apdask.pipeline.products.save_products_task` returned
+    (None when no image products are kept).
+    """
+    failed = next((x for x in (published, stored, assoc, packets, warped, sub, measured,
+                               products) if isinstance(x, CcdFailure)), None)  # fmt: skip
     if failed is not None:
         err = failed.error
         if isinstance(err, PpdbUnavailableError):
@@ -251,7 +256,8 @@ def report_task(
         return _failed_ccd(detector, header.visit, str(err), err)
     timings: dict[str, float] = {}
     parts = (prefetch.timings, calibrated.timings, warped.timings, sub.timings,
-             measured.timings, assoc.timings, stored.timings, published["timings"])  # fmt: skip
+             measured.timings, assoc.timings, stored.timings, published["timings"],
+             (products or {}).get("timings", {}))  # fmt: skip
     for part in parts:
         timings.update(part)
     n = len(assoc.sources)
@@ -286,6 +292,7 @@ def report_task(
         "template_coverage": warped.coverage,
         "subtraction": sub.info.as_dict(),
         "qa": None if measured.qa is None else dict(measured.qa),
+        "products": dict((products or {}).get("paths", {})),
     }
     out["template_partial"] = out["template_coverage"] < 1.0
     return out
