@@ -17,10 +17,10 @@ from apdask.core.camera import check_band, check_pointing
 from apdask.exceptions import UsageError
 from apdask.io.distributor import check_image_for_ccd, open_distributor
 from apdask.io.raw import read_raw
+from apdask.io.raw_header import check_raw_header
 from apdask.pipeline.calib import process_calib
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import local_cluster, run_visit
-from apdask.pipeline.tasks import check_raw_header
 from apdask.services.batch import open_client, submit_visit
 from apdask.services.listen import listen
 from apdask.tools.demo import run_demo

@@ -35,7 +35,8 @@ from apdask.core.records import (
 from apdask.exceptions import HeaderMismatchError, NoTemplateCoverageError, PpdbError, PsfFitError
 from apdask.io.butler import Butler
 from apdask.io.distributor import open_distributor
-from apdask.io.raw import RawMetadata, effective_exptime, read_raw
+from apdask.io.raw import effective_exptime, read_raw
+from apdask.io.raw_header import check_raw_header
 from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
@@ -50,7 +51,6 @@ from apdask.ppdb import Ppdb
 __all__ = [
     "calib_task",
     "calibrate_task",
-    "check_raw_header",
     "darktime_task",
     "detect_task",
     "fetch_task",
@@ -111,27 +111,6 @@ def _seceded() -> Iterator[None]:
         yield
     finally:
         rejoin()
-
-
-def check_raw_header(
-    meta: RawMetadata, detector: Detector, band: str, visit: int | None = None,
-    name: str | None = None,
-) -> RawMetadata:  # fmt: skip
-    """Check a raw's header against the invocation; raise HeaderMismatchError if it differs."""
-    name = name or meta.detector_name
-    if meta.detector_name != detector.name:
-        msg = (
-            f"raw {name} has DETNAME={meta.detector_name} but CCD {detector.name} was "
-            "requested; pass the image of that CCD"
-        )
-        raise HeaderMismatchError(msg)
-    if meta.band != band:
-        msg = f"raw {name} has FILTBAND={meta.band} but --filter {band} was given"
-        raise HeaderMismatchError(msg)
-    if visit is not None and meta.visit != visit:
-        msg = f"raw {name} belongs to visit {meta.visit}, expected {visit}"
-        raise HeaderMismatchError(msg)
-    return meta
 
 
 def header_task(
