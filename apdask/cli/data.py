@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 from typing import Any
 
 from apdask.cli.common import repo_camera
 from apdask.core import jsonsafe
+from apdask.exceptions import UsageError
 from apdask.io.butler import Butler
 from apdask.ppdb import Ppdb, create_ppdb
 from apdask.tools.bench import format_summary, run_benchmarks
@@ -15,12 +19,44 @@ from apdask.tools.simulate import simulate_repo
 
 
 def simulate_command(args):
+    """``apdask simulate``: a new repository; an existing one only with ``--overwrite``."""
     dets = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else None
+    clear_for_simulation(args.repo, overwrite=args.overwrite)
     visits = simulate_repo(args.camera, args.repo, n_visits=args.visits, seed=args.seed,
                            band=args.band, detectors=dets, artifacts=not args.no_artifacts,
                            fwhm_range=args.fwhm, template_fwhm=args.template_fwhm,
-                           engine=args.engine)  # fmt: skip
+                           engine=args.engine, progress=_stderr)  # fmt: skip
     print(f"simulated {len(visits)} visits of {args.camera} into {args.repo}")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def clear_for_simulation(repo: str, *, overwrite: bool) -> None:
+    """Refuse to simulate into a non-empty directory; with ``overwrite``, remove it first.
+
+    Only an apdask repository (one with ``butler.zarr``) is removed: ``--overwrite`` on
+    any other non-empty directory is refused too, so a mistyped path never deletes a
+    user's files.
+    """
+    if not os.path.isdir(repo) or not os.listdir(repo):
+        if os.path.exists(repo) and not os.path.isdir(repo):
+            raise UsageError(f"--repo {repo} is a file, not a directory; choose another path")
+        return
+    if not os.path.isdir(os.path.join(repo, "butler.zarr")):
+        msg = (
+            f"--repo {repo} is a non-empty directory that is not an apdask repository (no "
+            "butler.zarr); choose a new or empty directory"
+        )
+        raise UsageError(msg)
+    if not overwrite:
+        msg = (
+            f"{repo} already holds a repository; pass --overwrite to replace it whole "
+            "(its raws, PPDB, alerts and products go too), or choose another --repo"
+        )
+        raise UsageError(msg)
+    shutil.rmtree(repo)
 
 
 def evaluate_command(args):

@@ -192,6 +192,9 @@ def _add_data_commands(sub):
     p.add_argument("--engine", choices=["apdask", "galsim"], default="apdask",
                    help="pixel renderer: our Gaussian code (default) or GalSim (Kolmogorov PSF, "
                    "Sersic galaxies; needs the 'sim' extra)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing repository whole (default: refuse to write into "
+                   "a non-empty directory)")  # fmt: skip
     p = sub.add_parser("evaluate", help="compare a processed visit with the simulator's truth")
     p.add_argument("--repo", required=True, help="simulated repository (truth/, alerts/)")
     p.add_argument("--visit", type=int, required=True)
