@@ -37,6 +37,9 @@ __all__ = [
     "SubtractionQualityError",
     "ProductWriteError",
     "ProductNotFoundError",
+    "StorageError",
+    "StoragePermissionError",
+    "InternalError",
     "PartialCoverageWarning",
     "SubtractionQualityWarning",
 ]
@@ -219,6 +222,24 @@ class ProductNotFoundError(ApdaskError, LookupError):
     """No such image data product in the repository."""
 
     exit_code = 66  # EX_NOINPUT
+
+
+class StorageError(ApdaskError):
+    """A file could not be read or written: disk full, I/O error, read-only file system."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class StoragePermissionError(StorageError):
+    """A file or directory apdask must write belongs to someone else or is read-only."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class InternalError(ApdaskError):
+    """A bug: an error apdask did not expect.  ``-v`` shows the traceback."""
+
+    exit_code = 70  # EX_SOFTWARE
 
 
 class PartialCoverageWarning(UserWarning):
