@@ -74,7 +74,8 @@ def get(key: str, value: Any = None) -> Any:
     return dask.config.get(f"apdask.{key}")
 
 
-_KERNEL_RULES = ("min_stamps", "stamps_per_spatial_term", "full_basis_stamps")
+_KERNEL_RULES = ("min_stamps", "stamps_per_spatial_term", "full_basis_stamps",
+                 "max_sum_variation")  # fmt: skip
 
 
 def _section(name: str) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class SubtractConfig:
     min_stamps: int = 5  #: fewer clean stars: the kernel fit fails (``subtract.kernel.*``)
     stamps_per_spatial_term: int = 4  #: else a lower spatial order
     full_basis_stamps: int = 10  #: else fewer basis functions
+    max_sum_variation: float = 0.2  #: kernel sum varying more over the CCD: a lower order
 
     def __post_init__(self) -> None:
         if self.kernel_size is not None and (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -56,6 +57,7 @@ def subtract(
     min_stamps: int = 5,
     stamps_per_spatial_term: int = 4,
     full_basis_stamps: int = 10,
+    max_sum_variation: float = 0.2,
 ) -> tuple[Exposure, SubtractionInfo]:
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
@@ -91,6 +93,11 @@ def subtract(
         ``stamps_per_spatial_term × (p+1)(p+2)/2`` stamps, else a lower order; fewer
         than ``full_basis_stamps`` uses basis degrees ``(2, 1, 0)`` for ``(4, 3, 2)``.
         With an automatic ``kernel_size``, a smaller kernel is tried first.
+    max_sum_variation : float, optional
+        A fitted kernel whose sum varies over the CCD by more than this fraction
+        ((max − min) / mean on a 5 × 5 grid) is refitted with a lower spatial order:
+        with few stamps the spatial terms extrapolate wildly into the corners
+        (reported as a ``spatial_order`` fallback).
 
     Aperture correction and the bright-source list are not part of the difference
     image itself; the benchmark times the subtraction without them (both False) as
@@ -149,19 +156,19 @@ def subtract(
 
     t1 = time.perf_counter()
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
-    kernels, bgc, chi2, used = _fit_matching_kernel(
-        img_a,
-        img_b,
-        (var_s, var_t),
-        bad_any,
-        xs,
-        ys,
-        sigmas,
-        kernel_size,
-        order,
-        fit_half,
-        model.basis_degrees,
-    )
+    while True:
+        kernels, bgc, chi2, used = _fit_matching_kernel(
+            img_a, img_b, (var_s, var_t), bad_any, xs, ys, sigmas, kernel_size, order,
+            fit_half, model.basis_degrees,
+        )  # fmt: skip
+        if order == 0 or _sum_variation(kernels, order, rev) <= max_sum_variation:
+            break
+        # the spatial terms extrapolate far from the few stamps: a lower order
+        order -= 1
+        model = dataclasses.replace(
+            model, spatial_order=order,
+            fallback=tuple(dict.fromkeys((*model.fallback, "spatial_order"))),
+        )  # fmt: skip
     del bad_any
     timing["fit"] = time.perf_counter() - t1
     ksum = _kernel_sum(kernels[0])  # the constant spatial term: u = v = 0 at the centre
@@ -376,6 +383,13 @@ def _difference_fields(
         "bright_sources": sources,
         "psf_model": model,
     }
+
+
+def _sum_variation(kernels: list[np.ndarray], order: int, rev: bool) -> float:
+    """(max − min) / mean of the kernel sum over the CCD (:func:`kernel_sum_range`)."""
+    lo, hi = kernel_sum_range(kernels, order, rev)
+    mean = 0.5 * (lo + hi)
+    return abs(hi - lo) / abs(mean) if mean else float("inf")
 
 
 def _typical(var, nodata, default, samples=64000):
