@@ -215,3 +215,29 @@ def test_process_visit_shows_progress_a_table_and_writes_the_reports(repo, tmp_p
     for line, ccd in zip(lines[2:4], report["ccds"], strict=True):
         assert line.split()[:3] == [ccd["detector"], str(ccd["n_sources"]), str(ccd["n_alerts"])]
     assert html.stat().st_size > 10_000 and b"bokeh" in html.read_bytes()[:200_000].lower()
+
+
+def test_relative_paths_work_and_nothing_is_written_beside_the_repository(
+    tmp_path, monkeypatch, capsys
+):
+    """Issue 19: a relative --repo, --next-visit and --alerts from another directory; every
+    file lands in the repository (no stray apdb.yaml, report or scratch file in the
+    working directory or in $HOME)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["simulate", "--camera", "testcam", "--repo", "r", "--visits", "1"]) == 0
+    rc = main(["process-visit", "--next-visit", "r/visits/visit_1000.json", "--repo", "r",
+               "--alerts", "file://r/alerts", "--workers", "1"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert sorted(os.listdir(work)) == ["r"]
+    assert sorted(os.listdir(work / "r")) == [
+        "alerts", "butler.zarr", "ppdb", "products", "raw", "reports", "truth", "visits"
+    ]  # fmt: skip
+    assert os.listdir(home) == []
+    assert list((work / "r" / "alerts" / "visit_1000").glob("*.avro"))
+    assert f"full report (JSON): {work / 'r' / 'reports' / 'visit_1000.json'}" in out
