@@ -34,7 +34,7 @@ from apdask.pipeline.subtract.kernel import (
     choose_kernel_size,
 )
 from apdask.pipeline.subtract.qa import _noise_ratio, _qa_figures, kernel_sum_range
-from apdask.pipeline.subtract.stamps import choose_model
+from apdask.pipeline.subtract.stamps import KernelModel, choose_model
 
 __all__ = ["subtract"]
 
@@ -150,25 +150,16 @@ def subtract(
         (kernel_size, auto_size, int(spatial_order)), max_stamps,
         (min_stamps, stamps_per_spatial_term, full_basis_stamps),
     )  # fmt: skip
-    kernel_size, order, fit_half = model.kernel_size, model.spatial_order, model.fit_half
-    kh, stars, xs, ys = kernel_size // 2, model.stars, model.xs, model.ys
+    kernel_size = model.kernel_size
+    kh, stars = kernel_size // 2, model.stars
     timing["stamps"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
-    while True:
-        kernels, bgc, chi2, used = _fit_matching_kernel(
-            img_a, img_b, (var_s, var_t), bad_any, xs, ys, sigmas, kernel_size, order,
-            fit_half, model.basis_degrees,
-        )  # fmt: skip
-        if order == 0 or _sum_variation(kernels, order, rev) <= max_sum_variation:
-            break
-        # the spatial terms extrapolate far from the few stamps: a lower order
-        order -= 1
-        model = dataclasses.replace(
-            model, spatial_order=order,
-            fallback=tuple(dict.fromkeys((*model.fallback, "spatial_order"))),
-        )  # fmt: skip
+    model, (kernels, bgc, chi2, used) = _fit_with_fallback(
+        (img_a, img_b), (var_s, var_t), bad_any, model, sigmas, rev, max_sum_variation
+    )
+    order = model.spatial_order
     del bad_any
     timing["fit"] = time.perf_counter() - t1
     ksum = _kernel_sum(kernels[0])  # the constant spatial term: u = v = 0 at the centre
@@ -209,17 +200,56 @@ def subtract(
     fields = _difference_fields(science, direction, ap[0], ap[1], sources, rev, psi)
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, **fields)
     fit = (scale, kernel_size, chi2, used, bgc, bg_res)
-    info = SubtractionInfo(
-        **_qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources),
+    qa = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
+    return difference, _info(qa, model, kernels, used, rev, timing)
+
+
+def _fit_with_fallback(
+    images: tuple[np.ndarray, np.ndarray],
+    variances: tuple[np.ndarray, np.ndarray],
+    bad_any: np.ndarray,
+    model: KernelModel,
+    sigmas: list[float],
+    rev: bool,
+    max_sum_variation: float,
+) -> tuple[KernelModel, tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]]:
+    """Fit the matching kernel; while its sum varies over the CCD by more than
+    ``max_sum_variation`` (spatial terms extrapolating far from few stamps), refit one
+    spatial order lower.  The model used (with the fallback noted) and the fit."""
+    order = model.spatial_order
+    while True:
+        fit = _fit_matching_kernel(
+            *images, variances, bad_any, model.xs, model.ys, sigmas, model.kernel_size, order,
+            model.fit_half, model.basis_degrees,
+        )  # fmt: skip
+        if order == 0 or _sum_variation(fit[0], order, rev) <= max_sum_variation:
+            return model, fit
+        order -= 1
+        model = dataclasses.replace(
+            model, spatial_order=order,
+            fallback=tuple(dict.fromkeys((*model.fallback, "spatial_order"))),
+        )  # fmt: skip
+
+
+def _info(
+    qa: dict[str, Any],
+    model: KernelModel,
+    kernels: list[np.ndarray],
+    used: np.ndarray,
+    rev: bool,
+    timing: dict[str, float],
+) -> SubtractionInfo:
+    """The subtraction's figures: QA values, the model used, stamps, kernel, timings."""
+    return SubtractionInfo(
+        **qa,
         model=model.as_dict(),
         fallback=list(model.fallback),
-        kernel_sum_range=kernel_sum_range(kernels, order, rev),
-        stamp_x=[int(x) for x in xs[used]],
-        stamp_y=[int(y) for y in ys[used]],
+        kernel_sum_range=kernel_sum_range(kernels, model.spatial_order, rev),
+        stamp_x=[int(x) for x in model.xs[used]],
+        stamp_y=[int(y) for y in model.ys[used]],
         kernel=kernels[0],
         timing=timing,
     )
-    return difference, info
 
 
 def _finish(
