@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 
 from apdask import config
-from apdask.cli.common import partial_failure_code, repo_camera
+from apdask.cli.common import check_workers, partial_failure_code, repo_camera
 from apdask.config import Locations
 from apdask.core import jsonsafe
 from apdask.core.camera import check_band, check_pointing
@@ -21,6 +23,9 @@ from apdask.services.batch import open_client, submit_visit
 from apdask.services.listen import listen
 from apdask.tools.demo import run_demo
 
+#: ``apdask listen`` stopped by a signal with visits abandoned (docs/errors.md).
+EX_TEMPFAIL = 75
+
 
 def process_ccd_command(args):
     """``apdask process-ccd``: the DMTN-092 per-CCD invocation."""
@@ -32,6 +37,9 @@ def process_ccd_command(args):
     detector = camera[args.ccd]  # UnknownDetectorError names valid CCDs
     ra, dec = check_pointing(args.ra, args.dec)
     check_band(args.band)
+    if not (math.isfinite(args.exptime) and args.exptime > 0):  # before waiting for images
+        msg = f"--exptime must be a finite number of seconds > 0, got {args.exptime}"
+        raise UsageError(f"{msg}; e.g. --exptime 30")
     if not 1 <= len(args.image) <= 2:
         raise UsageError(f"give one or two --image names (snaps), got {len(args.image)}")
     if len(set(args.image)) != len(args.image):
@@ -57,7 +65,9 @@ def process_ccd_command(args):
 
 
 def process_visit_command(args):
+    check_workers(args.workers)
     nv = NextVisit.from_json(args.next_visit)
+    Locations.resolve(args.repo, timeout=args.timeout)  # bad --timeout: before the cluster starts
     with local_cluster(n_workers=args.workers) as client:
         report = run_visit(
             nv,
@@ -84,6 +94,8 @@ def process_calib_command(args):
 
 
 def listen_command(args):
+    if args.scheduler_address is None:
+        check_workers(args.workers)
     with open_client(args.scheduler_address, n_workers=args.workers) as client:
         summary = listen(
             args.kafka, args.topic, repo=args.repo, ppdb=args.ppdb, alerts=args.alerts,
@@ -91,6 +103,14 @@ def listen_command(args):
             max_visits=args.max_visits, idle_exit=args.idle_exit, offset=args.offset,
         )  # fmt: skip
     print(jsonsafe.dumps(summary))
+    if summary["abandoned"]:  # stopped by a signal before they finished: say so, exit 75
+        names = ", ".join(str(a["visit"]) for a in summary["abandoned"])
+        print(
+            f"apdask: error: stopped with {len(summary['abandoned'])} visit(s) abandoned "
+            f"({names}); re-run each with `apdask process-visit` (nextVisit in the summary)",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
     return 0
 
 
