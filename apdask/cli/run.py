@@ -94,14 +94,14 @@ def process_calib_command(args):
 
 
 def listen_command(args):
-    if args.scheduler_address is None:
-        check_workers(args.workers)
-    with open_client(args.scheduler_address, n_workers=args.workers) as client:
-        summary = listen(
-            args.kafka, args.topic, repo=args.repo, ppdb=args.ppdb, alerts=args.alerts,
-            distributor=args.distributor, timeout=args.timeout, client=client,
-            max_visits=args.max_visits, idle_exit=args.idle_exit, offset=args.offset,
-        )  # fmt: skip
+    kw = dict(repo=args.repo, ppdb=args.ppdb, alerts=args.alerts, distributor=args.distributor,
+              timeout=args.timeout, max_visits=args.max_visits, idle_exit=args.idle_exit,
+              offset=args.offset)  # fmt: skip
+    if args.scheduler_address:
+        with open_client(args.scheduler_address) as client:
+            summary = listen(args.kafka, args.topic, client=client, **kw)
+    else:  # listen() starts the LocalCluster itself, after checking its arguments and settings
+        summary = listen(args.kafka, args.topic, workers=check_workers(args.workers), **kw)
     print(jsonsafe.dumps(summary))
     if summary["abandoned"]:  # stopped by a signal before they finished: say so, exit 75
         names = ", ".join(str(a["visit"]) for a in summary["abandoned"])

@@ -402,13 +402,13 @@ def listen(
     consumer = _consumer(kafka, cfg.group_id)
     own = None
     try:
-        parts = _assign(consumer, topic, cfg.offset, topic_wait)
-        log.info("listening on %s topic %s partitions %s from %s", kafka, topic, parts, cfg.offset)
-        if client is None:
+        if client is None:  # first: "listening on" means ready to run visits
             from apdask.services.batch import open_client
 
             own = open_client(n_workers=workers)
             client = own.__enter__()
+        parts = _assign(consumer, topic, cfg.offset, topic_wait)
+        log.info("listening on %s topic %s partitions %s from %s", kafka, topic, parts, cfg.offset)
         state = _Listener(
             client, stop, cfg, repo=repo, ppdb=ppdb, alerts=alerts, distributor=distributor,
             timeout=timeout,

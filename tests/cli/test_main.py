@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 
+import dask.config
 import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
@@ -252,3 +253,27 @@ def test_simulate_rejects_bad_numbers_before_writing(places, args):
     assert code in {2, 64} and out == ""
     assert code == 2 or "--" in err or "unknown CCD" in err, err  # names what to fix
     assert not repo.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "words"),
+    [
+        (["--max-visits", "0"], 64, "--max-visits must be >= 1"),
+        (["--idle-exit", "nan"], 64, "--idle-exit must be a finite number"),
+        (["--workers", "0"], 64, "--workers must be >= 1"),
+        (["--set", "listen.stop_grace_s=-1"], 78, "apdask.listen.stop_grace_s"),
+        (["--set", "listen.max_message_bytes=0"], 78, "apdask.listen.max_message_bytes"),
+    ],
+)
+def test_listen_checks_its_arguments_before_connecting(places, extra, code, words):
+    """Bad listener options exit at once: no broker is reached (none listens on port 9)
+    and no cluster starts."""
+    pre = extra if extra[0] == "--set" else []
+    post = [] if pre else extra
+    try:
+        got, out, err = _run([*pre, "listen", "--kafka", "127.0.0.1:9", "--repo",
+                              places["repo"], *post])  # fmt: skip
+    finally:
+        dask.config.refresh()  # --set changed this process's configuration
+    _assert_clean_failure(got, err)
+    assert got == code and words in err and out == ""
