@@ -127,5 +127,10 @@ def submit_command(args):
 
 
 def demo_command(args):
+    check_workers(args.workers)
+    if args.visits < 1:
+        raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}; e.g. --seed 42")
     run_demo(args.dir, camera=args.camera, n_visits=args.visits, seed=args.seed,
              workers=args.workers)  # fmt: skip

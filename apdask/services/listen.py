@@ -21,8 +21,9 @@ hold no thread.
   ``apdask.listen.build_timeout_s``; a visit over it fails, the listener goes on.
 * SIGTERM or SIGINT stops reading; visits in flight get ``apdask.listen.stop_grace_s``
   to finish, then they are cancelled and reported under ``abandoned`` (a second
-  signal abandons them at once).  Nothing half-written remains: a CCD's PPDB rows are
-  one transaction and a re-run skips the CCDs already stored.
+  signal abandons them at once); the exit status is then 75.  No further task of an
+  abandoned visit starts; one already running on a worker is not interrupted (see
+  docs/operations.md, "Stopping").
 * Partitions are ``assign()``-ed rather than joined through a consumer group:
   a group join takes about 20 s on some brokers, longer than the nextVisit lead.
 """

@@ -277,3 +277,14 @@ def test_listen_checks_its_arguments_before_connecting(places, extra, code, word
         dask.config.refresh()  # --set changed this process's configuration
     _assert_clean_failure(got, err)
     assert got == code and words in err and out == ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [(["--workers", "0"], "--workers must be >= 1"), (["--visits", "0"], "--visits must be >= 1"),
+     (["--seed", "-1"], "--seed must be >= 0")],
+)  # fmt: skip
+def test_demo_checks_its_numbers_before_any_work(tmp_path, extra, words):
+    code, out, err = _run(["demo", "--dir", str(tmp_path / "demo"), "--camera", "testcam", *extra])
+    _assert_clean_failure(code, err)
+    assert code == 64 and words in err and not (tmp_path / "demo").exists()
