@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ApdaskError",
     "ConfigurationError",
+    "UsageError",
     "UnknownDetectorError",
     "UnknownFilterError",
     "CoordinateError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -17,10 +18,42 @@ from apdask.tools.bench import format_summary, run_benchmarks
 from apdask.tools.evaluate import evaluate_visit
 from apdask.tools.simulate import simulate_repo
 
+#: Seeing (FWHM, arcsec) the simulator accepts: wider PSFs only cost memory and time.
+_MAX_FWHM = 10.0
+
+
+def _check_fwhm(option, value):
+    if not (math.isfinite(value) and 0 < value <= _MAX_FWHM):
+        msg = f"{option} must be in (0, {_MAX_FWHM:g}] arcsec, got {value}; e.g. {option} 0.9"
+        raise UsageError(msg)
+
+
+def _simulate_detectors(text):
+    """``--detectors`` as a list of distinct names (None: all), checked before any work."""
+    if text is None:
+        return None
+    dets = [d.strip() for d in text.split(",") if d.strip()]
+    if not dets:
+        raise UsageError(f"--detectors lists no CCD name, got {text!r}; e.g. --detectors T00,T01")
+    if len(set(dets)) != len(dets):
+        raise UsageError(f"--detectors lists a CCD twice, got {text!r}; list each CCD once")
+    return dets
+
 
 def simulate_command(args):
     """``apdask simulate``: a new repository; an existing one only with ``--overwrite``."""
-    dets = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else None
+    if args.visits < 1:
+        raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}; e.g. --seed 42")
+    for lo_hi in [args.fwhm] if args.fwhm else []:
+        for value in lo_hi:
+            _check_fwhm("--fwhm", value)
+        if lo_hi[0] > lo_hi[1]:
+            raise UsageError(f"--fwhm LO HI needs LO <= HI, got {lo_hi[0]} {lo_hi[1]}")
+    if args.template_fwhm is not None:
+        _check_fwhm("--template-fwhm", args.template_fwhm)
+    dets = _simulate_detectors(args.detectors)
     clear_for_simulation(args.repo, overwrite=args.overwrite)
     visits = simulate_repo(args.camera, args.repo, n_visits=args.visits, seed=args.seed,
                            band=args.band, detectors=dets, artifacts=not args.no_artifacts,

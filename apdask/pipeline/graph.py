@@ -150,6 +150,7 @@ def build_visit_graph(
     images: Mapping[str, Sequence[str]] | None = None,
     replace: bool = False,
     config: PipelineConfig | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Delayed:
     """Build the lazy graph of one visit; computing it returns the visit report.
 
@@ -176,6 +177,9 @@ def build_visit_graph(
         (see :meth:`apdask.ppdb.database.Ppdb.store`).
     config : PipelineConfig, optional
         Stage settings; default :meth:`PipelineConfig.resolve` now, on this process.
+    check : callable, optional
+        Called before each CCD's chain is built; it raises to abandon the build (the
+        listener bounds the build time with it, ``apdask.listen.build_timeout_s``).
 
     Returns
     -------
@@ -196,15 +200,18 @@ def build_visit_graph(
     )
     cfg = PipelineConfig.resolve() if config is None else config
     names = next_visit.detectors if detectors is None else tuple(detectors)
-    reports = [
-        ccd_tasks(
-            next_visit,
-            name,
-            where=where,
-            cfg=cfg,
-            image_names=(images or {}).get(name),
-            replace=replace,
-        )  # fmt: skip
-        for name in names
-    ]
+    reports = []
+    for name in names:
+        if check is not None:
+            check()
+        reports.append(
+            ccd_tasks(
+                next_visit,
+                name,
+                where=where,
+                cfg=cfg,
+                image_names=(images or {}).get(name),
+                replace=replace,
+            )
+        )
     return dask.delayed(_gather)(next_visit, reports, dask_key_name=f"gather-{next_visit.visit}")

@@ -55,8 +55,9 @@ def test_products_on_a_full_disk_fail_the_ccds_after_their_alerts(repo, tiny_fs)
     """ENOSPC while writing a difference image: ProductWriteError (73) names the file and
     the fix; the alerts and PPDB rows are there, and no partial image is left."""
     import json
+    from pathlib import Path
 
-    msg = json.loads(open(os.path.join(repo, "visits", "visit_1000.json")).read())
+    msg = json.loads(Path(repo, "visits", "visit_1000.json").read_text())
     ensure_ppdb(repo)
     with (
         dask.config.set({"apdask.products.dir": str(tiny_fs)}),

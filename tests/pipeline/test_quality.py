@@ -139,9 +139,11 @@ def test_an_extrapolating_spatial_kernel_falls_back_to_a_constant_one(tmp_path):
     simulate_repo("testcam", repo, n_visits=1, seed=42)
     with open(os.path.join(repo, "visits", "visit_1000.json")) as f:
         msg = NextVisit.from_dict(json.load(f))
-    with dask.config.set({"apdask.subtract.kernel.max_sum_variation": 10.0}):  # no refit
-        with pytest.raises(SubtractionQualityError, match="kernel_sum_variation"):
-            run_visit(msg, repo=repo, timeout=60, detectors=["T01"])
+    with (
+        dask.config.set({"apdask.subtract.kernel.max_sum_variation": 10.0}),  # no refit
+        pytest.raises(SubtractionQualityError, match="kernel_sum_variation"),
+    ):
+        run_visit(msg, repo=repo, timeout=60, detectors=["T01"])
     report = run_visit(msg, repo=repo, timeout=60, detectors=["T01"])
     (t01,) = report["ccds"]
     assert "error" not in t01, t01.get("error")
