@@ -99,6 +99,7 @@ def _seceded() -> Iterator[None]:
     tasks run too.  Under the threaded scheduler this does nothing.
     """
     try:
+        # lazy: distributed costs ~0.6 s of import, and only a Dask worker has one
         from distributed import rejoin, secede
         from distributed.worker import get_worker
 
