@@ -163,7 +163,7 @@ def find_benchmark_dir(path: str | os.PathLike[str] | None = None) -> Path:
         [Path(path)]
         if path
         else [
-            Path(__file__).resolve().parent.parent / "benchmarks",
+            Path(__file__).resolve().parents[2] / "benchmarks",  # apdask/tools/bench.py
             Path.cwd() / "benchmarks",
         ]
     )
