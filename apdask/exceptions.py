@@ -37,6 +37,7 @@ __all__ = [
     "SubtractionQualityError",
     "ProductWriteError",
     "ProductNotFoundError",
+    "DiaObjectNotFoundError",
     "PartialCoverageWarning",
     "SubtractionQualityWarning",
 ]
@@ -217,6 +218,12 @@ class ProductWriteError(ApdaskError):
 
 class ProductNotFoundError(ApdaskError, LookupError):
     """No such image data product in the repository."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class DiaObjectNotFoundError(ApdaskError, LookupError):
+    """No row of this ``diaObjectId`` in the PPDB (:func:`apdask.ppdb.object_history`)."""
 
     exit_code = 66  # EX_NOINPUT
 
