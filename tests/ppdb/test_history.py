@@ -1,12 +1,13 @@
 """apdask.ppdb.history against a PPDB filled by a real run of the test camera.
 
-Both visits of the simulated repository go through the visit graph; the history of a
-persistent transient must then be its light curve, one DIASource per visit, with the
-very fluxes its alerts carried.
+Both visits of the simulated repository go through the visit graph, into an SQLite PPDB
+and into a PostgreSQL one; the history of a persistent transient must then be its light
+curve, one DIASource per visit, with the very fluxes its alerts carried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import numpy as np
@@ -17,18 +18,27 @@ from apdask.exceptions import DiaObjectNotFoundError, NoDetectionsWarning
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import ensure_ppdb, run_visit
 from apdask.ppdb import Ppdb, object_history, visit_tables
+from tests import _ppdb_synth as synth
 
 
-@pytest.fixture(scope="module")
-def processed(sim_repo, tmp_path_factory):
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.service)]
+)
+def processed(request, sim_repo, tmp_path_factory):
+    """Both visits run into a PPDB of the repository (SQLite) or of PostgreSQL."""
     root = tmp_path_factory.mktemp("history") / "repo"
     shutil.copytree(sim_repo["root"], root)
     repo = str(root)
-    for v in sim_repo["visits"]:
-        run_visit(NextVisit.from_dict(v), repo=repo, timeout=10)
-    visits = [v["visit"] for v in sim_repo["visits"]]
-    alerts = {v: read_alerts(f"{repo}/alerts/visit_{v}") for v in visits}
-    return {"ppdb": Ppdb.open(ensure_ppdb(repo)), "visits": visits, "alerts": alerts}
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            config = ensure_ppdb(repo)
+        else:
+            config = stack.enter_context(synth.pg_ppdb(root.parent / "apdb.yaml"))
+        for v in sim_repo["visits"]:
+            run_visit(NextVisit.from_dict(v), repo=repo, ppdb=config, timeout=10)
+        visits = [v["visit"] for v in sim_repo["visits"]]
+        alerts = {v: read_alerts(f"{repo}/alerts/visit_{v}") for v in visits}
+        yield {"ppdb": Ppdb.open(config), "visits": visits, "alerts": alerts}
 
 
 def _persistent(processed):
