@@ -41,6 +41,7 @@ __all__ = [
     "StorageError",
     "StoragePermissionError",
     "InternalError",
+    "DiaObjectNotFoundError",
     "PartialCoverageWarning",
     "SubtractionQualityWarning",
 ]
@@ -241,6 +242,12 @@ class InternalError(ApdaskError):
     """A bug: an error apdask did not expect.  ``-v`` shows the traceback."""
 
     exit_code = 70  # EX_SOFTWARE
+
+
+class DiaObjectNotFoundError(ApdaskError, LookupError):
+    """No row of this ``diaObjectId`` in the PPDB (:func:`apdask.ppdb.object_history`)."""
+
+    exit_code = 66  # EX_NOINPUT
 
 
 class PartialCoverageWarning(UserWarning):
