@@ -19,6 +19,7 @@ from dask.delayed import Delayed
 from apdask import config
 from apdask.config import Locations
 from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.warm import warm_plugin
 
 __all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
 
@@ -82,6 +83,7 @@ def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
         ) as cluster,
         Client(cluster) as client,
     ):
+        client.register_plugin(warm_plugin())  # numba kernels loaded before the first image
         yield client
 
 
