@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 
 from apdask import config
@@ -22,6 +23,7 @@ from apdask.io.raw_header import check_raw_header
 from apdask.pipeline.calib import process_calib
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import local_cluster, run_visit
+from apdask.pipeline.warm import warm_kernels
 from apdask.services.batch import open_client, submit_visit
 from apdask.services.listen import listen
 from apdask.tools.demo import run_demo
@@ -51,6 +53,8 @@ def process_ccd_command(args):
     for name in args.image:
         check_image_for_ccd(name, camera, detector)  # before waiting, not after the timeout
     dist = open_distributor(where.distributor)
+    # the numba kernels load (or compile) while the image is still on its way
+    threading.Thread(target=warm_kernels, name="apdask-warm", daemon=True).start()
     # Wait for every snap under one deadline: nothing is written before all have arrived.
     deadline = time.monotonic() + where.timeout
     paths = [dist.get(n, timeout=max(deadline - time.monotonic(), 0.0)) for n in args.image]
