@@ -16,6 +16,7 @@ import fastavro
 import fastavro.validation
 
 from apdask.alerts.avrovec import encode_bytes, encode_long
+from apdask.alerts.done import DoneRecords
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, parsed_schema
 from apdask.core.files import atomic_open
@@ -76,7 +77,8 @@ class FileSink:
     """Write alerts as Avro object-container files, one per CCD per visit.
 
     Files are ``<root>/visit_<visit>/<visit>_<detector>.avro``; a rewrite of the
-    same CCD/visit replaces the previous file atomically.
+    same CCD/visit replaces the previous file atomically.  The CCDs' done records
+    are in ``<root>/done`` (:attr:`done`, :meth:`is_done`).
 
     Parameters
     ----------
@@ -86,6 +88,11 @@ class FileSink:
         Defaults to :func:`load_schema`.
     codec : {"deflate", "null"}
         Avro block codec.
+
+    Attributes
+    ----------
+    done : apdask.alerts.done.DoneRecords
+        The done records of the CCDs whose alerts this sink holds.
     """
 
     def __init__(
@@ -94,9 +101,17 @@ class FileSink:
         self.root = Path(root)
         self.schema = load_schema() if schema is None else schema
         self.codec = codec
+        self.done = DoneRecords(self.root / "done")
 
     def __repr__(self) -> str:
         return f"FileSink({str(self.root)!r})"
+
+    def is_done(self, visit: int, detector: int) -> dict[str, Any] | None:
+        """The CCD's done record, or None if it has none or its alert file is gone."""
+        record = self.done.read(visit, detector)
+        if record is None or not self.path_for(visit, detector).exists():
+            return None
+        return record
 
     def path_for(self, visit: int, detector: int) -> Path:
         """Return the file path of one CCD of one visit."""

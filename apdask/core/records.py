@@ -154,6 +154,8 @@ class CcdReport(TypedDict, total=False):
     alerts_spooled: int
     alerts_trimmed: int
     alert_spool: str | None
+    alerts_resent: bool  #: re-made from rows an earlier run stored (it crashed before sending)
+    done_record: str  #: the CCD's done record in the sink (apdask.alerts.done)
     alert_written: float
     timings: dict[str, float]
     image_registered: float
