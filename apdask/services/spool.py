@@ -257,15 +257,16 @@ class _Replay:
 def replay_spool(spool, to_uri, schema=None, tmp_grace_s=_TMP_GRACE_S):
     """Deliver spooled alerts; remove only the acknowledged ones; pick up or clean leftovers.
 
-    Each spool file is delivered; when all its alerts are acknowledged it is
-    deleted, otherwise it is atomically rewritten with the remainder.  Then the
-    temporary files that interrupted writes left in a spool directory are handled
-    (``.<name>.<random>.tmp``, see :mod:`apdask.core.files`): a complete spool
-    write whose CCD has no done record is delivered like a spool file and the CCD
-    recorded as done; anything else is removed: an incomplete write (its CCD, without
-    a done record, is re-sent by re-running it), a write whose CCD has been re-sent
-    since, an interrupted rewrite of a spool file that is still there, or an
-    interrupted done record.  Each case is reported under ``leftovers`` and logged.
+    First the temporary files that interrupted writes left in a spool directory
+    (``.<name>.<random>.tmp``, see :mod:`apdask.core.files`) are handled: a complete
+    spool write whose CCD has no done record is delivered like a spool file and the
+    CCD recorded as done (what was not acknowledged becomes the spool file it was to
+    be); anything else is removed: an incomplete write (its CCD, without a done
+    record, is re-sent by re-running it), a write whose CCD has been re-sent since,
+    an interrupted rewrite of a spool file that is still there, or an interrupted
+    done record.  Each case is reported under ``leftovers`` and logged.  Then each
+    spool file is delivered; when all its alerts are acknowledged it is deleted,
+    otherwise it is atomically rewritten with the remainder.
 
     Parameters
     ----------
@@ -284,13 +285,20 @@ def replay_spool(spool, to_uri, schema=None, tmp_grace_s=_TMP_GRACE_S):
     dict
         ``{"files": int, "delivered": int, "remaining": int, "problems": [str],
         "leftovers": [{"path", "action", "why"}]}``; ``action`` is ``delivered``,
-        ``spooled`` (delivered in part, the rest now a spool file), ``removed`` or
-        ``kept``.
+        ``spooled`` (not all acknowledged: the rest is now the spool file
+        ``spool_path``, replayed next time), ``removed``, ``kept`` or ``gone``.
     """
     run = _Replay(to_uri, schema)
-    files = _spool_files(spool)
-    run.report["files"] = len(files)
     try:
+        # Leftovers first: whether the file a temporary one was to replace is still
+        # there tells a rewrite (its file intact) from a first write.
+        for tmp in _leftovers(spool):
+            entry = _handle_leftover(run, tmp, tmp_grace_s)
+            log.warning("spool leftover %s: %s (%s)", tmp, entry["action"], entry["why"])
+            run.report["leftovers"].append(entry)
+        respooled = {Path(e["spool_path"]) for e in run.report["leftovers"] if "spool_path" in e}
+        files = [fn for fn in _spool_files(spool) if fn not in respooled]  # not twice
+        run.report["files"] = len(files)
         for fn in files:
             info, encoded = read_spool(fn)
             acked, failed = run.deliver(fn, info, encoded)
@@ -299,10 +307,6 @@ def replay_spool(spool, to_uri, schema=None, tmp_grace_s=_TMP_GRACE_S):
                 fsync_dir(fn.parent)
             elif acked:
                 run.keep(fn, info, encoded, failed)
-        for tmp in _leftovers(spool):
-            entry = _handle_leftover(run, tmp, tmp_grace_s)
-            log.warning("spool leftover %s: %s (%s)", tmp, entry["action"], entry["why"])
-            run.report["leftovers"].append(entry)
     finally:
         run.close()
     return run.report
@@ -373,4 +377,6 @@ def _handle_leftover(run, tmp, grace):
         why += f", {len(failed)} alerts not acknowledged spooled to {dest.name}"
     out = _remove(tmp, why)
     out["action"] = "spooled" if failed else "delivered"
+    if failed:
+        out["spool_path"] = str(dest)
     return out
