@@ -198,7 +198,9 @@ def sink_from_uri(
     Returns
     -------
     FileSink or apdask.services.kafka.KafkaSink
-        Both have ``write(visit, detector, alerts) -> SinkResult`` and ``close()``.
+        Both have ``write(visit, detector, alerts) -> SinkResult``, ``close()``,
+        their done records ``done`` (:class:`apdask.alerts.done.DoneRecords`) and
+        ``is_done(visit, detector)``.
     """
     if uri is None:
         msg = "no alert sink configured; set apdask.alerts.sink to file://DIR or kafka://..."

@@ -19,6 +19,7 @@ from apdask.core.exposure import Exposure
 __all__ = [
     "Association",
     "CcdReport",
+    "CcdRows",
     "Fetched",
     "Measurement",
     "PpdbHistory",
@@ -133,6 +134,20 @@ class Stored:
     stored: bool
     error: str | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CcdRows:
+    """What one CCD of one visit stored in the PPDB (``Ppdb.get_ccd_rows``).
+
+    A re-run of a CCD that an earlier run stored but did not finish sending re-makes
+    its alerts from these.
+    """
+
+    sources: Any  #: astropy Table: the CCD's DiaSources, ordered by diaSourceId
+    #: astropy Table: for each of their DiaObjects, its version valid at the visit (the
+    #: one this visit wrote; the last of them when two CCDs of the visit touched it)
+    objects: Any
 
 
 class CcdReport(TypedDict, total=False):

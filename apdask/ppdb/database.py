@@ -12,7 +12,7 @@ the interface for one CCD's padded region (DMTN-092 §5).  See ``docs/ppdb.md``.
 This module holds the :class:`Ppdb` interface and its per-CCD view; the work
 behind it is split by responsibility: :mod:`apdask.ppdb.setup` (creating and
 opening the database, settings, retries), :mod:`apdask.ppdb.schema` (Tables to
-and from DataFrames, units and descriptions), ``apdask.ppdb._reads`` (the reads)
+and from DataFrames, units and descriptions), :mod:`apdask.ppdb.reads` (the reads)
 and :mod:`apdask.ppdb.sql` (what apdask does on the SQL backend directly).
 Their public names are importable from here as before.
 """
@@ -32,13 +32,13 @@ from astropy.time import Time
 
 from apdask import config
 from apdask.exceptions import ConfigurationError, PpdbError
-from apdask.ppdb._reads import CcdRows, PpdbReads
 from apdask.ppdb.fast import CopyFrame
+from apdask.ppdb.reads import PpdbReads
 from apdask.ppdb.schema import frame_as_table, match_rows, schema_columns, table_as_frame
 from apdask.ppdb.setup import _retry, create_ppdb, open_apdb
 from apdask.ppdb.sql import DRP_TABLE, PpdbSql
 
-__all__ = ["create_ppdb", "region_for", "Ppdb", "CcdPpdb", "CcdRows", "DRP_TABLE"]
+__all__ = ["create_ppdb", "region_for", "Ppdb", "CcdPpdb", "DRP_TABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Ppdb(PpdbReads, PpdbSql):
     """A PPDB: any ``lsst.dax.apdb.Apdb`` (SQL, or Cassandra via its config).
 
     Use :meth:`open` rather than the constructor.  The reads (history, a CCD's
-    stored rows) come from :class:`apdask.ppdb._reads.PpdbReads`, the SQL-backend
+    stored rows) come from :class:`apdask.ppdb.reads.PpdbReads`, the SQL-backend
     methods (``is_sql``, the DRP catalog, the write transaction) from
     :class:`apdask.ppdb.sql.PpdbSql`.
 

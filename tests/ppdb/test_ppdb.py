@@ -10,6 +10,7 @@ from astropy.table import Table
 
 from apdask.core.camera import get_camera
 from apdask.core.ids import dia_forced_source_ids, dia_source_ids
+from apdask.core.records import CcdRows
 from apdask.exceptions import PpdbError
 from apdask.pipeline.associate import associate, update_objects
 from apdask.ppdb import database as ppdb
@@ -331,7 +332,7 @@ def test_ccd_rows_are_what_the_ccd_stored(any_config, detector):
     synth.run_ccd(views[1], VISIT, MJD, synth.field(other, RA, DEC, n=3))
     synth.run_ccd(views[0], VISIT + 1, MJD + 1, pos)  # supersedes the objects' versions
     rows = db.get_ccd_rows(VISIT, DET, MJD)
-    assert isinstance(rows, ppdb.CcdRows)
+    assert isinstance(rows, CcdRows)
     want = sorted(int(i) for i in first["sources"]["diaSourceId"])
     assert rows.sources["diaSourceId"].tolist() == want
     assert set(rows.sources["visit"]) == {VISIT} and set(rows.sources["detector"]) == {DET}

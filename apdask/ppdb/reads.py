@@ -2,41 +2,24 @@
 
 A mixin, as :class:`apdask.ppdb.sql.PpdbSql`: dax_apdb's calls on any backend, the
 bulk SQL path where it applies, and, on the SQL backend, the rows one CCD stored
-(:meth:`PpdbReads.get_ccd_rows`, what a re-run re-sends alerts from).
+(:meth:`PpdbReads.get_ccd_rows`, what a re-run re-sends alerts from).  Its methods
+are documented here and called on :class:`apdask.ppdb.database.Ppdb`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import sqlalchemy
-from astropy.table import Table
 from astropy.time import Time
 
+from apdask.core.records import CcdRows
 from apdask.ppdb.schema import rows_inside, sort_rows
 
-__all__ = ["CcdRows", "PpdbReads"]
+__all__ = ["PpdbReads"]
 
 _MJD_TOL = 1e-9  # days (86 µs): equality of validity timestamps, as apdask.ppdb.sql
-
-
-@dataclass
-class CcdRows:
-    """What one CCD of one visit stored: its DiaSources and the DiaObject versions it wrote.
-
-    Attributes
-    ----------
-    sources : astropy.table.Table
-        The CCD's DiaSources, ordered by ``diaSourceId``.
-    objects : astropy.table.Table
-        For each DiaObject of those sources, its version valid at the visit: the one
-        this visit wrote (the last of them when two CCDs of the visit touched it).
-    """
-
-    sources: Table
-    objects: Table
 
 
 class PpdbReads:
@@ -195,7 +178,7 @@ class PpdbReads:
 
         Returns
         -------
-        CcdRows
+        apdask.core.records.CcdRows
             The CCD's DiaSources and, for their DiaObjects, the versions valid at
             ``mjd`` (``validityStart <= mjd < validityEnd``, or no end).
 
