@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apdask.core.files import atomic_write, fsync_dir
+from apdask.core.files import atomic_write, fsync_dir, remove_stale_temps
 
 __all__ = ["DoneRecords"]
 
@@ -75,7 +75,9 @@ class DoneRecords:
         path = self.path(visit, detector)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"visit": int(visit), "detector": int(detector), "done_at": time.time(), **fields}
-        return atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
+        atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
+        remove_stale_temps(path)  # of a write of this record that a crash interrupted
+        return path
 
     def remove(self, visit: int, detector: int) -> bool:
         """Forget the CCD's record (before its rows are replaced); True if there was one."""

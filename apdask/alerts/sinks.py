@@ -19,7 +19,7 @@ from apdask.alerts.avrovec import encode_bytes, encode_long
 from apdask.alerts.done import DoneRecords
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, parsed_schema
-from apdask.core.files import atomic_open
+from apdask.core.files import atomic_open, remove_stale_temps
 from apdask.exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # the schema class, for annotations only
@@ -147,6 +147,7 @@ class FileSink:
                     a.decode(self.schema) if isinstance(a, EncodedAlert) else a for a in alerts
                 ]
                 fastavro.writer(fh, parsed_schema(self.schema), records, codec=self.codec)
+        remove_stale_temps(path)  # of a write of this CCD that a crash interrupted
         return SinkResult(delivered=len(alerts), path=path, seconds=time.monotonic() - t0)
 
     def close(self) -> None:

@@ -50,3 +50,18 @@ def test_kafka_sink_records_next_to_its_spool(tmp_path):
     assert sink_from_uri(f"kafka://127.0.0.1:1/alerts?spool_dir={tmp_path}").is_done(5, 2)
     other = sink_from_uri(f"kafka://127.0.0.1:1/other?spool_dir={tmp_path}")
     assert other.is_done(5, 2) is None  # per topic
+
+
+def test_rewrites_remove_what_a_killed_write_left(tmp_path):
+    sink = FileSink(tmp_path)
+    left = []
+    for final in (sink.path_for(1000, 0), sink.done.path(1000, 0)):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.k3x9q2zt.tmp")  # a SIGKILL mid-write
+        tmp.write_bytes(b"partial")
+        os.utime(tmp, (0, 0))
+        left.append(tmp)
+    sink.write(1000, 0, [])
+    sink.done.write(1000, 0, n_alerts=0)
+    assert not any(p.exists() for p in left)
+    assert sink.is_done(1000, 0) is not None
