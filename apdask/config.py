@@ -35,10 +35,12 @@ __all__ = [
     "CutoutConfig",
     "DetectionConfig",
     "DistributorConfig",
+    "ListenConfig",
     "Locations",
     "MeasurementConfig",
     "PipelineConfig",
     "PpdbConfig",
+    "ProductsConfig",
     "SubtractConfig",
     "get",
 ]
@@ -73,7 +75,8 @@ def get(key: str, value: Any = None) -> Any:
     return dask.config.get(f"apdask.{key}")
 
 
-_KERNEL_RULES = ("min_stamps", "stamps_per_spatial_term", "full_basis_stamps")
+_KERNEL_RULES = ("min_stamps", "stamps_per_spatial_term", "full_basis_stamps",
+                 "max_sum_variation")  # fmt: skip
 
 
 def _section(name: str) -> dict[str, Any]:
@@ -132,6 +135,7 @@ class SubtractConfig:
     min_stamps: int = 5  #: fewer clean stars: the kernel fit fails (``subtract.kernel.*``)
     stamps_per_spatial_term: int = 4  #: else a lower spatial order
     full_basis_stamps: int = 10  #: else fewer basis functions
+    max_sum_variation: float = 0.2  #: kernel sum varying more over the CCD: a lower order
 
     def __post_init__(self) -> None:
         if self.kernel_size is not None and (
@@ -240,6 +244,46 @@ class DistributorConfig:
 
 
 @dataclass(frozen=True)
+class ListenConfig:
+    """``apdask listen`` (:func:`apdask.services.listen.listen`), resolved when it starts."""
+
+    group_id: str = "apdask-listen"  #: Kafka consumer group (partitions are assign()ed)
+    offset: str = "latest"  #: where a new listener starts: latest or earliest
+    max_message_bytes: int = 1 << 20  #: a larger nextVisit message is rejected unparsed
+    build_timeout_s: float = 60.0  #: bound on one visit's pending check and graph build
+    stop_grace_s: float = 60.0  #: after SIGTERM: wait for visits in flight, then abandon
+
+    def __post_init__(self) -> None:
+        if self.offset not in ("latest", "earliest"):
+            msg = (
+                f"apdask.listen.offset must be latest or earliest, got {self.offset!r}; "
+                "e.g. --offset earliest"
+            )
+            raise ConfigurationError(msg)
+        _positive("listen", "max_message_bytes", self.max_message_bytes, integer=True)
+        _positive("listen", "build_timeout_s", self.build_timeout_s)
+        grace = self.stop_grace_s
+        ok = isinstance(grace, int | float) and not isinstance(grace, bool)
+        if not (ok and math.isfinite(grace) and grace >= 0):
+            msg = (
+                f"apdask.listen.stop_grace_s must be a number of seconds >= 0, got {grace!r}; "
+                "e.g. --set listen.stop_grace_s=60"
+            )
+            raise ConfigurationError(msg)
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> ListenConfig:
+        """Read ``apdask.listen`` once; ``overrides`` (not None) win.
+
+        Raises
+        ------
+        ConfigurationError
+            An unknown key or a value out of range; the message names the key and the fix.
+        """
+        return _build(cls, "listen", overrides)
+
+
+@dataclass(frozen=True)
 class Locations:
     """Where a run reads and writes, resolved once from arguments, then config, then the repo.
 
@@ -299,6 +343,42 @@ class Locations:
 
 
 @dataclass(frozen=True)
+class ProductsConfig:
+    """Which per-CCD image products are written, where, and for how many visits."""
+
+    kinds: tuple[str, ...] = ("difference",)
+    keep_visits: int = 3
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds or ())
+        object.__setattr__(self, "kinds", kinds)
+        known = ("science", "template", "difference")
+        bad = [k for k in kinds if k not in known]
+        if bad:
+            msg = (
+                f"apdask.products.kinds has {bad}; choose from {', '.join(known)}, e.g. "
+                "--set products.kinds=[science,template,difference] (or [] for none)"
+            )
+            raise ConfigurationError(msg)
+        if (
+            isinstance(self.keep_visits, bool)
+            or not isinstance(self.keep_visits, int)
+            or (self.keep_visits < 0)
+        ):
+            msg = (
+                f"apdask.products.keep_visits must be a whole number >= 0 (0 keeps all), "
+                f"not {self.keep_visits!r}; e.g. --set products.keep_visits=3"
+            )
+            raise ConfigurationError(msg)
+
+    def root(self, repo: str) -> str:
+        """The products directory: ``dir``, else ``<repo>/products`` (made absolute)."""
+        where = self.dir or os.path.join(repo, "products")
+        return where if "://" in where else os.path.abspath(where)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Every setting a CCD's chain needs, resolved once on the driver.
 
@@ -313,6 +393,7 @@ class PipelineConfig:
     ppdb: PpdbConfig = field(default_factory=PpdbConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     distributor: DistributorConfig = field(default_factory=DistributorConfig)
+    products: ProductsConfig = field(default_factory=ProductsConfig)
     keep_freed_memory: bool = True
     qa: Mapping[str, Any] = field(default_factory=dict)  #: ``subtract.qa.*`` thresholds
 
@@ -344,6 +425,7 @@ class PipelineConfig:
             "distributor": _build(
                 DistributorConfig, "distributor", sections.get("distributor"), strict=False
             ),
+            "products": _build(ProductsConfig, "products", sections.get("products")),
         }
         keep = bool(dask.config.get("apdask.compute.keep_freed_memory", default=True))
         qa = {**dict(_section("subtract").get("qa") or {}), **(sections.get("qa") or {})}

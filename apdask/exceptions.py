@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ApdaskError",
     "ConfigurationError",
+    "UsageError",
     "UnknownDetectorError",
     "UnknownFilterError",
     "CoordinateError",
@@ -35,6 +36,11 @@ __all__ = [
     "EmptyImageError",
     "NoOverlapError",
     "SubtractionQualityError",
+    "ProductWriteError",
+    "ProductNotFoundError",
+    "StorageError",
+    "StoragePermissionError",
+    "InternalError",
     "PartialCoverageWarning",
     "SubtractionQualityWarning",
 ]
@@ -205,6 +211,36 @@ class SubtractionQualityError(ApdaskError):
         super().__init__(message)
         self.reasons = list(reasons)
         self.qa = qa
+
+
+class ProductWriteError(ApdaskError):
+    """An image data product (science, template or difference) could not be written."""
+
+    exit_code = 73  # EX_CANTCREAT
+
+
+class ProductNotFoundError(ApdaskError, LookupError):
+    """No such image data product in the repository."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class StorageError(ApdaskError):
+    """A file could not be read or written: disk full, I/O error, read-only file system."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class StoragePermissionError(StorageError):
+    """A file or directory apdask must write belongs to someone else or is read-only."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class InternalError(ApdaskError):
+    """A bug: an error apdask did not expect.  ``-v`` shows the traceback."""
+
+    exit_code = 70  # EX_SOFTWARE
 
 
 class PartialCoverageWarning(UserWarning):

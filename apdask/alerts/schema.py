@@ -9,6 +9,7 @@ from typing import Any
 import fastavro
 import fastavro.validation
 import numpy as np
+from lsst.alert.packet import Schema, SchemaRegistry
 
 from apdask import config
 from apdask.exceptions import ConfigurationError
@@ -18,15 +19,11 @@ __all__ = ["load_schema"]
 
 @functools.lru_cache(maxsize=1)
 def schema_registry():
-    from lsst.alert.packet import SchemaRegistry
-
     return SchemaRegistry.all_schemas_from_filesystem()
 
 
 @functools.lru_cache(maxsize=16)
 def _load_schema(version):
-    from lsst.alert.packet import Schema
-
     if version is None:
         return Schema.from_file()
     registry = schema_registry()

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from apdask.core.exposure import MASK, MASK_STAMP_DTYPE, mask_plane_cards
+
 __all__ = ["StampMaker", "local_wcs_cards"]
 
 
@@ -193,8 +195,6 @@ class StampMaker:
     """
 
     def __init__(self, exposure):
-        from apdask.core.exposure import MASK, MASK_STAMP_DTYPE, mask_plane_cards
-
         self.image = np.asarray(exposure.image, np.float32)
         self.variance = np.asarray(exposure.variance, np.float32)
         self.mask = np.asarray(exposure.mask)

@@ -112,6 +112,11 @@ def _add_run_commands(sub):
     p.add_argument("--next-visit", required=True, help="nextVisit JSON file")
     p.add_argument("--distributor", help="file://DIR (default file://<repo>/raw)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", metavar="FILE", help="write the full report (strict JSON) here "
+                   "(default <repo>/reports/visit_<visit>.json); '-' prints it instead of "
+                   "the table")  # fmt: skip
+    p.add_argument("--report", metavar="FILE.html", help="write a Dask performance report "
+                   "(task stream, worker profiles) here")  # fmt: skip
     _add_outputs(p)
     p = sub.add_parser("process-calib", help="verify a raw calibration frame (DMTN-092 §2.3)")
     p.add_argument("--intent", required=True, choices=["bias", "dark", "flat", "cbp"])
@@ -187,6 +192,9 @@ def _add_data_commands(sub):
     p.add_argument("--engine", choices=["apdask", "galsim"], default="apdask",
                    help="pixel renderer: our Gaussian code (default) or GalSim (Kolmogorov PSF, "
                    "Sersic galaxies; needs the 'sim' extra)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing repository whole (default: refuse to write into "
+                   "a non-empty directory)")  # fmt: skip
     p = sub.add_parser("evaluate", help="compare a processed visit with the simulator's truth")
     p.add_argument("--repo", required=True, help="simulated repository (truth/, alerts/)")
     p.add_argument("--visit", type=int, required=True)

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
+import os
+import sys
 import time
 
 from apdask import config
-from apdask.cli.common import partial_failure_code, repo_camera
+from apdask.cli.common import check_workers, partial_failure_code, repo_camera
 from apdask.config import Locations
 from apdask.core import jsonsafe
 from apdask.core.camera import check_band, check_pointing
 from apdask.exceptions import UsageError
 from apdask.io.distributor import check_image_for_ccd, open_distributor
 from apdask.io.raw import read_raw
+from apdask.io.raw_header import check_raw_header
 from apdask.pipeline.calib import process_calib
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import local_cluster, run_visit
-from apdask.pipeline.tasks import check_raw_header
 from apdask.services.batch import open_client, submit_visit
 from apdask.services.listen import listen
 from apdask.tools.demo import run_demo
+from apdask.tools.progress import VisitProgress, compile_note, visit_table, write_report
+
+#: ``apdask listen`` stopped by a signal with visits abandoned (docs/errors.md).
+EX_TEMPFAIL = 75
 
 
 def process_ccd_command(args):
@@ -32,6 +41,9 @@ def process_ccd_command(args):
     detector = camera[args.ccd]  # UnknownDetectorError names valid CCDs
     ra, dec = check_pointing(args.ra, args.dec)
     check_band(args.band)
+    if not (math.isfinite(args.exptime) and args.exptime > 0):  # before waiting for images
+        msg = f"--exptime must be a finite number of seconds > 0, got {args.exptime}"
+        raise UsageError(f"{msg}; e.g. --exptime 30")
     if not 1 <= len(args.image) <= 2:
         raise UsageError(f"give one or two --image names (snaps), got {len(args.image)}")
     if len(set(args.image)) != len(args.image):
@@ -57,19 +69,58 @@ def process_ccd_command(args):
 
 
 def process_visit_command(args):
+    """``apdask process-visit``: every CCD of a nextVisit message on a LocalCluster.
+
+    Shows the dashboard link and per-CCD progress on stderr, writes the full report as
+    strict JSON (``--json``, default ``<repo>/reports/visit_<visit>.json``) and prints
+    a short table.
+    """
+    check_workers(args.workers)
     nv = NextVisit.from_json(args.next_visit)
+    # bad --repo or --timeout: before the cluster starts
+    where = Locations.resolve(args.repo, ppdb=args.ppdb, alerts=args.alerts,
+                              distributor=args.distributor, timeout=args.timeout)  # fmt: skip
+    note = compile_note()
+    if note:
+        print(note, file=sys.stderr)
     with local_cluster(n_workers=args.workers) as client:
-        report = run_visit(
-            nv,
-            repo=args.repo,
-            ppdb=args.ppdb,
-            alerts=args.alerts,
-            distributor=args.distributor,
-            timeout=args.timeout,
-            client=client,
-        )
-    print(jsonsafe.dumps(report))
+        link = client.dashboard_link
+        print(f"apdask: Dask dashboard: {link}", file=sys.stderr)
+        with performance(args.report):
+            report = run_visit(
+                nv, repo=where.repo, ppdb=args.ppdb, alerts=where.alerts,
+                distributor=where.distributor, timeout=where.timeout, client=client,
+                on_ccd=VisitProgress(nv.visit, len(nv.detectors)),
+            )  # fmt: skip
+    report["dashboard"] = link
+    if args.json == "-":
+        print(jsonsafe.dumps(report))
+    else:
+        path = args.json or os.path.join(where.repo, "reports", f"visit_{nv.visit}.json")
+        print(visit_table(report, report_path=write_report(report, path)))
+        if args.report:
+            print(f"performance report (HTML): {os.path.abspath(args.report)}")
     return partial_failure_code(report)
+
+
+@contextlib.contextmanager
+def performance(path):
+    """Dask's ``performance_report`` to ``path`` (HTML) around the run; nothing if None."""
+    if not path:
+        yield
+        return
+    from distributed import performance_report  # lazy: distributed costs ~0.6 s of import
+
+    # Dask sizes its own profile tree for the report and logs a harmless RecursionError
+    # warning on deep trees (distributed.sizeof); the report itself is complete.
+    sizeof_log = logging.getLogger("distributed.sizeof")
+    level = sizeof_log.level
+    sizeof_log.setLevel(logging.ERROR)
+    try:
+        with performance_report(filename=os.fspath(path)):
+            yield
+    finally:
+        sizeof_log.setLevel(level)
 
 
 def process_calib_command(args):
@@ -84,13 +135,23 @@ def process_calib_command(args):
 
 
 def listen_command(args):
-    with open_client(args.scheduler_address, n_workers=args.workers) as client:
-        summary = listen(
-            args.kafka, args.topic, repo=args.repo, ppdb=args.ppdb, alerts=args.alerts,
-            distributor=args.distributor, timeout=args.timeout, client=client,
-            max_visits=args.max_visits, idle_exit=args.idle_exit, offset=args.offset,
-        )  # fmt: skip
+    kw = dict(repo=args.repo, ppdb=args.ppdb, alerts=args.alerts, distributor=args.distributor,
+              timeout=args.timeout, max_visits=args.max_visits, idle_exit=args.idle_exit,
+              offset=args.offset)  # fmt: skip
+    if args.scheduler_address:
+        with open_client(args.scheduler_address) as client:
+            summary = listen(args.kafka, args.topic, client=client, **kw)
+    else:  # listen() starts the LocalCluster itself, after checking its arguments and settings
+        summary = listen(args.kafka, args.topic, workers=check_workers(args.workers), **kw)
     print(jsonsafe.dumps(summary))
+    if summary["abandoned"]:  # stopped by a signal before they finished: say so, exit 75
+        names = ", ".join(str(a["visit"]) for a in summary["abandoned"])
+        print(
+            f"apdask: error: stopped with {len(summary['abandoned'])} visit(s) abandoned "
+            f"({names}); re-run each with `apdask process-visit` (nextVisit in the summary)",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
     return 0
 
 
@@ -107,5 +168,10 @@ def submit_command(args):
 
 
 def demo_command(args):
+    check_workers(args.workers)
+    if args.visits < 1:
+        raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}; e.g. --seed 42")
     run_demo(args.dir, camera=args.camera, n_visits=args.visits, seed=args.seed,
              workers=args.workers)  # fmt: skip

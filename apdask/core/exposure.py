@@ -69,8 +69,19 @@ class Exposure:
         Odd-sized PSF stamp normalised to sum 1, centred on its middle pixel, for the
         CCD centre.
     meta : dict
-        At least ``visit``, ``detector``, ``band``, ``mjd`` (midpoint, TAI),
-        ``exptime`` where known.
+        Descriptive header-like values: at least ``visit``, ``detector``, ``band``,
+        ``mjd`` (midpoint, TAI), ``exptime`` where known.
+    psf_model : apdask.pipeline.psf.PsfGrid or None
+        Spatially varying PSF model (:func:`apdask.pipeline.psf.estimate_psf_model`);
+        ``psf`` is its mean.  ``None``: the PSF is the constant ``psf``.
+    ap_corr : float
+        Aperture correction of PSF fluxes measured on this image (1: none measured).
+    ap_corr_science : float or None
+        On a difference image: the science image's aperture correction, for forced
+        photometry on the science image (``None``: the same as ``ap_corr``).
+    bright_sources : dict or None
+        On a difference image: the template's bright sources, whose residual rings
+        raise the local variance (:func:`apdask.pipeline.measure.bright.bright_sources`).
     """
 
     image: np.ndarray
@@ -79,6 +90,10 @@ class Exposure:
     wcs: Any = None
     psf: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    psf_model: Any = None
+    ap_corr: float = 1.0
+    ap_corr_science: float | None = None
+    bright_sources: dict[str, np.ndarray] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:

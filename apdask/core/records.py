@@ -9,7 +9,7 @@ stay plain dicts for ``json.dump`` and for existing readers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypedDict
 
 import numpy as np
@@ -18,6 +18,7 @@ from apdask.core.exposure import Exposure
 
 __all__ = [
     "Association",
+    "Calibrated",
     "CcdReport",
     "CcdRows",
     "Fetched",
@@ -27,7 +28,9 @@ __all__ = [
     "RawHeader",
     "Stored",
     "Subtraction",
+    "SubtractionInfo",
     "VisitReport",
+    "Warped",
 ]
 
 
@@ -95,13 +98,79 @@ class Prefetch:
 
 
 @dataclass(frozen=True)
+class Calibrated:
+    """The science image calibrated to nJy, with the WCS refined on the reference
+    catalogue."""
+
+    exposure: Exposure
+    astrometry: Mapping[str, Any] = field(default_factory=dict)  #: the WCS fit's figures
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Warped:
+    """The template warped onto the science image's pixel grid."""
+
+    exposure: Exposure
+    coverage: float  #: fraction of the CCD with template data (the rest is NO_DATA)
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SubtractionInfo:
+    """The figures of one subtraction (:func:`apdask.pipeline.subtract.difference.subtract`).
+
+    Fluxes are in the science image's calibration; FWHMs and positions in pixels.
+    :meth:`as_dict` gives the strict-JSON part (without the kernel and timings) that
+    the CCD report carries as ``"subtraction"``.
+    """
+
+    kernel_sum: float  #: photometric scale science/template at the CCD centre
+    kernel_size: int  #: side of the matching kernel (odd)
+    n_stamps: int  #: stars used for the kernel fit
+    stamp_chi2: list[float]  #: reduced χ² per used stamp
+    fwhm_science: float
+    fwhm_template: float
+    fwhm_difference: float
+    direction: str  #: "convolve_template" or "convolve_science"
+    decorrelated: bool
+    background: list[float]  #: background-difference coefficients of the fit
+    background_residual: list[float]  #: residual background removed afterwards
+    noise_ratio: float  #: robust σ of difference / √variance (1 for a correct variance)
+    ap_corr: float  #: aperture correction of the difference's PSF fluxes
+    ap_corr_science: float  #: the same for the science image's PSF fluxes
+    ap_corr_n_stars: int
+    ap_corr_radius: float
+    n_bright_sources: int
+    model: dict[str, Any]  #: the kernel model used (order, basis degrees, ...)
+    fallback: list[str]  #: what the model lowered for want of stars
+    kernel_sum_range: list[float]  #: (min, max) of the kernel sum over the CCD
+    stamp_x: list[int]
+    stamp_y: list[int]
+    kernel: np.ndarray | None = None  #: the constant term of the kernel
+    timing: Mapping[str, float] = field(default_factory=dict)  #: seconds per step
+    preconvolved: bool = False
+    variance_correction: float = 1.0  #: factor applied to the variance (``apdask diff``)
+    snr_map_sigma_before: float | None = None  #: the S/N map's σ before that correction
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as a plain dict, without ``kernel`` and ``timing``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("kernel", "timing"):
+            out.pop(k)
+        if out["snr_map_sigma_before"] is None:
+            out.pop("snr_map_sigma_before")
+        return out
+
+
+@dataclass(frozen=True)
 class Subtraction:
     """A difference image with the images it came from and the subtraction's figures."""
 
     science: Exposure  #: calibrated, cosmic rays masked, with its PSF model
     template: Exposure  #: warped template with its PSF
     difference: Exposure
-    info: Mapping[str, Any]  #: kernel, stamps, noise ratio, aperture correction, ...
+    info: SubtractionInfo
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -183,6 +252,7 @@ class CcdReport(TypedDict, total=False):
     subtraction: dict[str, Any]
     config: dict[str, Any]
     qa: dict[str, Any] | None
+    products: dict[str, str]  #: image product kind -> file (apdask.io.products)
 
 
 class VisitReport(TypedDict, total=False):

@@ -10,6 +10,8 @@ Repository layout (``docs/formats.md`` has the details)::
     <root>/raw/       science raws (the file distributor directory)
     <root>/truth/     simulator truth tables
     <root>/visits/    nextVisit messages
+    <root>/products/  per-CCD science, template and difference images (FITS,
+                      ``apdask.io.products``), read back by :meth:`Butler.get`
 
 All zarr access goes through a store object, so an fsspec URL may replace the
 local directory later without touching the accessors.
@@ -26,10 +28,12 @@ import numpy as np
 import zarr
 from astropy import units as u
 from astropy.io import fits
+from astropy.nddata import CCDData
 from astropy.table import Table
 from astropy.wcs import WCS
 from numpy.typing import ArrayLike
 
+from apdask import config
 from apdask.core.camera import Camera, check_band, get_camera
 from apdask.core.exposure import TemplateTile
 from apdask.core.stats import robust_sigma
@@ -41,6 +45,7 @@ from apdask.io._footprint import (
     wcs_from_attrs,
     wcs_to_attrs,
 )
+from apdask.io.products import read_product
 
 __all__ = ["Butler", "CALIB_KINDS", "wcs_to_attrs", "wcs_from_attrs", "polygons_overlap"]
 
@@ -436,6 +441,47 @@ class Butler:
         if corners is not None and len(t):
             t = t[_points_in_polygon(np.asarray(t["ra"]), np.asarray(t["dec"]), corners)]
         return t
+
+    # ----------------------------------------------------------- image products
+    def get(
+        self,
+        kind: str,
+        *,
+        visit: int,
+        detector: str | int,
+        products_dir: str | os.PathLike[str] | None = None,
+    ) -> CCDData:
+        """One CCD's image product (``"science"``, ``"template"`` or ``"difference"``).
+
+        Parameters
+        ----------
+        kind : str
+        visit : int
+        detector : str or int
+            Detector name (``"R22_S11"``) or id.
+        products_dir : str or os.PathLike, optional
+            Default ``apdask.products.dir``, else ``<root>/products``.
+
+        Returns
+        -------
+        astropy.nddata.CCDData
+            nJy with its WCS, variance, PSF and mask (see
+            :func:`apdask.io.products.read_product`).
+
+        Raises
+        ------
+        apdask.exceptions.ProductNotFoundError
+            The product was not kept (``apdask.products.kinds``, ``keep_visits``).
+        """
+        name = detector
+        if not isinstance(name, str):
+            camera = self.camera
+            if camera is None:
+                msg = f"{self} records no camera: give the detector by name, not id {detector}"
+                raise ConfigurationError(msg)
+            name = camera[int(name)].name
+        root = config.get("products.dir", products_dir) or f"{self.root}/products"
+        return read_product(root, kind, int(visit), name)
 
 
 def _drp_dtype(col):

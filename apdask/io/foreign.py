@@ -15,6 +15,11 @@ import os
 import warnings
 
 import numpy as np
+from astropy.io import fits
+from astropy.time import Time
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_area
+from scipy import ndimage
 
 from apdask.core.exposure import MASK, Exposure
 from apdask.exceptions import (
@@ -88,8 +93,6 @@ def _unit(bunit, given, path):
 
 
 def _celestial_wcs(head, path):
-    from astropy.wcs import WCS, FITSFixedWarning
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
@@ -120,16 +123,12 @@ def _flux_scale(unit, zp, head, wcs):
     # MJy/sr: the pixel's solid angle
     omega = _first(head, ("PIXAR_SR",))
     if omega is None:
-        from astropy.wcs.utils import proj_plane_pixel_area
-
         omega = proj_plane_pixel_area(wcs) * (math.pi / 180.0) ** 2
     return 1e6 * 1e9 * omega
 
 
 def _sky_variance(image, good, box=64):
     """Smooth map of the robust per-pixel variance of the sky, in ``box``-pixel blocks."""
-    from scipy import ndimage
-
     ny, nx = image.shape
     nby, nbx = max(1, ny // box), max(1, nx // box)
     coarse = np.full((nby, nbx), np.nan)
@@ -163,8 +162,6 @@ def read_psf(path, size=None):
     ``size`` (odd, default: the image, at most 61 px) cuts the stamp around the peak.
     The stamp must have the image's pixel scale.
     """
-    from astropy.io import fits
-
     with fits.open(path) as hdul:
         i = next(k for k, h in enumerate(hdul) if getattr(h, "data", None) is not None)
         p = np.asarray(hdul[i].data, float)
@@ -223,8 +220,6 @@ def read_exposure(path, *, hdu=None, unit=None, gain=None, saturation=None, zero
         For a missing celestial WCS, an unknown or contradictory unit, an all-NaN image or
         a zero variance, and unreadable files.
     """
-    from astropy.io import fits
-
     path = os.fspath(path)
     try:
         hdul = fits.open(path, memmap=False)
@@ -278,8 +273,6 @@ def read_exposure(path, *, hdu=None, unit=None, gain=None, saturation=None, zero
     if saturation is not None:
         sat = finite & (np.where(finite, image, 0.0) >= saturation)
         if sat.any():
-            from scipy import ndimage
-
             sat = ndimage.binary_dilation(sat, iterations=1)
             mask[sat] |= np.uint32(MASK["SAT"])
     good = finite & (mask == 0)
@@ -335,7 +328,6 @@ def read_exposure(path, *, hdu=None, unit=None, gain=None, saturation=None, zero
 def _array(x, path):
     if isinstance(x, np.ndarray):
         return np.asarray(x, np.float64)
-    from astropy.io import fits
 
     with fits.open(os.fspath(x)) as h:
         i = next(k for k, e in enumerate(h) if getattr(e, "data", None) is not None)
@@ -357,8 +349,6 @@ def _mjd(head):
             return float(v)
     d = head.get("DATE-OBS")
     if isinstance(d, str):
-        from astropy.time import Time
-
         try:
             return float(Time(d, scale="utc").tai.mjd)
         except ValueError:

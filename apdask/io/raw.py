@@ -22,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 from astropy.io import fits
+from astropy.time import Time
 from numpy.typing import ArrayLike
 
 from apdask.core.camera import Amplifier, Camera, Detector, check_band, get_camera
@@ -264,8 +265,6 @@ _STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "COMME
 
 
 def _iso_tai(mjd):
-    from astropy.time import Time
-
     return Time(mjd, format="mjd", scale="tai").isot
 
 

@@ -27,6 +27,7 @@ from apdask.pipeline.outputs import (
     report_task,
     store_task,
 )
+from apdask.pipeline.products import save_products_task
 from apdask.pipeline.steps import now_mjd
 from apdask.pipeline.tasks import (
     calib_task,
@@ -106,9 +107,9 @@ def ccd_tasks(
                 darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
             )  # fmt: skip
         )
-    science = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
-    template = step(warp_task, "warp")(science, prefetch)
-    sub = step(subtract_task, "subtract")(science, template, cfg)
+    calibrated = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
+    warped = step(warp_task, "warp")(calibrated, prefetch)
+    sub = step(subtract_task, "subtract")(calibrated, warped, cfg)
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
     assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)
     packets = step(package_task, "package")(sub, assoc, prefetch, cfg)
@@ -120,9 +121,14 @@ def ccd_tasks(
         stored, packets, sub, prefetch, header, det, where.ppdb, cfg
     )
     published = step(publish_task, "publish")(stored, sent, header, det, where.alerts, cfg)
+    products = None
+    if cfg.products.kinds:
+        root = cfg.products.root(where.repo)
+        products = step(save_products_task, "products")(published, sub, header, det, root, cfg)
     return step(report_task, "report")(
-        published, stored, assoc, sent, header, science, sub, measured, prefetch, det
-    )
+        published, stored, assoc, sent, header, calibrated, warped, sub, measured, prefetch,
+        det, products,
+    )  # fmt: skip
 
 
 def _gather(next_visit: NextVisit, ccd_reports: Sequence[CcdReport]) -> VisitReport:
@@ -151,6 +157,7 @@ def build_visit_graph(
     images: Mapping[str, Sequence[str]] | None = None,
     replace: bool = False,
     config: PipelineConfig | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Delayed:
     """Build the lazy graph of one visit; computing it returns the visit report.
 
@@ -179,6 +186,9 @@ def build_visit_graph(
         are re-made from the stored rows and sent (``recover_task``).
     config : PipelineConfig, optional
         Stage settings; default :meth:`PipelineConfig.resolve` now, on this process.
+    check : callable, optional
+        Called before each CCD's chain is built; it raises to abandon the build (the
+        listener bounds the build time with it, ``apdask.listen.build_timeout_s``).
 
     Returns
     -------
@@ -199,15 +209,18 @@ def build_visit_graph(
     )
     cfg = PipelineConfig.resolve() if config is None else config
     names = next_visit.detectors if detectors is None else tuple(detectors)
-    reports = [
-        ccd_tasks(
-            next_visit,
-            name,
-            where=where,
-            cfg=cfg,
-            image_names=(images or {}).get(name),
-            replace=replace,
-        )  # fmt: skip
-        for name in names
-    ]
+    reports = []
+    for name in names:
+        if check is not None:
+            check()
+        reports.append(
+            ccd_tasks(
+                next_visit,
+                name,
+                where=where,
+                cfg=cfg,
+                image_names=(images or {}).get(name),
+                replace=replace,
+            )
+        )
     return dask.delayed(_gather)(next_visit, reports, dask_key_name=f"gather-{next_visit.visit}")

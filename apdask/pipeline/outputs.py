@@ -24,10 +24,10 @@ from apdask.alerts.stamps import StampMaker
 from apdask.config import PipelineConfig
 from apdask.core import ids
 from apdask.core.camera import Detector
-from apdask.core.exposure import Exposure
 from apdask.core.faults import fault_point
 from apdask.core.records import (
     Association,
+    Calibrated,
     CcdReport,
     Measurement,
     Prefetch,
@@ -313,23 +313,30 @@ def report_task(
     assoc: Any,
     packets: Any,
     header: RawHeader,
-    science: Exposure,
+    calibrated: Calibrated,
+    warped: Any,
     sub: Any,
     measured: Any,
     prefetch: Prefetch,
     detector: Detector,
+    products: Any = None,
 ) -> CcdReport:
-    """The CCD's entry of the visit report: counts, timings, latency and QA figures."""
-    failed = next((x for x in (published, stored, assoc, packets, sub, measured)
-                   if isinstance(x, CcdFailure)), None)  # fmt: skip
+    """The CCD's entry of the visit report: counts, timings, latency and QA figures.
+
+    ``products`` is what :func:`apdask.pipeline.products.save_products_task` returned
+    (None when no image products are kept).
+    """
+    failed = next((x for x in (published, stored, assoc, packets, warped, sub, measured,
+                               products) if isinstance(x, CcdFailure)), None)  # fmt: skip
     if failed is not None:
         err = failed.error
         if isinstance(err, PpdbUnavailableError):
             return _failed_ccd(detector, header.visit, str(err))
         return _failed_ccd(detector, header.visit, str(err), err)
     timings: dict[str, float] = {}
-    parts = (prefetch.timings, science.meta.get("timings", {}), sub.timings, measured.timings,
-             assoc.timings, stored.timings, published["timings"])  # fmt: skip
+    parts = (prefetch.timings, calibrated.timings, warped.timings, sub.timings,
+             measured.timings, assoc.timings, stored.timings, published["timings"],
+             (products or {}).get("timings", {}))  # fmt: skip
     for part in parts:
         timings.update(part)
     n = len(assoc.sources)
@@ -359,11 +366,12 @@ def report_task(
             "fetch_wait_s": max(f.waited for f in header.fetched),
         },
         "exptime": header.exptime,
-        "astrometry": science.meta.get("astrometry", {}),
+        "astrometry": dict(calibrated.astrometry),
         # fraction of the CCD with template data; the rest is NO_DATA and was not searched
-        "template_coverage": float(sub.template.meta.get("coverage", 1.0)),
-        "subtraction": {k: v for k, v in sub.info.items() if k not in ("timings", "kernel")},
+        "template_coverage": warped.coverage,
+        "subtraction": sub.info.as_dict(),
         "qa": None if measured.qa is None else dict(measured.qa),
+        "products": dict((products or {}).get("paths", {})),
     }
     out["template_partial"] = out["template_coverage"] < 1.0
     return out

@@ -92,7 +92,7 @@ def psfs_at(
     exposure: Exposure | None, default: np.ndarray, x: np.ndarray, y: np.ndarray
 ) -> np.ndarray:
     """PSF stamps ``(n, S, S)`` at many positions (:func:`psf_getter` for each)."""
-    model = exposure.meta.get("psf_model") if exposure is not None else None
+    model = exposure.psf_model if exposure is not None else None
     if model is not None and hasattr(model, "at_many"):
         return model.at_many(x, y)
     if model is not None and hasattr(model, "at"):
@@ -115,7 +115,7 @@ def psf_getter(
     exposure: Exposure | None, default: np.ndarray
 ) -> Callable[[float, float], np.ndarray]:
     """``(x, y) -> PSF stamp``: the exposure's spatially varying model if any, else ``default``."""
-    model = exposure.meta.get("psf_model") if exposure is not None else None
+    model = exposure.psf_model if exposure is not None else None
     if model is not None and hasattr(model, "at"):
         return model.at
     default = np.asarray(default, float)

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
+from astropy.table import Table
 from scipy import signal
 
 from apdask import config
-from apdask.core.exposure import mask_bits
+from apdask.core.exposure import Exposure, mask_bits
+from apdask.core.records import SubtractionInfo
 from apdask.exceptions import SubtractionQualityError, SubtractionQualityWarning
 
 __all__ = ["assess", "enforce", "expected_ratio", "qa_thresholds", "snr_sigma"]
@@ -106,22 +109,32 @@ def snr_sigma(matched):
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
-def assess(difference, info, sources, science, template, *, matched=None, thresholds=None):
+def assess(
+    difference: Exposure,
+    info: SubtractionInfo,
+    sources: Table | None,
+    science: Exposure,
+    template: Exposure,
+    *,
+    matched: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    thresholds: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Measure the QA figures of one subtraction and judge them.
 
     Parameters
     ----------
-    difference : apdask.image.Exposure
+    difference : apdask.core.exposure.Exposure
         The difference image (with its PSF).
-    info : dict
-        What :func:`apdask.subtract.subtract` returned with it.
+    info : apdask.core.records.SubtractionInfo
+        What :func:`apdask.pipeline.subtract.difference.subtract` returned with it.
     sources : astropy.table.Table or None
-        The DiaSources measured on it (:func:`apdask.detect.measure_sources`).
-    science, template : apdask.image.Exposure
+        The DiaSources measured on it
+        (:func:`apdask.pipeline.measure.sources.measure_sources`).
+    science, template : apdask.core.exposure.Exposure
         The inputs (their ``meta`` give units and zero points).
     matched : tuple, optional
-        The difference's :func:`apdask.detect.matched_filter`: its S/N map's robust σ is
-        judged too (``snr_map_sigma``).
+        The difference's :func:`apdask.pipeline.measure.detection.matched_filter`: its
+        S/N map's robust σ is judged too (``snr_map_sigma``).
     thresholds : dict, optional
         Default :func:`qa_thresholds`.
 
@@ -132,27 +145,20 @@ def assess(difference, info, sources, science, template, *, matched=None, thresh
         ``status`` (``"pass"``, ``"warn"`` or ``"fail"``) and ``reasons``.
     """
     t = qa_thresholds() if thresholds is None else thresholds
-    ks = float(info["kernel_sum"])
+    ks = float(info.kernel_sum)
     exp = expected_ratio(science, template)
     dev = abs(ks / exp - 1.0) if exp else None
-    lo, hi = info.get("kernel_sum_range", [ks, ks])
+    lo, hi = info.kernel_sum_range or [ks, ks]
     variation = abs(hi - lo) / abs(0.5 * (hi + lo)) if (hi + lo) else None
-    fwhm = float(info.get("fwhm_difference") or 3.0)
-    xs, ys = info.get("stamp_x", []), info.get("stamp_y", [])
+    fwhm = float(info.fwhm_difference or 3.0)
+    xs, ys = info.stamp_x, info.stamp_y
     chi2, dip = _star_residuals(difference, xs, ys, fwhm)
     chi2_med = float(np.median(chi2)) if chi2 else None
     star_dip = float(np.mean(dip)) if dip else None
-    noise = float(info.get("noise_ratio", float("nan")))
-    n_det = 0 if sources is None else len(sources)
-    det_dip = det_static = None
-    n_dip = n_static = 0
-    if n_det:
-        n_dip = int(np.count_nonzero(np.asarray(sources["isDipole"], bool)))
-        tf = np.asarray(sources["templateFlux"], float)
-        tfe = np.asarray(sources["templateFluxErr"], float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            n_static = int(np.count_nonzero(np.abs(tf / tfe) >= float(t["static_snr"])))
-        det_dip, det_static = n_dip / n_det, n_static / n_det
+    noise = float(info.noise_ratio)
+    n_det, n_dip, n_static = _detection_counts(sources, float(t["static_snr"]))
+    det_dip = n_dip / n_det if n_det else None
+    det_static = n_static / n_det if n_det else None
     enough = n_det >= int(t["min_detections"])
     snr_sig = snr_sigma(matched) if matched is not None else None
     checks = {
@@ -164,7 +170,7 @@ def assess(difference, info, sources, science, template, *, matched=None, thresh
         "star_dipoles": _level(star_dip, t["star_dipole_warn"], t["star_dipole_fail"]),
         "noise_ratio": _level(abs(noise - 1.0), t["noise_ratio_warn"], t["noise_ratio_fail"]),
         "variance_correction": _level(
-            info.get("variance_correction"),
+            info.variance_correction,
             t["variance_correction_warn"],
             t["variance_correction_fail"],
         ),  # fmt: skip
@@ -196,16 +202,16 @@ def assess(difference, info, sources, science, template, *, matched=None, thresh
         "kernel_sum_deviation": num(dev),
         "kernel_sum_range": [num(lo), num(hi)],
         "kernel_sum_variation": num(variation),
-        "n_stamps": int(info.get("n_stamps", 0)),
-        "kernel_model": info.get("model"),
-        "fallback": list(info.get("fallback", [])),
-        "direction": info.get("direction"),
+        "n_stamps": int(info.n_stamps),
+        "kernel_model": info.model,
+        "fallback": list(info.fallback),
+        "direction": info.direction,
         "star_chi2_median": num(chi2_med),
         "n_stars_checked": len(chi2),
         "star_dipole_fraction": num(star_dip),
         "noise_ratio": num(noise),
         "snr_map_sigma": num(snr_sig),
-        "variance_correction": num(info.get("variance_correction", 1.0)),
+        "variance_correction": num(info.variance_correction),
         "n_detections": n_det,
         "n_dipoles": n_dip,
         "n_on_static": n_static,
@@ -213,6 +219,18 @@ def assess(difference, info, sources, science, template, *, matched=None, thresh
         "static_fraction": num(det_static),
         "thresholds": {k: num(v) for k, v in t.items()},
     }
+
+
+def _detection_counts(sources: Table | None, static_snr: float) -> tuple[int, int, int]:
+    """Detections, dipoles among them, and those on a template source (S/N ≥ static_snr)."""
+    if sources is None or not len(sources):
+        return 0, 0, 0
+    n_dip = int(np.count_nonzero(np.asarray(sources["isDipole"], dtype=np.bool_)))
+    tf = np.asarray(sources["templateFlux"], dtype=np.float64)
+    tfe = np.asarray(sources["templateFluxErr"], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_static = int(np.count_nonzero(np.abs(tf / tfe) >= static_snr))
+    return len(sources), n_dip, n_static
 
 
 def enforce(qa, where="", log=None):

@@ -15,10 +15,14 @@ import os
 import time
 
 import dask
+from dask.delayed import Delayed
 
 from apdask import config
+from apdask.alerts.sinks import sink_from_uri
 from apdask.config import Locations
+from apdask.exceptions import ConfigurationError
 from apdask.pipeline.graph import build_visit_graph
+from apdask.ppdb import Ppdb
 
 __all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
 
@@ -64,10 +68,6 @@ def pending_detectors(next_visit, ppdb, sink_uri, *, repo=None):
     list of str
         The pending CCDs' names, in the visit's order.
     """
-    from apdask.alerts.sinks import sink_from_uri
-    from apdask.exceptions import ConfigurationError
-    from apdask.ppdb import Ppdb
-
     if str(sink_uri).startswith("kafka://") and "spool_dir=" not in str(sink_uri):
         with contextlib.suppress(ConfigurationError):  # no repository: the sink's default
             sink_uri = Locations.resolve(repo, ppdb=ppdb, alerts=sink_uri).alerts
@@ -127,7 +127,7 @@ def _stage_times(task_stream):
 
 def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None, timeout=None,
               client=None, detectors=None, images=None, replace=False, config=None,
-              result_timeout=None):  # fmt: skip
+              result_timeout=None, on_ccd=None):  # fmt: skip
     """Process the pending CCDs of one visit and return its report.
 
     Parameters
@@ -148,6 +148,9 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
         Stage settings, resolved once here on the driver by default.
     result_timeout : float, optional
         With ``client``: seconds to wait for the visit's result (``TimeoutError``).
+    on_ccd : callable, optional
+        With ``client``: called with each CCD's report entry as soon as that CCD is
+        done (progress, e.g. :class:`apdask.tools.progress.VisitProgress`).
 
     Returns
     -------
@@ -186,13 +189,32 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
             from distributed import get_task_stream
 
             with get_task_stream(client) as ts:
-                report = client.compute(graph).result(timeout=result_timeout)
+                report = _compute_with_progress(client, graph, on_ccd, result_timeout)
             stages = _stage_times(ts.data)
     report["skipped"] = skipped
     report["wall_s"] = time.time() - t0
     report["task_seconds"] = stages
     _raise_if_all_failed(report)
     return report
+
+
+def _compute_with_progress(client, graph, on_ccd, timeout):
+    """The visit report; ``on_ccd`` sees each CCD's entry as it completes.
+
+    The CCDs' report tasks are part of the visit graph: asking for them too adds no
+    work, only futures to wait on.
+    """
+    if on_ccd is None:
+        return client.compute(graph).result(timeout=timeout)
+    from distributed import as_completed  # lazy: distributed costs ~0.6 s of import
+
+    keys = [k for k in graph.dask if isinstance(k, str) and k.startswith("report-")]
+    futures = client.compute([graph, *(Delayed(k, graph.dask) for k in keys)])
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for fut in as_completed(futures[1:], timeout=timeout):
+        on_ccd(fut.result())
+    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    return futures[0].result(timeout=left)
 
 
 def _raise_if_all_failed(report):

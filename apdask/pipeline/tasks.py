@@ -22,19 +22,21 @@ from astropy.io import fits
 
 from apdask.config import PipelineConfig
 from apdask.core.camera import Detector
-from apdask.core.exposure import Exposure
 from apdask.core.records import (
+    Calibrated,
     Fetched,
     Measurement,
     PpdbHistory,
     Prefetch,
     RawHeader,
     Subtraction,
+    Warped,
 )
 from apdask.exceptions import HeaderMismatchError, NoTemplateCoverageError, PpdbError, PsfFitError
 from apdask.io.butler import Butler
 from apdask.io.distributor import open_distributor
-from apdask.io.raw import RawMetadata, effective_exptime, read_raw
+from apdask.io.raw import effective_exptime, read_raw
+from apdask.io.raw_header import check_raw_header
 from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
@@ -49,7 +51,6 @@ from apdask.ppdb import Ppdb
 __all__ = [
     "calib_task",
     "calibrate_task",
-    "check_raw_header",
     "darktime_task",
     "detect_task",
     "fetch_task",
@@ -110,27 +111,6 @@ def _seceded() -> Iterator[None]:
         yield
     finally:
         rejoin()
-
-
-def check_raw_header(
-    meta: RawMetadata, detector: Detector, band: str, visit: int | None = None,
-    name: str | None = None,
-) -> RawMetadata:  # fmt: skip
-    """Check a raw's header against the invocation; raise HeaderMismatchError if it differs."""
-    name = name or meta.detector_name
-    if meta.detector_name != detector.name:
-        msg = (
-            f"raw {name} has DETNAME={meta.detector_name} but CCD {detector.name} was "
-            "requested; pass the image of that CCD"
-        )
-        raise HeaderMismatchError(msg)
-    if meta.band != band:
-        msg = f"raw {name} has FILTBAND={meta.band} but --filter {band} was given"
-        raise HeaderMismatchError(msg)
-    if visit is not None and meta.visit != visit:
-        msg = f"raw {name} belongs to visit {meta.visit}, expected {visit}"
-        raise HeaderMismatchError(msg)
-    return meta
 
 
 def header_task(
@@ -244,7 +224,7 @@ def calibrate_task(
     detector: Detector,
     band: str,
     prefetch: Prefetch,
-) -> Exposure:
+) -> Calibrated:
     """Combine snaps, calibrate to nJy and refine the WCS against the reference catalogue."""
     t0 = time.time()
     image_e = sum(i[0] for i in images)
@@ -265,15 +245,14 @@ def calibrate_task(
     refcat = prefetch.refcat
     new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
     exp = exp.copy_with(wcs=new_wcs)
-    exp.meta["astrometry"] = info
-    exp.meta["timings"] = {"calibrate": time.time() - t0}
-    return exp
+    return Calibrated(exp, astrometry=info, timings={"calibrate": time.time() - t0})
 
 
 @per_ccd
-def warp_task(science: Exposure, prefetch: Prefetch) -> Exposure:
+def warp_task(calibrated: Calibrated, prefetch: Prefetch) -> Warped:
     """The template warped onto the science image's pixel grid (Lanczos-3)."""
     t0 = time.time()
+    science = calibrated.exposure
     ccd, visit, band = (science.meta.get(k) for k in ("detector_name", "visit", "band"))
     try:
         ny, nx = science.shape
@@ -288,26 +267,26 @@ def warp_task(science: Exposure, prefetch: Prefetch) -> Exposure:
             "`apdask butler ingest-template`"
         )
         raise NoTemplateCoverageError(msg) from None
-    coverage = tmpl.meta["coverage"]
+    coverage = float(tmpl.meta["coverage"])
     if coverage < 1.0:
         log.warning(
             "visit %s CCD %s: the %s-band template covers only %.1f%% of the CCD; the rest "
             "is masked NO_DATA and not searched for DIASources",
             visit, ccd, band, 100.0 * coverage,
         )  # fmt: skip
-    tmpl.meta["timings"] = {"warp": time.time() - t0}
-    return tmpl
+    return Warped(tmpl, coverage=coverage, timings={"warp": time.time() - t0})
 
 
 @per_ccd
-def subtract_task(science: Exposure, template: Exposure, cfg: PipelineConfig) -> Subtraction:
+def subtract_task(calibrated: Calibrated, warped: Warped, cfg: PipelineConfig) -> Subtraction:
     """PSF models, cosmic-ray masking and the PSF-matched, decorrelated difference."""
     t0 = time.time()
+    science, template = calibrated.exposure, warped.exposure
     ccd = science.meta.get("detector_name", science.meta.get("detector"))
     step = "science image: "
     try:
         model = estimate_psf_model(science)
-        science = science.copy_with(psf=model.mean, meta={**science.meta, "psf_model": model})
+        science = science.copy_with(psf=model.mean, psf_model=model)
         science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))
         if template.psf is None:
             step = "template: "

@@ -78,6 +78,7 @@ def schema_columns(apdb: Any) -> dict[str, list[_ColumnDef]]:
         Table name to a list of ``(name, datatype, nullable, default,
         description, unit)``, one per column in schema order.
     """
+    # lazy: lsst.dax.apdb costs ~1.8 s of import; only opening a PPDB needs it
     from lsst.dax.apdb import ApdbTables
 
     out = {}

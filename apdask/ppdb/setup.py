@@ -95,6 +95,7 @@ def driver_url(url):
 
 
 def _open_apdb_sql(url, namespace=None):
+    # lazy: lsst.dax.apdb costs ~1.8 s of import; only opening a PPDB needs it
     from lsst.dax.apdb.sql import ApdbSql, ApdbSqlConfig
     from lsst.dax.apdb.versionTuple import IncompatibleVersionError
 
@@ -139,6 +140,7 @@ def open_apdb(target, namespace=None):
         If the database is unreachable (after the configured retries), not
         initialised, or holds an incompatible schema version.
     """
+    # lazy: lsst.dax.apdb costs ~1.8 s of import; only opening a PPDB needs it
     from lsst.dax.apdb import Apdb
     from lsst.dax.apdb.versionTuple import IncompatibleVersionError
 
@@ -193,6 +195,7 @@ def create_ppdb(url, config_path=None, *, namespace=None, history_months=None):
         If the database cannot be reached or holds an incompatible schema.
     """
     url = driver_url(url)
+    # lazy: lsst.dax.apdb costs ~1.8 s of import; only opening a PPDB needs it
     from lsst.dax.apdb.sql import ApdbSql
 
     url = str(url)

@@ -142,6 +142,7 @@ class PpdbSql:
     @property
     def is_sql(self):
         """Whether the backend is dax_apdb's SQL one (SQLite or PostgreSQL)."""
+        # lazy: lsst.dax.apdb costs ~1.8 s of import; only opening a PPDB needs it
         from lsst.dax.apdb.sql import ApdbSql
 
         return isinstance(self.apdb, ApdbSql)
@@ -178,6 +179,7 @@ class PpdbSql:
     def _table(self, name):
         """The SQLAlchemy table of APDB table ``name``, located through the
         apdb's own config (prefix and namespace), reflected once."""
+        # lazy: lsst.dax.apdb costs ~1.8 s of import; only opening a PPDB needs it
         from lsst.dax.apdb import ApdbTables
 
         cfg = self.apdb.getConfig()
@@ -216,12 +218,14 @@ class PpdbSql:
         return table if exists else None
 
     def _pixelization(self):
+        # lazy: lsst.sphgeom comes with lsst.dax.apdb (~1.8 s of import)
         from lsst.sphgeom import HtmPixelization
 
         pix = self.apdb.getConfig().pixelization
         return HtmPixelization(pix.htm_level), pix.htm_max_ranges
 
     def _pixel_ids(self, ra, dec):
+        # lazy: lsst.sphgeom comes with lsst.dax.apdb (~1.8 s of import)
         from lsst.sphgeom import LonLat, UnitVector3d
 
         pixelator, _ = self._pixelization()

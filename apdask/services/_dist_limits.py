@@ -34,6 +34,7 @@ _EVICT_MIN_AGE = 1.0
 def _open_files_limit():
     """The soft RLIMIT_NOFILE, or None if unlimited or unknown."""
     try:
+        # POSIX only: the resource module does not exist on Windows
         import resource
 
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -45,6 +46,7 @@ def _open_files_limit():
 def raise_open_files_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard one (what a server process should do)."""
     with contextlib.suppress(ImportError, OSError, ValueError):
+        # POSIX only: the resource module does not exist on Windows
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -211,7 +211,7 @@ class _Replay:
     """One replay: Kafka sinks by schema, and the report."""
 
     def __init__(self, to_uri, schema):
-        from apdask.services.kafka import parse_kafka_uri
+        from apdask.services.kafka import parse_kafka_uri  # lazy: kafka imports this module
 
         self.bootstrap, self.topic, self.options = parse_kafka_uri(to_uri)
         self.schema = schema
@@ -221,7 +221,7 @@ class _Replay:
         }  # fmt: skip
 
     def sink(self, info):
-        from apdask.services.kafka import KafkaSink
+        from apdask.services.kafka import KafkaSink  # lazy: kafka imports this module
 
         sid = int(info.get("apdask.schema_id", 0)) or None
         sch = self.schema or (schema_registry().get_by_id(sid) if sid else load_schema())

@@ -10,9 +10,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from apdask.core.exposure import mask_bits
 from apdask.core.geometry import unit_vectors
 from apdask.core.stats import robust_sigma
 
@@ -49,9 +51,6 @@ def noise_ratio(
         ``ratio`` (1.4826 × MAD of the pulls), ``std`` (3σ-clipped standard
         deviation) and ``n_pixels``.
     """
-    from astropy.io import fits
-
-    from apdask.core.exposure import mask_bits
 
     bad = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE", "DETECTED", "DETECTED_NEGATIVE")
     pulls = []

@@ -19,6 +19,7 @@ def plot_evaluation(res: dict[str, Any], data: dict[str, Any], path: str) -> Non
     caller's backend (a notebook's inline one, say) is left as it is.
     """
     try:
+        # optional: matplotlib comes with the 'notebook' and 'test' extras
         from matplotlib.figure import Figure
     except ImportError as exc:
         msg = ("evaluate's plot needs matplotlib: pip install 'apdask[notebook]', "

@@ -10,6 +10,10 @@ import os
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.special import erf
+
+from apdask.core.camera import PIXEL_SCALE_ARCSEC, get_camera, njy_per_electron
+from apdask.tools.simulate import DARKTIME, EXPTIME, SKY_ELECTRONS
 
 __all__ = ["expected_snr", "psf_image", "psf_noise_factors"]
 
@@ -19,9 +23,6 @@ __all__ = ["expected_snr", "psf_image", "psf_noise_factors"]
 # --------------------------------------------------------------------------------------
 def _noise_model(repo, band, camera_name):
     """Per-detector noise parameters of the simulated data (electrons)."""
-    from apdask.core.camera import get_camera, njy_per_electron
-    from apdask.tools.simulate import DARKTIME, EXPTIME, SKY_ELECTRONS
-
     camera = get_camera(camera_name)
     meta = _sim_meta(repo)
     rn2 = {d.name: float(np.mean([a.read_noise**2 for a in d.amplifiers])) for d in camera}
@@ -84,18 +85,15 @@ def psf_image(profile: str, fwhm_arcsec: float, half: int = _PSF_HALF) -> np.nda
     -------
     numpy.ndarray
     """
-    from apdask.core.camera import PIXEL_SCALE_ARCSEC
-
     fwhm = float(fwhm_arcsec)
     n = 2 * half + 1
     if profile == "apdask":
-        from scipy.special import erf
-
         s2 = np.sqrt(2.0) * fwhm / 2.3548 / PIXEL_SCALE_ARCSEC
         d = np.arange(-half, half + 1, dtype=float)
         g = 0.5 * (erf((d + 0.5) / s2) - erf((d - 0.5) / s2))
         img = g[:, None] * g[None, :]
     else:
+        # optional: galsim comes with the 'sim' extra
         import galsim
 
         gsp = galsim.GSParams(maximum_fft_size=16384)
@@ -238,8 +236,6 @@ def expected_snr(
 
 def _numeric_factors(psf, fwhm_big_px, fwhm_small_px):
     """:func:`psf_noise_factors` over arrays of FWHMs (px), one evaluation per rounded pair."""
-    from apdask.core.camera import PIXEL_SCALE_ARCSEC
-
     fb, fs = np.broadcast_arrays(
         np.asarray(fwhm_big_px, float) * PIXEL_SCALE_ARCSEC,
         np.asarray(fwhm_small_px, float) * PIXEL_SCALE_ARCSEC,
@@ -255,8 +251,6 @@ def _numeric_factors(psf, fwhm_big_px, fwhm_small_px):
 
 def _truth_snr(truth, model):
     """Expected difference SNR of every truth row (uses the FWHM model of the simulator)."""
-    from apdask.core.camera import PIXEL_SCALE_ARCSEC
-
     lo, hi = model["fwhm_range"]
     det = np.asarray(truth["detector"]).astype(str)
     nx = np.array([model["shape"][d][1] for d in det], float)

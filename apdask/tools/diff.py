@@ -12,21 +12,34 @@ folder and renames it to ``--out``: a failure writes nothing.  See
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from astropy.io import fits
+from astropy.table import Table
 
 from apdask import config
+from apdask.core.exposure import Exposure, mask_plane_cards
 from apdask.core.jsonsafe import json_ready
+from apdask.core.records import SubtractionInfo
 from apdask.exceptions import PsfFitError
-from apdask.io.foreign import read_exposure
+from apdask.io.foreign import read_exposure, read_psf
+from apdask.pipeline.isr import mask_cosmic_rays
+from apdask.pipeline.measure.detection import detect_sources, matched_filter
+from apdask.pipeline.measure.sources import measure_sources
+from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
 from apdask.pipeline.quality import assess, enforce, snr_sigma
 from apdask.pipeline.register import match_template
+from apdask.pipeline.subtract.difference import subtract
 
 __all__ = ["diff", "DiffResult", "write_outputs", "run_cli"]
 
@@ -45,20 +58,18 @@ _FLUX_COLS = ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr", "scienceFlux", "sc
 class DiffResult:
     """What :func:`diff` returns: the images, the DiaSources and the report."""
 
-    difference: object
-    sources: object
-    report: dict
-    science: object
-    template: object
-    info: dict = field(default_factory=dict)
+    difference: Exposure
+    sources: Table
+    report: dict[str, Any]
+    science: Exposure
+    template: Exposure
+    info: SubtractionInfo
 
 
 def _exposure(x, options, psf):
     if isinstance(x, str | os.PathLike):
         return read_exposure(x, psf=psf, **(options or {}))
     if psf is not None:
-        from apdask.io.foreign import read_psf
-
         stamp = read_psf(psf) if isinstance(psf, str | os.PathLike) else np.asarray(psf, float)
         x = x.copy_with(psf=stamp / stamp.sum())
     return x
@@ -99,12 +110,6 @@ def diff(science, template, *, science_options=None, template_options=None, scie
     apdask.exceptions.SubtractionQualityError
         The subtraction failed a QA check (``apdask.subtract.qa.*``).
     """
-    from apdask.pipeline.isr import mask_cosmic_rays
-    from apdask.pipeline.measure.detection import detect_sources, matched_filter
-    from apdask.pipeline.measure.sources import measure_sources
-    from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
-    from apdask.pipeline.subtract.difference import subtract
-
     t0 = time.perf_counter()
     sci = _exposure(science, science_options, science_psf)
     tpl0 = _exposure(template, template_options, template_psf)
@@ -116,7 +121,7 @@ def diff(science, template, *, science_options=None, template_options=None, scie
     try:  # as visit._subtract
         if sci.psf is None:
             model = estimate_psf_model(sci)
-            sci = sci.copy_with(psf=model.mean, meta={**sci.meta, "psf_model": model})
+            sci = sci.copy_with(psf=model.mean, psf_model=model)
             sci = mask_cosmic_rays(sci, sharpest_fwhm_px(model.psfs))
         else:
             sci = mask_cosmic_rays(sci, sharpest_fwhm_px(sci.psf[None]))
@@ -133,11 +138,9 @@ def diff(science, template, *, science_options=None, template_options=None, scie
     # hold the per-pixel variance, below the noise at the PSF scale that detection sees.
     # The S/N map's robust σ measures the ratio; the variance is rescaled by its square
     sig = snr_sigma(matched)
-    info["variance_correction"] = 1.0
     if correct_noise and sig is not None and abs(sig - 1.0) > float(config.get(
             "subtract.qa.snr_sigma_correct")):  # fmt: skip
-        info["variance_correction"] = sig * sig
-        info["snr_map_sigma_before"] = sig
+        info = dataclasses.replace(info, variance_correction=sig * sig, snr_map_sigma_before=sig)
         difference = difference.copy_with(variance=difference.variance * np.float32(sig * sig))
         matched = matched_filter(difference)
     dets = detect_sources(difference, matched=matched)
@@ -156,7 +159,7 @@ def diff(science, template, *, science_options=None, template_options=None, scie
             "coverage": tpl.meta.get("coverage"),
         },  # fmt: skip
         "qa": qa,
-        "subtraction": {k: v for k, v in info.items() if k not in ("kernel", "timing")},
+        "subtraction": info.as_dict(),
         "n_sources": len(sources),
         "snr_map_robust_sigma": qa["snr_map_sigma"],
         "n_pixels_abs_snr_above_5": int(
@@ -178,8 +181,6 @@ def _describe(e):
 
 
 def _source_table(sources, difference, qa=None):
-    from astropy.table import Table
-
     tab = Table(sources, copy=True)
     unit = difference.meta.get("unit", "nJy")
     funit = "nJy" if unit == "nJy" else {"count": "ct", "electron": "electron"}.get(unit, unit)
@@ -199,8 +200,6 @@ def _source_table(sources, difference, qa=None):
 
 
 def _difference_hdus(result):
-    from astropy.io import fits
-
     d = result.difference
     head = d.wcs.to_header(relax=True) if d.wcs is not None else fits.Header()
     head["BUNIT"] = d.meta.get("unit", "nJy")
@@ -209,13 +208,12 @@ def _difference_hdus(result):
     hdus.append(fits.ImageHDU(np.asarray(d.variance, np.float32), head, name="VARIANCE"))
     mh = head.copy()
     del mh["BUNIT"]
-    from apdask.core.exposure import mask_plane_cards
 
     for key, value, comment in mask_plane_cards():
         mh[key] = (value, comment)
     hdus.append(fits.ImageHDU(np.asarray(d.mask, np.int32), mh, name="MASK"))
     hdus.append(fits.ImageHDU(np.asarray(d.psf, np.float32), name="PSF"))
-    hdus.append(fits.ImageHDU(np.asarray(result.info["kernel"], np.float32), name="KERNEL"))
+    hdus.append(fits.ImageHDU(np.asarray(result.info.kernel, np.float32), name="KERNEL"))
     return fits.HDUList(hdus)
 
 
@@ -270,8 +268,6 @@ def run_cli(args):
             }.items()  # fmt: skip
             if v is not None
         }
-    import sys
-    import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

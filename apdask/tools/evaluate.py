@@ -34,7 +34,10 @@ from typing import Any
 
 import numpy as np
 from astropy.table import Table
+from scipy.spatial import cKDTree
 
+from apdask.alerts.sinks import read_alerts
+from apdask.core.camera import get_camera
 from apdask.core.geometry import unit_vectors
 from apdask.tools._eval_metrics import (
     _arcsec,
@@ -111,8 +114,6 @@ def match_truth(
         ``n_truth``, ``n_recovered``, ``fraction``, and per-match arrays
         ``sep_arcsec``, ``flux_true``, ``flux_meas``, ``flux_err``.
     """
-    from scipy.spatial import cKDTree
-
     sel = np.isin(np.asarray(truth["kind"]).astype(str), kinds)
     t = truth[sel]
     ra = np.array([s["ra"] for s in dia_sources], dtype=float)
@@ -148,8 +149,6 @@ def match_truth(
 # --------------------------------------------------------------------------------------
 def _alerts_of(repo, visit):
     """Alerts of one visit and the detector ids that have an alert file (processed CCDs)."""
-    from apdask.alerts.sinks import read_alerts
-
     path = os.path.join(repo, "alerts", f"visit_{visit}")
     if not os.path.isdir(path):
         msg = f"no alerts for visit {visit} under {path}; run `apdask process-visit` first"
@@ -222,7 +221,6 @@ def evaluate_visit(
     camera_name = _camera_of(repo, visit)
     alerts, processed = _alerts_of(repo, visit)
     sources = [a["diaSource"] for a in alerts]
-    from apdask.core.camera import get_camera
 
     camera = get_camera(camera_name)
     processed |= {int(s["detector"]) for s in sources}

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 
 from apdask.core.exposure import MASK
+from apdask.io.foreign import read_exposure
+from apdask.pipeline.psf import psf_fwhm, shifted_psf
+from apdask.tools.diff import diff
 
 __all__ = ["injection_test", "inject_point_sources"]
 
@@ -26,8 +29,6 @@ def inject_point_sources(exposure, psf, x, y, flux, *, seed=0):
     ``gain`` (e⁻ per count) the sources' Poisson noise is added and their variance put in
     the variance plane (``flux_scale`` converts the image's units to counts).
     """
-    from apdask.pipeline.psf import shifted_psf
-
     rng = np.random.default_rng(seed)
     img = np.array(exposure.image, np.float64)
     var = np.array(exposure.variance, np.float64)
@@ -77,10 +78,6 @@ def injection_test(science, template, *, snr=(5, 7, 10, 20, 50), per_bin=20, per
         ``snr_measured_median``; ``n_false_new`` (detections in the runs not present in
         the plain difference nor matched to an injection).
     """
-    from apdask.io.foreign import read_exposure
-    from apdask.pipeline.psf import psf_fwhm
-    from apdask.tools.diff import diff
-
     if isinstance(science, str | os.PathLike):
         science = read_exposure(science, **(science_options or {}))
     if isinstance(template, str | os.PathLike):
@@ -93,7 +90,7 @@ def injection_test(science, template, *, snr=(5, 7, 10, 20, 50), per_bin=20, per
     psf_d = np.asarray(d.psf, float)
     fwhm = float(psf_fwhm(psf_d))
     # flux error of a PSF fit on the difference: sqrt(var) / sqrt(Σ P²) (white noise)
-    var_c = base.info.get("variance_correction", 1.0)
+    var_c = base.info.variance_correction
     ny, nx = d.shape
     bad = (d.mask & (MASK["EDGE"] | MASK["NO_DATA"] | MASK["SAT"] | MASK["BAD"])) != 0
     p2 = float((psf_d**2).sum())

@@ -147,14 +147,14 @@ def test_kernel_stamps_reuse_the_psf_models_stars():
              "isolation": 25.0}  # fmt: skip
     model = PsfGrid(np.ones((1, 1, 5, 5)) / 25, [100.0], [100.0], stars=stars)
     sci = Exposure(np.zeros((200, 200)), np.ones((200, 200)), np.zeros((200, 200), np.uint32),
-                   None, None, {"psf_model": model})  # fmt: skip
+                   None, None, psf_model=model)  # fmt: skip
     bad = np.zeros((200, 200), bool)
     bad[100, 150] = True  # within 20 px of the fourth star
     got = _model_stars(sci, 22.0, 0.01, 20, bad)
     # the 2nd is too near the edge, the 3rd has a 5 % neighbour, the 4th a bad pixel
     np.testing.assert_array_equal(got["x"], [50.2])
     assert _model_stars(sci, 30.0, 0.01, 20, bad) is None  # searched less isolated
-    assert _model_stars(sci.copy_with(meta={}), 22.0, 0.01, 20, bad) is None
+    assert _model_stars(sci.copy_with(psf_model=None), 22.0, 0.01, 20, bad) is None
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -292,7 +292,7 @@ def test_batched_psf_fits_equal_one_at_a_time(planes):
                        [np.exp(-0.5 * (xx**2 + yy**2) / s**2) for s in (2.2, 2.6)]])  # fmt: skip
     stamps /= stamps.sum(axis=(2, 3), keepdims=True)
     model = PsfGrid(stamps, [40.0, 120.0], [50.0, 150.0])
-    exp = Exposure(img, var, mask, None, stamps[0, 0], {"psf_model": model})
+    exp = Exposure(img, var, mask, None, stamps[0, 0], psf_model=model)
     x = np.array([30.2, 80.7, 101.3, 0.4, 156.2, 60.0, 41.9])
     y = np.array([30.9, 90.1, 101.6, 5.0, 202.4, 12.2, 40.1])  # CR, SAT, edges, NaN, bad
     bkg = fit_background(np.nan_to_num(img), mask, box=32, lazy=True)

@@ -22,7 +22,7 @@ from apdask.cli.common import partial_failure_code
 from apdask.cli.main import main
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, mask_bits
-from apdask.exceptions import NoTemplateCoverageError
+from apdask.exceptions import NoTemplateCoverageError, ProductWriteError
 from apdask.io.butler import Butler
 from apdask.pipeline.graph import build_visit_graph
 from apdask.pipeline.isr import isr_amp
@@ -293,3 +293,25 @@ def test_psf_failure_names_the_ccd_and_the_reason(repo, visit_msg, capsys):
     assert err.startswith("apdask: error: CCD T00, visit 1000: science image: PSF estimation")
     assert "only 0 bright isolated unmasked stars (need 5)" in err and err.count("\n") == 1
     _nothing_stored(repo, "T00")
+
+
+# --------------------------------------------------------------------------------------
+# Image products
+
+
+def test_unwritable_products_fail_the_ccd_after_its_alerts(repo, visit_msg):
+    """A difference image that cannot be written is not a silent loss: the CCD fails with
+    exit code 73 (ProductWriteError), after its alerts and PPDB rows went out."""
+    blocker = os.path.join(repo, "products-blocked")
+    with open(blocker, "w") as fh:
+        fh.write("a file where the products directory should be")
+    with (
+        dask.config.set({"apdask.products.dir": blocker}),
+        pytest.raises(ProductWriteError, match="cannot write the difference image") as e,
+    ):
+        run_visit(NextVisit.from_dict(visit_msg), repo=repo, timeout=10)
+    assert e.value.exit_code == 73 and "also failed: T01 (ProductWriteError)" in str(e.value)
+    # the alerts and PPDB rows went out before the images were written
+    counts = Ppdb.open(ensure_ppdb(repo)).apdb.tableRowCount()
+    n_alerts = sum(len(_ccd_alerts(repo, ccd)) for ccd in ("T00", "T01"))
+    assert n_alerts > 0 and counts["DiaSource"] == n_alerts

@@ -14,6 +14,8 @@ from astropy.nddata import CCDData
 from lsst.alert.packet import Schema
 
 from apdask.alerts.sinks import read_alerts
+from apdask.exceptions import ProductNotFoundError
+from apdask.io.butler import Butler
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import ensure_ppdb, run_visit
 from apdask.ppdb import Ppdb
@@ -120,6 +122,39 @@ def test_second_visit_associates_with_first(processed):
     assert with_history, "persistent transients should carry their earlier DIASources"
     first_ids = {a["diaSourceId"] for a in _alerts(repo, processed["visits"][0]["visit"])}
     assert any(p["diaSourceId"] in first_ids for a in with_history for p in a["prvDiaSources"])
+
+
+def test_difference_images_come_back_as_ccddata_with_the_alerts_on_them(processed):
+    """Issue 15: the difference of every CCD is kept (default products.kinds) and read
+    back with its WCS, variance and PSF; each bright alert sits on a positive peak of it
+    at the pixel its WCS gives."""
+    repo = processed["repo"]
+    butler = Butler(repo)
+    n_checked = 0
+    for rep, v in zip(processed["reports"], processed["visits"], strict=True):
+        by_det = {c["detector"]: c for c in rep["ccds"]}
+        for det in v["detectors"]:
+            assert set(by_det[det]["products"]) == {"difference"}
+            ccd = butler.get("difference", visit=v["visit"], detector=det)
+            assert ccd.wcs is not None and ccd.wcs.has_celestial
+            assert str(ccd.unit) == "nJy"
+            assert ccd.psf is not None and ccd.psf.sum() == pytest.approx(1.0, abs=1e-3)
+            sigma = np.sqrt(ccd.uncertainty.array)
+            for a in _alerts(repo, v["visit"]):
+                src = a["diaSource"]
+                if src["detector"] != by_det[det]["detector_id"] or src["psfFlux"] < 0:
+                    continue
+                if src["psfFlux"] / src["psfFluxErr"] < 20:
+                    continue
+                x, y = ccd.wcs.world_to_pixel_values(src["ra"], src["dec"])
+                assert abs(x - src["x"]) < 0.3 and abs(y - src["y"]) < 0.3
+                iy, ix = int(round(float(y))), int(round(float(x)))
+                box = (slice(iy - 2, iy + 3), slice(ix - 2, ix + 3))
+                assert np.max(ccd.data[box] / sigma[box]) > 5.0
+                n_checked += 1
+    assert n_checked >= 10
+    with pytest.raises(ProductNotFoundError, match="this visit has difference_"):
+        butler.get("science", visit=processed["visits"][0]["visit"], detector=det)
 
 
 def _count_rows(repo):

@@ -11,6 +11,12 @@ The passes live in private modules by stage (``_difference``, ``_detection``,
 ``_isr``; the thread settings in ``_threads``) and are re-exported here.
 """
 
+import os
+from types import ModuleType
+
+from apdask._kernels.fused import _detection as _det_mod
+from apdask._kernels.fused import _difference as _diff_mod
+from apdask._kernels.fused import _isr as _isr_mod
 from apdask._kernels.fused._detection import above, dilate, matched_inputs, segments, snr_map
 from apdask._kernels.fused._difference import (
     combine_masks,
@@ -29,6 +35,7 @@ from apdask._kernels.fused._isr import (
 from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
 
 __all__ = [
+    "compiled_on_disk",
     "allocated_cpus",
     "inner_threads",
     "one_blas_thread",
@@ -48,3 +55,25 @@ __all__ = [
     "tile_add",
     "tile_product",
 ]
+
+
+def _dispatchers(module: ModuleType) -> list[object]:
+    return [v for v in vars(module).values() if hasattr(v, "py_func") and hasattr(v, "_cache")]
+
+
+def compiled_on_disk() -> bool:
+    """Whether every cached numba kernel has an index in numba's on-disk cache.
+
+    False before the first run in an environment (the kernels then compile, about a
+    minute on two cores) and when the cache cannot be located.  Reads numba's cache
+    locator (a private attribute, hence the broad fallback).
+    """
+    try:
+        paths = [
+            d._cache._cache_file._index_path  # type: ignore[attr-defined]
+            for m in (_det_mod, _diff_mod, _isr_mod)
+            for d in _dispatchers(m)
+        ]
+    except AttributeError:  # another numba: say nothing rather than guess
+        return True
+    return bool(paths) and all(os.path.exists(p) for p in paths)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
+import dask.config
 import numba
 import threadpoolctl
 
@@ -47,6 +48,7 @@ def _worker_share(cpus: int) -> int | None:
     the job's CPUs; :func:`apdask.services.batch.jobqueue_cluster` sets it).
     """
     try:
+        # lazy: distributed costs ~0.6 s of import, and only a Dask worker has one
         from distributed import get_worker
 
         worker = get_worker()
@@ -73,8 +75,6 @@ def inner_threads() -> int:
     ``os.cpu_count()``: inside a one-CPU SLURM job on a 64-core node that would
     start 64 threads.
     """
-    import dask.config
-
     configured = dask.config.get("apdask.compute.inner_threads", None)
     if configured is not None:
         return max(1, int(configured))

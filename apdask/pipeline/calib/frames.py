@@ -9,8 +9,11 @@ import numpy as np
 from scipy import ndimage
 
 from apdask import config
+from apdask.core.exposure import MASK
 from apdask.core.stats import robust_sigma
 from apdask.exceptions import HeaderMismatchError
+from apdask.io.raw import overscan
+from apdask.pipeline.isr import DARK_HOT, FLAT_BAD, isr_arrays
 
 __all__ = ["INTENTS", "amp_metrics", "calib_frame"]
 
@@ -50,8 +53,6 @@ def _robust_sigma(x):
 
 def _read_noise_e(segment, amp):
     """Read noise (e⁻) from the serial overscan: robust σ after removing the row level."""
-    from apdask.io.raw import overscan
-
     osc = np.asarray(overscan(segment, amp), np.float64)
     if osc.size == 0:
         return None
@@ -196,8 +197,6 @@ def calib_frame(
     mask : numpy.ndarray
         uint32 ISR mask.
     """
-    from apdask.pipeline.isr import isr_arrays
-
     det = raw.detector
     if intent == "bias":
         img, _, mask = isr_arrays(raw.amps, det)
@@ -228,8 +227,6 @@ def calib_frame(
 
 def _known_defects(masters):
     """Pixels the masters already flag (hot in the dark, dead or bad in the flat)."""
-    from apdask.pipeline.isr import DARK_HOT, FLAT_BAD
-
     known = np.zeros(np.shape(masters["bias"]), bool)
     if "dark" in masters:
         dark = np.asarray(masters["dark"])
@@ -241,6 +238,4 @@ def _known_defects(masters):
 
 
 def _ignore_bits():
-    from apdask.core.exposure import MASK
-
     return MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"]

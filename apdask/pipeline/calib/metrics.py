@@ -89,6 +89,7 @@ def _produce(
     spool: str | None,
     timeout: float,
 ) -> str:
+    # lazy: only a Kafka metrics sink needs the client
     from confluent_kafka import KafkaException, Producer
 
     errors: list[str] = []

@@ -11,7 +11,8 @@ import dask
 
 from apdask import config
 from apdask.core.camera import check_band
-from apdask.exceptions import ConfigurationError, HeaderMismatchError
+from apdask.exceptions import ConfigurationError
+from apdask.io.raw_header import check_raw_header
 from apdask.pipeline.calib.frames import (
     _MASTER,
     INTENTS,
@@ -30,23 +31,11 @@ log = logging.getLogger("apdask.pipeline.calib")
 
 
 def _check_header(meta, detector, intent, band, exptime, name):
+    """Check the raw's header (:func:`~apdask.io.raw_header.check_raw_header`); its exptime."""
     from apdask.io.raw import effective_exptime
 
-    if meta.detector_name != detector.name:
-        msg = (
-            f"raw {name} has DETNAME={meta.detector_name} but --ccd {detector.name} was "
-            "given; pass the image of that CCD"
-        )
-        raise HeaderMismatchError(msg)
-    if meta.imgtype != INTENTS[intent]:
-        msg = (
-            f"raw {name} has IMGTYPE={meta.imgtype} but --intent {intent} was given; "
-            f"pass --intent {meta.imgtype.lower()} or the right image"
-        )
-        raise HeaderMismatchError(msg)
-    if band is not None and meta.band != band:
-        msg = f"raw {name} has FILTBAND={meta.band} but --filter {band} was given"
-        raise HeaderMismatchError(msg)
+    check_raw_header(meta, detector, band, name=name, imgtype=INTENTS[intent], intent=intent,
+                     ccd_option=True)  # fmt: skip
     actual = effective_exptime(meta) if intent in ("flat", "cbp") else meta.exptime
     if exptime is not None and abs(actual - exptime) > 0.01 * max(exptime, 1e-9):
         log.warning(

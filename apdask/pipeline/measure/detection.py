@@ -59,7 +59,7 @@ def _filtered(difference, psf, sat_grow=None):
     filt, vfilt = np.empty(img.shape, np.float32), np.empty(img.shape, np.float32)
     jobs = [(filt, [(None, None, [(0, p)])]), (vfilt, [(None, None, [(1, p * p)])])]
     convolve_tiles([img, var], jobs, threads=tile_threads())
-    sources = difference.meta.get("bright_sources")
+    sources = difference.bright_sources
     if sources is not None:
         _bright_variance(filt, vfilt, bad, sources, psf)
     return filt, snr_map(filt, vfilt, bad), bad

@@ -247,9 +247,11 @@ def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None, full=False):
 
 def _ap_corr(difference):
     """Aperture corrections ``(difference, science)`` recorded by ``subtract`` (1 if absent)."""
-    meta = difference.meta if difference is not None else {}
-    c_d = float(meta.get("ap_corr", 1.0))
-    return c_d, float(meta.get("ap_corr_science", c_d))
+    if difference is None:
+        return 1.0, 1.0
+    c_d = float(difference.ap_corr)
+    c_s = difference.ap_corr_science
+    return c_d, c_d if c_s is None else float(c_s)
 
 
 def _apply_aperture_correction(tab, difference):

@@ -23,7 +23,7 @@ def _qa_figures(
     ap: tuple[float, float, int, float],
     sources: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The subtraction's QA record (``info`` of :func:`subtract`, less ``timing``).
+    """The QA fields of the subtraction's :class:`SubtractionInfo`.
 
     ``fit`` is (kernel sum in the science calibration, kernel size, stamp χ², stamps
     used, background coefficients, residual background coefficients); ``psfs`` the
@@ -41,7 +41,6 @@ def _qa_figures(
         "fwhm_template": fw_t,
         "fwhm_difference": float(psf_fwhm(psf_d)),
         "direction": direction,
-        "preconvolved": False,
         "decorrelated": bool(decorrelate),
         "background": [float(c) for c in bgc],
         "background_residual": [float(c) for c in bg_res],

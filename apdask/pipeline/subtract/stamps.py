@@ -139,7 +139,7 @@ def _model_stars(science, isolation, contrast, border, bad):
     needs every star, and the PSF search, made with a fixed FWHM guess, can miss
     one or two.)
     """
-    stars = getattr(science.meta.get("psf_model"), "stars", None)
+    stars = getattr(science.psf_model, "stars", None)
     if stars is None or stars.get("isolation", 0.0) < isolation or "neighbour" not in stars:
         return None
     ny, nx = science.shape
