@@ -222,7 +222,11 @@ def _add_data_commands(sub):
     q.add_argument("--repo", required=True, help="Butler repository with a DRP catalog")
     q.add_argument("--ppdb", required=True, help="PPDB config file or SQLAlchemy URL")
     p = sub.add_parser("bench", help="run benchmarks/ and report the figures against targets")
-    p.add_argument("--only", help="comma list of: association, ppdb, alerts, subtract, distributor")
+    p.add_argument(
+        "--only",
+        help="comma list of: association, ppdb, alerts, subtract, "
+        "distributor, ccd (default: all but ccd, which takes minutes)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
     p.add_argument("--dir", help="the benchmarks/ directory (default: the source checkout's)")
     p.add_argument("--out", default="bench-report.json", help="JSON report (default %(default)s)")

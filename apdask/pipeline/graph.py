@@ -38,6 +38,7 @@ from apdask.pipeline.tasks import (
     header_task,
     prefetch_task,
     read_amp_task,
+    science_psf_task,
     subtract_task,
     warp_task,
 )
@@ -109,7 +110,8 @@ def ccd_tasks(
         )
     calibrated = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
     warped = step(warp_task, "warp")(calibrated, prefetch)
-    sub = step(subtract_task, "subtract")(calibrated, warped, cfg)
+    science = step(science_psf_task, "psf")(calibrated)  # beside the warp
+    sub = step(subtract_task, "subtract")(science, warped, cfg)
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
     assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)
     packets = step(package_task, "package")(sub, assoc, prefetch, cfg)
@@ -126,7 +128,7 @@ def ccd_tasks(
         root = cfg.products.root(where.repo)
         products = step(save_products_task, "products")(published, sub, header, det, root, cfg)
     return step(report_task, "report")(
-        published, stored, assoc, sent, header, calibrated, warped, sub, measured, prefetch,
+        published, stored, assoc, sent, header, science, warped, sub, measured, prefetch,
         det, products,
     )  # fmt: skip
 

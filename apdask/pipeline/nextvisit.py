@@ -26,6 +26,7 @@ from apdask.exceptions import (
     UnknownFilterError,
     UsageError,
 )
+from apdask.io.raw import raw_name
 
 __all__ = ["MAX_GROUP_ID_LENGTH", "NextVisit", "visit_time_window"]
 
@@ -339,8 +340,6 @@ class NextVisit:
 
     def image_names(self, detector_name):
         """Raw image names of one CCD (one per snap), by the simulator's convention."""
-        from apdask.io.raw import raw_name
-
         return [
             raw_name(self.instrument, self.visit, detector_name, s) for s in range(self.nimages)
         ]

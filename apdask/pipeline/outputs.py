@@ -27,7 +27,6 @@ from apdask.core.camera import Detector
 from apdask.core.faults import fault_point
 from apdask.core.records import (
     Association,
-    Calibrated,
     CcdReport,
     Measurement,
     Prefetch,
@@ -313,7 +312,7 @@ def report_task(
     assoc: Any,
     packets: Any,
     header: RawHeader,
-    calibrated: Calibrated,
+    calibrated: Any,
     warped: Any,
     sub: Any,
     measured: Any,
@@ -326,8 +325,8 @@ def report_task(
     ``products`` is what :func:`apdask.pipeline.products.save_products_task` returned
     (None when no image products are kept).
     """
-    failed = next((x for x in (published, stored, assoc, packets, warped, sub, measured,
-                               products) if isinstance(x, CcdFailure)), None)  # fmt: skip
+    failed = next((x for x in (published, stored, assoc, packets, warped, calibrated, sub,
+                               measured, products) if isinstance(x, CcdFailure)), None)  # fmt: skip
     if failed is not None:
         err = failed.error
         if isinstance(err, PpdbUnavailableError):

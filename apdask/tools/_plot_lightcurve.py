@@ -115,6 +115,7 @@ def light_curve(sources, *, ax=None, fig=None, title=None, figsize=(7, 4)):
 
 def _mag_axis(ax):
     """Secondary AB-magnitude axis, ticked only where the visible flux is positive."""
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
     from matplotlib.ticker import FixedLocator, MaxNLocator
 
     def forward(f):

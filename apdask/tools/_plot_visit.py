@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from apdask.core.camera import get_camera
 from apdask.tools._plot_base import _figure, _matplotlib
 
 __all__ = ["focal_plane", "stage_timings"]
@@ -55,11 +56,10 @@ def focal_plane(
         Its axes hold one ``PatchCollection`` of the detectors that have a value
         (``get_array()`` is their values) and one of the others.
     """
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
     from matplotlib.collections import PatchCollection
 
     if isinstance(camera, str):
-        from apdask.core.camera import get_camera
-
         camera = get_camera(camera)
     dets = list(camera)
     vals = _detector_values(values, camera, dets)
@@ -102,6 +102,7 @@ def _detector_values(values, camera, dets):
 
 def _detector_rectangles(dets, vals):
     """Each detector's rectangle in mm: ``(with a value, without, their values)``."""
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
     from matplotlib.patches import Rectangle
 
     on, off, arr = [], [], []
