@@ -23,6 +23,7 @@ from apdask.pipeline.outputs import (
     associate_task,
     package_task,
     publish_task,
+    recover_task,
     report_task,
     store_task,
 )
@@ -114,14 +115,20 @@ def ccd_tasks(
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
     assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)
     packets = step(package_task, "package")(sub, assoc, prefetch, cfg)
-    stored = step(store_task, "store")(assoc, packets, header, det, where.ppdb, replace, cfg)
-    published = step(publish_task, "publish")(stored, packets, header, det, where.alerts, cfg)
+    stored = step(store_task, "store")(
+        assoc, packets, header, det, where.ppdb, replace, cfg, where.alerts
+    )
+    # the packets of the stored rows when an earlier run stored the CCD but sent nothing
+    sent = step(recover_task, "recover")(
+        stored, packets, sub, prefetch, header, det, where.ppdb, cfg
+    )
+    published = step(publish_task, "publish")(stored, sent, header, det, where.alerts, cfg)
     products = None
     if cfg.products.kinds:
         root = cfg.products.root(where.repo)
         products = step(save_products_task, "products")(published, sub, header, det, root, cfg)
     return step(report_task, "report")(
-        published, stored, assoc, packets, header, science, warped, sub, measured, prefetch,
+        published, stored, assoc, sent, header, science, warped, sub, measured, prefetch,
         det, products,
     )  # fmt: skip
 
@@ -175,8 +182,10 @@ def build_visit_graph(
     images : dict, optional
         Image names per CCD name (one per snap); default ``NextVisit.image_names``.
     replace : bool
-        Replace the CCDs' earlier PPDB rows instead of skipping stored CCDs
-        (see :meth:`apdask.ppdb.database.Ppdb.store`).
+        Replace the CCDs' earlier PPDB rows (and forget their done records) instead
+        of keeping the stored rows (see :meth:`apdask.ppdb.database.Ppdb.store`).
+        Without it, a CCD the PPDB already holds is not stored again: its alerts
+        are re-made from the stored rows and sent (``recover_task``).
     config : PipelineConfig, optional
         Stage settings; default :meth:`PipelineConfig.resolve` now, on this process.
     check : callable, optional

@@ -1,9 +1,10 @@
 """Running visit graphs: the driver shared by ``process-ccd``, ``process-visit`` and ``demo``.
 
-The driver is an I/O edge: it decides which CCDs still need processing (a CCD whose
-rows are already in the PPDB and whose alert file exists is skipped, so re-running
-is safe), builds the graph with :func:`apdask.pipeline.graph.build_visit_graph`, computes it
-on a scheduler and collects per-stage timings from the task stream.
+The driver is an I/O edge: it decides which CCDs still need processing (a CCD that
+is done, its rows committed and its alerts delivered, is skipped, so re-running is
+safe; :func:`pending_detectors`), builds the graph with
+:func:`apdask.pipeline.graph.build_visit_graph`, computes it on a scheduler and collects
+per-stage timings from the task stream.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import dask
 from dask.delayed import Delayed
 
 from apdask import config
+from apdask.alerts.sinks import sink_from_uri
 from apdask.config import Locations
+from apdask.exceptions import ConfigurationError
 from apdask.pipeline.graph import build_visit_graph
 from apdask.pipeline.warm import warm_plugin
+from apdask.ppdb import Ppdb
 
 __all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
 
@@ -40,25 +44,48 @@ def ensure_ppdb(repo=None, ppdb=None):
     return cfg_file
 
 
-def _alert_file(sink_uri, visit, detector_id):
-    if not sink_uri.startswith("file://"):
-        return None
-    return os.path.join(sink_uri[len("file://") :], f"visit_{visit}", f"{visit}_{detector_id}.avro")
+def pending_detectors(next_visit, ppdb, sink_uri, *, repo=None):
+    """CCDs of a visit that are not done: processing them again is what is left to do.
 
+    A CCD is done when the sink holds its done record (written after its PPDB rows
+    were committed and its alerts delivered, durably spooled or written; see
+    :mod:`apdask.alerts.done`) and the PPDB holds its rows (a CCD without alerts
+    needs none).  A CCD stored by a run that then crashed is pending: re-running it
+    re-sends its alerts from the stored rows without storing them again.
 
-def pending_detectors(next_visit, ppdb, sink_uri):
-    """CCDs of a visit not yet fully processed (PPDB rows and alert file both present)."""
-    from apdask.ppdb import Ppdb
+    Parameters
+    ----------
+    next_visit : apdask.pipeline.nextvisit.NextVisit
+    ppdb : str
+        The PPDB (config file or URL).
+    sink_uri : str
+        The alert sink, as the graph gets it (:class:`apdask.config.Locations`).
+    repo : str, optional
+        The repository, to find the default spool (and with it the done records) of a
+        ``kafka://`` URI that names no ``spool_dir``; default ``apdask.repo``.
 
+    Returns
+    -------
+    list of str
+        The pending CCDs' names, in the visit's order.
+    """
+    if str(sink_uri).startswith("kafka://") and "spool_dir=" not in str(sink_uri):
+        with contextlib.suppress(ConfigurationError):  # no repository: the sink's default
+            sink_uri = Locations.resolve(repo, ppdb=ppdb, alerts=sink_uri).alerts
     db = Ppdb.open(ppdb)
+    sink = sink_from_uri(sink_uri)
     todo = []
-    for name in next_visit.detectors:
-        det = next_visit.camera[name]
-        stored = db.contains_visit_detector(next_visit.visit, det.id)
-        alert_file = _alert_file(sink_uri, next_visit.visit, det.id)
-        written = alert_file is None or os.path.exists(alert_file)
-        if not (stored and written):
-            todo.append(name)
+    try:
+        for name in next_visit.detectors:
+            det = next_visit.camera[name]
+            record = sink.is_done(next_visit.visit, det.id)
+            if record is None or (
+                record.get("n_alerts") != 0
+                and not db.contains_visit_detector(next_visit.visit, det.id)
+            ):
+                todo.append(name)
+    finally:
+        sink.close()
     return todo
 
 
@@ -118,7 +145,7 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
         Image names per CCD name; default by the simulator's naming convention.
     replace : bool
         Re-process every wanted CCD, replacing its PPDB rows in one transaction
-        (default False: CCDs already stored with their alert file are skipped).
+        (default False: CCDs that are done are skipped, see :func:`pending_detectors`).
     config : apdask.config.PipelineConfig, optional
         Stage settings, resolved once here on the driver by default.
     result_timeout : float, optional

@@ -222,7 +222,7 @@ class _Listener:
         kw = self.kw
         check = self._checker(nv)
         try:
-            pending = pending_detectors(nv, kw["ppdb"], kw["alerts"])
+            pending = pending_detectors(nv, kw["ppdb"], kw["alerts"], repo=kw.get("repo"))
             check()
             graph = build_visit_graph(nv, **kw, detectors=pending, check=check)
             check()
