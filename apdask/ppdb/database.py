@@ -31,6 +31,7 @@ import sqlalchemy.exc
 from astropy.time import Time
 
 from apdask import config
+from apdask.core.camera import get_camera
 from apdask.exceptions import ConfigurationError, PpdbError
 from apdask.ppdb.fast import CopyFrame
 from apdask.ppdb.reads import PpdbReads
@@ -62,6 +63,7 @@ def region_for(detector, ra, dec, rotpa=0.0, padding_arcsec=None):
     lsst.sphgeom.ConvexPolygon
         Convex hull of the padded footprint corners.
     """
+    # lazy: lsst.sphgeom comes with lsst.dax.apdb (~1.8 s of import)
     from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
 
     pad = float(config.get("ppdb.region_padding_arcsec", padding_arcsec))
@@ -187,8 +189,6 @@ class Ppdb(PpdbReads, PpdbSql):
                 msg = f"CCD {ccd!r} given by name: pass camera= (e.g. 'lsstcam') too"
                 raise ValueError(msg)
             if isinstance(camera, str):
-                from apdask.core.camera import get_camera
-
                 camera = get_camera(camera)
             detector = camera[ccd]
         region = region_for(detector, ra, dec, rotpa, padding_arcsec)

@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
 from apdask import config
 from apdask.exceptions import ConfigurationError
 
@@ -133,9 +136,6 @@ def ensure_topic(bootstrap, topic, partitions=1, timeout=10.0, max_message_bytes
     bool
         True if the topic was created.
     """
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
     limit = int(config.get("alerts.kafka.batch_bytes", max_message_bytes))
     admin = AdminClient({"bootstrap.servers": bootstrap, **security_config()})
     if topic in admin.list_topics(timeout=timeout).topics:
@@ -169,8 +169,6 @@ def topic_max_message_bytes(bootstrap, topic, timeout=10.0):
         1,048,588 (``KAFKA_DEFAULT_MAX_MESSAGE_BYTES``), which any default
         Kafka topic accepts.
     """
-    from confluent_kafka.admin import AdminClient, ConfigResource
-
     admin = AdminClient({"bootstrap.servers": bootstrap, **security_config()})
     try:
         fut = admin.describe_configs([ConfigResource("topic", topic)], request_timeout=timeout)

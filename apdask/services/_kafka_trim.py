@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 
+from astropy.io import fits
+
 from apdask.alerts.packets import encode_alert
 
 __all__ = ["CUTOUTS", "trim_alert"]
@@ -15,8 +17,6 @@ __all__ = ["CUTOUTS", "trim_alert"]
 
 def _crop_stamp(stamp, size):
     """Crop a FITS stamp (all 2-D HDUs of the image's shape) to the central ``size``."""
-    from astropy.io import fits
-
     with fits.open(io.BytesIO(stamp)) as hdul:
         shape = hdul[0].data.shape
         if shape[0] <= size:

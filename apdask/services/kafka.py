@@ -43,6 +43,8 @@ import struct
 import time
 from pathlib import Path
 
+from confluent_kafka import KafkaException, Producer
+
 from apdask import config
 from apdask.alerts.done import DoneRecords
 from apdask.alerts.packets import encode_alert
@@ -236,8 +238,6 @@ class KafkaSink:
 
     def producer(self):
         """The confluent-kafka Producer, created on first use (recreated after a fatal error)."""
-        from confluent_kafka import Producer
-
         if self._producer is None or self._fatal is not None:
             self._fatal = None
             self._producer = Producer(self._config())
@@ -300,8 +300,6 @@ class KafkaSink:
         failed : dict of int to str
             Index to the reason it was not acknowledged.
         """
-        from confluent_kafka import KafkaException
-
         producer = self.producer()
         acked, failed = [], {}
         pending = set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from dask.utils import key_split
 
 from apdask.core.camera import get_camera
 from apdask.tools._plot_base import _figure, _matplotlib
@@ -231,8 +232,6 @@ def stage_timings(timings, *, ax=None, fig=None, title=None, figsize=None):
 
 def _stream_rows(records):
     """``(row labels, [(row, stage, start, stop, action)])`` of task-stream records."""
-    from dask.utils import key_split
-
     if isinstance(records, Mapping) or not all(isinstance(r, Mapping) for r in records):
         msg = (
             "records must be a list of task-stream dicts (distributed.get_task_stream's "
