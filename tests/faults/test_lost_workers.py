@@ -122,6 +122,44 @@ def test_local_cluster_worker_sigkilled_after_its_ppdb_commit(after_1000, undist
           f"{time.monotonic() - t0:.1f} s, {report['n_alerts']} alerts, identical")  # fmt: skip
 
 
+def test_a_visit_given_up_after_a_lost_worker_exits_75_and_a_rerun_completes_it(
+    after_1000, undisturbed, tmp_path, monkeypatch, capsys
+):
+    """With ``allowed-failures`` 0 Dask gives up the task whose worker died: ``apdask
+    process-visit`` exits 75 (``WorkerLostError``) in one line, the CCD's rows are
+    committed without its alerts, and running the same command again completes the visit
+    with contents identical to an undisturbed run."""
+    from apdask.cli.main import main
+    from apdask.pipeline.run import pending_detectors
+
+    repo, mark = after_1000, str(tmp_path / "fault.json")
+    monkeypatch.setenv("APDASK_FAULT_MODE", "sigkill")
+    monkeypatch.setenv("APDASK_FAULT_MARK", mark)
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    argv = ["process-visit", "--next-visit", os.path.join(repo, "visits", f"visit_{VISIT}.json"),
+            "--repo", repo, "--timeout", "30", "--json", "-"]  # fmt: skip
+    with dask.config.set({"distributed.worker.preload": [PRELOAD],
+                          "distributed.scheduler.allowed-failures": 0}):  # fmt: skip
+        code = main(argv)
+    err = capsys.readouterr().err
+    with open(mark) as f:
+        lost = json.load(f)["key"]
+    assert code == 75, err[-2000:]
+    assert f"apdask: error: visit {VISIT}: Dask workers died while running {lost}" in err
+    assert "allowed-failures = 0" in err and "re-run it" in err and "Traceback" not in err
+    nv = _nv(repo, VISIT)
+    assert lost.rsplit("-", 1)[1] in pending_detectors(nv, os.path.join(repo, "ppdb", "apdb.yaml"),
+                                                       f"file://{repo}/alerts")  # fmt: skip
+    monkeypatch.delenv("APDASK_FAULT_MODE")
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads(capsys.readouterr().out)
+    stored = {c["detector"]: c["stored"] for c in report["ccds"]}
+    assert stored[lost.rsplit("-", 1)[1]] is False  # committed by the first run, not again
+    got = _contents(repo)
+    for name in ("DiaSource", "DiaObject", "DiaForcedSource", "alerts"):
+        assert got[name] == undisturbed[name], name
+
+
 @pytest.mark.service
 @pytest.mark.parametrize("mode", ["scancel", "sigkill"])
 def test_slurm_visit_survives_a_lost_worker_job(slurm, after_1000, undisturbed, tmp_path, mode):
