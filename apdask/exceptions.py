@@ -30,6 +30,7 @@ __all__ = [
     "PpdbLockTimeoutError",
     "JobSubmissionError",
     "ClusterTimeoutError",
+    "WorkerLostError",
     "InputImageError",
     "NoCelestialWcsError",
     "UnknownUnitsError",
@@ -174,6 +175,17 @@ class ClusterTimeoutError(ApdaskError, TimeoutError):
     """Batch workers did not start, or the visit did not finish, within the configured time."""
 
     exit_code = 75  # EX_TEMPFAIL
+
+
+class WorkerLostError(ApdaskError):
+    """Dask workers died under one task more often than ``allowed-failures`` permits.
+
+    Dask reruns the tasks of a lost worker on the others; a task whose workers died
+    under it more than ``distributed.scheduler.allowed-failures`` (3) times is given up
+    (``KilledWorker``).  The CCDs already stored and delivered are kept: re-run the visit.
+    """
+
+    exit_code = 75  # EX_TEMPFAIL: re-run it
 
 
 class InputImageError(ApdaskError):

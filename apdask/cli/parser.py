@@ -141,6 +141,14 @@ def _add_run_commands(sub):
     p.add_argument("--distributor", help="http://HOST:PORT or file://DIR (default <repo>/raw)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
     p.add_argument("--scheduler-address", help="use a running Dask scheduler instead")
+    p.add_argument("--cluster", choices=["local", "slurm", "htcondor"], default="local",
+                   help="local: a LocalCluster of --workers (default); slurm, htcondor: a warm, "
+                   "adaptive pool of worker jobs (apdask.submit.minimum_jobs..maximum_jobs) on "
+                   "your jobqueue.yaml, kept between visits")  # fmt: skip
+    p.add_argument("--scheduler-host", help="--cluster: address workers reach the scheduler on")
+    p.add_argument("--mem", help="--cluster: memory per worker job (default jobqueue.yaml)")
+    p.add_argument("--walltime", help="--cluster: time limit per worker job")
+    p.add_argument("--partition", help="--cluster slurm: partition of the worker jobs")
     p.add_argument("--offset", choices=["latest", "earliest"],
                    help="where to start reading the topic (default latest)")  # fmt: skip
     p.add_argument("--max-visits", type=int, help="exit after this many visits finished")

@@ -143,10 +143,18 @@ def listen_command(args):
               timeout=args.timeout, max_visits=args.max_visits, idle_exit=args.idle_exit,
               offset=args.offset)  # fmt: skip
     if args.scheduler_address:
+        if args.cluster != "local":
+            raise UsageError(
+                f"--cluster {args.cluster} starts its own warm pool of worker jobs; "
+                "drop --scheduler-address, or drop --cluster to use that scheduler"
+            )
         with open_client(args.scheduler_address) as client:
             summary = listen(args.kafka, args.topic, client=client, **kw)
-    else:  # listen() starts the LocalCluster itself, after checking its arguments and settings
-        summary = listen(args.kafka, args.topic, workers=check_workers(args.workers), **kw)
+    else:  # listen() starts its cluster itself, after checking its arguments and settings
+        options = {"partition": args.partition, "memory": args.mem, "walltime": args.walltime,
+                   "scheduler_host": args.scheduler_host}  # fmt: skip
+        summary = listen(args.kafka, args.topic, workers=check_workers(args.workers),
+                         cluster=args.cluster, cluster_options=options, **kw)  # fmt: skip
     print(jsonsafe.dumps(summary))
     if summary["abandoned"]:  # stopped by a signal before they finished: say so, exit 75
         names = ", ".join(str(a["visit"]) for a in summary["abandoned"])

@@ -163,6 +163,9 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
     ------
     NoTemplateCoverageError, PsfFitError
         If every processed CCD failed so (the first CCD's error; the message names it).
+    WorkerLostError
+        With ``client``: Dask gave a task up after its workers died under it more than
+        ``distributed.scheduler.allowed-failures`` times (``KilledWorker``).
     """
     where = Locations.resolve(
         repo, ppdb=ensure_ppdb(repo, ppdb), alerts=alerts, distributor=distributor, timeout=timeout
@@ -187,10 +190,13 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
             report = dask.compute(graph, scheduler="threads")[0]
         else:
             # lazy: distributed costs ~0.6 s of import, and the threaded scheduler needs none
-            from distributed import get_task_stream
+            from distributed import KilledWorker, get_task_stream
 
-            with get_task_stream(client) as ts:
-                report = _compute_with_progress(client, graph, on_ccd, result_timeout)
+            try:
+                with get_task_stream(client) as ts:
+                    report = _compute_with_progress(client, graph, on_ccd, result_timeout)
+            except KilledWorker as err:
+                raise _worker_lost(next_visit, err) from None
             stages = _stage_times(ts.data)
     report["skipped"] = skipped
     report["wall_s"] = time.time() - t0
@@ -216,6 +222,22 @@ def _compute_with_progress(client, graph, on_ccd, timeout):
         on_ccd(fut.result())
     left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
     return futures[0].result(timeout=left)
+
+
+def _worker_lost(next_visit, err):
+    """The :class:`~apdask.exceptions.WorkerLostError` of a visit given up by Dask."""
+    from apdask.exceptions import WorkerLostError
+
+    key = getattr(err, "task", None) or (err.args[0] if err.args else "?")
+    limit = getattr(err, "allowed_failures", None)
+    if limit is None:
+        limit = dask.config.get("distributed.scheduler.allowed-failures")
+    msg = (f"visit {next_visit.visit}: Dask workers died while running {key} more than "
+           f"distributed.scheduler.allowed-failures = {limit} times, so the visit was given "
+           "up; re-run it (apdask process-visit or submit with the same nextVisit): the CCDs "
+           "already stored and delivered are skipped, a CCD stored without its alerts gets "
+           "them")  # fmt: skip
+    return WorkerLostError(msg)
 
 
 def _raise_if_all_failed(report):

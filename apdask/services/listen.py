@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from apdask.config import ListenConfig, get
 from apdask.core.files import atomic_write
 from apdask.exceptions import ApdaskError, ConfigurationError, UsageError
+from apdask.services._listen_cluster import check_cluster, listen_cluster
 from apdask.services._listen_stop import StopRequest, install_signals
 
 if TYPE_CHECKING:  # for annotations only: importing them here would load the pipeline
@@ -337,6 +338,8 @@ def listen(
     max_message_bytes: int | None = None,
     build_timeout: float | None = None,
     stop_grace: float | None = None,
+    cluster: str = "local",
+    cluster_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Consume nextVisit events and run each new visit on a Dask cluster.
 
@@ -350,7 +353,7 @@ def listen(
         As for :func:`apdask.pipeline.run.run_visit`; ``repo`` is required and the PPDB is
         created up front if it does not exist.
     client : distributed.Client, optional
-        Cluster to run on; default a LocalCluster of ``workers`` processes.
+        Cluster to run on; default the listener's own (``cluster``).
     max_visits : int, optional
         Return once this many accepted visits have finished (done or failed).
     idle_exit : float, optional
@@ -372,6 +375,14 @@ def listen(
     stop_grace : float, optional
         Seconds the visits in flight get after a stop request, then they are cancelled
         and listed under ``abandoned``; default ``apdask.listen.stop_grace_s``.
+    cluster : {"local", "slurm", "htcondor"}, optional
+        Without ``client``: ``local``, a LocalCluster of ``workers`` processes; else a
+        warm, adaptive dask-jobqueue pool of ``apdask.submit.minimum_jobs`` to
+        ``maximum_jobs`` worker jobs on the operator's ``jobqueue.yaml``, started before
+        the first message is read and kept between visits
+        (:func:`apdask.services.batch.jobqueue_pool`).
+    cluster_options : dict, optional
+        The pool's ``partition``, ``memory``, ``walltime`` and ``scheduler_host``.
 
     Returns
     -------
@@ -385,7 +396,9 @@ def listen(
     ------
     ConfigurationError
         No repository, the topic does not appear within ``topic_wait``, or an
-        ``apdask.listen.*`` setting out of range.
+        ``apdask.listen.*`` or pool ``apdask.submit.*`` setting out of range.
+    JobSubmissionError, ClusterTimeoutError
+        The pool's first worker jobs were refused, or none started in time.
     """
     from apdask.pipeline.run import ensure_ppdb
 
@@ -396,6 +409,7 @@ def listen(
         stop_grace_s=stop_grace,
     )
     repo = _checked_repo(get("repo", repo), max_visits, idle_exit)
+    pool = check_cluster(cluster, client, cluster_options)
     ppdb = ensure_ppdb(repo, ppdb)
     alerts = get("alerts.sink", alerts) or f"file://{repo}/alerts"
     stop = StopRequest(stop_event or threading.Event(), cfg.stop_grace_s)
@@ -404,9 +418,8 @@ def listen(
     own = None
     try:
         if client is None:  # first: "listening on" means ready to run visits
-            from apdask.services.batch import open_client
-
-            own = open_client(n_workers=workers)
+            own = listen_cluster(cluster, pool, workers=workers, repo=repo,
+                                 options=cluster_options)  # fmt: skip
             client = own.__enter__()
         parts = _assign(consumer, topic, cfg.offset, topic_wait)
         log.info("listening on %s topic %s partitions %s from %s", kafka, topic, parts, cfg.offset)

@@ -280,6 +280,32 @@ def test_listen_checks_its_arguments_before_connecting(places, extra, code, word
 
 
 @pytest.mark.parametrize(
+    ("pre", "post", "code", "words"),
+    [
+        ([], ["--cluster", "slurm", "--scheduler-address", "tcp://127.0.0.1:9"], 64,
+         "--cluster slurm starts its own warm pool"),
+        ([], ["--mem", "2GB"], 64, "--mem apply only to --cluster slurm or htcondor"),
+        (["--set", "submit.minimum_jobs=3", "--set", "submit.maximum_jobs=2"],
+         ["--cluster", "slurm"], 78, "apdask.submit.minimum_jobs (3) exceeds"),
+        (["--set", "submit.maximum_jobs=0"], ["--cluster", "htcondor"], 78,
+         "apdask.submit.maximum_jobs must be a whole number of jobs >= 1"),
+        (["--set", "submit.idle_release_s=-1"], ["--cluster", "slurm"], 78,
+         "apdask.submit.idle_release_s must be > 0"),
+    ],
+)  # fmt: skip
+def test_listen_checks_its_pool_before_connecting(places, pre, post, code, words):
+    """``listen --cluster``: bad pool options and settings exit at once, before a broker is
+    reached (none listens on port 9) or a job is submitted."""
+    try:
+        got, out, err = _run([*pre, "listen", "--kafka", "127.0.0.1:9", "--repo",
+                              places["repo"], *post])  # fmt: skip
+    finally:
+        dask.config.refresh()  # --set changed this process's configuration
+    _assert_clean_failure(got, err)
+    assert got == code and words in err and out == "", err
+
+
+@pytest.mark.parametrize(
     ("extra", "words"),
     [(["--workers", "0"], "--workers must be >= 1"), (["--visits", "0"], "--visits must be >= 1"),
      (["--seed", "-1"], "--seed must be >= 0")],

@@ -91,7 +91,7 @@ def test_good_message_parses():
 def _hold_back_raws(repo, visit):
     """Move a visit's raws out of the distributor directory; return a function that
     copies them back (the camera delivering them) and returns the time it did."""
-    raw, held = os.path.join(repo, "raw"), os.path.join(repo, "held")
+    raw, held = os.path.join(repo, "raw"), os.path.join(repo, f"held_{visit}")
     os.makedirs(held)
     names = [n for n in os.listdir(raw) if f"_{visit}_" in n]
     for n in names:
@@ -326,3 +326,66 @@ def test_sigterm_stops_the_listener_within_its_grace(repo, sim_repo, kafka_broke
     counts = Ppdb.open(os.path.join(repo, "ppdb", "apdb.yaml")).apdb.tableRowCount()
     assert counts.get("DiaSource", 0) == 0
     print(f"\nlisten SIGTERM, a visit in flight, grace 2 s: exit 75 after {stopped_after:.1f} s")
+
+
+@pytest.mark.service
+def test_listen_on_a_warm_slurm_pool_serves_consecutive_visits(slurm, kafka_broker, tmp_path):
+    """``apdask listen --cluster slurm``: the pool's two worker jobs start before the first
+    nextVisit and serve three visits announced at a cadence (images 3 s after each
+    nextVisit); no further job is submitted, and none is left when the listener exits."""
+    from apdask.tools.simulate import simulate_repo
+
+    repo = str(tmp_path / "repo")
+    visits = simulate_repo("testcam", repo, n_visits=3, seed=11)
+    deliveries = [_hold_back_raws(repo, nv["visit"]) for nv in visits]
+    topic = f"next-visit-{uuid.uuid4().hex[:8]}"
+    _create_topic(kafka_broker, topic)
+    exe = os.path.join(os.path.dirname(sys.executable), "apdask")
+    log_path = tmp_path / "listen.log"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [exe, "-v", "--set", "submit.minimum_jobs=2", "--set", "submit.maximum_jobs=2",
+             "listen", "--cluster", "slurm", "--scheduler-host", "127.0.0.1", "--mem", "2GB",
+             "--kafka", kafka_broker, "--topic", topic, "--repo", repo, "--timeout", "120",
+             "--max-visits", "3", "--offset", "earliest"],
+            stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+        )  # fmt: skip
+    name = f"apdask-pool-{proc.pid}"
+    try:
+        deadline = time.monotonic() + 180  # imports, the pool's first worker job, assign()
+        while "listening on" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        warm = _slurm_jobs(name)
+        t0 = time.time()
+        for i, (nv, deliver) in enumerate(zip(visits, deliveries, strict=True)):
+            time.sleep(max(0.0, t0 + 12.0 * i - time.time()))  # the cadence, scaled down
+            _produce(kafka_broker, topic, [json.dumps({**nv, "timestamp": time.time()}).encode()])
+            time.sleep(3.0)  # the exposure
+            deliver()
+        out, _ = proc.communicate(timeout=360)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = log_path.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "warm pool apdask-pool-" in stderr
+    summary = json.loads(out)
+    assert summary["failed"] == [] and len(summary["done"]) == 3, summary
+    assert sorted(d["visit"] for d in summary["done"]) == [nv["visit"] for nv in visits]
+    assert all(d["n_alerts"] > 0 for d in summary["done"])
+    jobs = _slurm_jobs(name, all_states=True)
+    assert warm and set(warm) <= set(jobs) and len(jobs) == 2, (warm, jobs)  # one pool, 2 jobs
+    assert not any(state in ("RUNNING", "PENDING") for state in jobs.values()), jobs
+    latencies = {d["visit"]: round(d["nextvisit_to_done_s"], 1) for d in summary["done"]}
+    print(f"\nlisten --cluster slurm, 2 warm jobs, 3 visits 12 s apart: nextVisit -> done "
+          f"{latencies} s; jobs {sorted(jobs)}")  # fmt: skip
+
+
+def _slurm_jobs(name, all_states=False):
+    """``{job id: state}`` of the SLURM jobs called ``name`` (``-t all``: ended ones too)."""
+    cmd = ["squeue", "-h", "-n", name, "-o", "%i %T", *(["-t", "all"] if all_states else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
