@@ -21,7 +21,7 @@ from dask.utils import key_split
 from apdask import config, exceptions
 from apdask.alerts.sinks import sink_from_uri
 from apdask.config import Locations
-from apdask.exceptions import ConfigurationError
+from apdask.exceptions import ConfigurationError, WorkerLostError
 from apdask.pipeline.graph import build_visit_graph
 from apdask.pipeline.warm import warm_plugin
 from apdask.ppdb import Ppdb, create_ppdb
@@ -226,8 +226,6 @@ def _compute_with_progress(client, graph, on_ccd, timeout):
 
 def _worker_lost(next_visit, err):
     """The :class:`~apdask.exceptions.WorkerLostError` of a visit given up by Dask."""
-    from apdask.exceptions import WorkerLostError
-
     key = getattr(err, "task", None) or (err.args[0] if err.args else "?")
     limit = getattr(err, "allowed_failures", None)
     if limit is None:

@@ -21,6 +21,7 @@ import warnings
 
 from apdask import config
 from apdask.exceptions import ClusterTimeoutError, ConfigurationError, JobSubmissionError
+from apdask.pipeline.run import run_visit
 from apdask.services._batch_settings import (
     _JOBQUEUE_KEY,
     SCHEDULERS,
@@ -44,6 +45,7 @@ def _check_interface(scheduler, interface, scheduler_options):
     """
     if not interface or "host" in scheduler_options or "interface" in scheduler_options:
         return
+    # lazy: psutil (a dependency of distributed) only checks an interface name
     import psutil
 
     names = sorted(psutil.net_if_addrs())
@@ -100,6 +102,7 @@ def jobqueue_cluster(scheduler, *, job_dir, n_jobs=None, partition=None, memory=
         cluster (e.g. a network interface this machine lacks).
     """
     try:
+        # optional: dask-jobqueue comes with the 'jobqueue' extra
         import dask_jobqueue
     except ImportError:
         msg = "dask-jobqueue is not installed; pip install 'apdask[jobqueue]'"
@@ -327,9 +330,8 @@ def _scale(cluster, out):
 def _drive_visit(cluster, errors, next_visit, scheduler, out, *, repo, ppdb, alerts,
                  distributor, timeout, wait_timeout, worker_timeout):  # fmt: skip
     """Once the first worker joined, compute the visit on the cluster; its report to ``out``."""
+    # lazy: distributed costs ~0.6 s of import; only the jobqueue route needs it
     from distributed import Client
-
-    from apdask.pipeline.run import run_visit
 
     with Client(cluster) as client:
         t0 = time.time()

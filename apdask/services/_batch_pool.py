@@ -122,6 +122,7 @@ def jobqueue_pool(scheduler: str = "slurm", *, job_dir: str, size: PoolSize | No
     ClusterTimeoutError
         No worker started within ``worker_timeout_s`` (exit 75); the jobs are cancelled.
     """
+    # lazy: distributed costs ~0.6 s of import; only the warm pool needs it
     from distributed import Client
 
     if scheduler not in SCHEDULERS:

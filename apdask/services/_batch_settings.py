@@ -14,6 +14,7 @@ import shutil
 from typing import Any
 
 import dask.config
+from dask.utils import parse_bytes
 
 from apdask import config
 from apdask.core.files import atomic_write
@@ -27,8 +28,6 @@ VIAS = ("native", "jobqueue")
 
 def _mem_mb(memory):
     """HTCondor ``request_memory`` (MiB, rounded down), as dask-jobqueue's HTCondor jobs."""
-    from dask.utils import parse_bytes
-
     return max(1, int(parse_bytes(str(memory)) // 2**20))
 
 
@@ -39,8 +38,6 @@ def slurm_memory(memory):
     ``3G``, ``500MB`` -> ``477M``), so that both routes of ``apdask submit`` ask
     SLURM for the same memory.
     """
-    from dask.utils import parse_bytes
-
     n = parse_bytes(str(memory))
     for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
         if n >= size:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from apdask import config
 from apdask.exceptions import UsageError
 from apdask.services.batch import PoolSize, jobqueue_pool, open_client
 
@@ -66,7 +67,6 @@ def listen_cluster(cluster: str, size: PoolSize | None, *, workers: int, repo: s
         with open_client(n_workers=workers) as client:
             yield client
         return
-    from apdask import config
 
     job_dir = os.path.abspath(config.get("submit.job_dir") or os.path.join(repo, "jobs", "listen"))
     with jobqueue_pool(cluster, job_dir=job_dir, size=size, **dict(options or {})) as client:

@@ -38,9 +38,14 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+
 from apdask.config import ListenConfig, get
 from apdask.core.files import atomic_write
 from apdask.exceptions import ApdaskError, ConfigurationError, UsageError
+from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.pipeline.run import ensure_ppdb, pending_detectors
 from apdask.services._listen_cluster import check_cluster, listen_cluster
 from apdask.services._listen_stop import StopRequest, install_signals
 
@@ -79,8 +84,6 @@ def parse_next_visit(value: bytes | str | None, max_bytes: int | None = None) ->
     apdask.exceptions.ApdaskError
         Unknown camera or CCD, bad coordinates or filter.
     """
-    from apdask.pipeline.nextvisit import NextVisit
-
     if value is None:
         raise UsageError("empty message; a nextVisit is a JSON object")
     data = value if isinstance(value, bytes | bytearray) else str(value).encode("utf-8", "replace")
@@ -102,8 +105,6 @@ def parse_next_visit(value: bytes | str | None, max_bytes: int | None = None) ->
 
 
 def _consumer(kafka, group_id):
-    from confluent_kafka import Consumer
-
     return Consumer(
         {
             "bootstrap.servers": kafka,
@@ -116,8 +117,6 @@ def _consumer(kafka, group_id):
 
 def _assign(consumer, topic, offset, wait):
     """Assign every partition of ``topic``, waiting up to ``wait`` s for it to exist."""
-    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException, TopicPartition
-
     start = {"earliest": OFFSET_BEGINNING, "latest": OFFSET_END}.get(offset)
     if start is None:
         raise ValueError(f"offset must be earliest or latest, got {offset!r}")
@@ -216,9 +215,6 @@ class _Listener:
         return check
 
     def submit(self, nv):
-        from apdask.pipeline.graph import build_visit_graph
-        from apdask.pipeline.run import pending_detectors
-
         t0 = time.time()
         kw = self.kw
         check = self._checker(nv)
@@ -400,8 +396,6 @@ def listen(
     JobSubmissionError, ClusterTimeoutError
         The pool's first worker jobs were refused, or none started in time.
     """
-    from apdask.pipeline.run import ensure_ppdb
-
     cfg = ListenConfig.resolve(
         offset=offset,
         max_message_bytes=max_message_bytes,

@@ -283,8 +283,11 @@ def test_worker_that_never_starts_times_out(slurm, repo):
 @pytest.mark.parametrize("via", ["native", "jobqueue"])
 def test_visit_past_its_wait_timeout_ends_and_cancels_its_jobs(slurm, repo, via):
     nv = os.path.join(repo, "visits", "visit_1000.json")
+    empty = os.path.join(repo, "no-images-yet")  # the images never come: the visit waits
+    os.makedirs(empty)
     args = ["submit", "--scheduler", "slurm", "--via", via, "--next-visit", nv, "--repo", repo,
-            "--mem", "1GB", "--scheduler-host", "127.0.0.1"]  # fmt: skip
+            "--mem", "1GB", "--scheduler-host", "127.0.0.1", "--distributor", f"file://{empty}",
+            "--timeout", "120"]  # fmt: skip
     if via == "native":
         args.append("--wait")
     proc, wall = _cli(args, timeout=240, DASK_APDASK__SUBMIT__WAIT_TIMEOUT_S="3")
