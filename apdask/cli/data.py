@@ -9,12 +9,13 @@ import shutil
 import sys
 from typing import Any
 
-from apdask.cli.common import repo_camera
+from apdask.cli.common import check_workers, repo_camera
 from apdask.core import jsonsafe
 from apdask.exceptions import UsageError
 from apdask.io.butler import Butler
 from apdask.ppdb import Ppdb, create_ppdb
 from apdask.tools.bench import format_summary, run_benchmarks
+from apdask.tools.demo import run_demo
 from apdask.tools.evaluate import evaluate_visit
 from apdask.tools.simulate import simulate_repo
 
@@ -131,3 +132,13 @@ def bench_command(args):
     print(f"full report: {args.out}")
     failed = [n for n, b in result["benchmarks"].items() if b["returncode"] != 0]
     return 70 if failed else 0
+
+
+def demo_command(args):
+    check_workers(args.workers)
+    if args.visits < 1:
+        raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}; e.g. --seed 42")
+    run_demo(args.dir, camera=args.camera, n_visits=args.visits, seed=args.seed,
+             workers=args.workers)  # fmt: skip

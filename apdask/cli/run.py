@@ -1,9 +1,13 @@
-"""Commands that run the pipeline: process-ccd, -visit, -calib, listen, submit, demo."""
+"""Commands that run the pipeline on one CCD or one visit: process-ccd, process-visit.
+
+The other long-running commands have modules of their own (``cli/services.py``:
+listen and submit; ``cli/calib.py``: process-calib; ``cli/data.py``: demo), so that a
+batch ``process-ccd`` imports only what it runs.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -11,7 +15,6 @@ import sys
 import threading
 import time
 
-from apdask import config
 from apdask.cli.common import check_workers, partial_failure_code, repo_camera
 from apdask.config import Locations
 from apdask.core import jsonsafe
@@ -20,17 +23,10 @@ from apdask.exceptions import UsageError
 from apdask.io.distributor import check_image_for_ccd, open_distributor
 from apdask.io.raw import read_raw
 from apdask.io.raw_header import check_raw_header
-from apdask.pipeline.calib import process_calib
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import local_cluster, run_visit
 from apdask.pipeline.warm import warm_kernels
-from apdask.services.batch import open_client, submit_visit
-from apdask.services.listen import listen
-from apdask.tools.demo import run_demo
 from apdask.tools.progress import VisitProgress, compile_note, visit_table, write_report
-
-#: ``apdask listen`` stopped by a signal with visits abandoned (docs/errors.md).
-EX_TEMPFAIL = 75
 
 
 def process_ccd_command(args):
@@ -125,65 +121,3 @@ def performance(path):
             yield
     finally:
         sizeof_log.setLevel(level)
-
-
-def process_calib_command(args):
-    report = process_calib(
-        args.intent, args.ccd, args.image, repo=config.get("repo", args.repo),
-        distributor=args.distributor, band=args.band, exptime=args.exptime,
-        metrics=args.metrics, timeout=args.timeout,
-    )  # fmt: skip
-    print(json.dumps({k: report[k] for k in ("intent", "detector", "image", "verdict",
-                      "failures", "report_path", "metrics_sink")}, indent=1))  # fmt: skip
-    return 0 if report["verdict"] == "pass" else 3
-
-
-def listen_command(args):
-    kw = dict(repo=args.repo, ppdb=args.ppdb, alerts=args.alerts, distributor=args.distributor,
-              timeout=args.timeout, max_visits=args.max_visits, idle_exit=args.idle_exit,
-              offset=args.offset)  # fmt: skip
-    if args.scheduler_address:
-        if args.cluster != "local":
-            raise UsageError(
-                f"--cluster {args.cluster} starts its own warm pool of worker jobs; "
-                "drop --scheduler-address, or drop --cluster to use that scheduler"
-            )
-        with open_client(args.scheduler_address) as client:
-            summary = listen(args.kafka, args.topic, client=client, **kw)
-    else:  # listen() starts its cluster itself, after checking its arguments and settings
-        options = {"partition": args.partition, "memory": args.mem, "walltime": args.walltime,
-                   "scheduler_host": args.scheduler_host}  # fmt: skip
-        summary = listen(args.kafka, args.topic, workers=check_workers(args.workers),
-                         cluster=args.cluster, cluster_options=options, **kw)  # fmt: skip
-    print(jsonsafe.dumps(summary))
-    if summary["abandoned"]:  # stopped by a signal before they finished: say so, exit 75
-        names = ", ".join(str(a["visit"]) for a in summary["abandoned"])
-        print(
-            f"apdask: error: stopped with {len(summary['abandoned'])} visit(s) abandoned "
-            f"({names}); re-run each with `apdask process-visit` (nextVisit in the summary)",
-            file=sys.stderr,
-        )
-        return EX_TEMPFAIL
-    return 0
-
-
-def submit_command(args):
-    nv = NextVisit.from_json(args.next_visit)
-    out = submit_visit(
-        nv, args.scheduler, args.via, repo=args.repo, distributor=args.distributor,
-        ppdb=args.ppdb, alerts=args.alerts, timeout=args.timeout, job_dir=args.job_dir,
-        partition=args.partition, memory=args.mem, walltime=args.walltime,
-        scheduler_host=args.scheduler_host, wait=args.wait, dry_run=args.dry_run,
-    )  # fmt: skip
-    print(jsonsafe.dumps(out))
-    return 1 if out.get("failed") else 0
-
-
-def demo_command(args):
-    check_workers(args.workers)
-    if args.visits < 1:
-        raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}; e.g. --seed 42")
-    run_demo(args.dir, camera=args.camera, n_visits=args.visits, seed=args.seed,
-             workers=args.workers)  # fmt: skip
