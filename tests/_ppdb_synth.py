@@ -159,3 +159,73 @@ def pg_ppdb(config_path, prefix="apdask", url=PG_URL):
         with engine.begin() as conn:
             conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE'))
         engine.dispose()
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster from the installed binaries: ``url``, and
+    :meth:`stop` / :meth:`start` to take it down and bring it back mid-test."""
+
+    def __init__(self, max_connections=100):
+        import functools
+        import os
+        import shutil
+        import socket
+        import subprocess
+        import tempfile
+
+        import pytest
+
+        try:
+            bindir = subprocess.run(
+                ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError) as err:
+            pytest.skip(f"no PostgreSQL binaries to start a private cluster: {err}")
+        initdb = os.path.join(bindir, "initdb")
+        self.pg_ctl = os.path.join(bindir, "pg_ctl")
+        if not (os.path.exists(initdb) and os.path.exists(self.pg_ctl)):
+            pytest.skip(f"initdb/pg_ctl not found in {bindir}")
+        self.as_user = []
+        self.root = tempfile.mkdtemp(prefix="apdask-pg-")
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.root, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.data = os.path.join(self.root, "data")
+        self.log = os.path.join(self.root, "log")
+        self.options = (
+            f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
+            f"-c max_connections={max_connections} -c fsync=off -c synchronous_commit=off"
+        )
+        self._run = functools.partial(subprocess.run, check=True, capture_output=True)
+        self._run([*self.as_user, initdb, "-D", self.data, "-A", "trust", "-U", "postgres",
+                   "--no-sync"])  # fmt: skip
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+
+    def start(self):
+        self._run([*self.as_user, self.pg_ctl, "-D", self.data, "-w", "-l", self.log, "-o",
+                   self.options, "start"])  # fmt: skip
+
+    def stop(self, mode="fast"):
+        self._run([*self.as_user, self.pg_ctl, "-D", self.data, "-m", mode, "-w", "stop"])
+
+    def remove(self):
+        import shutil
+        import subprocess
+
+        subprocess.run([*self.as_user, self.pg_ctl, "-D", self.data, "-m", "immediate", "-w",
+                        "stop"], capture_output=True, check=False)  # fmt: skip
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_postgres(max_connections=100):
+    """A running :class:`PrivatePostgres`; yields its URL and removes it afterwards."""
+    pg = PrivatePostgres(max_connections)
+    try:
+        pg.start()
+        yield pg.url
+    finally:
+        pg.remove()

@@ -13,8 +13,6 @@ in a fork handler, and that can hang under load.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
 import multiprocessing
 import os
@@ -55,50 +53,6 @@ def _max_connections(engine):
         return int(conn.execute(sqlalchemy.text("SHOW max_connections")).scalar_one())
 
 
-@contextlib.contextmanager
-def _private_postgres(max_connections):
-    """A throwaway PostgreSQL cluster from the installed binaries, allowing
-    ``max_connections`` clients; yields its URL and removes it afterwards."""
-    import shutil
-    import socket
-    import subprocess
-    import tempfile
-
-    try:
-        bindir = subprocess.run(
-            ["pg_config", "--bindir"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as err:
-        pytest.skip(f"no PostgreSQL binaries to start a private cluster: {err}")
-    initdb, pg_ctl = os.path.join(bindir, "initdb"), os.path.join(bindir, "pg_ctl")
-    if not (os.path.exists(initdb) and os.path.exists(pg_ctl)):
-        pytest.skip(f"initdb/pg_ctl not found in {bindir}")
-    as_user = []
-    root = tempfile.mkdtemp(prefix="apdask-pg-")
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    data = os.path.join(root, "data")
-    options = (
-        f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} "
-        f"-c max_connections={max_connections} -c fsync=off -c synchronous_commit=off"
-    )
-    run = functools.partial(subprocess.run, check=True, capture_output=True)
-    try:
-        run([*as_user, initdb, "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"])
-        log = os.path.join(root, "log")
-        run([*as_user, pg_ctl, "-D", data, "-w", "-l", log, "-o", options, "start"])
-        try:
-            yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
-        finally:
-            run([*as_user, pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"])
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture
 def pg_writers_config(tmp_path):
     """A PPDB for one writer per LSSTCam CCD at once: 189 clients.
@@ -118,7 +72,7 @@ def pg_writers_config(tmp_path):
         with synth.pg_ppdb(tmp_path / "apdb.yaml", "apdask_cc") as path:
             yield path, PG_URL
         return
-    with _private_postgres(need + 40) as url:
+    with synth.private_postgres(need + 40) as url:
         yield ppdb.create_ppdb(url, tmp_path / "apdb.yaml", namespace="apdask_cc"), url
 
 
