@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -20,7 +21,7 @@ from apdask.alerts.done import DoneRecords
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, parsed_schema
 from apdask.core.files import atomic_open, remove_stale_temps
-from apdask.exceptions import ConfigurationError
+from apdask.exceptions import AlertDeliveryError, ConfigurationError
 
 if TYPE_CHECKING:  # the schema class, for annotations only
     from lsst.alert.packet import Schema
@@ -106,6 +107,16 @@ class FileSink:
     def __repr__(self) -> str:
         return f"FileSink({str(self.root)!r})"
 
+    def preflight(self, nbytes: int) -> None:
+        """Check, before the PPDB commit, that ``nbytes`` of alerts can be written here.
+
+        Raises
+        ------
+        apdask.exceptions.AlertDeliveryError
+            The directory cannot be made or written, or the disk lacks the room.
+        """
+        check_room(self.root, nbytes, "the alert directory")
+
     def is_done(self, visit: int, detector: int) -> dict[str, Any] | None:
         """The CCD's done record, or None if it has none or its alert file is gone."""
         record = self.done.read(visit, detector)
@@ -177,6 +188,37 @@ def _write_bodies(fh, schema, bodies, codec, per_block=256):
 #: Alert transports by URI scheme: ``"module:factory"``, the factory called as
 #: ``factory(uri, schema=..., spool_dir=...)``.  ``file://`` is built in.
 SINK_BACKENDS = {"kafka": "apdask.services.kafka:KafkaSink.from_uri"}
+
+
+#: Room kept free beyond the alerts themselves (their done record, file-system slack).
+ROOM_MARGIN_BYTES = 1 << 20
+
+
+def check_room(directory: str | os.PathLike[str], nbytes: int, what: str) -> None:
+    """Raise :class:`AlertDeliveryError` unless ``directory`` can take ``nbytes`` more.
+
+    Made if missing; it must be writable and its file system must have ``nbytes`` plus
+    :data:`ROOM_MARGIN_BYTES` free.  Called before a CCD's PPDB commit, so that a sink
+    that cannot take the alerts fails the CCD with nothing stored.
+    """
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path).free
+    except OSError as e:
+        msg = (f"{what} {path} cannot be used ({e.strerror or e}); nothing was stored: fix "
+               "its permissions or point the alerts elsewhere (--alerts)")  # fmt: skip
+        raise AlertDeliveryError(msg) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        msg = (f"{what} {path} is not writable; nothing was stored: fix its permissions or "
+               "point the alerts elsewhere (--alerts)")  # fmt: skip
+        raise AlertDeliveryError(msg)
+    need = int(nbytes) + ROOM_MARGIN_BYTES
+    if free < need:
+        msg = (f"{what} {path} has {free / 1e6:.1f} MB free and this CCD's alerts need "
+               f"{need / 1e6:.1f} MB; nothing was stored: free disk space or point the "
+               "alerts elsewhere (--alerts)")  # fmt: skip
+        raise AlertDeliveryError(msg)
 
 
 def sink_from_uri(

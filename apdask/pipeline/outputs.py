@@ -168,12 +168,20 @@ def store_task(
 ) -> Stored:
     """Write the CCD's sources, new object versions and forced sources in one transaction.
 
-    Takes the packets as an input only to run after them: no row is written for a CCD
-    whose alerts could not be made.  With ``replace``, the CCD's done record in the
+    Takes the packets as an input to run after them (no row is written for a CCD whose
+    alerts could not be made) and to check first that the sink ``sink_uri`` has room
+    for them (:meth:`~apdask.alerts.sinks.FileSink.preflight`): a sink that cannot take
+    them fails the CCD with :class:`~apdask.exceptions.AlertDeliveryError` (74) and
+    nothing stored.  With ``replace``, the CCD's done record in the
     sink ``sink_uri`` is removed first: until the new alerts are sent, the CCD is not
     done.
     """
     t0 = time.time()
+    if sink_uri is not None:  # a sink that cannot take the alerts: fail before the commit
+        with cfg.applied():
+            sink = sink_from_uri(sink_uri)
+            if hasattr(sink, "preflight"):
+                sink.preflight(sum(len(p.body) for p in packets))
     try:
         with cfg.applied():
             if replace and sink_uri is not None:

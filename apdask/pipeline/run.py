@@ -21,6 +21,7 @@ from dask.utils import key_split
 from apdask import config, exceptions
 from apdask.alerts.sinks import sink_from_uri
 from apdask.config import Locations
+from apdask.core.memory import keep_freed_memory
 from apdask.exceptions import ConfigurationError, WorkerLostError
 from apdask.pipeline.graph import build_visit_graph
 from apdask.pipeline.warm import warm_plugin
@@ -167,6 +168,8 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
         With ``client``: Dask gave a task up after its workers died under it more than
         ``distributed.scheduler.allowed-failures`` times (``KilledWorker``).
     """
+    # the allocator policy before any scheduler thread allocates (one arena, kept frames)
+    keep_freed_memory(enabled=None if config is None else config.keep_freed_memory)
     where = Locations.resolve(
         repo, ppdb=ensure_ppdb(repo, ppdb), alerts=alerts, distributor=distributor, timeout=timeout
     )

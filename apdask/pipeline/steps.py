@@ -15,7 +15,12 @@ from typing import Any
 
 from apdask.config import PipelineConfig
 from apdask.core.memory import keep_freed_memory
-from apdask.exceptions import NoTemplateCoverageError, PsfFitError, SubtractionQualityError
+from apdask.exceptions import (
+    AlertDeliveryError,
+    NoTemplateCoverageError,
+    PsfFitError,
+    SubtractionQualityError,
+)
 
 __all__ = ["CCD_DATA_ERRORS", "CcdFailure", "PpdbUnavailableError", "now_mjd", "per_ccd"]
 
@@ -26,6 +31,7 @@ class PpdbUnavailableError(Exception):
 
 #: Errors of one CCD that end that CCD's chain, not the visit's.
 CCD_DATA_ERRORS = (
+    AlertDeliveryError,  # the sink cannot take the CCD's alerts (checked before its commit)
     NoTemplateCoverageError,
     PsfFitError,
     SubtractionQualityError,

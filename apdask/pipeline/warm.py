@@ -20,6 +20,7 @@ from astropy.wcs import WCS
 
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, Exposure
+from apdask.core.memory import keep_freed_memory
 from apdask.pipeline.isr import isr_amp, mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
@@ -110,6 +111,7 @@ def warm_plugin() -> Any:
         name = "apdask-warm-kernels"
 
         def setup(self, worker: Any) -> None:
+            keep_freed_memory()  # the allocator policy before the worker's threads allocate
             threading.Thread(target=_warm_and_log, name="apdask-warm", daemon=True).start()
 
     return WarmKernels()

@@ -49,7 +49,7 @@ from apdask import config
 from apdask.alerts.done import DoneRecords
 from apdask.alerts.packets import encode_alert
 from apdask.alerts.schema import load_schema, schema_id_of
-from apdask.alerts.sinks import SinkResult
+from apdask.alerts.sinks import SinkResult, check_room
 from apdask.alerts.wire import CONFLUENT_HEADER
 from apdask.core.faults import fault_point
 from apdask.exceptions import ConfigurationError
@@ -177,6 +177,15 @@ class KafkaSink:
 
     def __repr__(self):
         return f"KafkaSink('kafka://{self.bootstrap}/{self.topic}')"
+
+    def preflight(self, nbytes: int) -> None:
+        """Check, before the PPDB commit, that the spool could take ``nbytes`` of alerts.
+
+        The broker need not be up (undelivered alerts are spooled), but the spool must
+        be writable with room for the CCD's alerts: else the CCD fails with nothing
+        stored (:class:`~apdask.exceptions.AlertDeliveryError`, exit 74).
+        """
+        check_room(self.spool_dir / self.topic, nbytes, "the alert spool")
 
     def is_done(self, visit, detector):
         """The CCD's done record (its alerts were acknowledged or spooled), or None.

@@ -86,3 +86,22 @@ def test_an_unexpected_error_is_one_line_and_exit_70(monkeypatch, capsys):
     assert err.count("\n") == 1 and "unexpected KeyError" in err and "-v" in err
     assert main(["-v", "simulate", "--repo", "x"]) == 70
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_an_alert_sink_without_room_fails_the_ccd_before_its_ppdb_commit(repo, tiny_fs, capsys):
+    """Issue 19: the sink is checked before the PPDB commit: a full alert disk fails the
+    CCD with AlertDeliveryError (74) and no PPDB row, so nothing waits for a re-send."""
+    from apdask.ppdb import Ppdb
+
+    args = ["process-ccd", "--ccd", "T00", "--ra", "150.0", "--dec", "-30.0", "--filter", "r",
+            "--exptime", "30", "--distributor", f"file://{repo}/raw",
+            "--image", "TestCam_1000_T00_0.fits", "--repo", repo, "--timeout", "5",
+            "--alerts", f"file://{tiny_fs}/alerts"]  # fmt: skip
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 74, err[-3000:]
+    assert "MB free and this CCD's alerts need" in err and "nothing was stored" in err
+    assert "Traceback" not in err
+    ppdb = ensure_ppdb(repo)
+    assert Ppdb.open(ppdb).apdb.tableRowCount().get("DiaSource", 0) == 0
+    assert not list(tiny_fs.rglob("*.avro"))
