@@ -13,6 +13,7 @@ import pytest
 from astropy.nddata import CCDData
 from lsst.alert.packet import Schema
 
+from apdask.alerts.nulls import unexpected_nulls
 from apdask.alerts.sinks import read_alerts
 from apdask.exceptions import ProductNotFoundError
 from apdask.io.butler import Butler
@@ -122,6 +123,21 @@ def test_second_visit_associates_with_first(processed):
     assert with_history, "persistent transients should carry their earlier DIASources"
     first_ids = {a["diaSourceId"] for a in _alerts(repo, processed["visits"][0]["visit"])}
     assert any(p["diaSourceId"] in first_ids for a in with_history for p in a["prvDiaSources"])
+
+
+def test_no_field_is_null_by_accident(processed):
+    """Issue 16: every null field of every alert (diaSource, diaObject, prvDiaSources,
+    prvDiaForcedSources and the packet) is allowed, with its reason, by the one list
+    ``apdask.alerts.nulls.NULL_FIELDS`` (the table in docs/alerts.md)."""
+    repo, n, n_prv, bad = processed["repo"], 0, 0, {}
+    for v in processed["visits"]:
+        for a in _alerts(repo, v["visit"]):
+            n += 1
+            n_prv += len(a["prvDiaSources"] or ())
+            for name in unexpected_nulls(a):
+                bad.setdefault(name.split("].")[-1], a["diaSourceId"])
+    assert n >= 20 and n_prv >= 10  # the second visit's alerts carry history
+    assert not bad, f"null and not in apdask.alerts.nulls.NULL_FIELDS: {bad}"
 
 
 def test_difference_images_come_back_as_ccddata_with_the_alerts_on_them(processed):

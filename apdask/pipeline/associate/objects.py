@@ -101,6 +101,9 @@ def update_objects(
     mean, err = _forced_means(obj_ids, forced_history)
     for j, b in enumerate(BANDS):
         columns[f"{b}_fpFluxMean"], columns[f"{b}_fpFluxMeanErr"] = mean[:, j], err[:, j]
+    mean, err = _science_means(obj_ids, allsrc)
+    for j, b in enumerate(BANDS):
+        columns[f"{b}_scienceFluxMean"], columns[f"{b}_scienceFluxMeanErr"] = mean[:, j], err[:, j]
     columns["diaObjectId"] = obj_ids
     columns["validityStartMjdTai"] = np.full(obj_ids.size, mjd, dtype=np.float64)
     objects_out = _objects_table(columns, obj_ids.size)
@@ -110,7 +113,7 @@ def update_objects(
 def _stack_sources(history: Table | None, sources_out: Table) -> Table:
     """The history and this visit's sources in one table (the aggregated columns)."""
     keep = ["diaObjectId", "ra", "dec", "raErr", "decErr", "midpointMjdTai", "band"]
-    keep += ["psfFlux", "psfFluxErr"]
+    keep += ["psfFlux", "psfFluxErr", "scienceFlux", "scienceFluxErr"]
     parts = []
     for cat in (history, sources_out):
         if cat is None or len(cat) == 0:
@@ -138,6 +141,26 @@ def _forced_means(
     else:
         mean = err = np.full((obj_ids.size, len(BANDS)), np.nan)
     return mean, err
+
+
+def _science_means(obj_ids: np.ndarray, allsrc: Table) -> tuple[np.ndarray, np.ndarray]:
+    """``{b}_scienceFluxMean`` and its error per object and band, ``(n_obj, n_bands)``:
+    the weighted mean of the DiaSources' ``scienceFlux`` (forced PSF flux on the visit
+    image at the DiaSource), as for ``{b}_psfFluxMean``."""
+    n_all = len(allsrc)
+    shape = (obj_ids.size, len(BANDS))
+    if not n_all or "scienceFlux" not in allsrc.colnames:
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    rows, obj = _rows_of(obj_ids, np.asarray(allsrc["diaObjectId"], np.int64))
+    band = _band_codes(_bands(allsrc, n_all)[rows])
+    flux = _col(allsrc, "scienceFlux", n_all)[rows]
+    err = _col(allsrc, "scienceFluxErr", n_all)[rows]
+    good = (band >= 0) & np.isfinite(flux)
+    key = obj[good] * len(BANDS) + band[good]
+    mean, mean_err, _ = _grouped_weighted_mean(
+        key, flux[good], err[good], obj_ids.size * len(BANDS)
+    )
+    return mean.reshape(shape), mean_err.reshape(shape)
 
 
 def _lookup(ids: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -337,6 +360,8 @@ def _objects_table(columns: dict[str, Any], n: int) -> Table:
             f"{b}_psfFluxNdata",
             f"{b}_fpFluxMean",
             f"{b}_fpFluxMeanErr",
+            f"{b}_scienceFluxMean",
+            f"{b}_scienceFluxMeanErr",
             f"{b}_psfFluxMin",
             f"{b}_psfFluxMax",
             f"{b}_psfFluxMaxSlope",

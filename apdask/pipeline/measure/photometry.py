@@ -201,9 +201,10 @@ def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None, full=False):
     Returns ``(flux, flux_err, edge)`` arrays.
 
     ``psfs`` is ``(n, S, S)``; ``bkg`` a :class:`Background` (or None).  With ``full``,
-    also the number of pixels used, χ² and, for Cramér–Rao centroid errors, the sums
-    of the squared PSF gradients and of P²: ``(flux, flux_err, ndata, chi2, edge,
-    (gx2, gy2, s2))``.
+    also the number of pixels used, χ², for Cramér–Rao centroid errors the sums
+    of the squared PSF gradients and of P², and ``Σ ln(2π v)`` over the pixels used
+    (for the Gaussian log-likelihood ``-(χ² + Σ ln 2πv) / 2``): ``(flux, flux_err,
+    ndata, chi2, edge, (gx2, gy2, s2), lnv)``.
     """
     half = psfs.shape[1] // 2
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
@@ -242,7 +243,10 @@ def _psf_fit_many(image, variance, mask, psfs, x, y, bkg=None, full=False):
     chi2[few] = np.nan
     for a in g:
         a[few] = np.nan
-    return flux, err, n, chi2, edge, g
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lnv = np.where(ok, np.log(2 * np.pi * np.where(ok, v, 1.0)), 0.0).sum(axis=(1, 2))
+    lnv[few] = np.nan
+    return flux, err, n, chi2, edge, g, lnv
 
 
 def _ap_corr(difference):

@@ -12,6 +12,7 @@ from apdask._kernels.fused import one_blas_thread
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import fit_background
 from apdask.pipeline.measure.detection import _filtered
+from apdask.pipeline.measure.fields import FIELD_COLUMNS, add_fields
 from apdask.pipeline.measure.photometry import (
     _aperture_fluxes,
     _apply_aperture_correction,
@@ -69,6 +70,11 @@ def measure_sources(
 ) -> Table:
     """Measure detections into a DiaSource table with official Rubin column names.
 
+    The columns of :data:`DIASOURCE_COLUMNS` are measured per source; the flags,
+    ``psfLnL``, ``ra_dec_Cov``, ``extendedness`` and the dipole fit of
+    :mod:`apdask.pipeline.measure.fields` (:data:`~apdask.pipeline.measure.fields.FIELD_COLUMNS`)
+    follow for the whole table.
+
     Parameters
     ----------
     difference, science, template : apdask.core.exposure.Exposure
@@ -121,6 +127,7 @@ def measure_sources(
     tab = Table(cols, names=DIASOURCE_COLUMNS)
     _apply_aperture_correction(tab, difference)
     _aperture_fluxes(tab, difference, aperture_radius)
+    add_fields(tab, difference, science, detections, fits, psf, aperture_radius)
     for c in ("ra", "dec", "raErr", "decErr", "midpointMjdTai"):
         tab[c] = tab[c].astype(np.float64)
     return tab
@@ -301,7 +308,12 @@ def _empty_table() -> Table:
             dt.append(bool)
         else:
             dt.append(float)
-    return Table(names=DIASOURCE_COLUMNS, dtype=dt)
+    tab = Table(names=DIASOURCE_COLUMNS, dtype=dt)
+    for c in FIELD_COLUMNS:  # apdask.pipeline.measure.fields
+        tab[c] = np.zeros(
+            0, bool if c.startswith(("pixelFlags", "dipoleFit")) or "_flag" in c else np.float32
+        )
+    return tab
 
 
 def _fit_with_background(exposure, psf, xs, ys):
