@@ -7,10 +7,14 @@ dropped, step by step until it fits; the steps taken are recorded with it.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 from astropy.io import fits
 
-from apdask.alerts.packets import encode_alert
+from apdask.alerts.packets import EncodedAlert, encode_alert
+
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
 
 __all__ = ["CUTOUTS", "trim_alert"]
 
@@ -46,7 +50,7 @@ def _crop_stamp(stamp, size):
 CUTOUTS = ("cutoutDifference", "cutoutScience", "cutoutTemplate")
 
 
-def trim_alert(alert, limit, schema):
+def trim_alert(alert: EncodedAlert, limit: int, schema: Schema) -> EncodedAlert | None:
     """Return a trimmed copy of an :class:`EncodedAlert` whose body fits ``limit``.
 
     Steps, cumulative, stopping at the first that fits: crop the stamps to 63 px,
