@@ -104,3 +104,72 @@ def test_each_family_is_a_package_with_a_docstring(package):
     init = PKG / package / "__init__.py"
     assert init.is_file()
     assert ast.get_docstring(ast.parse(init.read_text()))
+
+
+# Files being changed on other branches: annotated after the reliability/fields branches
+# merge (the lead annotates them then and removes them from this list).
+_UNANNOTATED_FOR_NOW = (
+    "apdask/tools/_rb_*.py",
+    "apdask/tools/train_reliability.py",
+)
+
+
+def _unannotated_public_functions(root):
+    """``path:line name`` of each public function or method missing an annotation.
+
+    Public: no leading underscore, at module level or a method of a public class.  Every
+    positional-or-keyword and keyword-only argument (not ``self``/``cls``) and the return
+    need an annotation.  Modules with a leading underscore count: their functions are
+    imported by the public ones.
+    """
+    missing = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent)
+        if any(rel.match(pattern) for pattern in _UNANNOTATED_FOR_NOW):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            items = [node]
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                items = node.body
+            for fn in items:
+                if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                if fn.name.startswith("_"):
+                    continue
+                args = [
+                    a for a in fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")
+                ]
+                if fn.returns is None or any(a.annotation is None for a in args):
+                    missing.append(f"{rel}:{fn.lineno} {fn.name}")
+    return missing
+
+
+def test_public_functions_are_annotated():
+    """Every public function and method has its argument and return annotations."""
+    assert _unannotated_public_functions(PKG) == []
+
+
+def test_the_annotation_check_finds_an_unannotated_function(tmp_path):
+    """The check above can fail: it names unannotated public functions, and only those."""
+    pkg = tmp_path / "apdask"
+    (pkg / "alerts").mkdir(parents=True)
+    (pkg / "mod.py").write_text(
+        "def ok(a: int, *, b: str = '') -> None: ...\n"
+        "def no_return(a: int): ...\n"
+        "def no_arg(a, b: int) -> int: ...\n"
+        "def _private(a): ...\n"
+        "class Public:\n"
+        "    def __init__(self, a): ...\n"
+        "    def method(self, *, k) -> None: ...\n"
+        "    @classmethod\n"
+        "    def make(cls) -> 'Public': ...\n"
+        "class _Private:\n"
+        "    def method(self, a): ...\n"
+    )
+    (pkg / "tools").mkdir(exist_ok=True)
+    (pkg / "tools" / "_rb_model.py").write_text("def skipped_for_now(a): ...\n")
+    assert _unannotated_public_functions(pkg) == [
+        "apdask/mod.py:2 no_return",
+        "apdask/mod.py:3 no_arg",
+        "apdask/mod.py:7 method",
+    ]

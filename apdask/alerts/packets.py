@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import fastavro
 import fastavro.validation
@@ -19,6 +20,9 @@ from apdask.alerts.schema import (
     schema_id_of,
 )
 from apdask.alerts.wire import CONFLUENT_HEADER
+
+if TYPE_CHECKING:
+    from lsst.alert.packet import Schema
 
 __all__ = ["EncodedAlert", "package_alerts", "encode_alert"]
 
@@ -69,10 +73,11 @@ class EncodedAlert:
             f"{len(self.body)} bytes)"
         )
 
-    def decode(self, schema=None):
+    def decode(self, schema: Schema | None = None) -> dict[str, Any]:
         """Return the packet as a dict (fastavro)."""
         parsed = parsed_schema(load_schema() if schema is None else schema)
-        return fastavro.schemaless_reader(io.BytesIO(self.body), parsed, parsed)
+        record = fastavro.schemaless_reader(io.BytesIO(self.body), parsed, parsed)
+        return cast(dict[str, Any], record)  # an alert is an Avro record
 
 
 def _unpickle_framed(diaSourceId, diaObjectId, frame, trimmed):
@@ -81,7 +86,9 @@ def _unpickle_framed(diaSourceId, diaObjectId, frame, trimmed):
     return alert
 
 
-def encode_alert(alert, schema=None):
+def encode_alert(
+    alert: Mapping[str, Any] | EncodedAlert, schema: Schema | None = None
+) -> EncodedAlert:
     """Return an :class:`EncodedAlert` of a packet dict (or pass one through).
 
     Parameters
@@ -207,8 +214,13 @@ def _add_nullable_bytes(parts, b):
 
 
 def package_alerts(
-    sources, history=None, forced_history=None, objects=None, cutouts=None, schema=None
-):
+    sources: Any,
+    history: Any = None,
+    forced_history: Any = None,
+    objects: Any = None,
+    cutouts: Any = None,
+    schema: Schema | None = None,
+) -> list[EncodedAlert]:
     """Build and serialise the alerts of one CCD, column-wise.
 
     Byte-identical to ``make_alert`` followed by ``fastavro.schemaless_writer``,

@@ -18,7 +18,7 @@ __all__ = ["load_schema"]
 
 
 @functools.lru_cache(maxsize=1)
-def schema_registry():
+def schema_registry() -> SchemaRegistry:
     return SchemaRegistry.all_schemas_from_filesystem()
 
 
@@ -39,7 +39,7 @@ def _load_schema(version):
         raise ConfigurationError(msg) from None
 
 
-def load_schema(version=None):
+def load_schema(version: str | None = None) -> Schema:
     """Return the ``lsst.alert.packet`` schema of the given version (cached).
 
     Parameters
@@ -74,11 +74,11 @@ def _per_schema(schema):
     return entry
 
 
-def parsed_schema(schema):
+def parsed_schema(schema: Schema) -> dict[str, Any]:
     return _per_schema(schema)[1]
 
 
-def schema_id_of(schema):
+def schema_id_of(schema: Schema) -> int:
     return int(schema.get_schema_id())
 
 

@@ -14,11 +14,15 @@ header objects; this costs tens of microseconds.  Byte equality with
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from apdask.core.exposure import MASK, MASK_STAMP_DTYPE, mask_plane_cards
+
+if TYPE_CHECKING:  # for annotations only: astropy.wcs costs import time
+    from astropy.wcs import WCS
 
 __all__ = ["StampMaker", "local_wcs_cards"]
 
@@ -99,7 +103,9 @@ def _local_wcs(wcs, x, y, world=None):
     return world[0][0] % 360.0, world[0][1], cd
 
 
-def local_wcs_cards(wcs, x, y, x0, y0):
+def local_wcs_cards(
+    wcs: WCS | None, x: float, y: float, x0: int, y0: int
+) -> list[tuple[str, Any, str]]:
     """FITS cards of a stamp whose first pixel is ``(x0, y0)`` of the exposure.
 
     Parameters
@@ -270,7 +276,7 @@ class StampMaker:
             out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
         return out
 
-    def prepare(self, xs, ys):
+    def prepare(self, xs: npt.ArrayLike, ys: npt.ArrayLike) -> None:
         """Transform the local-WCS stencils of many sources in one WCS call.
 
         Optional: :meth:`stamp` then skips its own WCS call for these positions.
@@ -288,7 +294,7 @@ class StampMaker:
         world = _stencil_world(self.wcs, xs, ys)
         self._world = dict(zip(zip(xs.tolist(), ys.tolist(), strict=True), world, strict=True))
 
-    def stamp(self, x, y, size):
+    def stamp(self, x: float, y: float, size: int) -> bytes:
         """FITS bytes of the stamp of side ``size`` (odd; even sizes grow by one)."""
         size = int(size)
         if size % 2 == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 from typing import Any
 
@@ -31,7 +32,7 @@ def _alert_line(a):
     )
 
 
-def alerts_command(args):
+def alerts_command(args: argparse.Namespace) -> int:
     if args.alerts_command == "replay":
         rep = replay_spool(args.spool, args.to)
         print(jsonsafe.dumps(rep))

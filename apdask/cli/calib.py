@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from apdask import config
@@ -10,7 +11,7 @@ from apdask.pipeline.calib import process_calib
 __all__ = ["process_calib_command"]
 
 
-def process_calib_command(args):
+def process_calib_command(args: argparse.Namespace) -> int:
     report = process_calib(
         args.intent, args.ccd, args.image, repo=config.get("repo", args.repo),
         distributor=args.distributor, band=args.band, exptime=args.exptime,

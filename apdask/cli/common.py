@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
+from apdask.core.camera import Camera
 from apdask.exceptions import ConfigurationError, PpdbError, UsageError
 from apdask.io.butler import Butler
 
 
-def strip_file(uri):
+def strip_file(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
-def repo_camera(repo):
+def repo_camera(repo: str) -> Camera:
 
     if "://" not in repo and not os.path.isdir(os.path.join(repo, "butler.zarr")):
         msg = f"no Butler repository at {repo}; create one with `apdask simulate --repo {repo}`"
@@ -25,7 +28,7 @@ def repo_camera(repo):
     return camera
 
 
-def partial_failure_code(report):
+def partial_failure_code(report: Mapping[str, Any]) -> int:
     """0 if every CCD succeeded, else the exit code of the first failed CCD (docs/errors.md).
 
     A CCD whose PPDB access failed carries ``error`` without ``exit_code``: PpdbError's.
@@ -39,7 +42,7 @@ def partial_failure_code(report):
     return 0
 
 
-def check_workers(workers):
+def check_workers(workers: int) -> int:
     """``--workers`` as given, after checking it is at least 1 (before a cluster starts)."""
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}; e.g. --workers 2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -41,7 +42,7 @@ def _simulate_detectors(text):
     return dets
 
 
-def simulate_command(args):
+def simulate_command(args: argparse.Namespace) -> None:
     """``apdask simulate``: a new repository; an existing one only with ``--overwrite``."""
     if args.visits < 1:
         raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
@@ -93,7 +94,7 @@ def clear_for_simulation(repo: str, *, overwrite: bool) -> None:
     shutil.rmtree(repo)
 
 
-def evaluate_command(args):
+def evaluate_command(args: argparse.Namespace) -> None:
     res = evaluate_visit(args.repo, args.visit, out_dir=args.out)
     keys = ("visit", "n_alerts", "n_transients", "n_transients_found", "json", "plot")
     summary: dict[str, Any] = {k: res[k] for k in keys if k in res}
@@ -102,7 +103,7 @@ def evaluate_command(args):
     print(jsonsafe.dumps(summary))
 
 
-def butler_command(args):
+def butler_command(args: argparse.Namespace) -> None:
     b = Butler(args.repo)
     if args.butler_command == "ingest-template":
         tile = b.ingest_template(args.file, args.band)
@@ -113,7 +114,7 @@ def butler_command(args):
         print(f"ingested {args.kind} for detector {args.detector} into {args.repo}")
 
 
-def ppdb_command(args):
+def ppdb_command(args: argparse.Namespace) -> None:
     if args.ppdb_command == "load-drp":
         repo_camera(args.repo)  # clear error for a missing repository
         n = Ppdb.open(args.ppdb).load_drp_objects(Butler(args.repo).get_drp_objects())
@@ -123,7 +124,7 @@ def ppdb_command(args):
     print(f"PPDB initialised; config written to {path}")
 
 
-def bench_command(args):
+def bench_command(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.only.split(",")] if args.only else None
     result = run_benchmarks(names, quick=args.quick, bench_dir=args.dir)
     with open(args.out, "w") as fh:
@@ -134,7 +135,7 @@ def bench_command(args):
     return 70 if failed else 0
 
 
-def demo_command(args):
+def demo_command(args: argparse.Namespace) -> None:
     check_workers(args.workers)
     if args.visits < 1:
         raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -9,7 +10,7 @@ from apdask.io.distributor import HttpDistributor
 from apdask.services.distributor_server import run_server
 
 
-def distributor_command(args):
+def distributor_command(args: argparse.Namespace) -> int:
     if args.distributor_command == "serve":
         run_server(args.root, host=args.host, port=args.port)
         return 0

@@ -13,7 +13,7 @@ def _add_outputs(p):
     p.add_argument("--timeout", type=float, help="seconds to wait for each image (default 120)")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``apdask`` command."""
     parser = argparse.ArgumentParser(
         prog="apdask", description="Rubin-style Alert Production (DMTN-092) on Dask."

@@ -7,6 +7,7 @@ batch ``process-ccd`` imports only what it runs.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -14,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from apdask.cli.common import check_workers, partial_failure_code, repo_camera
 from apdask.config import Locations
@@ -29,7 +31,7 @@ from apdask.pipeline.warm import warm_kernels
 from apdask.tools.progress import VisitProgress, compile_note, visit_table, write_report
 
 
-def process_ccd_command(args):
+def process_ccd_command(args: argparse.Namespace) -> int:
     """``apdask process-ccd``: the DMTN-092 per-CCD invocation."""
     where = Locations.resolve(
         args.repo, ppdb=args.ppdb, alerts=args.alerts, distributor=args.distributor,
@@ -68,7 +70,7 @@ def process_ccd_command(args):
     return partial_failure_code(report)  # a CCD whose PPDB store failed is not a success
 
 
-def process_visit_command(args):
+def process_visit_command(args: argparse.Namespace) -> int:
     """``apdask process-visit``: every CCD of a nextVisit message on a LocalCluster.
 
     Shows the dashboard link and per-CCD progress on stderr, writes the full report as
@@ -104,7 +106,7 @@ def process_visit_command(args):
 
 
 @contextlib.contextmanager
-def performance(path):
+def performance(path: str | os.PathLike[str] | None) -> Iterator[None]:
     """Dask's ``performance_report`` to ``path`` (HTML) around the run; nothing if None."""
     if not path:
         yield

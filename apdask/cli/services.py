@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from apdask.cli.common import check_workers
@@ -17,7 +18,7 @@ __all__ = ["listen_command", "submit_command"]
 EX_TEMPFAIL = 75
 
 
-def listen_command(args):
+def listen_command(args: argparse.Namespace) -> int:
     kw = dict(repo=args.repo, ppdb=args.ppdb, alerts=args.alerts, distributor=args.distributor,
               timeout=args.timeout, max_visits=args.max_visits, idle_exit=args.idle_exit,
               offset=args.offset)  # fmt: skip
@@ -46,7 +47,7 @@ def listen_command(args):
     return 0
 
 
-def submit_command(args):
+def submit_command(args: argparse.Namespace) -> int:
     nv = NextVisit.from_json(args.next_visit)
     out = submit_visit(
         nv, args.scheduler, args.via, repo=args.repo, distributor=args.distributor,

@@ -156,7 +156,7 @@ def _sky_variance(image, good, box=64):
     return full, sky
 
 
-def read_psf(path, size=None):
+def read_psf(path: str | os.PathLike[str], size: int | None = None) -> np.ndarray:
     """A PSF model image (e.g. WebbPSF's) as an odd stamp of sum 1, centred on its peak.
 
     ``size`` (odd, default: the image, at most 61 px) cuts the stamp around the peak.
@@ -174,8 +174,21 @@ def read_psf(path, size=None):
     return st / st.sum()
 
 
-def read_exposure(path, *, hdu=None, unit=None, gain=None, saturation=None, zero_point=None,
-                  band=None, noise=None, variance=None, psf=None, visit=0, detector=0):  # fmt: skip
+def read_exposure(
+    path: str | os.PathLike[str],
+    *,
+    hdu: int | str | None = None,
+    unit: str | None = None,
+    gain: float | None = None,
+    saturation: float | None = None,
+    zero_point: float | None = None,
+    band: str | None = None,
+    noise: str | os.PathLike[str] | np.ndarray | None = None,
+    variance: str | os.PathLike[str] | np.ndarray | None = None,
+    psf: str | os.PathLike[str] | np.ndarray | None = None,
+    visit: int = 0,
+    detector: int = 0,
+) -> Exposure:
     """Read a calibrated FITS image into an :class:`~apdask.image.Exposure`.
 
     Parameters

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from apdask import config
-from apdask.core.camera import BANDS, get_camera
+from apdask.core.camera import BANDS, Camera, get_camera
 from apdask.core.ids import MAX_VISIT
 from apdask.exceptions import (
     CoordinateError,
@@ -261,16 +261,16 @@ class NextVisit:
             object.__setattr__(self, key, value)
 
     @property
-    def camera(self):
+    def camera(self) -> Camera:
         """The :class:`~apdask.core.camera.Camera` of this visit."""
         return get_camera(self.instrument)
 
     @property
-    def ra(self):
+    def ra(self) -> float:
         return float(self.position[0])
 
     @property
-    def dec(self):
+    def dec(self) -> float:
         return float(self.position[1])
 
     @classmethod
@@ -332,20 +332,20 @@ class NextVisit:
             raise UsageError(msg) from None
         return cls.from_dict(d)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["position"] = list(self.position)
         d["detectors"] = list(self.detectors or ())
         return d
 
-    def image_names(self, detector_name):
+    def image_names(self, detector_name: str) -> list[str]:
         """Raw image names of one CCD (one per snap), by the simulator's convention."""
         return [
             raw_name(self.instrument, self.visit, detector_name, s) for s in range(self.nimages)
         ]
 
 
-def visit_time_window(mjd, months=None):
+def visit_time_window(mjd: float, months: float | None = None) -> float:
     """Start of the history window (MJD) for a visit at ``mjd``."""
     months = config.get("ppdb.history_months", months)
     return mjd - 30.4375 * months

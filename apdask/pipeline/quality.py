@@ -19,8 +19,10 @@ Each figure is compared with ``apdask.subtract.qa.*`` (apdask.yaml) and gets
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -37,12 +39,12 @@ __all__ = ["assess", "enforce", "expected_ratio", "qa_thresholds", "snr_sigma"]
 _BAD = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
 
 
-def qa_thresholds():
+def qa_thresholds() -> dict[str, Any]:
     """The configured thresholds, ``apdask.subtract.qa.*``, as a plain dict."""
     return dict(config.get("subtract.qa"))
 
 
-def expected_ratio(science, template):
+def expected_ratio(science: Exposure, template: Exposure) -> float | None:
     """Photometric ratio science/template that the calibrations predict, or None.
 
     Both in nJy (the pipeline, or inputs with zero points or flux units): 1.  Both in
@@ -96,7 +98,7 @@ def _star_residuals(difference, xs, ys, fwhm):
     return chi2, dip
 
 
-def snr_sigma(matched):
+def snr_sigma(matched: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float | None:
     """Robust σ of a matched-filter S/N map (:func:`apdask.detect.matched_filter`) on the
     pixels it did not ignore; None when none is left."""
     _, snr, ignored = matched
@@ -233,7 +235,7 @@ def _detection_counts(sources: Table | None, static_snr: float) -> tuple[int, in
     return len(sources), n_dip, n_static
 
 
-def enforce(qa, where="", log=None):
+def enforce(qa: Mapping[str, Any], where: str = "", log: logging.Logger | None = None) -> None:
     """Raise :class:`SubtractionQualityError` for a failed QA record; warn for a warned one
     (a :class:`SubtractionQualityWarning`, or a log warning on ``log`` when given)."""
     prefix = f"{where}: " if where else ""

@@ -13,6 +13,8 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import dask
 from dask.delayed import Delayed
@@ -20,17 +22,21 @@ from dask.utils import key_split
 
 from apdask import config, exceptions
 from apdask.alerts.sinks import sink_from_uri
-from apdask.config import Locations
+from apdask.config import Locations, PipelineConfig
 from apdask.core.memory import keep_freed_memory
 from apdask.exceptions import ConfigurationError, WorkerLostError
 from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.warm import warm_plugin
 from apdask.ppdb import Ppdb, create_ppdb
+
+if TYPE_CHECKING:  # for annotations only: distributed costs ~0.6 s of import
+    from distributed import Client
 
 __all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
 
 
-def ensure_ppdb(repo=None, ppdb=None):
+def ensure_ppdb(repo: str | None = None, ppdb: str | None = None) -> str:
     """Return the PPDB config path, creating an SQLite PPDB under the repo if needed."""
     ppdb = config.get("ppdb.url", ppdb)
     if ppdb:
@@ -44,7 +50,9 @@ def ensure_ppdb(repo=None, ppdb=None):
     return cfg_file
 
 
-def pending_detectors(next_visit, ppdb, sink_uri, *, repo=None):
+def pending_detectors(
+    next_visit: NextVisit, ppdb: str, sink_uri: str, *, repo: str | None = None
+) -> list[str]:
     """CCDs of a visit that are not done: processing them again is what is left to do.
 
     A CCD is done when the sink holds its done record (written after its PPDB rows
@@ -90,7 +98,9 @@ def pending_detectors(next_visit, ppdb, sink_uri, *, repo=None):
 
 
 @contextlib.contextmanager
-def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
+def local_cluster(
+    n_workers: int = 2, threads_per_worker: int = 1, memory_limit: str | float = "8GB"
+) -> Iterator[Client]:
     """A distributed LocalCluster + Client, the default scheduler for visit graphs."""
     # lazy: distributed costs ~0.6 s of import, and the threaded scheduler needs none
     from distributed import Client, LocalCluster
@@ -126,9 +136,22 @@ def _stage_times(task_stream):
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None, timeout=None,
-              client=None, detectors=None, images=None, replace=False, config=None,
-              result_timeout=None, on_ccd=None):  # fmt: skip
+def run_visit(
+    next_visit: NextVisit,
+    *,
+    repo: str | None = None,
+    ppdb: str | None = None,
+    alerts: str | None = None,
+    distributor: str | None = None,
+    timeout: float | None = None,
+    client: Client | None = None,
+    detectors: Sequence[str] | None = None,
+    images: Mapping[str, Sequence[str]] | None = None,
+    replace: bool = False,
+    config: PipelineConfig | None = None,
+    result_timeout: float | None = None,
+    on_ccd: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Process the pending CCDs of one visit and return its report.
 
     Parameters

@@ -24,20 +24,25 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
+import pandas as pd
 import sqlalchemy
 import sqlalchemy.exc
+from astropy.table import Table
 from astropy.time import Time
 
 from apdask import config
-from apdask.core.camera import get_camera
+from apdask.core.camera import Camera, Detector, get_camera
 from apdask.exceptions import ConfigurationError, PpdbError
 from apdask.ppdb.fast import CopyFrame
 from apdask.ppdb.reads import PpdbReads
 from apdask.ppdb.schema import frame_as_table, match_rows, schema_columns, table_as_frame
 from apdask.ppdb.setup import _retry, create_ppdb, open_apdb
 from apdask.ppdb.sql import DRP_TABLE, PpdbSql
+
+if TYPE_CHECKING:  # for annotations only: lsst.sphgeom costs ~1.8 s of import
+    from lsst.sphgeom import ConvexPolygon
 
 __all__ = ["create_ppdb", "region_for", "Ppdb", "CcdPpdb", "DRP_TABLE"]
 
@@ -47,7 +52,13 @@ _OPEN_CACHE: dict[Any, Any] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-def region_for(detector, ra, dec, rotpa=0.0, padding_arcsec=None):
+def region_for(
+    detector: Detector,
+    ra: float,
+    dec: float,
+    rotpa: float = 0.0,
+    padding_arcsec: float | None = None,
+) -> ConvexPolygon:
     """Sky region of one detector for PPDB reads.
 
     Parameters
@@ -107,7 +118,13 @@ class Ppdb(PpdbReads, PpdbSql):
         return f"Ppdb({type(self.apdb).__name__})"
 
     @classmethod
-    def open(cls, config_path_or_url=None, *, namespace=None, cache=False):
+    def open(
+        cls,
+        config_path_or_url: str | os.PathLike[str] | None = None,
+        *,
+        namespace: str | None = None,
+        cache: bool = False,
+    ) -> Self:
         """Open an existing PPDB.
 
         Parameters
@@ -156,8 +173,19 @@ class Ppdb(PpdbReads, PpdbSql):
         return cls(open_apdb(target, namespace))
 
     @classmethod
-    def for_ccd(cls, config_path_or_url, ccd, ra, dec, rotpa=0.0, *, camera=None,
-                padding_arcsec=None, namespace=None, cache=False):  # fmt: skip
+    def for_ccd(
+        cls,
+        config_path_or_url: str | os.PathLike[str] | None,
+        ccd: str | int | Detector,
+        ra: float,
+        dec: float,
+        rotpa: float = 0.0,
+        *,
+        camera: str | Camera | None = None,
+        padding_arcsec: float | None = None,
+        namespace: str | None = None,
+        cache: bool = False,
+    ) -> CcdPpdb:
         """Open the PPDB interface of one CCD (DMTN-092 §5).
 
         The CCD's predicted footprint for this boresight, padded by
@@ -183,7 +211,6 @@ class Ppdb(PpdbReads, PpdbSql):
         -------
         CcdPpdb
         """
-        detector = ccd
         if isinstance(ccd, str | int):
             if camera is None:
                 msg = f"CCD {ccd!r} given by name: pass camera= (e.g. 'lsstcam') too"
@@ -191,6 +218,8 @@ class Ppdb(PpdbReads, PpdbSql):
             if isinstance(camera, str):
                 camera = get_camera(camera)
             detector = camera[ccd]
+        else:
+            detector = ccd
         region = region_for(detector, ra, dec, rotpa, padding_arcsec)
         db = cls.open(config_path_or_url, namespace=namespace, cache=cache)
         return CcdPpdb(db, detector, region)
@@ -201,7 +230,7 @@ class Ppdb(PpdbReads, PpdbSql):
     def _defs(self):
         return schema_columns(self.apdb)
 
-    def columns(self, table_name):
+    def columns(self, table_name: str) -> list[str]:
         """Names of the schema columns of ``"DiaObject"``, ``"DiaSource"`` or
         ``"DiaForcedSource"``."""
         return [c[0] for c in self._table_def(table_name)]
@@ -213,7 +242,7 @@ class Ppdb(PpdbReads, PpdbSql):
             msg = f"unknown PPDB table {table_name!r}; use DiaObject, DiaSource or DiaForcedSource"
             raise ValueError(msg) from None
 
-    def as_table(self, df, table_name):
+    def as_table(self, df: pd.DataFrame | None, table_name: str) -> Table:
         """Convert a dax_apdb DataFrame to an astropy Table with units.
 
         Parameters
@@ -248,8 +277,18 @@ class Ppdb(PpdbReads, PpdbSql):
 
     # -- writes --------------------------------------------------------------
 
-    def store(self, mjd, objects, sources, forced_sources, *, visit=None, detector=None,
-              replace=False, drp_matches=None):  # fmt: skip
+    def store(
+        self,
+        mjd: float,
+        objects: Table | None,
+        sources: Table | None,
+        forced_sources: Table | None,
+        *,
+        visit: int | None = None,
+        detector: int | None = None,
+        replace: bool = False,
+        drp_matches: Table | None = None,
+    ) -> bool:
         """Store one CCD's new DiaObject versions, DiaSources and forced sources.
 
         All rows go in one transaction.  By default, if the PPDB already holds
@@ -345,10 +384,10 @@ class CcdPpdb:
     """
 
     ppdb: Ppdb
-    detector: Any
+    detector: Detector
     region: Any
 
-    def read(self, mjd, *, as_of=True):
+    def read(self, mjd: float, *, as_of: bool = True) -> dict[str, Table]:
         """Everything association needs for a visit at ``mjd`` (DMTN-092 §5).
 
         Parameters
@@ -380,7 +419,14 @@ class CcdPpdb:
             "drp": db.get_drp_objects(region),
         }
 
-    def store(self, mjd, objects, sources, forced_sources, **kwargs):
+    def store(
+        self,
+        mjd: float,
+        objects: Table | None,
+        sources: Table | None,
+        forced_sources: Table | None,
+        **kwargs: Any,
+    ) -> bool:
         """:meth:`Ppdb.store` for this CCD (``detector`` defaults to it)."""
         kwargs.setdefault("detector", self.detector.id)
         return self.ppdb.store(mjd, objects, sources, forced_sources, **kwargs)

@@ -8,14 +8,19 @@ are documented here and called on :class:`apdask.ppdb.database.Ppdb`.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy
+from astropy.table import Table
 from astropy.time import Time
 
 from apdask.core.records import CcdRows
 from apdask.ppdb.schema import rows_inside, sort_rows
+
+if TYPE_CHECKING:  # for annotations only: lsst.sphgeom costs ~1.8 s of import
+    from lsst.sphgeom import Region
 
 __all__ = ["PpdbReads"]
 
@@ -41,7 +46,7 @@ class PpdbReads:
     _select_frame: Any
     _read_history: Any
 
-    def get_dia_objects(self, region, *, as_of=None):
+    def get_dia_objects(self, region: Region, *, as_of: float | None = None) -> Table:
         """DiaObjects inside ``region``: the latest versions, or those valid at ``as_of``.
 
         Parameters
@@ -77,7 +82,14 @@ class PpdbReads:
             df = self._call("read DiaObjects", lambda: self._select_frame(query, "DiaObject"))
         return self.as_table(sort_rows(rows_inside(df, region), "DiaObject"), "DiaObject")
 
-    def get_dia_sources(self, region, object_ids, mjd, *, before=None):
+    def get_dia_sources(
+        self,
+        region: Region,
+        object_ids: Iterable[int] | None,
+        mjd: float,
+        *,
+        before: float | None = None,
+    ) -> Table:
         """DiaSources of the history window before ``mjd``.
 
         Parameters
@@ -109,7 +121,14 @@ class PpdbReads:
             )
         return self.as_table(sort_rows(df, "DiaSource", before), "DiaSource")
 
-    def get_dia_forced_sources(self, region, object_ids, mjd, *, before=None):
+    def get_dia_forced_sources(
+        self,
+        region: Region,
+        object_ids: Iterable[int] | None,
+        mjd: float,
+        *,
+        before: float | None = None,
+    ) -> Table:
         """DiaForcedSources of the history window before ``mjd``.
 
         Parameters
@@ -142,7 +161,9 @@ class PpdbReads:
             )
         return self.as_table(sort_rows(df, "DiaForcedSource", before), "DiaForcedSource")
 
-    def contains_visit_detector(self, visit, detector, region=None, mjd=None):
+    def contains_visit_detector(
+        self, visit: int, detector: int, region: Region | None = None, mjd: float | None = None
+    ) -> bool:
         """Whether sources of this (visit, detector) are already stored.
 
         Parameters
@@ -167,7 +188,7 @@ class PpdbReads:
             )
         )
 
-    def get_ccd_rows(self, visit, detector, mjd):
+    def get_ccd_rows(self, visit: int, detector: int, mjd: float) -> CcdRows:
         """The rows one CCD of one visit stored (SQL backend).
 
         Parameters

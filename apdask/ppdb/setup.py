@@ -15,12 +15,16 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy
 import sqlalchemy.exc
 
 from apdask import config
 from apdask.exceptions import ConfigurationError, PpdbError, PpdbLockTimeoutError
+
+if TYPE_CHECKING:  # for annotations only: lsst.dax.apdb costs ~1.8 s of import
+    from lsst.dax.apdb import Apdb
 
 __all__ = ["create_ppdb", "open_apdb"]
 
@@ -67,7 +71,7 @@ def _incompatible(err, target):
     return PpdbError(msg)
 
 
-def driver_url(url):
+def driver_url(url: str) -> str:
     """``url`` with a PostgreSQL driver that is installed.
 
     SQLAlchemy maps a plain ``postgresql://`` URL to psycopg 3; the ``postgres``
@@ -120,7 +124,7 @@ def _open_apdb_sql(url, namespace=None):
         raise _incompatible(err, url) from err
 
 
-def open_apdb(target, namespace=None):
+def open_apdb(target: str, namespace: str | None = None) -> Apdb:
     """Open the dax_apdb instance of an existing PPDB.
 
     Parameters
@@ -162,7 +166,13 @@ def open_apdb(target, namespace=None):
         raise _incompatible(err, target) from err
 
 
-def create_ppdb(url, config_path=None, *, namespace=None, history_months=None):
+def create_ppdb(
+    url: str,
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    namespace: str | None = None,
+    history_months: int | None = None,
+) -> str:
     """Initialise a PPDB (APDB schema) and save its dax_apdb config file.
 
     Idempotent: if the database already holds a compatible APDB schema, only

@@ -20,17 +20,22 @@ import os
 import random
 import time
 import urllib.parse
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import sqlalchemy
+from astropy.table import Table
 from astropy.time import Time
 
 from apdask.exceptions import PpdbError, PpdbLockTimeoutError
 from apdask.ppdb.fast import fetch_frame, register_table
 from apdask.ppdb.schema import drp_as_table, matches_as_table
 from apdask.ppdb.setup import _setting
+
+if TYPE_CHECKING:  # for annotations only: lsst.sphgeom costs ~1.8 s of import
+    from lsst.sphgeom import Region
 
 __all__ = ["PpdbSql", "DRP_TABLE"]
 
@@ -42,7 +47,9 @@ log = logging.getLogger("apdask.ppdb")
 
 
 @contextlib.contextmanager
-def sqlite_write_lock(db_path, what="write", timeout=None):
+def sqlite_write_lock(
+    db_path: str | os.PathLike[str], what: str = "write", timeout: float | None = None
+) -> Iterator[None]:
     """Serialise SQLite writers: an exclusive ``flock`` on ``<db_path>.lock``.
 
     SQLite admits one writer at a time, and a writer refused by its busy timeout
@@ -140,7 +147,7 @@ class PpdbSql:
     _table_def: Any
 
     @property
-    def is_sql(self):
+    def is_sql(self) -> bool:
         """Whether the backend is dax_apdb's SQL one (SQLite or PostgreSQL)."""
         # lazy: lsst.dax.apdb costs ~1.8 s of import; only opening a PPDB needs it
         from lsst.dax.apdb.sql import ApdbSql
@@ -297,7 +304,7 @@ class PpdbSql:
 
     # -- DRP catalog -----------------------------------------------------------
 
-    def get_drp_objects(self, region):
+    def get_drp_objects(self, region: Region) -> Table:
         """DRP Objects inside ``region`` (loaded with :meth:`load_drp_objects`).
 
         Parameters
@@ -329,7 +336,7 @@ class PpdbSql:
         order = np.argsort(ids, kind="stable")
         return drp_as_table(ids[order], ra[inside][order], dec[inside][order])
 
-    def get_drp_matches(self, object_ids):
+    def get_drp_matches(self, object_ids: Iterable[int]) -> Table:
         """``DiaObject_To_Object_Match`` rows of these DiaObjects.
 
         Parameters
@@ -351,7 +358,7 @@ class PpdbSql:
             frames.append(self._call("read DRP matches", lambda q=query: self._select_frame(q)))
         return matches_as_table(frames)
 
-    def load_drp_objects(self, drp, *, batch=50_000):
+    def load_drp_objects(self, drp: Table, *, batch: int = 50_000) -> int:
         """Load (or refresh) DRP Objects into the PPDB's DRP Object table.
 
         Rows whose ``objectId`` is already present are replaced, so loading the

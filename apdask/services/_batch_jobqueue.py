@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 from apdask import config
 from apdask.exceptions import ClusterTimeoutError, ConfigurationError, JobSubmissionError
@@ -33,6 +34,9 @@ from apdask.services._batch_settings import (
     job_settings,
     log,
 )
+
+if TYPE_CHECKING:  # for annotations only: dask-jobqueue is an optional extra
+    from dask_jobqueue.core import JobQueueCluster
 
 __all__ = ["jobqueue_cluster"]
 
@@ -57,9 +61,20 @@ def _check_interface(scheduler, interface, scheduler_options):
         raise ConfigurationError(msg)
 
 
-def jobqueue_cluster(scheduler, *, job_dir, n_jobs=None, partition=None, memory=None,
-                     walltime=None, scheduler_host=None, visit=None, cores=None,
-                     processes=None, job_name=None):  # fmt: skip
+def jobqueue_cluster(
+    scheduler: str,
+    *,
+    job_dir: str,
+    n_jobs: int | None = None,
+    partition: str | None = None,
+    memory: str | None = None,
+    walltime: str | None = None,
+    scheduler_host: str | None = None,
+    visit: int | None = None,
+    cores: int | None = None,
+    processes: int | None = None,
+    job_name: str | None = None,
+) -> JobQueueCluster:
     """A dask-jobqueue cluster on the operator's ``jobqueue.yaml`` (not yet scaled).
 
     dask-jobqueue reads ``jobqueue.<scheduler>.*`` itself (memory, walltime,
@@ -293,7 +308,8 @@ def _submit_jobqueue(next_visit, scheduler, out, *, repo, ppdb, alerts, distribu
             scheduler_host=scheduler_host, visit=next_visit.visit,
         )  # fmt: skip
         try:
-            out["settings"] = _settings_record(cluster.apdask_settings)
+            # apdask's own attribute, set by jobqueue_cluster
+            out["settings"] = _settings_record(cluster.apdask_settings)  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):  # no dashboard where it is switched off
                 out["dashboard"] = cluster.dashboard_link
                 log.info("Dask dashboard: %s", out["dashboard"])

@@ -16,8 +16,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 
 from apdask.exceptions import ClusterTimeoutError, JobSubmissionError
+from apdask.pipeline.nextvisit import NextVisit
 from apdask.services._batch_settings import (
     _jobqueue,
     _mem_mb,
@@ -33,7 +35,7 @@ from apdask.services._batch_settings import (
 __all__ = ["ccd_arguments", "ccd_command", "htcondor_submit_file", "slurm_array_script"]
 
 
-def ccd_arguments(next_visit, detector_name, distributor):
+def ccd_arguments(next_visit: NextVisit, detector_name: str, distributor: str) -> list[str]:
     """DMTN-092 §2.1 arguments of one CCD's command, from a nextVisit.
 
     Returns
@@ -61,8 +63,16 @@ def _apdask_executable():
     return [sys.executable, "-m", "apdask.cli"]
 
 
-def ccd_command(next_visit, detector_name, *, repo, distributor, ppdb=None, alerts=None,
-                timeout=None):  # fmt: skip
+def ccd_command(
+    next_visit: NextVisit,
+    detector_name: str,
+    *,
+    repo: str,
+    distributor: str,
+    ppdb: str | None = None,
+    alerts: str | None = None,
+    timeout: float | None = None,
+) -> list[str]:
     """The full ``apdask process-ccd`` command line (argv list) of one CCD."""
     cmd = [*_apdask_executable(), "process-ccd",
            *ccd_arguments(next_visit, detector_name, distributor), "--repo", repo]  # fmt: skip
@@ -75,8 +85,17 @@ def ccd_command(next_visit, detector_name, *, repo, distributor, ppdb=None, aler
     return cmd
 
 
-def slurm_array_script(next_visit, commands, job_dir, *, partition=None, memory=None,
-                       walltime=None, cores=None, account=None):  # fmt: skip
+def slurm_array_script(
+    next_visit: NextVisit,
+    commands: Mapping[str, Sequence[str]],
+    job_dir: str,
+    *,
+    partition: str | None = None,
+    memory: str | None = None,
+    walltime: str | None = None,
+    cores: int | None = None,
+    account: str | None = None,
+) -> str:
     """Text of an ``sbatch`` script with one array task per CCD.
 
     Parameters
@@ -138,7 +157,14 @@ def _condor_quote(arg):
     return f"'{arg}'" if any(c.isspace() for c in arg) else arg
 
 
-def htcondor_submit_file(next_visit, commands, job_dir, *, memory=None, cores=None):
+def htcondor_submit_file(
+    next_visit: NextVisit,
+    commands: Mapping[str, Sequence[str]],
+    job_dir: str,
+    *,
+    memory: str | None = None,
+    cores: int | None = None,
+) -> str:
     """Text of an HTCondor submit description: one ``queue`` item per CCD.
 
     Every CCD runs the same executable; ``$(ccd)`` and ``$(args)`` come from the

@@ -140,7 +140,7 @@ def jobqueue_pool(scheduler: str = "slurm", *, job_dir: str, size: PoolSize | No
         try:
             _need("sbatch" if scheduler == "slurm" else "condor_submit",
                   "SLURM" if scheduler == "slurm" else "HTCondor", job_dir)  # fmt: skip
-            cluster.apdask_pool = size
+            cluster.apdask_pool = size  # type: ignore[attr-defined]  # apdask's own attribute
             interval = 1.0  # Adaptive's default: a recommendation per second
             cluster.adapt(minimum_jobs=size.minimum_jobs, maximum_jobs=size.maximum_jobs,
                           interval=f"{interval}s",

@@ -31,7 +31,7 @@ def _mem_mb(memory):
     return max(1, int(parse_bytes(str(memory)) // 2**20))
 
 
-def slurm_memory(memory):
+def slurm_memory(memory: str | int) -> str:
     """SLURM ``--mem`` value of ``memory``, exactly as dask-jobqueue writes it.
 
     Rounded up to whole GiB, else MiB or KiB (``4GB`` -> ``4G``, ``2.5GiB`` ->
@@ -70,7 +70,7 @@ def _jobqueue(scheduler, key, default=None):
     return default if value is None else value
 
 
-def job_settings(scheduler, **explicit):
+def job_settings(scheduler: str, **explicit: Any) -> dict[str, tuple[Any, str]]:
     """Resources of the batch jobs: the operator's ``jobqueue.yaml`` first.
 
     For each of memory, walltime, cores, processes, partition (``queue``), account

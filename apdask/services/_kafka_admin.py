@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -30,7 +31,7 @@ log = logging.getLogger("apdask.services.kafka")
 KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # a topic's max.message.bytes when not set
 
 
-def parse_kafka_uri(uri):
+def parse_kafka_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     """Split ``kafka://HOST:PORT[,HOST:PORT]/TOPIC[?key=value&...]``.
 
     Parameters
@@ -70,7 +71,7 @@ def parse_kafka_uri(uri):
     return bootstrap, topic, options
 
 
-def security_config(environ=None):
+def security_config(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """librdkafka security settings from the environment (never from config files).
 
     Parameters
@@ -108,7 +109,7 @@ def security_config(environ=None):
     }
 
 
-def default_spool_dir():
+def default_spool_dir() -> Path:
     """The Kafka sink's spool directory when its URI names none (see :class:`KafkaSink`)."""
     d = config.get("alerts.spool_dir")
     if d:
@@ -117,7 +118,13 @@ def default_spool_dir():
     return Path(repo) / "alerts-spool" if repo and "://" not in str(repo) else Path("alerts-spool")
 
 
-def ensure_topic(bootstrap, topic, partitions=1, timeout=10.0, max_message_bytes=None):
+def ensure_topic(
+    bootstrap: str,
+    topic: str,
+    partitions: int = 1,
+    timeout: float = 10.0,
+    max_message_bytes: int | None = None,
+) -> bool:
     """Create ``topic`` if it does not exist (tests, benchmarks, local brokers).
 
     Parameters
@@ -152,7 +159,7 @@ def ensure_topic(bootstrap, topic, partitions=1, timeout=10.0, max_message_bytes
     return True
 
 
-def topic_max_message_bytes(bootstrap, topic, timeout=10.0):
+def topic_max_message_bytes(bootstrap: str, topic: str, timeout: float = 10.0) -> int | None:
     """The broker's limit on one record batch of ``topic`` (``max.message.bytes``).
 
     Parameters

@@ -7,10 +7,14 @@ dropped, step by step until it fits; the steps taken are recorded with it.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 from astropy.io import fits
 
-from apdask.alerts.packets import encode_alert
+from apdask.alerts.packets import EncodedAlert, encode_alert
+
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
 
 __all__ = ["CUTOUTS", "trim_alert"]
 
@@ -46,7 +50,7 @@ def _crop_stamp(stamp, size):
 CUTOUTS = ("cutoutDifference", "cutoutScience", "cutoutTemplate")
 
 
-def trim_alert(alert, limit, schema):
+def trim_alert(alert: EncodedAlert, limit: int, schema: Schema) -> EncodedAlert | None:
     """Return a trimmed copy of an :class:`EncodedAlert` whose body fits ``limit``.
 
     Steps, cumulative, stopping at the first that fits: crop the stamps to 63 px,
@@ -55,23 +59,25 @@ def trim_alert(alert, limit, schema):
     """
     rec = alert.decode(schema)
     steps = []
-    plan = [("crop", 63), ("crop", 31)] + [("drop", k) for k in reversed(CUTOUTS)]
+    plan: list[tuple[str, int | str]] = [("crop", 63), ("crop", 31)]
+    plan += [("drop", k) for k in reversed(CUTOUTS)]
     for kind, arg in plan:
         if kind == "crop":
             changed = False
             for k in CUTOUTS:
                 if rec.get(k) is not None:
-                    new = _crop_stamp(rec[k], arg)
+                    new = _crop_stamp(rec[k], int(arg))
                     changed |= new is not rec[k]
                     rec[k] = new
             if not changed:
                 continue
             steps.append(f"cutouts cropped to {arg} px")
         else:
-            if rec.get(arg) is None:
+            name = str(arg)
+            if rec.get(name) is None:
                 continue
-            rec[arg] = None
-            steps.append(f"{arg} dropped")
+            rec[name] = None
+            steps.append(f"{name} dropped")
         enc = encode_alert(rec, schema)
         if len(enc.body) <= limit:
             enc.diaObjectId = alert.diaObjectId

@@ -11,23 +11,40 @@ import io
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import fastavro
 import fastavro.validation
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    Message,
+    TopicPartition,
+)
 
 from apdask.alerts.schema import parsed_schema, schema_id_of, schema_registry
 from apdask.alerts.wire import CONFLUENT_HEADER
 from apdask.exceptions import ConfigurationError
 from apdask.services.kafka import CUTOUTS, KEY, parse_kafka_uri, security_config
 
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
+
 __all__ = ["consume", "validate_topic"]
 
 log = logging.getLogger(__name__)
 
 
-def consume(uri, from_beginning=True, follow=False, timeout=10.0, idle_timeout=None):
+def consume(
+    uri: str,
+    from_beginning: bool = True,
+    follow: bool = False,
+    timeout: float = 10.0,
+    idle_timeout: float | None = None,
+) -> Iterator[tuple[Message, bytes | None]]:
     """Yield ``(message, data)`` from a topic without joining a consumer group.
 
     Partitions are ``assign()``-ed explicitly.  Without ``follow`` the iteration
@@ -50,8 +67,8 @@ def consume(uri, from_beginning=True, follow=False, timeout=10.0, idle_timeout=N
     Yields
     ------
     message : confluent_kafka.Message
-    data : bytes
-        The message value.
+    data : bytes or None
+        The message value (None for a message without one).
     """
     bootstrap, topic, _ = parse_kafka_uri(uri)
     consumer = Consumer(
@@ -104,7 +121,7 @@ def consume(uri, from_beginning=True, follow=False, timeout=10.0, idle_timeout=N
         consumer.close()
 
 
-def validate_topic(uri, schema=None, timeout=10.0):
+def validate_topic(uri: str, schema: Schema | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """Decode every message of a topic with the official schema and report problems.
 
     Each value must be a Confluent frame (magic 0) whose schema id lsst-alert-packet
@@ -134,7 +151,8 @@ def validate_topic(uri, schema=None, timeout=10.0):
     for msg, data in consume(uri, from_beginning=True, follow=False, timeout=timeout):
         n += 1
         where = f"partition {msg.partition()} offset {msg.offset()}"
-        per_partition[msg.partition()] = per_partition.get(msg.partition(), 0) + 1
+        part = cast(int, msg.partition())  # a fetched message's: never None (only errors' are)
+        per_partition[part] = per_partition.get(part, 0) + 1
         if data is None or len(data) < 5:
             problems.append(f"{where}: empty or short message")
             continue

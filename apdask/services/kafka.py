@@ -38,16 +38,20 @@ logged or shown in ``repr``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import struct
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from apdask import config
 from apdask.alerts.done import DoneRecords
-from apdask.alerts.packets import encode_alert
+from apdask.alerts.packets import EncodedAlert, encode_alert
 from apdask.alerts.schema import load_schema, schema_id_of
 from apdask.alerts.sinks import SinkResult, check_room
 from apdask.alerts.wire import CONFLUENT_HEADER
@@ -63,6 +67,9 @@ from apdask.services._kafka_admin import (
 )
 from apdask.services._kafka_trim import CUTOUTS, trim_alert
 from apdask.services.spool import write_spool
+
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
 
 __all__ = [
     "CUTOUTS",
@@ -142,9 +149,16 @@ class KafkaSink:
     """
 
     @classmethod
-    def from_uri(cls, uri, *, schema=None, spool_dir=None):
+    def from_uri(
+        cls,
+        uri: str,
+        *,
+        schema: Schema | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+    ) -> Self:
         """The sink of ``kafka://HOST:PORT/TOPIC[?options]`` (see :func:`parse_kafka_uri`)."""
-        bootstrap, topic, options = parse_kafka_uri(uri)
+        bootstrap, topic, uri_options = parse_kafka_uri(uri)
+        options: dict[str, Any] = dict(uri_options)
         options.setdefault("spool_dir", spool_dir)
         return cls(bootstrap, topic, schema=schema, **options)
 
@@ -187,7 +201,7 @@ class KafkaSink:
         """
         check_room(self.spool_dir / self.topic, nbytes, "the alert spool")
 
-    def is_done(self, visit, detector):
+    def is_done(self, visit: int, detector: int) -> dict[str, Any] | None:
         """The CCD's done record (its alerts were acknowledged or spooled), or None.
 
         The records are ``<spool_dir>/<topic>/done/visit_<visit>/<visit>_<detector>.json``
@@ -245,14 +259,14 @@ class KafkaSink:
         else:
             log.debug("Kafka producer: %s", err.str())
 
-    def producer(self):
+    def producer(self) -> Producer:
         """The confluent-kafka Producer, created on first use (recreated after a fatal error)."""
         if self._producer is None or self._fatal is not None:
             self._fatal = None
             self._producer = Producer(self._config())
         return self._producer
 
-    def close(self, timeout=None):
+    def close(self, timeout: float | None = None) -> None:
         """Wait for outstanding messages (normally none) and drop the producer."""
         if self._producer is not None:
             self._producer.flush(self.delivery_timeout if timeout is None else timeout)
@@ -264,7 +278,7 @@ class KafkaSink:
     def __exit__(self, *exc):
         self.close()
 
-    def headers(self, visit, detector):
+    def headers(self, visit: int, detector: int) -> list[tuple[str, bytes]]:
         """The constant headers of one CCD's messages (the time is added per message).
 
         Empty with the ``rubin`` conventions; ``visit``, ``detector`` and
@@ -283,7 +297,7 @@ class KafkaSink:
             return ("producer_timestamp", str(time.time_ns() // 1_000_000).encode())
         return ("produce_time", f"{time.time():.6f}".encode())
 
-    def key(self, alert):
+    def key(self, alert: EncodedAlert) -> bytes | None:
         """Message key: None (``rubin``), or the ``diaObjectId`` (else ``diaSourceId``) as
         big-endian int64 bytes (``apdask``)."""
         if self.conventions == "rubin":
@@ -291,7 +305,9 @@ class KafkaSink:
         oid = alert.diaObjectId if alert.diaObjectId is not None else alert.diaSourceId
         return KEY.pack(int(oid))
 
-    def deliver(self, visit, detector, encoded):
+    def deliver(
+        self, visit: int, detector: int, encoded: list[EncodedAlert]
+    ) -> tuple[list[int], dict[int, str]]:
         """Produce ``encoded`` alerts and wait for every delivery report.
 
         Oversize alerts are trimmed (``EncodedAlert.trimmed`` says how) first.
@@ -310,10 +326,11 @@ class KafkaSink:
             Index to the reason it was not acknowledged.
         """
         producer = self.producer()
-        acked, failed = [], {}
-        pending = set()
+        acked: list[int] = []
+        failed: dict[int, str] = {}
+        pending: set[int] = set()
 
-        def on_delivery(idx, err, _msg):
+        def on_delivery(idx: int, err: KafkaError | None, _msg: Message) -> None:
             pending.discard(idx)
             if err is None:
                 acked.append(idx)
@@ -346,7 +363,7 @@ class KafkaSink:
                         value = header + bytes(alert.body)
                     producer.produce(
                         self.topic, value, self.key(alert), headers=headers,
-                        on_delivery=lambda err, msg, i=idx: on_delivery(i, err, msg),
+                        on_delivery=functools.partial(on_delivery, idx),
                     )  # fmt: skip
                     pending.add(idx)
                     break
@@ -380,7 +397,9 @@ class KafkaSink:
                 del failed[idx]
         return sorted(acked), failed
 
-    def write(self, visit, detector, alerts):
+    def write(
+        self, visit: int, detector: int, alerts: Iterable[Mapping[str, Any] | EncodedAlert]
+    ) -> SinkResult:
         """Publish one CCD's alerts; spool what is not acknowledged.
 
         Parameters

@@ -16,8 +16,9 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apdask.alerts.avrovec import encode_bytes, encode_long
 from apdask.alerts.done import DoneRecords
@@ -27,6 +28,9 @@ from apdask.alerts.sinks import avro_files
 from apdask.core.faults import fault_point
 from apdask.core.files import atomic_open, fsync_dir
 from apdask.exceptions import AlertDeliveryError
+
+if TYPE_CHECKING:  # the schema class, for annotations only
+    from lsst.alert.packet import Schema
 
 __all__ = ["write_spool", "read_spool", "replay_spool"]
 
@@ -81,7 +85,15 @@ def _read_varint(buf, pos):
     return (result >> 1) ^ -(result & 1), pos
 
 
-def write_spool(spool_dir, topic, visit, detector, schema, encoded, reasons):
+def write_spool(
+    spool_dir: str | os.PathLike[str],
+    topic: str,
+    visit: int,
+    detector: int,
+    schema: Schema,
+    encoded: Sequence[EncodedAlert],
+    reasons: Sequence[str],
+) -> Path:
     """Append undelivered alerts to a new fsync'd spool file and return its path.
 
     Parameters
@@ -123,7 +135,7 @@ def write_spool(spool_dir, topic, visit, detector, schema, encoded, reasons):
         raise AlertDeliveryError(msg) from err
 
 
-def read_spool(path):
+def read_spool(path: str | os.PathLike[str]) -> tuple[dict[str, str], list[EncodedAlert]]:
     """Read a spool file written by :func:`write_spool`.
 
     Parameters
@@ -254,7 +266,12 @@ class _Replay:
             s.close()
 
 
-def replay_spool(spool, to_uri, schema=None, tmp_grace_s=_TMP_GRACE_S):
+def replay_spool(
+    spool: str | os.PathLike[str],
+    to_uri: str,
+    schema: Schema | None = None,
+    tmp_grace_s: float = _TMP_GRACE_S,
+) -> dict[str, Any]:
     """Deliver spooled alerts; remove only the acknowledged ones; pick up or clean leftovers.
 
     First the temporary files that interrupted writes left in a spool directory

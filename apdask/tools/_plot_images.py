@@ -6,12 +6,19 @@ Re-exported by :mod:`apdask.tools.plot`.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from astropy.io import fits
 
 from apdask.tools._plot_base import _column, _figure, _n_rows
+
+if TYPE_CHECKING:  # for annotations only: matplotlib is optional, astropy's parts cost import time
+    from astropy.nddata import NDData
+    from astropy.table import Table
+    from astropy.wcs import WCS
+    from matplotlib.figure import Figure
 
 __all__ = ["CUTOUT_FIELDS", "SOURCE_STYLES", "alert_cutouts", "classify_sources", "image_triplet"]
 
@@ -69,7 +76,9 @@ def _show(ax, data, stretch, title, cmap="gray"):
     ax.set_yticks([])
 
 
-def classify_sources(sources):
+def classify_sources(
+    sources: Table | Mapping[str, Any] | Sequence[Mapping[str, Any]],
+) -> np.ndarray:
     """Kind of each DIASource: ``"dipole"``, ``"negative"`` or ``"positive"``.
 
     ``isDipole`` wins; otherwise ``isNegative``, or the sign of ``psfFlux`` when the
@@ -113,17 +122,17 @@ def _source_pixels(sources, wcs):
 
 
 def image_triplet(
-    science,
-    template,
-    difference,
-    sources=None,
+    science: np.ndarray | NDData,
+    template: np.ndarray | NDData,
+    difference: np.ndarray | NDData,
+    sources: Table | Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     *,
-    stretch="zscale",
-    wcs=None,
-    titles=("science", "template", "difference"),
-    fig=None,
-    figsize=(13, 4.6),
-):
+    stretch: str = "zscale",
+    wcs: WCS | None = None,
+    titles: Sequence[str] = ("science", "template", "difference"),
+    fig: Figure | None = None,
+    figsize: tuple[float, float] = (13, 4.6),
+) -> Figure:
     """Science, template and difference side by side, DIASources marked by kind.
 
     Positive detections are green circles, negative ones red squares and dipoles
@@ -191,7 +200,13 @@ def _fits_image(blob):
 CUTOUT_FIELDS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 
-def alert_cutouts(alert, *, stretch="zscale", fig=None, figsize=(9, 3.4)):
+def alert_cutouts(
+    alert: Mapping[str, Any],
+    *,
+    stretch: str = "zscale",
+    fig: Figure | None = None,
+    figsize: tuple[float, float] = (9, 3.4),
+) -> Figure:
     """The science, template and difference cutouts of one decoded alert packet.
 
     Parameters

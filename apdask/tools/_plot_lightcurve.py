@@ -5,9 +5,18 @@ Re-exported by :mod:`apdask.tools.plot`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+import numpy.typing as npt
 
 from apdask.tools._plot_base import _column, _figure, _n_rows
+
+if TYPE_CHECKING:  # for annotations only: matplotlib is optional
+    from astropy.table import Table
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["AB_ZEROPOINT_NJY", "BAND_COLORS", "light_curve", "mag_to_njy", "njy_to_mag"]
 
@@ -27,7 +36,7 @@ BAND_COLORS = {
 _FLUX_FLOOR_NJY = 1e-3  # fluxes at or below this have no magnitude (mag 38.9)
 
 
-def njy_to_mag(flux):
+def njy_to_mag(flux: npt.ArrayLike) -> np.ndarray:
     """AB magnitude of a flux in nJy; NaN where the flux is not positive.
 
     Parameters
@@ -45,12 +54,19 @@ def njy_to_mag(flux):
         return np.where(f > 0, AB_ZEROPOINT_NJY - 2.5 * np.log10(np.where(f > 0, f, 1.0)), np.nan)
 
 
-def mag_to_njy(mag):
+def mag_to_njy(mag: npt.ArrayLike) -> np.ndarray:
     """Flux in nJy of an AB magnitude (the inverse of :func:`njy_to_mag`)."""
     return 10.0 ** (-0.4 * (np.asarray(mag, dtype=float) - AB_ZEROPOINT_NJY))
 
 
-def light_curve(sources, *, ax=None, fig=None, title=None, figsize=(7, 4)):
+def light_curve(
+    sources: Table | Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    ax: Axes | None = None,
+    fig: Figure | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] = (7, 4),
+) -> Figure:
     """A DIAObject's light curve: ``psfFlux`` ± ``psfFluxErr`` against time, per band.
 
     The left axis is in nJy; a secondary right axis gives AB magnitudes

@@ -5,30 +5,35 @@ Re-exported by :mod:`apdask.tools.plot`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dask.utils import key_split
 
-from apdask.core.camera import get_camera
+from apdask.core.camera import Camera, get_camera
 from apdask.tools._plot_base import _figure, _matplotlib
+
+if TYPE_CHECKING:  # for annotations only: matplotlib is optional
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["focal_plane", "stage_timings", "task_stream"]
 
 
 def focal_plane(
-    values,
-    camera="lsstcam",
+    values: Mapping[str, float | None] | Mapping[int, float | None],
+    camera: str | Camera = "lsstcam",
     *,
-    ax=None,
-    fig=None,
-    cmap="viridis",
-    label=None,
-    annotate=None,
-    vmin=None,
-    vmax=None,
-    figsize=(7.5, 6.5),
-):
+    ax: Axes | None = None,
+    fig: Figure | None = None,
+    cmap: str = "viridis",
+    label: str | None = None,
+    annotate: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    figsize: tuple[float, float] = (7.5, 6.5),
+) -> Figure:
     """The camera's detectors drawn in the focal plane, coloured by one value per CCD.
 
     Parameters
@@ -68,11 +73,11 @@ def focal_plane(
     if ax is None:
         ax = fig.add_subplot()
     on, off, arr = _detector_rectangles(dets, vals)
-    values = np.asarray(arr, float)
-    lo, hi = _colour_limits(values, vmin, vmax)
+    colour_values = np.asarray(arr, float)
+    lo, hi = _colour_limits(colour_values, vmin, vmax)
     cmap = _matplotlib().colormaps[cmap].with_extremes(bad="0.85")
     coll = PatchCollection(on, cmap=cmap, edgecolor="k", linewidth=0.5)
-    coll.set_array(np.ma.masked_invalid(values))
+    coll.set_array(np.ma.masked_invalid(colour_values))
     coll.set_clim(lo, hi)
     ax.add_collection(coll)
     ax.add_collection(PatchCollection(off, facecolor="none", edgecolor="0.6", linewidth=0.5))
@@ -175,7 +180,14 @@ def _timing_rows(timings):
     return [name for name, _ in per], stages, sec
 
 
-def stage_timings(timings, *, ax=None, fig=None, title=None, figsize=None):
+def stage_timings(
+    timings: Mapping[str, Any],
+    *,
+    ax: Axes | None = None,
+    fig: Figure | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
     """Seconds per pipeline stage, as horizontal bars.
 
     Parameters
@@ -208,7 +220,7 @@ def stage_timings(timings, *, ax=None, fig=None, title=None, figsize=None):
         ax.barh(y, vals, color="tab:blue", label="seconds")
         ax.set_yticks(y, stages)
         for yi, v in zip(y, vals, strict=True):
-            ax.text(v, yi, f" {v:.2f}", va="center", fontsize=8)
+            ax.text(v, float(yi), f" {v:.2f}", va="center", fontsize=8)
         if title is None and rows and rows[0] is not None:
             title = f"{rows[0]}: {vals.sum():.1f} s"
     else:
@@ -256,7 +268,14 @@ def _stream_rows(records):
     return labels, spans
 
 
-def task_stream(records, *, ax=None, fig=None, title=None, figsize=(9, 3.5)):
+def task_stream(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    ax: Axes | None = None,
+    fig: Figure | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] = (9, 3.5),
+) -> Figure:
     """The task stream of a run: one row per worker thread, one bar per task, by stage.
 
     The picture of the Dask dashboard's *Task Stream*, for a notebook or a report:

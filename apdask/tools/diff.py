@@ -12,6 +12,7 @@ folder and renames it to ``--out``: a failure writes nothing.  See
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +77,17 @@ def _exposure(x, options, psf):
     return x
 
 
-def diff(science, template, *, science_options=None, template_options=None, science_psf=None,
-         template_psf=None, enforce_qa=True, correct_noise=True):  # fmt: skip
+def diff(
+    science: str | os.PathLike[str] | Exposure,
+    template: str | os.PathLike[str] | Exposure,
+    *,
+    science_options: Mapping[str, Any] | None = None,
+    template_options: Mapping[str, Any] | None = None,
+    science_psf: str | os.PathLike[str] | np.ndarray | None = None,
+    template_psf: str | os.PathLike[str] | np.ndarray | None = None,
+    enforce_qa: bool = True,
+    correct_noise: bool = True,
+) -> DiffResult:
     """Difference image, DiaSources and QA of a calibrated science/template pair.
 
     Parameters
@@ -217,7 +228,7 @@ def _difference_hdus(result):
     return fits.HDUList(hdus)
 
 
-def write_outputs(result, out):
+def write_outputs(result: DiffResult, out: str | os.PathLike[str]) -> str:
     """Write ``difference.fits``, ``diaSources.ecsv`` and ``report.json`` into ``out``.
 
     Written into a temporary folder beside ``out`` that is renamed to it at the end, so
@@ -251,7 +262,7 @@ def write_outputs(result, out):
 # command line (apdask diff)
 
 
-def run_cli(args):
+def run_cli(args: argparse.Namespace) -> int:
     """Run ``apdask diff``; returns the exit status (0: pass or warn)."""
     opts = {}
     for who in ("science", "template"):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from apdask.core.exposure import MASK
+from apdask.core.exposure import MASK, Exposure
 from apdask.io.foreign import read_exposure
 from apdask.pipeline.psf import psf_fwhm, shifted_psf
 from apdask.tools.diff import diff
@@ -22,7 +24,15 @@ from apdask.tools.diff import diff
 __all__ = ["injection_test", "inject_point_sources"]
 
 
-def inject_point_sources(exposure, psf, x, y, flux, *, seed=0):
+def inject_point_sources(
+    exposure: Exposure,
+    psf: npt.ArrayLike,
+    x: Iterable[float],
+    y: Iterable[float],
+    flux: Iterable[float],
+    *,
+    seed: int | None = 0,
+) -> Exposure:
     """A copy of ``exposure`` with point sources (``psf`` × ``flux``) added at ``(x, y)``.
 
     Sub-pixel positions use a Fourier shift of the PSF stamp.  When ``meta`` has a
@@ -51,9 +61,19 @@ def inject_point_sources(exposure, psf, x, y, flux, *, seed=0):
     return exposure.copy_with(image=img.astype(np.float32), variance=var.astype(np.float32))
 
 
-def injection_test(science, template, *, snr=(5, 7, 10, 20, 50), per_bin=20, per_run=10,
-                   seed=0, match_radius=2.0, science_options=None, template_options=None,
-                   **diff_kwargs):  # fmt: skip
+def injection_test(
+    science: str | os.PathLike[str] | Exposure,
+    template: str | os.PathLike[str] | Exposure,
+    *,
+    snr: Sequence[float] = (5, 7, 10, 20, 50),
+    per_bin: int = 20,
+    per_run: int = 10,
+    seed: int = 0,
+    match_radius: float = 2.0,
+    science_options: Mapping[str, Any] | None = None,
+    template_options: Mapping[str, Any] | None = None,
+    **diff_kwargs: Any,
+) -> dict[str, Any]:
     """Completeness and flux bias of point sources injected into a real science image.
 
     Parameters
