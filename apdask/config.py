@@ -35,6 +35,7 @@ __all__ = [
     "CutoutConfig",
     "DetectionConfig",
     "DistributorConfig",
+    "ListenConfig",
     "Locations",
     "MeasurementConfig",
     "PipelineConfig",
@@ -74,7 +75,8 @@ def get(key: str, value: Any = None) -> Any:
     return dask.config.get(f"apdask.{key}")
 
 
-_KERNEL_RULES = ("min_stamps", "stamps_per_spatial_term", "full_basis_stamps")
+_KERNEL_RULES = ("min_stamps", "stamps_per_spatial_term", "full_basis_stamps",
+                 "max_sum_variation")  # fmt: skip
 
 
 def _section(name: str) -> dict[str, Any]:
@@ -133,6 +135,7 @@ class SubtractConfig:
     min_stamps: int = 5  #: fewer clean stars: the kernel fit fails (``subtract.kernel.*``)
     stamps_per_spatial_term: int = 4  #: else a lower spatial order
     full_basis_stamps: int = 10  #: else fewer basis functions
+    max_sum_variation: float = 0.2  #: kernel sum varying more over the CCD: a lower order
 
     def __post_init__(self) -> None:
         if self.kernel_size is not None and (
@@ -238,6 +241,46 @@ class DistributorConfig:
 
     def __post_init__(self) -> None:
         _positive("distributor", "timeout", self.timeout)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """``apdask listen`` (:func:`apdask.services.listen.listen`), resolved when it starts."""
+
+    group_id: str = "apdask-listen"  #: Kafka consumer group (partitions are assign()ed)
+    offset: str = "latest"  #: where a new listener starts: latest or earliest
+    max_message_bytes: int = 1 << 20  #: a larger nextVisit message is rejected unparsed
+    build_timeout_s: float = 60.0  #: bound on one visit's pending check and graph build
+    stop_grace_s: float = 60.0  #: after SIGTERM: wait for visits in flight, then abandon
+
+    def __post_init__(self) -> None:
+        if self.offset not in ("latest", "earliest"):
+            msg = (
+                f"apdask.listen.offset must be latest or earliest, got {self.offset!r}; "
+                "e.g. --offset earliest"
+            )
+            raise ConfigurationError(msg)
+        _positive("listen", "max_message_bytes", self.max_message_bytes, integer=True)
+        _positive("listen", "build_timeout_s", self.build_timeout_s)
+        grace = self.stop_grace_s
+        ok = isinstance(grace, int | float) and not isinstance(grace, bool)
+        if not (ok and math.isfinite(grace) and grace >= 0):
+            msg = (
+                f"apdask.listen.stop_grace_s must be a number of seconds >= 0, got {grace!r}; "
+                "e.g. --set listen.stop_grace_s=60"
+            )
+            raise ConfigurationError(msg)
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> ListenConfig:
+        """Read ``apdask.listen`` once; ``overrides`` (not None) win.
+
+        Raises
+        ------
+        ConfigurationError
+            An unknown key or a value out of range; the message names the key and the fix.
+        """
+        return _build(cls, "listen", overrides)
 
 
 @dataclass(frozen=True)

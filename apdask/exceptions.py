@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "ApdaskError",
     "ConfigurationError",
+    "UsageError",
     "UnknownDetectorError",
     "UnknownFilterError",
     "CoordinateError",
@@ -29,6 +30,7 @@ __all__ = [
     "PpdbLockTimeoutError",
     "JobSubmissionError",
     "ClusterTimeoutError",
+    "WorkerLostError",
     "InputImageError",
     "NoCelestialWcsError",
     "UnknownUnitsError",
@@ -37,6 +39,10 @@ __all__ = [
     "SubtractionQualityError",
     "ProductWriteError",
     "ProductNotFoundError",
+    "StorageError",
+    "StoragePermissionError",
+    "InternalError",
+    "DiaObjectNotFoundError",
     "PartialCoverageWarning",
     "SubtractionQualityWarning",
 ]
@@ -171,6 +177,17 @@ class ClusterTimeoutError(ApdaskError, TimeoutError):
     exit_code = 75  # EX_TEMPFAIL
 
 
+class WorkerLostError(ApdaskError):
+    """Dask workers died under one task more often than ``allowed-failures`` permits.
+
+    Dask reruns the tasks of a lost worker on the others; a task whose workers died
+    under it more than ``distributed.scheduler.allowed-failures`` (3) times is given up
+    (``KilledWorker``).  The CCDs already stored and delivered are kept: re-run the visit.
+    """
+
+    exit_code = 75  # EX_TEMPFAIL: re-run it
+
+
 class InputImageError(ApdaskError):
     """A calibrated input image (``apdask diff``) that cannot be used as it is."""
 
@@ -217,6 +234,30 @@ class ProductWriteError(ApdaskError):
 
 class ProductNotFoundError(ApdaskError, LookupError):
     """No such image data product in the repository."""
+
+    exit_code = 66  # EX_NOINPUT
+
+
+class StorageError(ApdaskError):
+    """A file could not be read or written: disk full, I/O error, read-only file system."""
+
+    exit_code = 74  # EX_IOERR
+
+
+class StoragePermissionError(StorageError):
+    """A file or directory apdask must write belongs to someone else or is read-only."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class InternalError(ApdaskError):
+    """A bug: an error apdask did not expect.  ``-v`` shows the traceback."""
+
+    exit_code = 70  # EX_SOFTWARE
+
+
+class DiaObjectNotFoundError(ApdaskError, LookupError):
+    """No row of this ``diaObjectId`` in the PPDB (:func:`apdask.ppdb.object_history`)."""
 
     exit_code = 66  # EX_NOINPUT
 

@@ -10,7 +10,7 @@ import dask.config
 import pytest
 
 from apdask.cli import main
-from apdask.config import Locations, PipelineConfig
+from apdask.config import ListenConfig, Locations, PipelineConfig
 from apdask.exceptions import ConfigurationError, UsageError
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import ensure_ppdb, run_visit
@@ -43,6 +43,33 @@ def test_bad_values_name_the_key_and_the_fix(key, value, match):
     with dask.config.set({key: value}), pytest.raises(ConfigurationError, match=match) as err:
         PipelineConfig.resolve()
     assert key.rsplit(".", 1)[0] in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("apdask.listen.max_message_bytes", 0, "positive integer"),
+        ("apdask.listen.max_message_bytes", 1.5, "positive integer"),
+        ("apdask.listen.build_timeout_s", float("nan"), "positive number"),
+        ("apdask.listen.build_timeout_s", True, "positive number"),
+        ("apdask.listen.stop_grace_s", -1, "seconds >= 0"),
+        ("apdask.listen.stop_grace_s", float("inf"), "seconds >= 0"),
+        ("apdask.listen.offset", "middle", "latest or earliest"),
+        ("apdask.listen.grace", 5, "unknown configuration key"),
+    ],
+)
+def test_listen_settings_are_checked_when_the_listener_starts(key, value, match):
+    with dask.config.set({key: value}), pytest.raises(ConfigurationError, match=match) as err:
+        ListenConfig.resolve()
+    assert "apdask.listen." in str(err.value)
+
+
+def test_listen_settings_defaults_and_overrides():
+    cfg = ListenConfig.resolve()
+    assert (cfg.max_message_bytes, cfg.build_timeout_s, cfg.stop_grace_s) == (1 << 20, 60.0, 60.0)
+    assert ListenConfig.resolve(stop_grace_s=0, offset=None).stop_grace_s == 0  # 0: at once
+    with dask.config.set({"apdask.listen.stop_grace_s": 5}):
+        assert ListenConfig.resolve().stop_grace_s == 5
 
 
 def test_locations_one_rule_for_every_command(tmp_path, monkeypatch):
@@ -90,6 +117,7 @@ def test_cli_set_and_config_file_with_sources(tmp_path, capsys, monkeypatch):
         (["--set", "detection.treshold=6", "config", "show"], 78, "unknown setting"),
         (["--set", "noequals", "config", "show"], 64, "KEY=VALUE"),
         (["--set", "detection.threshold_sigma=-1", "config", "show"], 78, "positive number"),
+        (["--set", "listen.stop_grace_s=-5", "config", "show"], 78, "listen.stop_grace_s"),
         (["--config", "/nonexistent.yaml", "config", "show"], 78, "cannot read --config"),
     ],
 )

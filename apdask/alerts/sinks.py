@@ -16,9 +16,10 @@ import fastavro
 import fastavro.validation
 
 from apdask.alerts.avrovec import encode_bytes, encode_long
+from apdask.alerts.done import DoneRecords
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, parsed_schema
-from apdask.core.files import atomic_open
+from apdask.core.files import atomic_open, remove_stale_temps
 from apdask.exceptions import ConfigurationError
 
 if TYPE_CHECKING:  # the schema class, for annotations only
@@ -76,7 +77,8 @@ class FileSink:
     """Write alerts as Avro object-container files, one per CCD per visit.
 
     Files are ``<root>/visit_<visit>/<visit>_<detector>.avro``; a rewrite of the
-    same CCD/visit replaces the previous file atomically.
+    same CCD/visit replaces the previous file atomically.  The CCDs' done records
+    are in ``<root>/done`` (:attr:`done`, :meth:`is_done`).
 
     Parameters
     ----------
@@ -86,6 +88,11 @@ class FileSink:
         Defaults to :func:`load_schema`.
     codec : {"deflate", "null"}
         Avro block codec.
+
+    Attributes
+    ----------
+    done : apdask.alerts.done.DoneRecords
+        The done records of the CCDs whose alerts this sink holds.
     """
 
     def __init__(
@@ -94,9 +101,17 @@ class FileSink:
         self.root = Path(root)
         self.schema = load_schema() if schema is None else schema
         self.codec = codec
+        self.done = DoneRecords(self.root / "done")
 
     def __repr__(self) -> str:
         return f"FileSink({str(self.root)!r})"
+
+    def is_done(self, visit: int, detector: int) -> dict[str, Any] | None:
+        """The CCD's done record, or None if it has none or its alert file is gone."""
+        record = self.done.read(visit, detector)
+        if record is None or not self.path_for(visit, detector).exists():
+            return None
+        return record
 
     def path_for(self, visit: int, detector: int) -> Path:
         """Return the file path of one CCD of one visit."""
@@ -132,6 +147,7 @@ class FileSink:
                     a.decode(self.schema) if isinstance(a, EncodedAlert) else a for a in alerts
                 ]
                 fastavro.writer(fh, parsed_schema(self.schema), records, codec=self.codec)
+        remove_stale_temps(path)  # of a write of this CCD that a crash interrupted
         return SinkResult(delivered=len(alerts), path=path, seconds=time.monotonic() - t0)
 
     def close(self) -> None:
@@ -183,7 +199,9 @@ def sink_from_uri(
     Returns
     -------
     FileSink or apdask.services.kafka.KafkaSink
-        Both have ``write(visit, detector, alerts) -> SinkResult`` and ``close()``.
+        Both have ``write(visit, detector, alerts) -> SinkResult``, ``close()``,
+        their done records ``done`` (:class:`apdask.alerts.done.DoneRecords`) and
+        ``is_done(visit, detector)``.
     """
     if uri is None:
         msg = "no alert sink configured; set apdask.alerts.sink to file://DIR or kafka://..."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from apdask.exceptions import ConfigurationError, PpdbError
+from apdask.exceptions import ConfigurationError, PpdbError, UsageError
 from apdask.io.butler import Butler
 
 
@@ -37,3 +37,10 @@ def partial_failure_code(report):
         print(msg, file=sys.stderr)
         return int(failed[0].get("exit_code") or PpdbError.exit_code)
     return 0
+
+
+def check_workers(workers):
+    """``--workers`` as given, after checking it is at least 1 (before a cluster starts)."""
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}; e.g. --workers 2")
+    return workers

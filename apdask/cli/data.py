@@ -3,24 +3,93 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import sys
 from typing import Any
 
 from apdask.cli.common import repo_camera
 from apdask.core import jsonsafe
+from apdask.exceptions import UsageError
 from apdask.io.butler import Butler
 from apdask.ppdb import Ppdb, create_ppdb
 from apdask.tools.bench import format_summary, run_benchmarks
 from apdask.tools.evaluate import evaluate_visit
 from apdask.tools.simulate import simulate_repo
 
+#: Seeing (FWHM, arcsec) the simulator accepts: wider PSFs only cost memory and time.
+_MAX_FWHM = 10.0
+
+
+def _check_fwhm(option, value):
+    if not (math.isfinite(value) and 0 < value <= _MAX_FWHM):
+        msg = f"{option} must be in (0, {_MAX_FWHM:g}] arcsec, got {value}; e.g. {option} 0.9"
+        raise UsageError(msg)
+
+
+def _simulate_detectors(text):
+    """``--detectors`` as a list of distinct names (None: all), checked before any work."""
+    if text is None:
+        return None
+    dets = [d.strip() for d in text.split(",") if d.strip()]
+    if not dets:
+        raise UsageError(f"--detectors lists no CCD name, got {text!r}; e.g. --detectors T00,T01")
+    if len(set(dets)) != len(dets):
+        raise UsageError(f"--detectors lists a CCD twice, got {text!r}; list each CCD once")
+    return dets
+
 
 def simulate_command(args):
-    dets = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else None
+    """``apdask simulate``: a new repository; an existing one only with ``--overwrite``."""
+    if args.visits < 1:
+        raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}; e.g. --seed 42")
+    for lo_hi in [args.fwhm] if args.fwhm else []:
+        for value in lo_hi:
+            _check_fwhm("--fwhm", value)
+        if lo_hi[0] > lo_hi[1]:
+            raise UsageError(f"--fwhm LO HI needs LO <= HI, got {lo_hi[0]} {lo_hi[1]}")
+    if args.template_fwhm is not None:
+        _check_fwhm("--template-fwhm", args.template_fwhm)
+    dets = _simulate_detectors(args.detectors)
+    clear_for_simulation(args.repo, overwrite=args.overwrite)
     visits = simulate_repo(args.camera, args.repo, n_visits=args.visits, seed=args.seed,
                            band=args.band, detectors=dets, artifacts=not args.no_artifacts,
                            fwhm_range=args.fwhm, template_fwhm=args.template_fwhm,
-                           engine=args.engine)  # fmt: skip
+                           engine=args.engine, progress=_stderr)  # fmt: skip
     print(f"simulated {len(visits)} visits of {args.camera} into {args.repo}")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def clear_for_simulation(repo: str, *, overwrite: bool) -> None:
+    """Refuse to simulate into a non-empty directory; with ``overwrite``, remove it first.
+
+    Only an apdask repository (one with ``butler.zarr``) is removed: ``--overwrite`` on
+    any other non-empty directory is refused too, so a mistyped path never deletes a
+    user's files.
+    """
+    if not os.path.isdir(repo) or not os.listdir(repo):
+        if os.path.exists(repo) and not os.path.isdir(repo):
+            raise UsageError(f"--repo {repo} is a file, not a directory; choose another path")
+        return
+    if not os.path.isdir(os.path.join(repo, "butler.zarr")):
+        msg = (
+            f"--repo {repo} is a non-empty directory that is not an apdask repository (no "
+            "butler.zarr); choose a new or empty directory"
+        )
+        raise UsageError(msg)
+    if not overwrite:
+        msg = (
+            f"{repo} already holds a repository; pass --overwrite to replace it whole "
+            "(its raws, PPDB, alerts and products go too), or choose another --repo"
+        )
+        raise UsageError(msg)
+    shutil.rmtree(repo)
 
 
 def evaluate_command(args):

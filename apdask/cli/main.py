@@ -12,17 +12,26 @@ pipeline (start-up time counts for batch jobs, issue 18).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from apdask.cli.parser import build_parser
 from apdask.cli.settings import apply_settings
-from apdask.exceptions import ApdaskError
+from apdask.exceptions import (
+    ApdaskError,
+    InternalError,
+    PpdbError,
+    StorageError,
+    StoragePermissionError,
+    UsageError,
+)
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "as_apdask_error", "build_parser", "main"]
 
 log = logging.getLogger("apdask")
 
@@ -61,18 +70,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         apply_settings(args.config, args.settings)
         return _command(args.command)(args) or 0
-    except ApdaskError as e:
-        print(f"apdask: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ValueError, FileNotFoundError) as e:
-        print(f"apdask: error: {e}", file=sys.stderr)
-        return 64
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `apdask alerts tail | head`: the reader left; exit quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail
         return 0
+    except Exception as e:  # every error ends as one line and a documented code
+        err = as_apdask_error(e)
+        if args.verbose and not isinstance(e, ApdaskError | ValueError | FileNotFoundError):
+            traceback.print_exc(file=sys.stderr)
+        print(f"apdask: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def as_apdask_error(e: BaseException) -> ApdaskError:
+    """The documented :class:`ApdaskError` for any error a command raised.
+
+    Bad arguments (``ValueError``, a missing input file) are usage errors (64); OS
+    errors become :class:`StorageError` (74; full disk, I/O error, read-only file
+    system) or :class:`StoragePermissionError` (77), with the file and the fix; an
+    escaped database error is a :class:`PpdbError` (69); anything else is an
+    :class:`InternalError` (70), a bug, whose traceback ``-v`` shows.
+    """
+    if isinstance(e, ApdaskError):
+        return e
+    if isinstance(e, ValueError | FileNotFoundError):
+        return UsageError(str(e))
+    if isinstance(e, OSError):
+        return _os_error(e)
+    if type(e).__module__.split(".")[0] in ("sqlalchemy", "psycopg2", "sqlite3"):
+        return PpdbError(f"PPDB error: {e}; check that the database is up and writable")
+    return InternalError(
+        f"unexpected {type(e).__name__}: {e} (a bug in apdask: run again with -v for the "
+        "traceback and report it)"
+    )
+
+
+def _os_error(e: OSError) -> ApdaskError:
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = (
+            f"no space left on the device{where}: free disk space or point the output "
+            "elsewhere (--repo, --alerts, apdask.products.dir)"
+        )
+        return StorageError(msg)
+    if e.errno in (errno.EACCES, errno.EPERM):
+        msg = (
+            f"permission denied{where}: run as the owner or make it writable, or point "
+            "the output elsewhere"
+        )
+        return StoragePermissionError(msg)
+    if e.errno == errno.EROFS:
+        msg = f"read-only file system{where}: point the output at a writable directory"
+        return StoragePermissionError(msg)
+    return StorageError(f"{e.strerror or e}{where}: check the disk and the path")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,14 @@ def _add_run_commands(sub):
     p.add_argument("--distributor", help="http://HOST:PORT or file://DIR (default <repo>/raw)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
     p.add_argument("--scheduler-address", help="use a running Dask scheduler instead")
+    p.add_argument("--cluster", choices=["local", "slurm", "htcondor"], default="local",
+                   help="local: a LocalCluster of --workers (default); slurm, htcondor: a warm, "
+                   "adaptive pool of worker jobs (apdask.submit.minimum_jobs..maximum_jobs) on "
+                   "your jobqueue.yaml, kept between visits")  # fmt: skip
+    p.add_argument("--scheduler-host", help="--cluster: address workers reach the scheduler on")
+    p.add_argument("--mem", help="--cluster: memory per worker job (default jobqueue.yaml)")
+    p.add_argument("--walltime", help="--cluster: time limit per worker job")
+    p.add_argument("--partition", help="--cluster slurm: partition of the worker jobs")
     p.add_argument("--offset", choices=["latest", "earliest"],
                    help="where to start reading the topic (default latest)")  # fmt: skip
     p.add_argument("--max-visits", type=int, help="exit after this many visits finished")
@@ -192,6 +200,9 @@ def _add_data_commands(sub):
     p.add_argument("--engine", choices=["apdask", "galsim"], default="apdask",
                    help="pixel renderer: our Gaussian code (default) or GalSim (Kolmogorov PSF, "
                    "Sersic galaxies; needs the 'sim' extra)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing repository whole (default: refuse to write into "
+                   "a non-empty directory)")  # fmt: skip
     p = sub.add_parser("evaluate", help="compare a processed visit with the simulator's truth")
     p.add_argument("--repo", required=True, help="simulated repository (truth/, alerts/)")
     p.add_argument("--visit", type=int, required=True)
@@ -219,7 +230,11 @@ def _add_data_commands(sub):
     q.add_argument("--repo", required=True, help="Butler repository with a DRP catalog")
     q.add_argument("--ppdb", required=True, help="PPDB config file or SQLAlchemy URL")
     p = sub.add_parser("bench", help="run benchmarks/ and report the figures against targets")
-    p.add_argument("--only", help="comma list of: association, ppdb, alerts, subtract, distributor")
+    p.add_argument(
+        "--only",
+        help="comma list of: association, ppdb, alerts, subtract, "
+        "distributor, ccd (default: all but ccd, which takes minutes)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
     p.add_argument("--dir", help="the benchmarks/ directory (default: the source checkout's)")
     p.add_argument("--out", default="bench-report.json", help="JSON report (default %(default)s)")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
+import threading
 import time
 
 from apdask import config
-from apdask.cli.common import partial_failure_code, repo_camera
+from apdask.cli.common import check_workers, partial_failure_code, repo_camera
 from apdask.config import Locations
 from apdask.core import jsonsafe
 from apdask.core.camera import check_band, check_pointing
@@ -21,10 +23,14 @@ from apdask.io.raw_header import check_raw_header
 from apdask.pipeline.calib import process_calib
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import local_cluster, run_visit
+from apdask.pipeline.warm import warm_kernels
 from apdask.services.batch import open_client, submit_visit
 from apdask.services.listen import listen
 from apdask.tools.demo import run_demo
 from apdask.tools.progress import VisitProgress, compile_note, visit_table, write_report
+
+#: ``apdask listen`` stopped by a signal with visits abandoned (docs/errors.md).
+EX_TEMPFAIL = 75
 
 
 def process_ccd_command(args):
@@ -37,6 +43,9 @@ def process_ccd_command(args):
     detector = camera[args.ccd]  # UnknownDetectorError names valid CCDs
     ra, dec = check_pointing(args.ra, args.dec)
     check_band(args.band)
+    if not (math.isfinite(args.exptime) and args.exptime > 0):  # before waiting for images
+        msg = f"--exptime must be a finite number of seconds > 0, got {args.exptime}"
+        raise UsageError(f"{msg}; e.g. --exptime 30")
     if not 1 <= len(args.image) <= 2:
         raise UsageError(f"give one or two --image names (snaps), got {len(args.image)}")
     if len(set(args.image)) != len(args.image):
@@ -44,6 +53,8 @@ def process_ccd_command(args):
     for name in args.image:
         check_image_for_ccd(name, camera, detector)  # before waiting, not after the timeout
     dist = open_distributor(where.distributor)
+    # the numba kernels load (or compile) while the image is still on its way
+    threading.Thread(target=warm_kernels, name="apdask-warm", daemon=True).start()
     # Wait for every snap under one deadline: nothing is written before all have arrived.
     deadline = time.monotonic() + where.timeout
     paths = [dist.get(n, timeout=max(deadline - time.monotonic(), 0.0)) for n in args.image]
@@ -68,7 +79,9 @@ def process_visit_command(args):
     strict JSON (``--json``, default ``<repo>/reports/visit_<visit>.json``) and prints
     a short table.
     """
+    check_workers(args.workers)
     nv = NextVisit.from_json(args.next_visit)
+    # bad --repo or --timeout: before the cluster starts
     where = Locations.resolve(args.repo, ppdb=args.ppdb, alerts=args.alerts,
                               distributor=args.distributor, timeout=args.timeout)  # fmt: skip
     note = compile_note()
@@ -126,13 +139,31 @@ def process_calib_command(args):
 
 
 def listen_command(args):
-    with open_client(args.scheduler_address, n_workers=args.workers) as client:
-        summary = listen(
-            args.kafka, args.topic, repo=args.repo, ppdb=args.ppdb, alerts=args.alerts,
-            distributor=args.distributor, timeout=args.timeout, client=client,
-            max_visits=args.max_visits, idle_exit=args.idle_exit, offset=args.offset,
-        )  # fmt: skip
+    kw = dict(repo=args.repo, ppdb=args.ppdb, alerts=args.alerts, distributor=args.distributor,
+              timeout=args.timeout, max_visits=args.max_visits, idle_exit=args.idle_exit,
+              offset=args.offset)  # fmt: skip
+    if args.scheduler_address:
+        if args.cluster != "local":
+            raise UsageError(
+                f"--cluster {args.cluster} starts its own warm pool of worker jobs; "
+                "drop --scheduler-address, or drop --cluster to use that scheduler"
+            )
+        with open_client(args.scheduler_address) as client:
+            summary = listen(args.kafka, args.topic, client=client, **kw)
+    else:  # listen() starts its cluster itself, after checking its arguments and settings
+        options = {"partition": args.partition, "memory": args.mem, "walltime": args.walltime,
+                   "scheduler_host": args.scheduler_host}  # fmt: skip
+        summary = listen(args.kafka, args.topic, workers=check_workers(args.workers),
+                         cluster=args.cluster, cluster_options=options, **kw)  # fmt: skip
     print(jsonsafe.dumps(summary))
+    if summary["abandoned"]:  # stopped by a signal before they finished: say so, exit 75
+        names = ", ".join(str(a["visit"]) for a in summary["abandoned"])
+        print(
+            f"apdask: error: stopped with {len(summary['abandoned'])} visit(s) abandoned "
+            f"({names}); re-run each with `apdask process-visit` (nextVisit in the summary)",
+            file=sys.stderr,
+        )
+        return EX_TEMPFAIL
     return 0
 
 
@@ -149,5 +180,10 @@ def submit_command(args):
 
 
 def demo_command(args):
+    check_workers(args.workers)
+    if args.visits < 1:
+        raise UsageError(f"--visits must be >= 1, got {args.visits}; e.g. --visits 3")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}; e.g. --seed 42")
     run_demo(args.dir, camera=args.camera, n_visits=args.visits, seed=args.seed,
              workers=args.workers)  # fmt: skip

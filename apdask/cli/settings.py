@@ -16,7 +16,7 @@ from typing import Any
 import dask.config
 import yaml
 
-from apdask.config import DEFAULTS, PipelineConfig
+from apdask.config import DEFAULTS, ListenConfig, PipelineConfig
 from apdask.exceptions import ConfigurationError, UsageError
 
 __all__ = ["apply_settings", "config_command", "show_config"]
@@ -128,6 +128,7 @@ def show_config(*, as_json: bool = False) -> str:
     value is reported here too.
     """
     PipelineConfig.resolve()  # raises on an out-of-range or unknown value
+    ListenConfig.resolve()
     defaults = dict(_leaves(DEFAULTS))
     current = dict(_leaves({"apdask": dask.config.get("apdask")}))
     rows = []

@@ -16,7 +16,9 @@ The policy
 4. ``os.replace`` it onto the destination.
 5. ``fsync`` the directory, so the rename itself survives a power cut.
 
-On any error the temporary file is removed and the destination is untouched.
+On any error the temporary file is removed and the destination is untouched.  Only
+a crash (SIGKILL, power cut) leaves one behind; :func:`remove_stale_temps` removes
+those of a destination once it has been written again.
 ``fsync=False`` skips steps 2 and 5 (the result is still atomic, only not
 durable); it exists for scratch output in tests and is not used by the package.
 The parent directory must exist; callers create it.
@@ -33,13 +35,15 @@ replaced (``apdask.services._dist_storage``).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_open", "atomic_write", "fsync_dir"]
+__all__ = ["atomic_open", "atomic_write", "fsync_dir", "remove_stale_temps"]
 
 #: What :func:`atomic_write` accepts: bytes, text (written as UTF-8) or a callable
 #: that writes into the open binary file.
@@ -159,3 +163,34 @@ def fsync_dir(directory: str | os.PathLike[str], *, strict: bool = False) -> Non
             raise
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(path: str | os.PathLike[str], older_than_s: float = 60.0) -> list[Path]:
+    """Remove the temporary files that crashed atomic writes of ``path`` left behind.
+
+    Call it after ``path`` was written: the destination is complete, so the
+    ``.<name>.<random>.tmp`` files of earlier, killed writes of it are garbage.  Files
+    younger than ``older_than_s`` are left alone (another writer of the same path
+    may still be at work).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The destination that was just written.
+    older_than_s : float, optional
+        Minimum age, in seconds, of a temporary file to remove.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files removed.
+    """
+    path = Path(path)
+    now = time.time()
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed

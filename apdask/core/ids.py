@@ -20,9 +20,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["pack_id", "unpack_id", "dia_source_ids", "dia_forced_source_ids"]
+__all__ = ["MAX_VISIT", "pack_id", "unpack_id", "dia_source_ids", "dia_forced_source_ids"]
 
 _VISIT_BITS, _DET_BITS, _INDEX_BITS = 35, 8, 20
+
+#: Visits are ``0 <= visit < MAX_VISIT`` (2**35): the id's visit field.
+MAX_VISIT = 1 << _VISIT_BITS
 _FORCED_OFFSET = 1 << (_INDEX_BITS - 1)
 
 

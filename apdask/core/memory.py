@@ -9,6 +9,12 @@ Raising the threshold and the trim threshold keeps freed frames in the heap, to
 be reused by the next CCD without page faults.  The price: a worker process keeps
 its peak heap (about 1.6 GB per CCD in flight) instead of returning it between
 CCDs.  Controlled by ``apdask.compute.keep_freed_memory`` (default true).
+
+One heap (``M_ARENA_MAX = 1``): glibc gives each thread that allocates its own
+arena, and with freed memory kept, every scheduler thread kept its own copy of a
+CCD's frames: a long-running process grew to 3.0–3.2 GB per CCD in flight
+(``benchmarks/bench_ccd.py``, docs/performance.md).  One arena held it at 2.1 GB
+with the same CPU time (the full frames are allocated by one thread at a time).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ __all__ = ["keep_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _done = None
 
 
@@ -51,5 +58,6 @@ def keep_freed_memory(threshold: int = 1 << 30, *, enabled: bool | None = None) 
         return _done
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _done = bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
-                 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)  # fmt: skip
+                 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+                 and mallopt(_M_ARENA_MAX, 1) == 1)  # fmt: skip
     return _done

@@ -20,6 +20,7 @@ __all__ = [
     "Association",
     "Calibrated",
     "CcdReport",
+    "CcdRows",
     "Fetched",
     "Measurement",
     "PpdbHistory",
@@ -204,6 +205,20 @@ class Stored:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CcdRows:
+    """What one CCD of one visit stored in the PPDB (``Ppdb.get_ccd_rows``).
+
+    A re-run of a CCD that an earlier run stored but did not finish sending re-makes
+    its alerts from these.
+    """
+
+    sources: Any  #: astropy Table: the CCD's DiaSources, ordered by diaSourceId
+    #: astropy Table: for each of their DiaObjects, its version valid at the visit (the
+    #: one this visit wrote; the last of them when two CCDs of the visit touched it)
+    objects: Any
+
+
 class CcdReport(TypedDict, total=False):
     """One CCD's entry of the visit report (JSON)."""
 
@@ -223,6 +238,8 @@ class CcdReport(TypedDict, total=False):
     alerts_spooled: int
     alerts_trimmed: int
     alert_spool: str | None
+    alerts_resent: bool  #: re-made from rows an earlier run stored (it crashed before sending)
+    done_record: str  #: the CCD's done record in the sink (apdask.alerts.done)
     alert_written: float
     timings: dict[str, float]
     image_registered: float

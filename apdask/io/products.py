@@ -26,6 +26,7 @@ never sees half a product.  :func:`prune_products` keeps the newest visits only
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -125,10 +126,14 @@ def write_product(
         behind.
     """
     path = product_path(root, kind, visit, detector)
-    hdul = _hdus(exposure, kind, detector)
+    # Serialised in memory first: astropy's own handling of a failed write to a file
+    # object (its free-space check) raises AttributeError instead of the OSError
+    # (seen with ENOSPC on a tmpfs), and the error must name the disk, not astropy.
+    buf = io.BytesIO()
+    _hdus(exposure, kind, detector).writeto(buf)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda fh: hdul.writeto(fh))
+        atomic_write(path, buf.getbuffer())
     except OSError as e:
         msg = (
             f"cannot write the {kind} image of visit {visit} CCD {detector} to {path}: "

@@ -23,6 +23,7 @@ from apdask.pipeline.outputs import (
     associate_task,
     package_task,
     publish_task,
+    recover_task,
     report_task,
     store_task,
 )
@@ -37,6 +38,7 @@ from apdask.pipeline.tasks import (
     header_task,
     prefetch_task,
     read_amp_task,
+    science_psf_task,
     subtract_task,
     warp_task,
 )
@@ -108,18 +110,25 @@ def ccd_tasks(
         )
     calibrated = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
     warped = step(warp_task, "warp")(calibrated, prefetch)
-    sub = step(subtract_task, "subtract")(calibrated, warped, cfg)
+    science = step(science_psf_task, "psf")(calibrated)  # beside the warp
+    sub = step(subtract_task, "subtract")(science, warped, cfg)
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
     assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)
     packets = step(package_task, "package")(sub, assoc, prefetch, cfg)
-    stored = step(store_task, "store")(assoc, packets, header, det, where.ppdb, replace, cfg)
-    published = step(publish_task, "publish")(stored, packets, header, det, where.alerts, cfg)
+    stored = step(store_task, "store")(
+        assoc, packets, header, det, where.ppdb, replace, cfg, where.alerts
+    )
+    # the packets of the stored rows when an earlier run stored the CCD but sent nothing
+    sent = step(recover_task, "recover")(
+        stored, packets, sub, prefetch, header, det, where.ppdb, cfg
+    )
+    published = step(publish_task, "publish")(stored, sent, header, det, where.alerts, cfg)
     products = None
     if cfg.products.kinds:
         root = cfg.products.root(where.repo)
         products = step(save_products_task, "products")(published, sub, header, det, root, cfg)
     return step(report_task, "report")(
-        published, stored, assoc, packets, header, calibrated, warped, sub, measured, prefetch,
+        published, stored, assoc, sent, header, science, warped, sub, measured, prefetch,
         det, products,
     )  # fmt: skip
 
@@ -150,6 +159,7 @@ def build_visit_graph(
     images: Mapping[str, Sequence[str]] | None = None,
     replace: bool = False,
     config: PipelineConfig | None = None,
+    check: Callable[[], None] | None = None,
 ) -> Delayed:
     """Build the lazy graph of one visit; computing it returns the visit report.
 
@@ -172,10 +182,15 @@ def build_visit_graph(
     images : dict, optional
         Image names per CCD name (one per snap); default ``NextVisit.image_names``.
     replace : bool
-        Replace the CCDs' earlier PPDB rows instead of skipping stored CCDs
-        (see :meth:`apdask.ppdb.database.Ppdb.store`).
+        Replace the CCDs' earlier PPDB rows (and forget their done records) instead
+        of keeping the stored rows (see :meth:`apdask.ppdb.database.Ppdb.store`).
+        Without it, a CCD the PPDB already holds is not stored again: its alerts
+        are re-made from the stored rows and sent (``recover_task``).
     config : PipelineConfig, optional
         Stage settings; default :meth:`PipelineConfig.resolve` now, on this process.
+    check : callable, optional
+        Called before each CCD's chain is built; it raises to abandon the build (the
+        listener bounds the build time with it, ``apdask.listen.build_timeout_s``).
 
     Returns
     -------
@@ -196,15 +211,18 @@ def build_visit_graph(
     )
     cfg = PipelineConfig.resolve() if config is None else config
     names = next_visit.detectors if detectors is None else tuple(detectors)
-    reports = [
-        ccd_tasks(
-            next_visit,
-            name,
-            where=where,
-            cfg=cfg,
-            image_names=(images or {}).get(name),
-            replace=replace,
-        )  # fmt: skip
-        for name in names
-    ]
+    reports = []
+    for name in names:
+        if check is not None:
+            check()
+        reports.append(
+            ccd_tasks(
+                next_visit,
+                name,
+                where=where,
+                cfg=cfg,
+                image_names=(images or {}).get(name),
+                replace=replace,
+            )
+        )
     return dask.delayed(_gather)(next_visit, reports, dask_key_name=f"gather-{next_visit.visit}")

@@ -1,8 +1,11 @@
-"""The output steps of one CCD's chain: associate, package, store, publish, report.
+"""The output steps of one CCD's chain: associate, package, store, recover, publish, report.
 
 Alert packets are built first (``package``), then the PPDB is written in one
-transaction (``store``), then the sink (``publish``): no row is stored for a CCD whose
-alerts cannot be made, and a sink failure after the store is repaired by re-running.
+transaction (``store``), then the sink (``publish``), then the CCD's done record: no
+row is stored for a CCD whose alerts cannot be made, and a crash or sink failure
+after the store is repaired by re-running, which re-sends the alerts of the stored
+rows without storing them again (``recover``; docs/alerts.md, "Zero loss across a
+crash").
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from apdask.alerts.stamps import StampMaker
 from apdask.config import PipelineConfig
 from apdask.core import ids
 from apdask.core.camera import Detector
+from apdask.core.faults import fault_point
 from apdask.core.records import (
     Association,
-    Calibrated,
     CcdReport,
     Measurement,
     Prefetch,
@@ -42,6 +45,7 @@ __all__ = [
     "associate_task",
     "package_task",
     "publish_task",
+    "recover_task",
     "report_task",
     "store_task",
 ]
@@ -120,9 +124,21 @@ def package_task(
     nothing.  ``package_alerts`` and ``StampMaker`` give bytes identical to
     ``make_alert`` with ``make_cutout`` (the tests check this) at a fraction of the cost.
     """
+    return _packets(sub, assoc.sources, assoc.history, prefetch.history.forced, assoc.objects, cfg)
+
+
+def _packets(
+    sub: Subtraction,
+    sources: Table,
+    history: Table,
+    forced_history: Table | None,
+    objects: Table,
+    cfg: PipelineConfig,
+) -> list[EncodedAlert]:
+    """The encoded alerts of ``sources``, with cutouts of ``sub`` at their positions."""
     # The triggering DIASource's timeProcessedMjdTai is the wall clock (TAI) when the
     # packets are made; the PPDB row keeps the nominal, reproducible value.
-    sources = Table(assoc.sources, copy=False)  # the stored table is kept as it is
+    sources = Table(sources, copy=False)  # the stored table is kept as it is
     sources.replace_column("timeProcessedMjdTai", np.full(len(sources), now_mjd()))
     schema = load_schema(cfg.alerts.schema_version)
     makers = [StampMaker(e) for e in (sub.difference, sub.science, sub.template)]
@@ -134,8 +150,8 @@ def package_task(
         size = cutout_size(bbox, min_size=lo, max_size=hi)
         cutouts.append(tuple(m.stamp(x, y, size) for m in makers))
     return package_alerts(
-        sources, history=assoc.history, forced_history=prefetch.history.forced,
-        objects=assoc.objects, cutouts=cutouts, schema=schema,
+        sources, history=history, forced_history=forced_history, objects=objects,
+        cutouts=cutouts, schema=schema,
     )  # fmt: skip
 
 
@@ -148,22 +164,72 @@ def store_task(
     ppdb_url: str,
     replace: bool,
     cfg: PipelineConfig,
+    sink_uri: str | None = None,
 ) -> Stored:
     """Write the CCD's sources, new object versions and forced sources in one transaction.
 
     Takes the packets as an input only to run after them: no row is written for a CCD
-    whose alerts could not be made.
+    whose alerts could not be made.  With ``replace``, the CCD's done record in the
+    sink ``sink_uri`` is removed first: until the new alerts are sent, the CCD is not
+    done.
     """
     t0 = time.time()
     try:
         with cfg.applied():
+            if replace and sink_uri is not None:
+                sink_from_uri(sink_uri).done.remove(header.visit, detector.id)
             stored = Ppdb.open(ppdb_url, cache=True).store(
                 header.mjd, assoc.objects, assoc.sources, assoc.forced, visit=header.visit,
                 detector=detector.id, replace=replace, drp_matches=assoc.drp_matches,
             )  # fmt: skip
     except PpdbError as err:  # no alerts for this CCD; the visit's other CCDs go on
         raise PpdbUnavailableError(str(err)) from None
+    if stored:
+        fault_point("ppdb-committed")  # tests only
     return Stored(bool(stored), timings={"ppdb_store": time.time() - t0})
+
+
+@per_ccd
+def recover_task(
+    stored: Stored,
+    packets: list[EncodedAlert],
+    sub: Subtraction,
+    prefetch: Prefetch,
+    header: RawHeader,
+    detector: Detector,
+    ppdb_url: str,
+    cfg: PipelineConfig,
+) -> list[EncodedAlert]:
+    """The packets to publish: this run's, or the stored rows' if an earlier run stored them.
+
+    A CCD that the PPDB already holds (and that is not being replaced) is re-run only
+    because it has no done record: an earlier run committed it and then stopped
+    before its alerts were delivered or spooled.  Its rows are not stored again; its
+    alerts are re-made from the rows that run stored (its DiaSources and the DiaObject
+    versions of the visit, :meth:`apdask.ppdb.Ppdb.get_ccd_rows`), with the history
+    read before the visit and this run's cutouts of the same pixels.  So the alerts
+    always describe what the PPDB holds, with the same ``diaSourceId`` values.
+    """
+    if stored.stored:
+        return packets
+    t0 = time.time()
+    try:
+        with cfg.applied():
+            db = Ppdb.open(ppdb_url, cache=True)
+            if not db.is_sql:  # no per-CCD read: the re-run's packets (same ids)
+                return packets
+            rows = db.get_ccd_rows(header.visit, detector.id, header.mjd)
+    except PpdbError as err:
+        raise PpdbUnavailableError(str(err)) from None
+    history = prefetch.history.sources
+    history = vstack([history, rows.sources]) if len(history) else rows.sources
+    out = _packets(sub, rows.sources, history, prefetch.history.forced, rows.objects, cfg)
+    log.warning(
+        "visit %s CCD %s was stored by an earlier run that did not send its alerts: "
+        "%d alerts re-made from the stored rows in %.1f s, not stored again",
+        header.visit, detector.name, len(out), time.time() - t0,
+    )  # fmt: skip
+    return out
 
 
 @per_ccd
@@ -175,7 +241,11 @@ def publish_task(
     sink_uri: str,
     cfg: PipelineConfig,
 ) -> dict[str, Any]:
-    """Send the CCD's alerts to the sink (after the PPDB write); what was delivered."""
+    """Send the CCD's alerts to the sink (after the PPDB write), then record it as done.
+
+    The done record (:class:`apdask.alerts.done.DoneRecords`) is written once the
+    sink has returned: every alert acknowledged, spooled or written.
+    """
     t0 = time.time()
     with cfg.applied():
         sink = sink_from_uri(sink_uri)
@@ -183,12 +253,20 @@ def publish_task(
             written = sink.write(header.visit, detector.id, packets)  # delivered / spooled
         finally:
             sink.close()
+        fault_point("sink-written")  # tests only
+        done = sink.done.write(
+            header.visit, detector.id, sink=sink_uri.split("?", 1)[0], n_alerts=len(packets),
+            delivered=written.delivered, spooled=written.spooled,
+            alert_file=written.path, spool_path=written.spool_path, resent=not stored.stored,
+        )  # fmt: skip
     return {
         "alert_file": None if written.path is None else str(written.path),
         "alerts_delivered": written.delivered,
         "alerts_spooled": written.spooled,
         "alerts_trimmed": len(written.trimmed),
         "alert_spool": None if written.spool_path is None else str(written.spool_path),
+        "alerts_resent": not stored.stored,
+        "done_record": str(done),
         "alert_written": time.time(),
         "timings": {"alert_sink": time.time() - t0},
     }
@@ -234,7 +312,7 @@ def report_task(
     assoc: Any,
     packets: Any,
     header: RawHeader,
-    calibrated: Calibrated,
+    calibrated: Any,
     warped: Any,
     sub: Any,
     measured: Any,
@@ -247,8 +325,8 @@ def report_task(
     ``products`` is what :func:`apdask.pipeline.products.save_products_task` returned
     (None when no image products are kept).
     """
-    failed = next((x for x in (published, stored, assoc, packets, warped, sub, measured,
-                               products) if isinstance(x, CcdFailure)), None)  # fmt: skip
+    failed = next((x for x in (published, stored, assoc, packets, warped, calibrated, sub,
+                               measured, products) if isinstance(x, CcdFailure)), None)  # fmt: skip
     if failed is not None:
         err = failed.error
         if isinstance(err, PpdbUnavailableError):

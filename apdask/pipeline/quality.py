@@ -156,16 +156,9 @@ def assess(
     chi2_med = float(np.median(chi2)) if chi2 else None
     star_dip = float(np.mean(dip)) if dip else None
     noise = float(info.noise_ratio)
-    n_det = 0 if sources is None else len(sources)
-    det_dip = det_static = None
-    n_dip = n_static = 0
-    if sources is not None and n_det:
-        n_dip = int(np.count_nonzero(np.asarray(sources["isDipole"], dtype=np.bool_)))
-        tf = np.asarray(sources["templateFlux"], dtype=np.float64)
-        tfe = np.asarray(sources["templateFluxErr"], dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            n_static = int(np.count_nonzero(np.abs(tf / tfe) >= float(t["static_snr"])))
-        det_dip, det_static = n_dip / n_det, n_static / n_det
+    n_det, n_dip, n_static = _detection_counts(sources, float(t["static_snr"]))
+    det_dip = n_dip / n_det if n_det else None
+    det_static = n_static / n_det if n_det else None
     enough = n_det >= int(t["min_detections"])
     snr_sig = snr_sigma(matched) if matched is not None else None
     checks = {
@@ -226,6 +219,18 @@ def assess(
         "static_fraction": num(det_static),
         "thresholds": {k: num(v) for k, v in t.items()},
     }
+
+
+def _detection_counts(sources: Table | None, static_snr: float) -> tuple[int, int, int]:
+    """Detections, dipoles among them, and those on a template source (S/N ≥ static_snr)."""
+    if sources is None or not len(sources):
+        return 0, 0, 0
+    n_dip = int(np.count_nonzero(np.asarray(sources["isDipole"], dtype=np.bool_)))
+    tf = np.asarray(sources["templateFlux"], dtype=np.float64)
+    tfe = np.asarray(sources["templateFluxErr"], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_static = int(np.count_nonzero(np.abs(tf / tfe) >= static_snr))
+    return len(sources), n_dip, n_static
 
 
 def enforce(qa, where="", log=None):

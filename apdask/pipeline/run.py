@@ -1,9 +1,10 @@
 """Running visit graphs: the driver shared by ``process-ccd``, ``process-visit`` and ``demo``.
 
-The driver is an I/O edge: it decides which CCDs still need processing (a CCD whose
-rows are already in the PPDB and whose alert file exists is skipped, so re-running
-is safe), builds the graph with :func:`apdask.pipeline.graph.build_visit_graph`, computes it
-on a scheduler and collects per-stage timings from the task stream.
+The driver is an I/O edge: it decides which CCDs still need processing (a CCD that
+is done, its rows committed and its alerts delivered, is skipped, so re-running is
+safe; :func:`pending_detectors`), builds the graph with
+:func:`apdask.pipeline.graph.build_visit_graph`, computes it on a scheduler and collects
+per-stage timings from the task stream.
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ import time
 
 import dask
 from dask.delayed import Delayed
+from dask.utils import key_split
 
-from apdask import config
+from apdask import config, exceptions
+from apdask.alerts.sinks import sink_from_uri
 from apdask.config import Locations
+from apdask.exceptions import ConfigurationError
 from apdask.pipeline.graph import build_visit_graph
+from apdask.pipeline.warm import warm_plugin
+from apdask.ppdb import Ppdb, create_ppdb
 
 __all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
 
 
 def ensure_ppdb(repo=None, ppdb=None):
     """Return the PPDB config path, creating an SQLite PPDB under the repo if needed."""
-    from apdask.ppdb import create_ppdb
-
     ppdb = config.get("ppdb.url", ppdb)
     if ppdb:
         return ppdb
@@ -39,31 +43,55 @@ def ensure_ppdb(repo=None, ppdb=None):
     return cfg_file
 
 
-def _alert_file(sink_uri, visit, detector_id):
-    if not sink_uri.startswith("file://"):
-        return None
-    return os.path.join(sink_uri[len("file://") :], f"visit_{visit}", f"{visit}_{detector_id}.avro")
+def pending_detectors(next_visit, ppdb, sink_uri, *, repo=None):
+    """CCDs of a visit that are not done: processing them again is what is left to do.
 
+    A CCD is done when the sink holds its done record (written after its PPDB rows
+    were committed and its alerts delivered, durably spooled or written; see
+    :mod:`apdask.alerts.done`) and the PPDB holds its rows (a CCD without alerts
+    needs none).  A CCD stored by a run that then crashed is pending: re-running it
+    re-sends its alerts from the stored rows without storing them again.
 
-def pending_detectors(next_visit, ppdb, sink_uri):
-    """CCDs of a visit not yet fully processed (PPDB rows and alert file both present)."""
-    from apdask.ppdb import Ppdb
+    Parameters
+    ----------
+    next_visit : apdask.pipeline.nextvisit.NextVisit
+    ppdb : str
+        The PPDB (config file or URL).
+    sink_uri : str
+        The alert sink, as the graph gets it (:class:`apdask.config.Locations`).
+    repo : str, optional
+        The repository, to find the default spool (and with it the done records) of a
+        ``kafka://`` URI that names no ``spool_dir``; default ``apdask.repo``.
 
+    Returns
+    -------
+    list of str
+        The pending CCDs' names, in the visit's order.
+    """
+    if str(sink_uri).startswith("kafka://") and "spool_dir=" not in str(sink_uri):
+        with contextlib.suppress(ConfigurationError):  # no repository: the sink's default
+            sink_uri = Locations.resolve(repo, ppdb=ppdb, alerts=sink_uri).alerts
     db = Ppdb.open(ppdb)
+    sink = sink_from_uri(sink_uri)
     todo = []
-    for name in next_visit.detectors:
-        det = next_visit.camera[name]
-        stored = db.contains_visit_detector(next_visit.visit, det.id)
-        alert_file = _alert_file(sink_uri, next_visit.visit, det.id)
-        written = alert_file is None or os.path.exists(alert_file)
-        if not (stored and written):
-            todo.append(name)
+    try:
+        for name in next_visit.detectors:
+            det = next_visit.camera[name]
+            record = sink.is_done(next_visit.visit, det.id)
+            if record is None or (
+                record.get("n_alerts") != 0
+                and not db.contains_visit_detector(next_visit.visit, det.id)
+            ):
+                todo.append(name)
+    finally:
+        sink.close()
     return todo
 
 
 @contextlib.contextmanager
 def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
     """A distributed LocalCluster + Client, the default scheduler for visit graphs."""
+    # lazy: distributed costs ~0.6 s of import, and the threaded scheduler needs none
     from distributed import Client, LocalCluster
 
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
@@ -82,12 +110,11 @@ def local_cluster(n_workers=2, threads_per_worker=1, memory_limit="8GB"):
         ) as cluster,
         Client(cluster) as client,
     ):
+        client.register_plugin(warm_plugin())  # numba kernels loaded before the first image
         yield client
 
 
 def _stage_times(task_stream):
-    from dask.utils import key_split
-
     totals: dict[str, float] = {}
     for t in task_stream:
         name = key_split(t["key"])
@@ -116,7 +143,7 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
         Image names per CCD name; default by the simulator's naming convention.
     replace : bool
         Re-process every wanted CCD, replacing its PPDB rows in one transaction
-        (default False: CCDs already stored with their alert file are skipped).
+        (default False: CCDs that are done are skipped, see :func:`pending_detectors`).
     config : apdask.config.PipelineConfig, optional
         Stage settings, resolved once here on the driver by default.
     result_timeout : float, optional
@@ -136,6 +163,9 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
     ------
     NoTemplateCoverageError, PsfFitError
         If every processed CCD failed so (the first CCD's error; the message names it).
+    WorkerLostError
+        With ``client``: Dask gave a task up after its workers died under it more than
+        ``distributed.scheduler.allowed-failures`` times (``KilledWorker``).
     """
     where = Locations.resolve(
         repo, ppdb=ensure_ppdb(repo, ppdb), alerts=alerts, distributor=distributor, timeout=timeout
@@ -159,10 +189,14 @@ def run_visit(next_visit, *, repo=None, ppdb=None, alerts=None, distributor=None
         if client is None:
             report = dask.compute(graph, scheduler="threads")[0]
         else:
-            from distributed import get_task_stream
+            # lazy: distributed costs ~0.6 s of import, and the threaded scheduler needs none
+            from distributed import KilledWorker, get_task_stream
 
-            with get_task_stream(client) as ts:
-                report = _compute_with_progress(client, graph, on_ccd, result_timeout)
+            try:
+                with get_task_stream(client) as ts:
+                    report = _compute_with_progress(client, graph, on_ccd, result_timeout)
+            except KilledWorker as err:
+                raise _worker_lost(next_visit, err) from None
             stages = _stage_times(ts.data)
     report["skipped"] = skipped
     report["wall_s"] = time.time() - t0
@@ -190,14 +224,28 @@ def _compute_with_progress(client, graph, on_ccd, timeout):
     return futures[0].result(timeout=left)
 
 
+def _worker_lost(next_visit, err):
+    """The :class:`~apdask.exceptions.WorkerLostError` of a visit given up by Dask."""
+    from apdask.exceptions import WorkerLostError
+
+    key = getattr(err, "task", None) or (err.args[0] if err.args else "?")
+    limit = getattr(err, "allowed_failures", None)
+    if limit is None:
+        limit = dask.config.get("distributed.scheduler.allowed-failures")
+    msg = (f"visit {next_visit.visit}: Dask workers died while running {key} more than "
+           f"distributed.scheduler.allowed-failures = {limit} times, so the visit was given "
+           "up; re-run it (apdask process-visit or submit with the same nextVisit): the CCDs "
+           "already stored and delivered are skipped, a CCD stored without its alerts gets "
+           "them")  # fmt: skip
+    return WorkerLostError(msg)
+
+
 def _raise_if_all_failed(report):
     """A visit of which no CCD could be processed is an error: raise the first CCD's.
 
     Failed CCDs of a visit whose other CCDs were processed are only reported (and
     logged), so one CCD without a template does not cost the visit its alerts.
     """
-    from apdask import exceptions
-
     ccds = report.get("ccds", [])
     failed = [c for c in ccds if c.get("error_type")]
     if not ccds or len(failed) < len(ccds):

@@ -22,6 +22,7 @@ from astropy.io import fits
 
 from apdask.config import PipelineConfig
 from apdask.core.camera import Detector
+from apdask.core.exposure import Exposure
 from apdask.core.records import (
     Calibrated,
     Fetched,
@@ -99,6 +100,7 @@ def _seceded() -> Iterator[None]:
     tasks run too.  Under the threaded scheduler this does nothing.
     """
     try:
+        # lazy: distributed costs ~0.6 s of import, and only a Dask worker has one
         from distributed import rejoin, secede
         from distributed.worker import get_worker
 
@@ -274,30 +276,49 @@ def warp_task(calibrated: Calibrated, prefetch: Prefetch) -> Warped:
             "is masked NO_DATA and not searched for DIASources",
             visit, ccd, band, 100.0 * coverage,
         )  # fmt: skip
+    if tmpl.psf is None:  # the template's PSF, here: beside the science image's
+        try:
+            tmpl = tmpl.copy_with(psf=estimate_psf(tmpl))
+        except PsfFitError as e:
+            raise PsfFitError(f"{_where(science)}: template: {e}") from None
     return Warped(tmpl, coverage=coverage, timings={"warp": time.time() - t0})
 
 
 @per_ccd
-def subtract_task(calibrated: Calibrated, warped: Warped, cfg: PipelineConfig) -> Subtraction:
-    """PSF models, cosmic-ray masking and the PSF-matched, decorrelated difference."""
+def science_psf_task(calibrated: Calibrated) -> Calibrated:
+    """The science image's PSF model and cosmic-ray mask.
+
+    It needs no template, so it runs beside the warp (``psf-<visit>-<ccd>``).
+    """
     t0 = time.time()
-    science, template = calibrated.exposure, warped.exposure
-    ccd = science.meta.get("detector_name", science.meta.get("detector"))
-    step = "science image: "
+    science = calibrated.exposure
     try:
         model = estimate_psf_model(science)
         science = science.copy_with(psf=model.mean, psf_model=model)
         science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))
-        if template.psf is None:
-            step = "template: "
-            template = template.copy_with(psf=estimate_psf(template))
-        step = ""
-        diff, info = subtract(science, template, **dataclasses.asdict(cfg.subtract))
     except PsfFitError as e:
-        msg = f"CCD {ccd}, visit {science.meta.get('visit')}: {step}{e}"
+        msg = f"{_where(science)}: science image: {e}"
         raise PsfFitError(msg) from None
-    t1 = time.time()
-    return Subtraction(science, template, diff, info, timings={"psf+subtract": t1 - t0})
+    timings = {**calibrated.timings, "psf": time.time() - t0}
+    return dataclasses.replace(calibrated, exposure=science, timings=timings)
+
+
+@per_ccd
+def subtract_task(science: Calibrated, warped: Warped, cfg: PipelineConfig) -> Subtraction:
+    """The PSF-matched, decorrelated difference of the science image (with its PSF model
+    and cosmic rays masked, :func:`science_psf_task`) and the warped template."""
+    t0 = time.time()
+    try:
+        diff, info = subtract(science.exposure, warped.exposure, **dataclasses.asdict(cfg.subtract))
+    except PsfFitError as e:
+        raise PsfFitError(f"{_where(science.exposure)}: {e}") from None
+    timings = {"subtract": time.time() - t0}
+    return Subtraction(science.exposure, warped.exposure, diff, info, timings=timings)
+
+
+def _where(science: Exposure) -> str:
+    ccd = science.meta.get("detector_name", science.meta.get("detector"))
+    return f"CCD {ccd}, visit {science.meta.get('visit')}"
 
 
 @per_ccd

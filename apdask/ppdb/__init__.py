@@ -1,7 +1,16 @@
 """The PPDB over Rubin's ``lsst-dax-apdb``: setup, schema, SQL reads and the write transaction."""
 
 from apdask.ppdb.database import CcdPpdb, Ppdb, region_for
+from apdask.ppdb.history import object_history, visit_tables
 from apdask.ppdb.setup import create_ppdb
 from apdask.ppdb.sql import DRP_TABLE
 
-__all__ = ["DRP_TABLE", "CcdPpdb", "Ppdb", "create_ppdb", "region_for"]
+__all__ = [
+    "DRP_TABLE",
+    "CcdPpdb",
+    "Ppdb",
+    "create_ppdb",
+    "object_history",
+    "region_for",
+    "visit_tables",
+]

@@ -12,9 +12,9 @@ the interface for one CCD's padded region (DMTN-092 §5).  See ``docs/ppdb.md``.
 This module holds the :class:`Ppdb` interface and its per-CCD view; the work
 behind it is split by responsibility: :mod:`apdask.ppdb.setup` (creating and
 opening the database, settings, retries), :mod:`apdask.ppdb.schema` (Tables to
-and from DataFrames, units and descriptions) and :mod:`apdask.ppdb.sql` (what
-apdask does on the SQL backend directly).  Their public names are importable
-from here as before.
+and from DataFrames, units and descriptions), :mod:`apdask.ppdb.reads` (the reads)
+and :mod:`apdask.ppdb.sql` (what apdask does on the SQL backend directly).
+Their public names are importable from here as before.
 """
 
 from __future__ import annotations
@@ -31,16 +31,11 @@ import sqlalchemy.exc
 from astropy.time import Time
 
 from apdask import config
+from apdask.core.camera import get_camera
 from apdask.exceptions import ConfigurationError, PpdbError
 from apdask.ppdb.fast import CopyFrame
-from apdask.ppdb.schema import (
-    frame_as_table,
-    match_rows,
-    rows_inside,
-    schema_columns,
-    sort_rows,
-    table_as_frame,
-)
+from apdask.ppdb.reads import PpdbReads
+from apdask.ppdb.schema import frame_as_table, match_rows, schema_columns, table_as_frame
 from apdask.ppdb.setup import _retry, create_ppdb, open_apdb
 from apdask.ppdb.sql import DRP_TABLE, PpdbSql
 
@@ -68,6 +63,7 @@ def region_for(detector, ra, dec, rotpa=0.0, padding_arcsec=None):
     lsst.sphgeom.ConvexPolygon
         Convex hull of the padded footprint corners.
     """
+    # lazy: lsst.sphgeom comes with lsst.dax.apdb (~1.8 s of import)
     from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
 
     pad = float(config.get("ppdb.region_padding_arcsec", padding_arcsec))
@@ -76,11 +72,12 @@ def region_for(detector, ra, dec, rotpa=0.0, padding_arcsec=None):
     return ConvexPolygon.convexHull(vertices)
 
 
-class Ppdb(PpdbSql):
+class Ppdb(PpdbReads, PpdbSql):
     """A PPDB: any ``lsst.dax.apdb.Apdb`` (SQL, or Cassandra via its config).
 
-    Use :meth:`open` rather than the constructor.  The SQL-backend methods
-    (``is_sql``, the DRP catalog, the write transaction) come from
+    Use :meth:`open` rather than the constructor.  The reads (history, a CCD's
+    stored rows) come from :class:`apdask.ppdb.reads.PpdbReads`, the SQL-backend
+    methods (``is_sql``, the DRP catalog, the write transaction) from
     :class:`apdask.ppdb.sql.PpdbSql`.
 
     Parameters
@@ -192,8 +189,6 @@ class Ppdb(PpdbSql):
                 msg = f"CCD {ccd!r} given by name: pass camera= (e.g. 'lsstcam') too"
                 raise ValueError(msg)
             if isinstance(camera, str):
-                from apdask.core.camera import get_camera
-
                 camera = get_camera(camera)
             detector = camera[ccd]
         region = region_for(detector, ra, dec, rotpa, padding_arcsec)
@@ -241,7 +236,7 @@ class Ppdb(PpdbSql):
         """Table -> DataFrame with exactly the storable schema columns."""
         return table_as_frame(table, self._table_def(table_name), table_name)
 
-    # -- reads ---------------------------------------------------------------
+    # -- reads: apdask.ppdb._reads.PpdbReads ------------------------------------
 
     def _call(self, what, fn):
         self._after_fork()
@@ -250,132 +245,6 @@ class Ppdb(PpdbSql):
         except sqlalchemy.exc.SQLAlchemyError as err:
             msg = f"PPDB failed to {what}: {err}"
             raise PpdbError(msg) from err
-
-    def get_dia_objects(self, region, *, as_of=None):
-        """DiaObjects inside ``region``: the latest versions, or those valid at ``as_of``.
-
-        Parameters
-        ----------
-        region : lsst.sphgeom.Region
-        as_of : float, optional
-            MJD TAI.  When given, return each object's version valid just
-            before this time (``validityStart < as_of`` and ``validityEnd`` null
-            or later), ignoring versions written at or after it.  A CCD's
-            re-run, or a run racing with the other CCDs of its visit, then sees
-            exactly the history that existed before its visit (SQL backend).
-
-        Returns
-        -------
-        astropy.table.Table
-            DiaObject columns (see :meth:`as_table`), ordered by diaObjectId.
-        """
-        if as_of is None and not self._bulk:
-            df = self._call("read DiaObjects", lambda: self.apdb.getDiaObjects(region))
-        else:
-            if as_of is not None:
-                self._require_sql("reading DiaObjects as of a time")
-            table = self._table("DiaObject")
-            cols = [c for c in table.columns if c.name != self._htm_column]
-            end = table.c.validityEndMjdTai
-            where = [self._region_filter(table.c[self._htm_column], region)]
-            if as_of is None:  # the latest versions, as dax_apdb's getDiaObjects
-                where.append(end.is_(None))
-            else:
-                t = float(as_of)
-                where += [table.c.validityStartMjdTai < t, sqlalchemy.or_(end.is_(None), end >= t)]
-            query = sqlalchemy.select(*cols).where(*where)
-            df = self._call("read DiaObjects", lambda: self._select_frame(query, "DiaObject"))
-        return self.as_table(sort_rows(rows_inside(df, region), "DiaObject"), "DiaObject")
-
-    def get_dia_sources(self, region, object_ids, mjd, *, before=None):
-        """DiaSources of the history window before ``mjd``.
-
-        Parameters
-        ----------
-        region : lsst.sphgeom.Region
-            Used when ``object_ids`` is None.
-        object_ids : iterable of int or None
-            Read the sources of these DiaObjects.
-        mjd : float
-            Visit time (MJD TAI); the window is ``history_months`` before it.
-        before : float, optional
-            Drop sources with ``midpointMjdTai >= before`` (e.g. the visit's own,
-            from an earlier run of it).
-
-        Returns
-        -------
-        astropy.table.Table
-            Ordered by diaSourceId.
-        """
-        ids = None if object_ids is None else [int(i) for i in object_ids]
-        if ids is not None and not ids:
-            return self.as_table(None, "DiaSource")
-        if ids is not None and self._bulk:
-            df = self._read_history("DiaSource", ids, mjd, before)
-        else:
-            visit_time = Time(mjd, format="mjd", scale="tai")
-            df = self._call(
-                "read DiaSources", lambda: self.apdb.getDiaSources(region, ids, visit_time)
-            )
-        return self.as_table(sort_rows(df, "DiaSource", before), "DiaSource")
-
-    def get_dia_forced_sources(self, region, object_ids, mjd, *, before=None):
-        """DiaForcedSources of the history window before ``mjd``.
-
-        Parameters
-        ----------
-        region : lsst.sphgeom.Region
-            When ``object_ids`` is None, the objects in this region are used.
-        object_ids : iterable of int or None
-        mjd : float
-            Visit time (MJD TAI).
-        before : float, optional
-            Drop rows with ``midpointMjdTai >= before``.
-
-        Returns
-        -------
-        astropy.table.Table
-            Ordered by (diaObjectId, visit, detector).
-        """
-        if object_ids is None:
-            object_ids = self.get_dia_objects(region)["diaObjectId"]
-        ids = [int(i) for i in object_ids]
-        if not ids:
-            return self.as_table(None, "DiaForcedSource")
-        if self._bulk:
-            df = self._read_history("DiaForcedSource", ids, mjd, before)
-        else:
-            visit_time = Time(mjd, format="mjd", scale="tai")
-            df = self._call(
-                "read DiaForcedSources",
-                lambda: self.apdb.getDiaForcedSources(region, ids, visit_time),
-            )
-        return self.as_table(sort_rows(df, "DiaForcedSource", before), "DiaForcedSource")
-
-    def contains_visit_detector(self, visit, detector, region=None, mjd=None):
-        """Whether sources of this (visit, detector) are already stored.
-
-        Parameters
-        ----------
-        visit, detector : int
-        region : lsst.sphgeom.Region, optional
-            Needed by some backends (Cassandra).
-        mjd : float, optional
-            Visit time (MJD TAI), needed by some backends.
-
-        Returns
-        -------
-        bool
-        """
-        visit_time = None if mjd is None else Time(mjd, format="mjd", scale="tai")
-        return bool(
-            self._call(
-                "check visit/detector",
-                lambda: self.apdb.containsVisitDetector(
-                    int(visit), int(detector), region=region, visit_time=visit_time
-                ),
-            )
-        )
 
     # -- writes --------------------------------------------------------------
 

@@ -57,7 +57,7 @@ def _check_interface(scheduler, interface, scheduler_options):
 
 def jobqueue_cluster(scheduler, *, job_dir, n_jobs=None, partition=None, memory=None,
                      walltime=None, scheduler_host=None, visit=None, cores=None,
-                     processes=None):  # fmt: skip
+                     processes=None, job_name=None):  # fmt: skip
     """A dask-jobqueue cluster on the operator's ``jobqueue.yaml`` (not yet scaled).
 
     dask-jobqueue reads ``jobqueue.<scheduler>.*`` itself (memory, walltime,
@@ -83,7 +83,10 @@ def jobqueue_cluster(scheduler, *, job_dir, n_jobs=None, partition=None, memory=
         The address the workers reach the scheduler on (``127.0.0.1`` on a single
         node); default ``apdask.submit.scheduler_host``.
     visit : int, optional
-        Used in the job name.
+        Used in the job name, ``apdask-<visit>``.
+    job_name : str, optional
+        The jobs' name instead (the warm pool's, see
+        :func:`apdask.services.batch.jobqueue_pool`).
 
     Returns
     -------
@@ -105,8 +108,10 @@ def jobqueue_cluster(scheduler, *, job_dir, n_jobs=None, partition=None, memory=
         raise ValueError(f"unknown scheduler {scheduler!r}; use slurm or htcondor")
     settings = _explicit_settings(scheduler, memory=memory, cores=cores, processes=processes,
                                   walltime=walltime, partition=partition)  # fmt: skip
+    if job_name is None:
+        job_name = f"apdask-{visit}" if visit is not None else "apdask"
     kw = _cluster_kwargs(scheduler, settings, job_dir=job_dir, scheduler_host=scheduler_host,
-                         visit=visit)  # fmt: skip
+                         job_name=job_name)  # fmt: skip
     cls = dask_jobqueue.SLURMCluster if scheduler == "slurm" else dask_jobqueue.HTCondorCluster
     try:
         cluster = cls(**kw)
@@ -130,11 +135,11 @@ def _explicit_settings(scheduler, *, memory, cores, processes, walltime, partiti
     return job_settings(scheduler, **explicit)
 
 
-def _cluster_kwargs(scheduler, settings, *, job_dir, scheduler_host, visit):
+def _cluster_kwargs(scheduler, settings, *, job_dir, scheduler_host, job_name):
     """dask-jobqueue's keyword arguments: what ``jobqueue.yaml`` leaves unset, lists extended."""
     kw = {_JOBQUEUE_KEY[name]: value for name, (value, src) in settings.items()
           if src != "jobqueue" and value is not None}  # fmt: skip
-    kw["job_name"] = f"apdask-{visit}" if visit is not None else "apdask"
+    kw["job_name"] = job_name
     if _jobqueue(scheduler, "log-directory") is None:
         kw["log_directory"] = job_dir
     host = config.get("submit.scheduler_host", scheduler_host)
@@ -168,18 +173,22 @@ class _StartErrors(logging.Filter):
     def __init__(self):
         super().__init__()
         self.errors = []
+        self.on_error = None  # a long-lived pool logs each later refusal in one line
 
     def filter(self, record):
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None and record.args and isinstance(record.args, dict):
             exc = record.args.get("exception")
         if isinstance(exc, RuntimeError) and _START_FAILURE in str(exc):
-            self.errors.append(exc)
+            if len(self.errors) < 100:  # bounded: the first ones say why
+                self.errors.append(exc)
+            if self.on_error is not None:
+                self.on_error(self.message(exc))
             return False
         return True
 
-    def message(self):
-        text = str(self.errors[0])
+    def message(self, exc=None):
+        text = str(self.errors[0] if exc is None else exc)
         if "stderr:" in text:
             text = text.split("stderr:", 1)[1]
         return " ".join(text.split())

@@ -14,6 +14,10 @@
       dask-jobqueue starts one Dask worker job per CCD (``SLURMCluster`` or
       ``HTCondorCluster``) and the driver computes the visit graph on them.
 
+:func:`jobqueue_pool` is the long-lived alternative to one cluster per visit: a warm,
+adaptive pool of worker jobs that serves every visit of a night (``apdask listen
+--cluster slurm``; ``apdask/services/_batch_pool.py``).
+
 HTCondor is not packaged for this platform (Debian 12), so HTCondor files are
 generated and checked but only submitted where ``condor_submit`` exists.  The
 choice between the routes is explained in ``docs/operations.md``.
@@ -40,6 +44,7 @@ from apdask.services._batch_native import (
     htcondor_submit_file,
     slurm_array_script,
 )
+from apdask.services._batch_pool import PoolSize, jobqueue_pool
 from apdask.services._batch_settings import (
     SCHEDULERS,
     VIAS,
@@ -49,12 +54,14 @@ from apdask.services._batch_settings import (
 )
 
 __all__ = [
+    "PoolSize",
     "SCHEDULERS",
     "VIAS",
     "ccd_arguments",
     "ccd_command",
     "htcondor_submit_file",
     "jobqueue_cluster",
+    "jobqueue_pool",
     "job_settings",
     "open_client",
     "slurm_array_script",

@@ -22,6 +22,7 @@ def _matplotlib():
             "pip install 'apdask[notebook]' (or pip install matplotlib)"
         )
         raise ImportError(msg) from exc
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
     import matplotlib.figure
 
     return matplotlib

@@ -9,6 +9,7 @@ import io
 from collections.abc import Mapping
 
 import numpy as np
+from astropy.io import fits
 
 from apdask.tools._plot_base import _column, _figure, _n_rows
 
@@ -37,6 +38,8 @@ def _pixels(image):
 
 def _norm(data, stretch):
     """An astropy ``ImageNormalize`` with ``"zscale"`` (linear) or ``"asinh"`` limits."""
+    # lazy: astropy.visualization imports matplotlib, which importing apdask.tools.plot
+    # must not do (tests/tools/test_plot.py)
     from astropy.visualization import (
         AsinhStretch,
         ImageNormalize,
@@ -175,8 +178,6 @@ def image_triplet(
 
 def _fits_image(blob):
     """The first image HDU's data of FITS bytes, as float (None for a missing cutout)."""
-    from astropy.io import fits
-
     if blob is None:
         return None
     with fits.open(io.BytesIO(bytes(blob))) as hdul:

@@ -105,6 +105,10 @@ def light_curve(sources, *, ax=None, fig=None, title=None, figsize=(7, 4)):
             title = f"diaObjectId {ids[0]}"
     ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # full MJDs: few enough to read
     ax.set_xlabel("midpointMjdTai (MJD)")
     ax.set_ylabel("psfFlux (nJy)")
     if title:
@@ -115,6 +119,7 @@ def light_curve(sources, *, ax=None, fig=None, title=None, figsize=(7, 4)):
 
 def _mag_axis(ax):
     """Secondary AB-magnitude axis, ticked only where the visible flux is positive."""
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
     from matplotlib.ticker import FixedLocator, MaxNLocator
 
     def forward(f):

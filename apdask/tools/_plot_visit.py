@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+from dask.utils import key_split
 
+from apdask.core.camera import get_camera
 from apdask.tools._plot_base import _figure, _matplotlib
 
-__all__ = ["focal_plane", "stage_timings"]
+__all__ = ["focal_plane", "stage_timings", "task_stream"]
 
 
 def focal_plane(
@@ -55,11 +57,10 @@ def focal_plane(
         Its axes hold one ``PatchCollection`` of the detectors that have a value
         (``get_array()`` is their values) and one of the others.
     """
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
     from matplotlib.collections import PatchCollection
 
     if isinstance(camera, str):
-        from apdask.core.camera import get_camera
-
         camera = get_camera(camera)
     dets = list(camera)
     vals = _detector_values(values, camera, dets)
@@ -102,6 +103,7 @@ def _detector_values(values, camera, dets):
 
 def _detector_rectangles(dets, vals):
     """Each detector's rectangle in mm: ``(with a value, without, their values)``."""
+    # optional: matplotlib comes with the 'notebook' and 'test' extras
     from matplotlib.patches import Rectangle
 
     on, off, arr = [], [], []
@@ -224,5 +226,89 @@ def stage_timings(timings, *, ax=None, fig=None, title=None, figsize=None):
     ax.set_xlabel("seconds")
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _stream_rows(records):
+    """``(row labels, [(row, stage, start, stop, action)])`` of task-stream records."""
+    if isinstance(records, Mapping) or not all(isinstance(r, Mapping) for r in records):
+        msg = (
+            "records must be a list of task-stream dicts (distributed.get_task_stream's "
+            "`.data`, or client.get_task_stream())"
+        )
+        raise TypeError(msg)
+    rows: dict[tuple, int] = {}
+    workers: dict[str, int] = {}
+    spans = []
+    for r in records:
+        worker = str(r.get("worker", "?"))
+        workers.setdefault(worker, len(workers))
+        row = rows.setdefault((worker, r.get("thread", 0)), len(rows))
+        stage = key_split(r.get("key", "?"))
+        for ss in r.get("startstops", ()):
+            spans.append((row, stage, float(ss["start"]), float(ss["stop"]), ss.get("action")))
+    threads: dict[str, int] = {}
+    labels = []
+    for w, _ in rows:  # "worker i, thread j", both numbered from 0 in order of appearance
+        labels.append(f"worker {workers[w]}, thread {threads.get(w, 0)}")
+        threads[w] = threads.get(w, 0) + 1
+    return labels, spans
+
+
+def task_stream(records, *, ax=None, fig=None, title=None, figsize=(9, 3.5)):
+    """The task stream of a run: one row per worker thread, one bar per task, by stage.
+
+    The picture of the Dask dashboard's *Task Stream*, for a notebook or a report:
+    compute spans are coloured by stage (the task key's prefix, e.g. ``subtract``),
+    transfers and disk reads drawn in black.  Rows are labelled ``worker i, thread j``,
+    numbered in order of appearance.
+
+    Parameters
+    ----------
+    records : list of dict
+        Task-stream records: ``distributed.get_task_stream(client)``'s ``.data``, or
+        ``client.get_task_stream()``; each has ``key``, ``worker``, ``thread`` and
+        ``startstops`` (``action``, ``start``, ``stop`` in Unix seconds).
+    ax, fig : optional
+    title : str, optional
+    figsize : tuple of float
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Its axes hold one bar container (``ax.containers``) per stage, labelled with
+        the stage, in order of first start, with one bar per compute span, and one
+        labelled ``"transfer"`` if data moved; x is seconds since the first task
+        started, y the row of the worker thread.
+    """
+    labels, spans = _stream_rows(records)
+    fig = _figure(fig, ax, figsize)
+    if ax is None:
+        ax = fig.add_subplot()
+    t0 = min((s[2] for s in spans), default=0.0)
+    stages: list[str] = []
+    for _, stage, _, _, action in sorted(spans, key=lambda s: s[2]):
+        if action == "compute" and stage not in stages:
+            stages.append(stage)
+    cmap = _matplotlib().colormaps["tab20"]
+    groups = [(s, cmap(k % 20)) for k, s in enumerate(stages)] + [("transfer", "k")]
+    for name, colour in groups:
+        sel = [
+            (row, start - t0, stop - start)
+            for row, stage, start, stop, action in spans
+            if (action == "compute" and stage == name)
+            or (action != "compute" and name == "transfer")
+        ]
+        if sel:
+            row, left, width = np.array(sel, float).T
+            ax.barh(row, width, left=left, height=0.8, color=colour, label=name)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlabel("seconds since the first task started")
+    if spans:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  ncols=1 + len(groups) // 14)  # fmt: skip
+    ax.set_title(title or f"task stream: {len(records)} tasks on {len(labels)} threads")
     fig.tight_layout()
     return fig

@@ -64,6 +64,7 @@ def _make_tiles_row(
     noise = np.sqrt(sci_var_njy / 10.0)
     psf = _gaussian_psf(template_fwhm)
     if engine == "galsim":
+        # optional: galsim comes with the 'sim' extra
         from apdask.tools.simulate_galsim import render_template, template_psf_image
 
         psf = template_psf_image(template_fwhm)

@@ -61,6 +61,7 @@ def _make_raw(
     x, y, flux = src["x"], src["y"], src["flux"]
     n_s = src["n_static"]
     if engine == "galsim":  # GalSim draws sources and Poisson noise; truth = what it drew
+        # optional: galsim comes with the 'sim' extra
         from apdask.tools.simulate_galsim import render_science
 
         key = (seed, _RAW, p["visit"], det.id)

@@ -71,13 +71,17 @@ class Check:
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A script in ``benchmarks/``, its arguments for ``--quick`` and its checks."""
+    """A script in ``benchmarks/``, its arguments for ``--quick`` and its checks.
+
+    ``default=False``: a slow benchmark, run only when named (``--only``).
+    """
 
     script: str
     issue: int
     checks: tuple
     quick_args: tuple = ()
     args: tuple = field(default=())
+    default: bool = True
 
 
 BENCHMARKS = {
@@ -127,6 +131,23 @@ BENCHMARKS = {
         (Check("timeout overshoot (worst)", ("timeout_overshoot_s",), "<=", 1.0, "s", max),),
         quick_args=("--reps", "1"),
     ),
+    "ccd": Benchmark(  # ~4 min: simulation, 2 x 6 full-size CCDs, batch runs
+        "bench_ccd.py", 18,
+        (Check("registration -> alerts written, median", ("latency_s", "median"),
+               "<=", 1.5, "s"),
+         Check("registration -> alerts written, p95", ("latency_s", "p95"), unit="s"),
+         Check("registration -> alerts acknowledged (tansu)",
+               ("latency_kafka_s", "median"), "<=", 1.5, "s"),
+         Check("core-seconds per CCD, prefetch included", ("core_s_per_ccd", "median"),
+               "<=", 3.0, "s"),
+         Check("peak RSS", ("peak_rss_GB",), "<=", 2.0, "GB"),
+         Check("batch process-ccd wall", ("startup", "batch_process_ccd", "wall_s"), unit="s"),
+         Check("  same, numba cache empty",
+               ("startup", "batch_process_ccd_numba_cold", "wall_s"), unit="s")),
+        quick_args=("--camera", "testcam", "--detector", "T00", "--arrivals", "1",
+                    "--warmup", "0", "--no-cold-compile"),
+        default=False,
+    ),
 }  # fmt: skip
 
 
@@ -142,7 +163,7 @@ def find_benchmark_dir(path: str | os.PathLike[str] | None = None) -> Path:
         [Path(path)]
         if path
         else [
-            Path(__file__).resolve().parent.parent / "benchmarks",
+            Path(__file__).resolve().parents[2] / "benchmarks",  # apdask/tools/bench.py
             Path.cwd() / "benchmarks",
         ]
     )
@@ -175,7 +196,7 @@ def run_benchmarks(
     Parameters
     ----------
     names : list of str, optional
-        Keys of :data:`BENCHMARKS`; default all.
+        Keys of :data:`BENCHMARKS`; default all but the slow ones (``default=False``).
     quick : bool
         Small problem sizes (smoke check; figures not comparable to targets).
     bench_dir : str or os.PathLike, optional
@@ -189,7 +210,7 @@ def run_benchmarks(
         ``report`` (the script's JSON or None), ``stderr_tail`` and ``checks``
         (label, value, unit, target, met).
     """
-    names = list(BENCHMARKS) if not names else list(names)
+    names = [n for n, b in BENCHMARKS.items() if b.default] if not names else list(names)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         msg = f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}"

@@ -9,8 +9,8 @@ safe: CCDs already in the PPDB (with their alert file) are skipped.
 from __future__ import annotations
 
 import glob
-import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +19,7 @@ from apdask.alerts.sinks import read_alerts
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import ensure_ppdb, local_cluster, run_visit
 from apdask.tools.evaluate import load_truth, match_truth
+from apdask.tools.progress import VisitProgress, compile_note, write_report
 from apdask.tools.simulate import simulate_repo
 
 __all__ = ["run_demo"]
@@ -64,16 +65,23 @@ def run_demo(
     t0 = time.time()
     if not os.path.exists(os.path.join(repo, "butler.zarr")):
         out(f"simulating a {camera} repository with {n_visits} visits in {repo} ...")
-        simulate_repo(camera, repo, n_visits=n_visits, seed=seed)
+        simulate_repo(camera, repo, n_visits=n_visits, seed=seed, progress=_stderr)
     t_sim = time.time() - t0
     ppdb = ensure_ppdb(repo)
     alert_root = os.path.join(repo, "alerts")
     files = sorted(glob.glob(os.path.join(repo, "visits", "visit_*.json")))
     report: dict[str, Any] = {"repo": repo, "simulate_s": t_sim, "visits": []}
+    note = compile_note()
+    if note:
+        _stderr(note)
     with local_cluster(n_workers=workers) as client:
+        report["dashboard"] = client.dashboard_link
+        out(f"Dask dashboard: {client.dashboard_link}")
         for f in files:
             nv = NextVisit.from_json(f)
-            rep = run_visit(nv, repo=repo, ppdb=ppdb, alerts=f"file://{alert_root}", client=client)
+            progress = VisitProgress(nv.visit, len(nv.detectors))
+            rep = run_visit(nv, repo=repo, ppdb=ppdb, alerts=f"file://{alert_root}",
+                            client=client, on_ccd=progress)  # fmt: skip
             alerts = _alerts_of_visit(alert_root, nv.visit)
             m = match_truth(load_truth(repo, nv.visit), [a["diaSource"] for a in alerts])
             report["visits"].append(
@@ -90,10 +98,13 @@ def run_demo(
                 }
             )
     report["wall_s"] = time.time() - t0
-    with open(os.path.join(repo, "demo-report.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
+    report["report_path"] = write_report(report, os.path.join(repo, "demo-report.json"))
     _print(report, out)
     return report
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _print(report, out):
@@ -109,3 +120,9 @@ def _print(report, out):
             top = ", ".join(f"{k} {s:.1f}s" for k, s in list(v["task_seconds"].items())[:8])
             out(f"    task seconds by stage: {top}")
     out("alerts: " + os.path.join(report["repo"], "alerts"))
+    out(
+        "difference images: "
+        + os.path.join(report["repo"], "products")
+        + "  (apdask.io.butler.Butler(repo).get('difference', visit=..., detector=...))"
+    )
+    out("full report (JSON): " + report["report_path"])

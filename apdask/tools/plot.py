@@ -8,7 +8,8 @@ astropy Tables, dicts of a visit report or of a decoded alert packet) and return
 * :func:`alert_cutouts`: the three FITS cutouts of one alert packet;
 * :func:`light_curve`: a DIAObject's DIASource fluxes with errors, in nJy and AB mag;
 * :func:`focal_plane`: the camera's detectors coloured by one figure per CCD;
-* :func:`stage_timings`: per-stage seconds of a CCD or of every CCD of a visit.
+* :func:`stage_timings`: per-stage seconds of a CCD or of every CCD of a visit;
+* :func:`task_stream`: the Dask task stream of a run, one row per worker thread.
 
 matplotlib is optional (``pip install 'apdask[notebook]'``) and imported when a
 function is first called.  This module never selects a backend (it never calls
@@ -19,7 +20,7 @@ manager, pass ``fig=matplotlib.figure.Figure()``.
 
 The figures live in private modules of ``apdask/tools/``: ``_plot_images.py``
 (triplet, cutouts), ``_plot_lightcurve.py`` (light curve, magnitudes),
-``_plot_visit.py`` (focal plane, stage timings) and ``_plot_base.py`` (shared
+``_plot_visit.py`` (focal plane, stage timings, task stream) and ``_plot_base.py`` (shared
 parts); every name is importable from here.
 """
 
@@ -31,7 +32,7 @@ from apdask.tools._plot_images import alert_cutouts, classify_sources, image_tri
 from apdask.tools._plot_lightcurve import AB_ZEROPOINT_NJY as _AB_ZEROPOINT_NJY
 from apdask.tools._plot_lightcurve import BAND_COLORS as BAND_COLORS
 from apdask.tools._plot_lightcurve import light_curve, mag_to_njy, njy_to_mag
-from apdask.tools._plot_visit import focal_plane, stage_timings
+from apdask.tools._plot_visit import focal_plane, stage_timings, task_stream
 
 __all__ = [
     "AB_ZEROPOINT_NJY",
@@ -43,6 +44,7 @@ __all__ = [
     "light_curve",
     "focal_plane",
     "stage_timings",
+    "task_stream",
 ]
 
 # assigned here, not only imported, so that the API page documents it

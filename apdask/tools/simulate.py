@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +113,7 @@ def simulate_repo(
     fwhm_range: Sequence[float] | None = None,
     template_fwhm: float | None = None,
     engine: str = "apdask",
+    progress: Callable[[str], object] | None = None,
 ) -> list[dict[str, Any]]:
     """Simulate a complete repository (templates, calibs, raws, truth, nextVisits).
 
@@ -143,6 +144,8 @@ def simulate_repo(
         Renderer of the science images, templates and transients: our own Gaussian
         code (default) or GalSim (:mod:`apdask.tools.simulate_galsim`: Kolmogorov PSF,
         Sersic galaxies, GalSim's Poisson noise; needs the ``sim`` extra).
+    progress : callable, optional
+        Called with a line of text as each step ends (``print`` for a terminal).
 
     Returns
     -------
@@ -174,8 +177,9 @@ def simulate_repo(
     _finish_sky(sky, seed, galsim_engine, None if artifacts else (dets, band, fwhm_range))
     _write_drp(butler, sky)
     sim = _Simulation(
-        repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine
-    )
+        repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine,
+        progress or (lambda line: None),
+    )  # fmt: skip
     transients = _make_transients(
         seed, dets, pointings, sky, 12 if small else 40, band, sim.sky_e, dither, fwhm_range
     )
@@ -201,6 +205,7 @@ class _Simulation:
     fwhm_range: tuple[float, ...]
     template_fwhm: float
     engine: str
+    progress: Callable[[str], object]
 
     @property
     def sky_e(self) -> float:
@@ -301,6 +306,8 @@ def _render_all(
         ]
         for f in jobs:
             f.result()
+        sim.progress(f"simulate: templates ({len(jobs) - len(dets)} tile rows) and master "
+                     f"calibrations of {len(dets)} CCDs written")  # fmt: skip
 
         def raw(det, p):  # a CCD's calibrations are read by its own job: for 189 CCDs
             calib = _calib_arrays(butler, det.id, band)  # they would not fit in memory
@@ -322,7 +329,13 @@ def _render_all(
             )
 
         raw_jobs = [pool.submit(raw, det, p) for p in pointings for det in dets]
-        return [f.result() for f in raw_jobs]
+        out = []
+        step = max(1, len(raw_jobs) // 10)
+        for k, f in enumerate(raw_jobs, 1):
+            out.append(f.result())
+            if k % step == 0 or k == len(raw_jobs):
+                sim.progress(f"simulate: raws {k}/{len(raw_jobs)} (CCD-visits)")
+        return out
 
 
 def _write_visit(

@@ -88,6 +88,26 @@ def test_simulate_and_ingest_commands(tmp_path, capsys):
     bad = tmp_path / "bad.fits"
     bad.write_bytes(b"not fits at all")
     assert main(["butler", "ingest-template", str(bad), "--filter", "r", "--repo", repo]) == 65
+    err = capsys.readouterr().err
+    assert "simulate: raws 2/2 (CCD-visits)" in err  # progress on stderr
+    # Issue 15: an existing repository is replaced only with --overwrite, and whole.
+    stray = os.path.join(repo, "alerts", "old.avro")
+    os.makedirs(os.path.dirname(stray))
+    Path(stray).write_bytes(b"x")
+    args = ["simulate", "--camera", "testcam", "--repo", repo, "--visits", "1", "--seed", "3"]
+    assert main(args) == 64
+    assert "pass --overwrite to replace it whole" in capsys.readouterr().err
+    assert os.path.exists(stray)
+    assert main([*args, "--overwrite"]) == 0
+    assert not os.path.exists(stray)
+    assert os.path.exists(os.path.join(repo, "visits", "visit_1000.json"))
+    # a directory that is not a repository is never removed
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    assert main(["simulate", "--camera", "testcam", "--repo", str(other), "--overwrite"]) == 64
+    assert "not an apdask repository" in capsys.readouterr().err
+    assert (other / "thesis.tex").read_text() == "keep me"
     shutil.rmtree(repo)
 
 
@@ -169,3 +189,55 @@ def test_alerts_tail_lines_and_a_closed_pipe(repo):
     assert " band=r " in first and " mjd=" in first and " nJy " in first
     flux = first.split("psfFlux=")[1].split("±")[0]
     assert len(flux.split(".")[1]) == 1  # one decimal, not 15
+
+
+def test_process_visit_shows_progress_a_table_and_writes_the_reports(repo, tmp_path, capsys):
+    """Issue 15: the dashboard link and per-CCD lines on stderr, a short table on stdout,
+    the full report as strict JSON in <repo>/reports, and a Dask performance report."""
+    msg = os.path.join(repo, "visits", "visit_1000.json")
+    html = tmp_path / "perf.html"
+    rc = main(["process-visit", "--next-visit", msg, "--repo", repo, "--workers", "1",
+               "--report", str(html)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "apdask: Dask dashboard: http://" in err
+    assert err.count("visit 1000 ") == 2 and "visit 1000 2/2 CCD T0" in err
+    lines = out.splitlines()
+    assert lines[0].startswith("visit 1000  2 CCDs processed, 0 already done,")
+    assert lines[1].split() == ["CCD", "sources", "alerts", "stored", "latency_s", "QA", "error"]
+    path = os.path.join(repo, "reports", "visit_1000.json")
+    assert f"full report (JSON): {path}" in out
+
+    def no_nan(name):
+        raise AssertionError(f"not strict JSON: {name}")
+
+    report = json.loads(Path(path).read_text(), parse_constant=no_nan)
+    for line, ccd in zip(lines[2:4], report["ccds"], strict=True):
+        assert line.split()[:3] == [ccd["detector"], str(ccd["n_sources"]), str(ccd["n_alerts"])]
+    assert html.stat().st_size > 10_000 and b"bokeh" in html.read_bytes()[:200_000].lower()
+
+
+def test_relative_paths_work_and_nothing_is_written_beside_the_repository(
+    tmp_path, monkeypatch, capsys
+):
+    """Issue 19: a relative --repo, --next-visit and --alerts from another directory; every
+    file lands in the repository (no stray apdb.yaml, report or scratch file in the
+    working directory or in $HOME)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["simulate", "--camera", "testcam", "--repo", "r", "--visits", "1"]) == 0
+    rc = main(["process-visit", "--next-visit", "r/visits/visit_1000.json", "--repo", "r",
+               "--alerts", "file://r/alerts", "--workers", "1"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert sorted(os.listdir(work)) == ["r"]
+    assert sorted(os.listdir(work / "r")) == [
+        "alerts", "butler.zarr", "ppdb", "products", "raw", "reports", "truth", "visits"
+    ]  # fmt: skip
+    assert os.listdir(home) == []
+    assert list((work / "r" / "alerts" / "visit_1000").glob("*.avro"))
+    assert f"full report (JSON): {work / 'r' / 'reports' / 'visit_1000.json'}" in out

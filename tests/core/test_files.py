@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from apdask.core.files import atomic_open, atomic_write, fsync_dir
+from apdask.core.files import atomic_open, atomic_write, fsync_dir, remove_stale_temps
 
 
 def _mode(path):
@@ -64,3 +64,20 @@ def test_fsync_dir_strict(tmp_path):
     fsync_dir(tmp_path / "missing")  # silently skipped
     with pytest.raises(OSError):
         fsync_dir(tmp_path / "missing", strict=True)
+
+
+def test_remove_stale_temps_after_a_crashed_write(tmp_path):
+    path = tmp_path / "a.avro"
+    stale = tmp_path / ".a.avro.k3x9q2zt.tmp"  # what a SIGKILL during atomic_open leaves
+    young = tmp_path / ".a.avro.m1n2b3v4.tmp"
+    other = tmp_path / ".b.avro.k3x9q2zt.tmp"
+    for p in (stale, young, other):
+        p.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    os.utime(other, (0, 0))
+    atomic_write(path, b"complete", fsync=False)
+    assert remove_stale_temps(path) == [stale]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [".a.avro.m1n2b3v4.tmp", ".b.avro.k3x9q2zt.tmp", "a.avro"]
+    )
+    assert remove_stale_temps(path, older_than_s=0.0) == [young]  # only this path's

@@ -1,8 +1,5 @@
-import json
-
 import pytest
 
-from apdask.exceptions import CoordinateError, UnknownDetectorError, UnknownFilterError
 from apdask.pipeline.graph import build_visit_graph
 from apdask.pipeline.nextvisit import NextVisit
 from tests.conftest import raise_if_dask_computes
@@ -19,37 +16,6 @@ MSG = {
     "detectors": ["T00", "T01"],
     "timestamp": 0.0,
 }
-
-
-def test_next_visit_round_trip(tmp_path):
-    p = tmp_path / "nv.json"
-    p.write_text(json.dumps(MSG))
-    nv = NextVisit.from_json(str(p))
-    assert nv.visit == 1000 and nv.detectors == ("T00", "T01") and nv.ra == 150.0
-    assert NextVisit.from_dict(nv.to_dict()) == nv
-    assert nv.image_names("T01") == ["TestCam_1000_T01_0.fits"]
-
-
-@pytest.mark.parametrize(
-    ("change", "error", "match"),
-    [
-        ({"detectors": ["T07"]}, UnknownDetectorError, "T07"),
-        ({"filters": "q"}, UnknownFilterError, "filter"),
-        ({"position": [400.0, 0.0]}, CoordinateError, "RA"),
-        ({"position": [10.0, 95.0]}, CoordinateError, "Dec"),
-        ({"nimages": 3}, ValueError, "nimages"),
-    ],
-)
-def test_next_visit_rejects_bad_messages(change, error, match):
-    with pytest.raises(error, match=match):
-        NextVisit.from_dict({**MSG, **change})
-
-
-def test_next_visit_malformed_json():
-    with pytest.raises(ValueError, match="not valid JSON"):
-        NextVisit.from_json("{not json")
-    with pytest.raises(ValueError, match="lacks visit"):
-        NextVisit.from_dict({k: v for k, v in MSG.items() if k != "visit"})
 
 
 def test_building_the_graph_computes_and_reads_nothing(tmp_path):
@@ -69,3 +35,22 @@ def test_building_the_graph_computes_and_reads_nothing(tmp_path):
 def test_graph_rejects_bad_timeout(tmp_path):
     with pytest.raises(ValueError, match="--timeout"):
         build_visit_graph(NextVisit.from_dict(MSG), repo=str(tmp_path), timeout=-1)
+
+
+def test_check_hook_runs_before_each_ccd_and_can_abandon_the_build(tmp_path):
+    """The listener bounds the build time with ``check``: once per CCD, before it."""
+    nv = NextVisit.from_dict(MSG)
+    calls = []
+    graph = build_visit_graph(nv, repo=str(tmp_path), timeout=5, check=lambda: calls.append(1))
+    assert len(calls) == len(nv.detectors) == 2
+    assert any(str(k).startswith("fetch-1000-T01") for k in graph.__dask_graph__())
+
+    def stop_after_first():
+        if calls:
+            raise TimeoutError("over the bound")
+        calls.append(1)
+
+    calls.clear()
+    with pytest.raises(TimeoutError, match="over the bound"):
+        build_visit_graph(nv, repo=str(tmp_path), timeout=5, check=stop_after_first)
+    assert calls == [1]

@@ -10,6 +10,7 @@ from astropy.table import Table
 
 from apdask.core.camera import get_camera
 from apdask.core.ids import dia_forced_source_ids, dia_source_ids
+from apdask.core.records import CcdRows
 from apdask.exceptions import PpdbError
 from apdask.pipeline.associate import associate, update_objects
 from apdask.ppdb import database as ppdb
@@ -318,6 +319,30 @@ def test_replace_rerun_leaves_ppdb_identical(any_config, detector):
     with pytest.raises(PpdbError, match="superseded by later visits"):
         synth.run_ccd(views[0], VISIT, MJD, pos[0], replace=True)
     assert synth.dump(db)["DiaSource"].equals(again["DiaSource"])
+
+
+def test_ccd_rows_are_what_the_ccd_stored(any_config, detector):
+    """A re-run re-sends a committed CCD's alerts from these rows (issue 19): its
+    DiaSources and the DiaObject versions of its visit, also after a later visit."""
+    other = get_camera("comcam")[DET + 1]
+    views = [ppdb.Ppdb.for_ccd(any_config, d, RA, DEC) for d in (detector, other)]
+    db = views[0].ppdb
+    pos = synth.field(detector, RA, DEC, n=4)
+    _, first = synth.run_ccd(views[0], VISIT, MJD, pos)
+    synth.run_ccd(views[1], VISIT, MJD, synth.field(other, RA, DEC, n=3))
+    synth.run_ccd(views[0], VISIT + 1, MJD + 1, pos)  # supersedes the objects' versions
+    rows = db.get_ccd_rows(VISIT, DET, MJD)
+    assert isinstance(rows, CcdRows)
+    want = sorted(int(i) for i in first["sources"]["diaSourceId"])
+    assert rows.sources["diaSourceId"].tolist() == want
+    assert set(rows.sources["visit"]) == {VISIT} and set(rows.sources["detector"]) == {DET}
+    assert rows.sources["ra"].unit == "deg"
+    oids = sorted(int(i) for i in first["objects"]["diaObjectId"])
+    assert rows.objects["diaObjectId"].tolist() == oids
+    assert np.all(rows.objects["validityStartMjdTai"] == MJD)  # not visit + 1's
+    assert np.allclose(rows.objects["ra"], np.sort(first["objects"], order="diaObjectId")["ra"])
+    empty = db.get_ccd_rows(VISIT + 5, DET, MJD + 5)
+    assert len(empty.sources) == 0 and len(empty.objects) == 0
 
 
 def test_as_of_read_ignores_the_visit_itself(tmp_path, detector):

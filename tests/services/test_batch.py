@@ -332,3 +332,66 @@ def test_database_is_locked_names_contention_not_the_server():
     ):
         _retry(locked, "store visit 1 detector 18")
     assert "database server" not in str(err.value) and err.value.exit_code == 75
+
+
+# --------------------------------------------------------------------------------------
+# the warm pool (apdask listen --cluster slurm)
+
+
+def _pool_jobs(name):
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i %T"], capture_output=True,
+                         text=True, check=False).stdout  # fmt: skip
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def _modules_loaded(dask_worker):
+    """The warm-up plugin is registered, and with it the pixel stages are imported."""
+    return "apdask-warm-kernels" in dask_worker.plugins and "apdask.pipeline.warm" in sys.modules
+
+
+@pytest.mark.service
+def test_warm_pool_keeps_its_minimum_after_a_job_is_cancelled(slurm, tmp_path):
+    """Two warm jobs, each worker with the pipeline imported on joining; one job
+    ``scancel``-ed: ``adapt()`` starts a new one; every job is cancelled on exit."""
+    from apdask.services.batch import PoolSize, jobqueue_pool
+
+    name = f"apdask-test-pool-{os.getpid()}"
+    size = PoolSize.resolve(minimum_jobs=2, maximum_jobs=2, worker_timeout_s=120)
+    with jobqueue_pool("slurm", job_dir=str(tmp_path), size=size, memory="1GB",
+                       scheduler_host="127.0.0.1", job_name=name) as client:  # fmt: skip
+        client.wait_for_workers(2, timeout=120)
+        assert all(client.run(_modules_loaded).values())  # the warm-up plugin ran
+        first = _pool_jobs(name)
+        assert len(first) == 2 and set(first.values()) == {"RUNNING"}, first
+        victim = min(first, key=int)
+        subprocess.run(["scancel", victim], check=True, timeout=30)
+        t0 = time.monotonic()
+        while True:
+            now = _pool_jobs(name)
+            if victim not in now and len(client.scheduler_info(n_workers=-1)["workers"]) == 2:
+                break
+            assert time.monotonic() - t0 < 120, now
+            time.sleep(0.5)
+        replaced = time.monotonic() - t0
+        assert len(now) == 2 and set(now) - set(first), now  # a new job, not the old one back
+        assert all(client.run(_modules_loaded).values())
+    left = _pool_jobs(name)  # cancelled: gone, or COMPLETING for a moment
+    assert not {"RUNNING", "PENDING"} & set(left.values()), f"jobs left behind: {left}"
+    print(f"\nwarm pool: job {victim} cancelled, back to 2 workers after {replaced:.1f} s")
+
+
+@pytest.mark.service
+def test_warm_pool_refused_exits_with_sbatchs_message(slurm, tmp_path):
+    from apdask.exceptions import JobSubmissionError
+    from apdask.services.batch import PoolSize, jobqueue_pool
+
+    name = f"apdask-test-pool-{os.getpid()}"
+    t0 = time.monotonic()
+    with (
+        pytest.raises(JobSubmissionError, match="Memory specification can not be satisfied"),
+        jobqueue_pool("slurm", job_dir=str(tmp_path), size=PoolSize.resolve(1, 2, 60, 60),
+                      memory="100GB", scheduler_host="127.0.0.1", job_name=name),
+    ):  # fmt: skip
+        pytest.fail("the pool started")
+    assert time.monotonic() - t0 < 60
+    assert not {"RUNNING", "PENDING"} & set(_pool_jobs(name).values())

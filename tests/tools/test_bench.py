@@ -1,6 +1,11 @@
 """``apdask bench``: runs the scripts in benchmarks/ and reports figures against targets."""
 
 import json
+import os
+import subprocess
+import sys
+
+import pytest
 
 from apdask.cli.main import main
 from apdask.tools.bench import BENCHMARKS, find_benchmark_dir
@@ -30,3 +35,63 @@ def test_unknown_benchmark_is_a_usage_error(tmp_path, capsys):
     assert main(["bench", "--only", "nosuch", "--out", str(tmp_path / "r.json")]) == 78
     assert "unknown benchmark" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def _run_ccd_script(tmp_path, *args):
+    script = find_benchmark_dir() / BENCHMARKS["ccd"].script
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--camera", "testcam", "--detector", "T00",
+         "--repo", str(tmp_path / "repo"), *args],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_bench_ccd_one_arrival_through_the_http_distributor(tmp_path):
+    """Tiny mode: one test-camera CCD registered after its prefetch, alerts to a file sink."""
+    r = _run_ccd_script(tmp_path, "--arrivals", "1", "--warmup", "0", "--sinks", "file",
+                        "--no-startup")  # fmt: skip
+    (a,) = r["series"]["file"]["arrivals"]
+    assert a["n_alerts"] > 0 and a["alerts_delivered"] == a["n_alerts"]
+    # the image was registered after the prefetch: the fetch waited, and no stage ran early
+    assert 0 <= a["registered_to_fetched_s"] < a["latency_s"] == r["latency_s"]["median"]
+    assert a["latency_s"] >= a["fetched_to_written_s"] > 0
+    tl = a["timeline_s"]
+    assert "prefetch" not in tl  # finished before registration
+    assert tl["calibrate"][0] < tl["warp"][0] < tl["subtract"][0] < tl["detect"][0]
+    assert tl["publish"][1] >= a["latency_s"] - 0.01  # the alerts are written in publish
+    assert r["core_s_per_ccd"]["median"] == a["core_s"] > 0
+    assert a["core_s_parts"]["distributor"] >= 0 and set(a["core_s_parts"]) == {
+        "pipeline", "distributor"}  # fmt: skip
+    assert {"psf", "subtract", "detect+measure", "prefetch_butler"} <= set(r["stage_seconds"])
+    assert {"warp", "subtract", "isr_amp", "prefetch"} <= set(a["task_cpu_s"])
+    assert 0.05 < r["peak_rss_GB"] < 8
+    assert r["latency_kafka_s"] is None and "startup" not in r
+
+
+@pytest.mark.slow
+def test_bench_ccd_quick_with_kafka_and_startup(tmp_path):
+    """``apdask bench --only ccd --quick``: tansu acknowledgements and the batch start-up."""
+    out = tmp_path / "report.json"
+    assert main(["bench", "--only", "ccd", "--quick", "--out", str(out)]) == 0
+    b = json.loads(out.read_text())["benchmarks"]["ccd"]
+    assert b["returncode"] == 0, b["stderr_tail"]
+    (a,) = b["report"]["series"]["kafka"]["arrivals"]
+    assert a["n_alerts"] > 0 and a["alerts_delivered"] == a["n_alerts"]  # acknowledged
+    checks = {c["label"]: c for c in b["checks"]}
+    assert checks["registration -> alerts acknowledged (tansu)"]["value"] == a["latency_s"]
+    assert checks["core-seconds per CCD, prefetch included"]["target"] == "<= 3"
+    s = b["report"]["startup"]
+    assert s["batch_process_ccd"]["exit_code"] == 0
+    batch = s["batch_process_ccd"]
+    assert batch["wall_s"] >= batch["start_to_fetched_s"] + batch["fetched_to_written_s"] > 0
+    assert s["import_apdask_cli_run_s"] > 0
+    assert "scipy" in s["largest_imports_s"] and s["ppdb"]["open_s"] > 0
+    assert "batch_process_ccd_numba_cold" not in s  # --quick skips the compile run
+
+
+def test_slow_benchmarks_run_only_when_named():
+    assert not BENCHMARKS["ccd"].default
+    assert all(b.default for n, b in BENCHMARKS.items() if n != "ccd")

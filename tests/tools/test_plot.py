@@ -390,6 +390,52 @@ def test_stage_timings_of_one_ccd_report():
         plot.stage_timings([1.0, 2.0])
 
 
+# --------------------------------------------------------------------------------------
+# task stream
+
+
+def _stream_records():
+    """Two worker threads: T00's chain on one, T01's on the other, one transfer."""
+
+    def rec(key, thread, start, stop, action="compute", w="tcp://127.0.0.1:4001"):
+        return {"key": key, "worker": w, "thread": thread,
+                "startstops": ({"action": action, "start": start, "stop": stop},)}  # fmt: skip
+
+    return [
+        rec("calibrate-1000-T00", 11, 100.0, 101.0),
+        rec("calibrate-1000-T01", 12, 100.5, 102.0),
+        rec("subtract-1000-T00", 11, 101.0, 103.5),
+        rec(("isr_amp-" + "0f" * 16, 0), 12, 102.0, 102.5),  # a dask array chunk
+        rec("subtract-1000-T01", 11, 103.5, 104.0, action="transfer"),
+        rec("store-1000-T00", 11, 104.0, 104.25, w="tcp://127.0.0.1:4002"),  # another worker
+    ]
+
+
+def test_task_stream_one_row_per_thread_one_bar_per_task_by_stage():
+    fig = plot.task_stream(_stream_records())
+    ax = fig.axes[0]
+    bars = {c.get_label(): c for c in ax.containers}
+    assert list(bars) == ["calibrate", "subtract", "isr_amp", "store", "transfer"]  # by start
+    extents = {
+        name: [(b.get_x(), b.get_width(), b.get_y() + b.get_height() / 2) for b in c]
+        for name, c in bars.items()
+    }
+    # (start since the first start, duration, row): thread 11 is row 0, thread 12 row 1
+    assert extents["calibrate"] == [(0.0, 1.0, 0.0), (0.5, 1.5, 1.0)]
+    assert extents["subtract"] == [(1.0, 2.5, 0.0)]
+    assert extents["isr_amp"] == [(2.0, 0.5, 1.0)]
+    assert extents["transfer"] == [(3.5, 0.5, 0.0)]
+    assert extents["store"] == [(4.0, 0.25, 2.0)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "worker 0, thread 0",
+        "worker 0, thread 1",
+        "worker 1, thread 0",
+    ]
+    assert ax.get_title() == "task stream: 6 tasks on 3 threads"
+    with pytest.raises(TypeError, match="list of task-stream dicts"):
+        plot.task_stream({"calibrate": 1.0})
+
+
 def test_figures_render_to_png():
     sci, tpl, diff = _images()
     for fig in (
@@ -397,6 +443,7 @@ def test_figures_render_to_png():
         plot.light_curve(_lc_table()),
         plot.focal_plane({"T00": 1.0, "T01": 2.0}, "testcam"),
         plot.stage_timings({"warp": 1.0}),
+        plot.task_stream(_stream_records()),
     ):
         buf = io.BytesIO()
         fig.savefig(buf, format="png")

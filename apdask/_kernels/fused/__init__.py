@@ -12,11 +12,9 @@ The passes live in private modules by stage (``_difference``, ``_detection``,
 """
 
 import os
+import sys
 from types import ModuleType
 
-from apdask._kernels.fused import _detection as _det_mod
-from apdask._kernels.fused import _difference as _diff_mod
-from apdask._kernels.fused import _isr as _isr_mod
 from apdask._kernels.fused._detection import above, dilate, matched_inputs, segments, snr_map
 from apdask._kernels.fused._difference import (
     combine_masks,
@@ -57,6 +55,11 @@ __all__ = [
 ]
 
 
+def _kernel_modules() -> list[ModuleType]:
+    """This package's kernel modules (imported above)."""
+    return [sys.modules[f"{__name__}.{m}"] for m in ("_detection", "_difference", "_isr")]
+
+
 def _dispatchers(module: ModuleType) -> list[object]:
     return [v for v in vars(module).values() if hasattr(v, "py_func") and hasattr(v, "_cache")]
 
@@ -71,7 +74,7 @@ def compiled_on_disk() -> bool:
     try:
         paths = [
             d._cache._cache_file._index_path  # type: ignore[attr-defined]
-            for m in (_det_mod, _diff_mod, _isr_mod)
+            for m in _kernel_modules()
             for d in _dispatchers(m)
         ]
     except AttributeError:  # another numba: say nothing rather than guess

@@ -12,6 +12,9 @@ import dask
 from apdask import config
 from apdask.core.camera import check_band
 from apdask.exceptions import ConfigurationError
+from apdask.io.butler import Butler
+from apdask.io.distributor import open_distributor
+from apdask.io.raw import effective_exptime, read_raw
 from apdask.io.raw_header import check_raw_header
 from apdask.pipeline.calib.frames import (
     _MASTER,
@@ -32,8 +35,6 @@ log = logging.getLogger("apdask.pipeline.calib")
 
 def _check_header(meta, detector, intent, band, exptime, name):
     """Check the raw's header (:func:`~apdask.io.raw_header.check_raw_header`); its exptime."""
-    from apdask.io.raw import effective_exptime
-
     check_raw_header(meta, detector, band, name=name, imgtype=INTENTS[intent], intent=intent,
                      ccd_option=True)  # fmt: skip
     actual = effective_exptime(meta) if intent in ("flat", "cbp") else meta.exptime
@@ -147,10 +148,6 @@ def process_calib(
     MetricsDeliveryError
         Kafka did not take the metrics (the report is in the repository regardless).
     """
-    from apdask.io.butler import Butler
-    from apdask.io.distributor import open_distributor
-    from apdask.io.raw import read_raw
-
     t0 = time.time()
     intent = _check_arguments(intent, band, exptime)
     if repo is None or not os.path.isdir(os.path.join(repo, "butler.zarr")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ from apdask.pipeline.subtract.kernel import (
     choose_kernel_size,
 )
 from apdask.pipeline.subtract.qa import _noise_ratio, _qa_figures, kernel_sum_range
-from apdask.pipeline.subtract.stamps import choose_model
+from apdask.pipeline.subtract.stamps import KernelModel, choose_model
 
 __all__ = ["subtract"]
 
@@ -56,6 +57,7 @@ def subtract(
     min_stamps: int = 5,
     stamps_per_spatial_term: int = 4,
     full_basis_stamps: int = 10,
+    max_sum_variation: float = 0.2,
 ) -> tuple[Exposure, SubtractionInfo]:
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
@@ -91,6 +93,11 @@ def subtract(
         ``stamps_per_spatial_term × (p+1)(p+2)/2`` stamps, else a lower order; fewer
         than ``full_basis_stamps`` uses basis degrees ``(2, 1, 0)`` for ``(4, 3, 2)``.
         With an automatic ``kernel_size``, a smaller kernel is tried first.
+    max_sum_variation : float, optional
+        A fitted kernel whose sum varies over the CCD by more than this fraction
+        ((max − min) / mean on a 5 × 5 grid) is refitted with a lower spatial order:
+        with few stamps the spatial terms extrapolate wildly into the corners
+        (reported as a ``spatial_order`` fallback).
 
     Aperture correction and the bright-source list are not part of the difference
     image itself; the benchmark times the subtraction without them (both False) as
@@ -143,25 +150,16 @@ def subtract(
         (kernel_size, auto_size, int(spatial_order)), max_stamps,
         (min_stamps, stamps_per_spatial_term, full_basis_stamps),
     )  # fmt: skip
-    kernel_size, order, fit_half = model.kernel_size, model.spatial_order, model.fit_half
-    kh, stars, xs, ys = kernel_size // 2, model.stars, model.xs, model.ys
+    kernel_size = model.kernel_size
+    kh, stars = kernel_size // 2, model.stars
     timing["stamps"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
-    kernels, bgc, chi2, used = _fit_matching_kernel(
-        img_a,
-        img_b,
-        (var_s, var_t),
-        bad_any,
-        xs,
-        ys,
-        sigmas,
-        kernel_size,
-        order,
-        fit_half,
-        model.basis_degrees,
+    model, (kernels, bgc, chi2, used) = _fit_with_fallback(
+        (img_a, img_b), (var_s, var_t), bad_any, model, sigmas, rev, max_sum_variation
     )
+    order = model.spatial_order
     del bad_any
     timing["fit"] = time.perf_counter() - t1
     ksum = _kernel_sum(kernels[0])  # the constant spatial term: u = v = 0 at the centre
@@ -202,17 +200,56 @@ def subtract(
     fields = _difference_fields(science, direction, ap[0], ap[1], sources, rev, psi)
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, **fields)
     fit = (scale, kernel_size, chi2, used, bgc, bg_res)
-    info = SubtractionInfo(
-        **_qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources),
+    qa = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
+    return difference, _info(qa, model, kernels, used, rev, timing)
+
+
+def _fit_with_fallback(
+    images: tuple[np.ndarray, np.ndarray],
+    variances: tuple[np.ndarray, np.ndarray],
+    bad_any: np.ndarray,
+    model: KernelModel,
+    sigmas: list[float],
+    rev: bool,
+    max_sum_variation: float,
+) -> tuple[KernelModel, tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]]:
+    """Fit the matching kernel; while its sum varies over the CCD by more than
+    ``max_sum_variation`` (spatial terms extrapolating far from few stamps), refit one
+    spatial order lower.  The model used (with the fallback noted) and the fit."""
+    order = model.spatial_order
+    while True:
+        fit = _fit_matching_kernel(
+            *images, variances, bad_any, model.xs, model.ys, sigmas, model.kernel_size, order,
+            model.fit_half, model.basis_degrees,
+        )  # fmt: skip
+        if order == 0 or _sum_variation(fit[0], order, rev) <= max_sum_variation:
+            return model, fit
+        order -= 1
+        model = dataclasses.replace(
+            model, spatial_order=order,
+            fallback=tuple(dict.fromkeys((*model.fallback, "spatial_order"))),
+        )  # fmt: skip
+
+
+def _info(
+    qa: dict[str, Any],
+    model: KernelModel,
+    kernels: list[np.ndarray],
+    used: np.ndarray,
+    rev: bool,
+    timing: dict[str, float],
+) -> SubtractionInfo:
+    """The subtraction's figures: QA values, the model used, stamps, kernel, timings."""
+    return SubtractionInfo(
+        **qa,
         model=model.as_dict(),
         fallback=list(model.fallback),
-        kernel_sum_range=kernel_sum_range(kernels, order, rev),
-        stamp_x=[int(x) for x in xs[used]],
-        stamp_y=[int(y) for y in ys[used]],
+        kernel_sum_range=kernel_sum_range(kernels, model.spatial_order, rev),
+        stamp_x=[int(x) for x in model.xs[used]],
+        stamp_y=[int(y) for y in model.ys[used]],
         kernel=kernels[0],
         timing=timing,
     )
-    return difference, info
 
 
 def _finish(
@@ -376,6 +413,13 @@ def _difference_fields(
         "bright_sources": sources,
         "psf_model": model,
     }
+
+
+def _sum_variation(kernels: list[np.ndarray], order: int, rev: bool) -> float:
+    """(max − min) / mean of the kernel sum over the CCD (:func:`kernel_sum_range`)."""
+    lo, hi = kernel_sum_range(kernels, order, rev)
+    mean = 0.5 * (lo + hi)
+    return abs(hi - lo) / abs(mean) if mean else float("inf")
 
 
 def _typical(var, nodata, default, samples=64000):

@@ -1,0 +1,216 @@
+"""Cost of a night on SLURM: one cluster per visit vs a warm jobqueue pool (issue 17).
+
+Needs a running SLURM (``.ci/setup-slurm.sh``, as root) and simulates a test-camera
+repository.  Two measurements, printed as one JSON report with ``/proc/loadavg``:
+
+* **cost**: N consecutive visits (``--visits 1,2,4``), processed one after the other,
+  (a) with ``submit_visit(via="jobqueue")``, a new cluster and new worker jobs per visit,
+  and (b) on one warm pool (``jobqueue_pool``, ``--jobs`` jobs kept warm), pool start-up
+  included.  Wall time and the number of SLURM jobs started (``squeue``, polled).
+* **latency**: ``--latency-visits`` visits announced every ``--cadence`` s on a warm pool,
+  each visit's images delivered ``--exposure`` s after its nextVisit, the graphs submitted
+  without waiting as ``apdask listen`` does: per visit, nextVisit → last alert, image →
+  alerts (worst CCD), and whether every prefetch ended before the images arrived.
+
+    .venv/bin/python benchmarks/bench_cluster.py --visits 1,2,4 --latency-visits 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from apdask.pipeline.nextvisit import NextVisit
+from apdask.pipeline.run import ensure_ppdb, run_visit
+from apdask.services.batch import PoolSize, jobqueue_pool, submit_visit
+
+
+def _loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().strip()
+
+
+class _Jobs:
+    """SLURM job ids whose name starts with ``prefix``, newer than the start: polled."""
+
+    def __init__(self, prefix):
+        self.prefix, self.ids, self._stop = prefix, set(), threading.Event()
+        self.floor = max(self._poll(all_states=True) or {0})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self, all_states=False):
+        cmd = ["squeue", "-h", "-o", "%i %j", *(["-t", "all"] if all_states else [])]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+        return {int(i) for i, name in (line.split(maxsplit=1) for line in out.splitlines())
+                if name.startswith(self.prefix) and i.isdigit()}  # fmt: skip
+
+    def _run(self):
+        while not self._stop.wait(0.3):
+            self.ids |= {i for i in self._poll() if i > self.floor}
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.ids |= {i for i in self._poll(all_states=True) if i > self.floor}
+
+
+def _repo(base, work, name):
+    dst = os.path.join(work, name)
+    shutil.copytree(base, dst)
+    ensure_ppdb(dst)
+    return dst
+
+
+def _visits(repo, n):
+    names = sorted(os.listdir(os.path.join(repo, "visits")))[:n]
+    return [NextVisit.from_json(os.path.join(repo, "visits", f)) for f in names]
+
+
+def _per_visit(base, work, n, args):
+    repo = _repo(base, work, f"per_visit_{n}")
+    t0 = time.monotonic()
+    with _Jobs("apdask-") as jobs:
+        outs = [submit_visit(nv, "slurm", "jobqueue", repo=repo, memory=args.mem, timeout=60,
+                             scheduler_host="127.0.0.1", wait_timeout=600)
+                for nv in _visits(repo, n)]  # fmt: skip
+    return {"wall_s": round(time.monotonic() - t0, 2), "jobs": len(jobs.ids),
+            "jobs_asked": sum(o["n_jobs"] for o in outs),
+            "n_alerts": [o["n_alerts"] for o in outs],
+            "per_visit_s": [round(o["wall_s"], 2) for o in outs]}  # fmt: skip
+
+
+def _pool(args, repo, name):
+    size = PoolSize.resolve(minimum_jobs=args.jobs, maximum_jobs=args.jobs)
+    return jobqueue_pool("slurm", job_dir=os.path.join(repo, "jobs"), size=size, memory=args.mem,
+                         scheduler_host="127.0.0.1", job_name=name)  # fmt: skip
+
+
+def _wait_warm(client, n, timeout=300):
+    deadline = time.monotonic() + timeout
+    while len(client.scheduler_info(n_workers=-1)["workers"]) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool did not reach {n} workers in {timeout} s")
+        time.sleep(0.2)
+
+
+def _warm_pool(base, work, n, args):
+    repo = _repo(base, work, f"pool_{n}")
+    name = f"apdask-bench-pool-{os.getpid()}-{n}"
+    t0 = time.monotonic()
+    with _Jobs(name) as jobs, _pool(args, repo, name) as client:
+        _wait_warm(client, args.jobs)
+        t_warm = time.monotonic()
+        reports = [run_visit(nv, repo=repo, timeout=60, client=client, result_timeout=600)
+                   for nv in _visits(repo, n)]  # fmt: skip
+        t_end = time.monotonic()
+    return {"wall_s": round(t_end - t0, 2), "startup_s": round(t_warm - t0, 2),
+            "jobs": len(jobs.ids), "n_alerts": [r["n_alerts"] for r in reports],
+            "per_visit_s": [round(r["wall_s"], 2) for r in reports]}  # fmt: skip
+
+
+def _hold_back(repo, visit):
+    raw, held = os.path.join(repo, "raw"), os.path.join(repo, f"held_{visit}")
+    os.makedirs(held)
+    names = [n for n in os.listdir(raw) if f"_{visit}_" in n]
+    for n in names:
+        shutil.move(os.path.join(raw, n), os.path.join(held, n))
+
+    def deliver():
+        for n in names:
+            shutil.copy(os.path.join(held, n), os.path.join(raw, f".{n}.part"))
+            os.replace(os.path.join(raw, f".{n}.part"), os.path.join(raw, n))
+        return time.time()
+
+    return deliver
+
+
+def _latency(base, work, args):
+    """Visits announced at a cadence on a warm pool, submitted without waiting (listen)."""
+    from distributed import get_task_stream
+
+    from apdask.pipeline.graph import build_visit_graph
+
+    repo = _repo(base, work, "latency")
+    ppdb = ensure_ppdb(repo)
+    visits = _visits(repo, args.latency_visits)
+    deliveries = {nv.visit: _hold_back(repo, nv.visit) for nv in visits}
+    name = f"apdask-bench-latency-{os.getpid()}"
+    out = []
+    with _Jobs(name) as jobs, _pool(args, repo, name) as client, \
+            get_task_stream(client) as ts:  # fmt: skip
+        _wait_warm(client, args.jobs)
+        futures, timers, delivered, t_start = {}, [], {}, time.time()
+        for i, nv in enumerate(visits):
+            time.sleep(max(0.0, t_start + i * args.cadence - time.time()))
+            t_nv = time.time()
+            graph = build_visit_graph(nv, repo=repo, ppdb=ppdb, timeout=120)
+            futures[nv.visit] = (t_nv, client.compute(graph))
+            timer = threading.Timer(args.exposure, lambda v=nv.visit: delivered.update(
+                {v: deliveries[v]()}))  # fmt: skip
+            timers.append(timer)
+            timer.start()
+        for visit, (t_nv, fut) in futures.items():
+            report = fut.result(timeout=600)
+            done = max(c["alert_written"] for c in report["ccds"])
+            out.append({"visit": visit, "n_alerts": report["n_alerts"],
+                        "nextvisit_to_done_s": round(done - t_nv, 2),
+                        "image_to_alerts_s": round(max(c["latency_s"] for c in report["ccds"]), 2),
+                        "prefetch_before_images": None})  # fmt: skip
+        for t in timers:
+            t.join()
+    for row in out:
+        ends = [s["stop"] for t in ts.data if str(t["key"]).startswith(f"prefetch-{row['visit']}-")
+                for s in t["startstops"] if s["action"] == "compute"]  # fmt: skip
+        row["prefetch_before_images"] = bool(ends) and max(ends) < delivered[row["visit"]]
+    return {"cadence_s": args.cadence, "exposure_s": args.exposure, "jobs": len(jobs.ids),
+            "visits": out}  # fmt: skip
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--visits", default="1,2,4", help="consecutive visits per cost run")
+    p.add_argument("--latency-visits", type=int, default=3)
+    p.add_argument("--cadence", type=float, default=15.0, help="seconds between nextVisits")
+    p.add_argument("--exposure", type=float, default=5.0, help="nextVisit to images, s")
+    p.add_argument("--jobs", type=int, default=2, help="worker jobs of the warm pool")
+    p.add_argument("--mem", default="2GB", help="memory per worker job")
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--skip-cost", action="store_true")
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.visits.split(",") if x]
+    if shutil.which("sbatch") is None:
+        sys.exit("bench_cluster: needs SLURM (sbatch on PATH): run .ci/setup-slurm.sh as root")
+    from apdask.tools.simulate import simulate_repo
+
+    report = {"camera": "testcam", "loadavg_start": _loadavg(), "cost": [], "latency": None}
+    with tempfile.TemporaryDirectory(prefix="apdask-bench-cluster-") as work:
+        base = os.path.join(work, "base")
+        simulate_repo("testcam", base, n_visits=max([*counts, args.latency_visits]),
+                      seed=args.seed)  # fmt: skip
+        if not args.skip_cost:
+            for n in counts:
+                report["cost"].append({"visits": n, "per_visit_cluster": _per_visit(base, work,
+                                       n, args), "warm_pool": _warm_pool(base, work, n, args),
+                                       "loadavg": _loadavg()})  # fmt: skip
+                print(json.dumps(report["cost"][-1]), file=sys.stderr, flush=True)
+        if args.latency_visits:
+            report["latency"] = _latency(base, work, args)
+    report["loadavg_end"] = _loadavg()
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
