@@ -3,8 +3,8 @@ real image pairs, with sources and artefacts planted (:mod:`apdask.tools._rb_exa
 
 * :func:`simulated_examples`: a test-camera repository of either simulator; each
   CCD-visit is calibrated and warped by the visit graph's own tasks, planted, then
-  subtracted, detected and measured by ``subtract_task`` and ``detect_task``, the
-  production steps.
+  given its PSF model and cosmic-ray mask, subtracted, detected and measured by
+  ``science_psf_task``, ``subtract_task`` and ``detect_task``, the production steps.
 * :func:`real_pair_examples`: a calibrated FITS pair through :func:`apdask.tools.diff.
   diff`, as is (the natural detections) and again with sources and artefacts planted.
 """
@@ -32,7 +32,7 @@ from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.psf import estimate_psf_model, psf_fwhm
 from apdask.pipeline.run import ensure_ppdb
 from apdask.pipeline.steps import CcdFailure
-from apdask.pipeline.tasks import detect_task, subtract_task
+from apdask.pipeline.tasks import detect_task, science_psf_task, subtract_task
 from apdask.tools._rb_examples import (
     Examples,
     Planted,
@@ -143,12 +143,8 @@ def _simulated_ccd(
         psf_source=psf_src,
         hosts=Table({"x": px[host], "y": py[host], "flux": flux[host]}),
     )
-    sub = quiet(
-        subtract_task,
-        dataclasses.replace(cal, exposure=sci2),
-        dataclasses.replace(warped, exposure=tpl2),
-        cfg,
-    )
+    science = quiet(science_psf_task, dataclasses.replace(cal, exposure=sci2))
+    sub = quiet(subtract_task, science, dataclasses.replace(warped, exposure=tpl2), cfg)
     if isinstance(sub, CcdFailure):
         return Examples.empty()
     meas = quiet(detect_task, sub, nv.visit, det, nv.filters, header, cfg)
