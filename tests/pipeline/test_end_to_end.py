@@ -17,9 +17,10 @@ from apdask.alerts.nulls import unexpected_nulls
 from apdask.alerts.sinks import read_alerts
 from apdask.exceptions import ProductNotFoundError
 from apdask.io.butler import Butler
+from apdask.pipeline.measure.reliability import load_reliability_model
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.run import ensure_ppdb, run_visit
-from apdask.ppdb import Ppdb
+from apdask.ppdb import Ppdb, region_for
 from apdask.tools.evaluate import load_truth, match_truth
 
 
@@ -114,6 +115,38 @@ def test_every_alert_decodes_with_the_official_schema(processed):
                         == rec["diaSourceId"]
                     )
     assert n == sum(r["n_alerts"] for r in processed["reports"])
+
+
+def test_reliability_reaches_the_alerts_and_the_ppdb(processed):
+    """Issue 16: every alert and every stored DiaSource carries the shipped model's
+    ``reliability`` and ``reliabilityVersion``; the simulator's transients score high."""
+    version = load_reliability_model().version
+    repo = processed["repo"]
+    db = Ppdb.open(ensure_ppdb(repo))
+    transients = []
+    for v in processed["visits"]:
+        sources = [a["diaSource"] for a in _alerts(repo, v["visit"])]
+        assert all(s["reliabilityVersion"] == version for s in sources)
+        rel = np.array([s["reliability"] for s in sources], float)
+        assert np.all((rel >= 0) & (rel <= 1))
+        m = match_truth(load_truth(repo, v["visit"]), sources)
+        ra, dec = np.array([s["ra"] for s in sources]), np.array([s["dec"] for s in sources])
+        for t in m["truth"]:
+            d = np.hypot((ra - t["ra"]) * np.cos(np.deg2rad(dec)), dec - t["dec"])
+            transients.append(rel[int(np.argmin(d))])
+        nv = NextVisit.from_dict(v)
+        regions = [region_for(nv.camera[d], nv.ra, nv.dec, nv.rotationAngle)
+                   for d in nv.detectors]  # fmt: skip
+        after = max(s["midpointMjdTai"] for s in sources) + 1.0  # the window ends here
+        stored = [db.get_dia_sources(r, None, after) for r in regions]
+        rows = {int(i): (r, str(s)) for t in stored
+                for i, r, s in zip(t["diaSourceId"], t["reliability"], t["reliabilityVersion"],
+                                   strict=True)}  # fmt: skip
+        for s in sources:  # the PPDB row holds the alert's value (float32 both)
+            assert rows[s["diaSourceId"]] == (pytest.approx(s["reliability"]), version)
+    transients = np.array(transients)
+    assert len(transients) >= 20
+    assert np.mean(transients > 0.5) >= 0.9, np.sort(transients)
 
 
 def test_second_visit_associates_with_first(processed):

@@ -28,6 +28,9 @@ from astropy.wcs import WCS
 from apdask import alerts
 from apdask.alerts.schema import _collect_named
 from apdask.core.exposure import Exposure
+from apdask.pipeline.measure.detection import detect_sources
+from apdask.pipeline.measure.reliability import load_reliability_model
+from apdask.pipeline.measure.sources import measure_sources
 from apdask.services import consume, kafka
 
 N_ALERTS = 6
@@ -60,10 +63,31 @@ def _columns(schema, short, n, rng, **fixed):
     return cols
 
 
+def _reliability(x, y, rng):
+    """``reliability`` of point sources (S/N ~ 20) at ``(x, y)`` on a 200 x 200 difference,
+    detected and measured by the pipeline: our real transients, as the model scores them."""
+    yy, xx = np.mgrid[-7:8, -7:8]
+    psf = np.exp(-0.5 * (xx**2 + yy**2) / 1.8**2)
+    psf /= psf.sum()
+    img = rng.normal(0, 100, (200, 200))
+    for xi, yi in zip(np.rint(x).astype(int), np.rint(y).astype(int), strict=True):
+        img[yi - 7 : yi + 8, xi - 7 : xi + 8] += 20 * 100 * np.sqrt(4 * np.pi * 1.8**2) * psf
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.cdelt = [-5.55e-5, 5.55e-5]
+    e = Exposure(img.astype(np.float32), np.full(img.shape, 1e4, np.float32),
+                 np.zeros(img.shape, np.uint32), w, psf.astype(np.float32))  # fmt: skip
+    tab = measure_sources(e, None, None, detect_sources(e), visit=90, detector=4, band="g",
+                          mjd=61000.2)  # fmt: skip
+    near = [int(np.argmin(np.hypot(tab["x"] - a, tab["y"] - b))) for a, b in zip(x, y, strict=True)]
+    return np.asarray(tab["reliability"][near], np.float32)
+
+
 @pytest.fixture(scope="module")
 def encoded(schema):
     """Alerts as the pipeline packages them: ``package_alerts`` with ``StampMaker`` cutouts,
-    ``N_PRV`` earlier detections, forced photometry, and ``reliability`` null as today."""
+    ``N_PRV`` earlier detections, forced photometry, and the ``reliability`` that the
+    shipped model gives point sources measured at the alerts' positions."""
     rng = np.random.default_rng(16)
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
@@ -98,7 +122,8 @@ def encoded(schema):
         band=np.array(["g"] * N_ALERTS),
         snr=np.full(N_ALERTS, 20.0),
         psfFlux=np.full(N_ALERTS, 5000.0, np.float32),
-        reliability=np.full(N_ALERTS, np.nan, np.float32),
+        reliability=_reliability(x, y, rng),
+        reliabilityVersion=np.array([load_reliability_model().version] * N_ALERTS),
         isNegative=np.zeros(N_ALERTS, bool),
     )
     k = N_ALERTS * N_PRV
@@ -114,7 +139,7 @@ def encoded(schema):
         ra=np.repeat(ra, N_PRV),
         dec=np.repeat(dec, N_PRV),
         band=np.array(["r"] * k),
-        reliability=np.full(k, np.nan, np.float32),
+        reliability=np.repeat(sources["reliability"], N_PRV),
     )
     forced = _columns(
         schema,
@@ -318,13 +343,13 @@ def _decent_vro_filter():
     return flt
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="reliability classifier not yet")
 def test_ampel_decent_vro_filter_accepts_real_transients(alert_dir, packets, monkeypatch):
     supplier_cls, _ = _ampel(monkeypatch, "file")
     flt = _decent_vro_filter()
     supplier = _file_supplier(supplier_cls, alert_dir)
-    # reliability is null in every alert, and the default min_reliability_per_source = 0
-    # compares it with '>=': TypeError until the classifier fills it
+    # the default min_reliability_per_source = 0 compares every DiaSource's reliability
+    # with '>=' (a TypeError while it was null); our transients score high
+    assert all(p["diaSource"]["reliability"] > 0.5 for p in packets.values())
     assert all(flt.process(a) for a in supplier)
 
 

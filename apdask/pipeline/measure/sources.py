@@ -19,6 +19,7 @@ from apdask.pipeline.measure.photometry import (
     _psf_fit_many,
     _sky_errors,
 )
+from apdask.pipeline.measure.reliability import score_reliability
 from apdask.pipeline.psf import psf_fwhm, psfs_at, require_psf, stamp_moments
 from apdask.pipeline.stars import subpixel_peak, weighted_moments
 
@@ -38,7 +39,10 @@ DIASOURCE_COLUMNS = (
     "pixelFlags_edge", "pixelFlags_saturated", "pixelFlags_saturatedCenter",
     "pixelFlags_nodata",
     "isDipole", "dipoleNdata", "trailNdata", "trail_flag",
+    "reliability", "reliabilityVersion",
 )  # fmt: skip
+#: The columns measured one source at a time; ``reliability`` follows from them.
+_MEASURED = DIASOURCE_COLUMNS[:-2]
 
 
 def _pixel_flags(
@@ -101,6 +105,8 @@ def measure_sources(
     astropy.table.Table
         Columns :data:`DIASOURCE_COLUMNS`; fluxes in nJy, positions in pixels and
         degrees, moments in px².  Unknown floats are NaN.  ``diaSourceId`` is absent.
+        ``reliability`` and ``reliabilityVersion`` come from the model shipped with
+        the package (:func:`apdask.pipeline.measure.reliability.score_reliability`).
     """
     psf = require_psf(difference, "difference")
     n = len(detections)
@@ -116,21 +122,21 @@ def measure_sources(
     common["midpointMjdTai"] = float(mjd)
     sig_w = max(fwhm / 2.3548, 1.0)
     psf_moments = stamp_moments(psf)[2:]
-    cols: dict[str, list[Any]] = {c: [] for c in DIASOURCE_COLUMNS}
+    cols: dict[str, list[Any]] = {c: [] for c in _MEASURED}
     for i in range(n):
         row = _measure_one(difference, detections, fits, i, xs[i], ys[i], sig_w, psf_moments)
         row.update(common)
         row["centroid_flag"] = bool(cflag[i])
         row["isDipole"], row["dipoleNdata"] = bool(is_dipole[i]), int(dipole_ndata[i])
-        for c in DIASOURCE_COLUMNS:
+        for c in _MEASURED:
             cols[c].append(row[c])
-    tab = Table(cols, names=DIASOURCE_COLUMNS)
+    tab = Table(cols, names=_MEASURED)
     _apply_aperture_correction(tab, difference)
     _aperture_fluxes(tab, difference, aperture_radius)
     add_fields(tab, difference, science, detections, fits, psf, aperture_radius)
     for c in ("ra", "dec", "raErr", "decErr", "midpointMjdTai"):
         tab[c] = tab[c].astype(np.float64)
-    return tab
+    return score_reliability(tab, difference, science, template)
 
 
 def _dipoles(detections: Table, dipole_radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -298,7 +304,8 @@ def _empty_table() -> Table:
     """An empty DiaSource table with the column types of :data:`DIASOURCE_COLUMNS`."""
     types = {
         "visit": int, "detector": int, "band": str, "psfNdata": int, "bboxSize": int,
-        "dipoleNdata": int, "trailNdata": int,
+        "dipoleNdata": int, "trailNdata": int, "reliability": np.float32,
+        "reliabilityVersion": str,
     }  # fmt: skip
     dt = []
     for c in DIASOURCE_COLUMNS:
