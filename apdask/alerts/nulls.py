@@ -67,7 +67,6 @@ class NullField:
 
 _NO_SS = "no Solar System processing in apdask (no ssObject association, no orbits)"
 _NO_TRAIL = "the trailed-source fit is not implemented yet (issue 16); `trailNdata` is 0"
-_RB = "the real/bogus classifier lands with apdask.pipeline.measure.reliability (issue 16)"
 
 #: Every field that may be null, in the order of ``docs/alerts.md``.
 NULL_FIELDS: tuple[NullField, ...] = (
@@ -84,8 +83,6 @@ NULL_FIELDS: tuple[NullField, ...] = (
               "set only when a record is withdrawn; alerts carry current records"),
     NullField("diaSource", "glint_trail", "always", "not yet",
               "no glint-trail finder runs over the visit's DiaSources"),
-    NullField("diaSource", "reliability", "always", "not yet", _RB),
-    NullField("diaSource", "reliabilityVersion", "always", "not yet", _RB),
     *(NullField("diaSource", f, "no dipole fit", "n/a",
                 "the dipole model is fitted only to sources with an opposite-sign lobe nearby")
       for f in ("dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleFluxDiffErr",

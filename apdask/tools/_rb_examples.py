@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from astropy.table import Table
@@ -41,6 +41,8 @@ __all__ = ["Examples", "Planted", "plant", "label_sources", "bright_peaks"]
 ARTEFACTS = ("dipole", "ring", "cosmic")
 #: Pixels where nothing is planted.
 _AVOID = MASK["BAD"] | MASK["SAT"] | MASK["EDGE"] | MASK["NO_DATA"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -425,7 +427,7 @@ def examples_from(
     )
 
 
-def quiet(fn, *args, **kwargs):
+def quiet(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)`` with the pipeline's QA warnings silenced (they are
     expected on planted artefacts)."""
     with warnings.catch_warnings():

@@ -39,7 +39,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -120,7 +120,11 @@ def _plan(quick: bool) -> dict[str, Any]:
 
 
 def build_examples(
-    workdir: str, *, quick: bool = False, realdata: str | None = None, log=print
+    workdir: str,
+    *,
+    quick: bool = False,
+    realdata: str | None = None,
+    log: Callable[[str], object] = print,
 ) -> Examples:
     """Every labelled DIASource of :func:`_plan`, training and held-out.
 
@@ -355,7 +359,7 @@ def run(
     *,
     quick: bool = False,
     realdata: str | None = None,
-    log=print,
+    log: Callable[[str], object] = print,
 ) -> dict[str, Any]:
     """Build the examples, train, evaluate, and write the model, report and figure."""
     os.makedirs(workdir, exist_ok=True)

@@ -308,18 +308,20 @@ def _empty_table() -> Table:
         "reliabilityVersion": str,
     }  # fmt: skip
     dt = []
-    for c in DIASOURCE_COLUMNS:
+    for c in _MEASURED:
         if c in types:
             dt.append(types[c])
         elif c.startswith(("is", "pixelFlags")) or c.endswith("_flag") or "_flag_" in c:
             dt.append(bool)
         else:
             dt.append(float)
-    tab = Table(names=DIASOURCE_COLUMNS, dtype=dt)
-    for c in FIELD_COLUMNS:  # apdask.pipeline.measure.fields
+    tab = Table(names=_MEASURED, dtype=dt)
+    for c in FIELD_COLUMNS:  # apdask.pipeline.measure.fields, in the order add_fields adds
         tab[c] = np.zeros(
             0, bool if c.startswith(("pixelFlags", "dipoleFit")) or "_flag" in c else np.float32
         )
+    for c in DIASOURCE_COLUMNS[len(_MEASURED) :]:  # the reliability, last as it is scored
+        tab[c] = np.zeros(0, types[c])
     return tab
 
 
