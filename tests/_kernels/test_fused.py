@@ -300,7 +300,7 @@ def test_batched_psf_fits_equal_one_at_a_time(planes):
     for k in range(len(x)):
         np.testing.assert_allclose(psfs[k], model.at(x[k], y[k]), rtol=1e-12)
     for b in (None, bkg):
-        f, fe, nd, chi2, edge, g = _psf_fit_many(img, var, mask, psfs, x, y, b, full=True)
+        f, fe, nd, chi2, edge, g, _lnv = _psf_fit_many(img, var, mask, psfs, x, y, b, full=True)
         for k in range(len(x)):
             ref = _psf_fit_one(img, var, mask, psfs[k], x[k], y[k], b)
             got = [f[k], fe[k], nd[k], chi2[k], *(a[k] for a in g)]
