@@ -232,8 +232,9 @@ def _add_data_commands(sub):
     p = sub.add_parser("bench", help="run benchmarks/ and report the figures against targets")
     p.add_argument(
         "--only",
-        help="comma list of: association, ppdb, alerts, subtract, "
-        "distributor, ccd (default: all but ccd, which takes minutes)",
+        help="comma list of: association, ppdb, alerts, subtract, distributor, "
+        "reliability, ccd, cluster (default: all but ccd, which takes minutes, and "
+        "cluster, which needs SLURM)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
     p.add_argument("--dir", help="the benchmarks/ directory (default: the source checkout's)")

@@ -131,6 +131,21 @@ BENCHMARKS = {
         (Check("timeout overshoot (worst)", ("timeout_overshoot_s",), "<=", 1.0, "s", max),),
         quick_args=("--reps", "1"),
     ),
+    "reliability": Benchmark(
+        "bench_reliability.py", 16,
+        (Check("real/bogus score per source, features included (2,000 per CCD)",
+               ("ms_per_source", -1, "features_and_model"), "<=", 0.1, "ms"),),
+        quick_args=("--sizes", "200", "--repeat", "2"),
+    ),
+    "cluster": Benchmark(  # SLURM only (root, .ci/setup-slurm.sh): cost figures, no target
+        "bench_cluster.py", 17,
+        (Check("warm pool, last visit count: wall", ("cost", -1, "warm_pool", "wall_s"),
+               unit="s"),
+         Check("one cluster per visit, same visits: wall",
+               ("cost", -1, "per_visit_cluster", "wall_s"), unit="s")),
+        quick_args=("--visits", "1", "--latency-visits", "1"),
+        default=False,
+    ),
     "ccd": Benchmark(  # ~4 min: simulation, 2 x 6 full-size CCDs, batch runs
         "bench_ccd.py", 18,
         (Check("registration -> alerts written, median", ("latency_s", "median"),
