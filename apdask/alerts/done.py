@@ -26,7 +26,7 @@ from typing import Any
 
 from apdask.core.files import atomic_write, fsync_dir, remove_stale_temps
 
-__all__ = ["DoneRecords"]
+__all__ = ["AckJournal", "DoneRecords"]
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +88,58 @@ class DoneRecords:
             return False
         fsync_dir(path.parent)
         return True
+
+
+class AckJournal:
+    """The ``diaSourceId`` s a broker has acknowledged for each CCD not yet done.
+
+    One line per acknowledged alert in ``<root>/visit_<visit>/<visit>_<detector>.ids``,
+    appended as each delivery report arrives (an ``O_APPEND`` write, which a killed
+    process does not lose).  A re-run of the CCD reads it and does not send those
+    alerts again, so a crash in the middle of a delivery leaves no duplicate on the
+    topic, save an alert whose report had not reached the producer yet.  Removed once
+    the CCD's done record is written.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, visit: int, detector: int) -> Path:
+        """The journal file of one CCD."""
+        return self.root / f"visit_{int(visit)}" / f"{int(visit)}_{int(detector)}.ids"
+
+    def read(self, visit: int, detector: int) -> set[int]:
+        """The acknowledged ids of one CCD (empty if none)."""
+        try:
+            text = self.path(visit, detector).read_text()
+        except FileNotFoundError:
+            return set()
+        return {int(line) for line in text.split() if line.isdigit()}
+
+    def open(self, visit: int, detector: int) -> _Appender:
+        """An appender for one CCD's acknowledgements (use as a context manager)."""
+        return _Appender(self.path(visit, detector))
+
+    def remove(self, visit: int, detector: int) -> None:
+        """Forget one CCD's journal (its done record is written, or its rows replaced)."""
+        self.path(visit, detector).unlink(missing_ok=True)
+
+
+class _Appender:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def add(self, dia_source_id: int) -> None:
+        if self.fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(self.fd, f"{int(dia_source_id)}\n".encode())
+
+    def __enter__(self) -> _Appender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -185,7 +185,10 @@ def store_task(
     try:
         with cfg.applied():
             if replace and sink_uri is not None:
-                sink_from_uri(sink_uri).done.remove(header.visit, detector.id)
+                replaced = sink_from_uri(sink_uri)
+                replaced.done.remove(header.visit, detector.id)
+                if getattr(replaced, "acks", None) is not None:  # new rows: send them all
+                    replaced.acks.remove(header.visit, detector.id)
             stored = Ppdb.open(ppdb_url, cache=True).store(
                 header.mjd, assoc.objects, assoc.sources, assoc.forced, visit=header.visit,
                 detector=detector.id, replace=replace, drp_matches=assoc.drp_matches,
@@ -257,6 +260,8 @@ def publish_task(
     t0 = time.time()
     with cfg.applied():
         sink = sink_from_uri(sink_uri)
+        if hasattr(sink, "journal"):  # Kafka: journal the acknowledgements until done
+            sink.journal = True
         try:
             written = sink.write(header.visit, detector.id, packets)  # delivered / spooled
         finally:
@@ -267,6 +272,9 @@ def publish_task(
             delivered=written.delivered, spooled=written.spooled,
             alert_file=written.path, spool_path=written.spool_path, resent=not stored.stored,
         )  # fmt: skip
+        acks = getattr(sink, "acks", None)  # Kafka: the acknowledgements journal is spent
+        if acks is not None:
+            acks.remove(header.visit, detector.id)
     return {
         "alert_file": None if written.path is None else str(written.path),
         "alerts_delivered": written.delivered,

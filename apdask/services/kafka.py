@@ -43,14 +43,14 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from apdask import config
-from apdask.alerts.done import DoneRecords
+from apdask.alerts.done import AckJournal, DoneRecords
 from apdask.alerts.packets import EncodedAlert, encode_alert
 from apdask.alerts.schema import load_schema, schema_id_of
 from apdask.alerts.sinks import SinkResult, check_room
@@ -66,7 +66,7 @@ from apdask.services._kafka_admin import (
     topic_max_message_bytes,
 )
 from apdask.services._kafka_trim import CUTOUTS, trim_alert
-from apdask.services.spool import write_spool
+from apdask.services.spool import read_spool, write_spool
 
 if TYPE_CHECKING:  # the schema class, for annotations only
     from lsst.alert.packet import Schema
@@ -171,6 +171,10 @@ class KafkaSink:
         self.schema_id = schema_id_of(self.schema)
         self.spool_dir = Path(spool_dir) if spool_dir else default_spool_dir()
         self.done = DoneRecords(self.spool_dir / topic / "done")
+        self.acks = AckJournal(self.spool_dir / topic / "acked")
+        #: Journal acknowledgements in :attr:`acks` (the pipeline sets it, and removes a
+        #: CCD's journal once its done record is written; a sink used alone keeps none).
+        self.journal = False
         self.compression = str(config.get("alerts.kafka.compression", compression))
         self.delivery_timeout = float(config.get("alerts.kafka.delivery_timeout", delivery_timeout))
         self.max_message_bytes = int(
@@ -191,6 +195,14 @@ class KafkaSink:
 
     def __repr__(self):
         return f"KafkaSink('kafka://{self.bootstrap}/{self.topic}')"
+
+    def _spooled_ids(self, visit: int, detector: int) -> set[int]:
+        """The ``diaSourceId`` s of the CCD's complete spool files (written, not replayed)."""
+        out: set[int] = set()
+        for path in (self.spool_dir / self.topic).glob(f"{int(visit)}_{int(detector)}_*.avro"):
+            with contextlib.suppress(Exception):  # unreadable: replay reports it
+                out |= {a.diaSourceId for a in read_spool(path)[1]}
+        return out
 
     def preflight(self, nbytes: int) -> None:
         """Check, before the PPDB commit, that the spool could take ``nbytes`` of alerts.
@@ -306,17 +318,25 @@ class KafkaSink:
         return KEY.pack(int(oid))
 
     def deliver(
-        self, visit: int, detector: int, encoded: list[EncodedAlert]
+        self,
+        visit: int,
+        detector: int,
+        encoded: list[EncodedAlert],
+        journal: AckJournal | None = None,
     ) -> tuple[list[int], dict[int, str]]:
         """Produce ``encoded`` alerts and wait for every delivery report.
 
-        Oversize alerts are trimmed (``EncodedAlert.trimmed`` says how) first.
+        Oversize alerts are trimmed (``EncodedAlert.trimmed`` says how) first.  With a
+        ``journal`` (or :attr:`journal` set: the pipeline's sinks, :attr:`acks`), each
+        acknowledged ``diaSourceId`` is appended to the CCD's journal as its report
+        arrives, so that a re-run after a crash does not send it again.
 
         Parameters
         ----------
         visit, detector : int
         encoded : list of EncodedAlert
             Trimmed entries are replaced in place.
+        journal : apdask.alerts.done.AckJournal, optional
 
         Returns
         -------
@@ -325,6 +345,20 @@ class KafkaSink:
         failed : dict of int to str
             Index to the reason it was not acknowledged.
         """
+        if journal is None and not self.journal:
+            return self._deliver(visit, detector, encoded, lambda idx: None)
+        with (self.acks if journal is None else journal).open(visit, detector) as log_ack:
+            return self._deliver(
+                visit, detector, encoded, lambda idx: log_ack.add(encoded[idx].diaSourceId)
+            )
+
+    def _deliver(
+        self,
+        visit: int,
+        detector: int,
+        encoded: list[EncodedAlert],
+        on_ack: Callable[[int], None],
+    ) -> tuple[list[int], dict[int, str]]:
         producer = self.producer()
         acked: list[int] = []
         failed: dict[int, str] = {}
@@ -334,6 +368,7 @@ class KafkaSink:
             pending.discard(idx)
             if err is None:
                 acked.append(idx)
+                on_ack(idx)
             else:
                 failed[idx] = f"{err.name()}: {err.str()}"
 
@@ -420,10 +455,25 @@ class KafkaSink:
         """
         encoded = [encode_alert(a, self.schema) for a in alerts]
         t0 = time.monotonic()
-        acked, failed = self.deliver(visit, detector, encoded)
+        # a re-run after a crash: what the broker acknowledged, or a spool file holds,
+        # is not sent again (the journal, and replay, take care of it)
+        sent_before = self.acks.read(visit, detector)
+        spooled_before = self._spooled_ids(visit, detector)
+        todo = [a for a in encoded if a.diaSourceId not in sent_before | spooled_before]
+        if len(todo) < len(encoded):
+            log.warning(
+                "visit %s detector %s: %d alerts were acknowledged and %d spooled before a "
+                "crash; sending the other %d", visit, detector,
+                sum(a.diaSourceId in sent_before for a in encoded),
+                sum(a.diaSourceId in spooled_before for a in encoded), len(todo),
+            )  # fmt: skip
+        acked, failed = self.deliver(visit, detector, todo)
+        earlier = len(encoded) - len(todo)
+        n_spooled_before = sum(a.diaSourceId in spooled_before for a in encoded)
+        encoded = todo
         result = SinkResult(
-            delivered=len(acked),
-            spooled=len(failed),
+            delivered=len(acked) + earlier - n_spooled_before,
+            spooled=len(failed) + n_spooled_before,
             trimmed=[(a.diaSourceId, a.trimmed) for a in encoded if a.trimmed],
             seconds=time.monotonic() - t0,
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apdask.alerts.avrovec import encode_bytes, encode_long
-from apdask.alerts.done import DoneRecords
+from apdask.alerts.done import AckJournal, DoneRecords
 from apdask.alerts.packets import EncodedAlert
 from apdask.alerts.schema import load_schema, schema_id_of, schema_registry
 from apdask.alerts.sinks import avro_files
@@ -246,7 +246,11 @@ class _Replay:
         visit = int(info.get("apdask.visit", 0))
         detector = int(info.get("apdask.detector", 0))
         sink = self.sink(info)
-        acked, failed = sink.deliver(visit, detector, encoded)
+        # the journal beside the spool file: a CCD re-run later sends none of these again
+        journal = AckJournal(Path(fn).parent / "acked")
+        acked, failed = sink.deliver(visit, detector, encoded, journal=journal)
+        if DoneRecords(Path(fn).parent / "done").read(visit, detector) is not None:
+            journal.remove(visit, detector)  # the CCD is done: no re-run will ask
         self.report["delivered"] += len(acked)
         self.report["remaining"] += len(failed)
         for reason in sorted(set(failed.values())):

@@ -65,3 +65,24 @@ def test_rewrites_remove_what_a_killed_write_left(tmp_path):
     sink.done.write(1000, 0, n_alerts=0)
     assert not any(p.exists() for p in left)
     assert sink.is_done(1000, 0) is not None
+
+
+def test_ack_journal_survives_its_writer_and_is_forgotten(tmp_path):
+    """Acknowledged ids are on disk as soon as each is added (no close needed, as when
+    the writer is killed), are read back for the re-run, and are removed when done."""
+    from apdask.alerts.done import AckJournal
+
+    journal = AckJournal(tmp_path / "acked")
+    assert journal.read(1000, 3) == set()
+    appender = journal.open(1000, 3)
+    appender.add(11)
+    appender.add(12)
+    assert journal.read(1000, 3) == {11, 12}  # before the appender is closed
+    appender.__exit__(None, None, None)
+    with journal.open(1000, 3) as more:
+        more.add(13)
+    assert journal.read(1000, 3) == {11, 12, 13}
+    assert journal.read(1000, 4) == set()
+    journal.remove(1000, 3)
+    assert journal.read(1000, 3) == set() and not journal.path(1000, 3).exists()
+    journal.remove(1000, 3)  # twice is fine
