@@ -7,6 +7,7 @@ few seconds later into the file distributor, and alerts appear.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,7 +372,14 @@ def test_listen_on_a_warm_slurm_pool_serves_consecutive_visits(slurm, kafka_brok
             proc.kill()
     stderr = log_path.read_text()
     assert proc.returncode == 0, stderr[-3000:]
-    assert "Traceback" not in stderr and "warm pool apdask-pool-" in stderr
+    # Under -v distributed's own INFO lines show; one of them, "Batched Comm Closed",
+    # carries the traceback of a worker connection closed while the pool shuts down
+    # (seen once in CI).  It is Dask's log of a benign race, not an error of ours.
+    ours = re.sub(r"[^\n]*distributed\.batched INFO: Batched Comm Closed[^\n]*\n"
+                  r"Traceback \(most recent call last\):\n(?:[ \t][^\n]*\n)*"
+                  r"distributed\.comm\.core\.CommClosedError[^\n]*\n?", "", stderr)  # fmt: skip
+    assert "Traceback" not in ours, ours[-3000:]
+    assert "warm pool apdask-pool-" in stderr
     summary = json.loads(out)
     assert summary["failed"] == [] and len(summary["done"]) == 3, summary
     assert sorted(d["visit"] for d in summary["done"]) == [nv["visit"] for nv in visits]
