@@ -317,6 +317,7 @@ def _synthetic_sources(n: int, rng: np.random.Generator) -> tuple[Table, Exposur
 def plot_roc(model: ReliabilityModel, ex: Examples, path: str, summary: dict[str, Any]) -> None:
     """The held-out ROC curves, one per dataset and pooled, as a small PNG."""
     try:
+        # optional: matplotlib comes with the 'notebook' and 'test' extras
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - the test extra has matplotlib
         msg = "the ROC figure needs matplotlib: pip install 'apdask[notebook]'"
