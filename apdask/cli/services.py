@@ -16,6 +16,8 @@ __all__ = ["listen_command", "submit_command"]
 
 #: ``apdask listen`` stopped by a signal with visits abandoned (docs/errors.md).
 EX_TEMPFAIL = 75
+#: ``apdask listen`` ended with visits (or CCDs of visits) that failed (docs/errors.md).
+EX_VISITS_FAILED = 1
 
 
 def listen_command(args: argparse.Namespace) -> int:
@@ -44,6 +46,13 @@ def listen_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EX_TEMPFAIL
+    partial = [d for d in summary["done"] if d.get("failed_ccds")]
+    if summary["failed"] or partial:  # the listener ran on; the exit says it was not all good
+        bad = [str(f["visit"]) for f in summary["failed"]]
+        bad += [f"{d['visit']} (CCDs {', '.join(d['failed_ccds'])})" for d in partial]
+        print(f"apdask: error: {len(bad)} visit(s) failed: {'; '.join(bad)}; see the "
+              "summary and each visit's report", file=sys.stderr)  # fmt: skip
+        return EX_VISITS_FAILED
     return 0
 
 

@@ -306,6 +306,7 @@ class _Listener:
                     "n_alerts": report["n_alerts"],
                     "nextvisit_to_done_s": report["nextvisit_to_done_s"],
                     "report": path,
+                    "failed_ccds": list(report.get("failed", [])),
                 }
             )
 

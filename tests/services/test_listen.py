@@ -397,3 +397,28 @@ def _slurm_jobs(name, all_states=False):
     cmd = ["squeue", "-h", "-n", name, "-o", "%i %T", *(["-t", "all"] if all_states else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.service
+def test_listen_that_ends_with_a_failed_visit_exits_non_zero(repo, sim_repo, kafka_broker,
+                                                            tmp_path):  # fmt: skip
+    """A visit that fails (here: its graph build passes listen.build_timeout_s) does not
+    stop the listener, but its exit is not 0: one line names the visit."""
+    topic = f"next-visit-{uuid.uuid4().hex[:8]}"
+    _create_topic(kafka_broker, topic)
+    nv = sim_repo["visits"][0]
+    _produce(kafka_broker, topic, [json.dumps(nv).encode()])
+    exe = os.path.join(os.path.dirname(sys.executable), "apdask")
+    done = subprocess.run(
+        [exe, "--set", "listen.build_timeout_s=0.000001", "listen", "--kafka", kafka_broker,
+         "--topic", topic, "--repo", repo, "--max-visits", "1", "--idle-exit", "60",
+         "--offset", "earliest", "--workers", "1"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert [f["visit"] for f in summary["failed"]] == [nv["visit"]]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("apdask: error:")]
+    assert lines == [f"apdask: error: 1 visit(s) failed: {nv['visit']}; see the summary and "
+                     "each visit's report"]  # fmt: skip
+    assert "Traceback" not in done.stderr
