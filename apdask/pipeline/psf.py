@@ -13,7 +13,7 @@ import scipy.fft as sfft
 from apdask.core.exposure import Exposure
 from apdask.core.stats import robust_sigma
 from apdask.exceptions import PsfFitError
-from apdask.pipeline.stars import find_stars
+from apdask.pipeline.stars import adaptive_sizes, find_stars, stellar_locus, usable_stars
 
 __all__ = [
     "PsfGrid",
@@ -247,99 +247,115 @@ def recentre(c: np.ndarray, size: int) -> np.ndarray:
     return out / out.sum()
 
 
+#: At least this many of the brightest star-finder candidates (and 4 per star wanted)
+#: are sized for the stellar locus.
+_MIN_CANDIDATES = 1000
+
+
 def _psf_stamps(exposure, stamp_size, max_stars):
     """Background-subtracted, re-centred, unit-sum stamps of bright isolated stars.
 
+    The star finder's candidates (crowded ones included) are sized by adaptive moments
+    and the point sources among them picked as the stellar locus
+    (:func:`~apdask.pipeline.stars.stellar_locus`: galaxies, blends, saturated stars
+    and cosmic rays are off it).  Of these, the stars isolated within the stamp side
+    are used; when that leaves fewer than 10, within 4 FWHM of the locus (at least
+    half the stamp), then 2.5 FWHM (rich or small fields).  The median PSF is then
+    refitted without the stamps that do not match it (:func:`_clip_mismatched`).
+
     Returns ``stamps, xs, ys, stars`` (``stars``: all the star finder's candidates,
-    without the background map).
+    without the background map, with their ``fwhm``, ``ellipticity`` and ``locus``).
     """
     stamp_size = int(stamp_size) | 1
     half = stamp_size // 2
+    big = half + 2
     fwhm0 = _guess_fwhm(exposure)
-    # isolation radius: the stamp side, or (too few stars: small or sparse images) 4 FWHM
-    for isolation in (stamp_size, min(stamp_size, max(4.0 * fwhm0, 0.5 * stamp_size))):
-        stars = find_stars(
-            exposure.image,
-            exposure.variance,
-            exposure.mask,
-            fwhm=fwhm0,
-            nsigma=20.0,
-            isolation=isolation,
-            border=half + 2,
-            max_stars=None,
-            contrast=0.02,
-        )
-        n_found = len(stars["x"])
-        order = np.arange(n_found)
-        if n_found > 20:
-            order = order[int(0.02 * n_found) :]
-        order = order[:max_stars]
-        if len(order) >= _MIN_PSF_STARS:
+    stars = find_stars(
+        exposure.image,
+        exposure.variance,
+        exposure.mask,
+        fwhm=fwhm0,
+        nsigma=20.0,
+        isolation=stamp_size,
+        border=big,
+        max_stars=None,
+        contrast=0.02,
+        isolation_cut=False,
+    )
+    bkg = stars.pop("bkg")
+    n = len(stars["x"])
+    m = max(_MIN_CANDIDATES, 4 * int(max_stars or 0))
+    x, y = stars["x"][:m], stars["y"][:m]
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    raw = _raw_stamps(exposure.image, bkg, ix, iy, big)
+    fw, ell = adaptive_sizes(raw[:, 2:-2, 2:-2], x - ix, y - iy, fwhm0)
+    locus = stellar_locus(fw, ell, stars["snr"][: len(x)], x, y, exposure.shape, _MIN_PSF_STARS)
+    if np.count_nonzero(locus) < _MIN_PSF_STARS and len(x) < 3 * _MIN_PSF_STARS:
+        locus = np.isfinite(fw)  # a handful of candidates and no sequence: all of them
+    pad = np.full(n - len(x), np.nan)
+    stars["fwhm"] = np.concatenate([fw, pad])
+    stars["ellipticity"] = np.concatenate([ell, pad])
+    stars["locus"] = np.concatenate([locus, np.zeros(n - len(x), bool)])
+    f_star = float(np.exp(np.median(np.log(fw[locus])))) if locus.any() else fwhm0
+    order = np.zeros(0, int)
+    for radius in (stamp_size, max(4.0 * f_star, 0.5 * stamp_size), 2.5 * f_star):
+        sel = np.flatnonzero(locus & (stars["nearest"][: len(x)] > radius))
+        order = sel[usable_stars(len(sel), max_stars)]
+        if len(order) >= 2 * _MIN_PSF_STARS:
             break
     if len(order) < _MIN_PSF_STARS:
         msg = (
             f"PSF estimation failed: only {len(order)} bright isolated unmasked stars "
-            f"(need {_MIN_PSF_STARS}); the field is too sparse, too crowded or badly masked"
+            f"(need {_MIN_PSF_STARS}; {n} candidates, {int(locus.sum())} on the stellar "
+            "locus); the field is too sparse, too crowded or badly masked"
         )
         raise PsfFitError(msg)
-    bkg = stars["bkg"]
-    stamps: Any = []
-    xs: Any = []
-    ys: Any = []
-    big = half + 2
-    for i in order:
-        x, y = stars["x"][i], stars["y"][i]
-        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        sl = (slice(iy - big, iy + big + 1), slice(ix - big, ix + big + 1))
-        st = np.asarray(exposure.image[sl], float) - bkg[sl]
-        if st.shape != (2 * big + 1, 2 * big + 1):
-            continue
-        ring = np.concatenate(
-            [st[:2].ravel(), st[-2:].ravel(), st[2:-2, :2].ravel(), st[2:-2, -2:].ravel()]
-        )
-        st -= np.median(ring)
-        st = shifted_psf(st, -(x - ix), -(y - iy))[2:-2, 2:-2]
-        tot = st.sum()
-        if tot > 0:
-            stamps.append(st / tot)
-            xs.append(x)
-            ys.append(y)
-    stamps, xs, ys = np.array(stamps), np.array(xs), np.array(ys)
-    if len(stamps) >= 3 * _MIN_PSF_STARS:
-        keep = _stellar_locus(stamps, xs, ys, exposure.shape)
-        stamps, xs, ys = stamps[keep], xs[keep], ys[keep]
+    stamps = shifted_psfs(raw[order], -(x - ix)[order], -(y - iy)[order])[:, 2:-2, 2:-2]
+    tot = stamps.sum(axis=(1, 2))
+    good = tot > 0
+    stamps = stamps[good] / tot[good, None, None]
+    xs, ys = x[order][good], y[order][good]
+    keep = _clip_mismatched(stamps, f_star)
+    stamps, xs, ys = stamps[keep], xs[keep], ys[keep]
     if len(stamps) < _MIN_PSF_STARS:
         msg = (
             f"PSF estimation failed: only {len(stamps)} usable star stamps (need {_MIN_PSF_STARS})"
         )
         raise PsfFitError(msg)
-    stars = {k: v for k, v in stars.items() if k != "bkg"}
     return stamps, xs, ys, stars
 
 
-def _stellar_locus(stamps, xs, ys, shape):
-    """Reject extended sources and blends: size outliers from a planar size(x, y) fit.
+def _raw_stamps(image, bkg, ix, iy, half):
+    """``(n, 2 half + 1, 2 half + 1)`` float64 stamps at integer centres, the background
+    map and then each stamp's outer-ring (2 px) median removed."""
+    o = np.arange(-half, half + 1)
+    yy = np.asarray(iy)[:, None] + o
+    xx = np.asarray(ix)[:, None] + o
+    st = np.asarray(image)[yy[:, :, None], xx[:, None, :]].astype(float)
+    coarse, jy, ty, jx, tx = bkg.bilinear()
+    jy, ty, jx, tx = jy[yy][:, :, None], ty[yy][:, :, None], jx[xx][:, None, :], tx[xx][:, None, :]
+    st -= (1 - ty) * ((1 - tx) * coarse[jy, jx] + tx * coarse[jy, jx + 1]) + ty * (
+        (1 - tx) * coarse[jy + 1, jx] + tx * coarse[jy + 1, jx + 1]
+    )
+    ring = np.ones(st.shape[1:], bool)
+    ring[2:-2, 2:-2] = False
+    st -= np.median(st[:, ring], axis=1)[:, None, None]
+    return st
 
-    The size is the Gaussian-weighted second moment of each stamp; galaxies and blends
-    are larger, so the clip is asymmetric (3 robust σ above, 5 below).
-    """
+
+def _clip_mismatched(stamps, fwhm):
+    """Stamps that match their median: the relative residual within 1.5 FWHM of the
+    centre, beyond what the others show, at most 5 robust σ above their median
+    (blends and galaxies that the size cut let through)."""
+    if len(stamps) <= _MIN_PSF_STARS:
+        return np.ones(len(stamps), bool)
+    psf = _combine(stamps)
     half = stamps.shape[-1] // 2
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
-    r2 = (xx * xx + yy * yy).astype(float)
-    w = np.exp(-0.5 * r2 / 3.0**2)
-    size = (stamps * w * r2).sum(axis=(1, 2)) / np.maximum((stamps * w).sum(axis=(1, 2)), 1e-12)
-    ny, nx = shape
-    a = np.column_stack([np.ones_like(xs), xs / nx - 0.5, ys / ny - 0.5])
-    keep = np.isfinite(size)
-    for _ in range(3):
-        coef = np.linalg.lstsq(a[keep], size[keep], rcond=None)[0]
-        res = size - a @ coef
-        sig = robust_sigma(res[keep])
-        new = np.isfinite(size) & (res < 3 * sig) & (res > -5 * sig)
-        if np.array_equal(new, keep):
-            break
-        keep = new
-    return keep
+    core = np.hypot(xx, yy) <= max(1.5 * fwhm, 2.0)
+    res = ((stamps[:, core] - psf[core]) ** 2).sum(axis=1) / (psf[core] ** 2).sum()
+    keep = res <= np.median(res) + 5.0 * max(float(robust_sigma(res)), 1e-4)
+    return keep if np.count_nonzero(keep) >= _MIN_PSF_STARS else np.ones(len(stamps), bool)
 
 
 def _combine(stamps):

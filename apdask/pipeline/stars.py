@@ -15,6 +15,7 @@ from apdask._kernels.fused import (
     smoothed_residual,
 )
 from apdask.core.exposure import IGNORE_BITS
+from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import fit_background
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "cutout_at",
     "stamps_at",
     "weighted_moments",
+    "adaptive_sizes",
+    "stellar_locus",
 ]
 
 
@@ -63,6 +66,7 @@ def find_stars(
     max_stars: int | None = None,
     avoid: np.ndarray | None = None,
     contrast: float = 0.0,
+    isolation_cut: bool = True,
 ) -> dict[str, Any]:
     """Bright, isolated, unmasked point-like peaks.
 
@@ -74,6 +78,10 @@ def find_stars(
     ``avoid`` is a boolean image of pixels a star may not touch within ``border``
     pixels.  A star is isolated when no other peak above 5 sigma
     and brighter than ``contrast`` times its own peak lies within ``isolation`` pixels.
+    ``nearest`` is the distance to the closest such peak (``inf`` if none within
+    ``isolation``).  With ``isolation_cut=False`` crowded peaks are kept too, so that
+    the caller can choose its isolation radius from ``nearest`` (:func:`stellar_locus`
+    users: the PSF star selection).
     """
     ny, nx = image.shape
     bkg = fit_background(image, mask, lazy=True)
@@ -91,6 +99,7 @@ def find_stars(
     # isolation against all peaks above 5 sigma brighter than contrast x this one:
     # ``neighbour`` is the brightest other peak within ``isolation`` over this one
     neighbour = np.zeros(len(ix))
+    nearest = np.full(len(ix), np.inf)
     if len(ix) and len(ax) > 1:
         tree = cKDTree(np.column_stack([ax, ay]))
         apk = sm[ay, ax]
@@ -98,10 +107,17 @@ def find_stars(
         nbrs = tree.query_ball_point(np.column_stack([ix, iy]), isolation)
         own = sm[iy, ix]
         for k, (n, j) in enumerate(zip(nbrs, own_idx, strict=True)):
-            others = [m for m in n if m != j]
-            neighbour[k] = apk[others].max() / own[k] if others else 0.0
-        iso = neighbour <= contrast
-        iy, ix, neighbour = iy[iso], ix[iso], neighbour[iso]
+            others = np.array([m for m in n if m != j], dtype=np.int64)
+            if len(others) == 0:
+                continue
+            ratio = apk[others] / own[k]
+            neighbour[k] = ratio.max()
+            close = others[ratio > contrast]
+            if len(close):
+                nearest[k] = np.hypot(ax[close] - ix[k], ay[close] - iy[k]).min()
+        if isolation_cut:
+            iso = neighbour <= contrast
+            iy, ix, neighbour, nearest = iy[iso], ix[iso], neighbour[iso], nearest[iso]
     if len(ix):
         bad_any = bad if avoid is None else (bad | avoid)
         nbad_pix = int(np.count_nonzero(bad_any))
@@ -110,18 +126,21 @@ def find_stars(
             btree = cKDTree(np.column_stack([bx, by]))
             # Chebyshev distance: no bad pixel in the (2 border + 1)^2 box
             d, _ = btree.query(np.column_stack([ix, iy]), p=np.inf)
-            iy, ix, neighbour = iy[d > border], ix[d > border], neighbour[d > border]
+            ok = d > border
+            iy, ix, neighbour, nearest = iy[ok], ix[ok], neighbour[ok], nearest[ok]
         elif nbad_pix:
             bad_int = np.pad(bad_any, ((1, 0), (1, 0))).cumsum(0, dtype=np.int32).cumsum(1)
             y0, y1 = iy - border, iy + border + 1
             x0, x1 = ix - border, ix + border + 1
             nbad = bad_int[y1, x1] - bad_int[y0, x1] - bad_int[y1, x0] + bad_int[y0, x0]
-            iy, ix, neighbour = iy[nbad == 0], ix[nbad == 0], neighbour[nbad == 0]
+            ok = nbad == 0
+            iy, ix, neighbour, nearest = iy[ok], ix[ok], neighbour[ok], nearest[ok]
     snr = sm[iy, ix] / noise
     order = np.argsort(-snr)
     if max_stars is not None:
         order = order[:max_stars]
-    iy, ix, snr, neighbour = iy[order], ix[order], snr[order], neighbour[order]
+    iy, ix, snr = iy[order], ix[order], snr[order]
+    neighbour, nearest = neighbour[order], nearest[order]
     x, y = subpixel_peak(sm, iy, ix)
     flux = sm[iy, ix] * 4 * np.pi * sigma**2
     return {
@@ -130,6 +149,7 @@ def find_stars(
         "snr": snr,
         "flux": flux,
         "neighbour": neighbour,
+        "nearest": nearest,
         "isolation": float(isolation),
         "bkg": bkg,
     }
@@ -219,3 +239,147 @@ def stamps_at(
     if not inside.all():
         out = np.where(inside, out, np.asarray(fill).astype(out.dtype))
     return out
+
+
+def adaptive_sizes(
+    stamps: np.ndarray, dx: npt.ArrayLike, dy: npt.ArrayLike, fwhm0: float, iterations: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive-moment FWHM and ellipticity of many background-subtracted stamps.
+
+    The Gaussian weight is matched to each source (its σ² set to twice the weighted
+    second moment per axis, the fixed point of a Gaussian source), starting from
+    ``fwhm0``; ``dx``, ``dy`` are the sources' offsets from the stamps' centre pixels.
+
+    Parameters
+    ----------
+    stamps : numpy.ndarray
+        ``(n, S, S)`` stamps, background removed.
+    dx, dy : array_like
+        Sub-pixel offsets of the sources from the central pixels (``n`` each).
+    fwhm0 : float
+        Starting weight FWHM in pixels.
+    iterations : int, optional
+        At most this many fixed-point iterations (they stop when every weight has
+        converged to 0.1 %).
+
+    Returns
+    -------
+    fwhm, ellipticity : numpy.ndarray
+        ``2.3548 σ`` of the matched weight, and ``|(Mxx − Myy, 2 Mxy)| / (Mxx + Myy)``
+        of the weighted moments; NaN where the weighted flux is not positive or the
+        weight grew past the stamp (an extended source).
+    """
+    st = np.asarray(stamps, float)
+    n, size = st.shape[0], st.shape[-1]
+    half = size // 2
+    o = np.arange(-half, half + 1, dtype=float)
+    ddx = o[None, :] - np.asarray(dx, float)[:, None]  # (n, S)
+    ddy = o[None, :] - np.asarray(dy, float)[:, None]
+    s2 = np.full(n, (max(float(fwhm0), 1.0) / 2.3548) ** 2)
+    s2_max = (half / 2.0) ** 2
+    f = mxx = myy = mxy = np.full(n, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for _ in range(iterations):
+            # the weight is separable: contract x with (1, dx, dx²) x its weight, then y
+            wx = np.exp(-0.5 * ddx * ddx / s2[:, None])
+            wy = np.exp(-0.5 * ddy * ddy / s2[:, None])
+            cx = st @ np.stack([wx, wx * ddx, wx * ddx * ddx], axis=2)  # (n, S, 3)
+            f = np.einsum("ny,ny->n", wy, cx[:, :, 0])
+            mxx = np.einsum("ny,ny->n", wy, cx[:, :, 2]) / f
+            myy = np.einsum("ny,ny->n", wy * ddy * ddy, cx[:, :, 0]) / f
+            mxy = np.einsum("ny,ny->n", wy * ddy, cx[:, :, 1]) / f
+            new = np.clip(mxx + myy, 0.05, s2_max)  # 2 x the mean per-axis moment
+            done = np.nanmax(np.abs(new / s2 - 1.0), initial=0.0) < 1e-3
+            s2 = np.where(np.isfinite(new), new, s2_max)
+            if done:
+                break
+        fwhm = 2.3548 * np.sqrt(mxx + myy)
+        ell = np.hypot(mxx - myy, 2 * mxy) / (mxx + myy)
+    bad = ~(f > 0) | ~(mxx > 0) | ~(myy > 0) | (mxx + myy >= 0.98 * s2_max)
+    fwhm[bad] = np.nan
+    ell[bad] = np.nan
+    return fwhm, ell
+
+
+#: Half-width (in ln FWHM) of the window that counts a candidate's size neighbours.
+_LOCUS_WIDTH = 0.08
+
+
+def stellar_locus(
+    fwhm: npt.ArrayLike,
+    ell: npt.ArrayLike,
+    snr: npt.ArrayLike,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    shape: tuple[int, ...],
+    min_stars: int = 5,
+) -> np.ndarray:
+    """Point sources among star-finder candidates: the narrow, smallest-size sequence.
+
+    Stars share one size (the PSF's), so in ln FWHM they form a narrow sequence;
+    galaxies, blends and saturated stars are larger and spread out, cosmic rays and
+    hot pixels smaller than any sampled PSF.  The locus is seeded at the smallest size
+    with ``min_stars`` candidates within ±8 % (FWHM ≥ 1 px, ellipticity < 0.5), moved
+    to the densest size within 16 % above that seed, then refined by iterative
+    clipping about a plane ``ln FWHM(x, y)`` (a PSF varying over the image) with a
+    tolerance of 3 σ above and 5 σ below, σ² the locus' own scatter (2–8 %) plus each
+    candidate's measurement noise (``1.2 / snr``); ellipticity outliers (4 σ, ≥ 0.1
+    above the locus median) are dropped too.  This works whether stars are most of the
+    candidates (a 4k CCD) or a few among galaxies (a galaxy-cluster field).
+
+    Parameters
+    ----------
+    fwhm, ell : array_like
+        Sizes and ellipticities (:func:`adaptive_sizes`).
+    snr : array_like
+        The candidates' S/N (size noise ≈ 1.2 / S/N in ln FWHM).
+    x, y : array_like
+        Positions, for the spatial fit.
+    shape : tuple
+        Image shape ``(ny, nx)``.
+    min_stars : int, optional
+        Candidates the seed needs within its window.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of the locus members (all False when no locus is found).
+    """
+    fw = np.asarray(fwhm, float)
+    el = np.asarray(ell, float)
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    keep = np.zeros(len(fw), bool)
+    ok = np.isfinite(fw) & np.isfinite(el) & (fw >= 1.0) & (el < 0.5)
+    if np.count_nonzero(ok) < min_stars:
+        return keep
+    lf = np.log(np.where(ok, fw, 1.0))
+    ls = np.sort(lf[ok])
+    w = _LOCUS_WIDTH
+    count = np.searchsorted(ls, ls + w, "right") - np.searchsorted(ls, ls - w, "left")
+    seeds = np.flatnonzero(count >= min_stars)
+    if len(seeds) == 0:
+        return keep
+    lo = ls[seeds[0]]
+    near = np.flatnonzero((ls >= lo) & (ls <= lo + 2 * w))
+    centre = ls[near[np.argmax(count[near])]]
+    keep = ok & (np.abs(lf - centre) <= w)
+    noise2 = (1.2 / np.maximum(np.asarray(snr, float), 1.0)) ** 2
+    ny, nx = shape[:2]
+    a = np.column_stack([np.ones_like(xs), xs / nx - 0.5, ys / ny - 0.5])
+    for _ in range(10):
+        if np.count_nonzero(keep) >= 12:
+            coef = np.linalg.lstsq(a[keep], lf[keep], rcond=None)[0]
+            model = a @ coef
+        else:
+            model = np.full(len(lf), np.median(lf[keep]))
+        res = lf - model
+        # the locus' own scatter, its members' measurement noise removed
+        own = float(robust_sigma(res[keep])) ** 2 - float(np.median(noise2[keep]))
+        tol = np.sqrt(np.clip(own, 0.02**2, 0.08**2) + noise2)
+        e_med = float(np.median(el[keep]))
+        e_cut = e_med + max(0.1, 4.0 * float(robust_sigma(el[keep])))
+        new = ok & (res < 3.0 * tol) & (res > -5.0 * tol) & (el < e_cut)
+        if np.count_nonzero(new) < min_stars or np.array_equal(new, keep):
+            break
+        keep = new
+    return keep
