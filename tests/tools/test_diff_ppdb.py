@@ -69,7 +69,10 @@ def _sql(url, query):
 def epochs(tmp_path_factory):
     d = tmp_path_factory.mktemp("diffppdb")
     url = f"sqlite:///{d / 'ppdb' / 'apdb.db'}"
-    create_ppdb(url)
+    # as a user would; its --config used to clash with the global one (a TypeError)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["ppdb", "create", url, "--config", str(d / "ppdb" / "apdb.yaml")]) == 0
+    assert (d / "ppdb" / "apdb.yaml").exists()
     alerts = d / "alerts"
     runs = []
     for visit, science, extra in ((1, "04b", ["--mjd", str(MJD_04B)]), (2, "04a", [])):
