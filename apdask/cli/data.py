@@ -120,7 +120,7 @@ def ppdb_command(args: argparse.Namespace) -> None:
         n = Ppdb.open(args.ppdb).load_drp_objects(Butler(args.repo).get_drp_objects())
         print(f"loaded {n} DRP Objects from {args.repo} into {args.ppdb}")
         return
-    path = create_ppdb(args.url, args.config or "apdb.yaml")
+    path = create_ppdb(args.url, args.apdb_config or "apdb.yaml")
     print(f"PPDB initialised; config written to {path}")
 
 

@@ -225,7 +225,10 @@ def _add_data_commands(sub):
     psub = p.add_subparsers(dest="ppdb_command", required=True)
     q = psub.add_parser("create", help="initialise a PPDB (SQLite or PostgreSQL URL)")
     q.add_argument("url")
-    q.add_argument("--config", help="where to write the apdb config (default apdb.yaml)")
+    # dest apdb_config: the global --config (settings files) must keep its list
+    q.add_argument(
+        "--config", dest="apdb_config", help="where to write the apdb config (default apdb.yaml)"
+    )
     q = psub.add_parser("load-drp", help="load the repository's DRP Object catalog into a PPDB")
     q.add_argument("--repo", required=True, help="Butler repository with a DRP catalog")
     q.add_argument("--ppdb", required=True, help="PPDB config file or SQLAlchemy URL")
@@ -286,3 +289,14 @@ def _add_diff_command(sub):
         p.add_argument(f"--{s}-noise", help=f"{who} 1-sigma noise map (FITS)")
         p.add_argument(f"--{s}-saturation", type=float, help=f"{who} saturation level")
     p.add_argument("--band", help="band name (default from FILTER)")
+    p.add_argument("--mjd", type=float, help="science exposure time, MJD TAI (default MJD-OBS)")
+    p.add_argument(
+        "--ppdb",
+        help="associate with this existing PPDB and store (sqlite:///PATH, postgresql://..., "
+        "apdb.yaml); needs --alerts",
+    )
+    p.add_argument(
+        "--alerts", help="send alerts to file://DIR (or a directory) or kafka://HOST:PORT/TOPIC"
+    )
+    p.add_argument("--visit", type=int, help="visit id of the science image (default EXPNUM)")
+    p.add_argument("--detector", type=int, help="detector id, 0-255 (default CCDNUM)")

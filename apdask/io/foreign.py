@@ -188,6 +188,7 @@ def read_exposure(
     psf: str | os.PathLike[str] | np.ndarray | None = None,
     visit: int = 0,
     detector: int = 0,
+    mjd: float | None = None,
 ) -> Exposure:
     """Read a calibrated FITS image into an :class:`~apdask.image.Exposure`.
 
@@ -217,7 +218,12 @@ def read_exposure(
     psf : str or numpy.ndarray, optional
         PSF model (FITS image or stamp, same pixel scale); default estimated from stars.
     visit, detector : int, optional
-        Identifiers written into the DiaSource table.
+        Identifiers written into the DiaSource table.  The header's ``EXPNUM`` and
+        ``CCDNUM`` (integers), when present, are kept as ``meta["expnum"]`` and
+        ``meta["ccdnum"]`` (``apdask diff --ppdb`` takes them as defaults).
+    mjd : float, optional
+        Time of the exposure, MJD TAI (default ``MJD-OBS``, ``MJD-AVG``, ... or
+        ``DATE-OBS``).
 
     Returns
     -------
@@ -225,7 +231,8 @@ def read_exposure(
         Image and variance in nJy per pixel (or the input units, when counts have no zero
         point: ``meta["unit"]`` says which), mask with NO_DATA at non-finite pixels and SAT,
         the celestial WCS, and ``meta`` with ``unit``, ``flux_scale``, ``zero_point``,
-        ``gain``, ``band``, ``mjd``, ``exptime``, ``variance_source`` and ``fwhm_guess``.
+        ``gain``, ``band``, ``mjd``, ``exptime``, ``variance_source``, ``fwhm_guess``,
+        ``expnum`` and ``ccdnum``.
 
     Raises
     ------
@@ -317,7 +324,7 @@ def read_exposure(
         "detector": int(detector),
         "detector_name": os.path.basename(path),
         "band": band or _band(head),
-        "mjd": _mjd(head),
+        "mjd": float(mjd) if mjd is not None else _mjd(head),
         "exptime": _first(head, ("EXPTIME", "XPOSURE", "EFFEXPTM")),
         "unit": "nJy" if scale is not None else unit,
         "input_unit": unit,
@@ -327,6 +334,8 @@ def read_exposure(
         "saturation": saturation,
         "variance_source": source,
         "path": path,
+        "expnum": _int_key(head, "EXPNUM"),
+        "ccdnum": _int_key(head, "CCDNUM"),
     }
     fw = _first(head, ("FWHM", "SEEINGP", "PSF_FWHM"))
     if fw is not None and 0.5 < fw < 50:
@@ -353,6 +362,11 @@ def _band(head):
         if isinstance(v, str) and v.strip():
             return v.split()[0]
     return "unknown"
+
+
+def _int_key(head, key):
+    v = head.get(key)
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _mjd(head):

@@ -194,7 +194,7 @@ def store_task(
                 detector=detector.id, replace=replace, drp_matches=assoc.drp_matches,
             )  # fmt: skip
     except PpdbError as err:  # no alerts for this CCD; the visit's other CCDs go on
-        raise PpdbUnavailableError(str(err)) from None
+        raise PpdbUnavailableError(str(err)) from err  # the cause keeps its exit code
     if stored:
         fault_point("ppdb-committed")  # tests only
     return Stored(bool(stored), timings={"ppdb_store": time.time() - t0})
@@ -231,7 +231,7 @@ def recover_task(
                 return packets
             rows = db.get_ccd_rows(header.visit, detector.id, header.mjd)
     except PpdbError as err:
-        raise PpdbUnavailableError(str(err)) from None
+        raise PpdbUnavailableError(str(err)) from err  # the cause keeps its exit code
     history = prefetch.history.sources
     history = vstack([history, rows.sources]) if len(history) else rows.sources
     out = _packets(sub, rows.sources, history, prefetch.history.forced, rows.objects, cfg)

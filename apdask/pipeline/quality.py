@@ -13,8 +13,9 @@
 Each figure is compared with ``apdask.subtract.qa.*`` (apdask.yaml) and gets
 ``pass``, ``warn`` or ``fail``; the record's ``status`` is the worst of them and
 ``reasons`` names the checks that did not pass.  :func:`enforce` raises
-:class:`~apdask.exceptions.SubtractionQualityError` on ``fail``.  See
-``docs/real-data.md``.
+:class:`~apdask.exceptions.SubtractionQualityError` on ``fail``;
+:func:`flag_sources` marks every DiaSource of a warned subtraction
+(:data:`QA_WARN_FLAGS`).  See ``docs/real-data.md`` and ``docs/alerts.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,21 @@ from apdask.core.exposure import Exposure, mask_bits
 from apdask.core.records import SubtractionInfo
 from apdask.exceptions import SubtractionQualityError, SubtractionQualityWarning
 
-__all__ = ["assess", "enforce", "expected_ratio", "qa_thresholds", "snr_sigma"]
+__all__ = [
+    "QA_WARN_FLAGS",
+    "assess",
+    "enforce",
+    "expected_ratio",
+    "flag_sources",
+    "qa_thresholds",
+    "snr_sigma",
+]
+
+#: The DiaSource columns set True on every DiaSource of a subtraction whose QA warned.
+#: The APDB DiaSource table and the alert schema have no subtraction-quality column or
+#: bit field; ``pixelFlags_suspect`` ("the footprint includes suspect pixels") is
+#: true of every pixel of a difference that its QA calls suspect (docs/alerts.md).
+QA_WARN_FLAGS = ("pixelFlags_suspect", "pixelFlags_suspectCenter")
 
 _BAD = mask_bits("BAD", "SAT", "CR", "NO_DATA", "EDGE")
 
@@ -253,6 +268,33 @@ def enforce(qa: Mapping[str, Any], where: str = "", log: logging.Logger | None =
     elif qa["status"] == "warn":
         warnings.warn(f"{prefix}subtraction QA warning: {', '.join(qa['reasons'])}",
                       SubtractionQualityWarning, stacklevel=2)  # fmt: skip
+
+
+def flag_sources(sources: Table, qa: Mapping[str, Any] | None) -> Table:
+    """Mark every DiaSource of a subtraction whose QA did not pass, in place.
+
+    The columns of :data:`QA_WARN_FLAGS` become True on every row when ``qa``'s status
+    is ``warn`` (or ``fail``, when a caller does not enforce it); a passing
+    subtraction's rows are left as measured (those flags then follow the difference's
+    ``SUSPECT`` mask plane only).
+
+    Parameters
+    ----------
+    sources : astropy.table.Table
+        The subtraction's DiaSources (:func:`apdask.pipeline.measure.sources.measure_sources`).
+    qa : dict or None
+        The record of :func:`assess`; None leaves the table as it is.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``sources``, modified in place.
+    """
+    if qa is None or qa.get("status") not in ("warn", "fail"):
+        return sources
+    for col in QA_WARN_FLAGS:
+        sources[col] = np.ones(len(sources), dtype=bool)
+    return sources
 
 
 def _figure(qa, check):

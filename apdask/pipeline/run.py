@@ -33,7 +33,7 @@ from apdask.ppdb import Ppdb, create_ppdb
 if TYPE_CHECKING:  # for annotations only: distributed costs ~0.6 s of import
     from distributed import Client
 
-__all__ = ["local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
+__all__ = ["ccd_done", "local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
 
 
 def ensure_ppdb(repo: str | None = None, ppdb: str | None = None) -> str:
@@ -85,16 +85,36 @@ def pending_detectors(
     todo = []
     try:
         for name in next_visit.detectors:
-            det = next_visit.camera[name]
-            record = sink.is_done(next_visit.visit, det.id)
-            if record is None or (
-                record.get("n_alerts") != 0
-                and not db.contains_visit_detector(next_visit.visit, det.id)
-            ):
+            if not ccd_done(sink, db, next_visit.visit, next_visit.camera[name].id):
                 todo.append(name)
     finally:
         sink.close()
     return todo
+
+
+def ccd_done(sink: Any, db: Ppdb, visit: int, detector: int) -> bool:
+    """Whether one CCD of a visit is done: nothing is left to store or to send.
+
+    Done means the sink holds the CCD's done record (written after its rows were
+    committed and its alerts delivered, spooled or written) and the PPDB holds its
+    rows (a CCD without alerts needs none).  Shared by :func:`pending_detectors` and
+    ``apdask diff --ppdb``.
+
+    Parameters
+    ----------
+    sink : apdask.alerts.sinks.FileSink or apdask.services.kafka.KafkaSink
+        The alert sink (anything with ``is_done``).
+    db : apdask.ppdb.Ppdb
+    visit, detector : int
+
+    Returns
+    -------
+    bool
+    """
+    record = sink.is_done(visit, detector)
+    return record is not None and (
+        record.get("n_alerts") == 0 or db.contains_visit_detector(visit, detector)
+    )
 
 
 @contextlib.contextmanager

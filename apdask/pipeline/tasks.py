@@ -43,7 +43,7 @@ from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
-from apdask.pipeline.quality import assess, enforce
+from apdask.pipeline.quality import assess, enforce, flag_sources
 from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
 from apdask.pipeline.template import warp_template
@@ -343,4 +343,5 @@ def detect_task(
     qa = assess(diff, sub.info, table, sub.science, sub.template, matched=matched,
                 thresholds=dict(cfg.qa))  # fmt: skip
     enforce(qa, where=f"CCD {detector.name}, visit {visit}", log=log)
+    flag_sources(table, qa)  # a warned CCD: every DiaSource carries pixelFlags_suspect
     return Measurement(table, timings={"detect+measure": time.time() - t0}, qa=qa)

@@ -26,11 +26,13 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+import numpy as np
 import pandas as pd
 import sqlalchemy
 import sqlalchemy.exc
 from astropy.table import Table
 from astropy.time import Time
+from astropy.wcs.utils import proj_plane_pixel_scales
 
 from apdask import config
 from apdask.core.camera import Camera, Detector, get_camera
@@ -44,7 +46,7 @@ from apdask.ppdb.sql import DRP_TABLE, PpdbSql
 if TYPE_CHECKING:  # for annotations only: lsst.sphgeom costs ~1.8 s of import
     from lsst.sphgeom import ConvexPolygon
 
-__all__ = ["create_ppdb", "region_for", "Ppdb", "CcdPpdb", "DRP_TABLE"]
+__all__ = ["create_ppdb", "region_for", "region_for_image", "Ppdb", "CcdPpdb", "DRP_TABLE"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,47 @@ def region_for(
     pad = float(config.get("ppdb.region_padding_arcsec", padding_arcsec))
     corners = detector.footprint(ra, dec, rotpa, padding_arcsec=pad)
     vertices = [UnitVector3d(LonLat.fromDegrees(float(r), float(d))) for r, d in corners]
+    return ConvexPolygon.convexHull(vertices)
+
+
+def region_for_image(
+    wcs: Any, shape: tuple[int, int], padding_arcsec: float | None = None
+) -> ConvexPolygon:
+    """Sky region of an image with a celestial WCS, for PPDB reads (``apdask diff``).
+
+    A foreign image has no detector in a camera: its region is the convex hull of its
+    own WCS footprint (the four corners and the four edge midpoints, so that a
+    distorted WCS stays inside), grown by ``padding_arcsec``.
+
+    Parameters
+    ----------
+    wcs : astropy.wcs.WCS
+        The image's celestial WCS.
+    shape : tuple of int
+        ``(ny, nx)``.
+    padding_arcsec : float, optional
+        Margin; defaults to configuration ``ppdb.region_padding_arcsec``.
+
+    Returns
+    -------
+    lsst.sphgeom.ConvexPolygon
+    """
+    # lazy: lsst.sphgeom comes with lsst.dax.apdb (~1.8 s of import)
+    from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d
+
+    pad_arcsec = float(config.get("ppdb.region_padding_arcsec", padding_arcsec))
+    scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0  # arcsec/px
+    pad = pad_arcsec / scale
+    ny, nx = shape
+    lo_x, hi_x, lo_y, hi_y = -0.5 - pad, nx - 0.5 + pad, -0.5 - pad, ny - 0.5 + pad
+    mid_x, mid_y = (nx - 1) / 2.0, (ny - 1) / 2.0
+    xs = np.array([lo_x, mid_x, hi_x, hi_x, hi_x, mid_x, lo_x, lo_x])
+    ys = np.array([lo_y, lo_y, lo_y, mid_y, hi_y, hi_y, hi_y, mid_y])
+    ra, dec = wcs.pixel_to_world_values(xs, ys)
+    vertices = [
+        UnitVector3d(LonLat.fromDegrees(float(r) % 360.0, float(d)))
+        for r, d in zip(ra, dec, strict=True)
+    ]
     return ConvexPolygon.convexHull(vertices)
 
 

@@ -4,10 +4,12 @@
 ``process-ccd`` runs them (:mod:`apdask.visit`): PSF model and cosmic rays of the
 science image, template PSF, :func:`apdask.subtract.subtract`, matched filter,
 :func:`apdask.detect.detect_sources`, :func:`apdask.detect.measure_sources`, then
-the subtraction QA (:mod:`apdask.diffqa`).  :func:`write_outputs` writes
-``difference.fits``, ``diaSources.ecsv`` and ``report.json`` into a temporary
-folder and renames it to ``--out``: a failure writes nothing.  See
-``docs/real-data.md``.
+the subtraction QA (:mod:`apdask.diffqa`).  :func:`publish` associates the
+DiaSources with a PPDB, stores them and sends their alerts with the pipeline's own
+output steps (``--ppdb``/``--alerts``; :mod:`apdask.tools._diff_ppdb`).
+:func:`write_outputs` writes ``difference.fits``, ``diaSources.ecsv`` and
+``report.json`` into a temporary folder and renames it to ``--out``: a failure
+writes nothing.  See ``docs/real-data.md``.
 """
 
 from __future__ import annotations
@@ -33,17 +35,18 @@ from apdask import config
 from apdask.core.exposure import Exposure, mask_plane_cards
 from apdask.core.jsonsafe import json_ready
 from apdask.core.records import SubtractionInfo
-from apdask.exceptions import PsfFitError
+from apdask.exceptions import PsfFitError, UsageError
 from apdask.io.foreign import read_exposure, read_psf
 from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
-from apdask.pipeline.quality import assess, enforce, snr_sigma
+from apdask.pipeline.quality import assess, enforce, flag_sources, snr_sigma
 from apdask.pipeline.register import match_template
 from apdask.pipeline.subtract.difference import subtract
+from apdask.tools._diff_ppdb import check_publishable, check_targets, diff_ids, publish_sources
 
-__all__ = ["diff", "DiffResult", "write_outputs", "run_cli"]
+__all__ = ["diff", "DiffResult", "publish", "write_outputs", "run_cli"]
 
 #: Units of the DiaSource columns written to ``diaSources.ecsv`` (DPDD / APDB schema).
 _UNITS = {
@@ -162,6 +165,7 @@ def diff(
     )  # fmt: skip
     t3 = time.perf_counter()
     qa = assess(difference, info, sources, sci, tpl, matched=matched)
+    flag_sources(sources, qa)  # a warned subtraction: pixelFlags_suspect on every row
     report = {
         "science": _describe(sci),
         "template": {
@@ -228,6 +232,59 @@ def _difference_hdus(result):
     return fits.HDUList(hdus)
 
 
+def publish(
+    result: DiffResult,
+    ppdb: str,
+    alerts: str,
+    *,
+    visit: int | None = None,
+    detector: int | None = None,
+) -> DiffResult:
+    """Associate ``result``'s DiaSources with a PPDB, store them and send their alerts.
+
+    The pipeline's own steps (:mod:`apdask.pipeline.outputs`): forced photometry at
+    the known DiaObjects of the image's sky region and association, alerts with
+    history and cutouts, one PPDB transaction, then the sink and the done record.  A
+    (visit, detector) already done is neither stored nor sent again.
+
+    Parameters
+    ----------
+    result : DiffResult
+        What :func:`diff` returned (fluxes in nJy: give zero points for counts).
+    ppdb : str
+        An existing PPDB: ``sqlite:///PATH``, ``postgresql://...`` or a dax_apdb
+        config file (create it with ``apdask ppdb create URL``).
+    alerts : str
+        ``file://DIR`` (or a directory) or ``kafka://HOST:PORT/TOPIC[?spool_dir=...]``.
+    visit, detector : int, optional
+        Default the science header's ``EXPNUM`` and ``CCDNUM``.
+
+    Returns
+    -------
+    DiffResult
+        ``sources`` with ``diaSourceId`` and ``diaObjectId``; ``report["ppdb"]`` with
+        the counts and the sink's record.
+
+    Raises
+    ------
+    UsageError, UnknownFilterError
+        No visit or detector id, counts without zero points, a band not in ugrizy, no
+        MJD.
+    PpdbError
+        The PPDB cannot be read or written: nothing stored, no alerts.
+    AlertDeliveryError
+        The sink cannot take the alerts: nothing stored.
+    """
+    visit, detector = diff_ids(result.science, visit, detector)
+    check_publishable(result.science, result.template)
+    sources, summary = publish_sources(
+        result.science, result.template, result.difference, result.info, result.sources,
+        result.report.get("qa"), ppdb=ppdb, alerts=alerts, visit=visit, detector=detector,
+    )  # fmt: skip
+    report = json_ready({**result.report, "ppdb": summary})
+    return dataclasses.replace(result, sources=sources, report=report)
+
+
 def write_outputs(result: DiffResult, out: str | os.PathLike[str]) -> str:
     """Write ``difference.fits``, ``diaSources.ecsv`` and ``report.json`` into ``out``.
 
@@ -262,36 +319,72 @@ def write_outputs(result: DiffResult, out: str | os.PathLike[str]) -> str:
 # command line (apdask diff)
 
 
+def _options(args: argparse.Namespace, who: str) -> dict[str, Any]:
+    s = who[0]
+    given = {
+        "gain": getattr(args, f"{s}_gain"),
+        "zero_point": getattr(args, f"{s}_zp"),
+        "unit": getattr(args, f"{s}_unit"),
+        "noise": getattr(args, f"{s}_noise"),
+        "saturation": getattr(args, f"{s}_saturation"),
+        "band": args.band,
+    }
+    if who == "science":
+        given.update(visit=args.visit, detector=args.detector, mjd=args.mjd)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _sink(uri: str) -> str:
+    """A plain directory as an absolute ``file://`` URI; other URIs as given."""
+    return uri if "://" in uri else "file://" + os.path.abspath(uri)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``apdask diff``; returns the exit status (0: pass or warn)."""
-    opts = {}
-    for who in ("science", "template"):
-        s = who[0]
-        opts[who] = {
-            k: v
-            for k, v in {
-                "gain": getattr(args, f"{s}_gain"),
-                "zero_point": getattr(args, f"{s}_zp"),
-                "unit": getattr(args, f"{s}_unit"),
-                "noise": getattr(args, f"{s}_noise"),
-                "saturation": getattr(args, f"{s}_saturation"),
-                "band": args.band,
-            }.items()  # fmt: skip
-            if v is not None
-        }
+    opts = {who: _options(args, who) for who in ("science", "template")}
+    science: Any = args.science
+    template: Any = args.template
+    to_ppdb = args.ppdb is not None or args.alerts is not None
+    if to_ppdb:  # every check that needs no pixel work, before the subtraction
+        if args.ppdb is None or args.alerts is None:
+            msg = (
+                "--ppdb and --alerts go together (association stores the DiaSources and "
+                "sends their alerts): give both, e.g. --ppdb sqlite:///ppdb/apdb.db "
+                "--alerts alerts/"
+            )
+            raise UsageError(msg)
+        science = read_exposure(args.science, **opts["science"])
+        template = read_exposure(args.template, **opts["template"])
+        visit, detector = diff_ids(science, args.visit, args.detector)
+        check_publishable(science, template)
+        check_targets(args.ppdb, _sink(args.alerts))
+        science = science.copy_with(meta={**science.meta, "visit": visit, "detector": detector})
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = diff(
-            args.science, args.template, science_options=opts["science"],
+            science, template, science_options=opts["science"],
             template_options=opts["template"], science_psf=args.science_psf,
             template_psf=args.template_psf,
         )  # fmt: skip
     for w in caught:  # QA and coverage warnings: stderr (and the report), not a failure
         print(f"apdask: warning: {w.message}", file=sys.stderr)
+    if to_ppdb:  # PPDB and alerts first: a failure there leaves no --out behind
+        result = publish(result, args.ppdb, _sink(args.alerts), visit=visit, detector=detector)
     out = write_outputs(result, args.out)
     qa = result.report["qa"]
     summary = {"out": out, "n_sources": result.report["n_sources"], "qa_status": qa["status"]}
     summary["reasons"] = qa["reasons"]
+    if to_ppdb:
+        pp = result.report["ppdb"]
+        keys = ("visit", "detector", "n_new_objects", "n_associated", "n_alerts", "stored",
+                "already_done", "alert_file", "alerts_delivered", "alerts_spooled")  # fmt: skip
+        summary.update({k: pp.get(k) for k in keys if k in pp})
+        if pp["already_done"]:
+            print(
+                f"apdask: visit {visit} detector {detector} is already stored and its alerts "
+                "sent: nothing stored or sent again (a new exposure needs a new --visit)",
+                file=sys.stderr,
+            )
     print(json.dumps(summary))
     return 0
