@@ -16,8 +16,9 @@ JWST NIRCam F200W (noise maps and WebbPSF models given), it times
 and tabulates the residuals of each difference on one yardstick: the PSF matched
 filter of :func:`apdask.pipeline.measure.detection.matched_filter` with apdask's
 difference PSF and apdask's difference variance (its correlated-noise correction
-included), on the pixels apdask does not ignore: the robust σ of that S/N map, the
-count of pixels with |S/N| > 5, and the S/N at the DECam transient (x 128, y 127).
+included), on the pixels apdask does not ignore: the robust σ of that S/N map; then,
+with the map divided by its σ (apdask rescales its own variance so), the count of
+pixels with |S/N| > 5 and the S/N at the DECam transient (x 128, y 127).
 SFFT's stored differences are measured the same way: the DECam stacks' decorrelated
 difference ``sfft-FinalDifference.DeCorr.fits`` (ADU, as apdask's), and NIRCam's
 ``sfft-difference-SNR.fits``, an S/N map (unit variance); the latter is also given
@@ -89,9 +90,11 @@ def _pairs(root, tmp):
 
 
 def _yardstick(image, result, unit_variance=False, centre=None):
-    """Robust σ, |S/N| > 5 pixel count and transient S/N of ``image`` (a difference on
-    the science grid, in apdask's difference units) through apdask's matched filter,
-    with apdask's difference PSF and variance (or unit variance)."""
+    """Residual figures of ``image`` (a difference on the science grid, in apdask's
+    difference units) through apdask's matched filter, with apdask's difference PSF and
+    variance (or unit variance): the S/N map's robust σ, then, on the map divided by
+    that σ (as apdask rescales its own), the pixels with |S/N| > 5 and the transient's
+    S/N (the largest |S/N| within 3 px of ``centre``)."""
     d = result.difference
     img = np.where(np.isfinite(image), image, 0.0).astype(np.float32)
     var = np.ones_like(img) if unit_variance else d.variance
@@ -100,14 +103,15 @@ def _yardstick(image, result, unit_variance=False, centre=None):
     _, snr, ignored = matched_filter(d.copy_with(image=img, variance=var, mask=mask))
     v = np.asarray(snr)[~ignored]
     v = v[np.isfinite(v) & (v != 0)]
+    sigma = float(1.4826 * np.median(np.abs(v - np.median(v))))
     out = {
-        "snr_robust_sigma": round(float(1.4826 * np.median(np.abs(v - np.median(v)))), 3),
-        "n_pixels_abs_snr_above_5": int(np.count_nonzero(np.abs(v) > 5)),
+        "snr_robust_sigma": round(sigma, 3),
+        "n_pixels_abs_snr_above_5": int(np.count_nonzero(np.abs(v) > 5 * sigma)),
     }
     if centre is not None:
         x, y = int(round(centre[0])), int(round(centre[1]))
         box = np.asarray(snr)[y - 3 : y + 4, x - 3 : x + 4]
-        out["transient_snr"] = round(float(box.flat[np.argmax(np.abs(box))]), 1)
+        out["transient_snr"] = round(float(box.flat[np.argmax(np.abs(box))]) / sigma, 1)
     return out
 
 
