@@ -81,6 +81,20 @@ def _level(value, warn, fail):
     return "fail" if value > fail else ("warn" if value > warn else "pass")
 
 
+def _noise_level(noise, t):
+    """Level of the per-pixel noise ratio.  Above 1 the difference is noisier than its
+    variance says (false detections): ``noise_ratio_warn``/``_fail``.  Below 1 it is
+    quieter (a template sharing the science image's noise, an overestimated variance):
+    the S/N is conservative and only depth is lost, so the low side fails only at
+    ``noise_ratio_low_fail`` (a difference nearly without noise: the template is the
+    science image)."""
+    if noise is None or not math.isfinite(noise):
+        return "pass"
+    if noise >= 1.0:
+        return _level(noise - 1.0, t["noise_ratio_warn"], t["noise_ratio_fail"])
+    return _level(1.0 - noise, t["noise_ratio_warn"], t.get("noise_ratio_low_fail", 0.9))
+
+
 def _star_residuals(difference, xs, ys, fwhm):
     """Normalised residual χ² (r ≤ 1.5 FWHM) and ±5σ dipole flags (r ≤ 2 FWHM) at stars."""
     img, var, mask = difference.image, difference.variance, difference.mask
@@ -178,6 +192,7 @@ def assess(
     det_static = n_static / n_det if n_det else None
     enough = n_det >= int(t["min_detections"])
     snr_sig = snr_sigma(matched) if matched is not None else None
+    vc = info.variance_correction
     checks = {
         "kernel_sum": _level(dev, t["kernel_sum_warn"], t["kernel_sum_fail"]),
         "kernel_sum_variation": _level(
@@ -185,9 +200,9 @@ def assess(
         ),
         "star_chi2": _level(chi2_med, t["chi2_warn"], t["chi2_fail"]),
         "star_dipoles": _level(star_dip, t["star_dipole_warn"], t["star_dipole_fail"]),
-        "noise_ratio": _level(abs(noise - 1.0), t["noise_ratio_warn"], t["noise_ratio_fail"]),
-        "variance_correction": _level(
-            info.variance_correction,
+        "noise_ratio": _noise_level(noise, t),
+        "variance_correction": _level(  # a factor below 1 is judged by its inverse
+            max(vc, 1.0 / vc) if vc else None,
             t["variance_correction_warn"],
             t["variance_correction_fail"],
         ),  # fmt: skip

@@ -163,6 +163,27 @@ BENCHMARKS = {
                     "--warmup", "0", "--no-cold-compile"),
         default=False,
     ),
+    "realpairs": Benchmark(  # ~10 min on 2 cores: real DECam/NIRCam pairs, apdask vs sfft
+        "bench_realpairs.py", 14,
+        (Check("DECam single pair: apdask diff",
+               ("pairs", "DECam DEC-OBS04a - DEC-OBS18a", "apdask", "seconds"), unit="s"),
+         Check("  sfft (numpy) / apdask",
+               ("pairs", "DECam DEC-OBS04a - DEC-OBS18a", "sfft", "seconds_over_apdask"),
+               unit="x"),
+         Check("NIRCam pair: apdask diff",
+               ("pairs", "NIRCam F200W (WebbPSF, noise maps)", "apdask", "seconds"), unit="s"),
+         Check("  sfft (numpy) / apdask",
+               ("pairs", "NIRCam F200W (WebbPSF, noise maps)", "sfft", "seconds_over_apdask"),
+               unit="x"),
+         Check("NIRCam |S/N| > 5 pixels: apdask",
+               ("pairs", "NIRCam F200W (WebbPSF, noise maps)", "apdask",
+                "n_pixels_abs_snr_above_5"), unit="px"),
+         Check("NIRCam |S/N| > 5 pixels: SFFT's stored difference",
+               ("pairs", "NIRCam F200W (WebbPSF, noise maps)", "sfft_stored",
+                "n_pixels_abs_snr_above_5"), unit="px")),
+        quick_args=("--repeat", "1", "--no-sfft", "--only", "DEC-OBS04a"),
+        default=False,
+    ),
 }  # fmt: skip
 
 

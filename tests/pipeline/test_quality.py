@@ -85,6 +85,25 @@ def test_warning_level_warns_but_does_not_raise():
         enforce(qa)
 
 
+def test_a_difference_quieter_than_its_variance_warns_and_fails_only_when_noiseless():
+    """Noise below the propagated variance (a template sharing the science image's
+    noise, as the GOTO pair's) makes the S/N conservative: a warning, where the same
+    distance above 1 fails; a difference with almost no noise still fails.  A variance
+    correction below 1 is judged by its inverse."""
+    sci, tpl = _pair(6)
+    diff, info = subtract(sci, tpl)
+
+    def level(**kw):
+        return assess(diff, dataclasses.replace(info, **kw), _sources(0), sci, tpl)["checks"]
+
+    assert level(noise_ratio=0.42)["noise_ratio"] == "warn"
+    assert level(noise_ratio=1.58)["noise_ratio"] == "fail"
+    assert level(noise_ratio=0.05)["noise_ratio"] == "fail"
+    assert level(variance_correction=0.5)["variance_correction"] == "pass"  # 1 / 0.5 = 2
+    assert level(variance_correction=0.3)["variance_correction"] == "warn"  # 3.3 > 2.5
+    assert level(variance_correction=0.03)["variance_correction"] == "fail"
+
+
 def test_expected_ratio_from_units_and_zero_points():
     sci, tpl = _pair(6)
     assert expected_ratio(sci, tpl) == 1.0  # nJy
