@@ -42,6 +42,7 @@ __all__ = [
     "PpdbConfig",
     "ProductsConfig",
     "SubtractConfig",
+    "TemplateConfig",
     "get",
 ]
 
@@ -155,6 +156,19 @@ class SubtractConfig:
             )
             raise ConfigurationError(msg)
         _positive("subtract", "max_stamps", self.max_stamps, integer=True)
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    """Template warping (:mod:`apdask.pipeline.template`)."""
+
+    prewarp: bool = True  #: warp at prefetch on the predicted WCS, then shift onto the refined one
+    margin_px: int = 32  #: the prewarped grid's margin: largest pointing error handled (px) + 3
+    max_residual_px: float = 0.25  #: refined vs predicted grid beyond a translation: warp again
+
+    def __post_init__(self) -> None:
+        _positive("template", "margin_px", self.margin_px, integer=True)
+        _positive("template", "max_residual_px", self.max_residual_px)
 
 
 @dataclass(frozen=True)
@@ -386,6 +400,7 @@ class PipelineConfig:
     """
 
     subtract: SubtractConfig = field(default_factory=SubtractConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     measurement: MeasurementConfig = field(default_factory=MeasurementConfig)
     cutouts: CutoutConfig = field(default_factory=CutoutConfig)
@@ -416,6 +431,7 @@ class PipelineConfig:
             "subtract": _build(
                 SubtractConfig, "subtract", {**kernel_rules, **(sections.get("subtract") or {})}
             ),
+            "template": _build(TemplateConfig, "template", sections.get("template")),
             "detection": _build(DetectionConfig, "detection", sections.get("detection")),
             "measurement": _build(MeasurementConfig, "measurement", sections.get("measurement")),
             "cutouts": _build(CutoutConfig, "cutouts", sections.get("cutouts")),

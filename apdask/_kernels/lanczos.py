@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["lanczos3_weights", "resample"]
+__all__ = ["lanczos3_weights", "resample", "shift"]
 
 _A = 3
 _TAPS = 2 * _A
@@ -194,3 +194,104 @@ def resample(
         out_fill,
         variance_scale == "pixel",
     )
+
+
+@numba.njit(parallel=True, cache=True)
+def _shift_rows(src, w, oy, x0, out):
+    h = src.shape[0]
+    ny, nx = out.shape
+    for j in numba.prange(ny):
+        for a in range(_TAPS):
+            r = min(max(oy + j - _A + 1 + a, 0), h - 1)
+            wa = np.float32(w[a])
+            for i in range(nx):
+                out[j, i] += wa * src[r, x0 + i]
+
+
+@numba.njit(parallel=True, cache=True)
+def _shift_cols(src, w, ox, out):
+    width = src.shape[1]
+    ny, nx = out.shape
+    w0, w1, w2 = np.float32(w[0]), np.float32(w[1]), np.float32(w[2])
+    w3, w4, w5 = np.float32(w[3]), np.float32(w[4]), np.float32(w[5])
+    for j in numba.prange(ny):
+        for i in range(nx):
+            c = ox + i - _A + 1
+            if c >= 0 and c + _TAPS <= width:
+                out[j, i] = (
+                    w0 * src[j, c]
+                    + w1 * src[j, c + 1]
+                    + w2 * src[j, c + 2]
+                    + w3 * src[j, c + 3]
+                    + w4 * src[j, c + 4]
+                    + w5 * src[j, c + 5]
+                )
+            else:
+                acc = np.float32(0.0)
+                for b in range(_TAPS):
+                    acc += np.float32(w[b]) * src[j, min(max(c + b, 0), width - 1)]
+                out[j, i] = acc
+
+
+def _shift_one(src, wy, wx, oy, ox, shape):
+    """One array through the row and the column pass (see :func:`shift`)."""
+    ny, nx = shape
+    w = src.shape[1]
+    x0 = min(max(ox - _A + 1, 0), w - 1)
+    x1 = min(max(ox + nx + _A, x0 + 1), w)
+    rows = np.zeros((ny, x1 - x0), np.float32)
+    _shift_rows(src, wy, oy, x0, rows)
+    out = np.empty((ny, nx), np.float32)
+    _shift_cols(rows, wx, ox - x0, out)
+    return out
+
+
+def shift(
+    src: np.ndarray,
+    src_var: np.ndarray,
+    bad: np.ndarray,
+    dy: float,
+    dx: float,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lanczos-3 values of an image and its variance on a grid shifted by ``(dy, dx)``.
+
+    ``out[j, i]`` is the source interpolated at ``(j + dy, i + dx)``: a translation,
+    done as two separable 6-tap passes (12 taps per pixel instead of the 36 of
+    :func:`resample`).  The variance is interpolated with the same normalised weights
+    (the ``"psf"`` scale of :func:`resample`).  Taps beyond the source's edge repeat the
+    edge pixel.
+
+    Parameters
+    ----------
+    src, src_var : numpy.ndarray
+        float32 image and variance, shape ``(h, w)``.
+    bad : numpy.ndarray
+        bool, shape ``(h, w)``: pixels without data.
+    dy, dx : float
+        Position in the source of output pixel ``(0, 0)``.
+    shape : tuple of int
+        Output ``(ny, nx)``.
+
+    Returns
+    -------
+    image, variance, bad : numpy.ndarray
+        float32, float32 and bool of ``shape``; ``bad`` where any of the 36 taps is bad.
+    """
+    ny, nx = int(shape[0]), int(shape[1])
+    oy, ox = int(np.floor(dy)), int(np.floor(dx))
+    wy = lanczos3_weights(dy - oy)
+    wx = lanczos3_weights(dx - ox)
+    wy, wx = wy / wy.sum(), wx / wx.sum()
+    image = _shift_one(np.ascontiguousarray(src, np.float32), wy, wx, oy, ox, (ny, nx))
+    variance = _shift_one(np.ascontiguousarray(src_var, np.float32), wy, wx, oy, ox, (ny, nx))
+    out_bad = np.zeros((ny, nx), np.bool_)
+    ys, xs = np.nonzero(bad)
+    if len(ys):  # few: each bad source pixel spoils the outputs whose 6 x 6 taps reach it
+        h, w = bad.shape
+        for a in range(_TAPS):  # output row j reads source rows oy + j - 2 ... oy + j + 3
+            for b in range(_TAPS):
+                j, i = ys - (oy - _A + 1 + a), xs - (ox - _A + 1 + b)
+                ok = (j >= 0) & (j < ny) & (i >= 0) & (i < nx)
+                out_bad[j[ok], i[ok]] = True
+    return image, variance, out_bad

@@ -25,6 +25,7 @@ __all__ = [
     "Measurement",
     "PpdbHistory",
     "Prefetch",
+    "Prewarped",
     "RawHeader",
     "Stored",
     "Subtraction",
@@ -89,7 +90,6 @@ class PpdbHistory:
 class Prefetch:
     """What a CCD needs before its pixels exist (read at nextVisit time)."""
 
-    tiles: Sequence[Any]  #: template tiles overlapping the footprint
     calibs: Mapping[str, np.ndarray]  #: master bias, dark and flat
     refcat: Any  #: reference catalogue (DRP objects) for astrometry
     history: PpdbHistory
@@ -108,12 +108,29 @@ class Calibrated:
 
 
 @dataclass(frozen=True)
+class Prewarped:
+    """The template as prefetch leaves it, before the image exists.
+
+    Either warped onto the CCD's predicted grid with a margin (``exposure``), or, when
+    that is off or failed, the tiles to warp once the WCS is refined.
+    """
+
+    exposure: Exposure | None  #: the template on the predicted grid grown by a margin
+    tiles: Sequence[Any] | None = None  #: the template tiles, when not prewarped
+    error: str | None = None  #: why prewarping failed (the warp then says it again)
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Warped:
     """The template warped onto the science image's pixel grid."""
 
     exposure: Exposure
     coverage: float  #: fraction of the CCD with template data (the rest is NO_DATA)
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: "shift" (the prefetch's warp moved onto the refined grid) or "warp" (tiles warped)
+    method: str = "warp"
+    shift: Mapping[str, float] = field(default_factory=dict)  #: shift_x/y, residual_px
 
 
 @dataclass(frozen=True)
@@ -248,6 +265,7 @@ class CcdReport(TypedDict, total=False):
     exptime: float
     astrometry: dict[str, Any]
     template_coverage: float
+    template_warp: dict[str, Any]
     template_partial: bool
     subtraction: dict[str, Any]
     config: dict[str, Any]

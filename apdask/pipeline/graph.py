@@ -37,6 +37,7 @@ from apdask.pipeline.tasks import (
     fetch_task,
     header_task,
     prefetch_task,
+    prewarp_task,
     read_amp_task,
     science_psf_task,
     subtract_task,
@@ -74,6 +75,9 @@ def ccd_tasks(
         where.repo, where.ppdb, det, band, next_visit.ra, next_visit.dec,
         next_visit.rotationAngle, mjd_guess, cfg,
     )  # fmt: skip
+    prewarped = step(prewarp_task, "prewarp")(
+        where.repo, det, band, next_visit.ra, next_visit.dec, next_visit.rotationAngle, cfg
+    )
     fetched = [
         dask.delayed(fetch_task)(
             where.distributor, name, where.timeout, cfg, dask_key_name=f"fetch-{tag}-{k}"
@@ -109,7 +113,7 @@ def ccd_tasks(
             )  # fmt: skip
         )
     calibrated = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
-    warped = step(warp_task, "warp")(calibrated, prefetch)
+    warped = step(warp_task, "warp")(calibrated, prewarped, where.repo, det, header, cfg)
     science = step(science_psf_task, "psf")(calibrated)  # beside the warp
     sub = step(subtract_task, "subtract")(science, warped, cfg)
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)

@@ -384,6 +384,8 @@ def report_task(
         "astrometry": dict(calibrated.astrometry),
         # fraction of the CCD with template data; the rest is NO_DATA and was not searched
         "template_coverage": warped.coverage,
+        # "shift": the prefetch's warp moved onto the refined WCS; "warp": tiles warped
+        "template_warp": {"method": warped.method, **warped.shift},
         "subtraction": sub.info.as_dict(),
         "qa": None if measured.qa is None else dict(measured.qa),
         "products": dict((products or {}).get("paths", {})),

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -29,6 +30,7 @@ from apdask.core.records import (
     Measurement,
     PpdbHistory,
     Prefetch,
+    Prewarped,
     RawHeader,
     Subtraction,
     Warped,
@@ -46,7 +48,7 @@ from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_
 from apdask.pipeline.quality import assess, enforce, flag_sources
 from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
-from apdask.pipeline.template import warp_template
+from apdask.pipeline.template import prewarp_template, shift_template, warp_template
 from apdask.ppdb import Ppdb
 
 __all__ = [
@@ -178,11 +180,13 @@ def prefetch_task(
     mjd: float,
     cfg: PipelineConfig,
 ) -> Prefetch:
-    """Templates, calibrations, reference catalog and PPDB history: no pixels needed."""
+    """Calibrations, reference catalog and PPDB history: no pixels needed.
+
+    The template is prefetched beside it, by :func:`prewarp_task`.
+    """
     t0 = time.time()
     butler = Butler(repo)
     corners = detector.footprint(ra, dec, rotpa, padding_arcsec=60.0)
-    tiles = butler.get_templates(band, corners)
     calibs = {
         "bias": butler.get_calib("bias", detector.id, None, mjd),
         "dark": butler.get_calib("dark", detector.id, None, mjd),
@@ -206,13 +210,47 @@ def prefetch_task(
         history["drp"] = refcat  # DRP catalog not loaded into the PPDB: use the Butler's
     t2 = time.time()
     return Prefetch(
-        tiles=tiles,
         calibs=calibs,
         refcat=refcat,
         history=PpdbHistory(**history),
         ppdb_error=ppdb_error,
         timings={"prefetch_butler": t1 - t0, "prefetch_ppdb": t2 - t1},
     )
+
+
+def _template_tiles(repo: str, detector: Detector, band: str, ra: float, dec: float,
+                    rotpa: float) -> Sequence[Any]:  # fmt: skip
+    corners = detector.footprint(ra, dec, rotpa, padding_arcsec=60.0)
+    return Butler(repo).get_templates(band, corners)
+
+
+def prewarp_task(
+    repo: str,
+    detector: Detector,
+    band: str,
+    ra: float,
+    dec: float,
+    rotpa: float,
+    cfg: PipelineConfig,
+) -> Prewarped:
+    """The template tiles read and, with ``apdask.template.prewarp``, warped onto the
+    CCD's predicted grid (grown by ``margin_px``) with its PSF, before the image exists.
+
+    A failure here is not the CCD's: it is kept in ``error`` and :func:`warp_task` warps
+    the tiles itself, raising then what the CCD must report.
+    """
+    t0 = time.time()
+    tiles = _template_tiles(repo, detector, band, ra, dec, rotpa)
+    if not cfg.template.prewarp:
+        return Prewarped(None, tiles=tiles, timings={"prefetch_template": time.time() - t0})
+    try:
+        wcs = detector.predicted_wcs(ra, dec, rotpa)
+        tmpl = prewarp_template(tiles, wcs, detector.shape, cfg.template.margin_px)
+        if tmpl.psf is None:
+            tmpl = tmpl.copy_with(psf=estimate_psf(tmpl))
+    except (NoTemplateCoverageError, PsfFitError) as e:
+        return Prewarped(None, tiles=tiles, error=str(e), timings={"prewarp": time.time() - t0})
+    return Prewarped(tmpl, timings={"prewarp": time.time() - t0})
 
 
 def calib_task(pre: Prefetch, kind: str) -> np.ndarray:
@@ -251,18 +289,47 @@ def calibrate_task(
 
 
 @per_ccd
-def warp_task(calibrated: Calibrated, prefetch: Prefetch) -> Warped:
-    """The template warped onto the science image's pixel grid (Lanczos-3)."""
+def warp_task(
+    calibrated: Calibrated,
+    prewarped: Prewarped,
+    repo: str,
+    detector: Detector,
+    header: RawHeader,
+    cfg: PipelineConfig,
+) -> Warped:
+    """The template on the science image's pixel grid (Lanczos-3), with its PSF.
+
+    The prefetch's warp on the predicted grid is shifted onto the refined WCS when the
+    two differ by a translation (:func:`apdask.pipeline.template.shift_template`);
+    otherwise the tiles are warped here.
+    """
     t0 = time.time()
     science = calibrated.exposure
+    ny, nx = science.shape
+    timings = dict(prewarped.timings)
+    if prewarped.exposure is not None:
+        tmpl, figures = shift_template(
+            prewarped.exposure, science.wcs, (ny, nx),
+            max_residual_px=cfg.template.max_residual_px,
+        )  # fmt: skip
+        if tmpl is not None:
+            _warn_coverage(science, float(tmpl.meta["coverage"]))
+            timings["warp"] = time.time() - t0
+            return Warped(tmpl, coverage=float(tmpl.meta["coverage"]), timings=timings,
+                          method="shift", shift=figures)  # fmt: skip
+        log.info(
+            "%s: refined WCS departs from the predicted one by %.3f px beyond a shift of "
+            "(%.1f, %.1f) px: warping the template tiles again",
+            _where(science), figures["residual_px"], figures["shift_x"], figures["shift_y"],
+        )  # fmt: skip
     ccd, visit, band = (science.meta.get(k) for k in ("detector_name", "visit", "band"))
+    tiles = prewarped.tiles
+    if tiles is None:
+        tiles = _template_tiles(repo, detector, str(band), header.ra, header.dec, header.rotpa)
     try:
-        ny, nx = science.shape
-        tmpl = warp_template(prefetch.tiles, science.wcs, (ny, nx))
+        tmpl = warp_template(tiles, science.wcs, (ny, nx))
     except NoTemplateCoverageError as e:
-        ra, dec = science.wcs.pixel_to_world_values(
-            (science.shape[1] - 1) / 2, (science.shape[0] - 1) / 2
-        )
+        ra, dec = science.wcs.pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2)
         msg = (
             f"CCD {ccd}, visit {visit}: no {band}-band template covers it: {e}; ingest a "
             f"template tile around RA {float(ra):.4f}, Dec {float(dec):.4f} with "
@@ -270,18 +337,24 @@ def warp_task(calibrated: Calibrated, prefetch: Prefetch) -> Warped:
         )
         raise NoTemplateCoverageError(msg) from None
     coverage = float(tmpl.meta["coverage"])
-    if coverage < 1.0:
-        log.warning(
-            "visit %s CCD %s: the %s-band template covers only %.1f%% of the CCD; the rest "
-            "is masked NO_DATA and not searched for DIASources",
-            visit, ccd, band, 100.0 * coverage,
-        )  # fmt: skip
+    _warn_coverage(science, coverage)
     if tmpl.psf is None:  # the template's PSF, here: beside the science image's
         try:
             tmpl = tmpl.copy_with(psf=estimate_psf(tmpl))
         except PsfFitError as e:
             raise PsfFitError(f"{_where(science)}: template: {e}") from None
-    return Warped(tmpl, coverage=coverage, timings={"warp": time.time() - t0})
+    timings["warp"] = time.time() - t0
+    return Warped(tmpl, coverage=coverage, timings=timings)
+
+
+def _warn_coverage(science: Exposure, coverage: float) -> None:
+    if coverage < 1.0:
+        ccd, visit, band = (science.meta.get(k) for k in ("detector_name", "visit", "band"))
+        log.warning(
+            "visit %s CCD %s: the %s-band template covers only %.1f%% of the CCD; the rest "
+            "is masked NO_DATA and not searched for DIASources",
+            visit, ccd, band, 100.0 * coverage,
+        )  # fmt: skip
 
 
 @per_ccd

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from astropy.wcs import WCS
 
+from apdask._kernels import lanczos
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, Exposure
 from apdask.core.memory import keep_freed_memory
@@ -55,8 +56,9 @@ def _star_field(fwhm: float, seed: int, shape: tuple[int, int] = (256, 256)) -> 
 
 
 def warm_kernels() -> float:
-    """Run ISR, PSF modelling, cosmic-ray masking, subtraction, detection and measurement
-    once on synthetic data, so that every numba kernel is compiled or loaded; seconds.
+    """Run ISR, template warping, PSF modelling, cosmic-ray masking, subtraction, detection
+    and measurement once on synthetic data, so that every numba kernel is compiled or loaded;
+    seconds.
 
     Never raises: a failure is logged, and the first visit then pays as before.
     """
@@ -82,6 +84,12 @@ def warm_kernels() -> float:
         science.mask[200:202, 40:42] |= MASK["SAT"]
         template.mask[:20, :20] |= MASK["NO_DATA"]
         template.image[:20, :20] = np.nan
+        # the template's warp and the shift of a prewarped template (pipeline.template)
+        small = np.ones((16, 16), np.float32)
+        fy, fx = (np.mgrid[0:8, 0:8] + 3.5).astype(np.float32)
+        out = np.zeros((8, 8), np.float32)
+        lanczos.resample(small, small, fx, fy, out, out.copy(), np.zeros((8, 8), bool))
+        lanczos.shift(small, small, np.zeros((16, 16), bool), 3.5, 3.5, (8, 8))
         model = estimate_psf_model(science)
         science = science.copy_with(psf=model.mean, psf_model=model)
         science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))

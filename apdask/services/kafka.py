@@ -42,6 +42,7 @@ import functools
 import logging
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -96,6 +97,43 @@ _TOPIC_LIMITS: dict[
 
 # ---------------------------------------------------------------------------
 # the producer sink
+
+
+class _SharedProducer:
+    """One librdkafka producer that the sinks of a process with the same settings share.
+
+    Creating a producer costs a connection, a metadata request and the idempotent
+    producer's id: 0.4-0.5 s on loopback, per CCD when each CCD made its own
+    (docs/performance.md).  Each sink still waits for its own messages' delivery
+    reports; a fatal error, or a purge after a delivery timeout, retires the producer
+    for every sink, and the next write starts a new one.
+    """
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.fatal: Any = None
+        self.producer = Producer({**conf, "error_cb": self._on_error})
+
+    def _on_error(self, err: KafkaError) -> None:
+        # never log the configuration: it may hold the SASL password
+        if err.fatal():
+            self.fatal = err
+            log.error("Kafka producer fatal error: %s", err.str())
+        else:
+            log.debug("Kafka producer: %s", err.str())
+
+
+_SHARED: dict[tuple[tuple[str, str], ...], _SharedProducer] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_producer(conf: dict[str, Any]) -> _SharedProducer:
+    """The process's producer for ``conf``, made on first use or after it was retired."""
+    key = tuple(sorted((k, repr(v)) for k, v in conf.items()))
+    with _SHARED_LOCK:
+        entry = _SHARED.get(key)
+        if entry is None or entry.fatal is not None:
+            entry = _SHARED[key] = _SharedProducer(conf)
+        return entry
 
 
 class KafkaSink:
@@ -190,8 +228,10 @@ class KafkaSink:
             raise ConfigurationError(msg)
         self.topic_limit = None  # the topic's max.message.bytes, asked when the producer starts
         self._extra = dict(producer_config or {})
+        self.shared = bool(config.get("alerts.kafka.shared_producer", True))
         self._producer = None
         self._fatal = None
+        self._entry: _SharedProducer | None = None
 
     def __repr__(self):
         return f"KafkaSink('kafka://{self.bootstrap}/{self.topic}')"
@@ -257,7 +297,6 @@ class KafkaSink:
             "queue.buffering.max.kbytes": 2_097_151,
             "message.timeout.ms": max(1, int(self.delivery_timeout * 1000)),
             "partitioner": "murmur2_random",
-            "error_cb": self._on_error,
         }
         conf.update(self._extra)
         conf.update(security_config())
@@ -272,17 +311,37 @@ class KafkaSink:
             log.debug("Kafka producer: %s", err.str())
 
     def producer(self) -> Producer:
-        """The confluent-kafka Producer, created on first use (recreated after a fatal error)."""
+        """The confluent-kafka Producer, created on first use (recreated after a fatal error).
+
+        With ``alerts.kafka.shared_producer`` (default), the process's producer for these
+        settings (:class:`_SharedProducer`), else one of this sink's own.
+        """
+        if self.shared:
+            if self._entry is None or self._entry.fatal is not None:
+                self._entry = _shared_producer(self._config())
+                self._producer = self._entry.producer
+            return self._entry.producer
         if self._producer is None or self._fatal is not None:
             self._fatal = None
-            self._producer = Producer(self._config())
+            self._producer = Producer({**self._config(), "error_cb": self._on_error})
         return self._producer
 
+    def _retire(self, why: str) -> None:
+        """Start afresh on the next write (a shared producer: for every sink using it)."""
+        if self._entry is not None:
+            self._entry.fatal = self._entry.fatal or why
+        self._fatal = self._fatal or why
+
     def close(self, timeout: float | None = None) -> None:
-        """Wait for outstanding messages (normally none) and drop the producer."""
-        if self._producer is not None:
+        """Wait for outstanding messages (normally none) and drop the producer.
+
+        A shared producer stays open for the process's next sink; this sink's own
+        messages were all reported before :meth:`write` returned.
+        """
+        if self._producer is not None and self._entry is None:
             self._producer.flush(self.delivery_timeout if timeout is None else timeout)
-            self._producer = None
+        self._producer = None
+        self._entry = None
 
     def __enter__(self):
         return self
@@ -423,7 +482,7 @@ class KafkaSink:
             with contextlib.suppress(Exception):
                 producer.purge(in_queue=True, in_flight=True)
                 producer.poll(0.5)
-            self._fatal = self._fatal or "purged"  # start afresh on the next write
+            self._retire("purged")  # start afresh on the next write
         for idx in list(pending):
             pending.discard(idx)
             failed[idx] = f"no delivery report within {self.delivery_timeout + _GRACE_S:.0f} s"

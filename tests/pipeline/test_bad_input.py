@@ -291,7 +291,7 @@ def test_psf_failure_names_the_ccd_and_the_reason(repo, visit_msg, capsys):
     assert main(args) == 70
     err = capsys.readouterr().err
     assert err.startswith("apdask: error: CCD T00, visit 1000: science image: PSF estimation")
-    assert "only 0 bright isolated unmasked stars (need 5)" in err and err.count("\n") == 1
+    assert "only 0 bright isolated unmasked stars (need 5;" in err and err.count("\n") == 1
     _nothing_stored(repo, "T00")
 
 
