@@ -111,6 +111,7 @@ class _SharedProducer:
 
     def __init__(self, conf: dict[str, Any]) -> None:
         self.fatal: Any = None
+        self.pid = os.getpid()  # a forked child cannot use its parent's librdkafka threads
         self.producer = Producer({**conf, "error_cb": self._on_error})
 
     def _on_error(self, err: KafkaError) -> None:
@@ -131,7 +132,7 @@ def _shared_producer(conf: dict[str, Any]) -> _SharedProducer:
     key = tuple(sorted((k, repr(v)) for k, v in conf.items()))
     with _SHARED_LOCK:
         entry = _SHARED.get(key)
-        if entry is None or entry.fatal is not None:
+        if entry is None or entry.fatal is not None or entry.pid != os.getpid():
             entry = _SHARED[key] = _SharedProducer(conf)
         return entry
 
@@ -228,7 +229,7 @@ class KafkaSink:
             raise ConfigurationError(msg)
         self.topic_limit = None  # the topic's max.message.bytes, asked when the producer starts
         self._extra = dict(producer_config or {})
-        self.shared = bool(config.get("alerts.kafka.shared_producer", True))
+        self.shared = bool(config.get("alerts.kafka.shared_producer"))
         self._producer = None
         self._fatal = None
         self._entry: _SharedProducer | None = None
@@ -317,7 +318,8 @@ class KafkaSink:
         settings (:class:`_SharedProducer`), else one of this sink's own.
         """
         if self.shared:
-            if self._entry is None or self._entry.fatal is not None:
+            entry = self._entry
+            if entry is None or entry.fatal is not None or entry.pid != os.getpid():
                 self._entry = _shared_producer(self._config())
                 self._producer = self._entry.producer
             return self._entry.producer

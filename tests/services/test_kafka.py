@@ -6,10 +6,12 @@ and zero loss when the broker dies in the middle of a visit (spool + replay).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import struct
 import time
 import uuid
 
+import dask
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -219,6 +221,28 @@ def test_partitioning_by_dia_object_id(kafka_broker, schema, stamps, tmp_path):
     assert len(part_of) == 8 and len(set(part_of.values())) > 1
     for seq in order.values():  # produce order kept within an object
         assert [s for _, s in sorted(seq)] == sorted(s for _, s in seq)
+
+
+def test_sinks_of_one_process_share_one_producer(kafka_broker, schema, stamps, tmp_path):
+    """CCDs of one worker publish through one producer (no connect per CCD); each sink
+    still counts only its own delivery reports, and every alert arrives once."""
+    topic = _topic(kafka_broker)
+    uri = f"kafka://{kafka_broker}/{topic}?spool_dir={tmp_path}"
+
+    def publish(detector):
+        enc = _visit_packets(schema, stamps[:1] * 3, 12, detector, n=20 + detector, n_objects=4)
+        with sink_from_uri(uri) as sink:
+            res = sink.write(12, detector, enc)
+            return sink.producer(), res.delivered
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(publish, (1, 2, 3)))
+    assert [n for _, n in got] == [21, 22, 23]  # each sink: its own messages only
+    assert got[0][0] is got[1][0] is got[2][0]  # one producer
+    assert len(_read_all(uri)) == 21 + 22 + 23
+    with dask.config.set({"apdask.alerts.kafka.shared_producer": False}):
+        own = [publish(d)[0] for d in (4, 5)]
+    assert own[0] is not own[1] and got[0][0] not in own
 
 
 def test_oversize_alert_trimmed_and_recorded(kafka_broker, schema, stamps, tmp_path):
