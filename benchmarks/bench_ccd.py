@@ -66,13 +66,19 @@ TOKEN = "bench-ccd-token"
 GB = 1e9
 
 
+# the tasks that run before the image exists (apdask.pipeline.graph)
+PREFETCH_TASKS = ("prefetch", "prewarp")
+
+
 class _TaskClock(Callback):
     """Per task name under the threaded scheduler: seconds, CPU seconds and time span.
 
     The process's CPU time between two scheduler events is shared equally among the
     tasks running then (numba's and zarr's pool threads included; a fetch, which
     mostly waits, only when it runs alone); CPU time while no task runs goes to
-    ``(between tasks)``.  Also sets an event when prefetch is done.
+    ``(between tasks)``.  Also sets an event when prefetch is done: the ``prefetch``
+    task (calibrations, refcat, PPDB history) and the ``prewarp`` task (the template
+    warped on the predicted WCS, its PSF).
     """
 
     def __init__(self):
@@ -80,6 +86,7 @@ class _TaskClock(Callback):
         self.started, self.seconds = {}, defaultdict(float)
         self.cpu, self.span = defaultdict(float), {}
         self.prefetched = threading.Event()
+        self._prefetch_left = set(PREFETCH_TASKS)
         self._cpu_mark = time.process_time()
 
     def _share_cpu(self):
@@ -102,7 +109,8 @@ class _TaskClock(Callback):
         self.seconds[name] += time.perf_counter() - t0
         lo, hi = self.span.get(name, (wall0, 0.0))
         self.span[name] = (min(lo, wall0), max(hi, time.time()))
-        if name == "prefetch":
+        self._prefetch_left.discard(name)
+        if not self._prefetch_left:
             self.prefetched.set()
 
     def timeline(self, registered):
@@ -183,18 +191,17 @@ def simulate(args, repo):
     return [NextVisit.from_json(v) for v in visits[:n]]
 
 
-def _prefetched(clock, client, key, timeout):
-    """Block until the CCD's prefetch task has finished; False on timeout."""
+def _prefetched(clock, client, keys, timeout):
+    """Block until the CCD's prefetch tasks (``keys``) have finished; False on timeout."""
     if client is None:
         return clock.prefetched.wait(timeout)
 
-    def state(dask_scheduler, key=key):
-        ts = dask_scheduler.tasks.get(key)
-        return None if ts is None else ts.state
+    def states(dask_scheduler, keys=tuple(keys)):
+        return [getattr(dask_scheduler.tasks.get(k), "state", None) for k in keys]
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client.run_on_scheduler(state) == "memory":
+        if all(s == "memory" for s in client.run_on_scheduler(states)):
             return True
         time.sleep(0.02)
     return False
@@ -226,7 +233,8 @@ def arrival(nv, env, series, client):
 
     th = threading.Thread(target=run)
     th.start()
-    if not _prefetched(clock, client, f"prefetch-{nv.visit}-{det}", 300.0):
+    keys = [f"{n}-{nv.visit}-{det}" for n in PREFETCH_TASKS]
+    if not _prefetched(clock, client, keys, 300.0):
         raise RuntimeError(f"prefetch of visit {nv.visit} did not finish in 300 s")
     time.sleep(env["gap"])
     uploader.communicate("go\n", timeout=300)
