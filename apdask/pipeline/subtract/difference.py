@@ -58,6 +58,7 @@ def subtract(
     stamps_per_spatial_term: int = 4,
     full_basis_stamps: int = 10,
     max_sum_variation: float = 0.2,
+    science_sharper_by: float = 0.05,
 ) -> tuple[Exposure, SubtractionInfo]:
     """PSF-matched, decorrelated difference image ``ψ ⊗ (S − K ⊗ T − bg)``.
 
@@ -98,6 +99,13 @@ def subtract(
         ((max − min) / mean on a 5 × 5 grid) is refitted with a lower spatial order:
         with few stamps the spatial terms extrapolate wildly into the corners
         (reported as a ``spatial_order`` fallback).
+    science_sharper_by : float, optional
+        The science image is convolved instead of the template only when the template's
+        PSF FWHM exceeds the science one's by more than this fraction.  Two estimates of
+        one PSF differ by a few per cent, and convolving the science image then left
+        nearly twice the star residuals of convolving the template (GOTO pair: 92
+        against 55 detections on template sources); a kernel that sharpens by a few per
+        cent is well within the basis.
 
     Aperture correction and the bright-source list are not part of the difference
     image itself; the benchmark times the subtraction without them (both False) as
@@ -132,7 +140,7 @@ def subtract(
     timing["psf"] = time.perf_counter() - t0
     # the sharper image is convolved: A = template, B = science normally; reversed
     # (science sharper) A = science, B = template and D = −(B − K⊗A)/κ
-    rev = fw_t > fw_s
+    rev = fw_t > fw_s * (1.0 + science_sharper_by)
     direction = "convolve_science" if rev else "convolve_template"
     auto_size = kernel_size is None
     kernel_size, sigmas = choose_kernel_size(fw_s, fw_t, kernel_size)
