@@ -96,15 +96,20 @@ def _noise_level(noise, t):
 
 
 def _star_residuals(difference, xs, ys, fwhm):
-    """Normalised residual χ² (r ≤ 1.5 FWHM) and ±5σ dipole flags (r ≤ 2 FWHM) at stars."""
+    """Normalised residual χ² (r ≤ 1.5 FWHM) and ±5σ dipole flags (r ≤ 2 FWHM) at stars.
+
+    The matched filter of every stamp runs as one FFT over the stack of stamps (it was
+    one ``scipy.signal.correlate`` per star: ~0.4 s for a 4k CCD's ~300 stars).
+    """
     img, var, mask = difference.image, difference.variance, difference.mask
     psf = np.asarray(difference.psf, float)
     ph = psf.shape[0] // 2
     r_chi, r_dip = 1.5 * fwhm, 2.0 * fwhm
     half = int(math.ceil(r_dip)) + ph + 1
     ny, nx = img.shape
-    chi2, dip = [], []
-    p2 = psf * psf
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    rr = np.hypot(xx, yy)
+    chi2, dz, vz = [], [], []
     for x, y in zip(xs, ys, strict=True):
         x0, x1, y0, y1 = x - half, x + half + 1, y - half, y + half + 1
         if x0 < 0 or y0 < 0 or x1 > nx or y1 > ny:
@@ -112,19 +117,23 @@ def _star_residuals(difference, xs, ys, fwhm):
         d = np.asarray(img[y0:y1, x0:x1], float)
         v = np.asarray(var[y0:y1, x0:x1], float)
         ok = ((mask[y0:y1, x0:x1] & _BAD) == 0) & (v > 0)
-        yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
-        rr = np.hypot(xx, yy)
         core = ok & (rr <= r_chi)
         if core.sum() < 5:
             continue
         chi2.append(float(np.mean(d[core] ** 2 / v[core])))
-        dz, vz = np.where(ok, d, 0.0), np.where(ok, v, 0.0)
-        f = signal.correlate(dz, psf, mode="same")
-        vf = signal.correlate(vz, p2, mode="same")
-        snr = np.where(vf > 0, f / np.sqrt(np.where(vf > 0, vf, 1.0)), 0.0)
-        inner = rr <= r_dip
-        dip.append(bool(snr[inner].max() > 5.0 and snr[inner].min() < -5.0))
-    return chi2, dip
+        dz.append(np.where(ok, d, 0.0))
+        vz.append(np.where(ok, v, 0.0))
+    if not chi2:
+        return [], []
+    # correlation with the PSF = convolution with the PSF reversed (odd sizes: same centre)
+    axes = (1, 2)
+    f = signal.fftconvolve(np.stack(dz), psf[None, ::-1, ::-1], mode="same", axes=axes)
+    vf = signal.fftconvolve(np.stack(vz), (psf * psf)[None, ::-1, ::-1], mode="same", axes=axes)
+    # the FFT leaves round-off where the direct sum is exactly 0 (all neighbours masked)
+    live = vf > 1e-9 * vf.max(axis=axes, keepdims=True)
+    snr = np.where(live, f / np.sqrt(np.where(live, vf, 1.0)), 0.0)[:, rr <= r_dip]
+    dip = (snr.max(axis=1) > 5.0) & (snr.min(axis=1) < -5.0)
+    return chi2, [bool(b) for b in dip]
 
 
 def snr_sigma(matched: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float | None:
