@@ -7,12 +7,14 @@ with a line segment of length ``L`` at angle ``theta`` through ``(xc, yc)``,
     m(x, y) = F / (2 L) · N(v; sigma) · [erf((u + L/2) / (√2 sigma)) - erf((u - L/2) / (√2 sigma))]
 
 with ``u`` along and ``v`` across the trail and ``N`` the unit Gaussian.  ``sigma``
-comes from the PSF stamp's second moments, which include the pixel response, so the
-model is evaluated at pixel centres.  The segment is parametrised by its centre and
-half-vector ``(ex, ey) = L/2 (cos theta, sin theta)`` (smooth through ``L = 0``, no
-angle wrap); the flux is solved linearly at each step (variable projection) and the
-four geometric parameters by Levenberg-Marquardt.  Errors are the diagonal of
-``(JᵀWJ)⁻¹`` of all five parameters at the solution.  Which sources are fitted, and
+is that of the Gaussian fitted to the PSF stamp (:func:`psf_sigma`), which includes
+the pixel response, so the model is evaluated at pixel centres.  The segment is
+parametrised by its centre and half-vector ``(ex, ey) = L/2 (cos theta, sin theta)``
+(smooth through ``L = 0``, no angle wrap); the flux is solved linearly at each step
+(variable projection) and the four geometric parameters by Levenberg-Marquardt.
+Errors are the diagonal of ``(JᵀWJ)⁻¹`` of all five parameters at the solution;
+below a length of 2 sigma, where the model depends on L², the length's error is where
+Δχ² = 1 above the fitted length.  Which sources are fitted, and
 the accuracy on injected trails, are in ``docs/alerts.md`` ("Trailed-source fit").
 """
 
@@ -29,7 +31,7 @@ from apdask.core.exposure import IGNORE_BITS, MASK, Exposure
 from apdask.pipeline.measure.dipole import _bearing, _separation
 from apdask.pipeline.psf import psf_fwhm
 
-__all__ = ["TRAIL_COLUMNS", "fit_trail", "fit_trails", "is_elongated"]
+__all__ = ["TRAIL_COLUMNS", "fit_trail", "fit_trails", "is_elongated", "psf_sigma", "veres_model"]
 
 #: Float columns :func:`fit_trails` fills (NaN where no fit was made).
 TRAIL_COLUMNS = (
@@ -62,6 +64,22 @@ def veres_model(x: np.ndarray, y: np.ndarray, t: Any, sigma: float) -> np.ndarra
     across = np.exp(-0.5 * (v / sigma) ** 2) / (np.sqrt(2.0 * np.pi) * sigma)
     along = erf((u + half) / (_SQRT2 * sigma)) - erf((u - half) / (_SQRT2 * sigma))
     return across * along / (4.0 * half)
+
+
+def psf_sigma(psf: np.ndarray) -> float:
+    """Width (pixels) of the Gaussian that fits a PSF stamp best (least squares, flux
+    free, centred on the stamp): the ``sigma`` of the Veres model for that PSF."""
+    p = np.asarray(psf, float)
+    n = p.shape[0]
+    yy, xx = np.mgrid[:n, :n].astype(float)
+    c = (n // 2, n // 2, 0.0, 0.0)
+
+    def resid(q: np.ndarray) -> np.ndarray:
+        return (q[1] * veres_model(xx, yy, c, q[0]) - p).ravel()
+
+    s0 = max(float(psf_fwhm(p)) / 2.3548, 0.3)
+    sol = least_squares(resid, [s0, float(p.sum())], bounds=([0.2, 0.0], [n, np.inf]))
+    return float(sol.x[0]) if sol.success else s0
 
 
 def is_elongated(
@@ -126,7 +144,8 @@ def fit_trail(
     dict or None
         ``x``, ``y`` (centre), ``length`` (px), ``theta`` (rad, of +x towards +y,
         in (-π/2, π/2]), ``flux`` (image units), their errors ``x_err``, ``y_err``,
-        ``length_err``, ``theta_err``, ``flux_err``, ``chi2``, ``ndata``, ``success``
+        ``length_err``, ``theta_err``, ``flux_err``, ``chi2``, ``ndata``, ``success``,
+        ``dchi2_point`` (χ² of a zero-length trail at the same centre, less ``chi2``)
         and the end points ``x0``, ``y0``, ``x1``, ``y1``; None when the box holds
         fewer usable pixels than 10 or no significant pixel.
     """
@@ -163,7 +182,23 @@ def fit_trail(
     mod = veres_model(x, y, t, sigma)
     flux = flux_of(mod)
     cov = _covariance(x, y, t, flux, sigma, sw)
-    return _result(t, flux, cov, float((resid(t) ** 2).sum()), ndata, bool(sol.success))
+    chi2 = float((resid(t) ** 2).sum())
+    # chi² of a point source at the same centre: a length is significant by sqrt(Δχ²)
+    dchi2 = max(float((resid(np.array([t[0], t[1], 0.0, 0.0])) ** 2).sum()) - chi2, 0.0)
+    out = _result(t, flux, cov, chi2, ndata, bool(sol.success))
+    out["dchi2_point"] = dchi2
+    length = out["length"]
+    if length < 2.0 * sigma:
+        # near L = 0 the model depends on L², so χ² ≈ min + k (L² - L_fit²)² and the
+        # linear error understates it: k from a probe at twice the length (at least
+        # 2 sigma), the error where Δχ² = 1
+        lp = max(2.0 * sigma, 2.0 * length)
+        c, sn = np.cos(out["theta"]), np.sin(out["theta"])
+        probe = np.array([t[0], t[1], 0.5 * lp * c, 0.5 * lp * sn])
+        d_probe = max(float((resid(probe) ** 2).sum()) - chi2, 1e-12)
+        k = d_probe / (lp * lp - length * length) ** 2
+        out["length_err"] = max(out["length_err"], np.sqrt(length**2 + 1 / np.sqrt(k)) - length)
+    return out
 
 
 def _covariance(x, y, t, flux, sigma, sw) -> np.ndarray:
@@ -271,7 +306,7 @@ def fit_trails(
     neg = np.asarray(tab["isNegative"], bool) if n else np.zeros(0, bool)
     for i in np.flatnonzero(todo).tolist():
         xs, ys = float(tab["x"][i]), float(tab["y"][i])
-        sigma = float(psf_fwhm(np.asarray(psf_at(xs, ys), float))) / 2.3548
+        sigma = psf_sigma(np.asarray(psf_at(xs, ys), float))
         grow = int(np.ceil(3.0 * sigma))
         bx0, bx1 = int(detections["bbox_x0"][i]) - grow, int(detections["bbox_x1"][i]) + grow
         by0, by1 = int(detections["bbox_y0"][i]) - grow, int(detections["bbox_y1"][i]) + grow
