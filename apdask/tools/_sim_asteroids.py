@@ -3,10 +3,11 @@
 An asteroid moves across the sky during the 30 s exposure, so its image is the PSF
 convolved with a line segment (``docs/formats.md``).  Each CCD of each visit gets
 its own asteroids (a fast mover is elsewhere at the next visit): position uniform on
-the CCD away from its edges, length uniform in 5-30 px, axis angle uniform, and a
-point-source S/N (of the whole flux) log-uniform in 20-300.  They are absent from the
-templates.  Rendered as pixel-integrated Gaussians at points 0.2 px apart along the
-segment, the PSF of the CCD's position.
+the CCD away from its edges and 40 px from each other (fewer where they do not fit),
+length uniform in 5-30 px, axis angle uniform, and a point-source S/N (of the whole
+flux) log-uniform in 20-300.  They are absent from the templates.  Rendered as
+pixel-integrated Gaussians at points 0.2 px apart along the segment, with the PSF of
+the CCD at the trail's midpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ __all__: list[str] = []
 #: Trail lengths (pixels) and point-source S/N of the simulated asteroids.
 _LENGTH_PX = (5.0, 30.0)
 _SNR = (20.0, 300.0)
+#: Least distance (pixels) between two asteroids' midpoints on a CCD.
+_SPACING = 40.0
 #: Spacing (pixels) of the PSFs summed along a trail.
 _STEP = 0.2
 
@@ -48,11 +51,19 @@ def make_asteroids(
     (bearing of the axis, deg in [0, 180))."""
     rng = _rng(seed, _ASTEROID, p["visit"], det.id)
     ny, nx = det.shape
+    margin = 0.5 * _LENGTH_PX[1] + 15.0
+    cx = rng.uniform(margin, nx - 1 - margin, 20 * n)
+    cy = rng.uniform(margin, ny - 1 - margin, 20 * n)
+    keep: list[int] = []
+    for i in range(len(cx)):  # trails not on top of each other
+        if all(np.hypot(cx[i] - cx[j], cy[i] - cy[j]) > _SPACING for j in keep):
+            keep.append(i)
+        if len(keep) == n:
+            break
+    x, y = cx[keep], cy[keep]
+    n = len(keep)
     length = rng.uniform(*_LENGTH_PX, n)
     theta = rng.uniform(-0.5 * np.pi, 0.5 * np.pi, n)
-    margin = 0.5 * _LENGTH_PX[1] + 15.0
-    x = rng.uniform(margin, nx - 1 - margin, n)
-    y = rng.uniform(margin, ny - 1 - margin, n)
     snr = np.exp(rng.uniform(np.log(_SNR[0]), np.log(_SNR[1]), n))
     flux = _snr_to_flux(band, sky_e, snr, fwhm_range)
     ra, dec = w.pixel_to_world_values(x, y)
