@@ -12,6 +12,7 @@ the CCD at the trail's midpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,12 @@ def make_asteroids(
     }  # fmt: skip
 
 
-def render_trails(img: np.ndarray, ast: dict[str, np.ndarray], k_njy: float, sigma_at) -> None:
+def render_trails(
+    img: np.ndarray,
+    ast: dict[str, np.ndarray],
+    k_njy: float,
+    sigma_at: Callable[[float, float], Any],
+) -> None:
     """Add the asteroids (electrons) to ``img``: PSF ⊗ segment, as Gaussians summed
     every :data:`_STEP` pixels along each trail; ``sigma_at(x, y)`` is the PSF width."""
     for i in range(len(ast["x"])):
