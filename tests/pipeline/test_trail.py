@@ -146,3 +146,23 @@ def test_is_elongated_selects_trails_against_the_psf():
     assert is_elongated(8.0, 3.0, 0.0, 3.0, 3.0)
     assert is_elongated(3.0, 3.0, 2.0, 3.0, 3.0)  # elongated along the diagonal
     assert not is_elongated(np.nan, 3.0, 0.0, 3.0, 3.0)
+
+
+def test_negative_trail_is_fitted_with_a_negative_flux():
+    """An asteroid in the template: a negative trail on the difference image."""
+    shape = (120, 120)
+    img = np.zeros(shape)
+    add_trail(img, (60.4, 59.6), 18.0, -30.0, -20000.0)
+    img += np.random.default_rng(8).normal(0, NOISE, shape)
+    exp = exposure_from(img, np.full(shape, NOISE**2), wcs=make_wcs(shape), psf=gaussian_psf(FWHM))
+    tab = measure_sources(
+        exp, exp, exp, detect_sources(exp), visit=1, detector=0, band="r", mjd=6e4
+    )
+    row = _row(tab, 60.4, 59.6)
+    scale = float(np.sqrt(abs(np.linalg.det(exp.wcs.pixel_scale_matrix)))) * 3600.0
+    assert row["isNegative"] and row["trailNdata"] > 0 and not row["trail_flag"]
+    assert row["trailFlux"] == pytest.approx(-20000.0 * float(exp.ap_corr), rel=0.05)
+    assert row["trailLength"] == pytest.approx(18.0 * scale, rel=0.05)
+    # -30 deg from +x (west) towards +y (north): the axis points west-south-west,
+    # bearing 240, i.e. 60 on [0, 180)
+    assert row["trailAngle"] == pytest.approx(60.0, abs=2.0)
