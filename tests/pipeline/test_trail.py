@@ -7,7 +7,13 @@ import pytest
 
 from apdask.pipeline.measure.detection import detect_sources
 from apdask.pipeline.measure.sources import measure_sources
-from apdask.pipeline.measure.trail import fit_trail, is_elongated, psf_sigma, veres_model
+from apdask.pipeline.measure.trail import (
+    fit_trail,
+    is_elongated,
+    psf_flux_ratio,
+    psf_sigma,
+    veres_model,
+)
 from tests._pixels import add_stars, exposure_from, gaussian_psf, make_wcs
 
 FWHM = 4.0
@@ -166,3 +172,32 @@ def test_negative_trail_is_fitted_with_a_negative_flux():
     # -30 deg from +x (west) towards +y (north): the axis points west-south-west,
     # bearing 240, i.e. 60 on [0, 180)
     assert row["trailAngle"] == pytest.approx(60.0, abs=2.0)
+
+
+def _winged(img, xs, ys, fluxes):
+    """A PSF with 20 % of its light in wide wings (FWHM 4 and 10 px)."""
+    add_stars(img, xs, ys, 0.8 * np.asarray(fluxes), FWHM, half=20)
+    add_stars(img, xs, ys, 0.2 * np.asarray(fluxes), 10.0, half=20)
+
+
+@pytest.mark.parametrize("length", [0.0, 8.0, 25.0])
+def test_flux_is_on_the_psf_scale_for_a_non_gaussian_psf(length):
+    """The Gaussian model misses a winged PSF's wings (about -8 % of the flux); the
+    ratio of the model to the real PSF ⊗ segment puts the flux back on its scale."""
+    psf = np.zeros((41, 41))
+    _winged(psf, [20], [20], [1.0])
+    psf /= psf.sum()
+    shape, flux, a = (160, 160), 30000.0, 0.5
+    img = np.zeros(shape)
+    m = max(int(8 * length), 1)
+    t = (np.arange(m) + 0.5) / m - 0.5 if length else np.zeros(1)
+    _winged(img, 80.3 + length * t * np.cos(a), 79.6 + length * t * np.sin(a), np.full(m, flux / m))
+    img += np.random.default_rng(int(length)).normal(0, NOISE, shape)
+    sigma = psf_sigma(psf)
+    h = int(0.5 * length + 4 * sigma) + 1
+    box = (80 - h, 81 + h, 80 - h, 81 + h)
+    fit = fit_trail(img, np.full(shape, NOISE**2), np.zeros(shape, np.uint32), box, sigma)
+    assert fit["flux"] < 0.95 * flux  # the Gaussian model alone
+    ratio = psf_flux_ratio(psf, sigma, fit)
+    assert fit["flux"] / ratio == pytest.approx(flux, rel=0.03)
+    assert psf_flux_ratio(gaussian_psf(FWHM), SIGMA, fit) == pytest.approx(1.0, abs=1e-3)
