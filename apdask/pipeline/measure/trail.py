@@ -14,9 +14,10 @@ parametrised by its centre and half-vector ``(ex, ey) = L/2 (cos theta, sin thet
 (variable projection) and the four geometric parameters by Levenberg-Marquardt.
 Errors are the diagonal of ``(JᵀWJ)⁻¹`` of all five parameters at the solution;
 below a length of 2 sigma, where the model depends on L², the length's error is where
-Δχ² = 1 above the fitted length.  The Gaussian misses the wings of a real PSF, so the
-flux is divided by :func:`psf_flux_ratio` (the Gaussian model's flux of the real PSF
-convolved with the fitted segment), which puts it on the scale of ``psfFlux``.
+Δχ² = 1 above the fitted length, and the angle's error is at most 90°.  The Gaussian
+misses the wings of a real PSF, so the flux is divided by :func:`psf_flux_ratio` (the
+Gaussian model's flux of the real PSF convolved with the fitted segment), which puts
+it on the scale of ``psfFlux``.
 Which sources are fitted, and the accuracy on injected trails, are in
 ``docs/alerts.md`` ("Trailed-source fit").
 """
@@ -229,14 +230,14 @@ def fit_trail(
     length = out["length"]
     if length < 2.0 * sigma:
         # near L = 0 the model depends on L², so χ² ≈ min + k (L² - L_fit²)² and the
-        # linear error understates it: k from a probe at twice the length (at least
-        # 2 sigma), the error where Δχ² = 1
+        # linear error is wrong (degenerate at L = 0): k from a probe at twice the
+        # length (at least 2 sigma), the error where Δχ² = 1
         lp = max(2.0 * sigma, 2.0 * length)
         c, sn = np.cos(out["theta"]), np.sin(out["theta"])
         probe = np.array([t[0], t[1], 0.5 * lp * c, 0.5 * lp * sn])
         d_probe = max(float((resid(probe) ** 2).sum()) - chi2, 1e-12)
         k = d_probe / (lp * lp - length * length) ** 2
-        out["length_err"] = max(out["length_err"], np.sqrt(length**2 + 1 / np.sqrt(k)) - length)
+        out["length_err"] = float(np.sqrt(length**2 + 1 / np.sqrt(k)) - length)
     return out
 
 
@@ -269,10 +270,10 @@ def _result(t, flux, cov, chi2, ndata, success) -> dict[str, Any]:
         g_len = 2.0 * np.array([ex, ey]) / half
         g_ang = np.array([-ey, ex]) / half**2
         len_err = float(np.sqrt(max(g_len @ cxy @ g_len, 0.0)))
-        ang_err = float(np.sqrt(max(g_ang @ cxy @ g_ang, 0.0)))
+        ang_err = min(float(np.sqrt(max(g_ang @ cxy @ g_ang, 0.0))), 0.5 * np.pi)
     else:
         len_err = float(2.0 * np.sqrt(max(0.5 * (var[3] + var[4]), 0.0)))
-        ang_err = np.pi
+        ang_err = 0.5 * np.pi
     return {
         "x": xc, "y": yc, "length": 2.0 * half, "theta": theta, "flux": float(flux),
         "x_err": float(np.sqrt(max(var[1], 0.0))), "y_err": float(np.sqrt(max(var[2], 0.0))),
@@ -343,10 +344,14 @@ def fit_trails(
                          col["iyyPSF"][i], float(pxy[i]))
         )  # fmt: skip
     neg = np.asarray(tab["isNegative"], bool) if n else np.zeros(0, bool)
+    sigmas: dict[bytes, float] = {}
     for i in np.flatnonzero(todo).tolist():
         xs, ys = float(tab["x"][i]), float(tab["y"][i])
         psf = np.asarray(psf_at(xs, ys), float)
-        sigma = psf_sigma(psf)
+        key = psf.tobytes()
+        if key not in sigmas:  # one fit per distinct PSF stamp
+            sigmas[key] = psf_sigma(psf)
+        sigma = sigmas[key]
         grow = int(np.ceil(3.0 * sigma))
         bx0, bx1 = int(detections["bbox_x0"][i]) - grow, int(detections["bbox_x1"][i]) + grow
         by0, by1 = int(detections["bbox_y0"][i]) - grow, int(detections["bbox_y1"][i]) + grow
