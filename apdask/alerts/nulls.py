@@ -39,6 +39,11 @@ CONDITIONS: dict[str, tuple[str, _Pred]] = {
         "`dipoleFitAttempted` is false, or the fit had too few pixels (`dipoleNdata` = 0)",
         lambda rec, b, alert: not rec.get("dipoleFitAttempted") or not rec.get("dipoleNdata"),
     ),
+    "no trail fit": (
+        "`trailNdata` = 0: not elongated (the major axis of the moments is under 1.2 x the"
+        " PSF's), or the fit failed (`trail_flag`)",
+        lambda rec, b, alert: not rec.get("trailNdata"),
+    ),
     "band not observed": (
         "no DiaSource in band `{b}` (`{b}_psfFluxNdata` = 0)",
         lambda rec, b, alert: not rec.get(f"{b}_psfFluxNdata"),
@@ -66,7 +71,7 @@ class NullField:
 
 
 _NO_SS = "no Solar System processing in apdask (no ssObject association, no orbits)"
-_NO_TRAIL = "the trailed-source fit is not implemented yet (issue 16); `trailNdata` is 0"
+_NO_TRAIL = "the trailed-source (Veres) model is fitted only to sources elongated beyond the PSF"
 
 #: Every field that may be null, in the order of ``docs/alerts.md``.
 NULL_FIELDS: tuple[NullField, ...] = (
@@ -87,10 +92,13 @@ NULL_FIELDS: tuple[NullField, ...] = (
                 "the dipole model is fitted only to sources with an opposite-sign lobe nearby")
       for f in ("dipoleMeanFlux", "dipoleMeanFluxErr", "dipoleFluxDiff", "dipoleFluxDiffErr",
                 "dipoleLength", "dipoleAngle", "dipoleChi2")),
-    *(NullField("diaSource", f, "always", "not yet", _NO_TRAIL)
+    *(NullField("diaSource", f, "no trail fit", "n/a", _NO_TRAIL)
       for f in ("trailFlux", "trailFluxErr", "trailRa", "trailRaErr", "trailDec",
                 "trailDecErr", "trailLength", "trailLengthErr", "trailAngle",
-                "trailAngleErr", "trailChi2", "trailAlgorithm", "trail_flag_edge")),
+                "trailAngleErr", "trailChi2")),
+    NullField("diaSource", "trailAlgorithm", "always", "n/a",
+              "the schema's keys name moment-based trail measurements (1 = SDSSShape, "
+              "2 = HSMShape); the Veres model fitted here has none"),
     NullField("diaForcedSource", "timeWithdrawnMjdTai", "always", "n/a",
               "set only when a record is withdrawn; alerts carry current records"),
     NullField("diaObject", "ra_dec_Cov", "always", "not yet",

@@ -55,12 +55,15 @@ def simulate_command(args: argparse.Namespace) -> None:
             raise UsageError(f"--fwhm LO HI needs LO <= HI, got {lo_hi[0]} {lo_hi[1]}")
     if args.template_fwhm is not None:
         _check_fwhm("--template-fwhm", args.template_fwhm)
+    if args.asteroids < 0 or (args.asteroids and args.engine != "apdask"):
+        raise UsageError(f"--asteroids needs N >= 0 and --engine apdask, got {args.asteroids}")
     dets = _simulate_detectors(args.detectors)
     clear_for_simulation(args.repo, overwrite=args.overwrite)
     visits = simulate_repo(args.camera, args.repo, n_visits=args.visits, seed=args.seed,
                            band=args.band, detectors=dets, artifacts=not args.no_artifacts,
                            fwhm_range=args.fwhm, template_fwhm=args.template_fwhm,
-                           engine=args.engine, progress=_stderr)  # fmt: skip
+                           engine=args.engine, progress=_stderr,
+                           asteroids=args.asteroids)  # fmt: skip
     print(f"simulated {len(visits)} visits of {args.camera} into {args.repo}")
 
 

@@ -197,6 +197,13 @@ def _add_data_commands(sub):
         help="science PSF FWHM range across a CCD, arcsec (default 0.9 1.1)",
     )
     p.add_argument("--template-fwhm", type=float, help="template PSF FWHM, arcsec (default 0.7)")
+    p.add_argument(
+        "--asteroids",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fast asteroids (trailed sources, 5-30 px) per CCD and visit (default 0)",
+    )
     p.add_argument("--engine", choices=["apdask", "galsim"], default="apdask",
                    help="pixel renderer: our Gaussian code (default) or GalSim (Kolmogorov PSF, "
                    "Sersic galaxies; needs the 'sim' extra)")  # fmt: skip

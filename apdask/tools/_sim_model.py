@@ -46,6 +46,7 @@ _GALSIM_REACH = 128  # px: GalSim stamps of sources this far outside an image re
 
 # Stream tags of the seeded generators.
 _SKY, _TRANSIENT, _VISIT, _RAW, _TILE, _CALIB = 1, 2, 3, 4, 5, 6
+_ASTEROID = 8  # 7 is the calibration frames' (apdask.tools._sim_calibframe)
 
 
 def visit_mjd(k: int) -> float:

@@ -13,6 +13,7 @@ from astropy.wcs import WCS
 
 from apdask.core.camera import Camera, Detector
 from apdask.io.raw import RawMetadata, raw_name, write_raw
+from apdask.tools._sim_asteroids import make_asteroids, render_trails
 from apdask.tools._sim_model import (
     _FWHM_RANGE,
     _GAL_HALF,
@@ -52,14 +53,17 @@ def _make_raw(
     artifacts=True,
     fwhm_range=_FWHM_RANGE,
     engine="apdask",
+    asteroids=0,
 ):
-    """Render, write one raw and return its truth rows."""
+    """Render, write one raw and return its truth rows (with ``asteroids`` trailed
+    sources, :mod:`apdask.tools._sim_asteroids`)."""
     rng = _rng(seed, _RAW, p["visit"], det.id)
     w = _true_wcs(det, p)
     ny, nx = det.shape
     src = _sources_on_ccd(w, det, p, sky, tr, engine)
     x, y, flux = src["x"], src["y"], src["flux"]
     n_s = src["n_static"]
+    ast: dict[str, np.ndarray] = {}
     if engine == "galsim":  # GalSim draws sources and Poisson noise; truth = what it drew
         # optional: galsim comes with the 'sim' extra
         from apdask.tools.simulate_galsim import render_science
@@ -74,6 +78,13 @@ def _make_raw(
         fwhm = lo + (hi - lo) * 0.5 * (np.clip(x / nx, 0, 1) + np.clip(y / ny, 0, 1))
         img = np.full((ny, nx), sky_e, np.float32)
         _render(img, src["rcat"], x, y, flux / k_njy, _sigma_px(fwhm))
+        if asteroids:
+            ast = make_asteroids(seed, p, det, w, asteroids, band, sky_e, fwhm_range)
+
+            def sigma_at(ax, ay):
+                return _sigma_px(lo + (hi - lo) * 0.5 * (min(ax / nx, 1) + min(ay / ny, 1)))
+
+            render_trails(img, ast, k_njy, sigma_at)
         # Electrons: flat, dark current, Poisson noise (Gaussian approximation).
         img *= calib["flat"]
         img += calib["dark"] * DARKTIME
@@ -86,7 +97,8 @@ def _make_raw(
     segments = _amp_segments(img, det, rng)
     path = os.path.join(repo, "raw", raw_name(camera.name, p["visit"], det.name))
     write_raw(path, det, segments, _science_meta(camera, det, p, band))
-    return _truth_rows(src, det, p, tr)
+    rows = _truth_rows(src, det, p, tr)
+    return _with_asteroids(rows, ast, det) if asteroids else rows
 
 
 def _sources_on_ccd(
@@ -179,3 +191,22 @@ def _truth_rows(
         "flux": flux[inside],
         "template_flux": np.concatenate([cat["flux"], np.zeros(len(x) - n_s)])[inside],
     }
+
+
+def _with_asteroids(
+    rows: dict[str, Any], ast: dict[str, np.ndarray], det: Detector
+) -> dict[str, Any]:
+    """Truth rows with the asteroids appended (``kind`` "asteroid") and the columns
+    ``trail_length`` (arcsec) and ``trail_angle`` (deg, bearing of the axis; NaN for
+    the other sources)."""
+    n, m = len(rows["x"]), len(ast["x"])
+    out = dict(rows)
+    out["source_id"] = np.concatenate([rows["source_id"], ast["id"]])
+    out["kind"] = np.concatenate([rows["kind"], np.full(m, "asteroid")])
+    out["detector"] = np.full(n + m, det.name)
+    for c in ("ra", "dec", "x", "y", "flux"):
+        out[c] = np.concatenate([rows[c], ast[c]])
+    out["template_flux"] = np.concatenate([rows["template_flux"], np.zeros(m)])
+    out["trail_length"] = np.concatenate([np.zeros(n), ast["trail_length"]])
+    out["trail_angle"] = np.concatenate([np.full(n, np.nan), ast["trail_angle"]])
+    return out

@@ -114,6 +114,7 @@ def simulate_repo(
     template_fwhm: float | None = None,
     engine: str = "apdask",
     progress: Callable[[str], object] | None = None,
+    asteroids: int = 0,
 ) -> list[dict[str, Any]]:
     """Simulate a complete repository (templates, calibs, raws, truth, nextVisits).
 
@@ -146,6 +147,12 @@ def simulate_repo(
         Sersic galaxies, GalSim's Poisson noise; needs the ``sim`` extra).
     progress : callable, optional
         Called with a line of text as each step ends (``print`` for a terminal).
+    asteroids : int, optional
+        Fast asteroids (trailed sources, PSF ⊗ a 5-30 px segment) per CCD and visit,
+        in the science images only, with their truth (``kind`` "asteroid",
+        ``trail_length``, ``trail_angle``); :mod:`apdask.tools._sim_asteroids`.
+        Default 0 (and then the truth tables have no trail columns).  Needs the
+        ``apdask`` engine.
 
     Returns
     -------
@@ -155,6 +162,9 @@ def simulate_repo(
     check_band(band)
     if engine not in ENGINES:
         msg = f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}"
+        raise ValueError(msg)
+    if asteroids < 0 or (asteroids and engine != "apdask"):
+        msg = f"asteroids={asteroids}: a count >= 0, rendered by the apdask engine only"
         raise ValueError(msg)
     galsim_engine = None
     if engine == "galsim":
@@ -178,7 +188,7 @@ def simulate_repo(
     _write_drp(butler, sky)
     sim = _Simulation(
         repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine,
-        progress or (lambda line: None),
+        progress or (lambda line: None), int(asteroids),
     )  # fmt: skip
     transients = _make_transients(
         seed, dets, pointings, sky, 12 if small else 40, band, sim.sky_e, dither, fwhm_range
@@ -206,6 +216,7 @@ class _Simulation:
     template_fwhm: float
     engine: str
     progress: Callable[[str], object]
+    asteroids: int = 0
 
     @property
     def sky_e(self) -> float:
@@ -326,6 +337,7 @@ def _render_all(
                 sim.artifacts,
                 sim.fwhm_range,
                 sim.engine,
+                sim.asteroids,
             )
 
         raw_jobs = [pool.submit(raw, det, p) for p in pointings for det in dets]
@@ -424,7 +436,11 @@ def _make_transients(
 
 
 def _write_truth(repo, p, rows, band, seed):
-    cols = ("source_id", "kind", "detector", "ra", "dec", "x", "y", "flux", "template_flux")
+    cols: tuple[str, ...] = (
+        "source_id", "kind", "detector", "ra", "dec", "x", "y", "flux", "template_flux",
+    )  # fmt: skip
+    if rows and all("trail_length" in r for r in rows):  # simulated with asteroids
+        cols = (*cols, "trail_length", "trail_angle")
     t = Table({c: np.concatenate([r[c] for r in rows]) for c in cols})
     t["kind"] = t["kind"].astype("U9")
     t["detector"] = t["detector"].astype("U16")

@@ -55,3 +55,8 @@ def test_unexpected_nulls_names_an_unlisted_null_and_honours_conditions():
     # a dipole that was fitted must carry its values
     alert["diaSource"] = dict(source, psfLnL=0.0, dipoleFitAttempted=True, dipoleNdata=40)
     assert "diaSource.dipoleLength" in unexpected_nulls(alert)
+    # trail fields: null only where no trail was fitted (trailNdata = 0)
+    alert["diaSource"] = dict(source, psfLnL=0.0, trailNdata=0, trailLength=None)
+    assert "diaSource.trailLength" not in unexpected_nulls(alert)
+    alert["diaSource"] = dict(source, psfLnL=0.0, trailNdata=300, trailLength=None)
+    assert "diaSource.trailLength" in unexpected_nulls(alert)

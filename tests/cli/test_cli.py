@@ -111,6 +111,21 @@ def test_simulate_and_ingest_commands(tmp_path, capsys):
     shutil.rmtree(repo)
 
 
+def test_simulate_asteroids_option(tmp_path, capsys):
+    """``--asteroids N``: N trailed sources per CCD in the truth; a negative N is refused."""
+    from astropy.table import Table
+
+    repo = str(tmp_path / "r")
+    args = ["simulate", "--camera", "testcam", "--repo", repo, "--visits", "1"]
+    assert main([*args, "--asteroids", "-1"]) == 64
+    assert "--asteroids" in capsys.readouterr().err
+    assert main([*args, "--asteroids", "2"]) == 0
+    truth = Table.read(os.path.join(repo, "truth", "visit_1000.ecsv"))
+    ast = truth[truth["kind"] == "asteroid"]
+    assert len(ast) == 4 and set(ast["detector"]) == {"T00", "T01"}
+    assert {"trail_length", "trail_angle"} <= set(truth.colnames)
+
+
 def test_process_ccd_exits_non_zero_when_its_ppdb_store_fails(repo, tmp_path, capsys):
     """A read-only PPDB: the history reads, the store fails; exit 69, nothing written.
 

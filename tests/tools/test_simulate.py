@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from apdask.core.camera import get_camera
+from apdask.core.camera import get_camera, njy_per_electron
 from apdask.io.butler import Butler
 from apdask.io.raw import assembled_amp, raw_name, read_raw
 from apdask.tools.simulate import simulate_repo
@@ -134,3 +134,56 @@ def test_calibs(repo):
         assert (dark > 10).any(axis=0).sum() == 1  # one hot column
         assert np.median(dark) == pytest.approx(0.002)
     assert len(b.get_drp_objects()) > 50
+
+
+def test_asteroids_are_trails_in_the_pixels_and_the_truth(repo, tmp_path):
+    """``asteroids=N``: N trailed sources per CCD in the science raw only, PSF ⊗
+    segment, with their length and axis in the truth table; nothing else changes."""
+    path, _, _ = repo
+    other = tmp_path / "asteroids"
+    simulate_repo("testcam", other, n_visits=2, seed=3, asteroids=3)
+    truth = Table.read(other / "truth" / "visit_1000.ecsv")
+    ast = truth[truth["kind"] == "asteroid"]
+    assert len(ast) == 3 * len(get_camera("testcam"))
+    scale = 0.2  # arcsec per pixel of the test camera
+    assert np.all(
+        (ast["trail_length"] > 5 * scale * 0.95) & (ast["trail_length"] < 30 * scale * 1.05)
+    )
+    assert np.all((ast["trail_angle"] >= 0) & (ast["trail_angle"] < 180))
+    assert np.all(ast["template_flux"] == 0) and np.all(ast["flux"] > 0)
+    # the other sources are those of the run without asteroids
+    plain = Table.read(path / "truth" / "visit_1000.ecsv")
+    rest = truth[truth["kind"] != "asteroid"]
+    assert np.all(rest["source_id"] == plain["source_id"]) and np.all(rest["x"] == plain["x"])
+    assert "trail_length" not in plain.colnames
+    for det in get_camera("testcam"):
+        with_ast = _assembled_electrons(
+            read_raw(other / "raw" / raw_name("TestCam", 1000, det.name))
+        )
+        without = _assembled_electrons(read_raw(path / "raw" / raw_name("TestCam", 1000, det.name)))
+        diff = with_ast - without  # the same noise draws: the trails and their extra noise
+        for r in ast[ast["detector"] == det.name]:
+            x, y = float(r["x"]), float(r["y"])
+            h = 25
+            cut = diff[int(y) - h : int(y) + h + 1, int(x) - h : int(x) + h + 1].astype(float)
+            yy, xx = (
+                np.mgrid[-h : h + 1, -h : h + 1] + np.array([int(y) - y, int(x) - x])[:, None, None]
+            )
+            k = r["flux"] / njy_per_electron("r", 30.0)
+            assert cut.sum() == pytest.approx(k, rel=0.1)
+            # second moments: the trail's axis and length (variance L²/12 + sigma² along it)
+            ixx, iyy, ixy = (
+                (cut * a * b).sum() / cut.sum() for a, b in ((xx, xx), (yy, yy), (xx, yy))
+            )
+            tr, det_ = ixx + iyy, np.sqrt((ixx - iyy) ** 2 + 4 * ixy**2)
+            along, across = 0.5 * (tr + det_), 0.5 * (tr - det_)
+            length_px = np.sqrt(12 * (along - across))
+            assert length_px * scale == pytest.approx(r["trail_length"], rel=0.1)
+        # away from the trails nothing changed
+        far = np.ones(det.shape, bool)
+        for r in ast[ast["detector"] == det.name]:
+            far[
+                max(int(r["y"]) - 30, 0) : int(r["y"]) + 31,
+                max(int(r["x"]) - 30, 0) : int(r["x"]) + 31,
+            ] = False
+        assert np.all(diff[far] == 0)

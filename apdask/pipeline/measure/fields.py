@@ -1,8 +1,9 @@
 """The DiaSource fields measured after the per-source loop of ``measure_sources``.
 
 Pixel flags of every plane the schema names, the flags of the aperture, forced and
-shape measurements, ``psfLnL``, ``ra_dec_Cov``, ``extendedness`` and the dipole fit
-(:mod:`apdask.pipeline.measure.dipole`).  Definitions are in ``docs/alerts.md``,
+shape measurements, ``psfLnL``, ``ra_dec_Cov``, ``extendedness``, the dipole fit
+(:mod:`apdask.pipeline.measure.dipole`) and the trailed-source fit
+(:mod:`apdask.pipeline.measure.trail`).  Definitions are in ``docs/alerts.md``,
 "Measured fields".
 """
 
@@ -15,6 +16,7 @@ from astropy.table import Table
 
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.measure.dipole import DIPOLE_COLUMNS, fit_dipoles
+from apdask.pipeline.measure.trail import TRAIL_COLUMNS, fit_trails
 from apdask.pipeline.psf import psf_fwhm, psf_getter
 from apdask.pipeline.stars import weighted_moments
 
@@ -34,8 +36,11 @@ _FLAG_COLUMNS = (
 )  # fmt: skip
 
 #: Columns :func:`add_fields` adds to the DiaSource table (``extendedness``,
-#: ``isDipole`` and ``dipoleNdata`` are already there and are rewritten).
-FIELD_COLUMNS = (*_FLAG_COLUMNS, "psfLnL", "ra_dec_Cov", *DIPOLE_COLUMNS)
+#: ``isDipole``, ``dipoleNdata``, ``trailNdata`` and ``trail_flag`` are already there
+#: and are rewritten).
+FIELD_COLUMNS = (
+    *_FLAG_COLUMNS, "psfLnL", "ra_dec_Cov", *DIPOLE_COLUMNS, *TRAIL_COLUMNS, "trail_flag_edge",
+)  # fmt: skip
 
 #: ``extendedness`` is 0 up to this ratio of source to PSF second-moment trace ...
 _EXT_LO = 1.2
@@ -197,3 +202,4 @@ def add_fields(
         np.asarray(detections["sign"]),
         float(difference.ap_corr),
     )
+    fit_trails(tab, difference, detections, psf_getter(difference, psf), float(difference.ap_corr))

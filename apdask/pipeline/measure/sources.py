@@ -257,7 +257,7 @@ def _measure_one(
         "psfFlux_flag": bool(not np.isfinite(f) or not np.isfinite(fe)),
         "psfFlux_flag_edge": bool(edge),
         "pixelFlags": any(flags.values()), **flags,
-        "trailNdata": 0, "trail_flag": _is_trail(ixx, iyy, ixy, pxx, pyy),
+        "trailNdata": 0, "trail_flag": False,  # the trail fit (fields.add_fields) sets them
     }  # fmt: skip
 
 
@@ -288,16 +288,6 @@ def _source_flags(
         "pixelFlags_nodata": bool(anyb & MASK["NO_DATA"]),
     }
     return flags, max(x1 - x0, y1 - y0)
-
-
-def _is_trail(ixx: float, iyy: float, ixy: float, pxx: float, pyy: float) -> bool:
-    """Strongly elongated compared with the PSF (``trail_flag``)."""
-    if not (np.isfinite(ixx) and np.isfinite(iyy)):
-        return False
-    tr = ixx + iyy
-    det = np.sqrt(max((ixx - iyy) ** 2 + 4 * ixy * ixy, 0.0))
-    l1, l2 = 0.5 * (tr + det), 0.5 * (tr - det)
-    return bool(l2 > 0 and l1 / l2 > 4.0 and l1 > 4.0 * 0.5 * (pxx + pyy))
 
 
 def _empty_table() -> Table:
