@@ -80,7 +80,7 @@ def pending_detectors(
     if str(sink_uri).startswith("kafka://") and "spool_dir=" not in str(sink_uri):
         with contextlib.suppress(ConfigurationError):  # no repository: the sink's default
             sink_uri = Locations.resolve(repo, ppdb=ppdb, alerts=sink_uri).alerts
-    db = Ppdb.open(ppdb)
+    db = Ppdb.open(ppdb, cache=True)  # the schema parse (~1 s) once per process, not per visit
     sink = sink_from_uri(sink_uri)
     todo = []
     try:
