@@ -29,6 +29,65 @@ def test_bench_association_report(tmp_path, capsys):
     assert speed["met"] is None  # --quick figures are not judged
     assert correct["value"] == 1.0  # the optimal assignment recovers every planted match
     assert "associate 1,000 vs 100,000" in capsys.readouterr().out
+    # the floors, measured on this machine, and the summary picture beside the JSON
+    floors = report["floors"]
+    assert floors["shape"] == [4000, 4072]
+    assert all(floors[k] > 0 for k in ("rfft2_pair_s", "memory_pass_s", "raw_read_s"))
+    png, page = tmp_path / "report.png", tmp_path / "report.html"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+    text = page.read_text()
+    assert "data:image/png;base64," in text and "associate 1,000 vs 100,000" in text
+    assert "<h2>Floors</h2>" in text and "rfft2_pair_s" in text
+    assert "<h2>Peers</h2>" not in text  # the peers benchmark did not run
+
+
+def _peers_result():
+    """A result as run_benchmarks returns it, with a peers report of two stages."""
+    rows = {
+        "apdask warp": {"stage": "resampling", "tool": "apdask", "status": "ok", "seconds": 0.5},
+        "SWarp": {"stage": "resampling", "tool": "SWarp", "status": "ok", "seconds": 1.5,
+                  "ratio_to_apdask": 3.0, "quality": {"rms_residual_over_noise": 0.13}},
+        "SFFT": {"stage": "subtraction", "tool": "SFFT", "status": "not installed (no sfft)"},
+    }  # fmt: skip
+    check = {"label": "SWarp / apdask warp", "value": 3.0, "unit": "x", "target": None,
+             "met": None}  # fmt: skip
+    timed = {"label": "subtraction", "value": 1.2, "unit": "s", "target": "<= 1.5", "met": True}
+    return {
+        "machine": {"cpus": 2, "load_avg_start": [3.0, 2.0, 1.0]},
+        "quick": False,
+        "floors": {
+            "shape": [4000, 4072],
+            "rfft2_pair_s": 0.4,
+            "memory_pass_s": 0.02,
+            "raw_read_s": 0.05,
+        },  # fmt: skip
+        "benchmarks": {
+            "peers": {"returncode": 0, "report": {"rows": rows}, "checks": [check]},
+            "subtract": {"returncode": 0, "report": {"subtract_s": 1.1}, "checks": [timed]},
+        },
+    }
+
+
+def test_summary_picture_shows_targets_peers_and_floors(tmp_path):
+    from apdask.tools.bench_summary import summary_figure, write_summary
+
+    fig = summary_figure(_peers_result())
+    titles = [ax.get_title(loc="left") for ax in fig.axes]
+    assert titles == ["against the targets", "against peers (bench_peers.py)",
+                      "against the floor"]  # fmt: skip
+    targets, peers, floor = fig.axes
+    assert [t.get_text() for t in targets.get_yticklabels()] == ["subtract: subtraction"]
+    assert [p.get_width() for p in targets.patches] == pytest.approx([1.2 / 1.5])
+    assert [t.get_text() for t in peers.get_yticklabels()] == [
+        "resampling: apdask warp", "resampling: SWarp"]  # fmt: skip
+    assert any("not installed (no sfft)" in t.get_text() for t in peers.texts)
+    labels = [t.get_text() for t in floor.get_yticklabels()]
+    assert labels[:3] == ["floor: rfft2 pair", "floor: memory pass", "floor: read the raw file"]
+    assert "subtraction (subtract bench)" in labels and "resampling (peers pair)" in labels
+    png, page = write_summary(_peers_result(), tmp_path / "s.png", tmp_path / "s.html")
+    text = page.read_text()
+    assert "<h2>Peers</h2>" in text and "SWarp" in text and "not installed (no sfft)" in text
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_unknown_benchmark_is_a_usage_error(tmp_path, capsys):
@@ -93,6 +152,6 @@ def test_bench_ccd_quick_with_kafka_and_startup(tmp_path):
 
 
 def test_slow_benchmarks_run_only_when_named():
-    slow = {"ccd", "cluster", "realpairs"}  # minutes; cluster needs SLURM, realpairs sfft
+    slow = {"ccd", "cluster", "realpairs", "peers"}  # minutes; cluster needs SLURM
     assert all(not BENCHMARKS[n].default for n in slow)
     assert all(b.default for n, b in BENCHMARKS.items() if n not in slow)
