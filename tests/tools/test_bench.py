@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -155,3 +156,68 @@ def test_slow_benchmarks_run_only_when_named():
     slow = {"ccd", "cluster", "realpairs", "peers"}  # minutes; cluster needs SLURM
     assert all(not BENCHMARKS[n].default for n in slow)
     assert all(b.default for n, b in BENCHMARKS.items() if n not in slow)
+
+
+PEER_TOOLS = ("SWarp", "source-extractor", "psfex")
+PEERS = ("SWarp", "PSFEx", "ZOGY", "SFFT", "Source Extractor")
+
+
+def _run_peers_script(tmp_path, path=None, peers_dir=None):
+    """bench_peers.py on a 512 × 512 pair with 20 transients, SFFT left out (minutes)."""
+    script = find_benchmark_dir() / BENCHMARKS["peers"].script
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent), "MPLBACKEND": "Agg"}
+    if path is not None:
+        env["PATH"] = path
+    args = ["--nx", "512", "--ny", "512", "--transients", "20", "--no-sfft"]
+    if peers_dir is not None:
+        args += ["--peers-dir", str(peers_dir)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          env=env, timeout=900, check=False, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)["rows"]
+
+
+def _check_apdask_rows(rows):
+    warp, psf = rows["apdask warp"]["quality"], rows["apdask PSF"]["quality"]
+    assert warp["rms_residual_over_noise"] < 0.5 and abs(warp["flux_ratio"] - 1) < 0.01
+    assert abs(psf["fwhm_error"]) < 0.05  # the true FWHM at the centre is 5.0 px
+    sub, det = rows["apdask subtract"]["quality"], rows["apdask detect+measure"]["quality"]
+    assert 0.9 < sub["noise_over_propagated"] < 1.1
+    assert sub["transients_matched"] >= 18 and det["transients_matched"] >= 18
+    assert det["unmatched_detections"] <= 2 and 0.9 < det["median_flux_over_true"] < 1.1
+
+
+def test_bench_peers_without_the_tools_gives_rows_with_reasons(tmp_path):
+    """No SWarp / Source Extractor / PSFEx on PATH, no wheels: a row with the reason each."""
+    rows = _run_peers_script(tmp_path, path=os.path.dirname(sys.executable),
+                             peers_dir=tmp_path / "none")  # fmt: skip
+    _check_apdask_rows(rows)
+    assert set(PEERS) <= set(rows)
+    assert all(rows[p]["status"] != "ok" and "seconds" not in rows[p] for p in PEERS)
+    assert rows["SWarp"]["status"] == "not installed (apt install swarp)"
+    assert rows["Source Extractor"]["status"].startswith("not installed")
+    assert rows["PSFEx"]["status"].startswith("not installed")
+    assert rows["ZOGY"]["status"] == "needs the PSFEx PSFs (PSFEx row)"
+    assert rows["SFFT"]["status"] == "not run (--no-sfft)"
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in PEER_TOOLS),
+                    reason="SWarp, source-extractor and psfex (Debian) not installed")  # fmt: skip
+def test_bench_peers_small_pair_with_the_debian_tools(tmp_path):
+    """SWarp, Source Extractor, PSFEx (and ZOGY when the wheels are in .cache/peers)."""
+    rows = _run_peers_script(tmp_path)
+    _check_apdask_rows(rows)
+    sw = rows["SWarp"]
+    assert sw["status"] == "ok" and sw["ratio_to_apdask"] > 0
+    # two Lanczos-3 resamplings of the same pixels onto the same grid agree closely
+    assert sw["quality"]["rms_difference_to_apdask_over_noise"] < 0.05
+    assert sw["quality"]["rms_residual_over_noise"] < 0.5
+    assert abs(rows["PSFEx"]["quality"]["fwhm_error"]) < 0.1
+    sex = rows["Source Extractor"]
+    assert sex["status"] == "ok" and 10 <= sex["quality"]["transients_matched"] <= 20
+    z = rows["ZOGY"]
+    if z["status"] == "ok":
+        assert 0.8 < z["quality"]["noise_over_propagated"] < 1.25
+        assert z["quality"]["transients_matched"] >= 15
+    else:
+        assert z["status"].startswith("not installed"), z["status"]
