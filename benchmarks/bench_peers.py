@@ -81,6 +81,16 @@ def _loadavg():
         return None
 
 
+def _rss_gb():
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+
+
+def _say(what):
+    print(f"[bench_peers] {what} (peak RSS {_rss_gb()} GB)", file=sys.stderr, flush=True)
+
+
 def _timed(fn, repeat=1, warm=True):
     if warm:
         fn()
@@ -389,8 +399,17 @@ def _padded_psf(stamp, shape):
     return np.roll(out, (-h, -h), axis=(0, 1))
 
 
-def _zogy(sci, tpl, stamps, sky, tmp, exe_sex):
-    """zogyp's ZOGY function with the PSFEx PSFs: (D, S_corr, σ_D propagated, seconds)."""
+def _tiles(n, k, overlap):
+    """``k`` spans covering ``range(n)``, each grown by ``overlap``: (lo, hi, keep_lo, keep_hi)."""
+    edges = np.linspace(0, n, k + 1).astype(int)
+    return [(max(a - overlap, 0), min(b + overlap, n), a, b)
+            for a, b in zip(edges[:-1], edges[1:], strict=True)]  # fmt: skip
+
+
+def _zogy(sci, tpl, stamps, sky, tmp, exe_sex, tiles):
+    """zogyp's ZOGY function with the PSFEx PSFs, on ``tiles`` × ``tiles`` overlapping
+    sub-images (as zogyp's own ``sub_imagex/y``; a full 4k × 4k frame needs ~10 GB in
+    ZOGY's complex128 arrays): (D, S_corr, σ_D propagated, seconds)."""
     bindir = tmp / "bin"  # zogyp runs `sextractor` when imported; Debian names it source-extractor
     bindir.mkdir(exist_ok=True)
     link = bindir / "sextractor"
@@ -401,43 +420,68 @@ def _zogy(sci, tpl, stamps, sky, tmp, exe_sex):
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from zogyp.zip import ZOGY
-    n = np.asarray(sci.image, float) - sky
-    r = np.asarray(tpl.image, float)
     sn = float(np.sqrt(np.median(sci.variance)))
     sr = float(np.sqrt(np.median(tpl.variance)))
+    ny, nx = sci.image.shape
+    d_all, s_all = np.zeros((ny, nx)), np.zeros((ny, nx))
     t0 = time.perf_counter()
-    pn, pr = _padded_psf(stamps[0], n.shape), _padded_psf(stamps[1], n.shape)
-    d, _, s_corr, _, _ = ZOGY(r, n, pr, pn, sr, sn, 1.0, 1.0, np.asarray(tpl.variance, float),
-                              np.asarray(sci.variance, float), 0.0, 0.0)  # fmt: skip
-    return d, s_corr, float(np.hypot(sn, sr)), time.perf_counter() - t0
+    for y0, y1, ky0, ky1 in _tiles(ny, tiles, 32):
+        for x0, x1, kx0, kx1 in _tiles(nx, tiles, 32):
+            cut = (slice(y0, y1), slice(x0, x1))
+            n = np.asarray(sci.image[cut], float) - sky
+            r = np.asarray(tpl.image[cut], float)
+            pn, pr = _padded_psf(stamps[0], n.shape), _padded_psf(stamps[1], n.shape)
+            d, _, s_corr, _, _ = ZOGY(r, n, pr, pn, sr, sn, 1.0, 1.0,
+                                      np.asarray(tpl.variance[cut], float),
+                                      np.asarray(sci.variance[cut], float), 0.0, 0.0)  # fmt: skip
+            keep = (slice(ky0 - y0, ky1 - y0), slice(kx0 - x0, kx1 - x0))
+            d_all[ky0:ky1, kx0:kx1] = d[keep]
+            s_all[ky0:ky1, kx0:kx1] = s_corr[keep]
+            del d, s_corr, n, r, pn, pr
+    return d_all, s_all, float(np.hypot(sn, sr)), time.perf_counter() - t0
 
 
-def _sfft(sci, tpl, kernel_half, tmp):
-    """sfft's numpy backend on the pair (FITS written untimed): (difference, seconds)."""
+def _sfft_child(ref, sci, out, kernel_half):
+    """In a child process (``--sfft-child``): sfft's numpy backend; prints its seconds."""
     import numba
     from sfft.CustomizedPacket import Customized_Packet
 
-    files = {}
-    for name, e in (("ref", tpl), ("sci", sci)):
-        files[name] = str(tmp / f"sfft-{name}.fits")
-        fits.writeto(files[name], np.asarray(e.image, np.float64), overwrite=True)
-    out = str(tmp / "sfft-diff.fits")
     set_threads = numba.set_num_threads  # sfft 1.7.3 assigns an int to it (a bug)
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             Customized_Packet.CP(
-                FITS_REF=files["ref"], FITS_SCI=files["sci"], FITS_mREF=files["ref"],
-                FITS_mSCI=files["sci"], ForceConv="REF", GKerHW=int(kernel_half),
-                FITS_DIFF=out, KerPolyOrder=1, BGPolyOrder=1, BACKEND_4SUBTRACT="Numpy",
-                NUM_CPU_THREADS_4SUBTRACT=os.cpu_count() or 1, VERBOSE_LEVEL=0,
+                FITS_REF=ref, FITS_SCI=sci, FITS_mREF=ref, FITS_mSCI=sci, ForceConv="REF",
+                GKerHW=int(kernel_half), FITS_DIFF=out, KerPolyOrder=1, BGPolyOrder=1,
+                BACKEND_4SUBTRACT="Numpy", NUM_CPU_THREADS_4SUBTRACT=os.cpu_count() or 1,
+                VERBOSE_LEVEL=0,
             )  # fmt: skip
     finally:
         numba.set_num_threads = set_threads
-    return np.asarray(fits.getdata(out), float), time.perf_counter() - t0
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
-def bench_subtraction(sci, tpl, truth, stamps, tmp, exe_sex, with_sfft, peers_dir):
+def _sfft(sci, tpl, kernel_half, tmp, peers_dir):
+    """sfft on the pair in a child process (FITS written untimed; an out-of-memory kill
+    there leaves this run a row with the reason): (difference, seconds)."""
+    files = {}
+    for name, e in (("ref", tpl), ("sci", sci)):
+        files[name] = str(tmp / f"sfft-{name}.fits")
+        fits.writeto(files[name], np.asarray(e.image, np.float64), overwrite=True)
+    out = str(tmp / "sfft-diff.fits")
+    cmd = [sys.executable, __file__, "--sfft-child", files["ref"], files["sci"], out,
+           str(int(kernel_half)), "--peers-dir", str(peers_dir)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        if "ModuleNotFoundError" in proc.stderr:
+            raise ImportError(proc.stderr.strip().splitlines()[-1])
+        why = "killed (out of memory?)" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise RuntimeError(f"sfft child {why}: {proc.stderr[-300:]}")
+    seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    return np.asarray(fits.getdata(out), float), seconds
+
+
+def bench_subtraction(sci, tpl, truth, stamps, tmp, exe_sex, with_sfft, peers_dir, zogy_tiles):
     """apdask's subtraction against ZOGY and SFFT."""
     txy = truth[:, :2]
     (diff, info), t_ours = _timed(lambda: subtract(sci, tpl))
@@ -468,12 +512,13 @@ def bench_subtraction(sci, tpl, truth, stamps, tmp, exe_sex, with_sfft, peers_di
         _peers_path(peers_dir)
         try:
             sky = 900.0  # make_pair's science sky (ZOGY wants background-subtracted images)
-            d, s_corr, sigma_d, t_z = _zogy(sci, tpl, stamps, sky, tmp, exe_sex)
+            d, s_corr, sigma_d, t_z = _zogy(sci, tpl, stamps, sky, tmp, exe_sex, zogy_tiles)
             edge = np.zeros(d.shape, bool)
             edge[:30], edge[-30:], edge[:, :30], edge[:, -30:] = True, True, True, True
             rows["ZOGY"] = _row(
                 "subtraction", "ZOGY (zogyp 1.6.3 ZOGY(), PSFEx PSFs, one PSF per image)",
-                t_ours, seconds=t_z, note="the PSFEx time is in the PSFEx row",
+                t_ours, seconds=t_z, sub_images=f"{zogy_tiles} x {zogy_tiles}",
+                note="the PSFEx time is in the PSFEx row",
                 quality={"noise_over_propagated": round(_robust_sigma(d[~edge]) / sigma_d, 3),
                          "on": "S_corr",
                          **found(np.where(edge, 0.0, s_corr), edge)})  # fmt: skip
@@ -488,7 +533,7 @@ def bench_subtraction(sci, tpl, truth, stamps, tmp, exe_sex, with_sfft, peers_di
         return rows, diff
     _peers_path(peers_dir)
     try:
-        d_sf, t_sf = _sfft(sci, tpl, info.kernel_size // 2, tmp)
+        d_sf, t_sf = _sfft(sci, tpl, info.kernel_size // 2, tmp, peers_dir)
         rows["SFFT"] = _row(
             "subtraction", "SFFT 1.7.3 (numpy backend, template convolved, linear kernel)",
             t_ours, seconds=t_sf, note="one run: includes sfft's numba compilation",
@@ -517,8 +562,20 @@ def main(argv=None):
     )
     ap.add_argument("--install", action="store_true",
                     help="pip install the wheels into --peers-dir/site first")  # fmt: skip
+    ap.add_argument(
+        "--zogy-tiles",
+        type=int,
+        default=None,
+        help="ZOGY on N x N sub-images (default: 2048 px or less each)",
+    )
     ap.add_argument("--out")
+    ap.add_argument("--sfft-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.sfft_child:
+        _peers_path(args.peers_dir)
+        _sfft_child(*args.sfft_child)
+        return 0
+    zogy_tiles = args.zogy_tiles or -(-max(args.nx, args.ny) // 2048)
     rep = {"machine": {"cpus": os.cpu_count(), "loadavg_before": _loadavg()}}
     if args.install:
         ok, err = install_peers(args.peers_dir)
@@ -536,16 +593,23 @@ def main(argv=None):
         sci_path, tpl_path = tmp / "sci.fits", tmp / "tpl.fits"
         fits.writeto(sci_path, np.asarray(sci.image, np.float32), sci.wcs.to_header())
         fits.writeto(tpl_path, np.asarray(tpl.image, np.float32), tpl.wcs.to_header())
+        _say("pair made")
         rows.update(bench_resampling(shape, n_stars, tmp, rng))
+        _say("resampling done")
         psf_rows, model_s, stamps = bench_psf(sci, sci_path, tpl_path, tmp, exe_sex, exe_psfex)
         rows.update(psf_rows)
+        _say("PSF done")
         sci_p = sci.copy_with(psf=model_s.mean, psf_model=model_s)
         tpl_p = tpl.copy_with(psf=estimate_psf_model(tpl, cells=1).mean)
-        sub_rows, diff = bench_subtraction(sci_p, tpl_p, truth, stamps, tmp, exe_sex,
-                                           not args.no_sfft, args.peers_dir)  # fmt: skip
+        sfft = not args.no_sfft
+        sub_rows, diff = bench_subtraction(
+            sci_p, tpl_p, truth, stamps, tmp, exe_sex, sfft, args.peers_dir, zogy_tiles
+        )
         rows.update(sub_rows)
+        _say("subtraction done")
         rows.update(bench_detection(diff, sci_p, tpl_p, truth, tmp, exe_sex))
     rep["rows"] = rows
+    rep["max_rss_GB"] = _rss_gb()
     rep["machine"]["loadavg_after"] = _loadavg()
     text = json.dumps(rep, indent=1, default=float)
     print(text)
