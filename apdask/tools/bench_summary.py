@@ -192,7 +192,9 @@ def _draw_peers(ax, rows):
         ratio = r.get("ratio_to_apdask")
         txt = f" {r['seconds']:.3g} s" + (f" ({ratio:g}× apdask)" if ratio else "")
         ax.text(float(r["seconds"]), yi, txt, va="center", fontsize=7)
-    ax.set_yticks(y, [f"{r['stage']}: {n}" for n, r in ok], fontsize=7)
+    names = [f"{r['stage']}: {n}" + (f" ({r['pair_shape'][0]}² pair)" if r.get("pair_shape")
+                                     else "") for n, r in ok]  # fmt: skip
+    ax.set_yticks(y, names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     if secs:
