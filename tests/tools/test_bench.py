@@ -221,3 +221,18 @@ def test_bench_peers_small_pair_with_the_debian_tools(tmp_path):
         assert z["quality"]["transients_matched"] >= 15
     else:
         assert z["status"].startswith("not installed"), z["status"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all(shutil.which(t) for t in PEER_TOOLS),
+                    reason="SWarp, source-extractor and psfex (Debian) not installed")  # fmt: skip
+def test_bench_peers_quick_draws_the_peers_panel(tmp_path):
+    """``apdask bench --only peers --quick``: the checks and the peers in the picture."""
+    out = tmp_path / "report.json"
+    assert main(["bench", "--only", "peers", "--quick", "--out", str(out)]) == 0
+    b = json.loads(out.read_text())["benchmarks"]["peers"]
+    checks = {c["label"]: c["value"] for c in b["checks"]}
+    assert checks["SWarp / apdask warp"] > 0 and checks["apdask: transients found"] >= 27
+    assert checks["SFFT (numpy) / apdask subtract"] is None  # --quick leaves SFFT out
+    text = (tmp_path / "report.html").read_text()
+    assert "<h2>Peers</h2>" in text and "not run (--no-sfft)" in text
