@@ -30,9 +30,10 @@ times apdask's stage and the peer's on the same pixels and gives the ratio
 
 A peer that is not installed or fails gives a row with the reason.  The Debian tools
 are found on ``PATH`` (``SWarp``, ``source-extractor``, ``psfex``); the wheels in
-``--peers-dir`` (default ``.cache/peers`` of the checkout), where ``--install`` puts them
-with ``pip install --target`` (never in the project's environment: sfft pins old
-numba behaviour, see ``_sfft``).  Every apdask step runs once untimed first (numba's
+``--peers-dir`` (default ``.cache/peers`` of the checkout), where the run puts them with
+``pip install --no-deps --target`` when they are not there yet (``--no-install``: never;
+``--install``: again), never in the project's environment (sfft 1.7.3 overwrites
+``numba.set_num_threads``, see ``_sfft_child``).  Every apdask step runs once untimed first (numba's
 compiled code); peers run once, timed (their start-up is part of their cost).
 Prints one JSON object, with ``/proc/loadavg`` before and after.
 """
@@ -71,7 +72,7 @@ from apdask.pipeline.template import warp_template  # noqa: E402
 
 TRUE_FWHM_CENTRE = 5.0  # px: bench_subtract's science FWHM, 0.9-1.1" at 0.2"/px, 1.0" mid-CCD
 TEMPLATE_SIGMA_PX = 0.7 / 0.2 / 2.3548
-WHEELS = ("sfft==1.7.3", "sep", "fastremap", "pyfftw", "zogyp==1.6.3")
+WHEELS = ("sfft==1.7.3", "sep==1.4.1", "fastremap==1.21.0", "pyfftw==0.15.1", "zogyp==1.6.3")
 
 
 def _loadavg():
@@ -387,7 +388,10 @@ def install_peers(peers_dir):
     site = Path(peers_dir) / "site"
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps",
            "--timeout", "30", "--target", str(site), *WHEELS]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
+    except subprocess.TimeoutExpired:
+        return False, "pip install timed out after 600 s"
     return proc.returncode == 0, proc.stderr[-300:]
 
 
@@ -526,7 +530,7 @@ def bench_subtraction(sci, tpl, truth, stamps, tmp, exe_sex, peers_dir, zogy_til
                      "on": "S_corr", **_found(np.where(edge, 0, s_corr), edge, truth)})  # fmt: skip
     except ImportError as e:
         rows["ZOGY"] = _missing(
-            "subtraction", "ZOGY", f"not installed ({e}; bench_peers.py --install)", t_ours
+            "subtraction", "ZOGY", f"not installed ({e}; see 'install' in the report)", t_ours
         )
     except Exception as e:  # noqa: BLE001
         rows["ZOGY"] = _missing("subtraction", "ZOGY", f"failed: {e!r}"[:400], t_ours)
@@ -540,7 +544,7 @@ def bench_sfft(sci, tpl, truth, diff, info, t_ours, tmp, peers_dir, note=""):
     try:
         d_sf, times = _sfft(sci, tpl, info.kernel_size // 2, tmp, peers_dir)
     except ImportError as e:
-        why = f"not installed ({e}; bench_peers.py --install)"
+        why = f"not installed ({e}; see 'install' in the report)"
         return _missing("subtraction", "SFFT (numpy)", why, t_ours)
     except Exception as e:  # noqa: BLE001
         return _missing("subtraction", "SFFT (numpy)", f"failed: {e!r}"[:400], t_ours)
@@ -581,8 +585,13 @@ def main(argv=None):
         default=str(ROOT / ".cache" / "peers"),
         help="where the zogyp / sfft wheels are (pip install --target DIR/site)",
     )
-    ap.add_argument("--install", action="store_true",
-                    help="pip install the wheels into --peers-dir/site first")  # fmt: skip
+    ap.add_argument(
+        "--install",
+        action="store_true",
+        help="pip install the wheels into --peers-dir/site, even if there",
+    )
+    ap.add_argument("--no-install", action="store_true",
+                    help="never pip install the wheels (their rows then say why)")  # fmt: skip
     ap.add_argument(
         "--zogy-tiles",
         type=int,
@@ -604,9 +613,11 @@ def main(argv=None):
         return 0
     zogy_tiles = args.zogy_tiles or -(-max(args.nx, args.ny) // 2048)
     rep = {"machine": {"cpus": os.cpu_count(), "loadavg_before": _loadavg()}}
-    if args.install:
+    site = Path(args.peers_dir) / "site"
+    have = all((site / m).is_dir() for m in ("sfft", "zogyp", "sep-1.4.1.dist-info"))
+    if args.install or (not have and not args.no_install):
         ok, err = install_peers(args.peers_dir)
-        rep["install"] = "ok" if ok else f"failed: {err}"
+        rep["install"] = f"ok: {site}" if ok else f"failed: {err}"
     shape = (args.ny, args.nx)
     n_stars = max(50, int(5000 * args.nx * args.ny / (4072 * 4000)))
     rng = np.random.default_rng(7)

@@ -170,7 +170,7 @@ def _run_peers_script(tmp_path, path=None, peers_dir=None):
         env["PATH"] = path
     args = ["--nx", "512", "--ny", "512", "--transients", "20", "--no-sfft"]
     if peers_dir is not None:
-        args += ["--peers-dir", str(peers_dir)]
+        args += ["--peers-dir", str(peers_dir), "--no-install"]
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           env=env, timeout=900, check=False, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -199,6 +199,7 @@ def test_bench_peers_without_the_tools_gives_rows_with_reasons(tmp_path):
     assert rows["PSFEx"]["status"].startswith("not installed")
     assert rows["ZOGY"]["status"] == "needs the PSFEx PSFs (PSFEx row)"
     assert rows["SFFT"]["status"] == "not run (--no-sfft)"
+    assert not (tmp_path / "none").exists()  # --no-install: nothing was fetched
 
 
 @pytest.mark.skipif(not all(shutil.which(t) for t in PEER_TOOLS),
