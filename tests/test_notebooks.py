@@ -40,6 +40,7 @@ FIGURES = {
     ],
     "benchmarks.ipynb": [
         "budget_used(c)",  # every figure against its target
+        "write_summary(report",  # apdask bench's picture: targets, peers, floors
         'sub["peers_published_s"]',  # subtraction vs the FFT floor and peers
         'sub["subtract_steps_s"]',
         "rates = {",  # alert packaging vs lsst.alert.packet

@@ -133,7 +133,13 @@ def bench_command(args: argparse.Namespace) -> int:
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1, default=str)
     print(format_summary(result))
-    print(f"full report: {args.out}")
+    from pathlib import Path
+
+    from apdask.tools.bench_summary import write_summary  # matplotlib: only when needed
+
+    out = Path(args.out)
+    png, page = write_summary(result, out.with_suffix(".png"), out.with_suffix(".html"))
+    print(f"full report: {args.out}; summary picture: {png}, {page}")
     failed = [n for n, b in result["benchmarks"].items() if b["returncode"] != 0]
     return 70 if failed else 0
 

@@ -243,12 +243,17 @@ def _add_data_commands(sub):
     p.add_argument(
         "--only",
         help="comma list of: association, ppdb, alerts, subtract, distributor, "
-        "reliability, ccd, cluster (default: all but ccd, which takes minutes, and "
-        "cluster, which needs SLURM)",
+        "reliability, ccd, cluster, realpairs, peers (default: all but ccd, realpairs and "
+        "peers, which take minutes, and cluster, which needs SLURM)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke check, not targets")
     p.add_argument("--dir", help="the benchmarks/ directory (default: the source checkout's)")
-    p.add_argument("--out", default="bench-report.json", help="JSON report (default %(default)s)")
+    p.add_argument(
+        "--out",
+        default="bench-report.json",
+        help="JSON report (default %(default)s); the summary picture goes beside it "
+        "(.png, and .html with the tables)",
+    )
 
 
 def _add_service_commands(sub):

@@ -184,6 +184,22 @@ BENCHMARKS = {
         quick_args=("--repeat", "1", "--no-sfft", "--only", "DEC-OBS04a"),
         default=False,
     ),
+    "peers": Benchmark(  # minutes at full size (SFFT alone ~2 min): SWarp, SExtractor, ...
+        "bench_peers.py", 18,
+        (Check("SWarp / apdask warp", ("rows", "SWarp", "ratio_to_apdask"), unit="x"),
+         Check("PSFEx (with its catalogue) / apdask PSF model",
+               ("rows", "PSFEx", "ratio_to_apdask"), unit="x"),
+         Check("ZOGY (zogyp) / apdask subtract", ("rows", "ZOGY", "ratio_to_apdask"), unit="x"),
+         Check("SFFT (numpy) / apdask subtract", ("rows", "SFFT", "ratio_to_apdask"), unit="x"),
+         Check("Source Extractor / apdask detect+measure",
+               ("rows", "Source Extractor", "ratio_to_apdask"), unit="x"),
+         Check("apdask: transients found", ("rows", "apdask detect+measure", "quality",
+                                            "transients_matched"), unit="found"),
+         Check("Source Extractor: transients found", ("rows", "Source Extractor", "quality",
+                                                      "transients_matched"), unit="found")),
+        quick_args=("--nx", "1024", "--ny", "1024", "--transients", "30", "--no-sfft"),
+        default=False,
+    ),
 }  # fmt: skip
 
 
@@ -226,6 +242,7 @@ def run_benchmarks(
     quick: bool = False,
     bench_dir: str | os.PathLike[str] | None = None,
     timeout: float = 1800.0,
+    floors: bool = True,
 ) -> dict[str, Any]:
     """Run benchmark scripts; return a report with each script's JSON and the checks.
 
@@ -238,13 +255,16 @@ def run_benchmarks(
     bench_dir : str or os.PathLike, optional
     timeout : float
         Seconds per script.
+    floors : bool
+        Also time the floors of one CCD on this machine
+        (:func:`apdask.tools.bench_summary.measure_floors`), before the scripts.
 
     Returns
     -------
     dict
-        ``machine``, ``quick`` and, per benchmark, ``seconds``, ``returncode``,
-        ``report`` (the script's JSON or None), ``stderr_tail`` and ``checks``
-        (label, value, unit, target, met).
+        ``machine``, ``quick``, ``floors`` (when measured) and, per benchmark,
+        ``seconds``, ``returncode``, ``report`` (the script's JSON or None),
+        ``stderr_tail`` and ``checks`` (label, value, unit, target, met).
     """
     names = [n for n, b in BENCHMARKS.items() if b.default] if not names else list(names)
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -261,6 +281,10 @@ def run_benchmarks(
         "quick": bool(quick),
         "benchmarks": {},
     }
+    if floors:
+        from apdask.tools.bench_summary import measure_floors
+
+        out["floors"] = measure_floors()
     for name in names:
         b = BENCHMARKS[name]
         cmd = [sys.executable, str(bench_dir / b.script), *(b.quick_args if quick else b.args)]
