@@ -320,9 +320,9 @@ class KafkaSink:
         if self.shared:
             entry = self._entry
             if entry is None or entry.fatal is not None or entry.pid != os.getpid():
-                self._entry = _shared_producer(self._config())
-                self._producer = self._entry.producer
-            return self._entry.producer
+                entry = self._entry = _shared_producer(self._config())
+                self._producer = entry.producer
+            return entry.producer
         if self._producer is None or self._fatal is not None:
             self._fatal = None
             self._producer = Producer({**self._config(), "error_cb": self._on_error})
