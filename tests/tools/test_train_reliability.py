@@ -82,7 +82,8 @@ def test_plant_puts_the_flux_where_it_says():
     sci2, tpl2, planted = plant(sci, tpl, statics, seed=3, n_real=8, n_artefact=6)
     added = np.asarray(sci2.image, float) - np.asarray(sci.image, float)
     removed = np.asarray(tpl2.image, float) - np.asarray(tpl.image, float)
-    assert set(planted.kind) <= {"planted", "planted-negative", "dipole", "ring", "cosmic"}
+    kinds = {"planted", "planted-negative", "dipole", "ring", "cosmic", "cosmic-template"}
+    assert set(planted.kind) <= kinds and "cosmic-template" in planted.kind
     assert (planted.sign[planted.kind == "planted"] == 1).all()
     assert (planted.sign[planted.kind == "planted-negative"] == -1).all()
     checked = 0
@@ -98,8 +99,10 @@ def test_plant_puts_the_flux_where_it_says():
             assert removed[box].sum() > 0 and abs(added[box].sum()) < 1e-6
         elif k in ("dipole", "ring"):  # at the static source, no net flux
             assert np.hypot(x - 100, y - 100) < 1 and abs(added[box].sum()) < 1e-3 * 1e5
-        else:
-            assert added[box].max() > 5 * 10  # a cosmic ray: > 5 sigma
+        elif k == "cosmic":
+            assert added[box].max() > 5 * 10 and np.abs(removed[box]).max() < 1e-6  # > 5 sigma
+        else:  # a cosmic ray in the template (its noise: 1)
+            assert removed[box].max() > 5 * 1 and np.abs(added[box]).max() < 1e-6
     assert checked >= 5
     assert sci2.psf is sci.psf and np.array_equal(sci2.mask, sci.mask)
 
