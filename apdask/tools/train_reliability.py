@@ -30,7 +30,7 @@ one the package ships, ``apdask/pipeline/measure/reliability_v2.json``), a JSON 
 with the held-out ROC figures per dataset and kind and the inference cost, the ROC
 figure (PNG) and the examples (``<workdir>/examples.ecsv``).  Everything is seeded: the
 same command gives the same model.  ``--quick`` runs a small version (one seed or pair
-of each) for tests.  About 5 minutes on two loaded cores.
+of each) for tests.  About 10 minutes on two cores at load 13-15.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ PPDB rows and the alert packets carry them.
 The features (:data:`RELIABILITY_FEATURES`) come from the measured columns (S/N, PSF
 fit χ², aperture to PSF flux, template and science S/N, second moments against the
 PSF's, dipole and pixel flags) and from the difference pixels around each source
-(opposite-sign flux, peak sharpness, correlation with the PSF, masked fraction), all
-in units of the PSF so that one model serves any pixel scale.  The model is a sum of
-depth-limited regression trees (gradient boosting on the log-odds) in a small JSON
-file shipped with the package, evaluated with numpy only.  It is trained by
+(opposite-sign flux, peak sharpness, correlation with the PSF and its contrast with
+narrower and broader Gaussians, masked fraction), all in units of the PSF so that one
+model serves any pixel scale.  The model is a sum of depth-limited regression trees
+(gradient boosting on the log-odds) in a small JSON file shipped with the package,
+evaluated with numpy only.  It is trained by
 :mod:`apdask.tools.train_reliability`; ``docs/alerts.md`` ("Reliability") gives its
 training data and ROC curves.
 """
@@ -330,7 +331,11 @@ def _pixel_features(
         corr = _psf_correlation(d, ok & (r <= 2.0 * fwhm), psf, half)
         wide2 = r <= 2.0 * fwhm
         masked = (wide2 & ~ok).sum((1, 2)) / np.maximum(wide2.sum((1, 2)), 1)
-        narrow, broad, central = _shape_contrast(d, ok & (r <= 1.5 * fwhm), r, fwhm)
+        k = min(half, int(np.ceil(1.5 * fwhm)))  # the pixels within 1.5 FWHM, no more
+        inner = slice(half - k, half + k + 1)
+        di, ri = d[:, inner, inner], r[:, inner, inner]
+        narrow, broad, central = _shape_contrast(di, ok[:, inner, inner] & (ri <= 1.5 * fwhm),
+                                                 ri, fwhm)  # fmt: skip
     if n == 0:
         return [np.zeros(0)] * 5, [np.zeros(0)] * 3
     return [
