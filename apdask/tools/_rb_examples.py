@@ -10,8 +10,9 @@ pixels before the pipeline ran:
   or a variable) or in a template (a source that faded: a negative DIASource), and
   the DECam transient of ``../shared/realdata`` (see its README);
 * **bogus**: artefacts planted in the science image (dipoles of moved stars, rings of
-  a PSF mismatch at stars, cosmic-ray tracks and hot pixels) and every other
-  detection away from any real source (subtraction residuals, noise, edges).
+  a PSF mismatch at stars, cosmic-ray tracks and hot pixels), cosmic rays and hot
+  pixels planted in the template (negative DIASources), and every other detection
+  away from any real source (subtraction residuals, noise, edges).
 
 Detections near a real source of the wrong sign or at the wrong distance are left
 out.  Used by :mod:`apdask.tools.train_reliability`.
@@ -39,6 +40,10 @@ __all__ = ["Examples", "Planted", "plant", "label_sources", "bright_peaks"]
 
 #: What a planted artefact is called in :attr:`Examples.kind`.
 ARTEFACTS = ("dipole", "ring", "cosmic")
+#: Fraction of the planted cosmic rays and hot pixels that go into the template (an
+#: unmasked one there is a sharp negative DIASource; single-exposure templates, such as
+#: the DECam pairs', have many).
+TEMPLATE_COSMIC_FRACTION = 1.0 / 3.0
 #: Pixels where nothing is planted.
 _AVOID = MASK["BAD"] | MASK["SAT"] | MASK["EDGE"] | MASK["NO_DATA"]
 
@@ -271,8 +276,9 @@ def plant(
     _add_stamps(tpl, stamps, x[neg], y[neg])
     planted = Planted.of(x, y, np.where(neg, -1, 1), np.where(neg, "planted-negative", "planted"))
     planted += _plant_artefacts(
-        rng, sci, science, psf_source, _not_brightest(statics), n_artefact, fwhm, margin, planted
-    )
+        rng, sci, tpl, science, template, psf_source, _not_brightest(statics), n_artefact, fwhm,
+        margin, planted,
+    )  # fmt: skip
     return (
         science.copy_with(image=sci.astype(np.float32)),
         template.copy_with(image=tpl.astype(np.float32)),
@@ -290,9 +296,10 @@ def _not_brightest(statics: Table) -> Table:
     return statics[flux <= np.quantile(flux, 0.8)]
 
 
-def _plant_artefacts(rng, img, science, psf_source, statics, n, fwhm, margin, planted):
+def _plant_artefacts(rng, img, tpl, science, template, psf_source, statics, n, fwhm, margin,
+                     planted):  # fmt: skip
     """Dipoles and rings at static sources (the brighter, the likelier), cosmic rays and
-    hot pixels anywhere."""
+    hot pixels anywhere (a third of them in the template ``tpl``: negative DIASources)."""
     kinds = rng.choice(ARTEFACTS, n, p=[0.35, 0.25, 0.4])
     ny, nx = img.shape
     sx, sy = np.asarray(statics["x"], float), np.asarray(statics["y"], float)
@@ -322,11 +329,14 @@ def _plant_artefacts(rng, img, science, psf_source, statics, n, fwhm, margin, pl
     taken = list(zip(planted.x, planted.y, strict=True)) + list(zip(xs, ys, strict=True))
     pos = _positions(rng, int((kinds == "cosmic").sum()), img.shape, science.mask, fwhm, taken, 8)
     sig = np.sqrt(np.maximum(np.asarray(science.variance, float), 0.0))
-    for x, y in pos:
-        _add_stamps(img, _cosmic_ray(rng, fwhm) * sig[int(y), int(x)], [x], [y])
+    tsig = np.sqrt(np.maximum(np.asarray(template.variance, float), 0.0))
+    in_template = rng.random(len(pos)) < TEMPLATE_COSMIC_FRACTION
+    for (x, y), in_tpl in zip(pos, in_template, strict=True):
+        target, s = (tpl, tsig) if in_tpl else (img, sig)
+        _add_stamps(target, _cosmic_ray(rng, fwhm) * s[int(y), int(x)], [x], [y])
         xs.append(float(x))
         ys.append(float(y))
-        ks.append("cosmic")
+        ks.append("cosmic-template" if in_tpl else "cosmic")
     return Planted.of(xs, ys, 0, ks)
 
 

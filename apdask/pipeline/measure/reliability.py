@@ -8,10 +8,11 @@ PPDB rows and the alert packets carry them.
 The features (:data:`RELIABILITY_FEATURES`) come from the measured columns (S/N, PSF
 fit χ², aperture to PSF flux, template and science S/N, second moments against the
 PSF's, dipole and pixel flags) and from the difference pixels around each source
-(opposite-sign flux, peak sharpness, correlation with the PSF, masked fraction), all
-in units of the PSF so that one model serves any pixel scale.  The model is a sum of
-depth-limited regression trees (gradient boosting on the log-odds) in a small JSON
-file shipped with the package, evaluated with numpy only.  It is trained by
+(opposite-sign flux, peak sharpness, correlation with the PSF and its contrast with
+narrower and broader Gaussians, masked fraction), all in units of the PSF so that one
+model serves any pixel scale.  The model is a sum of depth-limited regression trees
+(gradient boosting on the log-odds) in a small JSON file shipped with the package,
+evaluated with numpy only.  It is trained by
 :mod:`apdask.tools.train_reliability`; ``docs/alerts.md`` ("Reliability") gives its
 training data and ROC curves.
 """
@@ -64,10 +65,13 @@ RELIABILITY_FEATURES = (
     "masked_fraction",  # fraction of pixels within 2 FWHM with a mask bit set
     "science_sharpness",  # science: brightest pixel over scienceFlux x its PSF's peak
     "template_sharpness",  # the same on the template (a cosmic ray in it: >> 1)
+    "narrow_vs_psf",  # correlation with a Gaussian half the PSF's width minus with the PSF's
+    "broad_vs_psf",  # the same with a Gaussian 1.6 times the PSF's width
+    "peak_over_fit",  # brightest central pixel over a PSF-width Gaussian fit's peak
 )
 
 #: The model shipped with the package.
-_DEFAULT_MODEL = "reliability_v1.json"
+_DEFAULT_MODEL = "reliability_v2.json"
 #: Mask planes that make a pixel unusable for the pixel features.
 _BAD_BITS = mask_bits("BAD", "SAT", "CR", "EDGE", "NO_DATA", "SUSPECT")
 #: Longest ``reliabilityVersion`` the APDB schema stores (``length: 7``).
@@ -301,8 +305,10 @@ def _stamps(
 
 def _pixel_features(
     tab: Table, difference: Exposure, psf: np.ndarray, fwhm: float
-) -> list[np.ndarray]:
-    """The features of :data:`RELIABILITY_FEATURES` that come from the difference pixels."""
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The features of :data:`RELIABILITY_FEATURES` that come from the difference pixels:
+    ``opposite_core`` to ``masked_fraction``, and ``narrow_vs_psf`` to
+    ``peak_over_fit``."""
     n = len(tab)
     half = int(np.clip(np.ceil(2.5 * fwhm), 2, 25))
     x, y = _col(tab, "x"), _col(tab, "y")
@@ -325,14 +331,23 @@ def _pixel_features(
         corr = _psf_correlation(d, ok & (r <= 2.0 * fwhm), psf, half)
         wide2 = r <= 2.0 * fwhm
         masked = (wide2 & ~ok).sum((1, 2)) / np.maximum(wide2.sum((1, 2)), 1)
+        k = min(half, int(np.ceil(1.5 * fwhm)))  # the pixels within 1.5 FWHM, no more
+        inner = slice(half - k, half + k + 1)
+        di, ri = d[:, inner, inner], r[:, inner, inner]
+        narrow, broad, central = _shape_contrast(di, ok[:, inner, inner] & (ri <= 1.5 * fwhm),
+                                                 ri, fwhm)  # fmt: skip
     if n == 0:
-        return [np.zeros(0)] * 5
+        return [np.zeros(0)] * 5, [np.zeros(0)] * 3
     return [
         _finite(opp_core, 1.0, 0.0, 10.0),
         _finite(opp_wide, 1.0, 0.0, 10.0),
         _finite(peak, 0.0, -5.0, 20.0),
         _finite(corr, 0.0, -1.0, 1.0),
         _finite(masked, 1.0, 0.0, 1.0),
+    ], [
+        _finite(narrow, 0.0, -2.0, 2.0),
+        _finite(broad, 0.0, -2.0, 2.0),
+        _finite(central, 1.0, -5.0, 20.0),
     ]
 
 
@@ -357,6 +372,39 @@ def _sharpness(tab: Table, exposure: Exposure | None, band: str, default_psf: np
         ratio = (c - bkg) / (flux * float(psf.max()))
         ratio = np.where(np.abs(flux / err) >= 5.0, ratio, 1.0)
     return _finite(ratio, 1.0, -5.0, 20.0)
+
+
+def _shape_contrast(
+    d: np.ndarray, sel: np.ndarray, r: np.ndarray, fwhm: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How much sharper or broader than the PSF each difference stamp is.
+
+    Pearson correlations of the pixels ``sel`` with circular Gaussians centred on the
+    source (sub-pixel), of the PSF's width and of 0.5 and 1.6 times it: the narrow one
+    minus the PSF's (> 0 for a cosmic ray, hot pixel or track), the broad one minus
+    the PSF's (> 0 for an extended residual); and the brightest of the 3 x 3 central
+    pixels over the flux of a PSF-width Gaussian fitted to ``sel`` times its peak
+    fraction (about 1 for a point source, far more for a single sharp pixel).
+    """
+    sigma = fwhm / 2.3548
+    r2 = r * r
+    w = sel.astype(np.float64)
+    nw = np.maximum(w.sum((1, 2)), 1.0)
+    md = (d * w).sum((1, 2)) / nw
+    a = (d - md[:, None, None]) * w
+    aa = (a * a).sum((1, 2))
+    corr = []
+    for scale in (0.5, 1.0, 1.6):
+        g = np.exp(-0.5 * r2 / (scale * sigma) ** 2)
+        mg = (g * w).sum((1, 2)) / nw
+        b = (g - mg[:, None, None]) * w
+        corr.append((a * b).sum((1, 2)) / np.sqrt(aa * (b * b).sum((1, 2))))
+    g = np.exp(-0.5 * r2 / sigma**2)
+    amp = (d * g * w).sum((1, 2)) / (g * g * w).sum((1, 2))
+    h = d.shape[1] // 2
+    c = slice(h - 1, h + 2)
+    peak = np.where(sel[:, c, c], d[:, c, c], -np.inf).max((1, 2))
+    return corr[0] - corr[1], corr[2] - corr[1], peak / amp
 
 
 def _psf_correlation(d: np.ndarray, sel: np.ndarray, psf: np.ndarray, half: int) -> np.ndarray:
@@ -408,9 +456,11 @@ def reliability_features(
         raise ValueError(msg)
     psf = np.asarray(difference.psf, np.float64)
     fwhm = max(float(psf_fwhm(psf)), 1.0)
-    cols = _table_features(sources, fwhm) + _pixel_features(sources, difference, psf, fwhm)
+    pixels, shape = _pixel_features(sources, difference, psf, fwhm)
+    cols = _table_features(sources, fwhm) + pixels
     cols += [_sharpness(sources, science, "science", psf),
              _sharpness(sources, template, "template", psf)]  # fmt: skip
+    cols += shape
     return np.column_stack(cols).astype(np.float64)
 
 
