@@ -131,6 +131,18 @@ BENCHMARKS = {
         (Check("timeout overshoot (worst)", ("timeout_overshoot_s",), "<=", 1.0, "s", max),),
         quick_args=("--reps", "1"),
     ),
+    "trail": Benchmark(  # the Veres fit on injected trails (PSF FWHM 4 px, 5-30 px long)
+        "bench_trail.py", 16,
+        (Check("trail length error, robust sigma (S/N 82)",
+               ("injected", "snr_82", "length_rel", "robust_sigma"), "<=", 0.05),
+         Check("trail angle error, robust sigma (S/N 82)",
+               ("injected", "snr_82", "angle_deg", "robust_sigma"), "<=", 3.0, "deg"),
+         Check("trail flux error, median (S/N 82)",
+               ("injected", "snr_82", "flux_rel", "median"), unit=""),
+         Check("fit per trail (image made too)",
+               ("injected", "snr_82", "ms_per_trail_with_image"), unit="ms")),
+        quick_args=("--n", "20"),
+    ),
     "reliability": Benchmark(
         "bench_reliability.py", 16,
         (Check("real/bogus score per source, features included (2,000 per CCD)",

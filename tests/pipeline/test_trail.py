@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from apdask.core.exposure import MASK
 from apdask.pipeline.measure.detection import detect_sources
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.measure.trail import (
+    _EDGE_LEVEL,
     fit_trail,
     is_elongated,
     psf_flux_ratio,
     psf_sigma,
+    trail_on_edge,
     veres_model,
 )
 from tests._pixels import add_stars, exposure_from, gaussian_psf, make_wcs
@@ -145,6 +148,21 @@ def test_trail_crossing_the_edge_sets_trail_flag_edge():
     edge = _row(tab, 3.0, 140.0)
     assert edge["trailNdata"] > 0 and edge["trail_flag_edge"]
     assert tab["trail_flag_edge"].sum() == 1
+
+
+def test_edge_check_of_a_trail_ending_at_the_last_column():
+    """The model's box rounds outwards: one ending within a pixel of the last column or
+    row is checked on the pixels that exist (it indexed one past them and raised)."""
+    shape = (60, 80)
+    mask = np.zeros(shape, np.uint32)
+    reach = SIGMA * np.sqrt(-2.0 * np.log(_EDGE_LEVEL))
+    x1, y1 = 79.4 - reach, 58.9 - reach  # inside by 0.1 px: not off the image
+    fit = {"x0": x1 - 12.0, "y0": y1 - 9.0, "x1": x1, "y1": y1,
+           "x": x1 - 6.0, "y": y1 - 4.5}  # fmt: skip
+    assert not trail_on_edge(exposure_from(np.zeros(shape), np.ones(shape), mask=mask), fit, SIGMA)
+    mask[-2:, :] |= MASK["EDGE"]
+    mask[:, -2:] |= MASK["EDGE"]
+    assert trail_on_edge(exposure_from(np.zeros(shape), np.ones(shape), mask=mask), fit, SIGMA)
 
 
 def test_is_elongated_selects_trails_against_the_psf():

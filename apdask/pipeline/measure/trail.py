@@ -293,8 +293,10 @@ def trail_on_edge(exposure: Exposure, fit: dict[str, Any], sigma: float) -> bool
     ya, yb = sorted((fit["y0"], fit["y1"]))
     if xa - reach < -0.5 or ya - reach < -0.5 or xb + reach > nx - 0.5 or yb + reach > ny - 0.5:
         return True
-    bx0, bx1 = int(np.floor(xa - reach)), int(np.ceil(xb + reach)) + 1
-    by0, by1 = int(np.floor(ya - reach)), int(np.ceil(yb + reach)) + 1
+    # the box within the image (the test above leaves the model inside it, but the
+    # rounding outwards can reach one pixel past the last row or column)
+    bx0, bx1 = max(int(np.floor(xa - reach)), 0), min(int(np.ceil(xb + reach)) + 1, nx)
+    by0, by1 = max(int(np.floor(ya - reach)), 0), min(int(np.ceil(yb + reach)) + 1, ny)
     yy, xx = np.mgrid[by0:by1, bx0:bx1]
     ex, ey = 0.5 * (fit["x1"] - fit["x0"]), 0.5 * (fit["y1"] - fit["y0"])
     mod = veres_model(xx, yy, (fit["x"], fit["y"], ex, ey), sigma)
