@@ -103,6 +103,17 @@ def _pool(args, repo, name):
                          scheduler_host="127.0.0.1", job_name=name)  # fmt: skip
 
 
+def _peak_rss_gb(client):
+    """Each worker process's peak resident memory (GB), to size ``--mem`` by."""
+
+    def peak():
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
+
+    return sorted(round(v, 2) for v in client.run(peak).values())
+
+
 def _wait_warm(client, n, timeout=300):
     deadline = time.monotonic() + timeout
     while len(client.scheduler_info(n_workers=-1)["workers"]) < n:
@@ -122,9 +133,11 @@ def _warm_pool(base, work, n, args):
                              result_timeout=args.visit_timeout)
                    for nv in _visits(repo, n)]  # fmt: skip
         t_end = time.monotonic()
+        peak = _peak_rss_gb(client)
     return {"wall_s": round(t_end - t0, 2), "startup_s": round(t_warm - t0, 2),
             "jobs": len(jobs.ids), "n_alerts": [r["n_alerts"] for r in reports],
-            "per_visit_s": [round(r["wall_s"], 2) for r in reports]}  # fmt: skip
+            "per_visit_s": [round(r["wall_s"], 2) for r in reports],
+            "worker_peak_rss_GB": peak}  # fmt: skip
 
 
 def _hold_back(repo, visit):
@@ -177,12 +190,13 @@ def _latency(base, work, args):
                         "prefetch_before_images": None})  # fmt: skip
         for t in timers:
             t.join()
+        peak = _peak_rss_gb(client)
     for row in out:
         ends = [s["stop"] for t in ts.data if str(t["key"]).startswith(f"prefetch-{row['visit']}-")
                 for s in t["startstops"] if s["action"] == "compute"]  # fmt: skip
         row["prefetch_before_images"] = bool(ends) and max(ends) < delivered[row["visit"]]
     return {"cadence_s": args.cadence, "exposure_s": args.exposure, "jobs": len(jobs.ids),
-            "visits": out}  # fmt: skip
+            "worker_peak_rss_GB": peak, "visits": out}  # fmt: skip
 
 
 _MEMORY = {"testcam": "2GB", "comcam": "6GB"}  # per one-core job; a 4k CCD peaks at ~3 GB
