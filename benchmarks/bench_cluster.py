@@ -191,10 +191,14 @@ def _latency(base, work, args):
         for t in timers:
             t.join()
         peak = _peak_rss_gb(client)
-    for row in out:
-        ends = [s["stop"] for t in ts.data if str(t["key"]).startswith(f"prefetch-{row['visit']}-")
-                for s in t["startstops"] if s["action"] == "compute"]  # fmt: skip
-        row["prefetch_before_images"] = bool(ends) and max(ends) < delivered[row["visit"]]
+    for row in out:  # prefetch: calibrations and PPDB history; prewarp: the template's warp
+        for step in ("prefetch", "prewarp"):
+            ends = [s["stop"] for t in ts.data
+                    if str(t["key"]).startswith(f"{step}-{row['visit']}-")
+                    for s in t["startstops"] if s["action"] == "compute"]  # fmt: skip
+            images = delivered[row["visit"]]
+            row[f"{step}_before_images"] = bool(ends) and max(ends) < images
+            row[f"{step}_end_after_images_s"] = round(max(ends) - images, 2) if ends else None
     return {"cadence_s": args.cadence, "exposure_s": args.exposure, "jobs": len(jobs.ids),
             "worker_peak_rss_GB": peak, "visits": out}  # fmt: skip
 
