@@ -114,6 +114,11 @@ def _peak_rss_gb(client):
     return sorted(round(v, 2) for v in client.run(peak).values())
 
 
+def _ccd_alerts(report):
+    """Alerts per CCD of a visit report (to compare runs CCD by CCD)."""
+    return {c["detector"]: c["n_alerts"] for c in report["ccds"]}
+
+
 def _wait_warm(client, n, timeout=300):
     deadline = time.monotonic() + timeout
     while len(client.scheduler_info(n_workers=-1)["workers"]) < n:
@@ -137,6 +142,7 @@ def _warm_pool(base, work, n, args):
     return {"wall_s": round(t_end - t0, 2), "startup_s": round(t_warm - t0, 2),
             "jobs": len(jobs.ids), "n_alerts": [r["n_alerts"] for r in reports],
             "per_visit_s": [round(r["wall_s"], 2) for r in reports],
+            "ccd_alerts": [_ccd_alerts(r) for r in reports],
             "worker_peak_rss_GB": peak}  # fmt: skip
 
 
@@ -187,6 +193,7 @@ def _latency(base, work, args):
             out.append({"visit": visit, "n_alerts": report["n_alerts"],
                         "nextvisit_to_done_s": round(done - t_nv, 2),
                         "image_to_alerts_s": round(max(c["latency_s"] for c in report["ccds"]), 2),
+                        "ccd_alerts": _ccd_alerts(report),
                         "prefetch_before_images": None})  # fmt: skip
         for t in timers:
             t.join()
