@@ -115,8 +115,10 @@ def _peak_rss_gb(client):
 
 
 def _ccd_alerts(report):
-    """Alerts per CCD of a visit report (to compare runs CCD by CCD)."""
-    return {c["detector"]: c["n_alerts"] for c in report["ccds"]}
+    """Alerts per CCD of a visit report and how its template was warped ("shift": the
+    prefetch's warp moved onto the refined WCS, "warp": warped again), to compare runs."""
+    return {c["detector"]: [c["n_alerts"], c.get("template_warp", {}).get("method")]
+            for c in report["ccds"]}  # fmt: skip
 
 
 def _wait_warm(client, n, timeout=300):
