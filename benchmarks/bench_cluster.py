@@ -276,7 +276,9 @@ def main(argv=None):
               "latency": None}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="apdask-bench-cluster-") as work, \
             dask.config.set({"apdask.submit.cores": args.cores_per_job}):  # fmt: skip
-        base = _simulated(args, work, max([*counts, args.latency_visits]))
+        # the visits this run needs: a seed's visit 1000 differs with the number simulated
+        base = _simulated(args, work, max([*([] if args.skip_cost else counts),
+                                           args.latency_visits, 1]))  # fmt: skip
         if not args.skip_cost:
             for n in counts:
                 per_visit = None if args.skip_per_visit else _per_visit(base, work, n, args)
