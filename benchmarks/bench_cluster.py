@@ -1,7 +1,11 @@
 """Cost of a night on SLURM: one cluster per visit vs a warm jobqueue pool (issue 17).
 
-Needs a running SLURM (``.ci/setup-slurm.sh``, as root) and simulates a test-camera
-repository.  Two measurements, printed as one JSON report with ``/proc/loadavg``:
+Needs a running SLURM (``.ci/setup-slurm.sh``, as root) and simulates a repository of
+``--camera`` (``testcam``: 2 small CCDs; ``comcam``: 9 CCDs of 4k x 4k, which need
+``--mem`` of about 6GB per one-core job).  Worker jobs have ``--cores-per-job`` cores
+(``apdask.submit.cores``; one worker thread per core).  ``--sim-dir`` keeps the
+simulated repository for the next run.  Two measurements, printed as one JSON report
+with ``/proc/loadavg``:
 
 * **cost**: N consecutive visits (``--visits 1,2,4``), processed one after the other,
   (a) with ``submit_visit(via="jobqueue")``, a new cluster and new worker jobs per visit,
@@ -13,6 +17,8 @@ repository.  Two measurements, printed as one JSON report with ``/proc/loadavg``
   alerts (worst CCD), and whether every prefetch ended before the images arrived.
 
     .venv/bin/python benchmarks/bench_cluster.py --visits 1,2,4 --latency-visits 3
+    .venv/bin/python benchmarks/bench_cluster.py --camera comcam --visits 3 \
+        --skip-per-visit --latency-visits 3 --cadence 90 --exposure 30
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ def _per_visit(base, work, n, args):
     t0 = time.monotonic()
     with _Jobs("apdask-") as jobs:
         outs = [submit_visit(nv, "slurm", "jobqueue", repo=repo, memory=args.mem, timeout=60,
-                             scheduler_host="127.0.0.1", wait_timeout=600)
+                             scheduler_host="127.0.0.1", wait_timeout=args.visit_timeout)
                 for nv in _visits(repo, n)]  # fmt: skip
     return {"wall_s": round(time.monotonic() - t0, 2), "jobs": len(jobs.ids),
             "jobs_asked": sum(o["n_jobs"] for o in outs),
@@ -95,6 +101,24 @@ def _pool(args, repo, name):
     size = PoolSize.resolve(minimum_jobs=args.jobs, maximum_jobs=args.jobs)
     return jobqueue_pool("slurm", job_dir=os.path.join(repo, "jobs"), size=size, memory=args.mem,
                          scheduler_host="127.0.0.1", job_name=name)  # fmt: skip
+
+
+def _peak_rss_gb(client):
+    """Each worker process's peak resident memory (GB), to size ``--mem`` by."""
+
+    def peak():
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
+
+    return sorted(round(v, 2) for v in client.run(peak).values())
+
+
+def _ccd_alerts(report):
+    """Alerts per CCD of a visit report and how its template was warped ("shift": the
+    prefetch's warp moved onto the refined WCS, "warp": warped again), to compare runs."""
+    return {c["detector"]: [c["n_alerts"], c.get("template_warp", {}).get("method")]
+            for c in report["ccds"]}  # fmt: skip
 
 
 def _wait_warm(client, n, timeout=300):
@@ -112,12 +136,16 @@ def _warm_pool(base, work, n, args):
     with _Jobs(name) as jobs, _pool(args, repo, name) as client:
         _wait_warm(client, args.jobs)
         t_warm = time.monotonic()
-        reports = [run_visit(nv, repo=repo, timeout=60, client=client, result_timeout=600)
+        reports = [run_visit(nv, repo=repo, timeout=60, client=client,
+                             result_timeout=args.visit_timeout)
                    for nv in _visits(repo, n)]  # fmt: skip
         t_end = time.monotonic()
+        peak = _peak_rss_gb(client)
     return {"wall_s": round(t_end - t0, 2), "startup_s": round(t_warm - t0, 2),
             "jobs": len(jobs.ids), "n_alerts": [r["n_alerts"] for r in reports],
-            "per_visit_s": [round(r["wall_s"], 2) for r in reports]}  # fmt: skip
+            "per_visit_s": [round(r["wall_s"], 2) for r in reports],
+            "ccd_alerts": [_ccd_alerts(r) for r in reports],
+            "worker_peak_rss_GB": peak}  # fmt: skip
 
 
 def _hold_back(repo, visit):
@@ -162,47 +190,100 @@ def _latency(base, work, args):
             timers.append(timer)
             timer.start()
         for visit, (t_nv, fut) in futures.items():
-            report = fut.result(timeout=600)
+            report = fut.result(timeout=args.visit_timeout)
             done = max(c["alert_written"] for c in report["ccds"])
             out.append({"visit": visit, "n_alerts": report["n_alerts"],
                         "nextvisit_to_done_s": round(done - t_nv, 2),
                         "image_to_alerts_s": round(max(c["latency_s"] for c in report["ccds"]), 2),
+                        "ccd_alerts": _ccd_alerts(report),
                         "prefetch_before_images": None})  # fmt: skip
         for t in timers:
             t.join()
-    for row in out:
-        ends = [s["stop"] for t in ts.data if str(t["key"]).startswith(f"prefetch-{row['visit']}-")
-                for s in t["startstops"] if s["action"] == "compute"]  # fmt: skip
-        row["prefetch_before_images"] = bool(ends) and max(ends) < delivered[row["visit"]]
+        peak = _peak_rss_gb(client)
+    for row in out:  # prefetch: calibrations and PPDB history; prewarp: the template's warp
+        for step in ("prefetch", "prewarp"):
+            ends = [s["stop"] for t in ts.data
+                    if str(t["key"]).startswith(f"{step}-{row['visit']}-")
+                    for s in t["startstops"] if s["action"] == "compute"]  # fmt: skip
+            images = delivered[row["visit"]]
+            row[f"{step}_before_images"] = bool(ends) and max(ends) < images
+            row[f"{step}_end_after_images_s"] = round(max(ends) - images, 2) if ends else None
     return {"cadence_s": args.cadence, "exposure_s": args.exposure, "jobs": len(jobs.ids),
-            "visits": out}  # fmt: skip
+            "worker_peak_rss_GB": peak, "visits": out}  # fmt: skip
+
+
+_MEMORY = {"testcam": "2GB", "comcam": "6GB"}  # per one-core job; a 4k CCD peaks at ~3 GB
+
+
+def _simulated(args, work, n_visits):
+    """The simulated repository: in ``--sim-dir`` when given (reused), else in ``work``."""
+    from apdask.tools.simulate import simulate_repo
+
+    parent = args.sim_dir or work
+    base = os.path.join(parent, f"base-{args.camera}-{args.seed}-{n_visits}")
+    done = os.path.join(parent, f".base-{args.camera}-{args.seed}-{n_visits}.done")
+    if not os.path.exists(done):  # absent or cut short: simulate it afresh
+        shutil.rmtree(base, ignore_errors=True)
+        simulate_repo(args.camera, base, n_visits=n_visits, seed=args.seed)
+        open(done, "w").close()
+    return base
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--camera", choices=sorted(_MEMORY), default="testcam")
     p.add_argument("--visits", default="1,2,4", help="consecutive visits per cost run")
     p.add_argument("--latency-visits", type=int, default=3)
     p.add_argument("--cadence", type=float, default=15.0, help="seconds between nextVisits")
     p.add_argument("--exposure", type=float, default=5.0, help="nextVisit to images, s")
     p.add_argument("--jobs", type=int, default=2, help="worker jobs of the warm pool")
-    p.add_argument("--mem", default="2GB", help="memory per worker job")
+    p.add_argument("--cores-per-job", type=int, default=1,
+                   help="cores (worker threads) per job: apdask.submit.cores")  # fmt: skip
+    p.add_argument(
+        "--mem",
+        default=None,
+        help="memory per worker job; default 2GB (testcam), 6GB (comcam) per core",
+    )
+    p.add_argument(
+        "--visit-timeout",
+        type=float,
+        default=None,
+        help="seconds for one visit's result; default 600 (testcam), 1800 (comcam)",
+    )
+    p.add_argument(
+        "--sim-dir", default=None, help="keep the simulated repository here and reuse it next time"
+    )
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument(
+        "--skip-per-visit",
+        action="store_true",
+        help="cost: the warm pool only, not one cluster per visit",
+    )
     args = p.parse_args(argv)
+    if args.mem is None:
+        gb = int(_MEMORY[args.camera].removesuffix("GB")) * args.cores_per_job
+        args.mem = f"{gb}GB"
+    if args.visit_timeout is None:
+        args.visit_timeout = 600.0 if args.camera == "testcam" else 1800.0
     counts = [int(x) for x in args.visits.split(",") if x]
     if shutil.which("sbatch") is None:
         sys.exit("bench_cluster: needs SLURM (sbatch on PATH): run .ci/setup-slurm.sh as root")
-    from apdask.tools.simulate import simulate_repo
+    import dask.config
 
-    report = {"camera": "testcam", "loadavg_start": _loadavg(), "cost": [], "latency": None}
-    with tempfile.TemporaryDirectory(prefix="apdask-bench-cluster-") as work:
-        base = os.path.join(work, "base")
-        simulate_repo("testcam", base, n_visits=max([*counts, args.latency_visits]),
-                      seed=args.seed)  # fmt: skip
+    report = {"camera": args.camera, "jobs": args.jobs, "cores_per_job": args.cores_per_job,
+              "memory_per_job": args.mem, "loadavg_start": _loadavg(), "cost": [],
+              "latency": None}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="apdask-bench-cluster-") as work, \
+            dask.config.set({"apdask.submit.cores": args.cores_per_job}):  # fmt: skip
+        # the visits this run needs: a seed's visit 1000 differs with the number simulated
+        base = _simulated(args, work, max([*([] if args.skip_cost else counts),
+                                           args.latency_visits, 1]))  # fmt: skip
         if not args.skip_cost:
             for n in counts:
-                report["cost"].append({"visits": n, "per_visit_cluster": _per_visit(base, work,
-                                       n, args), "warm_pool": _warm_pool(base, work, n, args),
+                per_visit = None if args.skip_per_visit else _per_visit(base, work, n, args)
+                report["cost"].append({"visits": n, "per_visit_cluster": per_visit,
+                                       "warm_pool": _warm_pool(base, work, n, args),
                                        "loadavg": _loadavg()})  # fmt: skip
                 print(json.dumps(report["cost"][-1]), file=sys.stderr, flush=True)
         if args.latency_visits:
