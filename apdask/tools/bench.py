@@ -163,6 +163,18 @@ BENCHMARKS = {
                     "--warmup", "0", "--no-cold-compile"),
         default=False,
     ),
+    "visit": Benchmark(  # a whole LSSTCam visit: ~30 min on 2 free cores, 1 and 2 workers
+        "bench_visit.py", 18,
+        (Check("189-CCD visit wall, 2 workers (extrapolated if fewer CCDs)",
+               ("visit_189_2_workers", "wall_s"), "<=", 300.0, "s"),
+         Check("  core-seconds per CCD", ("visit_189_2_workers", "core_s_per_ccd"), unit="s"),
+         Check("  extrapolated from fewer CCDs", ("visit_189_2_workers", "extrapolated")),
+         Check("peak memory, whole process tree", ("peak_rss_GB",), "<=", 8.0, "GB"),
+         Check("189-CCD visit wall, 1 worker", ("visit_189", 0, "wall_s"), unit="s")),
+        args=("--workers", "1,2", "--warmup", "0"),
+        quick_args=("--ccds", "2", "--workers", "2", "--warmup", "0"),
+        default=False,
+    ),
     "realpairs": Benchmark(  # ~10 min on 2 cores: real DECam/NIRCam pairs, apdask vs sfft
         "bench_realpairs.py", 14,
         (Check("DECam single pair: apdask diff",

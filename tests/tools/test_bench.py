@@ -93,6 +93,6 @@ def test_bench_ccd_quick_with_kafka_and_startup(tmp_path):
 
 
 def test_slow_benchmarks_run_only_when_named():
-    slow = {"ccd", "cluster", "realpairs"}  # minutes; cluster needs SLURM, realpairs sfft
+    slow = {"ccd", "cluster", "realpairs", "visit"}  # minutes; cluster: SLURM, realpairs: sfft
     assert all(not BENCHMARKS[n].default for n in slow)
     assert all(b.default for n, b in BENCHMARKS.items() if n not in slow)
