@@ -20,9 +20,10 @@ and a file alert sink per run.  Per run:
 * ``task_seconds`` per stage (Dask task stream) and ``/proc/loadavg`` before and after.
 
 With fewer than 189 CCDs, ``visit_189`` extrapolates linearly from the measured
-throughput (wall per CCD x 189, core-seconds per CCD, peak memory per worker, which
-does not grow with the CCDs) and says so (``extrapolated: true``).  Prints one JSON
-object.
+throughput (wall per CCD x 189, core-seconds per CCD; the peak memory as measured,
+which a longer visit may exceed if Dask runs more CCDs' prefetches ahead) and says so
+(``extrapolated: true``).  ``--warmup N`` (default 1) runs N CCDs first on each cluster
+and reports them apart as ``cold``.  Prints one JSON object.
 
     .venv/bin/python benchmarks/bench_visit.py --ccds 189 --workers 1,2
     .venv/bin/python benchmarks/bench_visit.py --ccds 6 --transients-per-ccd 5,40,100,200
@@ -196,7 +197,8 @@ def visit_189(run):
 
     Extrapolated: the cold CCDs' wall plus the measured CCDs' wall per CCD for the rest
     (cluster start not included, as in ``wall_s``); core-seconds per CCD the measured
-    (warm) CCDs'; peak memory as measured (per worker, it does not grow with CCDs).
+    (warm) CCDs'; peak memory as measured.  ``wall_s_cores_free``: 189 CCDs' measured
+    core-seconds spread over the workers, the wall on a machine with a core per worker.
     """
     cold = run["cold"] or {"ccds": 0, "wall_s": 0.0}
     n = run["ccds"] + cold["ccds"]
@@ -207,6 +209,9 @@ def visit_189(run):
         "from_ccds": n,
         "wall_s": round(run["wall_s"] + cold["wall_s"] if n >= VISIT_CCDS else wall, 1),
         "core_s_per_ccd": run["core_s_per_ccd"],
+        # on a loaded machine the wall is the load's: this is the wall the measured
+        # core-seconds would take with every worker on a core of its own
+        "wall_s_cores_free": round(run["core_s_per_ccd"] * VISIT_CCDS / run["workers"], 1),
         "peak_rss_GB": run["peak_rss_GB"],
         "alerts": run["alerts_per_visit_189"],
     }

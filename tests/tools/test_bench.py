@@ -96,3 +96,27 @@ def test_slow_benchmarks_run_only_when_named():
     slow = {"ccd", "cluster", "realpairs", "visit"}  # minutes; cluster: SLURM, realpairs: sfft
     assert all(not BENCHMARKS[n].default for n in slow)
     assert all(b.default for n, b in BENCHMARKS.items() if n not in slow)
+
+
+@pytest.mark.slow
+def test_bench_visit_one_lsstcam_ccd(tmp_path):
+    """``bench_visit.py`` on one LSSTCam CCD, 1 worker: its alerts and the extrapolation."""
+    script = find_benchmark_dir() / BENCHMARKS["visit"].script
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--ccds", "1", "--workers", "1", "--warmup", "0",
+         "--transients-per-ccd", "60", "--repo", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=1200, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    (row,) = r["densities"]
+    (run,) = row["runs"]
+    assert run["ccds"] == 1 and run["failed"] == [] and run["cold"] is None
+    assert run["n_alerts"] >= 0.9 * 60  # nearly every injected transient, and variables
+    assert run["core_s"] > 0 and 0.3 < run["peak_rss_GB"] < 16
+    assert {"subtract", "detect", "prefetch"} <= set(run["task_seconds_per_ccd"])
+    v = r["visit_189_2_workers"]  # only 1 worker measured: its figures
+    assert v["extrapolated"] and v["from_ccds"] == 1 and v["workers"] == 1
+    assert v["wall_s"] == pytest.approx(run["wall_s"] * 189, rel=0.01)
+    assert v["alerts"] == round(run["n_alerts"] * 189)
