@@ -14,7 +14,8 @@ and a file alert sink per run.  Per run:
 * ``core_s``: CPU time (user + system) of this process and every process under it
   (dask workers, the nanny processes) from just before ``run_visit`` to its return,
   less the memory sampler's own; ``core_s_per_ccd`` divides by the CCDs;
-* ``peak_rss_GB``: the summed RSS of the whole process tree, sampled every 50 ms;
+* ``peak_rss_GB``: the summed RSS of the whole process tree, sampled every 50 ms
+  (``peak_rss_by_process_GB``: each process's own peak, by role);
 * ``n_alerts``, alerts per CCD, and the alerts a 189-CCD visit of this density would
   send (``alerts_per_visit_189``, per-CCD alerts x 189);
 * ``task_seconds`` per stage (Dask task stream) and ``/proc/loadavg`` before and after.
@@ -80,15 +81,20 @@ class _Sampler(threading.Thread):
     def __init__(self, period=0.05):
         super().__init__(daemon=True)
         self.period, self.peak, self.cpu = period, 0, 0.0
+        self.by_process = {}  # {(pid, name): peak RSS}
         self._stop_event = threading.Event()
 
     def run(self):
         t0 = time.thread_time()
+        me = os.getpid()
         while not self._stop_event.is_set():
             rss = 0
             for p in _tree():
                 with contextlib.suppress(psutil.Error):
-                    rss += p.memory_info().rss
+                    r = p.memory_info().rss
+                    rss += r
+                    key = (p.pid, "driver" if p.pid == me else _role(p))
+                    self.by_process[key] = max(self.by_process.get(key, 0), r)
             self.peak = max(self.peak, rss)
             self.cpu = time.thread_time() - t0
             self._stop_event.wait(self.period)
@@ -96,6 +102,25 @@ class _Sampler(threading.Thread):
     def stop(self):
         self._stop_event.set()
         self.join()
+
+
+def _role(proc):
+    """``worker`` for the LocalCluster's worker processes (the nannies run in the driver)."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "?"
+    if "resource_tracker" in cmd:
+        return "resource_tracker"
+    return "worker" if "spawn_main" in cmd else proc.name()
+
+
+def _peaks(sampler):
+    """Peak RSS (GB) per process of the tree, by role: ``{"driver": x, "worker": [...]}``."""
+    out = {}
+    for (_, role), rss in sorted(sampler.by_process.items()):
+        out.setdefault(role, []).append(round(rss / GB, 3))
+    return out
 
 
 def central_ccds(n):
@@ -138,7 +163,7 @@ def _measured(fn):
         cpu1 = _cpu_seconds(procs)
         sampler.stop()
     core_s = sum(cpu1.get(p, c) - c for p, c in cpu0.items()) - sampler.cpu
-    return result, wall, core_s, sampler.peak / GB
+    return result, wall, core_s, sampler.peak / GB, _peaks(sampler)
 
 
 def process(repo, nv, workers, run_dir, warmup):
@@ -164,11 +189,11 @@ def process(repo, nv, workers, run_dir, warmup):
                              detectors=which, result_timeout=7200)  # fmt: skip
 
         if 0 < warmup < len(dets):
-            rep, wall, core_s, peak = _measured(lambda: run(dets[:warmup]))
+            rep, wall, core_s, peak, _ = _measured(lambda: run(dets[:warmup]))
             cold = {"ccds": warmup, "n_alerts": rep["n_alerts"], "wall_s": round(wall, 2),
                     "core_s": round(core_s, 2), "peak_rss_GB": round(peak, 3)}  # fmt: skip
             dets = dets[warmup:]
-        report, _, core_s, peak = _measured(lambda: run(dets))
+        report, _, core_s, peak, peaks = _measured(lambda: run(dets))
     n = len(report["ccds"])
     failed = [c["detector"] for c in report["ccds"] if c.get("error")]
     stages = report.get("task_seconds") or {}
@@ -186,6 +211,7 @@ def process(repo, nv, workers, run_dir, warmup):
         "core_s": round(core_s, 2),
         "core_s_per_ccd": round(core_s / n, 3),
         "peak_rss_GB": round(max(peak, cold["peak_rss_GB"] if cold else 0.0), 3),
+        "peak_rss_by_process_GB": peaks,
         "task_seconds_per_ccd": {k: round(v / n, 3) for k, v in stages.items()},
         "loadavg_before": load0,
         "loadavg_after": _loadavg(),
