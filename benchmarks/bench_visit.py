@@ -149,15 +149,31 @@ def simulate(repo, ccds, args, transients):
     return time.monotonic() - t0
 
 
+class _Progress:
+    """Each CCD as it ends, one JSON line on stderr: so a run stopped early leaves figures."""
+
+    def __init__(self, sampler, procs, cpu0, t0):
+        self.sampler, self.procs, self.cpu0, self.t0, self.n = sampler, procs, cpu0, t0, 0
+
+    def __call__(self, ccd):
+        self.n += 1
+        cpu = _cpu_seconds(self.procs)
+        core_s = sum(cpu.get(p, c) - c for p, c in self.cpu0.items()) - self.sampler.cpu
+        line = {"ccd_done": ccd.get("detector"), "n": self.n,
+                "elapsed_s": round(time.monotonic() - self.t0, 1), "core_s": round(core_s, 1),
+                "peak_rss_GB": round(self.sampler.peak / GB, 3), "loadavg": _loadavg()}  # fmt: skip
+        print(json.dumps(line), file=sys.stderr, flush=True)
+
+
 def _measured(fn):
-    """Call ``fn``; its result, wall seconds, core-seconds of the tree and peak tree RSS."""
+    """Call ``fn(progress)``; its result, wall seconds, core-seconds and peak RSS of the tree."""
     sampler = _Sampler()
     procs = _tree()
     cpu0 = _cpu_seconds(procs)
     sampler.start()
     t0 = time.monotonic()
     try:
-        result = fn()
+        result = fn(_Progress(sampler, procs, cpu0, t0))
     finally:
         wall = time.monotonic() - t0
         cpu1 = _cpu_seconds(procs)
@@ -184,16 +200,16 @@ def process(repo, nv, workers, run_dir, warmup):
         client.wait_for_workers(workers, timeout=300)
         start_s = time.monotonic() - t0
 
-        def run(which):
+        def run(which, progress):
             return run_visit(nv, repo=repo, ppdb=ppdb, alerts=sink, client=client,
-                             detectors=which, result_timeout=7200)  # fmt: skip
+                             detectors=which, result_timeout=7200, on_ccd=progress)  # fmt: skip
 
         if 0 < warmup < len(dets):
-            rep, wall, core_s, peak, _ = _measured(lambda: run(dets[:warmup]))
+            rep, wall, core_s, peak, _ = _measured(lambda pr: run(dets[:warmup], pr))
             cold = {"ccds": warmup, "n_alerts": rep["n_alerts"], "wall_s": round(wall, 2),
                     "core_s": round(core_s, 2), "peak_rss_GB": round(peak, 3)}  # fmt: skip
             dets = dets[warmup:]
-        report, _, core_s, peak, peaks = _measured(lambda: run(dets))
+        report, _, core_s, peak, peaks = _measured(lambda pr: run(dets, pr))
     n = len(report["ccds"])
     failed = [c["detector"] for c in report["ccds"] if c.get("error")]
     stages = report.get("task_seconds") or {}
