@@ -57,13 +57,20 @@ def simulate_command(args: argparse.Namespace) -> None:
         _check_fwhm("--template-fwhm", args.template_fwhm)
     if args.asteroids < 0 or (args.asteroids and args.engine != "apdask"):
         raise UsageError(f"--asteroids needs N >= 0 and --engine apdask, got {args.asteroids}")
+    if args.transients_per_ccd is not None and args.transients_per_ccd < 0:
+        raise UsageError(f"--transients-per-ccd must be >= 0, got {args.transients_per_ccd}; "
+                         "e.g. --transients-per-ccd 100")  # fmt: skip
+    if args.variable_fraction is not None and not 0.0 <= args.variable_fraction <= 1.0:
+        raise UsageError(f"--variable-fraction must be in [0, 1], got {args.variable_fraction}; "
+                         "e.g. --variable-fraction 0.01")  # fmt: skip
     dets = _simulate_detectors(args.detectors)
     clear_for_simulation(args.repo, overwrite=args.overwrite)
     visits = simulate_repo(args.camera, args.repo, n_visits=args.visits, seed=args.seed,
                            band=args.band, detectors=dets, artifacts=not args.no_artifacts,
                            fwhm_range=args.fwhm, template_fwhm=args.template_fwhm,
-                           engine=args.engine, progress=_stderr,
-                           asteroids=args.asteroids)  # fmt: skip
+                           engine=args.engine, transients_per_ccd=args.transients_per_ccd,
+                           variable_fraction=args.variable_fraction,
+                           progress=_stderr, asteroids=args.asteroids)  # fmt: skip
     print(f"simulated {len(visits)} visits of {args.camera} into {args.repo}")
 
 

@@ -204,6 +204,11 @@ def _add_data_commands(sub):
         metavar="N",
         help="fast asteroids (trailed sources, 5-30 px) per CCD and visit (default 0)",
     )
+    p.add_argument("--transients-per-ccd", type=int, metavar="N",
+                   help="transients per CCD in the first visit (later visits add N/3 new; "
+                   "default 12 on testcam, 40 on comcam and lsstcam)")  # fmt: skip
+    p.add_argument("--variable-fraction", type=float, metavar="F",
+                   help="fraction of static stars that vary (default 0.03)")  # fmt: skip
     p.add_argument("--engine", choices=["apdask", "galsim"], default="apdask",
                    help="pixel renderer: our Gaussian code (default) or GalSim (Kolmogorov PSF, "
                    "Sersic galaxies; needs the 'sim' extra)")  # fmt: skip

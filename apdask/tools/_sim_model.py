@@ -191,7 +191,7 @@ def _power_law(rng, n, fmin, fmax, alpha):
     return fmin * u ** (-1.0 / alpha)
 
 
-def _static_sky(seed, mosaic, mshape):
+def _static_sky(seed, mosaic, mshape, variable_fraction=None):
     rng = _rng(seed, _SKY)
     ny, nx = mshape
     n_star = int(round(_STARS_PER_PX * nx * ny))
@@ -205,7 +205,10 @@ def _static_sky(seed, mosaic, mshape):
     )
     extended = np.arange(n) >= n_star
     variable = np.zeros(n, bool)
-    n_var = max(1, int(round(_VARIABLE_FRACTION * n_star)))
+    if variable_fraction is None:  # the default keeps at least one variable star
+        n_var = max(1, int(round(_VARIABLE_FRACTION * n_star)))
+    else:
+        n_var = min(n_star, int(round(variable_fraction * n_star)))
     variable[rng.choice(n_star, n_var, replace=False)] = True
     return {
         "id": np.arange(1, n + 1, dtype=np.int64),

@@ -113,6 +113,8 @@ def simulate_repo(
     fwhm_range: Sequence[float] | None = None,
     template_fwhm: float | None = None,
     engine: str = "apdask",
+    transients_per_ccd: int | None = None,
+    variable_fraction: float | None = None,
     progress: Callable[[str], object] | None = None,
     asteroids: int = 0,
 ) -> list[dict[str, Any]]:
@@ -145,6 +147,14 @@ def simulate_repo(
         Renderer of the science images, templates and transients: our own Gaussian
         code (default) or GalSim (:mod:`apdask.tools.simulate_galsim`: Kolmogorov PSF,
         Sersic galaxies, GalSim's Poisson noise; needs the ``sim`` extra).
+    transients_per_ccd : int, optional
+        Transients per CCD in the first visit (later visits add a third as many new
+        ones); default 12 on the test camera, 40 on ComCam and LSSTCam.  Fewer are
+        placed where the CCD has no room for them 12 px apart and clear of stars.
+    variable_fraction : float, optional
+        Fraction of the static stars that vary (sinusoidal light curves); default
+        0.03.  With the defaults of both options, the same seed gives the same bytes
+        as before these options existed.
     progress : callable, optional
         Called with a line of text as each step ends (``print`` for a terminal).
     asteroids : int, optional
@@ -160,6 +170,12 @@ def simulate_repo(
         The nextVisit messages, also written to ``<repo>/visits/visit_<visit>.json``.
     """
     check_band(band)
+    if transients_per_ccd is not None and transients_per_ccd < 0:
+        msg = f"transients_per_ccd must be >= 0, got {transients_per_ccd}"
+        raise ValueError(msg)
+    if variable_fraction is not None and not 0.0 <= variable_fraction <= 1.0:
+        msg = f"variable_fraction must be in [0, 1], got {variable_fraction}"
+        raise ValueError(msg)
     if engine not in ENGINES:
         msg = f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}"
         raise ValueError(msg)
@@ -183,15 +199,16 @@ def simulate_repo(
     dither = 5.0 if small else 30.0  # arcsec, max per axis
     pointings = _pointings(seed, n_visits, first_visit, dither)
     mosaic, mshape = _mosaic_wcs(dets, pointings, margin=100 + _GAL_HALF)
-    sky = _static_sky(seed, mosaic, mshape)
+    sky = _static_sky(seed, mosaic, mshape, variable_fraction)
     _finish_sky(sky, seed, galsim_engine, None if artifacts else (dets, band, fwhm_range))
     _write_drp(butler, sky)
     sim = _Simulation(
         repo, butler, seed, camera, dets, band, sky, artifacts, fwhm_range, template_fwhm, engine,
         progress or (lambda line: None), int(asteroids),
     )  # fmt: skip
+    n_transients = (12 if small else 40) if transients_per_ccd is None else transients_per_ccd
     transients = _make_transients(
-        seed, dets, pointings, sky, 12 if small else 40, band, sim.sky_e, dither, fwhm_range
+        seed, dets, pointings, sky, n_transients, band, sim.sky_e, dither, fwhm_range
     )
     truth_rows = _render_all(sim, pointings, mosaic, mshape, transients, 1024 if small else 2048)
     messages = [_write_visit(sim, p, truth_rows) for p in pointings]
@@ -418,7 +435,9 @@ def _make_transients(
             idx = np.flatnonzero(ok)
             keep: list[np.intp] = []
             for i in idx:  # transients not on top of each other
-                if all(np.hypot(*(pts[i] - pts[j])) > 12 for j in keep):
+                if n_new == 0:
+                    break
+                if not keep or np.all(np.hypot(*(pts[keep] - pts[i]).T) > 12):
                     keep.append(i)
                 if len(keep) == n_new:
                     break

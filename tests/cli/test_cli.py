@@ -126,6 +126,20 @@ def test_simulate_asteroids_option(tmp_path, capsys):
     assert {"trail_length", "trail_angle"} <= set(truth.colnames)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [("--transients-per-ccd", "-1", "--transients-per-ccd must be >= 0"),
+     ("--variable-fraction", "1.5", "--variable-fraction must be in [0, 1]"),
+     ("--variable-fraction", "nan", "--variable-fraction must be in [0, 1]")],
+)  # fmt: skip
+def test_simulate_density_options_are_checked(tmp_path, capsys, option, value, words):
+    repo = tmp_path / "never-made"
+    argv = ["simulate", "--camera", "testcam", "--repo", str(repo), option, value]
+    assert main(argv) == 64
+    assert words in capsys.readouterr().err
+    assert not repo.exists()
+
+
 def test_process_ccd_exits_non_zero_when_its_ppdb_store_fails(repo, tmp_path, capsys):
     """A read-only PPDB: the history reads, the store fails; exit 69, nothing written.
 

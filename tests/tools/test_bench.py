@@ -153,7 +153,7 @@ def test_bench_ccd_quick_with_kafka_and_startup(tmp_path):
 
 
 def test_slow_benchmarks_run_only_when_named():
-    slow = {"ccd", "cluster", "realpairs", "peers"}  # minutes; cluster needs SLURM
+    slow = {"ccd", "cluster", "realpairs", "peers", "visit"}  # minutes; cluster: SLURM
     assert all(not BENCHMARKS[n].default for n in slow)
     assert all(b.default for n, b in BENCHMARKS.items() if n not in slow)
 
@@ -237,3 +237,55 @@ def test_bench_peers_quick_draws_the_peers_panel(tmp_path):
     assert checks["SFFT (numpy) / apdask subtract"] is None  # --quick leaves SFFT out
     text = (tmp_path / "report.html").read_text()
     assert "<h2>Peers</h2>" in text and "not run (--no-sfft)" in text
+
+
+@pytest.mark.slow
+def test_bench_visit_one_lsstcam_ccd(tmp_path):
+    """``bench_visit.py`` on one LSSTCam CCD, 1 worker: its alerts and the extrapolation."""
+    script = find_benchmark_dir() / BENCHMARKS["visit"].script
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--ccds", "1", "--workers", "1", "--warmup", "0",
+         "--transients-per-ccd", "60", "--repo", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=1200, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    (row,) = r["densities"]
+    (run,) = row["runs"]
+    assert run["ccds"] == 1 and run["failed"] == [] and run["cold"] is None
+    assert run["n_alerts"] >= 0.9 * 60  # nearly every injected transient, and variables
+    assert run["core_s"] > 0 and 0.3 < run["peak_rss_GB"] < 16
+    assert {"subtract", "detect", "prefetch"} <= set(run["task_seconds_per_ccd"])
+    v = r["visit_189_2_workers"]  # only 1 worker measured: its figures
+    assert v["extrapolated"] and v["from_ccds"] == 1 and v["workers"] == 1
+    assert v["wall_s"] == pytest.approx(run["wall_s"] * 189, rel=0.01)
+    assert v["alerts"] == round(run["n_alerts"] * 189)
+
+
+def test_visit_checks_and_its_own_timeout(monkeypatch):
+    """The visit figures are read from the script's report; a full run gets hours."""
+    from apdask.tools import bench
+
+    visit = {"workers": 2, "extrapolated": True, "from_ccds": 5, "wall_s": 4000.0,
+             "core_s_per_ccd": 8.5, "wall_s_cores_free": 803.2, "peak_rss_GB": 6.5}  # fmt: skip
+    report = {"visit_189": [{**visit, "workers": 1, "wall_s": 5000.0}, visit],
+              "visit_189_2_workers": visit, "peak_rss_GB": 6.5}  # fmt: skip
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(kw["timeout"])
+        return subprocess.CompletedProcess(cmd, 0, "log line\n" + json.dumps(report), "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    full = bench.run_benchmarks(["visit"], timeout=600.0)["benchmarks"]["visit"]
+    quick = bench.run_benchmarks(["visit"], quick=True, timeout=600.0)["benchmarks"]["visit"]
+    assert seen == [3 * 3600.0, 600.0]
+    assert "--warmup 0" in full["command"] and "--ccds 2" in quick["command"]
+    checks = {c["label"].strip(): c for c in full["checks"]}
+    wall = checks["189-CCD visit wall, 2 workers (extrapolated if fewer CCDs)"]
+    assert wall["value"] == 4000.0 and wall["met"] is False and wall["target"] == "<= 300"
+    assert checks["peak memory, whole process tree"]["met"] is True
+    assert checks["189-CCD visit wall, 1 worker"]["value"] == 5000.0
+    assert checks["with a core per worker"]["value"] == 803.2
+    assert checks["extrapolated from fewer CCDs"]["value"] is True

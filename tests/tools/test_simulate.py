@@ -187,3 +187,49 @@ def test_asteroids_are_trails_in_the_pixels_and_the_truth(repo, tmp_path):
                 max(int(r["x"]) - 30, 0) : int(r["x"]) + 31,
             ] = False
         assert np.all(diff[far] == 0)
+
+
+def _kinds_per_ccd(path, visit, kind):
+    truth = Table.read(path / "truth" / f"visit_{visit}.ecsv")
+    rows = truth[truth["kind"] == kind]
+    return {d: int((rows["detector"] == d).sum()) for d in ("T00", "T01")}, rows
+
+
+def test_transients_per_ccd_and_variable_fraction(repo, tmp_path):
+    """``transients_per_ccd`` sets the density; ``variable_fraction`` the varying stars."""
+    path = tmp_path / "dense"
+    simulate_repo("testcam", path, n_visits=2, seed=3, transients_per_ccd=30,
+                  variable_fraction=0.0)  # fmt: skip
+    first, tr0 = _kinds_per_ccd(path, 1000, "transient")
+    second, tr1 = _kinds_per_ccd(path, 1001, "transient")
+    assert first == {"T00": 30, "T01": 30}  # default 12
+    assert second == {"T00": 40, "T01": 40}  # the first visit's 30 and ceil(30 / 3) new
+    assert set(tr0["source_id"]) < set(tr1["source_id"])
+    for d in ("T00", "T01"):  # each visit's new transients are placed 12 px apart
+        on = tr0[tr0["detector"] == d]
+        sep = np.hypot(np.subtract.outer(on["x"], on["x"]), np.subtract.outer(on["y"], on["y"]))
+        assert sep[~np.eye(len(on), dtype=bool)].min() > 12
+    # no variable stars; the default run has some
+    assert _kinds_per_ccd(path, 1000, "variable")[0] == {"T00": 0, "T01": 0}
+    assert sum(_kinds_per_ccd(repo[0], 1000, "variable")[0].values()) > 0
+    # the static sky is otherwise the same: same stars and galaxies at the same places
+    stars, _ = _kinds_per_ccd(path, 1000, "star")
+    default_stars, _ = _kinds_per_ccd(repo[0], 1000, "star")
+    default_var, _ = _kinds_per_ccd(repo[0], 1000, "variable")
+    assert stars == {d: default_stars[d] + default_var[d] for d in stars}
+    # the transients are in the pixels
+    raw = read_raw(path / "raw" / raw_name("TestCam", 1000, "T00"))
+    img = _assembled_electrons(raw)
+    sky = np.median(img)
+    bright = tr0[(tr0["detector"] == "T00") & (tr0["flux"] > np.median(tr0["flux"]))]
+    xy = [(int(round(r["x"])), int(round(r["y"]))) for r in bright]
+    peaks = [img[y - 1 : y + 2, x - 1 : x + 2].max() - sky for x, y in xy]
+    noise = 1.4826 * np.median(np.abs(img - sky))
+    assert np.mean(np.array(peaks) > 3 * noise) > 0.9
+
+
+def test_transient_and_variable_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="transients_per_ccd"):
+        simulate_repo("testcam", tmp_path / "a", n_visits=1, transients_per_ccd=-1)
+    with pytest.raises(ValueError, match="variable_fraction"):
+        simulate_repo("testcam", tmp_path / "b", n_visits=1, variable_fraction=1.5)
