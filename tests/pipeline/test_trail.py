@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from apdask.core.exposure import MASK
+from apdask.pipeline.measure import trail
 from apdask.pipeline.measure.detection import detect_sources
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.measure.trail import (
@@ -163,6 +164,27 @@ def test_edge_check_of_a_trail_ending_at_the_last_column():
     mask[-2:, :] |= MASK["EDGE"]
     mask[:, -2:] |= MASK["EDGE"]
     assert trail_on_edge(exposure_from(np.zeros(shape), np.ones(shape), mask=mask), fit, SIGMA)
+
+
+def test_a_runaway_fit_is_flagged_not_used(monkeypatch):
+    """A fit whose length exceeds its box's diagonal (seen on a NIRCam cluster field:
+    20,000 px, and a 2-GB grid for its flux correction) is a failed fit: trail_flag."""
+    real = trail.fit_trail
+
+    def runaway(*args, **kwargs):
+        fit = real(*args, **kwargs)
+        if fit is not None and np.hypot(fit["x"] - 60.2, fit["y"] - 70.7) < 3:
+            ex, ey = 1e4, 5e3  # the end points of a 22,000-px segment about the centre
+            fit = {**fit, "length": 2 * np.hypot(ex, ey), "x0": fit["x"] - ex,
+                   "x1": fit["x"] + ex, "y0": fit["y"] - ey, "y1": fit["y"] + ey}  # fmt: skip
+        return fit
+
+    monkeypatch.setattr(trail, "fit_trail", runaway)
+    _, tab = _scene(edge_trail=False)
+    row = _row(tab, 60.2, 70.7)
+    assert row["trail_flag"] and row["trailNdata"] == 0 and np.isnan(row["trailLength"])
+    assert trail.psf_flux_ratio(gaussian_psf(FWHM), SIGMA, {"x0": 0.0, "x1": 2e4, "y0": 0.0,
+                                                            "y1": 1e4}) == 1.0  # fmt: skip
 
 
 def test_is_elongated_selects_trails_against_the_psf():

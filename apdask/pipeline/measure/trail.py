@@ -105,6 +105,8 @@ def psf_flux_ratio(psf: np.ndarray, sigma: float, fit: dict[str, Any]) -> float:
     """
     p = np.asarray(psf, float)
     ex, ey = 0.5 * (fit["x1"] - fit["x0"]), 0.5 * (fit["y1"] - fit["y0"])
+    if not np.hypot(ex, ey) <= _MAX_LENGTH:  # no grid for a runaway fit (NaN included)
+        return 1.0
     h = p.shape[0] // 2
     ny = p.shape[0] + 2 * int(np.ceil(abs(ey))) + 8
     nx = p.shape[1] + 2 * int(np.ceil(abs(ex))) + 8
@@ -305,6 +307,19 @@ def trail_on_edge(exposure: Exposure, fit: dict[str, Any], sigma: float) -> bool
     return bool(np.any((exposure.mask[by0:by1, bx0:bx1] & bits)[near]))
 
 
+def _within(fit: dict[str, Any], box: tuple[int, int, int, int]) -> bool:
+    """The fitted trail is one the box's pixels can say anything about: its centre in
+    the box and its length at most the box's diagonal.  The unbounded fit can run away
+    on a blend or a galaxy's residual (a NIRCam cluster field gave a 20,000-px
+    "trail", whose flux correction then asked for a 21,143 × 12,923 grid)."""
+    x0, x1, y0, y1 = box
+    return bool(
+        x0 - 0.5 <= fit["x"] <= x1 - 0.5
+        and y0 - 0.5 <= fit["y"] <= y1 - 0.5
+        and fit["length"] <= np.hypot(x1 - x0, y1 - y0)
+    )
+
+
 def fit_trails(
     tab: Table,
     difference: Exposure,
@@ -371,6 +386,7 @@ def fit_trails(
             fit is not None
             and fit["success"]
             and np.isfinite([fit["flux"], fit["flux_err"], fit["length"], fit["x"], fit["y"]]).all()
+            and _within(fit, box)
         )
         if not good or fit is None:
             failed[i] = True
