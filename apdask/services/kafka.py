@@ -100,7 +100,8 @@ _TOPIC_LIMITS: dict[
 
 
 class _SharedProducer:
-    """One librdkafka producer that the sinks of a process with the same settings share.
+    """A librdkafka producer and whether it is retired: one a sink owns, or one that the
+    sinks of a process with the same settings share (:func:`_shared_producer`).
 
     Creating a producer costs a connection, a metadata request and the idempotent
     producer's id: 0.4-0.5 s on loopback, per CCD when each CCD made its own
@@ -230,8 +231,6 @@ class KafkaSink:
         self.topic_limit = None  # the topic's max.message.bytes, asked when the producer starts
         self._extra = dict(producer_config or {})
         self.shared = bool(config.get("alerts.kafka.shared_producer"))
-        self._producer = None
-        self._fatal = None
         self._entry: _SharedProducer | None = None
 
     def __repr__(self):
@@ -303,36 +302,22 @@ class KafkaSink:
         conf.update(security_config())
         return conf
 
-    def _on_error(self, err):
-        # never log the configuration: it may hold the SASL password
-        if err.fatal():
-            self._fatal = err
-            log.error("Kafka producer fatal error: %s", err.str())
-        else:
-            log.debug("Kafka producer: %s", err.str())
-
     def producer(self) -> Producer:
         """The confluent-kafka Producer, created on first use (recreated after a fatal error).
 
         With ``alerts.kafka.shared_producer`` (default), the process's producer for these
         settings (:class:`_SharedProducer`), else one of this sink's own.
         """
-        if self.shared:
-            entry = self._entry
-            if entry is None or entry.fatal is not None or entry.pid != os.getpid():
-                entry = self._entry = _shared_producer(self._config())
-                self._producer = entry.producer
-            return entry.producer
-        if self._producer is None or self._fatal is not None:
-            self._fatal = None
-            self._producer = Producer({**self._config(), "error_cb": self._on_error})
-        return self._producer
+        entry = self._entry
+        if entry is None or entry.fatal is not None or entry.pid != os.getpid():
+            conf = self._config()
+            entry = self._entry = _shared_producer(conf) if self.shared else _SharedProducer(conf)
+        return entry.producer
 
     def _retire(self, why: str) -> None:
         """Start afresh on the next write (a shared producer: for every sink using it)."""
         if self._entry is not None:
             self._entry.fatal = self._entry.fatal or why
-        self._fatal = self._fatal or why
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for outstanding messages (normally none) and drop the producer.
@@ -340,9 +325,8 @@ class KafkaSink:
         A shared producer stays open for the process's next sink; this sink's own
         messages were all reported before :meth:`write` returned.
         """
-        if self._producer is not None and self._entry is None:
-            self._producer.flush(self.delivery_timeout if timeout is None else timeout)
-        self._producer = None
+        if self._entry is not None and not self.shared:
+            self._entry.producer.flush(self.delivery_timeout if timeout is None else timeout)
         self._entry = None
 
     def __enter__(self):
