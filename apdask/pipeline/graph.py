@@ -30,6 +30,7 @@ from apdask.pipeline.outputs import (
 from apdask.pipeline.products import save_products_task
 from apdask.pipeline.steps import now_mjd
 from apdask.pipeline.tasks import (
+    astrometry_task,
     calib_task,
     calibrate_task,
     darktime_task,
@@ -40,6 +41,7 @@ from apdask.pipeline.tasks import (
     prewarp_task,
     read_amp_task,
     science_psf_task,
+    science_task,
     subtract_task,
     warp_task,
 )
@@ -112,9 +114,13 @@ def ccd_tasks(
                 darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
             )  # fmt: skip
         )
-    calibrated = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
-    warped = step(warp_task, "warp")(calibrated, prewarped, where.repo, det, header, cfg)
-    science = step(science_psf_task, "psf")(calibrated)  # beside the warp
+    calibrated = step(calibrate_task, "calibrate")(images, header, det, band)
+    # two branches side by side: the WCS refined, then the template shifted onto it; the
+    # science PSF model and cosmic rays, which need no WCS
+    astrom = step(astrometry_task, "astrometry")(calibrated, prefetch)
+    warped = step(warp_task, "warp")(astrom, prewarped, where.repo, det, header, cfg)
+    psf = step(science_psf_task, "psf")(calibrated)
+    science = step(science_task, "science")(psf, astrom)
     sub = step(subtract_task, "subtract")(science, warped, cfg)
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
     assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)

@@ -52,6 +52,7 @@ from apdask.pipeline.template import prewarp_template, shift_template, warp_temp
 from apdask.ppdb import Ppdb
 
 __all__ = [
+    "astrometry_task",
     "calib_task",
     "calibrate_task",
     "darktime_task",
@@ -60,6 +61,8 @@ __all__ = [
     "header_task",
     "prefetch_task",
     "read_amp_task",
+    "science_psf_task",
+    "science_task",
     "subtract_task",
     "warp_task",
 ]
@@ -263,9 +266,12 @@ def calibrate_task(
     header: RawHeader,
     detector: Detector,
     band: str,
-    prefetch: Prefetch,
 ) -> Calibrated:
-    """Combine snaps, calibrate to nJy and refine the WCS against the reference catalogue."""
+    """Combine snaps and calibrate to nJy, on the predicted WCS.
+
+    The WCS is refined by :func:`astrometry_task`, beside the science PSF
+    (:func:`science_psf_task`), which needs no WCS.
+    """
     t0 = time.time()
     image_e = sum(i[0] for i in images)
     variance = sum(i[1] for i in images)
@@ -282,10 +288,16 @@ def calibrate_task(
     exp = isr.calibrate(
         np.asarray(image_e), np.asarray(variance), mask, band, header.exptime, wcs, meta
     )
-    refcat = prefetch.refcat
+    return Calibrated(exp, timings={"calibrate": time.time() - t0})
+
+
+def astrometry_task(calibrated: Calibrated, prefetch: Prefetch) -> Calibrated:
+    """The calibrated image with its WCS refined against the prefetched reference catalogue."""
+    t0 = time.time()
+    exp, refcat = calibrated.exposure, prefetch.refcat
     new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
-    exp = exp.copy_with(wcs=new_wcs)
-    return Calibrated(exp, astrometry=info, timings={"calibrate": time.time() - t0})
+    timings = {**calibrated.timings, "astrometry": time.time() - t0}
+    return Calibrated(exp.copy_with(wcs=new_wcs), astrometry=info, timings=timings)
 
 
 @per_ccd
@@ -374,6 +386,15 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
         raise PsfFitError(msg) from None
     timings = {**calibrated.timings, "psf": time.time() - t0}
     return dataclasses.replace(calibrated, exposure=science, timings=timings)
+
+
+@per_ccd
+def science_task(psf: Calibrated, astrom: Calibrated) -> Calibrated:
+    """The science image of :func:`science_psf_task` (PSF model, cosmic rays masked) on
+    the refined WCS of :func:`astrometry_task`: the two ran side by side."""
+    exposure = psf.exposure.copy_with(wcs=astrom.exposure.wcs)
+    timings = {**astrom.timings, **psf.timings}
+    return Calibrated(exposure, astrometry=astrom.astrometry, timings=timings)
 
 
 @per_ccd
