@@ -88,9 +88,9 @@ class PpdbHistory:
 
 @dataclass(frozen=True)
 class Prefetch:
-    """What a CCD needs before its pixels exist (read at nextVisit time)."""
+    """What a CCD needs before its pixels exist (read at nextVisit time), besides the
+    master calibrations and the template, which are tasks of their own."""
 
-    calibs: Mapping[str, np.ndarray]  #: master bias, dark and flat
     refcat: Any  #: reference catalogue (DRP objects) for astrometry
     history: PpdbHistory
     ppdb_error: str | None = None  #: a failed PPDB read: this CCD reports it, without alerts

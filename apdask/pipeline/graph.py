@@ -89,7 +89,9 @@ def ccd_tasks(
     header = step(header_task, "header")(fetched, det, band, next_visit.duration, v)
     calibs = {
         kind: da.from_delayed(
-            step(calib_task, f"calib-{kind}")(prefetch, kind), det.shape, np.float32
+            step(calib_task, f"calib-{kind}")(where.repo, det, kind, band, mjd_guess),
+            det.shape,
+            np.float32,
         )  # fmt: skip
         for kind in ("bias", "dark", "flat")
     }

@@ -183,18 +183,14 @@ def prefetch_task(
     mjd: float,
     cfg: PipelineConfig,
 ) -> Prefetch:
-    """Calibrations, reference catalog and PPDB history: no pixels needed.
+    """Reference catalog and PPDB history: no pixels needed.
 
-    The template is prefetched beside it, by :func:`prewarp_task`.
+    The template is prefetched beside it, by :func:`prewarp_task`, and the master
+    calibrations by :func:`calib_task`.
     """
     t0 = time.time()
     butler = Butler(repo)
     corners = detector.footprint(ra, dec, rotpa, padding_arcsec=60.0)
-    calibs = {
-        "bias": butler.get_calib("bias", detector.id, None, mjd),
-        "dark": butler.get_calib("dark", detector.id, None, mjd),
-        "flat": butler.get_calib("flat", detector.id, band, mjd),
-    }
     refcat = butler.get_drp_objects(corners)
     t1 = time.time()
     # The CCD's PPDB history as it was before this visit (as-of read): a re-run, or
@@ -213,7 +209,6 @@ def prefetch_task(
         history["drp"] = refcat  # DRP catalog not loaded into the PPDB: use the Butler's
     t2 = time.time()
     return Prefetch(
-        calibs=calibs,
         refcat=refcat,
         history=PpdbHistory(**history),
         ppdb_error=ppdb_error,
@@ -256,9 +251,13 @@ def prewarp_task(
     return Prewarped(tmpl, timings={"prewarp": time.time() - t0})
 
 
-def calib_task(pre: Prefetch, kind: str) -> np.ndarray:
-    """The master calibration ``kind`` (bias, dark, flat) of the prefetch."""
-    return pre.calibs[kind]
+def calib_task(repo: str, detector: Detector, kind: str, band: str, mjd: float) -> np.ndarray:
+    """The master calibration ``kind`` (bias, dark, flat) valid at ``mjd``, read at prefetch.
+
+    A task of its own per kind, so that each frame is released as soon as the CCD's
+    ISR has used it (the rest of the prefetch stays with the CCD to its end).
+    """
+    return Butler(repo).get_calib(kind, detector.id, band if kind == "flat" else None, mjd)
 
 
 def calibrate_task(
