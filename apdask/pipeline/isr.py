@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from apdask._kernels.fused import cr_candidates, grow_diamond, interpolate_over
+from apdask._kernels.fused import amp_pass, cr_candidates, grow_diamond, interpolate_over
 from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import fit_background
@@ -68,11 +68,9 @@ def isr_amp(
     if raw.shape != amp.raw_shape:
         msg = f"amplifier {amp.name}: raw segment has shape {raw.shape}, expected {amp.raw_shape}"
         raise ValueError(msg)
-    finite = np.isfinite(raw)
-    raw = np.where(finite, raw, np.float32(0.0))
     osc = raw[amp.overscan_slice]
-    osc_ok = finite[amp.overscan_slice]
     if osc.shape[1] > 0:
+        osc_ok = np.isfinite(osc)
         row = (
             np.median(np.where(osc_ok, osc, np.nan), axis=1)
             if not osc_ok.all()
@@ -82,43 +80,18 @@ def isr_amp(
         row = ndimage.uniform_filter1d(row.astype(np.float64), _OVERSCAN_SMOOTH, mode="nearest")
     else:
         row = np.zeros(amp.ny)
-    data = raw[amp.data_slice]
-    sat = data >= amp.saturation
-    nodata = ~finite[amp.data_slice]
-    img = (data - row[:, None].astype(np.float32)) * np.float32(amp.gain)
-    # flip to assembled orientation
-    if amp.flip_y:
-        img, sat, nodata = img[::-1], sat[::-1], nodata[::-1]
-    if amp.flip_x:
-        img, sat, nodata = img[:, ::-1], sat[:, ::-1], nodata[:, ::-1]
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    mask = np.zeros(img.shape, np.uint32)
-    mask[sat] |= MASK["SAT"]
-    if np.count_nonzero(sat | nodata) > DEAD_AMP_FRACTION * sat.size:
+    img, var, mask, lost = amp_pass(
+        raw, amp.data_slice, row, flip_y=amp.flip_y, flip_x=amp.flip_x, gain=amp.gain,
+        saturation=amp.saturation, bias=bias, dark=dark, darktime=float(darktime), flat=flat,
+        read_noise=amp.read_noise, flat_bad=FLAT_BAD, dark_hot=DARK_HOT,
+        bits=(MASK["SAT"], MASK["NO_DATA"], MASK["BAD"]),
+    )  # fmt: skip
+    if lost > DEAD_AMP_FRACTION * img.size:
         # a saturated (or unreadable) amplifier: its values carry no information and a
         # step of ~the full well at its border would ring through every convolution
-        nodata = np.ones_like(nodata)
-    mask[nodata] |= MASK["NO_DATA"]
-    if bias is not None:
-        bias = np.asarray(bias, np.float32)
-        img -= np.nan_to_num(bias)
-        mask[~np.isfinite(bias)] |= MASK["BAD"]
-    if dark is not None:
-        dark = np.asarray(dark, np.float32)
-        img -= np.nan_to_num(dark) * np.float32(float(darktime))
-        mask[~np.isfinite(dark) | (dark > DARK_HOT)] |= MASK["BAD"]
-    if flat is not None:
-        flat = np.asarray(flat, np.float32)
-        dead = ~np.isfinite(flat) | (flat <= 0)
-        mask[dead | (flat <= FLAT_BAD)] |= MASK["BAD"]
-        f = np.where(dead, np.float32(1.0), flat)
-    else:
-        f = np.ones_like(img)
-    img /= f
-    # variance: Poisson of the (flat-fielded) signal plus read noise, both through the flat
-    var = np.maximum(img, 0.0) / f + np.float32(amp.read_noise**2) / (f * f)
-    img[nodata] = 0.0
-    return img, var.astype(np.float32), mask
+        mask |= np.uint32(MASK["NO_DATA"])
+        img[...] = 0.0
+    return img, var, mask
 
 
 def _task_arg(x):

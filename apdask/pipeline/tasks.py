@@ -272,9 +272,13 @@ def calibrate_task(
     (:func:`science_psf_task`), which needs no WCS.
     """
     t0 = time.time()
-    image_e = sum(i[0] for i in images)
-    variance = sum(i[1] for i in images)
-    mask = np.bitwise_or.reduce([i[2] for i in images])
+    image_e, variance, mask = (np.asarray(a) for a in images[0])
+    if len(images) > 1:  # snaps summed into new arrays; a single snap is not copied
+        image_e, variance, mask = image_e.copy(), variance.copy(), mask.copy()
+        for img, var, msk in images[1:]:
+            image_e += img
+            variance += var
+            mask |= msk
     wcs = detector.predicted_wcs(header.ra, header.dec, header.rotpa)
     meta = {
         "visit": header.visit,
@@ -284,9 +288,7 @@ def calibrate_task(
         "mjd": header.mjd,
         "exptime": header.exptime,
     }
-    exp = isr.calibrate(
-        np.asarray(image_e), np.asarray(variance), mask, band, header.exptime, wcs, meta
-    )
+    exp = isr.calibrate(image_e, variance, mask, band, header.exptime, wcs, meta)
     return Calibrated(exp, timings={"calibrate": time.time() - t0})
 
 

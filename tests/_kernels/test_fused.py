@@ -337,3 +337,51 @@ def test_one_blas_thread_limits_blas_inside_only():
     inside = _fused.one_blas_thread(blas_threads)()
     assert inside and all(n == 1 for n in inside)
     assert blas_threads() == before  # restored on return
+
+
+@pytest.mark.parametrize("flip", [(False, False), (True, False), (False, True), (True, True)])
+def test_amp_pass(flip):
+    """One amplifier's ISR pass equals the NumPy chain, bit for bit, flips, non-finite
+    raw, bias and dark pixels, hot darks, weak and dead flat pixels included."""
+    rng = np.random.default_rng(7)
+    raw = rng.normal(2.0e4, 300.0, (60, 48)).astype(np.float32)
+    raw[5, 7], raw[10, 3:6], raw[20, 30] = np.nan, np.inf, 2.0e6
+    data = (slice(2, 52), slice(4, 40))
+    row = rng.normal(1.0e3, 5.0, 50).astype(np.float32)
+    bias, dark = rng.normal(0, 2, (50, 36)), rng.uniform(0, 0.1, (50, 36))
+    flat = rng.uniform(0.9, 1.1, (50, 36))
+    bias[3, 3], bias[4, 4], dark[9, 9], dark[10, 10] = np.nan, np.inf, 5.0, np.nan
+    flat[1, 1], flat[2, 2], flat[3, 5] = 0.3, -1.0, np.nan
+    bias, dark, flat = (a.astype(np.float32) for a in (bias, dark, flat))
+    bits = (MASK["SAT"], MASK["NO_DATA"], MASK["BAD"])
+    img, var, mask, lost = _fused.amp_pass(
+        raw, data, row, flip_y=flip[0], flip_x=flip[1], gain=1.7, saturation=1.0e6,
+        bias=bias, dark=dark, darktime=31.0, flat=flat, read_noise=5.0, flat_bad=0.5,
+        dark_hot=1.0, bits=bits,
+    )  # fmt: skip
+    d = raw[data]
+    finite = np.isfinite(d)
+    d = np.where(finite, d, np.float32(0))
+    sat = d >= 1.0e6
+    want = (d - row[:, None]) * np.float32(1.7)
+    if flip[0]:
+        want, sat, finite = want[::-1], sat[::-1], finite[::-1]
+    if flip[1]:
+        want, sat, finite = want[:, ::-1], sat[:, ::-1], finite[:, ::-1]
+    dead = ~np.isfinite(flat) | (flat <= 0)
+    f = np.where(dead, np.float32(1), flat)
+    with np.errstate(over="ignore"):  # the infinite bias pixel: nan_to_num's float max
+        want = want - np.nan_to_num(bias) - np.nan_to_num(dark) * np.float32(31.0)
+        want = want / f
+    want_var = np.maximum(want, 0) / f + np.float32(25.0) / (f * f)
+    want[~finite] = 0
+    want_mask = (
+        np.where(sat, MASK["SAT"], 0)
+        | np.where(~finite, MASK["NO_DATA"], 0)
+        | np.where(~np.isfinite(bias) | ~np.isfinite(dark) | (dark > 1.0) | dead | (flat <= 0.5),
+                   MASK["BAD"], 0)
+    ).astype(np.uint32)  # fmt: skip
+    np.testing.assert_array_equal(img, want)
+    np.testing.assert_array_equal(var, want_var)
+    np.testing.assert_array_equal(mask, want_mask)
+    assert lost == np.count_nonzero(sat | ~finite) == 4

@@ -7,7 +7,7 @@ parallel) what took a chain of NumPy expressions, and writes into arrays it is
 given, so the subtraction allocates few full frames.  Each is equal to the NumPy
 expression in its docstring to float32 rounding (``tests/_kernels/test_fused.py``).
 
-The passes live in private modules by stage (``_difference``, ``_detection``,
+The passes live in private modules by stage (``_amp``, ``_difference``, ``_detection``,
 ``_isr``; the thread settings in ``_threads``) and are re-exported here.
 """
 
@@ -15,6 +15,7 @@ import os
 import sys
 from types import ModuleType
 
+from apdask._kernels.fused._amp import amp_pass
 from apdask._kernels.fused._detection import above, dilate, matched_inputs, segments, snr_map
 from apdask._kernels.fused._difference import (
     combine_masks,
@@ -33,6 +34,7 @@ from apdask._kernels.fused._isr import (
 from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
 
 __all__ = [
+    "amp_pass",
     "compiled_on_disk",
     "allocated_cpus",
     "inner_threads",
@@ -57,7 +59,7 @@ __all__ = [
 
 def _kernel_modules() -> list[ModuleType]:
     """This package's kernel modules (imported above)."""
-    return [sys.modules[f"{__name__}.{m}"] for m in ("_detection", "_difference", "_isr")]
+    return [sys.modules[f"{__name__}.{m}"] for m in ("_amp", "_detection", "_difference", "_isr")]
 
 
 def _dispatchers(module: ModuleType) -> list[object]:
