@@ -106,16 +106,17 @@ def ccd_tasks(
             for a in det.amplifiers
         ]
         darktime = step(darktime_task, f"darktime{k}")(header, k)
-        images.append(
-            isr.isr_arrays(
-                amps,
-                det,
-                calibs["bias"],
-                calibs["dark"],
-                calibs["flat"],
-                darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
-            )  # fmt: skip
-        )
+        planes = isr.isr_arrays(
+            amps,
+            det,
+            calibs["bias"],
+            calibs["dark"],
+            calibs["flat"],
+            darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
+        )  # fmt: skip
+        # calibrate gets the amplifier blocks and writes them once into the nJy frame
+        # (unoptimised: fusing would run each amplifier's ISR once per plane)
+        images.append(tuple(p.to_delayed(optimize_graph=False).tolist() for p in planes))
     calibrated = step(calibrate_task, "calibrate")(images, header, det, band)
     # two branches side by side: the WCS refined, then the template shifted onto it; the
     # science PSF model and cosmic rays, which need no WCS

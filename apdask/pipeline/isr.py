@@ -27,7 +27,7 @@ from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import fit_background
 
-__all__ = ["isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
+__all__ = ["assemble", "isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
 
 #: Flat values at or below this are flagged BAD (and ≤ 0 / non-finite are dead).
 FLAT_BAD = 0.5
@@ -188,8 +188,9 @@ def calibrate(
 
     Parameters
     ----------
-    image_e, variance_e2, mask : array_like
-        Computed (numpy) outputs of :func:`isr_arrays`.
+    image_e, variance_e2, mask : array_like or list
+        Computed (numpy) outputs of :func:`isr_arrays`, or their amplifier blocks
+        (:func:`assemble`).
     band : str
     exptime : float
         Exposure time in seconds.
@@ -203,12 +204,41 @@ def calibrate(
         Image in nJy per pixel, variance in nJy² (scaled by the square).
     """
     scale = np.float32(njy_per_electron(band, exptime))
-    img = np.asarray(image_e, np.float32) * scale
-    var = np.asarray(variance_e2, np.float32) * scale * scale
+    img = assemble(image_e, np.float32, scale)
+    var = assemble(variance_e2, np.float32, scale, scale)
     meta = dict(meta or {})
     meta.setdefault("band", band)
     meta.setdefault("exptime", float(exptime))
-    return Exposure(image=img, variance=var, mask=np.asarray(mask, np.uint32), wcs=wcs, meta=meta)
+    mask = assemble(mask, np.uint32) if isinstance(mask, list) else np.asarray(mask, np.uint32)
+    return Exposure(image=img, variance=var, mask=mask, wcs=wcs, meta=meta)
+
+
+def assemble(planes: Any, dtype: Any, *scales: np.float32) -> np.ndarray:
+    """One new array from an image or its amplifier blocks, times each of ``scales``.
+
+    ``planes`` is an array or the nested list ``[row][column]`` of per-amplifier
+    arrays that :func:`isr_arrays`'s outputs give with ``.to_delayed().tolist()``:
+    they are written once into the assembled array (no concatenated copy first).
+    """
+    blocks = planes if isinstance(planes, list) else [[planes]]
+    heights = [np.shape(row[0])[0] for row in blocks]
+    widths = [np.shape(b)[1] for b in blocks[0]]
+    out = np.empty((sum(heights), sum(widths)), dtype)
+    y = 0
+    for row, h in zip(blocks, heights, strict=True):
+        x = 0
+        for b in row:
+            w = np.shape(b)[1]
+            dst = out[y : y + h, x : x + w]
+            if scales:
+                np.multiply(np.asarray(b, dtype), scales[0], out=dst)
+                for s in scales[1:]:
+                    dst *= s
+            else:
+                dst[...] = b
+            x += w
+        y += h
+    return out
 
 
 def mask_cosmic_rays(

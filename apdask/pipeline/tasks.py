@@ -261,7 +261,7 @@ def calib_task(repo: str, detector: Detector, kind: str, band: str, mjd: float) 
 
 
 def calibrate_task(
-    images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    images: Sequence[tuple[Any, Any, Any]],
     header: RawHeader,
     detector: Detector,
     band: str,
@@ -272,13 +272,15 @@ def calibrate_task(
     (:func:`science_psf_task`), which needs no WCS.
     """
     t0 = time.time()
-    image_e, variance, mask = (np.asarray(a) for a in images[0])
-    if len(images) > 1:  # snaps summed into new arrays; a single snap is not copied
-        image_e, variance, mask = image_e.copy(), variance.copy(), mask.copy()
+    image_e, variance, mask = images[0]  # arrays, or their amplifier blocks (graph)
+    if len(images) > 1:  # snaps summed into new arrays; a single snap's are assembled once
+        image_e = isr.assemble(image_e, np.float32)
+        variance = isr.assemble(variance, np.float32)
+        mask = isr.assemble(mask, np.uint32)
         for img, var, msk in images[1:]:
-            image_e += img
-            variance += var
-            mask |= msk
+            image_e += isr.assemble(img, np.float32)
+            variance += isr.assemble(var, np.float32)
+            mask |= isr.assemble(msk, np.uint32)
     wcs = detector.predicted_wcs(header.ra, header.dec, header.rotpa)
     meta = {
         "visit": header.visit,
