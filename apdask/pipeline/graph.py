@@ -7,6 +7,7 @@ that every task receives; tasks never read ``dask.config`` on a worker.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -173,6 +174,7 @@ def build_visit_graph(
     replace: bool = False,
     config: PipelineConfig | None = None,
     check: Callable[[], None] | None = None,
+    workers: Sequence[str] | None = None,
 ) -> Delayed:
     """Build the lazy graph of one visit; computing it returns the visit report.
 
@@ -204,6 +206,11 @@ def build_visit_graph(
     check : callable, optional
         Called before each CCD's chain is built; it raises to abandon the build (the
         listener bounds the build time with it, ``apdask.listen.build_timeout_s``).
+    workers : sequence of str, optional
+        Dask worker addresses: each CCD's tasks prefer one of them, in turn (a loose
+        restriction: another worker runs them when that one is gone).  A CCD's
+        arrays (ISR blocks, calibrated image, template, difference) then stay on the
+        worker that made them instead of being serialised to another.
 
     Returns
     -------
@@ -225,17 +232,24 @@ def build_visit_graph(
     cfg = PipelineConfig.resolve() if config is None else config
     names = next_visit.detectors if detectors is None else tuple(detectors)
     reports = []
-    for name in names:
+    for k, name in enumerate(names):
         if check is not None:
             check()
-        reports.append(
-            ccd_tasks(
-                next_visit,
-                name,
-                where=where,
-                cfg=cfg,
-                image_names=(images or {}).get(name),
-                replace=replace,
-            )
+        # a CCD's chain on one worker (preferred, not required): its arrays never move
+        place = (
+            dask.annotate(workers=[workers[k % len(workers)]], allow_other_workers=True)
+            if workers
+            else contextlib.nullcontext()
         )
+        with place:
+            reports.append(
+                ccd_tasks(
+                    next_visit,
+                    name,
+                    where=where,
+                    cfg=cfg,
+                    image_names=(images or {}).get(name),
+                    replace=replace,
+                )
+            )
     return dask.delayed(_gather)(next_visit, reports, dask_key_name=f"gather-{next_visit.visit}")
