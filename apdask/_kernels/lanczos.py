@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["lanczos3_weights", "node_weights", "resample", "shift", "warp"]
+__all__ = ["any_set", "lanczos3_weights", "node_weights", "resample", "shift", "warp"]
 
 _A = 3
 _TAPS = 2 * _A
@@ -450,60 +450,71 @@ def _uniform_value(a: np.ndarray) -> float:
     return lo if lo == hi and lo >= 0 and np.isfinite(lo) else -1.0
 
 
-@numba.njit(parallel=True, cache=True)
-def _shift_rows(src, w, oy, x0, out):
-    h = src.shape[0]
-    ny, nx = out.shape
-    for j in numba.prange(ny):
-        for a in range(_TAPS):
-            r = min(max(oy + j - _A + 1 + a, 0), h - 1)
-            wa = np.float32(w[a])
-            for i in range(nx):
-                out[j, i] += wa * src[r, x0 + i]
-
-
-@numba.njit(parallel=True, cache=True)
-def _shift_cols(src, w, ox, out):
-    width = src.shape[1]
-    ny, nx = out.shape
-    w0, w1, w2 = np.float32(w[0]), np.float32(w[1]), np.float32(w[2])
-    w3, w4, w5 = np.float32(w[3]), np.float32(w[4]), np.float32(w[5])
-    for j in numba.prange(ny):
-        for i in range(nx):
-            c = ox + i - _A + 1
-            if c >= 0 and c + _TAPS <= width:
-                out[j, i] = (
-                    w0 * src[j, c]
-                    + w1 * src[j, c + 1]
-                    + w2 * src[j, c + 2]
-                    + w3 * src[j, c + 3]
-                    + w4 * src[j, c + 4]
-                    + w5 * src[j, c + 5]
-                )
-            else:
-                acc = np.float32(0.0)
-                for b in range(_TAPS):
-                    acc += np.float32(w[b]) * src[j, min(max(c + b, 0), width - 1)]
-                out[j, i] = acc
-
-
-def _shift_one(src, wy, wx, oy, ox, shape):
-    """One array through the row and the column pass (see :func:`shift`)."""
-    ny, nx = shape
+@numba.njit(cache=True, inline="always")
+def _shift_row(src, wy, r, ox, buf, w_x, out_row):
+    """One output row of one plane: the 6 source rows ``r`` combined with ``wy`` into
+    ``buf`` (source columns ``ox - 2 …``, clamped to the edge), then ``buf``'s 6-tap
+    sums with ``w_x``."""
     w = src.shape[1]
-    x0 = min(max(ox - _A + 1, 0), w - 1)
-    x1 = min(max(ox + nx + _A, x0 + 1), w)
-    rows = np.zeros((ny, x1 - x0), np.float32)
-    _shift_rows(src, wy, oy, x0, rows)
-    out = np.empty((ny, nx), np.float32)
-    _shift_cols(rows, wx, ox - x0, out)
-    return out
+    nb = buf.shape[0]
+    c = ox - _A + 1  # buf[k] is source column c + k
+    k_lo = min(max(-c, 0), nb)
+    k_hi = max(min(w - c, nb), k_lo)
+    s0, s1, s2, s3, s4, s5 = src[r[0]], src[r[1]], src[r[2]], src[r[3]], src[r[4]], src[r[5]]
+    for k in range(k_lo, k_hi):
+        buf[k] = (
+            wy[0] * s0[c + k] + wy[1] * s1[c + k] + wy[2] * s2[c + k]
+            + wy[3] * s3[c + k] + wy[4] * s4[c + k] + wy[5] * s5[c + k]
+        )  # fmt: skip
+    for k in range(nb - k_hi + k_lo):  # beyond the source's edge: the edge column
+        kk = k if k < k_lo else k_hi + k - k_lo
+        e = min(max(c + kk, 0), w - 1)
+        buf[kk] = (
+            wy[0] * s0[e] + wy[1] * s1[e] + wy[2] * s2[e]
+            + wy[3] * s3[e] + wy[4] * s4[e] + wy[5] * s5[e]
+        )  # fmt: skip
+    for i in range(out_row.shape[0]):
+        out_row[i] = (
+            w_x[0] * buf[i] + w_x[1] * buf[i + 1] + w_x[2] * buf[i + 2]
+            + w_x[3] * buf[i + 3] + w_x[4] * buf[i + 4] + w_x[5] * buf[i + 5]
+        )  # fmt: skip
+
+
+@numba.njit(parallel=True, cache=True)
+def _shift(src, src_var, wy, wx, oy, ox, out_img, out_var):
+    h = src.shape[0]
+    ny, nx = out_img.shape
+    for j in numba.prange(ny):
+        rows = np.empty(_TAPS, np.int64)
+        for a in range(_TAPS):
+            rows[a] = min(max(oy + j - _A + 1 + a, 0), h - 1)
+        buf = np.empty(nx + _TAPS - 1, np.float32)
+        _shift_row(src, wy, rows, ox, buf, wx, out_img[j])
+        _shift_row(src_var, wy, rows, ox, buf, wx, out_var[j])
+
+
+@numba.njit(cache=True)
+def _any_set(mask, bits):
+    n = mask.shape[0]
+    for start in range(0, n, 4096):  # OR a block (vectorised), then test it
+        acc = mask.dtype.type(0)
+        for k in range(start, min(start + 4096, n)):
+            acc |= mask[k]
+        if acc & bits:
+            return True
+    return False
+
+
+def any_set(mask: np.ndarray, bits: int) -> bool:
+    """Whether any element of an integer ``mask`` has one of ``bits`` set; stops at the
+    first, and makes no full-frame temporary."""
+    return bool(_any_set(np.ascontiguousarray(mask).ravel(), np.uint32(bits)))
 
 
 def shift(
     src: np.ndarray,
     src_var: np.ndarray,
-    bad: np.ndarray,
+    bad: np.ndarray | None,
     dy: float,
     dx: float,
     shape: tuple[int, int],
@@ -512,16 +523,17 @@ def shift(
 
     ``out[j, i]`` is the source interpolated at ``(j + dy, i + dx)``: a translation,
     done as two separable 6-tap passes (12 taps per pixel instead of the 36 of
-    :func:`resample`).  The variance is interpolated with the same normalised weights
-    (the ``"psf"`` scale of :func:`resample`).  Taps beyond the source's edge repeat the
-    edge pixel.
+    :func:`resample`), fused: each output row of both planes is made from its 6
+    source rows in one go, float32.  The variance is interpolated with the same
+    normalised weights (the ``"psf"`` scale of :func:`resample`).  Taps beyond the
+    source's edge repeat the edge pixel.
 
     Parameters
     ----------
     src, src_var : numpy.ndarray
         float32 image and variance, shape ``(h, w)``.
-    bad : numpy.ndarray
-        bool, shape ``(h, w)``: pixels without data.
+    bad : numpy.ndarray or None
+        bool, shape ``(h, w)``: pixels without data; None: there are none.
     dy, dx : float
         Position in the source of output pixel ``(0, 0)``.
     shape : tuple of int
@@ -537,9 +549,21 @@ def shift(
     wy = lanczos3_weights(dy - oy)
     wx = lanczos3_weights(dx - ox)
     wy, wx = wy / wy.sum(), wx / wx.sum()
-    image = _shift_one(np.ascontiguousarray(src, np.float32), wy, wx, oy, ox, (ny, nx))
-    variance = _shift_one(np.ascontiguousarray(src_var, np.float32), wy, wx, oy, ox, (ny, nx))
+    image = np.empty((ny, nx), np.float32)
+    variance = np.empty((ny, nx), np.float32)
+    _shift(
+        np.ascontiguousarray(src, np.float32),
+        np.ascontiguousarray(src_var, np.float32),
+        wy.astype(np.float32),
+        wx.astype(np.float32),
+        oy,
+        ox,
+        image,
+        variance,
+    )
     out_bad = np.zeros((ny, nx), np.bool_)
+    if bad is None:
+        return image, variance, out_bad
     ys, xs = np.nonzero(bad)
     if len(ys):  # few: each bad source pixel spoils the outputs whose 6 x 6 taps reach it
         h, w = bad.shape

@@ -260,17 +260,24 @@ def shift_template(
     )  # fmt: skip
     if not (np.isfinite(residual) and residual <= max_residual_px and taps_inside):
         return None, figures
-    bad = (prewarped.mask & MASK["NO_DATA"]) != 0
+    bad = None
+    if lanczos.any_set(prewarped.mask, MASK["NO_DATA"]):
+        bad = (prewarped.mask & MASK["NO_DATA"]) != 0
     image, variance, nodata = lanczos.shift(
         prewarped.image, prewarped.variance, bad, dy, dx, (ny, nx)
     )
-    mask = np.where(nodata, np.uint32(MASK["NO_DATA"]), np.uint32(0))
-    if nodata.all():
-        return None, figures
-    if nodata.any():
-        image[nodata] = 0.0
-        variance[nodata] = np.float32(np.median(variance[~nodata]))
+    coverage = 1.0
+    if bad is None:
+        mask = np.zeros((ny, nx), np.uint32)
+    else:
+        mask = np.where(nodata, np.uint32(MASK["NO_DATA"]), np.uint32(0))
+        if nodata.all():
+            return None, figures
+        if nodata.any():
+            image[nodata] = 0.0
+            variance[nodata] = np.float32(np.median(variance[~nodata]))
+        coverage = float(1.0 - np.mean(nodata))
     meta = {k: v for k, v in prewarped.meta.items() if k != "margin"}
-    meta["coverage"] = float(1.0 - np.mean(nodata))
+    meta["coverage"] = coverage
     out = Exposure(image=image, variance=variance, mask=mask, wcs=wcs, psf=prewarped.psf, meta=meta)
     return out, figures

@@ -95,6 +95,7 @@ def warm_kernels() -> float:
                      lanczos.node_weights(nodes, 8), out, out.copy(), np.zeros((8, 8), bool),
                      bounds=(2.0, 12.0, 2.0, 12.0))  # fmt: skip
         lanczos.shift(small, small, np.zeros((16, 16), bool), 3.5, 3.5, (8, 8))
+        lanczos.any_set(np.zeros((4, 4), np.uint32), MASK["NO_DATA"])
         model = estimate_psf_model(science)
         science = science.copy_with(psf=model.mean, psf_model=model)
         science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))

@@ -122,3 +122,32 @@ def test_warp_window_writes_at_its_origin():
     assert n == part[2].sum() == whole[2][10:30, 20:60].sum()
     assert not part[2][:10].any() and not part[2][:, :20].any()
     np.testing.assert_array_equal(part[0][10:30, 20:60], whole[0][10:30, 20:60])
+
+
+def test_shift_beyond_the_edge_repeats_it_and_no_bad_plane():
+    from apdask._kernels.lanczos import any_set, shift
+
+    rng = np.random.default_rng(6)
+    src = rng.normal(size=(40, 50)).astype(np.float32)
+    var = rng.uniform(1, 2, size=src.shape).astype(np.float32)
+    for dy, dx in ((-1.3, 2.6), (3.2, -2.7), (9.4, 12.8)):  # taps off every edge
+        img, v, b = shift(src, var, None, dy, dx, (35, 45))
+        assert not b.any()
+        fy, fx = (np.mgrid[0:35, 0:45] + np.array([dy, dx])[:, None, None]).astype(np.float32)
+        ref = _run(src, var, fx, fy, bounds=(-1e9, 1e9, -1e9, 1e9))
+        np.testing.assert_allclose(img, ref[0], atol=1e-4)
+        np.testing.assert_allclose(v, ref[1], rtol=1e-4)
+    mask = np.zeros((30, 5000), np.uint32)
+    assert not any_set(mask, 4)
+    mask[29, 4999] = 6
+    assert any_set(mask, 4) and not any_set(mask, 8)
+
+
+def test_shift_entirely_beyond_an_edge_repeats_it():
+    from apdask._kernels.lanczos import shift
+
+    src = np.tile(np.arange(10, dtype=np.float32), (12, 1))
+    img, _, _ = shift(src, src, None, 2.0, -30.5, (4, 5))  # all left of column 0
+    np.testing.assert_allclose(img, 0.0, atol=1e-6)
+    img, _, _ = shift(src, src, None, 2.0, 40.5, (4, 5))  # all right of column 9
+    np.testing.assert_allclose(img, 9.0, rtol=1e-6)
