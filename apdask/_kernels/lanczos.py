@@ -443,11 +443,20 @@ def warp(
     )
 
 
+@numba.njit(cache=True)
+def _uniform(flat):
+    first = flat[0]
+    for k in range(flat.shape[0]):
+        if flat[k] != first:  # NaN too
+            return -1.0
+    return float(first) if first >= 0 and np.isfinite(first) else -1.0
+
+
 def _uniform_value(a: np.ndarray) -> float:
-    """The value of an array all of whose elements are equal and finite (a template's
-    variance often is: one number per tile), else -1."""
-    lo, hi = float(a.min()), float(a.max())
-    return lo if lo == hi and lo >= 0 and np.isfinite(lo) else -1.0
+    """The value of an array all of whose elements are equal, finite and not negative
+    (a template's variance often is: one number per tile), else -1; one pass at most,
+    stopping at the first other value."""
+    return float(_uniform(a.ravel())) if a.size else -1.0
 
 
 @numba.njit(cache=True, inline="always")
