@@ -13,6 +13,10 @@ neighbouring pixels' noise).
 The inner loop is compiled with numba and runs over output rows in parallel.
 The weights come from a table of 6 × 2049 samples per unit pixel, linearly
 interpolated, which agrees with the exact kernel to about 1e-6.
+
+:func:`warp` is the template warper's kernel: the positions come from a coarse grid
+inside the loop, weights and sums are float32, and interior pixels skip the edge
+clamps.  :func:`shift` is the separable special case of a translation.
 """
 
 from __future__ import annotations
@@ -271,19 +275,10 @@ def _taps_clamped(src, x0, y0, wx, wy):
     return val
 
 
-@numba.njit(cache=True, inline="always")
-def _sum(w):
-    s = np.float32(0.0)
-    for b in range(_TAPS):
-        s += w[b]
-    return s
-
-
 @numba.njit(parallel=True, cache=True, fastmath=_FAST)
 def _warp(
     src,
     src_var,
-    uniform,
     gx,
     gy,
     ky,
@@ -337,14 +332,10 @@ def _warp(
             y0 = iy - _A + 1
             if x0 >= 0 and x0 + _TAPS <= w and y0 >= 0 and y0 + _TAPS <= h:
                 val = _taps(src, x0, y0, wx, wy)
-                if uniform < 0:
-                    var = _taps(src_var, x0, y0, vx, vy)
-            else:
+                var = _taps(src_var, x0, y0, vx, vy)
+            else:  # taps beyond the edge
                 val = _taps_clamped(src, x0, y0, wx, wy)
-                if uniform < 0:
-                    var = _taps_clamped(src_var, x0, y0, vx, vy)
-            if uniform >= 0:
-                var = uniform * _sum(vx) * _sum(vy)
+                var = _taps_clamped(src_var, x0, y0, vx, vy)
             # a non-finite tap (no data) makes the sums non-finite, whatever its weight
             if not (np.isfinite(val) and np.isfinite(var)):
                 continue
@@ -382,10 +373,8 @@ def warp(
 
     Compared with :func:`resample`: the weights and sums are float32 (about 1e-6 of
     the value), the positions are not rounded to float32 (at 2000 px that rounding
-    is 1e-4 px, a few nJy on a bright star's flank), the 36 taps have no per-tap
-    clamps away from the source's edge, and a source whose variance is one number
-    (a tile without a variance plane, a simulated one) has its variance plane
-    written without interpolating it.
+    is 1e-4 px, a few nJy on a bright star's flank), and the 36 taps have no per-tap
+    clamps away from the source's edge.
 
     Parameters
     ----------
@@ -417,12 +406,10 @@ def warp(
     if variance_scale not in ("psf", "pixel"):
         msg = f"variance_scale must be 'psf' or 'pixel', not {variance_scale!r}"
         raise ValueError(msg)
-    src_var = np.ascontiguousarray(src_var, np.float32)
     return int(
         _warp(
             np.ascontiguousarray(src, np.float32),
-            src_var,
-            np.float32(_uniform_value(src_var)),
+            np.ascontiguousarray(src_var, np.float32),
             np.ascontiguousarray(gx, np.float64),
             np.ascontiguousarray(gy, np.float64),
             np.ascontiguousarray(rows[0], np.int64),
@@ -441,22 +428,6 @@ def warp(
             variance_scale == "pixel",
         )
     )
-
-
-@numba.njit(cache=True)
-def _uniform(flat):
-    first = flat[0]
-    for k in range(flat.shape[0]):
-        if flat[k] != first:  # NaN too
-            return -1.0
-    return float(first) if first >= 0 and np.isfinite(first) else -1.0
-
-
-def _uniform_value(a: np.ndarray) -> float:
-    """The value of an array all of whose elements are equal, finite and not negative
-    (a template's variance often is: one number per tile), else -1; one pass at most,
-    stopping at the first other value."""
-    return float(_uniform(a.ravel())) if a.size else -1.0
 
 
 @numba.njit(cache=True, inline="always")
