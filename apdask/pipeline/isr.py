@@ -22,7 +22,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from apdask._kernels.fused import cr_candidates, grow_diamond, interpolate_over
+from apdask._kernels.fused import cr_candidates, grow_pixels, interpolate_pixels
 from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import fit_background
@@ -275,22 +275,30 @@ def mask_cosmic_rays(
     """
     img = np.array(exposure.image, dtype=np.float32)
     var = np.asarray(exposure.variance, np.float32)
-    mask = np.array(exposure.mask, dtype=np.uint32)
-    skip = (mask & (MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"])) != 0
-    bkg = fit_background(img, mask)
+    mask = np.asarray(exposure.mask, np.uint32)
+    skip_bits = MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"]
+    bkg = fit_background(img, mask, lazy=True).bilinear()
     sigma = max(float(psf_fwhm_px), 0.5) / 2.3548
     # a slightly sharper PSF than measured is still allowed (conservative for stars)
     sig_eff = 0.8 * sigma
     r1 = np.exp(1.0 / (2 * sig_eff**2))
     r2 = np.exp(2.0 / (2 * sig_eff**2))
+    # the cosmic-ray pixels as a mask (what the passes read) and as a list (what they
+    # change): no full-frame search
     cr = np.zeros(img.shape, bool)
+    ys = xs = np.zeros(0, np.int64)
     for _ in range(iterations):
-        new = cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma)
-        if not new.any():
+        cy, cx = cr_candidates(img, bkg, var, mask, skip_bits, cr, r1, r2, nsigma)
+        if len(cy) == 0:
             break
         if grow > 0:
-            new = grow_diamond(new, grow) & ~skip
-        cr |= new
-        interpolate_over(img, cr)
-    mask[cr] |= MASK["CR"]
+            cy, cx = grow_pixels(cy, cx, grow, img.shape)
+            ok = (mask[cy, cx] & skip_bits) == 0
+            cy, cx = cy[ok], cx[ok]
+        new = ~cr[cy, cx]
+        ys, xs = np.concatenate([ys, cy[new]]), np.concatenate([xs, cx[new]])
+        cr[ys, xs] = True
+        interpolate_pixels(img, cr, ys, xs)
+    mask = mask.copy()
+    mask[ys, xs] |= MASK["CR"]
     return exposure.copy_with(image=img, mask=mask)

@@ -11,9 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.spatial import cKDTree
 
-from apdask._kernels.fused import (
-    smoothed_residual,
-)
+from apdask._kernels.fused import local_peaks, smoothed_residual
 from apdask.core.exposure import IGNORE_BITS
 from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import fit_background
@@ -159,22 +157,10 @@ def local_maxima(img: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndar
     """``(y, x)`` of pixels above ``threshold`` not below any of their 8 neighbours.
 
     Equal to ``(img == maximum_filter(img, 3)) & (img > threshold)`` (edges padded
-    with ``-inf``) but only the few pixels above the threshold are compared.
+    with ``-inf``), in raster order, in one parallel pass that makes no full-frame mask
+    (:func:`apdask._kernels.fused.local_peaks`).
     """
-    ny, nx = img.shape
-    ys, xs = np.nonzero(img > threshold)
-    v = img[ys, xs]
-    peak = np.ones(len(ys), bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == dx == 0:
-                continue
-            yy, xx = ys + dy, xs + dx
-            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-            nb = np.full(len(ys), -np.inf, img.dtype)
-            nb[inside] = img[yy[inside], xx[inside]]
-            peak &= v >= nb
-    return ys[peak], xs[peak]
+    return local_peaks(img, threshold)
 
 
 def usable_stars(n: int, cap: int | None) -> np.ndarray:

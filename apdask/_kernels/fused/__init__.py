@@ -15,7 +15,14 @@ import os
 import sys
 from types import ModuleType
 
-from apdask._kernels.fused._detection import above, dilate, matched_inputs, segments, snr_map
+from apdask._kernels.fused._detection import (
+    above,
+    dilate,
+    local_peaks,
+    matched_inputs,
+    segments,
+    snr_map,
+)
 from apdask._kernels.fused._difference import (
     combine_masks,
     difference_variance,
@@ -26,8 +33,9 @@ from apdask._kernels.fused._difference import (
 )
 from apdask._kernels.fused._isr import (
     cr_candidates,
-    grow_diamond,
+    grow_pixels,
     interpolate_over,
+    interpolate_pixels,
     smoothed_residual,
 )
 from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
@@ -42,8 +50,10 @@ __all__ = [
     "combine_masks",
     "cr_candidates",
     "finish_difference",
-    "grow_diamond",
+    "grow_pixels",
     "interpolate_over",
+    "interpolate_pixels",
+    "local_peaks",
     "difference_variance",
     "dilate",
     "matched_inputs",
