@@ -287,8 +287,10 @@ def mask_cosmic_rays(
     # change): no full-frame search
     cr = np.zeros(img.shape, bool)
     ys = xs = np.zeros(0, np.int64)
-    for _ in range(iterations):
-        cy, cx = cr_candidates(img, bkg, var, mask, skip_bits, cr, r1, r2, nsigma)
+    for it in range(iterations):
+        # after the first pass only the pixels next to those interpolated can change
+        near = (ys, xs) if it else None
+        cy, cx = cr_candidates(img, bkg, var, mask, skip_bits, cr, r1, r2, nsigma, near)
         if len(cy) == 0:
             break
         if grow > 0:

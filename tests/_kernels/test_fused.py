@@ -253,6 +253,19 @@ def test_cosmic_ray_passes_equal_numpy():
     np.testing.assert_allclose(out, want, rtol=1e-6)
     by, bx = np.nonzero(bad)
     np.testing.assert_array_equal(_fused.interpolate_pixels(img.copy(), bad, by, bx), out)
+    # a second pass after repairing the candidates: testing only next to the repaired
+    # pixels finds what a full pass finds (a blob's shoulders, sharp once its core is gone)
+    blob = img.copy()
+    core = np.array([[150, 200, 150], [200, 900, 200], [150, 200, 150]], np.float32)
+    blob[29:32, 99:102] += core
+    first = _fused.cr_candidates(blob, model.bilinear(), var, mask, MASK["SAT"], cr, *ratios)
+    done = cr.copy()
+    done[first] = True
+    _fused.interpolate_pixels(blob, done, *first)
+    args2 = (blob, model.bilinear(), var, mask, MASK["SAT"], done, *ratios)
+    full = _fused.cr_candidates(*args2)
+    assert len(full[0]) > 0 and not done[full].any()
+    np.testing.assert_array_equal(_fused.cr_candidates(*args2, near=first), full)
 
 
 def test_smoothed_residual_equals_ndimage(planes):

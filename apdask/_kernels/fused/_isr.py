@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _bilinear_at(coarse, jy, ty, jx, tx, y, x):
     """The background map of :meth:`apdask.pipeline.background.Background.bilinear` at
     one pixel."""
@@ -27,38 +27,52 @@ def _bilinear_at(coarse, jy, ty, jx, tx, y, x):
     )
 
 
+@numba.njit(cache=True, inline="always")
+def _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, y, x):
+    """The test of :func:`cr_candidates` at pixel ``(y, x)``."""
+    ny, nx = img.shape
+    zero = np.float32(0.0)
+    v = max(var[y, x], zero)
+    d = img[y, x] - _bilinear_at(coarse, jy, ty, jx, tx, y, x)
+    # the mask and cr are read for the few pixels above the threshold only
+    if not d > nsigma * np.sqrt(v) or (mask[y, x] & skip_bits) != 0 or cr[y, x]:
+        return False
+    y0, y1 = max(y - 1, 0), min(y + 1, ny - 1)
+    x0, x1 = max(x - 1, 0), min(x + 1, nx - 1)
+    # the four directions through the pixel: (a, b) opposite neighbours, ratio r
+    for k in range(4):
+        ay, by = (y, y) if k == 1 else (y0, y1)
+        ax = x if k == 0 else (x1 if k == 3 else x0)
+        bx = x if k == 0 else (x0 if k == 3 else x1)
+        r = r1 if k < 2 else r2
+        da = img[ay, ax] - _bilinear_at(coarse, jy, ty, jx, tx, ay, ax)
+        db = img[by, bx] - _bilinear_at(coarse, jy, ty, jx, tx, by, bx)
+        n = 0.5 * (da + db)
+        vn = 0.25 * (max(var[ay, ax], zero) + max(var[by, bx], zero))
+        if d - r * n > nsigma * np.sqrt(v + r * r * vn):
+            return True
+    return False
+
+
 @numba.njit(parallel=True, cache=True)
 def _cr_candidates(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, out,
                    counts):  # fmt: skip
     ny, nx = img.shape
-    zero = np.float32(0.0)
     for yy in numba.prange(ny):
         y = np.int64(yy)  # (the parallel index may be unsigned)
-        y0, y1 = max(y - 1, 0), min(y + 1, ny - 1)
         c = 0
         for x in range(nx):
-            if (mask[y, x] & skip_bits) != 0 or cr[y, x]:
-                continue
-            v = max(var[y, x], zero)
-            d = img[y, x] - _bilinear_at(coarse, jy, ty, jx, tx, y, x)
-            if not d > nsigma * np.sqrt(v):
-                continue
-            x0, x1 = max(x - 1, 0), min(x + 1, nx - 1)
-            # the four directions through the pixel: (a, b) opposite neighbours, ratio r
-            for k in range(4):
-                ay, by = (y, y) if k == 1 else (y0, y1)
-                ax = x if k == 0 else (x1 if k == 3 else x0)
-                bx = x if k == 0 else (x0 if k == 3 else x1)
-                r = r1 if k < 2 else r2
-                da = img[ay, ax] - _bilinear_at(coarse, jy, ty, jx, tx, ay, ax)
-                db = img[by, bx] - _bilinear_at(coarse, jy, ty, jx, tx, by, bx)
-                n = 0.5 * (da + db)
-                vn = 0.25 * (max(var[ay, ax], zero) + max(var[by, bx], zero))
-                if d - r * n > nsigma * np.sqrt(v + r * r * vn):
-                    out[y, x] = True
-                    c += 1
-                    break
+            if _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, y, x):
+                out[y, x] = True
+                c += 1
         counts[y] = c
+
+
+@numba.njit(cache=True)
+def _cr_at(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, ys, xs, out):
+    for k in range(len(ys)):
+        out[k] = _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma,
+                        ys[k], xs[k])  # fmt: skip
 
 
 @numba.njit(parallel=True, cache=True)
@@ -97,6 +111,7 @@ def cr_candidates(
     r1: float,
     r2: float,
     nsigma: float,
+    near: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`), as
     ``(y, x)`` in raster order.
@@ -108,13 +123,23 @@ def cr_candidates(
     ``σ_n² = (σ_a² + σ_b²)/4``, and ``r = r1`` along rows and columns, ``r2`` along
     diagonals.  ``bkg`` is the ``(coarse, jy, ty, jx, tx)`` of
     :meth:`apdask.pipeline.background.Background.bilinear`, evaluated where needed.
+
+    With ``near = (ys, xs)`` only the pixels within one pixel of those are tested: the
+    only ones whose test can have changed since a pass after which just ``(ys, xs)``
+    were changed (in ``img`` and ``cr``).
     """
+    coarse, jy, ty, jx, tx = bkg
+    var, mask = np.asarray(var, np.float32), np.asarray(mask, np.uint32)
+    ratios = np.float32(r1), np.float32(r2), np.float32(nsigma)
+    args = (img, coarse, jy, ty, jx, tx, var, mask, np.uint32(skip_bits), cr, *ratios)
+    if near is not None:
+        ys, xs = grow_pixels(*near, 1, img.shape, chebyshev=True)
+        hit = np.empty(len(ys), np.bool_)
+        _cr_at(*args, ys, xs, hit)
+        return ys[hit], xs[hit]
     out = np.zeros(img.shape, np.bool_)  # only the candidates are written
     counts = np.empty(img.shape[0], np.int64)
-    coarse, jy, ty, jx, tx = bkg
-    _cr_candidates(img, coarse, jy, ty, jx, tx, np.asarray(var, np.float32),
-                   np.asarray(mask, np.uint32), np.uint32(skip_bits), cr, np.float32(r1),
-                   np.float32(r2), np.float32(nsigma), out, counts)  # fmt: skip
+    _cr_candidates(*args, out, counts)
     return _flagged_pixels(out, counts)
 
 
@@ -174,14 +199,15 @@ def interpolate_pixels(
 
 
 def grow_pixels(
-    ys: np.ndarray, xs: np.ndarray, r: int, shape: tuple[int, ...]
+    ys: np.ndarray, xs: np.ndarray, r: int, shape: tuple[int, ...], chebyshev: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """The pixels within Manhattan distance ``r`` of ``(ys, xs)`` and inside ``shape``,
-    in raster order: ``np.nonzero(binary_dilation(m, iterations=r))`` of the mask ``m``
-    of those pixels (the default cross-shaped structure), without a full frame."""
+    in raster order, each once: ``np.nonzero(binary_dilation(m, iterations=r))`` of the
+    mask ``m`` of those pixels (the default cross-shaped structure), without a full
+    frame.  With ``chebyshev``: within Chebyshev distance ``r`` (``(2r + 1)²`` boxes)."""
     d = np.arange(-r, r + 1)
     dy, dx = np.meshgrid(d, d, indexing="ij")
-    near = np.abs(dy) + np.abs(dx) <= r
+    near = np.ones(dy.shape, bool) if chebyshev else np.abs(dy) + np.abs(dx) <= r
     yy = (np.asarray(ys, np.int64)[:, None] + dy[near]).ravel()
     xx = (np.asarray(xs, np.int64)[:, None] + dx[near]).ravel()
     ny, nx = shape[:2]
