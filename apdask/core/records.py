@@ -105,6 +105,10 @@ class Calibrated:
     exposure: Exposure
     astrometry: Mapping[str, Any] = field(default_factory=dict)  #: the WCS fit's figures
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: the astrometry's star search of the image (an
+    #: :class:`apdask.pipeline.stars.StarPeaks`), which the PSF model selects from too
+    #: instead of searching the image again; None once the image has changed
+    peaks: Any = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from scipy import ndimage
 from apdask._kernels.fused import cr_candidates, grow_pixels, interpolate_pixels
 from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
-from apdask.pipeline.background import fit_background
+from apdask.pipeline.background import Background, fit_background
 
 __all__ = ["isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
 
@@ -244,6 +244,7 @@ def mask_cosmic_rays(
     nsigma: float = 5.0,
     grow: int = 1,
     iterations: int = 2,
+    background: Background | None = None,
 ) -> Exposure:
     """Flag cosmic rays (CR bit) and replace them by the local median.
 
@@ -267,6 +268,10 @@ def mask_cosmic_rays(
         Grow the CR mask by this many pixels before interpolation.
     iterations : int, optional
         Detection passes (a second pass catches the shoulders of long tracks).
+    background : apdask.pipeline.background.Background, optional
+        The image's background as :func:`~apdask.pipeline.background.fit_background`
+        fits it (``lazy``), when already fitted (by the star search): fitted here if
+        not given.
 
     Returns
     -------
@@ -277,7 +282,9 @@ def mask_cosmic_rays(
     var = np.asarray(exposure.variance, np.float32)
     mask = np.asarray(exposure.mask, np.uint32)
     skip_bits = MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"]
-    bkg = fit_background(img, mask, lazy=True).bilinear()
+    if background is None:
+        background = fit_background(img, mask, lazy=True)
+    bkg = background.bilinear()
     sigma = max(float(psf_fwhm_px), 0.5) / 2.3548
     # a slightly sharper PSF than measured is still allowed (conservative for stars)
     sig_eff = 0.8 * sigma

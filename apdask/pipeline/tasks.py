@@ -44,7 +44,12 @@ from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
-from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
+from apdask.pipeline.psf import (
+    estimate_psf,
+    estimate_psf_model,
+    psf_star_search,
+    sharpest_fwhm_px,
+)
 from apdask.pipeline.quality import assess, enforce, flag_sources
 from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
@@ -283,9 +288,12 @@ def calibrate_task(
         np.asarray(image_e), np.asarray(variance), mask, band, header.exptime, wcs, meta
     )
     refcat = prefetch.refcat
-    new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
+    peaks = astrometry.star_search(exp)  # kept for the PSF model (science_psf_task)
+    ra, dec = np.asarray(refcat["ra"]), np.asarray(refcat["dec"])
+    new_wcs, info = astrometry.refine_wcs(exp, ra, dec, peaks=peaks)
     exp = exp.copy_with(wcs=new_wcs)
-    return Calibrated(exp, astrometry=info, timings={"calibrate": time.time() - t0})
+    timings = {"calibrate": time.time() - t0}
+    return Calibrated(exp, astrometry=info, timings=timings, peaks=peaks)
 
 
 @per_ccd
@@ -366,14 +374,18 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
     t0 = time.time()
     science = calibrated.exposure
     try:
-        model = estimate_psf_model(science)
+        # the calibrate stage's star search, when made with the PSF's FWHM guess
+        peaks = psf_star_search(science, calibrated.peaks)
+        model = estimate_psf_model(science, peaks=peaks)
         science = science.copy_with(psf=model.mean, psf_model=model)
-        science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))
+        fwhm = sharpest_fwhm_px(model.psfs)
+        science = mask_cosmic_rays(science, fwhm, background=peaks.bkg)
     except PsfFitError as e:
         msg = f"{_where(science)}: science image: {e}"
         raise PsfFitError(msg) from None
     timings = {**calibrated.timings, "psf": time.time() - t0}
-    return dataclasses.replace(calibrated, exposure=science, timings=timings)
+    # the image has changed (cosmic rays repaired): the search is not handed on
+    return dataclasses.replace(calibrated, exposure=science, timings=timings, peaks=None)
 
 
 @per_ccd

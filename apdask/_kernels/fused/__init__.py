@@ -33,6 +33,7 @@ from apdask._kernels.fused._difference import (
 )
 from apdask._kernels.fused._isr import (
     cr_candidates,
+    flagged_pixels,
     grow_pixels,
     interpolate_over,
     interpolate_pixels,
@@ -50,6 +51,7 @@ __all__ = [
     "combine_masks",
     "cr_candidates",
     "finish_difference",
+    "flagged_pixels",
     "grow_pixels",
     "interpolate_over",
     "interpolate_pixels",

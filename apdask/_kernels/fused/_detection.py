@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import register_jitable
 
 from apdask._kernels.fused._threads import _threads
 
@@ -201,7 +202,7 @@ def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarra
     return ys, xs
 
 
-@numba.njit(cache=True)
+@register_jitable(inline="always")
 def _is_peak(image, y, x, t):
     """Whether ``image[y, x]`` is above ``t`` and not below any of its 8 neighbours."""
     ny, nx = image.shape
@@ -246,7 +247,7 @@ def local_peaks(image: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nda
     their 8 neighbours (``(image == maximum_filter(image, 3)) & (image > threshold)``
     with the edges padded with ``-inf``), without a full-frame mask."""
     image = np.asarray(image)
-    t = image.dtype.type(threshold)
+    t = np.float64(threshold)  # compared in double precision, as NumPy compares
     counts = np.empty(image.shape[0], np.int64)
     _count_peaks(image, t, counts)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import register_jitable
 
 from apdask._kernels.fused._threads import _threads
 
 __all__ = [
     "cr_candidates",
+    "flagged_pixels",
     "interpolate_over",
     "interpolate_pixels",
     "grow_pixels",
@@ -16,7 +18,7 @@ __all__ = [
 ]
 
 
-@numba.njit(cache=True, inline="always")
+@register_jitable(inline="always")
 def _bilinear_at(coarse, jy, ty, jx, tx, y, x):
     """The background map of :meth:`apdask.pipeline.background.Background.bilinear` at
     one pixel."""
@@ -27,7 +29,7 @@ def _bilinear_at(coarse, jy, ty, jx, tx, y, x):
     )
 
 
-@numba.njit(cache=True, inline="always")
+@register_jitable(inline="always")
 def _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, y, x):
     """The test of :func:`cr_candidates` at pixel ``(y, x)``."""
     ny, nx = img.shape
@@ -87,6 +89,24 @@ def _fill_flagged(flags, counts, starts, ys, xs):
                 ys[k] = y
                 xs[k] = x
                 k += 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_flagged(flags, counts):
+    ny, nx = flags.shape
+    for y in numba.prange(ny):
+        c = 0
+        for x in range(nx):
+            c += flags[y, x]
+        counts[y] = c
+
+
+@_threads
+def flagged_pixels(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D boolean mask (int64, raster order), rows in parallel."""
+    counts = np.empty(flags.shape[0], np.int64)
+    _count_flagged(flags, counts)
+    return _flagged_pixels(flags, counts)
 
 
 def _flagged_pixels(flags: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
