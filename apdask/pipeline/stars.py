@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.spatial import cKDTree
 
-from apdask._kernels.fused import flagged_pixels, local_peaks, smoothed_residual
+from apdask._kernels.fused import boxes_clear, flagged_pixels, local_peaks, smoothed_residual
 from apdask.core.exposure import IGNORE_BITS
 from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import Background, fit_background
@@ -89,8 +89,8 @@ class StarPeaks:
         return m
 
 
-#: Up to this many bad pixels, the star search keeps their coordinates (and checks a
-#: star's box with a k-d tree); beyond, the mask (and box sums of its integral image).
+#: Up to this many bad pixels, the star search keeps their coordinates; beyond, the
+#: mask (which is smaller then).
 _MAX_BAD_LIST = 200_000
 
 
@@ -221,23 +221,10 @@ def _clear_of_bad(
     peaks: StarPeaks, iy: np.ndarray, ix: np.ndarray, border: int, avoid: np.ndarray | None
 ) -> np.ndarray:
     """Whether no bad pixel (nor one of ``avoid``) lies in each ``(2 border + 1)²`` box."""
-    if avoid is None and isinstance(peaks.bad, tuple):
-        by, bx = peaks.bad
-    else:
-        bad_any = peaks.bad_mask() if avoid is None else (peaks.bad_mask() | avoid)
-        if np.count_nonzero(bad_any) > _MAX_BAD_LIST:
-            bad_int = np.pad(bad_any, ((1, 0), (1, 0))).cumsum(0, dtype=np.int32).cumsum(1)
-            y0, y1 = iy - border, iy + border + 1
-            x0, x1 = ix - border, ix + border + 1
-            nbad = bad_int[y1, x1] - bad_int[y0, x1] - bad_int[y1, x0] + bad_int[y0, x0]
-            return nbad == 0
-        by, bx = flagged_pixels(bad_any)
-    if len(by) == 0:
+    if avoid is None and isinstance(peaks.bad, tuple) and len(peaks.bad[0]) == 0:
         return np.ones(len(iy), bool)
-    btree = cKDTree(np.column_stack([bx, by]))
-    # Chebyshev distance: no bad pixel in the (2 border + 1)^2 box
-    d, _ = btree.query(np.column_stack([ix, iy]), p=np.inf)
-    return d > border
+    bad = peaks.bad_mask() if avoid is None else (peaks.bad_mask() | avoid)
+    return boxes_clear(bad, iy, ix, border)
 
 
 def local_maxima(img: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:

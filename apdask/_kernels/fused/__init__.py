@@ -17,6 +17,7 @@ from types import ModuleType
 
 from apdask._kernels.fused._detection import (
     above,
+    boxes_clear,
     dilate,
     local_peaks,
     matched_inputs,
@@ -48,6 +49,7 @@ __all__ = [
     "one_blas_thread",
     "fill_nodata",
     "above",
+    "boxes_clear",
     "combine_masks",
     "cr_candidates",
     "finish_difference",

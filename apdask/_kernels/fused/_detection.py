@@ -8,7 +8,7 @@ from numba.extending import register_jitable
 
 from apdask._kernels.fused._threads import _threads
 
-__all__ = ["matched_inputs", "dilate", "snr_map", "above", "local_peaks", "segments"]
+__all__ = ["matched_inputs", "boxes_clear", "dilate", "snr_map", "above", "local_peaks", "segments"]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -33,6 +33,28 @@ def _mark_boxes(bad, img0, var0, ys, xs, half):
                 bad[y, x] = True
                 img0[y, x] = np.float32(0.0)
                 var0[y, x] = np.float32(0.0)
+
+
+@numba.njit(cache=True)
+def _boxes_clear(mask, ys, xs, half, out):
+    ny, nx = mask.shape
+    for k in range(len(ys)):
+        out[k] = True
+        for y in range(max(ys[k] - half, 0), min(ys[k] + half + 1, ny)):
+            for x in range(max(xs[k] - half, 0), min(xs[k] + half + 1, nx)):
+                if mask[y, x]:
+                    out[k] = False
+                    break
+            if not out[k]:
+                break
+
+
+def boxes_clear(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, half: int) -> np.ndarray:
+    """Whether no pixel of ``mask`` is set within ``half`` pixels (square, clipped at
+    the edges) of each ``(ys, xs)``: only those boxes are read."""
+    out = np.empty(len(ys), np.bool_)
+    _boxes_clear(mask, np.asarray(ys, np.int64), np.asarray(xs, np.int64), int(half), out)
+    return out
 
 
 @_threads
