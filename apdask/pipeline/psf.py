@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.fft as sfft
 
+from apdask._kernels.fused import stamps_less_background
 from apdask.core.exposure import Exposure
 from apdask.core.stats import robust_sigma
 from apdask.exceptions import PsfFitError
@@ -348,15 +349,7 @@ def _psf_stamps(exposure, stamp_size, max_stars, peaks=None):
 def _raw_stamps(image, bkg, ix, iy, half):
     """``(n, 2 half + 1, 2 half + 1)`` float64 stamps at integer centres, the background
     map and then each stamp's outer-ring (2 px) median removed."""
-    o = np.arange(-half, half + 1)
-    yy = np.asarray(iy)[:, None] + o
-    xx = np.asarray(ix)[:, None] + o
-    st = np.asarray(image)[yy[:, :, None], xx[:, None, :]].astype(float)
-    coarse, jy, ty, jx, tx = bkg.bilinear()
-    jy, ty, jx, tx = jy[yy][:, :, None], ty[yy][:, :, None], jx[xx][:, None, :], tx[xx][:, None, :]
-    st -= (1 - ty) * ((1 - tx) * coarse[jy, jx] + tx * coarse[jy, jx + 1]) + ty * (
-        (1 - tx) * coarse[jy + 1, jx] + tx * coarse[jy + 1, jx + 1]
-    )
+    st = stamps_less_background(image, bkg.bilinear(), iy, ix, half)
     ring = np.ones(st.shape[1:], bool)
     ring[2:-2, 2:-2] = False
     st -= np.median(st[:, ring], axis=1)[:, None, None]

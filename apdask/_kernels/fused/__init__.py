@@ -39,6 +39,7 @@ from apdask._kernels.fused._isr import (
     interpolate_over,
     interpolate_pixels,
     smoothed_residual,
+    stamps_less_background,
 )
 from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
 
@@ -64,6 +65,7 @@ __all__ = [
     "segments",
     "smoothed_residual",
     "snr_map",
+    "stamps_less_background",
     "tile_add",
     "tile_product",
 ]

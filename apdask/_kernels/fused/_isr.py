@@ -15,6 +15,7 @@ __all__ = [
     "interpolate_pixels",
     "grow_pixels",
     "smoothed_residual",
+    "stamps_less_background",
 ]
 
 
@@ -234,6 +235,31 @@ def grow_pixels(
     inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
     flat = np.unique(yy[inside] * nx + xx[inside])
     return flat // nx, flat % nx
+
+
+@numba.njit(cache=True)
+def _stamps_less_background(image, coarse, jy, ty, jx, tx, ys, xs, half, out):
+    for k in range(len(ys)):
+        for a in range(2 * half + 1):
+            y = ys[k] - half + a
+            for b in range(2 * half + 1):
+                x = xs[k] - half + b
+                bkg = _bilinear_at(coarse, jy, ty, jx, tx, y, x)
+                out[k, a, b] = np.float64(image[y, x]) - np.float64(bkg)
+
+
+def stamps_less_background(
+    image: np.ndarray, bkg: tuple[np.ndarray, ...], ys: np.ndarray, xs: np.ndarray, half: int
+) -> np.ndarray:
+    """float64 ``(n, 2 half + 1, 2 half + 1)`` windows of ``image`` centred on the pixels
+    ``(ys, xs)`` (all inside the image), less the background (the ``(coarse, jy, ty, jx,
+    tx)`` of :meth:`apdask.pipeline.background.Background.bilinear`, in single
+    precision as in the full-frame passes)."""
+    out = np.empty((len(ys), 2 * half + 1, 2 * half + 1))
+    coarse, jy, ty, jx, tx = bkg
+    ys, xs = np.asarray(ys, np.int64), np.asarray(xs, np.int64)
+    _stamps_less_background(np.asarray(image), coarse, jy, ty, jx, tx, ys, xs, int(half), out)
+    return out
 
 
 @numba.njit(parallel=True, cache=True)
