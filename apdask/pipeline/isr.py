@@ -22,10 +22,10 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from apdask._kernels.fused import amp_pass, cr_candidates, grow_diamond, interpolate_over
+from apdask._kernels.fused import amp_pass, cr_candidates, grow_pixels, interpolate_pixels
 from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
-from apdask.pipeline.background import fit_background
+from apdask.pipeline.background import Background, fit_background
 
 __all__ = ["assemble", "isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
 
@@ -247,6 +247,7 @@ def mask_cosmic_rays(
     nsigma: float = 5.0,
     grow: int = 1,
     iterations: int = 2,
+    background: Background | None = None,
 ) -> Exposure:
     """Flag cosmic rays (CR bit) and replace them by the local median.
 
@@ -270,6 +271,10 @@ def mask_cosmic_rays(
         Grow the CR mask by this many pixels before interpolation.
     iterations : int, optional
         Detection passes (a second pass catches the shoulders of long tracks).
+    background : apdask.pipeline.background.Background, optional
+        The image's background as :func:`~apdask.pipeline.background.fit_background`
+        fits it (``lazy``), when already fitted (by the star search): fitted here if
+        not given.
 
     Returns
     -------
@@ -278,22 +283,34 @@ def mask_cosmic_rays(
     """
     img = np.array(exposure.image, dtype=np.float32)
     var = np.asarray(exposure.variance, np.float32)
-    mask = np.array(exposure.mask, dtype=np.uint32)
-    skip = (mask & (MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"])) != 0
-    bkg = fit_background(img, mask)
+    mask = np.asarray(exposure.mask, np.uint32)
+    skip_bits = MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"]
+    if background is None:
+        background = fit_background(img, mask, lazy=True)
+    bkg = background.bilinear()
     sigma = max(float(psf_fwhm_px), 0.5) / 2.3548
     # a slightly sharper PSF than measured is still allowed (conservative for stars)
     sig_eff = 0.8 * sigma
     r1 = np.exp(1.0 / (2 * sig_eff**2))
     r2 = np.exp(2.0 / (2 * sig_eff**2))
+    # the cosmic-ray pixels as a mask (what the passes read) and as a list (what they
+    # change): no full-frame search
     cr = np.zeros(img.shape, bool)
-    for _ in range(iterations):
-        new = cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma)
-        if not new.any():
+    ys = xs = np.zeros(0, np.int64)
+    for it in range(iterations):
+        # after the first pass only the pixels next to those interpolated can change
+        near = (ys, xs) if it else None
+        cy, cx = cr_candidates(img, bkg, var, mask, skip_bits, cr, r1, r2, nsigma, near)
+        if len(cy) == 0:
             break
         if grow > 0:
-            new = grow_diamond(new, grow) & ~skip
-        cr |= new
-        interpolate_over(img, cr)
-    mask[cr] |= MASK["CR"]
+            cy, cx = grow_pixels(cy, cx, grow, img.shape)
+            ok = (mask[cy, cx] & skip_bits) == 0
+            cy, cx = cy[ok], cx[ok]
+        new = ~cr[cy, cx]
+        ys, xs = np.concatenate([ys, cy[new]]), np.concatenate([xs, cx[new]])
+        cr[ys, xs] = True
+        interpolate_pixels(img, cr, ys, xs)
+    mask = mask.copy()
+    mask[ys, xs] |= MASK["CR"]
     return exposure.copy_with(image=img, mask=mask)

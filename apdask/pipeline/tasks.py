@@ -44,7 +44,12 @@ from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
-from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
+from apdask.pipeline.psf import (
+    estimate_psf,
+    estimate_psf_model,
+    psf_star_search,
+    sharpest_fwhm_px,
+)
 from apdask.pipeline.quality import assess, enforce, flag_sources
 from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
@@ -266,10 +271,11 @@ def calibrate_task(
     detector: Detector,
     band: str,
 ) -> Calibrated:
-    """Combine snaps and calibrate to nJy, on the predicted WCS.
+    """Combine snaps and calibrate to nJy, on the predicted WCS, and search it for stars.
 
     The WCS is refined by :func:`astrometry_task`, beside the science PSF
-    (:func:`science_psf_task`), which needs no WCS.
+    (:func:`science_psf_task`), which needs no WCS; both select their stars from the
+    one search kept in ``peaks``.
     """
     t0 = time.time()
     image_e, variance, mask = images[0]  # arrays, or their amplifier blocks (graph)
@@ -291,14 +297,17 @@ def calibrate_task(
         "exptime": header.exptime,
     }
     exp = isr.calibrate(image_e, variance, mask, band, header.exptime, wcs, meta)
-    return Calibrated(exp, timings={"calibrate": time.time() - t0})
+    peaks = astrometry.star_search(exp)  # for both branches: the WCS fit and the PSF model
+    return Calibrated(exp, timings={"calibrate": time.time() - t0}, peaks=peaks)
 
 
 def astrometry_task(calibrated: Calibrated, prefetch: Prefetch) -> Calibrated:
-    """The calibrated image with its WCS refined against the prefetched reference catalogue."""
+    """The calibrated image with its WCS refined against the prefetched reference catalogue
+    (on the stars :func:`calibrate_task` found)."""
     t0 = time.time()
     exp, refcat = calibrated.exposure, prefetch.refcat
-    new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
+    ra, dec = np.asarray(refcat["ra"]), np.asarray(refcat["dec"])
+    new_wcs, info = astrometry.refine_wcs(exp, ra, dec, peaks=calibrated.peaks)
     timings = {**calibrated.timings, "astrometry": time.time() - t0}
     return Calibrated(exp.copy_with(wcs=new_wcs), astrometry=info, timings=timings)
 
@@ -381,14 +390,18 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
     t0 = time.time()
     science = calibrated.exposure
     try:
-        model = estimate_psf_model(science)
+        # the calibrate stage's star search, when made with the PSF's FWHM guess
+        peaks = psf_star_search(science, calibrated.peaks)
+        model = estimate_psf_model(science, peaks=peaks)
         science = science.copy_with(psf=model.mean, psf_model=model)
-        science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))
+        fwhm = sharpest_fwhm_px(model.psfs)
+        science = mask_cosmic_rays(science, fwhm, background=peaks.bkg)
     except PsfFitError as e:
         msg = f"{_where(science)}: science image: {e}"
         raise PsfFitError(msg) from None
     timings = {**calibrated.timings, "psf": time.time() - t0}
-    return dataclasses.replace(calibrated, exposure=science, timings=timings)
+    # the image has changed (cosmic rays repaired): the search is not handed on
+    return dataclasses.replace(calibrated, exposure=science, timings=timings, peaks=None)
 
 
 @per_ccd

@@ -203,6 +203,8 @@ def _cr_reference(img, bkg, var, skip, cr, r1, r2, nsigma):
 def test_cosmic_ray_passes_equal_numpy():
     from scipy import ndimage
 
+    from apdask.pipeline.background import Background
+
     rng = np.random.default_rng(7)
     img = rng.normal(0, 3.0, (120, 140)).astype(np.float32)
     yy, xx = np.mgrid[:120, :140]
@@ -210,21 +212,33 @@ def test_cosmic_ray_passes_equal_numpy():
     hits = (rng.integers(0, 120, 40), rng.integers(0, 140, 40))
     img[hits] += 200.0
     img[0, 5] += 300.0  # on the border
+    # a sloped background, evaluated in the pass from its coarse grid
+    model = Background(np.array([[0.0, 4.0, 8.0], [2.0, 6.0, 10.0]]), np.array([30.0, 90.0]),
+                       np.array([20.0, 70.0, 120.0]), img.shape)  # fmt: skip
+    img += model.full()
     var = np.full(img.shape, 9.0, np.float32)
-    skip = np.zeros(img.shape, bool)
-    skip[10:12, 10:40] = True
+    mask = np.zeros(img.shape, np.uint32)
+    mask[10:12, 10:40] = MASK["SAT"]
+    mask[50, 50] = MASK["EDGE"]  # not a bit the pass skips
+    skip = (mask & MASK["SAT"]) != 0
     cr = np.zeros(img.shape, bool)
     cr[hits[0][:3], hits[1][:3]] = True
-    bkg = np.zeros(img.shape, np.float32)
-    args = (img, bkg, var, skip, cr, np.float32(1.6), np.float32(2.5), np.float32(5.0))
-    got = _fused.cr_candidates(*args)
-    np.testing.assert_array_equal(got, _cr_reference(*args))
+    ratios = (np.float32(1.6), np.float32(2.5), np.float32(5.0))
+    ys, xs = _fused.cr_candidates(img, model.bilinear(), var, mask, MASK["SAT"], cr, *ratios)
+    got = np.zeros(img.shape, bool)
+    got[ys, xs] = True
+    want = _cr_reference(img, model.full(), var, skip, cr, *ratios)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal((ys, xs), np.nonzero(want))  # raster order
     assert 30 < got.sum() <= 38 and got[0, 5] and not got[55:66, 65:76].any()
 
+    grown = np.zeros(img.shape, bool)
+    grown[_fused.grow_pixels(ys, xs, 2, img.shape)] = True
+    np.testing.assert_array_equal(grown, ndimage.binary_dilation(got, iterations=2))
     np.testing.assert_array_equal(
-        _fused.grow_diamond(got, 2), ndimage.binary_dilation(got, iterations=2)
-    )
-    bad = _fused.grow_diamond(got, 1)
+        _fused.grow_pixels(ys, xs, 2, img.shape), np.nonzero(grown)
+    )  # raster order, each pixel once
+    bad = ndimage.binary_dilation(got, iterations=1)
     bad[:, :3] = True  # a wide band: the box doubles until it finds good pixels
     want = img.copy()
     for y, x in zip(*np.nonzero(bad), strict=True):
@@ -237,6 +251,21 @@ def test_cosmic_ray_passes_equal_numpy():
             h *= 2
     out = _fused.interpolate_over(img.copy(), bad)
     np.testing.assert_allclose(out, want, rtol=1e-6)
+    by, bx = np.nonzero(bad)
+    np.testing.assert_array_equal(_fused.interpolate_pixels(img.copy(), bad, by, bx), out)
+    # a second pass after repairing the candidates: testing only next to the repaired
+    # pixels finds what a full pass finds (a blob's shoulders, sharp once its core is gone)
+    blob = img.copy()
+    core = np.array([[150, 200, 150], [200, 900, 200], [150, 200, 150]], np.float32)
+    blob[29:32, 99:102] += core
+    first = _fused.cr_candidates(blob, model.bilinear(), var, mask, MASK["SAT"], cr, *ratios)
+    done = cr.copy()
+    done[first] = True
+    _fused.interpolate_pixels(blob, done, *first)
+    args2 = (blob, model.bilinear(), var, mask, MASK["SAT"], done, *ratios)
+    full = _fused.cr_candidates(*args2)
+    assert len(full[0]) > 0 and not done[full].any()
+    np.testing.assert_array_equal(_fused.cr_candidates(*args2, near=first), full)
 
 
 def test_smoothed_residual_equals_ndimage(planes):
@@ -385,3 +414,19 @@ def test_amp_pass(flip):
     np.testing.assert_array_equal(var, want_var)
     np.testing.assert_array_equal(mask, want_mask)
     assert lost == np.count_nonzero(sat | ~finite) == 4
+
+
+def test_local_peaks_equal_maximum_filter():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(8)
+    img = rng.normal(size=(90, 110)).astype(np.float32)
+    img[40, 50] = img[40, 51] = 9.0  # a plateau: both are peaks
+    img[0, 0], img[89, 109], img[0, 60] = 8.0, 8.0, 8.0  # corners and an edge
+    img[20, 20] = np.nan  # never a peak, and its neighbours are not either
+    for t in (-np.inf, 0.5, 3.0):
+        ys, xs = _fused.local_peaks(img, t)
+        pad = np.pad(np.nan_to_num(img, nan=np.inf), 1, constant_values=-np.inf)
+        peak = (ndimage.maximum_filter(pad, 3)[1:-1, 1:-1] == img) & (img > t)
+        np.testing.assert_array_equal((ys, xs), np.nonzero(peak))
+    assert (40, 51) in zip(*_fused.local_peaks(img, 3.0), strict=True)

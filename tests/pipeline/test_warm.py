@@ -10,8 +10,7 @@ import textwrap
 def test_warming_compiles_or_loads_every_kernel_the_pipeline_calls():
     """In a fresh process, after warm_kernels() every numba kernel has a compiled
     signature, so no CCD pays for compiling or loading one.  (``_find`` is called only
-    from inside ``_segments``, ``_finite_or`` only from inside ``_amp_pass``: each is
-    compiled as part of its caller.)"""
+    from inside ``_segments`` and is compiled as part of it.)"""
     code = textwrap.dedent(
         """
         import logging
@@ -30,7 +29,7 @@ def test_warming_compiles_or_loads_every_kernel_the_pipeline_calls():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['_find', '_finite_or']"
+    assert done.stdout.strip() == "['_find']"
     assert "warming the numba kernels failed" not in done.stderr
 
 

@@ -16,7 +16,15 @@ import sys
 from types import ModuleType
 
 from apdask._kernels.fused._amp import amp_pass
-from apdask._kernels.fused._detection import above, dilate, matched_inputs, segments, snr_map
+from apdask._kernels.fused._detection import (
+    above,
+    boxes_clear,
+    dilate,
+    local_peaks,
+    matched_inputs,
+    segments,
+    snr_map,
+)
 from apdask._kernels.fused._difference import (
     combine_masks,
     difference_variance,
@@ -27,9 +35,12 @@ from apdask._kernels.fused._difference import (
 )
 from apdask._kernels.fused._isr import (
     cr_candidates,
-    grow_diamond,
+    flagged_pixels,
+    grow_pixels,
     interpolate_over,
+    interpolate_pixels,
     smoothed_residual,
+    stamps_less_background,
 )
 from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
 
@@ -41,17 +52,22 @@ __all__ = [
     "one_blas_thread",
     "fill_nodata",
     "above",
+    "boxes_clear",
     "combine_masks",
     "cr_candidates",
     "finish_difference",
-    "grow_diamond",
+    "flagged_pixels",
+    "grow_pixels",
     "interpolate_over",
+    "interpolate_pixels",
+    "local_peaks",
     "difference_variance",
     "dilate",
     "matched_inputs",
     "segments",
     "smoothed_residual",
     "snr_map",
+    "stamps_less_background",
     "tile_add",
     "tile_product",
 ]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import register_jitable
 
 __all__ = ["amp_pass"]
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 
 
-@numba.njit(cache=True, inline="always")
+@register_jitable
 def _finite_or(v):
     """``numpy.nan_to_num`` of one float32 and whether it was finite."""
     if np.isfinite(v):
