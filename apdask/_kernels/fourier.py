@@ -6,7 +6,10 @@ over the cores, each transformed by ``ducc0`` (the successor of the pocketfft th
 ``scipy.fft`` wraps; it writes into buffers reused from tile to tile).  Each tile is
 transformed once per image and every kernel product is formed on it, so a sum of
 several convolutions (the difference image) costs one forward transform per image and
-one inverse per output term.  With compact kernels and a margin of their half-size
+one inverse per output term.  The inverse is made in two passes, along y then along
+x, and only for the rows of the tile's core in the second; terms weighted along y
+only are added between the two, sharing the pass along x of the unweighted terms
+(:class:`_OutputPlan`).  With compact kernels and a margin of their half-size
 the result is the 'same'-size linear convolution, zero outside the image, to float32
 rounding.
 """
@@ -16,12 +19,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import ducc0
 import numpy as np
 
-from apdask._kernels.fused import tile_add, tile_product
+from apdask._kernels.fused import tile_add, tile_add_rows, tile_product
 
 __all__ = ["convolve_tiles", "small_kernel_rfft2", "tile_size"]
 
@@ -114,57 +118,31 @@ def convolve_tiles(
     ny, nx = images[0].shape
     kernels = [np.asarray(k, np.float32) for _, terms in outputs for t in terms for _, k in t[2]]
     margin = max(k.shape[0] // 2 for k in kernels)
-    ty, cy = tile_size(ny, margin, tile)
-    tx, cx = tile_size(nx, margin, tile)
-    spec = _term_spectra(outputs, ty, tx)
-    used = sorted({i for terms in spec for _, _, idx, _ in terms for i in idx})
-    tiles = [(y0, x0) for y0 in range(0, ny, cy) for x0 in range(0, nx, cx)]
+    ty, tx = tile_size(ny, margin, tile), tile_size(nx, margin, tile)
+    plans = [_OutputPlan.make(terms, ty[0], tx[0]) for _, terms in outputs]
+    used = sorted({i for p in plans for i in p.images()})
+    tiles = [(y0, x0) for y0 in range(0, ny, ty[1]) for x0 in range(0, nx, tx[1])]
     local = threading.local()
-    none = np.zeros(0, np.float32)
 
     def buffers():  # per thread, reused for every tile it processes
         if not hasattr(local, "b"):
-            fsh = (ty, tx // 2 + 1)
-            local.b = (
-                np.zeros((ty, tx), np.float32),
+            fsh = (ty[0], tx[0] // 2 + 1)
+            local.b = _TileBuffers(
+                np.zeros((ty[0], tx[0]), np.float32),
                 np.empty((max(used) + 1, *fsh), np.complex64),
                 np.empty(fsh, np.complex64),
-                np.empty((ty, tx), np.float32),
+                np.empty(fsh, np.complex64),
+                np.empty((ty[0], tx[0]), np.float32),
             )
         return local.b
 
     def run(y0, x0):
-        buf, f, acc, r = buffers()
-        h, w = min(cy, ny - y0), min(cx, nx - x0)
-        ys, xs = y0 - margin, x0 - margin  # window origin (may be outside the image)
-        ylo, yhi, xlo, xhi = max(ys, 0), min(ys + ty, ny), max(xs, 0), min(xs + tx, nx)
-        inside = (ylo, yhi, xlo, xhi) == (ys, ys + ty, xs, xs + tx)
+        b = buffers()
         for i in used:
-            if inside:
-                src = images[i][ylo:yhi, xlo:xhi]
-            else:  # zeros outside the image, set only where the window leaves it
-                iy0, iy1, ix0, ix1 = ylo - ys, yhi - ys, xlo - xs, xhi - xs
-                buf[:iy0], buf[iy1:], buf[:, :ix0], buf[:, ix1:] = 0, 0, 0, 0
-                buf[iy0:iy1, ix0:ix1] = images[i][ylo:yhi, xlo:xhi]
-                src = buf
-            ducc0.fft.r2c(src, axes=(0, 1), nthreads=1, out=f[i])
-        for (out, _), terms in zip(outputs, spec, strict=True):
-            dst = out[y0 : y0 + h, x0 : x0 + w]
-            for n, (wy, wx, idx, ks) in enumerate(terms):
-                tile_product(acc, ks, f, idx)
-                ducc0.fft.c2r(
-                    acc,
-                    axes=(0, 1),
-                    lastsize=tx,
-                    forward=False,
-                    inorm=2,
-                    nthreads=1,
-                    out=r,
-                    allow_overwriting_input=True,
-                )
-                wy = none if wy is None else wy[y0 : y0 + h]
-                wx = none if wx is None else wx[x0 : x0 + w]
-                tile_add(dst, r, margin, wy, wx, n == 0)
+            _forward(images[i], y0 - margin, x0 - margin, b.window, b.spectra[i])
+        h, w = min(ty[1], ny - y0), min(tx[1], nx - x0)
+        for (out, _), plan in zip(outputs, plans, strict=True):
+            plan.inverse(b, out[y0 : y0 + h, x0 : x0 + w], y0, x0, margin)
 
     threads = max(1, min(int(threads), len(tiles)))
     if threads == 1:
@@ -175,24 +153,126 @@ def convolve_tiles(
             list(pool.map(lambda t: run(*t), tiles))
 
 
-def _term_spectra(outputs, ty, tx):
-    """Per output, its terms as ``(wy, wx, image indices, stacked kernel spectra)``;
-    the unweighted terms merged into the first, one spectrum per image."""
-    res = []
-    for _, terms in outputs:
-        merged: dict[Any, Any] = {}
-        weighted = []
-        for wy, wx, parts in terms:
-            dst = merged if wy is None and wx is None else {}
-            for i, k in parts:
-                s = small_kernel_rfft2([k], ty, tx)[0]
-                dst[i] = dst[i] + s if i in dst else s
-            if dst is not merged:
-                wy = None if wy is None else np.asarray(wy, np.float32)
-                wx = None if wx is None else np.asarray(wx, np.float32)
-                weighted.append((wy, wx, dst))
-        out = []
-        for wy, wx, d in ([(None, None, merged)] if merged else []) + weighted:
-            out.append((wy, wx, np.array(list(d), np.int64), np.array(list(d.values()))))
-        res.append(out)
-    return res
+@dataclass(frozen=True)
+class _TileBuffers:
+    """One thread's tile buffers: the zero-padded window, the images' spectra, two
+    spectrum accumulators and the inverse transform."""
+
+    window: np.ndarray
+    spectra: np.ndarray
+    acc: np.ndarray
+    acc2: np.ndarray
+    result: np.ndarray
+
+
+def _forward(image, ys, xs, buf, out):
+    """``rfft2`` of the tile window of ``image`` at origin ``(ys, xs)`` into ``out``:
+    zeros outside the image (set in ``buf`` only where the window leaves it)."""
+    ny, nx = image.shape
+    ty, tx = buf.shape
+    ylo, yhi, xlo, xhi = max(ys, 0), min(ys + ty, ny), max(xs, 0), min(xs + tx, nx)
+    if (ylo, yhi, xlo, xhi) == (ys, ys + ty, xs, xs + tx):
+        src = image[ylo:yhi, xlo:xhi]
+    else:
+        iy0, iy1, ix0, ix1 = ylo - ys, yhi - ys, xlo - xs, xhi - xs
+        buf[:iy0], buf[iy1:], buf[:, :ix0], buf[:, ix1:] = 0, 0, 0, 0
+        buf[iy0:iy1, ix0:ix1] = image[ylo:yhi, xlo:xhi]
+        src = buf
+    ducc0.fft.r2c(src, axes=(0, 1), nthreads=1, out=out)
+
+
+def _inverse_y(acc):
+    """In place: the inverse transform along y (the first pass of ``irfft2``)."""
+    ducc0.fft.c2c(acc, axes=(0,), forward=False, inorm=2, nthreads=1, out=acc)
+
+
+def _inverse_x(acc, out, lo, hi, tx):
+    """Rows ``lo:hi`` of ``out``: the inverse real transform along x of those rows of
+    ``acc`` (already inverted along y), which it overwrites."""
+    ducc0.fft.c2r(
+        acc[lo:hi],
+        axes=(1,),
+        lastsize=tx,
+        forward=False,
+        inorm=2,
+        nthreads=1,
+        out=out[lo:hi],
+        allow_overwriting_input=True,
+    )
+
+
+@dataclass(frozen=True)
+class _OutputPlan:
+    """The terms of one output, grouped by how their inverse transforms are shared.
+
+    ``base`` is the sum of the unweighted terms; ``rows`` the terms weighted along y
+    only: a weight along y commutes with the transform along x, so those terms are
+    weighted and added after the transform along y, and share one transform along x
+    with ``base``.  ``cols`` (weighted along x) each need their own.  A term is
+    ``(wy, wx, image indices, stacked kernel spectra)``.
+    """
+
+    base: tuple[Any, Any, np.ndarray, np.ndarray] | None
+    rows: list[tuple[Any, Any, np.ndarray, np.ndarray]]
+    cols: list[tuple[Any, Any, np.ndarray, np.ndarray]]
+
+    @classmethod
+    def make(cls, terms: Sequence[Any], ty: int, tx: int) -> _OutputPlan:
+        """The plan of an output's ``terms`` on ``ty × tx`` tiles."""
+        spec = _term_spectra(terms, ty, tx)
+        base = next((t for t in spec if t[0] is None and t[1] is None), None)
+        rows = [t for t in spec if t[0] is not None and t[1] is None]
+        cols = [t for t in spec if t[1] is not None]
+        return cls(base, rows, cols)
+
+    def images(self) -> set[int]:
+        """Indices of the images whose spectra the terms use."""
+        terms = ([self.base] if self.base is not None else []) + self.rows + self.cols
+        return {int(i) for term in terms for i in term[2]}
+
+    def inverse(self, b: _TileBuffers, dst: np.ndarray, y0: int, x0: int, m: int) -> None:
+        """``dst`` (the tile's core at ``(y0, x0)``) from the spectra in ``b``."""
+        h, w = dst.shape
+        lo, hi, tx = m, m + h, b.result.shape[1]
+        none = np.zeros(0, np.float32)
+        first = True
+        if self.base is not None or self.rows:
+            if self.base is not None:
+                tile_product(b.acc, self.base[3], b.spectra, self.base[2])
+            else:
+                b.acc.fill(0)
+            _inverse_y(b.acc)
+            for wy, _, idx, ks in self.rows:
+                tile_product(b.acc2, ks, b.spectra, idx)
+                _inverse_y(b.acc2)
+                tile_add_rows(b.acc, b.acc2, lo, wy[y0 : y0 + h])
+            _inverse_x(b.acc, b.result, lo, hi, tx)
+            tile_add(dst, b.result, m, none, none, True)
+            first = False
+        for wy, wx, idx, ks in self.cols:
+            tile_product(b.acc2, ks, b.spectra, idx)
+            _inverse_y(b.acc2)
+            _inverse_x(b.acc2, b.result, lo, hi, tx)
+            wy = none if wy is None else wy[y0 : y0 + h]
+            tile_add(dst, b.result, m, wy, wx[x0 : x0 + w], first)
+            first = False
+
+
+def _term_spectra(terms, ty, tx):
+    """An output's terms as ``(wy, wx, image indices, stacked kernel spectra)``, the
+    unweighted terms merged into the first, one spectrum per image."""
+    merged: dict[Any, Any] = {}
+    weighted = []
+    for wy, wx, parts in terms:
+        dst = merged if wy is None and wx is None else {}
+        for i, k in parts:
+            s = small_kernel_rfft2([k], ty, tx)[0]
+            dst[i] = dst[i] + s if i in dst else s
+        if dst is not merged:
+            wy = None if wy is None else np.asarray(wy, np.float32)
+            wx = None if wx is None else np.asarray(wx, np.float32)
+            weighted.append((wy, wx, dst))
+    out = []
+    for wy, wx, d in ([(None, None, merged)] if merged else []) + weighted:
+        out.append((wy, wx, np.array(list(d), np.int64), np.array(list(d.values()))))
+    return out

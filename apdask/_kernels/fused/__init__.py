@@ -31,6 +31,7 @@ from apdask._kernels.fused._difference import (
     fill_nodata,
     finish_difference,
     tile_add,
+    tile_add_rows,
     tile_product,
 )
 from apdask._kernels.fused._isr import (
@@ -69,6 +70,7 @@ __all__ = [
     "snr_map",
     "stamps_less_background",
     "tile_add",
+    "tile_add_rows",
     "tile_product",
 ]
 

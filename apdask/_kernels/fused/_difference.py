@@ -13,6 +13,7 @@ __all__ = [
     "fill_nodata",
     "tile_product",
     "tile_add",
+    "tile_add_rows",
     "combine_masks",
     "finish_difference",
     "difference_variance",
@@ -107,6 +108,17 @@ def tile_add(
                 dst[y, x] = v
             else:
                 dst[y, x] += v
+
+
+@numba.njit(nogil=True, cache=True)
+def tile_add_rows(acc: np.ndarray, src: np.ndarray, lo: int, wy: np.ndarray) -> None:
+    """``acc[lo + y] += wy[y] · src[lo + y]`` for the ``len(wy)`` rows from ``lo``
+    (complex64 rows of one tile; no GIL held)."""
+    nx = acc.shape[1]
+    for y in range(len(wy)):
+        a, s, w = acc[lo + y], src[lo + y], wy[y]
+        for x in range(nx):
+            a[x] += w * s[x]
 
 
 @numba.njit(parallel=True, cache=True)
