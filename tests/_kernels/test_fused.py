@@ -339,20 +339,24 @@ def test_batched_psf_fits_equal_one_at_a_time(planes):
     assert edge.sum() >= 3
 
 
-def test_combine_masks(planes):
-    _, _, mask = planes
-    mask_t = mask[::-1].copy()
+def test_combine_inputs(planes):
+    img, var, mask = planes
+    img_t, var_t, mask_t = (a[::-1].copy() for a in planes)
     mask_t[7, 8] = MASK["DETECTED"] | MASK["CR"]
-    rng = np.random.default_rng(9)
-    nd_s, nd_t = rng.random(mask.shape) < 0.01, rng.random(mask.shape) < 0.01
-    bad_bits = MASK["BAD"] | MASK["CR"]
-    clear = MASK["DETECTED"]
-    got, bad, nodata = _fused.combine_masks(mask, mask_t, nd_s, nd_t, bad_bits, clear)
+    bad_bits, clear = MASK["BAD"] | MASK["CR"], MASK["DETECTED"]
+    got, bad, nodata, n_s, n_t = _fused.combine_inputs(
+        (img, var, mask), (img_t, var_t, mask_t), MASK["NO_DATA"], bad_bits, clear
+    )
+    nd_s = ((mask & MASK["NO_DATA"]) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
+    nd_t = nd_s[::-1]
     both = mask | mask_t
     np.testing.assert_array_equal(got, both & ~np.uint32(clear))
     np.testing.assert_array_equal(nodata, nd_s | nd_t)
     np.testing.assert_array_equal(bad, nd_s | nd_t | ((both & bad_bits) != 0))
     assert got[7, 8] == MASK["CR"] and bad[7, 8]
+    assert (n_s, n_t) == (nd_s.sum(), nd_t.sum()) == (22, 22)
+    clean = [np.nan_to_num(a) for a in (img, var)] + [mask & 0]
+    assert _fused.combine_inputs(clean, clean, MASK["NO_DATA"], bad_bits, clear)[3:] == (0, 0)
 
 
 def test_one_blas_thread_limits_blas_inside_only():

@@ -26,7 +26,7 @@ from apdask._kernels.fused._detection import (
     snr_map,
 )
 from apdask._kernels.fused._difference import (
-    combine_masks,
+    combine_inputs,
     difference_variance,
     fill_nodata,
     finish_difference,
@@ -54,7 +54,7 @@ __all__ = [
     "fill_nodata",
     "above",
     "boxes_clear",
-    "combine_masks",
+    "combine_inputs",
     "cr_candidates",
     "finish_difference",
     "flagged_pixels",

@@ -14,7 +14,7 @@ __all__ = [
     "tile_product",
     "tile_add",
     "tile_add_rows",
-    "combine_masks",
+    "combine_inputs",
     "finish_difference",
     "difference_variance",
 ]
@@ -122,47 +122,77 @@ def tile_add_rows(acc: np.ndarray, src: np.ndarray, lo: int, wy: np.ndarray) -> 
 
 
 @numba.njit(parallel=True, cache=True)
-def _combine_masks(mask_s, mask_t, nodata_s, nodata_t, bad_bits, clear, mask, bad, nodata):
+def _combine_inputs(img_s, var_s, mask_s, img_t, var_t, mask_t, nodata_bit, bad_bits, clear,
+                    mask, bad, nodata, rows):  # fmt: skip
     ny, nx = mask.shape
     for y in numba.prange(ny):
+        ns = 0
+        nt = 0
         for x in range(nx):
-            m = mask_s[y, x] | mask_t[y, x]
-            nd = nodata_s[y, x] or nodata_t[y, x]
+            ms, mt = mask_s[y, x], mask_t[y, x]
+            nd_s = (ms & nodata_bit) != 0 or not np.isfinite(img_s[y, x])
+            nd_s = nd_s or not np.isfinite(var_s[y, x])
+            nd_t = (mt & nodata_bit) != 0 or not np.isfinite(img_t[y, x])
+            nd_t = nd_t or not np.isfinite(var_t[y, x])
+            m = ms | mt
+            nd = nd_s or nd_t
             mask[y, x] = m & clear
             nodata[y, x] = nd
             bad[y, x] = nd or (m & bad_bits) != 0
+            ns += nd_s
+            nt += nd_t
+        rows[y, 0] = ns
+        rows[y, 1] = nt
 
 
 @_threads
-def combine_masks(
-    mask_s: np.ndarray,
-    mask_t: np.ndarray,
-    nodata_s: np.ndarray,
-    nodata_t: np.ndarray,
+def combine_inputs(
+    science: tuple[np.ndarray, np.ndarray, np.ndarray],
+    template: tuple[np.ndarray, np.ndarray, np.ndarray],
+    nodata_bit: int,
     bad_bits: int,
     clear_bits: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The two inputs' masks in one pass: ``(mask, bad, nodata)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """The two inputs' masks and no-data pixels in one pass over the ``(image, variance,
+    mask)`` planes of the science and the template.
 
-    ``mask = (mask_s | mask_t) & ~clear_bits`` (uint32), ``nodata = nodata_s |
-    nodata_t`` and ``bad = nodata | ((mask_s | mask_t) & bad_bits != 0)`` (bool).
+    With ``nodata_x`` :func:`fill_nodata`'s no-data pixels of each image (``mask &
+    nodata_bit != 0``, or image or variance not finite) and ``m = mask_s | mask_t``:
+    ``mask = m & ~clear_bits`` (uint32), ``nodata = nodata_s | nodata_t`` and ``bad =
+    nodata | (m & bad_bits != 0)`` (bool).
+
+    Returns
+    -------
+    mask, bad, nodata : numpy.ndarray
+        The combined planes.
+    count_s, count_t : int
+        The science's and the template's no-data pixels (when not zero, their
+        :func:`fill_nodata` is needed).
     """
-    shape = np.shape(mask_s)
+    shape = np.shape(science[0])
     mask = np.empty(shape, np.uint32)
     bad = np.empty(shape, np.bool_)
     nodata = np.empty(shape, np.bool_)
-    _combine_masks(
+    rows = np.empty((shape[0], 2), np.int64)
+    img_s, var_s, mask_s = science
+    img_t, var_t, mask_t = template
+    _combine_inputs(
+        np.asarray(img_s, np.float32),
+        np.asarray(var_s),
         np.asarray(mask_s, np.uint32),
+        np.asarray(img_t, np.float32),
+        np.asarray(var_t),
         np.asarray(mask_t, np.uint32),
-        nodata_s,
-        nodata_t,
+        np.uint32(nodata_bit),
         np.uint32(bad_bits),
         np.uint32(~np.uint32(clear_bits)),
         mask,
         bad,
         nodata,
+        rows,
     )
-    return mask, bad, nodata
+    count_s, count_t = rows.sum(axis=0)
+    return mask, bad, nodata, int(count_s), int(count_t)
 
 
 @numba.njit(parallel=True, cache=True)

@@ -11,7 +11,7 @@ from scipy import signal
 
 from apdask._kernels.fourier import convolve_tiles
 from apdask._kernels.fused import (
-    combine_masks,
+    combine_inputs,
     difference_variance,
     dilate,
     fill_nodata,
@@ -144,15 +144,17 @@ def subtract(
     direction = "convolve_science" if rev else "convolve_template"
     auto_size = kernel_size is None
     kernel_size, sigmas = choose_kernel_size(fw_s, fw_t, kernel_size)
-    sci0, nodata_s = fill_nodata(science.image, science.variance, science.mask, _NODATA)
-    tpl0, nodata_t = fill_nodata(template.image, template.variance, template.mask, _NODATA)
+    mask, bad_any, nodata, n_s, n_t = combine_inputs(
+        (science.image, science.variance, science.mask),
+        (template.image, template.variance, template.mask),
+        _NODATA, _BAD_BITS, _DETECTED_BITS,
+    )  # fmt: skip
+    sci0, nodata_s = _filled(science, n_s)
+    tpl0, nodata_t = _filled(template, n_t)
     var_s, var_t = (np.asarray(e.variance, np.float32) for e in (science, template))
 
     # --- stamps around bright isolated stars, clean in both images
     t1 = time.perf_counter()
-    mask, bad_any, nodata = combine_masks(
-        science.mask, template.mask, nodata_s, nodata_t, _BAD_BITS, _DETECTED_BITS
-    )
     model = choose_model(
         science, sci0, var_s, bad_any, (fw_s, fw_t), sigmas[1],
         (kernel_size, auto_size, int(spatial_order)), max_stamps,
@@ -432,10 +434,20 @@ def _sum_variation(kernels: list[np.ndarray], order: int, rev: bool) -> float:
 
 def _typical(var, nodata, default, samples=64000):
     """Median of ``var`` on about ``samples`` pixels with data (every ``step``-th row and
-    column)."""
+    column; ``nodata`` None when every pixel has data)."""
     step = max(1, int(np.sqrt(var.size / samples)))
+    if nodata is None:
+        return float(np.median(var[::step, ::step]))
     good = ~nodata[::step, ::step]
     return float(np.median(var[::step, ::step][good])) if good.any() else default
+
+
+def _filled(exposure, count):
+    """The image with its ``count`` no-data pixels set to 0 and where they are
+    (:func:`fill_nodata`), or the float32 image itself and None when ``count`` is 0."""
+    if count == 0:
+        return np.asarray(exposure.image, np.float32), None
+    return fill_nodata(exposure.image, exposure.variance, exposure.mask, _NODATA)
 
 
 def _residual_background(diff, mask, bad_bits, order, plane, box=64, step=8, min_fraction=0.25):
