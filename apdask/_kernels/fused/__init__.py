@@ -33,6 +33,7 @@ from apdask._kernels.fused._difference import (
     tile_add,
     tile_add_rows,
     tile_product,
+    weighted_stamp_rows,
 )
 from apdask._kernels.fused._isr import (
     cr_candidates,
@@ -72,6 +73,7 @@ __all__ = [
     "tile_add",
     "tile_add_rows",
     "tile_product",
+    "weighted_stamp_rows",
 ]
 
 

@@ -12,6 +12,7 @@ from apdask._kernels.fused._threads import _threads
 __all__ = [
     "fill_nodata",
     "tile_product",
+    "weighted_stamp_rows",
     "tile_add",
     "tile_add_rows",
     "combine_inputs",
@@ -68,6 +69,25 @@ def fill_nodata(
     out = np.empty(image.shape, np.float32)
     _fill(image, nodata, out)
     return out, nodata
+
+
+@numba.njit(nogil=True, cache=True)
+def weighted_stamp_rows(res: np.ndarray, first: int, sw: np.ndarray, out: np.ndarray) -> None:
+    """``out[n, first + r, q·S + x] = res[r, q, n, x] · sw[n, q·S + x]`` in float64 (no GIL).
+
+    ``res`` (float32, ``(n_kernels, S, n_stamps, S)``) holds the stamps' convolutions
+    with a group of kernels, the rows of all stamps side by side; ``out`` the weighted
+    convolutions of each stamp, one flattened ``S × S`` row per kernel.
+    """
+    nr, s, ns, sx = res.shape
+    for n in range(ns):
+        for r in range(nr):
+            dst = out[n, first + r]
+            for q in range(s):
+                w = sw[n, q * sx : (q + 1) * sx]
+                src = res[r, q, n]
+                for x in range(sx):
+                    dst[q * sx + x] = np.float64(src[x]) * w[x]
 
 
 @numba.njit(nogil=True, cache=True)

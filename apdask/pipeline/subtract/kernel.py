@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from scipy import ndimage
 
+from apdask._kernels.fused import weighted_stamp_rows
 from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import tile_threads
 
@@ -108,6 +109,31 @@ def _convolution_plan(basis, factors, fit_half):
     return groups, m, len(terms), S, T
 
 
+def _stamps(image, xs, ys, side):
+    """float32 ``(n, side, side)`` stamps of ``image`` centred on ``(xs, ys)``."""
+    off = np.arange(side) - side // 2
+    at = (
+        np.asarray(ys)[:, None, None] + off[None, :, None],
+        np.asarray(xs)[:, None, None] + off[None, None, :],
+    )
+    return np.asarray(image[at], np.float32)
+
+
+def _group_convolutions(stamps, plan):
+    """Per group of raw kernels sharing an x profile (:func:`_convolution_plan`), the
+    index of its first kernel (a group's kernels are consecutive, :func:`_al_factors`)
+    and the stamps' valid convolutions with its kernels: float32
+    ``(n_kernels, S, n_stamps, S)``, the rows of all stamps side by side."""
+    groups, _, _, S, T = plan
+    ns = len(stamps)
+    flat = stamps.reshape(ns * T, T)
+    for tx, idx, ty in groups:
+        # stamps convolved along x with prof[k][i], then along y with every prof[k][j]
+        h = (flat @ tx).reshape(ns, T, S)
+        rows = np.ascontiguousarray(h.transpose(1, 0, 2)).reshape(T, ns * S)
+        yield idx[0], (ty @ rows).reshape(len(idx), S, ns, S)
+
+
 def _stamp_convolutions(image, basis, xs, ys, fit_half, factors, plan=None):
     """Valid-mode convolution of stamps of ``image`` with the basis's separable factors.
 
@@ -116,8 +142,9 @@ def _stamp_convolutions(image, basis, xs, ys, fit_half, factors, plan=None):
     with the raw kernels as two matrix products with banded (Toeplitz) matrices, all
     stamps at once, in single precision (relative error ~1e-7).  The convolutions
     with the basis are ``M @ raw`` per stamp; the fit forms its normal equations on
-    the raw ones and transforms those (:func:`_fit_kernel`).  ``plan`` is
-    :func:`_convolution_plan` of the same arguments, if already made.
+    the raw ones and transforms those (:func:`_fit_kernel`, which takes them group by
+    group from :func:`_group_convolutions`).  ``plan`` is :func:`_convolution_plan` of
+    the same arguments, if already made.
 
     Returns
     -------
@@ -126,22 +153,12 @@ def _stamp_convolutions(image, basis, xs, ys, fit_half, factors, plan=None):
     M : numpy.ndarray
         ``(n_basis, n_raw)``.
     """
-    groups, m, nraw, S, T = plan or _convolution_plan(basis, factors, fit_half)
+    plan = plan or _convolution_plan(basis, factors, fit_half)
+    _, m, nraw, S, T = plan
     ns = len(xs)
-    off = np.arange(T) - T // 2
-    at = (
-        np.asarray(ys)[:, None, None] + off[None, :, None],
-        np.asarray(xs)[:, None, None] + off[None, None, :],
-    )
-    stamps = np.asarray(image[at], np.float32)
     raw = np.empty((ns, nraw, S, S), np.float32)
-    flat = stamps.reshape(ns * T, T)
-    for tx, idx, ty in groups:
-        # stamps convolved along x with prof[k][i], then along y with every prof[k][j]
-        h = (flat @ tx).reshape(ns, T, S)
-        rows = np.ascontiguousarray(h.transpose(1, 0, 2)).reshape(T, ns * S)
-        res = (ty @ rows).reshape(len(idx), S, ns, S)
-        raw[:, idx] = res.transpose(2, 0, 1, 3)
+    for first, res in _group_convolutions(_stamps(image, xs, ys, T), plan):
+        raw[:, first : first + len(res)] = res.transpose(2, 0, 1, 3)
     return raw.reshape(ns, nraw, S * S), m
 
 
@@ -149,23 +166,26 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
     """Per-stamp normal-equation blocks ``Σ w c cᵀ``, ``Σ w c`` and ``Σ w c t`` on the raw
     separable kernels' convolutions ``c`` (:func:`_stamp_convolutions`), and ``M``.
 
-    The convolutions (single precision) are promoted to double before the products: in
-    single precision the kernel sum moves by 2e-4.  The stamps go in chunks of at most
-    ``chunk`` (whose temporaries stay in cache), as many per thread, to ``threads``
-    threads, each running single-threaded BLAS (see :func:`apdask._kernels.fused.one_blas_thread`).
+    The convolutions (single precision) are promoted to double, times ``sqrt(w)``, as
+    they are put in place (:func:`apdask._kernels.fused.weighted_stamp_rows`), before
+    the products: in single precision the kernel sum moves by 2e-4.  The stamps go in
+    chunks of at most ``chunk`` (whose temporaries stay in cache), as many per thread,
+    to ``threads`` threads, each running single-threaded BLAS (see
+    :func:`apdask._kernels.fused.one_blas_thread`).
     """
 
     plan = _convolution_plan(basis, factors, fit_half)
+    _, m_raw, nraw, S, T = plan
 
     def blocks(lo, hi):
-        raw, m_raw = _stamp_convolutions(ref, basis, xs[lo:hi], ys[lo:hi], fit_half, factors, plan)
         sw = np.sqrt(wf[lo:hi])
-        cs = raw * sw[:, None, :]  # float64
-        del raw
+        cs = np.empty((hi - lo, nraw, S * S))
+        for first, res in _group_convolutions(_stamps(ref, xs[lo:hi], ys[lo:hi], T), plan):
+            weighted_stamp_rows(res, first, sw, cs)
         m = np.matmul(cs, cs.transpose(0, 2, 1))
         c = np.matmul(cs, sw[:, :, None])[:, :, 0]
         b = np.matmul(cs, (tgf[lo:hi] * sw)[:, :, None])[:, :, 0]
-        return m, c, b, m_raw
+        return m, c, b
 
     ns = len(xs)
     threads = max(1, int(threads))
@@ -178,7 +198,7 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
         with ThreadPoolExecutor(min(int(threads), len(parts))) as pool:
             res = list(pool.map(lambda p: blocks(*p), parts))
     m, c, b = (np.concatenate([r[i] for r in res]) for i in range(3))
-    return m, c, b, res[0][3]
+    return m, c, b, m_raw
 
 
 def _fit_kernel(
