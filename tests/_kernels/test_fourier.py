@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from apdask._kernels.fourier import convolve_tiles, tile_size
+from apdask._kernels.fourier import convolve_tiles, fast_length, tile_size
 from apdask.pipeline.subtract.decorrelate import _truncated_psi, decorrelation_kernel
 from apdask.pipeline.subtract.kernel import alard_lupton_basis
 
@@ -37,10 +37,16 @@ def test_tiles_equal_full_frame_convolution(shape, tile, threads):
 
 
 def test_tile_size():
-    assert tile_size(4000, 20, None) == (486, 445)  # 9 equal cores, not 8 full and a sliver
+    # 9 equal cores, not 8 full and a sliver; 500 = 2²·5³, not good_size's 486 = 2·3⁵
+    assert tile_size(4000, 20, None) == (500, 445)
     assert tile_size(300, 20, None) == (360, 300)  # one tile: the whole axis
     size, core = tile_size(4000, 100, None)  # margins at most a quarter of the tile
     assert (size, core) == (1000, 800)
+
+
+def test_fast_length():
+    got = [fast_length(n) for n in (1, 7, 27, 28, 81, 483, 520, 1000)]
+    assert got == [1, 8, 27, 30, 90, 500, 540, 1000]
 
 
 def test_truncated_decorrelation_kernel_keeps_the_filter():
