@@ -67,6 +67,12 @@ def test_difference_variance(planes):
     want[nodata | ~np.isfinite(want)] = 77.0
     np.testing.assert_allclose(out, np.maximum(want, 1e-3), rtol=1e-6)
     assert out[40, 41] == 77.0 and out[1, 1] == 77.0
+    # no pixel without data
+    nodata[1, 1] = False
+    np.testing.assert_array_equal(
+        _fused.difference_variance(var, var_a, 1.21, 0.5, 1e-3, 77.0, None),
+        _fused.difference_variance(var, var_a, 1.21, 0.5, 1e-3, 77.0, nodata),
+    )
 
 
 def test_matched_inputs_and_snr(planes):
@@ -344,19 +350,18 @@ def test_combine_inputs(planes):
     img_t, var_t, mask_t = (a[::-1].copy() for a in planes)
     mask_t[7, 8] = MASK["DETECTED"] | MASK["CR"]
     bad_bits, clear = MASK["BAD"] | MASK["CR"], MASK["DETECTED"]
-    got, bad, nodata, n_s, n_t = _fused.combine_inputs(
+    got, bad, n_s, n_t = _fused.combine_inputs(
         (img, var, mask), (img_t, var_t, mask_t), MASK["NO_DATA"], bad_bits, clear
     )
     nd_s = ((mask & MASK["NO_DATA"]) != 0) | ~np.isfinite(img) | ~np.isfinite(var)
     nd_t = nd_s[::-1]
     both = mask | mask_t
     np.testing.assert_array_equal(got, both & ~np.uint32(clear))
-    np.testing.assert_array_equal(nodata, nd_s | nd_t)
     np.testing.assert_array_equal(bad, nd_s | nd_t | ((both & bad_bits) != 0))
     assert got[7, 8] == MASK["CR"] and bad[7, 8]
     assert (n_s, n_t) == (nd_s.sum(), nd_t.sum()) == (22, 22)
     clean = [np.nan_to_num(a) for a in (img, var)] + [mask & 0]
-    assert _fused.combine_inputs(clean, clean, MASK["NO_DATA"], bad_bits, clear)[3:] == (0, 0)
+    assert _fused.combine_inputs(clean, clean, MASK["NO_DATA"], bad_bits, clear)[2:] == (0, 0)
 
 
 def test_one_blas_thread_limits_blas_inside_only():

@@ -143,7 +143,7 @@ def tile_add_rows(acc: np.ndarray, src: np.ndarray, lo: int, wy: np.ndarray) -> 
 
 @numba.njit(parallel=True, cache=True)
 def _combine_inputs(img_s, var_s, mask_s, img_t, var_t, mask_t, nodata_bit, bad_bits, clear,
-                    mask, bad, nodata, rows):  # fmt: skip
+                    mask, bad, rows):  # fmt: skip
     ny, nx = mask.shape
     for y in numba.prange(ny):
         ns = 0
@@ -155,10 +155,8 @@ def _combine_inputs(img_s, var_s, mask_s, img_t, var_t, mask_t, nodata_bit, bad_
             nd_t = (mt & nodata_bit) != 0 or not np.isfinite(img_t[y, x])
             nd_t = nd_t or not np.isfinite(var_t[y, x])
             m = ms | mt
-            nd = nd_s or nd_t
             mask[y, x] = m & clear
-            nodata[y, x] = nd
-            bad[y, x] = nd or (m & bad_bits) != 0
+            bad[y, x] = nd_s or nd_t or (m & bad_bits) != 0
             ns += nd_s
             nt += nd_t
         rows[y, 0] = ns
@@ -172,27 +170,26 @@ def combine_inputs(
     nodata_bit: int,
     bad_bits: int,
     clear_bits: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-    """The two inputs' masks and no-data pixels in one pass over the ``(image, variance,
-    mask)`` planes of the science and the template.
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The two inputs' masks, and how many pixels of each lack data, in one pass over
+    the ``(image, variance, mask)`` planes of the science and the template.
 
     With ``nodata_x`` :func:`fill_nodata`'s no-data pixels of each image (``mask &
     nodata_bit != 0``, or image or variance not finite) and ``m = mask_s | mask_t``:
-    ``mask = m & ~clear_bits`` (uint32), ``nodata = nodata_s | nodata_t`` and ``bad =
-    nodata | (m & bad_bits != 0)`` (bool).
+    ``mask = m & ~clear_bits`` (uint32) and ``bad = nodata_s | nodata_t | (m & bad_bits
+    != 0)`` (bool).
 
     Returns
     -------
-    mask, bad, nodata : numpy.ndarray
+    mask, bad : numpy.ndarray
         The combined planes.
     count_s, count_t : int
-        The science's and the template's no-data pixels (when not zero, their
-        :func:`fill_nodata` is needed).
+        The science's and the template's no-data pixels (where not zero,
+        :func:`fill_nodata` gives the image to use and where they are).
     """
     shape = np.shape(science[0])
     mask = np.empty(shape, np.uint32)
     bad = np.empty(shape, np.bool_)
-    nodata = np.empty(shape, np.bool_)
     rows = np.empty((shape[0], 2), np.int64)
     img_s, var_s, mask_s = science
     img_t, var_t, mask_t = template
@@ -208,11 +205,10 @@ def combine_inputs(
         np.uint32(~np.uint32(clear_bits)),
         mask,
         bad,
-        nodata,
         rows,
     )
     count_s, count_t = rows.sum(axis=0)
-    return mask, bad, nodata, int(count_s), int(count_t)
+    return mask, bad, int(count_s), int(count_t)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -249,14 +245,14 @@ def finish_difference(
 
 
 @numba.njit(parallel=True, cache=True)
-def _variance(var_b, var_a, k2, scale, floor, fill, nodata, out):
+def _variance(var_b, var_a, k2, scale, floor, fill, nodata, has_nodata, out):
     ny, nx = out.shape
     for y in numba.prange(ny):
         for x in range(nx):
             vb = max(var_b[y, x], np.float32(0.0))
             va = max(var_a[y, x], np.float32(0.0))
             val = (vb + k2 * va) * scale
-            if nodata[y, x] or not np.isfinite(val):
+            if (has_nodata and nodata[y, x]) or not np.isfinite(val):
                 val = fill
             out[y, x] = max(val, floor)
 
@@ -269,11 +265,12 @@ def difference_variance(
     scale: float,
     floor: float,
     fill: float,
-    nodata: np.ndarray,
+    nodata: np.ndarray | None = None,
 ) -> np.ndarray:
     """``max(scale (max(var_b, 0) + κ² max(var_a, 0)), floor)``, ``fill`` on ``nodata``
-    and non-finite pixels; float32."""
+    (None: no pixel) and non-finite pixels; float32."""
     out = np.empty(np.shape(var_b), np.float32)
+    has = nodata is not None
     _variance(
         np.asarray(var_b, np.float32),
         np.asarray(var_a, np.float32),
@@ -281,7 +278,8 @@ def difference_variance(
         np.float32(scale),
         np.float32(floor),
         np.float32(fill),
-        nodata,
+        nodata if has else np.zeros((1, 1), np.bool_),
+        has,
         out,
     )
     return out

@@ -144,13 +144,14 @@ def subtract(
     direction = "convolve_science" if rev else "convolve_template"
     auto_size = kernel_size is None
     kernel_size, sigmas = choose_kernel_size(fw_s, fw_t, kernel_size)
-    mask, bad_any, nodata, n_s, n_t = combine_inputs(
+    mask, bad_any, n_s, n_t = combine_inputs(
         (science.image, science.variance, science.mask),
         (template.image, template.variance, template.mask),
         _NODATA, _BAD_BITS, _DETECTED_BITS,
     )  # fmt: skip
     sci0, nodata_s = _filled(science, n_s)
     tpl0, nodata_t = _filled(template, n_t)
+    nodata = _either(nodata_s, nodata_t)
     var_s, var_t = (np.asarray(e.variance, np.float32) for e in (science, template))
 
     # --- stamps around bright isolated stars, clean in both images
@@ -265,7 +266,7 @@ def _info(
 def _finish(
     diff: np.ndarray,
     mask: np.ndarray,
-    nodata: np.ndarray,
+    nodata: np.ndarray | None,
     u: np.ndarray,
     v: np.ndarray,
     bgc: np.ndarray,
@@ -278,15 +279,14 @@ def _finish(
 
     The background is the kernel fit's term plus a residual refit on block medians,
     applied in one pass with the scale (``−1/κ`` when the science image was convolved)
-    and NaN on NO_DATA.
+    and NaN on NO_DATA (``nodata``; None: no pixel).
     """
     plane = np.zeros(3)
     plane[: len(bgc)] = bgc
     bg_res = _residual_background(diff, mask, _BAD_BITS, bg_order, plane)
     plane[: len(bg_res)] += bg_res
     scale = -1.0 / ksum if rev else 1.0
-    any_nodata = bool(nodata.any())
-    finish_difference(diff, u, v, plane, scale, nodata if any_nodata else None)
+    finish_difference(diff, u, v, plane, scale, nodata)
     return bg_res
 
 
@@ -341,18 +341,17 @@ def _convolve_difference(
     return diff, u, v
 
 
-def _mark_edges(mask: np.ndarray, nodata: np.ndarray, grow: int) -> None:
+def _mark_edges(mask: np.ndarray, nodata: np.ndarray | None, grow: int) -> None:
     """EDGE within ``grow`` pixels of the border and of NO_DATA (in place).
 
     ψ is compact (close to a δ function for a deeper template): its wings are not
     added to the EDGE width, which is the kernel half size.
     """
-    any_nodata = bool(nodata.any())
     edge_bit = np.uint32(MASK["EDGE"])
     if grow > 0:
         for band in (np.s_[:grow], np.s_[-grow:], np.s_[:, :grow], np.s_[:, -grow:]):
             mask[band] |= edge_bit
-    if any_nodata:  # (rare) masks of the NO_DATA pixels and the band around them
+    if nodata is not None:  # (rare) masks of the NO_DATA pixels and the band around them
         mask[dilate(nodata, grow) & ~nodata] |= edge_bit
         mask[nodata] |= np.uint32(MASK["NO_DATA"])
 
@@ -363,10 +362,10 @@ def _difference_variance(
     v_b: float,
     ksum: float,
     rev: bool,
-    nodata: np.ndarray,
+    nodata: np.ndarray | None,
 ) -> np.ndarray:
     """Variance plane of the difference, in the science calibration, from the science
-    and template ``variances``."""
+    and template ``variances`` (the typical variance on ``nodata``, None: no pixel)."""
     var_s, var_t = variances
     var_a, var_b = (var_s, var_t) if rev else (var_t, var_s)
     k2 = ksum**2
@@ -440,6 +439,13 @@ def _typical(var, nodata, default, samples=64000):
         return float(np.median(var[::step, ::step]))
     good = ~nodata[::step, ::step]
     return float(np.median(var[::step, ::step][good])) if good.any() else default
+
+
+def _either(nodata_s, nodata_t):
+    """The pixels either image lacks (None when neither lacks any)."""
+    if nodata_s is None or nodata_t is None:
+        return nodata_t if nodata_s is None else nodata_s
+    return nodata_s | nodata_t
 
 
 def _filled(exposure, count):
