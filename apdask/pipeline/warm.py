@@ -26,6 +26,7 @@ from apdask.pipeline.isr import isr_amp, mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.psf import estimate_psf_model, sharpest_fwhm_px
+from apdask.pipeline.quality import snr_sigma
 from apdask.pipeline.subtract.difference import subtract
 
 __all__ = ["warm_kernels", "warm_plugin"]
@@ -96,6 +97,7 @@ def warm_kernels() -> float:
         diff, _ = subtract(science, template)
         matched = matched_filter(diff)
         found = detect_sources(diff, matched=matched)
+        snr_sigma(matched)  # the QA's
         measure_sources(diff, science, template, found, visit=1, detector=0, band="r",
                         mjd=60000.0, matched=matched)  # fmt: skip
     except Exception as e:  # warming is an optimisation, never a failure

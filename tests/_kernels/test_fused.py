@@ -184,6 +184,24 @@ def test_segments_equal_photutils_detect_sources(sign):
     np.testing.assert_array_equal(xs, want[1])
 
 
+@pytest.mark.parametrize("target", [1, 7, 100, 10**9])
+def test_thinned_values_equal_numpy(target):
+    """Every step-th valid value, as the compress-and-slice it replaces (blocks of the
+    block counts with and without invalid pixels, a short last block)."""
+    rng = np.random.default_rng(8)
+    img = rng.normal(size=(60, 150)).astype(np.float32)
+    img[rng.uniform(size=img.shape) < 0.02] = 0.0
+    img[rng.uniform(size=img.shape) < 0.02] = np.nan
+    img[3, 5] = np.inf
+    ignored = rng.uniform(size=img.shape) < 0.05
+    ignored[10:20] = True
+    v = img[~ignored]
+    v = v[np.isfinite(v) & (v != 0)]
+    want = v[:: max(1, v.size // target)]
+    np.testing.assert_array_equal(_fused.thinned_values(img, ignored, target), want)
+    assert _fused.thinned_values(img, np.ones(img.shape, bool), target).size == 0
+
+
 def _cr_reference(img, bkg, var, skip, cr, r1, r2, nsigma):
     """The NumPy expression :func:`apdask._kernels.fused.cr_candidates` replaces."""
     d = img - bkg

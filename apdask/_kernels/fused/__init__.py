@@ -15,7 +15,14 @@ import os
 import sys
 from types import ModuleType
 
-from apdask._kernels.fused._detection import above, dilate, matched_inputs, segments, snr_map
+from apdask._kernels.fused._detection import (
+    above,
+    dilate,
+    matched_inputs,
+    segments,
+    snr_map,
+    thinned_values,
+)
 from apdask._kernels.fused._difference import (
     combine_masks,
     difference_variance,
@@ -51,6 +58,7 @@ __all__ = [
     "smoothed_residual",
     "snr_map",
     "tile_add",
+    "thinned_values",
     "tile_product",
 ]
 

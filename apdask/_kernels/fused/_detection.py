@@ -7,7 +7,7 @@ import numpy as np
 
 from apdask._kernels.fused._threads import _threads
 
-__all__ = ["matched_inputs", "dilate", "snr_map", "above", "segments"]
+__all__ = ["matched_inputs", "dilate", "snr_map", "above", "segments", "thinned_values"]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -227,3 +227,75 @@ def segments(
     out, best = _segments(ys, xs, vals, image.shape[1])
     keep = out[:, 0] >= n_pixels
     return out[keep], best[keep]
+
+
+#: Pixels per block of the block counts of :func:`thinned_values`.
+_BLOCK = 64
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_valid(image, ignored, counts):
+    ny, nx = image.shape
+    nb = counts.shape[1]
+    for y in numba.prange(ny):
+        for b in range(nb):
+            x0 = b * _BLOCK
+            c = np.int64(0)
+            if x0 + _BLOCK <= nx:  # a constant trip count, branch-free: vectorised
+                for i in range(_BLOCK):
+                    v = image[y, x0 + i]
+                    c += np.int64((not ignored[y, x0 + i]) & (np.abs(v) < np.inf) & (v != 0))
+            else:
+                for x in range(x0, nx):
+                    v = image[y, x]
+                    c += np.int64((not ignored[y, x]) & (np.abs(v) < np.inf) & (v != 0))
+            counts[y, b] = c
+
+
+@numba.njit(parallel=True, cache=True)
+def _take_valid(image, ignored, counts, starts, step, out):
+    ny, nx = image.shape
+    nb = counts.shape[1]
+    for y in numba.prange(ny):
+        k = starts[y]  # valid pixels before this row's block b
+        take = -(-k // step) * step  # the next valid pixel to take
+        for b in range(nb):
+            c = counts[y, b]
+            x0, x1 = b * _BLOCK, min((b + 1) * _BLOCK, nx)
+            if take < k + c:
+                if c == x1 - x0:  # every pixel of the block valid: index directly
+                    while take < k + c:
+                        out[take // step] = image[y, x0 + take - k]
+                        take += step
+                else:
+                    j = k
+                    for x in range(x0, x1):
+                        v = image[y, x]
+                        if (not ignored[y, x]) & (np.abs(v) < np.inf) & (v != 0):
+                            if j == take:
+                                out[take // step] = image[y, x]
+                                take += step
+                            j += 1
+            k += c
+
+
+@_threads
+def thinned_values(image: np.ndarray, ignored: np.ndarray, target: int) -> np.ndarray:
+    """Every ``step``-th finite non-zero value of ``image`` where not ``ignored``
+    (raster order), ``step = max(1, n // target)`` for the ``n`` such values.
+
+    Equal to ``v = image[~ignored]; v = v[np.isfinite(v) & (v != 0)]; v[::step]``
+    without the full-frame temporaries.
+    """
+    image = np.asarray(image)
+    ignored = np.asarray(ignored, np.bool_)
+    counts = np.empty((image.shape[0], -(-image.shape[1] // _BLOCK)), np.int64)
+    _count_valid(image, ignored, counts)
+    rows = counts.sum(axis=1)
+    n = int(rows.sum())
+    step = max(1, n // max(int(target), 1))
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    out = np.empty((n + step - 1) // step, image.dtype)
+    if n:
+        _take_valid(image, ignored, counts, starts, np.int64(step), out)
+    return out
