@@ -329,3 +329,20 @@ def test_bright_variable_star_keeps_its_peak_on_the_star():
     py, px = np.unravel_index(np.argmin(box), box.shape)
     assert (py, px) == (20, 20)
     assert box[20, 20] < -20.0  # still far above the threshold
+
+
+def test_windows_equal_stamps_at():
+    """Windows gathered by slicing equal the gathered stamps, on and off the image."""
+    from apdask.pipeline.measure.windows import windows
+    from apdask.pipeline.stars import stamps_at
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(50, 60)).astype(np.float32)
+    mask = (img > 0).astype(np.uint32)
+    for half in (0, 3, 40):
+        xs, ys = rng.integers(-5, 65, 30), rng.integers(-5, 55, 30)
+        for a, fill in ((img, np.nan), (mask, 7)):
+            want = stamps_at(a, xs, ys, half, fill)
+            np.testing.assert_array_equal(windows(a, xs, ys, half, fill), want)
+    xs, ys = np.array([20, 30]), np.array([25, 26])  # all inside
+    np.testing.assert_array_equal(windows(img, xs, ys, 5), stamps_at(img, xs, ys, 5))
