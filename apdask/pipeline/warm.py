@@ -19,6 +19,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from apdask._kernels import lanczos
+from apdask._kernels.trail import veres_fit
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, Exposure
 from apdask.core.memory import keep_freed_memory
@@ -98,6 +99,10 @@ def warm_kernels() -> float:
         matched = matched_filter(diff)
         found = detect_sources(diff, matched=matched)
         snr_sigma(matched)  # the QA's
+        # the trail fit's, which only elongated sources reach
+        px = np.arange(4.0)
+        veres_fit(px, px, px, px + 1.0, np.array([1.0, 1.0, 1.0, 0.0]), 1.0, px.copy(),
+                  np.zeros((4, 4)), px.copy(), True)  # fmt: skip
         measure_sources(diff, science, template, found, visit=1, detector=0, band="r",
                         mjd=60000.0, matched=matched)  # fmt: skip
     except Exception as e:  # warming is an optimisation, never a failure
