@@ -79,11 +79,20 @@ def test_matched_inputs_and_snr(planes):
     np.testing.assert_array_equal(img0, np.where(want, 0, img))
     np.testing.assert_array_equal(var0, np.where(want, 0, var))
     assert bad[98:105, 98:106].all() and not bad[97, 97]
+    # the same with the saturated pixels given as mask bits (found in the same pass)
+    got = _fused.matched_inputs(img, var, mask, IGNORE_BITS, MASK["SAT"], 2)
+    for a, ref in zip(got, (img0, var0, bad), strict=True):
+        np.testing.assert_array_equal(a, ref)
     # large saturated areas take the dilation path: same result
     big = np.zeros(img.shape, bool)
     big[:150] = True
     _, _, bad_big = _fused.matched_inputs(img, var, mask, IGNORE_BITS, big, 2)
     np.testing.assert_array_equal(bad_big[:152], True)
+    mask_big = mask.copy()
+    mask_big[:150] |= MASK["SAT"]
+    _, _, bad_bits = _fused.matched_inputs(img, var, mask_big, IGNORE_BITS, MASK["SAT"], 2)
+    np.testing.assert_array_equal(bad_bits[:152], True)
+    np.testing.assert_array_equal(bad_bits[152:], bad_big[152:])
     snr = _fused.snr_map(img0, var0, bad)
     with np.errstate(divide="ignore", invalid="ignore"):
         want = np.where((var0 > 0) & ~bad, img0 / np.sqrt(var0), 0)

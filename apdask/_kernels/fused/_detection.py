@@ -11,16 +11,34 @@ __all__ = ["matched_inputs", "dilate", "snr_map", "above", "segments", "thinned_
 
 
 @numba.njit(parallel=True, cache=True)
-def _matched_inputs(image, variance, mask, ignore_bits, img0, var0, bad):
+def _matched_inputs(image, variance, mask, ignore_bits, around_bits, img0, var0, bad, counts):
     ny, nx = image.shape
     for y in numba.prange(ny):
+        c = np.int64(0)
         for x in range(nx):
             v = image[y, x]
             w = variance[y, x]
-            b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v) or not np.isfinite(w)
+            m = mask[y, x]
+            b = (m & ignore_bits) != 0 or not np.isfinite(v) or not np.isfinite(w)
             bad[y, x] = b
             img0[y, x] = np.float32(0.0) if b else v
             var0[y, x] = np.float32(0.0) if b else w
+            c += np.int64((m & around_bits) != 0)
+        counts[y] = c
+
+
+@numba.njit(parallel=True, cache=True)
+def _bit_pixels(mask, bits, counts, starts, ys, xs):
+    ny, nx = mask.shape
+    for y in numba.prange(ny):
+        if counts[y] == 0:
+            continue
+        k = starts[y]
+        for x in range(nx):
+            if (mask[y, x] & bits) != 0:
+                ys[k] = y
+                xs[k] = x
+                k += 1
 
 
 @numba.njit(cache=True)
@@ -40,14 +58,15 @@ def matched_inputs(
     variance: np.ndarray,
     mask: np.ndarray,
     ignore_bits: int,
-    around: np.ndarray | None = None,
+    around: np.ndarray | int | None = None,
     half: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The matched filter's inputs: image and variance with left-out pixels set to 0.
 
     A pixel is left out (``bad``) when ``mask & ignore_bits`` is set, when its image or
     variance value is not finite, or when it lies within ``half`` pixels (square) of a
-    pixel of ``around`` (a bool image, e.g. saturated pixels).
+    pixel of ``around``: a bool image (e.g. saturated pixels), or mask bits (the
+    pixels with ``mask & around`` set, found in the same pass).
 
     Returns
     -------
@@ -57,28 +76,39 @@ def matched_inputs(
         bool.
     """
     image = np.asarray(image, np.float32)
+    mask = np.asarray(mask)
     img0 = np.empty(image.shape, np.float32)
     var0 = np.empty(image.shape, np.float32)
     bad = np.empty(image.shape, np.bool_)
+    bits = int(around) if isinstance(around, int | np.integer) else 0
+    counts = np.empty(image.shape[0], np.int64)
     _matched_inputs(
         image,
         np.asarray(variance, np.float32),
-        np.asarray(mask),
+        mask,
         np.uint32(ignore_bits),
+        np.uint32(bits),
         img0,
         var0,
         bad,
+        counts,
     )
-    if around is not None and half > 0:
-        n = int(np.count_nonzero(around))
-        if 0 < n <= 20_000:  # a few saturated stars: mark boxes around their pixels
-            ys, xs = np.nonzero(around)
-            _mark_boxes(bad, img0, var0, ys.astype(np.int64), xs.astype(np.int64), int(half))
-        elif n:  # large areas: one dilation of the whole mask (cumulative sums)
-            grown = dilate(around, int(half))
-            bad |= grown
-            img0[grown] = 0.0
-            var0[grown] = 0.0
+    if around is None or half <= 0:
+        return img0, var0, bad
+    n = int(counts.sum()) if bits else int(np.count_nonzero(around))
+    if 0 < n <= 20_000:  # a few saturated stars: mark boxes around their pixels
+        if bits:
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
+            _bit_pixels(mask, np.uint32(bits), counts, starts, ys, xs)
+        else:
+            ys, xs = (a.astype(np.int64) for a in np.nonzero(np.asarray(around)))
+        _mark_boxes(bad, img0, var0, ys, xs, int(half))
+    elif n:  # large areas: one dilation of the whole mask (cumulative sums)
+        grown = dilate((mask & bits) != 0 if bits else np.asarray(around), int(half))
+        bad |= grown
+        img0[grown] = 0.0
+        var0[grown] = 0.0
     return img0, var0, bad
 
 
@@ -168,17 +198,18 @@ def _segments(ys, xs, vals, nx):
 def _count_above(image, t, sign, counts):
     ny, nx = image.shape
     for y in numba.prange(ny):
-        c = 0
-        for x in range(nx):
-            if sign * image[y, x] > t:
-                c += 1
+        c = np.int64(0)
+        for x in range(nx):  # branch-free: vectorised
+            c += np.int64(sign * image[y, x] > t)
         counts[y] = c
 
 
 @numba.njit(parallel=True, cache=True)
-def _fill_above(image, t, sign, starts, ys, xs):
+def _fill_above(image, t, sign, counts, starts, ys, xs):
     ny, nx = image.shape
     for y in numba.prange(ny):
+        if counts[y] == 0:  # most rows: nothing above the threshold
+            continue
         k = starts[y]
         for x in range(nx):
             if sign * image[y, x] > t:
@@ -197,7 +228,7 @@ def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarra
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     n = int(counts.sum())
     ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
-    _fill_above(image, t, sg, starts, ys, xs)
+    _fill_above(image, t, sg, counts, starts, ys, xs)
     return ys, xs
 
 
