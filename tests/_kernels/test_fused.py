@@ -97,6 +97,8 @@ def test_matched_inputs_and_snr(planes):
     with np.errstate(divide="ignore", invalid="ignore"):
         want = np.where((var0 > 0) & ~bad, img0 / np.sqrt(var0), 0)
     np.testing.assert_allclose(snr, want, rtol=1e-6)
+    in_place = var0.copy()
+    np.testing.assert_array_equal(_fused.snr_map(img0, in_place, bad, out=in_place), snr)
 
 
 def test_separable_stamp_convolutions_equal_fft():

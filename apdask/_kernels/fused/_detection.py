@@ -133,9 +133,16 @@ def _snr(filt, vfilt, bad, out):
 
 
 @_threads
-def snr_map(filt: np.ndarray, vfilt: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32)."""
-    out = np.empty(bad.shape, np.float32)
+def snr_map(
+    filt: np.ndarray, vfilt: np.ndarray, bad: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32).
+
+    ``out`` (float32, C order) receives it when given; it may be ``vfilt`` itself
+    (each pixel is read before it is written), which saves a full frame.
+    """
+    if out is None:
+        out = np.empty(bad.shape, np.float32)
     _snr(filt, vfilt, bad, out)
     return out
 

@@ -62,7 +62,7 @@ def _filtered(difference, psf, sat_grow=None):
     sources = difference.bright_sources
     if sources is not None:
         _bright_variance(filt, vfilt, bad, sources, psf)
-    return filt, snr_map(filt, vfilt, bad), bad
+    return filt, snr_map(filt, vfilt, bad, out=vfilt), bad  # vfilt is not needed after
 
 
 # --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def windows(
     if inside.all():
         return sliding_window_view(arr, (size, size))[ys - half, xs - half]
     out = np.empty((len(xs), size, size), arr.dtype)
-    if inside.any():
-        out[inside] = sliding_window_view(arr, (size, size))[ys[inside] - half, xs[inside] - half]
+    for k in np.flatnonzero(inside).tolist():
+        out[k] = arr[ys[k] - half : ys[k] + half + 1, xs[k] - half : xs[k] + half + 1]
     out[~inside] = stamps_at(arr, xs[~inside], ys[~inside], half, fill)
     return out
