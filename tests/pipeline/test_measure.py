@@ -382,16 +382,3 @@ def test_background_near_sources_equals_the_full_fit():
         small.coarse, fit_background(img[:100], mask[:100], lazy=True).coarse
     )
 
-
-@pytest.mark.parametrize("n", [1, 2, 7, 1024])
-def test_row_medians_equal_nanmedian_last(n):
-    from apdask.core.stats import nanmedian_last
-    from apdask.pipeline.measure.sources import _row_medians
-
-    rng = np.random.default_rng(n)
-    a = rng.normal(size=(50, n)).astype(np.float32)
-    a[rng.uniform(size=a.shape) < 0.05] = np.nan
-    a[3] = np.nan
-    got, want = _row_medians(a), nanmedian_last(a)
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(got, want)

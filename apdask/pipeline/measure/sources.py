@@ -362,7 +362,7 @@ def _background_near(image, mask, xs, ys, half, box=64):
         m = mask[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::2, :, ::2][j, :, i]
         bad |= (m & mask_bits("BAD", "SAT", "CR", "NO_DATA")) != 0
     data[bad] = np.nan
-    med = _row_medians(data.reshape(len(j), -1))
+    med = nanmedian_last(data.reshape(len(j), -1))
     if np.isnan(med).any():
         return fit_background(image, mask, box=box, lazy=True)
     coarse = np.zeros((nby, nbx), np.float32)
@@ -371,17 +371,3 @@ def _background_near(image, mask, xs, ys, half, box=64):
     coarse[~need] = np.nan
     return Background(np.asarray(coarse, float), ynodes, xnodes, image.shape)
 
-
-def _row_medians(a: np.ndarray) -> np.ndarray:
-    """:func:`~apdask.core.stats.nanmedian_last` of 2-D ``a``, the rows without NaN by
-    partition instead of a full sort (the same two order statistics, so equal)."""
-    nan = np.isnan(a).any(axis=1)
-    out = np.empty(len(a), a.dtype)
-    if nan.any():
-        out[nan] = nanmedian_last(a[nan])
-    n = a.shape[1]
-    if n and not nan.all():
-        lo, hi = (n - 1) // 2, n // 2
-        part = np.partition(a[~nan], (lo, hi), axis=1)
-        out[~nan] = 0.5 * (part[:, lo] + part[:, hi])
-    return out
