@@ -381,4 +381,3 @@ def test_background_near_sources_equals_the_full_fit():
     np.testing.assert_array_equal(
         small.coarse, fit_background(img[:100], mask[:100], lazy=True).coarse
     )
-

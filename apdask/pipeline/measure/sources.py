@@ -370,4 +370,3 @@ def _background_near(image, mask, xs, ys, half, box=64):
     coarse = ndimage.median_filter(coarse, size=3, mode="nearest")
     coarse[~need] = np.nan
     return Background(np.asarray(coarse, float), ynodes, xnodes, image.shape)
-
