@@ -14,7 +14,7 @@ import math
 
 import numba
 
-__all__ = ["veres_fit"]
+__all__ = ["veres_fit", "veres_jacobian"]
 
 #: Half-lengths below this are the point-source limit (as ``trail.veres_model``).
 _POINT = 1e-3
@@ -83,3 +83,17 @@ def veres_fit(x, y, d, w, t, sigma, m, dm, r, deriv):
     for i in range(len(x)):
         r[i] = (d[i] - flux * m[i]) * math.sqrt(w[i])
     return flux
+
+
+@numba.njit(cache=True)
+def veres_jacobian(x, y, d, w, t, sigma, steps, r0, jac, m, dm, r):
+    """Forward-difference Jacobian of :func:`veres_fit`'s residuals at ``t`` (``r0``),
+    column ``k`` with the step ``steps[k]`` of ``t[k]``, into ``jac`` (``(n, 4)``);
+    ``m``, ``dm`` and ``r`` are scratch (left at the last step's point)."""
+    for k in range(4):
+        t1 = t.copy()
+        t1[k] = t[k] + steps[k]
+        dx = t1[k] - t[k]
+        veres_fit(x, y, d, w, t1, sigma, m, dm, r, False)
+        for i in range(len(x)):
+            jac[i, k] = (r[i] - r0[i]) / dx

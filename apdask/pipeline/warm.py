@@ -19,7 +19,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from apdask._kernels import lanczos
-from apdask._kernels.trail import veres_fit
+from apdask._kernels.trail import veres_fit, veres_jacobian
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, Exposure
 from apdask.core.memory import keep_freed_memory
@@ -101,8 +101,10 @@ def warm_kernels() -> float:
         snr_sigma(matched)  # the QA's
         # the trail fit's, which only elongated sources reach
         px = np.arange(4.0)
-        veres_fit(px, px, px, px + 1.0, np.array([1.0, 1.0, 1.0, 0.0]), 1.0, px.copy(),
-                  np.zeros((4, 4)), px.copy(), True)  # fmt: skip
+        t, m, dm = np.array([1.0, 1.0, 1.0, 0.0]), px.copy(), np.zeros((4, 4))
+        veres_fit(px, px, px, px + 1.0, t, 1.0, m, dm, px.copy(), True)
+        veres_jacobian(px, px, px, px + 1.0, t, 1.0, t * 1e-8, px.copy(), np.zeros((4, 4)), m,
+                       dm, px.copy())  # fmt: skip
         measure_sources(diff, science, template, found, visit=1, detector=0, band="r",
                         mjd=60000.0, matched=matched)  # fmt: skip
     except Exception as e:  # warming is an optimisation, never a failure

@@ -31,7 +31,7 @@ from astropy.table import Table
 from scipy.optimize import least_squares, minimize_scalar
 from scipy.special import erf
 
-from apdask._kernels.trail import veres_fit
+from apdask._kernels.trail import veres_fit, veres_jacobian
 from apdask.core.exposure import IGNORE_BITS, MASK, Exposure
 from apdask.pipeline.measure.dipole import _bearing, _separation
 from apdask.pipeline.psf import psf_fwhm
@@ -286,10 +286,9 @@ class _Residuals:
         f0 = self.residuals(t)
         h = _FD_STEP * np.where(t >= 0, 1.0, -1.0) * np.maximum(1.0, np.abs(t))
         jac = np.empty((len(f0), len(t)))
-        for k in range(len(t)):
-            t1 = t.copy()
-            t1[k] = t[k] + h[k]
-            jac[:, k] = (self.residuals(t1) - f0) / ((t[k] + h[k]) - t[k])
+        veres_jacobian(self.x, self.y, self.d, self.w, t, self.sigma, h, f0, jac, self.m,
+                       self.dm, self.r)  # fmt: skip
+        self.t = None  # the scratch arrays no longer hold the model at t
         return jac
 
 
