@@ -103,8 +103,8 @@ def warm_kernels() -> float:
         px = np.arange(4.0)
         t, m, dm = np.array([1.0, 1.0, 1.0, 0.0]), px.copy(), np.zeros((4, 4))
         veres_fit(px, px, px, px + 1.0, t, 1.0, m, dm, px.copy(), True)
-        veres_jacobian(px, px, px, px + 1.0, t, 1.0, t * 1e-8, px.copy(), np.zeros((4, 4)), m,
-                       dm, px.copy())  # fmt: skip
+        jac, steps = np.zeros((4, 4)), np.full(4, 1e-3)
+        veres_jacobian(px, px, px, px + 1.0, t, 1.0, steps, px.copy(), jac, m, dm, px.copy())
         measure_sources(diff, science, template, found, visit=1, detector=0, band="r",
                         mjd=60000.0, matched=matched)  # fmt: skip
     except Exception as e:  # warming is an optimisation, never a failure
