@@ -381,3 +381,26 @@ def test_background_near_sources_equals_the_full_fit():
     np.testing.assert_array_equal(
         small.coarse, fit_background(img[:100], mask[:100], lazy=True).coarse
     )
+
+
+def test_centroids_equal_one_at_a_time():
+    """The sub-pixel peaks of all detections at once equal subpixel_peak on each
+    detection's signed 3x3 window; a detection on the border keeps its pixel."""
+    from astropy.table import Table
+
+    from apdask.pipeline.measure.sources import _centroids
+    from apdask.pipeline.stars import subpixel_peak
+
+    rng = np.random.default_rng(5)
+    filt = rng.normal(size=(40, 50)).astype(np.float32)
+    det = Table({"x": [10, 0, 25, 49, 30], "y": [12, 5, 39, 20, 30], "sign": [1, 1, -1, 1, -1]})
+    xs, ys, flag = _centroids(filt, det)
+    np.testing.assert_array_equal(flag, [False, True, True, True, False])
+    for i in (0, 4):
+        ix, iy, s = int(det["x"][i]), int(det["y"][i]), det["sign"][i]
+        x, y = subpixel_peak(
+            s * filt[iy - 1 : iy + 2, ix - 1 : ix + 2], np.array([1]), np.array([1])
+        )
+        assert xs[i] == pytest.approx(x[0] + ix - 1, abs=1e-12)
+        assert ys[i] == pytest.approx(y[0] + iy - 1, abs=1e-12)
+    assert (xs[1], ys[1]) == (0.0, 5.0)

@@ -22,6 +22,7 @@ from apdask.pipeline.measure.photometry import (
     _sky_errors,
 )
 from apdask.pipeline.measure.reliability import score_reliability
+from apdask.pipeline.measure.windows import windows
 from apdask.pipeline.psf import psf_fwhm, psfs_at, require_psf, stamp_moments
 from apdask.pipeline.stars import subpixel_peak, weighted_moments
 
@@ -170,24 +171,20 @@ def _dipoles(detections: Table, dipole_radius: float) -> tuple[np.ndarray, np.nd
 def _centroids(filt: np.ndarray, detections: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sub-pixel peaks of the matched-filter image (signed) and ``centroid_flag``
     (peak on the border: the detection's pixel is kept)."""
-    n = len(detections)
     sign = np.asarray(detections["sign"])
-    dx0 = np.asarray(detections["x"])
-    dy0 = np.asarray(detections["y"])
+    ix = np.asarray(detections["x"], np.int64)
+    iy = np.asarray(detections["y"], np.int64)
     ny, nx = filt.shape
-    xs = np.empty(n)
-    ys = np.empty(n)
-    cflag = np.zeros(n, bool)
-    for i in range(n):
-        ix, iy = int(dx0[i]), int(dy0[i])
-        if 1 <= ix < nx - 1 and 1 <= iy < ny - 1:
-            local = sign[i] * filt[iy - 1 : iy + 2, ix - 1 : ix + 2]
-            x, y = subpixel_peak(local, np.array([1]), np.array([1]))
-            x, y = x + ix - 1, y + iy - 1
-            xs[i], ys[i] = float(x[0]), float(y[0])
-        else:
-            xs[i], ys[i] = float(ix), float(iy)
-            cflag[i] = True
+    xs, ys = ix.astype(float), iy.astype(float)
+    cflag = ~((ix >= 1) & (ix < nx - 1) & (iy >= 1) & (iy < ny - 1))
+    k = np.flatnonzero(~cflag)
+    if len(k):
+        # the signed 3x3 windows side by side: one call for all (centres at 3j + 1)
+        local = windows(filt, ix[k], iy[k], 1) * sign[k, None, None].astype(float)
+        row = local.transpose(1, 0, 2).reshape(3, 3 * len(k))
+        mid = 3 * np.arange(len(k)) + 1
+        x, y = subpixel_peak(row, np.ones(len(k), np.int64), mid)
+        xs[k], ys[k] = ix[k] + (x - mid), iy[k] + (y - 1)
     return xs, ys, cflag
 
 
