@@ -27,10 +27,10 @@ def _matched_inputs(image, variance, mask, ignore_bits, around_bits, img0, var0,
         counts[y] = c
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
 def _bit_pixels(mask, bits, counts, starts, ys, xs):
     ny, nx = mask.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
         if counts[y] == 0:
             continue
         k = starts[y]
@@ -211,10 +211,10 @@ def _count_above(image, t, sign, counts):
         counts[y] = c
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
 def _fill_above(image, t, sign, counts, starts, ys, xs):
     ny, nx = image.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
         if counts[y] == 0:  # most rows: nothing above the threshold
             continue
         k = starts[y]
@@ -290,11 +290,11 @@ def _count_valid(image, ignored, counts):
             counts[y, b] = c
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
 def _take_valid(image, ignored, counts, starts, step, out):
     ny, nx = image.shape
     nb = counts.shape[1]
-    for y in numba.prange(ny):
+    for y in range(ny):
         k = starts[y]  # valid pixels before this row's block b
         take = -(-k // step) * step  # the next valid pixel to take
         for b in range(nb):
