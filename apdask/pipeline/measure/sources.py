@@ -126,8 +126,11 @@ def measure_sources(
     sig_w = max(fwhm / 2.3548, 1.0)
     psf_moments = stamp_moments(psf)[2:]
     cols: dict[str, list[Any]] = {c: [] for c in _MEASURED}
+    sky = np.asarray(difference.wcs.pixel_to_world_values(xs, ys), float).reshape(2, n)
     for i in range(n):
-        row = _measure_one(difference, detections, fits, i, xs[i], ys[i], sig_w, psf_moments)
+        row = _measure_one(
+            difference, detections, fits, i, xs[i], ys[i], sig_w, psf_moments, sky[:, i]
+        )
         row.update(common)
         row["centroid_flag"] = bool(cflag[i])
         row["isDipole"], row["dipoleNdata"] = bool(is_dipole[i]), int(dipole_ndata[i])
@@ -224,8 +227,10 @@ def _measure_one(
     y: float,
     sig_w: float,
     psf_moments: tuple[float, float, float],
+    radec: np.ndarray,
 ) -> dict[str, Any]:
-    """Fluxes, errors, moments, flags and sky coordinates of detection ``i`` at ``(x, y)``."""
+    """Fluxes, errors, moments, flags and sky coordinates of detection ``i`` at ``(x, y)``
+    (``radec``: its RA and Dec, the WCS of ``(x, y)``)."""
     fit_d, fit_s, fit_t = fits
     s = np.asarray(detections["sign"])[i]
     f, fe, nd, chi2, edge = (a[i] for a in fit_d[:5])
@@ -241,7 +246,7 @@ def _measure_one(
     ixx, iyy, ixy = weighted_moments(difference.image, x, y, sig_w, mom_half, s)
     pxx, pyy, pxy = psf_moments
     flags, bbox = _source_flags(difference, detections, i, x, y)
-    ra, dec = difference.wcs.pixel_to_world_values(x, y)
+    ra, dec = radec
     rae, dece = _sky_errors(difference.wcs, x, y, xe, ye, float(dec))
     return {
         "x": x, "y": y, "xErr": xe, "yErr": ye,
