@@ -67,7 +67,7 @@ GB = 1e9
 
 
 # the tasks that run before the image exists (apdask.pipeline.graph)
-PREFETCH_TASKS = ("prefetch", "prewarp")
+PREFETCH_TASKS = ("prefetch", "prewarp", "calib-bias", "calib-dark", "calib-flat")
 
 
 class _TaskClock(Callback):
@@ -77,8 +77,8 @@ class _TaskClock(Callback):
     tasks running then (numba's and zarr's pool threads included; a fetch, which
     mostly waits, only when it runs alone); CPU time while no task runs goes to
     ``(between tasks)``.  Also sets an event when prefetch is done: the ``prefetch``
-    task (calibrations, refcat, PPDB history) and the ``prewarp`` task (the template
-    warped on the predicted WCS, its PSF).
+    task (refcat, PPDB history), the ``calib-*`` tasks (master calibrations) and the
+    ``prewarp`` task (the template warped on the predicted WCS, its PSF).
     """
 
     def __init__(self):

@@ -201,9 +201,10 @@ def _latency(base, work, args):
             t.join()
         peak = _peak_rss_gb(client)
     for row in out:  # prefetch: calibrations and PPDB history; prewarp: the template's warp
-        for step in ("prefetch", "prewarp"):
-            ends = [s["stop"] for t in ts.data
-                    if str(t["key"]).startswith(f"{step}-{row['visit']}-")
+        for step, prefixes in (("prefetch", ("prefetch", "calib-bias", "calib-dark", "calib-flat")),
+                               ("prewarp", ("prewarp",))):  # fmt: skip
+            starts = tuple(f"{p}-{row['visit']}-" for p in prefixes)
+            ends = [s["stop"] for t in ts.data if str(t["key"]).startswith(starts)
                     for s in t["startstops"] if s["action"] == "compute"]  # fmt: skip
             images = delivered[row["visit"]]
             row[f"{step}_before_images"] = bool(ends) and max(ends) < images

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from apdask.core.exposure import Exposure
+
+if TYPE_CHECKING:  # (the pipeline imports the records)
+    from apdask.pipeline.stars import StarPeaks
 
 __all__ = [
     "Association",
@@ -88,9 +91,9 @@ class PpdbHistory:
 
 @dataclass(frozen=True)
 class Prefetch:
-    """What a CCD needs before its pixels exist (read at nextVisit time)."""
+    """What a CCD needs before its pixels exist (read at nextVisit time), besides the
+    master calibrations and the template, which are tasks of their own."""
 
-    calibs: Mapping[str, np.ndarray]  #: master bias, dark and flat
     refcat: Any  #: reference catalogue (DRP objects) for astrometry
     history: PpdbHistory
     ppdb_error: str | None = None  #: a failed PPDB read: this CCD reports it, without alerts
@@ -105,6 +108,9 @@ class Calibrated:
     exposure: Exposure
     astrometry: Mapping[str, Any] = field(default_factory=dict)  #: the WCS fit's figures
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: the astrometry's star search of the image, which the PSF model selects from too
+    #: instead of searching the image again; None once the image has changed
+    peaks: StarPeaks | None = None
 
 
 @dataclass(frozen=True)

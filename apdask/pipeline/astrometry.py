@@ -20,11 +20,21 @@ from scipy.spatial import cKDTree
 
 from apdask.core.exposure import Exposure
 from apdask.pipeline.psf import psf_fwhm
-from apdask.pipeline.stars import find_stars
+from apdask.pipeline.stars import StarPeaks, find_stars, star_peaks
 
-__all__ = ["refine_wcs"]
+__all__ = ["refine_wcs", "star_search"]
 
 _MIN_MATCHES = 5
+
+
+def _search_fwhm(exposure: Exposure) -> float:
+    """The FWHM (px) the stars are searched with: the exposure's PSF's, else 4.5."""
+    return float(psf_fwhm(exposure.psf)) if exposure.psf is not None else 4.5
+
+
+def star_search(exposure: Exposure) -> StarPeaks:
+    """The star search :func:`refine_wcs` selects its stars from (``peaks``)."""
+    return star_peaks(exposure.image, exposure.variance, exposure.mask, _search_fwhm(exposure))
 
 
 def _similarity_fit(
@@ -53,6 +63,7 @@ def refine_wcs(
     ref_flux: npt.ArrayLike | None = None,
     max_offset_arcsec: float = 5.0,
     max_stars: int = 300,
+    peaks: StarPeaks | None = None,
 ) -> tuple[WCS, dict[str, Any]]:
     """Correct the WCS of an exposure with a reference star catalogue.
 
@@ -68,6 +79,9 @@ def refine_wcs(
         Largest pointing error searched.
     max_stars : int, optional
         Number of brightest detected stars used.
+    peaks : apdask.pipeline.stars.StarPeaks, optional
+        The star search to select the stars from (:func:`star_search`; made here when
+        not given): the caller can hand it on to the PSF model.
 
     Returns
     -------
@@ -89,7 +103,7 @@ def refine_wcs(
     }
     ny, nx = exposure.shape
     pix_scale = float(np.mean(proj_plane_pixel_scales(wcs.celestial))) * 3600.0
-    fwhm = float(psf_fwhm(exposure.psf)) if exposure.psf is not None else 4.5
+    fwhm = _search_fwhm(exposure)
     stars = find_stars(
         exposure.image,
         exposure.variance,
@@ -99,6 +113,7 @@ def refine_wcs(
         isolation=3.0 * fwhm,
         border=int(2 * fwhm) + 2,
         max_stars=max_stars,
+        peaks=peaks,
     )
     src = np.column_stack([stars["x"], stars["y"]])
     max_pix = max_offset_arcsec / pix_scale

@@ -7,6 +7,7 @@ that every task receives; tasks never read ``dask.config`` on a worker.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from apdask.pipeline.outputs import (
 from apdask.pipeline.products import save_products_task
 from apdask.pipeline.steps import now_mjd
 from apdask.pipeline.tasks import (
+    astrometry_task,
     calib_task,
     calibrate_task,
     darktime_task,
@@ -40,6 +42,7 @@ from apdask.pipeline.tasks import (
     prewarp_task,
     read_amp_task,
     science_psf_task,
+    science_task,
     subtract_task,
     warp_task,
 )
@@ -87,7 +90,9 @@ def ccd_tasks(
     header = step(header_task, "header")(fetched, det, band, next_visit.duration, v)
     calibs = {
         kind: da.from_delayed(
-            step(calib_task, f"calib-{kind}")(prefetch, kind), det.shape, np.float32
+            step(calib_task, f"calib-{kind}")(where.repo, det, kind, band, mjd_guess),
+            det.shape,
+            np.float32,
         )  # fmt: skip
         for kind in ("bias", "dark", "flat")
     }
@@ -102,19 +107,24 @@ def ccd_tasks(
             for a in det.amplifiers
         ]
         darktime = step(darktime_task, f"darktime{k}")(header, k)
-        images.append(
-            isr.isr_arrays(
-                amps,
-                det,
-                calibs["bias"],
-                calibs["dark"],
-                calibs["flat"],
-                darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
-            )  # fmt: skip
-        )
-    calibrated = step(calibrate_task, "calibrate")(images, header, det, band, prefetch)
-    warped = step(warp_task, "warp")(calibrated, prewarped, where.repo, det, header, cfg)
-    science = step(science_psf_task, "psf")(calibrated)  # beside the warp
+        planes = isr.isr_arrays(
+            amps,
+            det,
+            calibs["bias"],
+            calibs["dark"],
+            calibs["flat"],
+            darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
+        )  # fmt: skip
+        # calibrate gets the amplifier blocks and writes them once into the nJy frame
+        # (unoptimised: fusing would run each amplifier's ISR once per plane)
+        images.append(tuple(p.to_delayed(optimize_graph=False).tolist() for p in planes))
+    calibrated = step(calibrate_task, "calibrate")(images, header, det, band)
+    # two branches side by side: the WCS refined, then the template shifted onto it; the
+    # science PSF model and cosmic rays, which need no WCS
+    astrom = step(astrometry_task, "astrometry")(calibrated, prefetch)
+    warped = step(warp_task, "warp")(astrom, prewarped, where.repo, det, header, cfg)
+    psf = step(science_psf_task, "psf")(calibrated)
+    science = step(science_task, "science")(psf, astrom)
     sub = step(subtract_task, "subtract")(science, warped, cfg)
     measured = step(detect_task, "detect")(sub, v, det, band, header, cfg)
     assoc = step(associate_task, "associate")(sub, measured, prefetch, header, det, band, cfg)
@@ -164,6 +174,7 @@ def build_visit_graph(
     replace: bool = False,
     config: PipelineConfig | None = None,
     check: Callable[[], None] | None = None,
+    workers: Sequence[str] | None = None,
 ) -> Delayed:
     """Build the lazy graph of one visit; computing it returns the visit report.
 
@@ -195,6 +206,11 @@ def build_visit_graph(
     check : callable, optional
         Called before each CCD's chain is built; it raises to abandon the build (the
         listener bounds the build time with it, ``apdask.listen.build_timeout_s``).
+    workers : sequence of str, optional
+        Dask worker addresses: each CCD's tasks prefer one of them, in turn (a loose
+        restriction: another worker runs them when that one is gone).  A CCD's
+        arrays (ISR blocks, calibrated image, template, difference) then stay on the
+        worker that made them instead of being serialised to another.
 
     Returns
     -------
@@ -216,17 +232,24 @@ def build_visit_graph(
     cfg = PipelineConfig.resolve() if config is None else config
     names = next_visit.detectors if detectors is None else tuple(detectors)
     reports = []
-    for name in names:
+    for k, name in enumerate(names):
         if check is not None:
             check()
-        reports.append(
-            ccd_tasks(
-                next_visit,
-                name,
-                where=where,
-                cfg=cfg,
-                image_names=(images or {}).get(name),
-                replace=replace,
-            )
+        # a CCD's chain on one worker (preferred, not required): its arrays never move
+        place = (
+            dask.annotate(workers=[workers[k % len(workers)]], allow_other_workers=True)
+            if workers
+            else contextlib.nullcontext()
         )
+        with place:
+            reports.append(
+                ccd_tasks(
+                    next_visit,
+                    name,
+                    where=where,
+                    cfg=cfg,
+                    image_names=(images or {}).get(name),
+                    replace=replace,
+                )
+            )
     return dask.delayed(_gather)(next_visit, reports, dask_key_name=f"gather-{next_visit.visit}")

@@ -22,12 +22,12 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from apdask._kernels.fused import cr_candidates, grow_diamond, interpolate_over
+from apdask._kernels.fused import amp_pass, cr_candidates, grow_pixels, interpolate_pixels
 from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
-from apdask.pipeline.background import fit_background
+from apdask.pipeline.background import Background, fit_background
 
-__all__ = ["isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
+__all__ = ["assemble", "isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
 
 #: Flat values at or below this are flagged BAD (and ≤ 0 / non-finite are dead).
 FLAT_BAD = 0.5
@@ -68,11 +68,9 @@ def isr_amp(
     if raw.shape != amp.raw_shape:
         msg = f"amplifier {amp.name}: raw segment has shape {raw.shape}, expected {amp.raw_shape}"
         raise ValueError(msg)
-    finite = np.isfinite(raw)
-    raw = np.where(finite, raw, np.float32(0.0))
     osc = raw[amp.overscan_slice]
-    osc_ok = finite[amp.overscan_slice]
     if osc.shape[1] > 0:
+        osc_ok = np.isfinite(osc)
         row = (
             np.median(np.where(osc_ok, osc, np.nan), axis=1)
             if not osc_ok.all()
@@ -82,43 +80,18 @@ def isr_amp(
         row = ndimage.uniform_filter1d(row.astype(np.float64), _OVERSCAN_SMOOTH, mode="nearest")
     else:
         row = np.zeros(amp.ny)
-    data = raw[amp.data_slice]
-    sat = data >= amp.saturation
-    nodata = ~finite[amp.data_slice]
-    img = (data - row[:, None].astype(np.float32)) * np.float32(amp.gain)
-    # flip to assembled orientation
-    if amp.flip_y:
-        img, sat, nodata = img[::-1], sat[::-1], nodata[::-1]
-    if amp.flip_x:
-        img, sat, nodata = img[:, ::-1], sat[:, ::-1], nodata[:, ::-1]
-    img = np.ascontiguousarray(img, dtype=np.float32)
-    mask = np.zeros(img.shape, np.uint32)
-    mask[sat] |= MASK["SAT"]
-    if np.count_nonzero(sat | nodata) > DEAD_AMP_FRACTION * sat.size:
+    img, var, mask, lost = amp_pass(
+        raw, amp.data_slice, row, flip_y=amp.flip_y, flip_x=amp.flip_x, gain=amp.gain,
+        saturation=amp.saturation, bias=bias, dark=dark, darktime=float(darktime), flat=flat,
+        read_noise=amp.read_noise, flat_bad=FLAT_BAD, dark_hot=DARK_HOT,
+        bits=(MASK["SAT"], MASK["NO_DATA"], MASK["BAD"]),
+    )  # fmt: skip
+    if lost > DEAD_AMP_FRACTION * img.size:
         # a saturated (or unreadable) amplifier: its values carry no information and a
         # step of ~the full well at its border would ring through every convolution
-        nodata = np.ones_like(nodata)
-    mask[nodata] |= MASK["NO_DATA"]
-    if bias is not None:
-        bias = np.asarray(bias, np.float32)
-        img -= np.nan_to_num(bias)
-        mask[~np.isfinite(bias)] |= MASK["BAD"]
-    if dark is not None:
-        dark = np.asarray(dark, np.float32)
-        img -= np.nan_to_num(dark) * np.float32(float(darktime))
-        mask[~np.isfinite(dark) | (dark > DARK_HOT)] |= MASK["BAD"]
-    if flat is not None:
-        flat = np.asarray(flat, np.float32)
-        dead = ~np.isfinite(flat) | (flat <= 0)
-        mask[dead | (flat <= FLAT_BAD)] |= MASK["BAD"]
-        f = np.where(dead, np.float32(1.0), flat)
-    else:
-        f = np.ones_like(img)
-    img /= f
-    # variance: Poisson of the (flat-fielded) signal plus read noise, both through the flat
-    var = np.maximum(img, 0.0) / f + np.float32(amp.read_noise**2) / (f * f)
-    img[nodata] = 0.0
-    return img, var.astype(np.float32), mask
+        mask |= np.uint32(MASK["NO_DATA"])
+        img[...] = 0.0
+    return img, var, mask
 
 
 def _task_arg(x):
@@ -215,8 +188,9 @@ def calibrate(
 
     Parameters
     ----------
-    image_e, variance_e2, mask : array_like
-        Computed (numpy) outputs of :func:`isr_arrays`.
+    image_e, variance_e2, mask : array_like or list
+        Computed (numpy) outputs of :func:`isr_arrays`, or their amplifier blocks
+        (:func:`assemble`).
     band : str
     exptime : float
         Exposure time in seconds.
@@ -230,12 +204,41 @@ def calibrate(
         Image in nJy per pixel, variance in nJy² (scaled by the square).
     """
     scale = np.float32(njy_per_electron(band, exptime))
-    img = np.asarray(image_e, np.float32) * scale
-    var = np.asarray(variance_e2, np.float32) * scale * scale
+    img = assemble(image_e, np.float32, scale)
+    var = assemble(variance_e2, np.float32, scale, scale)
     meta = dict(meta or {})
     meta.setdefault("band", band)
     meta.setdefault("exptime", float(exptime))
-    return Exposure(image=img, variance=var, mask=np.asarray(mask, np.uint32), wcs=wcs, meta=meta)
+    mask = assemble(mask, np.uint32) if isinstance(mask, list) else np.asarray(mask, np.uint32)
+    return Exposure(image=img, variance=var, mask=mask, wcs=wcs, meta=meta)
+
+
+def assemble(planes: Any, dtype: Any, *scales: np.float32) -> np.ndarray:
+    """One new array from an image or its amplifier blocks, times each of ``scales``.
+
+    ``planes`` is an array or the nested list ``[row][column]`` of per-amplifier
+    arrays that :func:`isr_arrays`'s outputs give with ``.to_delayed().tolist()``:
+    they are written once into the assembled array (no concatenated copy first).
+    """
+    blocks = planes if isinstance(planes, list) else [[planes]]
+    heights = [np.shape(row[0])[0] for row in blocks]
+    widths = [np.shape(b)[1] for b in blocks[0]]
+    out = np.empty((sum(heights), sum(widths)), dtype)
+    y = 0
+    for row, h in zip(blocks, heights, strict=True):
+        x = 0
+        for b in row:
+            w = np.shape(b)[1]
+            dst = out[y : y + h, x : x + w]
+            if scales:
+                np.multiply(np.asarray(b, dtype), scales[0], out=dst)
+                for s in scales[1:]:
+                    dst *= s
+            else:
+                dst[...] = b
+            x += w
+        y += h
+    return out
 
 
 def mask_cosmic_rays(
@@ -244,6 +247,7 @@ def mask_cosmic_rays(
     nsigma: float = 5.0,
     grow: int = 1,
     iterations: int = 2,
+    background: Background | None = None,
 ) -> Exposure:
     """Flag cosmic rays (CR bit) and replace them by the local median.
 
@@ -267,6 +271,10 @@ def mask_cosmic_rays(
         Grow the CR mask by this many pixels before interpolation.
     iterations : int, optional
         Detection passes (a second pass catches the shoulders of long tracks).
+    background : apdask.pipeline.background.Background, optional
+        The image's background as :func:`~apdask.pipeline.background.fit_background`
+        fits it (``lazy``), when already fitted (by the star search): fitted here if
+        not given.
 
     Returns
     -------
@@ -275,22 +283,34 @@ def mask_cosmic_rays(
     """
     img = np.array(exposure.image, dtype=np.float32)
     var = np.asarray(exposure.variance, np.float32)
-    mask = np.array(exposure.mask, dtype=np.uint32)
-    skip = (mask & (MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"])) != 0
-    bkg = fit_background(img, mask)
+    mask = np.asarray(exposure.mask, np.uint32)
+    skip_bits = MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"]
+    if background is None:
+        background = fit_background(img, mask, lazy=True)
+    bkg = background.bilinear()
     sigma = max(float(psf_fwhm_px), 0.5) / 2.3548
     # a slightly sharper PSF than measured is still allowed (conservative for stars)
     sig_eff = 0.8 * sigma
     r1 = np.exp(1.0 / (2 * sig_eff**2))
     r2 = np.exp(2.0 / (2 * sig_eff**2))
+    # the cosmic-ray pixels as a mask (what the passes read) and as a list (what they
+    # change): no full-frame search
     cr = np.zeros(img.shape, bool)
-    for _ in range(iterations):
-        new = cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma)
-        if not new.any():
+    ys = xs = np.zeros(0, np.int64)
+    for it in range(iterations):
+        # after the first pass only the pixels next to those interpolated can change
+        near = (ys, xs) if it else None
+        cy, cx = cr_candidates(img, bkg, var, mask, skip_bits, cr, r1, r2, nsigma, near)
+        if len(cy) == 0:
             break
         if grow > 0:
-            new = grow_diamond(new, grow) & ~skip
-        cr |= new
-        interpolate_over(img, cr)
-    mask[cr] |= MASK["CR"]
+            cy, cx = grow_pixels(cy, cx, grow, img.shape)
+            ok = (mask[cy, cx] & skip_bits) == 0
+            cy, cx = cy[ok], cx[ok]
+        new = ~cr[cy, cx]
+        ys, xs = np.concatenate([ys, cy[new]]), np.concatenate([xs, cx[new]])
+        cr[ys, xs] = True
+        interpolate_pixels(img, cr, ys, xs)
+    mask = mask.copy()
+    mask[ys, xs] |= MASK["CR"]
     return exposure.copy_with(image=img, mask=mask)

@@ -10,16 +10,25 @@ import numpy as np
 import numpy.typing as npt
 import scipy.fft as sfft
 
+from apdask._kernels.fused import stamps_less_background
 from apdask.core.exposure import Exposure
 from apdask.core.stats import robust_sigma
 from apdask.exceptions import PsfFitError
-from apdask.pipeline.stars import adaptive_sizes, find_stars, stellar_locus, usable_stars
+from apdask.pipeline.stars import (
+    StarPeaks,
+    adaptive_sizes,
+    find_stars,
+    star_peaks,
+    stellar_locus,
+    usable_stars,
+)
 
 __all__ = [
     "PsfGrid",
     "sharpest_fwhm_px",
     "estimate_psf",
     "estimate_psf_model",
+    "psf_star_search",
     "psf_fwhm",
     "stamp_moments",
     "shifted_psf",
@@ -252,7 +261,17 @@ def recentre(c: np.ndarray, size: int) -> np.ndarray:
 _MIN_CANDIDATES = 1000
 
 
-def _psf_stamps(exposure, stamp_size, max_stars):
+def psf_star_search(exposure: Exposure, peaks: StarPeaks | None = None) -> StarPeaks:
+    """The star search :func:`estimate_psf_model` selects its stars from: ``peaks`` (a
+    search of this exposure's image, e.g. the astrometry's) when it was made with the
+    FWHM guess the PSF model starts from, else a new one."""
+    fwhm = _guess_fwhm(exposure)
+    if peaks is not None and peaks.fwhm == fwhm and peaks.shape == exposure.shape:
+        return peaks
+    return star_peaks(exposure.image, exposure.variance, exposure.mask, fwhm)
+
+
+def _psf_stamps(exposure, stamp_size, max_stars, peaks=None):
     """Background-subtracted, re-centred, unit-sum stamps of bright isolated stars.
 
     The star finder's candidates (crowded ones included) are sized by adaptive moments
@@ -265,6 +284,7 @@ def _psf_stamps(exposure, stamp_size, max_stars):
 
     Returns ``stamps, xs, ys, stars`` (``stars``: all the star finder's candidates,
     without the background map, with their ``fwhm``, ``ellipticity`` and ``locus``).
+    ``peaks``: a search of the image to select from (:func:`psf_star_search`).
     """
     stamp_size = int(stamp_size) | 1
     half = stamp_size // 2
@@ -281,6 +301,7 @@ def _psf_stamps(exposure, stamp_size, max_stars):
         max_stars=None,
         contrast=0.02,
         isolation_cut=False,
+        peaks=peaks,
     )
     bkg = stars.pop("bkg")
     n = len(stars["x"])
@@ -328,15 +349,7 @@ def _psf_stamps(exposure, stamp_size, max_stars):
 def _raw_stamps(image, bkg, ix, iy, half):
     """``(n, 2 half + 1, 2 half + 1)`` float64 stamps at integer centres, the background
     map and then each stamp's outer-ring (2 px) median removed."""
-    o = np.arange(-half, half + 1)
-    yy = np.asarray(iy)[:, None] + o
-    xx = np.asarray(ix)[:, None] + o
-    st = np.asarray(image)[yy[:, :, None], xx[:, None, :]].astype(float)
-    coarse, jy, ty, jx, tx = bkg.bilinear()
-    jy, ty, jx, tx = jy[yy][:, :, None], ty[yy][:, :, None], jx[xx][:, None, :], tx[xx][:, None, :]
-    st -= (1 - ty) * ((1 - tx) * coarse[jy, jx] + tx * coarse[jy, jx + 1]) + ty * (
-        (1 - tx) * coarse[jy + 1, jx] + tx * coarse[jy + 1, jx + 1]
-    )
+    st = stamps_less_background(image, bkg.bilinear(), iy, ix, half)
     ring = np.ones(st.shape[1:], bool)
     ring[2:-2, 2:-2] = False
     st -= np.median(st[:, ring], axis=1)[:, None, None]
@@ -378,6 +391,7 @@ def estimate_psf_model(
     max_stars: int = 1000,
     cells: int = 3,
     min_per_cell: int = 8,
+    peaks: StarPeaks | None = None,
 ) -> PsfGrid:
     """Spatially varying empirical PSF on a ``cells × cells`` grid of the CCD.
 
@@ -393,6 +407,10 @@ def estimate_psf_model(
         Grid cells per axis (3 gives 9 cells, about 1360 px on an LSST CCD).
     min_per_cell : int, optional
         A cell with fewer stars borrows the nearest stars of the CCD until it has this many.
+    peaks : apdask.pipeline.stars.StarPeaks, optional
+        A star search of this exposure's image already made (e.g. by the astrometry):
+        its stars are selected from it when it was made with the FWHM guess the model
+        starts from (:func:`psf_star_search`), else the image is searched again.
 
     Returns
     -------
@@ -405,7 +423,7 @@ def estimate_psf_model(
     PsfFitError
         If fewer than 5 suitable stars are found on the CCD.
     """
-    stamps, xs, ys, stars = _psf_stamps(exposure, stamp_size, max_stars)
+    stamps, xs, ys, stars = _psf_stamps(exposure, stamp_size, max_stars, peaks)
     ny, nx = exposure.shape
     cells = max(1, int(cells))
     # enough stars per cell that a cell's median stamp is not noisier than the

@@ -33,7 +33,14 @@ from apdask.ppdb import Ppdb, create_ppdb
 if TYPE_CHECKING:  # for annotations only: distributed costs ~0.6 s of import
     from distributed import Client
 
-__all__ = ["ccd_done", "local_cluster", "pending_detectors", "run_visit", "ensure_ppdb"]
+__all__ = [
+    "ccd_done",
+    "ensure_ppdb",
+    "local_cluster",
+    "pending_detectors",
+    "run_visit",
+    "worker_addresses",
+]
 
 
 def ensure_ppdb(repo: str | None = None, ppdb: str | None = None) -> str:
@@ -230,7 +237,7 @@ def run_visit(
         graph = build_visit_graph(
             next_visit, repo=where.repo, ppdb=ppdb, alerts=alerts, distributor=where.distributor,
             timeout=where.timeout, detectors=pending, images=images, replace=replace,
-            config=config,
+            config=config, workers=None if client is None else worker_addresses(client),
         )  # fmt: skip
         if client is None:
             report = dask.compute(graph, scheduler="threads")[0]
@@ -249,6 +256,12 @@ def run_visit(
     report["task_seconds"] = stages
     _raise_if_all_failed(report)
     return report
+
+
+def worker_addresses(client: Client) -> list[str]:
+    """The client's workers now, sorted: each CCD's chain prefers one of them
+    (:func:`apdask.pipeline.graph.build_visit_graph`)."""
+    return sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
 
 
 def _compute_with_progress(client, graph, on_ccd, timeout):

@@ -5,20 +5,22 @@ Shared by PSF estimation, astrometry, the kernel fit and measurement.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy.spatial import cKDTree
 
-from apdask._kernels.fused import (
-    smoothed_residual,
-)
+from apdask._kernels.fused import boxes_clear, flagged_pixels, local_peaks, smoothed_residual
 from apdask.core.exposure import IGNORE_BITS
 from apdask.core.stats import robust_sigma
-from apdask.pipeline.background import fit_background
+from apdask.pipeline.background import Background, fit_background
 
 __all__ = [
+    "StarPeaks",
+    "star_peaks",
     "find_stars",
     "usable_stars",
     "subpixel_peak",
@@ -54,6 +56,73 @@ def subpixel_peak(img: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> tuple[np.n
     return ix + dx, iy + dy
 
 
+@dataclass(frozen=True)
+class StarPeaks:
+    """One star search of an image: the local maxima of its smoothed, background-free
+    version, before any selection (:func:`star_peaks`).
+
+    :func:`find_stars` selects its stars from these alone, so one search serves several
+    selections of the same image: the calibrate stage keeps the astrometry's in
+    :class:`~apdask.core.records.Calibrated`, and the PSF model selects from it too.
+    A few hundred kB (a few thousand peaks, the bad pixels' coordinates).
+    """
+
+    fwhm: float  #: FWHM (px) of the Gaussian the image was smoothed with
+    shape: tuple[int, int]  #: the image's
+    noise: float  #: σ of the smoothed image
+    y: np.ndarray  #: the local maxima above 5 ``noise``, raster order (int64)
+    x: np.ndarray
+    value: np.ndarray  #: the smoothed image at the maxima
+    xsub: np.ndarray  #: the maxima refined to sub-pixel positions (:func:`subpixel_peak`)
+    ysub: np.ndarray
+    #: the masked or non-finite pixels: ``(y, x)`` when at most
+    #: :data:`_MAX_BAD_LIST`, else the boolean mask
+    bad: tuple[np.ndarray, np.ndarray] | np.ndarray
+    bkg: Background  #: the background that was subtracted
+
+    def bad_mask(self) -> np.ndarray:
+        """The bad pixels as a boolean image."""
+        if not isinstance(self.bad, tuple):
+            return self.bad
+        m = np.zeros(self.shape, bool)
+        m[self.bad] = True
+        return m
+
+
+#: Up to this many bad pixels, the star search keeps their coordinates; beyond, the
+#: mask (which is smaller then).
+_MAX_BAD_LIST = 200_000
+
+
+def star_peaks(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, fwhm: float = 4.5
+) -> StarPeaks:
+    """The search of :func:`find_stars`: local maxima above 5 σ of the image less its
+    background, masked pixels zeroed, smoothed by a Gaussian of ``fwhm``."""
+    bkg = fit_background(image, mask, lazy=True)
+    sigma = fwhm / 2.3548
+    sm, bad = smoothed_residual(image, bkg.bilinear(), mask, IGNORE_BITS, sigma, truncate=3.0)
+    vs = np.asarray(variance)[::4, ::4]
+    ok = ~bad[::4, ::4] & np.isfinite(vs)
+    v0 = float(np.median(vs[ok])) if ok.any() else 1.0
+    noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
+    ay, ax = local_maxima(sm, 5 * noise)
+    xsub, ysub = subpixel_peak(sm, ay, ax)
+    by, bx = flagged_pixels(bad)
+    return StarPeaks(
+        fwhm=float(fwhm),
+        shape=image.shape,
+        noise=noise,
+        y=ay,
+        x=ax,
+        value=sm[ay, ax],
+        xsub=xsub,
+        ysub=ysub,
+        bad=(by, bx) if len(by) <= _MAX_BAD_LIST else bad,
+        bkg=bkg,
+    )
+
+
 def find_stars(
     image: np.ndarray,
     variance: np.ndarray,
@@ -67,6 +136,7 @@ def find_stars(
     avoid: np.ndarray | None = None,
     contrast: float = 0.0,
     isolation_cut: bool = True,
+    peaks: StarPeaks | None = None,
 ) -> dict[str, Any]:
     """Bright, isolated, unmasked point-like peaks.
 
@@ -81,100 +151,90 @@ def find_stars(
     ``nearest`` is the distance to the closest such peak (``inf`` if none within
     ``isolation``).  With ``isolation_cut=False`` crowded peaks are kept too, so that
     the caller can choose its isolation radius from ``nearest`` (:func:`stellar_locus`
-    users: the PSF star selection).
+    users: the PSF star selection).  ``peaks``, a search of this image already made
+    (:func:`star_peaks`), is selected from when it was made with this ``fwhm``.
     """
-    ny, nx = image.shape
-    bkg = fit_background(image, mask, lazy=True)
-    sigma = fwhm / 2.3548
-    sm, bad = smoothed_residual(image, bkg.bilinear(), mask, IGNORE_BITS, sigma, truncate=3.0)
-    vs = np.asarray(variance)[::4, ::4]
-    ok = ~bad[::4, ::4] & np.isfinite(vs)
-    v0 = float(np.median(vs[ok])) if ok.any() else 1.0
-    noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
-    ay, ax = local_maxima(sm, 5 * noise)
-    strong = sm[ay, ax] > nsigma * noise
-    iy, ix = ay[strong], ax[strong]
+    if peaks is None or peaks.fwhm != fwhm or peaks.shape != image.shape:
+        peaks = star_peaks(image, variance, mask, fwhm)
+    ny, nx = peaks.shape
+    ay, ax, apk, noise = peaks.y, peaks.x, peaks.value, peaks.noise
+    strong = apk > nsigma * noise
+    idx = np.flatnonzero(strong)  # into the peaks
+    iy, ix = ay[idx], ax[idx]
     keep = (ix >= border) & (ix < nx - border) & (iy >= border) & (iy < ny - border)
-    iy, ix = iy[keep], ix[keep]
+    idx = idx[keep]
     # isolation against all peaks above 5 sigma brighter than contrast x this one:
     # ``neighbour`` is the brightest other peak within ``isolation`` over this one
-    neighbour = np.zeros(len(ix))
-    nearest = np.full(len(ix), np.inf)
-    if len(ix) and len(ax) > 1:
-        tree = cKDTree(np.column_stack([ax, ay]))
-        apk = sm[ay, ax]
-        own_idx = np.flatnonzero(strong)[keep]
-        nbrs = tree.query_ball_point(np.column_stack([ix, iy]), isolation)
-        own = sm[iy, ix]
-        for k, (n, j) in enumerate(zip(nbrs, own_idx, strict=True)):
-            others = np.array([m for m in n if m != j], dtype=np.int64)
-            if len(others) == 0:
-                continue
-            ratio = apk[others] / own[k]
-            neighbour[k] = ratio.max()
-            close = others[ratio > contrast]
-            if len(close):
-                nearest[k] = np.hypot(ax[close] - ix[k], ay[close] - iy[k]).min()
-        if isolation_cut:
-            iso = neighbour <= contrast
-            iy, ix, neighbour, nearest = iy[iso], ix[iso], neighbour[iso], nearest[iso]
-    if len(ix):
-        bad_any = bad if avoid is None else (bad | avoid)
-        nbad_pix = int(np.count_nonzero(bad_any))
-        if 0 < nbad_pix <= 200_000:
-            by, bx = np.nonzero(bad_any)
-            btree = cKDTree(np.column_stack([bx, by]))
-            # Chebyshev distance: no bad pixel in the (2 border + 1)^2 box
-            d, _ = btree.query(np.column_stack([ix, iy]), p=np.inf)
-            ok = d > border
-            iy, ix, neighbour, nearest = iy[ok], ix[ok], neighbour[ok], nearest[ok]
-        elif nbad_pix:
-            bad_int = np.pad(bad_any, ((1, 0), (1, 0))).cumsum(0, dtype=np.int32).cumsum(1)
-            y0, y1 = iy - border, iy + border + 1
-            x0, x1 = ix - border, ix + border + 1
-            nbad = bad_int[y1, x1] - bad_int[y0, x1] - bad_int[y1, x0] + bad_int[y0, x0]
-            ok = nbad == 0
-            iy, ix, neighbour, nearest = iy[ok], ix[ok], neighbour[ok], nearest[ok]
-    snr = sm[iy, ix] / noise
+    neighbour, nearest = _neighbours(peaks, idx, isolation, contrast)
+    if isolation_cut and len(idx) and len(ax) > 1:
+        iso = neighbour <= contrast
+        idx, neighbour, nearest = idx[iso], neighbour[iso], nearest[iso]
+    if len(idx):
+        ok = _clear_of_bad(peaks, ay[idx], ax[idx], border, avoid)
+        idx, neighbour, nearest = idx[ok], neighbour[ok], nearest[ok]
+    snr = apk[idx] / noise
     order = np.argsort(-snr)
     if max_stars is not None:
         order = order[:max_stars]
-    iy, ix, snr = iy[order], ix[order], snr[order]
-    neighbour, nearest = neighbour[order], nearest[order]
-    x, y = subpixel_peak(sm, iy, ix)
-    flux = sm[iy, ix] * 4 * np.pi * sigma**2
+    idx, snr, neighbour, nearest = idx[order], snr[order], neighbour[order], nearest[order]
+    sigma = peaks.fwhm / 2.3548
     return {
-        "x": x,
-        "y": y,
+        "x": peaks.xsub[idx],
+        "y": peaks.ysub[idx],
         "snr": snr,
-        "flux": flux,
+        "flux": apk[idx] * 4 * np.pi * sigma**2,
         "neighbour": neighbour,
         "nearest": nearest,
         "isolation": float(isolation),
-        "bkg": bkg,
+        "bkg": peaks.bkg,
     }
+
+
+def _neighbours(
+    peaks: StarPeaks, idx: np.ndarray, isolation: float, contrast: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """For the peaks ``idx``: the brightest other peak within ``isolation`` over the
+    peak's own value (0 if none), and the distance to the closest one brighter than
+    ``contrast`` times the peak (``inf`` if none)."""
+    neighbour = np.zeros(len(idx))
+    nearest = np.full(len(idx), np.inf)
+    ax, ay, apk = peaks.x, peaks.y, peaks.value
+    if len(idx) == 0 or len(ax) <= 1:
+        return neighbour, nearest
+    tree = cKDTree(np.column_stack([ax, ay]))
+    nbrs = tree.query_ball_point(np.column_stack([ax[idx], ay[idx]]), isolation)
+    counts = np.fromiter(map(len, nbrs), np.int64, len(nbrs))
+    other = np.fromiter(itertools.chain.from_iterable(nbrs), np.int64, int(counts.sum()))
+    owner = np.repeat(np.arange(len(idx)), counts)
+    notself = other != idx[owner]
+    other, owner = other[notself], owner[notself]
+    ratio = apk[other] / apk[idx][owner]  # all positive (peaks above 5 sigma)
+    np.maximum.at(neighbour, owner, ratio)
+    close = ratio > contrast
+    other, owner = other[close], owner[close]
+    dist = np.hypot(ax[other] - ax[idx][owner], ay[other] - ay[idx][owner])
+    np.minimum.at(nearest, owner, dist)
+    return neighbour, nearest
+
+
+def _clear_of_bad(
+    peaks: StarPeaks, iy: np.ndarray, ix: np.ndarray, border: int, avoid: np.ndarray | None
+) -> np.ndarray:
+    """Whether no bad pixel (nor one of ``avoid``) lies in each ``(2 border + 1)²`` box."""
+    if avoid is None and isinstance(peaks.bad, tuple) and len(peaks.bad[0]) == 0:
+        return np.ones(len(iy), bool)
+    bad = peaks.bad_mask() if avoid is None else (peaks.bad_mask() | avoid)
+    return boxes_clear(bad, iy, ix, border)
 
 
 def local_maxima(img: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """``(y, x)`` of pixels above ``threshold`` not below any of their 8 neighbours.
 
     Equal to ``(img == maximum_filter(img, 3)) & (img > threshold)`` (edges padded
-    with ``-inf``) but only the few pixels above the threshold are compared.
+    with ``-inf``), in raster order, in one parallel pass that makes no full-frame mask
+    (:func:`apdask._kernels.fused.local_peaks`).
     """
-    ny, nx = img.shape
-    ys, xs = np.nonzero(img > threshold)
-    v = img[ys, xs]
-    peak = np.ones(len(ys), bool)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy == dx == 0:
-                continue
-            yy, xx = ys + dy, xs + dx
-            inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-            nb = np.full(len(ys), -np.inf, img.dtype)
-            nb[inside] = img[yy[inside], xx[inside]]
-            peak &= v >= nb
-    return ys[peak], xs[peak]
+    return local_peaks(img, threshold)
 
 
 def usable_stars(n: int, cap: int | None) -> np.ndarray:

@@ -44,7 +44,12 @@ from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
-from apdask.pipeline.psf import estimate_psf, estimate_psf_model, sharpest_fwhm_px
+from apdask.pipeline.psf import (
+    estimate_psf,
+    estimate_psf_model,
+    psf_star_search,
+    sharpest_fwhm_px,
+)
 from apdask.pipeline.quality import assess, enforce, flag_sources
 from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
@@ -52,6 +57,7 @@ from apdask.pipeline.template import prewarp_template, shift_template, warp_temp
 from apdask.ppdb import Ppdb
 
 __all__ = [
+    "astrometry_task",
     "calib_task",
     "calibrate_task",
     "darktime_task",
@@ -60,6 +66,8 @@ __all__ = [
     "header_task",
     "prefetch_task",
     "read_amp_task",
+    "science_psf_task",
+    "science_task",
     "subtract_task",
     "warp_task",
 ]
@@ -180,18 +188,14 @@ def prefetch_task(
     mjd: float,
     cfg: PipelineConfig,
 ) -> Prefetch:
-    """Calibrations, reference catalog and PPDB history: no pixels needed.
+    """Reference catalog and PPDB history: no pixels needed.
 
-    The template is prefetched beside it, by :func:`prewarp_task`.
+    The template is prefetched beside it, by :func:`prewarp_task`, and the master
+    calibrations by :func:`calib_task`.
     """
     t0 = time.time()
     butler = Butler(repo)
     corners = detector.footprint(ra, dec, rotpa, padding_arcsec=60.0)
-    calibs = {
-        "bias": butler.get_calib("bias", detector.id, None, mjd),
-        "dark": butler.get_calib("dark", detector.id, None, mjd),
-        "flat": butler.get_calib("flat", detector.id, band, mjd),
-    }
     refcat = butler.get_drp_objects(corners)
     t1 = time.time()
     # The CCD's PPDB history as it was before this visit (as-of read): a re-run, or
@@ -210,7 +214,6 @@ def prefetch_task(
         history["drp"] = refcat  # DRP catalog not loaded into the PPDB: use the Butler's
     t2 = time.time()
     return Prefetch(
-        calibs=calibs,
         refcat=refcat,
         history=PpdbHistory(**history),
         ppdb_error=ppdb_error,
@@ -253,23 +256,37 @@ def prewarp_task(
     return Prewarped(tmpl, timings={"prewarp": time.time() - t0})
 
 
-def calib_task(pre: Prefetch, kind: str) -> np.ndarray:
-    """The master calibration ``kind`` (bias, dark, flat) of the prefetch."""
-    return pre.calibs[kind]
+def calib_task(repo: str, detector: Detector, kind: str, band: str, mjd: float) -> np.ndarray:
+    """The master calibration ``kind`` (bias, dark, flat) valid at ``mjd``, read at prefetch.
+
+    A task of its own per kind, so that each frame is released as soon as the CCD's
+    ISR has used it (the rest of the prefetch stays with the CCD to its end).
+    """
+    return Butler(repo).get_calib(kind, detector.id, band if kind == "flat" else None, mjd)
 
 
 def calibrate_task(
-    images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    images: Sequence[tuple[Any, Any, Any]],
     header: RawHeader,
     detector: Detector,
     band: str,
-    prefetch: Prefetch,
 ) -> Calibrated:
-    """Combine snaps, calibrate to nJy and refine the WCS against the reference catalogue."""
+    """Combine snaps and calibrate to nJy, on the predicted WCS, and search it for stars.
+
+    The WCS is refined by :func:`astrometry_task`, beside the science PSF
+    (:func:`science_psf_task`), which needs no WCS; both select their stars from the
+    one search kept in ``peaks``.
+    """
     t0 = time.time()
-    image_e = sum(i[0] for i in images)
-    variance = sum(i[1] for i in images)
-    mask = np.bitwise_or.reduce([i[2] for i in images])
+    image_e, variance, mask = images[0]  # arrays, or their amplifier blocks (graph)
+    if len(images) > 1:  # snaps summed into new arrays; a single snap's are assembled once
+        image_e = isr.assemble(image_e, np.float32)
+        variance = isr.assemble(variance, np.float32)
+        mask = isr.assemble(mask, np.uint32)
+        for img, var, msk in images[1:]:
+            image_e += isr.assemble(img, np.float32)
+            variance += isr.assemble(var, np.float32)
+            mask |= isr.assemble(msk, np.uint32)
     wcs = detector.predicted_wcs(header.ra, header.dec, header.rotpa)
     meta = {
         "visit": header.visit,
@@ -279,13 +296,20 @@ def calibrate_task(
         "mjd": header.mjd,
         "exptime": header.exptime,
     }
-    exp = isr.calibrate(
-        np.asarray(image_e), np.asarray(variance), mask, band, header.exptime, wcs, meta
-    )
-    refcat = prefetch.refcat
-    new_wcs, info = astrometry.refine_wcs(exp, np.asarray(refcat["ra"]), np.asarray(refcat["dec"]))
-    exp = exp.copy_with(wcs=new_wcs)
-    return Calibrated(exp, astrometry=info, timings={"calibrate": time.time() - t0})
+    exp = isr.calibrate(image_e, variance, mask, band, header.exptime, wcs, meta)
+    peaks = astrometry.star_search(exp)  # for both branches: the WCS fit and the PSF model
+    return Calibrated(exp, timings={"calibrate": time.time() - t0}, peaks=peaks)
+
+
+def astrometry_task(calibrated: Calibrated, prefetch: Prefetch) -> Calibrated:
+    """The calibrated image with its WCS refined against the prefetched reference catalogue
+    (on the stars :func:`calibrate_task` found)."""
+    t0 = time.time()
+    exp, refcat = calibrated.exposure, prefetch.refcat
+    ra, dec = np.asarray(refcat["ra"]), np.asarray(refcat["dec"])
+    new_wcs, info = astrometry.refine_wcs(exp, ra, dec, peaks=calibrated.peaks)
+    timings = {**calibrated.timings, "astrometry": time.time() - t0}
+    return Calibrated(exp.copy_with(wcs=new_wcs), astrometry=info, timings=timings)
 
 
 @per_ccd
@@ -366,14 +390,27 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
     t0 = time.time()
     science = calibrated.exposure
     try:
-        model = estimate_psf_model(science)
+        # the calibrate stage's star search, when made with the PSF's FWHM guess
+        peaks = psf_star_search(science, calibrated.peaks)
+        model = estimate_psf_model(science, peaks=peaks)
         science = science.copy_with(psf=model.mean, psf_model=model)
-        science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))
+        fwhm = sharpest_fwhm_px(model.psfs)
+        science = mask_cosmic_rays(science, fwhm, background=peaks.bkg)
     except PsfFitError as e:
         msg = f"{_where(science)}: science image: {e}"
         raise PsfFitError(msg) from None
     timings = {**calibrated.timings, "psf": time.time() - t0}
-    return dataclasses.replace(calibrated, exposure=science, timings=timings)
+    # the image has changed (cosmic rays repaired): the search is not handed on
+    return dataclasses.replace(calibrated, exposure=science, timings=timings, peaks=None)
+
+
+@per_ccd
+def science_task(psf: Calibrated, astrom: Calibrated) -> Calibrated:
+    """The science image of :func:`science_psf_task` (PSF model, cosmic rays masked) on
+    the refined WCS of :func:`astrometry_task`: the two ran side by side."""
+    exposure = psf.exposure.copy_with(wcs=astrom.exposure.wcs)
+    timings = {**astrom.timings, **psf.timings}
+    return Calibrated(exposure, astrometry=astrom.astrometry, timings=timings)
 
 
 @per_ccd

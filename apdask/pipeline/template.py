@@ -32,12 +32,10 @@ from astropy.wcs.utils import proj_plane_pixel_area
 from apdask._kernels import lanczos
 from apdask.core.exposure import MASK, Exposure
 from apdask.exceptions import NoTemplateCoverageError
-from apdask.pipeline.background import interp_matrix
 
 __all__ = ["prewarp_template", "shift_template", "warp_template"]
 
 _GRID = 32
-_PAD = 4
 
 
 def _coarse_nodes(n, step):
@@ -102,6 +100,8 @@ def warp_template(
     image = np.zeros((ny, nx), np.float32)
     variance = np.zeros((ny, nx), np.float32)
     filled = np.zeros((ny, nx), bool)
+    nodes = (ynodes, xnodes, lanczos.node_weights(ynodes, ny), lanczos.node_weights(xnodes, nx))
+    n_filled = 0
     used = []
     out_psf = psf
     # Two passes.  The first fills a pixel only from a tile that holds all 36 Lanczos
@@ -111,56 +111,49 @@ def warp_template(
     # a one-column seam wherever a star met a tile's edge (up to 10 % of its peak).
     for inset in (3, 0):  # Lanczos-3
         for tile in tiles:
-            if _warp_tile(
-                tile,
-                ra,
-                dec,
-                xnodes,
-                ynodes,
-                grid,
-                area_t,
-                inset,
-                image,
-                variance,
-                filled,
+            if n_filled == ny * nx:
+                break
+            written = _warp_tile(
+                tile, ra, dec, nodes, grid, area_t, inset, (image, variance, filled),
                 variance_scale,
-            ):
+            )  # fmt: skip
+            if written:
+                n_filled += written
                 if tile.tile_id not in used:
                     used.append(tile.tile_id)
                 if out_psf is None and tile.psf is not None:
                     out_psf = np.asarray(tile.psf, float)
-            if filled.all():
-                break
-        if filled.all():
-            break
     if not used:
         msg = f"no template tile has data on the target pixels ({len(tiles)} tile(s) checked)"
         raise NoTemplateCoverageError(msg)
-    mask = np.where(filled, np.uint32(0), np.uint32(MASK["NO_DATA"]))
-    if not filled.all():
+    if n_filled == ny * nx:
+        mask = np.zeros((ny, nx), np.uint32)
+    else:
+        mask = np.where(filled, np.uint32(0), np.uint32(MASK["NO_DATA"]))
         image[~filled] = 0.0
         variance[~filled] = np.float32(np.median(variance[filled]))
-    meta = {"band": tiles[0].band, "tiles": used, "coverage": float(np.mean(filled))}
+    meta = {"band": tiles[0].band, "tiles": used, "coverage": n_filled / (ny * nx)}
     return Exposure(image=image, variance=variance, mask=mask, wcs=wcs, psf=out_psf, meta=meta)
 
 
-def _warp_tile(
-    tile, ra, dec, xnodes, ynodes, grid, area_t, inset, image, variance, filled, variance_scale
-):
-    """Resample one tile into the unfilled target pixels; True if it wrote any.
+def _warp_tile(tile, ra, dec, nodes, grid, area_t, inset, out, variance_scale):
+    """Resample one tile into the unfilled target pixels; the number written.
 
-    Target pixels are filled from this tile only if their position is at least
-    ``inset`` px inside its edge (``inset = 3``: all Lanczos taps on the tile).
+    ``nodes`` are the target's coarse nodes and :func:`apdask._kernels.lanczos.node_weights`
+    of its rows and columns; ``out`` its image, variance and filled planes.  Target
+    pixels are filled from this tile only if their position is at least ``inset`` px
+    inside its edge (``inset = 3``: all Lanczos taps on the tile).
     """
-    ny, nx = filled.shape
+    ynodes, xnodes, row_w, col_w = nodes
+    image, variance, filled = out
     tny, tnx = tile.image.shape
     tx, ty = tile.wcs.world_to_pixel_values(ra, dec)
     if not (np.isfinite(tx).all() and np.isfinite(ty).all()):
-        return False
+        return 0
     # quick reject: no coarse node near the tile
     inside = (tx > -grid) & (tx < tnx - 1 + grid) & (ty > -grid) & (ty < tny - 1 + grid)
     if not inside.any():
-        return False
+        return 0
     # target rows/cols whose tile coordinates can fall in the tile
     rows = np.nonzero(inside.any(axis=1))[0]
     cols = np.nonzero(inside.any(axis=0))[0]
@@ -168,50 +161,25 @@ def _warp_tile(
     r1 = int(ynodes[min(rows[-1] + 1, len(ynodes) - 1)]) + 1
     c0 = int(xnodes[max(cols[0] - 1, 0)])
     c1 = int(xnodes[min(cols[-1] + 1, len(xnodes) - 1)]) + 1
-    win_fill = filled[r0:r1, c0:c1]
-    if win_fill.all():
-        return False
-    # bilinear between the exact nodes: the small product in double precision,
-    # the full-frame one in single (the positions are kept as float32 anyway)
-    my = interp_matrix(ynodes, ny)[r0:r1].astype(np.float32)
-    mx = interp_matrix(xnodes, nx)[c0:c1]
-    fx = my @ (tx @ mx.T).astype(np.float32)
-    fy = my @ (ty @ mx.T).astype(np.float32)
-    # crop the tile to the needed region (spline prefilter cost ~ tile area)
-    x_lo = max(int(np.floor(fx.min())) - _PAD, 0)
-    x_hi = min(int(np.ceil(fx.max())) + _PAD + 1, tnx)
-    y_lo = max(int(np.floor(fy.min())) - _PAD, 0)
-    y_hi = min(int(np.ceil(fy.max())) + _PAD + 1, tny)
-    if x_hi <= x_lo or y_hi <= y_lo:
-        return False
-    sub = np.asarray(tile.image[y_lo:y_hi, x_lo:x_hi], np.float32)
-    subv = np.asarray(tile.variance[y_lo:y_hi, x_lo:x_hi], np.float32)
-    bad = ~(np.isfinite(sub) & np.isfinite(subv))
-    if bad.any():
-        sub = np.where(bad, 0.0, sub).astype(np.float32)
-        subv = np.where(bad, 0.0, subv).astype(np.float32)
-    fx -= x_lo
-    fy -= y_lo
     ratio = area_t / proj_plane_pixel_area(tile.wcs.celestial)
-    before = int(np.count_nonzero(win_fill))
     # taps floor(f) - 2 .. floor(f) + 3: all on the tile for 2 <= f < n - 3
     lo = float(inset - 1) if inset else -0.5
     cut = inset - 0.5 + 1e-3 if inset else 0.0  # (bounds are inclusive)
-    hi_x, hi_y = tnx - 0.5 - cut, tny - 0.5 - cut
-    lanczos.resample(
-        sub,
-        subv,
-        fx,
-        fy,
-        image[r0:r1, c0:c1],
-        variance[r0:r1, c0:c1],
-        win_fill,
-        bad=bad,
+    return lanczos.warp(
+        np.asarray(tile.image, np.float32),
+        np.asarray(tile.variance, np.float32),
+        tx,
+        ty,
+        (row_w[0][r0:r1], row_w[1][r0:r1]),
+        (col_w[0][c0:c1], col_w[1][c0:c1]),
+        image,
+        variance,
+        filled,
+        bounds=(lo, tnx - 0.5 - cut, lo, tny - 0.5 - cut),
+        origin=(r0, c0),
         ratio=ratio,
         variance_scale=variance_scale,
-        bounds=(lo - x_lo, hi_x - x_lo, lo - y_lo, hi_y - y_lo),
     )
-    return int(np.count_nonzero(win_fill)) > before
 
 
 def prewarp_template(
@@ -292,17 +260,24 @@ def shift_template(
     )  # fmt: skip
     if not (np.isfinite(residual) and residual <= max_residual_px and taps_inside):
         return None, figures
-    bad = (prewarped.mask & MASK["NO_DATA"]) != 0
+    bad = None
+    if lanczos.any_set(prewarped.mask, MASK["NO_DATA"]):
+        bad = (prewarped.mask & MASK["NO_DATA"]) != 0
     image, variance, nodata = lanczos.shift(
         prewarped.image, prewarped.variance, bad, dy, dx, (ny, nx)
     )
-    mask = np.where(nodata, np.uint32(MASK["NO_DATA"]), np.uint32(0))
-    if nodata.all():
-        return None, figures
-    if nodata.any():
-        image[nodata] = 0.0
-        variance[nodata] = np.float32(np.median(variance[~nodata]))
+    coverage = 1.0
+    if bad is None:
+        mask = np.zeros((ny, nx), np.uint32)
+    else:
+        mask = np.where(nodata, np.uint32(MASK["NO_DATA"]), np.uint32(0))
+        if nodata.all():
+            return None, figures
+        if nodata.any():
+            image[nodata] = 0.0
+            variance[nodata] = np.float32(np.median(variance[~nodata]))
+        coverage = float(1.0 - np.mean(nodata))
     meta = {k: v for k, v in prewarped.meta.items() if k != "margin"}
-    meta["coverage"] = float(1.0 - np.mean(nodata))
+    meta["coverage"] = coverage
     out = Exposure(image=image, variance=variance, mask=mask, wcs=wcs, psf=prewarped.psf, meta=meta)
     return out, figures

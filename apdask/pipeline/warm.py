@@ -91,7 +91,13 @@ def warm_kernels() -> float:
         fy, fx = (np.mgrid[0:8, 0:8] + 3.5).astype(np.float32)
         out = np.zeros((8, 8), np.float32)
         lanczos.resample(small, small, fx, fy, out, out.copy(), np.zeros((8, 8), bool))
+        nodes = np.array([0.0, 7.0])
+        grid = np.array([[3.5, 10.5], [3.5, 10.5]])
+        lanczos.warp(small, small, grid, grid.T.copy(), lanczos.node_weights(nodes, 8),
+                     lanczos.node_weights(nodes, 8), out, out.copy(), np.zeros((8, 8), bool),
+                     bounds=(2.0, 12.0, 2.0, 12.0))  # fmt: skip
         lanczos.shift(small, small, np.zeros((16, 16), bool), 3.5, 3.5, (8, 8))
+        lanczos.any_set(np.zeros((4, 4), np.uint32), MASK["NO_DATA"])
         model = estimate_psf_model(science)
         science = science.copy_with(psf=model.mean, psf_model=model)
         science = mask_cosmic_rays(science, sharpest_fwhm_px(model.psfs))

@@ -45,7 +45,7 @@ from apdask.core.files import atomic_write
 from apdask.exceptions import ApdaskError, ConfigurationError, UsageError
 from apdask.pipeline.graph import build_visit_graph
 from apdask.pipeline.nextvisit import NextVisit
-from apdask.pipeline.run import ensure_ppdb, pending_detectors
+from apdask.pipeline.run import ensure_ppdb, pending_detectors, worker_addresses
 from apdask.services._listen_cluster import check_cluster, listen_cluster
 from apdask.services._listen_stop import StopRequest, install_signals
 
@@ -221,7 +221,8 @@ class _Listener:
         try:
             pending = pending_detectors(nv, kw["ppdb"], kw["alerts"], repo=kw.get("repo"))
             check()
-            graph = build_visit_graph(nv, **kw, detectors=pending, check=check)
+            workers = worker_addresses(self.client)  # each CCD's chain stays on one
+            graph = build_visit_graph(nv, **kw, detectors=pending, check=check, workers=workers)
             check()
         except _AbandonedError as exc:
             self._abandoned(nv, str(exc))

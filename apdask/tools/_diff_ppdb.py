@@ -228,7 +228,7 @@ def publish_sources(
             sink.close()
     t1 = time.time()
     prefetch = Prefetch(
-        calibs={}, refcat=None, history=PpdbHistory(**history),
+        refcat=None, history=PpdbHistory(**history),
         timings={"prefetch_ppdb": t1 - t0},
     )  # fmt: skip
     sub = Subtraction(science, template, difference, info)

@@ -90,7 +90,7 @@ def simulated_examples(
         dsk = build_visit_graph(nv, repo=root, ppdb=ppdb, config=cfg).__dask_graph__()
         for name in nv.detectors:
             tag = f"{nv.visit}-{name}"
-            keys = [f"calibrate-{tag}", f"warp-{tag}", f"header-{tag}"]
+            keys = [f"astrometry-{tag}", f"warp-{tag}", f"header-{tag}"]
             cal, warped, header = quiet(dask.get, dsk, keys)
             if any(isinstance(r, CcdFailure) for r in (cal, warped, header)):
                 continue

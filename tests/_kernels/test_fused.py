@@ -232,6 +232,8 @@ def _cr_reference(img, bkg, var, skip, cr, r1, r2, nsigma):
 def test_cosmic_ray_passes_equal_numpy():
     from scipy import ndimage
 
+    from apdask.pipeline.background import Background
+
     rng = np.random.default_rng(7)
     img = rng.normal(0, 3.0, (120, 140)).astype(np.float32)
     yy, xx = np.mgrid[:120, :140]
@@ -239,21 +241,33 @@ def test_cosmic_ray_passes_equal_numpy():
     hits = (rng.integers(0, 120, 40), rng.integers(0, 140, 40))
     img[hits] += 200.0
     img[0, 5] += 300.0  # on the border
+    # a sloped background, evaluated in the pass from its coarse grid
+    model = Background(np.array([[0.0, 4.0, 8.0], [2.0, 6.0, 10.0]]), np.array([30.0, 90.0]),
+                       np.array([20.0, 70.0, 120.0]), img.shape)  # fmt: skip
+    img += model.full()
     var = np.full(img.shape, 9.0, np.float32)
-    skip = np.zeros(img.shape, bool)
-    skip[10:12, 10:40] = True
+    mask = np.zeros(img.shape, np.uint32)
+    mask[10:12, 10:40] = MASK["SAT"]
+    mask[50, 50] = MASK["EDGE"]  # not a bit the pass skips
+    skip = (mask & MASK["SAT"]) != 0
     cr = np.zeros(img.shape, bool)
     cr[hits[0][:3], hits[1][:3]] = True
-    bkg = np.zeros(img.shape, np.float32)
-    args = (img, bkg, var, skip, cr, np.float32(1.6), np.float32(2.5), np.float32(5.0))
-    got = _fused.cr_candidates(*args)
-    np.testing.assert_array_equal(got, _cr_reference(*args))
+    ratios = (np.float32(1.6), np.float32(2.5), np.float32(5.0))
+    ys, xs = _fused.cr_candidates(img, model.bilinear(), var, mask, MASK["SAT"], cr, *ratios)
+    got = np.zeros(img.shape, bool)
+    got[ys, xs] = True
+    want = _cr_reference(img, model.full(), var, skip, cr, *ratios)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal((ys, xs), np.nonzero(want))  # raster order
     assert 30 < got.sum() <= 38 and got[0, 5] and not got[55:66, 65:76].any()
 
+    grown = np.zeros(img.shape, bool)
+    grown[_fused.grow_pixels(ys, xs, 2, img.shape)] = True
+    np.testing.assert_array_equal(grown, ndimage.binary_dilation(got, iterations=2))
     np.testing.assert_array_equal(
-        _fused.grow_diamond(got, 2), ndimage.binary_dilation(got, iterations=2)
-    )
-    bad = _fused.grow_diamond(got, 1)
+        _fused.grow_pixels(ys, xs, 2, img.shape), np.nonzero(grown)
+    )  # raster order, each pixel once
+    bad = ndimage.binary_dilation(got, iterations=1)
     bad[:, :3] = True  # a wide band: the box doubles until it finds good pixels
     want = img.copy()
     for y, x in zip(*np.nonzero(bad), strict=True):
@@ -266,6 +280,21 @@ def test_cosmic_ray_passes_equal_numpy():
             h *= 2
     out = _fused.interpolate_over(img.copy(), bad)
     np.testing.assert_allclose(out, want, rtol=1e-6)
+    by, bx = np.nonzero(bad)
+    np.testing.assert_array_equal(_fused.interpolate_pixels(img.copy(), bad, by, bx), out)
+    # a second pass after repairing the candidates: testing only next to the repaired
+    # pixels finds what a full pass finds (a blob's shoulders, sharp once its core is gone)
+    blob = img.copy()
+    core = np.array([[150, 200, 150], [200, 900, 200], [150, 200, 150]], np.float32)
+    blob[29:32, 99:102] += core
+    first = _fused.cr_candidates(blob, model.bilinear(), var, mask, MASK["SAT"], cr, *ratios)
+    done = cr.copy()
+    done[first] = True
+    _fused.interpolate_pixels(blob, done, *first)
+    args2 = (blob, model.bilinear(), var, mask, MASK["SAT"], done, *ratios)
+    full = _fused.cr_candidates(*args2)
+    assert len(full[0]) > 0 and not done[full].any()
+    np.testing.assert_array_equal(_fused.cr_candidates(*args2, near=first), full)
 
 
 def test_smoothed_residual_equals_ndimage(planes):
@@ -366,3 +395,67 @@ def test_one_blas_thread_limits_blas_inside_only():
     inside = _fused.one_blas_thread(blas_threads)()
     assert inside and all(n == 1 for n in inside)
     assert blas_threads() == before  # restored on return
+
+
+@pytest.mark.parametrize("flip", [(False, False), (True, False), (False, True), (True, True)])
+def test_amp_pass(flip):
+    """One amplifier's ISR pass equals the NumPy chain, bit for bit, flips, non-finite
+    raw, bias and dark pixels, hot darks, weak and dead flat pixels included."""
+    rng = np.random.default_rng(7)
+    raw = rng.normal(2.0e4, 300.0, (60, 48)).astype(np.float32)
+    raw[5, 7], raw[10, 3:6], raw[20, 30] = np.nan, np.inf, 2.0e6
+    data = (slice(2, 52), slice(4, 40))
+    row = rng.normal(1.0e3, 5.0, 50).astype(np.float32)
+    bias, dark = rng.normal(0, 2, (50, 36)), rng.uniform(0, 0.1, (50, 36))
+    flat = rng.uniform(0.9, 1.1, (50, 36))
+    bias[3, 3], bias[4, 4], dark[9, 9], dark[10, 10] = np.nan, np.inf, 5.0, np.nan
+    flat[1, 1], flat[2, 2], flat[3, 5] = 0.3, -1.0, np.nan
+    bias, dark, flat = (a.astype(np.float32) for a in (bias, dark, flat))
+    bits = (MASK["SAT"], MASK["NO_DATA"], MASK["BAD"])
+    img, var, mask, lost = _fused.amp_pass(
+        raw, data, row, flip_y=flip[0], flip_x=flip[1], gain=1.7, saturation=1.0e6,
+        bias=bias, dark=dark, darktime=31.0, flat=flat, read_noise=5.0, flat_bad=0.5,
+        dark_hot=1.0, bits=bits,
+    )  # fmt: skip
+    d = raw[data]
+    finite = np.isfinite(d)
+    d = np.where(finite, d, np.float32(0))
+    sat = d >= 1.0e6
+    want = (d - row[:, None]) * np.float32(1.7)
+    if flip[0]:
+        want, sat, finite = want[::-1], sat[::-1], finite[::-1]
+    if flip[1]:
+        want, sat, finite = want[:, ::-1], sat[:, ::-1], finite[:, ::-1]
+    dead = ~np.isfinite(flat) | (flat <= 0)
+    f = np.where(dead, np.float32(1), flat)
+    with np.errstate(over="ignore"):  # the infinite bias pixel: nan_to_num's float max
+        want = want - np.nan_to_num(bias) - np.nan_to_num(dark) * np.float32(31.0)
+        want = want / f
+    want_var = np.maximum(want, 0) / f + np.float32(25.0) / (f * f)
+    want[~finite] = 0
+    want_mask = (
+        np.where(sat, MASK["SAT"], 0)
+        | np.where(~finite, MASK["NO_DATA"], 0)
+        | np.where(~np.isfinite(bias) | ~np.isfinite(dark) | (dark > 1.0) | dead | (flat <= 0.5),
+                   MASK["BAD"], 0)
+    ).astype(np.uint32)  # fmt: skip
+    np.testing.assert_array_equal(img, want)
+    np.testing.assert_array_equal(var, want_var)
+    np.testing.assert_array_equal(mask, want_mask)
+    assert lost == np.count_nonzero(sat | ~finite) == 4
+
+
+def test_local_peaks_equal_maximum_filter():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(8)
+    img = rng.normal(size=(90, 110)).astype(np.float32)
+    img[40, 50] = img[40, 51] = 9.0  # a plateau: both are peaks
+    img[0, 0], img[89, 109], img[0, 60] = 8.0, 8.0, 8.0  # corners and an edge
+    img[20, 20] = np.nan  # never a peak, and its neighbours are not either
+    for t in (-np.inf, 0.5, 3.0):
+        ys, xs = _fused.local_peaks(img, t)
+        pad = np.pad(np.nan_to_num(img, nan=np.inf), 1, constant_values=-np.inf)
+        peak = (ndimage.maximum_filter(pad, 3)[1:-1, 1:-1] == img) & (img > t)
+        np.testing.assert_array_equal((ys, xs), np.nonzero(peak))
+    assert (40, 51) in zip(*_fused.local_peaks(img, 3.0), strict=True)

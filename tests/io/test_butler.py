@@ -52,6 +52,32 @@ def test_templates_overlap_selection(tmp_path):
     assert b.get_templates("r", det.footprint(200.0, 10.0)) == []
 
 
+def test_template_codec_and_tiles_written_with_zstd_still_read(tmp_path):
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    b = Butler(tmp_path)
+    img = np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)
+    b.put_template("r", "new", img, img + 5, _wcs(150.0, -30.0))
+    arr = b._group["templates/r/new/image"]
+    assert [c.to_dict()["name"] for c in arr.compressors] == ["blosc"]
+    # a tile as repositories before the codec change hold it: zstd
+    b.put_template("r", "old", img, img + 5, _wcs(150.0, -30.0))
+    grp = b._group["templates/r/old"]
+    for name, data in (("image", img), ("variance", img + 5)):
+        attrs = dict(grp[name].attrs)
+        a = grp.create_array(name, shape=data.shape, chunks=(64, 64), dtype="float32",
+                             compressors=ZstdCodec(level=0), overwrite=True)  # fmt: skip
+        a[...] = data
+        a.attrs.update(attrs)
+    assert isinstance(zarr.open_group(b.store)["templates/r/old/image"].compressors[0], ZstdCodec)
+    tiles = Butler(tmp_path).get_templates("r", get_camera("testcam")[0].footprint(150.0, -30.0))
+    assert sorted(t.tile_id for t in tiles) == ["new", "old"]
+    for t in tiles:
+        np.testing.assert_array_equal(t.image, img)
+        np.testing.assert_array_equal(t.variance, img + 5)
+
+
 def test_calib_validity(tmp_path):
     cam = get_camera("testcam")
     det = cam[1]

@@ -91,3 +91,34 @@ def test_adaptive_sizes_of_gaussians():
     # pixel-integrated Gaussians: FWHM² + 2.3548² / 12 px² (the pixel's own variance)
     assert fw == pytest.approx(np.sqrt(np.array([2.0, 3.0, 5.0]) ** 2 + 2.3548**2 / 12), rel=0.01)
     assert np.all(ell < 0.01)
+
+
+def test_the_psf_model_selects_from_the_astrometry_search(rich):
+    """The calibrate stage's star search (kept in Calibrated) serves the PSF model and
+    the cosmic-ray pass: the same model, mask and image as searching again."""
+    import dataclasses
+
+    from apdask.core.records import Calibrated
+    from apdask.pipeline import astrometry, tasks
+    from apdask.pipeline.psf import psf_star_search
+    from apdask.pipeline.stars import find_stars
+
+    e, _, _ = rich
+    peaks = astrometry.star_search(e)
+    assert psf_star_search(e, peaks) is peaks  # the same FWHM guess (4.5 px)
+    kw = dict(fwhm=4.5, nsigma=20.0, isolation=25, border=14, contrast=0.02, isolation_cut=False)
+    again, shared = (
+        find_stars(e.image, e.variance, e.mask, **kw),
+        find_stars(e.image, e.variance, e.mask, peaks=peaks, **kw),
+    )
+    for k in ("x", "y", "snr", "flux", "neighbour", "nearest"):
+        np.testing.assert_array_equal(shared[k], again[k])
+    # a search made with another FWHM is not used
+    other = dataclasses.replace(peaks, fwhm=3.0, y=peaks.y[:0])
+    assert psf_star_search(e, other) is not other
+    task = getattr(tasks.science_psf_task, "__wrapped__", tasks.science_psf_task)
+    a, b = task(Calibrated(e)), task(Calibrated(e, peaks=peaks))
+    assert b.peaks is None  # the repaired image is no longer the searched one
+    np.testing.assert_array_equal(a.exposure.psf_model.psfs, b.exposure.psf_model.psfs)
+    np.testing.assert_array_equal(a.exposure.mask, b.exposure.mask)
+    np.testing.assert_array_equal(a.exposure.image, b.exposure.image)

@@ -7,7 +7,7 @@ parallel) what took a chain of NumPy expressions, and writes into arrays it is
 given, so the subtraction allocates few full frames.  Each is equal to the NumPy
 expression in its docstring to float32 rounding (``tests/_kernels/test_fused.py``).
 
-The passes live in private modules by stage (``_difference``, ``_detection``,
+The passes live in private modules by stage (``_amp``, ``_difference``, ``_detection``,
 ``_isr``; the thread settings in ``_threads``) and are re-exported here.
 """
 
@@ -15,9 +15,12 @@ import os
 import sys
 from types import ModuleType
 
+from apdask._kernels.fused._amp import amp_pass
 from apdask._kernels.fused._detection import (
     above,
+    boxes_clear,
     dilate,
+    local_peaks,
     matched_inputs,
     segments,
     snr_map,
@@ -33,30 +36,39 @@ from apdask._kernels.fused._difference import (
 )
 from apdask._kernels.fused._isr import (
     cr_candidates,
-    grow_diamond,
+    flagged_pixels,
+    grow_pixels,
     interpolate_over,
+    interpolate_pixels,
     smoothed_residual,
+    stamps_less_background,
 )
 from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
 
 __all__ = [
+    "amp_pass",
     "compiled_on_disk",
     "allocated_cpus",
     "inner_threads",
     "one_blas_thread",
     "fill_nodata",
     "above",
+    "boxes_clear",
     "combine_masks",
     "cr_candidates",
     "finish_difference",
-    "grow_diamond",
+    "flagged_pixels",
+    "grow_pixels",
     "interpolate_over",
+    "interpolate_pixels",
+    "local_peaks",
     "difference_variance",
     "dilate",
     "matched_inputs",
     "segments",
     "smoothed_residual",
     "snr_map",
+    "stamps_less_background",
     "tile_add",
     "thinned_values",
     "tile_product",
@@ -65,7 +77,7 @@ __all__ = [
 
 def _kernel_modules() -> list[ModuleType]:
     """This package's kernel modules (imported above)."""
-    return [sys.modules[f"{__name__}.{m}"] for m in ("_detection", "_difference", "_isr")]
+    return [sys.modules[f"{__name__}.{m}"] for m in ("_amp", "_detection", "_difference", "_isr")]
 
 
 def _dispatchers(module: ModuleType) -> list[object]:

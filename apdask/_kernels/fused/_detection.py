@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import register_jitable
 
 from apdask._kernels.fused._threads import _threads
 
-__all__ = ["matched_inputs", "dilate", "snr_map", "above", "segments", "thinned_values"]
+__all__ = [
+    "matched_inputs",
+    "boxes_clear",
+    "dilate",
+    "snr_map",
+    "above",
+    "local_peaks",
+    "segments",
+    "thinned_values",
+]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -50,6 +60,28 @@ def _mark_boxes(bad, img0, var0, ys, xs, half):
                 bad[y, x] = True
                 img0[y, x] = np.float32(0.0)
                 var0[y, x] = np.float32(0.0)
+
+
+@numba.njit(cache=True)
+def _boxes_clear(mask, ys, xs, half, out):
+    ny, nx = mask.shape
+    for k in range(len(ys)):
+        out[k] = True
+        for y in range(max(ys[k] - half, 0), min(ys[k] + half + 1, ny)):
+            for x in range(max(xs[k] - half, 0), min(xs[k] + half + 1, nx)):
+                if mask[y, x]:
+                    out[k] = False
+                    break
+            if not out[k]:
+                break
+
+
+def boxes_clear(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, half: int) -> np.ndarray:
+    """Whether no pixel of ``mask`` is set within ``half`` pixels (square, clipped at
+    the edges) of each ``(ys, xs)``: only those boxes are read."""
+    out = np.empty(len(ys), np.bool_)
+    _boxes_clear(mask, np.asarray(ys, np.int64), np.asarray(xs, np.int64), int(half), out)
+    return out
 
 
 @_threads
@@ -236,6 +268,61 @@ def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarra
     n = int(counts.sum())
     ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
     _fill_above(image, t, sg, counts, starts, ys, xs)
+    return ys, xs
+
+
+@register_jitable(inline="always")
+def _is_peak(image, y, x, t):
+    """Whether ``image[y, x]`` is above ``t`` and not below any of its 8 neighbours."""
+    ny, nx = image.shape
+    v = image[y, x]
+    if not v > t:
+        return False
+    for yy in range(max(y - 1, 0), min(y + 2, ny)):
+        for xx in range(max(x - 1, 0), min(x + 2, nx)):
+            if not v >= image[yy, xx]:
+                return False
+    return True
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_peaks(image, t, counts):
+    ny, nx = image.shape
+    for yy in numba.prange(ny):
+        y = np.int64(yy)  # (numba: a signed index)
+        c = 0
+        for x in range(nx):
+            if image[y, x] > t and _is_peak(image, y, x, t):
+                c += 1
+        counts[y] = c
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill_peaks(image, t, starts, ys, xs):
+    ny, nx = image.shape
+    for yy in numba.prange(ny):
+        y = np.int64(yy)
+        k = starts[y]
+        for x in range(nx):
+            if image[y, x] > t and _is_peak(image, y, x, t):
+                ys[k] = y
+                xs[k] = x
+                k += 1
+
+
+@_threads
+def local_peaks(image: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, x)`` in raster order of the pixels above ``threshold`` not below any of
+    their 8 neighbours (``(image == maximum_filter(image, 3)) & (image > threshold)``
+    with the edges padded with ``-inf``), without a full-frame mask."""
+    image = np.asarray(image)
+    t = np.float64(threshold)  # compared in double precision, as NumPy compares
+    counts = np.empty(image.shape[0], np.int64)
+    _count_peaks(image, t, counts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    n = int(counts.sum())
+    ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
+    _fill_peaks(image, t, starts, ys, xs)
     return ys, xs
 
 

@@ -4,72 +4,164 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import register_jitable
 
 from apdask._kernels.fused._threads import _threads
 
-__all__ = ["cr_candidates", "interpolate_over", "grow_diamond", "smoothed_residual"]
+__all__ = [
+    "cr_candidates",
+    "flagged_pixels",
+    "interpolate_over",
+    "interpolate_pixels",
+    "grow_pixels",
+    "smoothed_residual",
+    "stamps_less_background",
+]
+
+
+@register_jitable(inline="always")
+def _bilinear_at(coarse, jy, ty, jx, tx, y, x):
+    """The background map of :meth:`apdask.pipeline.background.Background.bilinear` at
+    one pixel."""
+    one = np.float32(1.0)
+    j, t, i, u = jy[y], ty[y], jx[x], tx[x]
+    return (one - t) * ((one - u) * coarse[j, i] + u * coarse[j, i + 1]) + t * (
+        (one - u) * coarse[j + 1, i] + u * coarse[j + 1, i + 1]
+    )
+
+
+@register_jitable(inline="always")
+def _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, y, x):
+    """The test of :func:`cr_candidates` at pixel ``(y, x)``."""
+    ny, nx = img.shape
+    zero = np.float32(0.0)
+    v = max(var[y, x], zero)
+    d = img[y, x] - _bilinear_at(coarse, jy, ty, jx, tx, y, x)
+    # the mask and cr are read for the few pixels above the threshold only
+    if not d > nsigma * np.sqrt(v) or (mask[y, x] & skip_bits) != 0 or cr[y, x]:
+        return False
+    y0, y1 = max(y - 1, 0), min(y + 1, ny - 1)
+    x0, x1 = max(x - 1, 0), min(x + 1, nx - 1)
+    # the four directions through the pixel: (a, b) opposite neighbours, ratio r
+    for k in range(4):
+        ay, by = (y, y) if k == 1 else (y0, y1)
+        ax = x if k == 0 else (x1 if k == 3 else x0)
+        bx = x if k == 0 else (x0 if k == 3 else x1)
+        r = r1 if k < 2 else r2
+        da = img[ay, ax] - _bilinear_at(coarse, jy, ty, jx, tx, ay, ax)
+        db = img[by, bx] - _bilinear_at(coarse, jy, ty, jx, tx, by, bx)
+        n = 0.5 * (da + db)
+        vn = 0.25 * (max(var[ay, ax], zero) + max(var[by, bx], zero))
+        if d - r * n > nsigma * np.sqrt(v + r * r * vn):
+            return True
+    return False
 
 
 @numba.njit(parallel=True, cache=True)
-def _cr_candidates(img, bkg, var, skip, cr, r1, r2, nsigma, out):
+def _cr_candidates(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, out,
+                   counts):  # fmt: skip
     ny, nx = img.shape
     for yy in numba.prange(ny):
         y = np.int64(yy)  # (the parallel index may be unsigned)
-        y0, y1 = max(y - 1, 0), min(y + 1, ny - 1)
+        c = 0
         for x in range(nx):
-            out[y, x] = False
-            if skip[y, x] or cr[y, x]:
-                continue
-            v = max(var[y, x], np.float32(0.0))
-            d = img[y, x] - bkg[y, x]
-            if not d > nsigma * np.sqrt(v):
-                continue
-            x0, x1 = max(x - 1, 0), min(x + 1, nx - 1)
-            # the four directions through the pixel: (a, b) opposite neighbours, ratio r
-            for k in range(4):
-                ay, by = (y, y) if k == 1 else (y0, y1)
-                ax = x if k == 0 else (x1 if k == 3 else x0)
-                bx = x if k == 0 else (x0 if k == 3 else x1)
-                r = r1 if k < 2 else r2
-                n = 0.5 * ((img[ay, ax] - bkg[ay, ax]) + (img[by, bx] - bkg[by, bx]))
-                vn = 0.25 * (max(var[ay, ax], np.float32(0.0)) + max(var[by, bx], np.float32(0.0)))
-                if d - r * n > nsigma * np.sqrt(v + r * r * vn):
-                    out[y, x] = True
-                    break
+            if _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, y, x):
+                out[y, x] = True
+                c += 1
+        counts[y] = c
+
+
+@numba.njit(cache=True)
+def _cr_at(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, ys, xs, out):
+    for k in range(len(ys)):
+        out[k] = _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma,
+                        ys[k], xs[k])  # fmt: skip
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill_flagged(flags, counts, starts, ys, xs):
+    ny, nx = flags.shape
+    for y in numba.prange(ny):
+        if counts[y] == 0:
+            continue
+        k = starts[y]
+        for x in range(nx):
+            if flags[y, x]:
+                ys[k] = y
+                xs[k] = x
+                k += 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_flagged(flags, counts):
+    ny, nx = flags.shape
+    for y in numba.prange(ny):
+        c = 0
+        for x in range(nx):
+            c += flags[y, x]
+        counts[y] = c
+
+
+@_threads
+def flagged_pixels(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero`` of a 2-D boolean mask (int64, raster order), rows in parallel."""
+    counts = np.empty(flags.shape[0], np.int64)
+    _count_flagged(flags, counts)
+    return _flagged_pixels(flags, counts)
+
+
+def _flagged_pixels(flags: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero(flags)`` given the count of flagged pixels in each row: only the
+    rows with some are read."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    n = int(counts.sum())
+    ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
+    if n:
+        _fill_flagged(flags, counts, starts, ys, xs)
+    return ys, xs
 
 
 @_threads
 def cr_candidates(
     img: np.ndarray,
-    bkg: np.ndarray,
+    bkg: tuple[np.ndarray, ...],
     var: np.ndarray,
-    skip: np.ndarray,
+    mask: np.ndarray,
+    skip_bits: int,
     cr: np.ndarray,
     r1: float,
     r2: float,
     nsigma: float,
-) -> np.ndarray:
-    """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`).
+    near: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`), as
+    ``(y, x)`` in raster order.
 
-    A pixel not in ``skip`` or ``cr`` is a candidate when ``d = img − bkg`` exceeds
-    ``nsigma σ`` and, along one of the four directions through it (edge pixels
-    repeated beyond the border), ``d − r n > nsigma sqrt(σ² + r² σ_n²)`` with ``n``
-    the mean of the two opposite neighbours' ``d``, ``σ_n² = (σ_a² + σ_b²)/4``, and
-    ``r = r1`` along rows and columns, ``r2`` along diagonals.
+    A pixel with none of ``skip_bits`` in ``mask`` and not in ``cr`` is a candidate
+    when ``d = img − bkg`` exceeds ``nsigma σ`` and, along one of the four directions
+    through it (edge pixels repeated beyond the border), ``d − r n > nsigma
+    sqrt(σ² + r² σ_n²)`` with ``n`` the mean of the two opposite neighbours' ``d``,
+    ``σ_n² = (σ_a² + σ_b²)/4``, and ``r = r1`` along rows and columns, ``r2`` along
+    diagonals.  ``bkg`` is the ``(coarse, jy, ty, jx, tx)`` of
+    :meth:`apdask.pipeline.background.Background.bilinear`, evaluated where needed.
+
+    With ``near = (ys, xs)`` only the pixels within one pixel of those are tested: the
+    only ones whose test can have changed since a pass after which just ``(ys, xs)``
+    were changed (in ``img`` and ``cr``).
     """
-    out = np.empty(img.shape, np.bool_)
-    _cr_candidates(
-        img,
-        bkg,
-        np.asarray(var, np.float32),
-        skip,
-        cr,
-        np.float32(r1),
-        np.float32(r2),
-        np.float32(nsigma),
-        out,
-    )
-    return out
+    coarse, jy, ty, jx, tx = bkg
+    var, mask = np.asarray(var, np.float32), np.asarray(mask, np.uint32)
+    ratios = np.float32(r1), np.float32(r2), np.float32(nsigma)
+    args = (img, coarse, jy, ty, jx, tx, var, mask, np.uint32(skip_bits), cr, *ratios)
+    if near is not None:
+        ys, xs = grow_pixels(*near, 1, img.shape, chebyshev=True)
+        hit = np.empty(len(ys), np.bool_)
+        _cr_at(*args, ys, xs, hit)
+        return ys[hit], xs[hit]
+    out = np.zeros(img.shape, np.bool_)  # only the candidates are written
+    counts = np.empty(img.shape[0], np.int64)
+    _cr_candidates(*args, out, counts)
+    return _flagged_pixels(out, counts)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -93,7 +185,6 @@ def _box_medians(img, bad, ys, xs, half, max_half, out, found):
             h *= 2
 
 
-@_threads
 def interpolate_over(
     img: np.ndarray, bad: np.ndarray, half: int = 2, max_half: int = 64
 ) -> np.ndarray:
@@ -101,13 +192,26 @@ def interpolate_over(
     finite) pixels in a ``(2h+1)²`` box, ``h = half`` doubled until one is found
     (beyond ``max_half``: the median of all good pixels)."""
     ys, xs = np.nonzero(bad)
+    return interpolate_pixels(img, bad, ys, xs, half, max_half)
+
+
+@_threads
+def interpolate_pixels(
+    img: np.ndarray,
+    bad: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    half: int = 2,
+    max_half: int = 64,
+) -> np.ndarray:
+    """:func:`interpolate_over` of the pixels ``(ys, xs)`` only (``bad`` still says
+    which pixels the medians leave out): no full-frame search for the bad pixels."""
     if len(ys) == 0:
         return img
     vals = np.empty(len(ys), np.float32)
     found = np.empty(len(ys), np.bool_)
-    _box_medians(
-        img, bad, ys.astype(np.int64), xs.astype(np.int64), int(half), int(max_half), vals, found
-    )
+    _box_medians(img, bad, np.asarray(ys, np.int64), np.asarray(xs, np.int64), int(half),
+                 int(max_half), vals, found)  # fmt: skip
     if not found.all():
         good = ~bad & np.isfinite(img)
         vals[~found] = np.median(img[good]) if good.any() else np.nan
@@ -115,60 +219,85 @@ def interpolate_over(
     return img
 
 
+def grow_pixels(
+    ys: np.ndarray, xs: np.ndarray, r: int, shape: tuple[int, ...], chebyshev: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels within Manhattan distance ``r`` of ``(ys, xs)`` and inside ``shape``,
+    in raster order, each once: ``np.nonzero(binary_dilation(m, iterations=r))`` of the
+    mask ``m`` of those pixels (the default cross-shaped structure), without a full
+    frame.  With ``chebyshev``: within Chebyshev distance ``r`` (``(2r + 1)²`` boxes)."""
+    d = np.arange(-r, r + 1)
+    dy, dx = np.meshgrid(d, d, indexing="ij")
+    near = np.ones(dy.shape, bool) if chebyshev else np.abs(dy) + np.abs(dx) <= r
+    yy = (np.asarray(ys, np.int64)[:, None] + dy[near]).ravel()
+    xx = (np.asarray(xs, np.int64)[:, None] + dx[near]).ravel()
+    ny, nx = shape[:2]
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    flat = np.unique(yy[inside] * nx + xx[inside])
+    return flat // nx, flat % nx
+
+
 @numba.njit(cache=True)
-def _diamonds(out, ys, xs, r):
-    ny, nx = out.shape
+def _stamps_less_background(image, coarse, jy, ty, jx, tx, ys, xs, half, out):
     for k in range(len(ys)):
-        for dy in range(-r, r + 1):
-            y = ys[k] + dy
-            if y < 0 or y >= ny:
-                continue
-            w = r - abs(dy)
-            for x in range(max(xs[k] - w, 0), min(xs[k] + w + 1, nx)):
-                out[y, x] = True
+        for a in range(2 * half + 1):
+            y = ys[k] - half + a
+            for b in range(2 * half + 1):
+                x = xs[k] - half + b
+                bkg = _bilinear_at(coarse, jy, ty, jx, tx, y, x)
+                out[k, a, b] = np.float64(image[y, x]) - np.float64(bkg)
 
 
-def grow_diamond(mask: np.ndarray, r: int) -> np.ndarray:
-    """``scipy.ndimage.binary_dilation(mask, iterations=r)`` (the default cross-shaped
-    structure: every pixel within Manhattan distance ``r``), visiting only set pixels."""
-    ys, xs = np.nonzero(mask)
-    out = mask.copy()
-    if r > 0 and len(ys):
-        _diamonds(out, ys.astype(np.int64), xs.astype(np.int64), int(r))
+def stamps_less_background(
+    image: np.ndarray, bkg: tuple[np.ndarray, ...], ys: np.ndarray, xs: np.ndarray, half: int
+) -> np.ndarray:
+    """float64 ``(n, 2 half + 1, 2 half + 1)`` windows of ``image`` centred on the pixels
+    ``(ys, xs)`` (all inside the image), less the background (the ``(coarse, jy, ty, jx,
+    tx)`` of :meth:`apdask.pipeline.background.Background.bilinear`, in single
+    precision as in the full-frame passes)."""
+    out = np.empty((len(ys), 2 * half + 1, 2 * half + 1))
+    coarse, jy, ty, jx, tx = bkg
+    ys, xs = np.asarray(ys, np.int64), np.asarray(xs, np.int64)
+    _stamps_less_background(np.asarray(image), coarse, jy, ty, jx, tx, ys, xs, int(half), out)
     return out
 
 
 @numba.njit(parallel=True, cache=True)
-def _smooth(image, coarse, jy, ty, jx, tx, mask, ignore_bits, w, data, tmp, out, bad):
+def _residual(image, coarse, jy, ty, jx, tx, mask, ignore_bits, data, bad):
     ny, nx = image.shape
-    r = (len(w) - 1) // 2
-    one = np.float32(1.0)
     for y in numba.prange(ny):
-        j, t = jy[y], ty[y]
         for x in range(nx):
             v = image[y, x]
             b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v)
             bad[y, x] = b
-            i, u = jx[x], tx[x]
-            bkg = (one - t) * ((one - u) * coarse[j, i] + u * coarse[j, i + 1]) + t * (
-                (one - u) * coarse[j + 1, i] + u * coarse[j + 1, i + 1]
-            )
+            bkg = _bilinear_at(coarse, jy, ty, jx, tx, y, x)
             data[y, x] = np.float32(0.0) if b else v - bkg
-    for yy in numba.prange(ny):  # along columns (axis 0), row by row
-        y = np.int64(yy)  # type: ignore[assignment]  # (numba: a signed index)
+
+
+@numba.njit(parallel=True, cache=True)
+def _gaussian(data, w, out):
+    ny, nx = data.shape
+    r = (len(w) - 1) // 2
+    for yy in numba.prange(ny):
+        y = np.int64(yy)  # (numba: a signed index)
+        row = out[y]
+        # along columns (axis 0) into the output row, then along it (axis 1) from a
+        # zero-padded copy: both inner loops are plain vector loops over x
         for x in range(nx):
-            tmp[y, x] = np.float32(0.0)
-        for k in range(max(-r, -y), min(r, ny - 1 - y) + 1):
+            row[x] = np.float32(0.0)
+        for k in range(max(-r, -y), min(r, ny - 1 - y) + 1):  # type: ignore[call-overload]
             wk = w[k + r]
+            src = data[y + k]
             for x in range(nx):
-                tmp[y, x] += wk * data[y + k, x]
-    for y in numba.prange(ny):  # along rows (axis 1)
+                row[x] += wk * src[x]
+        pad = np.zeros(nx + 2 * r, np.float32)
+        pad[r : r + nx] = row
         for x in range(nx):
-            out[y, x] = np.float32(0.0)
-        for k in range(-r, r + 1):
-            wk = w[k + r]
-            for x in range(max(0, -k), min(nx, nx - k)):
-                out[y, x] += wk * tmp[y, x + k]
+            row[x] = np.float32(0.0)
+        for k in range(2 * r + 1):
+            wk = w[k]
+            for x in range(nx):
+                row[x] += wk * pad[x + k]
 
 
 @_threads
@@ -201,23 +330,9 @@ def smoothed_residual(
     w = (w / w.sum()).astype(np.float32)
     image = np.asarray(image, np.float32)
     data = np.empty(image.shape, np.float32)
-    tmp = np.empty(image.shape, np.float32)
     out = np.empty(image.shape, np.float32)
     bad = np.empty(image.shape, np.bool_)
     coarse, jy, ty, jx, tx = bkg
-    _smooth(
-        image,
-        coarse,
-        jy,
-        ty,
-        jx,
-        tx,
-        np.asarray(mask),
-        np.uint32(ignore_bits),
-        w,
-        data,
-        tmp,
-        out,
-        bad,
-    )
+    _residual(image, coarse, jy, ty, jx, tx, np.asarray(mask), np.uint32(ignore_bits), data, bad)
+    _gaussian(data, w, out)
     return out, bad
