@@ -26,11 +26,13 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import ducc0
 import numpy as np
 from astropy.table import Table
-from scipy import signal
+from numpy.lib.stride_tricks import sliding_window_view
 
 from apdask import config
+from apdask._kernels.fused import thinned_values
 from apdask.core.exposure import Exposure, mask_bits
 from apdask.core.records import SubtractionInfo
 from apdask.exceptions import SubtractionQualityError, SubtractionQualityWarning
@@ -95,11 +97,30 @@ def _noise_level(noise, t):
     return _level(1.0 - noise, t["noise_ratio_warn"], t.get("noise_ratio_low_fail", 0.9))
 
 
+def _correlate_stamps(stamps: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlation of each stamp of an ``(n, S, S)`` stack with an odd square ``kernel``,
+    'same' size, zero outside the stamp: one float64 FFT of the stack (no wrap-around).
+    Returns float64."""
+    n, s, _ = stamps.shape
+    h = kernel.shape[0] // 2
+    m = ducc0.fft.good_size(s + h, True)
+    grid = np.zeros((m, m))
+    grid[: 2 * h + 1, : 2 * h + 1] = kernel
+    spec = np.conj(ducc0.fft.r2c(np.roll(grid, (-h, -h), axis=(0, 1)), axes=(0, 1)))
+    buf = np.zeros((n, m, m))
+    buf[:, :s, :s] = stamps
+    f = ducc0.fft.r2c(buf, axes=(1, 2))
+    f *= spec
+    return ducc0.fft.c2r(f, axes=(1, 2), lastsize=m, forward=False, inorm=2, out=buf)[:, :s, :s]
+
+
 def _star_residuals(difference, xs, ys, fwhm):
     """Normalised residual χ² (r ≤ 1.5 FWHM) and ±5σ dipole flags (r ≤ 2 FWHM) at stars.
 
-    The matched filter of every stamp runs as one FFT over the stack of stamps (it was
-    one ``scipy.signal.correlate`` per star: ~0.4 s for a 4k CCD's ~300 stars).
+    All stars at once: their stamps are gathered into one stack and the matched filter
+    of every stamp runs as one FFT over it (it was one ``scipy.signal.correlate`` per
+    star: ~0.4 s for a 4k CCD's ~300 stars).  Stars whose stamp leaves the image, or
+    with fewer than 5 good pixels within 1.5 FWHM, are left out.
     """
     img, var, mask = difference.image, difference.variance, difference.mask
     psf = np.asarray(difference.psf, float)
@@ -109,43 +130,42 @@ def _star_residuals(difference, xs, ys, fwhm):
     ny, nx = img.shape
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     rr = np.hypot(xx, yy)
-    chi2, dz, vz = [], [], []
-    for x, y in zip(xs, ys, strict=True):
-        x0, x1, y0, y1 = x - half, x + half + 1, y - half, y + half + 1
-        if x0 < 0 or y0 < 0 or x1 > nx or y1 > ny:
-            continue
-        d = np.asarray(img[y0:y1, x0:x1], float)
-        v = np.asarray(var[y0:y1, x0:x1], float)
-        ok = ((mask[y0:y1, x0:x1] & _BAD) == 0) & (v > 0)
-        core = ok & (rr <= r_chi)
-        if core.sum() < 5:
-            continue
-        chi2.append(float(np.mean(d[core] ** 2 / v[core])))
-        dz.append(np.where(ok, d, 0.0))
-        vz.append(np.where(ok, v, 0.0))
-    if not chi2:
+    xs, ys = np.asarray(xs, dtype=np.int64), np.asarray(ys, dtype=np.int64)
+    on = (xs >= half) & (ys >= half) & (xs + half < nx) & (ys + half < ny)
+    # (n, S, S) windows (all on the image)
+    xs, ys, size = xs[on] - half, ys[on] - half, (2 * half + 1, 2 * half + 1)
+    d = sliding_window_view(img, size)[ys, xs]
+    v = sliding_window_view(var, size)[ys, xs]
+    ok = ((sliding_window_view(mask, size)[ys, xs] & _BAD) == 0) & (v > 0)
+    inner = rr <= r_chi
+    d_in, v_in, ok_in = d[:, inner].astype(float), v[:, inner].astype(float), ok[:, inner]
+    n_core = ok_in.sum(axis=1)
+    use = n_core >= 5
+    if not use.any():
         return [], []
-    # correlation with the PSF = convolution with the PSF reversed (odd sizes: same centre)
-    axes = (1, 2)
-    f = signal.fftconvolve(np.stack(dz), psf[None, ::-1, ::-1], mode="same", axes=axes)
-    vf = signal.fftconvolve(np.stack(vz), (psf * psf)[None, ::-1, ::-1], mode="same", axes=axes)
+    d_in, v_in, ok_in, n_core = d_in[use], v_in[use], ok_in[use], n_core[use]
+    chi2 = (np.where(ok_in, d_in, 0.0) ** 2 / np.where(ok_in, v_in, 1.0)).sum(axis=1) / n_core
+    if not use.all():
+        d, v, ok = d[use], v[use], ok[use]
+    f = _correlate_stamps(np.where(ok, d, 0.0), psf)
+    vf = _correlate_stamps(np.where(ok, v, 0.0), psf * psf)
     # the FFT leaves round-off where the direct sum is exactly 0 (all neighbours masked)
-    live = vf > 1e-9 * vf.max(axis=axes, keepdims=True)
-    snr = np.where(live, f / np.sqrt(np.where(live, vf, 1.0)), 0.0)[:, rr <= r_dip]
+    near = rr <= r_dip
+    f, vf, vmax = f[:, near], vf[:, near], vf.max(axis=(1, 2))[:, None]
+    live = vf > 1e-9 * vmax
+    snr = np.where(live, f / np.sqrt(np.where(live, vf, 1.0)), 0.0)
     dip = (snr.max(axis=1) > 5.0) & (snr.min(axis=1) < -5.0)
-    return chi2, [bool(b) for b in dip]
+    return [float(c) for c in chi2], [bool(b) for b in dip]
 
 
 def snr_sigma(matched: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float | None:
     """Robust σ of a matched-filter S/N map (:func:`apdask.detect.matched_filter`) on the
     pixels it did not ignore; None when none is left."""
     _, snr, ignored = matched
-    v = np.asarray(snr)[~np.asarray(ignored)]
-    v = v[np.isfinite(v) & (v != 0)]
+    # every step-th such pixel, for about 200,000 of them (one pass, no full-frame copy)
+    v = thinned_values(snr, ignored, 200_000)
     if v.size == 0:
         return None
-    step = max(1, v.size // 200_000)
-    v = v[::step]
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 

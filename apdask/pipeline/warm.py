@@ -19,6 +19,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from apdask._kernels import lanczos
+from apdask._kernels.trail import veres_fit, veres_jacobian
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, Exposure
 from apdask.core.memory import keep_freed_memory
@@ -26,6 +27,7 @@ from apdask.pipeline.isr import isr_amp, mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.psf import estimate_psf_model, sharpest_fwhm_px
+from apdask.pipeline.quality import snr_sigma
 from apdask.pipeline.subtract.difference import subtract
 
 __all__ = ["warm_kernels", "warm_plugin"]
@@ -102,6 +104,13 @@ def warm_kernels() -> float:
         diff, _ = subtract(science, template)
         matched = matched_filter(diff)
         found = detect_sources(diff, matched=matched)
+        snr_sigma(matched)  # the QA's
+        # the trail fit's, which only elongated sources reach
+        px = np.arange(4.0)
+        t, m, dm = np.array([1.0, 1.0, 1.0, 0.0]), px.copy(), np.zeros((4, 4))
+        veres_fit(px, px, px, px + 1.0, t, 1.0, m, dm, px.copy(), True)
+        jac, steps = np.zeros((4, 4)), np.full(4, 1e-3)
+        veres_jacobian(px, px, px, px + 1.0, t, 1.0, steps, px.copy(), jac, m, dm, px.copy())
         measure_sources(diff, science, template, found, visit=1, detector=0, band="r",
                         mjd=60000.0, matched=matched)  # fmt: skip
     except Exception as e:  # warming is an optimisation, never a failure

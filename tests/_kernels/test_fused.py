@@ -85,15 +85,26 @@ def test_matched_inputs_and_snr(planes):
     np.testing.assert_array_equal(img0, np.where(want, 0, img))
     np.testing.assert_array_equal(var0, np.where(want, 0, var))
     assert bad[98:105, 98:106].all() and not bad[97, 97]
+    # the same with the saturated pixels given as mask bits (found in the same pass)
+    got = _fused.matched_inputs(img, var, mask, IGNORE_BITS, MASK["SAT"], 2)
+    for a, ref in zip(got, (img0, var0, bad), strict=True):
+        np.testing.assert_array_equal(a, ref)
     # large saturated areas take the dilation path: same result
     big = np.zeros(img.shape, bool)
     big[:150] = True
     _, _, bad_big = _fused.matched_inputs(img, var, mask, IGNORE_BITS, big, 2)
     np.testing.assert_array_equal(bad_big[:152], True)
+    mask_big = mask.copy()
+    mask_big[:150] |= MASK["SAT"]
+    _, _, bad_bits = _fused.matched_inputs(img, var, mask_big, IGNORE_BITS, MASK["SAT"], 2)
+    np.testing.assert_array_equal(bad_bits[:152], True)
+    np.testing.assert_array_equal(bad_bits[152:], bad_big[152:])
     snr = _fused.snr_map(img0, var0, bad)
     with np.errstate(divide="ignore", invalid="ignore"):
         want = np.where((var0 > 0) & ~bad, img0 / np.sqrt(var0), 0)
     np.testing.assert_allclose(snr, want, rtol=1e-6)
+    in_place = var0.copy()
+    np.testing.assert_array_equal(_fused.snr_map(img0, in_place, bad, out=in_place), snr)
 
 
 def test_separable_stamp_convolutions_equal_fft():
@@ -188,6 +199,24 @@ def test_segments_equal_photutils_detect_sources(sign):
     want = np.nonzero(sign * img > 3.0)
     np.testing.assert_array_equal(ys, want[0])
     np.testing.assert_array_equal(xs, want[1])
+
+
+@pytest.mark.parametrize("target", [1, 7, 100, 10**9])
+def test_thinned_values_equal_numpy(target):
+    """Every step-th valid value, as the compress-and-slice it replaces (blocks of the
+    block counts with and without invalid pixels, a short last block)."""
+    rng = np.random.default_rng(8)
+    img = rng.normal(size=(60, 150)).astype(np.float32)
+    img[rng.uniform(size=img.shape) < 0.02] = 0.0
+    img[rng.uniform(size=img.shape) < 0.02] = np.nan
+    img[3, 5] = np.inf
+    ignored = rng.uniform(size=img.shape) < 0.05
+    ignored[10:20] = True
+    v = img[~ignored]
+    v = v[np.isfinite(v) & (v != 0)]
+    want = v[:: max(1, v.size // target)]
+    np.testing.assert_array_equal(_fused.thinned_values(img, ignored, target), want)
+    assert _fused.thinned_values(img, np.ones(img.shape, bool), target).size == 0
 
 
 def _cr_reference(img, bkg, var, skip, cr, r1, r2, nsigma):

@@ -329,3 +329,78 @@ def test_bright_variable_star_keeps_its_peak_on_the_star():
     py, px = np.unravel_index(np.argmin(box), box.shape)
     assert (py, px) == (20, 20)
     assert box[20, 20] < -20.0  # still far above the threshold
+
+
+def test_windows_equal_stamps_at():
+    """Windows gathered by slicing equal the gathered stamps, on and off the image."""
+    from apdask.pipeline.measure.windows import windows
+    from apdask.pipeline.stars import stamps_at
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(50, 60)).astype(np.float32)
+    mask = (img > 0).astype(np.uint32)
+    for half in (0, 3, 40):
+        xs, ys = rng.integers(-5, 65, 30), rng.integers(-5, 55, 30)
+        for a, fill in ((img, np.nan), (mask, 7)):
+            want = stamps_at(a, xs, ys, half, fill)
+            np.testing.assert_array_equal(windows(a, xs, ys, half, fill), want)
+    xs, ys = np.array([20, 30]), np.array([25, 26])  # all inside
+    np.testing.assert_array_equal(windows(img, xs, ys, 5), stamps_at(img, xs, ys, 5))
+
+
+def test_background_near_sources_equals_the_full_fit():
+    """The local background of the forced PSF fits, measured only in the blocks the fits
+    read, equals fit_background's there (and falls back to it on a tiny grid or an
+    all-masked block)."""
+    from apdask.core.exposure import MASK
+    from apdask.pipeline.background import fit_background
+    from apdask.pipeline.measure.sources import _background_near
+
+    rng = np.random.default_rng(3)
+    ny, nx = 700, 900
+    yy, xx = np.mgrid[:ny, :nx]
+    img = (rng.normal(size=(ny, nx)) + 0.01 * xx + 5 * np.sin(yy / 90.0)).astype(np.float32)
+    mask = np.zeros((ny, nx), np.uint32)
+    mask[100:180, 300:420] |= MASK["SAT"]
+    xs, ys = np.array([3.2, 450.7, 899.0, 310.0]), np.array([5.0, 350.2, 690.4, 140.0])
+    full = fit_background(img, mask, lazy=True)
+    near = _background_near(img, mask, xs, ys, 12)
+    used = np.isfinite(near.coarse)
+    assert 0 < used.mean() < 1
+    np.testing.assert_array_equal(near.coarse[used], full.coarse[used])
+    _, jy, _, jx, _ = near.bilinear()
+    for bx, by in zip(xs, ys, strict=True):  # every cell a fit blends is measured
+        ix, iy = int(np.floor(bx + 0.5)), int(np.floor(by + 0.5))
+        rows = jy[np.clip(np.arange(iy - 12, iy + 13), 0, ny - 1)]
+        cols = jx[np.clip(np.arange(ix - 12, ix + 13), 0, nx - 1)]
+        assert used[rows.min() : rows.max() + 2, cols.min() : cols.max() + 2].all()
+    mask[:80, :80] |= MASK["BAD"]  # a block without good pixels: the full fit
+    near = _background_near(img, mask, xs, ys, 12)
+    np.testing.assert_array_equal(near.coarse, fit_background(img, mask, lazy=True).coarse)
+    small = _background_near(img[:100], mask[:100], xs[:1], ys[:1], 12)
+    np.testing.assert_array_equal(
+        small.coarse, fit_background(img[:100], mask[:100], lazy=True).coarse
+    )
+
+
+def test_centroids_equal_one_at_a_time():
+    """The sub-pixel peaks of all detections at once equal subpixel_peak on each
+    detection's signed 3x3 window; a detection on the border keeps its pixel."""
+    from astropy.table import Table
+
+    from apdask.pipeline.measure.sources import _centroids
+    from apdask.pipeline.stars import subpixel_peak
+
+    rng = np.random.default_rng(5)
+    filt = rng.normal(size=(40, 50)).astype(np.float32)
+    det = Table({"x": [10, 0, 25, 49, 30], "y": [12, 5, 39, 20, 30], "sign": [1, 1, -1, 1, -1]})
+    xs, ys, flag = _centroids(filt, det)
+    np.testing.assert_array_equal(flag, [False, True, True, True, False])
+    for i in (0, 4):
+        ix, iy, s = int(det["x"][i]), int(det["y"][i]), det["sign"][i]
+        x, y = subpixel_peak(
+            s * filt[iy - 1 : iy + 2, ix - 1 : ix + 2], np.array([1]), np.array([1])
+        )
+        assert xs[i] == pytest.approx(x[0] + ix - 1, abs=1e-12)
+        assert ys[i] == pytest.approx(y[0] + iy - 1, abs=1e-12)
+    assert (xs[1], ys[1]) == (0.0, 5.0)

@@ -172,3 +172,16 @@ def test_an_extrapolating_spatial_kernel_falls_back_to_a_constant_one(tmp_path):
     assert t01["qa"]["checks"]["kernel_sum_variation"] == "pass"
     res = evaluate_visit(repo, 1000, plot=False)
     assert res["false_positives_by_ccd"].get("T01", 0) <= 1
+
+
+def test_stamp_correlations_equal_scipy():
+    """The QA's matched filter of a stack of star stamps: the PSF correlation of each,
+    'same' size and zero outside it, as ``scipy.signal.fftconvolve`` with the PSF reversed."""
+    from scipy import signal
+
+    from apdask.pipeline.quality import _correlate_stamps
+
+    rng = np.random.default_rng(0)
+    stamps, kernel = rng.normal(size=(3, 47, 47)), rng.uniform(size=(25, 25))
+    want = signal.fftconvolve(stamps, kernel[None, ::-1, ::-1], mode="same", axes=(1, 2))
+    np.testing.assert_allclose(_correlate_stamps(stamps, kernel), want, rtol=0, atol=1e-12)

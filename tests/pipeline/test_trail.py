@@ -241,3 +241,31 @@ def test_flux_is_on_the_psf_scale_for_a_non_gaussian_psf(length):
     ratio = psf_flux_ratio(psf, sigma, fit)
     assert fit["flux"] / ratio == pytest.approx(flux, rel=0.03)
     assert psf_flux_ratio(gaussian_psf(FWHM), SIGMA, fit) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "t", [(10.2, 9.1, 2.5, -1.5), (10.0, 9.0, 1e-4, 0.0), (9.0, 11.0, -6.0, 0.3)]
+)
+def test_veres_fit_kernel_equals_numpy_model(t):
+    """The numba pass: the model of veres_model, the best flux, the weighted residuals
+    and derivatives equal to central differences of the model (point limit included)."""
+    from apdask._kernels.trail import veres_fit
+
+    rng = np.random.default_rng(0)
+    n, sigma = 300, 1.7
+    x, y = rng.uniform(0, 20, n), rng.uniform(0, 20, n)
+    d = rng.normal(size=n) + 50 * veres_model(x, y, (10, 9, 3, -2), sigma)
+    w = rng.uniform(0.5, 2.0, n)
+    t = np.array(t)
+    m, dm, r = np.empty(n), np.empty((n, 4)), np.empty(n)
+    flux = veres_fit(x, y, d, w, t, sigma, m, dm, r, True)
+    want = veres_model(x, y, t, sigma)
+    np.testing.assert_allclose(m, want, rtol=1e-12, atol=1e-15)
+    f = (w * want * d).sum() / (w * want * want).sum()
+    assert flux == pytest.approx(f, rel=1e-12)
+    np.testing.assert_allclose(r, (d - f * want) * np.sqrt(w), rtol=1e-10, atol=1e-12)
+    num = [
+        (veres_model(x, y, t + e, sigma) - veres_model(x, y, t - e, sigma)) / 2e-6
+        for e in np.eye(4) * 1e-6
+    ]
+    np.testing.assert_allclose(dm, np.column_stack(num), rtol=0, atol=1e-8 * np.abs(m).max())

@@ -24,6 +24,7 @@ from apdask._kernels.fused._detection import (
     matched_inputs,
     segments,
     snr_map,
+    thinned_values,
 )
 from apdask._kernels.fused._difference import (
     combine_inputs,
@@ -70,6 +71,7 @@ __all__ = [
     "smoothed_residual",
     "snr_map",
     "stamps_less_background",
+    "thinned_values",
     "tile_add",
     "tile_add_rows",
     "tile_product",

@@ -8,20 +8,47 @@ from numba.extending import register_jitable
 
 from apdask._kernels.fused._threads import _threads
 
-__all__ = ["matched_inputs", "boxes_clear", "dilate", "snr_map", "above", "local_peaks", "segments"]
+__all__ = [
+    "matched_inputs",
+    "boxes_clear",
+    "dilate",
+    "snr_map",
+    "above",
+    "local_peaks",
+    "segments",
+    "thinned_values",
+]
 
 
 @numba.njit(parallel=True, cache=True)
-def _matched_inputs(image, variance, mask, ignore_bits, img0, var0, bad):
+def _matched_inputs(image, variance, mask, ignore_bits, around_bits, img0, var0, bad, counts):
     ny, nx = image.shape
     for y in numba.prange(ny):
+        c = np.int64(0)
         for x in range(nx):
             v = image[y, x]
             w = variance[y, x]
-            b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v) or not np.isfinite(w)
+            m = mask[y, x]
+            b = (m & ignore_bits) != 0 or not np.isfinite(v) or not np.isfinite(w)
             bad[y, x] = b
             img0[y, x] = np.float32(0.0) if b else v
             var0[y, x] = np.float32(0.0) if b else w
+            c += np.int64((m & around_bits) != 0)
+        counts[y] = c
+
+
+@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
+def _bit_pixels(mask, bits, counts, starts, ys, xs):
+    ny, nx = mask.shape
+    for y in range(ny):
+        if counts[y] == 0:
+            continue
+        k = starts[y]
+        for x in range(nx):
+            if (mask[y, x] & bits) != 0:
+                ys[k] = y
+                xs[k] = x
+                k += 1
 
 
 @numba.njit(cache=True)
@@ -63,14 +90,15 @@ def matched_inputs(
     variance: np.ndarray,
     mask: np.ndarray,
     ignore_bits: int,
-    around: np.ndarray | None = None,
+    around: np.ndarray | int | None = None,
     half: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The matched filter's inputs: image and variance with left-out pixels set to 0.
 
     A pixel is left out (``bad``) when ``mask & ignore_bits`` is set, when its image or
     variance value is not finite, or when it lies within ``half`` pixels (square) of a
-    pixel of ``around`` (a bool image, e.g. saturated pixels).
+    pixel of ``around``: a bool image (e.g. saturated pixels), or mask bits (the
+    pixels with ``mask & around`` set, found in the same pass).
 
     Returns
     -------
@@ -80,28 +108,39 @@ def matched_inputs(
         bool.
     """
     image = np.asarray(image, np.float32)
+    mask = np.asarray(mask)
     img0 = np.empty(image.shape, np.float32)
     var0 = np.empty(image.shape, np.float32)
     bad = np.empty(image.shape, np.bool_)
+    bits = int(around) if isinstance(around, int | np.integer) else 0
+    counts = np.empty(image.shape[0], np.int64)
     _matched_inputs(
         image,
         np.asarray(variance, np.float32),
-        np.asarray(mask),
+        mask,
         np.uint32(ignore_bits),
+        np.uint32(bits),
         img0,
         var0,
         bad,
+        counts,
     )
-    if around is not None and half > 0:
-        n = int(np.count_nonzero(around))
-        if 0 < n <= 20_000:  # a few saturated stars: mark boxes around their pixels
-            ys, xs = np.nonzero(around)
-            _mark_boxes(bad, img0, var0, ys.astype(np.int64), xs.astype(np.int64), int(half))
-        elif n:  # large areas: one dilation of the whole mask (cumulative sums)
-            grown = dilate(around, int(half))
-            bad |= grown
-            img0[grown] = 0.0
-            var0[grown] = 0.0
+    if around is None or half <= 0:
+        return img0, var0, bad
+    n = int(counts.sum()) if bits else int(np.count_nonzero(around))
+    if 0 < n <= 20_000:  # a few saturated stars: mark boxes around their pixels
+        if bits:
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
+            _bit_pixels(mask, np.uint32(bits), counts, starts, ys, xs)
+        else:
+            ys, xs = (a.astype(np.int64) for a in np.nonzero(np.asarray(around)))
+        _mark_boxes(bad, img0, var0, ys, xs, int(half))
+    elif n:  # large areas: one dilation of the whole mask (cumulative sums)
+        grown = dilate((mask & bits) != 0 if bits else np.asarray(around), int(half))
+        bad |= grown
+        img0[grown] = 0.0
+        var0[grown] = 0.0
     return img0, var0, bad
 
 
@@ -126,9 +165,16 @@ def _snr(filt, vfilt, bad, out):
 
 
 @_threads
-def snr_map(filt: np.ndarray, vfilt: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32)."""
-    out = np.empty(bad.shape, np.float32)
+def snr_map(
+    filt: np.ndarray, vfilt: np.ndarray, bad: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``filt / sqrt(vfilt)`` where ``vfilt > 0`` and not ``bad``, else 0 (float32).
+
+    ``out`` (float32, C order) receives it when given; it may be ``vfilt`` itself
+    (each pixel is read before it is written), which saves a full frame.
+    """
+    if out is None:
+        out = np.empty(bad.shape, np.float32)
     _snr(filt, vfilt, bad, out)
     return out
 
@@ -191,17 +237,18 @@ def _segments(ys, xs, vals, nx):
 def _count_above(image, t, sign, counts):
     ny, nx = image.shape
     for y in numba.prange(ny):
-        c = 0
-        for x in range(nx):
-            if sign * image[y, x] > t:
-                c += 1
+        c = np.int64(0)
+        for x in range(nx):  # branch-free: vectorised
+            c += np.int64(sign * image[y, x] > t)
         counts[y] = c
 
 
-@numba.njit(parallel=True, cache=True)
-def _fill_above(image, t, sign, starts, ys, xs):
+@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
+def _fill_above(image, t, sign, counts, starts, ys, xs):
     ny, nx = image.shape
-    for y in numba.prange(ny):
+    for y in range(ny):
+        if counts[y] == 0:  # most rows: nothing above the threshold
+            continue
         k = starts[y]
         for x in range(nx):
             if sign * image[y, x] > t:
@@ -220,7 +267,7 @@ def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarra
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     n = int(counts.sum())
     ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
-    _fill_above(image, t, sg, starts, ys, xs)
+    _fill_above(image, t, sg, counts, starts, ys, xs)
     return ys, xs
 
 
@@ -305,3 +352,75 @@ def segments(
     out, best = _segments(ys, xs, vals, image.shape[1])
     keep = out[:, 0] >= n_pixels
     return out[keep], best[keep]
+
+
+#: Pixels per block of the block counts of :func:`thinned_values`.
+_BLOCK = 64
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_valid(image, ignored, counts):
+    ny, nx = image.shape
+    nb = counts.shape[1]
+    for y in numba.prange(ny):
+        for b in range(nb):
+            x0 = b * _BLOCK
+            c = np.int64(0)
+            if x0 + _BLOCK <= nx:  # a constant trip count, branch-free: vectorised
+                for i in range(_BLOCK):
+                    v = image[y, x0 + i]
+                    c += np.int64((not ignored[y, x0 + i]) & (np.abs(v) < np.inf) & (v != 0))
+            else:
+                for x in range(x0, nx):
+                    v = image[y, x]
+                    c += np.int64((not ignored[y, x]) & (np.abs(v) < np.inf) & (v != 0))
+            counts[y, b] = c
+
+
+@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
+def _take_valid(image, ignored, counts, starts, step, out):
+    ny, nx = image.shape
+    nb = counts.shape[1]
+    for y in range(ny):
+        k = starts[y]  # valid pixels before this row's block b
+        take = -(-k // step) * step  # the next valid pixel to take
+        for b in range(nb):
+            c = counts[y, b]
+            x0, x1 = b * _BLOCK, min((b + 1) * _BLOCK, nx)
+            if take < k + c:
+                if c == x1 - x0:  # every pixel of the block valid: index directly
+                    while take < k + c:
+                        out[take // step] = image[y, x0 + take - k]
+                        take += step
+                else:
+                    j = k
+                    for x in range(x0, x1):
+                        v = image[y, x]
+                        if (not ignored[y, x]) & (np.abs(v) < np.inf) & (v != 0):
+                            if j == take:
+                                out[take // step] = image[y, x]
+                                take += step
+                            j += 1
+            k += c
+
+
+@_threads
+def thinned_values(image: np.ndarray, ignored: np.ndarray, target: int) -> np.ndarray:
+    """Every ``step``-th finite non-zero value of ``image`` where not ``ignored``
+    (raster order), ``step = max(1, n // target)`` for the ``n`` such values.
+
+    Equal to ``v = image[~ignored]; v = v[np.isfinite(v) & (v != 0)]; v[::step]``
+    without the full-frame temporaries.
+    """
+    image = np.asarray(image)
+    ignored = np.asarray(ignored, np.bool_)
+    counts = np.empty((image.shape[0], -(-image.shape[1] // _BLOCK)), np.int64)
+    _count_valid(image, ignored, counts)
+    rows = counts.sum(axis=1)
+    n = int(rows.sum())
+    step = max(1, n // max(int(target), 1))
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    out = np.empty((n + step - 1) // step, image.dtype)
+    if n:
+        _take_valid(image, ignored, counts, starts, np.int64(step), out)
+    return out

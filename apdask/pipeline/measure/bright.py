@@ -6,6 +6,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from apdask.core.stats import nanmedian_last
+from apdask.pipeline.measure.windows import windows
 from apdask.pipeline.psf import psf_fwhm
 from apdask.pipeline.stars import local_maxima, stamps_at
 
@@ -146,31 +147,29 @@ def _bright_variance(
     rbin = np.digitize(r, edges) - 1
     cnt = np.bincount(rbin[rbin < nbin], minlength=nbin)
     pix = np.argsort(rbin, kind="stable")[: cnt.sum()]  # stamp pixels grouped by bin
-    slot = np.arange(len(pix)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    take = np.full((nbin, cnt.max()), -1)
-    take[rbin[pix], slot] = pix  # (bin, slot) -> stamp pixel; -1 = a NaN pad
-    b = stamps_at(bad, xs, ys, H, True).reshape(len(xs), -1)
-    clean = np.flatnonzero(~b[:, r <= 4 * step].any(axis=1))[:max_local]
+    # clean: no masked pixel within 4 steps (a stamp of that size is enough to tell)
+    hc = int(np.ceil(4 * step))
+    rc = np.hypot(*np.mgrid[-hc : hc + 1, -hc : hc + 1]).ravel() <= 4 * step
+    near = windows(bad, xs, ys, hc, True).reshape(len(xs), -1)[:, rc]
+    clean = np.flatnonzero(~near.any(axis=1))[:max_local]
     if len(clean) == 0:
         return np.zeros(nbin)
-    pad = np.full((len(clean), 1), np.nan)
-    d = np.where(b[clean], np.nan, stamps_at(filt, xs[clean], ys[clean], H).reshape(len(clean), -1))
-    v = np.where(
-        b[clean], np.nan, stamps_at(vfilt, xs[clean], ys[clean], H).reshape(len(clean), -1)
-    )
-    d = np.concatenate([d, pad], axis=1)[:, take]  # (source, bin, slot)
-    v = np.concatenate([v, pad], axis=1)[:, take]
-    n = np.count_nonzero(np.isfinite(d), axis=2)
+    xc, yc = xs[clean], ys[clean]
+    # the stamps' pixels within r_max, grouped by bin; NaN where masked or off the image
+    b = windows(bad, xc, yc, H, True).reshape(len(clean), -1)[:, pix]
+    d = np.where(b, np.nan, windows(filt, xc, yc, H).reshape(len(clean), -1)[:, pix])
+    v = np.where(b, np.nan, windows(vfilt, xc, yc, H).reshape(len(clean), -1)[:, pix])
+    n, (sum_v, sum_d2) = _bin_sums(np.isfinite(d), (v, d * d), cnt)
     f = flux[clean][:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mv = np.nanmean(v, axis=2)
+        mv = sum_v / n
         # --- rings: annulus medians of the brightest (a median of n correlated pixels)
         use = slice(0, max_stars)
-        val = nanmedian_last(d[use]) / f[use]
+        val = nanmedian_last(_by_bin(d[use], cnt)) / f[use]
         err2 = (np.pi / 2) * mv[use] * np.minimum(1.0, nea / n[use]) / f[use] ** 2
         # --- local power: filt's correlation area is about twice the PSF's
         n_eff = np.maximum(n / (2.0 * nea), 1.0)
-        pw = (np.nanmean(d * d, axis=2) - mv) / f**2
+        pw = (sum_d2 / n - mv) / f**2
         pw_w = n_eff * f**4 / (2.0 * mv * mv)
     amp = _weighted_median_profile(val, np.where(n[use] >= 5, 1.0 / err2, 0.0), nsigma)
     amp[edges[:-1] < fwhm] = amp[0]  # flat within one FWHM
@@ -180,6 +179,34 @@ def _bright_variance(
         return amp
     _add_variance(vfilt, xs, ys, flux, amp, local, psf, edges, float(r_max), floor)
     return amp
+
+
+def _bin_sums(
+    ok: np.ndarray, values: tuple[np.ndarray, ...], cnt: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per row and bin: the count of ``ok`` pixels and the sums of ``values`` over them.
+
+    ``ok`` and ``values`` are ``(n, P)`` with their columns grouped by bin, ``cnt[k]``
+    columns in bin ``k``.
+    """
+    full = cnt > 0
+    starts = (np.cumsum(cnt) - cnt)[full]
+    out = []
+    for a in (ok, *values):
+        s = np.zeros((len(ok), len(cnt)))
+        s[:, full] = np.add.reduceat(np.where(ok, a, 0.0), starts, axis=1)
+        out.append(s)
+    return out[0], out[1:]
+
+
+def _by_bin(a: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+    """``(n, nbin, max(cnt))`` from ``(n, P)`` columns grouped by bin (``cnt`` columns
+    per bin), NaN-padded."""
+    n = len(a)
+    starts = np.cumsum(cnt) - cnt
+    slot = np.arange(cnt.max())
+    take = np.where(slot[None, :] < cnt[:, None], starts[:, None] + slot[None, :], a.shape[1])
+    return np.concatenate([a, np.full((n, 1), np.nan)], axis=1)[:, take]
 
 
 def _local_power(

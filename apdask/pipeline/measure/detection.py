@@ -51,10 +51,10 @@ def _filtered(difference, psf, sat_grow=None):
     """
     if sat_grow is None:
         sat_grow = int(np.ceil(2.0 * psf_fwhm(psf)))
-    sat = (difference.mask & MASK["SAT"]) != 0
     img, var, bad = matched_inputs(
-        difference.image, difference.variance, difference.mask, IGNORE_BITS, sat, int(sat_grow)
-    )
+        difference.image, difference.variance, difference.mask, IGNORE_BITS, MASK["SAT"],
+        int(sat_grow),
+    )  # fmt: skip
     p = psf[::-1, ::-1]  # correlation with the PSF
     filt, vfilt = np.empty(img.shape, np.float32), np.empty(img.shape, np.float32)
     jobs = [(filt, [(None, None, [(0, p)])]), (vfilt, [(None, None, [(1, p * p)])])]
@@ -62,7 +62,7 @@ def _filtered(difference, psf, sat_grow=None):
     sources = difference.bright_sources
     if sources is not None:
         _bright_variance(filt, vfilt, bad, sources, psf)
-    return filt, snr_map(filt, vfilt, bad), bad
+    return filt, snr_map(filt, vfilt, bad, out=vfilt), bad  # vfilt is not needed after
 
 
 # --------------------------------------------------------------------------------------

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 from astropy.table import Table
-from scipy.optimize import least_squares
+from scipy.optimize import least_squares, minimize_scalar
 from scipy.special import erf
 
+from apdask._kernels.trail import veres_fit, veres_jacobian
 from apdask.core.exposure import IGNORE_BITS, MASK, Exposure
 from apdask.pipeline.measure.dipole import _bearing, _separation
 from apdask.pipeline.psf import psf_fwhm
@@ -59,6 +60,8 @@ _MAX_LENGTH = 200.0
 #: Pixels where the fitted model exceeds this fraction of its peak make the edge test.
 _EDGE_LEVEL = 0.01
 _SQRT2 = np.sqrt(2.0)
+#: Relative step of the forward differences (scipy's for ``jac="2-point"``).
+_FD_STEP = float(np.sqrt(np.finfo(np.float64).eps))
 
 
 def veres_model(x: np.ndarray, y: np.ndarray, t: Any, sigma: float) -> np.ndarray:
@@ -80,18 +83,25 @@ def veres_model(x: np.ndarray, y: np.ndarray, t: Any, sigma: float) -> np.ndarra
 
 def psf_sigma(psf: np.ndarray) -> float:
     """Width (pixels) of the Gaussian that fits a PSF stamp best (least squares, flux
-    free, centred on the stamp): the ``sigma`` of the Veres model for that PSF."""
+    free, centred on the stamp): the ``sigma`` of the Veres model for that PSF.
+
+    The best flux of a given width is linear (and not negative), so only the width is
+    searched: bounded Brent on ``[0.2, stamp size]``.
+    """
     p = np.asarray(psf, float)
     n = p.shape[0]
-    yy, xx = np.mgrid[:n, :n].astype(float)
-    c = (n // 2, n // 2, 0.0, 0.0)
+    o = (np.arange(n) - n // 2) ** 2
+    r2 = (o[:, None] + o[None, :]).astype(float)
+    pp = float((p * p).sum())
 
-    def resid(q: np.ndarray) -> np.ndarray:
-        return (q[1] * veres_model(xx, yy, c, q[0]) - p).ravel()
+    def cost(s: float) -> float:  # χ² at the best flux (≥ 0) of width s
+        g = np.exp(-0.5 * r2 / (s * s))
+        gp = max(float((g * p).sum()), 0.0)
+        return pp - gp * gp / float((g * g).sum())
 
     s0 = max(float(psf_fwhm(p)) / 2.3548, 0.3)
-    sol = least_squares(resid, [s0, float(p.sum())], bounds=([0.2, 0.0], [n, np.inf]))
-    return float(sol.x[0]) if sol.success else s0
+    sol = minimize_scalar(cost, bounds=(0.2, float(n)), method="bounded", options={"xatol": 1e-9})
+    return float(sol.x) if sol.success else s0
 
 
 def psf_flux_ratio(psf: np.ndarray, sigma: float, fit: dict[str, Any]) -> float:
@@ -206,25 +216,18 @@ def fit_trail(
     yy, xx = np.mgrid[y0:y1, x0:x1]
     x, y, dd = xx[ok].astype(float), yy[ok].astype(float), d[ok]
     w = 1.0 / v[ok]
-    sw = np.sqrt(w)
     t0 = start if start is not None else _start(d, xx, yy, ok, sigma, np.sqrt(np.median(v[ok])))
     if t0 is None:
         return None
-
-    def flux_of(mod: np.ndarray) -> float:
-        den = float((w * mod * mod).sum())
-        return float((w * mod * dd).sum()) / den if den > 0 else 0.0
-
-    def resid(t: np.ndarray) -> np.ndarray:
-        mod = veres_model(x, y, t, sigma)
-        return (dd - flux_of(mod) * mod) * sw
-
-    sol = least_squares(resid, t0, method="lm", x_scale=1.0, max_nfev=max_nfev)
+    model = _Residuals(x, y, dd, w, sigma)
+    sol = least_squares(
+        model.residuals, t0, jac=model.jacobian, method="lm", x_scale=1.0, max_nfev=max_nfev
+    )
     t = sol.x
-    mod = veres_model(x, y, t, sigma)
-    flux = flux_of(mod)
-    cov = _covariance(x, y, t, flux, sigma, sw)
-    chi2 = float((resid(t) ** 2).sum())
+    chi2 = float((model.residuals(t) ** 2).sum())
+    flux = model.flux
+    cov = _covariance(*model.derivatives(t), flux, np.sqrt(w))
+    resid = model.residuals
     # chi² of a point source at the same centre: a length is significant by sqrt(Δχ²)
     dchi2 = max(float((resid(np.array([t[0], t[1], 0.0, 0.0])) ** 2).sum()) - chi2, 0.0)
     out = _result(t, flux, cov, chi2, ndata, bool(sol.success))
@@ -243,17 +246,56 @@ def fit_trail(
     return out
 
 
-def _covariance(x, y, t, flux, sigma, sw) -> np.ndarray:
-    """``(JᵀWJ)⁻¹`` of ``(flux, xc, yc, ex, ey)``, the derivatives by central differences."""
-    cols = [veres_model(x, y, t, sigma) * sw]
-    step = 1e-3
-    for k in range(4):
-        tp, tm = t.copy(), t.copy()
-        tp[k] += step
-        tm[k] -= step
-        dm = veres_model(x, y, tp, sigma) - veres_model(x, y, tm, sigma)
-        cols.append(flux * dm / (2 * step) * sw)
-    jac = np.column_stack(cols)
+class _Residuals:
+    """Weighted residuals of the best-flux Veres model of given pixels
+    (:func:`apdask._kernels.trail.veres_fit`) and their forward-difference Jacobian;
+    the last point's model, its derivatives and flux are kept (``m``, ``dm``, ``flux``).
+
+    The Jacobian is the one ``least_squares(jac="2-point")`` forms (the same steps),
+    without its per-column Python machinery: the fit takes the same path to the same
+    solution.  (The exact derivatives would converge in fewer steps, but to another
+    local minimum on some faint sources, and so change which fits fail.)
+    """
+
+    def __init__(self, x, y, d, w, sigma):
+        self.x, self.y, self.d, self.w, self.sigma = x, y, d, w, float(sigma)
+        n = len(x)
+        self.m, self.dm, self.r = np.empty(n), np.empty((n, 4)), np.empty(n)
+        self.t: np.ndarray | None = None
+        self.flux = 0.0
+
+    def _at(self, t: np.ndarray, deriv: bool = False) -> None:
+        if deriv or self.t is None or not np.array_equal(t, self.t):
+            args = (self.x, self.y, self.d, self.w, t, self.sigma, self.m, self.dm, self.r)
+            self.flux = float(veres_fit(*args, deriv))
+            self.t = t.copy()
+
+    def residuals(self, t: np.ndarray) -> np.ndarray:
+        """Weighted residuals at ``t = (xc, yc, ex, ey)`` (a new array)."""
+        self._at(np.ascontiguousarray(t, dtype=float))
+        return self.r.copy()
+
+    def derivatives(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The unit-flux model at ``t`` and its derivatives, ``(n,)`` and ``(n, 4)``."""
+        self._at(np.ascontiguousarray(t, dtype=float), deriv=True)
+        return self.m, self.dm
+
+    def jacobian(self, t: np.ndarray) -> np.ndarray:
+        """Forward differences at ``t``, steps ``√ε · max(1, |t|)`` as scipy's."""
+        t = np.ascontiguousarray(t, dtype=float)
+        f0 = self.residuals(t)
+        h = _FD_STEP * np.where(t >= 0, 1.0, -1.0) * np.maximum(1.0, np.abs(t))
+        jac = np.empty((len(f0), len(t)))
+        veres_jacobian(self.x, self.y, self.d, self.w, t, self.sigma, h, f0, jac, self.m,
+                       self.dm, self.r)  # fmt: skip
+        self.t = None  # the scratch arrays no longer hold the model at t
+        return jac
+
+
+def _covariance(m, dm, flux, sw) -> np.ndarray:
+    """``(JᵀWJ)⁻¹`` of ``(flux, xc, yc, ex, ey)`` from the unit-flux model ``m`` and its
+    derivatives ``dm`` at the solution."""
+    jac = np.column_stack([m * sw, flux * dm * sw[:, None]])
     return np.linalg.pinv(jac.T @ jac)
 
 
