@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 
 __all__ = ["veres_fit", "veres_jacobian"]
 
@@ -64,7 +65,10 @@ def _terms(x, y, t, sigma, m, dm, deriv):
 
 
 @numba.njit(cache=True)
-def veres_fit(x, y, d, w, t, sigma, m, dm, r, deriv):
+def veres_fit(
+    x: np.ndarray, y: np.ndarray, d: np.ndarray, w: np.ndarray, t: np.ndarray, sigma: float,
+    m: np.ndarray, dm: np.ndarray, r: np.ndarray, deriv: bool,
+) -> float:  # fmt: skip
     """Weighted residuals of the best-flux Veres model.
 
     For pixels ``(x, y)`` with data ``d`` and weights ``w`` (inverse variances): the
@@ -86,7 +90,11 @@ def veres_fit(x, y, d, w, t, sigma, m, dm, r, deriv):
 
 
 @numba.njit(cache=True)
-def veres_jacobian(x, y, d, w, t, sigma, steps, r0, jac, m, dm, r):
+def veres_jacobian(
+    x: np.ndarray, y: np.ndarray, d: np.ndarray, w: np.ndarray, t: np.ndarray, sigma: float,
+    steps: np.ndarray, r0: np.ndarray, jac: np.ndarray, m: np.ndarray, dm: np.ndarray,
+    r: np.ndarray,
+) -> None:  # fmt: skip
     """Forward-difference Jacobian of :func:`veres_fit`'s residuals at ``t`` (``r0``),
     column ``k`` with the step ``steps[k]`` of ``t[k]``, into ``jac`` (``(n, 4)``);
     ``m``, ``dm`` and ``r`` are scratch (left at the last step's point)."""

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 
 from apdask.core.exposure import Exposure
-
-if TYPE_CHECKING:  # (the pipeline imports the records)
-    from apdask.pipeline.stars import StarPeaks
 
 __all__ = [
     "Association",
@@ -108,9 +105,10 @@ class Calibrated:
     exposure: Exposure
     astrometry: Mapping[str, Any] = field(default_factory=dict)  #: the WCS fit's figures
     timings: Mapping[str, float] = field(default_factory=dict)
-    #: the astrometry's star search of the image, which the PSF model selects from too
-    #: instead of searching the image again; None once the image has changed
-    peaks: StarPeaks | None = None
+    #: the star search of the image (an ``apdask.pipeline.stars.StarPeaks``; the core
+    #: does not import the pipeline) that the WCS fit and the PSF model select their
+    #: stars from; None once the image has changed
+    peaks: Any = None
 
 
 @dataclass(frozen=True)
