@@ -235,7 +235,7 @@ def build_visit_graph(
     for k, name in enumerate(names):
         if check is not None:
             check()
-        # a CCD's chain on one worker (preferred, not required): its arrays never move
+        # a CCD's chain prefers one worker (not required): its arrays stay where made
         place = (
             dask.annotate(workers=[workers[k % len(workers)]], allow_other_workers=True)
             if workers
