@@ -54,3 +54,28 @@ def test_check_hook_runs_before_each_ccd_and_can_abandon_the_build(tmp_path):
     with pytest.raises(TimeoutError, match="over the bound"):
         build_visit_graph(nv, repo=str(tmp_path), timeout=5, check=stop_after_first)
     assert calls == [1]
+
+
+def test_each_ccds_tasks_prefer_one_worker_in_turn(tmp_path):
+    """With ``workers``, every task of a CCD carries a loose restriction to one worker,
+    the CCDs taking the workers in turn; without, no task is restricted."""
+    nv = NextVisit.from_dict(MSG)
+    graph = build_visit_graph(nv, repo=str(tmp_path), timeout=5, workers=["tcp://a", "tcp://b"])
+    placed: dict[str, set] = {"T00": set(), "T01": set()}
+
+    def value(ann, name, key):  # dask keeps merged layers' annotations per key
+        v = ann.get(name)
+        return v(key) if callable(v) else v
+
+    for layer in graph.__dask_graph__().layers.values():
+        ann = layer.annotations or {}
+        for key in layer:
+            for det in placed:
+                if f"-1000-{det}" in str(key):
+                    workers = value(ann, "workers", key)
+                    loose = value(ann, "allow_other_workers", key)
+                    placed[det].add((tuple(workers or ()), loose))
+    assert placed["T00"] == {(("tcp://a",), True)}
+    assert placed["T01"] == {(("tcp://b",), True)}
+    plain = build_visit_graph(nv, repo=str(tmp_path), timeout=5)
+    assert not any(layer.annotations for layer in plain.__dask_graph__().layers.values())

@@ -331,10 +331,18 @@ def test_bright_variable_star_keeps_its_peak_on_the_star():
     assert box[20, 20] < -20.0  # still far above the threshold
 
 
-def test_windows_equal_stamps_at():
-    """Windows gathered by slicing equal the gathered stamps, on and off the image."""
-    from apdask.pipeline.measure.windows import windows
+def test_stamps_at_equal_gathered_pixels():
+    """Windows copied by slicing equal the pixels gathered one by one, on and off the
+    image (off: ``fill``)."""
     from apdask.pipeline.stars import stamps_at
+
+    def gathered(a, xs, ys, half, fill):
+        ny, nx = a.shape
+        o = np.arange(-half, half + 1)
+        yy, xx = ys[:, None, None] + o[None, :, None], xs[:, None, None] + o[None, None, :]
+        on = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        return np.where(on, a[np.clip(yy, 0, ny - 1), np.clip(xx, 0, nx - 1)],
+                        np.asarray(fill).astype(a.dtype))  # fmt: skip
 
     rng = np.random.default_rng(0)
     img = rng.normal(size=(50, 60)).astype(np.float32)
@@ -342,10 +350,11 @@ def test_windows_equal_stamps_at():
     for half in (0, 3, 40):
         xs, ys = rng.integers(-5, 65, 30), rng.integers(-5, 55, 30)
         for a, fill in ((img, np.nan), (mask, 7)):
-            want = stamps_at(a, xs, ys, half, fill)
-            np.testing.assert_array_equal(windows(a, xs, ys, half, fill), want)
+            got = stamps_at(a, xs, ys, half, fill)
+            assert got.dtype == a.dtype
+            np.testing.assert_array_equal(got, gathered(a, xs, ys, half, fill))
     xs, ys = np.array([20, 30]), np.array([25, 26])  # all inside
-    np.testing.assert_array_equal(windows(img, xs, ys, 5), stamps_at(img, xs, ys, 5))
+    np.testing.assert_array_equal(stamps_at(img, xs, ys, 5), gathered(img, xs, ys, 5, np.nan))
 
 
 def test_background_near_sources_equals_the_full_fit():

@@ -11,7 +11,6 @@ from apdask._kernels.fused._threads import _threads
 __all__ = [
     "cr_candidates",
     "flagged_pixels",
-    "interpolate_over",
     "interpolate_pixels",
     "grow_pixels",
     "smoothed_residual",
@@ -185,16 +184,6 @@ def _box_medians(img, bad, ys, xs, half, max_half, out, found):
             h *= 2
 
 
-def interpolate_over(
-    img: np.ndarray, bad: np.ndarray, half: int = 2, max_half: int = 64
-) -> np.ndarray:
-    """Replace ``bad`` pixels of ``img`` in place by the median of the good (not bad,
-    finite) pixels in a ``(2h+1)²`` box, ``h = half`` doubled until one is found
-    (beyond ``max_half``: the median of all good pixels)."""
-    ys, xs = np.nonzero(bad)
-    return interpolate_pixels(img, bad, ys, xs, half, max_half)
-
-
 @_threads
 def interpolate_pixels(
     img: np.ndarray,
@@ -204,8 +193,9 @@ def interpolate_pixels(
     half: int = 2,
     max_half: int = 64,
 ) -> np.ndarray:
-    """:func:`interpolate_over` of the pixels ``(ys, xs)`` only (``bad`` still says
-    which pixels the medians leave out): no full-frame search for the bad pixels."""
+    """Replace the pixels ``(ys, xs)`` of ``img`` in place by the median of the good
+    (not ``bad``, finite) pixels in a ``(2h+1)²`` box, ``h = half`` doubled until one is
+    found (beyond ``max_half``: the median of all good pixels)."""
     if len(ys) == 0:
         return img
     vals = np.empty(len(ys), np.float32)

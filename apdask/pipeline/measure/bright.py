@@ -6,7 +6,6 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from apdask.core.stats import nanmedian_last
-from apdask.pipeline.measure.windows import windows
 from apdask.pipeline.psf import psf_fwhm
 from apdask.pipeline.stars import local_maxima, stamps_at
 
@@ -150,15 +149,15 @@ def _bright_variance(
     # clean: no masked pixel within 4 steps (a stamp of that size is enough to tell)
     hc = int(np.ceil(4 * step))
     rc = np.hypot(*np.mgrid[-hc : hc + 1, -hc : hc + 1]).ravel() <= 4 * step
-    near = windows(bad, xs, ys, hc, True).reshape(len(xs), -1)[:, rc]
+    near = stamps_at(bad, xs, ys, hc, True).reshape(len(xs), -1)[:, rc]
     clean = np.flatnonzero(~near.any(axis=1))[:max_local]
     if len(clean) == 0:
         return np.zeros(nbin)
     xc, yc = xs[clean], ys[clean]
     # the stamps' pixels within r_max, grouped by bin; NaN where masked or off the image
-    b = windows(bad, xc, yc, H, True).reshape(len(clean), -1)[:, pix]
-    d = np.where(b, np.nan, windows(filt, xc, yc, H).reshape(len(clean), -1)[:, pix])
-    v = np.where(b, np.nan, windows(vfilt, xc, yc, H).reshape(len(clean), -1)[:, pix])
+    b = stamps_at(bad, xc, yc, H, True).reshape(len(clean), -1)[:, pix]
+    d = np.where(b, np.nan, stamps_at(filt, xc, yc, H).reshape(len(clean), -1)[:, pix])
+    v = np.where(b, np.nan, stamps_at(vfilt, xc, yc, H).reshape(len(clean), -1)[:, pix])
     n, (sum_v, sum_d2) = _bin_sums(np.isfinite(d), (v, d * d), cnt)
     f = flux[clean][:, None]
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -22,9 +22,8 @@ from apdask.pipeline.measure.photometry import (
     _sky_errors,
 )
 from apdask.pipeline.measure.reliability import score_reliability
-from apdask.pipeline.measure.windows import windows
 from apdask.pipeline.psf import psf_fwhm, psfs_at, require_psf, stamp_moments
-from apdask.pipeline.stars import subpixel_peak, weighted_moments
+from apdask.pipeline.stars import stamps_at, subpixel_peak, weighted_moments
 
 __all__ = ["measure_sources", "DIASOURCE_COLUMNS"]
 
@@ -183,7 +182,7 @@ def _centroids(filt: np.ndarray, detections: Table) -> tuple[np.ndarray, np.ndar
     k = np.flatnonzero(~cflag)
     if len(k):
         # the signed 3x3 windows side by side: one call for all (centres at 3j + 1)
-        local = windows(filt, ix[k], iy[k], 1) * sign[k, None, None].astype(float)
+        local = stamps_at(filt, ix[k], iy[k], 1) * sign[k, None, None].astype(float)
         row = local.transpose(1, 0, 2).reshape(3, 3 * len(k))
         mid = 3 * np.arange(len(k)) + 1
         x, y = subpixel_peak(row, np.ones(len(k), np.int64), mid)
