@@ -55,8 +55,9 @@ _TEMPLATE_CHUNK = 1024
 # float32 noise hardly compresses (zstd: 93 % of the raw size on a simulated tile) and
 # zstd decoding cost 0.03 CPU-s per 2048² plane; blosc's lz4 with byte shuffle keeps
 # 94 % and decodes in half that (a constant variance plane: 0.4 %).  Tiles written
-# with another codec (zstd, before) are read as they are.
-_TEMPLATE_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)
+# with another codec (zstd, before) are read as they are.  Master calibrations too:
+# a flat decodes in 0.08 CPU-s instead of zstd's 0.12 (88 % of the raw size, zstd 73 %).
+_PIXEL_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)
 _DRP_COLUMNS = ("objectId", "ra", "dec", "r_flux", "extendedness")
 
 
@@ -181,7 +182,7 @@ class Butler:
                 shape=data.shape,
                 chunks=chunks,
                 dtype="float32",
-                compressors=_TEMPLATE_CODEC,
+                compressors=_PIXEL_CODEC,
                 overwrite=True,
             )
             arr[...] = data
@@ -339,7 +340,9 @@ class Butler:
         grp = self._group.require_group(f"calibs/{kind}/{int(detector_id)}/{bkey}")
         n = len(list(grp.group_keys()))
         sub = grp.require_group(str(n))
-        arr = sub.create_array("image", shape=image.shape, chunks=chunks, dtype="float32")
+        arr = sub.create_array(
+            "image", shape=image.shape, chunks=chunks, dtype="float32", compressors=_PIXEL_CODEC
+        )
         arr[...] = image
         arr.attrs.update(
             {"valid_from": float(valid_from), "valid_to": float(valid_to), "kind": kind}

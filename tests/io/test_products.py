@@ -11,6 +11,7 @@ from astropy.nddata import CCDData, VarianceUncertainty
 from apdask.config import PipelineConfig
 from apdask.core.exposure import MASK, Exposure
 from apdask.exceptions import ConfigurationError, ProductNotFoundError, ProductWriteError
+from apdask.io import products
 from apdask.io.products import describe, product_path, prune_products, read_product, write_product
 from tests._pixels import gaussian_psf, make_wcs
 
@@ -47,6 +48,20 @@ def test_round_trip_keeps_pixels_wcs_variance_psf_and_mask_planes(tmp_path):
     assert ccd.mask.sum() == 2
     np.testing.assert_array_equal(ccd.flags, exp.mask)
     assert ccd.meta["VISIT"] == 7 and ccd.meta["BAND"] == "r" and ccd.meta["MJD-AVG"] == 60000.25
+
+
+@pytest.mark.parametrize("slab", [1000, 1 << 22])
+def test_file_has_the_bytes_astropy_writes(tmp_path, monkeypatch, slab):
+    """The slab-by-slab writer gives byte for byte the file of ``HDUList.writeto``: the
+    same headers, big-endian data, each HDU padded to 2880 bytes (slabs of 1000 bytes:
+    many per plane, the last one short; an odd shape: padding in every HDU)."""
+    monkeypatch.setattr(products, "_SLAB_BYTES", slab)
+    exp = _exposure(shape=(37, 53), seed=4)
+    path = write_product(tmp_path, "difference", exp, visit=7, detector="R22_S11")
+    expected = tmp_path / "astropy.fits"
+    products._hdus(exp, "difference", "R22_S11").writeto(expected)
+    assert path.read_bytes() == expected.read_bytes()
+    assert path.stat().st_size % 2880 == 0
 
 
 def test_astropy_reads_the_file_without_apdask(tmp_path):
