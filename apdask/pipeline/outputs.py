@@ -68,7 +68,7 @@ def associate_task(
         raise PpdbUnavailableError(prefetch.ppdb_error)
     t0 = time.time()
     visit, mjd = header.visit, header.mjd
-    sources = measured.sources
+    sources = measured.sources.copy(copy_data=False)  # the detect task's table stays its own
     n = len(sources)
     sources["diaSourceId"] = ids.dia_source_ids(visit, detector.id, n)
     processed = header.processed_mjd

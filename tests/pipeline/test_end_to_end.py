@@ -218,3 +218,28 @@ def test_rerun_is_idempotent(processed):
         rep = run_visit(NextVisit.from_dict(v), repo=repo, timeout=10)
         assert rep["ccds"] == [] and len(rep["skipped"]) == len(v["detectors"])
     assert _count_rows(repo) == before
+
+
+def test_associate_leaves_the_detect_tasks_table_as_it_was(sim_repo, tmp_path):
+    """A task's result is its own: associate adds its columns (ids, processing time) to
+    a copy of the detect task's table, not to the table that task returned."""
+    import shutil
+
+    from dask.callbacks import Callback
+    from dask.utils import key_split
+
+    repo = tmp_path / "repo"
+    shutil.copytree(sim_repo["root"], repo)
+    kept = {}
+
+    class Keep(Callback):
+        def _posttask(self, key, result, dsk, state, id):
+            if key_split(key) == "detect":
+                kept[key] = (result, list(result.sources.colnames))
+
+    with Keep():
+        rep = run_visit(NextVisit.from_dict(sim_repo["visits"][0]), repo=str(repo), timeout=10)
+    assert kept and sum(r["n_alerts"] for r in rep["ccds"]) > 0
+    for result, names in kept.values():
+        assert "diaSourceId" not in names
+        assert list(result.sources.colnames) == names
