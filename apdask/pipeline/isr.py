@@ -248,6 +248,7 @@ def mask_cosmic_rays(
     grow: int = 1,
     iterations: int = 2,
     background: Background | None = None,
+    above: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Exposure:
     """Flag cosmic rays (CR bit) and replace them by the local median.
 
@@ -275,6 +276,11 @@ def mask_cosmic_rays(
         The image's background as :func:`~apdask.pipeline.background.fit_background`
         fits it (``lazy``), when already fitted (by the star search): fitted here if
         not given.
+    above : tuple of numpy.ndarray, optional
+        ``(y, x)`` in raster order of every pixel more than ``nsigma`` σ above
+        ``background`` (or more: a superset), when known (the star search's
+        :attr:`~apdask.pipeline.stars.StarPeaks.bright`): the first pass tests only
+        those, not every pixel.
 
     Returns
     -------
@@ -300,7 +306,7 @@ def mask_cosmic_rays(
     for it in range(iterations):
         # after the first pass only the pixels next to those interpolated can change
         near = (ys, xs) if it else None
-        cy, cx = cr_candidates(img, bkg, var, mask, skip_bits, cr, r1, r2, nsigma, near)
+        cy, cx = cr_candidates(img, bkg, var, mask, skip_bits, cr, r1, r2, nsigma, near, above)
         if len(cy) == 0:
             break
         if grow > 0:

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial import cKDTree
 
-from apdask._kernels.fused import boxes_clear, flagged_pixels, local_peaks, smoothed_residual
+from apdask._kernels.fused import boxes_clear, local_peaks, search_planes
 from apdask.core.exposure import IGNORE_BITS
 from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import Background, fit_background
@@ -80,6 +80,11 @@ class StarPeaks:
     #: :data:`_MAX_BAD_LIST`, else the boolean mask
     bad: tuple[np.ndarray, np.ndarray] | np.ndarray
     bkg: Background  #: the background that was subtracted
+    #: the pixels (``(y, x)``, raster order) whose value less ``bkg`` exceeds
+    #: ``bright_nsigma`` times the square root of their variance: all the pixels the
+    #: cosmic-ray search may flag at that threshold or above (its ``above``)
+    bright: tuple[np.ndarray, np.ndarray] | None = None
+    bright_nsigma: float = 5.0
 
     def bad_mask(self) -> np.ndarray:
         """The bad pixels as a boolean image."""
@@ -94,22 +99,28 @@ class StarPeaks:
 #: mask (which is smaller then).
 _MAX_BAD_LIST = 200_000
 
+#: The threshold (σ) of :attr:`StarPeaks.bright`: the cosmic-ray search's.
+_BRIGHT_NSIGMA = 5.0
+
 
 def star_peaks(
     image: np.ndarray, variance: np.ndarray, mask: np.ndarray, fwhm: float = 4.5
 ) -> StarPeaks:
     """The search of :func:`find_stars`: local maxima above 5 σ of the image less its
-    background, masked pixels zeroed, smoothed by a Gaussian of ``fwhm``."""
+    background, masked pixels zeroed, smoothed by a Gaussian of ``fwhm``; and from the
+    same pass the pixels above 5 σ of the background (:attr:`StarPeaks.bright`)."""
     bkg = fit_background(image, mask, lazy=True)
     sigma = fwhm / 2.3548
-    sm, bad = smoothed_residual(image, bkg.bilinear(), mask, IGNORE_BITS, sigma, truncate=3.0)
+    planes = search_planes(image, bkg.bilinear(), mask, IGNORE_BITS, sigma, truncate=3.0,
+                           variance=variance, nsigma=_BRIGHT_NSIGMA)  # fmt: skip
+    sm, bad = planes.smoothed, planes.bad
     vs = np.asarray(variance)[::4, ::4]
     ok = ~bad[::4, ::4] & np.isfinite(vs)
     v0 = float(np.median(vs[ok])) if ok.any() else 1.0
     noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
     ay, ax = local_maxima(sm, 5 * noise)
     xsub, ysub = subpixel_peak(sm, ay, ax)
-    by, bx = flagged_pixels(bad)
+    by, bx = planes.bad_pixels
     return StarPeaks(
         fwhm=float(fwhm),
         shape=image.shape,
@@ -121,6 +132,8 @@ def star_peaks(
         ysub=ysub,
         bad=(by, bx) if len(by) <= _MAX_BAD_LIST else bad,
         bkg=bkg,
+        bright=planes.bright,
+        bright_nsigma=_BRIGHT_NSIGMA,
     )
 
 

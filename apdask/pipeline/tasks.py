@@ -395,7 +395,9 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
         model = estimate_psf_model(science, peaks=peaks)
         science = science.copy_with(psf=model.mean, psf_model=model)
         fwhm = sharpest_fwhm_px(model.psfs)
-        science = mask_cosmic_rays(science, fwhm, background=peaks.bkg)
+        # the search's pixels above 5 σ: the only ones the first CR pass need test
+        above = peaks.bright if peaks.bright_nsigma <= 5.0 else None
+        science = mask_cosmic_rays(science, fwhm, background=peaks.bkg, above=above)
     except PsfFitError as e:
         msg = f"{_where(science)}: science image: {e}"
         raise PsfFitError(msg) from None

@@ -266,6 +266,12 @@ def test_cosmic_ray_passes_equal_numpy():
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal((ys, xs), np.nonzero(want))  # raster order
     assert 30 < got.sum() <= 38 and got[0, 5] and not got[55:66, 65:76].any()
+    # testing only the pixels above nsigma σ (the star search's) finds the same
+    planes = _fused.search_planes(img, model.bilinear(), mask, MASK["SAT"], 1.5,
+                                  variance=var, nsigma=5.0)  # fmt: skip
+    above = _fused.cr_candidates(img, model.bilinear(), var, mask, MASK["SAT"], cr, *ratios,
+                                 above=planes.bright)  # fmt: skip
+    np.testing.assert_array_equal(above, (ys, xs))
 
     grown = np.zeros(img.shape, bool)
     grown[_fused.grow_pixels(ys, xs, 2, img.shape)] = True
@@ -315,6 +321,41 @@ def test_smoothed_residual_equals_ndimage(planes):
     data = np.where(want_bad, 0.0, img - bkg).astype(np.float32)
     want = ndimage.gaussian_filter(data, 1.9, mode="constant", truncate=3.0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_search_planes_screen_the_pixels_above_nsigma(planes):
+    img, var, mask = planes
+    img = img.copy()
+    img[60:63, 70:74] += 400.0  # a blob, and pixels of it masked or of negative variance
+    mask[61, 71] = MASK["SAT"]
+    var = var.copy()
+    var[62, 72] = -5.0
+    model = fit_background(np.nan_to_num(img), mask, box=32, lazy=True)
+    got = _fused.search_planes(img, model.bilinear(), mask, IGNORE_BITS, 1.9, variance=var,
+                               nsigma=5.0)  # fmt: skip
+    d = img - model.full()
+    want = d > np.float32(5.0) * np.sqrt(np.maximum(var, np.float32(0.0)))
+    np.testing.assert_array_equal(got.bright, np.nonzero(want))
+    assert want[61, 71] and want[62, 72] and want.sum() >= 12
+    np.testing.assert_array_equal(got.bad_pixels, np.nonzero(got.bad))
+    sm, bad = _fused.smoothed_residual(img, model.bilinear(), mask, IGNORE_BITS, 1.9)
+    np.testing.assert_array_equal(got.smoothed, sm)
+    np.testing.assert_array_equal(got.bad, bad)
+    # without a variance: no bright pixels
+    assert len(_fused.search_planes(img, model.bilinear(), mask, IGNORE_BITS, 1.9).bright[0]) == 0
+
+
+@pytest.mark.parametrize("nx", [64, 61])
+def test_flagged_pixels_equal_nonzero(nx):
+    from apdask._kernels.fused._isr import _flagged_pixels
+
+    rng = np.random.default_rng(nx)
+    flags = rng.random((40, nx)) < 0.02
+    flags[5] = True  # a full row
+    flags[7, -1] = flags[8, 0] = True
+    for f in (flags, flags[:, 1:]):  # rows read 8 flags at a time, or one by one
+        counts = np.count_nonzero(f, axis=1).astype(np.int64)
+        np.testing.assert_array_equal(_flagged_pixels(f, counts), np.nonzero(f))
 
 
 def _psf_fit_one(image, variance, mask, psf, x, y, bkg=None):
@@ -461,6 +502,7 @@ def test_local_peaks_equal_maximum_filter():
     img[40, 50] = img[40, 51] = 9.0  # a plateau: both are peaks
     img[0, 0], img[89, 109], img[0, 60] = 8.0, 8.0, 8.0  # corners and an edge
     img[20, 20] = np.nan  # never a peak, and its neighbours are not either
+    img[70, ::2] = 7.0  # a row of 55 peaks (more than a row keeps as it goes)
     for t in (-np.inf, 0.5, 3.0):
         ys, xs = _fused.local_peaks(img, t)
         pad = np.pad(np.nan_to_num(img, nan=np.inf), 1, constant_values=-np.inf)

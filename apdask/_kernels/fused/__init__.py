@@ -37,10 +37,11 @@ from apdask._kernels.fused._difference import (
     weighted_stamp_rows,
 )
 from apdask._kernels.fused._isr import (
+    SearchPlanes,
     cr_candidates,
-    flagged_pixels,
     grow_pixels,
     interpolate_pixels,
+    search_planes,
     smoothed_residual,
     stamps_less_background,
 )
@@ -58,7 +59,6 @@ __all__ = [
     "combine_inputs",
     "cr_candidates",
     "finish_difference",
-    "flagged_pixels",
     "grow_pixels",
     "interpolate_pixels",
     "local_peaks",
@@ -66,6 +66,8 @@ __all__ = [
     "dilate",
     "matched_inputs",
     "segments",
+    "SearchPlanes",
+    "search_planes",
     "smoothed_residual",
     "snr_map",
     "stamps_less_background",

@@ -285,25 +285,45 @@ def _is_peak(image, y, x, t):
     return True
 
 
+#: Pixels per block of the screen of :func:`_find_peaks`.
+_PEAK_BLOCK = 64
+
+
 @numba.njit(parallel=True, cache=True)
-def _count_peaks(image, t, counts):
+def _find_peaks(image, t, found, counts):
     ny, nx = image.shape
+    cap = found.shape[1]
     for yy in numba.prange(ny):
         y = np.int64(yy)  # (numba: a signed index)
         c = 0
-        for x in range(nx):
-            if image[y, x] > t and _is_peak(image, y, x, t):
-                c += 1
+        for x0 in range(0, nx, _PEAK_BLOCK):
+            x1 = min(x0 + _PEAK_BLOCK, nx)
+            m = 0
+            for x in range(x0, x1):  # a vector loop: most blocks have no pixel above t
+                m += image[y, x] > t
+            if m == 0:
+                continue
+            for x in range(x0, x1):
+                if image[y, x] > t and _is_peak(image, y, x, t):
+                    if c < cap:
+                        found[y, c] = x
+                    c += 1
         counts[y] = c
 
 
 @numba.njit(parallel=True, cache=True)
-def _fill_peaks(image, t, starts, ys, xs):
+def _gather_peaks(image, t, found, counts, starts, ys, xs):
     ny, nx = image.shape
+    cap = found.shape[1]
     for yy in numba.prange(ny):
         y = np.int64(yy)
         k = starts[y]
-        for x in range(nx):
+        if counts[y] <= cap:  # the row's peaks were kept
+            for c in range(counts[y]):
+                ys[k + c] = y
+                xs[k + c] = found[y, c]
+            continue
+        for x in range(nx):  # more than were kept: the row again
             if image[y, x] > t and _is_peak(image, y, x, t):
                 ys[k] = y
                 xs[k] = x
@@ -314,15 +334,21 @@ def _fill_peaks(image, t, starts, ys, xs):
 def local_peaks(image: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """``(y, x)`` in raster order of the pixels above ``threshold`` not below any of
     their 8 neighbours (``(image == maximum_filter(image, 3)) & (image > threshold)``
-    with the edges padded with ``-inf``), without a full-frame mask."""
+    with the edges padded with ``-inf``), without a full-frame mask.
+
+    One pass: each row's first 16 peaks are kept as they are found (a row with more is
+    searched again), and blocks of 64 pixels with none above ``threshold`` (most) are
+    skipped after a vector comparison.
+    """
     image = np.asarray(image)
     t = np.float64(threshold)  # compared in double precision, as NumPy compares
     counts = np.empty(image.shape[0], np.int64)
-    _count_peaks(image, t, counts)
+    found = np.empty((image.shape[0], 16), np.int64)
+    _find_peaks(image, t, found, counts)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     n = int(counts.sum())
     ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
-    _fill_peaks(image, t, starts, ys, xs)
+    _gather_peaks(image, t, found, counts, starts, ys, xs)
     return ys, xs
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 from numba.extending import register_jitable
@@ -10,9 +12,10 @@ from apdask._kernels.fused._threads import _threads
 
 __all__ = [
     "cr_candidates",
-    "flagged_pixels",
     "interpolate_pixels",
     "grow_pixels",
+    "SearchPlanes",
+    "search_planes",
     "smoothed_residual",
     "stamps_less_background",
 ]
@@ -78,35 +81,23 @@ def _cr_at(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma
 
 
 @numba.njit(parallel=True, cache=True)
-def _fill_flagged(flags, counts, starts, ys, xs):
+def _fill_flagged(flags, words, counts, starts, ys, xs):
     ny, nx = flags.shape
+    step = nx // words.shape[1] if words.shape[1] else nx  # flags per word (8, or a row)
     for y in numba.prange(ny):
         if counts[y] == 0:
             continue
-        k = starts[y]
-        for x in range(nx):
-            if flags[y, x]:
-                ys[k] = y
-                xs[k] = x
-                k += 1
-
-
-@numba.njit(parallel=True, cache=True)
-def _count_flagged(flags, counts):
-    ny, nx = flags.shape
-    for y in numba.prange(ny):
-        c = 0
-        for x in range(nx):
-            c += flags[y, x]
-        counts[y] = c
-
-
-@_threads
-def flagged_pixels(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero`` of a 2-D boolean mask (int64, raster order), rows in parallel."""
-    counts = np.empty(flags.shape[0], np.int64)
-    _count_flagged(flags, counts)
-    return _flagged_pixels(flags, counts)
+        k, end = starts[y], starts[y] + counts[y]
+        # 8 flags at a time: most words of a row with a few flags are zero
+        for w in range(nx // step):
+            if k == end:
+                break
+            if step == nx or words[y, w] != 0:
+                for x in range(w * step, (w + 1) * step):
+                    if flags[y, x]:
+                        ys[k] = y
+                        xs[k] = x
+                        k += 1
 
 
 def _flagged_pixels(flags: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +107,11 @@ def _flagged_pixels(flags: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, 
     n = int(counts.sum())
     ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
     if n:
-        _fill_flagged(flags, counts, starts, ys, xs)
+        if flags.shape[1] % 8 == 0 and flags.flags.c_contiguous:
+            words = flags.view(np.uint64)  # (ny, nx / 8)
+        else:  # a row at a time
+            words = np.ones((flags.shape[0], 1), np.uint64)
+        _fill_flagged(flags, words, counts, starts, ys, xs)
     return ys, xs
 
 
@@ -132,6 +127,7 @@ def cr_candidates(
     r2: float,
     nsigma: float,
     near: tuple[np.ndarray, np.ndarray] | None = None,
+    above: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pixels sharper than the PSF allows (:func:`apdask.isr.mask_cosmic_rays`), as
     ``(y, x)`` in raster order.
@@ -146,7 +142,9 @@ def cr_candidates(
 
     With ``near = (ys, xs)`` only the pixels within one pixel of those are tested: the
     only ones whose test can have changed since a pass after which just ``(ys, xs)``
-    were changed (in ``img`` and ``cr``).
+    were changed (in ``img`` and ``cr``).  Else with ``above = (ys, xs)`` (raster order)
+    only those pixels are tested: they must include every pixel with ``d > nsigma σ``
+    (:func:`search_planes` finds them in the star search's pass).
     """
     coarse, jy, ty, jx, tx = bkg
     var, mask = np.asarray(var, np.float32), np.asarray(mask, np.uint32)
@@ -154,6 +152,11 @@ def cr_candidates(
     args = (img, coarse, jy, ty, jx, tx, var, mask, np.uint32(skip_bits), cr, *ratios)
     if near is not None:
         ys, xs = grow_pixels(*near, 1, img.shape, chebyshev=True)
+        hit = np.empty(len(ys), np.bool_)
+        _cr_at(*args, ys, xs, hit)
+        return ys[hit], xs[hit]
+    if above is not None:
+        ys, xs = np.asarray(above[0], np.int64), np.asarray(above[1], np.int64)
         hit = np.empty(len(ys), np.bool_)
         _cr_at(*args, ys, xs, hit)
         return ys[hit], xs[hit]
@@ -253,15 +256,37 @@ def stamps_less_background(
 
 
 @numba.njit(parallel=True, cache=True)
-def _residual(image, coarse, jy, ty, jx, tx, mask, ignore_bits, data, bad):
+def _residual(image, coarse, jy, ty, jx, tx, runs, mask, ignore_bits, var, nsigma, data, bad,
+              bright, nbad, nbright):  # fmt: skip
     ny, nx = image.shape
-    for y in numba.prange(ny):
-        for x in range(nx):
-            v = image[y, x]
-            b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v)
-            bad[y, x] = b
-            bkg = _bilinear_at(coarse, jy, ty, jx, tx, y, x)
-            data[y, x] = np.float32(0.0) if b else v - bkg
+    zero, one = np.float32(0.0), np.float32(1.0)
+    screen = var.shape[0] == ny  # else no variance: no bright pixels
+    for yy in numba.prange(ny):
+        y = np.int64(yy)
+        j, t = jy[y], ty[y]
+        nb = nh = 0
+        # along runs of one background cell: its four nodes are loop constants, so the
+        # loop is a plain vector loop (no gathers); the blend is _bilinear_at's
+        for r in range(len(runs) - 1):
+            x0, x1 = runs[r], runs[r + 1]
+            i = jx[x0]
+            c00, c01 = coarse[j, i], coarse[j, i + 1]
+            c10, c11 = coarse[j + 1, i], coarse[j + 1, i + 1]
+            for x in range(x0, x1):
+                v = image[y, x]
+                u = tx[x]
+                bkg = (one - t) * ((one - u) * c00 + u * c01) + t * ((one - u) * c10 + u * c11)
+                d = v - bkg
+                b = (mask[y, x] & ignore_bits) != 0 or not np.isfinite(v)
+                bad[y, x] = b
+                data[y, x] = zero if b else d
+                nb += b
+                if screen:  # the first test of _is_cr
+                    h = d > nsigma * np.sqrt(max(var[y, x], zero))
+                    bright[y, x] = h
+                    nh += h
+        nbad[y] = nb
+        nbright[y] = nh
 
 
 @numba.njit(parallel=True, cache=True)
@@ -290,10 +315,70 @@ def _gaussian(data, w, out):
                 row[x] += wk * pad[x + k]
 
 
+class SearchPlanes(NamedTuple):
+    """The planes of one star search (:func:`search_planes`)."""
+
+    smoothed: np.ndarray  #: float32: the background-free image, bad pixels 0, smoothed
+    bad: np.ndarray  #: bool: masked (``ignore_bits``) or non-finite pixels
+    bad_pixels: tuple[np.ndarray, np.ndarray]  #: ``np.nonzero(bad)``
+    #: ``np.nonzero(image − bkg > nsigma sqrt(max(variance, 0)))`` (empty without a
+    #: variance): the pixels the first pass of :func:`cr_candidates` may flag
+    bright: tuple[np.ndarray, np.ndarray]
+
+
+def _gaussian_weights(sigma: float, truncate: float) -> np.ndarray:
+    """scipy.ndimage's Gaussian weights (float32)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    t = np.arange(-radius, radius + 1)
+    w = np.exp(-0.5 / (sigma * sigma) * t**2)
+    return (w / w.sum()).astype(np.float32)
+
+
+def _runs(j: np.ndarray) -> np.ndarray:
+    """Boundaries of the runs of equal values of ``j``: ``[0, …, len(j)]`` (int64)."""
+    return np.concatenate([[0], np.flatnonzero(np.diff(j)) + 1, [len(j)]]).astype(np.int64)
+
+
 @_threads
+def search_planes(
+    image: np.ndarray,
+    bkg: tuple[np.ndarray, ...],
+    mask: np.ndarray,
+    ignore_bits: int,
+    sigma: float,
+    truncate: float = 3.0,
+    variance: np.ndarray | None = None,
+    nsigma: float = 5.0,
+) -> SearchPlanes:
+    """:func:`smoothed_residual` with, from the same pass, ``np.nonzero(bad)`` and the
+    pixels ``d = image − bkg > nsigma sqrt(max(variance, 0))`` (float32, as
+    :func:`cr_candidates` tests them first): the cosmic-ray search then tests only
+    those (its argument ``above``) instead of every pixel.
+
+    Returns
+    -------
+    SearchPlanes
+    """
+    image = np.asarray(image, np.float32)
+    ny, nx = image.shape
+    data = np.empty(image.shape, np.float32)
+    bad = np.empty(image.shape, np.bool_)
+    coarse, jy, ty, jx, tx = bkg
+    if variance is None:
+        var, bright = np.empty((0, 0), np.float32), np.empty((0, 0), np.bool_)
+    else:
+        var, bright = np.asarray(variance, np.float32), np.empty(image.shape, np.bool_)
+    nbad, nbright = np.empty(ny, np.int64), np.zeros(ny, np.int64)
+    _residual(image, coarse, jy, ty, jx, tx, _runs(jx), np.asarray(mask), np.uint32(ignore_bits),
+              var, np.float32(nsigma), data, bad, bright, nbad, nbright)  # fmt: skip
+    out = np.empty(image.shape, np.float32)
+    _gaussian(data, _gaussian_weights(sigma, truncate), out)
+    return SearchPlanes(out, bad, _flagged_pixels(bad, nbad), _flagged_pixels(bright, nbright))
+
+
 def smoothed_residual(
     image: np.ndarray,
-    bkg: np.ndarray,
+    bkg: tuple[np.ndarray, ...],
     mask: np.ndarray,
     ignore_bits: int,
     sigma: float,
@@ -314,15 +399,5 @@ def smoothed_residual(
     bad : numpy.ndarray
         bool.
     """
-    radius = int(truncate * float(sigma) + 0.5)
-    t = np.arange(-radius, radius + 1)
-    w = np.exp(-0.5 / (sigma * sigma) * t**2)
-    w = (w / w.sum()).astype(np.float32)
-    image = np.asarray(image, np.float32)
-    data = np.empty(image.shape, np.float32)
-    out = np.empty(image.shape, np.float32)
-    bad = np.empty(image.shape, np.bool_)
-    coarse, jy, ty, jx, tx = bkg
-    _residual(image, coarse, jy, ty, jx, tx, np.asarray(mask), np.uint32(ignore_bits), data, bad)
-    _gaussian(data, w, out)
-    return out, bad
+    planes = search_planes(image, bkg, mask, ignore_bits, sigma, truncate)
+    return planes.smoothed, planes.bad
