@@ -73,9 +73,9 @@ def _cr_candidates(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2
         counts[y] = c
 
 
-@numba.njit(cache=True)
+@numba.njit(parallel=True, cache=True)
 def _cr_at(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma, ys, xs, out):
-    for k in range(len(ys)):
+    for k in numba.prange(len(ys)):
         out[k] = _is_cr(img, coarse, jy, ty, jx, tx, var, mask, skip_bits, cr, r1, r2, nsigma,
                         ys[k], xs[k])  # fmt: skip
 
