@@ -114,8 +114,12 @@ def star_peaks(
     planes = search_planes(image, bkg.bilinear(), mask, IGNORE_BITS, sigma, truncate=3.0,
                            variance=variance, nsigma=_BRIGHT_NSIGMA)  # fmt: skip
     sm, bad = planes.smoothed, planes.bad
-    vs = np.asarray(variance)[::4, ::4]
-    ok = ~bad[::4, ::4] & np.isfinite(vs)
+    if np.asarray(variance).dtype == np.float32:  # sampled in the pass
+        vs = planes.variance_sample
+        ok = ~np.isnan(vs)
+    else:
+        vs = np.asarray(variance)[::4, ::4]
+        ok = ~bad[::4, ::4] & np.isfinite(vs)
     v0 = float(np.median(vs[ok])) if ok.any() else 1.0
     noise = np.sqrt(v0 / (4 * np.pi * sigma**2))
     ay, ax = local_maxima(sm, 5 * noise)

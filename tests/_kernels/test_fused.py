@@ -338,6 +338,8 @@ def test_search_planes_screen_the_pixels_above_nsigma(planes):
     np.testing.assert_array_equal(got.bright, np.nonzero(want))
     assert want[61, 71] and want[62, 72] and want.sum() >= 12
     np.testing.assert_array_equal(got.bad_pixels, np.nonzero(got.bad))
+    sample = np.where(~got.bad & np.isfinite(var), var, np.nan)[::4, ::4]
+    np.testing.assert_array_equal(got.variance_sample, sample)  # (203, 157): edges included
     sm, bad = _fused.smoothed_residual(img, model.bilinear(), mask, IGNORE_BITS, 1.9)
     np.testing.assert_array_equal(got.smoothed, sm)
     np.testing.assert_array_equal(got.bad, bad)

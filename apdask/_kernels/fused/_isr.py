@@ -257,7 +257,7 @@ def stamps_less_background(
 
 @numba.njit(parallel=True, cache=True)
 def _residual(image, coarse, jy, ty, jx, tx, runs, mask, ignore_bits, var, nsigma, data, bad,
-              bright, nbad, nbright):  # fmt: skip
+              bright, nbad, nbright, sample):  # fmt: skip
     ny, nx = image.shape
     zero, one = np.float32(0.0), np.float32(1.0)
     screen = var.shape[0] == ny  # else no variance: no bright pixels
@@ -287,6 +287,10 @@ def _residual(image, coarse, jy, ty, jx, tx, runs, mask, ignore_bits, var, nsigm
                     nh += h
         nbad[y] = nb
         nbright[y] = nh
+        if screen and y % 4 == 0:  # every 4th pixel's variance, NaN where bad or not finite
+            for x in range(0, nx, 4):
+                vv = var[y, x]
+                sample[y // 4, x // 4] = vv if not bad[y, x] and np.isfinite(vv) else np.nan
 
 
 @numba.njit(parallel=True, cache=True)
@@ -324,6 +328,9 @@ class SearchPlanes(NamedTuple):
     #: ``np.nonzero(image − bkg > nsigma sqrt(max(variance, 0)))`` (empty without a
     #: variance): the pixels the first pass of :func:`cr_candidates` may flag
     bright: tuple[np.ndarray, np.ndarray]
+    #: ``variance[::4, ::4]`` (float32), NaN where ``bad`` or not finite (empty without
+    #: a variance)
+    variance_sample: np.ndarray
 
 
 def _gaussian_weights(sigma: float, truncate: float) -> np.ndarray:
@@ -350,8 +357,8 @@ def search_planes(
     variance: np.ndarray | None = None,
     nsigma: float = 5.0,
 ) -> SearchPlanes:
-    """:func:`smoothed_residual` with, from the same pass, ``np.nonzero(bad)`` and the
-    pixels ``d = image − bkg > nsigma sqrt(max(variance, 0))`` (float32, as
+    """:func:`smoothed_residual` with, from the same pass, ``np.nonzero(bad)``, a
+    sample of the variance (:attr:`SearchPlanes.variance_sample`) and the pixels ``d = image − bkg > nsigma sqrt(max(variance, 0))`` (float32, as
     :func:`cr_candidates` tests them first): the cosmic-ray search then tests only
     those (its argument ``above``) instead of every pixel.
 
@@ -366,14 +373,17 @@ def search_planes(
     coarse, jy, ty, jx, tx = bkg
     if variance is None:
         var, bright = np.empty((0, 0), np.float32), np.empty((0, 0), np.bool_)
+        sample = np.empty((0, 0), np.float32)
     else:
         var, bright = np.asarray(variance, np.float32), np.empty(image.shape, np.bool_)
+        sample = np.empty(((ny + 3) // 4, (nx + 3) // 4), np.float32)
     nbad, nbright = np.empty(ny, np.int64), np.zeros(ny, np.int64)
     _residual(image, coarse, jy, ty, jx, tx, _runs(jx), np.asarray(mask), np.uint32(ignore_bits),
-              var, np.float32(nsigma), data, bad, bright, nbad, nbright)  # fmt: skip
+              var, np.float32(nsigma), data, bad, bright, nbad, nbright, sample)  # fmt: skip
     out = np.empty(image.shape, np.float32)
     _gaussian(data, _gaussian_weights(sigma, truncate), out)
-    return SearchPlanes(out, bad, _flagged_pixels(bad, nbad), _flagged_pixels(bright, nbright))
+    bad_pixels, bright_pixels = _flagged_pixels(bad, nbad), _flagged_pixels(bright, nbright)
+    return SearchPlanes(out, bad, bad_pixels, bright_pixels, sample)
 
 
 def smoothed_residual(
