@@ -358,7 +358,8 @@ def search_planes(
     nsigma: float = 5.0,
 ) -> SearchPlanes:
     """:func:`smoothed_residual` with, from the same pass, ``np.nonzero(bad)``, a
-    sample of the variance (:attr:`SearchPlanes.variance_sample`) and the pixels ``d = image − bkg > nsigma sqrt(max(variance, 0))`` (float32, as
+    sample of the variance (:attr:`SearchPlanes.variance_sample`) and the pixels
+    ``d = image − bkg > nsigma sqrt(max(variance, 0))`` (float32, as
     :func:`cr_candidates` tests them first): the cosmic-ray search then tests only
     those (its argument ``above``) instead of every pixel.
 
