@@ -14,7 +14,7 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.spatial import cKDTree
 
-from apdask._kernels.fused import boxes_clear, local_peaks, search_planes
+from apdask._kernels.fused import boxes_clear, boxes_clear_of, local_peaks, search_planes
 from apdask.core.exposure import IGNORE_BITS
 from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import Background, fit_background
@@ -241,6 +241,8 @@ def _clear_of_bad(
     """Whether no bad pixel (nor one of ``avoid``) lies in each ``(2 border + 1)²`` box."""
     if avoid is None and isinstance(peaks.bad, tuple) and len(peaks.bad[0]) == 0:
         return np.ones(len(iy), bool)
+    if avoid is None and isinstance(peaks.bad, tuple):  # a few: no full-frame mask
+        return boxes_clear_of(peaks.bad, peaks.shape, iy, ix, border)
     bad = peaks.bad_mask() if avoid is None else (peaks.bad_mask() | avoid)
     return boxes_clear(bad, iy, ix, border)
 

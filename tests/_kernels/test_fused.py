@@ -347,6 +347,21 @@ def test_search_planes_screen_the_pixels_above_nsigma(planes):
     assert len(_fused.search_planes(img, model.bilinear(), mask, IGNORE_BITS, 1.9).bright[0]) == 0
 
 
+def test_boxes_clear_of_pixels_equal_boxes_clear():
+    rng = np.random.default_rng(4)
+    bad = rng.random((70, 90)) < 0.002
+    bad[0, 0] = bad[69, 89] = bad[30, 45] = True
+    ys, xs = rng.integers(-3, 73, 400), rng.integers(-3, 93, 400)
+    ys[:3], xs[:3] = (30, 34, 27), (45, 41, 49)  # the pixel itself, box corners
+    for half in (0, 1, 4, 12):
+        want = _fused.boxes_clear(bad, ys, xs, half)
+        got = _fused.boxes_clear_of(np.nonzero(bad), bad.shape, ys, xs, half)
+        np.testing.assert_array_equal(got, want)
+    assert not got[:3].any() and got.any()
+    none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert _fused.boxes_clear_of(none, bad.shape, ys, xs, 3).all()
+
+
 @pytest.mark.parametrize("nx", [64, 61])
 def test_flagged_pixels_equal_nonzero(nx):
     from apdask._kernels.fused._isr import _flagged_pixels

@@ -38,6 +38,7 @@ from apdask._kernels.fused._difference import (
 )
 from apdask._kernels.fused._isr import (
     SearchPlanes,
+    boxes_clear_of,
     cr_candidates,
     grow_pixels,
     interpolate_pixels,
@@ -56,6 +57,7 @@ __all__ = [
     "fill_nodata",
     "above",
     "boxes_clear",
+    "boxes_clear_of",
     "combine_inputs",
     "cr_candidates",
     "finish_difference",

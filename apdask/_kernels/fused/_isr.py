@@ -11,6 +11,7 @@ from numba.extending import register_jitable
 from apdask._kernels.fused._threads import _threads
 
 __all__ = [
+    "boxes_clear_of",
     "cr_candidates",
     "interpolate_pixels",
     "grow_pixels",
@@ -252,6 +253,37 @@ def stamps_less_background(
     coarse, jy, ty, jx, tx = bkg
     ys, xs = np.asarray(ys, np.int64), np.asarray(xs, np.int64)
     _stamps_less_background(np.asarray(image), coarse, jy, ty, jx, tx, ys, xs, int(half), out)
+    return out
+
+
+@numba.njit(cache=True)
+def _boxes_clear_of(row_start, px, ys, xs, half, out):
+    ny = len(row_start) - 1
+    for k in range(len(ys)):
+        out[k] = True
+        for y in range(max(ys[k] - half, 0), min(ys[k] + half + 1, ny)):
+            a, b = row_start[y], row_start[y + 1]
+            if a == b:
+                continue
+            # the row's first pixel at or right of the box's left edge: inside it?
+            i = a + np.searchsorted(px[a:b], xs[k] - half)
+            if i < b and px[i] <= xs[k] + half:
+                out[k] = False
+                break
+
+
+def boxes_clear_of(
+    pixels: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...], ys: np.ndarray,
+    xs: np.ndarray, half: int,
+) -> np.ndarray:  # fmt: skip
+    """Whether none of ``pixels`` (``(y, x)`` in raster order, inside ``shape``) lies
+    within ``half`` pixels (square) of each ``(ys, xs)``: ``boxes_clear`` of their mask,
+    without making it (a binary search in each row of each box)."""
+    py, px = np.asarray(pixels[0], np.int64), np.asarray(pixels[1], np.int64)
+    row_start = np.searchsorted(py, np.arange(shape[0] + 1)).astype(np.int64)
+    out = np.empty(len(ys), np.bool_)
+    _boxes_clear_of(row_start, px, np.asarray(ys, np.int64), np.asarray(xs, np.int64),
+                    int(half), out)  # fmt: skip
     return out
 
 
