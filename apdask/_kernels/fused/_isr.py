@@ -233,13 +233,19 @@ def grow_pixels(
 
 @numba.njit(cache=True)
 def _stamps_less_background(image, coarse, jy, ty, jx, tx, ys, xs, half, out):
+    one = np.float32(1.0)
     for k in range(len(ys)):
         for a in range(2 * half + 1):
             y = ys[k] - half + a
+            j, t = jy[y], ty[y]  # _bilinear_at's blend, the row's terms taken once
+            row, c0, c1 = image[y], coarse[j], coarse[j + 1]
             for b in range(2 * half + 1):
                 x = xs[k] - half + b
-                bkg = _bilinear_at(coarse, jy, ty, jx, tx, y, x)
-                out[k, a, b] = np.float64(image[y, x]) - np.float64(bkg)
+                i, u = jx[x], tx[x]
+                bkg = (one - t) * ((one - u) * c0[i] + u * c0[i + 1]) + t * (
+                    (one - u) * c1[i] + u * c1[i + 1]
+                )
+                out[k, a, b] = np.float64(row[x]) - np.float64(bkg)
 
 
 def stamps_less_background(
