@@ -347,6 +347,23 @@ def test_search_planes_screen_the_pixels_above_nsigma(planes):
     assert len(_fused.search_planes(img, model.bilinear(), mask, IGNORE_BITS, 1.9).bright[0]) == 0
 
 
+def test_stamps_less_background_equal_windows_of_the_map(planes):
+    img, _, mask = planes
+    model = fit_background(np.nan_to_num(img) + np.linspace(0, 50, img.shape[1])[None, :], mask,
+                        box=32, lazy=True)  # fmt: skip
+    ys, xs = np.array([5, 100, 197]), np.array([5, 80, 150])
+    got = _fused.stamps_less_background(img, model.bilinear(), ys, xs, 5)
+    coarse, jy, ty, jx, tx = model.bilinear()  # the blend of the full-frame passes
+    t, u, one = ty[:, None], tx[None, :], np.float32(1.0)
+    full = (one - t) * ((one - u) * coarse[jy][:, jx] + u * coarse[jy][:, jx + 1]) + t * (
+        (one - u) * coarse[jy + 1][:, jx] + u * coarse[jy + 1][:, jx + 1]
+    )
+    for k, (y, x) in enumerate(zip(ys, xs, strict=True)):
+        win = np.s_[y - 5 : y + 6, x - 5 : x + 6]
+        want = img[win].astype(np.float64) - full[win].astype(np.float64)
+        np.testing.assert_array_equal(got[k], want)
+
+
 def test_boxes_clear_of_pixels_equal_boxes_clear():
     rng = np.random.default_rng(4)
     bad = rng.random((70, 90)) < 0.002
