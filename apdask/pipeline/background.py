@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -92,25 +93,54 @@ class Background:
         return _upsample(self.coarse, self.ynodes, self.xnodes, self.shape)
 
 
+#: Block rows per band at least, for the bands of :func:`fit_background` to run side by side.
+_MIN_BAND = 8
+
+
+def _block_medians(
+    image: np.ndarray, mask: np.ndarray | None, nby: int, nbx: int, by: int, bx: int
+) -> np.ndarray:
+    """Median of every other row and column of each of the ``nby × nbx`` blocks of
+    ``by × bx`` pixels, masked (BAD, SAT, CR, NO_DATA) and non-finite pixels left out
+    (NaN where none is left): float32."""
+
+    def sample(a):  # every other row and column of each block
+        return a[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::2, :, ::2]
+
+    data = sample(image).astype(np.float32)
+    bad = ~np.isfinite(data)
+    if mask is not None:
+        bad |= (sample(mask) & mask_bits("BAD", "SAT", "CR", "NO_DATA")) != 0
+    data[bad] = np.nan
+    return nanmedian_last(data.transpose(0, 2, 1, 3).reshape(nby, nbx, -1))
+
+
 def fit_background(
     image: np.ndarray, mask: np.ndarray | None = None, box: int = 64, lazy: bool = False
 ) -> Any:
     """Smooth background map: block medians (masked pixels ignored), bilinear upsampled
     (a :class:`Background` to evaluate on demand when ``lazy``)."""
+    image = np.asarray(image)
+    mask = None if mask is None else np.asarray(mask)
     ny, nx = image.shape
     nby, nbx = max(1, ny // box), max(1, nx // box)
     by, bx = ny // nby, nx // nbx
+    # bands of block rows side by side (NumPy's copies and sorts release the GIL):
+    # each block's median is its own, so the map is the same
+    parts = max(1, min(tile_threads(), nby // _MIN_BAND))
+    edges = [(k * nby) // parts for k in range(parts + 1)]
 
-    def sample(a):  # every other row and column of each block
-        return a[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::2, :, ::2]
+    def band(k: int) -> np.ndarray:
+        rows = slice(edges[k] * by, edges[k + 1] * by)
+        m = None if mask is None else mask[rows]
+        return _block_medians(image[rows], m, edges[k + 1] - edges[k], nbx, by, bx)
 
-    data = sample(np.asarray(image)).astype(np.float32)
-    bad = ~np.isfinite(data)
-    if mask is not None:
-        bad |= (sample(np.asarray(mask)) & mask_bits("BAD", "SAT", "CR", "NO_DATA")) != 0
-    data[bad] = np.nan
-    blocks = data.transpose(0, 2, 1, 3).reshape(nby, nbx, -1)
-    coarse = nanmedian_last(blocks)
+    if parts == 1:
+        coarse = band(0)
+    else:
+        with ThreadPoolExecutor(parts - 1) as pool:
+            rest = [pool.submit(band, k) for k in range(1, parts)]
+            coarse = np.concatenate([band(0), *(f.result() for f in rest)])
     allnan = np.isnan(coarse)
     if np.all(allnan):
         coarse = np.zeros((nby, nbx), np.float32)

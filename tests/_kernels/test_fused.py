@@ -543,3 +543,21 @@ def test_local_peaks_equal_maximum_filter():
         peak = (ndimage.maximum_filter(pad, 3)[1:-1, 1:-1] == img) & (img > t)
         np.testing.assert_array_equal((ys, xs), np.nonzero(peak))
     assert (40, 51) in zip(*_fused.local_peaks(img, 3.0), strict=True)
+
+
+def test_background_in_bands_side_by_side_equals_one_pass():
+    import dask.config
+
+    rng = np.random.default_rng(11)
+    img = rng.normal(100.0, 5.0, (1700, 300)).astype(np.float32)  # 26 block rows: 3 bands
+    img += np.linspace(0, 30, 300, dtype=np.float32)[None, :]
+    img[200:260, 40:100] = np.nan  # a block with no data
+    mask = np.zeros(img.shape, np.uint32)
+    mask[500:700, 100:130] = MASK["SAT"]
+    maps = []
+    for threads in (1, 2, 3):
+        with dask.config.set({"apdask.compute.inner_threads": threads}):
+            maps.append(fit_background(img, mask, lazy=True).coarse)
+            maps.append(fit_background(img, None, lazy=True).coarse)
+    for k in range(2, len(maps)):
+        np.testing.assert_array_equal(maps[k], maps[k % 2])
