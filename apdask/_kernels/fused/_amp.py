@@ -138,7 +138,9 @@ def _place_times2(out, block, y0, x0, s1, s2):
             out[y0 + y, x0 + x] = block[y, x] * s1 * s2
 
 
-def place_block(out: np.ndarray, block: np.ndarray, y0: int, x0: int, *scales: float) -> None:
+def place_block(
+    out: np.ndarray, block: np.ndarray, y0: int, x0: int, *scales: float | np.floating
+) -> None:
     """Write ``block`` times ``scales`` (one or two) into ``out`` at ``(y0, x0)``, in one pass.
 
     Equal, bit for bit, to ``dst = out[y0:y0 + ny, x0:x0 + nx]``, then
