@@ -95,7 +95,7 @@ def ccd_tasks(
         [
             [
                 dask.delayed(isr_amp_task, pure=False)(
-                    header, k, amp, *calibs, dask_key_name=f"isr-{tag}-{k}-{amp.index}"
+                    header, k, amp, *calibs, dask_key_name=f"isr_amp-{tag}-{k}-{amp.index}"
                 )
                 for amp in row
             ]
