@@ -60,6 +60,8 @@ class RawHeader:
     rotpa: float
     fetched: tuple[Fetched, ...]
     processing_started: float  #: Unix time the header task started
+    #: per snap, where each amplifier's pixels lie (apdask.io.raw.Segment, or None)
+    segments: tuple[tuple[Any, ...], ...] = ()
 
     @property
     def processed_mjd(self) -> float:

@@ -12,13 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dask
-import dask.array as da
-import numpy as np
 from dask.delayed import Delayed
 
 from apdask.config import Locations, PipelineConfig
 from apdask.core.records import CcdReport, VisitReport
-from apdask.pipeline import isr
 from apdask.pipeline.nextvisit import NextVisit
 from apdask.pipeline.outputs import (
     associate_task,
@@ -34,13 +31,12 @@ from apdask.pipeline.tasks import (
     astrometry_task,
     calib_task,
     calibrate_task,
-    darktime_task,
     detect_task,
     fetch_task,
     header_task,
+    isr_amp_task,
     prefetch_task,
     prewarp_task,
-    read_amp_task,
     science_psf_task,
     science_task,
     subtract_task,
@@ -88,36 +84,25 @@ def ccd_tasks(
         for k, name in enumerate(image_names or next_visit.image_names(det.name))
     ]
     header = step(header_task, "header")(fetched, det, band, next_visit.duration, v)
-    calibs = {
-        kind: da.from_delayed(
-            step(calib_task, f"calib-{kind}")(where.repo, det, kind, band, mjd_guess),
-            det.shape,
-            np.float32,
-        )  # fmt: skip
+    calibs = [
+        step(calib_task, f"calib-{kind}")(where.repo, det, kind, band, mjd_guess)
         for kind in ("bias", "dark", "flat")
-    }
-    images = []
-    for k, f in enumerate(fetched):
-        amps = [
-            da.from_delayed(
-                dask.delayed(read_amp_task)(f, a.index, dask_key_name=f"read-{tag}-{k}-{a.index}"),
-                a.raw_shape,
-                np.float32,
-            )
-            for a in det.amplifiers
+    ]
+    # one task per amplifier and snap reads its pixels (at the offset the header task
+    # found) and removes its instrument signature; calibrate writes the blocks once
+    # into the nJy frame
+    images = [
+        [
+            [
+                dask.delayed(isr_amp_task, pure=False)(
+                    header, k, amp, *calibs, dask_key_name=f"isr_amp-{tag}-{k}-{amp.index}"
+                )
+                for amp in row
+            ]
+            for row in det.amp_grid()
         ]
-        darktime = step(darktime_task, f"darktime{k}")(header, k)
-        planes = isr.isr_arrays(
-            amps,
-            det,
-            calibs["bias"],
-            calibs["dark"],
-            calibs["flat"],
-            darktime=darktime,  # type: ignore[arg-type]  # a Delayed float
-        )  # fmt: skip
-        # calibrate gets the amplifier blocks and writes them once into the nJy frame
-        # (unoptimised: fusing would run each amplifier's ISR once per plane)
-        images.append(tuple(p.to_delayed(optimize_graph=False).tolist() for p in planes))
+        for k in range(len(fetched))
+    ]
     calibrated = step(calibrate_task, "calibrate")(images, header, det, band)
     # two branches side by side: the WCS refined, then the template shifted onto it; the
     # science PSF model and cosmic rays, which need no WCS

@@ -22,7 +22,13 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from apdask._kernels.fused import amp_pass, cr_candidates, grow_pixels, interpolate_pixels
+from apdask._kernels.fused import (
+    amp_pass,
+    cr_candidates,
+    grow_pixels,
+    interpolate_pixels,
+    place_block,
+)
 from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import Background, fit_background
@@ -229,13 +235,21 @@ def assemble(planes: Any, dtype: Any, *scales: np.float32) -> np.ndarray:
         x = 0
         for b in row:
             w = np.shape(b)[1]
-            dst = out[y : y + h, x : x + w]
-            if scales:
-                np.multiply(np.asarray(b, dtype), scales[0], out=dst)
-                for s in scales[1:]:
-                    dst *= s
+            if (
+                isinstance(b, np.ndarray)
+                and b.dtype == out.dtype
+                and len(scales) in (1, 2)
+                and np.result_type(out.dtype, *scales) == out.dtype
+            ):
+                place_block(out, b, y, x, *scales)  # one pass, not one per scale
             else:
-                dst[...] = b
+                dst = out[y : y + h, x : x + w]
+                if scales:
+                    np.multiply(np.asarray(b, dtype), scales[0], out=dst)
+                    for s in scales[1:]:
+                        dst *= s
+                else:
+                    dst[...] = b
             x += w
         y += h
     return out

@@ -22,7 +22,7 @@ import numpy as np
 from astropy.io import fits
 
 from apdask.config import PipelineConfig
-from apdask.core.camera import Detector
+from apdask.core.camera import Amplifier, Detector
 from apdask.core.exposure import Exposure
 from apdask.core.records import (
     Calibrated,
@@ -38,7 +38,7 @@ from apdask.core.records import (
 from apdask.exceptions import HeaderMismatchError, NoTemplateCoverageError, PpdbError, PsfFitError
 from apdask.io.butler import Butler
 from apdask.io.distributor import open_distributor
-from apdask.io.raw import effective_exptime, read_raw
+from apdask.io.raw import effective_exptime, read_raw, read_segment
 from apdask.io.raw_header import check_raw_header
 from apdask.pipeline import astrometry, isr
 from apdask.pipeline.isr import mask_cosmic_rays
@@ -60,10 +60,10 @@ __all__ = [
     "astrometry_task",
     "calib_task",
     "calibrate_task",
-    "darktime_task",
     "detect_task",
     "fetch_task",
     "header_task",
+    "isr_amp_task",
     "prefetch_task",
     "read_amp_task",
     "science_psf_task",
@@ -134,8 +134,10 @@ def header_task(
 ) -> RawHeader:
     """Read the raw headers of all snaps and check them against the invocation."""
     started = time.time()
+    raws = [read_raw(f.path) for f in fetched]
     metas = [
-        check_raw_header(read_raw(f.path).meta, detector, band, visit, f.name) for f in fetched
+        check_raw_header(r.meta, detector, band, visit, f.name)
+        for r, f in zip(raws, fetched, strict=True)
     ]
     if len({m.snap for m in metas}) != len(metas):
         msg = (
@@ -163,6 +165,7 @@ def header_task(
         rotpa=metas[0].rotpa,
         fetched=tuple(fetched),
         processing_started=started,
+        segments=tuple(r.segments for r in raws),
     )
 
 
@@ -172,9 +175,34 @@ def read_amp_task(fetched: Fetched, index: int) -> np.ndarray:
         return np.asarray(hdul[index + 1].data, dtype=np.float32)
 
 
-def darktime_task(header: RawHeader, snap: int) -> float:
-    """Dark time (s) of one snap, from its header."""
-    return header.darktimes[snap]
+def isr_amp_task(
+    header: RawHeader,
+    snap: int,
+    amp: Amplifier,
+    bias: np.ndarray | None,
+    dark: np.ndarray | None,
+    flat: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One amplifier of one snap: its pixels read and its ISR (:func:`isr.isr_amp`).
+
+    The pixels are read at the offset :func:`header_task` found (no header parsed
+    again); ``bias``, ``dark`` and ``flat`` are the assembled master calibrations,
+    of which the amplifier's section is used.
+    """
+    segments = header.segments[snap] if header.segments else ()
+    segment = segments[amp.index] if segments else None
+    if segment is None:
+        raw = read_amp_task(header.fetched[snap], amp.index)
+    else:
+        raw = read_segment(header.fetched[snap].path, segment)
+    return isr.isr_amp(
+        raw, amp, _section(bias, amp), _section(dark, amp), _section(flat, amp),
+        header.darktimes[snap],
+    )  # fmt: skip
+
+
+def _section(calib: np.ndarray | None, amp: Amplifier) -> np.ndarray | None:
+    return None if calib is None else calib[amp.y0 : amp.y1, amp.x0 : amp.x1]
 
 
 def prefetch_task(
@@ -266,24 +294,30 @@ def calib_task(repo: str, detector: Detector, kind: str, band: str, mjd: float) 
 
 
 def calibrate_task(
-    images: Sequence[tuple[Any, Any, Any]],
+    images: Sequence[Sequence[Sequence[tuple[Any, Any, Any]]]],
     header: RawHeader,
     detector: Detector,
     band: str,
 ) -> Calibrated:
     """Combine snaps and calibrate to nJy, on the predicted WCS, and search it for stars.
 
+    ``images`` holds, per snap, the ``[row][column]`` grid (``detector.amp_grid()``) of
+    the amplifiers' :func:`isr_amp_task` results ``(image_e, variance_e2, mask)``.
     The WCS is refined by :func:`astrometry_task`, beside the science PSF
     (:func:`science_psf_task`), which needs no WCS; both select their stars from the
     one search kept in ``peaks``.
     """
     t0 = time.time()
-    image_e, variance, mask = images[0]  # arrays, or their amplifier blocks (graph)
-    if len(images) > 1:  # snaps summed into new arrays; a single snap's are assembled once
+    snaps = [_planes(grid) for grid in images]
+    image_e: Any
+    variance: Any
+    mask: Any
+    image_e, variance, mask = snaps[0]  # amplifier blocks, assembled once below
+    if len(snaps) > 1:  # snaps summed into new arrays; a single snap's are assembled once
         image_e = isr.assemble(image_e, np.float32)
         variance = isr.assemble(variance, np.float32)
         mask = isr.assemble(mask, np.uint32)
-        for img, var, msk in images[1:]:
+        for img, var, msk in snaps[1:]:
             image_e += isr.assemble(img, np.float32)
             variance += isr.assemble(var, np.float32)
             mask |= isr.assemble(msk, np.uint32)
@@ -299,6 +333,11 @@ def calibrate_task(
     exp = isr.calibrate(image_e, variance, mask, band, header.exptime, wcs, meta)
     peaks = astrometry.star_search(exp)  # for both branches: the WCS fit and the PSF model
     return Calibrated(exp, timings={"calibrate": time.time() - t0}, peaks=peaks)
+
+
+def _planes(grid: Sequence[Sequence[tuple[Any, Any, Any]]]) -> tuple[list[list[Any]], ...]:
+    """The image, variance and mask block grids of a grid of per-amplifier triples."""
+    return tuple([[amp[i] for amp in row] for row in grid] for i in range(3))
 
 
 def astrometry_task(calibrated: Calibrated, prefetch: Prefetch) -> Calibrated:

@@ -23,7 +23,7 @@ from apdask._kernels.trail import veres_fit, veres_jacobian
 from apdask.core.camera import get_camera
 from apdask.core.exposure import MASK, Exposure
 from apdask.core.memory import keep_freed_memory
-from apdask.pipeline.isr import isr_amp, mask_cosmic_rays
+from apdask.pipeline.isr import assemble, isr_amp, mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.psf import estimate_psf_model, sharpest_fwhm_px
@@ -68,8 +68,13 @@ def warm_kernels() -> float:
         amp = get_camera("testcam").detectors[0].amplifiers[0]
         ny, nx = amp.y1 - amp.y0, amp.x1 - amp.x0
         raw = np.random.default_rng(1).normal(1000.0, 5.0, amp.raw_shape).astype(np.float32)
-        ones = np.ones((ny, nx), np.float32)
-        isr_amp(raw, amp, ones * 1000.0, ones * 0.0, ones, darktime=30.0)
+
+        def section(value: float) -> np.ndarray:  # as the pipeline passes the calibrations:
+            return np.full((ny, nx + 1), value, np.float32)[:, :nx]  # a frame's section
+
+        img, var, _ = isr_amp(raw, amp, section(1000.0), section(0.0), section(1.0), 30.0)
+        scale = np.float32(2.0)
+        assemble([[img]], np.float32, scale), assemble([[var]], np.float32, scale, scale)
         science, template = _star_field(4.0, 1), _star_field(3.0, 2)
         # every branch that has a kernel of its own: a transient (segments), a cosmic
         # ray (its mask grown and interpolated over), saturated pixels (boxes around

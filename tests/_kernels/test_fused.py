@@ -528,6 +528,26 @@ def test_amp_pass(flip):
     assert lost == np.count_nonzero(sat | ~finite) == 4
 
 
+def test_place_block_equals_numpy():
+    """The scaled copy of a block into a frame equals NumPy's multiply, then ``*=``, bit
+    for bit (non-finite values and overflow included), and touches nothing else."""
+    rng = np.random.default_rng(9)
+    block = rng.normal(0, 1e3, (30, 20)).astype(np.float32)
+    block[1, 1], block[2, 2], block[3, 3] = np.nan, -np.inf, 3e38
+    for scales in ((np.float32(0.7),), (np.float32(0.7), np.float32(1.3)), (np.float32(9.0), 2.5)):
+        got = np.full((50, 40), 5.0, np.float32)
+        want = got.copy()
+        _fused.place_block(got, block, 10, 15, *scales)
+        dst = want[10:40, 15:35]
+        with np.errstate(over="ignore"):
+            np.multiply(block, scales[0], out=dst)
+            for s in scales[1:]:
+                dst *= s
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    with pytest.raises(ValueError, match="one or two"):
+        _fused.place_block(got, block, 0, 0)
+
+
 def test_local_peaks_equal_maximum_filter():
     from scipy import ndimage
 

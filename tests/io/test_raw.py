@@ -15,6 +15,7 @@ from apdask.io.raw import (
     overscan,
     raw_name,
     read_raw,
+    read_segment,
     write_raw,
 )
 
@@ -111,6 +112,35 @@ def test_graph_does_not_read_pixels(tmp_path, det, monkeypatch):
     # no pixel data embedded in the graph
     graph = dict(raw.amps[0].__dask_graph__())
     assert not any(isinstance(v, np.ndarray) and v.size > 100 for v in graph.values())
+
+
+def test_read_segment_equals_astropy(tmp_path, det):
+    path, _ = _write(tmp_path, det)
+    raw = read_raw(path)
+    assert len(raw.segments) == len(det.amplifiers)
+    with fits.open(path) as hdul:
+        for amp, seg in zip(det.amplifiers, raw.segments, strict=True):
+            assert seg.index == amp.index + 1 and seg.shape == amp.raw_shape
+            got = read_segment(path, seg)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, hdul[seg.index].data.astype(np.float32))
+
+
+def test_read_segment_scaled_extension_left_to_astropy(tmp_path, det):
+    path, _ = _write(tmp_path, det)
+    with fits.open(path, mode="update") as hdul:
+        hdul[1].header["BZERO"] = 10.0
+    raw = read_raw(path)
+    assert raw.segments[0] is None and raw.segments[1] is not None
+
+
+def test_read_segment_truncated(tmp_path, det):
+    path, _ = _write(tmp_path, det)
+    last = read_raw(path).segments[-1]
+    with open(path, "r+b") as f:
+        f.truncate(last.offset + 100)
+    with pytest.raises(RawFormatError, match="truncated"):
+        read_segment(path, last)
 
 
 def test_missing_file(tmp_path):

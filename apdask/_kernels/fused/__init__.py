@@ -15,7 +15,7 @@ import os
 import sys
 from types import ModuleType
 
-from apdask._kernels.fused._amp import amp_pass
+from apdask._kernels.fused._amp import amp_pass, place_block
 from apdask._kernels.fused._detection import (
     above,
     boxes_clear,
@@ -64,6 +64,7 @@ __all__ = [
     "grow_pixels",
     "interpolate_pixels",
     "local_peaks",
+    "place_block",
     "difference_variance",
     "dilate",
     "matched_inputs",

@@ -1,4 +1,5 @@
-"""The per-pixel pass of one amplifier's ISR (:func:`apdask.pipeline.isr.isr_amp`)."""
+"""The per-pixel pass of one amplifier's ISR (:func:`apdask.pipeline.isr.isr_amp`) and
+the scaled copy of its blocks into the assembled frame (:func:`apdask.pipeline.isr.assemble`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numba
 import numpy as np
 from numba.extending import register_jitable
 
-__all__ = ["amp_pass"]
+__all__ = ["amp_pass", "place_block"]
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
 
@@ -21,7 +22,7 @@ def _finite_or(v):
     return (_F32_MAX if v > 0 else -_F32_MAX), True
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)  # amplifiers' tasks run it side by side
 def _amp_pass(raw, y0, x0, row, flip_y, flip_x, gain, saturation, bias, dark, darktime,
               flat, read_var, flat_bad, dark_hot, bits, img, var, mask):  # fmt: skip
     sat_bit, nodata_bit, bad_bit = bits
@@ -105,7 +106,8 @@ def amp_pass(
     none = np.zeros((0, 0), np.float32)
 
     def calib(a: np.ndarray | None) -> np.ndarray:
-        return none if a is None else np.ascontiguousarray(a, np.float32)
+        # an amplifier's section of the assembled frame as it is: no copy
+        return none if a is None else np.asarray(a, np.float32)
 
     img = np.empty((ny, nx), np.float32)
     var = np.empty((ny, nx), np.float32)
@@ -118,3 +120,38 @@ def amp_pass(
         np.float32(dark_hot), tuple(np.uint32(b) for b in bits), img, var, mask,
     )  # fmt: skip
     return img, var, mask, int(lost)
+
+
+@numba.njit(nogil=True, cache=True)
+def _place_times(out, block, y0, x0, s):
+    ny, nx = block.shape
+    for y in range(ny):
+        for x in range(nx):
+            out[y0 + y, x0 + x] = block[y, x] * s
+
+
+@numba.njit(nogil=True, cache=True)
+def _place_times2(out, block, y0, x0, s1, s2):
+    ny, nx = block.shape
+    for y in range(ny):
+        for x in range(nx):
+            out[y0 + y, x0 + x] = block[y, x] * s1 * s2
+
+
+def place_block(
+    out: np.ndarray, block: np.ndarray, y0: int, x0: int, *scales: float | np.floating
+) -> None:
+    """Write ``block`` times ``scales`` (one or two) into ``out`` at ``(y0, x0)``, in one pass.
+
+    Equal, bit for bit, to ``dst = out[y0:y0 + ny, x0:x0 + nx]``, then
+    ``np.multiply(block, scales[0], out=dst)`` and ``dst *= scales[1]``, where the
+    scales do not promote ``block``'s dtype (float32 scales for a float32 block).
+    """
+    if len(scales) not in (1, 2):
+        msg = f"place_block takes one or two scales, got {len(scales)}"
+        raise ValueError(msg)
+    dtype = block.dtype.type
+    if len(scales) == 1:
+        _place_times(out, block, int(y0), int(x0), dtype(scales[0]))
+    else:
+        _place_times2(out, block, int(y0), int(x0), dtype(scales[0]), dtype(scales[1]))
