@@ -405,6 +405,30 @@ def test_one_blas_thread_limits_blas_inside_only():
     assert blas_threads() == before  # restored on return
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_in_thread_gives_the_result_and_raises_what_fn_raised(threads):
+    """With one thread the call waits until its result is asked for, in the caller's
+    thread; with two it runs in another thread at once."""
+    import threading
+
+    import dask
+
+    def where(x):
+        return x + 1, threading.current_thread()
+
+    def fails():
+        raise ValueError("no")
+
+    with dask.config.set({"apdask.compute.inner_threads": threads}):
+        got = _fused.in_thread(where, 41)
+        failed = _fused.in_thread(fails)
+    value, thread = got()
+    assert value == 42
+    assert (thread is threading.current_thread()) == (threads == 1)
+    with pytest.raises(ValueError, match="no"):
+        failed()
+
+
 @pytest.mark.parametrize("flip", [(False, False), (True, False), (False, True), (True, True)])
 def test_amp_pass(flip):
     """One amplifier's ISR pass equals the NumPy chain, bit for bit, flips, non-finite

@@ -44,12 +44,13 @@ from apdask._kernels.fused._isr import (
     smoothed_residual,
     stamps_less_background,
 )
-from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
+from apdask._kernels.fused._threads import allocated_cpus, in_thread, inner_threads, one_blas_thread
 
 __all__ = [
     "amp_pass",
     "compiled_on_disk",
     "allocated_cpus",
+    "in_thread",
     "inner_threads",
     "one_blas_thread",
     "fill_nodata",

@@ -233,41 +233,59 @@ def _segments(ys, xs, vals, nx):
     return out, best
 
 
+#: Pixels per block of the block counts of :func:`above` and :func:`thinned_values`.
+_BLOCK = 64
+
+
 @numba.njit(parallel=True, cache=True)
 def _count_above(image, t, sign, counts):
     ny, nx = image.shape
+    nb = counts.shape[1]
     for y in numba.prange(ny):
-        c = np.int64(0)
-        for x in range(nx):  # branch-free: vectorised
-            c += np.int64(sign * image[y, x] > t)
-        counts[y] = c
+        for b in range(nb):
+            x0 = b * _BLOCK
+            c = np.int64(0)
+            if x0 + _BLOCK <= nx:  # a constant trip count, branch-free: vectorised
+                for i in range(_BLOCK):
+                    c += np.int64(sign * image[y, x0 + i] > t)
+            else:
+                for x in range(x0, nx):
+                    c += np.int64(sign * image[y, x] > t)
+            counts[y, b] = c
 
 
 @numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
-def _fill_above(image, t, sign, counts, starts, ys, xs):
+def _fill_above(image, t, sign, counts, ys, xs):
     ny, nx = image.shape
+    nb = counts.shape[1]
+    k = 0
     for y in range(ny):
-        if counts[y] == 0:  # most rows: nothing above the threshold
-            continue
-        k = starts[y]
-        for x in range(nx):
-            if sign * image[y, x] > t:
-                ys[k] = y
-                xs[k] = x
-                k += 1
+        for b in range(nb):
+            if counts[y, b] == 0:  # most blocks: nothing above the threshold
+                continue
+            for x in range(b * _BLOCK, min((b + 1) * _BLOCK, nx)):
+                if sign * image[y, x] > t:
+                    ys[k] = y
+                    xs[k] = x
+                    k += 1
 
 
 @_threads
 def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero(sign * image > threshold)`` (raster order) without a full-frame mask."""
+    """``np.nonzero(sign * image > threshold)`` (raster order) without a full-frame mask.
+
+    One parallel pass counts the pixels above per row block of :data:`_BLOCK`
+    pixels; the serial pass that lists them then visits only the blocks that have
+    any (a row through a source is mostly below the threshold too).
+    """
     image = np.asarray(image)
     t, sg = image.dtype.type(threshold), image.dtype.type(1 if sign > 0 else -1)
-    counts = np.empty(image.shape[0], np.int64)
+    counts = np.empty((image.shape[0], -(-image.shape[1] // _BLOCK)), np.int64)
     _count_above(image, t, sg, counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     n = int(counts.sum())
     ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
-    _fill_above(image, t, sg, counts, starts, ys, xs)
+    if n:
+        _fill_above(image, t, sg, counts, ys, xs)
     return ys, xs
 
 
@@ -354,11 +372,7 @@ def segments(
     return out[keep], best[keep]
 
 
-#: Pixels per block of the block counts of :func:`thinned_values`.
-_BLOCK = 64
-
-
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _count_valid(image, ignored, counts):
     ny, nx = image.shape
     nb = counts.shape[1]
@@ -377,7 +391,7 @@ def _count_valid(image, ignored, counts):
             counts[y, b] = c
 
 
-@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
+@numba.njit(nogil=True, cache=True)  # serial: a sparse pass, not worth waking threads
 def _take_valid(image, ignored, counts, starts, step, out):
     ny, nx = image.shape
     nb = counts.shape[1]

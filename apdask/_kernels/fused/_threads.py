@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 import dask.config
 import numba
 import threadpoolctl
 
-__all__ = ["inner_threads", "one_blas_thread"]
+__all__ = ["in_thread", "inner_threads", "one_blas_thread"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -120,3 +121,19 @@ def _threads(fn: Callable[..., Any]) -> Callable[..., Any]:
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     run.__wrapped__ = fn  # type: ignore[attr-defined]
     return run
+
+
+def in_thread(fn: Callable[..., _R], *args: Any) -> Callable[[], _R]:
+    """``fn(*args)`` started in a thread of its own when this task has two threads or
+    more (:func:`inner_threads`), else called when its result is asked for.
+
+    Returns the call that gives the result (waiting for it, and raising what ``fn``
+    raised).  For work that a task can do beside its own and that releases the GIL
+    (FFTs, NumPy on large arrays, ``nogil`` numba kernels).
+    """
+    if inner_threads() < 2:
+        return functools.partial(fn, *args)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="apdask-task")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future.result

@@ -99,9 +99,8 @@ def psf_sigma(psf: np.ndarray) -> float:
         gp = max(float((g * p).sum()), 0.0)
         return pp - gp * gp / float((g * g).sum())
 
-    s0 = max(float(psf_fwhm(p)) / 2.3548, 0.3)
     sol = minimize_scalar(cost, bounds=(0.2, float(n)), method="bounded", options={"xatol": 1e-9})
-    return float(sol.x) if sol.success else s0
+    return float(sol.x) if sol.success else max(float(psf_fwhm(p)) / 2.3548, 0.3)
 
 
 def psf_flux_ratio(psf: np.ndarray, sigma: float, fit: dict[str, Any]) -> float:
