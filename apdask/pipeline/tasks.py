@@ -441,12 +441,13 @@ def detect_task(
     t0 = time.time()
     diff = sub.difference
     matched = matched_filter(diff)
-    # the QA figures of the images alone: in a thread, beside the measurement
-    figures = in_thread(image_figures, diff, sub.info, matched)
     dets = detect_sources(
         diff, threshold_sigma=cfg.detection.threshold_sigma, n_pixels=cfg.detection.n_pixels,
         matched=matched,
     )  # fmt: skip
+    # the QA figures of the images alone: in a thread, beside the measurement (which
+    # runs no parallel pass)
+    figures = in_thread(image_figures, diff, sub.info, matched)
     table = measure_sources(
         diff, sub.science, sub.template, dets,
         visit=visit, detector=detector.id, band=band, mjd=header.mjd, matched=matched,

@@ -408,13 +408,13 @@ def test_one_blas_thread_limits_blas_inside_only():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_in_thread_gives_the_result_and_raises_what_fn_raised(threads):
     """With one thread the call waits until its result is asked for, in the caller's
-    thread; with two it runs in another thread at once."""
+    thread; with two it runs in another thread at once, whose passes take one core."""
     import threading
 
     import dask
 
     def where(x):
-        return x + 1, threading.current_thread()
+        return x + 1, threading.current_thread(), _fused.inner_threads()
 
     def fails():
         raise ValueError("no")
@@ -422,11 +422,12 @@ def test_in_thread_gives_the_result_and_raises_what_fn_raised(threads):
     with dask.config.set({"apdask.compute.inner_threads": threads}):
         got = _fused.in_thread(where, 41)
         failed = _fused.in_thread(fails)
-    value, thread = got()
-    assert value == 42
+        value, thread, inner = got()
+        with pytest.raises(ValueError, match="no"):
+            failed()
+        assert _fused.inner_threads() == threads  # the caller's own count is kept
+    assert value == 42 and inner == 1
     assert (thread is threading.current_thread()) == (threads == 1)
-    with pytest.raises(ValueError, match="no"):
-        failed()
 
 
 @pytest.mark.parametrize("flip", [(False, False), (True, False), (False, True), (True, True)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
@@ -65,6 +66,11 @@ def _worker_share(cpus: int) -> int | None:
     return max(1, cpus // (nthreads * procs))
 
 
+#: Per thread: a count that :func:`inner_threads` gives instead (set in the threads
+#: :func:`in_thread` starts).
+_local = threading.local()
+
+
 def inner_threads() -> int:
     """Threads for the parallel loops and FFTs inside one task.
 
@@ -76,6 +82,9 @@ def inner_threads() -> int:
     ``os.cpu_count()``: inside a one-CPU SLURM job on a 64-core node that would
     start 64 threads.
     """
+    mine = getattr(_local, "threads", None)
+    if mine is not None:
+        return int(mine)
     configured = dask.config.get("apdask.compute.inner_threads", None)
     if configured is not None:
         return max(1, int(configured))
@@ -129,11 +138,22 @@ def in_thread(fn: Callable[..., _R], *args: Any) -> Callable[[], _R]:
 
     Returns the call that gives the result (waiting for it, and raising what ``fn``
     raised).  For work that a task can do beside its own and that releases the GIL
-    (FFTs, NumPy on large arrays, ``nogil`` numba kernels).
+    (FFTs, NumPy on large arrays, ``nogil`` numba kernels), while the task's own
+    thread runs no parallel pass: in that thread :func:`inner_threads` is 1, so its
+    numba passes and FFTs take one core (two parallel passes at once on two cores
+    would leave each waiting at its barrier for a thread the other holds).
     """
     if inner_threads() < 2:
         return functools.partial(fn, *args)
+
+    def beside() -> _R:
+        _local.threads = 1
+        try:
+            return fn(*args)
+        finally:
+            _local.threads = None
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="apdask-task")
-    future = pool.submit(fn, *args)
+    future = pool.submit(beside)
     pool.shutdown(wait=False)
     return future.result
