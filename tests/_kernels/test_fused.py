@@ -199,6 +199,14 @@ def test_segments_equal_photutils_detect_sources(sign):
     want = np.nonzero(sign * img > 3.0)
     np.testing.assert_array_equal(ys, want[0])
     np.testing.assert_array_equal(xs, want[1])
+    # both signs from one pass, float32 (the S/N map's type), and given to segments
+    img32 = img.astype(np.float32)
+    both = _fused.above_both(img32, 3.0)[0 if sign > 0 else 1]
+    for got, exp in zip(both, np.nonzero(sign * img32 > np.float32(3.0)), strict=True):
+        np.testing.assert_array_equal(got, exp)
+    given, listed = _fused.segments(img32, 3.0, 5, sign, both), _fused.segments(img32, 3.0, 5, sign)
+    for a, b in zip(given, listed, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("target", [1, 7, 100, 10**9])

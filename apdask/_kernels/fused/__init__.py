@@ -18,6 +18,7 @@ from types import ModuleType
 from apdask._kernels.fused._amp import amp_pass
 from apdask._kernels.fused._detection import (
     above,
+    above_both,
     boxes_clear,
     dilate,
     local_peaks,
@@ -55,6 +56,7 @@ __all__ = [
     "one_blas_thread",
     "fill_nodata",
     "above",
+    "above_both",
     "boxes_clear",
     "combine_inputs",
     "cr_candidates",
