@@ -43,6 +43,7 @@ __all__ = [
     "enforce",
     "expected_ratio",
     "flag_sources",
+    "image_figures",
     "qa_thresholds",
     "snr_sigma",
 ]
@@ -169,6 +170,25 @@ def snr_sigma(matched: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float | Non
     return float(1.4826 * np.median(np.abs(v - np.median(v))))
 
 
+def image_figures(
+    difference: Exposure,
+    info: SubtractionInfo,
+    matched: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """The figures of :func:`assess` that need only the images, not the DiaSources.
+
+    The residual χ² and dipole flags at the kernel stars (``star_chi2``,
+    ``star_dipoles``: lists, one value per star checked) and the robust σ of the S/N
+    map (``snr_sigma``, None without ``matched``).  Most of their time is spent in FFTs
+    and array passes that release the GIL, so a task can measure them in a thread
+    while it measures the DiaSources, and give them to :func:`assess` as ``figures``.
+    """
+    fwhm = float(info.fwhm_difference or 3.0)
+    chi2, dip = _star_residuals(difference, info.stamp_x, info.stamp_y, fwhm)
+    snr_sig = snr_sigma(matched) if matched is not None else None
+    return {"star_chi2": chi2, "star_dipoles": dip, "snr_sigma": snr_sig}
+
+
 def assess(
     difference: Exposure,
     info: SubtractionInfo,
@@ -178,6 +198,7 @@ def assess(
     *,
     matched: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     thresholds: dict[str, float] | None = None,
+    figures: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure the QA figures of one subtraction and judge them.
 
@@ -197,6 +218,9 @@ def assess(
         S/N map's robust σ is judged too (``snr_map_sigma``).
     thresholds : dict, optional
         Default :func:`qa_thresholds`.
+    figures : dict, optional
+        :func:`image_figures` of ``difference``, ``info`` and ``matched``, if already
+        measured.
 
     Returns
     -------
@@ -210,9 +234,9 @@ def assess(
     dev = abs(ks / exp - 1.0) if exp else None
     lo, hi = info.kernel_sum_range or [ks, ks]
     variation = abs(hi - lo) / abs(0.5 * (hi + lo)) if (hi + lo) else None
-    fwhm = float(info.fwhm_difference or 3.0)
-    xs, ys = info.stamp_x, info.stamp_y
-    chi2, dip = _star_residuals(difference, xs, ys, fwhm)
+    if figures is None:
+        figures = image_figures(difference, info, matched)
+    chi2, dip = figures["star_chi2"], figures["star_dipoles"]
     chi2_med = float(np.median(chi2)) if chi2 else None
     star_dip = float(np.mean(dip)) if dip else None
     noise = float(info.noise_ratio)
@@ -220,7 +244,7 @@ def assess(
     det_dip = n_dip / n_det if n_det else None
     det_static = n_static / n_det if n_det else None
     enough = n_det >= int(t["min_detections"])
-    snr_sig = snr_sigma(matched) if matched is not None else None
+    snr_sig = figures["snr_sigma"]
     vc = info.variance_correction
     checks = {
         "kernel_sum": _level(dev, t["kernel_sum_warn"], t["kernel_sum_fail"]),

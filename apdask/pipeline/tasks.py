@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from apdask._kernels.fused import in_thread
 from apdask.config import PipelineConfig
 from apdask.core.camera import Amplifier, Detector
 from apdask.core.exposure import Exposure
@@ -50,7 +51,7 @@ from apdask.pipeline.psf import (
     psf_star_search,
     sharpest_fwhm_px,
 )
-from apdask.pipeline.quality import assess, enforce, flag_sources
+from apdask.pipeline.quality import assess, enforce, flag_sources, image_figures
 from apdask.pipeline.steps import per_ccd
 from apdask.pipeline.subtract import subtract
 from apdask.pipeline.template import prewarp_template, shift_template, warp_template
@@ -485,6 +486,9 @@ def detect_task(
         diff, threshold_sigma=cfg.detection.threshold_sigma, n_pixels=cfg.detection.n_pixels,
         matched=matched,
     )  # fmt: skip
+    # the QA figures of the images alone: in a thread, beside the measurement (which
+    # runs no parallel pass)
+    figures = in_thread(image_figures, diff, sub.info, matched)
     table = measure_sources(
         diff, sub.science, sub.template, dets,
         visit=visit, detector=detector.id, band=band, mjd=header.mjd, matched=matched,
@@ -492,7 +496,7 @@ def detect_task(
     )  # fmt: skip
     # subtraction QA (docs/real-data.md): a failed check fails this CCD, a warning is logged
     qa = assess(diff, sub.info, table, sub.science, sub.template, matched=matched,
-                thresholds=dict(cfg.qa))  # fmt: skip
+                thresholds=dict(cfg.qa), figures=figures())  # fmt: skip
     enforce(qa, where=f"CCD {detector.name}, visit {visit}", log=log)
     flag_sources(table, qa)  # a warned CCD: every DiaSource carries pixelFlags_suspect
     return Measurement(table, timings={"detect+measure": time.time() - t0}, qa=qa)

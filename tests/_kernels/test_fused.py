@@ -199,6 +199,14 @@ def test_segments_equal_photutils_detect_sources(sign):
     want = np.nonzero(sign * img > 3.0)
     np.testing.assert_array_equal(ys, want[0])
     np.testing.assert_array_equal(xs, want[1])
+    # both signs from one pass, float32 (the S/N map's type), and given to segments
+    img32 = img.astype(np.float32)
+    both = _fused.above_both(img32, 3.0)[0 if sign > 0 else 1]
+    for got, exp in zip(both, np.nonzero(sign * img32 > np.float32(3.0)), strict=True):
+        np.testing.assert_array_equal(got, exp)
+    given, listed = _fused.segments(img32, 3.0, 5, sign, both), _fused.segments(img32, 3.0, 5, sign)
+    for a, b in zip(given, listed, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("target", [1, 7, 100, 10**9])
@@ -478,6 +486,31 @@ def test_one_blas_thread_limits_blas_inside_only():
     inside = _fused.one_blas_thread(blas_threads)()
     assert inside and all(n == 1 for n in inside)
     assert blas_threads() == before  # restored on return
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_in_thread_gives_the_result_and_raises_what_fn_raised(threads):
+    """With one thread the call waits until its result is asked for, in the caller's
+    thread; with two it runs in another thread at once, whose passes take one core."""
+    import threading
+
+    import dask
+
+    def where(x):
+        return x + 1, threading.current_thread(), _fused.inner_threads()
+
+    def fails():
+        raise ValueError("no")
+
+    with dask.config.set({"apdask.compute.inner_threads": threads}):
+        got = _fused.in_thread(where, 41)
+        failed = _fused.in_thread(fails)
+        value, thread, inner = got()
+        with pytest.raises(ValueError, match="no"):
+            failed()
+        assert _fused.inner_threads() == threads  # the caller's own count is kept
+    assert value == 42 and inner == 1
+    assert (thread is threading.current_thread()) == (threads == 1)
 
 
 @pytest.mark.parametrize("flip", [(False, False), (True, False), (False, True), (True, True)])

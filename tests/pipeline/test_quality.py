@@ -52,6 +52,23 @@ def test_sparse_field_falls_back_and_says_so():
     json.dumps(qa, allow_nan=False)  # strict JSON
 
 
+def test_image_figures_given_to_assess_give_the_same_record():
+    """detect_task measures the figures of the images in a thread beside the DiaSources
+    and gives them to assess: the record is the one assess makes itself."""
+    from apdask.pipeline.measure.detection import matched_filter
+    from apdask.pipeline.quality import image_figures
+
+    sci, tpl = _pair(40)
+    diff, info = subtract(sci, tpl)
+    matched = matched_filter(diff)
+    figures = image_figures(diff, info, matched)
+    assert figures["star_chi2"] and figures["snr_sigma"] is not None
+    src = _sources(12, dipole=1, static=2)
+    want = assess(diff, info, src, sci, tpl, matched=matched)
+    assert assess(diff, info, src, sci, tpl, matched=matched, figures=figures) == want
+    assert image_figures(diff, info)["snr_sigma"] is None
+
+
 def test_rich_field_keeps_the_configured_model():
     sci, tpl = _pair(40)
     _, info = subtract(sci, tpl)

@@ -269,3 +269,29 @@ def test_veres_fit_kernel_equals_numpy_model(t):
         for e in np.eye(4) * 1e-6
     ]
     np.testing.assert_allclose(dm, np.column_stack(num), rtol=0, atol=1e-8 * np.abs(m).max())
+
+
+@pytest.mark.parametrize("max_nfev", [200, 4])
+@pytest.mark.parametrize(
+    ("length", "flux", "seed"), [(20.0, 3e4, 1), (0.0, 3e3, 2), (6.0, 600.0, 3)]
+)
+def test_levenberg_marquardt_is_least_squares_lm_bit_for_bit(length, flux, seed, max_nfev):
+    """The MINPACK call through leastsq takes least_squares(method="lm")'s steps: the
+    same solution and success, on trails, points, faint sources and stopped fits."""
+    from scipy.optimize import least_squares
+
+    shape = (80, 80)
+    img = np.zeros(shape)
+    add_trail(img, (40.2, 39.6), length, 30.0, flux)
+    img += np.random.default_rng(seed).normal(0, NOISE, shape)
+    yy, xx = np.mgrid[20:60, 20:60]
+    x, y, d = xx.ravel().astype(float), yy.ravel().astype(float), img[20:60, 20:60].ravel()
+    w = np.full(len(d), 1.0 / NOISE**2)
+    t0 = np.array([40.0, 40.0, 3.0, 1.0])
+    ref = trail._Residuals(x, y, d, w, SIGMA)
+    want = least_squares(ref.residuals, t0, jac=ref.jacobian, method="lm", x_scale=1.0,
+                         max_nfev=max_nfev)  # fmt: skip
+    assert want.success == (max_nfev == 200)
+    t, success = trail._levenberg_marquardt(trail._Residuals(x, y, d, w, SIGMA), t0, max_nfev)
+    np.testing.assert_array_equal(t, want.x)
+    assert success == want.success

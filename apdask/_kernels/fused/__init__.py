@@ -18,6 +18,7 @@ from types import ModuleType
 from apdask._kernels.fused._amp import amp_pass, place_block
 from apdask._kernels.fused._detection import (
     above,
+    above_both,
     boxes_clear,
     dilate,
     local_peaks,
@@ -46,16 +47,18 @@ from apdask._kernels.fused._isr import (
     smoothed_residual,
     stamps_less_background,
 )
-from apdask._kernels.fused._threads import allocated_cpus, inner_threads, one_blas_thread
+from apdask._kernels.fused._threads import allocated_cpus, in_thread, inner_threads, one_blas_thread
 
 __all__ = [
     "amp_pass",
     "compiled_on_disk",
     "allocated_cpus",
+    "in_thread",
     "inner_threads",
     "one_blas_thread",
     "fill_nodata",
     "above",
+    "above_both",
     "boxes_clear",
     "boxes_clear_of",
     "combine_inputs",

@@ -14,6 +14,7 @@ __all__ = [
     "dilate",
     "snr_map",
     "above",
+    "above_both",
     "local_peaks",
     "segments",
     "thinned_values",
@@ -233,41 +234,85 @@ def _segments(ys, xs, vals, nx):
     return out, best
 
 
+#: Pixels per block of the block counts of :func:`above` and :func:`thinned_values`.
+_BLOCK = 64
+
+
 @numba.njit(parallel=True, cache=True)
-def _count_above(image, t, sign, counts):
+def _count_above(image, t, sign, counts, counts_neg, both):
     ny, nx = image.shape
+    nb = counts.shape[1]
     for y in numba.prange(ny):
-        c = np.int64(0)
-        for x in range(nx):  # branch-free: vectorised
-            c += np.int64(sign * image[y, x] > t)
-        counts[y] = c
+        for b in range(nb):
+            x0 = b * _BLOCK
+            c, cn = np.int64(0), np.int64(0)
+            if x0 + _BLOCK <= nx:  # a constant trip count, branch-free: vectorised
+                for i in range(_BLOCK):
+                    v = sign * image[y, x0 + i]
+                    c += np.int64(v > t)
+                    if both:
+                        cn += np.int64(-v > t)
+            else:
+                for x in range(x0, nx):
+                    v = sign * image[y, x]
+                    c += np.int64(v > t)
+                    if both:
+                        cn += np.int64(-v > t)
+            counts[y, b] = c
+            if both:
+                counts_neg[y, b] = cn
 
 
 @numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
-def _fill_above(image, t, sign, counts, starts, ys, xs):
+def _fill_above(image, t, sign, counts, ys, xs):
     ny, nx = image.shape
+    nb = counts.shape[1]
+    k = 0
     for y in range(ny):
-        if counts[y] == 0:  # most rows: nothing above the threshold
-            continue
-        k = starts[y]
-        for x in range(nx):
-            if sign * image[y, x] > t:
-                ys[k] = y
-                xs[k] = x
-                k += 1
+        for b in range(nb):
+            if counts[y, b] == 0:  # most blocks: nothing above the threshold
+                continue
+            for x in range(b * _BLOCK, min((b + 1) * _BLOCK, nx)):
+                if sign * image[y, x] > t:
+                    ys[k] = y
+                    xs[k] = x
+                    k += 1
 
 
 @_threads
 def above(image: np.ndarray, threshold: float, sign: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero(sign * image > threshold)`` (raster order) without a full-frame mask."""
+    """``np.nonzero(sign * image > threshold)`` (raster order) without a full-frame mask.
+
+    One parallel pass counts the pixels above per row block of :data:`_BLOCK`
+    pixels; the serial pass that lists them then visits only the blocks that have
+    any (a row through a source is mostly below the threshold too).
+    """
     image = np.asarray(image)
     t, sg = image.dtype.type(threshold), image.dtype.type(1 if sign > 0 else -1)
-    counts = np.empty(image.shape[0], np.int64)
-    _count_above(image, t, sg, counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    counts = np.empty((image.shape[0], -(-image.shape[1] // _BLOCK)), np.int64)
+    _count_above(image, t, sg, counts, counts[:0], False)
+    return _listed(image, t, sg, counts)
+
+
+@_threads
+def above_both(
+    image: np.ndarray, threshold: float
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """:func:`above` with ``sign`` 1 and -1, from one counting pass over the image."""
+    image = np.asarray(image)
+    t = image.dtype.type(threshold)
+    counts = np.empty((2, image.shape[0], -(-image.shape[1] // _BLOCK)), np.int64)
+    one = image.dtype.type(1)
+    _count_above(image, t, one, counts[0], counts[1], True)
+    return _listed(image, t, one, counts[0]), _listed(image, t, -one, counts[1])
+
+
+def _listed(image, t, sign, counts):
+    """The pixels ``sign * image > t`` in raster order, from their block counts."""
     n = int(counts.sum())
     ys, xs = np.empty(n, np.int64), np.empty(n, np.int64)
-    _fill_above(image, t, sg, counts, starts, ys, xs)
+    if n:
+        _fill_above(image, t, sign, counts, ys, xs)
     return ys, xs
 
 
@@ -353,7 +398,11 @@ def local_peaks(image: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nda
 
 
 def segments(
-    image: np.ndarray, threshold: float, n_pixels: int, sign: int = 1
+    image: np.ndarray,
+    threshold: float,
+    n_pixels: int,
+    sign: int = 1,
+    pixels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """8-connected groups of at least ``n_pixels`` pixels above ``threshold``
     (of ``-image`` when ``sign`` is negative).
@@ -361,7 +410,8 @@ def segments(
     Equal to photutils ``detect_sources(image, threshold, n_pixels)`` (pixels
     ``> threshold``, 8-connectivity, labels in raster order of each group's first
     pixel), but only the pixels above the threshold are visited after one comparison
-    pass, and no segmentation image is made.
+    pass, and no segmentation image is made.  ``pixels``: those pixels, when already
+    listed (:func:`above`, or :func:`above_both` for both signs at once).
 
     Returns
     -------
@@ -371,7 +421,7 @@ def segments(
     numpy.ndarray
         float64 ``(n,)``: that highest value.
     """
-    ys, xs = above(image, threshold, sign)
+    ys, xs = above(image, threshold, sign) if pixels is None else pixels
     if len(ys) == 0:
         return np.zeros((0, 7), np.int64), np.zeros(0)
     vals = image[ys, xs].astype(np.float64) * (1.0 if sign > 0 else -1.0)
@@ -380,11 +430,7 @@ def segments(
     return out[keep], best[keep]
 
 
-#: Pixels per block of the block counts of :func:`thinned_values`.
-_BLOCK = 64
-
-
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _count_valid(image, ignored, counts):
     ny, nx = image.shape
     nb = counts.shape[1]
@@ -403,7 +449,7 @@ def _count_valid(image, ignored, counts):
             counts[y, b] = c
 
 
-@numba.njit(cache=True)  # serial: a sparse pass, not worth waking the threads
+@numba.njit(nogil=True, cache=True)  # serial: a sparse pass, not worth waking threads
 def _take_valid(image, ignored, counts, starts, step, out):
     ny, nx = image.shape
     nb = counts.shape[1]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 import dask.config
 import numba
 import threadpoolctl
 
-__all__ = ["inner_threads", "one_blas_thread"]
+__all__ = ["in_thread", "inner_threads", "one_blas_thread"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -64,6 +66,11 @@ def _worker_share(cpus: int) -> int | None:
     return max(1, cpus // (nthreads * procs))
 
 
+#: Per thread: a count that :func:`inner_threads` gives instead (set in the threads
+#: :func:`in_thread` starts).
+_local = threading.local()
+
+
 def inner_threads() -> int:
     """Threads for the parallel loops and FFTs inside one task.
 
@@ -75,6 +82,9 @@ def inner_threads() -> int:
     ``os.cpu_count()``: inside a one-CPU SLURM job on a 64-core node that would
     start 64 threads.
     """
+    mine = getattr(_local, "threads", None)
+    if mine is not None:
+        return int(mine)
     configured = dask.config.get("apdask.compute.inner_threads", None)
     if configured is not None:
         return max(1, int(configured))
@@ -120,3 +130,30 @@ def _threads(fn: Callable[..., Any]) -> Callable[..., Any]:
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     run.__wrapped__ = fn  # type: ignore[attr-defined]
     return run
+
+
+def in_thread(fn: Callable[..., _R], *args: Any) -> Callable[[], _R]:
+    """``fn(*args)`` started in a thread of its own when this task has two threads or
+    more (:func:`inner_threads`), else called when its result is asked for.
+
+    Returns the call that gives the result (waiting for it, and raising what ``fn``
+    raised).  For work that a task can do beside its own and that releases the GIL
+    (FFTs, NumPy on large arrays, ``nogil`` numba kernels), while the task's own
+    thread runs no parallel pass: in that thread :func:`inner_threads` is 1, so its
+    numba passes and FFTs take one core (two parallel passes at once on two cores
+    would leave each waiting at its barrier for a thread the other holds).
+    """
+    if inner_threads() < 2:
+        return functools.partial(fn, *args)
+
+    def beside() -> _R:
+        _local.threads = 1
+        try:
+            return fn(*args)
+        finally:
+            _local.threads = None
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="apdask-task")
+    future = pool.submit(beside)
+    pool.shutdown(wait=False)
+    return future.result

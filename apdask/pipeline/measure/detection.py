@@ -8,6 +8,7 @@ from astropy.table import Table
 from apdask import config
 from apdask._kernels.fourier import convolve_tiles
 from apdask._kernels.fused import (
+    above_both,
     matched_inputs,
     one_blas_thread,
     segments,
@@ -101,9 +102,10 @@ def detect_sources(
     n_pixels = int(config.get("detection.n_pixels", n_pixels))
     _, snr, _ = matched if matched is not None else matched_filter(difference)
     rows = []
-    for sign in (1, -1):
+    both = above_both(snr, threshold_sigma)  # one pass lists the pixels of both signs
+    for sign, pixels in zip((1, -1), both, strict=True):
         # as photutils detect_sources (> threshold, 8-connected, n_pixels), sparse
-        seg, peak = segments(snr, threshold_sigma, n_pixels, sign)
+        seg, peak = segments(snr, threshold_sigma, n_pixels, sign, pixels)
         for (area, x0, x1, y0, y1, px, py), p in zip(seg.tolist(), peak, strict=True):
             rows.append((px, py, sign, x0, x1, y0, y1, area, float(p) * sign))
     names = ("x", "y", "sign", "bbox_x0", "bbox_x1", "bbox_y0", "bbox_y1", "n_pixels", "peak_snr")

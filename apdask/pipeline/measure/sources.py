@@ -357,7 +357,7 @@ def _background_near(image, mask, xs, ys, half, box=64):
     j, i = np.nonzero(blocks)
     # every other row and column of each block, as fit_background samples them
     data = image[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::2, :, ::2][j, :, i]
-    data = data.astype(np.float32)
+    data = data.astype(np.float32, copy=False)  # a copy already (the gather)
     bad = ~np.isfinite(data)
     if mask is not None:
         m = mask[: nby * by, : nbx * bx].reshape(nby, by, nbx, bx)[:, ::2, :, ::2][j, :, i]
