@@ -16,6 +16,7 @@ from apdask._kernels.fused import (
     dilate,
     fill_nodata,
     finish_difference,
+    in_thread,
     one_blas_thread,
 )
 from apdask.core.exposure import MASK, Exposure, mask_bits
@@ -164,6 +165,13 @@ def subtract(
     kernel_size = model.kernel_size
     kh, stars = kernel_size // 2, model.stars
     timing["stamps"] = time.perf_counter() - t1
+    # the aperture corrections of the PSF fluxes (light outside the truncated PSF
+    # models) need only the inputs and the stamps' stars: serial NumPy on small stamps,
+    # in a thread of its own (one core) beside the fit, the convolution and the rest,
+    # filling their serial gaps instead of adding ~70 ms of one core at the end
+    aperture = in_thread(
+        _aperture_corrections, science, template, psf_s, psf_t, fw_s, fw_t, stars, rev, apcorr
+    )
 
     t1 = time.perf_counter()
     img_a, img_b = (sci0, tpl0) if rev else (tpl0, sci0)
@@ -202,10 +210,10 @@ def subtract(
     timing["bright"] = time.perf_counter() - t1
     del tpl0
 
-    # --- aperture corrections of the PSF fluxes (light outside the truncated PSF models)
+    # --- the aperture corrections (started after the stamps)
     t1 = time.perf_counter()
-    ap = _aperture_corrections(science, template, psf_s, psf_t, fw_s, fw_t, stars, rev, apcorr)
-    timing["apcorr"] = time.perf_counter() - t1
+    ap = aperture()
+    timing["apcorr"] = time.perf_counter() - t1  # (the wait for them)
     timing["total"] = time.perf_counter() - t0
 
     fields = _difference_fields(science, direction, ap[0], ap[1], sources, rev, psi)
