@@ -187,28 +187,31 @@ def subtract(
     v_s, v_t = _typical(var_s, nodata_s, 1.0), _typical(var_t, nodata_t, 0.0)
     v_a, v_b = (v_s, v_t) if rev else (v_t, v_s)
 
+    # --- the difference's variance and PSF, then its bright sources (they need only
+    # those and the template): in a thread of their own (one core, mostly serial NumPy)
+    # beside the convolution rather than after it
     t1 = time.perf_counter()
+    var = _difference_variance((var_s, var_t), v_a, v_b, ksum, rev, nodata)
     psi = _truncated_psi(kernels[0], v_b, v_a, kh) if decorrelate else None
+    psf_b = psf_t if rev else psf_s
+    psf_d = conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
+    scale = 1.0 / ksum if rev else ksum
+    residual_rings = in_thread(_bright_sources, tpl0, var, psf_t, psf_d, scale, bright)
     diff, u, v = _convolve_difference(img_a, img_b, kernels, psi, order)
-    del sci0, img_a, img_b  # (the template stays for its bright sources)
+    del sci0, img_a, img_b, tpl0  # (the thread holds the template)
     timing["convolve"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
     del nodata_s, nodata_t
-    psf_b = psf_t if rev else psf_s
-    psf_d = conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
     _mark_edges(mask, nodata, kh)
     bg_res = _finish(diff, mask, nodata, u, v, bgc, min(order, 1), ksum, rev)
-    var = _difference_variance((var_s, var_t), v_a, v_b, ksum, rev, nodata)
     noise = _noise_ratio(diff, var, mask)
     timing["assemble"] = time.perf_counter() - t1
 
     # --- residual rings of bright stars (PSF wings the kernel does not match)
     t1 = time.perf_counter()
-    scale = 1.0 / ksum if rev else ksum
-    sources = bright_sources(tpl0, var, psf_t, psf_d, scale=scale) if bright else None
-    timing["bright"] = time.perf_counter() - t1
-    del tpl0
+    sources = residual_rings()
+    timing["bright"] = time.perf_counter() - t1  # (the wait for them)
 
     # --- the aperture corrections (started after the stamps)
     t1 = time.perf_counter()
@@ -404,6 +407,18 @@ def _aperture_corrections(
     if rev:  # the difference has the template's PSF
         ap_d, n_ap, r_ap = aperture_correction(template, psf_getter(template, psf_t), fwhm=fw_t)
     return ap_d, ap_s, n_ap, r_ap
+
+
+def _bright_sources(
+    template: np.ndarray,
+    variance: np.ndarray,
+    psf_t: np.ndarray,
+    psf_d: np.ndarray,
+    scale: float,
+    bright: bool,
+) -> dict[str, np.ndarray] | None:
+    """:func:`bright_sources` of the template (None when ``bright`` is False)."""
+    return bright_sources(template, variance, psf_t, psf_d, scale=scale) if bright else None
 
 
 def _difference_fields(
