@@ -197,6 +197,7 @@ def subtract(
     psf_d = conv_stamp(psf_b, psi, psf_b.shape[0]) if psi is not None else psf_b.copy()
     scale = 1.0 / ksum if rev else ksum
     residual_rings = in_thread(_bright_sources, tpl0, var, psf_t, psf_d, scale, bright)
+    psf_model = in_thread(_difference_psf_model, science, rev, psi)
     diff, u, v = _convolve_difference(img_a, img_b, kernels, psi, order)
     del sci0, img_a, img_b, tpl0  # (the thread holds the template)
     timing["convolve"] = time.perf_counter() - t1
@@ -219,7 +220,7 @@ def subtract(
     timing["apcorr"] = time.perf_counter() - t1  # (the wait for them)
     timing["total"] = time.perf_counter() - t0
 
-    fields = _difference_fields(science, direction, ap[0], ap[1], sources, rev, psi)
+    fields = _difference_fields(science, direction, ap[0], ap[1], sources, psf_model())
     difference = science.copy_with(image=diff, variance=var, mask=mask, psf=psf_d, **fields)
     fit = (scale, kernel_size, chi2, used, bgc, bg_res)
     qa = _qa_figures(fit, (fw_s, fw_t, psf_d), direction, decorrelate, noise, ap, sources)
@@ -421,29 +422,34 @@ def _bright_sources(
     return bright_sources(template, variance, psf_t, psf_d, scale=scale) if bright else None
 
 
+def _difference_psf_model(science: Exposure, rev: bool, psi: np.ndarray | None) -> Any:
+    """The difference's PSF model: the science's convolved by ψ (none when reversed, as
+    the difference has the template's constant PSF)."""
+    model = science.psf_model
+    if rev:
+        return None
+    if model is not None and psi is not None:
+        return model.convolved(psi)
+    return model
+
+
 def _difference_fields(
     science: Exposure,
     direction: str,
     ap_d: float,
     ap_s: float,
     sources: dict[str, Any] | None,
-    rev: bool,
-    psi: np.ndarray | None,
+    psf_model: Any,
 ) -> dict[str, Any]:
     """The difference's metadata and typed fields: the science's meta with the
     direction, the aperture corrections, the bright sources and the PSF model
-    (convolved by ψ; none when reversed, as the difference has the template's PSF)."""
-    model = science.psf_model
-    if rev:
-        model = None  # the difference has the (constant) template PSF
-    elif model is not None and psi is not None:
-        model = model.convolved(psi)
+    (:func:`_difference_psf_model`)."""
     return {
         "meta": {**science.meta, "subtraction": direction},
         "ap_corr": ap_d,
         "ap_corr_science": ap_s,
         "bright_sources": sources,
-        "psf_model": model,
+        "psf_model": psf_model,
     }
 
 
