@@ -14,6 +14,7 @@ from scipy import ndimage
 from apdask._kernels.fused import weighted_stamp_rows
 from apdask.core.stats import robust_sigma
 from apdask.pipeline.background import tile_threads
+from apdask.pipeline.stars import stamps_at
 
 __all__ = ["alard_lupton_basis", "choose_kernel_size"]
 
@@ -201,6 +202,18 @@ def _stamp_blocks(ref, basis, xs, ys, fit_half, factors, wf, tgf, threads, chunk
     return m, c, b, m_raw
 
 
+def _cutouts(arr: np.ndarray, xs: np.ndarray, ys: np.ndarray, half: int) -> np.ndarray:
+    """``(n, 2 half + 1, 2 half + 1)`` windows of ``arr`` around integer ``(xs, ys)``:
+    copied from a strided view (:func:`stamps_at`, ~10x faster than a pixel-by-pixel
+    gather) when all lie inside ``arr``, else gathered as NumPy indexes."""
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    ny, nx = arr.shape
+    if ((xs >= half) & (ys >= half) & (xs < nx - half) & (ys < ny - half)).all():
+        return stamps_at(arr, xs, ys, half)
+    off = np.arange(-half, half + 1)
+    return arr[ys[:, None, None] + off[None, :, None], xs[:, None, None] + off[None, None, :]]
+
+
 def _fit_kernel(
     ref, tgt, variances, bad, basis, xs, ys, shape, spatial_order, bg_order, fit_half, factors
 ):
@@ -216,14 +229,10 @@ def _fit_kernel(
     nsp, nbg = sw.shape[1], bw.shape[1]
     npar = nb * nsp + nbg
     S = 2 * fit_half + 1
-    off = np.arange(-fit_half, fit_half + 1)
-    at = (
-        np.asarray(ys)[:, None, None] + off[None, :, None],
-        np.asarray(xs)[:, None, None] + off[None, None, :],
-    )
-    tg = tgt[at].astype(float)
-    vr = variances[0][at].astype(float) + variances[1][at]
-    ok = ~bad[at]
+    tg = _cutouts(tgt, xs, ys, fit_half).astype(float)
+    vr = _cutouts(variances[0], xs, ys, fit_half).astype(float)
+    vr += _cutouts(variances[1], xs, ys, fit_half)
+    ok = ~_cutouts(bad, xs, ys, fit_half)
     ok &= np.isfinite(vr)
     # weights from a locally smoothed variance: a variance plane estimated from the
     # noisy pixels themselves would bias the fit (low pixels get high weight)
