@@ -34,7 +34,7 @@ from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import Background, fit_background
 
-__all__ = ["assemble", "isr_arrays", "calibrate", "mask_cosmic_rays", "cr_copies", "isr_amp"]
+__all__ = ["assemble", "isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
 
 #: Flat values at or below this are flagged BAD (and ≤ 0 / non-finite are dead).
 FLAT_BAD = 0.5
@@ -256,15 +256,6 @@ def assemble(planes: Any, dtype: Any, *scales: np.float32) -> np.ndarray:
     return out
 
 
-def cr_copies(exposure: Exposure) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 image and uint32 mask that :func:`mask_cosmic_rays` repairs and
-    flags: copies of the exposure's, the mask's made beside the image's when the task
-    has two threads (:func:`~apdask._kernels.fused._threads.in_thread`)."""
-    mask = in_thread(np.array, exposure.mask, np.uint32)
-    img = np.array(exposure.image, dtype=np.float32)
-    return img, mask()
-
-
 def mask_cosmic_rays(
     exposure: Exposure,
     psf_fwhm_px: float,
@@ -273,7 +264,6 @@ def mask_cosmic_rays(
     iterations: int = 2,
     background: Background | None = None,
     above: tuple[np.ndarray, np.ndarray] | None = None,
-    copies: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Exposure:
     """Flag cosmic rays (CR bit) and replace them by the local median.
 
@@ -306,19 +296,19 @@ def mask_cosmic_rays(
         ``background`` (or more: a superset), when known (the star search's
         :attr:`~apdask.pipeline.stars.StarPeaks.bright`): the first pass tests only
         those, not every pixel.
-    copies : tuple of numpy.ndarray, optional
-        ``(image, mask)`` as :func:`cr_copies` makes them (e.g. beside other work):
-        the arrays changed and returned, instead of copies made here.
 
     Returns
     -------
     apdask.core.exposure.Exposure
         A copy with CR pixels flagged and interpolated (variance kept).
     """
-    img, copied = cr_copies(exposure) if copies is None else copies
+    # the copy of the mask that gets the CR bits, made beside the image's (the passes
+    # read the exposure's own mask, unchanged until the end)
+    out_mask = in_thread(np.array, exposure.mask, np.uint32)
+    img = np.array(exposure.image, dtype=np.float32)
     var = np.asarray(exposure.variance, np.float32)
-    # the passes read the exposure's own mask, unchanged until the end
     mask = np.asarray(exposure.mask, np.uint32)
+    copied = out_mask()
     skip_bits = MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"]
     if background is None:
         background = fit_background(img, mask, lazy=True)

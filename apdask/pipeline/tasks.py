@@ -42,7 +42,7 @@ from apdask.io.distributor import open_distributor
 from apdask.io.raw import effective_exptime, read_raw, read_segment
 from apdask.io.raw_header import check_raw_header
 from apdask.pipeline import astrometry, isr
-from apdask.pipeline.isr import cr_copies, mask_cosmic_rays
+from apdask.pipeline.isr import mask_cosmic_rays
 from apdask.pipeline.measure.detection import detect_sources, matched_filter
 from apdask.pipeline.measure.sources import measure_sources
 from apdask.pipeline.psf import (
@@ -429,8 +429,6 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
     """
     t0 = time.time()
     science = calibrated.exposure
-    # the arrays the cosmic-ray pass repairs and flags, copied beside the PSF model
-    copies = in_thread(cr_copies, science)
     try:
         # the calibrate stage's star search, when made with the PSF's FWHM guess
         peaks = psf_star_search(science, calibrated.peaks)
@@ -439,9 +437,7 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
         fwhm = sharpest_fwhm_px(model.psfs)
         # the search's pixels above 5 σ: the only ones the first CR pass need test
         above = peaks.bright if peaks.bright_nsigma <= 5.0 else None
-        science = mask_cosmic_rays(
-            science, fwhm, background=peaks.bkg, above=above, copies=copies()
-        )
+        science = mask_cosmic_rays(science, fwhm, background=peaks.bkg, above=above)
     except PsfFitError as e:
         msg = f"{_where(science)}: science image: {e}"
         raise PsfFitError(msg) from None
