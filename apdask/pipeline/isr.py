@@ -26,6 +26,7 @@ from apdask._kernels.fused import (
     amp_pass,
     cr_candidates,
     grow_pixels,
+    in_thread,
     interpolate_pixels,
     place_block,
 )
@@ -301,9 +302,13 @@ def mask_cosmic_rays(
     apdask.core.exposure.Exposure
         A copy with CR pixels flagged and interpolated (variance kept).
     """
+    # the copy of the mask that gets the CR bits, made beside the image's (the passes
+    # read the exposure's own mask, unchanged until the end)
+    out_mask = in_thread(np.array, exposure.mask, np.uint32)
     img = np.array(exposure.image, dtype=np.float32)
     var = np.asarray(exposure.variance, np.float32)
     mask = np.asarray(exposure.mask, np.uint32)
+    copied = out_mask()
     skip_bits = MASK["SAT"] | MASK["NO_DATA"] | MASK["BAD"]
     if background is None:
         background = fit_background(img, mask, lazy=True)
@@ -331,6 +336,5 @@ def mask_cosmic_rays(
         ys, xs = np.concatenate([ys, cy[new]]), np.concatenate([xs, cx[new]])
         cr[ys, xs] = True
         interpolate_pixels(img, cr, ys, xs)
-    mask = mask.copy()
-    mask[ys, xs] |= MASK["CR"]
-    return exposure.copy_with(image=img, mask=mask)
+    copied[ys, xs] |= MASK["CR"]
+    return exposure.copy_with(image=img, mask=copied)

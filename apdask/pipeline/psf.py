@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.fft as sfft
 
-from apdask._kernels.fused import stamps_less_background
+from apdask._kernels.fused import in_thread, stamps_less_background
 from apdask.core.exposure import Exposure
 from apdask.core.stats import robust_sigma
 from apdask.exceptions import PsfFitError
@@ -331,19 +331,37 @@ def _psf_stamps(exposure, stamp_size, max_stars, peaks=None):
             "locus); the field is too sparse, too crowded or badly masked"
         )
         raise PsfFitError(msg)
-    stamps = shifted_psfs(raw[order], -(x - ix)[order], -(y - iy)[order])[:, 2:-2, 2:-2]
+    stamps = _shifted_in_halves(raw[order], -(x - ix)[order], -(y - iy)[order])[:, 2:-2, 2:-2]
     tot = stamps.sum(axis=(1, 2))
     good = tot > 0
     stamps = stamps[good] / tot[good, None, None]
     xs, ys = x[order][good], y[order][good]
-    keep = _clip_mismatched(stamps, f_star)
-    stamps, xs, ys = stamps[keep], xs[keep], ys[keep]
+    keep, median = _clip_mismatched(stamps, f_star)
+    if not keep.all():
+        stamps, xs, ys, median = stamps[keep], xs[keep], ys[keep], None
     if len(stamps) < _MIN_PSF_STARS:
         msg = (
             f"PSF estimation failed: only {len(stamps)} usable star stamps (need {_MIN_PSF_STARS})"
         )
         raise PsfFitError(msg)
-    return stamps, xs, ys, stars
+    return stamps, xs, ys, stars, median
+
+
+#: Fewer stamps than this are shifted in one call (a thread costs more than it saves).
+_SPLIT_STAMPS = 64
+
+
+def _shifted_in_halves(psfs, dx, dy):
+    """:func:`shifted_psfs`, its second half in a thread beside the first when the task
+    has two threads (:func:`~apdask._kernels.fused._threads.in_thread`).  Each stamp's
+    FFTs and phase ramp are its own, so the stamps are those of one call, bit for bit."""
+    n = len(psfs)
+    if n < _SPLIT_STAMPS:
+        return shifted_psfs(psfs, dx, dy)
+    h = n // 2
+    rest = in_thread(shifted_psfs, psfs[h:], dx[h:], dy[h:])
+    first = shifted_psfs(psfs[:h], dx[:h], dy[:h])
+    return np.concatenate([first, rest()])
 
 
 def _raw_stamps(image, bkg, ix, iy, half):
@@ -359,16 +377,21 @@ def _raw_stamps(image, bkg, ix, iy, half):
 def _clip_mismatched(stamps, fwhm):
     """Stamps that match their median: the relative residual within 1.5 FWHM of the
     centre, beyond what the others show, at most 5 robust σ above their median
-    (blends and galaxies that the size cut let through)."""
+    (blends and galaxies that the size cut let through).
+
+    Returns ``keep`` and the median PSF of all the stamps (:func:`_combine`; None when
+    there are too few to clip)."""
     if len(stamps) <= _MIN_PSF_STARS:
-        return np.ones(len(stamps), bool)
+        return np.ones(len(stamps), bool), None
     psf = _combine(stamps)
     half = stamps.shape[-1] // 2
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     core = np.hypot(xx, yy) <= max(1.5 * fwhm, 2.0)
     res = ((stamps[:, core] - psf[core]) ** 2).sum(axis=1) / (psf[core] ** 2).sum()
     keep = res <= np.median(res) + 5.0 * max(float(robust_sigma(res)), 1e-4)
-    return keep if np.count_nonzero(keep) >= _MIN_PSF_STARS else np.ones(len(stamps), bool)
+    if np.count_nonzero(keep) < _MIN_PSF_STARS:
+        keep = np.ones(len(stamps), bool)
+    return keep, psf
 
 
 def _combine(stamps):
@@ -423,7 +446,9 @@ def estimate_psf_model(
     PsfFitError
         If fewer than 5 suitable stars are found on the CCD.
     """
-    stamps, xs, ys, stars = _psf_stamps(exposure, stamp_size, max_stars, peaks)
+    stamps, xs, ys, stars, median = _psf_stamps(exposure, stamp_size, max_stars, peaks)
+    # the CCD-wide stamp beside the cells' (when no stamp was clipped, the clipping's)
+    mean = (lambda: median) if median is not None else in_thread(_combine, stamps)
     ny, nx = exposure.shape
     cells = max(1, int(cells))
     # enough stars per cell that a cell's median stamp is not noisier than the
@@ -441,7 +466,7 @@ def estimate_psf_model(
             if len(inside) < min_per_cell:
                 inside = np.argsort(d)[: max(min_per_cell, len(inside))]
             psfs[j, i] = _combine(stamps[inside])
-    return PsfGrid(psfs, xc, yc, _combine(stamps), stars=stars)
+    return PsfGrid(psfs, xc, yc, mean(), stars=stars)
 
 
 def estimate_psf(exposure: Exposure, stamp_size: int = 25, max_stars: int = 200) -> np.ndarray:
@@ -467,8 +492,8 @@ def estimate_psf(exposure: Exposure, stamp_size: int = 25, max_stars: int = 200)
     PsfFitError
         If fewer than 5 suitable stars are found.
     """
-    stamps, _, _, _ = _psf_stamps(exposure, stamp_size, max_stars)
-    return _combine(stamps)
+    stamps, _, _, _, median = _psf_stamps(exposure, stamp_size, max_stars)
+    return median if median is not None else _combine(stamps)
 
 
 def _guess_fwhm(exposure):

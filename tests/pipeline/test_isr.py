@@ -146,6 +146,8 @@ def test_cosmic_rays_masked_stars_kept():
             int(round(y)) - 2 : int(round(y)) + 3, int(round(x)) - 2 : int(round(x)) + 3
         ].any()
     assert cr.sum() < 100  # the CRs grown by a pixel, nothing else
+    # the exposure's own arrays are left as they were (the mask is copied beside the image)
+    np.testing.assert_array_equal(exp.mask, 0)
 
 
 def test_cosmic_rays_kept_off_the_cores_of_wing_heavy_stars():

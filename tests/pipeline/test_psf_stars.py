@@ -12,7 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apdask.pipeline.psf import estimate_psf, estimate_psf_model, psf_fwhm
+from apdask.pipeline.psf import (
+    _shifted_in_halves,
+    estimate_psf,
+    estimate_psf_model,
+    psf_fwhm,
+    shifted_psfs,
+)
 from apdask.pipeline.stars import adaptive_sizes, stellar_locus
 from tests._pixels import add_stars, exposure_from, gaussian_psf
 
@@ -122,3 +128,11 @@ def test_the_psf_model_selects_from_the_astrometry_search(rich):
     np.testing.assert_array_equal(a.exposure.psf_model.psfs, b.exposure.psf_model.psfs)
     np.testing.assert_array_equal(a.exposure.mask, b.exposure.mask)
     np.testing.assert_array_equal(a.exposure.image, b.exposure.image)
+
+
+def test_shifted_in_halves_is_one_call():
+    """The PSF stars' stamps shifted in two halves (one in a thread) are those of one call."""
+    rng = np.random.default_rng(5)
+    stamps = rng.normal(size=(101, 29, 29))
+    dx, dy = rng.uniform(-0.5, 0.5, (2, 101))
+    np.testing.assert_array_equal(_shifted_in_halves(stamps, dx, dy), shifted_psfs(stamps, dx, dy))
