@@ -34,7 +34,7 @@ from apdask.core.camera import njy_per_electron
 from apdask.core.exposure import MASK, Exposure
 from apdask.pipeline.background import Background, fit_background
 
-__all__ = ["assemble", "isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp"]
+__all__ = ["assemble", "isr_arrays", "calibrate", "mask_cosmic_rays", "isr_amp", "section"]
 
 #: Flat values at or below this are flagged BAD (and ≤ 0 / non-finite are dead).
 FLAT_BAD = 0.5
@@ -115,7 +115,8 @@ def _task_arg(x):
     return x.to_delayed(optimize_graph=False).ravel()[0]
 
 
-def _section(calib, amp):
+def section(calib: np.ndarray | None, amp: Any) -> np.ndarray | None:
+    """The amplifier's section ``[y0:y1, x0:x1]`` of an assembled calibration (a view)."""
     if calib is None:
         return None
     return calib[amp.y0 : amp.y1, amp.x0 : amp.x1]
@@ -171,7 +172,7 @@ def isr_arrays(
         brow: dict[str, list[Any]] = {k: [] for k in blocks}
         for amp in row:
             raw = _task_arg(amps[by_index[amp.index]])
-            sections = [_task_arg(_section(c, amp)) for c in (bias, dark, flat)]
+            sections = [_task_arg(section(c, amp)) for c in (bias, dark, flat)]
             out = task(raw, amp, *sections, darktime)
             shp = (amp.ny, amp.nx)
             brow["img"].append(da.from_delayed(out[0], shp, dtype=np.float32))
@@ -264,6 +265,7 @@ def mask_cosmic_rays(
     iterations: int = 2,
     background: Background | None = None,
     above: tuple[np.ndarray, np.ndarray] | None = None,
+    above_nsigma: float | None = None,
 ) -> Exposure:
     """Flag cosmic rays (CR bit) and replace them by the local median.
 
@@ -292,16 +294,21 @@ def mask_cosmic_rays(
         fits it (``lazy``), when already fitted (by the star search): fitted here if
         not given.
     above : tuple of numpy.ndarray, optional
-        ``(y, x)`` in raster order of every pixel more than ``nsigma`` σ above
-        ``background`` (or more: a superset), when known (the star search's
+        ``(y, x)`` in raster order of every pixel more than ``above_nsigma`` σ above
+        ``background``, when known (the star search's
         :attr:`~apdask.pipeline.stars.StarPeaks.bright`): the first pass tests only
-        those, not every pixel.
+        those, not every pixel.  Used only when ``above_nsigma <= nsigma`` (else the
+        list could miss pixels the test flags, and every pixel is tested).
+    above_nsigma : float, optional
+        The threshold ``above`` was listed at; default ``nsigma``.
 
     Returns
     -------
     apdask.core.exposure.Exposure
         A copy with CR pixels flagged and interpolated (variance kept).
     """
+    if above is not None and above_nsigma is not None and above_nsigma > nsigma:
+        above = None  # not a superset of the pixels the first test flags
     # the copy of the mask that gets the CR bits, made beside the image's (the passes
     # read the exposure's own mask, unchanged until the end)
     out_mask = in_thread(np.array, exposure.mask, np.uint32)

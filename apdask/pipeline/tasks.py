@@ -197,13 +197,9 @@ def isr_amp_task(
     else:
         raw = read_segment(header.fetched[snap].path, segment)
     return isr.isr_amp(
-        raw, amp, _section(bias, amp), _section(dark, amp), _section(flat, amp),
+        raw, amp, isr.section(bias, amp), isr.section(dark, amp), isr.section(flat, amp),
         header.darktimes[snap],
     )  # fmt: skip
-
-
-def _section(calib: np.ndarray | None, amp: Amplifier) -> np.ndarray | None:
-    return None if calib is None else calib[amp.y0 : amp.y1, amp.x0 : amp.x1]
 
 
 def prefetch_task(
@@ -435,9 +431,11 @@ def science_psf_task(calibrated: Calibrated) -> Calibrated:
         model = estimate_psf_model(science, peaks=peaks)
         science = science.copy_with(psf=model.mean, psf_model=model)
         fwhm = sharpest_fwhm_px(model.psfs)
-        # the search's pixels above 5 σ: the only ones the first CR pass need test
-        above = peaks.bright if peaks.bright_nsigma <= 5.0 else None
-        science = mask_cosmic_rays(science, fwhm, background=peaks.bkg, above=above)
+        # the search's bright pixels: the only ones the first CR pass need test
+        science = mask_cosmic_rays(
+            science, fwhm, background=peaks.bkg, above=peaks.bright,
+            above_nsigma=peaks.bright_nsigma,
+        )  # fmt: skip
     except PsfFitError as e:
         msg = f"{_where(science)}: science image: {e}"
         raise PsfFitError(msg) from None

@@ -148,6 +148,14 @@ def test_cosmic_rays_masked_stars_kept():
     assert cr.sum() < 100  # the CRs grown by a pixel, nothing else
     # the exposure's own arrays are left as they were (the mask is copied beside the image)
     np.testing.assert_array_equal(exp.mask, 0)
+    # a list of the pixels above a threshold is trusted only at or below the test's own:
+    # an (empty) list made at 6 σ could miss pixels the 5-σ test flags, so it is ignored
+    none = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    ignored = mask_cosmic_rays(exp, 4.5, above=none, above_nsigma=6.0)
+    np.testing.assert_array_equal(ignored.mask, out.mask)
+    np.testing.assert_array_equal(ignored.image, out.image)
+    trusted = mask_cosmic_rays(exp, 4.5, above=none, above_nsigma=5.0)
+    assert not (trusted.mask & MASK["CR"]).any()  # nothing above 5 σ listed: nothing tested
 
 
 def test_cosmic_rays_kept_off_the_cores_of_wing_heavy_stars():
